@@ -1,0 +1,54 @@
+// ft: the libft command line. Thin over the library; every subcommand has --help.
+#include <ATen/Context.h>
+#include <ATen/ATen.h>
+
+#include <iostream>
+
+#include "commands.h"
+#include "ft/util/error.h"
+
+namespace ft::cli {
+
+c10::Device parse_device(const std::string& name) {
+  if (name == "auto") return at::hasCUDA() ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
+  try {
+    c10::Device d(name);
+    FT_CHECK(!d.is_cuda() || at::hasCUDA(), "--device ", name, ": CUDA is not available on this machine");
+    return d;
+  } catch (const c10::Error&) {
+    FT_FAIL("--device: '", name, "' is not a device (cpu, cuda, cuda:N, auto)");
+  }
+}
+
+c10::ScalarType parse_dtype(const std::string& name) {
+  if (name == "float32" || name == "fp32") return c10::kFloat;
+  if (name == "bfloat16" || name == "bf16") return c10::kBFloat16;
+  if (name == "float16" || name == "fp16") return c10::kHalf;
+  FT_FAIL("--dtype: '", name, "' is not one of float32, bfloat16, float16");
+}
+
+}  // namespace ft::cli
+
+int main(int argc, char** argv) {
+  CLI::App app{"ft: fine-tune Llama-family transformers with LibTorch (libft)"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "libft 0.1.0");
+  ft::cli::add_init(app);
+  ft::cli::add_inspect(app);
+  ft::cli::add_generate(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const ft::Error& e) {
+    std::cerr << "ft: error: " << e.what() << "\n";
+    return 1;
+  } catch (const c10::Error& e) {
+    std::cerr << "ft: error: " << e.what_without_backtrace() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "ft: error: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

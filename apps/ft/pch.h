@@ -1,0 +1,4 @@
+#pragma once
+#include <ATen/ATen.h>
+#include <CLI/CLI.hpp>
+#include <torch/nn/module.h>

@@ -1,0 +1,38 @@
+#pragma once
+// Hugging Face checkpoint directories: config.json + model.safetensors (or shards with
+// model.safetensors.index.json). Pickle-based .bin/.pt weights are never loaded.
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include <optional>
+#include <string>
+
+#include "ft/model/llama.h"
+
+namespace ft::io {
+
+struct LoadOptions {
+  c10::Device device = c10::kCPU;
+  /// Parameter dtype; default float32 (training and parity). Checkpoint values are converted.
+  c10::ScalarType dtype = c10::kFloat;
+};
+
+/// Loads config.json and the weights. Strict: every missing, unexpected or mis-shaped tensor is
+/// reported (all of them, in one error naming the checkpoint), never silently skipped.
+model::CausalLM load_pretrained(const std::string& dir, const LoadOptions& options = {});
+
+/// Copies weights from a checkpoint into an existing model, with the same strictness.
+void load_weights(model::CausalLM& model, const std::string& dir);
+
+struct SaveOptions {
+  /// dtype written; default: the model's parameter dtype.
+  std::optional<c10::ScalarType> dtype;
+  /// Shards above this size, as save_pretrained's max_shard_size.
+  uint64_t max_shard_bytes = 5ull << 30;
+};
+
+/// Writes config.json and model.safetensors (or shards + index), each file atomically. Tied LM heads
+/// are not written (as save_pretrained does).
+void save_pretrained(model::CausalLM& model, const std::string& dir, const SaveOptions& options = {});
+
+}  // namespace ft::io

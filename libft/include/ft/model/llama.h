@@ -1,0 +1,133 @@
+#pragma once
+// Llama-family decoder (Llama 2/3, Mistral, Qwen2, TinyLlama, SmolLM) in LibTorch.
+//
+// Module and parameter names are Hugging Face's ("model.layers.0.self_attn.q_proj.weight"), and so
+// is the q/k layout that HF's rotate-half rotary embedding expects, so checkpoints and PEFT
+// adapters map one to one without permutation.
+//
+// Dimension letters: B batch, T new tokens, S tokens attended (cache + new), H query heads,
+// G key/value heads, D head_dim, E hidden_size, F intermediate_size, V vocab_size.
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+
+#include <map>
+#include <optional>
+#include <vector>
+
+#include "ft/io/hf_config.h"
+
+namespace ft::model {
+
+using io::ModelConfig;
+
+/// Root-mean-square layer norm, computed in float32 and cast back (as HF does).
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(int64_t dim, double eps);
+  /// Uses the fused CUDA kernel for CUDA inputs when gradients are off, else reference().
+  at::Tensor forward(const at::Tensor& x);
+  /// The LibTorch computation that every path is tested against.
+  at::Tensor reference(const at::Tensor& x);
+  at::Tensor weight;
+  double eps;
+};
+TORCH_MODULE(RMSNorm);
+
+/// Keys and values of past tokens, per layer: (B, G, S, D).
+struct KVCache {
+  std::vector<at::Tensor> keys, values;
+  int64_t length() const { return keys.empty() || !keys[0].defined() ? 0 : keys[0].size(2); }
+};
+
+/// What one forward pass attends to.
+struct AttentionInputs {
+  at::Tensor cos, sin;  ///< (B, T, D) rotary tables for the new tokens' positions
+  /// Boolean masks (B or 1, 1, T, S), true = may attend, by attention window (0 = full). An
+  /// undefined mask means plain causal attention is exact: SDPA's is_causal when `causal`.
+  std::map<int64_t, at::Tensor> masks;
+  bool causal = false;
+  int64_t past = 0;  ///< cached tokens before the new ones
+};
+
+class AttentionImpl : public torch::nn::Module {
+ public:
+  AttentionImpl(const ModelConfig& c, int64_t window);
+  /// x: (B, T, E) → (B, T, E). Appends this layer's keys/values to `cache_k`/`cache_v` when given.
+  at::Tensor forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k, at::Tensor* cache_v);
+  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  int64_t heads, kv_heads, head_dim, window;
+};
+TORCH_MODULE(Attention);
+
+class MLPImpl : public torch::nn::Module {
+ public:
+  explicit MLPImpl(const ModelConfig& c);
+  at::Tensor forward(const at::Tensor& x);  ///< down(silu(gate(x)) * up(x))
+  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+};
+TORCH_MODULE(MLP);
+
+class DecoderLayerImpl : public torch::nn::Module {
+ public:
+  DecoderLayerImpl(const ModelConfig& c, int64_t layer);
+  at::Tensor forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k, at::Tensor* cache_v);
+  RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+  Attention self_attn{nullptr};
+  MLP mlp{nullptr};
+};
+TORCH_MODULE(DecoderLayer);
+
+/// The decoder stack without the LM head ("model." in HF keys).
+class DecoderImpl : public torch::nn::Module {
+ public:
+  explicit DecoderImpl(const ModelConfig& c);
+  torch::nn::Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  RMSNorm norm{nullptr};
+};
+TORCH_MODULE(Decoder);
+
+struct ForwardOptions {
+  at::Tensor attention_mask;  ///< (B, S) 1 = token, 0 = padding, covering cached + new tokens; optional
+  at::Tensor position_ids;    ///< (B, T); default: past .. past+T-1 (or from attention_mask, skipping pads)
+  KVCache* cache = nullptr;   ///< when set, attends to and extends the cache
+};
+
+class CausalLMImpl : public torch::nn::Module {
+ public:
+  explicit CausalLMImpl(ModelConfig config);
+  /// input_ids: (B, T) int64 → final hidden states (B, T, E).
+  at::Tensor hidden_states(const at::Tensor& input_ids, const ForwardOptions& options = {});
+  /// input_ids: (B, T) int64 → logits (B, T, V), in the model's dtype.
+  at::Tensor forward(const at::Tensor& input_ids, const ForwardOptions& options = {});
+  /// hidden (…, E) → logits (…, V), through lm_head or the tied embedding.
+  at::Tensor logits(const at::Tensor& hidden);
+
+  const ModelConfig& config() const { return config_; }
+  /// Rotary inverse frequencies (D/2), float32, after the config's rope scaling.
+  const at::Tensor& inv_freq() const { return inv_freq_; }
+
+  Decoder model{nullptr};
+  torch::nn::Linear lm_head{nullptr};  ///< null when tie_word_embeddings
+
+ private:
+  ModelConfig config_;
+  at::Tensor inv_freq_;
+};
+TORCH_MODULE(CausalLM);
+
+/// Rotary inverse frequencies for `config` (default, linear and llama3 scaling), float32, (D/2).
+at::Tensor rope_inv_freq(const ModelConfig& config);
+
+/// Initialises weights as HF does for a fresh model (normal(0, initializer_range) for linears and
+/// embeddings, ones for norms, zeros for biases), from `seed`.
+void init_weights(CausalLM& model, uint64_t seed);
+
+/// Token-mean causal LM loss as HF computes it: logits[:, :-1] predict labels[:, 1:]; positions with
+/// label `ignore_index` do not count. Returns the mean over counted tokens, float32.
+at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index = -100);
+
+}  // namespace ft::model

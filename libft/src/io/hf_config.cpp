@@ -1,0 +1,307 @@
+#include "ft/io/hf_config.h"
+
+#include <set>
+
+#include "ft/util/error.h"
+#include "ft/util/json.h"
+
+namespace ft::io {
+namespace {
+
+using nlohmann::json;
+
+// Keys every transformers PretrainedConfig may write that do not change a decoder-only model's
+// forward pass. Anything not here and not parsed below is rejected: a key we do not know might.
+const std::set<std::string> kHarmlessKeys = {
+    "architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache",
+    "initializer_range", "attention_dropout", "pretraining_tp", "output_hidden_states",
+    "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "id2label",
+    "label2id", "problem_type", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
+    "task_specific_params", "finetuning_task", "is_decoder", "add_cross_attention", "tie_encoder_decoder",
+    "cross_attention_hidden_size", "torchscript", "pruned_heads", "max_length", "min_length",
+    "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature",
+    "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "tf_legacy_loss",
+    "use_bfloat16", "model_type", "max_window_layers", "use_sliding_window", "auto_map"};
+
+struct Reader {
+  const json& j;
+  const std::string& source;
+  std::set<std::string> used;
+
+  bool has(const std::string& key) const { return j.contains(key) && !j.at(key).is_null(); }
+
+  const json& get(const std::string& key) {
+    used.insert(key);
+    FT_CHECK(j.contains(key), "[config] ", source, ": missing required key '", key, "'");
+    return j.at(key);
+  }
+  int64_t integer(const std::string& key) {
+    const json& v = get(key);
+    FT_CHECK(v.is_number_integer(), "[config] ", source, ": '", key, "' must be an integer, got ", v.dump());
+    return v.get<int64_t>();
+  }
+  int64_t integer_or(const std::string& key, int64_t fallback) {
+    used.insert(key);
+    return has(key) ? integer(key) : fallback;
+  }
+  double number_or(const std::string& key, double fallback) {
+    used.insert(key);
+    if (!has(key)) return fallback;
+    const json& v = j.at(key);
+    FT_CHECK(v.is_number(), "[config] ", source, ": '", key, "' must be a number, got ", v.dump());
+    return v.get<double>();
+  }
+  bool boolean_or(const std::string& key, bool fallback) {
+    used.insert(key);
+    if (!has(key)) return fallback;
+    const json& v = j.at(key);
+    FT_CHECK(v.is_boolean(), "[config] ", source, ": '", key, "' must be true or false, got ", v.dump());
+    return v.get<bool>();
+  }
+  std::string string_or(const std::string& key, const std::string& fallback) {
+    used.insert(key);
+    if (!has(key)) return fallback;
+    const json& v = j.at(key);
+    FT_CHECK(v.is_string(), "[config] ", source, ": '", key, "' must be a string, got ", v.dump());
+    return v.get<std::string>();
+  }
+  std::optional<int64_t> optional_integer(const std::string& key) {
+    used.insert(key);
+    if (!has(key)) return std::nullopt;
+    return integer(key);
+  }
+};
+
+RopeConfig parse_rope(const json& params, double theta, int64_t max_pos, const std::string& where) {
+  FT_CHECK(params.is_object(), "[config] ", where, " must be an object, got ", params.dump());
+  RopeConfig rope;
+  rope.theta = theta;
+  std::string type = params.value("rope_type", params.value("type", std::string("default")));
+  std::set<std::string> allowed = {"rope_type", "type", "rope_theta"};
+  auto num = [&](const char* key) {
+    FT_CHECK(params.contains(key) && params.at(key).is_number(), "[config] ", where, ": rope type '", type,
+             "' needs a number '", key, "'");
+    allowed.insert(key);
+    return params.at(key).get<double>();
+  };
+  if (params.contains("rope_theta")) {
+    FT_CHECK(params.at("rope_theta").is_number(), "[config] ", where, ": rope_theta must be a number");
+    rope.theta = params.at("rope_theta").get<double>();
+  }
+  if (type == "default") {
+    rope.type = RopeType::Default;
+  } else if (type == "linear") {
+    rope.type = RopeType::Linear;
+    rope.factor = num("factor");
+  } else if (type == "llama3") {
+    rope.type = RopeType::Llama3;
+    rope.factor = num("factor");
+    rope.low_freq_factor = num("low_freq_factor");
+    rope.high_freq_factor = num("high_freq_factor");
+    rope.original_max_position_embeddings = static_cast<int64_t>(num("original_max_position_embeddings"));
+    FT_CHECK(rope.high_freq_factor > rope.low_freq_factor, "[config] ", where,
+             ": llama3 rope needs high_freq_factor > low_freq_factor");
+  } else {
+    FT_FAIL("[config] ", where, ": rope type '", type,
+            "' is not supported (supported: default, linear, llama3)");
+  }
+  for (const auto& [key, value] : params.items()) {
+    FT_CHECK(allowed.count(key), "[config] ", where, ": option '", key, "' is not supported for rope type '",
+             type, "'");
+  }
+  (void)max_pos;
+  return rope;
+}
+
+}  // namespace
+
+void ModelConfig::validate(const std::string& source) const {
+  auto positive = [&](const char* name, int64_t v) {
+    FT_CHECK(v > 0, "[config] ", source, ": '", name, "' must be > 0, got ", v);
+  };
+  positive("vocab_size", vocab_size);
+  positive("hidden_size", hidden_size);
+  positive("intermediate_size", intermediate_size);
+  positive("num_hidden_layers", num_hidden_layers);
+  positive("num_attention_heads", num_attention_heads);
+  positive("num_key_value_heads", num_key_value_heads);
+  positive("head_dim", head_dim);
+  FT_CHECK(num_attention_heads % num_key_value_heads == 0, "[config] ", source, ": num_attention_heads (",
+           num_attention_heads, ") must be a multiple of num_key_value_heads (", num_key_value_heads, ")");
+  FT_CHECK(head_dim % 2 == 0, "[config] ", source, ": head_dim must be even for rotary embeddings, got ", head_dim);
+  FT_CHECK(rms_norm_eps > 0, "[config] ", source, ": rms_norm_eps must be > 0");
+  FT_CHECK(static_cast<int64_t>(layer_window.size()) == num_hidden_layers, "[config] ", source,
+           ": one attention window per layer expected");
+}
+
+ModelConfig parse_model_config(const std::string& json_text, const std::string& source) {
+  json j = parse_json_strict(json_text, source);
+  FT_CHECK(j.is_object(), "[config] ", source, ": expected a JSON object");
+  Reader r{j, source, {}};
+  ModelConfig c;
+  c.model_type = r.string_or("model_type", "");
+  FT_CHECK(c.model_type == "llama" || c.model_type == "mistral" || c.model_type == "qwen2", "[config] ", source,
+           ": model_type '", c.model_type, "' is not supported (supported: llama, mistral, qwen2)");
+  if (r.has("architectures")) {
+    const json& arch = j.at("architectures");
+    FT_CHECK(arch.is_array(), "[config] ", source, ": 'architectures' must be a list");
+    for (const auto& a : arch) {
+      FT_CHECK(a.is_string() && a.get<std::string>().ends_with("ForCausalLM"), "[config] ", source,
+               ": architecture ", a.dump(), " is not supported (only *ForCausalLM)");
+    }
+  }
+  std::string act = r.string_or("hidden_act", "silu");
+  FT_CHECK(act == "silu", "[config] ", source, ": hidden_act '", act, "' is not supported (only silu)");
+  c.vocab_size = r.integer("vocab_size");
+  c.hidden_size = r.integer("hidden_size");
+  c.intermediate_size = r.integer("intermediate_size");
+  c.num_hidden_layers = r.integer("num_hidden_layers");
+  c.num_attention_heads = r.integer("num_attention_heads");
+  c.num_key_value_heads = r.integer_or("num_key_value_heads", c.num_attention_heads);
+  FT_CHECK(c.num_attention_heads > 0, "[config] ", source, ": num_attention_heads must be > 0");
+  c.head_dim = r.integer_or("head_dim", c.hidden_size / c.num_attention_heads);
+  c.max_position_embeddings = r.integer_or("max_position_embeddings", 2048);
+  c.rms_norm_eps = r.number_or("rms_norm_eps", 1e-6);
+  c.initializer_range = r.number_or("initializer_range", 0.02);
+  c.tie_word_embeddings = r.boolean_or("tie_word_embeddings", c.model_type == "qwen2" ? false : false);
+  c.mlp_bias = r.boolean_or("mlp_bias", false);
+  bool attention_bias = r.boolean_or("attention_bias", false);
+  if (c.model_type == "qwen2") {
+    // Qwen2 always has q/k/v biases and no o_proj bias, whatever the config says.
+    c.qkv_bias = true;
+    c.o_bias = false;
+  } else {
+    c.qkv_bias = attention_bias;
+    c.o_bias = attention_bias;
+  }
+  c.bos_token_id = r.optional_integer("bos_token_id");
+  c.pad_token_id = r.optional_integer("pad_token_id");
+  r.used.insert("eos_token_id");
+  if (r.has("eos_token_id")) {
+    const json& e = j.at("eos_token_id");
+    if (e.is_number_integer()) {
+      c.eos_token_ids.push_back(e.get<int64_t>());
+    } else {
+      FT_CHECK(e.is_array(), "[config] ", source, ": eos_token_id must be an integer or a list of integers");
+      for (const auto& v : e) {
+        FT_CHECK(v.is_number_integer(), "[config] ", source, ": eos_token_id must be a list of integers");
+        c.eos_token_ids.push_back(v.get<int64_t>());
+      }
+    }
+  }
+  c.torch_dtype = r.string_or("torch_dtype", r.string_or("dtype", "float32"));
+
+  // RoPE: transformers 5 writes "rope_parameters" (with rope_theta inside); 4.x and most Hub
+  // checkpoints write "rope_theta" and "rope_scaling".
+  double theta = r.number_or("rope_theta", 10000.0);
+  r.used.insert("rope_scaling");
+  r.used.insert("rope_parameters");
+  if (r.has("rope_parameters")) {
+    FT_CHECK(!r.has("rope_scaling"), "[config] ", source, ": both rope_parameters and rope_scaling given");
+    c.rope = parse_rope(j.at("rope_parameters"), theta, c.max_position_embeddings, source + ": rope_parameters");
+  } else if (r.has("rope_scaling")) {
+    c.rope = parse_rope(j.at("rope_scaling"), theta, c.max_position_embeddings, source + ": rope_scaling");
+  } else {
+    c.rope.theta = theta;
+  }
+
+  // Attention windows. Mistral: one window for every layer. Qwen2: layer_types (or, in older
+  // configs, use_sliding_window with max_window_layers).
+  c.layer_window.assign(c.num_hidden_layers, 0);
+  auto window = r.optional_integer("sliding_window");
+  r.used.insert("layer_types");
+  if (c.model_type == "mistral") {
+    if (window) c.layer_window.assign(c.num_hidden_layers, *window);
+  } else if (c.model_type == "qwen2") {
+    if (r.has("layer_types")) {
+      const json& types = j.at("layer_types");
+      FT_CHECK(types.is_array() && static_cast<int64_t>(types.size()) == c.num_hidden_layers, "[config] ", source,
+               ": layer_types must list one type per layer");
+      for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+        std::string t = types[i].is_string() ? types[i].get<std::string>() : "";
+        FT_CHECK(t == "full_attention" || t == "sliding_attention", "[config] ", source, ": layer_types[", i,
+                 "] = ", types[i].dump(), " is not supported");
+        if (t == "sliding_attention") {
+          FT_CHECK(window.has_value(), "[config] ", source, ": sliding_attention layers need sliding_window");
+          c.layer_window[i] = *window;
+        }
+      }
+    } else if (r.boolean_or("use_sliding_window", false)) {
+      FT_CHECK(window.has_value(), "[config] ", source, ": use_sliding_window needs sliding_window");
+      int64_t first = r.integer_or("max_window_layers", 0);
+      for (int64_t i = first; i < c.num_hidden_layers; ++i) c.layer_window[i] = *window;
+    }
+  } else if (window) {
+    FT_FAIL("[config] ", source, ": sliding_window is not supported for model_type '", c.model_type, "'");
+  }
+
+  FT_CHECK(!j.contains("quantization_config"), "[config] ", source,
+           ": quantized checkpoints (quantization_config) are not supported");
+  for (const auto& [key, value] : j.items()) {
+    FT_CHECK(r.used.count(key) || kHarmlessKeys.count(key), "[config] ", source, ": unknown key '", key,
+             "' (libft does not know whether it changes the model; remove it if it does not)");
+  }
+  c.validate(source);
+  return c;
+}
+
+ModelConfig load_model_config(const std::string& path) { return parse_model_config(read_text_file(path), path); }
+
+std::string model_config_to_json(const ModelConfig& c) {
+  json j;
+  std::string arch = c.model_type == "llama" ? "LlamaForCausalLM"
+                     : c.model_type == "mistral" ? "MistralForCausalLM" : "Qwen2ForCausalLM";
+  j["architectures"] = json::array({arch});
+  j["model_type"] = c.model_type;
+  j["vocab_size"] = c.vocab_size;
+  j["hidden_size"] = c.hidden_size;
+  j["intermediate_size"] = c.intermediate_size;
+  j["num_hidden_layers"] = c.num_hidden_layers;
+  j["num_attention_heads"] = c.num_attention_heads;
+  j["num_key_value_heads"] = c.num_key_value_heads;
+  j["head_dim"] = c.head_dim;
+  j["max_position_embeddings"] = c.max_position_embeddings;
+  j["rms_norm_eps"] = c.rms_norm_eps;
+  j["hidden_act"] = "silu";
+  j["initializer_range"] = c.initializer_range;
+  j["tie_word_embeddings"] = c.tie_word_embeddings;
+  if (c.model_type != "qwen2") j["attention_bias"] = c.qkv_bias;
+  if (c.model_type == "llama") j["mlp_bias"] = c.mlp_bias;
+  j["rope_theta"] = c.rope.theta;
+  if (c.rope.type == RopeType::Default) {
+    j["rope_scaling"] = nullptr;
+  } else if (c.rope.type == RopeType::Linear) {
+    j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", c.rope.factor}};
+  } else {
+    j["rope_scaling"] = {{"rope_type", "llama3"},
+                         {"factor", c.rope.factor},
+                         {"low_freq_factor", c.rope.low_freq_factor},
+                         {"high_freq_factor", c.rope.high_freq_factor},
+                         {"original_max_position_embeddings", c.rope.original_max_position_embeddings}};
+  }
+  int64_t window = 0;
+  for (auto w : c.layer_window) window = std::max(window, w);
+  if (c.model_type == "mistral") {
+    j["sliding_window"] = window > 0 ? json(window) : json(nullptr);
+  } else if (c.model_type == "qwen2") {
+    j["sliding_window"] = window > 0 ? json(window) : json(nullptr);
+    j["use_sliding_window"] = window > 0;
+    json types = json::array();
+    for (auto w : c.layer_window) types.push_back(w > 0 ? "sliding_attention" : "full_attention");
+    j["layer_types"] = types;
+  }
+  j["bos_token_id"] = c.bos_token_id ? json(*c.bos_token_id) : json(nullptr);
+  j["pad_token_id"] = c.pad_token_id ? json(*c.pad_token_id) : json(nullptr);
+  if (c.eos_token_ids.size() == 1) j["eos_token_id"] = c.eos_token_ids[0];
+  else if (c.eos_token_ids.empty()) j["eos_token_id"] = nullptr;
+  else j["eos_token_id"] = c.eos_token_ids;
+  j["torch_dtype"] = c.torch_dtype;
+  j["use_cache"] = true;
+  j["transformers_version"] = "5.17.0";
+  return j.dump(2) + "\n";
+}
+
+}  // namespace ft::io

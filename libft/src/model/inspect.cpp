@@ -1,0 +1,84 @@
+#include "ft/model/inspect.h"
+
+#include <iomanip>
+#include <sstream>
+
+namespace ft::model {
+namespace {
+
+std::string kind_of(const std::string& name) {
+  if (name.find("embed_tokens") != std::string::npos) return "embed_tokens";
+  if (name.find("self_attn") != std::string::npos) return "attention";
+  if (name.find(".mlp.") != std::string::npos) return "mlp";
+  if (name.find("norm") != std::string::npos) return "norm";
+  if (name.starts_with("lm_head")) return "lm_head";
+  return "other";
+}
+
+std::string human_count(int64_t n) {
+  std::ostringstream os;
+  os << std::fixed << std::setprecision(2);
+  if (n >= 1'000'000'000) os << n / 1e9 << "B";
+  else if (n >= 1'000'000) os << n / 1e6 << "M";
+  else if (n >= 1'000) os << n / 1e3 << "K";
+  else os << n;
+  return os.str();
+}
+
+std::string human_bytes(int64_t n) {
+  std::ostringstream os;
+  os << std::fixed << std::setprecision(2);
+  if (n >= (1ll << 30)) os << n / double(1ll << 30) << " GiB";
+  else if (n >= (1ll << 20)) os << n / double(1ll << 20) << " MiB";
+  else if (n >= (1ll << 10)) os << n / double(1ll << 10) << " KiB";
+  else os << n << " B";
+  return os.str();
+}
+
+}  // namespace
+
+ParameterSummary summarize_parameters(CausalLM& m) {
+  ParameterSummary s;
+  for (const auto& item : m->named_parameters()) {
+    const at::Tensor& p = item.value();
+    const int64_t n = p.numel();
+    s.total += n;
+    if (p.requires_grad()) s.trainable += n;
+    s.bytes += n * static_cast<int64_t>(p.element_size());
+    s.by_kind[kind_of(item.key())] += n;
+    s.by_dtype[c10::toString(p.scalar_type())] += n;
+  }
+  return s;
+}
+
+std::string describe(CausalLM& m) {
+  const auto& c = m->config();
+  const ParameterSummary s = summarize_parameters(m);
+  std::ostringstream os;
+  const char* rope = c.rope.type == io::RopeType::Default ? "default" : c.rope.type == io::RopeType::Linear ? "linear" : "llama3";
+  os << "architecture   " << c.model_type << " (" << c.num_hidden_layers << " layers, hidden " << c.hidden_size
+     << ", intermediate " << c.intermediate_size << ", vocab " << c.vocab_size << ")\n";
+  os << "attention      " << c.num_attention_heads << " query heads, " << c.num_key_value_heads << " key/value heads"
+     << ", head_dim " << c.head_dim << (c.qkv_bias ? ", q/k/v bias" : "") << (c.o_bias ? ", o bias" : "") << "\n";
+  int64_t window = 0;
+  for (auto w : c.layer_window) window = std::max(window, w);
+  os << "positions      rope " << rope << " (theta " << c.rope.theta;
+  if (c.rope.type != io::RopeType::Default) os << ", factor " << c.rope.factor;
+  os << "), max " << c.max_position_embeddings;
+  if (window > 0) os << ", sliding window " << window;
+  os << "\n";
+  os << "lm head        " << (c.tie_word_embeddings ? "tied to embed_tokens" : "separate") << "\n";
+  os << "parameters     " << human_count(s.total) << " (" << s.total << "), trainable " << human_count(s.trainable)
+     << "\n";
+  for (const auto& [kind, n] : s.by_kind) {
+    os << "  " << std::left << std::setw(13) << kind << std::right << std::setw(14) << n << "  " << std::fixed
+       << std::setprecision(1) << std::setw(5) << 100.0 * n / std::max<int64_t>(s.total, 1) << "%\n";
+  }
+  os << "dtypes        ";
+  for (const auto& [dtype, n] : s.by_dtype) os << " " << dtype << ": " << n;
+  os << "\n";
+  os << "memory         " << human_bytes(s.bytes) << " of parameters\n";
+  return os.str();
+}
+
+}  // namespace ft::model

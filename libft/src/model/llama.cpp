@@ -1,0 +1,254 @@
+#include "ft/model/llama.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/nn/init.h>
+
+#include <cmath>
+#include <map>
+#include <numbers>
+
+#include "ft/util/error.h"
+
+#ifdef LIBFT_WITH_CUDA_KERNELS
+#include "ft/kernels/rmsnorm.h"
+#endif
+
+namespace ft::model {
+namespace {
+
+at::Tensor rotate_half(const at::Tensor& x) {
+  auto halves = x.chunk(2, -1);
+  return at::cat({-halves[1], halves[0]}, -1);
+}
+
+torch::nn::Linear linear(int64_t in, int64_t out, bool bias) {
+  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
+  weight = register_parameter("weight", at::ones({dim}));
+}
+
+at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
+#ifdef LIBFT_WITH_CUDA_KERNELS
+  // The fused kernel has no backward yet: it serves inference (generation, evaluation) only.
+  if (x.is_cuda() && !at::GradMode::is_enabled() && x.is_contiguous()) {
+    return kernels::rmsnorm_forward(x, weight, eps);
+  }
+#endif
+  return reference(x);
+}
+
+at::Tensor RMSNormImpl::reference(const at::Tensor& x) {
+  at::Tensor h = x.to(at::kFloat);
+  at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
+  h = h * at::rsqrt(variance + eps);
+  return weight * h.to(x.scalar_type());
+}
+
+// ------------------------------------------------------------------------------------------------
+at::Tensor rope_inv_freq(const ModelConfig& c) {
+  const int64_t dim = c.head_dim;
+  at::Tensor exponents = at::arange(0, dim, 2, at::kLong).to(at::kFloat) / static_cast<double>(dim);
+  at::Tensor inv_freq = 1.0 / at::pow(c.rope.theta, exponents);
+  switch (c.rope.type) {
+    case io::RopeType::Default: return inv_freq;
+    case io::RopeType::Linear: return inv_freq / c.rope.factor;
+    case io::RopeType::Llama3: {
+      // Llama 3.1: keep high frequencies, divide low ones by `factor`, blend smoothly in between.
+      const double old_len = static_cast<double>(c.rope.original_max_position_embeddings);
+      const double low_wavelen = old_len / c.rope.low_freq_factor;
+      const double high_wavelen = old_len / c.rope.high_freq_factor;
+      at::Tensor wavelen = 2 * std::numbers::pi / inv_freq;
+      at::Tensor scaled = at::where(wavelen > low_wavelen, inv_freq / c.rope.factor, inv_freq);
+      at::Tensor smooth = (old_len / wavelen - c.rope.low_freq_factor) /
+                          (c.rope.high_freq_factor - c.rope.low_freq_factor);
+      at::Tensor smoothed = (1 - smooth) * scaled / c.rope.factor + smooth * scaled;
+      at::Tensor medium = (wavelen >= high_wavelen).logical_and(wavelen <= low_wavelen);
+      return at::where(medium, smoothed, scaled);
+    }
+  }
+  FT_FAIL("[model] unknown rope type");
+}
+
+// ------------------------------------------------------------------------------------------------
+AttentionImpl::AttentionImpl(const ModelConfig& c, int64_t window_)
+    : heads(c.num_attention_heads), kv_heads(c.num_key_value_heads), head_dim(c.head_dim), window(window_) {
+  q_proj = register_module("q_proj", linear(c.hidden_size, heads * head_dim, c.qkv_bias));
+  k_proj = register_module("k_proj", linear(c.hidden_size, kv_heads * head_dim, c.qkv_bias));
+  v_proj = register_module("v_proj", linear(c.hidden_size, kv_heads * head_dim, c.qkv_bias));
+  o_proj = register_module("o_proj", linear(heads * head_dim, c.hidden_size, c.o_bias));
+}
+
+at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k,
+                                  at::Tensor* cache_v) {
+  const int64_t B = x.size(0), T = x.size(1);
+  at::Tensor q = q_proj(x).view({B, T, heads, head_dim}).transpose(1, 2);     // (B, H, T, D)
+  at::Tensor k = k_proj(x).view({B, T, kv_heads, head_dim}).transpose(1, 2);  // (B, G, T, D)
+  at::Tensor v = v_proj(x).view({B, T, kv_heads, head_dim}).transpose(1, 2);  // (B, G, T, D)
+  at::Tensor cos = in.cos.unsqueeze(1), sin = in.sin.unsqueeze(1);            // (B, 1, T, D)
+  q = q * cos + rotate_half(q) * sin;
+  k = k * cos + rotate_half(k) * sin;
+  if (cache_k != nullptr) {
+    if (cache_k->defined()) {
+      k = at::cat({*cache_k, k}, 2);  // (B, G, S, D)
+      v = at::cat({*cache_v, v}, 2);
+    }
+    *cache_k = k;
+    *cache_v = v;
+  }
+  const at::Tensor& mask = in.masks.at(window);
+  std::optional<at::Tensor> attn_mask;
+  if (mask.defined()) attn_mask = mask;
+  at::Tensor out = at::scaled_dot_product_attention(q, k, v, attn_mask, 0.0, !mask.defined() && in.causal,
+                                                    std::nullopt, /*enable_gqa=*/kv_heads != heads);
+  out = out.transpose(1, 2).reshape({B, T, heads * head_dim});
+  return o_proj(out);
+}
+
+// ------------------------------------------------------------------------------------------------
+MLPImpl::MLPImpl(const ModelConfig& c) {
+  gate_proj = register_module("gate_proj", linear(c.hidden_size, c.intermediate_size, c.mlp_bias));
+  up_proj = register_module("up_proj", linear(c.hidden_size, c.intermediate_size, c.mlp_bias));
+  down_proj = register_module("down_proj", linear(c.intermediate_size, c.hidden_size, c.mlp_bias));
+}
+
+at::Tensor MLPImpl::forward(const at::Tensor& x) { return down_proj(at::silu(gate_proj(x)) * up_proj(x)); }
+
+// ------------------------------------------------------------------------------------------------
+DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer) {
+  self_attn = register_module("self_attn", Attention(c, c.layer_window.at(layer)));
+  mlp = register_module("mlp", MLP(c));
+  input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+  post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+}
+
+at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k,
+                                     at::Tensor* cache_v) {
+  at::Tensor h = x + self_attn(input_layernorm(x), in, cache_k, cache_v);
+  return h + mlp(post_attention_layernorm(h));
+}
+
+// ------------------------------------------------------------------------------------------------
+DecoderImpl::DecoderImpl(const ModelConfig& c) {
+  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(DecoderLayer(c, i));
+  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+}
+
+CausalLMImpl::CausalLMImpl(ModelConfig config) : config_(std::move(config)) {
+  config_.validate("model config");
+  model = register_module("model", Decoder(config_));
+  if (!config_.tie_word_embeddings) {
+    lm_head = register_module("lm_head", linear(config_.hidden_size, config_.vocab_size, false));
+  }
+  inv_freq_ = rope_inv_freq(config_);
+}
+
+at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const ForwardOptions& opt) {
+  FT_CHECK(input_ids.dim() == 2 && input_ids.scalar_type() == at::kLong, "[model] input_ids must be (B, T) int64, got ",
+           input_ids.sizes(), " ", input_ids.scalar_type());
+  const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  const int64_t past = opt.cache ? opt.cache->length() : 0;
+  const int64_t S = past + T;
+  const auto device = input_ids.device();
+  at::Tensor x = model->embed_tokens(input_ids);
+
+  at::Tensor positions = opt.position_ids;
+  if (!positions.defined()) {
+    positions = at::arange(past, S, at::TensorOptions().dtype(at::kLong).device(device)).expand({B, T});
+  }
+  FT_CHECK(positions.sizes() == input_ids.sizes(), "[model] position_ids ", positions.sizes(),
+           " must match input_ids ", input_ids.sizes());
+  // Rotary tables in float32, then in the activations' dtype, as HF does.
+  at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq_.to(device);  // (B, T, D/2)
+  at::Tensor emb = at::cat({freqs, freqs}, -1);
+  AttentionInputs in;
+  in.cos = emb.cos().to(x.scalar_type());
+  in.sin = emb.sin().to(x.scalar_type());
+  in.past = past;
+
+  at::Tensor key_valid;
+  if (opt.attention_mask.defined()) {
+    FT_CHECK(opt.attention_mask.dim() == 2 && opt.attention_mask.size(0) == B && opt.attention_mask.size(1) == S,
+             "[model] attention_mask must be (B, cached + new tokens) = (", B, ", ", S, "), got ",
+             opt.attention_mask.sizes());
+    at::Tensor valid = opt.attention_mask.to(device).to(at::kBool);
+    if (!valid.all().item<bool>()) key_valid = valid;
+  }
+  // One boolean mask (B, 1, T, S) per distinct attention window; undefined where plain causal
+  // attention (SDPA's is_causal, or no mask for a single new token) is exact.
+  in.causal = past == 0 && T > 1;
+  for (const auto& layer_window : config_.layer_window) {
+    if (in.masks.count(layer_window)) continue;
+    const bool window_bites = layer_window > 0 && S > layer_window;
+    if (!key_valid.defined() && !window_bites && (past == 0 || T == 1)) {
+      in.masks[layer_window] = at::Tensor();
+      continue;
+    }
+    auto opts = at::TensorOptions().dtype(at::kLong).device(device);
+    at::Tensor q_idx = at::arange(past, S, opts).view({T, 1});
+    at::Tensor k_idx = at::arange(0, S, opts).view({1, S});
+    at::Tensor allowed = k_idx <= q_idx;
+    if (window_bites) allowed = allowed.logical_and(q_idx - k_idx < layer_window);
+    allowed = allowed.view({1, 1, T, S});
+    if (key_valid.defined()) {
+      allowed = allowed.logical_and(key_valid.view({B, 1, 1, S}));
+      // A padding query may see no key at all; let it see itself so SDPA yields finite values
+      // (its output is never used, but NaNs would leak through 0 × NaN in later layers).
+      allowed = allowed.logical_or((k_idx == q_idx).view({1, 1, T, S}));
+    }
+    in.masks[layer_window] = allowed;
+  }
+
+  if (opt.cache) {
+    opt.cache->keys.resize(config_.num_hidden_layers);
+    opt.cache->values.resize(config_.num_hidden_layers);
+  }
+  for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
+    auto layer = model->layers->ptr<DecoderLayerImpl>(i);
+    x = layer->forward(x, in, opt.cache ? &opt.cache->keys[i] : nullptr, opt.cache ? &opt.cache->values[i] : nullptr);
+  }
+  return model->norm(x);
+}
+
+at::Tensor CausalLMImpl::logits(const at::Tensor& hidden) {
+  return lm_head ? lm_head(hidden) : at::linear(hidden, model->embed_tokens->weight);
+}
+
+at::Tensor CausalLMImpl::forward(const at::Tensor& input_ids, const ForwardOptions& options) {
+  return logits(hidden_states(input_ids, options));
+}
+
+// ------------------------------------------------------------------------------------------------
+void init_weights(CausalLM& m, uint64_t seed) {
+  at::NoGradGuard no_grad;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  const double std = m->config().initializer_range;
+  for (auto& item : m->named_parameters()) {
+    at::Tensor p = item.value();
+    const std::string& name = item.key();
+    at::Tensor fresh = at::empty(p.sizes(), at::kFloat);
+    if (name.ends_with("norm.weight")) fresh.fill_(1.0);
+    else if (name.ends_with(".bias")) fresh.zero_();
+    else fresh.normal_(0.0, std, gen);
+    p.copy_(fresh);
+  }
+}
+
+at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
+  FT_CHECK(logits.dim() == 3 && labels.dim() == 2 && logits.size(0) == labels.size(0) &&
+               logits.size(1) == labels.size(1),
+           "[loss] logits (B, T, V) and labels (B, T) disagree: ", logits.sizes(), " vs ", labels.sizes());
+  const int64_t V = logits.size(2);
+  at::Tensor shifted_logits = logits.slice(1, 0, -1).reshape({-1, V}).to(at::kFloat);
+  at::Tensor shifted_labels = labels.slice(1, 1).reshape({-1}).to(logits.device());
+  return at::cross_entropy_loss(shifted_logits, shifted_labels, {}, at::Reduction::Mean, ignore_index);
+}
+
+}  // namespace ft::model

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run on the development machine before the GPU check: downloads the Debian packages that the
+# build needs beyond what the GPU machine has (it has CUDA, torch, CMake, ninja, a compiler, but no
+# package registry) into .debs/ (git-ignored; travels with the working tree as a `carry` path).
+# scripts/gpu-check.sh unpacks them into .deps/root there, never into the system root.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+pkgs=(nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev libbenchmark-dev libbenchmark1debian)
+mkdir -p .debs
+missing=()
+for p in "${pkgs[@]}"; do ls .debs/"${p}"_*.deb >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+  (cd .debs && apt-get download "${missing[@]}")
+fi
+du -sh .debs

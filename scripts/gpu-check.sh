@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU check: run on the GPU machine (one H100; python3 with torch 2.11.0+cu130, nvcc 13.0, CMake,
+# ninja; no package registry). Builds libft against that machine's own torch, runs the whole test
+# suite with the GPU visible (HF parity on CUDA in float32 and bf16 included), runs the benchmarks,
+# and prints a summary table last. Budget: under 8 minutes.
+#
+#   scripts/fetch-debs.sh            # on the development machine: .debs/ with the Debian packages
+#   scripts/gpu-check.sh [OUT_DIR]   # on the GPU machine (device tool: carry .debs)
+#
+# Logs go to OUT_DIR (default build-gpu/logs). Later issues add their GPU tests and benchmarks here.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+t0=$(date +%s)
+out=${1:-build-gpu/logs}
+mkdir -p "$out"
+log() { echo "[gpu-check $(($(date +%s) - t0))s] $*"; }
+
+# 1. Debian packages, unpacked into a prefix inside the repo (never the system root).
+prefix=$PWD/.deps/root
+if [ ! -d "$prefix/usr" ]; then
+  mkdir -p "$prefix"
+  for f in .debs/*.deb; do
+    if command -v dpkg-deb >/dev/null; then dpkg-deb -x "$f" "$prefix"
+    else (tmp=$(mktemp -d) && cd "$tmp" && ar x "$OLDPWD/$f" && tar -xf data.tar.* -C "$prefix" && rm -rf "$tmp"); fi
+  done
+fi
+export LD_LIBRARY_PATH="$prefix/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+python=$(command -v python3)
+log "python $python: $($python -c 'import torch,transformers;print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())' 2>/dev/null)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+
+# 2. Build against the machine's torch, for the card in the machine only (faster than 8.0;9.0).
+arch=$($python -c 'import torch;p=torch.cuda.get_device_capability();print(f"{p[0]}.{p[1]}")')
+log "configure (TORCH_CUDA_ARCH_LIST=$arch)"
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLIBFT_PYTHON="$python" \
+  -DTORCH_CUDA_ARCH_LIST="$arch" -DCMAKE_PREFIX_PATH="$prefix/usr" >"$out/configure.log" 2>&1 \
+  || { tail -40 "$out/configure.log"; exit 1; }
+log "build"
+build_start=$(date +%s)
+cmake --build build-gpu -j"$(nproc)" >"$out/build.log" 2>&1 || { grep -B5 -A20 "error" "$out/build.log" | head -80; exit 1; }
+build_s=$(($(date +%s) - build_start))
+
+# 3. The whole test suite with the GPU visible.
+log "ctest"
+ctest --test-dir build-gpu -j8 --output-on-failure --timeout 300 >"$out/ctest.log" 2>&1
+ctest_rc=$?
+grep -E "tests passed|FAILED|Failed|\(Skipped\)" "$out/ctest.log" | head -40
+# The parity and kernel tests again, verbosely, for their numbers.
+build-gpu/tests/ft_tests --gtest_filter='*HFParity*:RMSNorm*' >"$out/parity.log" 2>&1
+
+# 4. Benchmarks.
+log "benchmarks"
+build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 >"$out/bench.log" 2>&1
+
+# 5. Summary (last).
+echo
+echo "================ libft GPU check summary ================"
+echo "date        $(date -u +%Y-%m-%d)"
+echo "card        $(cat "$out/gpu.txt")"
+echo "torch       $($python -c 'import torch;print(torch.__version__)')"
+echo "build       ${build_s}s (cold, $(nproc) cores, TORCH_CUDA_ARCH_LIST=$arch)"
+echo "ctest       $(grep -E 'tests passed' "$out/ctest.log") (exit $ctest_rc)"
+echo "skipped     $(grep -c '(Skipped)' "$out/ctest.log") tests"
+echo "parity (max|a-b|/max|b| of logits vs transformers float32):"
+grep -E '^\[parity\]' "$out/parity.log" | sed 's/^/  /'
+echo "benchmarks:"
+grep -E '^BM_' "$out/bench.log" | sed 's/^/  /'
+echo "total       $(($(date +%s) - t0))s"
+exit $ctest_rc

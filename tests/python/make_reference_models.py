@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Builds tiny Hugging Face models of each supported family and their reference outputs.
+
+    python tests/python/make_reference_models.py OUT_DIR
+
+For each family, OUT_DIR/<family>/ holds what `save_pretrained` wrote (config.json +
+model.safetensors, or shards) and reference.safetensors with:
+  input_ids (2, 16) int64, attention_mask (2, 16) int64 (row 1 left-padded by 3),
+  labels (2, 16) int64 (-100 on padding and on the token after it), logits (2, 16, V) float32, loss () float32,
+  greedy_prompt (5,) int64 and greedy_tokens (10,) int64 from `generate(do_sample=False)`.
+The C++ parity tests (tests/test_llama_parity.cpp) compare libft against these. Run by ctest.
+"""
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+              rms_norm_eps=1e-5, max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
+              pad_token_id=None)
+
+FAMILIES = {
+    # Llama 2 / TinyLlama layout: multi-head attention, default rope, untied head.
+    "llama2": (LlamaForCausalLM, LlamaConfig(**COMMON, num_key_value_heads=4)),
+    # Llama 3.1: grouped-query attention and llama3 rope scaling (original context 16 < our positions' wavelengths).
+    "llama3": (LlamaForCausalLM, LlamaConfig(**COMMON, num_key_value_heads=2, rope_theta=500000.0,
+                                             rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                           "original_max_position_embeddings": 16})),
+    # Llama with every bias and linear rope scaling.
+    "llama_bias": (LlamaForCausalLM, LlamaConfig(**COMMON, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
+                                                 rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    # SmolLM layout: tied embeddings, few key/value heads.
+    "smollm": (LlamaForCausalLM, LlamaConfig(**COMMON, num_key_value_heads=1, tie_word_embeddings=True)),
+    # Mistral: sliding window (6 < 16 tokens, so it bites) and head_dim != hidden/heads.
+    "mistral": (MistralForCausalLM, MistralConfig(**COMMON, num_key_value_heads=2, head_dim=24, sliding_window=6)),
+    # Qwen2: q/k/v biases, tied embeddings.
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config(**COMMON, num_key_value_heads=2, tie_word_embeddings=True)),
+}
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Weights with O(1) activations, so that logits differ clearly between tokens (HF's 0.02 init
+    makes them nearly uniform, which would let layout bugs pass)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+
+
+def build(out_dir: str, family: str, seed: int, shard_bytes=None) -> None:
+    cls, config = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    randomize(model, seed)
+    path = os.path.join(out_dir, family if shard_bytes is None else family + "_sharded")
+    kwargs = {"max_shard_size": shard_bytes} if shard_bytes else {}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+
+    g = torch.Generator().manual_seed(1000 + seed)
+    input_ids = torch.randint(0, config.vocab_size, (2, 16), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    # The first real token of a left-padded row would be predicted from a padding position, whose
+    # logits are meaningless (and differ between implementations): do not train on it.
+    labels[1, 3] = -100
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        prompt = input_ids[0, :5]
+        generated = model.generate(prompt[None], max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)[0, 5:]
+    save_file({
+        "input_ids": input_ids.contiguous(),
+        "attention_mask": attention_mask.contiguous(),
+        "labels": labels.contiguous(),
+        "logits": out.logits.float().contiguous(),
+        "loss": out.loss.float().reshape(()).contiguous(),
+        "greedy_prompt": prompt.clone(),
+        "greedy_tokens": generated.contiguous(),
+    }, os.path.join(path, "reference.safetensors"))
+
+
+def main() -> int:
+    out_dir = sys.argv[1]
+    os.makedirs(out_dir, exist_ok=True)
+    for seed, family in enumerate(FAMILIES):
+        build(out_dir, family, seed)
+    build(out_dir, "llama3", 1, shard_bytes="100KB")  # several shards + model.safetensors.index.json
+    with open(os.path.join(out_dir, "families.json"), "w") as f:
+        json.dump(sorted(d for d in os.listdir(out_dir) if os.path.isdir(os.path.join(out_dir, d))), f)
+    print(f"reference models written to {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+// Model building blocks against float64 / hand-written references, and the errors users see.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <numbers>
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include "ft/io/hf_checkpoint.h"
+#include "ft/util/error.h"
+#include "ft/io/hf_config.h"
+#include "ft/model/generate.h"
+#include "ft/model/inspect.h"
+#include "test_util.h"
+
+namespace fs = std::filesystem;
+using namespace ft;
+
+namespace {
+
+io::ModelConfig tiny_config(const std::string& type = "llama") {
+  io::ModelConfig c;
+  c.model_type = type;
+  c.vocab_size = 97;
+  c.hidden_size = 32;
+  c.intermediate_size = 48;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 8;
+  c.layer_window.assign(2, 0);
+  return c;
+}
+
+std::string expect_error(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const ::ft::Error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected an ft::Error";
+  return "";
+}
+
+fs::path temp_dir(const std::string& name) {
+  fs::path p = fs::temp_directory_path() / ("libft_test_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+const char* kLlamaJson = R"({
+  "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 97, "hidden_size": 32,
+  "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+  "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16", "eos_token_id": [5, 6],
+  "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+})";
+
+TEST(Config, ParsesLegacyLlama3Layout) {
+  auto c = io::parse_model_config(kLlamaJson, "config.json");
+  EXPECT_EQ(c.head_dim, 8);
+  EXPECT_EQ(c.rope.type, io::RopeType::Llama3);
+  EXPECT_DOUBLE_EQ(c.rope.theta, 500000.0);
+  EXPECT_EQ(c.eos_token_ids, (std::vector<int64_t>{5, 6}));
+  EXPECT_EQ(c.torch_dtype, "bfloat16");
+  // And what we write parses back to the same thing.
+  auto again = io::parse_model_config(io::model_config_to_json(c), "written");
+  EXPECT_EQ(again.rope.type, c.rope.type);
+  EXPECT_DOUBLE_EQ(again.rope.original_max_position_embeddings, 8192);
+  EXPECT_EQ(again.eos_token_ids, c.eos_token_ids);
+}
+
+TEST(Config, RejectsWhatItCannotHonour) {
+  std::string base = kLlamaJson;
+  auto with = [&](const std::string& from, const std::string& to) {
+    std::string s = base;
+    s.replace(s.find(from), from.size(), to);
+    return s;
+  };
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with("\"llama\"", "\"gpt2\""), "c.json"); })
+                .find("model_type 'gpt2' is not supported"), std::string::npos);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with("\"vocab_size\"", "\"vocab_sise\": 1, \"vocab_size\""), "c.json"); })
+                .find("unknown key 'vocab_sise'"), std::string::npos);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with("\"llama3\"", "\"yarn\""), "c.json"); })
+                .find("rope type 'yarn' is not supported"), std::string::npos);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with("\"hidden_size\": 32", "\"hidden_size\": 32, \"hidden_size\": 64"), "c.json"); })
+                .find("duplicate key 'hidden_size'"), std::string::npos);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3"), "c.json"); })
+                .find("multiple of num_key_value_heads"), std::string::npos);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with("\"hidden_size\": 32", "\"hidden_size\": \"32\""), "c.json"); })
+                .find("'hidden_size' must be an integer"), std::string::npos);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with("{", "{\"hidden_act\": \"gelu\","), "c.json"); })
+                .find("hidden_act 'gelu'"), std::string::npos);
+  const std::string truncated = expect_error([&] { io::parse_model_config(base.substr(0, 100), "c.json"); });
+  EXPECT_NE(truncated.find("c.json:"), std::string::npos) << truncated;
+}
+
+TEST(Rope, Llama3InverseFrequenciesMatchFloat64Formula) {
+  auto c = tiny_config();
+  c.head_dim = 64;
+  c.rope = {io::RopeType::Llama3, 500000.0, 8.0, 1.0, 4.0, 8192};
+  at::Tensor got = model::rope_inv_freq(c).to(at::kDouble);
+  for (int64_t i = 0; i < 32; ++i) {
+    double f = 1.0 / std::pow(500000.0, 2.0 * i / 64.0);
+    const double wavelen = 2 * std::numbers::pi / f;
+    const double low = 8192 / 1.0, high = 8192 / 4.0;
+    double expected;
+    if (wavelen < high) expected = f;
+    else if (wavelen > low) expected = f / 8.0;
+    else {
+      const double s = (8192 / wavelen - 1.0) / (4.0 - 1.0);
+      expected = (1 - s) * f / 8.0 + s * f;
+    }
+    EXPECT_NEAR(got[i].item<double>(), expected, 1e-6 * expected) << "frequency " << i;
+  }
+}
+
+TEST(Model, KVCacheAndMasksMatchFullRecomputation) {
+  for (int64_t window : {0, 3}) {
+    auto c = tiny_config("mistral");
+    c.layer_window.assign(2, window);
+    model::CausalLM m(c);
+    model::init_weights(m, 7);
+    m->eval();
+    at::NoGradGuard no_grad;
+    at::Tensor ids = at::randint(0, c.vocab_size, {2, 9}, at::kLong);
+    at::Tensor full = m->forward(ids);
+    // Prefill 5 tokens, then 3, then 1: every chunk must see exactly what the full pass saw.
+    model::KVCache cache;
+    model::ForwardOptions f;
+    f.cache = &cache;
+    std::vector<at::Tensor> parts;
+    for (auto [lo, hi] : {std::pair{0, 5}, {5, 8}, {8, 9}}) parts.push_back(m->forward(ids.slice(1, lo, hi), f));
+    EXPECT_LE(test::max_rel_error(at::cat(parts, 1), full), 1e-5) << "window " << window;
+    EXPECT_EQ(cache.length(), 9);
+  }
+}
+
+TEST(Model, PaddingDoesNotChangeRealTokens) {
+  auto c = tiny_config();
+  model::CausalLM m(c);
+  model::init_weights(m, 3);
+  m->eval();
+  at::NoGradGuard no_grad;
+  at::Tensor ids = at::randint(0, c.vocab_size, {1, 6}, at::kLong);
+  at::Tensor alone = m->forward(ids);
+  // Left-pad with 2 junk tokens; positions continue from 0 at the first real token.
+  at::Tensor padded = at::cat({at::full({1, 2}, 11, at::kLong), ids}, 1);
+  model::ForwardOptions f;
+  f.attention_mask = at::cat({at::zeros({1, 2}, at::kLong), at::ones({1, 6}, at::kLong)}, 1);
+  f.position_ids = at::cat({at::zeros({1, 2}, at::kLong), at::arange(6, at::kLong).view({1, 6})}, 1);
+  at::Tensor out = m->forward(padded, f);
+  EXPECT_TRUE(out.isfinite().all().item<bool>());
+  EXPECT_LE(test::max_rel_error(out.slice(1, 2), alone), 1e-5);
+}
+
+TEST(Model, GreedyWithCacheEqualsWithoutAndSamplingIsSeeded) {
+  auto c = tiny_config("qwen2");
+  c.qkv_bias = true;
+  c.tie_word_embeddings = true;
+  model::CausalLM m(c);
+  model::init_weights(m, 11);
+  // Larger weights than the default init so that argmax is not decided by noise.
+  {
+    at::NoGradGuard g;
+    for (auto& p : m->parameters()) p.mul_(20);
+  }
+  model::GenerateOptions o;
+  o.max_new_tokens = 12;
+  auto cached = model::generate(m, {1, 2, 3}, o);
+  o.use_cache = false;
+  EXPECT_EQ(cached, model::generate(m, {1, 2, 3}, o));
+  o.greedy = false;
+  o.top_p = 0.8;
+  o.seed = 5;
+  auto a = model::generate(m, {1, 2, 3}, o), b = model::generate(m, {1, 2, 3}, o);
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(a.size(), 12u);
+  EXPECT_NE(expect_error([&] { model::generate(m, {1, 200}, o); }).find("outside the vocabulary"), std::string::npos);
+}
+
+TEST(Sampling, TopPKeepsOnlyTheNucleus) {
+  // Probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.75 keeps the first two tokens only.
+  at::Tensor logits = at::log(at::tensor({0.05, 0.5, 0.15, 0.3}, at::kDouble));
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(1);
+  std::map<int64_t, int> seen;
+  for (int i = 0; i < 400; ++i) seen[model::sample_top_p(logits, 1.0, 0.75, gen)]++;
+  EXPECT_EQ(seen.size(), 2u);
+  EXPECT_GT(seen[1], seen[3]);
+  EXPECT_EQ(seen.count(0) + seen.count(2), 0u);
+}
+
+TEST(Checkpoint, SaveLoadRoundTripAndStrictErrors) {
+  auto dir = temp_dir("ckpt");
+  model::CausalLM m(tiny_config());
+  model::init_weights(m, 1);
+  io::save_pretrained(m, dir.string());
+  model::CausalLM back = io::load_pretrained(dir.string());
+  for (const auto& item : m->named_parameters()) {
+    EXPECT_TRUE(at::equal(item.value(), back->named_parameters()[item.key()])) << item.key();
+  }
+  EXPECT_NE(model::describe(back).find("attention"), std::string::npos);
+
+  // A model with another shape is refused, with every mismatch named.
+  auto other = tiny_config();
+  other.intermediate_size = 40;
+  model::CausalLM wrong(other);
+  std::string err = expect_error([&] { io::load_weights(wrong, dir.string()); });
+  EXPECT_NE(err.find("shape mismatches (6)"), std::string::npos) << err;
+  EXPECT_NE(err.find("model.layers.0.mlp.gate_proj.weight"), std::string::npos) << err;
+
+  auto tied = tiny_config();
+  tied.tie_word_embeddings = true;
+  model::CausalLM tied_model(tied);
+  err = expect_error([&] { io::load_weights(tied_model, dir.string()); });
+  EXPECT_NE(err.find("unexpected tensors (1):\n    lm_head.weight"), std::string::npos) << err;
+
+  // Pickle checkpoints are never loaded.
+  auto pickle = temp_dir("pickle");
+  fs::copy(dir / "config.json", pickle / "config.json");
+  std::ofstream(pickle / "pytorch_model.bin") << "not loaded";
+  err = expect_error([&] { io::load_pretrained(pickle.string()); });
+  EXPECT_NE(err.find("never loaded"), std::string::npos) << err;
+  fs::remove_all(dir);
+  fs::remove_all(pickle);
+}
+
+}  // namespace
