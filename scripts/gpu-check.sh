@@ -45,6 +45,18 @@ log "ctest"
 ctest --test-dir build-gpu -j8 --output-on-failure --timeout 300 >"$out/ctest.log" 2>&1
 ctest_rc=$?
 grep -E "tests passed|FAILED|Failed|\(Skipped\)" "$out/ctest.log" | head -40
+# A backtrace for each failing C++ test (cuda-gdb debugs host code too; there is no gdb there).
+if [ $ctest_rc -ne 0 ]; then
+  readelf -d build-gpu/tests/ft_tests | grep NEEDED | head -5
+  grep -E '^\s+[0-9]+ - [A-Za-z_/]+\.[A-Za-z_/0-9]+ ' "$out/ctest.log" | awk '{print $3}' | head -3 | while read -r t; do
+    for exe in build-gpu/tests/ft_tests build-gpu/tests/ft_core_tests; do
+      if "$exe" --gtest_list_tests --gtest_filter="$t" | grep -q '^  '; then
+        echo "--- backtrace of $t"
+        timeout 120 cuda-gdb -batch -ex run -ex bt --args "$exe" --gtest_filter="$t" 2>&1 | grep -E '^#|signal|FAIL|Failure|error' | head -25
+      fi
+    done
+  done
+fi
 # The parity and kernel tests again, verbosely, for their numbers.
 build-gpu/tests/ft_tests --gtest_filter='*HFParity*:RMSNorm*' >"$out/parity.log" 2>&1
 
