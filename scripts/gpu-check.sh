@@ -47,7 +47,8 @@ ctest_rc=$?
 grep -E "tests passed|FAILED|Failed|\(Skipped\)" "$out/ctest.log" | head -40
 # A backtrace for each failing C++ test (cuda-gdb debugs host code too; there is no gdb there).
 if [ $ctest_rc -ne 0 ]; then
-  readelf -d build-gpu/tests/ft_tests | grep NEEDED | head -5
+  readelf -d build-gpu/tests/ft_tests | grep NEEDED | head -8
+  ls "$(dirname "$(readlink -f "$(command -v g++)")")"/../lib64 2>/dev/null | grep -E 'libstdc\+\+' | head -5
   grep -E '^\s+[0-9]+ - [A-Za-z_/]+\.[A-Za-z_/0-9]+ ' "$out/ctest.log" | awk '{print $3}' | head -3 | while read -r t; do
     for exe in build-gpu/tests/ft_tests build-gpu/tests/ft_core_tests; do
       if "$exe" --gtest_list_tests --gtest_filter="$t" | grep -q '^  '; then
