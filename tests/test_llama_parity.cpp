@@ -19,7 +19,11 @@ using namespace ft;
 
 namespace {
 
-const std::string kRefDir = LIBFT_REFERENCE_DIR;
+// From the environment (ctest sets it), so that object files do not depend on the build folder.
+const std::string kRefDir = [] {
+  const char* dir = std::getenv("LIBFT_REFERENCE_DIR");
+  return std::string(dir ? dir : "LIBFT_REFERENCE_DIR-is-unset");
+}();
 
 std::vector<std::string> families() {
   if (!fs::exists(fs::path(kRefDir) / "families.json")) return {};

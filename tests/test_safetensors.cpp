@@ -31,7 +31,13 @@ using nlohmann::json;
 
 namespace {
 
-const fs::path kCorpus = fs::path(LIBFT_TEST_DATA) / "safetensors";
+// Paths come from the environment (ctest sets them), not from compile-time defines, so that the
+// object files do not depend on where the clone is and ccache serves every fresh clone.
+fs::path corpus_dir() {
+  const char* dir = std::getenv("LIBFT_TEST_DATA");
+  return fs::path(dir ? dir : "LIBFT_TEST_DATA-is-unset") / "safetensors";
+}
+const fs::path kCorpus = corpus_dir();
 
 std::vector<uint8_t> read_bytes(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
