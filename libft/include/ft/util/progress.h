@@ -1,0 +1,35 @@
+#pragma once
+// A one-line progress display for long work (tokenizing a corpus, training): done/total, rate,
+// ETA and any extra fields, redrawn in place on a terminal and printed every `interval` seconds
+// as plain lines when the output is a file or a pipe (CI logs stay readable).
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+namespace ft {
+
+class Progress {
+ public:
+  /// `unit` names what is counted ("docs", "MB", "steps"); total 0 = unknown.
+  Progress(std::string label, double total, std::string unit, std::FILE* out = stderr, double interval_s = 1.0);
+  /// Sets the amount done so far and an optional extra text (e.g. "loss 2.31"); draws if due.
+  void update(double done, const std::string& extra = "");
+  /// Draws the final state and ends the line.
+  void finish(const std::string& extra = "");
+  /// "1h02m", "3m20s", "12s": for ETAs and elapsed times.
+  static std::string format_duration(double seconds);
+  /// The line that would be drawn now (for tests).
+  std::string line(double done, const std::string& extra) const;
+
+ private:
+  std::string label_, unit_;
+  double total_;
+  std::FILE* out_;
+  double interval_s_;
+  bool tty_;
+  std::chrono::steady_clock::time_point start_, last_draw_;
+  bool drawn_ = false;
+};
+
+}  // namespace ft
