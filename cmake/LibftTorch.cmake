@@ -1,21 +1,11 @@
 # Locates LibTorch inside the Python environment that scripts/setup.sh made, so nobody types a path.
 #
-# Order: an explicit Torch_DIR / CMAKE_PREFIX_PATH wins; else LIBFT_PYTHON (cache), else
-# $LIBFT_VENV/bin/python, else ~/.cache/libft/venv/bin/python, else python3 on PATH.
+# An explicit Torch_DIR wins; else the torch of LIBFT_PYTHON (see LibftPython.cmake).
 # Also installed with the package: libftConfig.cmake includes it so downstream projects find the
 # same torch.
 include_guard(GLOBAL)
 
-if(NOT LIBFT_PYTHON)
-  if(DEFINED ENV{LIBFT_VENV} AND EXISTS "$ENV{LIBFT_VENV}/bin/python")
-    set(_py "$ENV{LIBFT_VENV}/bin/python")
-  elseif(EXISTS "$ENV{HOME}/.cache/libft/venv/bin/python")
-    set(_py "$ENV{HOME}/.cache/libft/venv/bin/python")
-  else()
-    find_program(_py NAMES python3 python)
-  endif()
-  set(LIBFT_PYTHON "${_py}" CACHE FILEPATH "Python interpreter whose torch package provides LibTorch")
-endif()
+include(${CMAKE_CURRENT_LIST_DIR}/LibftPython.cmake)
 
 if(NOT Torch_DIR)
   execute_process(
