@@ -28,14 +28,26 @@ struct TrainTokenizerOptions {
   double character_coverage = 1.0;
   int64_t input_sentence_size = 0;  ///< 0 = all; otherwise a sample of this many sentences
   uint64_t seed = 0;                ///< sentencepiece's sampling is made deterministic with it
+                                    ///< (libft draws the input_sentence_size sample itself)
+  /// Trainer threads. Recorded in the model and, for unigram, it changes how statistics are summed:
+  /// keep it fixed for byte-identical models across machines.
+  int32_t num_threads = 4;
+  bool verbose = false;             ///< sentencepiece's INFO log (hundreds of lines) to stderr
 };
+
+/// What Tokenizer::fingerprint() hashes after the model bytes:
+/// fingerprint = hex(SHA-256(<tokenizer.model bytes> + "\n" + fingerprint_settings(special))), with
+/// "libft-tokenizer-v1 bos=1 eos=2 pad=-1 unk=0 add_bos=1 add_eos=0" as the settings' form.
+std::string fingerprint_settings(const SpecialTokens& special);
 
 class Tokenizer {
  public:
   /// `path` is a tokenizer.model file or a checkpoint directory holding one (plus, optionally,
   /// tokenizer_config.json / special_tokens_map.json, which set the special tokens and flags).
   static Tokenizer load(const std::string& path);
-  /// Trains a sentencepiece model; returns the path of the .model file.
+  /// Trains a sentencepiece model; returns the path of the .model file. Settings as Llama's
+  /// tokenizer.model: no normalisation, whitespace kept as is, digits split, ids unk 0, <s> 1, </s> 2,
+  /// no pad. The same options and text give the same bytes wherever the files live.
   static std::string train(const TrainTokenizerOptions& options);
 
   Tokenizer(Tokenizer&&) noexcept;

@@ -1,0 +1,7 @@
+# Data pipeline benchmark (token store + batcher). Torch-free: links ft_data only.
+if(NOT TARGET benchmark::benchmark)
+  find_package(benchmark REQUIRED)
+endif()
+add_executable(bench_data ${CMAKE_CURRENT_LIST_DIR}/bench_data.cpp)
+target_link_libraries(bench_data PRIVATE ft_data benchmark::benchmark)
+target_compile_options(bench_data PRIVATE -Wall -Wextra)

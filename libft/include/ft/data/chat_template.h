@@ -1,0 +1,142 @@
+#pragma once
+// Turning a record into tokens with an exact label mask: chat templates, the segment model, and the
+// small encoder interface that tokenization goes through. Torch-free.
+//
+// A document is rendered as a list of segments, each either text or one special token, and each
+// either trainable (a label) or not. Text is tokenized segment by segment rather than as one string,
+// so that no token straddles a label boundary and the mask is exact. Adjacent text segments with
+// the same trainability are joined first, so tokenization is only split where the mask changes.
+//
+// Leading spaces at segment joins. sentencepiece (Llama's tokenizer) prefixes every encode() call
+// with a "▁" (the dummy prefix) and attaches a space to the word after it: "[/INST] Sure" becomes
+// "[/INST]" + "▁Sure". Encoding a later segment on its own would therefore invent a space ("\nSure"
+// would become "\n" + "▁Sure"). So:
+//   * The first text of a document, and text right after a BOS token, is encoded as a document start
+//     (TokenEncoder::encode_start: with the dummy prefix, as the model saw every document start).
+//   * All other text is encoded as a continuation (TokenEncoder::encode_continuation: no prefix).
+//   * A space that the template puts between two segments is written at the start of the later
+//     segment (" " + answer), because that is where sentencepiece puts it: in the first token of the
+//     next word. The llama2 answer's first label is "▁Sure", exactly the token the model emits after
+//     "[/INST]" at inference.
+// With sentencepiece's default whitespace splitting no piece crosses a space, so a join placed before
+// a space gives the same tokens as encoding the whole string (the tests check this on real text). A
+// join elsewhere (chatml's "\n" + content) gives the tokens of each side on its own, which can differ
+// from whole-string tokenization only where the vocabulary has a piece spanning the join.
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "ft/data/example.h"
+#include "ft/data/tokenizer.h"
+
+namespace ft::data {
+
+// ---------------------------------------------------------------------------------------------
+// Encoder interface
+
+/// What tokenization needs from a tokenizer. ft::data::Tokenizer is adapted by TokenizerEncoder; tests
+/// use deterministic encoders.
+class TokenEncoder {
+ public:
+  virtual ~TokenEncoder() = default;
+  /// Tokens of `text` at the start of a document (sentencepiece: with its dummy-prefix "▁").
+  virtual std::vector<int32_t> encode_start(std::string_view text) const = 0;
+  /// Tokens of `text` continuing earlier text: nothing is prepended.
+  virtual std::vector<int32_t> encode_continuation(std::string_view text) const = 0;
+  /// The id of `piece` when the vocabulary holds it as one token (e.g. "<|im_end|>"), else -1.
+  virtual int32_t piece_id(std::string_view piece) const = 0;
+  /// BOS/EOS ids (-1 = none) and whether documents get them by default.
+  virtual SpecialTokens special() const = 0;
+};
+
+/// ft::data::Tokenizer as a TokenEncoder; `tokenizer` must outlive it.
+///
+/// encode_continuation(text) encodes U+E000 + text and drops the tokens that U+E000 alone encodes to.
+/// U+E000 (private use) is not in any real vocabulary, so it becomes byte-fallback or <unk> tokens,
+/// which merge with nothing: the dummy prefix attaches to it instead of to `text`, and `text` gets
+/// the tokens it has in the middle of a line. When the prefix tokens do not come out unchanged (a
+/// vocabulary that does hold U+E000), the call throws rather than guessing. (Without byte fallback,
+/// text that starts with a character outside the vocabulary shares U+E000's <unk>; that character
+/// is lost, as <unk> loses it anyway.)
+class TokenizerEncoder final : public TokenEncoder {
+ public:
+  explicit TokenizerEncoder(const Tokenizer& tokenizer);
+  std::vector<int32_t> encode_start(std::string_view text) const override;
+  std::vector<int32_t> encode_continuation(std::string_view text) const override;
+  int32_t piece_id(std::string_view piece) const override;
+  SpecialTokens special() const override;
+
+ private:
+  const Tokenizer* tokenizer_;
+  std::vector<int32_t> sentinel_ids_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Segments and templates
+
+/// One piece of a rendered document.
+struct TemplateSegment {
+  enum class Kind : uint8_t {
+    text,     ///< `text`, tokenized (see the header comment for start vs continuation)
+    bos,      ///< the tokenizer's BOS id
+    eos,      ///< the tokenizer's EOS id
+    special,  ///< the piece named by `text` as one id when the vocabulary has it, else `text` as text
+  };
+  Kind kind = Kind::text;
+  std::string text;
+  bool trainable = false;
+};
+
+enum class Role : uint8_t { system, user, assistant };
+const char* role_name(Role role);
+
+struct Message {
+  Role role = Role::user;
+  std::string content;
+};
+
+/// Chat templates, chosen by name ("llama2", "chatml"). Messages must be: an optional system message
+/// first, then user and assistant alternating, starting with user and ending with assistant (the
+/// JSONL reader checks this; render_chat checks it again). Contents are used as given: no strip().
+///
+/// llama2 (Meta's Llama-2-chat format), one block per user/assistant pair i:
+///     BOS "[INST] " [<<SYS>> block, first pair only] user_i " [/INST]"   not trainable, document start
+///         " " assistant_i                                             trainable, continuation
+///     EOS                                                             trainable
+///   where the <<SYS>> block is "<<SYS>>\n" system "\n<</SYS>>\n\n". It differs from Meta's reference
+///   code in two ways: contents are not stripped, and there is no space between the answer and EOS
+///   (Meta writes one; it would teach the model to emit a lone "▁" before every EOS). Needs BOS and
+///   EOS ids.
+///
+/// chatml, per message m:
+///     <|im_start|> role "\n"   not trainable
+///     content                  trainable for assistant messages
+///     <|im_end|>               trainable for assistant messages (the end-of-turn marker)
+///     "\n"                     not trainable
+///   preceded by BOS when the tokenizer adds one (special().add_bos). <|im_start|> and <|im_end|> are
+///   single ids when the vocabulary has them (TokenEncoder::piece_id); otherwise they are rendered as
+///   text, and <|im_end|>'s text tokens are then labels of an assistant turn like the id would be.
+///   No EOS: <|im_end|> ends each turn.
+enum class ChatTemplate : uint8_t { llama2, chatml };
+ChatTemplate parse_chat_template(std::string_view name);  ///< throws ft::Error for unknown names
+const char* chat_template_name(ChatTemplate tmpl);
+
+/// Checks the message order described at ChatTemplate; throws ft::Error naming the message.
+void check_chat_order(std::span<const Message> messages);
+
+/// Plain text: [BOS] text [EOS]; every token but the BOS is a label.
+std::vector<TemplateSegment> render_text(std::string_view text, bool add_bos, bool add_eos);
+/// Instruction data without a template: [BOS] prompt completion EOS, prompt as a document start and
+/// completion as its continuation, joined with nothing between them (a separator such as "\n\n" or
+/// "### Response:\n" belongs in the data). Labels: completion and EOS.
+std::vector<TemplateSegment> render_instruction(std::string_view prompt, std::string_view completion, bool add_bos);
+/// A conversation in `tmpl` (see ChatTemplate). `add_bos` matters only for chatml.
+std::vector<TemplateSegment> render_chat(ChatTemplate tmpl, std::span<const Message> messages, bool add_bos);
+
+/// Tokenizes rendered segments; example.trainable follows each segment's flag token for token.
+/// Throws ft::Error when a bos/eos segment meets a tokenizer without that id.
+Example tokenize_segments(std::span<const TemplateSegment> segments, const TokenEncoder& encoder);
+
+}  // namespace ft::data

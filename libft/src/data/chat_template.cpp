@@ -1,0 +1,166 @@
+#include "ft/data/chat_template.h"
+
+#include "ft/util/error.h"
+
+namespace ft::data {
+
+const char* role_name(Role role) {
+  switch (role) {
+    case Role::system:
+      return "system";
+    case Role::user:
+      return "user";
+    case Role::assistant:
+      return "assistant";
+  }
+  return "?";
+}
+
+ChatTemplate parse_chat_template(std::string_view name) {
+  if (name == "llama2") return ChatTemplate::llama2;
+  if (name == "chatml") return ChatTemplate::chatml;
+  FT_FAIL("[records] unknown chat template '", name, "' (known: llama2, chatml)");
+}
+
+const char* chat_template_name(ChatTemplate tmpl) {
+  switch (tmpl) {
+    case ChatTemplate::llama2:
+      return "llama2";
+    case ChatTemplate::chatml:
+      return "chatml";
+  }
+  return "?";
+}
+
+void check_chat_order(std::span<const Message> messages) {
+  FT_CHECK(!messages.empty(), "[records] a conversation needs at least one message");
+  const size_t first = messages[0].role == Role::system ? 1 : 0;
+  for (size_t i = first; i < messages.size(); ++i) {
+    const Role expected = (i - first) % 2 == 0 ? Role::user : Role::assistant;
+    FT_CHECK(messages[i].role == expected, "[records] messages[", i, "] is ", role_name(messages[i].role), " but ",
+             role_name(expected), " must come ", i == first ? "first" : "next",
+             " (an optional system message, then user and assistant alternating)");
+  }
+  FT_CHECK(messages.back().role == Role::assistant, "[records] the conversation must end with an assistant message");
+}
+
+namespace {
+
+TemplateSegment text(std::string s, bool trainable) { return {TemplateSegment::Kind::text, std::move(s), trainable}; }
+TemplateSegment bos() { return {TemplateSegment::Kind::bos, {}, false}; }
+TemplateSegment eos() { return {TemplateSegment::Kind::eos, {}, true}; }
+TemplateSegment special(std::string piece, bool trainable) {
+  return {TemplateSegment::Kind::special, std::move(piece), trainable};
+}
+
+}  // namespace
+
+std::vector<TemplateSegment> render_text(std::string_view body, bool add_bos, bool add_eos) {
+  std::vector<TemplateSegment> out;
+  if (add_bos) out.push_back(bos());
+  out.push_back(text(std::string(body), true));
+  if (add_eos) out.push_back(eos());
+  return out;
+}
+
+std::vector<TemplateSegment> render_instruction(std::string_view prompt, std::string_view completion, bool add_bos) {
+  std::vector<TemplateSegment> out;
+  if (add_bos) out.push_back(bos());
+  out.push_back(text(std::string(prompt), false));
+  out.push_back(text(std::string(completion), true));
+  out.push_back(eos());
+  return out;
+}
+
+std::vector<TemplateSegment> render_chat(ChatTemplate tmpl, std::span<const Message> messages, bool add_bos) {
+  check_chat_order(messages);
+  std::vector<TemplateSegment> out;
+  switch (tmpl) {
+    case ChatTemplate::llama2: {
+      size_t i = 0;
+      std::string system_block;
+      if (messages[0].role == Role::system) {
+        system_block = "<<SYS>>\n" + messages[0].content + "\n<</SYS>>\n\n";
+        i = 1;
+      }
+      for (; i + 1 < messages.size(); i += 2) {
+        out.push_back(bos());
+        out.push_back(text("[INST] " + system_block + messages[i].content + " [/INST]", false));
+        system_block.clear();
+        out.push_back(text(" " + messages[i + 1].content, true));
+        out.push_back(eos());
+      }
+      break;
+    }
+    case ChatTemplate::chatml: {
+      if (add_bos) out.push_back(bos());
+      for (const Message& m : messages) {
+        const bool label = m.role == Role::assistant;
+        out.push_back(special("<|im_start|>", false));
+        out.push_back(text(std::string(role_name(m.role)) + "\n", false));
+        out.push_back(text(m.content, label));
+        out.push_back(special("<|im_end|>", label));
+        out.push_back(text("\n", false));
+      }
+      break;
+    }
+  }
+  return out;
+}
+
+Example tokenize_segments(std::span<const TemplateSegment> segments, const TokenEncoder& encoder) {
+  const SpecialTokens sp = encoder.special();
+  Example ex;
+  std::string run;  // text waiting to be encoded, all with the same trainability
+  bool run_trainable = false;
+  bool at_start = true;  // document start or right after BOS: encode with the dummy prefix
+
+  auto flush = [&] {
+    if (run.empty()) return;
+    const std::vector<int32_t> ids = at_start ? encoder.encode_start(run) : encoder.encode_continuation(run);
+    ex.tokens.insert(ex.tokens.end(), ids.begin(), ids.end());
+    ex.trainable.insert(ex.trainable.end(), ids.size(), run_trainable ? 1 : 0);
+    run.clear();
+    at_start = false;
+  };
+  auto push_id = [&](int32_t id, bool trainable) {
+    flush();
+    ex.tokens.push_back(id);
+    ex.trainable.push_back(trainable ? 1 : 0);
+    at_start = false;
+  };
+  auto push_text = [&](const std::string& s, bool trainable) {
+    if (s.empty()) return;
+    if (!run.empty() && run_trainable != trainable) flush();
+    run += s;
+    run_trainable = trainable;
+  };
+
+  for (const TemplateSegment& s : segments) {
+    switch (s.kind) {
+      case TemplateSegment::Kind::bos:
+        FT_CHECK(sp.bos >= 0, "[records] the rendering needs a BOS token but the tokenizer has none");
+        push_id(sp.bos, s.trainable);
+        at_start = true;
+        break;
+      case TemplateSegment::Kind::eos:
+        FT_CHECK(sp.eos >= 0, "[records] the rendering needs an EOS token but the tokenizer has none");
+        push_id(sp.eos, s.trainable);
+        break;
+      case TemplateSegment::Kind::special:
+        if (const int32_t id = encoder.piece_id(s.text); id >= 0) {
+          push_id(id, s.trainable);
+        } else {
+          push_text(s.text, s.trainable);
+        }
+        break;
+      case TemplateSegment::Kind::text:
+        push_text(s.text, s.trainable);
+        break;
+    }
+  }
+  flush();
+  return ex;
+}
+
+}  // namespace ft::data

@@ -1,0 +1,41 @@
+# Tokenizer tests (test_tokenizer.cpp) and the parity check against Python sentencepiece and
+# transformers (tests/python/tokenizer_reference.py). The parity runs as three ctest steps, in order:
+#   tokenizer_parity_train    libft trains tokenizer_parity/tokenizer.model   FIXTURES_SETUP tok_libft_model
+#   tokenizer_parity_python   Python encodes real text with it                FIXTURES_SETUP tok_python_reference
+#   tokenizer_parity_compare  libft's ids, decodes and framing must match     FIXTURES_REQUIRED both
+# Everything is written under the build tree. gtest_discover_tests (tests/CMakeLists.txt) also lists
+# the two TokenizerParity cases; run there without LIBFT_TOKENIZER_PARITY_DIR they report as skipped.
+target_sources(ft_data_tests PRIVATE ${CMAKE_CURRENT_LIST_DIR}/test_tokenizer.cpp)
+target_link_libraries(ft_data_tests PRIVATE nlohmann_json::nlohmann_json)
+
+set(_tok_parity_dir "${CMAKE_CURRENT_BINARY_DIR}/tokenizer_parity")
+set(_tok_parity_env
+  "LIBFT_TOKENIZER_PARITY_DIR=${_tok_parity_dir};LIBFT_TEST_DATA=${CMAKE_CURRENT_SOURCE_DIR}/data;LIBFT_DATA_TEST_TMP=${CMAKE_CURRENT_BINARY_DIR}/data_tmp")
+set(_tok_python_ok FALSE)
+if(LIBFT_PYTHON)
+  execute_process(COMMAND "${LIBFT_PYTHON}" -c "import sentencepiece, transformers, tokenizers"
+                  RESULT_VARIABLE _tok_rc OUTPUT_QUIET ERROR_QUIET)
+  if(_tok_rc EQUAL 0)
+    set(_tok_python_ok TRUE)
+  endif()
+endif()
+
+if(_tok_python_ok)
+  add_test(NAME tokenizer_parity_train COMMAND ft_data_tests "--gtest_filter=TokenizerParity.TrainModel")
+  add_test(NAME tokenizer_parity_python
+           COMMAND "${LIBFT_PYTHON}" "${CMAKE_CURRENT_SOURCE_DIR}/python/tokenizer_reference.py" "${_tok_parity_dir}")
+  add_test(NAME tokenizer_parity_compare COMMAND ft_data_tests "--gtest_filter=TokenizerParity.MatchesPython")
+  set_tests_properties(tokenizer_parity_train tokenizer_parity_compare PROPERTIES
+    LABELS "data;interop" ENVIRONMENT "${_tok_parity_env}"
+    # The filter matching nothing would pass silently, and a skip would not be a pass.
+    FAIL_REGULAR_EXPRESSION "\\[  SKIPPED \\]|0 tests from 0 test suites")
+  set_tests_properties(tokenizer_parity_train PROPERTIES FIXTURES_SETUP tok_libft_model)
+  set_tests_properties(tokenizer_parity_python PROPERTIES LABELS "python;interop"
+    FIXTURES_REQUIRED tok_libft_model FIXTURES_SETUP tok_python_reference)
+  set_tests_properties(tokenizer_parity_compare PROPERTIES
+    FIXTURES_REQUIRED "tok_libft_model;tok_python_reference")
+else()
+  message(WARNING "[libft] tokenizer parity: '${LIBFT_PYTHON}' cannot import sentencepiece, transformers and "
+                  "tokenizers, so the Python parity steps are not registered. Run scripts/setup.sh (or "
+                  "pip install -r scripts/requirements.txt) or pass -DLIBFT_PYTHON=/path/to/python.")
+endif()
