@@ -36,6 +36,8 @@ int main(int argc, char** argv) {
   ft::cli::add_init(app);
   ft::cli::add_inspect(app);
   ft::cli::add_generate(app);
+  ft::cli::add_train_tokenizer(app);
+  ft::cli::add_prepare(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -49,6 +49,7 @@ std::string Progress::line(double done, const std::string& extra) const {
 }
 
 void Progress::update(double done, const std::string& extra) {
+  last_done_ = done;
   if (out_ == nullptr) return;
   const auto now = std::chrono::steady_clock::now();
   if (drawn_ && std::chrono::duration<double>(now - last_draw_).count() < interval_s_) return;
@@ -62,7 +63,7 @@ void Progress::update(double done, const std::string& extra) {
 
 void Progress::finish(const std::string& extra) {
   if (out_ == nullptr) return;
-  const std::string text = line(total_ > 0 ? total_ : 0, extra);
+  const std::string text = line(total_ > 0 ? total_ : last_done_, extra);
   if (tty_) std::fprintf(out_, "\r\033[K%s\n", text.c_str());
   else std::fprintf(out_, "%s\n", text.c_str());
   std::fflush(out_);

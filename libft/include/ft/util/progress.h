@@ -15,7 +15,7 @@ class Progress {
   Progress(std::string label, double total, std::string unit, std::FILE* out = stderr, double interval_s = 1.0);
   /// Sets the amount done so far and an optional extra text (e.g. "loss 2.31"); draws if due.
   void update(double done, const std::string& extra = "");
-  /// Draws the final state and ends the line.
+  /// Draws the final state (the last amount given to update(), or the total) and ends the line.
   void finish(const std::string& extra = "");
   /// "1h02m", "3m20s", "12s": for ETAs and elapsed times.
   static std::string format_duration(double seconds);
@@ -30,6 +30,7 @@ class Progress {
   bool tty_;
   std::chrono::steady_clock::time_point start_, last_draw_;
   bool drawn_ = false;
+  double last_done_ = 0;
 };
 
 }  // namespace ft
