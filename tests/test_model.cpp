@@ -156,6 +156,26 @@ TEST(Model, PaddingDoesNotChangeRealTokens) {
   EXPECT_LE(test::max_rel_error(out.slice(1, 2), alone), 1e-5);
 }
 
+TEST(Model, PackedDocumentsWithSegmentIdsEqualSeparatePasses) {
+  // Two documents packed into one row, positions restarting at the second: with segment ids each
+  // must compute exactly what it computes alone (no attention across the boundary).
+  auto c = tiny_config();
+  model::CausalLM m(c);
+  model::init_weights(m, 5);
+  m->eval();
+  at::NoGradGuard no_grad;
+  at::Tensor a = at::randint(0, c.vocab_size, {1, 5}, at::kLong), b = at::randint(0, c.vocab_size, {1, 4}, at::kLong);
+  model::ForwardOptions f;
+  f.position_ids = at::cat({at::arange(5, at::kLong), at::arange(4, at::kLong)}).view({1, 9});
+  f.segment_ids = at::cat({at::zeros({5}, at::kInt), at::ones({4}, at::kInt)}).view({1, 9});
+  at::Tensor packed = m->forward(at::cat({a, b}, 1), f);
+  EXPECT_LE(test::max_rel_error(packed.slice(1, 0, 5), m->forward(a)), 1e-5);
+  EXPECT_LE(test::max_rel_error(packed.slice(1, 5), m->forward(b)), 1e-5);
+  // Without segment ids the second document sees the first: the outputs must differ.
+  f.segment_ids = at::Tensor();
+  EXPECT_GT(test::max_rel_error(m->forward(at::cat({a, b}, 1), f).slice(1, 5), m->forward(b)), 1e-3);
+}
+
 TEST(Model, GreedyWithCacheEqualsWithoutAndSamplingIsSeeded) {
   auto c = tiny_config("qwen2");
   c.qkv_bias = true;

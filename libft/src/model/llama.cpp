@@ -181,13 +181,21 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
     at::Tensor valid = opt.attention_mask.to(device).to(at::kBool);
     if (!valid.all().item<bool>()) key_valid = valid;
   }
+  at::Tensor same_segment;  // (B, 1, T, T): true where query and key are in the same document
+  if (opt.segment_ids.defined()) {
+    FT_CHECK(past == 0, "[model] segment_ids (packed documents) cannot be combined with a KV cache");
+    FT_CHECK(opt.segment_ids.sizes() == input_ids.sizes(), "[model] segment_ids ", opt.segment_ids.sizes(),
+             " must match input_ids ", input_ids.sizes());
+    at::Tensor seg = opt.segment_ids.to(device);
+    same_segment = (seg.unsqueeze(2) == seg.unsqueeze(1)).unsqueeze(1);
+  }
   // One boolean mask (B, 1, T, S) per distinct attention window; undefined where plain causal
   // attention (SDPA's is_causal, or no mask for a single new token) is exact.
   in.causal = past == 0 && T > 1;
   for (const auto& layer_window : config_.layer_window) {
     if (in.masks.count(layer_window)) continue;
     const bool window_bites = layer_window > 0 && S > layer_window;
-    if (!key_valid.defined() && !window_bites && (past == 0 || T == 1)) {
+    if (!key_valid.defined() && !same_segment.defined() && !window_bites && (past == 0 || T == 1)) {
       in.masks[layer_window] = at::Tensor();
       continue;
     }
@@ -197,6 +205,7 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
     at::Tensor allowed = k_idx <= q_idx;
     if (window_bites) allowed = allowed.logical_and(q_idx - k_idx < layer_window);
     allowed = allowed.view({1, 1, T, S});
+    if (same_segment.defined()) allowed = allowed.logical_and(same_segment);
     if (key_valid.defined()) {
       allowed = allowed.logical_and(key_valid.view({B, 1, 1, S}));
       // A padding query may see no key at all; let it see itself so SDPA yields finite values

@@ -92,7 +92,11 @@ TORCH_MODULE(Decoder);
 
 struct ForwardOptions {
   at::Tensor attention_mask;  ///< (B, S) 1 = token, 0 = padding, covering cached + new tokens; optional
-  at::Tensor position_ids;    ///< (B, T); default: past .. past+T-1 (or from attention_mask, skipping pads)
+  at::Tensor position_ids;    ///< (B, T); default: past .. past+T-1, as HF's forward
+  /// (B, T) integer document ids of packed rows (the batcher's segment_ids): when given, a token
+  /// attends only to earlier tokens of its own document (block-diagonal causal attention). Not
+  /// combinable with a KV cache.
+  at::Tensor segment_ids;
   KVCache* cache = nullptr;   ///< when set, attends to and extends the cache
 };
 
