@@ -3,14 +3,18 @@
 //   build/benchmarks/bench_prepare
 //
 // Text: the fortune files that Debian's fortunes package ships (2.6 MB, ~15k documents).
-//   BM_RawEncode: Tokenizer::encode on each document, already split and in memory (the floor).
-//   BM_Prepare:   the whole pipeline: read + split + UTF-8 checks + tokenize + HDF5 store + SHA-256.
-// Both count MB/s of input text; the ratio is the pipeline's overhead over raw encoding.
+//   BM_RawEncode/N: Tokenizer::encode on each document, already split and in memory, on N threads
+//                   (the floor).
+//   BM_Prepare/N:   the whole pipeline with N tokenizer threads: read + split + UTF-8 checks on the
+//                   calling thread, tokenize on N, HDF5 store + SHA-256 on the calling thread.
+// Both count MB/s of input text; BM_Prepare/2 against BM_RawEncode/2 is the pipeline's overhead
+// when it uses both cores.
 #include <benchmark/benchmark.h>
 
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "ft/data/prepare.h"
 #include "ft/data/tokenizer.h"
@@ -60,18 +64,28 @@ Corpus& corpus() {
   return c;
 }
 
+// Argument: threads, each encoding an interleaved share of the documents.
 void BM_RawEncode(benchmark::State& state) {
   Corpus& c = corpus();
   if (c.files.empty()) return state.SkipWithError("no fortune files (scripts/setup.sh installs them)");
+  const auto threads = static_cast<size_t>(state.range(0));
   for (auto _ : state) {
-    int64_t tokens = 0;
-    for (const auto& d : c.documents) tokens += static_cast<int64_t>(c.tokenizer->encode(d).size());
+    std::vector<int64_t> tokens(threads, 0);
+    auto work = [&](size_t t) {
+      for (size_t i = t; i < c.documents.size(); i += threads)
+        tokens[t] += static_cast<int64_t>(c.tokenizer->encode(c.documents[i]).size());
+    };
+    std::vector<std::thread> pool;
+    for (size_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
+    work(0);
+    for (auto& p : pool) p.join();
     benchmark::DoNotOptimize(tokens);
   }
   state.counters["MB/s"] = benchmark::Counter(c.bytes / 1e6, benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_RawEncode)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_RawEncode)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 
+// Argument: tokenizer threads.
 void BM_Prepare(benchmark::State& state) {
   Corpus& c = corpus();
   if (c.files.empty()) return state.SkipWithError("no fortune files (scripts/setup.sh installs them)");
@@ -83,10 +97,11 @@ void BM_Prepare(benchmark::State& state) {
   o.policy.on_error = ft::data::ErrorPolicy::OnError::skip;
   o.policy.max_bad_fraction = 0.01;
   o.progress = nullptr;
+  o.tokenize.threads = static_cast<int>(state.range(0));
   for (auto _ : state) benchmark::DoNotOptimize(ft::data::prepare_token_store(o, *c.tokenizer));
   state.counters["MB/s"] = benchmark::Counter(c.bytes / 1e6, benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_Prepare)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_Prepare)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 
 }  // namespace
 

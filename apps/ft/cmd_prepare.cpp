@@ -17,6 +17,7 @@ void add_prepare(CLI::App& app) {
     std::string too_long = "error";
     int64_t max_tokens = 0;
     double max_bad_fraction = 0.0;
+    int threads = 0;
   };
   auto a = std::make_shared<Args>();
   auto* cmd = app.add_subcommand("prepare", "Tokenize a corpus once into an HDF5 token store (+ .sha256 sidecar)");
@@ -31,6 +32,8 @@ void add_prepare(CLI::App& app) {
   cmd->add_option("--template", a->chat_template, "Chat template: llama2 | chatml (chat data; optional for instruction)");
   cmd->add_option("--max-tokens", a->max_tokens, "Longest document in tokens (0 = no limit)")->capture_default_str();
   cmd->add_option("--too-long", a->too_long, "error | truncate documents above --max-tokens")->capture_default_str();
+  cmd->add_option("--threads", a->threads, "Tokenizer threads (0 = one per core); the output is the same for any value")
+      ->capture_default_str();
   cmd->add_option("--on-error", a->on_error, "fail | skip bad records")->capture_default_str();
   cmd->add_option("--max-bad-fraction", a->max_bad_fraction, "With skip: stop if more records than this are bad")
       ->capture_default_str();
@@ -44,6 +47,7 @@ void add_prepare(CLI::App& app) {
     o.records.extensions = a->extensions;
     o.tokenize.chat_template = a->chat_template;
     o.tokenize.max_tokens = a->max_tokens;
+    o.tokenize.threads = a->threads;
     FT_CHECK(a->too_long == "error" || a->too_long == "truncate", "--too-long: '", a->too_long,
              "' is not error or truncate");
     o.tokenize.too_long = a->too_long == "error" ? data::TokenizeOptions::TooLong::error

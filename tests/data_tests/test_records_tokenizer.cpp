@@ -255,3 +255,52 @@ TEST_F(RecordsTokenizer, InstructionAndTextLabels) {
     EXPECT_EQ(tok().decode(ex.tokens), f[2 * i]);
   }
 }
+
+TEST_F(RecordsTokenizer, ParallelTokenizationGivesTheSameExamplesAndReport) {
+  // Every fortune file, as separator-split text, skipping the real empty records: 1 and 3 threads
+  // must give identical examples, origins and reports (the look-ahead window is invisible).
+  RecordOptions ro;
+  ro.format = RecordFormat::text;
+  ro.split = TextSplit::separator;
+  ErrorPolicy policy;
+  policy.on_error = ErrorPolicy::OnError::skip;
+  policy.max_bad_fraction = 0.01;
+  const TokenizerEncoder enc(tok());
+  auto read_all = [&](int threads, std::vector<RecordOrigin>& origins) {
+    TokenizeOptions to;
+    to.threads = threads;
+    to.max_tokens = 400;
+    to.too_long = TokenizeOptions::TooLong::truncate;
+    ExampleReader reader(ft::test::fortune_files(), ro, to, policy, enc);
+    std::vector<Example> out;
+    Example ex;
+    RecordOrigin origin;
+    while (reader.next(ex, origin)) {
+      out.push_back(ex);
+      origins.push_back(origin);
+    }
+    return std::make_pair(out, reader.report());
+  };
+  std::vector<RecordOrigin> o1, o3;
+  const auto [e1, r1] = read_all(1, o1);
+  const auto [e3, r3] = read_all(3, o3);
+  ASSERT_GT(e1.size(), 10000u);
+  ASSERT_EQ(e1.size(), e3.size());
+  for (size_t i = 0; i < e1.size(); ++i) {
+    ASSERT_EQ(e1[i].tokens, e3[i].tokens) << i;
+    ASSERT_EQ(e1[i].trainable, e3[i].trainable) << i;
+    ASSERT_EQ(o1[i].file, o3[i].file);
+    ASSERT_EQ(o1[i].line, o3[i].line);
+  }
+  EXPECT_EQ(r1.summary(), r3.summary());
+  EXPECT_GT(r1.skipped, 0);
+  EXPECT_GT(r1.truncated, 0);
+
+  // Under the fail policy, the same first bad record stops both.
+  policy.on_error = ErrorPolicy::OnError::fail;
+  std::string err1, err3;
+  try { read_all(1, o1); } catch (const ::ft::Error& e) { err1 = e.what(); }
+  try { read_all(3, o3); } catch (const ::ft::Error& e) { err3 = e.what(); }
+  EXPECT_FALSE(err1.empty());
+  EXPECT_EQ(err1, err3);
+}

@@ -5,7 +5,9 @@
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
+#include <exception>
 #include <sstream>
+#include <thread>
 
 #include "ft/util/error.h"
 #include "jsonl.h"
@@ -408,8 +410,22 @@ struct ExampleReader::Impl {
   bool add_bos = false, add_eos = false;
   ReadReport report;
   bool finished = false;
-  Record record;
-  RecordIssue issue;
+
+  // Look-ahead window: records read in order, then tokenized in parallel, then handed out in order
+  // with the error policy applied exactly as if each had been tokenized when reached.
+  struct Slot {
+    RecordReader::Next kind = RecordReader::Next::end;
+    Record record;
+    RecordIssue issue;
+    Example example;
+    std::optional<std::string> reason;  // why the record is bad, from build()
+    int64_t truncated_from = 0;
+    std::exception_ptr error;           // a read or tokenizer failure, rethrown when reached
+  };
+  std::vector<Slot> window;
+  size_t window_pos = 0;
+  bool input_done = false;
+  int threads = 1;
 
   Impl(RecordReader r, TokenizeOptions t, ErrorPolicy p, const TokenEncoder& e)
       : records(std::move(r)), tok(std::move(t)), policy(p), encoder(&e) {
@@ -430,6 +446,7 @@ struct ExampleReader::Impl {
                " records end with EOS, but the tokenizer has no EOS token");
     }
     FT_CHECK(tmpl != ChatTemplate::llama2 || sp.bos >= 0, "[records] the llama2 template needs a BOS token");
+    threads = tok.threads > 0 ? tok.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     add_bos = tok.add_bos.value_or(sp.add_bos) && sp.bos >= 0;
     add_eos = tok.add_eos.value_or(sp.add_eos);
     FT_CHECK(!add_eos || sp.eos >= 0, "[records] add_eos is set but the tokenizer has no EOS token");
@@ -477,6 +494,40 @@ struct ExampleReader::Impl {
     return std::nullopt;
   }
 
+  // Reads the next window of records (one record when single-threaded) and tokenizes it.
+  void refill() {
+    const size_t size = threads > 1 ? 256 : 1;
+    window.clear();
+    window_pos = 0;
+    while (window.size() < size && !input_done) {
+      Slot& slot = window.emplace_back();
+      try {
+        slot.kind = records.next(slot.record, slot.issue);
+      } catch (...) {
+        slot.error = std::current_exception();
+        input_done = true;
+        break;
+      }
+      if (slot.kind == RecordReader::Next::end) input_done = true;
+    }
+    auto work = [this](size_t first, size_t stride) {
+      for (size_t i = first; i < window.size(); i += stride) {
+        Slot& slot = window[i];
+        if (slot.kind != RecordReader::Next::record || slot.error) continue;
+        try {
+          slot.reason = build(slot.record, slot.example, slot.truncated_from);
+        } catch (...) {
+          slot.error = std::current_exception();
+        }
+      }
+    };
+    const size_t workers = std::min<size_t>(static_cast<size_t>(threads), window.size());
+    std::vector<std::thread> pool;
+    for (size_t t = 1; t < workers; ++t) pool.emplace_back(work, t, workers);
+    work(0, std::max<size_t>(workers, 1));
+    for (auto& thread : pool) thread.join();
+  }
+
   void on_bad(const RecordIssue& bad) {
     FT_CHECK(policy.on_error == ErrorPolicy::OnError::skip, "[records] ", bad.to_string());
     ++report.skipped;
@@ -519,35 +570,45 @@ bool ExampleReader::next(Example& example, RecordOrigin& origin) {
   Impl& m = *impl_;
   if (m.finished) return false;
   while (true) {
-    switch (m.records.next(m.record, m.issue)) {
+    if (m.window_pos == m.window.size()) {
+      if (m.input_done) {
+        m.finish();
+        return false;
+      }
+      m.refill();
+      continue;
+    }
+    Impl::Slot& slot = m.window[m.window_pos++];
+    if (slot.error) std::rethrow_exception(slot.error);
+    switch (slot.kind) {
       case RecordReader::Next::end:
         m.finish();
         return false;
       case RecordReader::Next::bad:
         ++m.report.records;
-        m.on_bad(m.issue);
+        m.on_bad(slot.issue);
         continue;
       case RecordReader::Next::record:
         break;
     }
     ++m.report.records;
-    int64_t truncated_from = 0;
-    if (auto reason = m.build(m.record, example, truncated_from)) {
-      m.on_bad(RecordIssue{m.record.origin, 0, std::move(*reason)});
+    if (slot.reason) {
+      m.on_bad(RecordIssue{slot.record.origin, 0, std::move(*slot.reason)});
       continue;
     }
-    if (truncated_from > 0) {
+    if (slot.truncated_from > 0) {
       ++m.report.truncated;
       if (static_cast<int64_t>(m.report.truncated_records.size()) < m.policy.max_listed) {
-        m.report.truncated_records.push_back(RecordIssue{m.record.origin, 0,
-                                                         "truncated from " + std::to_string(truncated_from) + " to " +
-                                                             std::to_string(m.tok.max_tokens) + " tokens"});
+        m.report.truncated_records.push_back(RecordIssue{slot.record.origin, 0,
+                                                         "truncated from " + std::to_string(slot.truncated_from) +
+                                                             " to " + std::to_string(m.tok.max_tokens) + " tokens"});
       }
     }
+    example = std::move(slot.example);
     ++m.report.examples;
     m.report.tokens += static_cast<int64_t>(example.tokens.size());
     m.report.labels += std::count(example.trainable.begin(), example.trainable.end(), uint8_t{1});
-    origin = m.record.origin;
+    origin = slot.record.origin;
     return true;
   }
 }

@@ -15,7 +15,11 @@ struct PrepareOptions {
   std::vector<std::string> inputs;  ///< files and directories
   std::string output;               ///< the store's path (its .sha256 sidecar goes beside it)
   RecordOptions records;
-  TokenizeOptions tokenize;
+  TokenizeOptions tokenize = [] {
+    TokenizeOptions t;
+    t.threads = 0;  // one tokenizer thread per core
+    return t;
+  }();
   ErrorPolicy policy;
   std::FILE* progress = stderr;  ///< nullptr = quiet
 };

@@ -136,6 +136,10 @@ struct TokenizeOptions {
   /// prompt + completion + EOS; otherwise the pair is rendered as a one-turn chat).
   std::string chat_template;
   int64_t max_tokens = 0;  ///< 0 = no limit
+  /// Threads that tokenize. Records are still read, and examples returned, in order on the calling
+  /// thread, with the same skips and reports for any value: only the tokenization of a look-ahead
+  /// window of records runs in parallel. 0 = one per core.
+  int threads = 1;
   enum class TooLong : uint8_t {
     error,     ///< a longer document is a bad record
     truncate,  ///< keep the first max_tokens tokens (a bad record if no label is left)
