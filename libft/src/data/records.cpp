@@ -7,6 +7,9 @@
 #include <iomanip>
 #include <exception>
 #include <sstream>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
 #include <thread>
 
 #include "ft/util/error.h"
@@ -411,8 +414,11 @@ struct ExampleReader::Impl {
   ReadReport report;
   bool finished = false;
 
-  // Look-ahead window: records read in order, then tokenized in parallel, then handed out in order
-  // with the error policy applied exactly as if each had been tokenized when reached.
+  // Look-ahead windows: records read in order, then tokenized in parallel, then handed out in
+  // order with the error policy applied exactly as if each had been tokenized when reached.
+  // With threads > 1 a producer thread reads and tokenizes the next windows (helped by threads - 1
+  // workers) while the caller consumes the current one (in ft prepare: compresses and writes it),
+  // so reading, tokenizing and writing overlap.
   struct Slot {
     RecordReader::Next kind = RecordReader::Next::end;
     Record record;
@@ -422,10 +428,19 @@ struct ExampleReader::Impl {
     int64_t truncated_from = 0;
     std::exception_ptr error;           // a read or tokenizer failure, rethrown when reached
   };
-  std::vector<Slot> window;
+  using Window = std::vector<Slot>;
+  Window window;
   size_t window_pos = 0;
-  bool input_done = false;
+  bool input_done = false;  // the caller has taken the last window
   int threads = 1;
+
+  // Producer side (threads > 1).
+  std::thread producer;
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::deque<Window> queue;  // at most kQueuedWindows
+  bool produced_all = false, stop = false;
+  static constexpr size_t kWindowRecords = 256, kQueuedWindows = 2;
 
   Impl(RecordReader r, TokenizeOptions t, ErrorPolicy p, const TokenEncoder& e)
       : records(std::move(r)), tok(std::move(t)), policy(p), encoder(&e) {
@@ -494,38 +509,87 @@ struct ExampleReader::Impl {
     return std::nullopt;
   }
 
-  // Reads the next window of records (one record when single-threaded) and tokenizes it.
-  void refill() {
-    const size_t size = threads > 1 ? 256 : 1;
-    window.clear();
-    window_pos = 0;
-    while (window.size() < size && !input_done) {
-      Slot& slot = window.emplace_back();
+  ~Impl() {
+    if (!producer.joinable()) return;
+    {
+      std::lock_guard lock(mutex);
+      stop = true;
+    }
+    changed.notify_all();
+    producer.join();
+  }
+
+  // Reads up to `size` records into `w`; true when the input ended (or failed) with them.
+  bool read_window(Window& w, size_t size) {
+    while (w.size() < size) {
+      Slot& slot = w.emplace_back();
       try {
         slot.kind = records.next(slot.record, slot.issue);
       } catch (...) {
         slot.error = std::current_exception();
-        input_done = true;
-        break;
+        return true;
       }
-      if (slot.kind == RecordReader::Next::end) input_done = true;
+      if (slot.kind == RecordReader::Next::end) return true;
     }
-    auto work = [this](size_t first, size_t stride) {
-      for (size_t i = first; i < window.size(); i += stride) {
-        Slot& slot = window[i];
-        if (slot.kind != RecordReader::Next::record || slot.error) continue;
-        try {
-          slot.reason = build(slot.record, slot.example, slot.truncated_from);
-        } catch (...) {
-          slot.error = std::current_exception();
-        }
+    return false;
+  }
+
+  // Tokenizes records first, first + stride, ... of `w`.
+  void tokenize_part(Window& w, size_t first, size_t stride) const {
+    for (size_t i = first; i < w.size(); i += stride) {
+      Slot& slot = w[i];
+      if (slot.kind != RecordReader::Next::record || slot.error) continue;
+      try {
+        slot.reason = build(slot.record, slot.example, slot.truncated_from);
+      } catch (...) {
+        slot.error = std::current_exception();
       }
-    };
-    const size_t workers = std::min<size_t>(static_cast<size_t>(threads), window.size());
-    std::vector<std::thread> pool;
-    for (size_t t = 1; t < workers; ++t) pool.emplace_back(work, t, workers);
-    work(0, std::max<size_t>(workers, 1));
-    for (auto& thread : pool) thread.join();
+    }
+  }
+
+  // Reads window k+1 while `threads` workers tokenize window k, then queues window k for the
+  // caller, who writes it while windows k+1 and k+2 are being tokenized and read.
+  void produce() {
+    Window current;
+    bool done = read_window(current, kWindowRecords);
+    while (true) {
+      std::vector<std::thread> pool;
+      for (size_t t = 0; t < static_cast<size_t>(threads); ++t) {
+        pool.emplace_back([this, &current, t] { tokenize_part(current, t, static_cast<size_t>(threads)); });
+      }
+      Window next;
+      const bool next_done = done || read_window(next, kWindowRecords);
+      for (auto& thread : pool) thread.join();
+      {
+        std::unique_lock lock(mutex);
+        changed.wait(lock, [this] { return stop || queue.size() < kQueuedWindows; });
+        if (stop) return;
+        queue.push_back(std::move(current));
+        produced_all = done;
+      }
+      changed.notify_all();
+      if (done) return;
+      current = std::move(next);
+      done = next_done;
+    }
+  }
+
+  // Makes the next window current.
+  void refill() {
+    window_pos = 0;
+    if (threads <= 1) {
+      window.clear();
+      input_done = read_window(window, 1);
+      tokenize_part(window, 0, 1);
+      return;
+    }
+    if (!producer.joinable()) producer = std::thread([this] { produce(); });
+    std::unique_lock lock(mutex);
+    changed.wait(lock, [this] { return !queue.empty(); });
+    window = std::move(queue.front());
+    queue.pop_front();
+    input_done = produced_all && queue.empty();
+    changed.notify_all();
   }
 
   void on_bad(const RecordIssue& bad) {
