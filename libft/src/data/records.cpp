@@ -7,6 +7,7 @@
 #include <iomanip>
 #include <exception>
 #include <sstream>
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -440,7 +441,10 @@ struct ExampleReader::Impl {
   std::condition_variable changed;
   std::deque<Window> queue;  // at most kQueuedWindows
   bool produced_all = false, stop = false;
-  static constexpr size_t kWindowRecords = 256, kQueuedWindows = 2;
+  // Windows of 4096 records (or 16 MB of text, whichever comes first) keep the per-window joins rare:
+  // on the fortunes, 256-record windows left the two-thread pipeline 38% slower than raw encoding,
+  // 4096-record windows 20%.
+  static constexpr size_t kWindowRecords = 4096, kQueuedWindows = 2, kWindowBytes = 16u << 20;
 
   Impl(RecordReader r, TokenizeOptions t, ErrorPolicy p, const TokenEncoder& e)
       : records(std::move(r)), tok(std::move(t)), policy(p), encoder(&e) {
@@ -521,7 +525,8 @@ struct ExampleReader::Impl {
 
   // Reads up to `size` records into `w`; true when the input ended (or failed) with them.
   bool read_window(Window& w, size_t size) {
-    while (w.size() < size) {
+    size_t bytes = 0;
+    while (w.size() < size && bytes < kWindowBytes) {
       Slot& slot = w.emplace_back();
       try {
         slot.kind = records.next(slot.record, slot.issue);
@@ -530,19 +535,26 @@ struct ExampleReader::Impl {
         return true;
       }
       if (slot.kind == RecordReader::Next::end) return true;
+      const Record& r = slot.record;
+      bytes += r.text.size() + r.prompt.size() + r.completion.size();
+      for (const auto& m : r.messages) bytes += m.content.size();
     }
     return false;
   }
 
-  // Tokenizes records first, first + stride, ... of `w`.
-  void tokenize_part(Window& w, size_t first, size_t stride) const {
-    for (size_t i = first; i < w.size(); i += stride) {
-      Slot& slot = w[i];
-      if (slot.kind != RecordReader::Next::record || slot.error) continue;
-      try {
-        slot.reason = build(slot.record, slot.example, slot.truncated_from);
-      } catch (...) {
-        slot.error = std::current_exception();
+  // Tokenizes the records of `w` from `next` onwards, claiming them a few at a time so that
+  // workers sharing `next` finish together however uneven the records are.
+  void tokenize_part(Window& w, std::atomic<size_t>& next) const {
+    constexpr size_t kClaim = 8;
+    for (size_t begin = next.fetch_add(kClaim); begin < w.size(); begin = next.fetch_add(kClaim)) {
+      for (size_t i = begin; i < std::min(begin + kClaim, w.size()); ++i) {
+        Slot& slot = w[i];
+        if (slot.kind != RecordReader::Next::record || slot.error) continue;
+        try {
+          slot.reason = build(slot.record, slot.example, slot.truncated_from);
+        } catch (...) {
+          slot.error = std::current_exception();
+        }
       }
     }
   }
@@ -553,10 +565,9 @@ struct ExampleReader::Impl {
     Window current;
     bool done = read_window(current, kWindowRecords);
     while (true) {
+      std::atomic<size_t> cursor{0};
       std::vector<std::thread> pool;
-      for (size_t t = 0; t < static_cast<size_t>(threads); ++t) {
-        pool.emplace_back([this, &current, t] { tokenize_part(current, t, static_cast<size_t>(threads)); });
-      }
+      for (int t = 0; t < threads; ++t) pool.emplace_back([this, &current, &cursor] { tokenize_part(current, cursor); });
       Window next;
       const bool next_done = done || read_window(next, kWindowRecords);
       for (auto& thread : pool) thread.join();
@@ -580,7 +591,8 @@ struct ExampleReader::Impl {
     if (threads <= 1) {
       window.clear();
       input_done = read_window(window, 1);
-      tokenize_part(window, 0, 1);
+      std::atomic<size_t> cursor{0};
+      tokenize_part(window, cursor);
       return;
     }
     if (!producer.joinable()) producer = std::thread([this] { produce(); });
