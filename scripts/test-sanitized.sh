@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds the torch-free core (safetensors) with clang-14 under AddressSanitizer + UBSan, with the
-# libFuzzer target, and runs its whole ctest suite there: the core unit tests, the crafted-corpus and
-# truncation tests, the Python interop steps (when the venv has safetensors) and a bounded fuzz run
-# (LIBFT_FUZZ_SECONDS, default 45). Exits non-zero on any failure or sanitizer report.
+# Builds the torch-free core (safetensors, data pipeline) with clang-14 under AddressSanitizer + UBSan,
+# with the libFuzzer targets, and runs its whole ctest suite there: the core and data unit tests, the
+# crafted-corpus and truncation tests, the Python interop steps and bounded fuzz runs
+# (LIBFT_FUZZ_SECONDS, default 45). Then the threaded tokenizer pipeline under ThreadSanitizer.
+# Exits non-zero on any failure or sanitizer report.
 #
 # Idempotent: re-running reconfigures and rebuilds build-asan incrementally.
 #   scripts/test-sanitized.sh                     # everything
@@ -28,4 +29,14 @@ CC=clang-14 CXX=clang++-14 cmake -S "$root" -B "$build" -G Ninja \
 cmake --build "$build" -j "$jobs"
 cd "$build"
 ctest --output-on-failure -j "$jobs" "$@"
+
+# ThreadSanitizer on the code that runs threads (the tokenizer's look-ahead pipeline), unless
+# extra ctest arguments asked for a subset.
+if [ $# -eq 0 ]; then
+  tsan="$root/build-tsan"
+  CC=clang-14 CXX=clang++-14 cmake -S "$root" -B "$tsan" -G Ninja \
+    -DLIBFT_CORE_ONLY=ON -DLIBFT_SANITIZE=thread -DCMAKE_BUILD_TYPE=Debug -DLIBFT_BUILD_BENCHMARKS=OFF >/dev/null
+  cmake --build "$tsan" -j "$jobs" --target ft_data_tests
+  (cd "$tsan/tests" && TSAN_OPTIONS=halt_on_error=1 ./ft_data_tests --gtest_filter='*Parallel*')
+fi
 echo "[test-sanitized] all sanitized tests passed"
