@@ -222,6 +222,8 @@ H5Id create_array(hid_t file, const char* name, hid_t file_type, int64_t chunk, 
   check(H5Pset_fletcher32(dcpl.get()), path, "H5Pset_fletcher32");
   // Every chunk is written in full before the file closes: no fill values needed.
   check(H5Pset_fill_time(dcpl.get(), H5D_FILL_TIME_NEVER), path, "H5Pset_fill_time");
+  // No object timestamps: the same input then gives the same bytes (and the same SHA-256).
+  check(H5Pset_obj_track_times(dcpl.get(), 0), path, "H5Pset_obj_track_times");
   return checked(H5Dcreate2(file, name, file_type, space.get(), H5P_DEFAULT, dcpl.get(), H5P_DEFAULT), H5Dclose,
                  path, std::string("creating dataset ") + name);
 }
@@ -485,7 +487,9 @@ void write_string_list(hid_t file, const char* name, const std::vector<std::stri
   check(H5Tset_size(type.get(), H5T_VARIABLE), path, "H5Tset_size");
   check(H5Tset_cset(type.get(), H5T_CSET_UTF8), path, "H5Tset_cset");
   H5Id space = simple_space(values.size(), path);
-  H5Id dset = checked(H5Dcreate2(file, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+  H5Id dcpl = checked(H5Pcreate(H5P_DATASET_CREATE), H5Pclose, path, "H5Pcreate");
+  check(H5Pset_obj_track_times(dcpl.get(), 0), path, "H5Pset_obj_track_times");
+  H5Id dset = checked(H5Dcreate2(file, name, type.get(), space.get(), H5P_DEFAULT, dcpl.get(), H5P_DEFAULT),
                       H5Dclose, path, std::string("creating dataset ") + name);
   if (values.empty()) return;
   std::vector<const char*> ptrs;
