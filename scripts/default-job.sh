@@ -18,6 +18,7 @@ mkdir -p "$out"
   --on-error skip --max-bad-fraction 0.01
 "$ft" init "$root/configs/models/tiny-llama.json" "$out/model" --seed 0
 "$ft" inspect "$out/model"
-"$ft" generate "$out/model" --prompt-ids 1,42,7 -n 16 --device cpu
-"$ft" generate "$out/model" --prompt-ids 1,42,7 -n 16 --device cpu --sample --top-p 0.9 --temperature 0.8 --seed 1
+"$ft" generate "$out/model" -p "The meaning of life is" -t "$out/tokenizer" -n 16 --device cpu
+"$ft" generate "$out/model" -p "The meaning of life is" -t "$out/tokenizer" -n 16 --device cpu \
+  --sample --top-p 0.9 --temperature 0.8 --seed 1
 echo "default job OK: tokenizer, token store and checkpoint in $out"

@@ -2,11 +2,14 @@
 #include <ATen/ATen.h>
 
 #include <chrono>
+#include <filesystem>
+#include <optional>
 #include <iostream>
 #include <memory>
 #include <sstream>
 
 #include "commands.h"
+#include "ft/data/tokenizer.h"
 #include "ft/io/hf_checkpoint.h"
 #include "ft/model/generate.h"
 #include "ft/util/error.h"
@@ -34,7 +37,7 @@ std::vector<int64_t> parse_ids(const std::string& text) {
 
 void add_generate(CLI::App& app) {
   struct Args {
-    std::string dir, prompt_ids, device = "auto", dtype = "float32";
+    std::string dir, prompt_ids, prompt, tokenizer, device = "auto", dtype = "float32";
     int64_t max_new_tokens = 32;
     bool sample = false;
     double temperature = 1.0, top_p = 0.9;
@@ -43,7 +46,11 @@ void add_generate(CLI::App& app) {
   auto a = std::make_shared<Args>();
   auto* cmd = app.add_subcommand("generate", "Continue a prompt with a KV cache (greedy, or top-p sampling)");
   cmd->add_option("model_dir", a->dir, "Hugging Face checkpoint directory")->required()->check(CLI::ExistingDirectory);
-  cmd->add_option("--prompt-ids", a->prompt_ids, "Prompt as comma-separated token ids, e.g. 1,15043,29892")->required();
+  auto* ids_opt = cmd->add_option("--prompt-ids", a->prompt_ids, "Prompt as comma-separated token ids, e.g. 1,15043,29892");
+  auto* text_opt = cmd->add_option("-p,--prompt", a->prompt, "Prompt as text (needs a tokenizer)");
+  ids_opt->excludes(text_opt);
+  cmd->add_option("-t,--tokenizer", a->tokenizer,
+                  "tokenizer.model or a directory holding one (default: the model directory's, if any)");
   cmd->add_option("-n,--max-new-tokens", a->max_new_tokens, "Tokens to generate")->capture_default_str();
   cmd->add_flag("--sample", a->sample, "Sample with temperature and top-p instead of greedy decoding");
   cmd->add_option("--temperature", a->temperature, "Sampling temperature")->capture_default_str();
@@ -63,14 +70,37 @@ void add_generate(CLI::App& app) {
     g.top_p = a->top_p;
     g.seed = a->seed;
     g.stop_tokens = m->config().eos_token_ids;
+    // A tokenizer, when one is given or sits in the checkpoint: text prompts in, text out.
+    std::optional<data::Tokenizer> tok;
+    std::string tok_path = a->tokenizer;
+    if (tok_path.empty() && std::filesystem::exists(std::filesystem::path(a->dir) / "tokenizer.model")) tok_path = a->dir;
+    if (!tok_path.empty()) tok = data::Tokenizer::load(tok_path);
+    FT_CHECK(!a->prompt_ids.empty() || !a->prompt.empty(), "give --prompt TEXT or --prompt-ids IDS");
+    std::vector<int64_t> prompt;
+    if (!a->prompt.empty()) {
+      FT_CHECK(tok.has_value(), "--prompt needs a tokenizer: pass --tokenizer, or put tokenizer.model in ", a->dir);
+      if (tok->special().add_bos && tok->special().bos >= 0) prompt.push_back(tok->special().bos);
+      for (int32_t id : tok->encode(a->prompt)) prompt.push_back(id);
+    } else {
+      prompt = parse_ids(a->prompt_ids);
+    }
+    FT_CHECK(!tok || tok->vocab_size() <= m->config().vocab_size, "the tokenizer's vocabulary (", tok->vocab_size(),
+             ") is larger than the model's (", m->config().vocab_size, ")");
     g.on_token = [](int64_t t) { std::cout << t << " " << std::flush; };
-    const auto prompt = parse_ids(a->prompt_ids);
-    std::cout << "prompt: " << a->prompt_ids << "\ngenerated: ";
+    std::cout << "prompt ids:";
+    for (int64_t id : prompt) std::cout << " " << id;
+    std::cout << "\ngenerated: ";
     const auto start = std::chrono::steady_clock::now();
     auto out = model::generate(m, prompt, g);
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::cout << "\n" << out.size() << " tokens in " << seconds << " s (" << out.size() / std::max(seconds, 1e-9)
               << " tokens/s) on " << load.device << "\n";
+    if (tok) {
+      // Decoded as one sequence, so that word boundaries at the prompt's end come out right.
+      std::vector<int32_t> ids(prompt.begin(), prompt.end());
+      ids.insert(ids.end(), out.begin(), out.end());
+      std::cout << "text: " << tok->decode(ids) << "\n";
+    }
   });
 }
 
