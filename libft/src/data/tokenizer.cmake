@@ -6,9 +6,6 @@ find_library(LIBFT_SENTENCEPIECE_TRAIN_LIBRARY NAMES sentencepiece_train
              HINTS ${SENTENCEPIECE_LIBRARY_DIRS} REQUIRED)
 # The trainer library before the one it depends on, for static archives.
 target_link_libraries(ft_data PRIVATE ${LIBFT_SENTENCEPIECE_TRAIN_LIBRARY} PkgConfig::SENTENCEPIECE)
-# SHA-256 for Tokenizer::fingerprint(). libhdf5-dev already depends on libssl-dev, so this adds no
-# package to scripts/setup.sh. A plain library path rather than OpenSSL::Crypto, as store.cmake
-# does, so that the exported ft_data names nothing an installed consumer would have to find.
-find_package(OpenSSL REQUIRED COMPONENTS Crypto)
-target_include_directories(ft_data SYSTEM PRIVATE ${OPENSSL_INCLUDE_DIR})
-target_link_libraries(ft_data PRIVATE ${OPENSSL_CRYPTO_LIBRARY})
+# SHA-256 for Tokenizer::fingerprint(): libcrypto from pkg-config (src/data/CMakeLists.txt).
+# libhdf5-dev already depends on libssl-dev, so this adds no package to scripts/setup.sh.
+target_link_libraries(ft_data PRIVATE PkgConfig::LIBFT_CRYPTO)
