@@ -34,7 +34,10 @@ struct Corpus {
 Corpus& corpus() {
   static Corpus c = [] {
     Corpus c;
-    for (const auto& e : fs::directory_iterator("/usr/share/games/fortunes")) {
+    const char* env = std::getenv("LIBFT_FORTUNES");
+    const fs::path dir = env && *env ? env : "/usr/share/games/fortunes";
+    if (!fs::is_directory(dir)) return c;
+    for (const auto& e : fs::directory_iterator(dir)) {
       if (e.is_regular_file() && !e.path().has_extension()) c.files.push_back(e.path().string());
     }
     std::sort(c.files.begin(), c.files.end());

@@ -24,7 +24,14 @@ if [ ! -d "$prefix/usr" ]; then
     else (tmp=$(mktemp -d) && cd "$tmp" && ar x "$OLDPWD/$f" && tar -xf data.tar.* -C "$prefix" && rm -rf "$tmp"); fi
   done
 fi
-export LD_LIBRARY_PATH="$prefix/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+lib="$prefix/usr/lib/x86_64-linux-gnu"
+export LD_LIBRARY_PATH="$lib:$lib/hdf5/serial${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# pkg-config reads only the unpacked .pc files and prefixes their paths with the folder.
+export PATH="$prefix/usr/bin:$PATH"
+export PKG_CONFIG_LIBDIR="$lib/pkgconfig:$prefix/usr/share/pkgconfig" PKG_CONFIG_SYSROOT_DIR="$prefix"
+export LIBFT_FORTUNES="$prefix/usr/share/games/fortunes"
+missing=$(ldd "$lib/hdf5/serial/libhdf5.so" "$lib/libsentencepiece_train.so" 2>&1 | grep "not found" | sort -u)
+[ -z "$missing" ] || { echo "[gpu-check] libraries missing on this machine (add their .debs to fetch-debs.sh):"; echo "$missing"; }
 python=$(command -v python3)
 log "python $python: $($python -c 'import torch,transformers;print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())' 2>/dev/null)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"

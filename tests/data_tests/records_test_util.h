@@ -15,7 +15,12 @@
 
 namespace ft::test {
 
-inline constexpr const char* kFortuneDir = "/usr/share/games/fortunes";
+/// The fortunes package's folder; LIBFT_FORTUNES overrides it (the GPU check unpacks the package
+/// into a folder of the repository instead of the system root).
+inline const char* const kFortuneDir = [] {
+  const char* env = std::getenv("LIBFT_FORTUNES");
+  return env && *env ? env : "/usr/share/games/fortunes";
+}();
 
 /// One token per byte, shaped like sentencepiece: encode_start puts a space in front (the dummy
 /// prefix), encode_continuation does not, and decode drops one leading space. Ids: byte b → b + 3,

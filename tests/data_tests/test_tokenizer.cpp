@@ -24,7 +24,11 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kFortunes = "/usr/share/games/fortunes";
+// The fortunes package's folder; LIBFT_FORTUNES overrides it (see records_test_util.h).
+const fs::path kFortunes = [] {
+  const char* env = std::getenv("LIBFT_FORTUNES");
+  return fs::path(env && *env ? env : "/usr/share/games/fortunes");
+}();
 
 fs::path tmp_root() {
   const char* env = std::getenv("LIBFT_DATA_TEST_TMP");

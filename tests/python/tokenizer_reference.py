@@ -29,7 +29,7 @@ import sentencepiece as spm
 import transformers
 from transformers import LlamaTokenizer
 
-FORTUNES = "/usr/share/games/fortunes"
+FORTUNES = os.environ.get("LIBFT_FORTUNES") or "/usr/share/games/fortunes"
 JARGON = "/usr/share/doc/jargon-text/jargon.txt.gz"
 
 
