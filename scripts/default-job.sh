@@ -2,23 +2,28 @@
 # The bundled default job, on real text that Debian ships (the fortunes package):
 #   1. train a sentencepiece tokenizer on the fortune files,
 #   2. tokenize them once into an HDF5 token store (ft prepare, skipping the few empty records),
-#   3. build a small Llama from configs/models/tiny-llama.json and save it as a Hugging Face checkpoint,
-#   4. inspect it and sample from it (greedy and top-p).
-# Until the trainer lands the weights are random, so the samples are noise.
+#   3. train the small Llama of configs/models/tiny-llama.json from scratch on that store for a few
+#      dozen steps (configs/train-tiny.yaml, shortened here), evaluating on held-out fortunes,
+#   4. inspect the trained checkpoint and sample from it (greedy and top-p).
+# 80 steps (~15 s on 2 cores) take the loss from ~8.4 (uniform over 4096 pieces: 8.3) to ~6.3; the
+# samples are still poor: run configs/train-tiny.yaml in full for a better model.
 #   scripts/default-job.sh FT_BINARY OUT_DIR
 set -euo pipefail
 ft=$1 out=$2
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-fortunes=/usr/share/games/fortunes
+fortunes=${LIBFT_FORTUNES:-/usr/share/games/fortunes}  # the GPU check unpacks the package elsewhere
 mapfile -t texts < <(find "$fortunes" -maxdepth 1 -type f ! -name '*.*' | sort)
 [ ${#texts[@]} -gt 0 ] || { echo "no fortune files in $fortunes (run scripts/setup.sh)"; exit 1; }
 mkdir -p "$out"
 "$ft" train-tokenizer "${texts[@]}" -o "$out/tokenizer" --vocab-size 4096 --seed 0
 "$ft" prepare "${texts[@]}" -o "$out/fortunes.h5" -t "$out/tokenizer" --format text --split separator \
   --on-error skip --max-bad-fraction 0.01
-"$ft" init "$root/configs/models/tiny-llama.json" "$out/model" --seed 0
-"$ft" inspect "$out/model"
-"$ft" generate "$out/model" -p "The meaning of life is" -t "$out/tokenizer" -n 16 --device cpu
-"$ft" generate "$out/model" -p "The meaning of life is" -t "$out/tokenizer" -n 16 --device cpu \
+# The bundled run config with this job's paths and a shorter schedule (1024 tokens per step).
+"$ft" train "$root/configs/train-tiny.yaml" model.config="$root/configs/models/tiny-llama.json" \
+  tokenizer="$out/tokenizer" data.train="$out/fortunes.h5" output_dir="$out/train" \
+  max_steps=80 data.grad_accum=1 schedule.warmup_steps=8 eval.every=40 eval.max_batches=4
+"$ft" inspect "$out/train/final"
+"$ft" generate "$out/train/final" -p "The meaning of life is" -t "$out/tokenizer" -n 24 --device cpu
+"$ft" generate "$out/train/final" -p "The meaning of life is" -t "$out/tokenizer" -n 24 --device cpu \
   --sample --top-p 0.9 --temperature 0.8 --seed 1
-echo "default job OK: tokenizer, token store and checkpoint in $out"
+echo "default job OK: tokenizer, token store, training metrics and trained checkpoint in $out"

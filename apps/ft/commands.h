@@ -14,6 +14,7 @@ void add_inspect(CLI::App& app);
 void add_generate(CLI::App& app);
 void add_prepare(CLI::App& app);
 void add_train_tokenizer(CLI::App& app);
+void add_train(CLI::App& app);
 
 /// "cpu", "cuda", "cuda:1"; "auto" picks CUDA when available.
 c10::Device parse_device(const std::string& name);

@@ -1,0 +1,39 @@
+#pragma once
+// A data::Batch (plain row-major arrays from the batcher) as tensors on a device, and the summed
+// token loss that the trainer normalises itself.
+//
+// Why a SUM and not a mean: with gradient accumulation, a per-micro-batch mean weights each
+// micro-batch equally whatever its number of supervised tokens, so 1 × (batch 8) and 4 × (batch 2)
+// give different updates when sequences carry different numbers of targets (the bug that hit
+// transformers, axolotl and Unsloth). The trainer sums per-token losses and divides by the target
+// count of the whole optimizer step, counted once before any backward pass (see step.h).
+#include <ATen/ATen.h>
+
+#include "ft/data/batcher.h"
+
+namespace ft::train {
+
+/// One micro-batch, (B, T) each.
+struct BatchTensors {
+  at::Tensor input_ids;       ///< int64
+  at::Tensor labels;          ///< int64, kIgnoreIndex where nothing is predicted
+  at::Tensor position_ids;    ///< int64, restart at 0 in every packed segment
+  at::Tensor segment_ids;     ///< int64, -1 on padding (block-diagonal attention)
+  at::Tensor attention_mask;  ///< int64, 1 token / 0 padding
+  int64_t n_targets = 0;      ///< positions the shifted loss counts (labels[:, 1:] != ignore)
+};
+
+/// Copies `batch` into tensors on `device`. Throws ft::Error naming the array whose size disagrees
+/// with rows × cols.
+BatchTensors to_tensors(const data::Batch& batch, c10::Device device = c10::kCPU);
+
+/// Targets the shifted causal loss counts: labels[:, 1:] != ignore_index (logits at j predict j + 1).
+int64_t count_targets(const at::Tensor& labels, int64_t ignore_index = data::kIgnoreIndex);
+
+/// Sum over counted positions of the per-token cross-entropy, float32 scalar; logits (B, T, V) at j
+/// predict labels (B, T) at j + 1 as in Hugging Face. Divided by count_targets() it is
+/// model::causal_lm_loss().
+at::Tensor causal_lm_loss_sum(const at::Tensor& logits, const at::Tensor& labels,
+                              int64_t ignore_index = data::kIgnoreIndex);
+
+}  // namespace ft::train

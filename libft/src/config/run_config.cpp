@@ -1,0 +1,424 @@
+#include "ft/config/run_config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <set>
+
+#include "ft/util/error.h"
+#include "ft/util/json.h"
+
+namespace ft::config {
+
+namespace {
+
+size_t edit_distance(std::string_view a, std::string_view b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diag = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+// Collects every error of a file with its place; the parse goes on after an error so that one run
+// of `ft train` reports all of them.
+class Reader {
+ public:
+  explicit Reader(std::string source) : source_(std::move(source)) {}
+
+  void add_override(const YAML::Node& node, const std::string& text) { overrides_.emplace_back(node, text); }
+
+  std::string where(const YAML::Node& node) const {
+    for (const auto& [n, text] : overrides_) {
+      if (n.is(node)) return "override '" + text + "'";
+    }
+    const YAML::Mark m = node.Mark();
+    if (m.is_null()) return source_;
+    return detail::concat(source_, ":", m.line + 1, ":", m.column + 1);
+  }
+  void error(const YAML::Node& node, const std::string& message) { errors_.push_back(where(node) + ": " + message); }
+  void error_at(const std::string& place, const std::string& message) { errors_.push_back(place + ": " + message); }
+  const std::vector<std::string>& errors() const { return errors_; }
+  const std::string& source() const { return source_; }
+
+  /// Checks that `map` is a mapping with no duplicate and no unknown key. Returns false if it is not a map.
+  bool check_map(const YAML::Node& map, const std::string& path, const std::vector<std::string>& known) {
+    if (!map.IsMap()) {
+      error(map, (path.empty() ? std::string("a run config") : "'" + path + "'") + " must be a mapping of keys to values");
+      return false;
+    }
+    std::set<std::string> seen;
+    for (auto it = map.begin(); it != map.end(); ++it) {
+      const YAML::Node key = it->first;
+      if (!key.IsScalar()) {
+        error(key, "keys of '" + path + "' must be plain names");
+        continue;
+      }
+      const std::string name = key.Scalar();
+      const std::string full = path.empty() ? name : path + "." + name;
+      if (!seen.insert(name).second) {
+        error(key, "duplicate key '" + full + "' (each key may appear once)");
+        continue;
+      }
+      if (std::find(known.begin(), known.end(), name) == known.end()) {
+        std::string message = "unknown key '" + full + "'";
+        std::string best;
+        size_t best_d = 3;
+        for (const auto& k : known) {
+          const size_t d = edit_distance(name, k);
+          if (d < best_d && d <= std::max<size_t>(1, k.size() / 3)) best = k, best_d = d;
+        }
+        message += best.empty() ? "; known keys: " + join(known) : "; did you mean '" + best + "'?";
+        error(key, message);
+      }
+    }
+    return true;
+  }
+
+  template <typename T>
+  void get(const YAML::Node& map, const std::string& path, const std::string& key, T& out) {
+    const YAML::Node node = map[key];
+    if (!node) return;
+    const std::string full = path.empty() ? key : path + "." + key;
+    if (node.IsNull()) return error(node, "'" + full + "' has no value");
+    if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+      if (node.IsScalar()) {  // a single path is a list of one
+        out = {node.Scalar()};
+        return;
+      }
+      if (!node.IsSequence()) return error(node, "'" + full + "' must be a path or a list of paths");
+      std::vector<std::string> v;
+      for (const auto& item : node) {
+        if (!item.IsScalar()) return error(item, "'" + full + "' must be a list of paths");
+        v.push_back(item.Scalar());
+      }
+      out = v;
+    } else {
+      if (!node.IsScalar()) return error(node, "'" + full + "' must be " + type_name<T>());
+      // yaml-cpp converts through a stream; reject what it would half-read ("12abc", "1.5" as integer).
+      try {
+        T value = node.as<T>();
+        if constexpr (std::is_floating_point_v<T>) {
+          if (!std::isfinite(value)) return error(node, "'" + full + "' must be a finite number");
+        }
+        if constexpr (std::is_unsigned_v<T>) {
+          if (!node.Scalar().empty() && node.Scalar()[0] == '-') throw YAML::BadConversion(node.Mark());
+        }
+        out = value;
+      } catch (const YAML::BadConversion&) {
+        error(node, "'" + full + "' must be " + type_name<T>() + ", got '" + node.Scalar() + "'");
+      }
+    }
+  }
+
+  void positive(const YAML::Node& map, const std::string& path, const std::string& key, double value, bool zero_ok) {
+    if (value > 0 || (zero_ok && value == 0)) return;
+    const YAML::Node node = map[key];
+    const std::string full = path.empty() ? key : path + "." + key;
+    const std::string message = detail::concat("'", full, "' must be ", zero_ok ? ">= 0" : "> 0", ", got ", value);
+    node ? error(node, message) : error_at(source_, message);
+  }
+
+  void one_of(const YAML::Node& map, const std::string& path, const std::string& key, const std::string& value,
+              const std::vector<std::string>& allowed) {
+    if (std::find(allowed.begin(), allowed.end(), value) != allowed.end()) return;
+    const YAML::Node node = map[key];
+    const std::string message = "'" + (path.empty() ? key : path + "." + key) + "' must be one of " + join(allowed) +
+                                ", got '" + value + "'";
+    node ? error(node, message) : error_at(source_, message);
+  }
+
+  static std::string join(const std::vector<std::string>& v) {
+    std::string s;
+    for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+    return s;
+  }
+
+ private:
+  template <typename T>
+  static std::string type_name() {
+    if constexpr (std::is_same_v<T, bool>) return "true or false";
+    else if constexpr (std::is_integral_v<T> && std::is_unsigned_v<T>) return "a non-negative integer";
+    else if constexpr (std::is_integral_v<T>) return "an integer";
+    else if constexpr (std::is_floating_point_v<T>) return "a number";
+    else return "a string";
+  }
+
+  std::string source_;
+  std::vector<std::string> errors_;
+  std::vector<std::pair<YAML::Node, std::string>> overrides_;
+};
+
+void parse_model(Reader& r, const YAML::Node& n, ModelSection& m) {
+  if (!r.check_map(n, "model", {"checkpoint", "config", "init_seed"})) return;
+  r.get(n, "model", "checkpoint", m.checkpoint);
+  r.get(n, "model", "config", m.config);
+  r.get(n, "model", "init_seed", m.init_seed);
+  if (m.checkpoint.empty() == m.config.empty()) {
+    r.error(n, "'model' needs exactly one of 'checkpoint' (a Hugging Face checkpoint directory) or 'config' (a "
+               "config.json for a freshly initialised model)");
+  }
+  if (!m.checkpoint.empty() && n["init_seed"]) r.error(n["init_seed"], "'model.init_seed' only applies with 'model.config'");
+}
+
+void parse_data(Reader& r, const YAML::Node& n, DataSection& d) {
+  if (!r.check_map(n, "data", {"train", "seq_len", "batch_size", "grad_accum", "shuffle", "seed"})) return;
+  r.get(n, "data", "train", d.train);
+  r.get(n, "data", "seq_len", d.seq_len);
+  r.get(n, "data", "batch_size", d.batch_size);
+  r.get(n, "data", "grad_accum", d.grad_accum);
+  r.get(n, "data", "shuffle", d.shuffle);
+  r.get(n, "data", "seed", d.seed);
+  if (d.train.empty()) r.error(n, "'data.train' needs at least one token store (ft prepare)");
+  if (d.seq_len < 2) r.error(n["seq_len"] ? n["seq_len"] : n, detail::concat("'data.seq_len' must be >= 2, got ", d.seq_len));
+  r.positive(n, "data", "batch_size", static_cast<double>(d.batch_size), false);
+  r.positive(n, "data", "grad_accum", static_cast<double>(d.grad_accum), false);
+}
+
+void parse_optimizer(Reader& r, const YAML::Node& n, OptimizerSection& o) {
+  if (!r.check_map(n, "optimizer", {"name", "lr", "betas", "weight_decay", "eps", "momentum"})) return;
+  r.get(n, "optimizer", "name", o.name);
+  r.get(n, "optimizer", "lr", o.lr);
+  r.get(n, "optimizer", "weight_decay", o.weight_decay);
+  r.get(n, "optimizer", "eps", o.eps);
+  r.get(n, "optimizer", "momentum", o.momentum);
+  r.one_of(n, "optimizer", "name", o.name, {"adamw", "sgd"});
+  r.positive(n, "optimizer", "lr", o.lr, false);
+  r.positive(n, "optimizer", "weight_decay", o.weight_decay, true);
+  r.positive(n, "optimizer", "eps", o.eps, false);
+  r.positive(n, "optimizer", "momentum", o.momentum, true);
+  if (const YAML::Node betas = n["betas"]) {
+    if (!betas.IsSequence() || betas.size() != 2) {
+      r.error(betas, "'optimizer.betas' must be a list of two numbers, e.g. [0.9, 0.999]");
+    } else {
+      double b[2] = {o.beta1, o.beta2};
+      for (int i = 0; i < 2; ++i) {
+        try {
+          b[i] = betas[i].as<double>();
+          if (!(b[i] >= 0 && b[i] < 1)) r.error(betas[i], detail::concat("'optimizer.betas' must be in [0, 1), got ", b[i]));
+        } catch (const YAML::BadConversion&) {
+          r.error(betas[i], "'optimizer.betas' must be numbers");
+        }
+      }
+      o.beta1 = b[0], o.beta2 = b[1];
+    }
+    if (o.name == "sgd") r.error(betas, "'optimizer.betas' only applies to adamw");
+  }
+  if (o.name == "adamw" && n["momentum"]) r.error(n["momentum"], "'optimizer.momentum' only applies to sgd");
+}
+
+void parse_schedule(Reader& r, const YAML::Node& n, ScheduleSection& s) {
+  if (!r.check_map(n, "schedule", {"name", "warmup_steps", "total_steps"})) return;
+  r.get(n, "schedule", "name", s.name);
+  r.get(n, "schedule", "warmup_steps", s.warmup_steps);
+  r.get(n, "schedule", "total_steps", s.total_steps);
+  r.one_of(n, "schedule", "name", s.name, {"constant", "linear", "cosine"});
+  r.positive(n, "schedule", "warmup_steps", static_cast<double>(s.warmup_steps), true);
+  r.positive(n, "schedule", "total_steps", static_cast<double>(s.total_steps), true);
+}
+
+void parse_eval(Reader& r, const YAML::Node& n, EvalSection& e) {
+  if (!r.check_map(n, "eval", {"stores", "held_out_docs", "every", "max_batches", "batch_size"})) return;
+  r.get(n, "eval", "stores", e.stores);
+  r.get(n, "eval", "held_out_docs", e.held_out_docs);
+  r.get(n, "eval", "every", e.every);
+  r.get(n, "eval", "max_batches", e.max_batches);
+  r.get(n, "eval", "batch_size", e.batch_size);
+  r.positive(n, "eval", "held_out_docs", static_cast<double>(e.held_out_docs), true);
+  r.positive(n, "eval", "every", static_cast<double>(e.every), true);
+  r.positive(n, "eval", "max_batches", static_cast<double>(e.max_batches), true);
+  r.positive(n, "eval", "batch_size", static_cast<double>(e.batch_size), true);
+  if (e.stores.empty() && e.held_out_docs == 0) {
+    r.error(n, "'eval' needs 'stores' or 'held_out_docs' (or leave the section out)");
+  }
+}
+
+const std::vector<std::string> kTopKeys = {"model",     "tokenizer",      "data",   "optimizer", "schedule",
+                                           "max_steps", "clip_grad_norm", "dtype",  "device",    "eval",
+                                           "log_every", "output_dir",     "on_nonfinite"};
+
+void apply_override(Reader& r, YAML::Node& root, const std::string& text) {
+  const size_t eq = text.find('=');
+  if (eq == std::string::npos || eq == 0) {
+    r.error_at("override '" + text + "'", "expected section.key=value");
+    return;
+  }
+  const std::string path = text.substr(0, eq);
+  YAML::Node value;
+  try {
+    value = YAML::Load(text.substr(eq + 1));
+  } catch (const YAML::Exception& e) {
+    r.error_at("override '" + text + "'", "the value is not YAML: " + e.msg);
+    return;
+  }
+  if (!root.IsMap()) return;  // reported by the main parse
+  YAML::Node node;
+  node.reset(root);
+  size_t begin = 0;
+  for (;;) {
+    const size_t dot = path.find('.', begin);
+    const std::string part = path.substr(begin, dot == std::string::npos ? std::string::npos : dot - begin);
+    if (part.empty()) {
+      r.error_at("override '" + text + "'", "empty key in '" + path + "'");
+      return;
+    }
+    if (dot == std::string::npos) {
+      node[part] = value;
+      r.add_override(node[part], text);
+      return;
+    }
+    YAML::Node child = node[part];
+    if (!child.IsDefined() || child.IsNull()) {
+      node[part] = YAML::Node(YAML::NodeType::Map);
+    } else if (!child.IsMap()) {
+      r.error_at("override '" + text + "'", "'" + path.substr(0, dot) + "' is not a section");
+      return;
+    }
+    YAML::Node next = node[part];
+    node.reset(next);
+    begin = dot + 1;
+  }
+}
+
+}  // namespace
+
+RunConfig parse_run_config(std::string_view yaml, const std::string& source, const std::vector<std::string>& overrides) {
+  Reader r(source);
+  YAML::Node root;
+  try {
+    root = YAML::Load(std::string(yaml));
+  } catch (const YAML::ParserException& e) {
+    FT_FAIL("[config] ", source, ":", e.mark.line + 1, ":", e.mark.column + 1, ": YAML syntax error: ", e.msg);
+  }
+  if (!root.IsDefined() || root.IsNull()) root = YAML::Node(YAML::NodeType::Map);  // empty file: "required" errors below
+  for (const auto& o : overrides) apply_override(r, root, o);
+
+  RunConfig c;
+  c.source = source;
+  if (r.check_map(root, "", kTopKeys)) {
+    auto section = [&](const char* key, auto parse, auto& out) {
+      if (const YAML::Node n = root[key]) parse(r, n, out);
+    };
+    if (root["model"]) section("model", parse_model, c.model);
+    else r.error_at(source, "'model' is required (model.checkpoint or model.config)");
+    r.get(root, "", "tokenizer", c.tokenizer);
+    if (root["data"]) section("data", parse_data, c.data);
+    else r.error_at(source, "'data' is required (data.train: token stores)");
+    section("optimizer", parse_optimizer, c.optimizer);
+    section("schedule", parse_schedule, c.schedule);
+    r.get(root, "", "max_steps", c.max_steps);
+    r.get(root, "", "clip_grad_norm", c.clip_grad_norm);
+    r.get(root, "", "dtype", c.dtype);
+    r.get(root, "", "device", c.device);
+    section("eval", parse_eval, c.eval);
+    r.get(root, "", "log_every", c.log_every);
+    r.get(root, "", "output_dir", c.output_dir);
+    r.get(root, "", "on_nonfinite", c.on_nonfinite);
+
+    if (root["max_steps"]) r.positive(root, "", "max_steps", static_cast<double>(c.max_steps), false);
+    else r.error_at(source, "'max_steps' is required (optimizer steps to train)");
+    r.positive(root, "", "clip_grad_norm", c.clip_grad_norm, true);
+    r.positive(root, "", "log_every", static_cast<double>(c.log_every), false);
+    r.one_of(root, "", "dtype", c.dtype, {"float32", "bfloat16"});
+    r.one_of(root, "", "on_nonfinite", c.on_nonfinite, {"skip", "stop"});
+    if (c.output_dir.empty()) r.error_at(source, "'output_dir' is required");
+    if (c.schedule.name != "constant" && c.max_steps > 0) {
+      const int64_t total = c.schedule.total_steps > 0 ? c.schedule.total_steps : c.max_steps;
+      if (total <= c.schedule.warmup_steps) {
+        r.error(root["schedule"], detail::concat("'schedule.warmup_steps' (", c.schedule.warmup_steps,
+                                                 ") must be below the schedule's total steps (", total, ")"));
+      }
+    }
+  }
+  if (!r.errors().empty()) {
+    std::string message = detail::concat("[config] ", source, ": ", r.errors().size(),
+                                         r.errors().size() == 1 ? " error" : " errors");
+    for (const auto& e : r.errors()) message += "\n  " + e;
+    throw Error(message);
+  }
+  if (c.schedule.total_steps == 0) c.schedule.total_steps = c.max_steps;
+  if (c.eval.batch_size == 0) c.eval.batch_size = c.data.batch_size;
+  return c;
+}
+
+RunConfig load_run_config(const std::string& path, const std::vector<std::string>& overrides) {
+  return parse_run_config(read_text_file(path), path, overrides);
+}
+
+namespace {
+
+// The shortest text that reads back as the same double ("0.1", not 0.10000000000000001).
+std::string shortest(double v) {
+  char buf[32];
+  const auto r = std::to_chars(buf, buf + sizeof buf, v);
+  return std::string(buf, r.ptr);
+}
+
+}  // namespace
+
+std::string to_yaml(const RunConfig& c) {
+  YAML::Emitter out;
+  out << YAML::BeginMap;
+  out << YAML::Key << "model" << YAML::Value << YAML::BeginMap;
+  if (!c.model.checkpoint.empty()) out << YAML::Key << "checkpoint" << YAML::Value << c.model.checkpoint;
+  if (!c.model.config.empty()) {
+    out << YAML::Key << "config" << YAML::Value << c.model.config;
+    out << YAML::Key << "init_seed" << YAML::Value << c.model.init_seed;
+  }
+  out << YAML::EndMap;
+  if (!c.tokenizer.empty()) out << YAML::Key << "tokenizer" << YAML::Value << c.tokenizer;
+  out << YAML::Key << "data" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "train" << YAML::Value << YAML::Flow << c.data.train;
+  out << YAML::Key << "seq_len" << YAML::Value << c.data.seq_len;
+  out << YAML::Key << "batch_size" << YAML::Value << c.data.batch_size;
+  out << YAML::Key << "grad_accum" << YAML::Value << c.data.grad_accum;
+  out << YAML::Key << "shuffle" << YAML::Value << c.data.shuffle;
+  out << YAML::Key << "seed" << YAML::Value << c.data.seed;
+  out << YAML::EndMap;
+  out << YAML::Key << "optimizer" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "name" << YAML::Value << c.optimizer.name;
+  out << YAML::Key << "lr" << YAML::Value << shortest(c.optimizer.lr);
+  if (c.optimizer.name == "adamw") {
+    out << YAML::Key << "betas" << YAML::Value << YAML::Flow
+        << std::vector<std::string>{shortest(c.optimizer.beta1), shortest(c.optimizer.beta2)};
+    out << YAML::Key << "eps" << YAML::Value << shortest(c.optimizer.eps);
+  } else {
+    out << YAML::Key << "momentum" << YAML::Value << shortest(c.optimizer.momentum);
+  }
+  out << YAML::Key << "weight_decay" << YAML::Value << shortest(c.optimizer.weight_decay);
+  out << YAML::EndMap;
+  out << YAML::Key << "schedule" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "name" << YAML::Value << c.schedule.name;
+  out << YAML::Key << "warmup_steps" << YAML::Value << c.schedule.warmup_steps;
+  out << YAML::Key << "total_steps" << YAML::Value << c.schedule.total_steps;
+  out << YAML::EndMap;
+  out << YAML::Key << "max_steps" << YAML::Value << c.max_steps;
+  out << YAML::Key << "clip_grad_norm" << YAML::Value << shortest(c.clip_grad_norm);
+  out << YAML::Key << "dtype" << YAML::Value << c.dtype;
+  out << YAML::Key << "device" << YAML::Value << c.device;
+  if (!c.eval.stores.empty() || c.eval.held_out_docs > 0) {
+    out << YAML::Key << "eval" << YAML::Value << YAML::BeginMap;
+    if (!c.eval.stores.empty()) out << YAML::Key << "stores" << YAML::Value << YAML::Flow << c.eval.stores;
+    out << YAML::Key << "held_out_docs" << YAML::Value << c.eval.held_out_docs;
+    out << YAML::Key << "every" << YAML::Value << c.eval.every;
+    out << YAML::Key << "max_batches" << YAML::Value << c.eval.max_batches;
+    out << YAML::Key << "batch_size" << YAML::Value << c.eval.batch_size;
+    out << YAML::EndMap;
+  }
+  out << YAML::Key << "log_every" << YAML::Value << c.log_every;
+  out << YAML::Key << "output_dir" << YAML::Value << c.output_dir;
+  out << YAML::Key << "on_nonfinite" << YAML::Value << c.on_nonfinite;
+  out << YAML::EndMap;
+  return std::string(out.c_str()) + "\n";
+}
+
+}  // namespace ft::config

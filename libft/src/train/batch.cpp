@@ -1,0 +1,51 @@
+#include "ft/train/batch.h"
+
+#include "ft/util/error.h"
+
+namespace ft::train {
+
+namespace {
+
+template <typename T>
+at::Tensor as_long_tensor(const std::vector<T>& values, const data::Batch& b, const char* name) {
+  FT_CHECK(static_cast<int64_t>(values.size()) == b.rows * b.cols, "[train] batch of step ", b.step, ": ", name,
+           " has ", values.size(), " values, expected rows × cols = ", b.rows, " × ", b.cols);
+  // from_blob borrows the vector; the conversion to int64 (or clone) makes the tensor own its data.
+  constexpr auto dtype = std::is_same_v<T, int64_t>   ? at::kLong
+                         : std::is_same_v<T, int32_t> ? at::kInt
+                                                      : at::kByte;
+  at::Tensor view = at::from_blob(const_cast<T*>(values.data()), {b.rows, b.cols}, at::TensorOptions().dtype(dtype));
+  return dtype == at::kLong ? view.clone() : view.to(at::kLong);
+}
+
+}  // namespace
+
+BatchTensors to_tensors(const data::Batch& batch, c10::Device device) {
+  FT_CHECK(batch.rows > 0 && batch.cols > 0, "[train] batch of step ", batch.step, " is empty (", batch.rows, " × ",
+           batch.cols, ")");
+  BatchTensors t;
+  t.input_ids = as_long_tensor(batch.input_ids, batch, "input_ids").to(device);
+  t.labels = as_long_tensor(batch.labels, batch, "labels").to(device);
+  t.position_ids = as_long_tensor(batch.position_ids, batch, "position_ids").to(device);
+  t.segment_ids = as_long_tensor(batch.segment_ids, batch, "segment_ids").to(device);
+  t.attention_mask = as_long_tensor(batch.attention_mask, batch, "attention_mask").to(device);
+  t.n_targets = count_targets(t.labels);
+  return t;
+}
+
+int64_t count_targets(const at::Tensor& labels, int64_t ignore_index) {
+  FT_CHECK(labels.dim() == 2, "[train] labels must be (B, T), got ", labels.sizes());
+  return labels.slice(1, 1).ne(ignore_index).sum().item<int64_t>();
+}
+
+at::Tensor causal_lm_loss_sum(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
+  FT_CHECK(logits.dim() == 3 && labels.dim() == 2 && logits.size(0) == labels.size(0) &&
+               logits.size(1) == labels.size(1),
+           "[loss] logits (B, T, V) and labels (B, T) disagree: ", logits.sizes(), " vs ", labels.sizes());
+  const int64_t V = logits.size(2);
+  at::Tensor shifted_logits = logits.slice(1, 0, -1).reshape({-1, V}).to(at::kFloat);
+  at::Tensor shifted_labels = labels.slice(1, 1).reshape({-1}).to(logits.device());
+  return at::cross_entropy_loss(shifted_logits, shifted_labels, {}, at::Reduction::Sum, ignore_index);
+}
+
+}  // namespace ft::train

@@ -1,0 +1,55 @@
+#include "ft/train/step.h"
+
+#include <torch/autograd.h>
+
+#include "ft/util/error.h"
+
+namespace ft::train {
+
+namespace {
+
+at::Tensor forward_loss_sum(model::CausalLM& model, const BatchTensors& b) {
+  model::ForwardOptions fo;
+  fo.position_ids = b.position_ids;
+  fo.segment_ids = b.segment_ids;
+  fo.attention_mask = b.attention_mask;
+  return causal_lm_loss_sum(model->forward(b.input_ids, fo), b.labels);
+}
+
+}  // namespace
+
+AccumulateResult accumulate_gradients(model::CausalLM& model, const std::vector<BatchTensors>& micro_batches) {
+  FT_CHECK(!micro_batches.empty(), "[train] an optimizer step needs at least one micro-batch");
+  AccumulateResult r;
+  // N first, from the labels alone: the divisor must be known before the first backward pass.
+  for (const BatchTensors& b : micro_batches) {
+    r.n_targets += b.n_targets;
+    r.n_tokens += b.attention_mask.sum().item<int64_t>();
+  }
+  if (r.n_targets == 0) return r;
+  const double inv_n = 1.0 / static_cast<double>(r.n_targets);
+  double loss_sum = 0.0;
+  for (const BatchTensors& b : micro_batches) {
+    if (b.n_targets == 0) continue;  // contributes nothing to the loss or the gradient
+    at::Tensor sum = forward_loss_sum(model, b);
+    loss_sum += sum.detach().item<double>();
+    (sum * inv_n).backward();
+  }
+  r.loss = loss_sum * inv_n;
+  return r;
+}
+
+AccumulateResult evaluate_loss(model::CausalLM& model, const std::vector<BatchTensors>& batches) {
+  torch::NoGradGuard no_grad;
+  AccumulateResult r;
+  double loss_sum = 0.0;
+  for (const BatchTensors& b : batches) {
+    r.n_targets += b.n_targets;
+    r.n_tokens += b.attention_mask.sum().item<int64_t>();
+    if (b.n_targets > 0) loss_sum += forward_loss_sum(model, b).item<double>();
+  }
+  if (r.n_targets > 0) r.loss = loss_sum / static_cast<double>(r.n_targets);
+  return r;
+}
+
+}  // namespace ft::train

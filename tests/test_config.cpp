@@ -1,0 +1,182 @@
+// Run configs: what a good file gives, and that every kind of mistake is reported with its place,
+// all at once.
+#include <gtest/gtest.h>
+
+#include "ft/config/run_config.h"
+#include "ft/util/error.h"
+
+using namespace ft;
+
+namespace {
+
+const char* kGood = R"(# a comment
+model:
+  config: configs/models/tiny-llama.json
+  init_seed: 3
+tokenizer: runs/default/tokenizer
+data:
+  train: [runs/default/fortunes.h5]
+  seq_len: 128
+  batch_size: 4
+  grad_accum: 2
+  shuffle: false
+  seed: 7
+optimizer:
+  name: adamw
+  lr: 1.0e-3
+  betas: [0.9, 0.95]
+  weight_decay: 0.1
+  eps: 1e-8
+schedule:
+  name: linear
+  warmup_steps: 5
+max_steps: 50
+clip_grad_norm: 0.5
+eval:
+  held_out_docs: 100
+  every: 10
+log_every: 2
+output_dir: runs/tiny
+on_nonfinite: stop
+)";
+
+std::string error_of(const std::string& yaml, const std::vector<std::string>& overrides = {}) {
+  try {
+    config::parse_run_config(yaml, "run.yaml", overrides);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected an ft::Error for:\n" << yaml;
+  return "";
+}
+
+std::string replace(std::string s, const std::string& from, const std::string& to) {
+  const size_t at = s.find(from);
+  EXPECT_NE(at, std::string::npos) << from;
+  return s.replace(at, from.size(), to);
+}
+
+}  // namespace
+
+TEST(RunConfig, ParsesEveryField) {
+  const config::RunConfig c = config::parse_run_config(kGood, "run.yaml");
+  EXPECT_EQ(c.model.config, "configs/models/tiny-llama.json");
+  EXPECT_EQ(c.model.init_seed, 3u);
+  EXPECT_EQ(c.tokenizer, "runs/default/tokenizer");
+  EXPECT_EQ(c.data.train, (std::vector<std::string>{"runs/default/fortunes.h5"}));
+  EXPECT_EQ(c.data.seq_len, 128);
+  EXPECT_EQ(c.data.batch_size, 4);
+  EXPECT_EQ(c.data.grad_accum, 2);
+  EXPECT_FALSE(c.data.shuffle);
+  EXPECT_EQ(c.data.seed, 7u);
+  EXPECT_EQ(c.optimizer.name, "adamw");
+  EXPECT_DOUBLE_EQ(c.optimizer.lr, 1e-3);
+  EXPECT_DOUBLE_EQ(c.optimizer.beta2, 0.95);
+  EXPECT_DOUBLE_EQ(c.optimizer.weight_decay, 0.1);
+  EXPECT_EQ(c.schedule.name, "linear");
+  EXPECT_EQ(c.schedule.warmup_steps, 5);
+  EXPECT_EQ(c.schedule.total_steps, 50);  // defaults to max_steps
+  EXPECT_EQ(c.max_steps, 50);
+  EXPECT_DOUBLE_EQ(c.clip_grad_norm, 0.5);
+  EXPECT_EQ(c.eval.held_out_docs, 100);
+  EXPECT_EQ(c.eval.every, 10);
+  EXPECT_EQ(c.eval.batch_size, 4);  // defaults to data.batch_size
+  EXPECT_EQ(c.log_every, 2);
+  EXPECT_EQ(c.output_dir, "runs/tiny");
+  EXPECT_EQ(c.on_nonfinite, "stop");
+  EXPECT_EQ(c.dtype, "float32");
+}
+
+TEST(RunConfig, ResolvedYamlParsesBackToTheSame) {
+  const config::RunConfig c = config::parse_run_config(kGood, "run.yaml");
+  const std::string text = config::to_yaml(c);
+  const config::RunConfig again = config::parse_run_config(text, "resolved.yaml");
+  EXPECT_EQ(config::to_yaml(again), text);
+  EXPECT_DOUBLE_EQ(again.optimizer.lr, c.optimizer.lr);
+  EXPECT_EQ(again.data.train, c.data.train);
+}
+
+TEST(RunConfig, OverridesApplyBeforeValidation) {
+  const config::RunConfig c =
+      config::parse_run_config(kGood, "run.yaml", {"max_steps=20", "optimizer.lr=0.01", "data.train=[a.h5, b.h5]"});
+  EXPECT_EQ(c.max_steps, 20);
+  EXPECT_DOUBLE_EQ(c.optimizer.lr, 0.01);
+  EXPECT_EQ(c.data.train, (std::vector<std::string>{"a.h5", "b.h5"}));
+  // An overridden value with a wrong type is named by its override, not by a line of the file.
+  const std::string e = error_of(kGood, {"data.batch_size=many"});
+  EXPECT_NE(e.find("override 'data.batch_size=many': 'data.batch_size' must be an integer, got 'many'"),
+            std::string::npos) << e;
+  EXPECT_NE(error_of(kGood, {"max_steps"}).find("expected section.key=value"), std::string::npos);
+  EXPECT_NE(error_of(kGood, {"optimizer.lr.x=1"}).find("'optimizer.lr' is not a section"), std::string::npos);
+  EXPECT_NE(error_of(kGood, {"optimizer.lrr=1"}).find("did you mean 'lr'?"), std::string::npos);
+}
+
+TEST(RunConfig, UnknownKeysAreErrorsWithTheirPlaceAndASuggestion) {
+  const std::string e = error_of(replace(kGood, "  weight_decay: 0.1", "  weight_decy: 0.1"));
+  EXPECT_NE(e.find("run.yaml:17:3: unknown key 'optimizer.weight_decy'; did you mean 'weight_decay'?"),
+            std::string::npos) << e;
+  const std::string top = error_of(replace(kGood, "log_every: 2", "banana: 2"));
+  EXPECT_NE(top.find("run.yaml:27:1: unknown key 'banana'; known keys: model, tokenizer"), std::string::npos) << top;
+}
+
+TEST(RunConfig, DuplicateKeysAreErrors) {
+  // yaml-cpp keeps the first of two equal keys and drops the second without a word.
+  const std::string e = error_of(replace(kGood, "  seq_len: 128", "  seq_len: 128\n  seq_len: 256"));
+  EXPECT_NE(e.find("run.yaml:9:3: duplicate key 'data.seq_len'"), std::string::npos) << e;
+  std::string twice = kGood;
+  twice += "max_steps: 60\n";
+  const std::string top = error_of(twice);
+  EXPECT_NE(top.find("duplicate key 'max_steps'"), std::string::npos) << top;
+}
+
+TEST(RunConfig, WrongTypesAndRangesAreErrors) {
+  std::string y = kGood;
+  y = replace(y, "seq_len: 128", "seq_len: 12.5");
+  y = replace(y, "shuffle: false", "shuffle: maybe");
+  y = replace(y, "lr: 1.0e-3", "lr: fast");
+  y = replace(y, "betas: [0.9, 0.95]", "betas: [0.9, 1.5]");
+  y = replace(y, "seed: 7", "seed: -7");
+  y = replace(y, "name: linear", "name: cosin");
+  y = replace(y, "clip_grad_norm: 0.5", "clip_grad_norm: -1");
+  y = replace(y, "  every: 10", "  every: [10]");
+  y = replace(y, "on_nonfinite: stop", "on_nonfinite: ignore");
+  const std::string e = error_of(y);
+  // Every error of the file at once, each with line and column.
+  EXPECT_NE(e.find("run.yaml: 9 errors"), std::string::npos) << e;
+  EXPECT_NE(e.find("run.yaml:8:12: 'data.seq_len' must be an integer, got '12.5'"), std::string::npos) << e;
+  EXPECT_NE(e.find("run.yaml:11:12: 'data.shuffle' must be true or false, got 'maybe'"), std::string::npos) << e;
+  EXPECT_NE(e.find("run.yaml:12:9: 'data.seed' must be a non-negative integer, got '-7'"), std::string::npos) << e;
+  EXPECT_NE(e.find("run.yaml:15:7: 'optimizer.lr' must be a number, got 'fast'"), std::string::npos) << e;
+  EXPECT_NE(e.find("run.yaml:16:16: 'optimizer.betas' must be in [0, 1), got 1.5"), std::string::npos) << e;
+  EXPECT_NE(e.find("run.yaml:20:9: 'schedule.name' must be one of constant, linear, cosine, got 'cosin'"),
+            std::string::npos) << e;
+  EXPECT_NE(e.find("run.yaml:23:17: 'clip_grad_norm' must be >= 0, got -1"), std::string::npos) << e;
+  EXPECT_NE(e.find("run.yaml:26:10: 'eval.every' must be an integer"), std::string::npos) << e;
+  EXPECT_NE(e.find("run.yaml:29:15: 'on_nonfinite' must be one of skip, stop, got 'ignore'"), std::string::npos) << e;
+}
+
+TEST(RunConfig, MissingAndContradictorySettingsAreErrors) {
+  const std::string empty = error_of("");
+  EXPECT_NE(empty.find("'model' is required"), std::string::npos) << empty;
+  EXPECT_NE(empty.find("'data' is required"), std::string::npos) << empty;
+  EXPECT_NE(empty.find("'max_steps' is required"), std::string::npos) << empty;
+  EXPECT_NE(empty.find("'output_dir' is required"), std::string::npos) << empty;
+
+  EXPECT_NE(error_of("just text").find("run.yaml:1:1: a run config must be a mapping"), std::string::npos);
+
+  const std::string both = error_of(replace(kGood, "  init_seed: 3", "  checkpoint: runs/ckpt"));
+  EXPECT_NE(both.find("run.yaml:3:3: 'model' needs exactly one of 'checkpoint'"), std::string::npos) << both;
+  const std::string warm = error_of(replace(kGood, "warmup_steps: 5", "warmup_steps: 50"));
+  EXPECT_NE(warm.find("'schedule.warmup_steps' (50) must be below the schedule's total steps (50)"),
+            std::string::npos) << warm;
+  const std::string sgd = error_of(replace(kGood, "name: adamw", "name: sgd"));
+  EXPECT_NE(sgd.find("run.yaml:16:10: 'optimizer.betas' only applies to adamw"), std::string::npos) << sgd;
+  const std::string notmap = error_of(replace(kGood, "schedule:\n  name: linear\n  warmup_steps: 5", "schedule: cosine"));
+  EXPECT_NE(notmap.find("'schedule' must be a mapping"), std::string::npos) << notmap;
+}
+
+TEST(RunConfig, SyntaxErrorsNameTheLine) {
+  const std::string e = error_of(replace(kGood, "  batch_size: 4", "  batch_size: [4"));
+  EXPECT_NE(e.find("[config] run.yaml:"), std::string::npos) << e;
+  EXPECT_NE(e.find("YAML syntax error"), std::string::npos) << e;
+}
