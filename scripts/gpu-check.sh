@@ -29,7 +29,7 @@ export LD_LIBRARY_PATH="$lib:$lib/hdf5/serial${LD_LIBRARY_PATH:+:$LD_LIBRARY_PAT
 # pkg-config reads only the unpacked .pc files and prefixes their paths with the folder.
 export PATH="$prefix/usr/bin:$PATH"
 export PKG_CONFIG_LIBDIR="$lib/pkgconfig:$prefix/usr/share/pkgconfig" PKG_CONFIG_SYSROOT_DIR="$prefix"
-export LIBFT_FORTUNES="$prefix/usr/share/games/fortunes"
+export LIBFT_FORTUNES="$prefix/usr/share/games/fortunes" LIBFT_JARGON="$prefix/usr/share/doc/jargon-text/jargon.txt.gz"
 missing=$(ldd "$lib/hdf5/serial/libhdf5.so" "$lib/libsentencepiece_train.so" 2>&1 | grep "not found" | sort -u)
 [ -z "$missing" ] || { echo "[gpu-check] libraries missing on this machine (add their .debs to fetch-debs.sh):"; echo "$missing"; }
 python=$(command -v python3)
@@ -66,7 +66,8 @@ if [ $ctest_rc -ne 0 ]; then
   done
 fi
 # The parity and kernel tests again, verbosely, for their numbers.
-build-gpu/tests/ft_tests --gtest_filter='*HFParity*:RMSNorm*' >"$out/parity.log" 2>&1
+LIBFT_REFERENCE_DIR="$PWD/build-gpu/reference_models" build-gpu/tests/ft_tests --gtest_filter='*HFParity*:RMSNorm*' \
+  >"$out/parity.log" 2>&1
 
 # 4. Benchmarks.
 log "benchmarks"

@@ -30,7 +30,7 @@ import transformers
 from transformers import LlamaTokenizer
 
 FORTUNES = os.environ.get("LIBFT_FORTUNES") or "/usr/share/games/fortunes"
-JARGON = "/usr/share/doc/jargon-text/jargon.txt.gz"
+JARGON = os.environ.get("LIBFT_JARGON") or "/usr/share/doc/jargon-text/jargon.txt.gz"
 
 
 def fortune_files():

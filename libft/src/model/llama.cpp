@@ -44,7 +44,8 @@ at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
 }
 
 at::Tensor RMSNormImpl::reference(const at::Tensor& x) {
-  at::Tensor h = x.to(at::kFloat);
+  // float32 statistics as HF computes them; float64 models (reference tests) stay in float64.
+  at::Tensor h = x.to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
   h = h * at::rsqrt(variance + eps);
   return weight * h.to(x.scalar_type());
@@ -255,7 +256,8 @@ at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, in
                logits.size(1) == labels.size(1),
            "[loss] logits (B, T, V) and labels (B, T) disagree: ", logits.sizes(), " vs ", labels.sizes());
   const int64_t V = logits.size(2);
-  at::Tensor shifted_logits = logits.slice(1, 0, -1).reshape({-1, V}).to(at::kFloat);
+  at::Tensor shifted_logits =
+      logits.slice(1, 0, -1).reshape({-1, V}).to(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor shifted_labels = labels.slice(1, 1).reshape({-1}).to(logits.device());
   return at::cross_entropy_loss(shifted_logits, shifted_labels, {}, at::Reduction::Mean, ignore_index);
 }
