@@ -251,7 +251,12 @@ void init_weights(CausalLM& m, uint64_t seed) {
   }
 }
 
-at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
+namespace {
+
+// HF's shift: logits[:, :-1] predict labels[:, 1:]. float32 (float64 for float64 models) whatever
+// the logits' dtype.
+at::Tensor shifted_cross_entropy(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
+                                 at::Reduction::Reduction reduction) {
   FT_CHECK(logits.dim() == 3 && labels.dim() == 2 && logits.size(0) == labels.size(0) &&
                logits.size(1) == labels.size(1),
            "[loss] logits (B, T, V) and labels (B, T) disagree: ", logits.sizes(), " vs ", labels.sizes());
@@ -259,7 +264,17 @@ at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, in
   at::Tensor shifted_logits =
       logits.slice(1, 0, -1).reshape({-1, V}).to(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor shifted_labels = labels.slice(1, 1).reshape({-1}).to(logits.device());
-  return at::cross_entropy_loss(shifted_logits, shifted_labels, {}, at::Reduction::Mean, ignore_index);
+  return at::cross_entropy_loss(shifted_logits, shifted_labels, {}, reduction, ignore_index);
+}
+
+}  // namespace
+
+at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
+  return shifted_cross_entropy(logits, labels, ignore_index, at::Reduction::Mean);
+}
+
+at::Tensor causal_lm_loss_sum(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
+  return shifted_cross_entropy(logits, labels, ignore_index, at::Reduction::Sum);
 }
 
 }  // namespace ft::model

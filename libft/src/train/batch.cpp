@@ -1,5 +1,6 @@
 #include "ft/train/batch.h"
 
+#include "ft/model/llama.h"
 #include "ft/util/error.h"
 
 namespace ft::train {
@@ -39,15 +40,7 @@ int64_t count_targets(const at::Tensor& labels, int64_t ignore_index) {
 }
 
 at::Tensor causal_lm_loss_sum(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
-  FT_CHECK(logits.dim() == 3 && labels.dim() == 2 && logits.size(0) == labels.size(0) &&
-               logits.size(1) == labels.size(1),
-           "[loss] logits (B, T, V) and labels (B, T) disagree: ", logits.sizes(), " vs ", labels.sizes());
-  const int64_t V = logits.size(2);
-  // float32 (or float64 for float64 models, as the accumulation test uses) whatever the logits' dtype.
-  at::Tensor shifted_logits =
-      logits.slice(1, 0, -1).reshape({-1, V}).to(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor shifted_labels = labels.slice(1, 1).reshape({-1}).to(logits.device());
-  return at::cross_entropy_loss(shifted_logits, shifted_labels, {}, at::Reduction::Sum, ignore_index);
+  return model::causal_lm_loss_sum(logits, labels, ignore_index);
 }
 
 }  // namespace ft::train

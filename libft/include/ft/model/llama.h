@@ -133,5 +133,8 @@ void init_weights(CausalLM& model, uint64_t seed);
 /// Token-mean causal LM loss as HF computes it: logits[:, :-1] predict labels[:, 1:]; positions with
 /// label `ignore_index` do not count. Returns the mean over counted tokens, float32.
 at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index = -100);
+/// The same shifted cross-entropy, summed over the counted tokens (for normalising by the target
+/// count of a whole optimizer step, see ft/train/step.h).
+at::Tensor causal_lm_loss_sum(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index = -100);
 
 }  // namespace ft::model
