@@ -19,19 +19,7 @@ using namespace ft;
 
 namespace {
 
-io::ModelConfig tiny_config(const std::string& type = "llama") {
-  io::ModelConfig c;
-  c.model_type = type;
-  c.vocab_size = 97;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
-  c.layer_window.assign(2, 0);
-  return c;
-}
+using test::tiny_config;
 
 std::string expect_error(const std::function<void()>& f) {
   try {

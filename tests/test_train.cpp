@@ -28,15 +28,7 @@ using namespace ft;
 namespace {
 
 io::ModelConfig tiny_config(bool qkv_bias = false) {
-  io::ModelConfig c;
-  c.vocab_size = 97;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
-  c.layer_window.assign(2, 0);
+  io::ModelConfig c = test::tiny_config();
   c.qkv_bias = qkv_bias;
   return c;
 }
