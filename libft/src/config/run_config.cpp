@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <optional>
 #include <set>
 
 #include "ft/util/error.h"
@@ -227,7 +228,12 @@ void parse_schedule(Reader& r, const YAML::Node& n, ScheduleSection& s) {
 }
 
 void parse_eval(Reader& r, const YAML::Node& n, EvalSection& e) {
-  if (!r.check_map(n, "eval", {"stores", "held_out_docs", "every", "max_batches", "batch_size"})) return;
+  if (!r.check_map(n, "eval", {"stores", "held_out_docs", "every", "max_batches", "batch_size", "patience", "min_delta"}))
+    return;
+  r.get(n, "eval", "patience", e.patience);
+  r.get(n, "eval", "min_delta", e.min_delta);
+  r.positive(n, "eval", "patience", static_cast<double>(e.patience), true);
+  r.positive(n, "eval", "min_delta", e.min_delta, true);
   r.get(n, "eval", "stores", e.stores);
   r.get(n, "eval", "held_out_docs", e.held_out_docs);
   r.get(n, "eval", "every", e.every);
@@ -242,9 +248,43 @@ void parse_eval(Reader& r, const YAML::Node& n, EvalSection& e) {
   }
 }
 
-const std::vector<std::string> kTopKeys = {"model",     "tokenizer",      "data",   "optimizer", "schedule",
-                                           "max_steps", "clip_grad_norm", "dtype",  "device",    "eval",
-                                           "log_every", "output_dir",     "on_nonfinite"};
+void parse_checkpoint(Reader& r, const YAML::Node& n, CheckpointSection& c) {
+  if (!r.check_map(n, "checkpoint", {"every", "keep_last", "resume", "strict"})) return;
+  r.get(n, "checkpoint", "every", c.every);
+  r.get(n, "checkpoint", "keep_last", c.keep_last);
+  r.get(n, "checkpoint", "resume", c.resume);
+  r.get(n, "checkpoint", "strict", c.strict);
+  r.positive(n, "checkpoint", "every", static_cast<double>(c.every), true);
+  r.positive(n, "checkpoint", "keep_last", static_cast<double>(c.keep_last), false);
+  r.one_of(n, "checkpoint", "resume", c.resume, {"auto", "never", "required"});
+}
+
+void parse_freeze(Reader& r, const YAML::Node& n, FreezeSection& f) {
+  if (!r.check_map(n, "freeze", {"layers", "train_last", "patterns", "embeddings", "lm_head", "norm"})) return;
+  r.get(n, "freeze", "layers", f.layers);
+  r.get(n, "freeze", "train_last", f.train_last);
+  r.get(n, "freeze", "patterns", f.patterns);
+  r.get(n, "freeze", "embeddings", f.embeddings);
+  r.get(n, "freeze", "lm_head", f.lm_head);
+  r.get(n, "freeze", "norm", f.norm);
+  r.positive(n, "freeze", "train_last", static_cast<double>(f.train_last), true);
+  if (f.train_last > 0 && !f.layers.empty()) {
+    r.error(n["train_last"], "'freeze.train_last' and 'freeze.layers' exclude each other (pick one way to choose blocks)");
+  }
+  if (const YAML::Node layers = n["layers"]) {
+    for (const std::string& item : f.layers) {
+      if (!parse_layer_range(item)) {
+        r.error(layers, "'freeze.layers' items are block indices or inclusive ranges like 0-5 (negative counts from the "
+                        "end: -1 is the last block), got '" + item + "'");
+      }
+    }
+  }
+}
+
+const std::vector<std::string> kTopKeys = {"model",      "tokenizer",  "data",         "optimizer",  "schedule",
+                                           "max_steps",  "clip_grad_norm", "dtype",    "device",     "eval",
+                                           "mode",       "freeze",     "checkpoint",   "log_every",  "output_dir",
+                                           "on_nonfinite"};
 
 void apply_override(Reader& r, YAML::Node& root, const std::string& text) {
   const size_t eq = text.find('=');
@@ -291,6 +331,25 @@ void apply_override(Reader& r, YAML::Node& root, const std::string& text) {
 
 }  // namespace
 
+std::optional<std::pair<int64_t, int64_t>> parse_layer_range(const std::string& text) {
+  auto number = [](std::string_view s, int64_t& out) {
+    if (s.empty()) return false;
+    const auto r = std::from_chars(s.data(), s.data() + s.size(), out);
+    return r.ec == std::errc() && r.ptr == s.data() + s.size();
+  };
+  int64_t a = 0, b = 0;
+  // "3", "-1", "0-5", "-3--1": the separating dash is the first one after the first character.
+  const size_t dash = text.find('-', 1);
+  if (dash == std::string::npos) {
+    if (!number(text, a)) return std::nullopt;
+    return std::make_pair(a, a);
+  }
+  if (!number(std::string_view(text).substr(0, dash), a) || !number(std::string_view(text).substr(dash + 1), b)) {
+    return std::nullopt;
+  }
+  return std::make_pair(a, b);
+}
+
 RunConfig parse_run_config(std::string_view yaml, const std::string& source, const std::vector<std::string>& overrides) {
   Reader r(source);
   YAML::Node root;
@@ -320,6 +379,11 @@ RunConfig parse_run_config(std::string_view yaml, const std::string& source, con
     r.get(root, "", "dtype", c.dtype);
     r.get(root, "", "device", c.device);
     section("eval", parse_eval, c.eval);
+    r.get(root, "", "mode", c.mode);
+    r.one_of(root, "", "mode", c.mode, {"full", "freeze"});
+    section("freeze", parse_freeze, c.freeze);
+    if (root["freeze"] && c.mode != "freeze") r.error(root["freeze"], "'freeze' only applies with 'mode: freeze'");
+    section("checkpoint", parse_checkpoint, c.checkpoint);
     r.get(root, "", "log_every", c.log_every);
     r.get(root, "", "output_dir", c.output_dir);
     r.get(root, "", "on_nonfinite", c.on_nonfinite);
@@ -412,8 +476,27 @@ std::string to_yaml(const RunConfig& c) {
     out << YAML::Key << "every" << YAML::Value << c.eval.every;
     out << YAML::Key << "max_batches" << YAML::Value << c.eval.max_batches;
     out << YAML::Key << "batch_size" << YAML::Value << c.eval.batch_size;
+    out << YAML::Key << "patience" << YAML::Value << c.eval.patience;
+    out << YAML::Key << "min_delta" << YAML::Value << shortest(c.eval.min_delta);
     out << YAML::EndMap;
   }
+  out << YAML::Key << "mode" << YAML::Value << c.mode;
+  if (c.mode == "freeze") {
+    out << YAML::Key << "freeze" << YAML::Value << YAML::BeginMap;
+    if (!c.freeze.layers.empty()) out << YAML::Key << "layers" << YAML::Value << YAML::Flow << c.freeze.layers;
+    if (c.freeze.train_last > 0) out << YAML::Key << "train_last" << YAML::Value << c.freeze.train_last;
+    if (!c.freeze.patterns.empty()) out << YAML::Key << "patterns" << YAML::Value << YAML::Flow << c.freeze.patterns;
+    out << YAML::Key << "embeddings" << YAML::Value << c.freeze.embeddings;
+    out << YAML::Key << "lm_head" << YAML::Value << c.freeze.lm_head;
+    out << YAML::Key << "norm" << YAML::Value << c.freeze.norm;
+    out << YAML::EndMap;
+  }
+  out << YAML::Key << "checkpoint" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "every" << YAML::Value << c.checkpoint.every;
+  out << YAML::Key << "keep_last" << YAML::Value << c.checkpoint.keep_last;
+  out << YAML::Key << "resume" << YAML::Value << c.checkpoint.resume;
+  out << YAML::Key << "strict" << YAML::Value << c.checkpoint.strict;
+  out << YAML::EndMap;
   out << YAML::Key << "log_every" << YAML::Value << c.log_every;
   out << YAML::Key << "output_dir" << YAML::Value << c.output_dir;
   out << YAML::Key << "on_nonfinite" << YAML::Value << c.on_nonfinite;

@@ -3,20 +3,27 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/Context.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <csignal>
+#include <set>
 #include <filesystem>
 #include <fstream>
 #include <optional>
 #include <nlohmann/json.hpp>
 
+#include "ft/adapt/mode.h"
 #include "ft/data/batcher.h"
 #include "ft/data/tokenizer.h"
 #include "ft/io/hf_checkpoint.h"
 #include "ft/model/inspect.h"
+#include "ft/io/safetensors.h"
 #include "ft/train/batch.h"
+#include "ft/train/checkpoint.h"
 #include "ft/train/optimizer.h"
 #include "ft/train/schedule.h"
+#include "ft/train/state.h"
 #include "ft/train/step.h"
 #include "ft/util/error.h"
 #include "ft/util/progress.h"
@@ -130,29 +137,114 @@ EvalResult evaluate(model::CausalLM& model, const config::RunConfig& c, const Ev
   return {loss_sum / static_cast<double>(targets), targets};
 }
 
+// metrics.jsonl, appended line by line and flushed, so a crashed run keeps every line written. A
+// resumed run first cuts it back to its length at the checkpoint (the lines after it are written
+// again, identically, by the resumed steps).
 class MetricsFile {
  public:
-  explicit MetricsFile(const fs::path& path) : path_(path), out_(path, std::ios::trunc) {
+  MetricsFile(const fs::path& path, std::optional<uint64_t> resume_bytes, std::FILE* log) : path_(path) {
+    if (resume_bytes) {
+      std::error_code ec;
+      const uint64_t size = fs::exists(path) ? fs::file_size(path, ec) : 0;
+      if (size < *resume_bytes) {
+        std::fprintf(log, "[train] %s is shorter (%llu bytes) than at the checkpoint (%llu); appending to it\n",
+                     path.string().c_str(), static_cast<unsigned long long>(size),
+                     static_cast<unsigned long long>(*resume_bytes));
+      } else {
+        fs::resize_file(path, *resume_bytes, ec);
+        FT_CHECK(!ec, "[train] cannot truncate ", path.string(), ": ", ec.message());
+      }
+      out_.open(path, std::ios::app);
+      bytes_ = std::min(size, *resume_bytes);
+    } else {
+      out_.open(path, std::ios::trunc);
+    }
     FT_CHECK(out_.good(), "[train] cannot write ", path.string());
   }
   void write(const nlohmann::json& line) {
-    out_ << line.dump() << "\n";
-    out_.flush();  // a crashed or interrupted run keeps every line written so far
+    const std::string text = line.dump() + "\n";
+    out_ << text;
+    out_.flush();
     FT_CHECK(out_.good(), "[train] writing ", path_.string(), " failed");
+    bytes_ += text.size();
   }
+  uint64_t bytes() const { return bytes_; }
 
  private:
   fs::path path_;
   std::ofstream out_;
+  uint64_t bytes_ = 0;
 };
+
+// SIGINT/SIGTERM → a flag the loop checks between steps. SA_RESETHAND restores the default action
+// after the first signal, so a second Ctrl-C ends the process at once.
+std::atomic<int> g_signal{0};
+
+extern "C" void on_stop_signal(int sig) { g_signal.store(sig); }
+
+class SignalScope {
+ public:
+  explicit SignalScope(bool enable) : enabled_(enable) {
+    if (!enabled_) return;
+    g_signal.store(0);
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESETHAND;
+    sigaction(SIGINT, &sa, &old_int_);
+    sigaction(SIGTERM, &sa, &old_term_);
+  }
+  ~SignalScope() {
+    if (!enabled_) return;
+    sigaction(SIGINT, &old_int_, nullptr);
+    sigaction(SIGTERM, &old_term_, nullptr);
+  }
+  int pending() const { return enabled_ ? g_signal.load() : 0; }
+
+ private:
+  bool enabled_;
+  struct sigaction old_int_ {}, old_term_ {};
+};
+
+// FNV-1a over the step's input ids: the "data" field of train and skip lines, to compare sample order.
+std::string data_hash(const std::vector<data::Batch>& batches) {
+  uint64_t h = 1469598103934665603ull;
+  for (const auto& b : batches) {
+    for (const int64_t id : b.input_ids) {
+      for (int k = 0; k < 8; ++k) h = (h ^ ((static_cast<uint64_t>(id) >> (8 * k)) & 0xff)) * 1099511628211ull;
+    }
+  }
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
 
 // JSON has no NaN or Infinity; a skipped step's values are written as null.
 nlohmann::json number(double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr); }
 
 }  // namespace
 
+const char* stop_reason_name(StopReason reason) {
+  switch (reason) {
+    case StopReason::MaxSteps: return "max_steps";
+    case StopReason::EarlyStopping: return "early_stopping";
+    case StopReason::Signal: return "signal";
+    case StopReason::Callback: return "callback";
+  }
+  return "?";
+}
+
 RunSummary run_training(const config::RunConfig& c, std::FILE* log) {
+  RunOptions o;
+  o.log = log;
+  return run_training(c, o);
+}
+
+RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   const auto start = Clock::now();
+  std::FILE* log = ro.log ? ro.log : stderr;
+  Callbacks none;
+  Callbacks& callbacks = ro.callbacks ? *ro.callbacks : none;
   const c10::Device device = resolve_device(c.device);
   const bool bf16 = c.dtype == "bfloat16";
   FT_CHECK(!bf16 || device.is_cuda(), "[train] dtype bfloat16 (autocast) needs a CUDA device; on CPU use float32");
@@ -168,11 +260,12 @@ RunSummary run_training(const config::RunConfig& c, std::FILE* log) {
     model::init_weights(model, c.model.init_seed);
     model->to(device);
   }
+  const std::unique_ptr<adapt::Mode> mode = adapt::make_mode(c);
+  mode->apply(model);
   model->train();
   const Stores stores = open_stores(c);
   FT_CHECK(stores.vocab_size <= model->config().vocab_size, "[train] the token stores' vocabulary (",
            stores.vocab_size, ") is larger than the model's (", model->config().vocab_size, ")");
-  data::Batcher batcher(stores.train, train_batcher_options(c));
 
   OptimizerOptions oo;
   oo.kind = parse_optimizer_kind(c.optimizer.name);
@@ -189,19 +282,45 @@ RunSummary run_training(const config::RunConfig& c, std::FILE* log) {
   step_options.clip_grad_norm = c.clip_grad_norm;
   step_options.on_nonfinite = parse_nonfinite_policy(c.on_nonfinite);
 
+  // --- output directory, checkpoints, resume -----------------------------------------------------
   const fs::path out_dir(c.output_dir);
   fs::create_directories(out_dir);
   {
-    std::ofstream cfg(out_dir / "config.yaml", std::ios::trunc);
-    cfg << "# resolved from " << c.source << "\n" << config::to_yaml(c);
-    FT_CHECK(cfg.good(), "[train] cannot write ", (out_dir / "config.yaml").string());
+    const std::string text = "# resolved from " + c.source + "\n" + config::to_yaml(c);
+    io::write_file_atomic((out_dir / "config.yaml").string(),
+                          std::span(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
   }
-  MetricsFile metrics(out_dir / "metrics.jsonl");
+  CheckpointDir checkpoints((out_dir / "checkpoints").string());
+  if (const int stale = checkpoints.clean_stale(); stale > 0) {
+    std::fprintf(log, "[checkpoint] removed %d unfinished checkpoint director%s of an interrupted save\n", stale,
+                 stale == 1 ? "y" : "ies");
+  }
+  const std::string identity = run_identity(c);
+  TrainerState st;
+  std::optional<std::string> resume_dir;
+  if (c.checkpoint.resume == "never") {
+    FT_CHECK(checkpoints.steps().empty(), "[train] ", checkpoints.root(),
+             " holds checkpoints and checkpoint.resume is 'never': use a new output_dir, or resume: auto");
+  } else {
+    resume_dir = checkpoints.latest_valid(c.checkpoint.strict, log);
+    FT_CHECK(resume_dir || c.checkpoint.resume != "required", "[train] checkpoint.resume is 'required' but ",
+             checkpoints.root(), " holds no intact checkpoint");
+  }
+  if (resume_dir) {
+    st = read_training_state(*resume_dir, model, *mode, *optimizer, identity);
+    std::fprintf(log, "[train] resuming from %s (step %lld of %lld)\n", resume_dir->c_str(),
+                 static_cast<long long>(st.step), static_cast<long long>(c.max_steps));
+  }
+  data::Batcher batcher = resume_dir ? data::Batcher(stores.train, train_batcher_options(c), st.batcher)
+                                     : data::Batcher(stores.train, train_batcher_options(c));
+  MetricsFile metrics(out_dir / "metrics.jsonl", resume_dir ? std::optional<uint64_t>(st.metrics_bytes) : std::nullopt,
+                      log);
 
   const model::ParameterSummary params = model::summarize_parameters(model);
   std::fprintf(log, "[train] %s: %lld parameters (%zu tensors with weight decay %g, %zu without), device %s, %s\n",
                c.source.c_str(), static_cast<long long>(params.total), groups.decay.size(), oo.weight_decay,
                groups.no_decay.size(), device.str().c_str(), c.dtype.c_str());
+  std::fprintf(log, "[train] %s\n", mode->describe(model).c_str());
   std::fprintf(log, "[train] %lld steps of %lld × %lld rows of %lld tokens; %s lr %g, %s schedule, warmup %lld\n",
                static_cast<long long>(c.max_steps), static_cast<long long>(c.data.grad_accum),
                static_cast<long long>(c.data.batch_size), static_cast<long long>(c.data.seq_len),
@@ -209,78 +328,170 @@ RunSummary run_training(const config::RunConfig& c, std::FILE* log) {
                static_cast<long long>(c.schedule.warmup_steps));
 
   RunSummary summary;
-  auto run_evals = [&](int64_t step) {
-    for (const EvalSet& set : stores.eval) {
-      const std::string& name = set.name;
+  summary.resumed_from = resume_dir ? st.step : -1;
+  summary.final_eval_loss = st.last_eval;
+  StepCounters counters{st.step, st.skipped};
+  int64_t last_saved = resume_dir ? st.step : -1;
+
+  auto save = [&](const char* why) {
+    if (last_saved == counters.step) return;  // the newest checkpoint already holds this state
+    st.step = counters.step;
+    st.skipped = counters.skipped;
+    st.batcher = batcher.state();
+    st.metrics_bytes = metrics.bytes();
+    const std::string dir = checkpoints.save(counters.step, [&](const std::string& tmp) {
+      write_training_state(tmp, model, *mode, *optimizer, st, identity);
+    });
+    std::set<int64_t> keep;
+    if (st.best_step >= 0) keep.insert(st.best_step);
+    checkpoints.prune(c.checkpoint.keep_last, keep);
+    last_saved = counters.step;
+    summary.last_checkpoint = dir;
+    std::fprintf(log, "\n[checkpoint] step %lld saved (%s): %s\n", static_cast<long long>(counters.step), why,
+                 dir.c_str());
+    callbacks.on_checkpoint(counters.step, dir);
+  };
+
+  // Evaluates every set; returns whether the first set improved, and the strongest callback request.
+  bool stop_early = false;
+  auto run_evals = [&](int64_t step, Action& action) {
+    bool improved = false;
+    for (size_t k = 0; k < stores.eval.size(); ++k) {
+      const EvalSet& set = stores.eval[k];
       const EvalResult e = evaluate(model, c, set, device);
-      metrics.write({{"type", "eval"}, {"step", step}, {"set", name}, {"loss", e.loss},
-                     {"perplexity", std::exp(e.loss)}, {"targets", e.targets}});
-      std::fprintf(log, "\n[eval] step %lld, %s: loss %.4f, perplexity %.2f (%lld targets)\n",
-                   static_cast<long long>(step), name.c_str(), e.loss, std::exp(e.loss),
-                   static_cast<long long>(e.targets));
-      summary.final_eval_loss[name] = e.loss;
+      EvalInfo info{step, set.name, e.loss, std::exp(e.loss), e.targets, false};
+      if (k == 0) {
+        if (e.loss < st.best_loss - c.eval.min_delta) {
+          st.best_loss = e.loss;
+          st.best_step = step;
+          st.evals_since_best = 0;
+          improved = info.best = true;
+        } else if (++st.evals_since_best >= c.eval.patience && c.eval.patience > 0) {
+          stop_early = true;
+        }
+      }
+      metrics.write({{"type", "eval"}, {"step", step}, {"set", set.name}, {"loss", e.loss},
+                     {"perplexity", info.perplexity}, {"targets", e.targets}, {"best", info.best}});
+      std::fprintf(log, "\n[eval] step %lld, %s: loss %.4f, perplexity %.2f (%lld targets)%s\n",
+                   static_cast<long long>(step), set.name.c_str(), e.loss, info.perplexity,
+                   static_cast<long long>(e.targets), info.best ? ", best so far" : "");
+      st.last_eval[set.name] = e.loss;
+      const Action a = callbacks.on_eval(info);
+      if (a == Action::Stop || (a == Action::Checkpoint && action != Action::Stop)) action = a;
     }
+    if (stop_early) {
+      std::fprintf(log, "[eval] no improvement of %s by more than %g in %lld evaluations: stopping early (best %.4f at "
+                        "step %lld)\n", stores.eval.front().name.c_str(), c.eval.min_delta,
+                   static_cast<long long>(c.eval.patience), st.best_loss, static_cast<long long>(st.best_step));
+    }
+    summary.final_eval_loss = st.last_eval;
+    return improved;
   };
 
   // --- the loop ----------------------------------------------------------------------------------
+  callbacks.on_start(c, counters.step);
+  SignalScope signals(ro.handle_signals);
   AutocastScope autocast(bf16);
-  StepCounters counters;
   Progress progress("train", static_cast<double>(c.max_steps), "steps", log);
-  int64_t tokens_total = 0, consecutive_skips = 0;
+  progress.set_start(static_cast<double>(counters.step));
+  progress.update(static_cast<double>(counters.step));
+  int64_t tokens_here = 0;
   double train_seconds = 0.0;
+  StopReason stop = StopReason::MaxSteps;
   while (counters.step < c.max_steps) {
     const auto step_start = Clock::now();
+    std::vector<data::Batch> batches;
     std::vector<BatchTensors> micro_batches;
     for (int64_t i = 0; i < c.data.grad_accum; ++i) {
       std::optional<data::Batch> batch = batcher.next();
       FT_CHECK(batch.has_value(), "[train] the batcher ended early");  // endless stream: cannot happen
       micro_batches.push_back(to_tensors(*batch, device));
+      batches.push_back(std::move(*batch));
     }
+    const std::string hash = data_hash(batches);
     const double lr = c.optimizer.lr * lr_factor(schedule, counters.step);
     const AccumulateResult r = accumulate_gradients(model, micro_batches);
     const int64_t step_index = counters.step;
     const StepOutcome out = optimizer_step(*optimizer, r.n_targets > 0 ? r.loss : NAN, lr, step_options, counters);
     const double seconds = std::chrono::duration<double>(Clock::now() - step_start).count();
     train_seconds += seconds;
-    tokens_total += r.n_tokens;
-    const double tokens_per_s = static_cast<double>(tokens_total) / std::max(train_seconds, 1e-9);
+    tokens_here += r.n_tokens;
+    st.tokens_total += r.n_tokens;
+    const double tokens_per_s = static_cast<double>(tokens_here) / std::max(train_seconds, 1e-9);
+    StepInfo info{counters.step, out.applied, r.loss, lr, out.grad_norm, r.n_targets, r.n_tokens, tokens_per_s, seconds};
+    Action action = Action::Continue;
+    bool due_eval = false, due_save = false, improved = false;
     if (!out.applied) {
       metrics.write({{"type", "skip"}, {"step", step_index}, {"loss", number(r.loss)},
-                     {"grad_norm", number(out.grad_norm)}, {"targets", r.n_targets}, {"skipped", counters.skipped}});
+                     {"grad_norm", number(out.grad_norm)}, {"targets", r.n_targets}, {"skipped", counters.skipped},
+                     {"data", hash}});
       std::fprintf(log, "\n[train] step %lld skipped: %s (%lld skipped so far)\n", static_cast<long long>(step_index),
                    r.n_targets == 0 ? "no target token" : std::isfinite(r.loss) ? "non-finite gradient" : "non-finite loss",
                    static_cast<long long>(counters.skipped));
-      FT_CHECK(++consecutive_skips < 20, "[train] 20 consecutive steps were non-finite at step ", step_index,
+      FT_CHECK(++st.consecutive_skips < 20, "[train] 20 consecutive steps were non-finite at step ", step_index,
                "; stopping (lower the learning rate or check the data)");
-      continue;
+      action = callbacks.on_step(info);
+    } else {
+      st.consecutive_skips = 0;
+      if (counters.step == 1) st.first_loss = r.loss;
+      st.last_loss = r.loss;
+      if (counters.step % c.log_every == 0 || counters.step == c.max_steps) {
+        metrics.write({{"type", "train"}, {"step", counters.step}, {"loss", r.loss}, {"lr", lr},
+                       {"grad_norm", out.grad_norm}, {"targets", r.n_targets}, {"tokens", r.n_tokens},
+                       {"tokens_per_s", tokens_per_s}, {"step_time_s", seconds}, {"skipped", counters.skipped},
+                       {"data", hash}});
+      }
+      char extra[128];
+      std::snprintf(extra, sizeof extra, "loss %.4f, lr %.2e, %.0f tok/s", r.loss, lr, tokens_per_s);
+      progress.update(static_cast<double>(counters.step), extra);
+      action = callbacks.on_step(info);
+      due_eval = !stores.eval.empty() && ((c.eval.every > 0 && counters.step % c.eval.every == 0) ||
+                                          counters.step == c.max_steps || action == Action::Evaluate);
+      if (due_eval) improved = run_evals(counters.step, action);
+      due_save = c.checkpoint.every > 0 &&
+                 (counters.step % c.checkpoint.every == 0 || counters.step == c.max_steps || improved);
     }
-    consecutive_skips = 0;
-    if (summary.steps == 0) summary.first_loss = r.loss;
-    summary.steps = counters.step;
-    summary.last_loss = r.loss;
-    if (counters.step % c.log_every == 0 || counters.step == c.max_steps) {
-      metrics.write({{"type", "train"}, {"step", counters.step}, {"loss", r.loss}, {"lr", lr},
-                     {"grad_norm", out.grad_norm}, {"targets", r.n_targets}, {"tokens", r.n_tokens},
-                     {"tokens_per_s", tokens_per_s}, {"step_time_s", seconds}, {"skipped", counters.skipped}});
+    if (stop_early) stop = StopReason::EarlyStopping;
+    if (action == Action::Stop) stop = StopReason::Callback;
+    if (const int sig = signals.pending()) {
+      stop = StopReason::Signal;
+      summary.signal = sig;
+      std::fprintf(log, "\n[train] %s: saving a checkpoint at step %lld and stopping\n", sig == SIGINT ? "SIGINT" : "SIGTERM",
+                   static_cast<long long>(counters.step));
     }
-    char extra[128];
-    std::snprintf(extra, sizeof extra, "loss %.4f, lr %.2e, %.0f tok/s", r.loss, lr, tokens_per_s);
-    progress.update(static_cast<double>(counters.step), extra);
-    if (c.eval.every > 0 && counters.step % c.eval.every == 0 && counters.step < c.max_steps) run_evals(counters.step);
+    if (due_save || action == Action::Checkpoint ||
+        (stop != StopReason::MaxSteps && (c.checkpoint.every > 0 || stop == StopReason::Signal))) {
+      save(stop == StopReason::Signal ? "signal" : action == Action::Checkpoint ? "callback" : improved ? "best" : "scheduled");
+    }
+    if (stop != StopReason::MaxSteps) break;
   }
   progress.finish();
 
   // --- wrap up -----------------------------------------------------------------------------------
-  run_evals(counters.step);
+  summary.steps = counters.step;
   summary.skipped = counters.skipped;
-  summary.final_dir = (out_dir / "final").string();
-  io::save_pretrained(model, summary.final_dir);
+  summary.first_loss = st.first_loss;
+  summary.last_loss = st.last_loss;
+  summary.best_step = st.best_step;
+  summary.best_loss = st.best_step >= 0 ? st.best_loss : 0.0;
+  summary.stop = stop;
+  if (stop != StopReason::Signal) {
+    summary.final_dir = (out_dir / "final").string();
+    io::save_pretrained(model, summary.final_dir);
+  }
   summary.seconds = std::chrono::duration<double>(Clock::now() - start).count();
-  summary.tokens_per_s = static_cast<double>(tokens_total) / std::max(train_seconds, 1e-9);
-  std::fprintf(log, "[train] done: %lld steps (%lld skipped), loss %.4f → %.4f, %.0f tokens/s, %s; saved %s\n",
-               static_cast<long long>(summary.steps), static_cast<long long>(summary.skipped), summary.first_loss,
-               summary.last_loss, summary.tokens_per_s, Progress::format_duration(summary.seconds).c_str(),
-               summary.final_dir.c_str());
+  summary.tokens_per_s = static_cast<double>(tokens_here) / std::max(train_seconds, 1e-9);
+  if (stop == StopReason::Signal) {
+    std::fprintf(log, "[train] stopped by a signal at step %lld of %lld; checkpoint %s; run the same command to resume\n",
+                 static_cast<long long>(summary.steps), static_cast<long long>(c.max_steps),
+                 summary.last_checkpoint.c_str());
+  } else {
+    std::fprintf(log, "[train] done (%s): %lld steps (%lld skipped), loss %.4f → %.4f, %.0f tokens/s, %s; saved %s\n",
+                 stop_reason_name(stop), static_cast<long long>(summary.steps), static_cast<long long>(summary.skipped),
+                 summary.first_loss, summary.last_loss, summary.tokens_per_s,
+                 Progress::format_duration(summary.seconds).c_str(), summary.final_dir.c_str());
+  }
+  callbacks.on_end(summary);
   return summary;
 }
 

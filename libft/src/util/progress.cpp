@@ -29,7 +29,7 @@ std::string Progress::format_duration(double s) {
 
 std::string Progress::line(double done, const std::string& extra) const {
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-  const double rate = elapsed > 0 ? done / elapsed : 0;
+  const double rate = elapsed > 0 ? (done - base_) / elapsed : 0;
   std::ostringstream os;
   os.setf(std::ios::fixed);
   os.precision(1);
@@ -63,7 +63,7 @@ void Progress::update(double done, const std::string& extra) {
 
 void Progress::finish(const std::string& extra) {
   if (out_ == nullptr) return;
-  const std::string text = line(total_ > 0 ? total_ : last_done_, extra);
+  const std::string text = line(last_done_, extra);
   if (tty_) std::fprintf(out_, "\r\033[K%s\n", text.c_str());
   else std::fprintf(out_, "%s\n", text.c_str());
   std::fflush(out_);

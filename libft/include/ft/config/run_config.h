@@ -7,8 +7,10 @@
 // file is reported at once. Relative paths are relative to the working directory, as for the other
 // `ft` commands. Overrides "section.key=value" (the value is YAML) are applied before validation.
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace ft::config {
@@ -53,6 +55,29 @@ struct EvalSection {
   int64_t every = 0;                ///< evaluate every N optimizer steps and at the end (0 = only at the end)
   int64_t max_batches = 0;          ///< per set; 0 = the whole set
   int64_t batch_size = 0;           ///< 0: data.batch_size
+  /// Early stopping: stop after this many evaluations in a row without an improvement of the first
+  /// set's loss by more than min_delta (0 = never stop early). The best evaluation's checkpoint is
+  /// kept whatever keep_last says.
+  int64_t patience = 0;
+  double min_delta = 0.0;
+};
+
+struct CheckpointSection {
+  int64_t every = 0;            ///< save every N optimizer steps (0 = only at the end and on SIGINT/SIGTERM)
+  int64_t keep_last = 2;        ///< complete checkpoints kept, newest first (plus the best one)
+  std::string resume = "auto";  ///< auto: continue from output_dir's newest intact checkpoint if any;
+                                ///< never: refuse an output_dir that has checkpoints; required: fail without one
+  bool strict = false;          ///< a damaged newest checkpoint is an error instead of a fallback to an older one
+};
+
+/// mode: freeze. Every parameter trains except those selected here.
+struct FreezeSection {
+  std::vector<std::string> layers;    ///< frozen decoder blocks: indices or inclusive ranges ("0-5"), negative from the end
+  int64_t train_last = 0;             ///< > 0: only the last N blocks train (all earlier blocks are frozen)
+  std::vector<std::string> patterns;  ///< glob patterns (* and ?) over parameter names; matches are frozen
+  bool embeddings = true;             ///< freeze embed_tokens
+  bool lm_head = false;               ///< freeze lm_head (with tied embeddings it must equal `embeddings`)
+  bool norm = false;                  ///< freeze the final norm (model.norm)
 };
 
 struct RunConfig {
@@ -67,8 +92,12 @@ struct RunConfig {
   std::string dtype = "float32";  ///< float32 | bfloat16 (bfloat16: autocast, CUDA only)
   std::string device = "cpu";     ///< cpu | cuda | cuda:N | auto
   EvalSection eval;
+  /// Adaptation mode: full (every parameter trains) | freeze (see FreezeSection).
+  std::string mode = "full";
+  FreezeSection freeze;
+  CheckpointSection checkpoint;
   int64_t log_every = 1;          ///< metrics.jsonl line every N steps
-  std::string output_dir;         ///< required; metrics.jsonl, config.yaml and final/ go here
+  std::string output_dir;         ///< required; metrics.jsonl, config.yaml, checkpoints/ and final/ go here
   std::string on_nonfinite = "skip";  ///< skip | stop
 };
 
@@ -76,6 +105,9 @@ struct RunConfig {
 /// line, each as "source:line:column: message".
 RunConfig parse_run_config(std::string_view yaml, const std::string& source,
                            const std::vector<std::string>& overrides = {});
+/// "3" → (3, 3), "0-5" → (0, 5), "-2--1" → (-2, -1) (negative indices count from the last block);
+/// nullopt for anything else. Bounds are checked against the model later (adapt/mode.h).
+std::optional<std::pair<int64_t, int64_t>> parse_layer_range(const std::string& text);
 /// Reads and parses a file.
 RunConfig load_run_config(const std::string& path, const std::vector<std::string>& overrides = {});
 /// The resolved configuration (all defaults filled in) as YAML that parse_run_config accepts.

@@ -9,7 +9,16 @@
 // Files in output_dir: config.yaml (the resolved config), metrics.jsonl (one JSON object per line:
 // {"type":"train", "step", "loss", "lr", "grad_norm", "targets", "tokens", "tokens_per_s",
 // "step_time_s", "skipped"} every log_every steps, {"type":"skip", ...} for every skipped step and
-// {"type":"eval", "step", "set", "loss", "perplexity", "targets"} per evaluation set), final/.
+// {"type":"eval", "step", "set", "loss", "perplexity", "targets"} per evaluation set), final/, and
+// checkpoints/step-NNNNNNNN/ (checkpoint.h, state.h).
+//
+// RESUME. With checkpoint.every > 0 the run saves every that many steps (and at the end, at an early
+// stop, on SIGINT/SIGTERM and when a callback asks). A later `ft train` of the same config continues
+// from the newest intact checkpoint: weights, optimizer moments, schedule position, the batcher's
+// exact position and the RNG states are restored and metrics.jsonl is cut back to its length at
+// that save, so the run's losses, sample order and final weights are bit-identical to a run that
+// was never interrupted (on the same machine and thread count). Train lines carry "data", a hash of
+// the step's input ids, so that the order of samples can be compared between runs.
 #include <cstdio>
 #include <map>
 #include <string>
@@ -18,19 +27,77 @@
 
 namespace ft::train {
 
+/// Why a run ended.
+enum class StopReason { MaxSteps, EarlyStopping, Signal, Callback };
+const char* stop_reason_name(StopReason reason);
+
 struct RunSummary {
-  int64_t steps = 0;    ///< optimizer steps applied
+  int64_t steps = 0;    ///< optimizer steps applied (in total, across resumes)
   int64_t skipped = 0;  ///< steps skipped for non-finite values
   double first_loss = 0.0, last_loss = 0.0;
-  std::map<std::string, double> final_eval_loss;  ///< per evaluation set
-  std::string final_dir;
-  double seconds = 0.0;
-  double tokens_per_s = 0.0;
+  std::map<std::string, double> final_eval_loss;  ///< per evaluation set, at the last evaluation
+  std::string final_dir;       ///< the Hugging Face export (empty when the run was interrupted)
+  std::string last_checkpoint; ///< newest checkpoint directory (empty if none was written)
+  int64_t best_step = -1;      ///< step of the best evaluation of the first set (-1: none)
+  double best_loss = 0.0;
+  int64_t resumed_from = -1;   ///< step of the checkpoint this process resumed from (-1: a fresh start)
+  StopReason stop = StopReason::MaxSteps;
+  int signal = 0;              ///< the signal that stopped it (StopReason::Signal)
+  double seconds = 0.0;        ///< this process's wall time
+  double tokens_per_s = 0.0;   ///< this process's training throughput
 };
 
-/// Runs `config`. Human-readable lines (setup, evaluations, the progress line) go to `log`.
+/// What a training program sees after every optimizer step (applied or skipped).
+struct StepInfo {
+  int64_t step = 0;        ///< steps applied so far (after this one)
+  bool applied = true;     ///< false: skipped for a non-finite loss or gradient
+  double loss = 0.0;       ///< token mean over the step
+  double lr = 0.0;
+  double grad_norm = 0.0;  ///< before clipping
+  int64_t targets = 0, tokens = 0;
+  double tokens_per_s = 0.0, step_time_s = 0.0;
+};
+
+struct EvalInfo {
+  int64_t step = 0;
+  std::string set;
+  double loss = 0.0, perplexity = 0.0;
+  int64_t targets = 0;
+  bool best = false;  ///< the first set improved on its best so far
+};
+
+/// What a callback asks of the trainer after a step or an evaluation.
+enum class Action {
+  Continue,
+  Evaluate,    ///< evaluate now (after a step)
+  Checkpoint,  ///< save a checkpoint now
+  Stop,        ///< save a checkpoint and end the run (StopReason::Callback)
+};
+
+/// Observes and steers a run from C++. Every method has a do-nothing default; the trainer calls them
+/// on its own thread, between steps.
+class Callbacks {
+ public:
+  virtual ~Callbacks() = default;
+  virtual void on_start(const config::RunConfig&, int64_t /*start_step*/) {}
+  virtual Action on_step(const StepInfo&) { return Action::Continue; }
+  virtual Action on_eval(const EvalInfo&) { return Action::Continue; }
+  virtual void on_checkpoint(int64_t /*step*/, const std::string& /*dir*/) {}
+  virtual void on_end(const RunSummary&) {}
+};
+
+struct RunOptions {
+  std::FILE* log = stderr;          ///< setup lines, evaluations, the progress line
+  Callbacks* callbacks = nullptr;   ///< not owned
+  /// SIGINT and SIGTERM finish the current step, save a checkpoint and end the run
+  /// (StopReason::Signal); a second signal kills at once. The previous handlers come back at the end.
+  bool handle_signals = false;
+};
+
+/// Runs `config`, resuming from output_dir/checkpoints when config.checkpoint.resume allows.
 /// Throws ft::Error for bad inputs (missing stores, a tokenizer mismatch, a CUDA setting without
-/// CUDA) and, under on_nonfinite: stop, for a non-finite step.
+/// CUDA, checkpoints of another run) and, under on_nonfinite: stop, for a non-finite step.
+RunSummary run_training(const config::RunConfig& config, const RunOptions& options);
 RunSummary run_training(const config::RunConfig& config, std::FILE* log = stderr);
 
 }  // namespace ft::train

@@ -13,6 +13,9 @@ class Progress {
  public:
   /// `unit` names what is counted ("docs", "MB", "steps"); total 0 = unknown.
   Progress(std::string label, double total, std::string unit, std::FILE* out = stderr, double interval_s = 1.0);
+  /// Work already done before this process started (a resumed run): rates and the ETA count only
+  /// what is done from here on.
+  void set_start(double done) { base_ = done; }
   /// Sets the amount done so far and an optional extra text (e.g. "loss 2.31"); draws if due.
   void update(double done, const std::string& extra = "");
   /// Draws the final state (the last amount given to update(), or the total) and ends the line.
@@ -31,6 +34,7 @@ class Progress {
   std::chrono::steady_clock::time_point start_, last_draw_;
   bool drawn_ = false;
   double last_done_ = 0;
+  double base_ = 0;
 };
 
 }  // namespace ft

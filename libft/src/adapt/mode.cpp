@@ -1,0 +1,181 @@
+#include "ft/adapt/mode.h"
+
+#include <map>
+#include <mutex>
+#include <set>
+
+#include "ft/util/error.h"
+
+namespace ft::adapt {
+
+namespace {
+
+std::mutex& registry_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+std::map<std::string, ModeFactory>& registry();
+
+// mode: full. Every parameter trains.
+class FullMode final : public Mode {
+ public:
+  std::string name() const override { return "full"; }
+  void apply(model::CausalLM& model) override {
+    for (auto& p : model->parameters()) p.set_requires_grad(true);
+  }
+};
+
+// mode: freeze. Every parameter trains except the ones config.freeze selects.
+class FreezeMode final : public Mode {
+ public:
+  explicit FreezeMode(config::FreezeSection f) : freeze_(std::move(f)) {}
+  std::string name() const override { return "freeze"; }
+  void apply(model::CausalLM& model) override {
+    const std::vector<std::string> frozen = frozen_parameter_names(model, freeze_);
+    const std::set<std::string> set(frozen.begin(), frozen.end());
+    for (auto& item : model->named_parameters()) item.value().set_requires_grad(set.count(item.key()) == 0);
+    FT_CHECK(count_trainable(model).trainable > 0, "[mode] freeze: every parameter of the model is frozen; nothing would train");
+  }
+
+ private:
+  config::FreezeSection freeze_;
+};
+
+std::map<std::string, ModeFactory>& registry() {
+  static std::map<std::string, ModeFactory> r = {
+      {"full", [](const config::RunConfig&) { return std::make_unique<FullMode>(); }},
+      {"freeze", [](const config::RunConfig& c) { return std::make_unique<FreezeMode>(c.freeze); }},
+  };
+  return r;
+}
+
+std::string with_commas(int64_t v) {
+  std::string s = std::to_string(v), out;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (i > 0 && (s.size() - i) % 3 == 0) out += ',';
+    out += s[i];
+  }
+  return out;
+}
+
+}  // namespace
+
+NamedTensors Mode::state(model::CausalLM& model) const {
+  NamedTensors v;
+  for (const auto& item : model->named_parameters()) {
+    if (item.value().requires_grad()) v.emplace_back(item.key(), item.value());
+  }
+  return v;
+}
+
+std::string Mode::describe(model::CausalLM& model) const {
+  const TrainableCounts c = count_trainable(model);
+  const double total = static_cast<double>(c.trainable + c.frozen);
+  return detail::concat("mode ", name(), ": ", with_commas(c.trainable), " trainable parameters in ", c.trainable_tensors,
+                        " tensors (", total > 0 ? 100.0 * static_cast<double>(c.trainable) / total : 0.0, "%), ",
+                        with_commas(c.frozen), " frozen in ", c.frozen_tensors, " tensors");
+}
+
+void register_mode(const std::string& name, ModeFactory factory) {
+  std::lock_guard lock(registry_mutex());
+  registry()[name] = std::move(factory);
+}
+
+std::unique_ptr<Mode> make_mode(const config::RunConfig& config) {
+  ModeFactory factory;
+  {
+    std::lock_guard lock(registry_mutex());
+    const auto it = registry().find(config.mode);
+    if (it != registry().end()) factory = it->second;
+  }
+  if (!factory) {
+    std::string known;
+    for (const auto& n : mode_names()) known += (known.empty() ? "" : ", ") + n;
+    FT_FAIL("[mode] '", config.mode, "' is not a known adaptation mode (", known, ")");
+  }
+  return factory(config);
+}
+
+std::vector<std::string> mode_names() {
+  std::lock_guard lock(registry_mutex());
+  std::vector<std::string> v;
+  for (const auto& [name, f] : registry()) v.push_back(name);
+  return v;
+}
+
+TrainableCounts count_trainable(model::CausalLM& model) {
+  TrainableCounts c;
+  for (const auto& p : model->parameters()) {
+    (p.requires_grad() ? c.trainable : c.frozen) += p.numel();
+    ++(p.requires_grad() ? c.trainable_tensors : c.frozen_tensors);
+  }
+  return c;
+}
+
+bool glob_match(std::string_view pattern, std::string_view text) {
+  size_t p = 0, t = 0, star = std::string_view::npos, mark = 0;
+  while (t < text.size()) {
+    if (p < pattern.size() && (pattern[p] == '?' || pattern[p] == text[t])) {
+      ++p, ++t;
+    } else if (p < pattern.size() && pattern[p] == '*') {
+      star = p++, mark = t;
+    } else if (star != std::string_view::npos) {
+      p = star + 1, t = ++mark;
+    } else {
+      return false;
+    }
+  }
+  while (p < pattern.size() && pattern[p] == '*') ++p;
+  return p == pattern.size();
+}
+
+std::vector<std::string> frozen_parameter_names(model::CausalLM& model, const config::FreezeSection& f) {
+  const int64_t n_layers = model->config().num_hidden_layers;
+  std::vector<bool> frozen_block(static_cast<size_t>(n_layers), false);
+  for (const std::string& item : f.layers) {
+    const auto range = config::parse_layer_range(item);
+    FT_CHECK(range.has_value(), "[mode] freeze.layers: '", item, "' is not a block index or range");
+    int64_t a = range->first < 0 ? range->first + n_layers : range->first;
+    int64_t b = range->second < 0 ? range->second + n_layers : range->second;
+    FT_CHECK(a >= 0 && b < n_layers && a <= b, "[mode] freeze.layers: '", item, "' is outside the model's blocks 0..",
+             n_layers - 1, " (or an empty range)");
+    for (int64_t i = a; i <= b; ++i) frozen_block[static_cast<size_t>(i)] = true;
+  }
+  if (f.train_last > 0) {
+    FT_CHECK(f.train_last <= n_layers, "[mode] freeze.train_last: ", f.train_last, " blocks, but the model has ", n_layers);
+    for (int64_t i = 0; i < n_layers - f.train_last; ++i) frozen_block[static_cast<size_t>(i)] = true;
+  }
+  const bool tied = model->config().tie_word_embeddings;
+  FT_CHECK(!tied || f.embeddings == f.lm_head, "[mode] freeze: the model ties lm_head to embed_tokens (one tensor), so "
+           "freeze.embeddings and freeze.lm_head must agree (got ", f.embeddings, " and ", f.lm_head, ")");
+
+  std::vector<bool> pattern_used(f.patterns.size(), false);
+  std::vector<std::string> names;
+  const std::string block_prefix = "model.layers.";
+  for (const auto& item : model->named_parameters()) {
+    const std::string& name = item.key();
+    bool frozen = false;
+    if (name.rfind(block_prefix, 0) == 0) {
+      const int64_t index = std::stoll(name.substr(block_prefix.size()));
+      frozen = frozen_block[static_cast<size_t>(index)];
+    } else if (name.rfind("model.embed_tokens.", 0) == 0) {
+      frozen = f.embeddings;
+    } else if (name.rfind("lm_head.", 0) == 0) {
+      frozen = f.lm_head;
+    } else if (name.rfind("model.norm.", 0) == 0) {
+      frozen = f.norm;
+    }
+    for (size_t k = 0; k < f.patterns.size(); ++k) {
+      if (glob_match(f.patterns[k], name)) frozen = true, pattern_used[k] = true;
+    }
+    if (frozen) names.push_back(name);
+  }
+  for (size_t k = 0; k < f.patterns.size(); ++k) {
+    FT_CHECK(pattern_used[k], "[mode] freeze.patterns: '", f.patterns[k], "' matches no parameter (names look like "
+             "model.layers.0.self_attn.q_proj.weight)");
+  }
+  return names;
+}
+
+}  // namespace ft::adapt
