@@ -4,7 +4,10 @@
 #   2. tokenize them once into an HDF5 token store (ft prepare, skipping the few empty records),
 #   3. train the small Llama of configs/models/tiny-llama.json from scratch on that store for a few
 #      dozen steps (configs/train-tiny.yaml, shortened here), evaluating on held-out fortunes,
-#   4. inspect the trained checkpoint and sample from it (greedy and top-p).
+#   4. inspect the trained checkpoint and sample from it (greedy and top-p),
+#   5. tokenize the Jargon File (the jargon-text package) into a second store with the same
+#      tokenizer: the target domain of the fine-tuning examples (configs/continue-jargon.yaml,
+#      configs/freeze-jargon.yaml), with the fortunes as the general domain.
 # 80 steps (~15 s on 2 cores) take the loss from ~8.4 (uniform over 4096 pieces: 8.3) to ~6.3; the
 # samples are still poor: run configs/train-tiny.yaml in full for a better model.
 #   scripts/default-job.sh FT_BINARY OUT_DIR
@@ -26,4 +29,9 @@ mkdir -p "$out"
 "$ft" generate "$out/train/final" -p "The meaning of life is" -t "$out/tokenizer" -n 24 --device cpu
 "$ft" generate "$out/train/final" -p "The meaning of life is" -t "$out/tokenizer" -n 24 --device cpu \
   --sample --top-p 0.9 --temperature 0.8 --seed 1
+jargon=${LIBFT_JARGON:-/usr/share/doc/jargon-text/jargon.txt.gz}
+[ -f "$jargon" ] || { echo "no $jargon (run scripts/setup.sh)"; exit 1; }
+zcat "$jargon" > "$out/jargon.txt"
+"$ft" prepare "$out/jargon.txt" -o "$out/jargon.h5" -t "$out/tokenizer" --format text --split blank_lines \
+  --on-error skip --max-bad-fraction 0.01
 echo "default job OK: tokenizer, token store, training metrics and trained checkpoint in $out"

@@ -180,3 +180,45 @@ TEST(RunConfig, SyntaxErrorsNameTheLine) {
   EXPECT_NE(e.find("[config] run.yaml:"), std::string::npos) << e;
   EXPECT_NE(e.find("YAML syntax error"), std::string::npos) << e;
 }
+
+TEST(RunConfig, ModeFreezeCheckpointAndEarlyStopping) {
+  std::string y = kGood;
+  y += "mode: freeze\nfreeze:\n  layers: [0, \"2-3\", -1]\n  patterns: [\"*.mlp.*\"]\n  embeddings: false\n"
+       "  lm_head: true\ncheckpoint:\n  every: 25\n  keep_last: 3\n  resume: required\n  strict: true\n";
+  y = replace(y, "  every: 10\n", "  every: 10\n  patience: 3\n  min_delta: 0.01\n");
+  const config::RunConfig c = config::parse_run_config(y, "run.yaml");
+  EXPECT_EQ(c.mode, "freeze");
+  EXPECT_EQ(c.freeze.layers, (std::vector<std::string>{"0", "2-3", "-1"}));
+  EXPECT_EQ(c.freeze.patterns, (std::vector<std::string>{"*.mlp.*"}));
+  EXPECT_FALSE(c.freeze.embeddings);
+  EXPECT_TRUE(c.freeze.lm_head);
+  EXPECT_FALSE(c.freeze.norm);
+  EXPECT_EQ(c.checkpoint.every, 25);
+  EXPECT_EQ(c.checkpoint.keep_last, 3);
+  EXPECT_EQ(c.checkpoint.resume, "required");
+  EXPECT_TRUE(c.checkpoint.strict);
+  EXPECT_EQ(c.eval.patience, 3);
+  EXPECT_EQ(c.eval.min_delta, 0.01);
+  // The resolved YAML reads back to the same values.
+  const config::RunConfig back = config::parse_run_config(config::to_yaml(c), "resolved");
+  EXPECT_EQ(config::to_yaml(back), config::to_yaml(c));
+  EXPECT_EQ(back.freeze.layers, c.freeze.layers);
+
+  // Defaults: full mode, no periodic checkpoints, resume auto.
+  const config::RunConfig d = config::parse_run_config(kGood, "run.yaml");
+  EXPECT_EQ(d.mode, "full");
+  EXPECT_EQ(d.checkpoint.every, 0);
+  EXPECT_EQ(d.checkpoint.resume, "auto");
+
+  std::string bad = kGood;
+  bad += "mode: frozen\nfreeze:\n  layers: [\"1-x\"]\n  train_last: 2\n  embedding: true\ncheckpoint:\n  resume: maybe\n"
+         "  keep_last: 0\n";
+  const std::string e = error_of(bad);
+  EXPECT_NE(e.find("'mode' must be one of full, freeze, got 'frozen'"), std::string::npos) << e;
+  EXPECT_NE(e.find("unknown key 'freeze.embedding'; did you mean 'embeddings'?"), std::string::npos) << e;
+  EXPECT_NE(e.find("'freeze.train_last' and 'freeze.layers' exclude each other"), std::string::npos) << e;
+  EXPECT_NE(e.find("got '1-x'"), std::string::npos) << e;
+  EXPECT_NE(e.find("'freeze' only applies with 'mode: freeze'"), std::string::npos) << e;
+  EXPECT_NE(e.find("'checkpoint.resume' must be one of auto, never, required, got 'maybe'"), std::string::npos) << e;
+  EXPECT_NE(e.find("'checkpoint.keep_last' must be > 0"), std::string::npos) << e;
+}

@@ -1,0 +1,495 @@
+// Checkpoint directories (manifest, verification, fallback, pruning, stale cleanup), adaptation
+// modes (full, freeze), and the trainer's resume, callbacks, best tracking and early stopping
+// through the C++ API. The process-level kills and crashes are tests/python/kill_resume.py's.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <unistd.h>
+
+#include "ft/adapt/mode.h"
+#include "ft/config/run_config.h"
+#include "ft/data/token_store.h"
+#include "ft/io/hf_checkpoint.h"
+#include "ft/io/safetensors.h"
+#include "ft/train/checkpoint.h"
+#include "ft/train/optimizer.h"
+#include "ft/train/run.h"
+#include "ft/train/step.h"
+#include "ft/util/error.h"
+#include "test_util.h"
+
+using namespace ft;
+namespace fs = std::filesystem;
+
+namespace {
+
+fs::path scratch(const std::string& name) {
+  const fs::path dir = fs::temp_directory_path() / ("libft_test_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+void write_file(const fs::path& p, const std::string& text) { std::ofstream(p, std::ios::binary) << text; }
+
+std::string read_file(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+std::string save_two(train::CheckpointDir& dir) {
+  dir.save(10, [](const std::string& d) {
+    write_file(fs::path(d) / "a.bin", "first checkpoint, file a");
+    write_file(fs::path(d) / "b.json", "{\"x\": 1}");
+  });
+  return dir.save(20, [](const std::string& d) {
+    write_file(fs::path(d) / "a.bin", "second checkpoint, file a");
+    write_file(fs::path(d) / "b.json", "{\"x\": 2}");
+  });
+}
+
+std::string latest_with_log(const train::CheckpointDir& dir, std::string& log_text) {
+  std::FILE* log = std::tmpfile();
+  const auto latest = dir.latest_valid(false, log);
+  std::rewind(log);
+  char buf[4096];
+  const size_t n = std::fread(buf, 1, sizeof buf, log);
+  std::fclose(log);
+  log_text.assign(buf, n);
+  return latest.value_or("");
+}
+
+}  // namespace
+
+TEST(CheckpointDir, SavesCompleteDirectoriesWithAManifest) {
+  const fs::path root = scratch("ckpt_save");
+  train::CheckpointDir dir((root / "checkpoints").string());
+  const std::string newest = save_two(dir);
+  EXPECT_EQ(newest, dir.path(20));
+  EXPECT_EQ(dir.steps(), (std::vector<int64_t>{10, 20}));
+  const auto entries = train::CheckpointDir::verify(newest);
+  ASSERT_EQ(entries.size(), 2u);
+  EXPECT_EQ(entries[0].name, "a.bin");
+  EXPECT_EQ(entries[0].bytes, 25u);
+  EXPECT_EQ(entries[0].sha256, data::sha256_file((fs::path(newest) / "a.bin").string()));
+  const nlohmann::json m = nlohmann::json::parse(read_file(fs::path(newest) / "manifest.json"));
+  EXPECT_EQ(m.at("step"), 20);
+  EXPECT_EQ(m.at("format"), "libft-checkpoint");
+  EXPECT_FALSE(fs::exists(dir.path(20) + ".tmp"));
+  std::string log;
+  EXPECT_EQ(latest_with_log(dir, log), newest);
+  EXPECT_TRUE(log.empty()) << log;
+  fs::remove_all(root);
+}
+
+// A damaged newest checkpoint is named and skipped; strict mode refuses to fall back.
+TEST(CheckpointDir, DamagedNewestFallsBackOrStopsWhenStrict) {
+  struct Case {
+    const char* what;
+    std::function<void(const fs::path&)> damage;
+    const char* expect;
+  };
+  const std::vector<Case> cases = {
+      {"truncated", [](const fs::path& d) { fs::resize_file(d / "a.bin", 5); }, "a.bin: 5 bytes, the manifest says 25"},
+      {"bit flip",
+       [](const fs::path& d) {
+         std::string s = read_file(d / "a.bin");
+         s[3] ^= 0x01;
+         write_file(d / "a.bin", s);
+       },
+       "a.bin: SHA-256 differs"},
+      {"missing file", [](const fs::path& d) { fs::remove(d / "b.json"); }, "b.json: missing"},
+      {"no manifest", [](const fs::path& d) { fs::remove(d / "manifest.json"); }, "no manifest.json"},
+      {"corrupt manifest", [](const fs::path& d) { write_file(d / "manifest.json", "{\"format\": "); }, "not valid JSON"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    const fs::path root = scratch("ckpt_damage");
+    train::CheckpointDir dir((root / "checkpoints").string());
+    save_two(dir);
+    c.damage(dir.path(20));
+    std::string log;
+    EXPECT_EQ(latest_with_log(dir, log), dir.path(10));
+    EXPECT_NE(log.find(c.expect), std::string::npos) << log;
+    EXPECT_NE(log.find("step-00000020"), std::string::npos) << log;
+    try {
+      dir.latest_valid(true, nullptr);
+      ADD_FAILURE() << "strict mode fell back";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(c.expect), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("checkpoint.strict"), std::string::npos) << e.what();
+    }
+    fs::remove_all(root);
+  }
+}
+
+TEST(CheckpointDir, PruneKeepsTheNewestAndProtectedSteps) {
+  const fs::path root = scratch("ckpt_prune");
+  train::CheckpointDir dir((root / "checkpoints").string());
+  for (int64_t s : {5, 10, 15, 20, 25}) {
+    dir.save(s, [](const std::string& d) { write_file(fs::path(d) / "x", "x"); });
+  }
+  EXPECT_EQ(dir.prune(2, {10}), (std::vector<int64_t>{5, 15}));
+  EXPECT_EQ(dir.steps(), (std::vector<int64_t>{10, 20, 25}));
+  EXPECT_EQ(dir.prune(1), (std::vector<int64_t>{10, 20}));
+  EXPECT_EQ(dir.steps(), (std::vector<int64_t>{25}));
+  fs::remove_all(root);
+}
+
+// Leftovers of interrupted saves: .tmp directories go; an .old directory (a replacement that
+// crashed between its two renames) comes back when its step-N is missing.
+TEST(CheckpointDir, CleansStaleDirectoriesAndRestoresAnInterruptedReplacement) {
+  const fs::path root = scratch("ckpt_stale");
+  train::CheckpointDir dir((root / "checkpoints").string());
+  save_two(dir);
+  fs::create_directories(dir.path(30) + ".tmp");
+  write_file(fs::path(dir.path(30) + ".tmp") / "a.bin", "partial");
+  fs::rename(dir.path(20), dir.path(20) + ".old");
+  EXPECT_EQ(dir.steps(), (std::vector<int64_t>{10}));
+  EXPECT_EQ(dir.clean_stale(), 1);
+  EXPECT_EQ(dir.steps(), (std::vector<int64_t>{10, 20}));
+  EXPECT_FALSE(fs::exists(dir.path(30) + ".tmp"));
+  EXPECT_NO_THROW(train::CheckpointDir::verify(dir.path(20)));
+  // Saving a step again replaces it, complete.
+  dir.save(20, [](const std::string& d) { write_file(fs::path(d) / "c", "replacement"); });
+  EXPECT_EQ(train::CheckpointDir::verify(dir.path(20)).size(), 1u);
+  EXPECT_FALSE(fs::exists(dir.path(20) + ".old"));
+  fs::remove_all(root);
+}
+
+// --- modes ----------------------------------------------------------------------------------------
+
+TEST(Modes, GlobMatch) {
+  EXPECT_TRUE(adapt::glob_match("*.mlp.*", "model.layers.0.mlp.up_proj.weight"));
+  EXPECT_TRUE(adapt::glob_match("model.layers.?.self_attn.*", "model.layers.1.self_attn.q_proj.weight"));
+  EXPECT_FALSE(adapt::glob_match("model.layers.?.self_attn.*", "model.layers.10.self_attn.q_proj.weight"));
+  EXPECT_TRUE(adapt::glob_match("*", ""));
+  EXPECT_FALSE(adapt::glob_match("a*b", "acbd"));
+  EXPECT_TRUE(adapt::glob_match("a*b*c", "axxbyyc"));
+}
+
+TEST(Modes, LayerRanges) {
+  using R = std::pair<int64_t, int64_t>;
+  EXPECT_EQ(config::parse_layer_range("3"), R(3, 3));
+  EXPECT_EQ(config::parse_layer_range("0-5"), R(0, 5));
+  EXPECT_EQ(config::parse_layer_range("-1"), R(-1, -1));
+  EXPECT_EQ(config::parse_layer_range("-3--1"), R(-3, -1));
+  EXPECT_FALSE(config::parse_layer_range("a-b"));
+  EXPECT_FALSE(config::parse_layer_range("1-"));
+  EXPECT_FALSE(config::parse_layer_range(""));
+}
+
+TEST(Modes, FreezeSelectsBlocksPatternsEmbeddingsHeadAndNorm) {
+  io::ModelConfig mc = test::tiny_config();
+  mc.num_hidden_layers = 4;
+  mc.layer_window.assign(4, 0);
+  model::CausalLM m(mc);
+  auto frozen = [&](config::FreezeSection f) { return adapt::frozen_parameter_names(m, f); };
+  auto count_prefix = [](const std::vector<std::string>& names, const std::string& prefix) {
+    return std::count_if(names.begin(), names.end(), [&](const std::string& n) { return n.rfind(prefix, 0) == 0; });
+  };
+  const int64_t per_block = static_cast<int64_t>(m->model->layers[0]->named_parameters().size());
+
+  config::FreezeSection f;
+  f.embeddings = false;
+  f.layers = {"0-1", "-1"};
+  auto names = frozen(f);
+  EXPECT_EQ(count_prefix(names, "model.layers.0."), per_block);
+  EXPECT_EQ(count_prefix(names, "model.layers.1."), per_block);
+  EXPECT_EQ(count_prefix(names, "model.layers.2."), 0);
+  EXPECT_EQ(count_prefix(names, "model.layers.3."), per_block);
+  EXPECT_EQ(count_prefix(names, "model.embed_tokens"), 0);
+
+  f = {};
+  f.train_last = 1;  // embeddings frozen by default
+  names = frozen(f);
+  EXPECT_EQ(static_cast<int64_t>(names.size()), 3 * per_block + 1);
+  EXPECT_EQ(count_prefix(names, "model.layers.3."), 0);
+  EXPECT_EQ(count_prefix(names, "model.embed_tokens."), 1);
+
+  f = {};
+  f.embeddings = false;
+  f.lm_head = true;
+  f.norm = true;
+  f.patterns = {"*.mlp.*"};
+  names = frozen(f);
+  EXPECT_EQ(count_prefix(names, "lm_head."), 1);
+  EXPECT_EQ(count_prefix(names, "model.norm."), 1);
+  EXPECT_EQ(static_cast<int64_t>(names.size()), 2 + 4 * 3);  // 3 MLP matrices per block
+
+  auto error_of = [&](config::FreezeSection bad) {
+    try {
+      frozen(bad);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  f = {};
+  f.layers = {"4"};
+  EXPECT_NE(error_of(f).find("outside the model's blocks 0..3"), std::string::npos) << error_of(f);
+  f = {};
+  f.train_last = 5;
+  EXPECT_NE(error_of(f).find("the model has 4"), std::string::npos) << error_of(f);
+  f = {};
+  f.patterns = {"*.mpl.*"};
+  EXPECT_NE(error_of(f).find("'*.mpl.*' matches no parameter"), std::string::npos) << error_of(f);
+
+  mc.tie_word_embeddings = true;
+  model::CausalLM tied(mc);
+  f = {};  // embeddings frozen, lm_head not: one tensor
+  try {
+    adapt::frozen_parameter_names(tied, f);
+    ADD_FAILURE() << "expected an error for tied embeddings";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("ties lm_head"), std::string::npos) << e.what();
+  }
+}
+
+// A freeze-mode step changes exactly the trainable tensors; the frozen ones stay bit-identical and
+// have no gradient and no optimizer state.
+TEST(Modes, FrozenParametersDoNotMove) {
+  config::RunConfig c;
+  c.mode = "freeze";
+  c.freeze.layers = {"0"};
+  c.freeze.embeddings = true;
+  const auto mode = adapt::make_mode(c);
+  EXPECT_EQ(mode->name(), "freeze");
+  torch::manual_seed(0);
+  model::CausalLM m(test::tiny_config());
+  model::init_weights(m, 3);
+  mode->apply(m);
+  std::map<std::string, at::Tensor> before;
+  for (const auto& item : m->named_parameters()) before[item.key()] = item.value().detach().clone();
+  const adapt::TrainableCounts counts = adapt::count_trainable(m);
+  EXPECT_GT(counts.frozen, 0);
+  EXPECT_GT(counts.trainable, 0);
+  EXPECT_NE(mode->describe(m).find("frozen"), std::string::npos);
+  EXPECT_EQ(mode->state(m).size(), static_cast<size_t>(counts.trainable_tensors));
+
+  train::OptimizerOptions oo;
+  oo.lr = 1e-2;
+  auto opt = train::make_optimizer(m, oo);
+  data::Batch b;
+  b.rows = 2;
+  b.cols = 8;
+  for (int64_t i = 0; i < 16; ++i) {
+    b.input_ids.push_back((i * 7) % 97);
+    b.labels.push_back((i * 7) % 97);
+    b.position_ids.push_back(i % 8);
+    b.segment_ids.push_back(0);
+    b.attention_mask.push_back(1);
+  }
+  const auto bt = train::to_tensors(b);
+  train::StepCounters counters;
+  const auto r = train::accumulate_gradients(m, {bt});
+  ASSERT_TRUE(train::optimizer_step(*opt, r.loss, oo.lr, {}, counters).applied);
+  for (const auto& item : m->named_parameters()) {
+    const bool frozen = item.key().rfind("model.layers.0.", 0) == 0 || item.key().rfind("model.embed_tokens.", 0) == 0;
+    EXPECT_EQ(!item.value().requires_grad(), frozen) << item.key();
+    EXPECT_EQ(item.value().equal(before[item.key()]), frozen) << item.key();
+    if (frozen) EXPECT_FALSE(item.value().grad().defined()) << item.key();
+  }
+  try {
+    config::RunConfig bad;
+    bad.mode = "lora2";
+    adapt::make_mode(bad);
+    ADD_FAILURE() << "expected an unknown-mode error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("freeze, full"), std::string::npos) << e.what();
+  }
+}
+
+// --- the trainer through the C++ API ---------------------------------------------------------------
+
+namespace {
+
+// A store whose documents follow next = 3·t + 1 (mod 97), and a config training the tiny model on it.
+config::RunConfig synthetic_run(const fs::path& dir) {
+  std::ofstream(dir / "config.json") << io::model_config_to_json(test::tiny_config());
+  data::TokenStoreWriteOptions wo;
+  wo.tokenizer_fingerprint = "synthetic";
+  wo.vocab_size = 97;
+  data::TokenStoreWriter writer((dir / "store.h5").string(), wo);
+  uint64_t x = 11;
+  for (int d = 0; d < 60; ++d) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    data::Example e;
+    int32_t t = static_cast<int32_t>((x >> 33) % 97);
+    const int length = 5 + static_cast<int>((x >> 20) % 30);
+    for (int i = 0; i < length; ++i, t = (3 * t + 1) % 97) {
+      e.tokens.push_back(t);
+      e.trainable.push_back(1);
+    }
+    writer.append(e);
+  }
+  writer.finish();
+  config::RunConfig c;
+  c.source = "test";
+  c.model.config = (dir / "config.json").string();
+  c.data.train = {(dir / "store.h5").string()};
+  c.data.seq_len = 24;
+  c.data.batch_size = 2;
+  c.data.grad_accum = 2;
+  c.optimizer.lr = 1e-2;
+  c.schedule.name = "cosine";
+  c.schedule.warmup_steps = 2;
+  c.max_steps = 12;
+  c.schedule.total_steps = 12;
+  c.eval.held_out_docs = 6;
+  c.eval.every = 4;
+  c.eval.batch_size = 2;
+  c.checkpoint.every = 3;
+  c.output_dir = (dir / "run").string();
+  return c;
+}
+
+struct Quiet {
+  std::FILE* f = std::getenv("LIBFT_TEST_VERBOSE") ? stderr : std::tmpfile();
+  ~Quiet() {
+    if (f != stderr) std::fclose(f);
+  }
+};
+
+std::vector<nlohmann::json> metric_lines(const fs::path& run) {
+  std::vector<nlohmann::json> v;
+  std::ifstream in(run / "metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    nlohmann::json j = nlohmann::json::parse(line);
+    j.erase("tokens_per_s");
+    j.erase("step_time_s");
+    v.push_back(j);
+  }
+  return v;
+}
+
+class StopAt : public train::Callbacks {
+ public:
+  explicit StopAt(int64_t step) : step_(step) {}
+  train::Action on_step(const train::StepInfo& s) override {
+    steps.push_back(s.step);
+    return s.step == step_ ? train::Action::Stop : train::Action::Continue;
+  }
+  train::Action on_eval(const train::EvalInfo& e) override {
+    evals.push_back(e.step);
+    return train::Action::Continue;
+  }
+  void on_checkpoint(int64_t step, const std::string&) override { saved.push_back(step); }
+  void on_end(const train::RunSummary& s) override { ended = static_cast<int>(s.stop); }
+  std::vector<int64_t> steps, evals, saved;
+  int ended = -1;
+
+ private:
+  int64_t step_;
+};
+
+}  // namespace
+
+// A run stopped by a callback and resumed in a second call ends bit-identical to one uninterrupted
+// run, in full and in freeze mode (where the checkpoint holds only the trainable tensors).
+TEST(TrainResume, StopAndResumeIsBitIdentical) {
+  for (const char* mode : {"full", "freeze"}) {
+    SCOPED_TRACE(mode);
+    const fs::path dir = scratch("train_resume");
+    config::RunConfig c = synthetic_run(dir);
+    c.mode = mode;
+    if (c.mode == "freeze") c.freeze.layers = {"1"};
+    Quiet q;
+
+    config::RunConfig ref = c;
+    ref.output_dir = (dir / "ref").string();
+    train::RunOptions ro;
+    ro.log = q.f;
+    const train::RunSummary whole = train::run_training(ref, ro);
+    EXPECT_EQ(whole.steps, 12);
+    EXPECT_EQ(whole.stop, train::StopReason::MaxSteps);
+
+    StopAt stop(5);
+    ro.callbacks = &stop;
+    const train::RunSummary first = train::run_training(c, ro);
+    EXPECT_EQ(first.steps, 5);
+    EXPECT_EQ(first.stop, train::StopReason::Callback);
+    EXPECT_EQ(stop.ended, static_cast<int>(train::StopReason::Callback));
+    EXPECT_EQ(stop.steps, (std::vector<int64_t>{1, 2, 3, 4, 5}));
+    EXPECT_EQ(stop.evals, (std::vector<int64_t>{4}));
+    EXPECT_EQ(stop.saved.back(), 5);
+    EXPECT_EQ(first.last_checkpoint, (dir / "run" / "checkpoints" / "step-00000005").string());
+
+    // The checkpoint holds the mode's tensors only.
+    auto weights = io::SafetensorsFile::open(first.last_checkpoint + "/model.safetensors");
+    int in_block1 = 0;
+    for (const auto& t : weights->tensors()) in_block1 += t.name.rfind("model.layers.1.", 0) == 0;
+    EXPECT_EQ(in_block1, c.mode == "full" ? 9 : 0);  // a block: 7 matrices and 2 norms
+
+    StopAt observe(-1);
+    ro.callbacks = &observe;
+    const train::RunSummary second = train::run_training(c, ro);
+    EXPECT_EQ(second.resumed_from, 5);
+    EXPECT_EQ(second.steps, 12);
+    EXPECT_EQ(observe.steps.front(), 6);
+    EXPECT_EQ(second.first_loss, whole.first_loss);
+    EXPECT_EQ(second.last_loss, whole.last_loss);
+    EXPECT_EQ(second.final_eval_loss, whole.final_eval_loss);
+    EXPECT_EQ(metric_lines(dir / "run"), metric_lines(dir / "ref"));
+    EXPECT_EQ(read_file(dir / "run" / "final" / "model.safetensors"), read_file(dir / "ref" / "final" / "model.safetensors"));
+    fs::remove_all(dir);
+  }
+}
+
+TEST(TrainResume, RefusesAnotherRunsCheckpointsAndResumeNever) {
+  const fs::path dir = scratch("train_identity");
+  config::RunConfig c = synthetic_run(dir);
+  c.max_steps = 3;
+  c.schedule.total_steps = 3;
+  c.eval.every = 0;
+  Quiet q;
+  train::run_training(c, q.f);
+  config::RunConfig other = c;
+  other.data.seq_len = 16;
+  try {
+    train::run_training(other, q.f);
+    ADD_FAILURE() << "resumed another run's checkpoint";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("another 'data'"), std::string::npos) << e.what();
+  }
+  other = c;
+  other.checkpoint.resume = "never";
+  try {
+    train::run_training(other, q.f);
+    ADD_FAILURE() << "resume: never ignored existing checkpoints";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("resume is 'never'"), std::string::npos) << e.what();
+  }
+  other = c;
+  other.output_dir = (dir / "empty").string();
+  other.checkpoint.resume = "required";
+  EXPECT_THROW(train::run_training(other, q.f), Error);
+  fs::remove_all(dir);
+}
+
+// Early stopping after `patience` evaluations without improvement; the best evaluation's checkpoint
+// survives keep_last pruning.
+TEST(TrainResume, EarlyStoppingKeepsTheBestCheckpoint) {
+  const fs::path dir = scratch("train_early");
+  config::RunConfig c = synthetic_run(dir);
+  c.max_steps = 40;
+  c.schedule.total_steps = 40;
+  c.eval.every = 2;
+  c.eval.patience = 2;
+  c.eval.min_delta = 1e9;  // nothing after the first evaluation counts as an improvement
+  c.checkpoint.every = 1;
+  c.checkpoint.keep_last = 1;
+  Quiet q;
+  const train::RunSummary s = train::run_training(c, q.f);
+  EXPECT_EQ(s.stop, train::StopReason::EarlyStopping);
+  EXPECT_EQ(s.steps, 6);  // evaluations at 2 (best), 4, 6 → two without improvement
+  EXPECT_EQ(s.best_step, 2);
+  train::CheckpointDir ckpts((dir / "run" / "checkpoints").string());
+  EXPECT_EQ(ckpts.steps(), (std::vector<int64_t>{2, 6}));
+  EXPECT_TRUE(fs::exists(dir / "run" / "final" / "model.safetensors"));
+  fs::remove_all(dir);
+}
