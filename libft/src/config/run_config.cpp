@@ -312,6 +312,10 @@ void apply_override(Reader& r, YAML::Node& root, const std::string& text) {
       return;
     }
     if (dot == std::string::npos) {
+      if (value.IsNull()) {  // "key=null" (or "key=~", "key="): back to the default, as if the file lacked it
+        node.remove(part);
+        return;
+      }
       node[part] = value;
       r.add_override(node[part], text);
       return;

@@ -224,6 +224,10 @@ nlohmann::json number(double v) { return std::isfinite(v) ? nlohmann::json(v) : 
 
 }  // namespace
 
+data::Batcher training_batcher(const config::RunConfig& c) {
+  return data::Batcher(open_stores(c).train, train_batcher_options(c));
+}
+
 const char* stop_reason_name(StopReason reason) {
   switch (reason) {
     case StopReason::MaxSteps: return "max_steps";

@@ -5,7 +5,8 @@
 // suggestion when it looks like a typo), a duplicate key (yaml-cpp would silently keep the first), a
 // wrong type or a value out of range is an error naming file:line:column, and every error of the
 // file is reported at once. Relative paths are relative to the working directory, as for the other
-// `ft` commands. Overrides "section.key=value" (the value is YAML) are applied before validation.
+// `ft` commands. Overrides "section.key=value" (the value is YAML) are applied before validation;
+// "section.key=null" removes the key (its default applies), e.g. model.config=null with model.checkpoint=DIR.
 #include <cstdint>
 #include <optional>
 #include <string>

@@ -24,6 +24,7 @@
 #include <string>
 
 #include "ft/config/run_config.h"
+#include "ft/data/batcher.h"
 
 namespace ft::train {
 
@@ -99,5 +100,10 @@ struct RunOptions {
 /// CUDA, checkpoints of another run) and, under on_nonfinite: stop, for a non-finite step.
 RunSummary run_training(const config::RunConfig& config, const RunOptions& options);
 RunSummary run_training(const config::RunConfig& config, std::FILE* log = stderr);
+
+/// The training batcher of a fresh run of `config` (its stores opened and checked against the
+/// tokenizer): micro-batch k of optimizer step s is its batch number s × grad_accum + k. For tools
+/// that show or export exactly what a run trains on (`ft batches`).
+data::Batcher training_batcher(const config::RunConfig& config);
 
 }  // namespace ft::train

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# libft's training loop vs an independent PyTorch + transformers loop, on the same CPU in one run:
+# the same initial weights (ft init), the same micro-batches (ft batches), the same hyper-parameters
+# (configs/train-tiny.yaml: AdamW, warmup + cosine, clipping, 2 micro-batches of 4 × 128 tokens per
+# step). Prints every step's two losses (they must agree within 1e-3 relative) and both loops'
+# training tokens/s and their ratio (tests/python/train_reference.py).
+#   benchmarks/train_vs_python.sh FT PYTHON DEFAULT_JOB_DIR WORK_DIR [STEPS]
+# (DEFAULT_JOB_DIR: the default job's outputs, e.g. runs/default after scripts/run-default.sh)
+set -euo pipefail
+ft=$1 python=$2 data=$3 work=$4 steps=${5:-20}
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+rm -rf "$work" && mkdir -p "$work"
+"$ft" init "$root/configs/models/tiny-llama.json" "$work/model" --seed 0 >/dev/null
+args=("$root/configs/train-tiny.yaml" "model.checkpoint=$work/model" model.config=null model.init_seed=null
+      "tokenizer=$data/tokenizer" "data.train=$data/fortunes.h5" "output_dir=$work/run" "max_steps=$steps"
+      schedule.warmup_steps=4 data.batch_size=4 data.grad_accum=2 eval.every=0 checkpoint.every=0)
+"$ft" batches "${args[@]}" --steps "$steps" -o "$work/batches.safetensors"
+"$ft" train "${args[@]}" 2>&1 | grep -v '^train '
+"$python" "$root/tests/python/train_reference.py" "$work/run" "$work/model" "$work/batches.safetensors" \
+  --json "$work/result.json" 2>&1 | grep -v '^Loading weights'

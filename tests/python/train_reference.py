@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""The training loop of `ft train`, written independently in PyTorch + transformers, on the same
+model, batches and hyper-parameters, to check libft's losses step by step and to time both.
+
+    train_reference.py RUN_DIR MODEL_DIR BATCHES [--tolerance 1e-3] [--threads N] [--json OUT]
+
+RUN_DIR is a finished `ft train` run (its config.yaml gives the hyper-parameters, its metrics.jsonl
+the losses to compare); MODEL_DIR the Hugging Face checkpoint it started from (model.checkpoint);
+BATCHES the `ft batches` export of the same config. The reference:
+  - runs LlamaForCausalLM (float32, CPU, sdpa) on each micro-batch with position ids that restart per
+    packed document and a 4-D boolean mask that keeps attention inside each document;
+  - sums token cross-entropies (labels shifted as Hugging Face does) over the step's micro-batches and
+    divides by the step's total number of targets, then backward;
+  - clips by global norm (torch.nn.utils.clip_grad_norm_), AdamW (torch.optim, foreach=False) with
+    weight decay on matrices only (not on 1-D parameters or embed_tokens), and the lr of
+    transformers' get_{constant,linear,cosine}_schedule_with_warmup.
+It prints per-step losses, the largest relative difference, and tokens/s of both loops (libft's
+from its metrics; the reference's measured here over the same steps: forward, backward, step).
+Exit status 1 when a loss differs by more than the tolerance.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM, get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
+
+
+def block_causal_mask(segment_ids):
+    """(B, T) document ids (-1 = padding) → (B, 1, T, T) bool, True where attention is allowed."""
+    t = segment_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    mask = same & causal & (segment_ids[:, :, None] >= 0)
+    mask |= torch.eye(t, dtype=torch.bool)  # padding attends to itself only (its labels are ignored)
+    return mask[:, None]
+
+
+def loss_sum(model, input_ids, labels, position_ids, segment_ids):
+    logits = model(input_ids=input_ids, position_ids=position_ids,
+                   attention_mask=block_causal_mask(segment_ids)).logits
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run_dir")
+    ap.add_argument("model_dir")
+    ap.add_argument("batches")
+    ap.add_argument("--tolerance", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+
+    with open(os.path.join(a.run_dir, "config.yaml"), encoding="utf-8") as f:
+        cfg = yaml.safe_load(f)
+    if cfg["device"] != "cpu" or cfg["dtype"] != "float32" or cfg.get("mode", "full") != "full":
+        sys.exit("train_reference: only float32 CPU runs of mode full are compared")
+    libft = [json.loads(line) for line in open(os.path.join(a.run_dir, "metrics.jsonl"), encoding="utf-8")]
+    libft_train = [r for r in libft if r["type"] == "train"]
+    if any(r["type"] == "skip" for r in libft):
+        sys.exit("train_reference: the libft run skipped steps; pick a run without non-finite steps")
+    steps = cfg["max_steps"]
+
+    batches = load_file(a.batches)
+    n_steps, accum = batches["input_ids"].shape[:2]
+    if n_steps < steps or accum != cfg["data"]["grad_accum"]:
+        sys.exit(f"train_reference: {a.batches} holds {n_steps} steps × {accum}; the run needs {steps} × "
+                 f"{cfg['data']['grad_accum']}")
+
+    model = LlamaForCausalLM.from_pretrained(a.model_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    opt_cfg = cfg["optimizer"]
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or "embed_tokens" in name else decay).append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": float(opt_cfg["weight_decay"])},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if opt_cfg["name"] != "adamw":
+        sys.exit("train_reference: only adamw is compared")
+    # float(): PyYAML reads YAML 1.1, where "1e-08" (no dot) is a string.
+    optimizer = torch.optim.AdamW(groups, lr=float(opt_cfg["lr"]), betas=tuple(float(b) for b in opt_cfg["betas"]),
+                                  eps=float(opt_cfg["eps"]), foreach=False)
+    sched_cfg = cfg["schedule"]
+    make = {"constant": lambda o, w, t: get_constant_schedule_with_warmup(o, w),
+            "linear": get_linear_schedule_with_warmup,
+            "cosine": get_cosine_schedule_with_warmup}[sched_cfg["name"]]
+    scheduler = make(optimizer, sched_cfg["warmup_steps"], sched_cfg["total_steps"])
+    clip = float(cfg["clip_grad_norm"])
+
+    losses, tokens, seconds = [], 0, 0.0
+    for s in range(steps):
+        start = time.perf_counter()
+        micro = [{k: batches[k][s, m] for k in ("input_ids", "labels", "position_ids", "segment_ids")}
+                 for m in range(accum)]
+        n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        total = 0.0
+        for b in micro:
+            loss = loss_sum(model, **b)
+            total += loss.item()
+            (loss / n_targets).backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds += time.perf_counter() - start
+        tokens += sum(int((b["segment_ids"] >= 0).sum()) for b in micro)
+        losses.append(total / n_targets)
+
+    worst = 0.0
+    print(f"{'step':>4} {'libft':>12} {'reference':>12} {'rel diff':>10}")
+    for s, (mine, ref) in enumerate(zip((r["loss"] for r in libft_train), losses), 1):
+        rel = abs(mine - ref) / abs(ref)
+        worst = max(worst, rel)
+        print(f"{s:4d} {mine:12.6f} {ref:12.6f} {rel:10.2e}")
+    libft_tps = sum(r["tokens"] for r in libft_train) / sum(r["step_time_s"] for r in libft_train)
+    ref_tps = tokens / seconds
+    print(f"largest relative loss difference over {steps} steps: {worst:.2e} (tolerance {a.tolerance:g})")
+    print(f"tokens/s: libft {libft_tps:.0f}, PyTorch reference {ref_tps:.0f}, ratio {libft_tps / ref_tps:.2f}x "
+          f"({torch.get_num_threads()} threads)")
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump({"steps": steps, "max_rel_diff": worst, "libft_tokens_per_s": libft_tps,
+                       "reference_tokens_per_s": ref_tps, "threads": torch.get_num_threads()}, f)
+    if len(libft_train) != steps or not worst <= a.tolerance or not math.isfinite(worst):
+        print("train reference: FAILED", file=sys.stderr)
+        sys.exit(1)
+    print("train reference OK")
+
+
+if __name__ == "__main__":
+    main()
