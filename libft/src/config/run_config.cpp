@@ -283,6 +283,7 @@ void parse_freeze(Reader& r, const YAML::Node& n, FreezeSection& f) {
 
 const std::vector<std::string> kTopKeys = {"model",      "tokenizer",  "data",         "optimizer",  "schedule",
                                            "max_steps",  "clip_grad_norm", "dtype",    "device",     "eval",
+                                           "activation_checkpointing",
                                            "mode",       "freeze",     "checkpoint",   "log_every",  "output_dir",
                                            "on_nonfinite"};
 
@@ -382,6 +383,7 @@ RunConfig parse_run_config(std::string_view yaml, const std::string& source, con
     r.get(root, "", "clip_grad_norm", c.clip_grad_norm);
     r.get(root, "", "dtype", c.dtype);
     r.get(root, "", "device", c.device);
+    r.get(root, "", "activation_checkpointing", c.activation_checkpointing);
     section("eval", parse_eval, c.eval);
     r.get(root, "", "mode", c.mode);
     r.one_of(root, "", "mode", c.mode, {"full", "freeze"});
@@ -473,6 +475,7 @@ std::string to_yaml(const RunConfig& c) {
   out << YAML::Key << "clip_grad_norm" << YAML::Value << shortest(c.clip_grad_norm);
   out << YAML::Key << "dtype" << YAML::Value << c.dtype;
   out << YAML::Key << "device" << YAML::Value << c.device;
+  out << YAML::Key << "activation_checkpointing" << YAML::Value << c.activation_checkpointing;
   if (!c.eval.stores.empty() || c.eval.held_out_docs > 0) {
     out << YAML::Key << "eval" << YAML::Value << YAML::BeginMap;
     if (!c.eval.stores.empty()) out << YAML::Key << "stores" << YAML::Value << YAML::Flow << c.eval.stores;

@@ -2,6 +2,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/autocast_mode.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/nn/init.h>
 
 #include <cmath>
@@ -24,6 +27,83 @@ at::Tensor rotate_half(const at::Tensor& x) {
 
 torch::nn::Linear linear(int64_t in, int64_t out, bool bias) {
   return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
+}
+
+// Activation (gradient) checkpointing of one decoder block. The forward pass runs without a graph
+// and keeps only the block's input; the backward node runs the block again with gradients enabled
+// and differentiates that fresh graph with respect to the input and the block's trainable
+// parameters, handing both to the engine (so parameter gradients accumulate through the normal
+// path, and a block whose input needs no gradient, after frozen embeddings, still trains). The
+// autocast state of the forward pass is restored for the recomputation, which runs on the
+// engine's thread, where autocast (thread-local) would otherwise be off.
+class CheckpointBackward final : public torch::autograd::Node {
+ public:
+  std::function<at::Tensor(const at::Tensor&)> fn;
+  at::Tensor input;
+  bool input_requires_grad = false;
+  std::vector<at::Tensor> params;
+  bool autocast_cuda = false;
+  at::ScalarType autocast_dtype = at::kBFloat16;
+
+  std::string name() const override { return "ft::CheckpointBackward"; }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    torch::autograd::variable_list out(1 + params.size());
+    if (!grads[0].defined()) return out;
+    at::AutoGradMode enable(true);
+    const bool was_enabled = at::autocast::is_autocast_enabled(at::kCUDA);
+    const at::ScalarType was_dtype = at::autocast::get_autocast_dtype(at::kCUDA);
+    at::autocast::set_autocast_enabled(at::kCUDA, autocast_cuda);
+    at::autocast::set_autocast_dtype(at::kCUDA, autocast_dtype);
+    struct Restore {
+      bool e;
+      at::ScalarType d;
+      ~Restore() {
+        at::autocast::set_autocast_enabled(at::kCUDA, e);
+        at::autocast::set_autocast_dtype(at::kCUDA, d);
+      }
+    } restore{was_enabled, was_dtype};
+    at::Tensor x = input.detach().requires_grad_(input_requires_grad);
+    at::Tensor y = fn(x);
+    std::vector<at::Tensor> wrt;
+    if (input_requires_grad) wrt.push_back(x);
+    for (const auto& p : params) wrt.push_back(p);
+    const auto g = torch::autograd::grad({y}, wrt, {grads[0]}, /*retain_graph=*/false, /*create_graph=*/false,
+                                         /*allow_unused=*/true);
+    size_t k = 0;
+    if (input_requires_grad) out[0] = g[k++];
+    for (size_t i = 0; i < params.size(); ++i) out[1 + i] = g[k++];
+    return out;
+  }
+
+  void release_variables() override {
+    input.reset();
+    fn = nullptr;
+  }
+};
+
+at::Tensor checkpointed(const std::function<at::Tensor(const at::Tensor&)>& fn, const at::Tensor& x,
+                        torch::nn::Module& block) {
+  std::vector<at::Tensor> params;
+  for (const auto& p : block.parameters()) {
+    if (p.requires_grad()) params.push_back(p);
+  }
+  if (!at::GradMode::is_enabled() || (!x.requires_grad() && params.empty())) return fn(x);
+  at::Tensor y;
+  {
+    at::NoGradGuard no_grad;
+    y = fn(x);
+  }
+  auto node = std::shared_ptr<CheckpointBackward>(new CheckpointBackward(), torch::autograd::deleteNode);
+  node->set_next_edges(torch::autograd::collect_next_edges(x, params));
+  node->fn = fn;
+  node->input = x.detach();
+  node->input_requires_grad = x.requires_grad();
+  node->params = std::move(params);
+  node->autocast_cuda = at::autocast::is_autocast_enabled(at::kCUDA);
+  node->autocast_dtype = at::autocast::get_autocast_dtype(at::kCUDA);
+  torch::autograd::create_gradient_edge(y, std::move(node));
+  return y;
 }
 
 }  // namespace
@@ -222,6 +302,10 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
   }
   for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
     auto layer = model->layers->ptr<DecoderLayerImpl>(i);
+    if (gradient_checkpointing_ && !opt.cache) {
+      x = checkpointed([layer, in](const at::Tensor& h) { return layer->forward(h, in, nullptr, nullptr); }, x, *layer);
+      continue;
+    }
     x = layer->forward(x, in, opt.cache ? &opt.cache->keys[i] : nullptr, opt.cache ? &opt.cache->values[i] : nullptr);
   }
   return model->norm(x);

@@ -266,6 +266,7 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   }
   const std::unique_ptr<adapt::Mode> mode = adapt::make_mode(c);
   mode->apply(model);
+  model->set_gradient_checkpointing(c.activation_checkpointing);
   model->train();
   const Stores stores = open_stores(c);
   FT_CHECK(stores.vocab_size <= model->config().vocab_size, "[train] the token stores' vocabulary (",

@@ -92,6 +92,9 @@ struct RunConfig {
   double clip_grad_norm = 1.0;    ///< 0 = off
   std::string dtype = "float32";  ///< float32 | bfloat16 (bfloat16: autocast, CUDA only)
   std::string device = "cpu";     ///< cpu | cuda | cuda:N | auto
+  /// Recompute each decoder block in the backward pass instead of keeping its activations: less
+  /// memory for about one more forward pass of compute; the same gradients.
+  bool activation_checkpointing = false;
   EvalSection eval;
   /// Adaptation mode: full (every parameter trains) | freeze (see FreezeSection).
   std::string mode = "full";

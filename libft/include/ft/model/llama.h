@@ -111,6 +111,12 @@ class CausalLMImpl : public torch::nn::Module {
   at::Tensor logits(const at::Tensor& hidden);
 
   const ModelConfig& config() const { return config_; }
+  /// Activation (gradient) checkpointing per decoder block: training forward passes keep only each
+  /// block's input and recompute the block during the backward pass (memory for activations falls
+  /// from O(layers × block activations) to O(layers × hidden) + one block, for about one more
+  /// forward pass of compute). Gradients are the same. No effect without gradients or with a KV cache.
+  void set_gradient_checkpointing(bool on) { gradient_checkpointing_ = on; }
+  bool gradient_checkpointing() const { return gradient_checkpointing_; }
   /// Rotary inverse frequencies (D/2), float32, after the config's rope scaling.
   const at::Tensor& inv_freq() const { return inv_freq_; }
 
@@ -120,6 +126,7 @@ class CausalLMImpl : public torch::nn::Module {
  private:
   ModelConfig config_;
   at::Tensor inv_freq_;
+  bool gradient_checkpointing_ = false;
 };
 TORCH_MODULE(CausalLM);
 
