@@ -540,3 +540,67 @@ TEST(ActivationCheckpointing, SameGradientsAsThePlainGraph) {
     EXPECT_TRUE(a.equal(m->forward(ids, fo)));
   }
 }
+
+// --- out of memory ---------------------------------------------------------------------------------
+
+// An out-of-memory error in a forward pass (injected through before_forward) stops the run with a
+// message saying what to change, or, under on_oom: halve, splits the micro-batches and retries the
+// same step: the same data and the same token-normalised update, so the losses follow the
+// uninterrupted run's to float rounding, and the split persists in the checkpoint.
+TEST(TrainOutOfMemory, StopsWithAdviceOrHalvesTheMicroBatch) {
+  const fs::path dir = scratch("train_oom");
+  config::RunConfig c = synthetic_run(dir);
+  c.max_steps = 6;
+  c.schedule.total_steps = 6;
+  c.eval.every = 0;
+  Quiet q;
+  config::RunConfig ref = c;
+  ref.output_dir = (dir / "ref").string();
+  train::run_training(ref, q.f);
+
+  train::RunOptions ro;
+  ro.log = q.f;
+  int64_t largest = 0;
+  ro.before_forward = [&](const train::BatchTensors& b) {
+    if (b.input_ids.size(0) > 1) TORCH_CHECK_WITH(OutOfMemoryError, false, "CUDA out of memory (injected)");
+    largest = std::max(largest, b.input_ids.size(0));
+  };
+  try {
+    train::run_training(c, ro);
+    ADD_FAILURE() << "expected an out-of-memory error";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("step 1: out of memory on cpu in a forward/backward pass of 2 × 24 tokens"), std::string::npos)
+        << what;
+    EXPECT_NE(what.find("on_oom: halve"), std::string::npos) << what;
+  }
+  fs::remove_all(dir / "run");
+  c.on_oom = "halve";
+  const train::RunSummary s = train::run_training(c, ro);
+  EXPECT_EQ(s.steps, 6);
+  EXPECT_EQ(largest, 1);
+  const auto got = metric_lines(dir / "run"), want = metric_lines(dir / "ref");
+  std::vector<nlohmann::json> got_train, want_train;
+  int ooms = 0;
+  for (const auto& j : got) {
+    if (j.at("type") == "train") got_train.push_back(j);
+    if (j.at("type") == "oom") {
+      ++ooms;
+      EXPECT_EQ(j.at("rows"), 1);
+    }
+  }
+  for (const auto& j : want) {
+    if (j.at("type") == "train") want_train.push_back(j);
+  }
+  EXPECT_EQ(ooms, 1);
+  ASSERT_EQ(got_train.size(), want_train.size());
+  for (size_t i = 0; i < got_train.size(); ++i) {
+    EXPECT_EQ(got_train[i].at("targets"), want_train[i].at("targets"));
+    EXPECT_EQ(got_train[i].at("data"), want_train[i].at("data"));
+    EXPECT_NEAR(got_train[i].at("loss").get<double>(), want_train[i].at("loss").get<double>(),
+                1e-5 * want_train[i].at("loss").get<double>());
+  }
+  const nlohmann::json state = nlohmann::json::parse(read_file(fs::path(s.last_checkpoint) / "trainer_state.json"));
+  EXPECT_EQ(state.at("micro_batch_rows"), 1);
+  fs::remove_all(dir);
+}

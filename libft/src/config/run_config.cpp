@@ -285,7 +285,7 @@ const std::vector<std::string> kTopKeys = {"model",      "tokenizer",  "data",  
                                            "max_steps",  "clip_grad_norm", "dtype",    "device",     "eval",
                                            "activation_checkpointing",
                                            "mode",       "freeze",     "checkpoint",   "log_every",  "output_dir",
-                                           "on_nonfinite"};
+                                           "on_nonfinite", "on_oom"};
 
 void apply_override(Reader& r, YAML::Node& root, const std::string& text) {
   const size_t eq = text.find('=');
@@ -393,6 +393,8 @@ RunConfig parse_run_config(std::string_view yaml, const std::string& source, con
     r.get(root, "", "log_every", c.log_every);
     r.get(root, "", "output_dir", c.output_dir);
     r.get(root, "", "on_nonfinite", c.on_nonfinite);
+    r.get(root, "", "on_oom", c.on_oom);
+    r.one_of(root, "", "on_oom", c.on_oom, {"stop", "halve"});
 
     if (root["max_steps"]) r.positive(root, "", "max_steps", static_cast<double>(c.max_steps), false);
     else r.error_at(source, "'max_steps' is required (optimizer steps to train)");
@@ -507,6 +509,7 @@ std::string to_yaml(const RunConfig& c) {
   out << YAML::Key << "log_every" << YAML::Value << c.log_every;
   out << YAML::Key << "output_dir" << YAML::Value << c.output_dir;
   out << YAML::Key << "on_nonfinite" << YAML::Value << c.on_nonfinite;
+  out << YAML::Key << "on_oom" << YAML::Value << c.on_oom;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";
 }

@@ -34,6 +34,25 @@ BatchTensors to_tensors(const data::Batch& batch, c10::Device device) {
   return t;
 }
 
+std::vector<BatchTensors> split_rows(const BatchTensors& b, int64_t rows) {
+  FT_CHECK(rows > 0, "[train] split_rows: rows must be > 0");
+  const int64_t n = b.input_ids.size(0);
+  if (rows >= n) return {b};
+  std::vector<BatchTensors> out;
+  for (int64_t start = 0; start < n; start += rows) {
+    const int64_t end = std::min(n, start + rows);
+    BatchTensors p;
+    p.input_ids = b.input_ids.slice(0, start, end);
+    p.labels = b.labels.slice(0, start, end);
+    p.position_ids = b.position_ids.slice(0, start, end);
+    p.segment_ids = b.segment_ids.slice(0, start, end);
+    p.attention_mask = b.attention_mask.slice(0, start, end);
+    p.n_targets = count_targets(p.labels);
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
 int64_t count_targets(const at::Tensor& labels, int64_t ignore_index) {
   FT_CHECK(labels.dim() == 2, "[train] labels must be (B, T), got ", labels.sizes());
   return labels.slice(1, 1).ne(ignore_index).sum().item<int64_t>();

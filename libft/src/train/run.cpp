@@ -415,7 +415,35 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     }
     const std::string hash = data_hash(batches);
     const double lr = c.optimizer.lr * lr_factor(schedule, counters.step);
-    const AccumulateResult r = accumulate_gradients(model, micro_batches);
+    AccumulateResult r;
+    for (;;) {
+      std::vector<BatchTensors> passes;
+      for (const BatchTensors& b : micro_batches) {
+        for (auto& piece : split_rows(b, st.micro_batch_rows > 0 ? st.micro_batch_rows : c.data.batch_size)) {
+          passes.push_back(std::move(piece));
+        }
+      }
+      try {
+        r = accumulate_gradients(model, passes, ro.before_forward);
+        break;
+      } catch (const c10::OutOfMemoryError& e) {
+        optimizer->zero_grad();  // a partial accumulation must not leak into the retry
+        const int64_t rows = st.micro_batch_rows > 0 ? st.micro_batch_rows : c.data.batch_size;
+        std::string what = e.what();
+        what = what.substr(0, what.find('\n'));
+        FT_CHECK(c.on_oom == "halve" && rows > 1, "[train] step ", counters.step + 1, ": out of memory on ", device.str(),
+                 " in a forward/backward pass of ", rows, " × ", c.data.seq_len, " tokens (", what,
+                 "). Lower data.batch_size (and raise data.grad_accum to keep the batch), set activation_checkpointing: "
+                 "true, shorten data.seq_len", rows > 1 ? ", or set on_oom: halve" : "");
+        st.micro_batch_rows = rows / 2;
+        metrics.write({{"type", "oom"}, {"step", counters.step}, {"rows", st.micro_batch_rows}});
+        std::fprintf(log, "\n[train] step %lld: out of memory with %lld rows per forward pass; retrying with %lld "
+                          "(the global batch stays %lld × %lld rows)\n",
+                     static_cast<long long>(counters.step + 1), static_cast<long long>(rows),
+                     static_cast<long long>(st.micro_batch_rows), static_cast<long long>(c.data.grad_accum),
+                     static_cast<long long>(c.data.batch_size));
+      }
+    }
     const int64_t step_index = counters.step;
     const StepOutcome out = optimizer_step(*optimizer, r.n_targets > 0 ? r.loss : NAN, lr, step_options, counters);
     const double seconds = std::chrono::duration<double>(Clock::now() - step_start).count();

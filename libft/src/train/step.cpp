@@ -18,7 +18,8 @@ at::Tensor forward_loss_sum(model::CausalLM& model, const BatchTensors& b) {
 
 }  // namespace
 
-AccumulateResult accumulate_gradients(model::CausalLM& model, const std::vector<BatchTensors>& micro_batches) {
+AccumulateResult accumulate_gradients(model::CausalLM& model, const std::vector<BatchTensors>& micro_batches,
+                                      const std::function<void(const BatchTensors&)>& before_forward) {
   FT_CHECK(!micro_batches.empty(), "[train] an optimizer step needs at least one micro-batch");
   AccumulateResult r;
   // N first, from the labels alone: the divisor must be known before the first backward pass.
@@ -31,6 +32,7 @@ AccumulateResult accumulate_gradients(model::CausalLM& model, const std::vector<
   double loss_sum = 0.0;
   for (const BatchTensors& b : micro_batches) {
     if (b.n_targets == 0) continue;  // contributes nothing to the loss or the gradient
+    if (before_forward) before_forward(b);
     at::Tensor sum = forward_loss_sum(model, b);
     loss_sum += sum.detach().item<double>();
     (sum * inv_n).backward();

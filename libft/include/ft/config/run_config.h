@@ -103,6 +103,10 @@ struct RunConfig {
   int64_t log_every = 1;          ///< metrics.jsonl line every N steps
   std::string output_dir;         ///< required; metrics.jsonl, config.yaml, checkpoints/ and final/ go here
   std::string on_nonfinite = "skip";  ///< skip | stop
+  /// Out of device memory in a forward/backward pass: stop (with a message saying what to change),
+  /// or halve: run each micro-batch as two forward passes of half the rows, again if needed; the
+  /// global batch and the update stay the same (the loss is normalised over the whole step).
+  std::string on_oom = "stop";
 };
 
 /// Parses YAML text; `source` names it in errors. Throws ft::Error listing every problem, one per

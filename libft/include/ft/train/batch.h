@@ -9,6 +9,8 @@
 // count of the whole optimizer step, counted once before any backward pass (see step.h).
 #include <ATen/ATen.h>
 
+#include <vector>
+
 #include "ft/data/batcher.h"
 
 namespace ft::train {
@@ -26,6 +28,10 @@ struct BatchTensors {
 /// Copies `batch` into tensors on `device`. Throws ft::Error naming the array whose size disagrees
 /// with rows × cols.
 BatchTensors to_tensors(const data::Batch& batch, c10::Device device = c10::kCPU);
+
+/// `b` cut into consecutive pieces of at most `rows` rows (the last may be shorter), each with its
+/// own target count: the same rows, so the same step when accumulated with one divisor (step.h).
+std::vector<BatchTensors> split_rows(const BatchTensors& b, int64_t rows);
 
 /// Targets the shifted causal loss counts: labels[:, 1:] != ignore_index (logits at j predict j + 1).
 int64_t count_targets(const at::Tensor& labels, int64_t ignore_index = data::kIgnoreIndex);

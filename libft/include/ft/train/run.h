@@ -20,11 +20,13 @@
 // was never interrupted (on the same machine and thread count). Train lines carry "data", a hash of
 // the step's input ids, so that the order of samples can be compared between runs.
 #include <cstdio>
+#include <functional>
 #include <map>
 #include <string>
 
 #include "ft/config/run_config.h"
 #include "ft/data/batcher.h"
+#include "ft/train/batch.h"
 
 namespace ft::train {
 
@@ -93,6 +95,10 @@ struct RunOptions {
   /// SIGINT and SIGTERM finish the current step, save a checkpoint and end the run
   /// (StopReason::Signal); a second signal kills at once. The previous handlers come back at the end.
   bool handle_signals = false;
+  /// Called before every forward pass of training (after any out-of-memory split), with its rows.
+  /// For tracing, and for fault injection in tests (throwing c10::OutOfMemoryError here is handled
+  /// as a real out-of-memory error would be).
+  std::function<void(const BatchTensors&)> before_forward;
 };
 
 /// Runs `config`, resuming from output_dir/checkpoints when config.checkpoint.resume allows.

@@ -6,6 +6,7 @@
 // every micro-batch backpropagates (Σ its token losses) / N. The accumulated gradient is therefore
 // the gradient of the token mean over the whole step, whatever the split into micro-batches, and
 // the reported loss is the same mean. (Later, across ranks: N becomes the all-reduced count.)
+#include <functional>
 #include <vector>
 
 #include "ft/model/llama.h"
@@ -21,7 +22,9 @@ struct AccumulateResult {
 
 /// Forward + backward of every micro-batch; gradients are ADDED to the parameters' .grad (zero them
 /// before the step). With no target at all (a finite stream's padding), nothing is backpropagated.
-AccumulateResult accumulate_gradients(model::CausalLM& model, const std::vector<BatchTensors>& micro_batches);
+/// `before_forward`, when set, is called before each micro-batch's forward pass.
+AccumulateResult accumulate_gradients(model::CausalLM& model, const std::vector<BatchTensors>& micro_batches,
+                                      const std::function<void(const BatchTensors&)>& before_forward = {});
 
 /// Summed loss and target count without gradients (evaluation); loss = sum / n_targets.
 AccumulateResult evaluate_loss(model::CausalLM& model, const std::vector<BatchTensors>& batches);
