@@ -19,6 +19,7 @@
 #include "ft/train/run.h"
 #include "ft/train/step.h"
 #include "ft/util/error.h"
+#include "ft/util/event_log.h"
 #include "test_util.h"
 
 using namespace ft;
@@ -362,6 +363,7 @@ std::vector<nlohmann::json> metric_lines(const fs::path& run) {
     nlohmann::json j = nlohmann::json::parse(line);
     j.erase("tokens_per_s");
     j.erase("step_time_s");
+    j.erase("peak_rss_mib");
     v.push_back(j);
   }
   return v;
@@ -603,4 +605,15 @@ TEST(TrainOutOfMemory, StopsWithAdviceOrHalvesTheMicroBatch) {
   const nlohmann::json state = nlohmann::json::parse(read_file(fs::path(s.last_checkpoint) / "trainer_state.json"));
   EXPECT_EQ(state.at("micro_batch_rows"), 1);
   fs::remove_all(dir);
+}
+
+// --- event log -----------------------------------------------------------------------------------------
+
+TEST(EventLog, Crc32cCheckValues) {
+  // The CRC-32C check value (RFC 3720 B.4) and an all-zero 32-byte block.
+  EXPECT_EQ(crc32c("123456789", 9), 0xE3069283u);
+  const std::string zeros(32, '\0');
+  EXPECT_EQ(crc32c(zeros.data(), zeros.size()), 0x8A9136AAu);
+  // Incremental updates agree with one pass.
+  EXPECT_EQ(crc32c("6789", 4, crc32c("12345", 5)), 0xE3069283u);
 }

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-TIMING = ("tokens_per_s", "step_time_s")
+TIMING = ("tokens_per_s", "step_time_s", "peak_rss_mib", "peak_device_mib")  # vary between processes
 
 
 def fail(message):
@@ -128,7 +128,7 @@ def batcher_epoch(checkpoint_dir):
 
 
 def scenario_kills(r, work, kills_wanted, rng):
-    steps, every = 120, 3
+    steps, every = 150, 3
     ref = os.path.join(work, "kill-ref")
     r.run(ref, steps, every)
     out = os.path.join(work, "kills")
@@ -148,7 +148,10 @@ def scenario_kills(r, work, kills_wanted, rng):
             if p.returncode != 0:
                 fail(f"kills: the last resumed run exited {p.returncode}:\n{err[-3000:]}")
             break
-        time.sleep(rng.uniform(0.3, 2.2))
+        # Long enough to make progress past the ~0.5 s start-up; shorter once the run nears its end,
+        # so that it cannot finish before the wanted number of kills.
+        newest = resumes[-1][0] if resumes else 0
+        time.sleep(rng.uniform(0.3, 2.0) if newest < 0.6 * steps else rng.uniform(0.2, 0.8))
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             p.wait()
@@ -162,6 +165,13 @@ def scenario_kills(r, work, kills_wanted, rng):
                 fail(f"kills: run exited {p.returncode}:\n{err[-3000:]}")
             fail(f"kills: the run finished after {kills} kills; lower the delays or raise max_steps")
     same_as_reference(out, ref, f"kills ({kills} SIGKILLs)")
+    # TensorBoard's view of the event files of all those processes equals metrics.jsonl.
+    check = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                         "check_event_log.py"), out],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if check.returncode != 0:
+        fail(f"kills: event files disagree with metrics.jsonl:\n{check.stdout[-2000:]}")
+    print(f"kills: {check.stdout.strip()}")
     resumed_steps = [s for s, _ in resumes]
     epochs = sorted(set(e for _, e in resumes))
     if len(set(resumed_steps)) < 3:

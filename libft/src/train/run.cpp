@@ -3,6 +3,10 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/Context.h>
 
+#ifdef LIBFT_WITH_CUDA_KERNELS
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -26,6 +30,7 @@
 #include "ft/train/state.h"
 #include "ft/train/step.h"
 #include "ft/util/error.h"
+#include "ft/util/event_log.h"
 #include "ft/util/progress.h"
 
 namespace fs = std::filesystem;
@@ -219,6 +224,28 @@ std::string data_hash(const std::vector<data::Batch>& batches) {
   return buf;
 }
 
+// Peak resident memory of the process (VmHWM), MiB; 0 where /proc is unavailable.
+double peak_rss_mib() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;  // "VmHWM:   12345 kB"
+  }
+  return 0.0;
+}
+
+// Peak memory the caching allocator handed out on `device` since the start, MiB (CUDA only).
+double peak_device_mib(c10::Device device) {
+#ifdef LIBFT_WITH_CUDA_KERNELS
+  if (device.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    return static_cast<double>(stats.allocated_bytes[0].peak) / (1024.0 * 1024.0);
+  }
+#endif
+  (void)device;
+  return 0.0;
+}
+
 // JSON has no NaN or Infinity; a skipped step's values are written as null.
 nlohmann::json number(double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr); }
 
@@ -320,6 +347,8 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
                                      : data::Batcher(stores.train, train_batcher_options(c));
   MetricsFile metrics(out_dir / "metrics.jsonl", resume_dir ? std::optional<uint64_t>(st.metrics_bytes) : std::nullopt,
                       log);
+  EventLog events(out_dir.string());
+  if (resume_dir) events.session_start(st.step + 1);
 
   const model::ParameterSummary params = model::summarize_parameters(model);
   std::fprintf(log, "[train] %s: %lld parameters (%zu tensors with weight decay %g, %zu without), device %s, %s\n",
@@ -377,6 +406,8 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
       }
       metrics.write({{"type", "eval"}, {"step", step}, {"set", set.name}, {"loss", e.loss},
                      {"perplexity", info.perplexity}, {"targets", e.targets}, {"best", info.best}});
+      events.scalar("eval/" + set.name + "/loss", e.loss, step);
+      events.scalar("eval/" + set.name + "/perplexity", info.perplexity, step);
       std::fprintf(log, "\n[eval] step %lld, %s: loss %.4f, perplexity %.2f (%lld targets)%s\n",
                    static_cast<long long>(step), set.name.c_str(), e.loss, info.perplexity,
                    static_cast<long long>(e.targets), info.best ? ", best so far" : "");
@@ -469,10 +500,16 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
       if (counters.step == 1) st.first_loss = r.loss;
       st.last_loss = r.loss;
       if (counters.step % c.log_every == 0 || counters.step == c.max_steps) {
-        metrics.write({{"type", "train"}, {"step", counters.step}, {"loss", r.loss}, {"lr", lr},
-                       {"grad_norm", out.grad_norm}, {"targets", r.n_targets}, {"tokens", r.n_tokens},
-                       {"tokens_per_s", tokens_per_s}, {"step_time_s", seconds}, {"skipped", counters.skipped},
-                       {"data", hash}});
+        nlohmann::json line = {{"type", "train"}, {"step", counters.step}, {"loss", r.loss}, {"lr", lr},
+                               {"grad_norm", out.grad_norm}, {"targets", r.n_targets}, {"tokens", r.n_tokens},
+                               {"tokens_per_s", tokens_per_s}, {"step_time_s", seconds}, {"skipped", counters.skipped},
+                               {"data", hash}, {"peak_rss_mib", std::round(peak_rss_mib())}};
+        if (device.is_cuda()) line["peak_device_mib"] = std::round(peak_device_mib(device));
+        metrics.write(line);
+        events.scalar("train/loss", r.loss, counters.step);
+        events.scalar("train/lr", lr, counters.step);
+        events.scalar("train/grad_norm", out.grad_norm, counters.step);
+        events.scalar("train/tokens_per_s", tokens_per_s, counters.step);
       }
       char extra[128];
       std::snprintf(extra, sizeof extra, "loss %.4f, lr %.2e, %.0f tok/s", r.loss, lr, tokens_per_s);
