@@ -4,13 +4,14 @@
 # (configs/train-tiny.yaml: AdamW, warmup + cosine, clipping, 2 micro-batches of 4 × 128 tokens per
 # step). Prints every step's two losses (they must agree within 1e-3 relative) and both loops'
 # training tokens/s and their ratio (tests/python/train_reference.py).
-#   benchmarks/train_vs_python.sh FT PYTHON DEFAULT_JOB_DIR WORK_DIR [STEPS]
+#   benchmarks/train_vs_python.sh FT PYTHON DEFAULT_JOB_DIR WORK_DIR [STEPS [MODEL_CONFIG_JSON]]
 # (DEFAULT_JOB_DIR: the default job's outputs, e.g. runs/default after scripts/run-default.sh)
 set -euo pipefail
 ft=$1 python=$2 data=$3 work=$4 steps=${5:-20}
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+model_config=${6:-$root/configs/models/tiny-llama.json}
 rm -rf "$work" && mkdir -p "$work"
-"$ft" init "$root/configs/models/tiny-llama.json" "$work/model" --seed 0 >/dev/null
+"$ft" init "$model_config" "$work/model" --seed 0 >/dev/null
 args=("$root/configs/train-tiny.yaml" "model.checkpoint=$work/model" model.config=null model.init_seed=null
       "tokenizer=$data/tokenizer" "data.train=$data/fortunes.h5" "output_dir=$work/run" "max_steps=$steps"
       schedule.warmup_steps=4 data.batch_size=4 data.grad_accum=2 eval.every=0 checkpoint.every=0)
