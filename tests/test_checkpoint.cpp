@@ -9,6 +9,8 @@
 #include <nlohmann/json.hpp>
 #include <unistd.h>
 
+#include <ATen/autocast_mode.h>
+
 #include "ft/adapt/mode.h"
 #include "ft/config/run_config.h"
 #include "ft/data/token_store.h"
@@ -617,3 +619,85 @@ TEST(EventLog, Crc32cCheckValues) {
   // Incremental updates agree with one pass.
   EXPECT_EQ(crc32c("6789", 4, crc32c("12345", 5)), 0xE3069283u);
 }
+
+// --- CUDA (skipped without a GPU; run by scripts/gpu-check.sh) -------------------------------------------
+
+#ifdef LIBFT_WITH_CUDA_KERNELS
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#endif
+
+// A bfloat16-autocast run on the GPU learns the synthetic rule and records device memory; a resumed
+// GPU run continues from its checkpoint.
+TEST(TrainCuda, Bf16AutocastRunLearnsAndResumes) {
+  FT_REQUIRE_CUDA();
+  const fs::path dir = scratch("train_cuda");
+  config::RunConfig c = synthetic_run(dir);
+  c.device = "cuda";
+  c.dtype = "bfloat16";
+  c.max_steps = 16;
+  c.schedule.total_steps = 16;
+  Quiet q;
+  StopAt stop(8);
+  train::RunOptions ro;
+  ro.log = q.f;
+  ro.callbacks = &stop;
+  EXPECT_EQ(train::run_training(c, ro).steps, 8);
+  ro.callbacks = nullptr;
+  const train::RunSummary s = train::run_training(c, ro);
+  EXPECT_EQ(s.resumed_from, 8);
+  EXPECT_EQ(s.steps, 16);
+  EXPECT_EQ(s.skipped, 0);
+  EXPECT_LT(s.last_loss, s.first_loss - 1.0) << s.first_loss << " -> " << s.last_loss;
+  const auto lines = metric_lines(dir / "run");
+  bool memory = false;
+  for (const auto& j : lines) memory |= j.contains("peak_device_mib") && j.at("peak_device_mib").get<double>() > 0;
+  EXPECT_TRUE(memory);
+  fs::remove_all(dir);
+}
+
+#ifdef LIBFT_WITH_CUDA_KERNELS
+// Activation checkpointing lowers the peak memory of a training forward/backward pass and keeps its
+// gradients (bf16 autocast, so the recomputation must run under autocast too).
+TEST(TrainCuda, ActivationCheckpointingLowersPeakMemory) {
+  FT_REQUIRE_CUDA();
+  io::ModelConfig mc = test::tiny_config();
+  mc.hidden_size = 512;
+  mc.intermediate_size = 1536;
+  mc.num_hidden_layers = 8;
+  mc.num_attention_heads = 8;
+  mc.num_key_value_heads = 4;
+  mc.head_dim = 64;
+  mc.layer_window.assign(8, 0);
+  model::CausalLM m(mc);
+  model::init_weights(m, 1);
+  m->to(at::kCUDA);
+  const at::Tensor ids = at::randint(0, 97, {8, 512}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
+  auto run = [&](bool ckpt) {
+    m->set_gradient_checkpointing(ckpt);
+    m->zero_grad();
+    c10::cuda::device_synchronize();
+    c10::cuda::CUDACachingAllocator::resetPeakStats(0);
+    const int64_t before = c10::cuda::CUDACachingAllocator::getDeviceStats(0).allocated_bytes[0].current;
+    {
+      at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+      at::autocast::set_autocast_enabled(at::kCUDA, true);
+      at::Tensor loss = model::causal_lm_loss(m->forward(ids), ids);
+      at::autocast::set_autocast_enabled(at::kCUDA, false);
+      at::autocast::clear_cache();
+      loss.backward();
+    }
+    c10::cuda::device_synchronize();
+    const int64_t peak = c10::cuda::CUDACachingAllocator::getDeviceStats(0).allocated_bytes[0].peak;
+    std::map<std::string, at::Tensor> g;
+    for (const auto& item : m->named_parameters()) g[item.key()] = item.value().grad().clone();
+    return std::make_pair(peak - before, g);
+  };
+  const auto plain = run(false);
+  const auto ckpt = run(true);
+  std::printf("activation memory: %.1f MiB plain, %.1f MiB with checkpointing\n", plain.first / 1048576.0,
+              ckpt.first / 1048576.0);
+  EXPECT_LT(ckpt.first, plain.first * 7 / 10);
+  for (const auto& [name, g] : plain.second) EXPECT_LE(test::max_rel_error(ckpt.second.at(name), g), 2e-2) << name;
+}
+#endif
