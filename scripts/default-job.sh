@@ -21,7 +21,9 @@ mkdir -p "$out"
 "$ft" train-tokenizer "${texts[@]}" -o "$out/tokenizer" --vocab-size 4096 --seed 0
 "$ft" prepare "${texts[@]}" -o "$out/fortunes.h5" -t "$out/tokenizer" --format text --split separator \
   --on-error skip --max-bad-fraction 0.01
-# The bundled run config with this job's paths and a shorter schedule (1024 tokens per step).
+# The bundled run config with this job's paths and a shorter schedule (1024 tokens per step). The
+# job starts its run over each time (the store above was just rewritten; a resume would refuse it).
+rm -rf "$out/train"
 "$ft" train "$root/configs/train-tiny.yaml" model.config="$root/configs/models/tiny-llama.json" \
   tokenizer="$out/tokenizer" data.train="$out/fortunes.h5" output_dir="$out/train" \
   max_steps=80 data.grad_accum=1 schedule.warmup_steps=8 eval.every=40 eval.max_batches=4

@@ -343,8 +343,16 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     std::fprintf(log, "[train] resuming from %s (step %lld of %lld)\n", resume_dir->c_str(),
                  static_cast<long long>(st.step), static_cast<long long>(c.max_steps));
   }
-  data::Batcher batcher = resume_dir ? data::Batcher(stores.train, train_batcher_options(c), st.batcher)
-                                     : data::Batcher(stores.train, train_batcher_options(c));
+  data::Batcher batcher = [&] {
+    if (!resume_dir) return data::Batcher(stores.train, train_batcher_options(c));
+    try {
+      return data::Batcher(stores.train, train_batcher_options(c), st.batcher);
+    } catch (const Error& e) {
+      FT_FAIL("[train] cannot resume from ", *resume_dir, ": ", e.what(),
+              ". The token stores changed since that checkpoint: use a new output_dir, or remove ", checkpoints.root(),
+              " to start over");
+    }
+  }();
   MetricsFile metrics(out_dir / "metrics.jsonl", resume_dir ? std::optional<uint64_t>(st.metrics_bytes) : std::nullopt,
                       log);
   EventLog events(out_dir.string());

@@ -84,7 +84,7 @@ struct TokenStoreWriteOptions {
   /// Elements per chunk. A chunk is the unit HDF5 reads, checks and inflates: 16Ki tokens (64 KiB
   /// of int32) compress well and keep the read amplification of a random short document low.
   int64_t chunk_tokens = 16384;
-  int deflate_level = 4;  ///< 1–9; token data gains little above 4 and writes slower
+  int deflate_level = 1;  ///< 1–9; token data gains little above 4 and writes slower
   /// Tokens buffered before they go to HDF5 (rounded up to whole chunks). Only whole chunks are
   /// written until finish(), so each chunk is compressed and placed in the file exactly once.
   int64_t buffer_tokens = 1 << 20;
