@@ -443,7 +443,8 @@ struct ExampleReader::Impl {
   bool produced_all = false, stop = false;
   // Windows of 4096 records (or 16 MB of text, whichever comes first) keep the per-window joins rare:
   // on the fortunes, 256-record windows left the two-thread pipeline 38% slower than raw encoding,
-  // 4096-record windows 20%.
+  // 4096-record windows 20% (17% at deflate level 1, 16% with the producer as one of the tokenizers;
+  // 1024-record windows 23%, 8192 15-16%: within the benchmark's noise of 4096).
   static constexpr size_t kWindowRecords = 4096, kQueuedWindows = 2, kWindowBytes = 16u << 20;
 
   Impl(RecordReader r, TokenizeOptions t, ErrorPolicy p, const TokenEncoder& e)
@@ -567,9 +568,10 @@ struct ExampleReader::Impl {
     while (true) {
       std::atomic<size_t> cursor{0};
       std::vector<std::thread> pool;
-      for (int t = 0; t < threads; ++t) pool.emplace_back([this, &current, &cursor] { tokenize_part(current, cursor); });
+      for (int t = 1; t < threads; ++t) pool.emplace_back([this, &current, &cursor] { tokenize_part(current, cursor); });
       Window next;
       const bool next_done = done || read_window(next, kWindowRecords);
+      tokenize_part(current, cursor);  // the producer is the threads-th tokenizer once the next window is read
       for (auto& thread : pool) thread.join();
       {
         std::unique_lock lock(mutex);
