@@ -185,7 +185,7 @@ TEST(RunConfig, ModeFreezeCheckpointAndEarlyStopping) {
   std::string y = kGood;
   y += "mode: freeze\nfreeze:\n  layers: [0, \"2-3\", -1]\n  patterns: [\"*.mlp.*\"]\n  embeddings: false\n"
        "  lm_head: true\ncheckpoint:\n  every: 25\n  keep_last: 3\n  resume: required\n  strict: true\n";
-  y = replace(y, "  every: 10\n", "  every: 10\n  patience: 3\n  min_delta: 0.01\n");
+  y = replace(y, "  every: 10\n", "  every: 10\n  patience: 3\n  min_delta: 0.01\n  at_start: true\n");
   const config::RunConfig c = config::parse_run_config(y, "run.yaml");
   EXPECT_EQ(c.mode, "freeze");
   EXPECT_EQ(c.freeze.layers, (std::vector<std::string>{"0", "2-3", "-1"}));
@@ -199,6 +199,7 @@ TEST(RunConfig, ModeFreezeCheckpointAndEarlyStopping) {
   EXPECT_TRUE(c.checkpoint.strict);
   EXPECT_EQ(c.eval.patience, 3);
   EXPECT_EQ(c.eval.min_delta, 0.01);
+  EXPECT_TRUE(c.eval.at_start);
   // The resolved YAML reads back to the same values.
   const config::RunConfig back = config::parse_run_config(config::to_yaml(c), "resolved");
   EXPECT_EQ(config::to_yaml(back), config::to_yaml(c));

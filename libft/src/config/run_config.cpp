@@ -228,10 +228,12 @@ void parse_schedule(Reader& r, const YAML::Node& n, ScheduleSection& s) {
 }
 
 void parse_eval(Reader& r, const YAML::Node& n, EvalSection& e) {
-  if (!r.check_map(n, "eval", {"stores", "held_out_docs", "every", "max_batches", "batch_size", "patience", "min_delta"}))
+  if (!r.check_map(n, "eval", {"stores", "held_out_docs", "every", "max_batches", "batch_size", "patience", "min_delta",
+                                    "at_start"}))
     return;
   r.get(n, "eval", "patience", e.patience);
   r.get(n, "eval", "min_delta", e.min_delta);
+  r.get(n, "eval", "at_start", e.at_start);
   r.positive(n, "eval", "patience", static_cast<double>(e.patience), true);
   r.positive(n, "eval", "min_delta", e.min_delta, true);
   r.get(n, "eval", "stores", e.stores);
@@ -487,6 +489,7 @@ std::string to_yaml(const RunConfig& c) {
     out << YAML::Key << "batch_size" << YAML::Value << c.eval.batch_size;
     out << YAML::Key << "patience" << YAML::Value << c.eval.patience;
     out << YAML::Key << "min_delta" << YAML::Value << shortest(c.eval.min_delta);
+    out << YAML::Key << "at_start" << YAML::Value << c.eval.at_start;
     out << YAML::EndMap;
   }
   out << YAML::Key << "mode" << YAML::Value << c.mode;

@@ -442,6 +442,10 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   int64_t tokens_here = 0;
   double train_seconds = 0.0;
   StopReason stop = StopReason::MaxSteps;
+  if (c.eval.at_start && counters.step == 0 && !stores.eval.empty()) {
+    Action ignored = Action::Continue;
+    run_evals(0, ignored);
+  }
   while (counters.step < c.max_steps) {
     const auto step_start = Clock::now();
     std::vector<data::Batch> batches;

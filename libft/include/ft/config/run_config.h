@@ -60,6 +60,9 @@ struct EvalSection {
   /// set's loss by more than min_delta (0 = never stop early). The best evaluation's checkpoint is
   /// kept whatever keep_last says.
   int64_t patience = 0;
+  /// Also evaluate before the first step (step 0): the baseline that the gains and losses of
+  /// fine-tuning are read against.
+  bool at_start = false;
   double min_delta = 0.0;
 };
 
