@@ -127,7 +127,7 @@ def batcher_epoch(checkpoint_dir):
     return state["step"], state["batcher"]["streams"][0]["epoch"]
 
 
-def scenario_kills(r, work, kills_wanted, rng):
+def scenario_kills(r, work, kills_wanted, rng, event_check=True):
     steps, every = 150, 3
     ref = os.path.join(work, "kill-ref")
     r.run(ref, steps, every)
@@ -165,6 +165,8 @@ def scenario_kills(r, work, kills_wanted, rng):
                 fail(f"kills: run exited {p.returncode}:\n{err[-3000:]}")
             fail(f"kills: the run finished after {kills} kills; lower the delays or raise max_steps")
     same_as_reference(out, ref, f"kills ({kills} SIGKILLs)")
+    if not event_check:
+        return report(kills, during_save, resumes)
     # TensorBoard's view of the event files of all those processes equals metrics.jsonl.
     check = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                          "check_event_log.py"), out],
@@ -172,6 +174,10 @@ def scenario_kills(r, work, kills_wanted, rng):
     if check.returncode != 0:
         fail(f"kills: event files disagree with metrics.jsonl:\n{check.stdout[-2000:]}")
     print(f"kills: {check.stdout.strip()}")
+    report(kills, during_save, resumes)
+
+
+def report(kills, during_save, resumes):
     resumed_steps = [s for s, _ in resumes]
     epochs = sorted(set(e for _, e in resumes))
     if len(set(resumed_steps)) < 3:
@@ -266,6 +272,7 @@ def main():
     ap.add_argument("work")
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--seed", type=int, default=int(os.environ.get("LIBFT_KILL_SEED", str(int(time.time()) % 100000))))
+    ap.add_argument("--no-event-check", action="store_true", help="skip the TensorBoard reader check")
     ap.add_argument("--points", default="begin,after_files,after_manifest,after_rename,during_prune")
     a = ap.parse_args()
     shutil.rmtree(a.work, ignore_errors=True)
@@ -275,7 +282,7 @@ def main():
     scenario_crashes(r, a.work, a.points.split(","))
     scenario_damage(r, a.work)
     scenario_signal(r, a.work)
-    scenario_kills(r, a.work, a.kills, random.Random(a.seed))
+    scenario_kills(r, a.work, a.kills, random.Random(a.seed), event_check=not a.no_event_check)
     print(f"kill/resume OK ({time.time() - start:.0f} s, seed {a.seed})")
 
 
