@@ -215,11 +215,37 @@ TEST(RunConfig, ModeFreezeCheckpointAndEarlyStopping) {
   bad += "mode: frozen\nfreeze:\n  layers: [\"1-x\"]\n  train_last: 2\n  embedding: true\ncheckpoint:\n  resume: maybe\n"
          "  keep_last: 0\n";
   const std::string e = error_of(bad);
-  EXPECT_NE(e.find("'mode' must be one of full, freeze, got 'frozen'"), std::string::npos) << e;
+  EXPECT_NE(e.find("'mode' must be one of full, freeze, lora, got 'frozen'"), std::string::npos) << e;
   EXPECT_NE(e.find("unknown key 'freeze.embedding'; did you mean 'embeddings'?"), std::string::npos) << e;
   EXPECT_NE(e.find("'freeze.train_last' and 'freeze.layers' exclude each other"), std::string::npos) << e;
   EXPECT_NE(e.find("got '1-x'"), std::string::npos) << e;
   EXPECT_NE(e.find("'freeze' only applies with 'mode: freeze'"), std::string::npos) << e;
   EXPECT_NE(e.find("'checkpoint.resume' must be one of auto, never, required, got 'maybe'"), std::string::npos) << e;
   EXPECT_NE(e.find("'checkpoint.keep_last' must be > 0"), std::string::npos) << e;
+}
+
+TEST(RunConfig, LoraSection) {
+  std::string y = kGood;
+  y += "mode: lora\nlora:\n  r: 4\n  alpha: 8\n  dropout: 0.05\n  targets: [all-linear]\n  rslora: true\n"
+       "  init: gaussian\n  rank_pattern: {down_proj: 2, \"mlp\\\\..*\": 3}\n  alpha_pattern: {o_proj: 1.5}\n";
+  const config::RunConfig c = config::parse_run_config(y, "run.yaml");
+  EXPECT_EQ(c.lora.r, 4);
+  EXPECT_EQ(c.lora.targets, (std::vector<std::string>{"all-linear"}));
+  EXPECT_TRUE(c.lora.rslora);
+  EXPECT_EQ(c.lora.init, "gaussian");
+  ASSERT_EQ(c.lora.rank_pattern.size(), 2u);
+  EXPECT_EQ(c.lora.rank_pattern[0], (std::pair<std::string, int64_t>{"down_proj", 2}));  // file order kept
+  EXPECT_EQ(c.lora.rank_pattern[1].first, "mlp\\..*");
+  EXPECT_EQ(c.lora.alpha_pattern[0].second, 1.5);
+  const config::RunConfig back = config::parse_run_config(config::to_yaml(c), "resolved");
+  EXPECT_EQ(config::to_yaml(back), config::to_yaml(c));
+
+  std::string bad = kGood;
+  bad += "mode: lora\nlora:\n  r: 0\n  dropout: 1.5\n  init: xavier\n  rank_pattern: [1, 2]\n  alphaa: 3\n";
+  const std::string e = error_of(bad);
+  EXPECT_NE(e.find("'lora.r' must be > 0"), std::string::npos) << e;
+  EXPECT_NE(e.find("'lora.dropout' must be in [0, 1)"), std::string::npos) << e;
+  EXPECT_NE(e.find("'lora.init' must be one of kaiming, gaussian"), std::string::npos) << e;
+  EXPECT_NE(e.find("'lora.rank_pattern' must map module patterns"), std::string::npos) << e;
+  EXPECT_NE(e.find("did you mean 'alpha'?"), std::string::npos) << e;
 }

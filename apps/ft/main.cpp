@@ -40,6 +40,7 @@ int main(int argc, char** argv) {
   ft::cli::add_prepare(app);
   ft::cli::add_train(app);
   ft::cli::add_batches(app);
+  ft::cli::add_merge(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

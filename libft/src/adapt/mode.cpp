@@ -4,6 +4,8 @@
 #include <mutex>
 #include <set>
 
+#include "ft/adapt/lora.h"
+#include "ft/io/hf_checkpoint.h"
 #include "ft/util/error.h"
 
 namespace ft::adapt {
@@ -42,10 +44,40 @@ class FreezeMode final : public Mode {
   config::FreezeSection freeze_;
 };
 
+// mode: lora. The base is frozen; LoRA adapters on the targeted layers train (adapt/lora.h).
+class LoraMode final : public Mode {
+ public:
+  explicit LoraMode(const config::LoraSection& l) {
+    options_.r = l.r;
+    options_.alpha = l.alpha;
+    options_.dropout = l.dropout;
+    options_.targets = l.targets;
+    options_.rslora = l.rslora;
+    options_.init = l.init;
+    options_.seed = l.seed;
+    options_.rank_pattern = l.rank_pattern;
+    options_.alpha_pattern = l.alpha_pattern;
+  }
+  std::string name() const override { return "lora"; }
+  void apply(model::CausalLM& model) override { apply_lora(model, options_); }
+  std::string describe(model::CausalLM& model) const override {
+    const auto layers = lora_layers(model);
+    return Mode::describe(model) + detail::concat("; LoRA r ", options_.r, " alpha ", options_.alpha, " on ",
+                                                  layers.size(), " layers");
+  }
+  void export_final(model::CausalLM& model, const std::string& dir, const config::RunConfig& c) const override {
+    save_peft_adapter(model, options_, dir, c.model.checkpoint);
+  }
+
+ private:
+  LoraOptions options_;
+};
+
 std::map<std::string, ModeFactory>& registry() {
   static std::map<std::string, ModeFactory> r = {
       {"full", [](const config::RunConfig&) { return std::make_unique<FullMode>(); }},
       {"freeze", [](const config::RunConfig& c) { return std::make_unique<FreezeMode>(c.freeze); }},
+      {"lora", [](const config::RunConfig& c) { return std::make_unique<LoraMode>(c.lora); }},
   };
   return r;
 }
@@ -75,6 +107,10 @@ std::string Mode::describe(model::CausalLM& model) const {
   return detail::concat("mode ", name(), ": ", with_commas(c.trainable), " trainable parameters in ", c.trainable_tensors,
                         " tensors (", total > 0 ? 100.0 * static_cast<double>(c.trainable) / total : 0.0, "%), ",
                         with_commas(c.frozen), " frozen in ", c.frozen_tensors, " tensors");
+}
+
+void Mode::export_final(model::CausalLM& model, const std::string& dir, const config::RunConfig&) const {
+  io::save_pretrained(model, dir);
 }
 
 void register_mode(const std::string& name, ModeFactory factory) {

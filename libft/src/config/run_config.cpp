@@ -283,10 +283,51 @@ void parse_freeze(Reader& r, const YAML::Node& n, FreezeSection& f) {
   }
 }
 
+void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
+  if (!r.check_map(n, "lora", {"r", "alpha", "dropout", "targets", "rslora", "init", "seed", "rank_pattern",
+                               "alpha_pattern"}))
+    return;
+  r.get(n, "lora", "r", l.r);
+  r.get(n, "lora", "alpha", l.alpha);
+  r.get(n, "lora", "dropout", l.dropout);
+  r.get(n, "lora", "targets", l.targets);
+  r.get(n, "lora", "rslora", l.rslora);
+  r.get(n, "lora", "init", l.init);
+  r.get(n, "lora", "seed", l.seed);
+  r.positive(n, "lora", "r", static_cast<double>(l.r), false);
+  r.positive(n, "lora", "alpha", l.alpha, false);
+  if (l.dropout < 0 || l.dropout >= 1) r.error(n["dropout"], detail::concat("'lora.dropout' must be in [0, 1), got ", l.dropout));
+  r.one_of(n, "lora", "init", l.init, {"kaiming", "gaussian"});
+  if (l.targets.empty()) r.error(n["targets"] ? n["targets"] : n, "'lora.targets' needs at least one module name");
+  for (const char* key : {"rank_pattern", "alpha_pattern"}) {
+    const YAML::Node m = n[key];
+    if (!m) continue;
+    if (!m.IsMap()) {
+      r.error(m, std::string("'lora.") + key + "' must map module patterns to values, e.g. {down_proj: 4}");
+      continue;
+    }
+    for (auto it = m.begin(); it != m.end(); ++it) {
+      try {
+        if (std::string(key) == "rank_pattern") {
+          const int64_t v = it->second.as<int64_t>();
+          if (v <= 0) r.error(it->second, "'lora.rank_pattern' ranks must be > 0");
+          l.rank_pattern.emplace_back(it->first.as<std::string>(), v);
+        } else {
+          const double v = it->second.as<double>();
+          if (!(v > 0)) r.error(it->second, "'lora.alpha_pattern' values must be > 0");
+          l.alpha_pattern.emplace_back(it->first.as<std::string>(), v);
+        }
+      } catch (const YAML::BadConversion&) {
+        r.error(it->second, std::string("'lora.") + key + "' values must be numbers");
+      }
+    }
+  }
+}
+
 const std::vector<std::string> kTopKeys = {"model",      "tokenizer",  "data",         "optimizer",  "schedule",
-                                           "max_steps",  "clip_grad_norm", "dtype",    "device",     "eval",
+                                           "max_steps",  "seed",       "clip_grad_norm", "dtype",    "device",     "eval",
                                            "activation_checkpointing",
-                                           "mode",       "freeze",     "checkpoint",   "log_every",  "output_dir",
+                                           "mode",       "freeze",     "lora",       "checkpoint",   "log_every",  "output_dir",
                                            "on_nonfinite", "on_oom"};
 
 void apply_override(Reader& r, YAML::Node& root, const std::string& text) {
@@ -382,15 +423,18 @@ RunConfig parse_run_config(std::string_view yaml, const std::string& source, con
     section("optimizer", parse_optimizer, c.optimizer);
     section("schedule", parse_schedule, c.schedule);
     r.get(root, "", "max_steps", c.max_steps);
+    r.get(root, "", "seed", c.seed);
     r.get(root, "", "clip_grad_norm", c.clip_grad_norm);
     r.get(root, "", "dtype", c.dtype);
     r.get(root, "", "device", c.device);
     r.get(root, "", "activation_checkpointing", c.activation_checkpointing);
     section("eval", parse_eval, c.eval);
     r.get(root, "", "mode", c.mode);
-    r.one_of(root, "", "mode", c.mode, {"full", "freeze"});
+    r.one_of(root, "", "mode", c.mode, {"full", "freeze", "lora"});
     section("freeze", parse_freeze, c.freeze);
     if (root["freeze"] && c.mode != "freeze") r.error(root["freeze"], "'freeze' only applies with 'mode: freeze'");
+    section("lora", parse_lora, c.lora);
+    if (root["lora"] && c.mode != "lora") r.error(root["lora"], "'lora' only applies with 'mode: lora'");
     section("checkpoint", parse_checkpoint, c.checkpoint);
     r.get(root, "", "log_every", c.log_every);
     r.get(root, "", "output_dir", c.output_dir);
@@ -476,6 +520,7 @@ std::string to_yaml(const RunConfig& c) {
   out << YAML::Key << "total_steps" << YAML::Value << c.schedule.total_steps;
   out << YAML::EndMap;
   out << YAML::Key << "max_steps" << YAML::Value << c.max_steps;
+  out << YAML::Key << "seed" << YAML::Value << c.seed;
   out << YAML::Key << "clip_grad_norm" << YAML::Value << shortest(c.clip_grad_norm);
   out << YAML::Key << "dtype" << YAML::Value << c.dtype;
   out << YAML::Key << "device" << YAML::Value << c.device;
@@ -501,6 +546,26 @@ std::string to_yaml(const RunConfig& c) {
     out << YAML::Key << "embeddings" << YAML::Value << c.freeze.embeddings;
     out << YAML::Key << "lm_head" << YAML::Value << c.freeze.lm_head;
     out << YAML::Key << "norm" << YAML::Value << c.freeze.norm;
+    out << YAML::EndMap;
+  }
+  if (c.mode == "lora") {
+    out << YAML::Key << "lora" << YAML::Value << YAML::BeginMap;
+    out << YAML::Key << "r" << YAML::Value << c.lora.r;
+    out << YAML::Key << "alpha" << YAML::Value << shortest(c.lora.alpha);
+    out << YAML::Key << "dropout" << YAML::Value << shortest(c.lora.dropout);
+    out << YAML::Key << "targets" << YAML::Value << YAML::Flow << c.lora.targets;
+    out << YAML::Key << "rslora" << YAML::Value << c.lora.rslora;
+    out << YAML::Key << "init" << YAML::Value << c.lora.init;
+    out << YAML::Key << "seed" << YAML::Value << c.lora.seed;
+    for (const char* key : {"rank_pattern", "alpha_pattern"}) {
+      out << YAML::Key << key << YAML::Value << YAML::Flow << YAML::BeginMap;
+      if (std::string(key) == "rank_pattern") {
+        for (const auto& [p, v] : c.lora.rank_pattern) out << YAML::Key << p << YAML::Value << v;
+      } else {
+        for (const auto& [p, v] : c.lora.alpha_pattern) out << YAML::Key << p << YAML::Value << shortest(v);
+      }
+      out << YAML::EndMap;
+    }
     out << YAML::EndMap;
   }
   out << YAML::Key << "checkpoint" << YAML::Value << YAML::BeginMap;

@@ -25,9 +25,7 @@ at::Tensor rotate_half(const at::Tensor& x) {
   return at::cat({-halves[1], halves[0]}, -1);
 }
 
-torch::nn::Linear linear(int64_t in, int64_t out, bool bias) {
-  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
-}
+Linear linear(int64_t in, int64_t out, bool bias) { return Linear(in, out, bias); }
 
 // Activation (gradient) checkpointing of one decoder block. The forward pass runs without a graph
 // and keeps only the block's input; the backward node runs the block again with gradients enabled

@@ -338,6 +338,7 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     FT_CHECK(resume_dir || c.checkpoint.resume != "required", "[train] checkpoint.resume is 'required' but ",
              checkpoints.root(), " holds no intact checkpoint");
   }
+  if (!resume_dir) at::manual_seed(c.seed);  // dropout draws from the default generators
   if (resume_dir) {
     st = read_training_state(*resume_dir, model, *mode, *optimizer, identity);
     std::fprintf(log, "[train] resuming from %s (step %lld of %lld)\n", resume_dir->c_str(),
@@ -559,7 +560,7 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   summary.stop = stop;
   if (stop != StopReason::Signal) {
     summary.final_dir = (out_dir / "final").string();
-    io::save_pretrained(model, summary.final_dir);
+    mode->export_final(model, summary.final_dir, c);
   }
   summary.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   summary.tokens_per_s = static_cast<double>(tokens_here) / std::max(train_seconds, 1e-9);

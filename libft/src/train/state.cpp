@@ -89,6 +89,9 @@ std::string run_identity(const config::RunConfig& c) {
                 {"grad_accum", c.data.grad_accum}, {"shuffle", c.data.shuffle}, {"seed", c.data.seed}}},
       {"mode", c.mode},
       {"freeze", freeze},
+      {"lora", c.mode == "lora" ? nlohmann::json{{"r", c.lora.r}, {"alpha", c.lora.alpha}, {"targets", c.lora.targets},
+                                                 {"rslora", c.lora.rslora}, {"rank_pattern", c.lora.rank_pattern}}
+                                : nlohmann::json(nullptr)},
       {"optimizer", c.optimizer.name},
   };
   return j.dump();

@@ -35,6 +35,9 @@ class Mode {
   virtual NamedTensors state(model::CausalLM& model) const;
   /// One line for the run log: what is frozen, what trains.
   virtual std::string describe(model::CausalLM& model) const;
+  /// Writes the run's result to `dir`: by default the whole model as a Hugging Face checkpoint;
+  /// adapter modes write their adapter (PEFT's format) instead.
+  virtual void export_final(model::CausalLM& model, const std::string& dir, const config::RunConfig& config) const;
 };
 
 using ModeFactory = std::function<std::unique_ptr<Mode>(const config::RunConfig&)>;

@@ -84,6 +84,21 @@ struct FreezeSection {
   bool norm = false;                  ///< freeze the final norm (model.norm)
 };
 
+/// mode: lora (adapt/lora.h). The base model is frozen; only the adapters train.
+struct LoraSection {
+  int64_t r = 8;
+  double alpha = 16.0;
+  double dropout = 0.0;
+  /// Module names or suffixes (PEFT's target_modules), or [all-linear]: every linear layer but lm_head.
+  std::vector<std::string> targets = {"q_proj", "v_proj"};
+  bool rslora = false;           ///< scale alpha/√r instead of alpha/r
+  std::string init = "kaiming";  ///< kaiming (PEFT's default) | gaussian
+  uint64_t seed = 0;             ///< of A's initialisation
+  /// Per-module overrides, regular expression → rank / alpha, first match wins (PEFT's patterns).
+  std::vector<std::pair<std::string, int64_t>> rank_pattern;
+  std::vector<std::pair<std::string, double>> alpha_pattern;
+};
+
 struct RunConfig {
   std::string source;  ///< where it was read from (for messages)
   ModelSection model;
@@ -92,6 +107,9 @@ struct RunConfig {
   OptimizerSection optimizer;
   ScheduleSection schedule;
   int64_t max_steps = 0;          ///< optimizer steps; required > 0
+  /// Seeds the random generators when a run starts fresh (dropout); a resumed run restores their
+  /// states from the checkpoint instead.
+  uint64_t seed = 0;
   double clip_grad_norm = 1.0;    ///< 0 = off
   std::string dtype = "float32";  ///< float32 | bfloat16 (bfloat16: autocast, CUDA only)
   std::string device = "cpu";     ///< cpu | cuda | cuda:N | auto
@@ -99,9 +117,10 @@ struct RunConfig {
   /// memory for about one more forward pass of compute; the same gradients.
   bool activation_checkpointing = false;
   EvalSection eval;
-  /// Adaptation mode: full (every parameter trains) | freeze (see FreezeSection).
+  /// Adaptation mode: full (every parameter trains) | freeze (see FreezeSection) | lora (LoraSection).
   std::string mode = "full";
   FreezeSection freeze;
+  LoraSection lora;
   CheckpointSection checkpoint;
   int64_t log_every = 1;          ///< metrics.jsonl line every N steps
   std::string output_dir;         ///< required; metrics.jsonl, config.yaml, checkpoints/ and final/ go here

@@ -10,7 +10,7 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/embedding.h>
-#include <torch/nn/modules/linear.h>
+#include "ft/model/linear.h"
 #include <torch/nn/pimpl.h>
 
 #include <map>
@@ -57,7 +57,7 @@ class AttentionImpl : public torch::nn::Module {
   AttentionImpl(const ModelConfig& c, int64_t window);
   /// x: (B, T, E) → (B, T, E). Appends this layer's keys/values to `cache_k`/`cache_v` when given.
   at::Tensor forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k, at::Tensor* cache_v);
-  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   int64_t heads, kv_heads, head_dim, window;
 };
 TORCH_MODULE(Attention);
@@ -66,7 +66,7 @@ class MLPImpl : public torch::nn::Module {
  public:
   explicit MLPImpl(const ModelConfig& c);
   at::Tensor forward(const at::Tensor& x);  ///< down(silu(gate(x)) * up(x))
-  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
 };
 TORCH_MODULE(MLP);
 
@@ -121,7 +121,7 @@ class CausalLMImpl : public torch::nn::Module {
   const at::Tensor& inv_freq() const { return inv_freq_; }
 
   Decoder model{nullptr};
-  torch::nn::Linear lm_head{nullptr};  ///< null when tie_word_embeddings
+  Linear lm_head{nullptr};  ///< null when tie_word_embeddings
 
  private:
   ModelConfig config_;

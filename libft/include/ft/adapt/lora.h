@@ -1,0 +1,81 @@
+#pragma once
+// LoRA (Hu et al. 2021) on libft's linear layers, with Hugging Face PEFT's semantics and files.
+//
+// A targeted layer computes  y = x Wᵀ + b + scale · B(A(dropout(x)))  with A: r × in, B: out × r,
+// scale = alpha / r (or alpha / √r with rsLoRA). A is initialised as PEFT does by default
+// (kaiming-uniform with a = √5, i.e. U(−1/√in, 1/√in)) or "gaussian" (N(0, 1/r)); B starts at zero,
+// so the adapted model starts exactly as the base. The base weights are frozen.
+//
+// TARGETS, as PEFT matches target_modules: a list of names matches a module whose name equals one
+// or ends with "." + one ("q_proj" matches model.layers.3.self_attn.q_proj); a single string is a
+// regular expression that must match the whole module name; "all-linear" is every linear layer but
+// the output head. rank_pattern / alpha_pattern map a regular expression to a rank / alpha for the
+// modules whose name matches "(.*\.)?(pattern)$" (the first matching pattern wins), as in PEFT.
+//
+// FILES (PEFT's): adapter_config.json ({"peft_type": "LORA", "r", "lora_alpha", "target_modules",
+// "rank_pattern", "alpha_pattern", "use_rslora", ...}) and adapter_model.safetensors with keys
+// "base_model.model.<module>.lora_A.weight" / ".lora_B.weight". Loading is strict: a PEFT option
+// libft does not implement (DoRA, bias training, modules_to_save, fan_in_fan_out, ...), a target
+// that matches nothing, a missing, unexpected or misshapen tensor is an error naming it.
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "ft/model/llama.h"
+
+namespace ft::adapt {
+
+struct LoraOptions {
+  int64_t r = 8;
+  double alpha = 16.0;
+  double dropout = 0.0;
+  /// Module names or suffixes (see TARGETS); {"all-linear"} for every linear layer but lm_head.
+  std::vector<std::string> targets = {"q_proj", "v_proj"};
+  /// A single regular expression instead of `targets` (PEFT's string form), if not empty.
+  std::string target_regex;
+  bool rslora = false;          ///< scale alpha/√r instead of alpha/r
+  std::string init = "kaiming"; ///< kaiming (PEFT's default) | gaussian
+  uint64_t seed = 0;            ///< for A's initialisation
+  /// Ordered (pattern, value) overrides; see TARGETS.
+  std::vector<std::pair<std::string, int64_t>> rank_pattern;
+  std::vector<std::pair<std::string, double>> alpha_pattern;
+};
+
+/// One adapted layer.
+struct LoraLayer {
+  std::string module;  ///< "model.layers.0.self_attn.q_proj"
+  int64_t r = 0;
+  double alpha = 0.0, scale = 0.0;
+};
+
+/// Adds LoRA to the targeted layers of `model` (which must have none yet), freezes every other
+/// parameter, and returns the adapted layers in model order. Throws ft::Error when a target matches
+/// no layer or an option is out of range.
+std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& options);
+
+/// The adapted layers of `model` (empty when it has no LoRA).
+std::vector<LoraLayer> lora_layers(model::CausalLM& model);
+
+/// W += scale · B A in every adapted layer, after which the adapters are bypassed (merged() is
+/// true); unmerge_lora() subtracts it again. Merging twice or unmerging unmerged layers is an error.
+void merge_lora(model::CausalLM& model);
+void unmerge_lora(model::CausalLM& model);
+bool lora_merged(model::CausalLM& model);
+/// Merges (unless merged) and removes the adapters: a plain model again, for save_pretrained.
+void merge_and_unload_lora(model::CausalLM& model);
+
+/// Writes `dir`/adapter_config.json and `dir`/adapter_model.safetensors (only the LoRA tensors).
+/// `base_model` is recorded as base_model_name_or_path.
+void save_peft_adapter(model::CausalLM& model, const LoraOptions& options, const std::string& dir,
+                       const std::string& base_model = "");
+
+/// Reads a PEFT LoRA adapter_config.json (see FILES for what is refused).
+LoraOptions read_peft_lora_config(const std::string& path);
+
+/// Applies the adapter in `dir` to `model` (apply_lora with its config, then its tensors, strictly).
+LoraOptions load_peft_adapter(model::CausalLM& model, const std::string& dir);
+
+}  // namespace ft::adapt

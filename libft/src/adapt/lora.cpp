@@ -1,0 +1,325 @@
+#include "ft/adapt/lora.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/nn/modules/linear.h>
+
+#include <cmath>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <set>
+
+#include "ft/io/safetensors.h"
+#include "ft/io/tensor_io.h"
+#include "ft/util/error.h"
+#include "ft/util/json.h"
+
+namespace fs = std::filesystem;
+
+namespace ft::adapt {
+
+namespace {
+
+constexpr const char* kPeftPrefix = "base_model.model.";
+
+class LoraAdapter final : public model::LinearAdapter {
+ public:
+  LoraAdapter(model::LinearImpl* owner, torch::nn::Linear a, torch::nn::Linear b, LoraLayer info, double dropout)
+      : owner_(owner), A(std::move(a)), B(std::move(b)), info(std::move(info)), dropout_(dropout) {}
+
+  at::Tensor apply(const at::Tensor& x, const at::Tensor& base) override {
+    if (merged) return base;
+    at::Tensor h = x.to(A->weight.scalar_type());
+    if (dropout_ > 0 && owner_->is_training()) h = at::dropout(h, dropout_, /*train=*/true);
+    return base + (B(A(h)) * info.scale).to(base.scalar_type());
+  }
+
+  /// scale · B A, in float32 (float64 for a float64 base), shaped like the base weight.
+  at::Tensor delta() const {
+    const auto type = owner_->weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    return at::matmul(B->weight.to(type), A->weight.to(type)) * info.scale;
+  }
+
+  model::LinearImpl* owner_;
+  torch::nn::Linear A, B;
+  LoraLayer info;
+  double dropout_;
+  bool merged = false;
+};
+
+/// PEFT's check_target_module_exists for a list of names (or its regex form).
+bool is_target(const std::string& name, const LoraOptions& o, bool is_head) {
+  if (!o.target_regex.empty()) return std::regex_match(name, std::regex(o.target_regex));
+  for (const auto& t : o.targets) {
+    if (t == "all-linear") {
+      if (!is_head) return true;
+      continue;
+    }
+    if (name == t || (name.size() > t.size() && name.compare(name.size() - t.size() - 1, t.size() + 1, "." + t) == 0))
+      return true;
+  }
+  return false;
+}
+
+/// PEFT's get_pattern_key: the first pattern p with re.match(r"(.*\.)?(p)$", name).
+template <typename T>
+const T* pattern_value(const std::vector<std::pair<std::string, T>>& patterns, const std::string& name) {
+  for (const auto& [p, v] : patterns) {
+    if (std::regex_match(name, std::regex("(.*\\.)?(" + p + ")"))) return &v;
+  }
+  return nullptr;
+}
+
+std::vector<std::pair<std::string, LoraAdapter*>> adapters(model::CausalLM& model) {
+  std::vector<std::pair<std::string, LoraAdapter*>> v;
+  for (const auto& item : model->named_modules()) {
+    auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
+    if (lin == nullptr) continue;
+    if (auto* a = dynamic_cast<LoraAdapter*>(lin->adapter())) v.emplace_back(item.key(), a);
+  }
+  return v;
+}
+
+}  // namespace
+
+std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) {
+  FT_CHECK(o.r > 0, "[lora] r must be > 0, got ", o.r);
+  FT_CHECK(std::isfinite(o.alpha) && o.alpha > 0, "[lora] alpha must be > 0, got ", o.alpha);
+  FT_CHECK(o.dropout >= 0 && o.dropout < 1, "[lora] dropout must be in [0, 1), got ", o.dropout);
+  FT_CHECK(o.init == "kaiming" || o.init == "gaussian", "[lora] init must be kaiming or gaussian, got '", o.init, "'");
+  FT_CHECK(!o.targets.empty() || !o.target_regex.empty(), "[lora] no target modules");
+  FT_CHECK(adapters(model).empty(), "[lora] the model already has LoRA adapters");
+  for (auto& p : model->parameters()) p.set_requires_grad(false);
+
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+  std::vector<LoraLayer> layers;
+  std::set<std::string> used_targets;
+  for (const auto& item : model->named_modules()) {
+    auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
+    const std::string& name = item.key();
+    if (lin == nullptr || !is_target(name, o, name == "lm_head")) continue;
+    LoraLayer info;
+    info.module = name;
+    const int64_t* r = pattern_value(o.rank_pattern, name);
+    const double* alpha = pattern_value(o.alpha_pattern, name);
+    info.r = r ? *r : o.r;
+    info.alpha = alpha ? *alpha : o.alpha;
+    FT_CHECK(info.r > 0, "[lora] rank_pattern gives ", name, " rank ", info.r);
+    info.scale = o.rslora ? info.alpha / std::sqrt(static_cast<double>(info.r)) : info.alpha / static_cast<double>(info.r);
+
+    const auto device = lin->weight.device();
+    torch::nn::Linear a(torch::nn::LinearOptions(lin->in_features, info.r).bias(false));
+    torch::nn::Linear b(torch::nn::LinearOptions(info.r, lin->out_features).bias(false));
+    {
+      at::NoGradGuard no_grad;
+      at::Tensor wa = at::empty({info.r, lin->in_features}, at::kFloat);
+      if (o.init == "kaiming") {
+        const double bound = 1.0 / std::sqrt(static_cast<double>(lin->in_features));  // a = √5
+        wa.uniform_(-bound, bound, gen);
+      } else {
+        wa.normal_(0.0, 1.0 / static_cast<double>(info.r), gen);
+      }
+      a->weight.copy_(wa);
+      b->weight.zero_();
+    }
+    // Adapters stay float32 on a 16-bit base (as PEFT keeps them), float64 on a float64 base.
+    const auto adapter_type = lin->weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    a->to(device, adapter_type);
+    b->to(device, adapter_type);
+    lin->register_module("lora_A", a);
+    lin->register_module("lora_B", b);
+    lin->set_adapter(std::make_shared<LoraAdapter>(lin, a, b, info, o.dropout));
+    layers.push_back(info);
+  }
+  FT_CHECK(!layers.empty(), "[lora] no linear layer matches the targets (",
+           o.target_regex.empty() ? "" : "regex " + o.target_regex,
+           [&] {
+             std::string s;
+             for (const auto& t : o.targets) s += (s.empty() ? "" : ", ") + t;
+             return o.target_regex.empty() ? s : std::string();
+           }(),
+           "); names look like model.layers.0.self_attn.q_proj, model.layers.0.mlp.down_proj");
+  if (o.target_regex.empty()) {
+    for (const auto& t : o.targets) {
+      if (t == "all-linear") continue;
+      bool hit = false;
+      for (const auto& l : layers) hit |= is_target(l.module, LoraOptions{.targets = {t}}, false);
+      FT_CHECK(hit, "[lora] target '", t, "' matches no linear layer of the model");
+    }
+  }
+  return layers;
+}
+
+std::vector<LoraLayer> lora_layers(model::CausalLM& model) {
+  std::vector<LoraLayer> v;
+  for (const auto& [name, a] : adapters(model)) v.push_back(a->info);
+  return v;
+}
+
+void merge_lora(model::CausalLM& model) {
+  const auto all = adapters(model);
+  FT_CHECK(!all.empty(), "[lora] the model has no LoRA adapter to merge");
+  at::NoGradGuard no_grad;
+  for (const auto& [name, a] : all) {
+    FT_CHECK(!a->merged, "[lora] ", name, " is already merged");
+    a->owner_->weight.add_(a->delta().to(a->owner_->weight.scalar_type()));
+    a->merged = true;
+  }
+}
+
+void unmerge_lora(model::CausalLM& model) {
+  at::NoGradGuard no_grad;
+  for (const auto& [name, a] : adapters(model)) {
+    FT_CHECK(a->merged, "[lora] ", name, " is not merged");
+    a->owner_->weight.sub_(a->delta().to(a->owner_->weight.scalar_type()));
+    a->merged = false;
+  }
+}
+
+bool lora_merged(model::CausalLM& model) {
+  const auto all = adapters(model);
+  return !all.empty() && all.front().second->merged;
+}
+
+void merge_and_unload_lora(model::CausalLM& model) {
+  if (!lora_merged(model)) merge_lora(model);
+  for (const auto& [name, a] : adapters(model)) {
+    model::LinearImpl* lin = a->owner_;
+    lin->unregister_module("lora_A");
+    lin->unregister_module("lora_B");
+    lin->set_adapter(nullptr);  // destroys `a`
+  }
+}
+
+void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::string& dir,
+                       const std::string& base_model) {
+  const auto all = adapters(model);
+  FT_CHECK(!all.empty(), "[lora] the model has no LoRA adapter to save");
+  std::vector<at::Tensor> keep;
+  std::vector<io::TensorWrite> writes;
+  for (const auto& [name, a] : all) {
+    keep.push_back(a->A->weight.detach().to(at::kCPU).contiguous());
+    writes.push_back(io::tensor_write(kPeftPrefix + name + ".lora_A.weight", keep.back()));
+    keep.push_back(a->B->weight.detach().to(at::kCPU).contiguous());
+    writes.push_back(io::tensor_write(kPeftPrefix + name + ".lora_B.weight", keep.back()));
+  }
+  nlohmann::ordered_json rank = nlohmann::ordered_json::object(), alpha = nlohmann::ordered_json::object();
+  for (const auto& [p, v] : o.rank_pattern) rank[p] = v;
+  for (const auto& [p, v] : o.alpha_pattern) alpha[p] = v;
+  nlohmann::ordered_json targets = o.target_regex.empty() ? nlohmann::ordered_json(o.targets)
+                                                          : nlohmann::ordered_json(o.target_regex);
+  if (o.target_regex.empty() && o.targets.size() == 1 && o.targets[0] == "all-linear") targets = "all-linear";
+  const nlohmann::ordered_json config = {
+      {"peft_type", "LORA"},
+      {"task_type", "CAUSAL_LM"},
+      {"base_model_name_or_path", base_model.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(base_model)},
+      {"r", o.r},
+      {"lora_alpha", o.alpha},
+      {"lora_dropout", o.dropout},
+      {"target_modules", targets},
+      {"rank_pattern", rank},
+      {"alpha_pattern", alpha},
+      {"use_rslora", o.rslora},
+      {"use_dora", false},
+      {"bias", "none"},
+      {"fan_in_fan_out", false},
+      {"init_lora_weights", o.init == "gaussian" ? nlohmann::ordered_json("gaussian") : nlohmann::ordered_json(true)},
+      {"modules_to_save", nullptr},
+      {"layers_to_transform", nullptr},
+      {"inference_mode", true},
+      {"revision", nullptr},
+  };
+  fs::create_directories(dir);
+  const std::string text = config.dump(2) + "\n";
+  io::write_file_atomic((fs::path(dir) / "adapter_config.json").string(),
+                        std::span(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
+  io::write_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), writes);
+}
+
+LoraOptions read_peft_lora_config(const std::string& path) {
+  nlohmann::ordered_json j;
+  try {
+    j = nlohmann::ordered_json::parse(read_text_file(path));
+  } catch (const nlohmann::json::exception& e) {
+    FT_FAIL("[lora] ", path, ": not valid JSON: ", e.what());
+  }
+  FT_CHECK(j.is_object(), "[lora] ", path, ": not a JSON object");
+  LoraOptions o;
+  try {
+    FT_CHECK(j.value("peft_type", "") == "LORA", "[lora] ", path, ": peft_type is ", j.value("peft_type", "missing"),
+             "; only LORA adapters are supported here");
+    o.r = j.at("r").get<int64_t>();
+    o.alpha = j.at("lora_alpha").get<double>();
+    if (j.contains("lora_dropout") && !j["lora_dropout"].is_null()) o.dropout = j["lora_dropout"].get<double>();
+    const auto& t = j.at("target_modules");
+    if (t.is_string()) {
+      const std::string s = t.get<std::string>();
+      if (s == "all-linear") o.targets = {s};
+      else o.target_regex = s, o.targets.clear();
+    } else {
+      o.targets = t.get<std::vector<std::string>>();
+    }
+    if (j.contains("use_rslora") && !j["use_rslora"].is_null()) o.rslora = j["use_rslora"].get<bool>();
+    for (const char* key : {"rank_pattern", "alpha_pattern"}) {
+      if (!j.contains(key) || j[key].is_null()) continue;
+      for (const auto& [p, v] : j[key].items()) {
+        if (std::string(key) == "rank_pattern") o.rank_pattern.emplace_back(p, v.get<int64_t>());
+        else o.alpha_pattern.emplace_back(p, v.get<double>());
+      }
+    }
+    // Options that change what the adapter computes must be at their defaults: refusing beats
+    // computing something else.
+    const std::map<std::string, nlohmann::ordered_json> required = {
+        {"bias", "none"}, {"fan_in_fan_out", false}, {"use_dora", false}, {"lora_bias", false}};
+    for (const auto& [key, want] : required) {
+      if (j.contains(key) && !j[key].is_null() && j[key] != want)
+        FT_FAIL("[lora] ", path, ": ", key, " = ", j[key].dump(), " is not supported (only ", want.dump(), ")");
+    }
+    const std::set<std::string> understood = {
+        "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "rank_pattern",
+        "alpha_pattern", "bias", "fan_in_fan_out", "use_dora", "lora_bias", "init_lora_weights", "inference_mode",
+        "base_model_name_or_path", "revision", "peft_version", "auto_mapping", "megatron_core", "qalora_group_size"};
+    for (const auto& [key, value] : j.items()) {
+      if (understood.count(key)) continue;
+      // Anything else is accepted only unset (null, false, empty): newer PEFT versions add options
+      // whose defaults change nothing.
+      const bool unset = value.is_null() || value == false || (value.is_object() && value.empty()) ||
+                         (value.is_array() && value.empty());
+      FT_CHECK(unset, "[lora] ", path, ": option '", key, "' = ", value.dump(), " is not supported");
+    }
+  } catch (const nlohmann::json::exception& e) {
+    FT_FAIL("[lora] ", path, ": malformed adapter config: ", e.what());
+  }
+  return o;
+}
+
+LoraOptions load_peft_adapter(model::CausalLM& model, const std::string& dir) {
+  const LoraOptions o = read_peft_lora_config((fs::path(dir) / "adapter_config.json").string());
+  const std::string path = (fs::path(dir) / "adapter_model.safetensors").string();
+  auto file = io::SafetensorsFile::open(path);
+  apply_lora(model, o);
+  std::set<std::string> expected;
+  at::NoGradGuard no_grad;
+  for (const auto& [name, a] : adapters(model)) {
+    for (const auto& [suffix, w] : {std::pair<const char*, at::Tensor>{".lora_A.weight", a->A->weight},
+                                    std::pair<const char*, at::Tensor>{".lora_B.weight", a->B->weight}}) {
+      const std::string key = kPeftPrefix + name + suffix;
+      expected.insert(key);
+      const io::TensorInfo* info = file->find(key);
+      FT_CHECK(info != nullptr, "[lora] ", path, ": tensor '", key, "' is missing (the config targets ", name, ")");
+      at::Tensor t = io::read_tensor(*file, *info);
+      FT_CHECK(t.sizes() == w.sizes(), "[lora] ", path, ": tensor '", key, "' has shape ", t.sizes(), ", the model needs ",
+               w.sizes(), " (rank ", a->info.r, " on a ", a->owner_->out_features, " × ", a->owner_->in_features,
+               " layer)");
+      w.copy_(t.to(w.dtype()));
+    }
+  }
+  for (const auto& info : file->tensors()) {
+    FT_CHECK(expected.count(info.name), "[lora] ", path, ": tensor '", info.name,
+             "' belongs to no adapted layer of this model (a different base or config?)");
+  }
+  return o;
+}
+
+}  // namespace ft::adapt

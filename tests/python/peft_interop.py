@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""LoRA adapters between libft and Hugging Face PEFT, both directions.
+
+    peft_interop.py make DIR     a small Llama base (transformers) and two PEFT LoRA adapters with
+                                 non-zero B, saved by PEFT, with the logits PEFT computes
+    peft_interop.py verify DIR   PEFT loads the adapters libft saved (DIR/libft_<name>) onto the
+                                 same base and must reproduce libft's logits (max rel error <= 1e-4)
+
+Adapters: "lists" targets seven projections by name with a rank_pattern and an alpha_pattern;
+"rslora" targets "all-linear" with use_rslora and gaussian init. The C++ side (tests/test_lora.cpp,
+PeftInterop.*) loads DIR/peft_<name>, compares its logits with PEFT's, and saves its own.
+"""
+import os
+import sys
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+ADAPTERS = {
+    "lists": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"],
+                  rank_pattern={"down_proj": 2}, alpha_pattern={"o_proj": 3}),
+    "rslora": dict(r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True, init_lora_weights="gaussian"),
+}
+
+
+def rel_error(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def input_ids():
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(0, 97, (2, 11), generator=g)
+
+
+def make(d):
+    os.makedirs(d, exist_ok=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False,
+                      rms_norm_eps=1e-5)
+    base = LlamaForCausalLM(cfg).eval()
+    base.save_pretrained(os.path.join(d, "base"))
+    ids = input_ids()
+    tensors = {"input_ids": ids}
+    for name, kwargs in ADAPTERS.items():
+        model = LlamaForCausalLM.from_pretrained(os.path.join(d, "base")).eval()
+        peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **kwargs))
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for pname, p in peft_model.named_parameters():
+                if "lora_B" in pname:  # PEFT starts B at zero: make the adapter do something
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        peft_model.save_pretrained(os.path.join(d, f"peft_{name}"))
+        with torch.no_grad():
+            tensors[f"logits_{name}"] = peft_model(input_ids=ids).logits.contiguous()
+    save_file(tensors, os.path.join(d, "peft_logits.safetensors"))
+    print(f"wrote the base, {len(ADAPTERS)} PEFT adapters and their logits to {d}")
+
+
+def verify(d):
+    ref = load_file(os.path.join(d, "libft_logits.safetensors"))
+    ids = ref["input_ids"]
+    worst = 0.0
+    for name in ADAPTERS:
+        model = LlamaForCausalLM.from_pretrained(os.path.join(d, "base")).eval()
+        with torch.no_grad():
+            base_logits = model(input_ids=ids).logits
+        peft_model = PeftModel.from_pretrained(model, os.path.join(d, f"libft_{name}")).eval()
+        with torch.no_grad():
+            logits = peft_model(input_ids=ids).logits
+        err = rel_error(logits, ref[f"logits_{name}"])
+        moved = rel_error(base_logits, ref[f"logits_{name}"])
+        print(f"{name}: PEFT on libft's adapter vs libft: max rel error {err:.2e} (the adapter moves the logits by "
+              f"{moved:.2e})")
+        if not err <= 1e-4:
+            sys.exit(f"peft_interop: {name}: {err:.2e} > 1e-4")
+        if not moved > 1e-2:
+            sys.exit(f"peft_interop: {name}: the adapter barely changes the logits ({moved:.2e}); the test proves nothing")
+        worst = max(worst, err)
+    print(f"peft interop OK (worst {worst:.2e})")
+
+
+def merged(d):
+    """DIR/merged_<name> (ft merge of DIR/peft_<name> into DIR/base) in plain transformers: PEFT's logits."""
+    ref = load_file(os.path.join(d, "peft_logits.safetensors"))
+    for name in ADAPTERS:
+        model = LlamaForCausalLM.from_pretrained(os.path.join(d, f"merged_{name}")).eval()
+        with torch.no_grad():
+            err = rel_error(model(input_ids=ref["input_ids"]).logits, ref[f"logits_{name}"])
+        print(f"{name}: transformers on libft's merged checkpoint vs PEFT's adapted model: max rel error {err:.2e}")
+        if not err <= 1e-4:
+            sys.exit(f"peft_interop: merged {name}: {err:.2e} > 1e-4")
+    print("merged checkpoints OK")
+
+
+if __name__ == "__main__":
+    {"make": make, "verify": verify, "merged": merged}[sys.argv[1]](sys.argv[2])

@@ -1,0 +1,303 @@
+// LoRA: the adapted forward pass against its formula, merge/unmerge, targets and patterns, PEFT
+// files (strict loading), and interop with Python PEFT (PeftInterop.*, with the files of
+// tests/python/peft_interop.py in LIBFT_PEFT_DIR).
+#include <gtest/gtest.h>
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <unistd.h>
+
+#include "ft/adapt/lora.h"
+#include "ft/adapt/mode.h"
+#include "ft/io/hf_checkpoint.h"
+#include "ft/io/safetensors.h"
+#include "ft/io/tensor_io.h"
+#include "ft/util/error.h"
+#include "test_util.h"
+
+using namespace ft;
+namespace fs = std::filesystem;
+
+namespace {
+
+model::CausalLM base_model(at::ScalarType dtype = at::kFloat) {
+  model::CausalLM m(test::tiny_config());
+  model::init_weights(m, 11);
+  m->to(dtype);
+  m->eval();
+  return m;
+}
+
+const at::Tensor& ids() {
+  static const at::Tensor t = at::arange(0, 22, at::kLong).remainder(97).mul(7).remainder(97).view({2, 11});
+  return t;
+}
+
+// Non-zero B everywhere (PEFT and libft both start B at zero, which would test nothing).
+void randomize_b(model::CausalLM& m, uint64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  at::NoGradGuard no_grad;
+  for (const auto& item : m->named_parameters()) {
+    if (item.key().find("lora_B") == std::string::npos) continue;
+    at::Tensor r = at::empty(item.value().sizes(), at::kFloat).normal_(0.0, 0.1, gen);
+    item.value().copy_(r.to(item.value().dtype()));
+  }
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+fs::path scratch(const std::string& name) {
+  const fs::path dir = fs::temp_directory_path() / ("libft_test_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+}  // namespace
+
+TEST(Lora, ZeroBLeavesTheBaseExactlyAndOnlyAdaptersTrain) {
+  model::CausalLM m = base_model();
+  const at::Tensor before = m->forward(ids());
+  adapt::LoraOptions o;
+  o.targets = {"q_proj", "v_proj", "down_proj"};
+  const auto layers = adapt::apply_lora(m, o);
+  ASSERT_EQ(layers.size(), 6u);  // 2 blocks × 3
+  EXPECT_EQ(layers[0].module, "model.layers.0.self_attn.q_proj");
+  EXPECT_DOUBLE_EQ(layers[0].scale, 2.0);  // 16 / 8
+  EXPECT_TRUE(m->forward(ids()).equal(before));
+  for (const auto& item : m->named_parameters()) {
+    const bool lora = item.key().find(".lora_") != std::string::npos;
+    EXPECT_EQ(item.value().requires_grad(), lora) << item.key();
+  }
+  EXPECT_TRUE(m->named_parameters().contains("model.layers.1.mlp.down_proj.lora_A.weight"));
+  EXPECT_EQ(m->named_parameters()["model.layers.1.mlp.down_proj.lora_A.weight"].sizes(), at::IntArrayRef({8, 48}));
+  EXPECT_EQ(m->named_parameters()["model.layers.1.mlp.down_proj.lora_B.weight"].sizes(), at::IntArrayRef({32, 8}));
+  EXPECT_NE(error_of([&] { adapt::apply_lora(m, o); }).find("already has LoRA"), std::string::npos);
+}
+
+// In float64: the adapted model equals the base with W + scale·B·A, merged equals unmerged, and
+// unmerging restores the base weights.
+TEST(Lora, ForwardMergeAndUnmergeFollowTheFormula) {
+  model::CausalLM m = base_model(at::kDouble);
+  std::map<std::string, at::Tensor> base_w;
+  for (const auto& item : m->named_parameters()) base_w[item.key()] = item.value().detach().clone();
+  adapt::LoraOptions o;
+  o.targets = {"all-linear"};
+  o.r = 4;
+  o.alpha = 6;
+  o.rank_pattern = {{"down_proj", 2}, {"mlp\\..*", 3}};
+  o.alpha_pattern = {{"layers\\.1\\.self_attn\\.o_proj", 1.5}};
+  const auto layers = adapt::apply_lora(m, o);
+  ASSERT_EQ(layers.size(), 14u);  // 7 projections × 2 blocks; never lm_head
+  for (const auto& l : layers) {
+    EXPECT_EQ(l.module.find("lm_head"), std::string::npos);
+    const bool down = l.module.ends_with("down_proj"), mlp = l.module.find(".mlp.") != std::string::npos;
+    EXPECT_EQ(l.r, down ? 2 : mlp ? 3 : 4) << l.module;  // the first matching pattern wins
+    const double alpha = l.module == "model.layers.1.self_attn.o_proj" ? 1.5 : 6.0;
+    EXPECT_DOUBLE_EQ(l.scale, alpha / static_cast<double>(l.r)) << l.module;
+  }
+  randomize_b(m, 3);
+  const at::Tensor adapted = m->forward(ids());
+
+  model::CausalLM manual = base_model(at::kDouble);
+  {
+    at::NoGradGuard no_grad;
+    auto params = manual->named_parameters();
+    auto lp = m->named_parameters();
+    for (const auto& l : layers) {
+      const at::Tensor a = lp[l.module + ".lora_A.weight"], b = lp[l.module + ".lora_B.weight"];
+      params[l.module + ".weight"].add_(at::matmul(b, a) * l.scale);
+    }
+  }
+  EXPECT_LE(test::max_rel_error(adapted, manual->forward(ids())), 1e-12);
+  EXPECT_GT(test::max_rel_error(adapted, base_model(at::kDouble)->forward(ids())), 1e-3);
+
+  adapt::merge_lora(m);
+  EXPECT_TRUE(adapt::lora_merged(m));
+  EXPECT_LE(test::max_rel_error(m->forward(ids()), adapted), 1e-12);
+  EXPECT_NE(error_of([&] { adapt::merge_lora(m); }).find("already merged"), std::string::npos);
+  adapt::unmerge_lora(m);
+  for (const auto& item : m->named_parameters()) {
+    if (base_w.count(item.key())) EXPECT_LE(test::max_rel_error(item.value(), base_w[item.key()]), 1e-14) << item.key();
+  }
+  EXPECT_LE(test::max_rel_error(m->forward(ids()), adapted), 1e-12);
+
+  // rsLoRA scales by alpha / √r.
+  model::CausalLM rs = base_model();
+  o = {};
+  o.rslora = true;
+  o.r = 16;
+  o.alpha = 8;
+  EXPECT_DOUBLE_EQ(adapt::apply_lora(rs, o)[0].scale, 2.0);
+  // merge_and_unload leaves a plain model with the adapted logits.
+  randomize_b(rs, 4);
+  const at::Tensor rs_logits = rs->forward(ids());
+  adapt::merge_and_unload_lora(rs);
+  EXPECT_TRUE(adapt::lora_layers(rs).empty());
+  for (const auto& item : rs->named_parameters()) EXPECT_EQ(item.key().find("lora_"), std::string::npos) << item.key();
+  EXPECT_LE(test::max_rel_error(rs->forward(ids()), rs_logits), 1e-5);
+}
+
+TEST(Lora, InitialisationsAndBadOptions) {
+  model::CausalLM m = base_model();
+  adapt::LoraOptions o;
+  o.targets = {"up_proj"};
+  o.r = 16;
+  adapt::apply_lora(m, o);
+  const at::Tensor a = m->named_parameters()["model.layers.0.mlp.up_proj.lora_A.weight"];
+  const double bound = 1.0 / std::sqrt(32.0);  // kaiming-uniform, a = √5, fan_in 32
+  EXPECT_LE(a.abs().max().item<double>(), bound);
+  EXPECT_GT(a.abs().max().item<double>(), 0.9 * bound);
+  EXPECT_EQ(m->named_parameters()["model.layers.0.mlp.up_proj.lora_B.weight"].abs().sum().item<double>(), 0.0);
+
+  model::CausalLM g = base_model();
+  o.init = "gaussian";
+  adapt::apply_lora(g, o);
+  const double std = g->named_parameters()["model.layers.0.mlp.up_proj.lora_A.weight"].std().item<double>();
+  EXPECT_NEAR(std, 1.0 / 16, 0.2 / 16);  // N(0, 1/r)
+
+  auto fails = [](adapt::LoraOptions bad) {
+    model::CausalLM fresh = base_model();
+    return error_of([&] { adapt::apply_lora(fresh, bad); });
+  };
+  adapt::LoraOptions bad;
+  bad.targets = {"q_proj", "qproj"};
+  EXPECT_NE(fails(bad).find("target 'qproj' matches no linear layer"), std::string::npos) << fails(bad);
+  bad = {};
+  bad.targets = {"embed_tokens"};
+  EXPECT_NE(fails(bad).find("no linear layer matches"), std::string::npos) << fails(bad);
+  bad = {};
+  bad.r = 0;
+  EXPECT_NE(fails(bad).find("r must be > 0"), std::string::npos);
+  bad = {};
+  bad.target_regex = "model\\.layers\\.0\\..*_proj";
+  model::CausalLM rx = base_model();
+  EXPECT_EQ(adapt::apply_lora(rx, bad).size(), 7u);
+}
+
+// libft's own PEFT files read back exactly; every kind of mismatch is an error naming the tensor.
+TEST(Lora, PeftFilesRoundTripAndLoadStrictly) {
+  const fs::path dir = scratch("lora_files");
+  model::CausalLM m = base_model();
+  adapt::LoraOptions o;
+  o.targets = {"q_proj", "o_proj"};
+  o.rank_pattern = {{"o_proj", 2}};
+  adapt::apply_lora(m, o);
+  randomize_b(m, 5);
+  const at::Tensor logits = m->forward(ids());
+  adapt::save_peft_adapter(m, o, (dir / "adapter").string(), "some/base");
+  auto file = io::SafetensorsFile::open((dir / "adapter" / "adapter_model.safetensors").string());
+  EXPECT_EQ(file->tensors().size(), 8u);
+  EXPECT_NE(file->find("base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight"), nullptr);
+
+  model::CausalLM loaded = base_model();
+  const adapt::LoraOptions back = adapt::load_peft_adapter(loaded, (dir / "adapter").string());
+  EXPECT_EQ(back.targets, o.targets);
+  EXPECT_EQ(back.rank_pattern, o.rank_pattern);
+  EXPECT_TRUE(loaded->forward(ids()).equal(logits));
+
+  // A config option libft does not implement.
+  auto config = nlohmann::json::parse(std::ifstream(dir / "adapter" / "adapter_config.json"));
+  fs::copy(dir / "adapter", dir / "dora");
+  config["use_dora"] = true;
+  std::ofstream(dir / "dora" / "adapter_config.json") << config.dump();
+  model::CausalLM m2 = base_model();
+  EXPECT_NE(error_of([&] { adapt::load_peft_adapter(m2, (dir / "dora").string()); }).find("use_dora = true is not supported"),
+            std::string::npos);
+  config["use_dora"] = false;
+  config["modules_to_save"] = {"lm_head"};
+  std::ofstream(dir / "dora" / "adapter_config.json") << config.dump();
+  model::CausalLM m3 = base_model();
+  EXPECT_NE(error_of([&] { adapt::load_peft_adapter(m3, (dir / "dora").string()); }).find("'modules_to_save'"),
+            std::string::npos);
+
+  // A config that targets more than the file holds: the missing tensor is named.
+  config["modules_to_save"] = nullptr;
+  config["target_modules"] = {"q_proj", "o_proj", "v_proj"};
+  std::ofstream(dir / "dora" / "adapter_config.json") << config.dump();
+  model::CausalLM m4 = base_model();
+  EXPECT_NE(error_of([&] { adapt::load_peft_adapter(m4, (dir / "dora").string()); })
+                .find("'base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight' is missing"),
+            std::string::npos);
+  // A rank that disagrees with the tensors.
+  config["target_modules"] = {"q_proj", "o_proj"};
+  config["rank_pattern"] = nlohmann::json::object();
+  std::ofstream(dir / "dora" / "adapter_config.json") << config.dump();
+  model::CausalLM m5 = base_model();
+  EXPECT_NE(error_of([&] { adapt::load_peft_adapter(m5, (dir / "dora").string()); }).find("has shape [2, 32]"),
+            std::string::npos);
+  // A base of another width.
+  io::ModelConfig wide = test::tiny_config();
+  wide.hidden_size = 40;
+  wide.head_dim = 10;
+  model::CausalLM other(wide);
+  EXPECT_NE(error_of([&] { adapt::load_peft_adapter(other, (dir / "adapter").string()); }).find("has shape"),
+            std::string::npos);
+  fs::remove_all(dir);
+}
+
+// --- against Python PEFT (files from tests/python/peft_interop.py make) ------------------------------
+
+namespace {
+
+const char* peft_dir() {
+  const char* d = std::getenv("LIBFT_PEFT_DIR");
+  return d && *d && fs::exists(fs::path(d) / "peft_logits.safetensors") ? d : nullptr;
+}
+
+}  // namespace
+
+TEST(PeftInterop, LibftLoadsPeftAdaptersWithTheSameLogits) {
+  const char* d = peft_dir();
+  if (!d) GTEST_SKIP() << "LIBFT_PEFT_DIR has no PEFT files (ctest's peft_make writes them)";
+  auto ref = io::SafetensorsFile::open((fs::path(d) / "peft_logits.safetensors").string());
+  const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
+  for (const char* name : {"lists", "rslora"}) {
+    SCOPED_TRACE(name);
+    model::CausalLM m = io::load_pretrained((fs::path(d) / "base").string());
+    m->eval();
+    const at::Tensor base = m->forward(input);
+    adapt::load_peft_adapter(m, (fs::path(d) / (std::string("peft_") + name)).string());
+    const at::Tensor want = io::read_tensor(*ref, ref->at(std::string("logits_") + name));
+    const at::Tensor got = m->forward(input);
+    EXPECT_LE(test::max_rel_error(got, want), 1e-4);
+    EXPECT_GT(test::max_rel_error(base, want), 1e-2);  // the adapter matters
+    adapt::merge_lora(m);
+    EXPECT_LE(test::max_rel_error(m->forward(input), want), 1e-4);
+  }
+}
+
+// libft makes its own adapters (same configs, its own B values) and saves them with its logits;
+// tests/python/peft_interop.py verify loads them with PEFT.
+TEST(PeftInterop, LibftSavesAdaptersForPeft) {
+  const char* d = peft_dir();
+  if (!d) GTEST_SKIP() << "LIBFT_PEFT_DIR has no PEFT files (ctest's peft_make writes them)";
+  auto ref = io::SafetensorsFile::open((fs::path(d) / "peft_logits.safetensors").string());
+  const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
+  std::vector<at::Tensor> keep{input};
+  std::vector<io::TensorWrite> writes{io::tensor_write("input_ids", keep[0])};
+  for (const char* name : {"lists", "rslora"}) {
+    const adapt::LoraOptions o =
+        adapt::read_peft_lora_config((fs::path(d) / (std::string("peft_") + name) / "adapter_config.json").string());
+    model::CausalLM m = io::load_pretrained((fs::path(d) / "base").string());
+    m->eval();
+    adapt::apply_lora(m, o);
+    randomize_b(m, 9);
+    keep.push_back(m->forward(input).detach().contiguous());
+    writes.push_back(io::tensor_write(std::string("logits_") + name, keep.back()));
+    adapt::save_peft_adapter(m, o, (fs::path(d) / (std::string("libft_") + name)).string(), "base");
+  }
+  io::write_safetensors((fs::path(d) / "libft_logits.safetensors").string(), writes);
+}
