@@ -56,7 +56,10 @@ def main():
         fail(f"the training loss did not fall: {first:.4f} -> {last:.4f}")
     if not format_only and not final_eval < train[0]["loss"] - 0.5:
         fail(f"the final eval loss {final_eval:.4f} is not below the first training loss {train[0]['loss']:.4f}")
-    for needed in ("config.yaml", "final/config.json", "final/model.safetensors"):
+    adapter = os.path.exists(os.path.join(run_dir, "final", "adapter_config.json"))
+    final = ("final/adapter_config.json", "final/adapter_model.safetensors") if adapter else \
+        ("final/config.json", "final/model.safetensors")
+    for needed in ("config.yaml",) + final:
         if not os.path.exists(os.path.join(run_dir, needed)):
             fail(f"{needed} is missing in {run_dir}")
     print("train metrics OK")

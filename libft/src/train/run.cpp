@@ -364,6 +364,21 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
                c.source.c_str(), static_cast<long long>(params.total), groups.decay.size(), oo.weight_decay,
                groups.no_decay.size(), device.str().c_str(), c.dtype.c_str());
   std::fprintf(log, "[train] %s\n", mode->describe(model).c_str());
+  {
+    // What training holds besides activations: every weight, a gradient per trainable weight, and
+    // the optimizer's state (AdamW: two float32 moments; SGD: a momentum buffer if momentum > 0).
+    double weights = 0, grads = 0, state = 0;
+    for (const auto& p : model->parameters()) {
+      weights += static_cast<double>(p.numel() * p.element_size());
+      if (!p.requires_grad()) continue;
+      grads += static_cast<double>(p.numel() * p.element_size());
+      const int moments = oo.kind == OptimizerKind::AdamW ? 2 : (oo.momentum > 0 ? 1 : 0);
+      state += static_cast<double>(p.numel()) * 4.0 * moments;
+    }
+    const double mib = 1024.0 * 1024.0;
+    std::fprintf(log, "[train] memory: weights %.1f MiB, gradients %.1f MiB, optimizer state %.1f MiB (%s)\n",
+                 weights / mib, grads / mib, state / mib, c.optimizer.name.c_str());
+  }
   std::fprintf(log, "[train] %lld steps of %lld × %lld rows of %lld tokens; %s lr %g, %s schedule, warmup %lld\n",
                static_cast<long long>(c.max_steps), static_cast<long long>(c.data.grad_accum),
                static_cast<long long>(c.data.batch_size), static_cast<long long>(c.data.seq_len),
