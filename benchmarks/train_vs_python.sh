@@ -5,6 +5,8 @@
 # step). Prints every step's two losses (they must agree within 1e-3 relative) and both loops'
 # training tokens/s and their ratio (tests/python/train_reference.py).
 #   benchmarks/train_vs_python.sh FT PYTHON DEFAULT_JOB_DIR WORK_DIR [STEPS [MODEL_CONFIG_JSON]]
+# With MODE=lora in the environment both loops train LoRA adapters (libft's lora mode against PEFT)
+# from the same initial adapter, which PEFT writes.
 # (DEFAULT_JOB_DIR: the default job's outputs, e.g. runs/default after scripts/run-default.sh)
 set -euo pipefail
 ft=$1 python=$2 data=$3 work=$4 steps=${5:-20}
@@ -15,6 +17,10 @@ rm -rf "$work" && mkdir -p "$work"
 args=("$root/configs/train-tiny.yaml" "model.checkpoint=$work/model" model.config=null model.init_seed=null
       "tokenizer=$data/tokenizer" "data.train=$data/fortunes.h5" "output_dir=$work/run" "max_steps=$steps"
       schedule.warmup_steps=4 data.batch_size=4 data.grad_accum=2 eval.every=0 checkpoint.every=0)
+if [ "${MODE:-full}" = lora ]; then
+  "$python" "$root/tests/python/train_reference.py" --make-adapter "$work/adapter0" "$work/model" 2>&1 | grep -v '^Loading weights'
+  args+=(mode=lora "lora.init_from=$work/adapter0" optimizer.weight_decay=0.0)
+fi
 "$ft" batches "${args[@]}" --steps "$steps" -o "$work/batches.safetensors"
 "$ft" train "${args[@]}" 2>&1 | grep -v '^train '
 "$python" "$root/tests/python/train_reference.py" "$work/run" "$work/model" "$work/batches.safetensors" \

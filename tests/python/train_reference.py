@@ -3,6 +3,12 @@
 model, batches and hyper-parameters, to check libft's losses step by step and to time both.
 
     train_reference.py RUN_DIR MODEL_DIR BATCHES [--tolerance 1e-3] [--threads N] [--json OUT]
+    train_reference.py --make-adapter ADAPTER_DIR MODEL_DIR
+
+LoRA runs (mode: lora with lora.init_from) are compared too: the reference wraps the base with PEFT
+(PeftModel.from_pretrained(..., is_trainable=True)) from the same initial adapter, which
+--make-adapter writes (PEFT's LoraConfig on seven projections, rank 8 with down_proj at 4, B
+randomised so that the first steps already differ from the base).
 
 RUN_DIR is a finished `ft train` run (its config.yaml gives the hyper-parameters, its metrics.jsonl
 the losses to compare); MODEL_DIR the Hugging Face checkpoint it started from (model.checkpoint);
@@ -50,7 +56,25 @@ def loss_sum(model, input_ids, labels, position_ids, segment_ids):
     return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
 
 
+def make_adapter(adapter_dir, model_dir):
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    config = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, rank_pattern={"down_proj": 4},
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(model, config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    peft_model.save_pretrained(adapter_dir)
+    print(f"wrote a PEFT LoRA adapter for {model_dir} to {adapter_dir}")
+
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--make-adapter":
+        return make_adapter(sys.argv[2], sys.argv[3])
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir")
     ap.add_argument("model_dir")
@@ -65,8 +89,9 @@ def main():
 
     with open(os.path.join(a.run_dir, "config.yaml"), encoding="utf-8") as f:
         cfg = yaml.safe_load(f)
-    if cfg["device"] != "cpu" or cfg["dtype"] != "float32" or cfg.get("mode", "full") != "full":
-        sys.exit("train_reference: only float32 CPU runs of mode full are compared")
+    mode = cfg.get("mode", "full")
+    if cfg["device"] != "cpu" or cfg["dtype"] != "float32" or mode not in ("full", "lora"):
+        sys.exit("train_reference: only float32 CPU runs of mode full or lora are compared")
     libft = [json.loads(line) for line in open(os.path.join(a.run_dir, "metrics.jsonl"), encoding="utf-8")]
     libft_train = [r for r in libft if r["type"] == "train"]
     if any(r["type"] == "skip" for r in libft):
@@ -80,10 +105,18 @@ def main():
                  f"{cfg['data']['grad_accum']}")
 
     model = LlamaForCausalLM.from_pretrained(a.model_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
+    if mode == "lora":
+        from peft import PeftModel
+        init_from = cfg["lora"].get("init_from")
+        if not init_from or float(cfg["lora"]["dropout"]) != 0.0:
+            sys.exit("train_reference: LoRA runs are compared from lora.init_from with dropout 0")
+        model = PeftModel.from_pretrained(model, init_from, is_trainable=True)
     model.train()
     opt_cfg = cfg["optimizer"]
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         (no_decay if p.dim() < 2 or "embed_tokens" in name else decay).append(p)
     groups = [g for g in ({"params": decay, "weight_decay": float(opt_cfg["weight_decay"])},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]

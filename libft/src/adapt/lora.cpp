@@ -182,6 +182,11 @@ bool lora_merged(model::CausalLM& model) {
   return !all.empty() && all.front().second->merged;
 }
 
+void set_lora_dropout(model::CausalLM& model, double dropout) {
+  FT_CHECK(dropout >= 0 && dropout < 1, "[lora] dropout must be in [0, 1), got ", dropout);
+  for (const auto& [name, a] : adapters(model)) a->dropout_ = dropout;
+}
+
 void merge_and_unload_lora(model::CausalLM& model) {
   if (!lora_merged(model)) merge_lora(model);
   for (const auto& [name, a] : adapters(model)) {

@@ -57,9 +57,20 @@ class LoraMode final : public Mode {
     options_.seed = l.seed;
     options_.rank_pattern = l.rank_pattern;
     options_.alpha_pattern = l.alpha_pattern;
+    init_from_ = l.init_from;
   }
   std::string name() const override { return "lora"; }
-  void apply(model::CausalLM& model) override { apply_lora(model, options_); }
+  void apply(model::CausalLM& model) override {
+    if (init_from_.empty()) {
+      apply_lora(model, options_);
+      return;
+    }
+    const double dropout = options_.dropout;
+    options_ = load_peft_adapter(model, init_from_);  // the adapter's own r, alpha, targets, patterns
+    options_.dropout = dropout;
+    // load_peft_adapter applies PEFT's dropout from the file; the run's setting is the YAML's.
+    set_lora_dropout(model, dropout);
+  }
   std::string describe(model::CausalLM& model) const override {
     const auto layers = lora_layers(model);
     return Mode::describe(model) + detail::concat("; LoRA r ", options_.r, " alpha ", options_.alpha, " on ",
@@ -71,6 +82,7 @@ class LoraMode final : public Mode {
 
  private:
   LoraOptions options_;
+  std::string init_from_;
 };
 
 std::map<std::string, ModeFactory>& registry() {

@@ -285,8 +285,14 @@ void parse_freeze(Reader& r, const YAML::Node& n, FreezeSection& f) {
 
 void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
   if (!r.check_map(n, "lora", {"r", "alpha", "dropout", "targets", "rslora", "init", "seed", "rank_pattern",
-                               "alpha_pattern"}))
+                               "alpha_pattern", "init_from"}))
     return;
+  r.get(n, "lora", "init_from", l.init_from);
+  if (!l.init_from.empty()) {
+    for (const char* key : {"r", "alpha", "targets", "rslora", "init", "seed", "rank_pattern", "alpha_pattern"}) {
+      if (n[key]) r.error(n[key], std::string("'lora.") + key + "' comes from the adapter of 'lora.init_from'; leave it out");
+    }
+  }
   r.get(n, "lora", "r", l.r);
   r.get(n, "lora", "alpha", l.alpha);
   r.get(n, "lora", "dropout", l.dropout);
@@ -557,6 +563,7 @@ std::string to_yaml(const RunConfig& c) {
     out << YAML::Key << "rslora" << YAML::Value << c.lora.rslora;
     out << YAML::Key << "init" << YAML::Value << c.lora.init;
     out << YAML::Key << "seed" << YAML::Value << c.lora.seed;
+    if (!c.lora.init_from.empty()) out << YAML::Key << "init_from" << YAML::Value << c.lora.init_from;
     for (const char* key : {"rank_pattern", "alpha_pattern"}) {
       out << YAML::Key << key << YAML::Value << YAML::Flow << YAML::BeginMap;
       if (std::string(key) == "rank_pattern") {

@@ -64,6 +64,8 @@ std::vector<LoraLayer> lora_layers(model::CausalLM& model);
 void merge_lora(model::CausalLM& model);
 void unmerge_lora(model::CausalLM& model);
 bool lora_merged(model::CausalLM& model);
+/// Sets the dropout of every adapter (training only).
+void set_lora_dropout(model::CausalLM& model, double dropout);
 /// Merges (unless merged) and removes the adapters: a plain model again, for save_pretrained.
 void merge_and_unload_lora(model::CausalLM& model);
 

@@ -97,6 +97,9 @@ struct LoraSection {
   /// Per-module overrides, regular expression → rank / alpha, first match wins (PEFT's patterns).
   std::vector<std::pair<std::string, int64_t>> rank_pattern;
   std::vector<std::pair<std::string, double>> alpha_pattern;
+  /// Start from this PEFT adapter directory (its config gives r, alpha, targets and patterns, its
+  /// tensors the initial A and B) instead of a fresh initialisation; empty = fresh.
+  std::string init_from;
 };
 
 struct RunConfig {
