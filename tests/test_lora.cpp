@@ -301,3 +301,47 @@ TEST(PeftInterop, LibftSavesAdaptersForPeft) {
   }
   io::write_safetensors((fs::path(d) / "libft_logits.safetensors").string(), writes);
 }
+
+// check_peft_adapter lists every problem at once instead of stopping at the first.
+TEST(Lora, CheckAdapterReportsEveryProblem) {
+  const fs::path dir = scratch("lora_check");
+  model::CausalLM m = base_model();
+  adapt::LoraOptions o;
+  o.targets = {"q_proj", "v_proj"};
+  adapt::apply_lora(m, o);
+  adapt::save_peft_adapter(m, o, (dir / "good").string());
+  model::CausalLM base = base_model();
+  EXPECT_TRUE(adapt::check_peft_adapter(base, (dir / "good").string()).empty());
+
+  // Rewrite the adapter: one tensor missing, one misshapen, one with a NaN, one extra; and a
+  // config target that matches nothing.
+  auto file = io::SafetensorsFile::open((dir / "good" / "adapter_model.safetensors").string());
+  std::vector<at::Tensor> keep;
+  std::vector<io::TensorWrite> writes;
+  for (const auto& info : file->tensors()) {
+    at::Tensor t = io::read_tensor(*file, info);
+    if (info.name.find("layers.0.self_attn.q_proj.lora_A") != std::string::npos) continue;          // missing
+    if (info.name.find("layers.1.self_attn.q_proj.lora_A") != std::string::npos) t = t.narrow(0, 0, 4);  // shape
+    if (info.name.find("layers.1.self_attn.v_proj.lora_B") != std::string::npos) t[0][0] = NAN;
+    keep.push_back(t.contiguous());
+    writes.push_back(io::tensor_write(info.name, keep.back()));
+  }
+  keep.push_back(at::zeros({8, 32}));
+  writes.push_back(io::tensor_write("base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight", keep.back()));
+  fs::create_directories(dir / "bad");
+  io::write_safetensors((dir / "bad" / "adapter_model.safetensors").string(), writes);
+  auto config = nlohmann::json::parse(std::ifstream(dir / "good" / "adapter_config.json"));
+  config["target_modules"] = {"q_proj", "v_proj", "x_proj"};
+  std::ofstream(dir / "bad" / "adapter_config.json") << config.dump();
+  const auto problems = adapt::check_peft_adapter(base, (dir / "bad").string());
+  std::string all;
+  for (const auto& p : problems) all += p + "\n";
+  EXPECT_EQ(problems.size(), 5u) << all;
+  EXPECT_NE(all.find("target 'x_proj' matches no linear layer"), std::string::npos) << all;
+  EXPECT_NE(all.find("layers.0.self_attn.q_proj.lora_A.weight' is missing"), std::string::npos) << all;
+  EXPECT_NE(all.find("layers.1.self_attn.q_proj.lora_A.weight' has shape [4, 32], the model needs [8, 32]"),
+            std::string::npos) << all;
+  EXPECT_NE(all.find("layers.1.self_attn.v_proj.lora_B.weight' holds NaN or Inf"), std::string::npos) << all;
+  EXPECT_NE(all.find("k_proj.lora_A.weight' belongs to no adapted layer"), std::string::npos) << all;
+  fs::remove_all(dir);
+}

@@ -41,6 +41,7 @@ int main(int argc, char** argv) {
   ft::cli::add_train(app);
   ft::cli::add_batches(app);
   ft::cli::add_merge(app);
+  ft::cli::add_check_adapter(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

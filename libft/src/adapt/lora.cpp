@@ -299,6 +299,70 @@ LoraOptions read_peft_lora_config(const std::string& path) {
   return o;
 }
 
+std::vector<std::string> check_peft_adapter(model::CausalLM& model, const std::string& dir) {
+  std::vector<std::string> problems;
+  LoraOptions o;
+  try {
+    o = read_peft_lora_config((fs::path(dir) / "adapter_config.json").string());
+  } catch (const Error& e) {
+    problems.push_back(e.what());
+    return problems;
+  }
+  const std::string path = (fs::path(dir) / "adapter_model.safetensors").string();
+  std::shared_ptr<io::SafetensorsFile> file;
+  try {
+    file = io::SafetensorsFile::open(path);
+  } catch (const Error& e) {
+    problems.push_back(e.what());
+    return problems;
+  }
+  // Expected tensors, from the model's linear layers and the config.
+  std::map<std::string, std::vector<int64_t>> expected;
+  std::set<std::string> hit_targets;
+  for (const auto& item : model->named_modules()) {
+    auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
+    const std::string& name = item.key();
+    if (lin == nullptr || !is_target(name, o, name == "lm_head")) continue;
+    for (const auto& t : o.targets) {
+      if (is_target(name, LoraOptions{.targets = {t}}, name == "lm_head")) hit_targets.insert(t);
+    }
+    const int64_t* r = pattern_value(o.rank_pattern, name);
+    const int64_t rank = r ? *r : o.r;
+    expected[kPeftPrefix + name + ".lora_A.weight"] = {rank, lin->in_features};
+    expected[kPeftPrefix + name + ".lora_B.weight"] = {lin->out_features, rank};
+  }
+  if (o.target_regex.empty()) {
+    for (const auto& t : o.targets) {
+      if (!hit_targets.count(t)) problems.push_back("target '" + t + "' matches no linear layer of the model");
+    }
+  } else if (expected.empty()) {
+    problems.push_back("target regex '" + o.target_regex + "' matches no linear layer of the model");
+  }
+  for (const auto& [key, shape] : expected) {
+    const io::TensorInfo* info = file->find(key);
+    if (info == nullptr) {
+      problems.push_back(path + ": tensor '" + key + "' is missing");
+      continue;
+    }
+    if (info->shape != shape) {
+      problems.push_back(detail::concat(path, ": tensor '", key, "' has shape ", at::IntArrayRef(info->shape),
+                                        ", the model needs ", at::IntArrayRef(shape)));
+    }
+    const io::DType d = info->dtype;
+    if (d != io::DType::F32 && d != io::DType::F16 && d != io::DType::BF16 && d != io::DType::F64) {
+      problems.push_back(path + ": tensor '" + key + "' is " + std::string(io::dtype_name(d)) + ", not a float type");
+    } else if (!at::isfinite(io::read_tensor(*file, *info)).all().item<bool>()) {
+      problems.push_back(path + ": tensor '" + key + "' holds NaN or Inf");
+    }
+  }
+  for (const auto& info : file->tensors()) {
+    if (!expected.count(info.name)) {
+      problems.push_back(path + ": tensor '" + info.name + "' belongs to no adapted layer of this model");
+    }
+  }
+  return problems;
+}
+
 LoraOptions load_peft_adapter(model::CausalLM& model, const std::string& dir) {
   const LoraOptions o = read_peft_lora_config((fs::path(dir) / "adapter_config.json").string());
   const std::string path = (fs::path(dir) / "adapter_model.safetensors").string();

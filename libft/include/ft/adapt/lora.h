@@ -77,6 +77,11 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& options, const
 /// Reads a PEFT LoRA adapter_config.json (see FILES for what is refused).
 LoraOptions read_peft_lora_config(const std::string& path);
 
+/// Every problem of the adapter in `dir` for `model`, without applying it: an unreadable or
+/// unsupported config, targets that match no layer, tensors missing, unexpected, misshapen, of a
+/// non-float dtype or holding NaN/Inf. Empty when load_peft_adapter() would succeed.
+std::vector<std::string> check_peft_adapter(model::CausalLM& model, const std::string& dir);
+
 /// Applies the adapter in `dir` to `model` (apply_lora with its config, then its tensors, strictly).
 LoraOptions load_peft_adapter(model::CausalLM& model, const std::string& dir);
 
