@@ -211,12 +211,12 @@ TEST(Lora, PeftFilesRoundTripAndLoadStrictly) {
   // A config option libft does not implement.
   auto config = nlohmann::json::parse(std::ifstream(dir / "adapter" / "adapter_config.json"));
   fs::copy(dir / "adapter", dir / "dora");
-  config["use_dora"] = true;
+  config["lora_bias"] = true;
   std::ofstream(dir / "dora" / "adapter_config.json") << config.dump();
   model::CausalLM m2 = base_model();
-  EXPECT_NE(error_of([&] { adapt::load_peft_adapter(m2, (dir / "dora").string()); }).find("use_dora = true is not supported"),
+  EXPECT_NE(error_of([&] { adapt::load_peft_adapter(m2, (dir / "dora").string()); }).find("lora_bias = true is not supported"),
             std::string::npos);
-  config["use_dora"] = false;
+  config["lora_bias"] = false;
   config["modules_to_save"] = {"lm_head"};
   std::ofstream(dir / "dora" / "adapter_config.json") << config.dump();
   model::CausalLM m3 = base_model();
@@ -264,7 +264,7 @@ TEST(PeftInterop, LibftLoadsPeftAdaptersWithTheSameLogits) {
   if (!d) GTEST_SKIP() << "LIBFT_PEFT_DIR has no PEFT files (ctest's peft_make writes them)";
   auto ref = io::SafetensorsFile::open((fs::path(d) / "peft_logits.safetensors").string());
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
-  for (const char* name : {"lists", "rslora"}) {
+  for (const char* name : {"lists", "rslora", "dora"}) {
     SCOPED_TRACE(name);
     model::CausalLM m = io::load_pretrained((fs::path(d) / "base").string());
     m->eval();
@@ -288,7 +288,7 @@ TEST(PeftInterop, LibftSavesAdaptersForPeft) {
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
   std::vector<at::Tensor> keep{input};
   std::vector<io::TensorWrite> writes{io::tensor_write("input_ids", keep[0])};
-  for (const char* name : {"lists", "rslora"}) {
+  for (const char* name : {"lists", "rslora", "dora"}) {
     const adapt::LoraOptions o =
         adapt::read_peft_lora_config((fs::path(d) / (std::string("peft_") + name) / "adapter_config.json").string());
     model::CausalLM m = io::load_pretrained((fs::path(d) / "base").string());
@@ -344,4 +344,61 @@ TEST(Lora, CheckAdapterReportsEveryProblem) {
   EXPECT_NE(all.find("layers.1.self_attn.v_proj.lora_B.weight' holds NaN or Inf"), std::string::npos) << all;
   EXPECT_NE(all.find("k_proj.lora_A.weight' belongs to no adapted layer"), std::string::npos) << all;
   fs::remove_all(dir);
+}
+
+// DoRA in float64: the adapted layer computes x (m ⊙ (W + ΔW) / ||W + ΔW||_row)ᵀ + b, merging gives
+// that weight, unmerging restores W, and a fresh DoRA adapter leaves the base unchanged.
+TEST(Lora, DoraFollowsItsFormula) {
+  io::ModelConfig mc = test::tiny_config();
+  mc.mlp_bias = true;  // DoRA rescales x Wᵀ, not the bias
+  model::CausalLM m(mc);
+  model::init_weights(m, 2);
+  {
+    at::NoGradGuard no_grad;
+    for (const auto& item : m->named_parameters()) {
+      if (item.key().ends_with(".bias")) item.value().normal_(0.0, 0.1);
+    }
+  }
+  m->to(at::kDouble);
+  m->eval();
+  const at::Tensor base = m->forward(ids());
+  std::map<std::string, at::Tensor> base_w;
+  for (const auto& item : m->named_parameters()) base_w[item.key()] = item.value().detach().clone();
+  adapt::LoraOptions o;
+  o.targets = {"q_proj", "up_proj"};
+  o.dora = true;
+  const auto layers = adapt::apply_lora(m, o);
+  EXPECT_LE(test::max_rel_error(m->forward(ids()), base), 1e-14);  // m = ||W|| and B = 0
+  randomize_b(m, 6);
+  {
+    at::NoGradGuard no_grad;
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(8);
+    for (const auto& item : m->named_parameters()) {
+      if (item.key().ends_with("lora_magnitude_vector.weight"))
+        item.value().mul_(1 + 0.2 * at::empty(item.value().sizes(), at::kDouble).normal_(0, 1, gen));
+    }
+  }
+  EXPECT_TRUE(m->named_parameters()["model.layers.0.mlp.up_proj.lora_magnitude_vector.weight"].requires_grad());
+  const at::Tensor adapted = m->forward(ids());
+
+  model::CausalLM manual(mc);
+  {
+    at::NoGradGuard no_grad;
+    auto params = manual->named_parameters();
+    for (auto& [k, v] : base_w) params[k].set_data(v.clone());
+    auto lp = m->named_parameters();
+    for (const auto& l : layers) {
+      const at::Tensor w = base_w[l.module + ".weight"] +
+                           at::matmul(lp[l.module + ".lora_B.weight"], lp[l.module + ".lora_A.weight"]) * l.scale;
+      const at::Tensor mag = lp[l.module + ".lora_magnitude_vector.weight"];
+      params[l.module + ".weight"].copy_(w * (mag / at::linalg_vector_norm(w, 2, {1})).view({-1, 1}));
+    }
+  }
+  manual->eval();
+  EXPECT_LE(test::max_rel_error(adapted, manual->forward(ids())), 1e-12);
+  EXPECT_GT(test::max_rel_error(adapted, base), 1e-3);
+  adapt::merge_lora(m);
+  EXPECT_LE(test::max_rel_error(m->forward(ids()), adapted), 1e-12);
+  adapt::unmerge_lora(m);
+  for (const auto& [k, v] : base_w) EXPECT_LE(test::max_rel_error(m->named_parameters()[k], v), 1e-13) << k;
 }

@@ -133,6 +133,9 @@ def scenario_kills(r, work, kills_wanted, rng, event_check=True):
     r.run(ref, steps, every)
     out = os.path.join(work, "kills")
     kills, during_save, resumes, attempts = 0, 0, [], 0
+    # Kill delays adapt to the machine: when a run was killed before its next checkpoint (a loaded
+    # machine starts and steps slower), the next delays are longer.
+    stretch, last_newest = 1.0, -1
     while True:
         attempts += 1
         if attempts > 200:
@@ -151,7 +154,10 @@ def scenario_kills(r, work, kills_wanted, rng, event_check=True):
         # Long enough to make progress past the ~0.5 s start-up; shorter once the run nears its end,
         # so that it cannot finish before the wanted number of kills.
         newest = resumes[-1][0] if resumes else 0
-        time.sleep(rng.uniform(0.3, 2.0) if newest < 0.6 * steps else rng.uniform(0.2, 0.8))
+        if newest <= last_newest:
+            stretch = min(stretch * 1.5, 20.0)
+        last_newest = newest
+        time.sleep(stretch * (rng.uniform(0.3, 2.0) if newest < 0.6 * steps else rng.uniform(0.2, 0.8)))
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             p.wait()

@@ -7,7 +7,8 @@
                                  same base and must reproduce libft's logits (max rel error <= 1e-4)
 
 Adapters: "lists" targets seven projections by name with a rank_pattern and an alpha_pattern;
-"rslora" targets "all-linear" with use_rslora and gaussian init. The C++ side (tests/test_lora.cpp,
+"rslora" targets "all-linear" with use_rslora and gaussian init; "dora" is DoRA (use_dora) on three
+projections, with magnitudes moved away from the base's row norms. The C++ side (tests/test_lora.cpp,
 PeftInterop.*) loads DIR/peft_<name>, compares its logits with PEFT's, and saves its own.
 """
 import os
@@ -23,6 +24,7 @@ ADAPTERS = {
                                                      "down_proj"],
                   rank_pattern={"down_proj": 2}, alpha_pattern={"o_proj": 3}),
     "rslora": dict(r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True, init_lora_weights="gaussian"),
+    "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
 }
 
 
@@ -53,6 +55,8 @@ def make(d):
             for pname, p in peft_model.named_parameters():
                 if "lora_B" in pname:  # PEFT starts B at zero: make the adapter do something
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                if "lora_magnitude_vector" in pname:  # and DoRA's magnitudes away from the base's norms
+                    p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
         peft_model.save_pretrained(os.path.join(d, f"peft_{name}"))
         with torch.no_grad():
             tensors[f"logits_{name}"] = peft_model(input_ids=ids).logits.contiguous()

@@ -31,8 +31,29 @@ class LoraAdapter final : public model::LinearAdapter {
   at::Tensor apply(const at::Tensor& x, const at::Tensor& base) override {
     if (merged) return base;
     at::Tensor h = x.to(A->weight.scalar_type());
-    if (dropout_ > 0 && owner_->is_training()) h = at::dropout(h, dropout_, /*train=*/true);
-    return base + (B(A(h)) * info.scale).to(base.scalar_type());
+    const bool drop = dropout_ > 0 && owner_->is_training();
+    if (drop) h = at::dropout(h, dropout_, /*train=*/true);
+    if (!magnitude.defined()) return base + (B(A(h)) * info.scale).to(base.scalar_type());
+    // DoRA, as PEFT computes it: the adapted weight's row norms are treated as constants (DoRA
+    // paper, section 4.3); base_nb is x Wᵀ without the bias (of the dropped-out input in training).
+    const at::Tensor scale_rows = (magnitude / row_norm(/*detach=*/true)).view({1, -1});
+    at::Tensor base_nb;
+    if (drop) {
+      base_nb = at::linear(h, owner_->weight.to(h.scalar_type()));
+    } else {
+      base_nb = owner_->bias.defined() ? base - owner_->bias : base;
+      base_nb = base_nb.to(h.scalar_type());
+    }
+    const at::Tensor dora = (scale_rows - 1) * base_nb + scale_rows * B(A(h)) * info.scale;
+    return base + dora.to(base.scalar_type());
+  }
+
+  /// ||W + scale · B A|| per output row (float32, or float64 for a float64 base).
+  at::Tensor row_norm(bool detach) const {
+    const auto type = owner_->weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    at::Tensor lora = at::matmul(B->weight.to(type), A->weight.to(type));
+    if (detach) lora = lora.detach();
+    return at::linalg_vector_norm(owner_->weight.detach().to(type) + lora * info.scale, 2, {1}).detach();
   }
 
   /// scale · B A, in float32 (float64 for a float64 base), shaped like the base weight.
@@ -43,6 +64,8 @@ class LoraAdapter final : public model::LinearAdapter {
 
   model::LinearImpl* owner_;
   torch::nn::Linear A, B;
+  at::Tensor magnitude;  ///< DoRA's lora_magnitude_vector (out), or undefined for plain LoRA
+  at::Tensor dora_factor;  ///< m / ||W + ΔW|| at merge time, to unmerge exactly
   LoraLayer info;
   double dropout_;
   bool merged = false;
@@ -60,6 +83,12 @@ bool is_target(const std::string& name, const LoraOptions& o, bool is_head) {
       return true;
   }
   return false;
+}
+
+LoraOptions single_target(const std::string& t) {
+  LoraOptions o;
+  o.targets = {t};
+  return o;
 }
 
 /// PEFT's get_pattern_key: the first pattern p with re.match(r"(.*\.)?(p)$", name).
@@ -129,7 +158,17 @@ std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) 
     b->to(device, adapter_type);
     lin->register_module("lora_A", a);
     lin->register_module("lora_B", b);
-    lin->set_adapter(std::make_shared<LoraAdapter>(lin, a, b, info, o.dropout));
+    auto adapter = std::make_shared<LoraAdapter>(lin, a, b, info, o.dropout);
+    if (o.dora) {
+      // m starts as the row norms of W + scale · B A (= ||W|| rows, B being zero): the model
+      // starts as the base.
+      // A module holding "weight", as PEFT's DoraLinearLayer does: parameter
+      // "<layer>.lora_magnitude_vector.weight", saved under PEFT's key "<layer>.lora_magnitude_vector".
+      auto holder = std::make_shared<torch::nn::Module>();
+      adapter->magnitude = holder->register_parameter("weight", adapter->row_norm(true).to(adapter_type));
+      lin->register_module("lora_magnitude_vector", holder);
+    }
+    lin->set_adapter(adapter);
     layers.push_back(info);
   }
   FT_CHECK(!layers.empty(), "[lora] no linear layer matches the targets (",
@@ -144,7 +183,7 @@ std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) 
     for (const auto& t : o.targets) {
       if (t == "all-linear") continue;
       bool hit = false;
-      for (const auto& l : layers) hit |= is_target(l.module, LoraOptions{.targets = {t}}, false);
+      for (const auto& l : layers) hit |= is_target(l.module, single_target(t), false);
       FT_CHECK(hit, "[lora] target '", t, "' matches no linear layer of the model");
     }
   }
@@ -163,7 +202,15 @@ void merge_lora(model::CausalLM& model) {
   at::NoGradGuard no_grad;
   for (const auto& [name, a] : all) {
     FT_CHECK(!a->merged, "[lora] ", name, " is already merged");
-    a->owner_->weight.add_(a->delta().to(a->owner_->weight.scalar_type()));
+    if (a->magnitude.defined()) {
+      // DoRA: W' = (m / ||W + ΔW||) ⊙ (W + ΔW), row by row (PEFT's merge).
+      const at::Tensor factor = (a->magnitude.to(a->delta().scalar_type()) / a->row_norm(true)).view({-1, 1});
+      a->dora_factor = factor;
+      const at::Tensor merged_w = factor * (a->owner_->weight.to(factor.scalar_type()) + a->delta());
+      a->owner_->weight.copy_(merged_w.to(a->owner_->weight.scalar_type()));
+    } else {
+      a->owner_->weight.add_(a->delta().to(a->owner_->weight.scalar_type()));
+    }
     a->merged = true;
   }
 }
@@ -172,7 +219,12 @@ void unmerge_lora(model::CausalLM& model) {
   at::NoGradGuard no_grad;
   for (const auto& [name, a] : adapters(model)) {
     FT_CHECK(a->merged, "[lora] ", name, " is not merged");
-    a->owner_->weight.sub_(a->delta().to(a->owner_->weight.scalar_type()));
+    if (a->magnitude.defined()) {
+      const at::Tensor w = a->owner_->weight.to(a->dora_factor.scalar_type()) / a->dora_factor - a->delta();
+      a->owner_->weight.copy_(w.to(a->owner_->weight.scalar_type()));
+    } else {
+      a->owner_->weight.sub_(a->delta().to(a->owner_->weight.scalar_type()));
+    }
     a->merged = false;
   }
 }
@@ -193,6 +245,7 @@ void merge_and_unload_lora(model::CausalLM& model) {
     model::LinearImpl* lin = a->owner_;
     lin->unregister_module("lora_A");
     lin->unregister_module("lora_B");
+    if (a->magnitude.defined()) lin->unregister_module("lora_magnitude_vector");
     lin->set_adapter(nullptr);  // destroys `a`
   }
 }
@@ -208,6 +261,10 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::
     writes.push_back(io::tensor_write(kPeftPrefix + name + ".lora_A.weight", keep.back()));
     keep.push_back(a->B->weight.detach().to(at::kCPU).contiguous());
     writes.push_back(io::tensor_write(kPeftPrefix + name + ".lora_B.weight", keep.back()));
+    if (a->magnitude.defined()) {
+      keep.push_back(a->magnitude.detach().to(at::kCPU).contiguous());
+      writes.push_back(io::tensor_write(kPeftPrefix + name + ".lora_magnitude_vector", keep.back()));
+    }
   }
   nlohmann::ordered_json rank = nlohmann::ordered_json::object(), alpha = nlohmann::ordered_json::object();
   for (const auto& [p, v] : o.rank_pattern) rank[p] = v;
@@ -226,7 +283,7 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::
       {"rank_pattern", rank},
       {"alpha_pattern", alpha},
       {"use_rslora", o.rslora},
-      {"use_dora", false},
+      {"use_dora", o.dora},
       {"bias", "none"},
       {"fan_in_fan_out", false},
       {"init_lora_weights", o.init == "gaussian" ? nlohmann::ordered_json("gaussian") : nlohmann::ordered_json(true)},
@@ -266,6 +323,7 @@ LoraOptions read_peft_lora_config(const std::string& path) {
       o.targets = t.get<std::vector<std::string>>();
     }
     if (j.contains("use_rslora") && !j["use_rslora"].is_null()) o.rslora = j["use_rslora"].get<bool>();
+    if (j.contains("use_dora") && !j["use_dora"].is_null()) o.dora = j["use_dora"].get<bool>();
     for (const char* key : {"rank_pattern", "alpha_pattern"}) {
       if (!j.contains(key) || j[key].is_null()) continue;
       for (const auto& [p, v] : j[key].items()) {
@@ -276,7 +334,7 @@ LoraOptions read_peft_lora_config(const std::string& path) {
     // Options that change what the adapter computes must be at their defaults: refusing beats
     // computing something else.
     const std::map<std::string, nlohmann::ordered_json> required = {
-        {"bias", "none"}, {"fan_in_fan_out", false}, {"use_dora", false}, {"lora_bias", false}};
+        {"bias", "none"}, {"fan_in_fan_out", false}, {"lora_bias", false}};
     for (const auto& [key, want] : required) {
       if (j.contains(key) && !j[key].is_null() && j[key] != want)
         FT_FAIL("[lora] ", path, ": ", key, " = ", j[key].dump(), " is not supported (only ", want.dump(), ")");
@@ -324,12 +382,13 @@ std::vector<std::string> check_peft_adapter(model::CausalLM& model, const std::s
     const std::string& name = item.key();
     if (lin == nullptr || !is_target(name, o, name == "lm_head")) continue;
     for (const auto& t : o.targets) {
-      if (is_target(name, LoraOptions{.targets = {t}}, name == "lm_head")) hit_targets.insert(t);
+      if (is_target(name, single_target(t), name == "lm_head")) hit_targets.insert(t);
     }
     const int64_t* r = pattern_value(o.rank_pattern, name);
     const int64_t rank = r ? *r : o.r;
     expected[kPeftPrefix + name + ".lora_A.weight"] = {rank, lin->in_features};
     expected[kPeftPrefix + name + ".lora_B.weight"] = {lin->out_features, rank};
+    if (o.dora) expected[kPeftPrefix + name + ".lora_magnitude_vector"] = {lin->out_features};
   }
   if (o.target_regex.empty()) {
     for (const auto& t : o.targets) {
@@ -382,6 +441,16 @@ LoraOptions load_peft_adapter(model::CausalLM& model, const std::string& dir) {
                w.sizes(), " (rank ", a->info.r, " on a ", a->owner_->out_features, " × ", a->owner_->in_features,
                " layer)");
       w.copy_(t.to(w.dtype()));
+    }
+    if (a->magnitude.defined()) {
+      const std::string key = kPeftPrefix + name + ".lora_magnitude_vector";
+      expected.insert(key);
+      const io::TensorInfo* info = file->find(key);
+      FT_CHECK(info != nullptr, "[lora] ", path, ": tensor '", key, "' is missing (use_dora is set)");
+      at::Tensor t = io::read_tensor(*file, *info);
+      FT_CHECK(t.sizes() == a->magnitude.sizes(), "[lora] ", path, ": tensor '", key, "' has shape ", t.sizes(),
+               ", the model needs ", a->magnitude.sizes());
+      a->magnitude.copy_(t.to(a->magnitude.dtype()));
     }
   }
   for (const auto& info : file->tensors()) {

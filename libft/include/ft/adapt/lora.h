@@ -15,7 +15,7 @@
 // FILES (PEFT's): adapter_config.json ({"peft_type": "LORA", "r", "lora_alpha", "target_modules",
 // "rank_pattern", "alpha_pattern", "use_rslora", ...}) and adapter_model.safetensors with keys
 // "base_model.model.<module>.lora_A.weight" / ".lora_B.weight". Loading is strict: a PEFT option
-// libft does not implement (DoRA, bias training, modules_to_save, fan_in_fan_out, ...), a target
+// libft does not implement (bias training, modules_to_save, fan_in_fan_out, ...), a target
 // that matches nothing, a missing, unexpected or misshapen tensor is an error naming it.
 #include <ATen/core/Tensor.h>
 
@@ -37,6 +37,9 @@ struct LoraOptions {
   /// A single regular expression instead of `targets` (PEFT's string form), if not empty.
   std::string target_regex;
   bool rslora = false;          ///< scale alpha/√r instead of alpha/r
+  /// DoRA (Liu et al. 2024, PEFT's use_dora): a trained magnitude m per output row rescales the
+  /// adapted weight, W' = m ⊙ (W + ΔW) / ||W + ΔW||_row, the norms treated as constants in backward.
+  bool dora = false;
   std::string init = "kaiming"; ///< kaiming (PEFT's default) | gaussian
   uint64_t seed = 0;            ///< for A's initialisation
   /// Ordered (pattern, value) overrides; see TARGETS.
