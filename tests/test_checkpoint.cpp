@@ -396,11 +396,12 @@ class StopAt : public train::Callbacks {
 // A run stopped by a callback and resumed in a second call ends bit-identical to one uninterrupted
 // run, in full and in freeze mode (where the checkpoint holds only the trainable tensors).
 TEST(TrainResume, StopAndResumeIsBitIdentical) {
-  for (const char* mode : {"full", "freeze", "lora"}) {
+  for (const std::string mode : {"full", "freeze", "lora", "dora"}) {
     SCOPED_TRACE(mode);
     const fs::path dir = scratch("train_resume");
     config::RunConfig c = synthetic_run(dir);
-    c.mode = mode;
+    c.mode = mode == "dora" ? "lora" : mode;
+    c.lora.dora = mode == "dora";
     if (c.mode == "freeze") c.freeze.layers = {"1"};
     if (c.mode == "lora") c.lora.dropout = 0.1;  // dropout draws from the RNG: the resume must restore it
     Quiet q;
@@ -429,7 +430,7 @@ TEST(TrainResume, StopAndResumeIsBitIdentical) {
     int in_block1 = 0;
     for (const auto& t : weights->tensors()) in_block1 += t.name.rfind("model.layers.1.", 0) == 0;
     // A block: 7 matrices and 2 norms (full); none (freeze: block 1 frozen); q and v's A and B (lora).
-    EXPECT_EQ(in_block1, c.mode == "full" ? 9 : c.mode == "lora" ? 4 : 0);
+    EXPECT_EQ(in_block1, mode == "full" ? 9 : mode == "lora" ? 4 : mode == "dora" ? 6 : 0);  // DoRA: + 2 magnitudes
 
     StopAt observe(-1);
     ro.callbacks = &observe;

@@ -53,6 +53,7 @@ class LoraMode final : public Mode {
     options_.dropout = l.dropout;
     options_.targets = l.targets;
     options_.rslora = l.rslora;
+    options_.dora = l.dora;
     options_.init = l.init;
     options_.seed = l.seed;
     options_.rank_pattern = l.rank_pattern;
@@ -73,8 +74,8 @@ class LoraMode final : public Mode {
   }
   std::string describe(model::CausalLM& model) const override {
     const auto layers = lora_layers(model);
-    return Mode::describe(model) + detail::concat("; LoRA r ", options_.r, " alpha ", options_.alpha, " on ",
-                                                  layers.size(), " layers");
+    return Mode::describe(model) + detail::concat("; ", options_.dora ? "DoRA" : "LoRA", " r ", options_.r, " alpha ",
+                                                  options_.alpha, " on ", layers.size(), " layers");
   }
   void export_final(model::CausalLM& model, const std::string& dir, const config::RunConfig& c) const override {
     save_peft_adapter(model, options_, dir, c.model.checkpoint);

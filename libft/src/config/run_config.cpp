@@ -284,12 +284,12 @@ void parse_freeze(Reader& r, const YAML::Node& n, FreezeSection& f) {
 }
 
 void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
-  if (!r.check_map(n, "lora", {"r", "alpha", "dropout", "targets", "rslora", "init", "seed", "rank_pattern",
+  if (!r.check_map(n, "lora", {"r", "alpha", "dropout", "targets", "rslora", "dora", "init", "seed", "rank_pattern",
                                "alpha_pattern", "init_from"}))
     return;
   r.get(n, "lora", "init_from", l.init_from);
   if (!l.init_from.empty()) {
-    for (const char* key : {"r", "alpha", "targets", "rslora", "init", "seed", "rank_pattern", "alpha_pattern"}) {
+    for (const char* key : {"r", "alpha", "targets", "rslora", "dora", "init", "seed", "rank_pattern", "alpha_pattern"}) {
       if (n[key]) r.error(n[key], std::string("'lora.") + key + "' comes from the adapter of 'lora.init_from'; leave it out");
     }
   }
@@ -298,6 +298,7 @@ void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
   r.get(n, "lora", "dropout", l.dropout);
   r.get(n, "lora", "targets", l.targets);
   r.get(n, "lora", "rslora", l.rslora);
+  r.get(n, "lora", "dora", l.dora);
   r.get(n, "lora", "init", l.init);
   r.get(n, "lora", "seed", l.seed);
   r.positive(n, "lora", "r", static_cast<double>(l.r), false);
@@ -561,6 +562,7 @@ std::string to_yaml(const RunConfig& c) {
     out << YAML::Key << "dropout" << YAML::Value << shortest(c.lora.dropout);
     out << YAML::Key << "targets" << YAML::Value << YAML::Flow << c.lora.targets;
     out << YAML::Key << "rslora" << YAML::Value << c.lora.rslora;
+    out << YAML::Key << "dora" << YAML::Value << c.lora.dora;
     out << YAML::Key << "init" << YAML::Value << c.lora.init;
     out << YAML::Key << "seed" << YAML::Value << c.lora.seed;
     if (!c.lora.init_from.empty()) out << YAML::Key << "init_from" << YAML::Value << c.lora.init_from;

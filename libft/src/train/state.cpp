@@ -90,7 +90,7 @@ std::string run_identity(const config::RunConfig& c) {
       {"mode", c.mode},
       {"freeze", freeze},
       {"lora", c.mode == "lora" ? nlohmann::json{{"r", c.lora.r}, {"alpha", c.lora.alpha}, {"targets", c.lora.targets},
-                                                 {"rslora", c.lora.rslora}, {"rank_pattern", c.lora.rank_pattern},
+                                                 {"rslora", c.lora.rslora}, {"dora", c.lora.dora}, {"rank_pattern", c.lora.rank_pattern},
                                                  {"init_from", c.lora.init_from}}
                                 : nlohmann::json(nullptr)},
       {"optimizer", c.optimizer.name},

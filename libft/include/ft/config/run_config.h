@@ -92,6 +92,7 @@ struct LoraSection {
   /// Module names or suffixes (PEFT's target_modules), or [all-linear]: every linear layer but lm_head.
   std::vector<std::string> targets = {"q_proj", "v_proj"};
   bool rslora = false;           ///< scale alpha/√r instead of alpha/r
+  bool dora = false;             ///< DoRA: a trained magnitude per output row (PEFT's use_dora)
   std::string init = "kaiming";  ///< kaiming (PEFT's default) | gaussian
   uint64_t seed = 0;             ///< of A's initialisation
   /// Per-module overrides, regular expression → rank / alpha, first match wins (PEFT's patterns).
