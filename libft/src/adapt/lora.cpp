@@ -39,7 +39,7 @@ class LoraAdapter final : public model::LinearAdapter {
     const at::Tensor scale_rows = (magnitude / row_norm(/*detach=*/true)).view({1, -1});
     at::Tensor base_nb;
     if (drop) {
-      base_nb = at::linear(h, owner_->weight.to(h.scalar_type()));
+      base_nb = at::linear(h, owner_->dense_weight(h.scalar_type()));
     } else {
       base_nb = owner_->bias.defined() ? base - owner_->bias : base;
       base_nb = base_nb.to(h.scalar_type());
@@ -53,7 +53,7 @@ class LoraAdapter final : public model::LinearAdapter {
     const auto type = owner_->weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     at::Tensor lora = at::matmul(B->weight.to(type), A->weight.to(type));
     if (detach) lora = lora.detach();
-    return at::linalg_vector_norm(owner_->weight.detach().to(type) + lora * info.scale, 2, {1}).detach();
+    return at::linalg_vector_norm(owner_->dense_weight(type).detach() + lora * info.scale, 2, {1}).detach();
   }
 
   /// scale · B A, in float32 (float64 for a float64 base), shaped like the base weight.
@@ -199,6 +199,10 @@ std::vector<LoraLayer> lora_layers(model::CausalLM& model) {
 void merge_lora(model::CausalLM& model) {
   const auto all = adapters(model);
   FT_CHECK(!all.empty(), "[lora] the model has no LoRA adapter to merge");
+  for (const auto& [name, a] : all) {
+    FT_CHECK(a->owner_->nf4() == nullptr, "[lora] ", name, " has an NF4 (QLoRA) base: merge the adapter into the "
+             "original 16/32-bit checkpoint instead (ft merge BASE ADAPTER)");
+  }
   at::NoGradGuard no_grad;
   for (const auto& [name, a] : all) {
     FT_CHECK(!a->merged, "[lora] ", name, " is already merged");

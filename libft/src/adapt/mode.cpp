@@ -1,6 +1,7 @@
 #include "ft/adapt/mode.h"
 
 #include <map>
+#include <optional>
 #include <mutex>
 #include <set>
 
@@ -47,7 +48,7 @@ class FreezeMode final : public Mode {
 // mode: lora. The base is frozen; LoRA adapters on the targeted layers train (adapt/lora.h).
 class LoraMode final : public Mode {
  public:
-  explicit LoraMode(const config::LoraSection& l) {
+  LoraMode(const config::LoraSection& l, std::optional<config::QloraSection> qlora) : qlora_(qlora) {
     options_.r = l.r;
     options_.alpha = l.alpha;
     options_.dropout = l.dropout;
@@ -60,8 +61,15 @@ class LoraMode final : public Mode {
     options_.alpha_pattern = l.alpha_pattern;
     init_from_ = l.init_from;
   }
-  std::string name() const override { return "lora"; }
+  std::string name() const override { return qlora_ ? "qlora" : "lora"; }
   void apply(model::CausalLM& model) override {
+    if (qlora_) {
+      // QLoRA: every linear layer but the output head is stored in NF4 before the adapters go on.
+      for (const auto& item : model->named_modules()) {
+        auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
+        if (lin != nullptr && item.key() != "lm_head") lin->quantize_nf4(qlora_->block, qlora_->double_quant);
+      }
+    }
     if (init_from_.empty()) {
       apply_lora(model, options_);
       return;
@@ -84,13 +92,15 @@ class LoraMode final : public Mode {
  private:
   LoraOptions options_;
   std::string init_from_;
+  std::optional<config::QloraSection> qlora_;
 };
 
 std::map<std::string, ModeFactory>& registry() {
   static std::map<std::string, ModeFactory> r = {
       {"full", [](const config::RunConfig&) { return std::make_unique<FullMode>(); }},
       {"freeze", [](const config::RunConfig& c) { return std::make_unique<FreezeMode>(c.freeze); }},
-      {"lora", [](const config::RunConfig& c) { return std::make_unique<LoraMode>(c.lora); }},
+      {"lora", [](const config::RunConfig& c) { return std::make_unique<LoraMode>(c.lora, std::nullopt); }},
+      {"qlora", [](const config::RunConfig& c) { return std::make_unique<LoraMode>(c.lora, c.qlora); }},
   };
   return r;
 }
@@ -158,6 +168,10 @@ TrainableCounts count_trainable(model::CausalLM& model) {
   for (const auto& p : model->parameters()) {
     (p.requires_grad() ? c.trainable : c.frozen) += p.numel();
     ++(p.requires_grad() ? c.trainable_tensors : c.frozen_tensors);
+  }
+  // NF4-stored weights (QLoRA) are frozen parameters too, though not torch parameters any more.
+  for (const auto& item : model->named_modules()) {
+    if (auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get()); lin && lin->nf4()) c.frozen += lin->nf4()->numel;
   }
   return c;
 }

@@ -334,7 +334,7 @@ void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
 const std::vector<std::string> kTopKeys = {"model",      "tokenizer",  "data",         "optimizer",  "schedule",
                                            "max_steps",  "seed",       "clip_grad_norm", "dtype",    "device",     "eval",
                                            "activation_checkpointing",
-                                           "mode",       "freeze",     "lora",       "checkpoint",   "log_every",  "output_dir",
+                                           "mode",       "freeze",     "lora",       "qlora",      "checkpoint",   "log_every",  "output_dir",
                                            "on_nonfinite", "on_oom"};
 
 void apply_override(Reader& r, YAML::Node& root, const std::string& text) {
@@ -437,11 +437,21 @@ RunConfig parse_run_config(std::string_view yaml, const std::string& source, con
     r.get(root, "", "activation_checkpointing", c.activation_checkpointing);
     section("eval", parse_eval, c.eval);
     r.get(root, "", "mode", c.mode);
-    r.one_of(root, "", "mode", c.mode, {"full", "freeze", "lora"});
+    r.one_of(root, "", "mode", c.mode, {"full", "freeze", "lora", "qlora"});
     section("freeze", parse_freeze, c.freeze);
     if (root["freeze"] && c.mode != "freeze") r.error(root["freeze"], "'freeze' only applies with 'mode: freeze'");
     section("lora", parse_lora, c.lora);
-    if (root["lora"] && c.mode != "lora") r.error(root["lora"], "'lora' only applies with 'mode: lora'");
+    if (root["lora"] && c.mode != "lora" && c.mode != "qlora")
+      r.error(root["lora"], "'lora' only applies with 'mode: lora' or 'mode: qlora'");
+    if (const YAML::Node q = root["qlora"]) {
+      if (c.mode != "qlora") r.error(q, "'qlora' only applies with 'mode: qlora'");
+      if (r.check_map(q, "qlora", {"block", "double_quant"})) {
+        r.get(q, "qlora", "block", c.qlora.block);
+        r.get(q, "qlora", "double_quant", c.qlora.double_quant);
+        if (c.qlora.block <= 0 || c.qlora.block % 2 != 0)
+          r.error(q["block"] ? q["block"] : q, detail::concat("'qlora.block' must be even and > 0, got ", c.qlora.block));
+      }
+    }
     section("checkpoint", parse_checkpoint, c.checkpoint);
     r.get(root, "", "log_every", c.log_every);
     r.get(root, "", "output_dir", c.output_dir);
@@ -555,7 +565,13 @@ std::string to_yaml(const RunConfig& c) {
     out << YAML::Key << "norm" << YAML::Value << c.freeze.norm;
     out << YAML::EndMap;
   }
-  if (c.mode == "lora") {
+  if (c.mode == "qlora") {
+    out << YAML::Key << "qlora" << YAML::Value << YAML::BeginMap;
+    out << YAML::Key << "block" << YAML::Value << c.qlora.block;
+    out << YAML::Key << "double_quant" << YAML::Value << c.qlora.double_quant;
+    out << YAML::EndMap;
+  }
+  if (c.mode == "lora" || c.mode == "qlora") {
     out << YAML::Key << "lora" << YAML::Value << YAML::BeginMap;
     out << YAML::Key << "r" << YAML::Value << c.lora.r;
     out << YAML::Key << "alpha" << YAML::Value << shortest(c.lora.alpha);

@@ -16,8 +16,21 @@ LinearImpl::LinearImpl(int64_t in, int64_t out, bool with_bias) : in_features(in
 }
 
 at::Tensor LinearImpl::forward(const at::Tensor& x) {
-  at::Tensor y = at::linear(x, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+  const at::Tensor w = nf4_ ? adapt::dequantize_nf4(*nf4_, x.scalar_type()) : weight;
+  at::Tensor y = at::linear(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
   return adapter_ ? adapter_->apply(x, y) : y;
+}
+
+void LinearImpl::quantize_nf4(int64_t block, bool double_quant) {
+  if (nf4_) return;
+  nf4_ = std::make_shared<adapt::NF4Tensor>(adapt::quantize_nf4(weight, block, double_quant));
+  at::NoGradGuard no_grad;
+  weight.set_requires_grad(false);
+  weight.set_data(at::empty({0}, weight.options()));
+}
+
+at::Tensor LinearImpl::dense_weight(at::ScalarType dtype) const {
+  return nf4_ ? adapt::dequantize_nf4(*nf4_, dtype) : weight.to(dtype);
 }
 
 }  // namespace ft::model

@@ -375,9 +375,24 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
       const int moments = oo.kind == OptimizerKind::AdamW ? 2 : (oo.momentum > 0 ? 1 : 0);
       state += static_cast<double>(p.numel()) * 4.0 * moments;
     }
+    double nf4 = 0;
+    int64_t nf4_params = 0;
+    for (const auto& item : model->named_modules()) {
+      if (auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get()); lin && lin->nf4()) {
+        nf4 += static_cast<double>(lin->nf4()->bytes());
+        nf4_params += lin->nf4()->numel;
+      }
+    }
     const double mib = 1024.0 * 1024.0;
-    std::fprintf(log, "[train] memory: weights %.1f MiB, gradients %.1f MiB, optimizer state %.1f MiB (%s)\n",
-                 weights / mib, grads / mib, state / mib, c.optimizer.name.c_str());
+    std::string nf4_text;
+    if (nf4_params > 0) {
+      char buf[128];
+      std::snprintf(buf, sizeof buf, " (%.1f MiB of them NF4: %.3f bytes per quantized weight)", nf4 / mib,
+                    nf4 / static_cast<double>(nf4_params));
+      nf4_text = buf;
+    }
+    std::fprintf(log, "[train] memory: weights %.1f MiB%s, gradients %.1f MiB, optimizer state %.1f MiB (%s)\n",
+                 (weights + nf4) / mib, nf4_text.c_str(), grads / mib, state / mib, c.optimizer.name.c_str());
   }
   std::fprintf(log, "[train] %lld steps of %lld × %lld rows of %lld tokens; %s lr %g, %s schedule, warmup %lld\n",
                static_cast<long long>(c.max_steps), static_cast<long long>(c.data.grad_accum),

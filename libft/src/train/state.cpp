@@ -89,7 +89,9 @@ std::string run_identity(const config::RunConfig& c) {
                 {"grad_accum", c.data.grad_accum}, {"shuffle", c.data.shuffle}, {"seed", c.data.seed}}},
       {"mode", c.mode},
       {"freeze", freeze},
-      {"lora", c.mode == "lora" ? nlohmann::json{{"r", c.lora.r}, {"alpha", c.lora.alpha}, {"targets", c.lora.targets},
+      {"qlora", c.mode == "qlora" ? nlohmann::json{{"block", c.qlora.block}, {"double_quant", c.qlora.double_quant}}
+                                  : nlohmann::json(nullptr)},
+      {"lora", c.mode == "lora" || c.mode == "qlora" ? nlohmann::json{{"r", c.lora.r}, {"alpha", c.lora.alpha}, {"targets", c.lora.targets},
                                                  {"rslora", c.lora.rslora}, {"dora", c.lora.dora}, {"rank_pattern", c.lora.rank_pattern},
                                                  {"init_from", c.lora.init_from}}
                                 : nlohmann::json(nullptr)},

@@ -103,6 +103,13 @@ struct LoraSection {
   std::string init_from;
 };
 
+/// mode: qlora. LoRA (the lora section) on a base whose linear layers (all but lm_head) are stored
+/// in NF4 (adapt/nf4.h) and dequantized on the fly.
+struct QloraSection {
+  int64_t block = 64;         ///< NF4 block size (even)
+  bool double_quant = true;   ///< 8-bit block maxima (4.127 instead of 4.5 bits per weight)
+};
+
 struct RunConfig {
   std::string source;  ///< where it was read from (for messages)
   ModelSection model;
@@ -121,10 +128,12 @@ struct RunConfig {
   /// memory for about one more forward pass of compute; the same gradients.
   bool activation_checkpointing = false;
   EvalSection eval;
-  /// Adaptation mode: full (every parameter trains) | freeze (see FreezeSection) | lora (LoraSection).
+  /// Adaptation mode: full (every parameter trains) | freeze (FreezeSection) | lora (LoraSection) |
+  /// qlora (LoraSection on an NF4 base, QloraSection).
   std::string mode = "full";
   FreezeSection freeze;
   LoraSection lora;
+  QloraSection qlora;
   CheckpointSection checkpoint;
   int64_t log_every = 1;          ///< metrics.jsonl line every N steps
   std::string output_dir;         ///< required; metrics.jsonl, config.yaml, checkpoints/ and final/ go here

@@ -8,6 +8,8 @@
 
 #include <memory>
 
+#include "ft/adapt/nf4.h"
+
 namespace ft::model {
 
 /// Something that turns a linear layer's output into the adapted output.
@@ -28,12 +30,21 @@ class LinearImpl : public torch::nn::Module {
   void set_adapter(std::shared_ptr<LinearAdapter> adapter) { adapter_ = std::move(adapter); }
   LinearAdapter* adapter() const { return adapter_.get(); }
 
+  /// QLoRA's frozen base: replaces the weight by its NF4 codes (adapt/nf4.h). The "weight"
+  /// parameter is then an empty, frozen placeholder and forward() dequantizes on the fly (to the
+  /// input's dtype). Irreversible.
+  void quantize_nf4(int64_t block = 64, bool double_quant = true);
+  const adapt::NF4Tensor* nf4() const { return nf4_.get(); }
+  /// The weight as a dense tensor of `dtype`: the parameter, or the dequantized NF4 codes.
+  at::Tensor dense_weight(at::ScalarType dtype) const;
+
   int64_t in_features, out_features;
-  at::Tensor weight;  ///< (out, in)
+  at::Tensor weight;  ///< (out, in); empty once quantized
   at::Tensor bias;    ///< (out) or undefined
 
  private:
   std::shared_ptr<LinearAdapter> adapter_;
+  std::shared_ptr<adapt::NF4Tensor> nf4_;
 };
 TORCH_MODULE(Linear);
 
