@@ -215,7 +215,7 @@ TEST(RunConfig, ModeFreezeCheckpointAndEarlyStopping) {
   bad += "mode: frozen\nfreeze:\n  layers: [\"1-x\"]\n  train_last: 2\n  embedding: true\ncheckpoint:\n  resume: maybe\n"
          "  keep_last: 0\n";
   const std::string e = error_of(bad);
-  EXPECT_NE(e.find("'mode' must be one of full, freeze, lora, got 'frozen'"), std::string::npos) << e;
+  EXPECT_NE(e.find("'mode' must be one of full, freeze, lora, qlora, got 'frozen'"), std::string::npos) << e;
   EXPECT_NE(e.find("unknown key 'freeze.embedding'; did you mean 'embeddings'?"), std::string::npos) << e;
   EXPECT_NE(e.find("'freeze.train_last' and 'freeze.layers' exclude each other"), std::string::npos) << e;
   EXPECT_NE(e.find("got '1-x'"), std::string::npos) << e;

@@ -91,6 +91,15 @@ TEST(NF4, DoubleQuantizationOfTheBlockMaxima) {
   EXPECT_LT(rms_dq, rms_plain * 1.02);
 }
 
+TEST(NF4, BytesFormulaMatchesTheQuantizedTensor) {
+  for (const int64_t n : {63, 64, 4096, 64 * 257, 100001}) {
+    for (const bool dq : {false, true}) {
+      const adapt::NF4Tensor q = adapt::quantize_nf4(gaussian({n}, 4), 64, dq);
+      EXPECT_EQ(adapt::nf4_bytes(n, 64, dq), q.bytes()) << n << " " << dq;
+    }
+  }
+}
+
 TEST(NF4, OddShapesAndDtypes) {
   const at::Tensor w = gaussian({7, 9}, 3);  // 63 elements: one full block, a padded one, an odd count
   const adapt::NF4Tensor q = adapt::quantize_nf4(w, 32);

@@ -37,6 +37,13 @@ int64_t NF4Tensor::bytes() const {
   return b;
 }
 
+int64_t nf4_bytes(int64_t numel, int64_t block, bool double_quant, int64_t dq_block) {
+  const int64_t blocks = (numel + block - 1) / block;
+  const int64_t codes = (numel + 1) / 2;
+  if (!double_quant) return codes + 4 * blocks;
+  return codes + blocks + 4 * ((blocks + dq_block - 1) / dq_block) + 4;
+}
+
 NF4Tensor quantize_nf4(const at::Tensor& w, int64_t block, bool double_quant, int64_t dq_block) {
   FT_CHECK(block > 0 && block % 2 == 0, "[nf4] block must be even and > 0, got ", block);
   FT_CHECK(dq_block > 0, "[nf4] dq_block must be > 0, got ", dq_block);

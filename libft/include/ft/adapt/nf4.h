@@ -46,6 +46,10 @@ struct NF4Tensor {
   int64_t bytes() const;
 };
 
+/// Bytes an NF4 tensor of `numel` elements holds (what NF4Tensor::bytes() will say), without
+/// quantizing: for memory estimates of a whole base (ft inspect --nf4).
+int64_t nf4_bytes(int64_t numel, int64_t block = 64, bool double_quant = true, int64_t dq_block = 256);
+
 /// Quantizes `w` (any shape, any float dtype; computed in float32 on its device). `block` must be
 /// even and > 0.
 NF4Tensor quantize_nf4(const at::Tensor& w, int64_t block = 64, bool double_quant = false, int64_t dq_block = 256);
