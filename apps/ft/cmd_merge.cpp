@@ -1,6 +1,7 @@
 // ft merge: a PEFT LoRA adapter folded into its base model, written as a plain Hugging Face checkpoint.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <iostream>
 #include <memory>
 
@@ -12,7 +13,7 @@ namespace ft::cli {
 
 void add_merge(CLI::App& app) {
   struct Args {
-    std::string base, adapter, output;
+    std::string base, adapter, output, dtype;
   };
   auto a = std::make_shared<Args>();
   auto* cmd = app.add_subcommand("merge", "Merge a LoRA adapter (PEFT format) into its base model");
@@ -21,17 +22,39 @@ void add_merge(CLI::App& app) {
       ->required()
       ->check(CLI::ExistingDirectory);
   cmd->add_option("-o,--output", a->output, "Output checkpoint directory")->required();
+  cmd->add_option("--dtype", a->dtype, "Written dtype: float32 | bfloat16 | float16 (default: the base's)")
+      ->check(CLI::IsMember({"float32", "bfloat16", "float16"}));
   cmd->footer(
       "W' = W + scale · B A for every adapted layer, computed in float32 (float64 for a float64 base) and stored\n"
-      "in the base's dtype; transformers loads the result without PEFT and computes the adapted model's logits.");
+      "in the base's dtype or --dtype, with the relative rounding error of each merged layer reported (an\n"
+      "adapter trained on a QLoRA base is merged into the original 16/32-bit base this way);\n"
+      "transformers loads the result without PEFT and computes the adapted model's logits.");
   cmd->callback([a] {
     model::CausalLM m = io::load_pretrained(a->base);
     const adapt::LoraOptions o = adapt::load_peft_adapter(m, a->adapter);
     const auto layers = adapt::lora_layers(m);
     adapt::merge_and_unload_lora(m);
-    io::save_pretrained(m, a->output);
-    std::cout << "merged LoRA r " << o.r << " (alpha " << o.alpha << ") of " << layers.size() << " layers into "
-              << a->base << "; wrote " << a->output << "\n";
+    io::SaveOptions so;
+    if (a->dtype == "float32") so.dtype = at::kFloat;
+    if (a->dtype == "bfloat16") so.dtype = at::kBFloat16;
+    if (a->dtype == "float16") so.dtype = at::kHalf;
+    // The error of writing each merged layer in the output dtype: ||cast(W') − W'|| / ||W'||.
+    auto params = m->named_parameters();
+    std::vector<std::pair<double, std::string>> errors;
+    for (const auto& l : layers) {
+      const at::Tensor w = params[l.module + ".weight"].detach().to(at::kDouble);
+      const at::Tensor stored = params[l.module + ".weight"].detach().to(so.dtype.value_or(w.scalar_type())).to(at::kDouble);
+      errors.emplace_back(((stored - w).norm() / w.norm().clamp_min(1e-300)).item<double>(), l.module);
+    }
+    std::sort(errors.rbegin(), errors.rend());
+    io::save_pretrained(m, a->output, so);
+    std::cout << "merged " << (o.dora ? "DoRA" : "LoRA") << " r " << o.r << " (alpha " << o.alpha << ") of "
+              << layers.size() << " layers into " << a->base << "; wrote " << a->output
+              << (a->dtype.empty() ? "" : " in " + a->dtype) << "\n";
+    std::cout << "largest rounding error of a merged layer in the written dtype: " << errors.front().first << " ("
+              << errors.front().second << ")\n";
+    for (size_t i = 1; i < errors.size() && i < 4; ++i)
+      std::cout << "  next: " << errors[i].first << " (" << errors[i].second << ")\n";
   });
 }
 
