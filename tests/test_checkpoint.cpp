@@ -29,12 +29,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path scratch(const std::string& name) {
-  const fs::path dir = fs::temp_directory_path() / ("libft_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+fs::path scratch(const std::string& name) { return test::scratch_dir(name); }
 
 void write_file(const fs::path& p, const std::string& text) { std::ofstream(p, std::ios::binary) << text; }
 
@@ -313,23 +308,7 @@ namespace {
 // A store whose documents follow next = 3·t + 1 (mod 97), and a config training the tiny model on it.
 config::RunConfig synthetic_run(const fs::path& dir) {
   std::ofstream(dir / "config.json") << io::model_config_to_json(test::tiny_config());
-  data::TokenStoreWriteOptions wo;
-  wo.tokenizer_fingerprint = "synthetic";
-  wo.vocab_size = 97;
-  data::TokenStoreWriter writer((dir / "store.h5").string(), wo);
-  uint64_t x = 11;
-  for (int d = 0; d < 60; ++d) {
-    x = x * 6364136223846793005ull + 1442695040888963407ull;
-    data::Example e;
-    int32_t t = static_cast<int32_t>((x >> 33) % 97);
-    const int length = 5 + static_cast<int>((x >> 20) % 30);
-    for (int i = 0; i < length; ++i, t = (3 * t + 1) % 97) {
-      e.tokens.push_back(t);
-      e.trainable.push_back(1);
-    }
-    writer.append(e);
-  }
-  writer.finish();
+  test::write_rule_store((dir / "store.h5").string(), 60, 11, 30);
   config::RunConfig c;
   c.source = "test";
   c.model.config = (dir / "config.json").string();

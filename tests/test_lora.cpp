@@ -58,12 +58,7 @@ std::string error_of(const std::function<void()>& f) {
   return "no error";
 }
 
-fs::path scratch(const std::string& name) {
-  const fs::path dir = fs::temp_directory_path() / ("libft_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+fs::path scratch(const std::string& name) { return test::scratch_dir(name); }
 
 }  // namespace
 

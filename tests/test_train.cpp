@@ -359,30 +359,9 @@ TEST(TrainOptimizer, NonFiniteStepIsSkippedAndLeavesEverythingUntouched) {
 // 97): the loss must fall well below chance in a few steps, every metrics line parses, evaluation
 // runs every eval.every steps and at the end, and the saved checkpoint loads.
 TEST(TrainRun, EndToEndOnASyntheticStore) {
-  const std::filesystem::path dir =
-      std::filesystem::temp_directory_path() / ("libft_test_train_run_" + std::to_string(::getpid()));
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  {
-    std::ofstream(dir / "config.json") << io::model_config_to_json(tiny_config());
-    data::TokenStoreWriteOptions wo;
-    wo.tokenizer_fingerprint = "synthetic";
-    wo.vocab_size = 97;
-    data::TokenStoreWriter writer((dir / "store.h5").string(), wo);
-    uint64_t x = 7;
-    for (int d = 0; d < 80; ++d) {
-      x = x * 6364136223846793005ull + 1442695040888963407ull;
-      data::Example e;
-      int32_t t = static_cast<int32_t>((x >> 33) % 97);
-      const int length = 5 + static_cast<int>((x >> 20) % 36);
-      for (int i = 0; i < length; ++i, t = (3 * t + 1) % 97) {
-        e.tokens.push_back(t);
-        e.trainable.push_back(1);
-      }
-      writer.append(e);
-    }
-    writer.finish();
-  }
+  const std::filesystem::path dir = test::scratch_dir("train_run");
+  std::ofstream(dir / "config.json") << io::model_config_to_json(tiny_config());
+  test::write_rule_store((dir / "store.h5").string(), 80, 7, 36);
   config::RunConfig c;
   c.source = "test";
   c.model.config = (dir / "config.json").string();

@@ -3,8 +3,12 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <filesystem>
 #include <string>
 
+#include "ft/data/token_store.h"
 #include "ft/io/hf_config.h"
 
 namespace ft::test {
@@ -28,6 +32,37 @@ inline io::ModelConfig tiny_config(const std::string& type = "llama") {
   c.head_dim = 8;
   c.layer_window.assign(2, 0);
   return c;
+}
+
+/// An empty directory under the system's temporary directory, unique to this process.
+inline std::filesystem::path scratch_dir(const std::string& name) {
+  const auto dir = std::filesystem::temp_directory_path() / ("libft_test_" + name + "_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+/// A token store (vocabulary 97, fingerprint "synthetic") of `n_docs` documents that follow a
+/// learnable rule, next = 3·t + 1 (mod 97), each 5 to 4 + `max_extra` tokens long, all trainable;
+/// starts and lengths come from an LCG seeded with `seed`.
+inline void write_rule_store(const std::string& path, int n_docs, uint64_t seed, int max_extra) {
+  data::TokenStoreWriteOptions wo;
+  wo.tokenizer_fingerprint = "synthetic";
+  wo.vocab_size = 97;
+  data::TokenStoreWriter writer(path, wo);
+  uint64_t x = seed;
+  for (int d = 0; d < n_docs; ++d) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    data::Example e;
+    int32_t t = static_cast<int32_t>((x >> 33) % 97);
+    const int length = 5 + static_cast<int>((x >> 20) % static_cast<uint64_t>(max_extra));
+    for (int i = 0; i < length; ++i, t = (3 * t + 1) % 97) {
+      e.tokens.push_back(t);
+      e.trainable.push_back(1);
+    }
+    writer.append(e);
+  }
+  writer.finish();
 }
 
 /// Skips the test where no CUDA device is visible (CPU-only machines, CI).

@@ -206,14 +206,14 @@ void merge_lora(model::CausalLM& model) {
   at::NoGradGuard no_grad;
   for (const auto& [name, a] : all) {
     FT_CHECK(!a->merged, "[lora] ", name, " is already merged");
+    const at::Tensor delta = a->delta();
     if (a->magnitude.defined()) {
       // DoRA: W' = (m / ||W + ΔW||) ⊙ (W + ΔW), row by row (PEFT's merge).
-      const at::Tensor factor = (a->magnitude.to(a->delta().scalar_type()) / a->row_norm(true)).view({-1, 1});
-      a->dora_factor = factor;
-      const at::Tensor merged_w = factor * (a->owner_->weight.to(factor.scalar_type()) + a->delta());
-      a->owner_->weight.copy_(merged_w.to(a->owner_->weight.scalar_type()));
+      const at::Tensor adapted = a->owner_->weight.to(delta.scalar_type()) + delta;
+      a->dora_factor = (a->magnitude.to(delta.scalar_type()) / at::linalg_vector_norm(adapted, 2, {1})).view({-1, 1});
+      a->owner_->weight.copy_((a->dora_factor * adapted).to(a->owner_->weight.scalar_type()));
     } else {
-      a->owner_->weight.add_(a->delta().to(a->owner_->weight.scalar_type()));
+      a->owner_->weight.add_(delta.to(a->owner_->weight.scalar_type()));
     }
     a->merged = true;
   }
