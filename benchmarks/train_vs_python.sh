@@ -6,7 +6,8 @@
 # training tokens/s and their ratio (tests/python/train_reference.py).
 #   benchmarks/train_vs_python.sh FT PYTHON DEFAULT_JOB_DIR WORK_DIR [STEPS [MODEL_CONFIG_JSON]]
 # With MODE=lora in the environment both loops train LoRA adapters (libft's lora mode against PEFT)
-# from the same initial adapter, which PEFT writes.
+# from the same initial adapter, which PEFT writes; with MODE=prefix both train a prefix (8 virtual
+# tokens) from the same PEFT-made initial prefix.
 # (DEFAULT_JOB_DIR: the default job's outputs, e.g. runs/default after scripts/run-default.sh)
 set -euo pipefail
 ft=$1 python=$2 data=$3 work=$4 steps=${5:-20}
@@ -20,6 +21,9 @@ args=("$root/configs/train-tiny.yaml" "model.checkpoint=$work/model" model.confi
 if [ "${MODE:-full}" = lora ]; then
   "$python" "$root/tests/python/train_reference.py" --make-adapter "$work/adapter0" "$work/model" 2>&1 | grep -v '^Loading weights'
   args+=(mode=lora "lora.init_from=$work/adapter0" optimizer.weight_decay=0.0)
+elif [ "${MODE:-full}" = prefix ]; then
+  "$python" "$root/tests/python/train_reference.py" --make-prefix "$work/adapter0" "$work/model" 2>&1 | grep -v '^Loading weights'
+  args+=(mode=prefix "prefix.init_from=$work/adapter0" optimizer.weight_decay=0.0 optimizer.lr=1e-2)
 fi
 "$ft" batches "${args[@]}" --steps "$steps" -o "$work/batches.safetensors"
 "$ft" train "${args[@]}" 2>&1 | grep -v '^train '

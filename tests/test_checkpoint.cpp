@@ -375,12 +375,14 @@ class StopAt : public train::Callbacks {
 // A run stopped by a callback and resumed in a second call ends bit-identical to one uninterrupted
 // run, in full and in freeze mode (where the checkpoint holds only the trainable tensors).
 TEST(TrainResume, StopAndResumeIsBitIdentical) {
-  for (const std::string mode : {"full", "freeze", "lora", "dora", "qlora"}) {
+  for (const std::string mode : {"full", "freeze", "lora", "dora", "qlora", "prefix"}) {
     SCOPED_TRACE(mode);
     const fs::path dir = scratch("train_resume");
     config::RunConfig c = synthetic_run(dir);
     c.mode = mode == "dora" ? "lora" : mode;  // qlora: LoRA on the NF4-quantized base
     c.lora.dora = mode == "dora";
+    c.prefix.num_virtual_tokens = 4;
+    c.prefix.projection = true;  // the checkpoint must hold the MLP, not only the table
     if (c.mode == "freeze") c.freeze.layers = {"1"};
     if (c.mode == "lora") c.lora.dropout = 0.1;  // dropout draws from the RNG: the resume must restore it
     Quiet q;
@@ -421,7 +423,9 @@ TEST(TrainResume, StopAndResumeIsBitIdentical) {
     EXPECT_EQ(second.last_loss, whole.last_loss);
     EXPECT_EQ(second.final_eval_loss, whole.final_eval_loss);
     EXPECT_TRUE(metric_lines(dir / "run") == metric_lines(dir / "ref"));
-    const char* weights_file = c.mode == "lora" || c.mode == "qlora" ? "adapter_model.safetensors" : "model.safetensors";
+    const char* weights_file =
+        c.mode == "lora" || c.mode == "qlora" || c.mode == "prefix" ? "adapter_model.safetensors" : "model.safetensors";
+    if (mode == "prefix") EXPECT_EQ(weights->tensors().size(), 5u);  // embedding and the MLP's two layers
     EXPECT_TRUE(read_file(dir / "run" / "final" / weights_file) == read_file(dir / "ref" / "final" / weights_file));
     fs::remove_all(dir);
   }

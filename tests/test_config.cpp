@@ -215,13 +215,42 @@ TEST(RunConfig, ModeFreezeCheckpointAndEarlyStopping) {
   bad += "mode: frozen\nfreeze:\n  layers: [\"1-x\"]\n  train_last: 2\n  embedding: true\ncheckpoint:\n  resume: maybe\n"
          "  keep_last: 0\n";
   const std::string e = error_of(bad);
-  EXPECT_NE(e.find("'mode' must be one of full, freeze, lora, qlora, got 'frozen'"), std::string::npos) << e;
+  EXPECT_NE(e.find("'mode' must be one of full, freeze, lora, qlora, prefix, got 'frozen'"), std::string::npos) << e;
   EXPECT_NE(e.find("unknown key 'freeze.embedding'; did you mean 'embeddings'?"), std::string::npos) << e;
   EXPECT_NE(e.find("'freeze.train_last' and 'freeze.layers' exclude each other"), std::string::npos) << e;
   EXPECT_NE(e.find("got '1-x'"), std::string::npos) << e;
   EXPECT_NE(e.find("'freeze' only applies with 'mode: freeze'"), std::string::npos) << e;
   EXPECT_NE(e.find("'checkpoint.resume' must be one of auto, never, required, got 'maybe'"), std::string::npos) << e;
   EXPECT_NE(e.find("'checkpoint.keep_last' must be > 0"), std::string::npos) << e;
+}
+
+TEST(RunConfig, PrefixSection) {
+  std::string y = kGood;
+  y += "mode: prefix\nprefix:\n  num_virtual_tokens: 12\n  projection: true\n  encoder_hidden_size: 64\n  init: zero\n"
+       "  seed: 3\n";
+  const config::RunConfig c = config::parse_run_config(y, "run.yaml");
+  EXPECT_EQ(c.mode, "prefix");
+  EXPECT_EQ(c.prefix.num_virtual_tokens, 12);
+  EXPECT_TRUE(c.prefix.projection);
+  EXPECT_EQ(c.prefix.encoder_hidden_size, 64);
+  EXPECT_EQ(c.prefix.init, "zero");
+  EXPECT_EQ(c.prefix.seed, 3u);
+  const config::RunConfig back = config::parse_run_config(config::to_yaml(c), "resolved");
+  EXPECT_EQ(config::to_yaml(back), config::to_yaml(c));
+
+  std::string bad = kGood;
+  bad += "mode: prefix\nprefix:\n  num_virtual_tokens: 0\n  encoder_hidden_size: 8\n  init: xavier\n  tokens: 3\n";
+  std::string e = error_of(bad);
+  EXPECT_NE(e.find("'prefix.num_virtual_tokens' must be > 0"), std::string::npos) << e;
+  EXPECT_NE(e.find("'prefix.encoder_hidden_size' only applies with 'prefix.projection: true'"), std::string::npos) << e;
+  EXPECT_NE(e.find("'prefix.init' must be one of normal, zero"), std::string::npos) << e;
+  EXPECT_NE(e.find("unknown key 'prefix.tokens'"), std::string::npos) << e;
+  bad = std::string(kGood) + "mode: lora\nprefix:\n  num_virtual_tokens: 4\n";
+  e = error_of(bad);
+  EXPECT_NE(e.find("'prefix' only applies with 'mode: prefix'"), std::string::npos) << e;
+  bad = std::string(kGood) + "mode: prefix\nprefix:\n  init_from: some/adapter\n  num_virtual_tokens: 4\n";
+  e = error_of(bad);
+  EXPECT_NE(e.find("'prefix.num_virtual_tokens' comes from the adapter of 'prefix.init_from'"), std::string::npos) << e;
 }
 
 TEST(RunConfig, LoraSection) {

@@ -9,6 +9,8 @@
 #include <sstream>
 
 #include "commands.h"
+#include "ft/adapt/lora.h"
+#include "ft/adapt/prefix.h"
 #include "ft/data/tokenizer.h"
 #include "ft/io/hf_checkpoint.h"
 #include "ft/model/generate.h"
@@ -37,7 +39,7 @@ std::vector<int64_t> parse_ids(const std::string& text) {
 
 void add_generate(CLI::App& app) {
   struct Args {
-    std::string dir, prompt_ids, prompt, tokenizer, device = "auto", dtype = "float32";
+    std::string dir, adapter, prompt_ids, prompt, tokenizer, device = "auto", dtype = "float32";
     int64_t max_new_tokens = 32;
     bool sample = false;
     double temperature = 1.0, top_p = 0.9;
@@ -46,6 +48,8 @@ void add_generate(CLI::App& app) {
   auto a = std::make_shared<Args>();
   auto* cmd = app.add_subcommand("generate", "Continue a prompt with a KV cache (greedy, or top-p sampling)");
   cmd->add_option("model_dir", a->dir, "Hugging Face checkpoint directory")->required()->check(CLI::ExistingDirectory);
+  cmd->add_option("-a,--adapter", a->adapter, "A PEFT adapter (LoRA or prefix tuning) to apply to the model")
+      ->check(CLI::ExistingDirectory);
   auto* ids_opt = cmd->add_option("--prompt-ids", a->prompt_ids, "Prompt as comma-separated token ids, e.g. 1,15043,29892");
   auto* text_opt = cmd->add_option("-p,--prompt", a->prompt, "Prompt as text (needs a tokenizer)");
   ids_opt->excludes(text_opt);
@@ -63,6 +67,10 @@ void add_generate(CLI::App& app) {
     load.device = parse_device(a->device);
     load.dtype = parse_dtype(a->dtype);
     model::CausalLM m = io::load_pretrained(a->dir, load);
+    if (!a->adapter.empty()) {
+      if (adapt::peft_adapter_type(a->adapter) == "PREFIX_TUNING") adapt::load_peft_prefix(m, a->adapter);
+      else adapt::load_peft_adapter(m, a->adapter);
+    }
     model::GenerateOptions g;
     g.max_new_tokens = a->max_new_tokens;
     g.greedy = !a->sample;

@@ -7,6 +7,8 @@
 
 #include "commands.h"
 #include "ft/adapt/lora.h"
+#include "ft/adapt/prefix.h"
+#include "ft/util/error.h"
 #include "ft/io/hf_checkpoint.h"
 
 namespace ft::cli {
@@ -30,6 +32,9 @@ void add_merge(CLI::App& app) {
       "adapter trained on a QLoRA base is merged into the original 16/32-bit base this way);\n"
       "transformers loads the result without PEFT and computes the adapted model's logits.");
   cmd->callback([a] {
+    FT_CHECK(adapt::peft_adapter_type(a->adapter) != "PREFIX_TUNING", "[merge] ", a->adapter,
+             " is a prefix-tuning adapter: its keys and values are extra attention inputs, not a change of weights, so "
+             "there is nothing to merge (use it as an adapter: ft generate --adapter)");
     model::CausalLM m = io::load_pretrained(a->base);
     const adapt::LoraOptions o = adapt::load_peft_adapter(m, a->adapter);
     const auto layers = adapt::lora_layers(m);
@@ -63,14 +68,32 @@ void add_check_adapter(CLI::App& app) {
     std::string adapter, base;
   };
   auto a = std::make_shared<Args>();
-  auto* cmd = app.add_subcommand("check-adapter", "Check a LoRA adapter (PEFT format) against a base model before use");
+  auto* cmd = app.add_subcommand("check-adapter", "Check a LoRA or prefix-tuning adapter (PEFT format) against a base model before use");
   cmd->add_option("adapter", a->adapter, "Adapter directory")->required()->check(CLI::ExistingDirectory);
   cmd->add_option("base", a->base, "Base model: Hugging Face checkpoint directory")->required()->check(CLI::ExistingDirectory);
   cmd->footer("Reports every problem (config options, target coverage, tensor names, shapes, dtypes, NaN/Inf) and\n"
               "exits with status 1 if there is any; loading such an adapter is always an error.");
   cmd->callback([a] {
     model::CausalLM m = io::load_pretrained(a->base);
-    const std::vector<std::string> problems = adapt::check_peft_adapter(m, a->adapter);
+    std::vector<std::string> problems;
+    std::string type;
+    try {
+      type = adapt::peft_adapter_type(a->adapter);
+    } catch (const Error& e) {
+      problems.push_back(e.what());
+    }
+    if (type == "PREFIX_TUNING") {
+      problems = adapt::check_peft_prefix(m, a->adapter);
+      if (problems.empty()) {
+        model::CausalLM probe = io::load_pretrained(a->base);
+        const adapt::PrefixOptions o = adapt::load_peft_prefix(probe, a->adapter);
+        std::cout << a->adapter << ": OK for " << a->base << ": prefix of " << o.num_virtual_tokens
+                  << " virtual tokens on " << probe->config().num_hidden_layers << " layers\n";
+        return;
+      }
+    } else if (!type.empty()) {
+      problems = adapt::check_peft_adapter(m, a->adapter);
+    }
     if (problems.empty()) {
       model::CausalLM probe = io::load_pretrained(a->base);
       const adapt::LoraOptions o = adapt::load_peft_adapter(probe, a->adapter);

@@ -1,21 +1,25 @@
 #!/usr/bin/env python3
-"""LoRA adapters between libft and Hugging Face PEFT, both directions.
+"""LoRA and prefix-tuning adapters between libft and Hugging Face PEFT, both directions.
 
-    peft_interop.py make DIR     a small Llama base (transformers) and two PEFT LoRA adapters with
-                                 non-zero B, saved by PEFT, with the logits PEFT computes
+    peft_interop.py make DIR     a small Llama base (transformers), three PEFT LoRA adapters with
+                                 non-zero B and two prefix-tuning adapters, saved by PEFT, with the
+                                 logits PEFT computes
     peft_interop.py verify DIR   PEFT loads the adapters libft saved (DIR/libft_<name>) onto the
                                  same base and must reproduce libft's logits (max rel error <= 1e-4)
 
 Adapters: "lists" targets seven projections by name with a rank_pattern and an alpha_pattern;
 "rslora" targets "all-linear" with use_rslora and gaussian init; "dora" is DoRA (use_dora) on three
-projections, with magnitudes moved away from the base's row norms. The C++ side (tests/test_lora.cpp,
-PeftInterop.*) loads DIR/peft_<name>, compares its logits with PEFT's, and saves its own.
+projections, with magnitudes moved away from the base's row norms. Prefixes: "prefix" is a plain
+table of 5 virtual tokens, "prefix_proj" one made through PEFT's projection MLP (PEFT saves the
+table it computes); their logits are also taken for a right-padded batch with an attention mask.
+The C++ side (tests/test_lora.cpp PeftInterop.*, tests/test_prefix.cpp PeftPrefixInterop.*) loads
+DIR/peft_<name>, compares its logits with PEFT's, and saves its own.
 """
 import os
 import sys
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -25,6 +29,11 @@ ADAPTERS = {
                   rank_pattern={"down_proj": 2}, alpha_pattern={"o_proj": 3}),
     "rslora": dict(r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True, init_lora_weights="gaussian"),
     "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
+}
+
+PREFIXES = {
+    "prefix": dict(num_virtual_tokens=5),
+    "prefix_proj": dict(num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=24),
 }
 
 
@@ -60,8 +69,19 @@ def make(d):
         peft_model.save_pretrained(os.path.join(d, f"peft_{name}"))
         with torch.no_grad():
             tensors[f"logits_{name}"] = peft_model(input_ids=ids).logits.contiguous()
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # the second row is right-padded
+    tensors["attention_mask"] = mask
+    for name, kwargs in PREFIXES.items():
+        model = LlamaForCausalLM.from_pretrained(os.path.join(d, "base")).eval()
+        torch.manual_seed(3)
+        peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", **kwargs)).eval()
+        peft_model.save_pretrained(os.path.join(d, f"peft_{name}"))
+        with torch.no_grad():
+            tensors[f"logits_{name}"] = peft_model(input_ids=ids).logits.contiguous()
+            tensors[f"logits_padded_{name}"] = peft_model(input_ids=ids, attention_mask=mask).logits.contiguous()
     save_file(tensors, os.path.join(d, "peft_logits.safetensors"))
-    print(f"wrote the base, {len(ADAPTERS)} PEFT adapters and their logits to {d}")
+    print(f"wrote the base, {len(ADAPTERS) + len(PREFIXES)} PEFT adapters and their logits to {d}")
 
 
 def verify(d):
@@ -83,6 +103,23 @@ def verify(d):
             sys.exit(f"peft_interop: {name}: {err:.2e} > 1e-4")
         if not moved > 1e-2:
             sys.exit(f"peft_interop: {name}: the adapter barely changes the logits ({moved:.2e}); the test proves nothing")
+        worst = max(worst, err)
+    ref = load_file(os.path.join(d, "libft_prefix_logits.safetensors"))
+    for name in PREFIXES:
+        model = LlamaForCausalLM.from_pretrained(os.path.join(d, "base")).eval()
+        with torch.no_grad():
+            base_logits = model(input_ids=ids).logits
+        peft_model = PeftModel.from_pretrained(model, os.path.join(d, f"libft_{name}")).eval()
+        with torch.no_grad():
+            logits = peft_model(input_ids=ids).logits
+        err = rel_error(logits, ref[f"logits_{name}"])
+        moved = rel_error(base_logits, ref[f"logits_{name}"])
+        print(f"{name}: PEFT on libft's prefix vs libft: max rel error {err:.2e} (the prefix moves the logits by "
+              f"{moved:.2e})")
+        if not err <= 1e-4:
+            sys.exit(f"peft_interop: {name}: {err:.2e} > 1e-4")
+        if not moved > 1e-2:
+            sys.exit(f"peft_interop: {name}: the prefix barely changes the logits ({moved:.2e}); the test proves nothing")
         worst = max(worst, err)
     print(f"peft interop OK (worst {worst:.2e})")
 

@@ -4,11 +4,16 @@ model, batches and hyper-parameters, to check libft's losses step by step and to
 
     train_reference.py RUN_DIR MODEL_DIR BATCHES [--tolerance 1e-3] [--threads N] [--json OUT]
     train_reference.py --make-adapter ADAPTER_DIR MODEL_DIR
+    train_reference.py --make-prefix ADAPTER_DIR MODEL_DIR
 
 LoRA runs (mode: lora with lora.init_from) are compared too: the reference wraps the base with PEFT
 (PeftModel.from_pretrained(..., is_trainable=True)) from the same initial adapter, which
 --make-adapter writes (PEFT's LoraConfig on seven projections, rank 8 with down_proj at 4, B
-randomised so that the first steps already differ from the base).
+randomised so that the first steps already differ from the base). So are prefix-tuning runs (mode:
+prefix with prefix.init_from, from PEFT's PrefixTuningConfig of 8 virtual tokens that --make-prefix
+writes): PEFT's forward cannot take the 4-D packing mask, so the reference calls the base model with
+PEFT's own prefix cache (get_prompt), a mask with the prefix's columns open to every token, and
+positions shifted by the prefix length, as PEFT's forward does.
 
 RUN_DIR is a finished `ft train` run (its config.yaml gives the hyper-parameters, its metrics.jsonl
 the losses to compare); MODEL_DIR the Hugging Face checkpoint it started from (model.checkpoint);
@@ -49,8 +54,15 @@ def block_causal_mask(segment_ids):
 
 
 def loss_sum(model, input_ids, labels, position_ids, segment_ids):
-    logits = model(input_ids=input_ids, position_ids=position_ids,
-                   attention_mask=block_causal_mask(segment_ids)).logits
+    mask = block_causal_mask(segment_ids)
+    if getattr(model, "peft_config", None) and model.active_peft_config.peft_type == "PREFIX_TUNING":
+        p = model.active_peft_config.num_virtual_tokens
+        b, _, t, _ = mask.shape
+        mask = torch.cat([torch.ones(b, 1, t, p, dtype=torch.bool), mask], dim=3)
+        logits = model.get_base_model()(input_ids=input_ids, position_ids=position_ids + p, attention_mask=mask,
+                                        past_key_values=model.get_prompt(b), use_cache=True).logits
+    else:
+        logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask).logits
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1)
     return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
@@ -72,9 +84,20 @@ def make_adapter(adapter_dir, model_dir):
     print(f"wrote a PEFT LoRA adapter for {model_dir} to {adapter_dir}")
 
 
+def make_prefix(adapter_dir, model_dir):
+    from peft import PrefixTuningConfig, get_peft_model
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8))
+    peft_model.save_pretrained(adapter_dir)
+    print(f"wrote a PEFT prefix-tuning adapter for {model_dir} to {adapter_dir}")
+
+
 def main():
     if len(sys.argv) == 4 and sys.argv[1] == "--make-adapter":
         return make_adapter(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 4 and sys.argv[1] == "--make-prefix":
+        return make_prefix(sys.argv[2], sys.argv[3])
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir")
     ap.add_argument("model_dir")
@@ -90,8 +113,8 @@ def main():
     with open(os.path.join(a.run_dir, "config.yaml"), encoding="utf-8") as f:
         cfg = yaml.safe_load(f)
     mode = cfg.get("mode", "full")
-    if cfg["device"] != "cpu" or cfg["dtype"] != "float32" or mode not in ("full", "lora"):
-        sys.exit("train_reference: only float32 CPU runs of mode full or lora are compared")
+    if cfg["device"] != "cpu" or cfg["dtype"] != "float32" or mode not in ("full", "lora", "prefix"):
+        sys.exit("train_reference: only float32 CPU runs of mode full, lora or prefix are compared")
     libft = [json.loads(line) for line in open(os.path.join(a.run_dir, "metrics.jsonl"), encoding="utf-8")]
     libft_train = [r for r in libft if r["type"] == "train"]
     if any(r["type"] == "skip" for r in libft):
@@ -111,6 +134,17 @@ def main():
         if not init_from or float(cfg["lora"]["dropout"]) != 0.0:
             sys.exit("train_reference: LoRA runs are compared from lora.init_from with dropout 0")
         model = PeftModel.from_pretrained(model, init_from, is_trainable=True)
+    if mode == "prefix":
+        # PEFT refuses to load a prompt-learning adapter as trainable: build the same config and load
+        # the saved table into it (PEFT's set_peft_model_state_dict, as from_pretrained does).
+        from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+        init_from = cfg["prefix"].get("init_from")
+        if not init_from:
+            sys.exit("train_reference: prefix runs are compared from prefix.init_from")
+        prefix_config = PeftConfig.from_pretrained(init_from)
+        prefix_config.inference_mode = False
+        model = get_peft_model(model, prefix_config)
+        set_peft_model_state_dict(model, load_file(os.path.join(init_from, "adapter_model.safetensors")))
     model.train()
     opt_cfg = cfg["optimizer"]
     decay, no_decay = [], []

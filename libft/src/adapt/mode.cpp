@@ -6,6 +6,7 @@
 #include <set>
 
 #include "ft/adapt/lora.h"
+#include "ft/adapt/prefix.h"
 #include "ft/io/hf_checkpoint.h"
 #include "ft/util/error.h"
 
@@ -95,12 +96,42 @@ class LoraMode final : public Mode {
   std::optional<config::QloraSection> qlora_;
 };
 
+// mode: prefix. The base is frozen; a learned key/value prefix per layer trains (adapt/prefix.h).
+class PrefixMode final : public Mode {
+ public:
+  explicit PrefixMode(const config::PrefixSection& p) : init_from_(p.init_from) {
+    options_.num_virtual_tokens = p.num_virtual_tokens;
+    options_.projection = p.projection;
+    options_.encoder_hidden_size = p.encoder_hidden_size;
+    options_.init = p.init;
+    options_.seed = p.seed;
+  }
+  std::string name() const override { return "prefix"; }
+  void apply(model::CausalLM& model) override {
+    if (init_from_.empty()) apply_prefix(model, options_);
+    else options_ = load_peft_prefix(model, init_from_);
+  }
+  std::string describe(model::CausalLM& model) const override {
+    return Mode::describe(model) + detail::concat("; prefix of ", options_.num_virtual_tokens, " virtual tokens",
+                                                  options_.projection ? " through a projection MLP" : "", " on ",
+                                                  model->config().num_hidden_layers, " layers");
+  }
+  void export_final(model::CausalLM& model, const std::string& dir, const config::RunConfig& c) const override {
+    save_peft_prefix(model, options_, dir, c.model.checkpoint);
+  }
+
+ private:
+  PrefixOptions options_;
+  std::string init_from_;
+};
+
 std::map<std::string, ModeFactory>& registry() {
   static std::map<std::string, ModeFactory> r = {
       {"full", [](const config::RunConfig&) { return std::make_unique<FullMode>(); }},
       {"freeze", [](const config::RunConfig& c) { return std::make_unique<FreezeMode>(c.freeze); }},
       {"lora", [](const config::RunConfig& c) { return std::make_unique<LoraMode>(c.lora, std::nullopt); }},
       {"qlora", [](const config::RunConfig& c) { return std::make_unique<LoraMode>(c.lora, c.qlora); }},
+      {"prefix", [](const config::RunConfig& c) { return std::make_unique<PrefixMode>(c.prefix); }},
   };
   return r;
 }

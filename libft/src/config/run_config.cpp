@@ -283,6 +283,27 @@ void parse_freeze(Reader& r, const YAML::Node& n, FreezeSection& f) {
   }
 }
 
+void parse_prefix(Reader& r, const YAML::Node& n, PrefixSection& p) {
+  if (!r.check_map(n, "prefix", {"num_virtual_tokens", "projection", "encoder_hidden_size", "init", "seed", "init_from"}))
+    return;
+  r.get(n, "prefix", "init_from", p.init_from);
+  if (!p.init_from.empty()) {
+    for (const char* key : {"num_virtual_tokens", "projection", "encoder_hidden_size", "init"}) {
+      if (n[key]) r.error(n[key], std::string("'prefix.") + key + "' comes from the adapter of 'prefix.init_from'; leave it out");
+    }
+  }
+  r.get(n, "prefix", "num_virtual_tokens", p.num_virtual_tokens);
+  r.get(n, "prefix", "projection", p.projection);
+  r.get(n, "prefix", "encoder_hidden_size", p.encoder_hidden_size);
+  r.get(n, "prefix", "init", p.init);
+  r.get(n, "prefix", "seed", p.seed);
+  r.positive(n, "prefix", "num_virtual_tokens", static_cast<double>(p.num_virtual_tokens), false);
+  r.positive(n, "prefix", "encoder_hidden_size", static_cast<double>(p.encoder_hidden_size), true);
+  if (n["encoder_hidden_size"] && !p.projection)
+    r.error(n["encoder_hidden_size"], "'prefix.encoder_hidden_size' only applies with 'prefix.projection: true'");
+  r.one_of(n, "prefix", "init", p.init, {"normal", "zero"});
+}
+
 void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
   if (!r.check_map(n, "lora", {"r", "alpha", "dropout", "targets", "rslora", "dora", "init", "seed", "rank_pattern",
                                "alpha_pattern", "init_from"}))
@@ -334,7 +355,7 @@ void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
 const std::vector<std::string> kTopKeys = {"model",      "tokenizer",  "data",         "optimizer",  "schedule",
                                            "max_steps",  "seed",       "clip_grad_norm", "dtype",    "device",     "eval",
                                            "activation_checkpointing",
-                                           "mode",       "freeze",     "lora",       "qlora",      "checkpoint",   "log_every",  "output_dir",
+                                           "mode",       "freeze",     "lora",       "qlora",      "prefix",     "checkpoint",   "log_every",  "output_dir",
                                            "on_nonfinite", "on_oom"};
 
 void apply_override(Reader& r, YAML::Node& root, const std::string& text) {
@@ -437,12 +458,14 @@ RunConfig parse_run_config(std::string_view yaml, const std::string& source, con
     r.get(root, "", "activation_checkpointing", c.activation_checkpointing);
     section("eval", parse_eval, c.eval);
     r.get(root, "", "mode", c.mode);
-    r.one_of(root, "", "mode", c.mode, {"full", "freeze", "lora", "qlora"});
+    r.one_of(root, "", "mode", c.mode, {"full", "freeze", "lora", "qlora", "prefix"});
     section("freeze", parse_freeze, c.freeze);
     if (root["freeze"] && c.mode != "freeze") r.error(root["freeze"], "'freeze' only applies with 'mode: freeze'");
     section("lora", parse_lora, c.lora);
     if (root["lora"] && c.mode != "lora" && c.mode != "qlora")
       r.error(root["lora"], "'lora' only applies with 'mode: lora' or 'mode: qlora'");
+    section("prefix", parse_prefix, c.prefix);
+    if (root["prefix"] && c.mode != "prefix") r.error(root["prefix"], "'prefix' only applies with 'mode: prefix'");
     if (const YAML::Node q = root["qlora"]) {
       if (c.mode != "qlora") r.error(q, "'qlora' only applies with 'mode: qlora'");
       if (r.check_map(q, "qlora", {"block", "double_quant"})) {
@@ -569,6 +592,16 @@ std::string to_yaml(const RunConfig& c) {
     out << YAML::Key << "qlora" << YAML::Value << YAML::BeginMap;
     out << YAML::Key << "block" << YAML::Value << c.qlora.block;
     out << YAML::Key << "double_quant" << YAML::Value << c.qlora.double_quant;
+    out << YAML::EndMap;
+  }
+  if (c.mode == "prefix") {
+    out << YAML::Key << "prefix" << YAML::Value << YAML::BeginMap;
+    out << YAML::Key << "num_virtual_tokens" << YAML::Value << c.prefix.num_virtual_tokens;
+    out << YAML::Key << "projection" << YAML::Value << c.prefix.projection;
+    if (c.prefix.projection) out << YAML::Key << "encoder_hidden_size" << YAML::Value << c.prefix.encoder_hidden_size;
+    out << YAML::Key << "init" << YAML::Value << c.prefix.init;
+    out << YAML::Key << "seed" << YAML::Value << c.prefix.seed;
+    if (!c.prefix.init_from.empty()) out << YAML::Key << "init_from" << YAML::Value << c.prefix.init_from;
     out << YAML::EndMap;
   }
   if (c.mode == "lora" || c.mode == "qlora") {

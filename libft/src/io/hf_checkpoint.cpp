@@ -95,6 +95,8 @@ model::CausalLM load_pretrained(const std::string& dir, const LoadOptions& optio
 }
 
 void save_pretrained(model::CausalLM& m, const std::string& dir, const SaveOptions& options) {
+  FT_CHECK(!m->prefix_encoder, "[checkpoint] the model has a prefix (prefix tuning), which a Hugging Face checkpoint "
+           "cannot hold; save it as a PEFT adapter (adapt/prefix.h) and the base on its own");
   fs::create_directories(dir);
   std::vector<at::Tensor> keep_alive;
   std::vector<TensorWrite> writes;

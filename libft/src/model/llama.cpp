@@ -6,6 +6,8 @@
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/nn/init.h>
+#include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/linear.h>
 
 #include <cmath>
 #include <map>
@@ -28,17 +30,21 @@ at::Tensor rotate_half(const at::Tensor& x) {
 Linear linear(int64_t in, int64_t out, bool bias) { return Linear(in, out, bias); }
 
 // Activation (gradient) checkpointing of one decoder block. The forward pass runs without a graph
-// and keeps only the block's input; the backward node runs the block again with gradients enabled
-// and differentiates that fresh graph with respect to the input and the block's trainable
-// parameters, handing both to the engine (so parameter gradients accumulate through the normal
-// path, and a block whose input needs no gradient, after frozen embeddings, still trains). The
-// autocast state of the forward pass is restored for the recomputation, which runs on the
-// engine's thread, where autocast (thread-local) would otherwise be off.
+// and keeps only the block's inputs; the backward node runs the block again with gradients enabled
+// and differentiates that fresh graph with respect to the inputs and the block's trainable
+// parameters, handing all of them to the engine (so parameter gradients accumulate through the
+// normal path, and a block whose input needs no gradient, after frozen embeddings, still trains).
+// The inputs are the hidden states and any extra tensors the block reads that may need gradients
+// (a prefix's keys and values, made outside the block). The autocast state of the forward pass is
+// restored for the recomputation, which runs on the engine's thread, where autocast (thread-local)
+// would otherwise be off.
+using BlockFn = std::function<at::Tensor(const at::Tensor&, const std::vector<at::Tensor>&)>;
+
 class CheckpointBackward final : public torch::autograd::Node {
  public:
-  std::function<at::Tensor(const at::Tensor&)> fn;
-  at::Tensor input;
-  bool input_requires_grad = false;
+  BlockFn fn;
+  std::vector<at::Tensor> inputs;  // hidden states first, then the extras, detached
+  std::vector<bool> input_requires_grad;
   std::vector<at::Tensor> params;
   bool autocast_cuda = false;
   at::ScalarType autocast_dtype = at::kBFloat16;
@@ -46,7 +52,7 @@ class CheckpointBackward final : public torch::autograd::Node {
   std::string name() const override { return "ft::CheckpointBackward"; }
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
-    torch::autograd::variable_list out(1 + params.size());
+    torch::autograd::variable_list out(inputs.size() + params.size());
     if (!grads[0].defined()) return out;
     at::AutoGradMode enable(true);
     const bool was_enabled = at::autocast::is_autocast_enabled(at::kCUDA);
@@ -61,42 +67,53 @@ class CheckpointBackward final : public torch::autograd::Node {
         at::autocast::set_autocast_dtype(at::kCUDA, d);
       }
     } restore{was_enabled, was_dtype};
-    at::Tensor x = input.detach().requires_grad_(input_requires_grad);
-    at::Tensor y = fn(x);
+    std::vector<at::Tensor> fresh;
     std::vector<at::Tensor> wrt;
-    if (input_requires_grad) wrt.push_back(x);
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      fresh.push_back(inputs[i].defined() ? inputs[i].detach().requires_grad_(input_requires_grad[i]) : at::Tensor());
+      if (input_requires_grad[i]) wrt.push_back(fresh.back());
+    }
+    const at::Tensor y = fn(fresh[0], std::vector<at::Tensor>(fresh.begin() + 1, fresh.end()));
     for (const auto& p : params) wrt.push_back(p);
     const auto g = torch::autograd::grad({y}, wrt, {grads[0]}, /*retain_graph=*/false, /*create_graph=*/false,
                                          /*allow_unused=*/true);
     size_t k = 0;
-    if (input_requires_grad) out[0] = g[k++];
-    for (size_t i = 0; i < params.size(); ++i) out[1 + i] = g[k++];
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      if (input_requires_grad[i]) out[i] = g[k++];
+    }
+    for (size_t i = 0; i < params.size(); ++i) out[inputs.size() + i] = g[k++];
     return out;
   }
 
   void release_variables() override {
-    input.reset();
+    inputs.clear();
     fn = nullptr;
   }
 };
 
-at::Tensor checkpointed(const std::function<at::Tensor(const at::Tensor&)>& fn, const at::Tensor& x,
+at::Tensor checkpointed(const BlockFn& fn, const at::Tensor& x, const std::vector<at::Tensor>& extras,
                         torch::nn::Module& block) {
   std::vector<at::Tensor> params;
   for (const auto& p : block.parameters()) {
     if (p.requires_grad()) params.push_back(p);
   }
-  if (!at::GradMode::is_enabled() || (!x.requires_grad() && params.empty())) return fn(x);
+  bool any_input_grad = x.requires_grad();
+  for (const auto& e : extras) any_input_grad = any_input_grad || (e.defined() && e.requires_grad());
+  if (!at::GradMode::is_enabled() || (!any_input_grad && params.empty())) return fn(x, extras);
   at::Tensor y;
   {
     at::NoGradGuard no_grad;
-    y = fn(x);
+    y = fn(x, extras);
   }
   auto node = std::shared_ptr<CheckpointBackward>(new CheckpointBackward(), torch::autograd::deleteNode);
-  node->set_next_edges(torch::autograd::collect_next_edges(x, params));
+  node->set_next_edges(torch::autograd::collect_next_edges(x, extras, params));
   node->fn = fn;
-  node->input = x.detach();
-  node->input_requires_grad = x.requires_grad();
+  node->inputs.push_back(x.detach());
+  node->input_requires_grad.push_back(x.requires_grad());
+  for (const auto& e : extras) {
+    node->inputs.push_back(e.defined() ? e.detach() : at::Tensor());
+    node->input_requires_grad.push_back(e.defined() && e.requires_grad());
+  }
   node->params = std::move(params);
   node->autocast_cuda = at::autocast::is_autocast_enabled(at::kCUDA);
   node->autocast_dtype = at::autocast::get_autocast_dtype(at::kCUDA);
@@ -164,7 +181,7 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, int64_t window_)
 }
 
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k,
-                                  at::Tensor* cache_v) {
+                                  at::Tensor* cache_v, const at::Tensor& prefix_k, const at::Tensor& prefix_v) {
   const int64_t B = x.size(0), T = x.size(1);
   at::Tensor q = q_proj(x).view({B, T, heads, head_dim}).transpose(1, 2);     // (B, H, T, D)
   at::Tensor k = k_proj(x).view({B, T, kv_heads, head_dim}).transpose(1, 2);  // (B, G, T, D)
@@ -174,11 +191,15 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
   k = k * cos + rotate_half(k) * sin;
   if (cache_k != nullptr) {
     if (cache_k->defined()) {
-      k = at::cat({*cache_k, k}, 2);  // (B, G, S, D)
-      v = at::cat({*cache_v, v}, 2);
+      // A prefix put into the cache keeps its parameters' dtype; new keys may be autocast's.
+      k = at::cat({cache_k->to(k.scalar_type()), k}, 2);  // (B, G, S, D)
+      v = at::cat({cache_v->to(v.scalar_type()), v}, 2);
     }
     *cache_k = k;
     *cache_v = v;
+  } else if (prefix_k.defined()) {
+    k = at::cat({prefix_k.to(k.scalar_type()).unsqueeze(0).expand({B, -1, -1, -1}), k}, 2);  // (B, G, P+T, D)
+    v = at::cat({prefix_v.to(v.scalar_type()).unsqueeze(0).expand({B, -1, -1, -1}), v}, 2);
   }
   const at::Tensor& mask = in.masks.at(window);
   std::optional<at::Tensor> attn_mask;
@@ -207,8 +228,8 @@ DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer) {
 }
 
 at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k,
-                                     at::Tensor* cache_v) {
-  at::Tensor h = x + self_attn(input_layernorm(x), in, cache_k, cache_v);
+                                     at::Tensor* cache_v, const at::Tensor& prefix_k, const at::Tensor& prefix_v) {
+  at::Tensor h = x + self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v);
   return h + mlp(post_attention_layernorm(h));
 }
 
@@ -229,11 +250,81 @@ CausalLMImpl::CausalLMImpl(ModelConfig config) : config_(std::move(config)) {
   inv_freq_ = rope_inv_freq(config_);
 }
 
+// ------------------------------------------------------------------------------------------------
+PrefixEncoderImpl::PrefixEncoderImpl(const ModelConfig& c, int64_t virtual_tokens_, bool projection_,
+                                     int64_t encoder_hidden)
+    : virtual_tokens(virtual_tokens_),
+      layers(c.num_hidden_layers),
+      kv_heads(c.num_key_value_heads),
+      head_dim(c.head_dim),
+      projection(projection_) {
+  FT_CHECK(virtual_tokens > 0, "[prefix] num_virtual_tokens must be > 0, got ", virtual_tokens);
+  const int64_t token_dim = kv_heads * head_dim;
+  const int64_t width = layers * 2 * token_dim;
+  if (!projection) {
+    embedding = register_module("embedding", torch::nn::Embedding(virtual_tokens, width));
+    return;
+  }
+  FT_CHECK(encoder_hidden > 0, "[prefix] encoder_hidden_size must be > 0, got ", encoder_hidden);
+  embedding = register_module("embedding", torch::nn::Embedding(virtual_tokens, token_dim));
+  transform = register_module("transform", torch::nn::ModuleList());
+  transform->push_back(torch::nn::Linear(token_dim, encoder_hidden));
+  transform->push_back(torch::nn::Tanh());
+  transform->push_back(torch::nn::Linear(encoder_hidden, width));
+}
+
+at::Tensor PrefixEncoderImpl::table() {
+  at::Tensor t = embedding->weight;
+  if (!projection) return t;
+  t = transform[0]->as<torch::nn::Linear>()->forward(t).tanh();
+  return transform[2]->as<torch::nn::Linear>()->forward(t);
+}
+
+std::vector<at::Tensor> PrefixEncoderImpl::keys_values() {
+  // (P, 2L, G, D) → (2L, G, P, D), as PEFT's view + permute.
+  at::Tensor kv = table().view({virtual_tokens, 2 * layers, kv_heads, head_dim}).permute({1, 2, 0, 3});
+  return kv.unbind(0);
+}
+
+void CausalLMImpl::set_prefix(PrefixEncoder encoder) {
+  FT_CHECK(!prefix_encoder, "[model] the model already has a prefix");
+  FT_CHECK(encoder->layers == config_.num_hidden_layers && encoder->kv_heads == config_.num_key_value_heads &&
+               encoder->head_dim == config_.head_dim,
+           "[model] the prefix is for ", encoder->layers, " layers of ", encoder->kv_heads, " key/value heads of ",
+           encoder->head_dim, ", the model has ", config_.num_hidden_layers, " of ", config_.num_key_value_heads, " of ",
+           config_.head_dim);
+  prefix_encoder = register_module("prefix_encoder", std::move(encoder));
+}
+
 at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const ForwardOptions& opt) {
   FT_CHECK(input_ids.dim() == 2 && input_ids.scalar_type() == at::kLong, "[model] input_ids must be (B, T) int64, got ",
            input_ids.sizes(), " ", input_ids.scalar_type());
   const int64_t B = input_ids.size(0), T = input_ids.size(1);
-  const int64_t past = opt.cache ? opt.cache->length() : 0;
+  const int64_t L = config_.num_hidden_layers;
+  KVCache* cache = opt.cache;
+  // A prefix (prefix tuning) acts as P cached tokens: put into an empty cache, or passed to every
+  // layer when there is no cache.
+  const int64_t P = prefix_encoder ? prefix_encoder->virtual_tokens : 0;
+  std::vector<at::Tensor> prefix_kv;
+  if (cache) {
+    cache->keys.resize(L);
+    cache->values.resize(L);
+    if (P > 0 && cache->length() == 0) {
+      prefix_kv = prefix_encoder->keys_values();
+      for (int64_t i = 0; i < L; ++i) {
+        cache->keys[i] = prefix_kv[2 * i].unsqueeze(0).expand({B, -1, -1, -1});
+        cache->values[i] = prefix_kv[2 * i + 1].unsqueeze(0).expand({B, -1, -1, -1});
+      }
+      cache->prefix = P;
+      prefix_kv.clear();
+    }
+    FT_CHECK(cache->prefix == P, "[model] the KV cache holds a prefix of ", cache->prefix,
+             " entries, but the model's prefix has ", P, " (a cache belongs to one model)");
+  } else if (P > 0) {
+    prefix_kv = prefix_encoder->keys_values();
+  }
+  const int64_t past = cache ? cache->length() : P;  // keys before the new tokens
+  const int64_t past_tokens = past - P;              // of which are tokens (not a prefix)
   const int64_t S = past + T;
   const auto device = input_ids.device();
   at::Tensor x = model->embed_tokens(input_ids);
@@ -241,6 +332,8 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
   at::Tensor positions = opt.position_ids;
   if (!positions.defined()) {
     positions = at::arange(past, S, at::TensorOptions().dtype(at::kLong).device(device)).expand({B, T});
+  } else if (P > 0) {
+    positions = positions + P;
   }
   FT_CHECK(positions.sizes() == input_ids.sizes(), "[model] position_ids ", positions.sizes(),
            " must match input_ids ", input_ids.sizes());
@@ -252,21 +345,26 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
   in.sin = emb.sin().to(x.scalar_type());
   in.past = past;
 
-  at::Tensor key_valid;
+  at::Tensor key_valid;  // (B, S)
   if (opt.attention_mask.defined()) {
-    FT_CHECK(opt.attention_mask.dim() == 2 && opt.attention_mask.size(0) == B && opt.attention_mask.size(1) == S,
-             "[model] attention_mask must be (B, cached + new tokens) = (", B, ", ", S, "), got ",
+    FT_CHECK(opt.attention_mask.dim() == 2 && opt.attention_mask.size(0) == B &&
+                 opt.attention_mask.size(1) == past_tokens + T,
+             "[model] attention_mask must be (B, cached + new tokens) = (", B, ", ", past_tokens + T, "), got ",
              opt.attention_mask.sizes());
     at::Tensor valid = opt.attention_mask.to(device).to(at::kBool);
-    if (!valid.all().item<bool>()) key_valid = valid;
+    if (!valid.all().item<bool>()) {
+      key_valid = P > 0 ? at::cat({at::ones({B, P}, valid.options()), valid}, 1) : valid;
+    }
   }
-  at::Tensor same_segment;  // (B, 1, T, T): true where query and key are in the same document
+  at::Tensor same_segment;  // (B, 1, T, S): true where query and key are in the same document
   if (opt.segment_ids.defined()) {
-    FT_CHECK(past == 0, "[model] segment_ids (packed documents) cannot be combined with a KV cache");
+    FT_CHECK(past_tokens == 0, "[model] segment_ids (packed documents) cannot be combined with a KV cache");
     FT_CHECK(opt.segment_ids.sizes() == input_ids.sizes(), "[model] segment_ids ", opt.segment_ids.sizes(),
              " must match input_ids ", input_ids.sizes());
     at::Tensor seg = opt.segment_ids.to(device);
     same_segment = (seg.unsqueeze(2) == seg.unsqueeze(1)).unsqueeze(1);
+    // Every document sees the whole prefix.
+    if (P > 0) same_segment = at::cat({at::ones({B, 1, T, P}, same_segment.options()), same_segment}, 3);
   }
   // One boolean mask (B, 1, T, S) per distinct attention window; undefined where plain causal
   // attention (SDPA's is_causal, or no mask for a single new token) is exact.
@@ -294,17 +392,27 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
     in.masks[layer_window] = allowed;
   }
 
-  if (opt.cache) {
-    opt.cache->keys.resize(config_.num_hidden_layers);
-    opt.cache->values.resize(config_.num_hidden_layers);
-  }
-  for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
+  for (int64_t i = 0; i < L; ++i) {
     auto layer = model->layers->ptr<DecoderLayerImpl>(i);
-    if (gradient_checkpointing_ && !opt.cache) {
-      x = checkpointed([layer, in](const at::Tensor& h) { return layer->forward(h, in, nullptr, nullptr); }, x, *layer);
+    if (gradient_checkpointing_ && !cache) {
+      // The prefix's keys and values are inputs of the checkpointed block, so their gradients reach
+      // the prefix through the recomputation.
+      std::vector<at::Tensor> extras;
+      if (!prefix_kv.empty()) extras = {prefix_kv[2 * i], prefix_kv[2 * i + 1]};
+      x = checkpointed(
+          [layer, in](const at::Tensor& h, const std::vector<at::Tensor>& e) {
+            return e.empty() ? layer->forward(h, in, nullptr, nullptr) : layer->forward(h, in, nullptr, nullptr, e[0], e[1]);
+          },
+          x, extras, *layer);
       continue;
     }
-    x = layer->forward(x, in, opt.cache ? &opt.cache->keys[i] : nullptr, opt.cache ? &opt.cache->values[i] : nullptr);
+    if (cache) {
+      x = layer->forward(x, in, &cache->keys[i], &cache->values[i]);
+    } else if (!prefix_kv.empty()) {
+      x = layer->forward(x, in, nullptr, nullptr, prefix_kv[2 * i], prefix_kv[2 * i + 1]);
+    } else {
+      x = layer->forward(x, in, nullptr, nullptr);
+    }
   }
   return model->norm(x);
 }

@@ -82,7 +82,7 @@ std::string run_identity(const config::RunConfig& c) {
     freeze = {{"layers", c.freeze.layers}, {"train_last", c.freeze.train_last}, {"patterns", c.freeze.patterns},
               {"embeddings", c.freeze.embeddings}, {"lm_head", c.freeze.lm_head}, {"norm", c.freeze.norm}};
   }
-  const nlohmann::json j = {
+  nlohmann::json j = {
       {"model", {{"checkpoint", c.model.checkpoint}, {"config", c.model.config}, {"init_seed", c.model.init_seed}}},
       {"tokenizer", c.tokenizer},
       {"data", {{"train", c.data.train}, {"seq_len", c.data.seq_len}, {"batch_size", c.data.batch_size},
@@ -97,6 +97,11 @@ std::string run_identity(const config::RunConfig& c) {
                                 : nlohmann::json(nullptr)},
       {"optimizer", c.optimizer.name},
   };
+  // Only present for prefix runs, so the identities of other runs stay as earlier versions wrote them.
+  if (c.mode == "prefix") {
+    j["prefix"] = {{"num_virtual_tokens", c.prefix.num_virtual_tokens}, {"projection", c.prefix.projection},
+                   {"encoder_hidden_size", c.prefix.encoder_hidden_size}, {"init_from", c.prefix.init_from}};
+  }
   return j.dump();
 }
 

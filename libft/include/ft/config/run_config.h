@@ -110,6 +110,18 @@ struct QloraSection {
   bool double_quant = true;   ///< 8-bit block maxima (4.127 instead of 4.5 bits per weight)
 };
 
+/// mode: prefix (adapt/prefix.h). The base model is frozen; learned per-layer key/value prefixes train.
+struct PrefixSection {
+  int64_t num_virtual_tokens = 20;
+  bool projection = false;          ///< PEFT's prefix_projection: the prefix comes from a two-layer MLP
+  int64_t encoder_hidden_size = 0;  ///< the MLP's hidden width; 0 = num_key_value_heads × head_dim
+  std::string init = "normal";      ///< normal (PEFT's default) | zero
+  uint64_t seed = 0;
+  /// Start from this PEFT prefix adapter (its config gives num_virtual_tokens, its table the
+  /// initial prefix, trained as a plain table) instead of a fresh one; empty = fresh.
+  std::string init_from;
+};
+
 struct RunConfig {
   std::string source;  ///< where it was read from (for messages)
   ModelSection model;
@@ -129,11 +141,12 @@ struct RunConfig {
   bool activation_checkpointing = false;
   EvalSection eval;
   /// Adaptation mode: full (every parameter trains) | freeze (FreezeSection) | lora (LoraSection) |
-  /// qlora (LoraSection on an NF4 base, QloraSection).
+  /// qlora (LoraSection on an NF4 base, QloraSection) | prefix (PrefixSection).
   std::string mode = "full";
   FreezeSection freeze;
   LoraSection lora;
   QloraSection qlora;
+  PrefixSection prefix;
   CheckpointSection checkpoint;
   int64_t log_every = 1;          ///< metrics.jsonl line every N steps
   std::string output_dir;         ///< required; metrics.jsonl, config.yaml, checkpoints/ and final/ go here

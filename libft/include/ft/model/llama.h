@@ -39,6 +39,9 @@ TORCH_MODULE(RMSNorm);
 /// Keys and values of past tokens, per layer: (B, G, S, D).
 struct KVCache {
   std::vector<at::Tensor> keys, values;
+  /// Leading entries that are a learned prefix (prefix tuning), not tokens: the model puts its
+  /// prefix into an empty cache, and attention masks and positions count only the tokens after it.
+  int64_t prefix = 0;
   int64_t length() const { return keys.empty() || !keys[0].defined() ? 0 : keys[0].size(2); }
 };
 
@@ -56,7 +59,10 @@ class AttentionImpl : public torch::nn::Module {
  public:
   AttentionImpl(const ModelConfig& c, int64_t window);
   /// x: (B, T, E) → (B, T, E). Appends this layer's keys/values to `cache_k`/`cache_v` when given.
-  at::Tensor forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k, at::Tensor* cache_v);
+  /// `prefix_k`/`prefix_v` (G, P, D), when defined, are attended before the tokens (prefix tuning
+  /// without a cache; the masks in `in` then cover P + T keys).
+  at::Tensor forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k, at::Tensor* cache_v,
+                     const at::Tensor& prefix_k = {}, const at::Tensor& prefix_v = {});
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   int64_t heads, kv_heads, head_dim, window;
 };
@@ -73,7 +79,8 @@ TORCH_MODULE(MLP);
 class DecoderLayerImpl : public torch::nn::Module {
  public:
   DecoderLayerImpl(const ModelConfig& c, int64_t layer);
-  at::Tensor forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k, at::Tensor* cache_v);
+  at::Tensor forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k, at::Tensor* cache_v,
+                     const at::Tensor& prefix_k = {}, const at::Tensor& prefix_v = {});
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   Attention self_attn{nullptr};
   MLP mlp{nullptr};
@@ -90,9 +97,33 @@ class DecoderImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Decoder);
 
+/// Prefix tuning (Li & Liang 2021) as PEFT implements it: per layer, P learned keys and values per
+/// key/value head that every query attends to before the sequence's own tokens, as if they were P
+/// cached tokens (they are not rotated, and the tokens' positions start at P, as in PEFT). The
+/// table is PEFT's: (P, L·2·G·D), entry ((2·layer + kv)·G + head)·D + d, kv 0 = key, 1 = value.
+/// With `projection` (PEFT's prefix_projection), a (P, G·D) embedding goes through
+/// Linear(G·D, hidden) → tanh → Linear(hidden, L·2·G·D) to make the table instead; PEFT saves the
+/// table that results, never the MLP.
+class PrefixEncoderImpl : public torch::nn::Module {
+ public:
+  PrefixEncoderImpl(const ModelConfig& c, int64_t virtual_tokens, bool projection, int64_t encoder_hidden);
+  /// The key/value table, (P, L·2·G·D).
+  at::Tensor table();
+  /// Per layer, keys at 2·layer and values at 2·layer + 1, each (G, P, D).
+  std::vector<at::Tensor> keys_values();
+  int64_t virtual_tokens, layers, kv_heads, head_dim;
+  bool projection;
+  torch::nn::Embedding embedding{nullptr};
+  torch::nn::ModuleList transform{nullptr};  ///< Linear, Tanh, Linear (with projection only)
+};
+TORCH_MODULE(PrefixEncoder);
+
 struct ForwardOptions {
-  at::Tensor attention_mask;  ///< (B, S) 1 = token, 0 = padding, covering cached + new tokens; optional
-  at::Tensor position_ids;    ///< (B, T); default: past .. past+T-1, as HF's forward
+  /// (B, S) 1 = token, 0 = padding, covering cached + new tokens (not a prefix: its keys are always
+  /// visible); optional
+  at::Tensor attention_mask;
+  /// (B, T); default: past .. past+T-1, as HF's forward. With a prefix, P is added (PEFT's rule).
+  at::Tensor position_ids;
   /// (B, T) integer document ids of packed rows (the batcher's segment_ids): when given, a token
   /// attends only to earlier tokens of its own document (block-diagonal causal attention). Not
   /// combinable with a KV cache.
@@ -119,9 +150,13 @@ class CausalLMImpl : public torch::nn::Module {
   bool gradient_checkpointing() const { return gradient_checkpointing_; }
   /// Rotary inverse frequencies (D/2), float32, after the config's rope scaling.
   const at::Tensor& inv_freq() const { return inv_freq_; }
+  /// Attaches a prefix (prefix tuning), registered as the submodule "prefix_encoder". Its shape must
+  /// fit this model; a model takes one prefix.
+  void set_prefix(PrefixEncoder encoder);
 
   Decoder model{nullptr};
   Linear lm_head{nullptr};  ///< null when tie_word_embeddings
+  PrefixEncoder prefix_encoder{nullptr};  ///< null without prefix tuning
 
  private:
   ModelConfig config_;
