@@ -5,11 +5,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/autograd/function.h>
 
 #include <cstdlib>
 #include <filesystem>
 
 #include "ft/adapt/nf4.h"
+#include "ft/model/linear.h"
 #include "ft/util/error.h"
 #include "ft/io/safetensors.h"
 #include "ft/io/tensor_io.h"
@@ -100,6 +102,17 @@ TEST(NF4, BytesFormulaMatchesTheQuantizedTensor) {
   }
 }
 
+// The CPU decoding loop and the tensor-op path (CUDA's) give the same values, odd sizes included.
+TEST(NF4, CpuLoopEqualsTheTensorOpPath) {
+  for (const auto& [shape, block, dq] : {std::tuple{std::vector<int64_t>{64, 96}, int64_t{64}, true},
+                                         std::tuple{std::vector<int64_t>{7, 9}, int64_t{32}, false},
+                                         std::tuple{std::vector<int64_t>{1, 1}, int64_t{2}, false}}) {
+    const adapt::NF4Tensor q = adapt::quantize_nf4(gaussian(shape, 9), block, dq);
+    EXPECT_TRUE(adapt::dequantize_nf4(q).equal(adapt::dequantize_nf4_ops(q)));
+    EXPECT_TRUE(adapt::dequantize_nf4(q, at::kBFloat16).equal(adapt::dequantize_nf4_ops(q, at::kBFloat16)));
+  }
+}
+
 TEST(NF4, OddShapesAndDtypes) {
   const at::Tensor w = gaussian({7, 9}, 3);  // 63 elements: one full block, a padded one, an odd count
   const adapt::NF4Tensor q = adapt::quantize_nf4(w, 32);
@@ -114,4 +127,27 @@ TEST(NF4, OddShapesAndDtypes) {
   EXPECT_THROW(adapt::quantize_nf4(at::ones({4}, at::kLong)), Error);
   // Zeros stay zero (a block of zeros has maximum 0).
   EXPECT_EQ(adapt::dequantize_nf4(adapt::quantize_nf4(at::zeros({128}))).abs().sum().item<double>(), 0.0);
+}
+
+// An NF4 linear layer in training keeps no dense weight for the backward pass (its node saves the
+// codes and dequantizes again) and gives the gradient of the dequantized weight's product.
+TEST(NF4, LinearBackwardDequantizesAgain) {
+  model::Linear layer(24, 10, /*bias=*/true);
+  {
+    at::NoGradGuard no_grad;
+    layer->weight.copy_(gaussian({10, 24}, 5, 0.1));
+    layer->bias.copy_(gaussian({10}, 6, 0.1));
+  }
+  layer->quantize_nf4(8, /*double_quant=*/true);
+  layer->bias.set_requires_grad(false);
+  const at::Tensor x = gaussian({3, 4, 24}, 7, 1.0).requires_grad_(true);
+  const at::Tensor g = gaussian({3, 4, 10}, 8, 1.0);
+  const at::Tensor y = layer(x);
+  ASSERT_NE(y.grad_fn(), nullptr);
+  EXPECT_NE(y.grad_fn()->name().find("Add"), std::string::npos);  // x Wᵀ + b
+  EXPECT_NE(y.grad_fn()->next_edges()[0].function->name().find("NF4Matmul"), std::string::npos);
+  (y * g).sum().backward();
+  const at::Tensor w = adapt::dequantize_nf4(*layer->nf4()).to(at::kDouble);
+  EXPECT_LE(test::max_rel_error(y, at::matmul(x.to(at::kDouble), w.t()) + layer->bias.to(at::kDouble)), 1e-6);
+  EXPECT_LE(test::max_rel_error(x.grad(), at::matmul(g.to(at::kDouble), w)), 1e-6);
 }

@@ -1,6 +1,7 @@
 #include "ft/adapt/nf4.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include "ft/util/error.h"
 
@@ -95,7 +96,39 @@ at::Tensor nf4_absmax(const NF4Tensor& q) {
          q.absmax_offset;
 }
 
+namespace {
+
+// CPU: decode straight into the float32 output, two elements per byte, in parallel; the only
+// allocation is the output (the tensor-op path below makes int64 indices and several temporaries:
+// about 24 bytes per weight at its peak, inside every QLoRA layer's forward and backward pass).
+at::Tensor dequantize_cpu(const NF4Tensor& q) {
+  const at::Tensor absmax = nf4_absmax(q).to(at::kFloat).contiguous();
+  const at::Tensor packed = q.packed.contiguous();
+  at::Tensor out = at::empty({q.numel}, at::kFloat);
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const float* c = absmax.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const auto& code = nf4_code();
+  const int64_t numel = q.numel, block = q.block, bytes = (numel + 1) / 2;
+  at::parallel_for(0, bytes, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t e = 2 * i;  // block is even, so both elements of a byte share a block
+      const float scale = c[e / block];
+      o[e] = code[p[i] >> 4] * scale;
+      if (e + 1 < numel) o[e + 1] = code[p[i] & 15] * scale;
+    }
+  });
+  return out.view(q.shape);
+}
+
+}  // namespace
+
 at::Tensor dequantize_nf4(const NF4Tensor& q, at::ScalarType dtype) {
+  if (q.packed.device().is_cpu()) return dequantize_cpu(q).to(dtype);
+  return dequantize_nf4_ops(q, dtype);
+}
+
+at::Tensor dequantize_nf4_ops(const NF4Tensor& q, at::ScalarType dtype) {
   const auto device = q.packed.device();
   const at::Tensor table = at::tensor(std::vector<float>(nf4_code().begin(), nf4_code().end()),
                                       at::TensorOptions().dtype(at::kFloat)).to(device);

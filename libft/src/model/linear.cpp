@@ -1,8 +1,51 @@
 #include "ft/model/linear.h"
 
 #include <ATen/ATen.h>
+#include <torch/autograd.h>
 
 namespace ft::model {
+namespace {
+
+// x Wᵀ for an NF4-stored W that keeps no dense copy for the backward pass: the forward pass
+// dequantizes W, multiplies and drops it; the backward pass dequantizes it again for dX = dY W (as
+// bitsandbytes' 4-bit matmul does). Left to plain autograd, the dequantized W of every layer would
+// stay alive from the forward to the backward pass, and a QLoRA run would hold the whole base in
+// its compute dtype after all. W is frozen, so there is no gradient for it.
+struct NF4Matmul : public torch::autograd::Function<NF4Matmul> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const adapt::NF4Tensor& q) {
+    ctx->saved_data["packed"] = q.packed;
+    ctx->saved_data["absmax"] = q.absmax.defined() ? q.absmax : at::Tensor();
+    ctx->saved_data["absmax_q"] = q.absmax_q.defined() ? q.absmax_q : at::Tensor();
+    ctx->saved_data["absmax_scale"] = q.absmax_scale.defined() ? q.absmax_scale : at::Tensor();
+    ctx->saved_data["shape"] = q.shape;
+    ctx->saved_data["block"] = q.block;
+    ctx->saved_data["double_quant"] = q.double_quant;
+    ctx->saved_data["dq_block"] = q.dq_block;
+    ctx->saved_data["absmax_offset"] = static_cast<double>(q.absmax_offset);
+    ctx->saved_data["dtype"] = x.scalar_type();
+    return at::matmul(x, adapt::dequantize_nf4(q, x.scalar_type()).t());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    adapt::NF4Tensor q;
+    q.packed = ctx->saved_data["packed"].toTensor();
+    q.absmax = ctx->saved_data["absmax"].toTensor();
+    q.absmax_q = ctx->saved_data["absmax_q"].toTensor();
+    q.absmax_scale = ctx->saved_data["absmax_scale"].toTensor();
+    q.shape = ctx->saved_data["shape"].toIntVector();
+    q.numel = 1;
+    for (int64_t d : q.shape) q.numel *= d;
+    q.block = ctx->saved_data["block"].toInt();
+    q.double_quant = ctx->saved_data["double_quant"].toBool();
+    q.dq_block = ctx->saved_data["dq_block"].toInt();
+    q.absmax_offset = static_cast<float>(ctx->saved_data["absmax_offset"].toDouble());
+    const at::Tensor w = adapt::dequantize_nf4(q, ctx->saved_data["dtype"].toScalarType());
+    return {at::matmul(grads[0], w), at::Tensor()};
+  }
+};
+
+}  // namespace
 
 LinearImpl::LinearImpl(int64_t in, int64_t out, bool with_bias) : in_features(in), out_features(out) {
   weight = register_parameter("weight", at::empty({out, in}));
@@ -16,8 +59,14 @@ LinearImpl::LinearImpl(int64_t in, int64_t out, bool with_bias) : in_features(in
 }
 
 at::Tensor LinearImpl::forward(const at::Tensor& x) {
-  const at::Tensor w = nf4_ ? adapt::dequantize_nf4(*nf4_, x.scalar_type()) : weight;
-  at::Tensor y = at::linear(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+  at::Tensor y;
+  if (nf4_ && at::GradMode::is_enabled() && x.requires_grad()) {
+    y = NF4Matmul::apply(x, *nf4_);
+    if (bias.defined()) y = y + bias;
+  } else {
+    const at::Tensor w = nf4_ ? adapt::dequantize_nf4(*nf4_, x.scalar_type()) : weight;
+    y = at::linear(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+  }
   return adapter_ ? adapter_->apply(x, y) : y;
 }
 

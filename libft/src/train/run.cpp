@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <csignal>
 #include <set>
 #include <filesystem>
@@ -224,17 +225,37 @@ std::string data_hash(const std::vector<data::Batch>& batches) {
   return buf;
 }
 
-// Peak resident memory of the process (VmHWM), MiB; 0 where /proc is unavailable.
-double peak_rss_mib() {
+// Resets the process's peak resident memory to its current value (Linux: "5" to clear_refs), so
+// that the peak the metrics report is that of training, not of loading (a QLoRA base, for one, is
+// read in float32 before it is quantized). Quietly does nothing where that is not possible.
+void reset_peak_rss() {
+  std::ofstream out("/proc/self/clear_refs");
+  if (out) out << "5" << std::flush;
+}
+
+// A "VmXXX:   12345 kB" field of /proc/self/status in MiB; 0 where /proc is unavailable.
+double proc_status_mib(const char* field) {
   std::ifstream in("/proc/self/status");
   std::string line;
+  const size_t n = std::strlen(field);
   while (std::getline(in, line)) {
-    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;  // "VmHWM:   12345 kB"
+    if (line.compare(0, n, field) == 0 && line.size() > n && line[n] == ':') return std::stod(line.substr(n + 1)) / 1024.0;
   }
   return 0.0;
 }
 
-// Peak memory the caching allocator handed out on `device` since the start, MiB (CUDA only).
+// Peak resident memory of the process (VmHWM), MiB, since reset_peak_rss().
+double peak_rss_mib() { return proc_status_mib("VmHWM"); }
+
+// The caching allocator's peak on `device` back to its current use (CUDA only), as reset_peak_rss().
+void reset_peak_device(c10::Device device) {
+#ifdef LIBFT_WITH_CUDA_KERNELS
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+#endif
+  (void)device;
+}
+
+// Peak memory the caching allocator handed out on `device` since reset_peak_device(), MiB (CUDA only).
 double peak_device_mib(c10::Device device) {
 #ifdef LIBFT_WITH_CUDA_KERNELS
   if (device.is_cuda()) {
@@ -400,6 +421,11 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
                c.optimizer.name.c_str(), c.optimizer.lr, c.schedule.name.c_str(),
                static_cast<long long>(c.schedule.warmup_steps));
 
+  reset_peak_rss();
+  reset_peak_device(device);
+  // What the process holds before the first step (libraries, weights, optimizer state, data
+  // buffers): metrics' peak_rss_mib minus this is what training itself added.
+  std::fprintf(log, "[train] resident memory at the first step: %.0f MiB\n", proc_status_mib("VmRSS"));
   RunSummary summary;
   summary.resumed_from = resume_dir ? st.step : -1;
   summary.final_eval_loss = st.last_eval;

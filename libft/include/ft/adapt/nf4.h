@@ -53,8 +53,11 @@ int64_t nf4_bytes(int64_t numel, int64_t block = 64, bool double_quant = true, i
 /// Quantizes `w` (any shape, any float dtype; computed in float32 on its device). `block` must be
 /// even and > 0.
 NF4Tensor quantize_nf4(const at::Tensor& w, int64_t block = 64, bool double_quant = false, int64_t dq_block = 256);
-/// The float tensor `q` stands for, in `dtype`, on the device of q.packed.
+/// The float tensor `q` stands for, in `dtype`, on the device of q.packed. On the CPU a decoding
+/// loop that allocates only the output; elsewhere dequantize_nf4_ops().
 at::Tensor dequantize_nf4(const NF4Tensor& q, at::ScalarType dtype = at::kFloat);
+/// The same from ATen tensor ops, on any device (CUDA's path until the kernels issue's kernel).
+at::Tensor dequantize_nf4_ops(const NF4Tensor& q, at::ScalarType dtype = at::kFloat);
 /// The block maxima as dequantization uses them (after double quantization, if any).
 at::Tensor nf4_absmax(const NF4Tensor& q);
 
