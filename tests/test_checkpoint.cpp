@@ -23,8 +23,12 @@
 #include "ft/util/error.h"
 #include "ft/util/event_log.h"
 #include "test_util.h"
+#include "train_util.h"
 
 using namespace ft;
+using test::metric_lines;
+using test::Quiet;
+using test::synthetic_run;
 namespace fs = std::filesystem;
 
 namespace {
@@ -305,50 +309,6 @@ TEST(Modes, FrozenParametersDoNotMove) {
 
 namespace {
 
-// A store whose documents follow next = 3·t + 1 (mod 97), and a config training the tiny model on it.
-config::RunConfig synthetic_run(const fs::path& dir) {
-  std::ofstream(dir / "config.json") << io::model_config_to_json(test::tiny_config());
-  test::write_rule_store((dir / "store.h5").string(), 60, 11, 30);
-  config::RunConfig c;
-  c.source = "test";
-  c.model.config = (dir / "config.json").string();
-  c.data.train = {(dir / "store.h5").string()};
-  c.data.seq_len = 24;
-  c.data.batch_size = 2;
-  c.data.grad_accum = 2;
-  c.optimizer.lr = 1e-2;
-  c.schedule.name = "cosine";
-  c.schedule.warmup_steps = 2;
-  c.max_steps = 12;
-  c.schedule.total_steps = 12;
-  c.eval.held_out_docs = 6;
-  c.eval.every = 4;
-  c.eval.batch_size = 2;
-  c.checkpoint.every = 3;
-  c.output_dir = (dir / "run").string();
-  return c;
-}
-
-struct Quiet {
-  std::FILE* f = std::getenv("LIBFT_TEST_VERBOSE") ? stderr : std::tmpfile();
-  ~Quiet() {
-    if (f != stderr) std::fclose(f);
-  }
-};
-
-std::vector<nlohmann::json> metric_lines(const fs::path& run) {
-  std::vector<nlohmann::json> v;
-  std::ifstream in(run / "metrics.jsonl");
-  std::string line;
-  while (std::getline(in, line)) {
-    nlohmann::json j = nlohmann::json::parse(line);
-    j.erase("tokens_per_s");
-    j.erase("step_time_s");
-    j.erase("peak_rss_mib");
-    v.push_back(j);
-  }
-  return v;
-}
 
 class StopAt : public train::Callbacks {
  public:

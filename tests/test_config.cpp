@@ -253,6 +253,27 @@ TEST(RunConfig, PrefixSection) {
   EXPECT_NE(e.find("'prefix.num_virtual_tokens' comes from the adapter of 'prefix.init_from'"), std::string::npos) << e;
 }
 
+TEST(RunConfig, EwcAndReplaySections) {
+  std::string y = std::string(kGood) + "ewc:\n  state: runs/general.ewc.h5\n  lambda: 250\nreplay:\n  stores: [general.h5]\n"
+                  "  ratio: 0.2\n";
+  const config::RunConfig c = config::parse_run_config(y, "run.yaml");
+  EXPECT_EQ(c.ewc.state, "runs/general.ewc.h5");
+  EXPECT_EQ(c.ewc.lambda, 250.0);
+  EXPECT_EQ(c.replay.stores, (std::vector<std::string>{"general.h5"}));
+  EXPECT_EQ(c.replay.ratio, 0.2);
+  const config::RunConfig back = config::parse_run_config(config::to_yaml(c), "resolved");
+  EXPECT_EQ(config::to_yaml(back), config::to_yaml(c));
+
+  std::string bad = std::string(kGood) + "mode: prefix\newc:\n  lambda: -1\n  fisher: x\nreplay:\n  stores: []\n  ratio: 1.5\n";
+  const std::string e = error_of(bad);
+  EXPECT_NE(e.find("'ewc.state' is required"), std::string::npos) << e;
+  EXPECT_NE(e.find("'ewc.lambda' must be >= 0"), std::string::npos) << e;
+  EXPECT_NE(e.find("unknown key 'ewc.fisher'"), std::string::npos) << e;
+  EXPECT_NE(e.find("'ewc' does not apply with 'mode: prefix'"), std::string::npos) << e;
+  EXPECT_NE(e.find("'replay.stores' needs at least one token store"), std::string::npos) << e;
+  EXPECT_NE(e.find("'replay.ratio' must be in (0, 1), got 1.5"), std::string::npos) << e;
+}
+
 TEST(RunConfig, LoraSection) {
   std::string y = kGood;
   y += "mode: lora\nlora:\n  r: 4\n  alpha: 8\n  dropout: 0.05\n  targets: [all-linear]\n  rslora: true\n"

@@ -42,6 +42,8 @@ int main(int argc, char** argv) {
   ft::cli::add_batches(app);
   ft::cli::add_merge(app);
   ft::cli::add_check_adapter(app);
+  ft::cli::add_eval(app);
+  ft::cli::add_fisher(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

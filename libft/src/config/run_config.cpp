@@ -355,7 +355,7 @@ void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
 const std::vector<std::string> kTopKeys = {"model",      "tokenizer",  "data",         "optimizer",  "schedule",
                                            "max_steps",  "seed",       "clip_grad_norm", "dtype",    "device",     "eval",
                                            "activation_checkpointing",
-                                           "mode",       "freeze",     "lora",       "qlora",      "prefix",     "checkpoint",   "log_every",  "output_dir",
+                                           "mode",       "freeze",     "lora",       "qlora",      "prefix",     "ewc",        "replay",     "checkpoint",   "log_every",  "output_dir",
                                            "on_nonfinite", "on_oom"};
 
 void apply_override(Reader& r, YAML::Node& root, const std::string& text) {
@@ -465,6 +465,20 @@ RunConfig parse_run_config(std::string_view yaml, const std::string& source, con
     if (root["lora"] && c.mode != "lora" && c.mode != "qlora")
       r.error(root["lora"], "'lora' only applies with 'mode: lora' or 'mode: qlora'");
     section("prefix", parse_prefix, c.prefix);
+    if (const YAML::Node e = root["ewc"]; e && r.check_map(e, "ewc", {"state", "lambda"})) {
+      r.get(e, "ewc", "state", c.ewc.state);
+      r.get(e, "ewc", "lambda", c.ewc.lambda);
+      if (c.ewc.state.empty()) r.error(e, "'ewc.state' is required: the file `ft fisher` writes");
+      r.positive(e, "ewc", "lambda", c.ewc.lambda, true);
+      if (c.mode == "prefix") r.error(e, "'ewc' does not apply with 'mode: prefix' (a prefix changes no weight)");
+    }
+    if (const YAML::Node rp = root["replay"]; rp && r.check_map(rp, "replay", {"stores", "ratio"})) {
+      r.get(rp, "replay", "stores", c.replay.stores);
+      r.get(rp, "replay", "ratio", c.replay.ratio);
+      if (c.replay.stores.empty()) r.error(rp, "'replay.stores' needs at least one token store");
+      if (!(c.replay.ratio > 0.0 && c.replay.ratio < 1.0))
+        r.error(rp["ratio"] ? rp["ratio"] : rp, detail::concat("'replay.ratio' must be in (0, 1), got ", c.replay.ratio));
+    }
     if (root["prefix"] && c.mode != "prefix") r.error(root["prefix"], "'prefix' only applies with 'mode: prefix'");
     if (const YAML::Node q = root["qlora"]) {
       if (c.mode != "qlora") r.error(q, "'qlora' only applies with 'mode: qlora'");
@@ -592,6 +606,18 @@ std::string to_yaml(const RunConfig& c) {
     out << YAML::Key << "qlora" << YAML::Value << YAML::BeginMap;
     out << YAML::Key << "block" << YAML::Value << c.qlora.block;
     out << YAML::Key << "double_quant" << YAML::Value << c.qlora.double_quant;
+    out << YAML::EndMap;
+  }
+  if (!c.ewc.state.empty()) {
+    out << YAML::Key << "ewc" << YAML::Value << YAML::BeginMap;
+    out << YAML::Key << "state" << YAML::Value << c.ewc.state;
+    out << YAML::Key << "lambda" << YAML::Value << shortest(c.ewc.lambda);
+    out << YAML::EndMap;
+  }
+  if (!c.replay.stores.empty()) {
+    out << YAML::Key << "replay" << YAML::Value << YAML::BeginMap;
+    out << YAML::Key << "stores" << YAML::Value << YAML::Flow << c.replay.stores;
+    out << YAML::Key << "ratio" << YAML::Value << shortest(c.replay.ratio);
     out << YAML::EndMap;
   }
   if (c.mode == "prefix") {

@@ -4,5 +4,6 @@
 # includes them. Both come from pkg-config (src/data/CMakeLists.txt).
 target_sources(ft_data PRIVATE
   ${CMAKE_CURRENT_LIST_DIR}/token_store.cpp
-  ${CMAKE_CURRENT_LIST_DIR}/batcher.cpp)
+  ${CMAKE_CURRENT_LIST_DIR}/batcher.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/array_file.cpp)
 target_link_libraries(ft_data PRIVATE PkgConfig::LIBFT_HDF5 PkgConfig::LIBFT_CRYPTO)

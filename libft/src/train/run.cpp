@@ -26,6 +26,7 @@
 #include "ft/io/safetensors.h"
 #include "ft/train/batch.h"
 #include "ft/train/checkpoint.h"
+#include "ft/train/ewc.h"
 #include "ft/train/optimizer.h"
 #include "ft/train/schedule.h"
 #include "ft/train/state.h"
@@ -97,7 +98,21 @@ Stores open_stores(const config::RunConfig& c) {
     return data::BatcherSource{reader, 1.0};
   };
   for (const auto& p : c.data.train) s.train.push_back(open(p));
+  // The held-out set draws from the target stores only, which come first in the training sources,
+  // so that store i's held-out documents are the same in both batchers.
   if (c.eval.held_out_docs > 0) s.eval.push_back({"held_out", s.train, true});
+  if (!c.replay.stores.empty()) {
+    // Replay: a sampled mixture in which the replay stores give `ratio` of the rows, and every
+    // store's share within its side is its share of that side's tokens.
+    auto tokens = [](const data::BatcherSource& b) { return static_cast<double>(b.store->info().n_tokens); };
+    double target_tokens = 0.0, replay_tokens = 0.0;
+    for (const auto& b : s.train) target_tokens += tokens(b);
+    std::vector<data::BatcherSource> replay;
+    for (const auto& p : c.replay.stores) replay.push_back(open(p)), replay_tokens += tokens(replay.back());
+    for (auto& b : s.train) b.weight = (1.0 - c.replay.ratio) * tokens(b) / target_tokens;
+    for (auto& b : replay) b.weight = c.replay.ratio * tokens(b) / replay_tokens;
+    s.train.insert(s.train.end(), replay.begin(), replay.end());
+  }
   for (const auto& p : c.eval.stores) s.eval.push_back({fs::path(p).stem().string(), {open(p)}, false});
   return s;
 }
@@ -111,6 +126,7 @@ data::BatcherOptions train_batcher_options(const config::RunConfig& c) {
   o.seed = c.data.seed;
   o.max_epochs = 0;  // endless: max_steps ends the run
   o.eval.count = c.eval.held_out_docs;
+  if (!c.replay.stores.empty()) o.mixing = data::Mixing::Sample;
   return o;
 }
 
@@ -120,27 +136,10 @@ struct EvalResult {
 };
 
 EvalResult evaluate(model::CausalLM& model, const config::RunConfig& c, const EvalSet& set, c10::Device device) {
-  data::BatcherOptions o = train_batcher_options(c);
-  o.batch_size = c.eval.batch_size;
-  o.shuffle = false;
-  o.max_epochs = 1;
-  if (set.held_out) o.split = data::Split::Eval;  // same held-out choice as the training batcher
-  else o.eval = {};
-  data::Batcher batcher(set.sources, o);
-  model->eval();
-  double loss_sum = 0.0;
-  int64_t targets = 0;
-  int64_t batches = 0;
-  while (auto batch = batcher.next()) {
-    if (c.eval.max_batches > 0 && batches == c.eval.max_batches) break;
-    const AccumulateResult r = evaluate_loss(model, {to_tensors(*batch, device)});
-    loss_sum += r.loss * static_cast<double>(r.n_targets);
-    targets += r.n_targets;
-    ++batches;
-  }
-  model->train();
-  FT_CHECK(targets > 0, "[eval] set '", set.name, "' has no target token");
-  return {loss_sum / static_cast<double>(targets), targets};
+  const EvalLoss e = evaluate_sources(model, set.sources, c.data.seq_len, c.eval.batch_size,
+                                      set.held_out ? c.eval.held_out_docs : 0, c.eval.max_batches, device);
+  FT_CHECK(e.targets > 0, "[eval] set '", set.name, "' has no target token");
+  return {e.loss, e.targets};
 }
 
 // metrics.jsonl, appended line by line and flushed, so a crashed run keeps every line written. A
@@ -276,6 +275,37 @@ data::Batcher training_batcher(const config::RunConfig& c) {
   return data::Batcher(open_stores(c).train, train_batcher_options(c));
 }
 
+EvalLoss evaluate_sources(model::CausalLM& model, const std::vector<data::BatcherSource>& sources, int64_t seq_len,
+                          int64_t batch_size, int64_t held_out_docs, int64_t max_batches, c10::Device device) {
+  data::BatcherOptions o;
+  o.mode = data::BatchMode::Packed;
+  o.seq_len = seq_len;
+  o.batch_size = batch_size;
+  o.shuffle = false;
+  o.max_epochs = 1;
+  o.mixing = data::Mixing::Concatenate;  // every document of the set once, whatever a training mixture
+  if (held_out_docs > 0) {
+    o.eval.count = held_out_docs;  // the documents a training run with eval.held_out_docs sets aside
+    o.split = data::Split::Eval;
+  }
+  data::Batcher batcher(sources, o);
+  const bool was_training = model->is_training();
+  model->eval();
+  double loss_sum = 0.0;
+  EvalLoss e;
+  int64_t batches = 0;
+  while (auto batch = batcher.next()) {
+    if (max_batches > 0 && batches == max_batches) break;
+    const AccumulateResult r = evaluate_loss(model, {to_tensors(*batch, device)});
+    loss_sum += r.loss * static_cast<double>(r.n_targets);
+    e.targets += r.n_targets;
+    ++batches;
+  }
+  if (was_training) model->train();
+  if (e.targets > 0) e.loss = loss_sum / static_cast<double>(e.targets);
+  return e;
+}
+
 const char* stop_reason_name(StopReason reason) {
   switch (reason) {
     case StopReason::MaxSteps: return "max_steps";
@@ -330,6 +360,8 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   oo.momentum = c.optimizer.momentum;
   auto optimizer = make_optimizer(model, oo);
   const ParameterGroups groups = group_parameters(model, oo);
+  std::optional<EwcPenalty> ewc;
+  if (!c.ewc.state.empty()) ewc.emplace(model, load_ewc(c.ewc.state), c.ewc.lambda);
   ScheduleOptions schedule{parse_schedule_kind(c.schedule.name), c.schedule.warmup_steps, c.schedule.total_steps};
   StepOptions step_options;
   step_options.clip_grad_norm = c.clip_grad_norm;
@@ -385,6 +417,12 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
                c.source.c_str(), static_cast<long long>(params.total), groups.decay.size(), oo.weight_decay,
                groups.no_decay.size(), device.str().c_str(), c.dtype.c_str());
   std::fprintf(log, "[train] %s\n", mode->describe(model).c_str());
+  if (ewc) std::fprintf(log, "[train] %s, from %s\n", ewc->describe().c_str(), c.ewc.state.c_str());
+  if (!c.replay.stores.empty()) {
+    std::string names;
+    for (const auto& p : c.replay.stores) names += (names.empty() ? "" : ", ") + p;
+    std::fprintf(log, "[train] replay: %.0f%% of the rows from %s\n", 100.0 * c.replay.ratio, names.c_str());
+  }
   {
     // What training holds besides activations: every weight, a gradient per trainable weight, and
     // the optimizer's state (AdamW: two float32 moments; SGD: a momentum buffer if momentum > 0).
@@ -544,6 +582,9 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
                      static_cast<long long>(c.data.batch_size));
       }
     }
+    // EWC: once per optimizer step, after the data gradients and before clipping.
+    double ewc_penalty = 0.0;
+    if (ewc && r.n_targets > 0) ewc_penalty = ewc->apply(/*add_gradients=*/true);
     const int64_t step_index = counters.step;
     const StepOutcome out = optimizer_step(*optimizer, r.n_targets > 0 ? r.loss : NAN, lr, step_options, counters);
     const double seconds = std::chrono::duration<double>(Clock::now() - step_start).count();
@@ -574,7 +615,9 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
                                {"tokens_per_s", tokens_per_s}, {"step_time_s", seconds}, {"skipped", counters.skipped},
                                {"data", hash}, {"peak_rss_mib", std::round(peak_rss_mib())}};
         if (device.is_cuda()) line["peak_device_mib"] = std::round(peak_device_mib(device));
+        if (ewc) line["ewc_penalty"] = ewc_penalty;
         metrics.write(line);
+        if (ewc) events.scalar("train/ewc_penalty", ewc_penalty, counters.step);
         events.scalar("train/loss", r.loss, counters.step);
         events.scalar("train/lr", lr, counters.step);
         events.scalar("train/grad_norm", out.grad_norm, counters.step);

@@ -102,6 +102,9 @@ std::string run_identity(const config::RunConfig& c) {
     j["prefix"] = {{"num_virtual_tokens", c.prefix.num_virtual_tokens}, {"projection", c.prefix.projection},
                    {"encoder_hidden_size", c.prefix.encoder_hidden_size}, {"init_from", c.prefix.init_from}};
   }
+  // Likewise only when used: the regularisers change what a resumed run must compute.
+  if (!c.ewc.state.empty()) j["ewc"] = {{"state", c.ewc.state}, {"lambda", c.ewc.lambda}};
+  if (!c.replay.stores.empty()) j["replay"] = {{"stores", c.replay.stores}, {"ratio", c.replay.ratio}};
   return j.dump();
 }
 

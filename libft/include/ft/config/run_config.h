@@ -122,6 +122,20 @@ struct PrefixSection {
   std::string init_from;
 };
 
+/// Elastic weight consolidation (train/ewc.h): a penalty holding the weights the previous domain
+/// relied on near their values there. `state` is the HDF5 file `ft fisher` writes.
+struct EwcSection {
+  std::string state;    ///< empty = no EWC
+  double lambda = 0.0;  ///< penalty (λ/2) Σ F (θ − θ*)²; 0 computes it but changes nothing
+};
+
+/// Replay (rehearsal) of earlier-domain data: its stores are mixed into the training rows, each
+/// row drawn from them with probability `ratio` (a sampled mixture, deterministic and resumable).
+struct ReplaySection {
+  std::vector<std::string> stores;  ///< empty = no replay
+  double ratio = 0.0;               ///< share of rows from the replay stores, in (0, 1)
+};
+
 struct RunConfig {
   std::string source;  ///< where it was read from (for messages)
   ModelSection model;
@@ -147,6 +161,8 @@ struct RunConfig {
   LoraSection lora;
   QloraSection qlora;
   PrefixSection prefix;
+  EwcSection ewc;
+  ReplaySection replay;
   CheckpointSection checkpoint;
   int64_t log_every = 1;          ///< metrics.jsonl line every N steps
   std::string output_dir;         ///< required; metrics.jsonl, config.yaml, checkpoints/ and final/ go here

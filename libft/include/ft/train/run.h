@@ -26,6 +26,7 @@
 
 #include "ft/config/run_config.h"
 #include "ft/data/batcher.h"
+#include "ft/model/llama.h"
 #include "ft/train/batch.h"
 
 namespace ft::train {
@@ -111,5 +112,16 @@ RunSummary run_training(const config::RunConfig& config, std::FILE* log = stderr
 /// tokenizer): micro-batch k of optimizer step s is its batch number s × grad_accum + k. For tools
 /// that show or export exactly what a run trains on (`ft batches`).
 data::Batcher training_batcher(const config::RunConfig& config);
+
+struct EvalLoss {
+  double loss = 0.0;    ///< token mean (0 when there is no target)
+  int64_t targets = 0;
+};
+/// Token-mean loss of `model` over `sources` in packed rows of `seq_len`, `batch_size` rows at a
+/// time, every document once in store order (at most `max_batches` batches; 0 = all). With
+/// `held_out_docs` > 0, only the documents a training run with eval.held_out_docs = held_out_docs
+/// sets aside from these stores (in this order) are read. What evaluation inside a run computes.
+EvalLoss evaluate_sources(model::CausalLM& model, const std::vector<data::BatcherSource>& sources, int64_t seq_len,
+                          int64_t batch_size, int64_t held_out_docs, int64_t max_batches, c10::Device device);
 
 }  // namespace ft::train
