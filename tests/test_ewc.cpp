@@ -9,6 +9,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include "ft/adapt/lora.h"
 #include "ft/data/array_file.h"
@@ -303,9 +304,38 @@ TEST(TrainReplay, MixesTheReplayStoreAtTheRatio) {
   std::printf("replay share over %lld rows: %.3f (configured 0.25)\n", static_cast<long long>(rows), share);
   EXPECT_NEAR(share, 0.25, 0.05);
 
+  // With replay.held_out_docs, the documents a run on the general store alone holds out (what
+  // eval.stores: [general.h5@10] evaluates) are never replayed.
+  c.replay.held_out_docs = 10;
+  std::set<int64_t> held;
+  {
+    data::BatcherOptions o;
+    o.seq_len = 1000;
+    o.batch_size = 1;
+    o.max_epochs = 1;
+    o.shuffle = false;
+    o.split = data::Split::Eval;
+    o.eval.count = 10;
+    data::Batcher eval({data::BatcherSource{data::TokenStoreReader::open((dir / "general.h5").string(), "synthetic"), 1.0}}, o);
+    while (auto batch = eval.next())
+      for (const auto& r : batch->row_info)
+        for (const auto& seg : r.segments) held.insert(seg.doc);
+  }
+  ASSERT_EQ(held.size(), 10u);
+  data::Batcher kept = train::training_batcher(c);
+  std::set<int64_t> replayed_docs;
+  for (int i = 0; i < 300; ++i)
+    for (const auto& r : kept.next()->row_info)
+      for (const auto& seg : r.segments)
+        if (seg.source == 1) replayed_docs.insert(seg.doc);
+  EXPECT_GT(replayed_docs.size(), 50u);
+  for (int64_t d : held) EXPECT_FALSE(replayed_docs.count(d)) << "held-out document " << d << " was replayed";
+
   c.checkpoint.every = 0;
+  c.eval.stores = {(dir / "general.h5").string() + "@10"};
   test::Quiet q;
   const train::RunSummary s = train::run_training(c, q.f);
+  EXPECT_TRUE(s.final_eval_loss.count("general"));
   EXPECT_EQ(s.steps, 12);
   EXPECT_TRUE(s.final_eval_loss.count("held_out"));
   // The resolved config keeps the replay section.

@@ -20,6 +20,7 @@ void add_merge(CLI::App& app);
 void add_check_adapter(CLI::App& app);
 void add_eval(CLI::App& app);
 void add_fisher(CLI::App& app);
+void add_bench(CLI::App& app);
 
 /// "cpu", "cuda", "cuda:1"; "auto" picks CUDA when available.
 c10::Device parse_device(const std::string& name);

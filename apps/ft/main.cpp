@@ -44,6 +44,7 @@ int main(int argc, char** argv) {
   ft::cli::add_check_adapter(app);
   ft::cli::add_eval(app);
   ft::cli::add_fisher(app);
+  ft::cli::add_bench(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

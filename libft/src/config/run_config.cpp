@@ -472,9 +472,11 @@ RunConfig parse_run_config(std::string_view yaml, const std::string& source, con
       r.positive(e, "ewc", "lambda", c.ewc.lambda, true);
       if (c.mode == "prefix") r.error(e, "'ewc' does not apply with 'mode: prefix' (a prefix changes no weight)");
     }
-    if (const YAML::Node rp = root["replay"]; rp && r.check_map(rp, "replay", {"stores", "ratio"})) {
+    if (const YAML::Node rp = root["replay"]; rp && r.check_map(rp, "replay", {"stores", "ratio", "held_out_docs"})) {
       r.get(rp, "replay", "stores", c.replay.stores);
       r.get(rp, "replay", "ratio", c.replay.ratio);
+      r.get(rp, "replay", "held_out_docs", c.replay.held_out_docs);
+      r.positive(rp, "replay", "held_out_docs", static_cast<double>(c.replay.held_out_docs), true);
       if (c.replay.stores.empty()) r.error(rp, "'replay.stores' needs at least one token store");
       if (!(c.replay.ratio > 0.0 && c.replay.ratio < 1.0))
         r.error(rp["ratio"] ? rp["ratio"] : rp, detail::concat("'replay.ratio' must be in (0, 1), got ", c.replay.ratio));
@@ -618,6 +620,7 @@ std::string to_yaml(const RunConfig& c) {
     out << YAML::Key << "replay" << YAML::Value << YAML::BeginMap;
     out << YAML::Key << "stores" << YAML::Value << YAML::Flow << c.replay.stores;
     out << YAML::Key << "ratio" << YAML::Value << shortest(c.replay.ratio);
+    out << YAML::Key << "held_out_docs" << YAML::Value << c.replay.held_out_docs;
     out << YAML::EndMap;
   }
   if (c.mode == "prefix") {

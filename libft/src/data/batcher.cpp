@@ -280,7 +280,12 @@ struct Batcher::Impl {
       }
       canon += ";store=" + src.store->info().sha256;
 
-      const std::vector<int64_t> held = held_out_docs(n, opt.eval, static_cast<int>(i));
+      const std::vector<int64_t> held = src.held_out ? held_out_docs(n, *src.held_out, src.held_out_index)
+                                                     : held_out_docs(n, opt.eval, static_cast<int>(i));
+      if (src.held_out) {
+        canon += ";held=" + std::to_string(bits(src.held_out->fraction)) + "," + std::to_string(src.held_out->count) +
+                 "," + std::to_string(src.held_out->seed) + "," + std::to_string(src.held_out_index);
+      }
       std::vector<int64_t> docs;
       if (opt.split == Split::Eval) {
         docs = held;

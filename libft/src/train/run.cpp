@@ -39,10 +39,6 @@ namespace fs = std::filesystem;
 
 namespace ft::train {
 
-namespace {
-
-using Clock = std::chrono::steady_clock;
-
 c10::Device resolve_device(const std::string& name) {
   if (name == "auto") return at::hasCUDA() ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
   c10::Device d = c10::kCPU;
@@ -54,6 +50,10 @@ c10::Device resolve_device(const std::string& name) {
   FT_CHECK(!d.is_cuda() || at::hasCUDA(), "[train] device: ", name, ": CUDA is not available on this machine");
   return d;
 }
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
 
 // bfloat16 autocast for the forward passes on CUDA (weights, gradients and optimizer state stay
 // float32); restores the previous state when the run ends, normally or by an exception.
@@ -78,7 +78,7 @@ class AutocastScope {
 struct EvalSet {
   std::string name;
   std::vector<data::BatcherSource> sources;
-  bool held_out = false;  ///< the held-out documents of the training stores, else whole stores
+  int64_t held_out_docs = 0;  ///< > 0: only the documents a run with held_out_docs: N sets aside
 };
 
 struct Stores {
@@ -86,6 +86,15 @@ struct Stores {
   std::vector<EvalSet> eval;
   int64_t vocab_size = 0;
 };
+
+// "STORE@N" → (STORE, N); "STORE" → (STORE, 0).
+std::pair<std::string, int64_t> split_held_out(const std::string& spec) {
+  const size_t at = spec.rfind('@');
+  if (at == std::string::npos || at + 1 == spec.size()) return {spec, 0};
+  const std::string digits = spec.substr(at + 1);
+  if (!std::all_of(digits.begin(), digits.end(), [](char ch) { return ch >= '0' && ch <= '9'; })) return {spec, 0};
+  return {spec.substr(0, at), std::stoll(digits)};
+}
 
 Stores open_stores(const config::RunConfig& c) {
   // Without a tokenizer in the config, the stores must agree with the first one among themselves.
@@ -100,7 +109,7 @@ Stores open_stores(const config::RunConfig& c) {
   for (const auto& p : c.data.train) s.train.push_back(open(p));
   // The held-out set draws from the target stores only, which come first in the training sources,
   // so that store i's held-out documents are the same in both batchers.
-  if (c.eval.held_out_docs > 0) s.eval.push_back({"held_out", s.train, true});
+  if (c.eval.held_out_docs > 0) s.eval.push_back({"held_out", s.train, c.eval.held_out_docs});
   if (!c.replay.stores.empty()) {
     // Replay: a sampled mixture in which the replay stores give `ratio` of the rows, and every
     // store's share within its side is its share of that side's tokens.
@@ -108,12 +117,19 @@ Stores open_stores(const config::RunConfig& c) {
     double target_tokens = 0.0, replay_tokens = 0.0;
     for (const auto& b : s.train) target_tokens += tokens(b);
     std::vector<data::BatcherSource> replay;
-    for (const auto& p : c.replay.stores) replay.push_back(open(p)), replay_tokens += tokens(replay.back());
+    for (const auto& p : c.replay.stores) {
+      replay.push_back(open(p));
+      replay_tokens += tokens(replay.back());
+      if (c.replay.held_out_docs > 0) replay.back().held_out = data::HeldOut{0.0, c.replay.held_out_docs, 0};
+    }
     for (auto& b : s.train) b.weight = (1.0 - c.replay.ratio) * tokens(b) / target_tokens;
     for (auto& b : replay) b.weight = c.replay.ratio * tokens(b) / replay_tokens;
     s.train.insert(s.train.end(), replay.begin(), replay.end());
   }
-  for (const auto& p : c.eval.stores) s.eval.push_back({fs::path(p).stem().string(), {open(p)}, false});
+  for (const auto& p : c.eval.stores) {
+    const auto [path, held] = split_held_out(p);
+    s.eval.push_back({fs::path(path).stem().string(), {open(path)}, held});
+  }
   return s;
 }
 
@@ -136,8 +152,8 @@ struct EvalResult {
 };
 
 EvalResult evaluate(model::CausalLM& model, const config::RunConfig& c, const EvalSet& set, c10::Device device) {
-  const EvalLoss e = evaluate_sources(model, set.sources, c.data.seq_len, c.eval.batch_size,
-                                      set.held_out ? c.eval.held_out_docs : 0, c.eval.max_batches, device);
+  const EvalLoss e = evaluate_sources(model, set.sources, c.data.seq_len, c.eval.batch_size, set.held_out_docs,
+                                      c.eval.max_batches, device);
   FT_CHECK(e.targets > 0, "[eval] set '", set.name, "' has no target token");
   return {e.loss, e.targets};
 }
@@ -304,6 +320,16 @@ EvalLoss evaluate_sources(model::CausalLM& model, const std::vector<data::Batche
   if (was_training) model->train();
   if (e.targets > 0) e.loss = loss_sum / static_cast<double>(e.targets);
   return e;
+}
+
+std::map<std::string, EvalLoss> evaluate_config_sets(model::CausalLM& model, const config::RunConfig& c,
+                                                     c10::Device device) {
+  std::map<std::string, EvalLoss> out;
+  for (const EvalSet& set : open_stores(c).eval) {
+    const EvalResult e = evaluate(model, c, set, device);
+    out[set.name] = {e.loss, e.targets};
+  }
+  return out;
 }
 
 const char* stop_reason_name(StopReason reason) {
@@ -662,6 +688,10 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     mode->export_final(model, summary.final_dir, c);
   }
   summary.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  const adapt::TrainableCounts counts = adapt::count_trainable(model);
+  summary.trainable_params = counts.trainable;
+  summary.frozen_params = counts.frozen;
+  summary.peak_memory_mib = device.is_cuda() ? peak_device_mib(device) : peak_rss_mib();
   summary.tokens_per_s = static_cast<double>(tokens_here) / std::max(train_seconds, 1e-9);
   if (stop == StopReason::Signal) {
     std::fprintf(log, "[train] stopped by a signal at step %lld of %lld; checkpoint %s; run the same command to resume\n",

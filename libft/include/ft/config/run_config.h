@@ -50,7 +50,9 @@ struct ScheduleSection {
 };
 
 struct EvalSection {
-  std::vector<std::string> stores;  ///< separate evaluation stores (read whole, in order)
+  /// Separate evaluation stores, read whole, in order; "STORE@N" reads only the N documents a run
+  /// trained on STORE (as its first store) with held_out_docs: N held out.
+  std::vector<std::string> stores;
   /// Documents of the training stores held out of training and evaluated on (0 = none).
   int64_t held_out_docs = 0;
   int64_t every = 0;                ///< evaluate every N optimizer steps and at the end (0 = only at the end)
@@ -134,6 +136,10 @@ struct EwcSection {
 struct ReplaySection {
   std::vector<std::string> stores;  ///< empty = no replay
   double ratio = 0.0;               ///< share of rows from the replay stores, in (0, 1)
+  /// Documents of each replay store never replayed: the N a run trained on that store (as its first
+  /// store) with eval.held_out_docs: N held out, so that its held-out evaluation stays unseen
+  /// (evaluate them with eval.stores: [STORE@N]).
+  int64_t held_out_docs = 0;
 };
 
 struct RunConfig {

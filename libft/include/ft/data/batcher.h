@@ -76,16 +76,22 @@ enum class Split { Train, Eval };
 
 inline constexpr int64_t kIgnoreIndex = -100;  ///< label of positions the loss skips (Hugging Face's)
 
-struct BatcherSource {
-  std::shared_ptr<const TokenStoreReader> store;
-  double weight = 1.0;  ///< Mixing::Sample only
-};
-
 /// Documents held out of each store for evaluation: `count` if > 0, else round(fraction × n_docs).
 struct HeldOut {
   double fraction = 0.0;
   int64_t count = 0;
   uint64_t seed = 0;
+};
+
+struct BatcherSource {
+  std::shared_ptr<const TokenStoreReader> store;
+  double weight = 1.0;  ///< Mixing::Sample only
+  /// This store's held-out documents, instead of the batcher's `eval` drawn with this source's
+  /// index: those a batcher with `held_out` would set aside for this store at index
+  /// `held_out_index`. Lets a mixture replay a store while keeping out exactly the documents another
+  /// run (the one that trained on the store first) evaluates on.
+  std::optional<HeldOut> held_out;
+  int held_out_index = 0;
 };
 
 struct BatcherOptions {

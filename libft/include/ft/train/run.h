@@ -49,6 +49,10 @@ struct RunSummary {
   int signal = 0;              ///< the signal that stopped it (StopReason::Signal)
   double seconds = 0.0;        ///< this process's wall time
   double tokens_per_s = 0.0;   ///< this process's training throughput
+  int64_t trainable_params = 0, frozen_params = 0;  ///< elements (NF4 weights count as frozen)
+  /// Peak memory while training in this process, MiB: the CUDA caching allocator's peak on a GPU,
+  /// the resident set's (VmHWM, loading excluded) on the CPU.
+  double peak_memory_mib = 0.0;
 };
 
 /// What a training program sees after every optimizer step (applied or skipped).
@@ -113,6 +117,10 @@ RunSummary run_training(const config::RunConfig& config, std::FILE* log = stderr
 /// that show or export exactly what a run trains on (`ft batches`).
 data::Batcher training_batcher(const config::RunConfig& config);
 
+/// "cpu", "cuda", "cuda:N", or "auto" (CUDA when available); throws ft::Error for anything else or
+/// for CUDA on a machine without it.
+c10::Device resolve_device(const std::string& name);
+
 struct EvalLoss {
   double loss = 0.0;    ///< token mean (0 when there is no target)
   int64_t targets = 0;
@@ -123,5 +131,9 @@ struct EvalLoss {
 /// sets aside from these stores (in this order) are read. What evaluation inside a run computes.
 EvalLoss evaluate_sources(model::CausalLM& model, const std::vector<data::BatcherSource>& sources, int64_t seq_len,
                           int64_t batch_size, int64_t held_out_docs, int64_t max_batches, c10::Device device);
+/// Every evaluation set of `config` (held_out, eval.stores) on `model`, as a run evaluates them, by
+/// set name: for the baseline of a model before any fine-tuning.
+std::map<std::string, EvalLoss> evaluate_config_sets(model::CausalLM& model, const config::RunConfig& config,
+                                                     c10::Device device);
 
 }  // namespace ft::train
