@@ -60,6 +60,7 @@
 // depend on rank, world or batch_size, so a run can resume on a different number of ranks.
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -84,6 +85,8 @@ struct HeldOut {
 };
 
 struct BatcherSource {
+  BatcherSource(std::shared_ptr<const TokenStoreReader> store_ = nullptr, double weight_ = 1.0)
+      : store(std::move(store_)), weight(weight_) {}
   std::shared_ptr<const TokenStoreReader> store;
   double weight = 1.0;  ///< Mixing::Sample only
   /// This store's held-out documents, instead of the batcher's `eval` drawn with this source's
