@@ -450,11 +450,16 @@ at::Tensor shifted_cross_entropy(const at::Tensor& logits, const at::Tensor& lab
   FT_CHECK(logits.dim() == 3 && labels.dim() == 2 && logits.size(0) == labels.size(0) &&
                logits.size(1) == labels.size(1),
            "[loss] logits (B, T, V) and labels (B, T) disagree: ", logits.sizes(), " vs ", labels.sizes());
+  // The labels move instead of the logits: position j is scored against labels[j + 1] and the last
+  // position against nothing (ignore_index). The logits stay contiguous, so neither the forward
+  // nor the backward pass copies the (B, T, V) tensor, and the sum is the same.
   const int64_t V = logits.size(2);
-  at::Tensor shifted_logits =
-      logits.slice(1, 0, -1).reshape({-1, V}).to(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor shifted_labels = labels.slice(1, 1).reshape({-1}).to(logits.device());
-  return at::cross_entropy_loss(shifted_logits, shifted_labels, {}, reduction, ignore_index);
+  at::Tensor flat_logits = logits.reshape({-1, V}).to(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor shifted_labels =
+      at::cat({labels.slice(1, 1), at::full({labels.size(0), 1}, ignore_index, labels.options())}, 1)
+          .reshape({-1})
+          .to(logits.device());
+  return at::cross_entropy_loss(flat_logits, shifted_labels, {}, reduction, ignore_index);
 }
 
 }  // namespace
