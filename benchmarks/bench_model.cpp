@@ -4,6 +4,9 @@
 //   build/benchmarks/bench_model --benchmark_filter=RMSNorm
 //
 // RMSNorm: the fused CUDA kernel beside the LibTorch reference, in GB/s (bytes read + written).
+// NF4Dequant: QLoRA's dequantization of a 4096 × 11008 weight (a Llama-7B MLP matrix) to bf16: the
+// CUDA kernel beside the tensor-op reference, and on the CPU the decoding loop beside the reference,
+// in GB/s of output written.
 // Forward: tokens/s of a forward pass of configs/models/*.json-sized models with random weights.
 #include <ATen/ATen.h>
 #include <benchmark/benchmark.h>
@@ -15,6 +18,8 @@
 
 #include "ft/kernels/rmsnorm.h"
 #endif
+
+#include "ft/adapt/nf4.h"
 
 namespace {
 
@@ -83,6 +88,23 @@ void BM_RMSNorm(benchmark::State& state) {
 }
 BENCHMARK(BM_RMSNorm)->ArgsProduct({{8192}, {4096}, {0, 1}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 #endif
+
+// Arguments: device (0 cpu, 1 cuda), kernel/loop (1) or tensor-op reference (0).
+void BM_NF4Dequant(benchmark::State& state) {
+  const at::Device device = state.range(0) ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+  if (device.is_cuda() && !at::hasCUDA()) return state.SkipWithError("no CUDA device");
+  const int64_t rows = device.is_cuda() ? 4096 : 1024, cols = 11008;
+  const adapt::NF4Tensor q = adapt::quantize_nf4(at::randn({rows, cols}, at::TensorOptions().device(device)) * 0.02, 64, true);
+  auto run = [&] { return state.range(1) ? adapt::dequantize_nf4(q, at::kBFloat16) : adapt::dequantize_nf4_ops(q, at::kBFloat16); };
+  for (int i = 0; i < 2; ++i) run();
+  sync(device);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(run());
+    sync(device);
+  }
+  state.counters["GB/s"] = benchmark::Counter(2.0 * rows * cols, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_NF4Dequant)->ArgsProduct({{0, 1}, {0, 1}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 }  // namespace
 

@@ -102,7 +102,7 @@ TEST(NF4, BytesFormulaMatchesTheQuantizedTensor) {
   }
 }
 
-// The CPU decoding loop and the tensor-op path (CUDA's) give the same values, odd sizes included.
+// The CPU decoding loop and the tensor-op reference give the same values, odd sizes included.
 TEST(NF4, CpuLoopEqualsTheTensorOpPath) {
   for (const auto& [shape, block, dq] : {std::tuple{std::vector<int64_t>{64, 96}, int64_t{64}, true},
                                          std::tuple{std::vector<int64_t>{7, 9}, int64_t{32}, false},

@@ -5,6 +5,10 @@
 
 #include "ft/util/error.h"
 
+#ifdef LIBFT_WITH_CUDA_KERNELS
+#include "ft/kernels/nf4.h"
+#endif
+
 namespace ft::adapt {
 
 const std::array<float, 16>& nf4_code() {
@@ -125,6 +129,12 @@ at::Tensor dequantize_cpu(const NF4Tensor& q) {
 
 at::Tensor dequantize_nf4(const NF4Tensor& q, at::ScalarType dtype) {
   if (q.packed.device().is_cpu()) return dequantize_cpu(q).to(dtype);
+#ifdef LIBFT_WITH_CUDA_KERNELS
+  if (q.packed.is_cuda() && (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16)) {
+    const at::Tensor absmax = nf4_absmax(q).to(at::kFloat).contiguous();
+    return kernels::nf4_dequantize(q.packed.contiguous(), absmax, q.numel, q.block, dtype).view(q.shape);
+  }
+#endif
   return dequantize_nf4_ops(q, dtype);
 }
 

@@ -54,9 +54,11 @@ int64_t nf4_bytes(int64_t numel, int64_t block = 64, bool double_quant = true, i
 /// even and > 0.
 NF4Tensor quantize_nf4(const at::Tensor& w, int64_t block = 64, bool double_quant = false, int64_t dq_block = 256);
 /// The float tensor `q` stands for, in `dtype`, on the device of q.packed. On the CPU a decoding
-/// loop that allocates only the output; elsewhere dequantize_nf4_ops().
+/// loop that allocates only the output; on CUDA the kernel of kernels/nf4.cu (when built with the
+/// kernels); elsewhere dequantize_nf4_ops().
 at::Tensor dequantize_nf4(const NF4Tensor& q, at::ScalarType dtype = at::kFloat);
-/// The same from ATen tensor ops, on any device (CUDA's path until the kernels issue's kernel).
+/// The same from ATen tensor ops, on any device: the reference the CPU loop and the CUDA kernel are
+/// tested against.
 at::Tensor dequantize_nf4_ops(const NF4Tensor& q, at::ScalarType dtype = at::kFloat);
 /// The block maxima as dequantization uses them (after double quantization, if any).
 at::Tensor nf4_absmax(const NF4Tensor& q);

@@ -1,0 +1,73 @@
+// NF4 dequantization (QLoRA's frozen base weights, ft/adapt/nf4.h).
+//
+// Legend: N elements, P = ceil(N / 2) packed bytes, K = ceil(N / block) block maxima.
+//   packed: (P) uint8, two 4-bit indices per byte, the first element in the high nibble;
+//   absmax: (K) float32; out: (N) in T.
+//   out[e] = T(code[index(e)] * absmax[e / block])
+// One thread per byte: it reads the byte once and writes two outputs (block is even, so both share
+// a maximum). The 16-entry code book sits in constant memory; the product is formed in float32 and
+// rounded once to T, exactly as the tensor-op reference does.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/ScalarType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "ft/kernels/nf4.h"
+
+namespace ft::kernels {
+namespace {
+
+// bitsandbytes' NF4 values, as in ft::adapt::nf4_code().
+__constant__ float kCode[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
+    -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
+    0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+    0.7229568362236023f, 1.0f};
+
+template <typename T>
+__global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
+                                      T* __restrict__ out, int64_t numel, int64_t block) {
+  const int64_t bytes = (numel + 1) / 2;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < bytes;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint8_t b = packed[i];
+    const int64_t e = 2 * i;
+    const float scale = absmax[e / block];
+    out[e] = static_cast<T>(kCode[b >> 4] * scale);
+    if (e + 1 < numel) out[e + 1] = static_cast<T>(kCode[b & 15] * scale);
+  }
+}
+
+}  // namespace
+
+at::Tensor nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, int64_t numel, int64_t block,
+                          at::ScalarType dtype) {
+  TORCH_CHECK(packed.is_cuda() && absmax.is_cuda() && packed.device() == absmax.device(),
+              "[nf4] packed and absmax must be on one CUDA device");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && absmax.scalar_type() == at::kFloat,
+              "[nf4] packed must be uint8 and absmax float32");
+  TORCH_CHECK(packed.is_contiguous() && absmax.is_contiguous(), "[nf4] packed and absmax must be contiguous");
+  TORCH_CHECK(block > 0 && block % 2 == 0, "[nf4] block must be even and > 0, got ", block);
+  TORCH_CHECK(numel >= 0 && packed.numel() == (numel + 1) / 2 && absmax.numel() == (numel + block - 1) / block,
+              "[nf4] ", numel, " elements need ", (numel + 1) / 2, " bytes and ", (numel + block - 1) / block,
+              " maxima; got ", packed.numel(), " and ", absmax.numel());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "[nf4] output dtype must be float32, float16 or bfloat16");
+  c10::cuda::CUDAGuard guard(packed.device());
+  at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
+  if (numel == 0) return out;
+  constexpr int kThreads = 256;
+  const int64_t bytes = (numel + 1) / 2;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>((bytes + kThreads - 1) / kThreads, 65535 * 8));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nf4_dequantize", [&] {
+    nf4_dequantize_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
+                                                                   out.data_ptr<scalar_t>(), numel, block);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace ft::kernels
