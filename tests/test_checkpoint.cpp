@@ -37,10 +37,7 @@ fs::path scratch(const std::string& name) { return test::scratch_dir(name); }
 
 void write_file(const fs::path& p, const std::string& text) { std::ofstream(p, std::ios::binary) << text; }
 
-std::string read_file(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
+using test::read_file;
 
 std::string save_two(train::CheckpointDir& dir) {
   dir.save(10, [](const std::string& d) {

@@ -55,14 +55,7 @@ double row_loss(model::CausalLM& m, const train::BatchTensors& b) {
       .item<double>();
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "no error";
-}
+using test::error_of;
 
 }  // namespace
 
@@ -257,11 +250,7 @@ TEST(TrainEwc, LambdaZeroChangesNothingAndALargeLambdaHoldsTheWeights) {
   for (auto& j : with) penalties += j.erase("ewc_penalty") == 1 && j.at("type") == "train";
   EXPECT_EQ(penalties, 12);
   EXPECT_TRUE(plain == with);
-  auto read = [](const fs::path& p) {
-    std::ifstream in(p, std::ios::binary);
-    return std::string(std::istreambuf_iterator<char>(in), {});
-  };
-  EXPECT_TRUE(read(dir / "run" / "final" / "model.safetensors") == read(dir / "zero" / "final" / "model.safetensors"));
+  EXPECT_TRUE(test::read_file(dir / "run" / "final" / "model.safetensors") == test::read_file(dir / "zero" / "final" / "model.safetensors"));
 
   // Distance from the anchor, weighted by the Fisher, with and without a strong penalty.
   config::RunConfig strong = zero;
@@ -383,10 +372,6 @@ TEST(TrainEwc, StopAndResumeWithEwcAndReplayIsBitIdentical) {
   const auto a = test::metric_lines(dir / "ref"), b = test::metric_lines(dir / "run");
   EXPECT_TRUE(a == b);
   EXPECT_GT(a.at(3).value("ewc_penalty", 0.0), 0.0);
-  auto read = [](const fs::path& p) {
-    std::ifstream in(p, std::ios::binary);
-    return std::string(std::istreambuf_iterator<char>(in), {});
-  };
-  EXPECT_TRUE(read(dir / "ref" / "final" / "model.safetensors") == read(dir / "run" / "final" / "model.safetensors"));
+  EXPECT_TRUE(test::read_file(dir / "ref" / "final" / "model.safetensors") == test::read_file(dir / "run" / "final" / "model.safetensors"));
   fs::remove_all(dir);
 }

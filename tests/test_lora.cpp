@@ -49,14 +49,7 @@ void randomize_b(model::CausalLM& m, uint64_t seed) {
   }
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "no error";
-}
+using test::error_of;
 
 fs::path scratch(const std::string& name) { return test::scratch_dir(name); }
 

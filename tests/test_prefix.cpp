@@ -47,14 +47,7 @@ at::Tensor random_ids(int64_t b, int64_t t, int64_t seed) {
   return at::arange(seed, seed + b * t, at::kLong).mul(31).remainder(97).view({b, t});
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "no error";
-}
+using test::error_of;
 
 }  // namespace
 

@@ -6,10 +6,14 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iterator>
 #include <string>
 
 #include "ft/data/token_store.h"
 #include "ft/io/hf_config.h"
+#include "ft/util/error.h"
 
 namespace ft::test {
 
@@ -32,6 +36,22 @@ inline io::ModelConfig tiny_config(const std::string& type = "llama") {
   c.head_dim = 8;
   c.layer_window.assign(2, 0);
   return c;
+}
+
+/// The message of the ft::Error that `f` throws, or "no error".
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+/// A whole file's bytes.
+inline std::string read_file(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
 /// An empty directory under the system's temporary directory, unique to this process.

@@ -84,43 +84,30 @@ def make(d):
     print(f"wrote the base, {len(ADAPTERS) + len(PREFIXES)} PEFT adapters and their logits to {d}")
 
 
+def verify_one(d, ids, name, want, what):
+    """PEFT loads DIR/libft_<name> onto the base; returns its max rel error against libft's logits."""
+    model = LlamaForCausalLM.from_pretrained(os.path.join(d, "base")).eval()
+    with torch.no_grad():
+        base_logits = model(input_ids=ids).logits
+    peft_model = PeftModel.from_pretrained(model, os.path.join(d, f"libft_{name}")).eval()
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids).logits
+    err, moved = rel_error(logits, want), rel_error(base_logits, want)
+    print(f"{name}: PEFT on libft's {what} vs libft: max rel error {err:.2e} (the {what} moves the logits by "
+          f"{moved:.2e})")
+    if not err <= 1e-4:
+        sys.exit(f"peft_interop: {name}: {err:.2e} > 1e-4")
+    if not moved > 1e-2:
+        sys.exit(f"peft_interop: {name}: the {what} barely changes the logits ({moved:.2e}); the test proves nothing")
+    return err
+
+
 def verify(d):
     ref = load_file(os.path.join(d, "libft_logits.safetensors"))
     ids = ref["input_ids"]
-    worst = 0.0
-    for name in ADAPTERS:
-        model = LlamaForCausalLM.from_pretrained(os.path.join(d, "base")).eval()
-        with torch.no_grad():
-            base_logits = model(input_ids=ids).logits
-        peft_model = PeftModel.from_pretrained(model, os.path.join(d, f"libft_{name}")).eval()
-        with torch.no_grad():
-            logits = peft_model(input_ids=ids).logits
-        err = rel_error(logits, ref[f"logits_{name}"])
-        moved = rel_error(base_logits, ref[f"logits_{name}"])
-        print(f"{name}: PEFT on libft's adapter vs libft: max rel error {err:.2e} (the adapter moves the logits by "
-              f"{moved:.2e})")
-        if not err <= 1e-4:
-            sys.exit(f"peft_interop: {name}: {err:.2e} > 1e-4")
-        if not moved > 1e-2:
-            sys.exit(f"peft_interop: {name}: the adapter barely changes the logits ({moved:.2e}); the test proves nothing")
-        worst = max(worst, err)
+    worst = max(verify_one(d, ids, name, ref[f"logits_{name}"], "adapter") for name in ADAPTERS)
     ref = load_file(os.path.join(d, "libft_prefix_logits.safetensors"))
-    for name in PREFIXES:
-        model = LlamaForCausalLM.from_pretrained(os.path.join(d, "base")).eval()
-        with torch.no_grad():
-            base_logits = model(input_ids=ids).logits
-        peft_model = PeftModel.from_pretrained(model, os.path.join(d, f"libft_{name}")).eval()
-        with torch.no_grad():
-            logits = peft_model(input_ids=ids).logits
-        err = rel_error(logits, ref[f"logits_{name}"])
-        moved = rel_error(base_logits, ref[f"logits_{name}"])
-        print(f"{name}: PEFT on libft's prefix vs libft: max rel error {err:.2e} (the prefix moves the logits by "
-              f"{moved:.2e})")
-        if not err <= 1e-4:
-            sys.exit(f"peft_interop: {name}: {err:.2e} > 1e-4")
-        if not moved > 1e-2:
-            sys.exit(f"peft_interop: {name}: the prefix barely changes the logits ({moved:.2e}); the test proves nothing")
-        worst = max(worst, err)
+    worst = max(worst, *(verify_one(d, ids, name, ref[f"logits_{name}"], "prefix") for name in PREFIXES))
     print(f"peft interop OK (worst {worst:.2e})")
 
 

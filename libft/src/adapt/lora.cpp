@@ -411,12 +411,8 @@ std::vector<std::string> check_peft_adapter(model::CausalLM& model, const std::s
       problems.push_back(detail::concat(path, ": tensor '", key, "' has shape ", at::IntArrayRef(info->shape),
                                         ", the model needs ", at::IntArrayRef(shape)));
     }
-    const io::DType d = info->dtype;
-    if (d != io::DType::F32 && d != io::DType::F16 && d != io::DType::BF16 && d != io::DType::F64) {
-      problems.push_back(path + ": tensor '" + key + "' is " + std::string(io::dtype_name(d)) + ", not a float type");
-    } else if (!at::isfinite(io::read_tensor(*file, *info)).all().item<bool>()) {
-      problems.push_back(path + ": tensor '" + key + "' holds NaN or Inf");
-    }
+    if (const std::string why = io::float_tensor_problem(*file, *info); !why.empty())
+      problems.push_back(path + ": tensor '" + key + "' " + why);
   }
   for (const auto& info : file->tensors()) {
     if (!expected.count(info.name)) {

@@ -9,6 +9,7 @@
 #include "ft/adapt/prefix.h"
 #include "ft/io/hf_checkpoint.h"
 #include "ft/util/error.h"
+#include "ft/util/progress.h"
 
 namespace ft::adapt {
 
@@ -136,15 +137,6 @@ std::map<std::string, ModeFactory>& registry() {
   return r;
 }
 
-std::string with_commas(int64_t v) {
-  std::string s = std::to_string(v), out;
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (i > 0 && (s.size() - i) % 3 == 0) out += ',';
-    out += s[i];
-  }
-  return out;
-}
-
 }  // namespace
 
 NamedTensors Mode::state(model::CausalLM& model) const {
@@ -158,9 +150,9 @@ NamedTensors Mode::state(model::CausalLM& model) const {
 std::string Mode::describe(model::CausalLM& model) const {
   const TrainableCounts c = count_trainable(model);
   const double total = static_cast<double>(c.trainable + c.frozen);
-  return detail::concat("mode ", name(), ": ", with_commas(c.trainable), " trainable parameters in ", c.trainable_tensors,
+  return detail::concat("mode ", name(), ": ", Progress::format_count(c.trainable), " trainable parameters in ", c.trainable_tensors,
                         " tensors (", total > 0 ? 100.0 * static_cast<double>(c.trainable) / total : 0.0, "%), ",
-                        with_commas(c.frozen), " frozen in ", c.frozen_tensors, " tensors");
+                        Progress::format_count(c.frozen), " frozen in ", c.frozen_tensors, " tensors");
 }
 
 void Mode::export_final(model::CausalLM& model, const std::string& dir, const config::RunConfig&) const {

@@ -209,12 +209,8 @@ std::vector<std::string> check_peft_prefix(model::CausalLM& model, const std::st
                                         ", the model needs ", at::IntArrayRef(want),
                                         " (num_virtual_tokens × num_layers·2·num_key_value_heads·head_dim)"));
     }
-    const io::DType d = info->dtype;
-    if (d != io::DType::F32 && d != io::DType::F16 && d != io::DType::BF16 && d != io::DType::F64) {
-      problems.push_back(path + ": tensor 'prompt_embeddings' is " + std::string(io::dtype_name(d)) + ", not a float type");
-    } else if (!at::isfinite(io::read_tensor(*file, *info)).all().item<bool>()) {
-      problems.push_back(path + ": tensor 'prompt_embeddings' holds NaN or Inf");
-    }
+    if (const std::string why = io::float_tensor_problem(*file, *info); !why.empty())
+      problems.push_back(path + ": tensor 'prompt_embeddings' " + why);
   }
   for (const auto& info : file->tensors()) {
     if (info.name != kTensor) problems.push_back(path + ": tensor '" + info.name + "' is not part of a prefix adapter");

@@ -20,6 +20,7 @@
 #include "ft/train/ewc.h"
 #include "ft/train/run.h"
 #include "ft/util/error.h"
+#include "ft/util/progress.h"
 #include "ft/util/json.h"
 
 namespace fs = std::filesystem;
@@ -77,15 +78,6 @@ std::string fmt(const char* f, double v) {
   char buf[64];
   std::snprintf(buf, sizeof buf, f, v);
   return buf;
-}
-
-std::string with_commas(int64_t v) {
-  std::string s = std::to_string(v), out;
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (i > 0 && (s.size() - i) % 3 == 0) out += ',';
-    out += s[i];
-  }
-  return out;
 }
 
 // The derived columns of a variant, against the baseline and the reference variant.
@@ -213,7 +205,7 @@ std::vector<std::vector<std::string>> rows(const BenchResult& r) {
     const Derived d = derive(r, v);
     std::string mode = v.mode + (v.ewc ? " + EWC" : "") + (v.replay ? " + replay" : "");
     const double share = v.total_params > 0 ? 100.0 * static_cast<double>(v.trainable_params) / static_cast<double>(v.total_params) : 0.0;
-    out.push_back({v.name, mode, with_commas(v.trainable_params) + " (" + fmt("%.2f", share) + "%)",
+    out.push_back({v.name, mode, Progress::format_count(v.trainable_params) + " (" + fmt("%.2f", share) + "%)",
                    fmt("%.0f", v.peak_memory_mib), fmt("%.0f", v.tokens_per_s), fmt("%.1f", v.train_seconds),
                    fmt("%.4f", v.target_loss), fmt("%+.4f", d.gain), fmt("%.4f", v.general_loss), fmt("%+.4f", d.forgetting),
                    d.forgetting_removed, d.gain_kept});

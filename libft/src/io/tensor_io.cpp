@@ -70,4 +70,12 @@ TensorWrite tensor_write(const std::string& name, const at::Tensor& t) {
   return w;
 }
 
+std::string float_tensor_problem(const SafetensorsFile& file, const TensorInfo& info) {
+  const DType d = info.dtype;
+  if (d != DType::F32 && d != DType::F16 && d != DType::BF16 && d != DType::F64)
+    return "is " + std::string(dtype_name(d)) + ", not a float type";
+  if (!at::isfinite(read_tensor(file, info)).all().item<bool>()) return "holds NaN or Inf";
+  return "";
+}
+
 }  // namespace ft::io

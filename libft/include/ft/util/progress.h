@@ -22,6 +22,8 @@ class Progress {
   void finish(const std::string& extra = "");
   /// "1h02m", "3m20s", "12s": for ETAs and elapsed times.
   static std::string format_duration(double seconds);
+  /// 3950848 → "3,950,848": for parameter and token counts.
+  static std::string format_count(int64_t n);
   /// The line that would be drawn now (for tests).
   std::string line(double done, const std::string& extra) const;
 
