@@ -4,6 +4,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -405,9 +406,15 @@ BenchResult run_bench(const BenchConfig& bc, std::FILE* log) {
                    fisher_path.c_str());
     }
   }
-  for (const Variant& v : bc.variants) {
+  const auto started = std::chrono::steady_clock::now();
+  for (size_t k = 0; k < bc.variants.size(); ++k) {
+    const Variant& v = bc.variants[k];
     const config::RunConfig c = run_config(v, fisher_path);
-    std::fprintf(log, "[bench] variant %s (mode %s)\n", v.name.c_str(), c.mode.c_str());
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    std::string eta = "?";
+    if (k > 0) eta = Progress::format_duration(elapsed / static_cast<double>(k) * static_cast<double>(bc.variants.size() - k));
+    std::fprintf(log, "[bench] variant %zu/%zu: %s (mode %s); elapsed %s, ETA %s\n", k + 1, bc.variants.size(),
+                 v.name.c_str(), c.mode.c_str(), Progress::format_duration(elapsed).c_str(), eta.c_str());
     train::RunOptions ro;
     ro.log = log;
     ro.handle_signals = true;
