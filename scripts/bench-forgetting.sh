@@ -8,7 +8,9 @@
 # bench's outputs go beside them (DEFAULT_JOB_DIR/general, DEFAULT_JOB_DIR/bench-forgetting).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ft=${1:-$root/build/apps/ft} data=${2:-runs/default}
+ft=$(realpath "${1:-$root/build/apps/ft}")
+data=$(realpath -m "${2:-$root/runs/default}")
+cd "$root"  # the bench config names its run configs relative to the repository
 [ -f "$data/jargon.h5" ] || { echo "no $data/jargon.h5: run scripts/run-default.sh first"; exit 1; }
 if [ ! -f "$data/general/final/config.json" ]; then
   "$ft" train "$root/configs/train-tiny.yaml" model.config="$root/configs/models/tiny-llama.json" \
