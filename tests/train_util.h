@@ -54,6 +54,7 @@ inline std::vector<nlohmann::json> metric_lines(const fs::path& run) {
     nlohmann::json j = nlohmann::json::parse(line);
     j.erase("tokens_per_s");
     j.erase("step_time_s");
+    j.erase("eval_time_s");
     j.erase("peak_rss_mib");
     v.push_back(j);
   }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks an `ft bench` output directory: report.html parses as HTML (every element closed, in
 order), its results table holds exactly the figures of the variants' metrics.jsonl files (final
-evaluation losses, tokens/s, peak memory, training time, gains and forgetting against the base
+evaluation losses, tokens/s, peak memory, training and wall time, gains and forgetting against the base
 model's losses in results.json), report.md holds the same rows, and there is one SVG plot per
 figure with one line per variant.
 
@@ -58,16 +58,20 @@ class Report(HTMLParser):
 
 
 def figures(run_dir, target, general):
-    train, evals = [], {}
+    train, evals, eval_seconds = [], {}, 0.0
     for line in open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8"):
         j = json.loads(line)
         if j["type"] == "train":
             train.append(j)
         elif j["type"] == "eval":
-            evals.setdefault(j["set"], []).append(j["loss"])
+            if evals.get(j["set"]) and evals[j["set"]][-1][0] == j["step"]:
+                continue  # an evaluation repeated by a resume
+            evals.setdefault(j["set"], []).append((j["step"], j["loss"]))
+            eval_seconds += j["eval_time_s"]  # in file order, as ft bench sums them
     peak = max(j.get("peak_device_mib", j.get("peak_rss_mib", 0)) for j in train)
-    return {"target": evals[target][-1], "general": evals[general][-1], "tokens_per_s": train[-1]["tokens_per_s"],
-            "peak": peak, "seconds": sum(j["step_time_s"] for j in train)}
+    seconds = sum(j["step_time_s"] for j in train)
+    return {"target": evals[target][-1][1], "general": evals[general][-1][1], "tokens_per_s": train[-1]["tokens_per_s"],
+            "peak": peak, "seconds": seconds, "wall": seconds + eval_seconds}
 
 
 def main(out):
@@ -91,7 +95,7 @@ def main(out):
         f = figures(v["run_dir"], t, g)
         want = {"variant": v["name"], "target loss": f"{f['target']:.4f}", "general loss": f"{f['general']:.4f}",
                 "tokens/s": f"{f['tokens_per_s']:.0f}", "peak memory (MiB)": f"{f['peak']:.0f}",
-                "train time (s)": f"{f['seconds']:.1f}", "target gain": f"{base[t] - f['target']:+.4f}",
+                "train time (s)": f"{f['seconds']:.1f}", "wall time (s)": f"{f['wall']:.1f}", "target gain": f"{base[t] - f['target']:+.4f}",
                 "forgetting": f"{f['general'] - base[g]:+.4f}"}
         for name, value in want.items():
             if row[col[name]] != value:

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-TIMING = ("tokens_per_s", "step_time_s", "peak_rss_mib", "peak_device_mib")  # vary between processes
+TIMING = ("tokens_per_s", "step_time_s", "eval_time_s", "peak_rss_mib", "peak_device_mib")  # vary between processes
 
 
 def fail(message):

@@ -194,13 +194,13 @@ std::string bar_chart(const std::string& title, const std::string& unit, const s
 
 // The table's rows as cells, shared by the Markdown and HTML reports so that they agree.
 std::vector<std::string> header() {
-  return {"variant", "mode", "trainable", "peak memory (MiB)", "tokens/s", "train time (s)", "target loss",
+  return {"variant", "mode", "trainable", "peak memory (MiB)", "tokens/s", "train time (s)", "wall time (s)", "target loss",
           "target gain", "general loss", "forgetting", "forgetting removed", "gain kept"};
 }
 
 std::vector<std::vector<std::string>> rows(const BenchResult& r) {
   std::vector<std::vector<std::string>> out;
-  out.push_back({"base model", "", "", "", "", "", fmt("%.4f", r.baseline.at(r.target_set)), "",
+  out.push_back({"base model", "", "", "", "", "", "", fmt("%.4f", r.baseline.at(r.target_set)), "",
                  fmt("%.4f", r.baseline.at(r.general_set)), "", "", ""});
   for (const VariantResult& v : r.variants) {
     const Derived d = derive(r, v);
@@ -208,6 +208,7 @@ std::vector<std::vector<std::string>> rows(const BenchResult& r) {
     const double share = v.total_params > 0 ? 100.0 * static_cast<double>(v.trainable_params) / static_cast<double>(v.total_params) : 0.0;
     out.push_back({v.name, mode, Progress::format_count(v.trainable_params) + " (" + fmt("%.2f", share) + "%)",
                    fmt("%.0f", v.peak_memory_mib), fmt("%.0f", v.tokens_per_s), fmt("%.1f", v.train_seconds),
+                   fmt("%.1f", v.train_seconds + v.eval_seconds),
                    fmt("%.4f", v.target_loss), fmt("%+.4f", d.gain), fmt("%.4f", v.general_loss), fmt("%+.4f", d.forgetting),
                    d.forgetting_removed, d.gain_kept});
   }
@@ -334,6 +335,7 @@ VariantResult read_variant(const std::string& name, const std::string& run_dir, 
       Curve& c = v.eval[j.at("set").get<std::string>()];
       const int64_t step = j.at("step").get<int64_t>();
       if (!c.steps.empty() && c.steps.back() == step) continue;  // a repeated evaluation (resume)
+      v.eval_seconds += j.value("eval_time_s", 0.0);
       c.steps.push_back(step);
       c.values.push_back(j.at("loss").get<double>());
     }
@@ -511,6 +513,7 @@ void write_reports(const BenchResult& r, const std::string& dir) {
                              {"run_dir", v.run_dir}, {"trainable_params", v.trainable_params},
                              {"total_params", v.total_params}, {"peak_memory_mib", v.peak_memory_mib},
                              {"tokens_per_s", v.tokens_per_s}, {"train_seconds", v.train_seconds},
+                             {"eval_seconds", v.eval_seconds},
                              {"target_loss", v.target_loss}, {"general_loss", v.general_loss},
                              {"target_gain", d.gain}, {"forgetting", d.forgetting}});
   }

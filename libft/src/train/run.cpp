@@ -521,7 +521,9 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     bool improved = false;
     for (size_t k = 0; k < stores.eval.size(); ++k) {
       const EvalSet& set = stores.eval[k];
+      const auto eval_start = Clock::now();
       const EvalResult e = evaluate(model, c, set, device);
+      const double eval_seconds = std::chrono::duration<double>(Clock::now() - eval_start).count();
       EvalInfo info{step, set.name, e.loss, std::exp(e.loss), e.targets, false};
       if (k == 0) {
         if (e.loss < st.best_loss - c.eval.min_delta) {
@@ -534,7 +536,8 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
         }
       }
       metrics.write({{"type", "eval"}, {"step", step}, {"set", set.name}, {"loss", e.loss},
-                     {"perplexity", info.perplexity}, {"targets", e.targets}, {"best", info.best}});
+                     {"perplexity", info.perplexity}, {"targets", e.targets}, {"best", info.best},
+                     {"eval_time_s", eval_seconds}});
       events.scalar("eval/" + set.name + "/loss", e.loss, step);
       events.scalar("eval/" + set.name + "/perplexity", info.perplexity, step);
       std::fprintf(log, "\n[eval] step %lld, %s: loss %.4f, perplexity %.2f (%lld targets)%s\n",

@@ -72,6 +72,7 @@ struct VariantResult {
   double peak_memory_mib = 0.0;  ///< largest peak_rss_mib (CPU) or peak_device_mib (CUDA) of the train lines
   double tokens_per_s = 0.0;     ///< the last train line's (the run's average)
   double train_seconds = 0.0;    ///< Σ step_time_s
+  double eval_seconds = 0.0;     ///< Σ eval_time_s (baseline evaluation at step 0 included)
   double target_loss = 0.0, general_loss = 0.0;  ///< the last evaluation of each set
   std::map<std::string, Curve> eval;  ///< per set, steps 0 (baseline) .. max_steps
   Curve train_loss;

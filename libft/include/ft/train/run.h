@@ -9,7 +9,7 @@
 // Files in output_dir: config.yaml (the resolved config), metrics.jsonl (one JSON object per line:
 // {"type":"train", "step", "loss", "lr", "grad_norm", "targets", "tokens", "tokens_per_s",
 // "step_time_s", "skipped"} every log_every steps, {"type":"skip", ...} for every skipped step and
-// {"type":"eval", "step", "set", "loss", "perplexity", "targets"} per evaluation set), final/, and
+// {"type":"eval", "step", "set", "loss", "perplexity", "targets", "best", "eval_time_s"} per evaluation set), final/, and
 // checkpoints/step-NNNNNNNN/ (checkpoint.h, state.h).
 //
 // RESUME. With checkpoint.every > 0 the run saves every that many steps (and at the end, at an early
