@@ -53,12 +53,13 @@ void check_keys(const YAML::Node& n, const std::set<std::string>& known, const s
   }
 }
 
-bool uses_ewc(const std::vector<std::string>& overrides) {
-  return std::any_of(overrides.begin(), overrides.end(), [](const std::string& o) { return o.rfind("ewc.", 0) == 0; });
-}
-
-bool sets_ewc_state(const std::vector<std::string>& overrides) {
-  return std::any_of(overrides.begin(), overrides.end(), [](const std::string& o) { return o.rfind("ewc.state=", 0) == 0; });
+// A variant that uses EWC without naming its state gets the Fisher the bench estimates.
+bool needs_bench_fisher(const Variant& v) {
+  auto starts = [&](const char* prefix) {
+    return std::any_of(v.overrides.begin(), v.overrides.end(),
+                       [&](const std::string& o) { return o.rfind(prefix, 0) == 0; });
+  };
+  return starts("ewc.") && !starts("ewc.state=");
 }
 
 std::string html_escape(const std::string& s) {
@@ -297,9 +298,7 @@ BenchConfig load_bench_config(const std::string& path, const std::vector<std::st
   if (c.reference.empty()) c.reference = c.variants.front().name;
   FT_CHECK(std::any_of(c.variants.begin(), c.variants.end(), [&](const Variant& v) { return v.name == c.reference; }),
            where, ": reference '", c.reference, "' is not a variant");
-  const bool any_ewc = std::any_of(c.variants.begin(), c.variants.end(), [&](const Variant& v) {
-    return uses_ewc(v.overrides) && !sets_ewc_state(v.overrides);
-  });
+  const bool any_ewc = std::any_of(c.variants.begin(), c.variants.end(), needs_bench_fisher);
   FT_CHECK(!any_ewc || !c.fisher.stores.empty(), where, ": a variant uses EWC, so 'fisher.stores' (the data of the "
            "domain to keep) is required");
   return c;
@@ -360,7 +359,7 @@ BenchResult run_bench(const BenchConfig& bc, std::FILE* log) {
   auto run_config = [&](const Variant& v, const std::string& fisher_path) {
     std::vector<std::string> o = bc.overrides;
     o.insert(o.end(), v.overrides.begin(), v.overrides.end());
-    if (uses_ewc(v.overrides) && !sets_ewc_state(v.overrides)) o.push_back("ewc.state=" + fisher_path);
+    if (needs_bench_fisher(v)) o.push_back("ewc.state=" + fisher_path);
     o.push_back("output_dir=" + (fs::path(bc.output_dir) / v.name).string());
     o.push_back("eval.at_start=true");
     return config::load_run_config(v.config.empty() ? bc.base : v.config, o);
@@ -387,9 +386,7 @@ BenchResult run_bench(const BenchConfig& bc, std::FILE* log) {
              ": the run config's evaluation sets do not include target_set '", bc.target_set, "' and general_set '",
              bc.general_set, "'");
     // The Fisher of the base model on the domain to keep, once, for the EWC variants.
-    const bool need_fisher = std::any_of(bc.variants.begin(), bc.variants.end(), [](const Variant& v) {
-      return uses_ewc(v.overrides) && !sets_ewc_state(v.overrides);
-    });
+    const bool need_fisher = std::any_of(bc.variants.begin(), bc.variants.end(), needs_bench_fisher);
     if (need_fisher && !fs::exists(fisher_path)) {
       const std::string fp = first.tokenizer.empty()
                                  ? data::TokenStoreReader::inspect(bc.fisher.stores.front()).tokenizer_fingerprint

@@ -23,57 +23,57 @@ EwcState estimate_fisher(model::CausalLM& model, data::Batcher& rows, int64_t sa
   FT_CHECK(samples > 0, "[ewc] the Fisher estimate needs at least one sample, got ", samples);
   FT_CHECK(!model->prefix_encoder, "[ewc] estimate the Fisher on the plain model (it has a prefix)");
   EwcState s;
-  std::vector<std::pair<at::Tensor, bool>> params;  // with their requires_grad, to restore
+  std::vector<at::Tensor> params, sums;  // the parameters and their Σ g² accumulators, in s.names order
+  std::vector<bool> required;            // requires_grad before the estimate, restored after it
   const auto device = model->model->embed_tokens->weight.device();
   for (const auto& item : model->named_parameters()) {
     at::Tensor p = item.value();
     if (!p.is_floating_point() || p.numel() == 0) continue;
     s.names.push_back(item.key());
-    s.fisher[item.key()] = at::zeros(p.sizes(), p.options().dtype(at::kFloat));
+    sums.push_back(at::zeros(p.sizes(), p.options().dtype(at::kFloat)));
     s.anchor[item.key()] = p.detach().to(at::kFloat).cpu().clone();
-    params.emplace_back(p, p.requires_grad());
+    params.push_back(p);
+    required.push_back(p.requires_grad());
     p.set_requires_grad(true);
     p.mutable_grad() = at::Tensor();
   }
-  const bool was_training = model->is_training();
+  struct Restore {  // requires_grad and train mode, however the estimate ends
+    model::CausalLM& model;
+    std::vector<at::Tensor>& params;
+    std::vector<bool>& required;
+    bool was_training;
+    ~Restore() {
+      for (size_t i = 0; i < params.size(); ++i) params[i].set_requires_grad(required[i]);
+      if (was_training) model->train();
+    }
+  } restore{model, params, required, model->is_training()};
   model->eval();  // no dropout: the Fisher of the model as it is
   int64_t n = 0;
-  try {
-    while (n < samples) {
-      std::optional<data::Batch> batch = rows.next();
-      if (!batch) break;
-      const BatchTensors b = to_tensors(*batch, device);
-      if (b.n_targets == 0) continue;
-      model::ForwardOptions fo;
-      fo.position_ids = b.position_ids;
-      fo.segment_ids = b.segment_ids;
-      fo.attention_mask = b.attention_mask;
-      // ℓ = mean token log-likelihood; its square gradient is the same for −ℓ.
-      const at::Tensor loss = causal_lm_loss_sum(model->forward(b.input_ids, fo), b.labels) /
-                              static_cast<double>(b.n_targets);
-      const std::vector<at::Tensor> inputs = [&] {
-        std::vector<at::Tensor> v;
-        for (const auto& [p, rg] : params) v.push_back(p);
-        return v;
-      }();
-      const auto grads = torch::autograd::grad({loss}, inputs, {}, /*retain_graph=*/false, /*create_graph=*/false,
-                                               /*allow_unused=*/true);
-      at::NoGradGuard no_grad;
-      for (size_t i = 0; i < grads.size(); ++i) {
-        if (grads[i].defined()) s.fisher[s.names[i]].addcmul_(grads[i].to(at::kFloat), grads[i].to(at::kFloat));
-      }
-      ++n;
-      if (progress) progress(n, samples);
+  while (n < samples) {
+    std::optional<data::Batch> batch = rows.next();
+    if (!batch) break;
+    const BatchTensors b = to_tensors(*batch, device);
+    if (b.n_targets == 0) continue;
+    model::ForwardOptions fo;
+    fo.position_ids = b.position_ids;
+    fo.segment_ids = b.segment_ids;
+    fo.attention_mask = b.attention_mask;
+    // ℓ = mean token log-likelihood; its square gradient is the same for −ℓ.
+    const at::Tensor loss =
+        causal_lm_loss_sum(model->forward(b.input_ids, fo), b.labels) / static_cast<double>(b.n_targets);
+    const auto grads = torch::autograd::grad({loss}, params, {}, /*retain_graph=*/false, /*create_graph=*/false,
+                                             /*allow_unused=*/true);
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (!grads[i].defined()) continue;
+      const at::Tensor g = grads[i].to(at::kFloat);
+      sums[i].addcmul_(g, g);
     }
-  } catch (...) {
-    for (auto& [p, rg] : params) p.set_requires_grad(rg);
-    if (was_training) model->train();
-    throw;
+    ++n;
+    if (progress) progress(n, samples);
   }
-  for (auto& [p, rg] : params) p.set_requires_grad(rg);
-  if (was_training) model->train();
   FT_CHECK(n > 0, "[ewc] the data gave no row with a target token for the Fisher estimate");
-  for (auto& [name, f] : s.fisher) f = (f / static_cast<double>(n)).cpu();
+  for (size_t i = 0; i < sums.size(); ++i) s.fisher[s.names[i]] = (sums[i] / static_cast<double>(n)).cpu();
   s.samples = n;
   return s;
 }
