@@ -5,7 +5,7 @@
 # scripts/gpu-check.sh unpacks them into .deps/root there, never into the system root.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-pkgs=(nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev libbenchmark-dev libbenchmark1debian
+pkgs=(nlohmann-json3-dev libcli11-dev libgloo-dev libgtest-dev libgmock-dev libbenchmark-dev libbenchmark1debian
       libsentencepiece-dev libsentencepiece0 libhdf5-dev libhdf5-103-1 libsz2 libaec0 libyaml-cpp-dev libyaml-cpp0.7
       libssl-dev libssl3 pkgconf pkgconf-bin libpkgconf3 fortunes fortunes-min jargon-text)
 mkdir -p .debs

@@ -34,11 +34,13 @@ void add_train(CLI::App& app) {
     options.handle_signals = true;
     const train::RunSummary s = train::run_training(c, options);
     if (s.stop == train::StopReason::Signal) {
-      std::cout << "interrupted at step " << s.steps << "; checkpoint in " << s.last_checkpoint
+      if (s.rank == 0)
+        std::cout << "interrupted at step " << s.steps << "; checkpoint in " << s.last_checkpoint
                 << "; run the same command to resume\n";
       std::cout.flush();
       throw CLI::RuntimeError(128 + s.signal);
     }
+    if (s.rank != 0) return;  // data parallel: rank 0 reports for the job
     std::cout << "trained " << s.steps << " steps (" << s.skipped << " skipped): loss " << s.first_loss << " -> "
               << s.last_loss;
     for (const auto& [name, loss] : s.final_eval_loss) std::cout << ", eval " << name << " " << loss;

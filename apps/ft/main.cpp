@@ -2,6 +2,7 @@
 #include <ATen/Context.h>
 #include <ATen/ATen.h>
 
+#include <cstdlib>
 #include <iostream>
 
 #include "commands.h"
@@ -27,6 +28,14 @@ c10::ScalarType parse_dtype(const std::string& name) {
   FT_FAIL("--dtype: '", name, "' is not one of float32, bfloat16, float16");
 }
 
+// "ft: error: " or, in a data-parallel job, "ft: error (rank 3): ", so that a job's log says which rank failed.
+std::string error_prefix() {
+  const char* rank = std::getenv("RANK");
+  const char* world = std::getenv("WORLD_SIZE");
+  if (!rank || !world || std::string(world) == "1") return "ft: error: ";
+  return std::string("ft: error (rank ") + rank + "): ";
+}
+
 }  // namespace ft::cli
 
 int main(int argc, char** argv) {
@@ -45,18 +54,19 @@ int main(int argc, char** argv) {
   ft::cli::add_eval(app);
   ft::cli::add_fisher(app);
   ft::cli::add_bench(app);
+  ft::cli::add_launch(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   } catch (const ft::Error& e) {
-    std::cerr << "ft: error: " << e.what() << "\n";
+    std::cerr << ft::cli::error_prefix() << e.what() << "\n";
     return 1;
   } catch (const c10::Error& e) {
-    std::cerr << "ft: error: " << e.what_without_backtrace() << "\n";
+    std::cerr << ft::cli::error_prefix() << e.what_without_backtrace() << "\n";
     return 1;
   } catch (const std::exception& e) {
-    std::cerr << "ft: error: " << e.what() << "\n";
+    std::cerr << ft::cli::error_prefix() << e.what() << "\n";
     return 1;
   }
   return 0;

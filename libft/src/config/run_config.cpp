@@ -355,7 +355,7 @@ void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
 const std::vector<std::string> kTopKeys = {"model",      "tokenizer",  "data",         "optimizer",  "schedule",
                                            "max_steps",  "seed",       "clip_grad_norm", "dtype",    "device",     "eval",
                                            "activation_checkpointing",
-                                           "mode",       "freeze",     "lora",       "qlora",      "prefix",     "ewc",        "replay",     "checkpoint",   "log_every",  "output_dir",
+                                           "mode",       "freeze",     "lora",       "qlora",      "prefix",     "ewc",        "replay",     "dist",     "checkpoint",   "log_every",  "output_dir",
                                            "on_nonfinite", "on_oom"};
 
 void apply_override(Reader& r, YAML::Node& root, const std::string& text) {
@@ -471,6 +471,14 @@ RunConfig parse_run_config(std::string_view yaml, const std::string& source, con
       if (c.ewc.state.empty()) r.error(e, "'ewc.state' is required: the file `ft fisher` writes");
       r.positive(e, "ewc", "lambda", c.ewc.lambda, true);
       if (c.mode == "prefix") r.error(e, "'ewc' does not apply with 'mode: prefix' (a prefix changes no weight)");
+    }
+    if (const YAML::Node d = root["dist"]; d && r.check_map(d, "dist", {"backend", "bucket_mb", "timeout_s"})) {
+      r.get(d, "dist", "backend", c.dist.backend);
+      r.one_of(d, "dist", "backend", c.dist.backend, {"auto", "gloo", "nccl"});
+      r.get(d, "dist", "bucket_mb", c.dist.bucket_mb);
+      r.positive(d, "dist", "bucket_mb", c.dist.bucket_mb, false);
+      r.get(d, "dist", "timeout_s", c.dist.timeout_s);
+      r.positive(d, "dist", "timeout_s", c.dist.timeout_s, false);
     }
     if (const YAML::Node rp = root["replay"]; rp && r.check_map(rp, "replay", {"stores", "ratio", "held_out_docs"})) {
       r.get(rp, "replay", "stores", c.replay.stores);
@@ -655,6 +663,11 @@ std::string to_yaml(const RunConfig& c) {
     }
     out << YAML::EndMap;
   }
+  out << YAML::Key << "dist" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "backend" << YAML::Value << c.dist.backend;
+  out << YAML::Key << "bucket_mb" << YAML::Value << shortest(c.dist.bucket_mb);
+  out << YAML::Key << "timeout_s" << YAML::Value << shortest(c.dist.timeout_s);
+  out << YAML::EndMap;
   out << YAML::Key << "checkpoint" << YAML::Value << YAML::BeginMap;
   out << YAML::Key << "every" << YAML::Value << c.checkpoint.every;
   out << YAML::Key << "keep_last" << YAML::Value << c.checkpoint.keep_last;

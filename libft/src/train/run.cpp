@@ -5,6 +5,7 @@
 
 #ifdef LIBFT_WITH_CUDA_KERNELS
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #endif
 
 #include <atomic>
@@ -21,6 +22,7 @@
 #include "ft/adapt/mode.h"
 #include "ft/data/batcher.h"
 #include "ft/data/tokenizer.h"
+#include "ft/dist/dist.h"
 #include "ft/io/hf_checkpoint.h"
 #include "ft/model/inspect.h"
 #include "ft/io/safetensors.h"
@@ -151,9 +153,10 @@ struct EvalResult {
   int64_t targets = 0;
 };
 
-EvalResult evaluate(model::CausalLM& model, const config::RunConfig& c, const EvalSet& set, c10::Device device) {
+EvalResult evaluate(model::CausalLM& model, const config::RunConfig& c, const EvalSet& set, c10::Device device,
+                    dist::ProcessGroup* group = nullptr) {
   const EvalLoss e = evaluate_sources(model, set.sources, c.data.seq_len, c.eval.batch_size, set.held_out_docs,
-                                      c.eval.max_batches, device);
+                                      c.eval.max_batches, device, group);
   FT_CHECK(e.targets > 0, "[eval] set '", set.name, "' has no target token");
   return {e.loss, e.targets};
 }
@@ -163,7 +166,10 @@ EvalResult evaluate(model::CausalLM& model, const config::RunConfig& c, const Ev
 // again, identically, by the resumed steps).
 class MetricsFile {
  public:
-  MetricsFile(const fs::path& path, std::optional<uint64_t> resume_bytes, std::FILE* log) : path_(path) {
+  /// Disabled (data-parallel ranks other than 0): writes nothing.
+  MetricsFile(const fs::path& path, std::optional<uint64_t> resume_bytes, std::FILE* log, bool enabled = true)
+      : path_(path), enabled_(enabled) {
+    if (!enabled_) return;
     if (resume_bytes) {
       std::error_code ec;
       const uint64_t size = fs::exists(path) ? fs::file_size(path, ec) : 0;
@@ -183,6 +189,7 @@ class MetricsFile {
     FT_CHECK(out_.good(), "[train] cannot write ", path.string());
   }
   void write(const nlohmann::json& line) {
+    if (!enabled_) return;
     const std::string text = line.dump() + "\n";
     out_ << text;
     out_.flush();
@@ -193,6 +200,7 @@ class MetricsFile {
 
  private:
   fs::path path_;
+  bool enabled_ = true;
   std::ofstream out_;
   uint64_t bytes_ = 0;
 };
@@ -292,11 +300,17 @@ data::Batcher training_batcher(const config::RunConfig& c) {
 }
 
 EvalLoss evaluate_sources(model::CausalLM& model, const std::vector<data::BatcherSource>& sources, int64_t seq_len,
-                          int64_t batch_size, int64_t held_out_docs, int64_t max_batches, c10::Device device) {
+                          int64_t batch_size, int64_t held_out_docs, int64_t max_batches, c10::Device device,
+                          dist::ProcessGroup* group) {
   data::BatcherOptions o;
   o.mode = data::BatchMode::Packed;
   o.seq_len = seq_len;
   o.batch_size = batch_size;
+  if (group) {
+    o.rank = group->rank();
+    o.world = group->world();
+    o.batch_size = (batch_size + o.world - 1) / o.world;
+  }
   o.shuffle = false;
   o.max_epochs = 1;
   o.mixing = data::Mixing::Concatenate;  // every document of the set once, whatever a training mixture
@@ -318,6 +332,11 @@ EvalLoss evaluate_sources(model::CausalLM& model, const std::vector<data::Batche
     ++batches;
   }
   if (was_training) model->train();
+  if (group) {
+    const std::vector<double> sums = group->sum({loss_sum, static_cast<double>(e.targets)});
+    loss_sum = sums[0];
+    e.targets = static_cast<int64_t>(sums[1]);
+  }
   if (e.targets > 0) e.loss = loss_sum / static_cast<double>(e.targets);
   return e;
 }
@@ -353,7 +372,33 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   std::FILE* log = ro.log ? ro.log : stderr;
   Callbacks none;
   Callbacks& callbacks = ro.callbacks ? *ro.callbacks : none;
-  const c10::Device device = resolve_device(c.device);
+  c10::Device device = resolve_device(c.device);
+
+  // --- data parallel: a process group when a launcher started this process ---------------------
+  const dist::LaunchEnv launch = dist::launch_env();
+  std::shared_ptr<dist::ProcessGroup> group;
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> quiet(nullptr, &std::fclose);
+  if (launch.distributed()) {
+    if (device.is_cuda()) {  // one GPU per process: the LOCAL_RANK-th of this machine
+#ifdef LIBFT_WITH_CUDA_KERNELS
+      FT_CHECK(launch.local_rank < c10::cuda::device_count(), "[dist] local rank ", launch.local_rank,
+               " has no GPU: this machine has ", static_cast<int>(c10::cuda::device_count()));
+      c10::cuda::set_device(static_cast<c10::DeviceIndex>(launch.local_rank));
+#endif
+      device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(launch.local_rank));
+    }
+    dist::GroupOptions go;
+    go.backend = c.dist.backend;
+    go.timeout = std::chrono::milliseconds(static_cast<int64_t>(c.dist.timeout_s * 1000.0));
+    group = dist::ProcessGroup::create(launch, device, go);
+    if (group->rank() != 0) {  // rank 0 alone reports; the others' errors still reach the caller
+      quiet.reset(std::fopen("/dev/null", "w"));
+      if (quiet) log = quiet.get();
+    }
+    std::fprintf(log, "[dist] %d rank%s, backend %s, timeout %g s (this process: %s)\n", group->world(),
+                 group->world() == 1 ? "" : "s", group->backend().c_str(), c.dist.timeout_s, launch.describe().c_str());
+  }
+  const bool rank0 = !group || group->rank() == 0;
   const bool bf16 = c.dtype == "bfloat16";
   FT_CHECK(!bf16 || device.is_cuda(), "[train] dtype bfloat16 (autocast) needs a CUDA device; on CPU use float32");
 
@@ -396,24 +441,39 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   // --- output directory, checkpoints, resume -----------------------------------------------------
   const fs::path out_dir(c.output_dir);
   fs::create_directories(out_dir);
-  {
+  if (rank0) {
     const std::string text = "# resolved from " + c.source + "\n" + config::to_yaml(c);
     io::write_file_atomic((out_dir / "config.yaml").string(),
                           std::span(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
   }
   CheckpointDir checkpoints((out_dir / "checkpoints").string());
-  if (const int stale = checkpoints.clean_stale(); stale > 0) {
+  if (const int stale = rank0 ? checkpoints.clean_stale() : 0; stale > 0) {
     std::fprintf(log, "[checkpoint] removed %d unfinished checkpoint director%s of an interrupted save\n", stale,
                  stale == 1 ? "y" : "ies");
   }
-  const std::string identity = run_identity(c);
+  const std::string identity = [&] {
+    if (!group || group->world() == 1) return run_identity(c);
+    nlohmann::json j = nlohmann::json::parse(run_identity(c));
+    j["world"] = group->world();
+    return j.dump();
+  }();
   TrainerState st;
   std::optional<std::string> resume_dir;
   if (c.checkpoint.resume == "never") {
     FT_CHECK(checkpoints.steps().empty(), "[train] ", checkpoints.root(),
              " holds checkpoints and checkpoint.resume is 'never': use a new output_dir, or resume: auto");
   } else {
-    resume_dir = checkpoints.latest_valid(c.checkpoint.strict, log);
+    if (rank0) resume_dir = checkpoints.latest_valid(c.checkpoint.strict, log);
+    if (group) {  // rank 0 chose (and cleaned up); everyone resumes from the same checkpoint
+      double chosen = -1.0;
+      if (resume_dir) {
+        for (const int64_t s : checkpoints.steps()) {
+          if (checkpoints.path(s) == *resume_dir) chosen = static_cast<double>(s);
+        }
+      }
+      chosen = group->max({chosen})[0];
+      if (chosen >= 0) resume_dir = checkpoints.path(static_cast<int64_t>(chosen));
+    }
     FT_CHECK(resume_dir || c.checkpoint.resume != "required", "[train] checkpoint.resume is 'required' but ",
              checkpoints.root(), " holds no intact checkpoint");
   }
@@ -423,10 +483,15 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     std::fprintf(log, "[train] resuming from %s (step %lld of %lld)\n", resume_dir->c_str(),
                  static_cast<long long>(st.step), static_cast<long long>(c.max_steps));
   }
+  data::BatcherOptions batcher_options = train_batcher_options(c);
+  if (group) {
+    batcher_options.rank = group->rank();
+    batcher_options.world = group->world();
+  }
   data::Batcher batcher = [&] {
-    if (!resume_dir) return data::Batcher(stores.train, train_batcher_options(c));
+    if (!resume_dir) return data::Batcher(stores.train, batcher_options);
     try {
-      return data::Batcher(stores.train, train_batcher_options(c), st.batcher);
+      return data::Batcher(stores.train, batcher_options, st.batcher);
     } catch (const Error& e) {
       FT_FAIL("[train] cannot resume from ", *resume_dir, ": ", e.what(),
               ". The token stores changed since that checkpoint: use a new output_dir, or remove ", checkpoints.root(),
@@ -434,9 +499,25 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     }
   }();
   MetricsFile metrics(out_dir / "metrics.jsonl", resume_dir ? std::optional<uint64_t>(st.metrics_bytes) : std::nullopt,
-                      log);
-  EventLog events(out_dir.string());
-  if (resume_dir) events.session_start(st.step + 1);
+                      log, rank0);
+  std::optional<EventLog> events;
+  if (rank0) events.emplace(out_dir.string());
+  if (events && resume_dir) events->session_start(st.step + 1);
+  auto event = [&](const std::string& tag, double value, int64_t step) {
+    if (events) events->scalar(tag, value, step);
+  };
+  // Gradient all-reduce of the trainable parameters, overlapped with the backward pass.
+  std::unique_ptr<dist::GradientReducer> reducer;
+  if (group) {
+    std::vector<at::Tensor> trainable;
+    for (const auto& p : model->parameters()) {
+      if (p.requires_grad()) trainable.push_back(p);
+    }
+    reducer = std::make_unique<dist::GradientReducer>(
+        group, trainable, static_cast<int64_t>(c.dist.bucket_mb * 1024.0 * 1024.0));
+    std::fprintf(log, "[dist] gradients: %zu tensors in %zu buckets, %.2f MiB all-reduced per step\n",
+                 trainable.size(), reducer->buckets(), static_cast<double>(reducer->bytes_per_step()) / (1024.0 * 1024.0));
+  }
 
   const model::ParameterSummary params = model::summarize_parameters(model);
   std::fprintf(log, "[train] %s: %lld parameters (%zu tensors with weight decay %g, %zu without), device %s, %s\n",
@@ -492,6 +573,8 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   std::fprintf(log, "[train] resident memory at the first step: %.0f MiB\n", proc_status_mib("VmRSS"));
   RunSummary summary;
   summary.resumed_from = resume_dir ? st.step : -1;
+  summary.rank = group ? group->rank() : 0;
+  summary.world = group ? group->world() : 1;
   summary.final_eval_loss = st.last_eval;
   StepCounters counters{st.step, st.skipped};
   int64_t last_saved = resume_dir ? st.step : -1;
@@ -502,13 +585,14 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     st.skipped = counters.skipped;
     st.batcher = batcher.state();
     st.metrics_bytes = metrics.bytes();
+    last_saved = counters.step;
+    if (!rank0) return;  // the replicas are identical: rank 0 writes for all
     const std::string dir = checkpoints.save(counters.step, [&](const std::string& tmp) {
       write_training_state(tmp, model, *mode, *optimizer, st, identity);
     });
     std::set<int64_t> keep;
     if (st.best_step >= 0) keep.insert(st.best_step);
     checkpoints.prune(c.checkpoint.keep_last, keep);
-    last_saved = counters.step;
     summary.last_checkpoint = dir;
     std::fprintf(log, "\n[checkpoint] step %lld saved (%s): %s\n", static_cast<long long>(counters.step), why,
                  dir.c_str());
@@ -522,7 +606,7 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     for (size_t k = 0; k < stores.eval.size(); ++k) {
       const EvalSet& set = stores.eval[k];
       const auto eval_start = Clock::now();
-      const EvalResult e = evaluate(model, c, set, device);
+      const EvalResult e = evaluate(model, c, set, device, group.get());
       const double eval_seconds = std::chrono::duration<double>(Clock::now() - eval_start).count();
       EvalInfo info{step, set.name, e.loss, std::exp(e.loss), e.targets, false};
       if (k == 0) {
@@ -538,8 +622,8 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
       metrics.write({{"type", "eval"}, {"step", step}, {"set", set.name}, {"loss", e.loss},
                      {"perplexity", info.perplexity}, {"targets", e.targets}, {"best", info.best},
                      {"eval_time_s", eval_seconds}});
-      events.scalar("eval/" + set.name + "/loss", e.loss, step);
-      events.scalar("eval/" + set.name + "/perplexity", info.perplexity, step);
+      event("eval/" + set.name + "/loss", e.loss, step);
+      event("eval/" + set.name + "/perplexity", info.perplexity, step);
       std::fprintf(log, "\n[eval] step %lld, %s: loss %.4f, perplexity %.2f (%lld targets)%s\n",
                    static_cast<long long>(step), set.name.c_str(), e.loss, info.perplexity,
                    static_cast<long long>(e.targets), info.best ? ", best so far" : "");
@@ -565,6 +649,25 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   progress.update(static_cast<double>(counters.step));
   int64_t tokens_here = 0;
   double train_seconds = 0.0;
+  // Every rank must take the same decisions: callback requests and signals are combined over the
+  // ranks (any rank's Stop stops all, any rank's signal stops all). Without a group, as they are.
+  auto agree = [&](Action a, int& signal, bool& any_evaluate) {
+    if (!group) {
+      any_evaluate = any_evaluate || a == Action::Evaluate;
+      return a;
+    }
+    const std::vector<double> m = group->max({a == Action::Evaluate ? 1.0 : 0.0, a == Action::Checkpoint ? 1.0 : 0.0,
+                                              a == Action::Stop ? 1.0 : 0.0, static_cast<double>(signal)});
+    any_evaluate = any_evaluate || m[0] > 0;
+    signal = static_cast<int>(m[3]);
+    return m[2] > 0 ? Action::Stop : m[1] > 0 ? Action::Checkpoint : m[0] > 0 ? Action::Evaluate : Action::Continue;
+  };
+  AccumulateHooks hooks;
+  hooks.before_forward = ro.before_forward;
+  if (group) {
+    hooks.total_targets = [&](int64_t n) { return static_cast<int64_t>(group->sum({static_cast<double>(n)})[0]); };
+    hooks.before_backward = [&](bool last) { reducer->begin_pass(last); };
+  }
   StopReason stop = StopReason::MaxSteps;
   if (c.eval.at_start && counters.step == 0 && !stores.eval.empty()) {
     Action ignored = Action::Continue;
@@ -591,13 +694,24 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
         }
       }
       try {
-        r = accumulate_gradients(model, passes, ro.before_forward);
+        r = accumulate_gradients(model, passes, hooks);
+        if (reducer) {
+          reducer->finish();
+          const std::vector<double> sums = group->sum({r.loss, static_cast<double>(r.n_tokens)});
+          r.loss = sums[0];
+          r.n_tokens = static_cast<int64_t>(sums[1]);
+        }
         break;
       } catch (const c10::OutOfMemoryError& e) {
         optimizer->zero_grad();  // a partial accumulation must not leak into the retry
         const int64_t rows = st.micro_batch_rows > 0 ? st.micro_batch_rows : c.data.batch_size;
         std::string what = e.what();
         what = what.substr(0, what.find('\n'));
+        // The ranks would disagree on the retry (some of them may be inside an all-reduce already).
+        FT_CHECK(!group, "[train] step ", counters.step + 1, ": rank ", group->rank(), " ran out of memory on ",
+                 device.str(), " in a forward/backward pass of ", rows, " × ", c.data.seq_len, " tokens (", what,
+                 "). Data-parallel runs cannot halve the micro-batch on the fly: lower data.batch_size (and raise "
+                 "data.grad_accum to keep the batch), set activation_checkpointing: true, or shorten data.seq_len");
         FT_CHECK(c.on_oom == "halve" && rows > 1, "[train] step ", counters.step + 1, ": out of memory on ", device.str(),
                  " in a forward/backward pass of ", rows, " × ", c.data.seq_len, " tokens (", what,
                  "). Lower data.batch_size (and raise data.grad_accum to keep the batch), set activation_checkpointing: "
@@ -646,25 +760,31 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
         if (device.is_cuda()) line["peak_device_mib"] = std::round(peak_device_mib(device));
         if (ewc) line["ewc_penalty"] = ewc_penalty;
         metrics.write(line);
-        if (ewc) events.scalar("train/ewc_penalty", ewc_penalty, counters.step);
-        events.scalar("train/loss", r.loss, counters.step);
-        events.scalar("train/lr", lr, counters.step);
-        events.scalar("train/grad_norm", out.grad_norm, counters.step);
-        events.scalar("train/tokens_per_s", tokens_per_s, counters.step);
+        if (ewc) event("train/ewc_penalty", ewc_penalty, counters.step);
+        event("train/loss", r.loss, counters.step);
+        event("train/lr", lr, counters.step);
+        event("train/grad_norm", out.grad_norm, counters.step);
+        event("train/tokens_per_s", tokens_per_s, counters.step);
       }
       char extra[128];
       std::snprintf(extra, sizeof extra, "loss %.4f, lr %.2e, %.0f tok/s", r.loss, lr, tokens_per_s);
       progress.update(static_cast<double>(counters.step), extra);
       action = callbacks.on_step(info);
+      int no_signal = 0;
+      bool asked_eval = false;
+      action = agree(action, no_signal, asked_eval);
       due_eval = !stores.eval.empty() && ((c.eval.every > 0 && counters.step % c.eval.every == 0) ||
-                                          counters.step == c.max_steps || action == Action::Evaluate);
+                                          counters.step == c.max_steps || asked_eval);
       if (due_eval) improved = run_evals(counters.step, action);
       due_save = c.checkpoint.every > 0 &&
                  (counters.step % c.checkpoint.every == 0 || counters.step == c.max_steps || improved);
     }
+    int sig = signals.pending();
+    bool ignored_eval = false;
+    action = agree(action, sig, ignored_eval);
     if (stop_early) stop = StopReason::EarlyStopping;
     if (action == Action::Stop) stop = StopReason::Callback;
-    if (const int sig = signals.pending()) {
+    if (sig) {
       stop = StopReason::Signal;
       summary.signal = sig;
       std::fprintf(log, "\n[train] %s: saving a checkpoint at step %lld and stopping\n", sig == SIGINT ? "SIGINT" : "SIGTERM",
@@ -688,7 +808,7 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   summary.stop = stop;
   if (stop != StopReason::Signal) {
     summary.final_dir = (out_dir / "final").string();
-    mode->export_final(model, summary.final_dir, c);
+    if (rank0) mode->export_final(model, summary.final_dir, c);
   }
   summary.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   const adapt::TrainableCounts counts = adapt::count_trainable(model);

@@ -183,10 +183,16 @@ TrainerState read_training_state(const std::string& dir, model::CausalLM& model,
     const nlohmann::json want = nlohmann::json::parse(identity);
     const nlohmann::json& have = j.at("identity");
     for (const auto& [key, value] : want.items()) {
+      if (key == "world") continue;  // below, with its own message
       FT_CHECK(have.contains(key) && have.at(key) == value, "[checkpoint] ", dir,
                " was written by a run with another '", key, "' (", have.contains(key) ? have.at(key).dump() : "none",
                ", this run: ", value.dump(), "); use another output_dir, or checkpoint.resume: never");
     }
+    // Data-parallel runs add "world" when it is above 1; the global batch depends on it both ways.
+    const int64_t have_world = have.value("world", int64_t{1}), want_world = want.value("world", int64_t{1});
+    FT_CHECK(have_world == want_world, "[checkpoint] ", dir, " was written by a run on ", have_world,
+             " rank(s) and this run has ", want_world, ": resume with the same number of ranks (the global batch is ",
+             "data.batch_size × data.grad_accum × ranks), or use another output_dir");
     s.step = j.at("step");
     s.skipped = j.at("skipped");
     s.consecutive_skips = j.at("consecutive_skips");

@@ -20,21 +20,35 @@ at::Tensor forward_loss_sum(model::CausalLM& model, const BatchTensors& b) {
 
 AccumulateResult accumulate_gradients(model::CausalLM& model, const std::vector<BatchTensors>& micro_batches,
                                       const std::function<void(const BatchTensors&)>& before_forward) {
+  AccumulateHooks hooks;
+  hooks.before_forward = before_forward;
+  return accumulate_gradients(model, micro_batches, hooks);
+}
+
+AccumulateResult accumulate_gradients(model::CausalLM& model, const std::vector<BatchTensors>& micro_batches,
+                                      const AccumulateHooks& hooks) {
   FT_CHECK(!micro_batches.empty(), "[train] an optimizer step needs at least one micro-batch");
   AccumulateResult r;
   // N first, from the labels alone: the divisor must be known before the first backward pass.
-  for (const BatchTensors& b : micro_batches) {
-    r.n_targets += b.n_targets;
+  int64_t local_targets = 0;
+  size_t last = 0;
+  for (size_t i = 0; i < micro_batches.size(); ++i) {
+    const BatchTensors& b = micro_batches[i];
+    local_targets += b.n_targets;
+    if (b.n_targets > 0) last = i;
     r.n_tokens += b.attention_mask.sum().item<int64_t>();
   }
-  if (r.n_targets == 0) return r;
+  r.n_targets = hooks.total_targets ? hooks.total_targets(local_targets) : local_targets;
+  if (r.n_targets == 0 || local_targets == 0) return r;
   const double inv_n = 1.0 / static_cast<double>(r.n_targets);
   double loss_sum = 0.0;
-  for (const BatchTensors& b : micro_batches) {
+  for (size_t i = 0; i < micro_batches.size(); ++i) {
+    const BatchTensors& b = micro_batches[i];
     if (b.n_targets == 0) continue;  // contributes nothing to the loss or the gradient
-    if (before_forward) before_forward(b);
+    if (hooks.before_forward) hooks.before_forward(b);
     at::Tensor sum = forward_loss_sum(model, b);
     loss_sum += sum.detach().item<double>();
+    if (hooks.before_backward) hooks.before_backward(i == last);
     (sum * inv_n).backward();
   }
   r.loss = loss_sum * inv_n;

@@ -28,7 +28,7 @@ struct ModelSection {
 struct DataSection {
   std::vector<std::string> train;  ///< token stores (ft prepare), concatenated; at least one
   int64_t seq_len = 512;           ///< packed row length
-  int64_t batch_size = 8;          ///< rows per micro-batch
+  int64_t batch_size = 8;          ///< rows per micro-batch (per rank: the global batch is batch_size × grad_accum × ranks)
   int64_t grad_accum = 1;          ///< micro-batches per optimizer step
   bool shuffle = true;
   uint64_t seed = 0;               ///< shuffle seed
@@ -142,6 +142,15 @@ struct ReplaySection {
   int64_t held_out_docs = 0;
 };
 
+/// Data-parallel training (dist/dist.h), active when a launcher (torchrun, ft launch, srun, mpirun)
+/// set the job's environment.
+struct DistSection {
+  std::string backend = "auto";  ///< auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+  double bucket_mb = 25.0;       ///< gradient all-reduce bucket size, MiB
+  /// Rendezvous and every collective: a rank that died or hangs ends the job after this long.
+  double timeout_s = 600.0;
+};
+
 struct RunConfig {
   std::string source;  ///< where it was read from (for messages)
   ModelSection model;
@@ -169,6 +178,7 @@ struct RunConfig {
   PrefixSection prefix;
   EwcSection ewc;
   ReplaySection replay;
+  DistSection dist;
   CheckpointSection checkpoint;
   int64_t log_every = 1;          ///< metrics.jsonl line every N steps
   std::string output_dir;         ///< required; metrics.jsonl, config.yaml, checkpoints/ and final/ go here

@@ -19,6 +19,14 @@
 // that save, so the run's losses, sample order and final weights are bit-identical to a run that
 // was never interrupted (on the same machine and thread count). Train lines carry "data", a hash of
 // the step's input ids, so that the order of samples can be compared between runs.
+//
+// DATA PARALLEL. Started by a launcher (`ft launch -n N`, `torchrun --no-python ft train`, srun,
+// mpirun; dist/dist.h), every process runs this same function: each takes its share of every
+// step's rows (data.batch_size rows per micro-batch per rank), gradients are all-reduced in
+// buckets during the backward pass, and losses, token counts, evaluations, callback requests and
+// signals are reduced so that every rank takes the same decisions. Rank 0 alone writes the output
+// directory (which every rank must be able to read, for resuming); the other ranks log nothing but
+// errors. A run resumes on the same number of ranks only (the global batch is part of the run).
 #include <cstdio>
 #include <functional>
 #include <map>
@@ -28,6 +36,10 @@
 #include "ft/data/batcher.h"
 #include "ft/model/llama.h"
 #include "ft/train/batch.h"
+
+namespace ft::dist {
+class ProcessGroup;
+}
 
 namespace ft::train {
 
@@ -53,6 +65,7 @@ struct RunSummary {
   /// Peak memory while training in this process, MiB: the CUDA caching allocator's peak on a GPU,
   /// the resident set's (VmHWM, loading excluded) on the CPU.
   double peak_memory_mib = 0.0;
+  int rank = 0, world = 1;  ///< this process's place in a data-parallel job (0 of 1 alone)
 };
 
 /// What a training program sees after every optimizer step (applied or skipped).
@@ -129,8 +142,12 @@ struct EvalLoss {
 /// time, every document once in store order (at most `max_batches` batches; 0 = all). With
 /// `held_out_docs` > 0, only the documents a training run with eval.held_out_docs = held_out_docs
 /// sets aside from these stores (in this order) are read. What evaluation inside a run computes.
+/// With a process group, the rows are shared out among the ranks (⌈batch_size / ranks⌉ each) and
+/// the sums all-reduced: every rank returns the same result, that of one process when batch_size
+/// divides evenly (and max_batches is 0, every row once, in any case).
 EvalLoss evaluate_sources(model::CausalLM& model, const std::vector<data::BatcherSource>& sources, int64_t seq_len,
-                          int64_t batch_size, int64_t held_out_docs, int64_t max_batches, c10::Device device);
+                          int64_t batch_size, int64_t held_out_docs, int64_t max_batches, c10::Device device,
+                          dist::ProcessGroup* group = nullptr);
 /// Every evaluation set of `config` (held_out, eval.stores) on `model`, as a run evaluates them, by
 /// set name: for the baseline of a model before any fine-tuning.
 std::map<std::string, EvalLoss> evaluate_config_sets(model::CausalLM& model, const config::RunConfig& config,

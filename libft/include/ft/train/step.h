@@ -5,7 +5,8 @@
 // N = Σ n_targets over ALL micro-batches of the step is counted before the first backward pass, and
 // every micro-batch backpropagates (Σ its token losses) / N. The accumulated gradient is therefore
 // the gradient of the token mean over the whole step, whatever the split into micro-batches, and
-// the reported loss is the same mean. (Later, across ranks: N becomes the all-reduced count.)
+// the reported loss is the same mean. Across data-parallel ranks N is the all-reduced count
+// (AccumulateHooks::total_targets), so the ranks' gradients SUM to that of the global token mean.
 #include <functional>
 #include <vector>
 
@@ -15,9 +16,19 @@
 namespace ft::train {
 
 struct AccumulateResult {
-  double loss = 0.0;      ///< Σ token losses / n_targets (0 when n_targets is 0)
-  int64_t n_targets = 0;  ///< N: supervised tokens of the step
-  int64_t n_tokens = 0;   ///< input tokens (attention_mask = 1) of the step, for tokens/s
+  double loss = 0.0;      ///< Σ this process's token losses / n_targets (0 when n_targets is 0)
+  int64_t n_targets = 0;  ///< N: supervised tokens of the step (all ranks)
+  int64_t n_tokens = 0;   ///< this process's input tokens (attention_mask = 1), for tokens/s
+};
+
+struct AccumulateHooks {
+  /// Called before each micro-batch's forward pass.
+  std::function<void(const BatchTensors&)> before_forward;
+  /// This process's target count → the step's N (data parallel: the sum over the ranks). Unset: N
+  /// is the local count.
+  std::function<int64_t(int64_t)> total_targets;
+  /// Called before each backward pass; `last` marks the step's final one (dist::GradientReducer).
+  std::function<void(bool last)> before_backward;
 };
 
 /// Forward + backward of every micro-batch; gradients are ADDED to the parameters' .grad (zero them
@@ -25,6 +36,8 @@ struct AccumulateResult {
 /// `before_forward`, when set, is called before each micro-batch's forward pass.
 AccumulateResult accumulate_gradients(model::CausalLM& model, const std::vector<BatchTensors>& micro_batches,
                                       const std::function<void(const BatchTensors&)>& before_forward = {});
+AccumulateResult accumulate_gradients(model::CausalLM& model, const std::vector<BatchTensors>& micro_batches,
+                                      const AccumulateHooks& hooks);
 
 /// Summed loss and target count without gradients (evaluation); loss = sum / n_targets.
 AccumulateResult evaluate_loss(model::CausalLM& model, const std::vector<BatchTensors>& batches);
