@@ -69,6 +69,14 @@ fi
 LIBFT_REFERENCE_DIR="$PWD/build-gpu/reference_models" build-gpu/tests/ft_tests --gtest_filter='*HFParity*:RMSNorm*:NF4Kernel*' \
   >"$out/parity.log" 2>&1
 
+# The NCCL path: `ft launch -n 1` (world size 1, one GPU) on the default job's store, bf16.
+log "nccl (ft launch -n 1)"
+d=build-gpu/default-job
+timeout 120 build-gpu/apps/ft launch -n 1 train configs/train-tiny.yaml device=cuda dtype=bfloat16 max_steps=30 \
+  tokenizer=$d/tokenizer "data.train=[$d/fortunes.h5]" checkpoint.every=10 eval.every=10 output_dir=build-gpu/nccl-run \
+  >"$out/nccl.log" 2>&1
+nccl_rc=$?
+
 # 4. Benchmarks.
 log "benchmarks"
 build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 >"$out/bench.log" 2>&1
@@ -84,6 +92,7 @@ echo "ctest       $(grep -E 'tests passed' "$out/ctest.log") (exit $ctest_rc)"
 echo "skipped     $(grep -c '(Skipped)' "$out/ctest.log") tests"
 echo "parity (max|a-b|/max|b| of logits vs transformers float32):"
 grep -E '^\[parity\]' "$out/parity.log" | sed 's/^/  /'
+echo "nccl        exit $nccl_rc: $(grep -E '^\[dist\] [0-9]+ rank' "$out/nccl.log" | cut -c1-60); $(grep -E '^\[train\] done' "$out/nccl.log" | cut -c1-120)"
 echo "benchmarks:"
 grep -E '^BM_' "$out/bench.log" | sed 's/^/  /'
 echo "total       $(($(date +%s) - t0))s"

@@ -11,7 +11,7 @@ for LoRA). Scenarios:
     accumulated and as one big micro-batch: per-step losses and evaluations within 1e-6 (relative),
     final weights within 1e-5 (max |a - b| / max |b| per tensor; against the big batch, or within
     twice what one process's own accumulation deviates from it). Also through torchrun (its agent
-    store) when --torchrun is given.
+    store) when --torchrun is given, and bit-identical through the variables mpirun and srun set.
  2. resume: a 2-rank run stopped by SIGTERM to the launcher resumes bit-identical to an
     uninterrupted 2-rank run; resuming it on 3 ranks is refused, naming the rank counts.
  3. killed rank: SIGKILL of rank 1 mid-run ends the job (launcher status non-zero, rank 0 reports the
@@ -158,7 +158,8 @@ def main():
     common = [f"tokenizer={data}/tokenizer", "max_steps=4", "schedule.warmup_steps=1", "eval.every=2",
               "eval.max_batches=2", "checkpoint.every=0", "log_every=1", "eval.at_start=false"]
     modes = {
-        "full": [full_cfg, f"data.train=[{data}/fortunes.h5]", "eval.held_out_docs=200"],
+        "full": [full_cfg, f"model.config={os.path.join(args.configs, 'models', 'tiny-llama.json')}",
+                 f"data.train=[{data}/fortunes.h5]", "eval.held_out_docs=200"],
         "lora": [lora_cfg, f"model.checkpoint={data}/train/final", f"data.train=[{data}/jargon.h5]",
                  "eval.held_out_docs=300", f"eval.stores=[{data}/fortunes.h5]", "lora.dropout=0"],
     }
@@ -223,6 +224,30 @@ def main():
             fail("torchrun: the run did not use the agent store")
         print(f"equal: torchrun --nproc-per-node=2 (agent store) vs 1 process accumulating: metrics {m:.1e}, "
               f"weights within {w:.1e}")
+    # The same 2-rank run started the way mpirun and srun start processes: bit-identical weights.
+    cfg, *extra = modes["full"]
+    ref = os.path.join(work, "full-w2-b3-a1")
+    for name, make in (
+        ("mpirun", lambda r: {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": str(r),
+                              "OMPI_COMM_WORLD_LOCAL_RANK": str(r), "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+                              "MASTER_ADDR": "127.0.0.1"}),
+        ("srun", lambda r: {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r),
+                            "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1"})):
+        out = os.path.join(work, f"full-{name}")
+        port = str(29100 + (os.getpid() + len(name)) % 800)
+        procs = [subprocess.Popen([ft, "train", cfg] + common + extra +
+                                  ["data.grad_accum=1", f"eval.batch_size={eval_rows}", "data.batch_size=3",
+                                   f"output_dir={out}"], env=dict(env, MASTER_PORT=port, **make(r)),
+                                  stdout=open(f"{out}-{r}.log", "w"), stderr=subprocess.STDOUT) for r in range(2)]
+        codes = [q.wait(timeout=300) for q in procs]
+        if codes != [0, 0]:
+            fail(f"{name}-style launch: exit codes {codes}\n" + open(f"{out}-0.log").read()[-2000:])
+        if f"via {'mpi' if name == 'mpirun' else 'slurm'}" not in open(f"{out}-0.log").read():
+            fail(f"{name}-style launch: the run did not read {name}'s variables")
+        with open(weights_file(out), "rb") as a, open(weights_file(ref), "rb") as b:
+            if a.read() != b.read():
+                fail(f"{name}-style launch: final weights differ from ft launch's")
+        print(f"equal: {name}'s environment gives ft launch's weights bit for bit")
     print(f"equality cases: {time.time() - t0:.0f} s")
 
     # 2. resume of a data-parallel run after SIGTERM, exact

@@ -154,10 +154,17 @@ def scenario_kills(r, work, kills_wanted, rng, event_check=True):
         # Long enough to make progress past the ~0.5 s start-up; shorter once the run nears its end,
         # so that it cannot finish before the wanted number of kills.
         newest = resumes[-1][0] if resumes else 0
+        # The stretch grows while kills land before any new checkpoint and shrinks again with progress;
+        # near the end it is capped, so that one long delay cannot let the run finish.
         if newest <= last_newest:
             stretch = min(stretch * 1.5, 20.0)
+        else:
+            stretch = max(1.0, stretch / 1.5)
         last_newest = newest
-        time.sleep(stretch * (rng.uniform(0.3, 2.0) if newest < 0.6 * steps else rng.uniform(0.2, 0.8)))
+        if newest < 0.6 * steps:
+            time.sleep(stretch * rng.uniform(0.3, 2.0))
+        else:
+            time.sleep(min(stretch, 3.0) * rng.uniform(0.2, 0.8))
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             p.wait()

@@ -10,6 +10,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <sstream>
@@ -134,6 +135,7 @@ std::string LaunchEnv::describe() const {
 struct Pending::Impl {
   c10::intrusive_ptr<c10d::Work> work;
   int rank = 0;
+  std::shared_ptr<std::atomic<bool>> failed;  // the group's: set when this collective fails
 };
 
 Pending::Pending() = default;
@@ -162,6 +164,7 @@ void Pending::wait() {
   try {
     work->wait();
   } catch (const std::exception& e) {
+    if (impl_->failed) impl_->failed->store(true);
     rethrow_collective(impl_->rank, "all-reduce", e);
   }
 }
@@ -169,9 +172,16 @@ void Pending::wait() {
 struct ProcessGroup::Impl {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
+  std::shared_ptr<std::atomic<bool>> failed = std::make_shared<std::atomic<bool>>(false);
 };
 
-ProcessGroup::~ProcessGroup() = default;
+ProcessGroup::~ProcessGroup() {
+  // After a failure the backend's destructor could wait for collectives that can never finish:
+  // leak it instead (the process is about to report the error and end).
+  if (impl_ && impl_->failed->load()) (void)impl_->backend.release();
+}
+
+void ProcessGroup::abandon() { impl_->failed->store(true); }
 
 std::shared_ptr<ProcessGroup> ProcessGroup::create(const LaunchEnv& env, c10::Device device, const GroupOptions& o) {
   std::shared_ptr<ProcessGroup> g(new ProcessGroup());
@@ -237,10 +247,12 @@ Pending ProcessGroup::all_reduce_async(at::Tensor& tensor) {
            device_.str());
   auto impl = std::make_unique<Pending::Impl>();
   impl->rank = rank_;
+  impl->failed = impl_->failed;
   std::vector<at::Tensor> ts{tensor};
   try {
     impl->work = impl_->backend->allreduce(ts);
   } catch (const std::exception& e) {
+    abandon();
     rethrow_collective(rank_, "all-reduce", e);
   }
   return Pending(std::move(impl));
@@ -257,6 +269,7 @@ std::vector<double> ProcessGroup::reduce_scalars(const std::vector<double>& valu
   try {
     impl_->backend->allreduce(ts, ao)->wait();
   } catch (const std::exception& e) {
+    abandon();
     rethrow_collective(rank_, max ? "max-reduce" : "sum-reduce", e);
   }
   t = t.cpu();
@@ -273,6 +286,7 @@ void ProcessGroup::broadcast(at::Tensor& tensor, int root) {
   try {
     impl_->backend->broadcast(ts, bo)->wait();
   } catch (const std::exception& e) {
+    abandon();
     rethrow_collective(rank_, "broadcast", e);
   }
 }
@@ -388,14 +402,9 @@ GradientReducer::GradientReducer(std::shared_ptr<ProcessGroup> group, std::vecto
 }
 
 GradientReducer::~GradientReducer() {
+  // Collectives still in flight (only after an error) keep their buffers alive themselves; waiting
+  // for them here could wait for a dead peer.
   for (auto& p : state_->params) torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
-  for (auto& k : state_->buckets) {
-    try {
-      k.work.wait();
-    } catch (const std::exception&) {
-      // the error was (or will be) reported by finish(); a destructor must not throw
-    }
-  }
 }
 
 void GradientReducer::begin_pass(bool last) {

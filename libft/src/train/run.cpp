@@ -399,6 +399,15 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
                  group->world() == 1 ? "" : "s", group->backend().c_str(), c.dist.timeout_s, launch.describe().c_str());
   }
   const bool rank0 = !group || group->rank() == 0;
+  // Leaving by an exception in a data-parallel job: the other ranks are (or will be) stuck in a
+  // collective, so do not wait for the backend's queued work on the way out (ProcessGroup::abandon).
+  struct AbandonOnError {
+    std::shared_ptr<dist::ProcessGroup> group;
+    int exceptions = std::uncaught_exceptions();
+    ~AbandonOnError() {
+      if (group && std::uncaught_exceptions() > exceptions) group->abandon();
+    }
+  } abandon_on_error{group};
   const bool bf16 = c.dtype == "bfloat16";
   FT_CHECK(!bf16 || device.is_cuda(), "[train] dtype bfloat16 (autocast) needs a CUDA device; on CPU use float32");
 
@@ -816,6 +825,10 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   summary.frozen_params = counts.frozen;
   summary.peak_memory_mib = device.is_cuda() ? peak_device_mib(device) : peak_rss_mib();
   summary.tokens_per_s = static_cast<double>(tokens_here) / std::max(train_seconds, 1e-9);
+  if (reducer) {
+    std::fprintf(log, "[dist] last step: %zu of %zu gradient buckets started inside the backward pass\n",
+                 reducer->launched_in_backward(), reducer->buckets());
+  }
   if (stop == StopReason::Signal) {
     std::fprintf(log, "[train] stopped by a signal at step %lld of %lld; checkpoint %s; run the same command to resume\n",
                  static_cast<long long>(summary.steps), static_cast<long long>(c.max_steps),

@@ -109,6 +109,11 @@ class ProcessGroup {
   /// `tensor` from `root` on every rank (in place).
   void broadcast(at::Tensor& tensor, int root);
   void barrier();
+  /// Gives up on the backend: its destructor, which waits for collectives still queued (possibly
+  /// for a dead peer, until the timeout), will not run. Done automatically when a collective fails;
+  /// the trainer also calls it when it leaves by an exception, so that the error is reported and
+  /// the process ends at once.
+  void abandon();
 
   struct Impl;
 
