@@ -1,6 +1,10 @@
 // ft prepare's throughput against raw sentencepiece encoding of the same text, side by side.
 //
-//   build/benchmarks/bench_prepare
+//   build/benchmarks/bench_prepare --benchmark_repetitions=10 --benchmark_enable_random_interleaving=true
+//
+// Random interleaving runs the repetitions of the benchmarks in a shuffled order, so that a slow
+// moment of a shared machine lands on both sides instead of on whichever ran then (the overhead is
+// a difference of two 300 ms figures, and that noise was ±3%).
 //
 // Text: the fortune files that Debian's fortunes package ships (2.6 MB, ~15k documents).
 //   BM_RawEncode/N: Tokenizer::encode on each document, already split and in memory, on N threads
