@@ -138,6 +138,25 @@ TEST(CheckpointDir, PruneKeepsTheNewestAndProtectedSteps) {
   fs::remove_all(root);
 }
 
+// A save whose files cannot be written (a full disk) removes its unfinished directory and throws
+// the writer's error; the checkpoints before it stay intact.
+TEST(CheckpointDir, AFailedWriteRemovesItsUnfinishedDirectory) {
+  const fs::path root = scratch("ckpt_failed");
+  train::CheckpointDir dir((root / "checkpoints").string());
+  save_two(dir);
+  const std::string e = test::error_of([&] {
+    dir.save(30, [](const std::string& d) {
+      write_file(fs::path(d) / "a.bin", "half of it");
+      FT_FAIL("[safetensors] ", d, "/b.safetensors: write failed: No space left on device");
+    });
+  });
+  EXPECT_NE(e.find("No space left on device"), std::string::npos) << e;
+  EXPECT_FALSE(fs::exists(dir.path(30) + ".tmp"));
+  EXPECT_EQ(dir.steps(), (std::vector<int64_t>{10, 20}));
+  EXPECT_NO_THROW(train::CheckpointDir::verify(dir.path(20)));
+  fs::remove_all(root);
+}
+
 // Leftovers of interrupted saves: .tmp directories go; an .old directory (a replacement that
 // crashed between its two renames) comes back when its step-N is missing.
 TEST(CheckpointDir, CleansStaleDirectoriesAndRestoresAnInterruptedReplacement) {

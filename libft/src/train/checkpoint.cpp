@@ -106,25 +106,32 @@ std::string CheckpointDir::save(int64_t step, const std::function<void(const std
   FT_CHECK(!ec, "[checkpoint] cannot create ", tmp, ": ", ec.message());
   crash_point("begin", number);
 
-  write_files(tmp);
-  nlohmann::json files = nlohmann::json::array();
-  std::vector<fs::path> names;
-  for (const auto& e : fs::directory_iterator(tmp)) names.push_back(e.path());
-  std::sort(names.begin(), names.end());
-  for (const fs::path& p : names) {
-    const std::string name = p.filename().string();
-    FT_CHECK(fs::is_regular_file(p), "[checkpoint] ", tmp, ": '", name, "' is not a plain file");
-    FT_CHECK(name != kManifest, "[checkpoint] ", tmp, ": the files may not include ", kManifest);
-    fsync_path(p.string());
-    files.push_back({{"name", name}, {"bytes", fs::file_size(p)}, {"sha256", data::sha256_file(p.string())}});
-  }
-  crash_point("after_files", number);
+  // A failed write (a full disk, most often) removes its unfinished directory, so that the space
+  // it took is free again for whatever the caller does next; the error goes on unchanged.
+  try {
+    write_files(tmp);
+    nlohmann::json files = nlohmann::json::array();
+    std::vector<fs::path> names;
+    for (const auto& e : fs::directory_iterator(tmp)) names.push_back(e.path());
+    std::sort(names.begin(), names.end());
+    for (const fs::path& p : names) {
+      const std::string name = p.filename().string();
+      FT_CHECK(fs::is_regular_file(p), "[checkpoint] ", tmp, ": '", name, "' is not a plain file");
+      FT_CHECK(name != kManifest, "[checkpoint] ", tmp, ": the files may not include ", kManifest);
+      fsync_path(p.string());
+      files.push_back({{"name", name}, {"bytes", fs::file_size(p)}, {"sha256", data::sha256_file(p.string())}});
+    }
+    crash_point("after_files", number);
 
-  const nlohmann::json manifest = {{"format", kFormat}, {"version", 1}, {"step", step}, {"files", files}};
-  const std::string text = manifest.dump(2) + "\n";
-  io::write_file_atomic((fs::path(tmp) / kManifest).string(),
-                        std::span(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
-  fsync_path(tmp);
+    const nlohmann::json manifest = {{"format", kFormat}, {"version", 1}, {"step", step}, {"files", files}};
+    const std::string text = manifest.dump(2) + "\n";
+    io::write_file_atomic((fs::path(tmp) / kManifest).string(),
+                          std::span(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
+    fsync_path(tmp);
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
   crash_point("after_manifest", number);
 
   // Replacing a checkpoint of the same step: the old one steps aside as .old until the new one is
