@@ -157,8 +157,8 @@ void add_launch(CLI::App& app) {
   cmd->add_option("-n,--nproc", *n, "processes (ranks); one GPU each when the command trains on CUDA")->required();
   cmd->add_option("--master-port", *port, "TCP store port (default: a free one)");
   cmd->add_option("--grace", *grace, "seconds the other ranks get after one failed, before SIGKILL")->capture_default_str();
-  cmd->footer("Example: ft launch -n 2 train configs/tiny-full.yaml\n"
-              "Equivalent: torchrun --nproc-per-node=2 --no-python ft train configs/tiny-full.yaml");
+  cmd->footer("Example: ft launch -n 2 train configs/train-tiny.yaml\n"
+              "Equivalent: torchrun --nproc-per-node=2 --no-python ft train configs/train-tiny.yaml");
   cmd->callback([cmd, n, port, grace] {
     const int rc = launch(*n, *port, *grace, cmd->remaining());
     if (rc != 0) throw CLI::RuntimeError(rc);

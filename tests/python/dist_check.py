@@ -13,7 +13,8 @@ for LoRA). Scenarios:
     twice what one process's own accumulation deviates from it). Also through torchrun (its agent
     store) when --torchrun is given, and bit-identical through the variables mpirun and srun set.
  2. resume: a 2-rank run stopped by SIGTERM to the launcher resumes bit-identical to an
-    uninterrupted 2-rank run; resuming it on 3 ranks is refused, naming the rank counts.
+    uninterrupted 2-rank run (full, and LoRA with dropout: per-rank generator streams); resuming
+    on 3 ranks is refused, naming the rank counts.
  3. killed rank: SIGKILL of rank 1 mid-run ends the job (launcher status non-zero, rank 0 reports the
     failed collective) well within the timeout.
  4. hung rank: rank 1 frozen with SIGSTOP (started without the launcher): rank 0 exits with an error
@@ -250,32 +251,35 @@ def main():
         print(f"equal: {name}'s environment gives ft launch's weights bit for bit")
     print(f"equality cases: {time.time() - t0:.0f} s")
 
-    # 2. resume of a data-parallel run after SIGTERM, exact
-    cfg, *extra = modes["full"]
-    long = common[:]
-    long[1] = "max_steps=8"
-    long[5] = "checkpoint.every=2"
-    base = [ft, "launch", "-n", "2", "train", cfg] + long + extra + ["data.batch_size=2", "eval.batch_size=4"]
-    whole = os.path.join(work, "resume-whole")
-    run(base + [f"output_dir={whole}"], env=env, log=whole + ".log")
-    cut = os.path.join(work, "resume-cut")
-    p = subprocess.Popen(base + [f"output_dir={cut}"], env=env, stdout=open(cut + ".log", "w"), stderr=subprocess.STDOUT)
-    wait_for_steps(cut, 3, p)
-    p.send_signal(signal.SIGTERM)
-    rc = p.wait(timeout=120)
-    if rc != 143:
-        fail(f"SIGTERM to the launcher: status {rc}, expected 143\n{open(cut + '.log').read()[-2000:]}")
-    ckpts = sorted(os.listdir(os.path.join(cut, "checkpoints")))
-    run(base[:3] + ["3"] + base[4:] + [f"output_dir={cut}"], env=env, log=cut + "-3.log", expect=1)
-    if "resume with the same number of ranks" not in open(cut + "-3.log").read():
-        fail("resuming on 3 ranks: no error naming the rank counts\n" + open(cut + "-3.log").read()[-2000:])
-    run(base + [f"output_dir={cut}"], env=env, log=cut + "-resume.log")
-    if metric_lines(whole) != metric_lines(cut):
-        fail("the resumed 2-rank run's metrics differ from the uninterrupted one")
-    with open(weights_file(whole), "rb") as a, open(weights_file(cut), "rb") as b:
-        if a.read() != b.read():
-            fail("the resumed 2-rank run's final weights differ from the uninterrupted one")
-    print(f"resume: SIGTERM at checkpoint(s) {ckpts}, resumed on 2 ranks bit-identical; 3 ranks refused")
+    # 2. resume of a data-parallel run after SIGTERM, exact: full fine-tuning, and LoRA with dropout
+    # (every rank draws its own dropout stream, which the checkpoint keeps per rank).
+    long = [x.replace("max_steps=4", "max_steps=8").replace("checkpoint.every=0", "checkpoint.every=2") for x in common]
+    for mode, more in (("full", []), ("lora", ["lora.dropout=0.1"])):
+        cfg, *extra = modes[mode]
+        base = [ft, "launch", "-n", "2", "train", cfg] + long + extra + more + ["data.batch_size=2", "eval.batch_size=4"]
+        whole = os.path.join(work, f"resume-{mode}-whole")
+        run(base + [f"output_dir={whole}"], env=env, log=whole + ".log")
+        cut = os.path.join(work, f"resume-{mode}-cut")
+        p = subprocess.Popen(base + [f"output_dir={cut}"], env=env, stdout=open(cut + ".log", "w"),
+                             stderr=subprocess.STDOUT)
+        wait_for_steps(cut, 3, p)
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=120)
+        if rc != 143:
+            fail(f"{mode}: SIGTERM to the launcher: status {rc}, expected 143\n{open(cut + '.log').read()[-2000:]}")
+        ckpts = sorted(os.listdir(os.path.join(cut, "checkpoints")))
+        if mode == "full":
+            run(base[:3] + ["3"] + base[4:] + [f"output_dir={cut}"], env=env, log=cut + "-3.log", expect=1)
+            if "resume with the same number of ranks" not in open(cut + "-3.log").read():
+                fail("resuming on 3 ranks: no error naming the rank counts\n" + open(cut + "-3.log").read()[-2000:])
+        run(base + [f"output_dir={cut}"], env=env, log=cut + "-resume.log")
+        if metric_lines(whole) != metric_lines(cut):
+            fail(f"{mode}: the resumed 2-rank run's metrics differ from the uninterrupted one")
+        with open(weights_file(whole), "rb") as a, open(weights_file(cut), "rb") as b:
+            if a.read() != b.read():
+                fail(f"{mode}: the resumed 2-rank run's final weights differ from the uninterrupted one")
+        print(f"resume ({mode}{', dropout 0.1' if more else ''}): SIGTERM at checkpoint(s) {ckpts}, resumed on 2 ranks "
+              f"bit-identical{'; 3 ranks refused' if mode == 'full' else ''}")
 
     # 3. a killed rank ends the job
     cfg, *extra = modes["full"]

@@ -291,6 +291,21 @@ void ProcessGroup::broadcast(at::Tensor& tensor, int root) {
   }
 }
 
+std::vector<at::Tensor> ProcessGroup::all_gather(const at::Tensor& tensor) {
+  std::vector<at::Tensor> input{tensor.to(device_).contiguous()};
+  std::vector<std::vector<at::Tensor>> output(1);
+  for (int r = 0; r < world_; ++r) output[0].push_back(at::empty_like(input[0]));
+  try {
+    impl_->backend->allgather(output, input)->wait();
+  } catch (const std::exception& e) {
+    abandon();
+    rethrow_collective(rank_, "all-gather", e);
+  }
+  std::vector<at::Tensor> out;
+  for (auto& t : output[0]) out.push_back(t.cpu());
+  return out;
+}
+
 void ProcessGroup::barrier() { reduce_scalars({0.0}, false); }
 
 // ---------------------------------------------------------------------------------------------

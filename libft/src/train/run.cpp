@@ -486,9 +486,11 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     FT_CHECK(resume_dir || c.checkpoint.resume != "required", "[train] checkpoint.resume is 'required' but ",
              checkpoints.root(), " holds no intact checkpoint");
   }
-  if (!resume_dir) at::manual_seed(c.seed);  // dropout draws from the default generators
+  // Dropout draws from the default generators; each data-parallel rank has its own stream (seed +
+  // rank: rank 0's is a single process's), saved in the checkpoints and restored per rank.
+  if (!resume_dir) at::manual_seed(c.seed + static_cast<uint64_t>(group ? group->rank() : 0));
   if (resume_dir) {
-    st = read_training_state(*resume_dir, model, *mode, *optimizer, identity);
+    st = read_training_state(*resume_dir, model, *mode, *optimizer, identity, group ? group->rank() : 0, device);
     std::fprintf(log, "[train] resuming from %s (step %lld of %lld)\n", resume_dir->c_str(),
                  static_cast<long long>(st.step), static_cast<long long>(c.max_steps));
   }
@@ -521,6 +523,14 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     std::vector<at::Tensor> trainable;
     for (const auto& p : model->parameters()) {
       if (p.requires_grad()) trainable.push_back(p);
+    }
+    // Every replica starts from rank 0's weights, whatever each process loaded or initialised.
+    {
+      at::NoGradGuard no_grad;
+      for (auto& p : trainable) {
+        at::Tensor data = p.detach();
+        group->broadcast(data, 0);
+      }
     }
     reducer = std::make_unique<dist::GradientReducer>(
         group, trainable, static_cast<int64_t>(c.dist.bucket_mb * 1024.0 * 1024.0));
@@ -595,9 +605,16 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     st.batcher = batcher.state();
     st.metrics_bytes = metrics.bytes();
     last_saved = counters.step;
-    if (!rank0) return;  // the replicas are identical: rank 0 writes for all
+    // The replicas are identical, so rank 0 writes for all; only the ranks' dropout generators
+    // differ, and travel to rank 0 first.
+    std::vector<at::Tensor> other_ranks;
+    if (group && group->world() > 1) {
+      other_ranks = group->all_gather(own_rng_state(device));
+      other_ranks.erase(other_ranks.begin());
+    }
+    if (!rank0) return;
     const std::string dir = checkpoints.save(counters.step, [&](const std::string& tmp) {
-      write_training_state(tmp, model, *mode, *optimizer, st, identity);
+      write_training_state(tmp, model, *mode, *optimizer, st, identity, other_ranks);
     });
     std::set<int64_t> keep;
     if (st.best_step >= 0) keep.insert(st.best_step);

@@ -108,8 +108,49 @@ std::string run_identity(const config::RunConfig& c) {
   return j.dump();
 }
 
+at::Tensor own_rng_state(c10::Device device) {
+  std::vector<at::Tensor> parts;
+  {
+    auto cpu = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(cpu.mutex());
+    parts.push_back(cpu.get_state());
+  }
+  if (device.is_cuda()) {
+    auto g = at::globalContext().defaultGenerator(device);
+    std::lock_guard<std::mutex> lock(g.mutex());
+    parts.push_back(g.get_state());
+  }
+  return at::cat(parts);
+}
+
+namespace {
+
+// own_rng_state()'s tensor back into the generators.
+void set_own_rng_state(const at::Tensor& state, c10::Device device, const std::string& where) {
+  auto cpu = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(cpu.mutex());
+  const int64_t cpu_bytes = cpu.get_state().numel();
+  at::Generator cuda;
+  int64_t cuda_bytes = 0;
+  if (device.is_cuda()) {
+    cuda = at::globalContext().defaultGenerator(device);
+    cuda_bytes = cuda.get_state().numel();
+  }
+  FT_CHECK(state.scalar_type() == at::kByte && state.dim() == 1 && state.numel() == cpu_bytes + cuda_bytes, where,
+           ": a generator state of ", state.numel(), " bytes where this process's generators take ",
+           cpu_bytes + cuda_bytes, " (resumed on another kind of device?)");
+  cpu.set_state(state.narrow(0, 0, cpu_bytes).clone());
+  if (cuda_bytes > 0) {
+    std::lock_guard<std::mutex> lock_cuda(cuda.mutex());
+    cuda.set_state(state.narrow(0, cpu_bytes, cuda_bytes).clone());
+  }
+}
+
+}  // namespace
+
 void write_training_state(const std::string& dir, model::CausalLM& model, const adapt::Mode& mode,
-                          const torch::optim::Optimizer& optimizer, const TrainerState& s, const std::string& identity) {
+                          const torch::optim::Optimizer& optimizer, const TrainerState& s, const std::string& identity,
+                          const std::vector<at::Tensor>& other_ranks) {
   write_tensors((fs::path(dir) / kModelFile).string(), mode.state(model));
 
   adapt::NamedTensors opt_tensors;
@@ -142,6 +183,7 @@ void write_training_state(const std::string& dir, model::CausalLM& model, const 
       rng.emplace_back("cuda:" + std::to_string(i), g.get_state());
     }
   }
+  for (size_t k = 0; k < other_ranks.size(); ++k) rng.emplace_back("rank" + std::to_string(k + 1), other_ranks[k]);
   write_tensors((fs::path(dir) / kRngFile).string(), rng);
 
   nlohmann::json last_eval = nlohmann::json::object();
@@ -169,7 +211,8 @@ void write_training_state(const std::string& dir, model::CausalLM& model, const 
 }
 
 TrainerState read_training_state(const std::string& dir, model::CausalLM& model, const adapt::Mode& mode,
-                                 torch::optim::Optimizer& optimizer, const std::string& identity) {
+                                 torch::optim::Optimizer& optimizer, const std::string& identity, int rank,
+                                 c10::Device device) {
   const std::string state_path = (fs::path(dir) / kStateFile).string();
   nlohmann::json j;
   try {
@@ -273,7 +316,16 @@ TrainerState read_training_state(const std::string& dir, model::CausalLM& model,
   {
     const std::string path = (fs::path(dir) / kRngFile).string();
     auto file = io::SafetensorsFile::open(path);
+    bool restored = rank == 0;
     for (const auto& info : file->tensors()) {
+      if (info.name.rfind("rank", 0) == 0) {  // another data-parallel rank's generators
+        if (info.name == "rank" + std::to_string(rank)) {
+          set_own_rng_state(io::read_tensor(*file, info), device, path + ": '" + info.name + "'");
+          restored = true;
+        }
+        continue;
+      }
+      if (rank != 0) continue;
       at::Generator g;
       if (info.name == "cpu") {
         g = at::detail::getDefaultCPUGenerator();
@@ -287,6 +339,7 @@ TrainerState read_training_state(const std::string& dir, model::CausalLM& model,
       std::lock_guard<std::mutex> lock(g.mutex());
       g.set_state(io::read_tensor(*file, info));
     }
+    FT_CHECK(restored, "[checkpoint] ", path, ": no generator state for rank ", rank);
   }
   return s;
 }

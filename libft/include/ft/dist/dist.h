@@ -108,6 +108,8 @@ class ProcessGroup {
   std::vector<double> max(const std::vector<double>& values);
   /// `tensor` from `root` on every rank (in place).
   void broadcast(at::Tensor& tensor, int root);
+  /// Every rank's `tensor` (same shape and dtype on all ranks), in rank order, on the CPU.
+  std::vector<at::Tensor> all_gather(const at::Tensor& tensor);
   void barrier();
   /// Gives up on the backend: its destructor, which waits for collectives still queued (possibly
   /// for a dead peer, until the timeout), will not run. Done automatically when a collective fails;

@@ -42,15 +42,23 @@ struct TrainerState {
 /// tokenizer, data, mode, optimizer kind): JSON text, compared key by key.
 std::string run_identity(const config::RunConfig& config);
 
+/// The generators this process draws dropout from (the CPU's and, on CUDA, `device`'s), as one
+/// uint8 tensor: what a data-parallel rank other than 0 contributes to rank 0's checkpoint.
+at::Tensor own_rng_state(c10::Device device);
+
 /// Writes the checkpoint files into `dir` (the temporary directory of CheckpointDir::save).
+/// `other_ranks[k - 1]` is rank k's own_rng_state() in a data-parallel run (each rank draws its own
+/// dropout stream); it is stored as "rank<k>" in rng.safetensors.
 void write_training_state(const std::string& dir, model::CausalLM& model, const adapt::Mode& mode,
                           const torch::optim::Optimizer& optimizer, const TrainerState& state,
-                          const std::string& identity);
+                          const std::string& identity, const std::vector<at::Tensor>& other_ranks = {});
 
 /// Restores weights, optimizer state and RNG states from a verified checkpoint `dir` and returns the
 /// trainer state. Throws ft::Error naming the file and tensor for anything that does not fit (a
-/// missing or unexpected tensor, a shape or dtype change, another run's identity).
+/// missing or unexpected tensor, a shape or dtype change, another run's identity). Rank k > 0 of a
+/// data-parallel run restores its own generators ("rank<k>", onto `device`'s).
 TrainerState read_training_state(const std::string& dir, model::CausalLM& model, const adapt::Mode& mode,
-                                 torch::optim::Optimizer& optimizer, const std::string& identity);
+                                 torch::optim::Optimizer& optimizer, const std::string& identity, int rank = 0,
+                                 c10::Device device = c10::kCPU);
 
 }  // namespace ft::train
