@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/autocast_mode.h>
+#include <torch/autograd.h>
 #include <torch/nn/modules/linear.h>
 
 #include <cmath>
@@ -23,10 +25,85 @@ namespace {
 
 constexpr const char* kPeftPrefix = "base_model.model.";
 
+// The fused LoRA layer (see set_lora_fused in the header). Computes in the autocast dtype when
+// autocast is on for the input's device (bf16 on CUDA), else in the input's dtype; returns A's and
+// B's gradients in their own dtype. The layer outlives the graph (one step), so the backward pass
+// reaches it through a pointer to fetch W again.
+struct FusedLora : public torch::autograd::Function<FusedLora> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a,
+                            const at::Tensor& b, model::LinearImpl* layer, double scale, double p) {
+    const bool autocast = at::autocast::is_autocast_enabled(x.device().type());
+    const at::ScalarType ct = autocast ? at::autocast::get_autocast_dtype(x.device().type()) : x.scalar_type();
+    const int64_t in = x.size(-1), out = b.size(0);
+    const at::Tensor x2 = x.reshape({-1, in}).to(ct);
+    const at::Tensor ac = a.to(ct), bc = b.to(ct);
+    at::Tensor h = x2, keep;  // keep: CPU: the scaled noise; CUDA: the mask
+    if (p > 0) {
+      if (x2.is_cuda()) {  // at::dropout's fused path on CUDA
+        auto [dropped, mask] = at::native_dropout(x2, p, /*train=*/true);
+        h = dropped;
+        keep = mask;
+      } else {  // at::dropout's CPU path: noise ~ Bernoulli(1 − p) / (1 − p), same draws
+        keep = at::empty_like(x2).bernoulli_(1 - p).div_(1 - p);
+        h = x2 * keep;
+      }
+    }
+    const at::Tensor s_low = at::mm(h, ac.t());  // S = drop(x) Aᵀ, (T, r)
+    const at::Tensor w = layer->dense_weight(ct);
+    at::Tensor y = layer->bias.defined() ? at::addmm(layer->bias.to(ct), x2, w.t()) : at::mm(x2, w.t());
+    y.addmm_(s_low, bc.t(), /*beta=*/1, /*alpha=*/scale);
+    ctx->save_for_backward({h, s_low, a, b, keep});
+    ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["ct"] = ct;
+    ctx->saved_data["x_dtype"] = x.scalar_type();
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    std::vector<int64_t> y_sizes = x.sizes().vec();
+    y_sizes.back() = out;
+    return y.view(y_sizes);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &h = saved[0], &s_low = saved[1], &a = saved[2], &b = saved[3], &keep = saved[4];
+    auto* layer = reinterpret_cast<model::LinearImpl*>(ctx->saved_data["layer"].toInt());
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const double p = ctx->saved_data["p"].toDouble();
+    const auto ct = ctx->saved_data["ct"].toScalarType();
+    const at::Tensor dy = grads[0].reshape({-1, b.size(0)}).to(ct);
+    const at::Tensor ac = a.to(ct), bc = b.to(ct);
+    const at::Tensor ds = at::mm(dy, bc).mul_(scale);           // (T, r)
+    const at::Tensor db = at::mm(dy.t(), s_low).mul_(scale);     // (out, r)
+    const at::Tensor da = at::mm(ds.t(), h);                     // (r, in)
+    at::Tensor dx;
+    if (ctx->needs_input_grad(0)) {
+      dx = at::mm(dy, layer->dense_weight(ct));  // (T, in)
+      if (p == 0) {
+        dx.addmm_(ds, ac);
+      } else if (keep.scalar_type() == at::kBool) {
+        dx.add_(at::native_dropout_backward(at::mm(ds, ac), keep, 1.0 / (1.0 - p)));
+      } else {
+        dx.add_(at::mm(ds, ac).mul_(keep));
+      }
+      dx = dx.view(ctx->saved_data["x_sizes"].toIntVector()).to(ctx->saved_data["x_dtype"].toScalarType());
+    }
+    return {dx, da.to(a.scalar_type()), db.to(b.scalar_type()), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 class LoraAdapter final : public model::LinearAdapter {
  public:
   LoraAdapter(model::LinearImpl* owner, torch::nn::Linear a, torch::nn::Linear b, LoraLayer info, double dropout)
       : owner_(owner), A(std::move(a)), B(std::move(b)), info(std::move(info)), dropout_(dropout) {}
+
+  at::Tensor forward(const at::Tensor& x) override {
+    if (!fused || merged || magnitude.defined() || !owner_->is_training() || !at::GradMode::is_enabled()) return {};
+    // Autocast aside, the unfused path computes in A's dtype; the fused one needs x to match it.
+    if (!at::autocast::is_autocast_enabled(x.device().type()) && x.scalar_type() != A->weight.scalar_type()) return {};
+    return FusedLora::apply(x, A->weight, B->weight, owner_, info.scale, dropout_);
+  }
 
   at::Tensor apply(const at::Tensor& x, const at::Tensor& base) override {
     if (merged) return base;
@@ -69,6 +146,7 @@ class LoraAdapter final : public model::LinearAdapter {
   LoraLayer info;
   double dropout_;
   bool merged = false;
+  bool fused = true;
 };
 
 /// PEFT's check_target_module_exists for a list of names (or its regex form).
@@ -241,6 +319,10 @@ bool lora_merged(model::CausalLM& model) {
 void set_lora_dropout(model::CausalLM& model, double dropout) {
   FT_CHECK(dropout >= 0 && dropout < 1, "[lora] dropout must be in [0, 1), got ", dropout);
   for (const auto& [name, a] : adapters(model)) a->dropout_ = dropout;
+}
+
+void set_lora_fused(model::CausalLM& model, bool fused) {
+  for (const auto& [name, a] : adapters(model)) a->fused = fused;
 }
 
 void merge_and_unload_lora(model::CausalLM& model) {

@@ -59,6 +59,9 @@ LinearImpl::LinearImpl(int64_t in, int64_t out, bool with_bias) : in_features(in
 }
 
 at::Tensor LinearImpl::forward(const at::Tensor& x) {
+  if (adapter_) {
+    if (at::Tensor y = adapter_->forward(x); y.defined()) return y;
+  }
   at::Tensor y;
   if (nf4_ && at::GradMode::is_enabled() && x.requires_grad()) {
     y = NF4Matmul::apply(x, *nf4_);

@@ -69,6 +69,16 @@ void unmerge_lora(model::CausalLM& model);
 bool lora_merged(model::CausalLM& model);
 /// Sets the dropout of every adapter (training only).
 void set_lora_dropout(model::CausalLM& model, double dropout);
+/// FUSED TRAINING PATH. In training (train mode, gradients on), a plain LoRA layer (not DoRA, not
+/// merged) runs as one autograd node with its backward written out:
+///   S = drop(x) Aᵀ;  y = x Wᵀ + b, then y += s S Bᵀ in place (one GEMM accumulating into y)
+///   dS = s dy B;  dB = s dyᵀ S;  dA = dSᵀ drop(x);  dx = dy W, then dx += dS A (masked) in place
+/// instead of PEFT's chain, which writes B(A(x)), its scaled copy and the sum as separate (…, out)
+/// tensors and adds a separate (…, in) gradient. W (dense, or NF4 dequantized again) is not saved.
+/// Dropout draws exactly what at::dropout draws. Evaluation and inference keep the unfused path,
+/// whose logits equal PEFT's bit for bit. On by default; off gives the plain autograd chain (for
+/// comparisons and benchmarks).
+void set_lora_fused(model::CausalLM& model, bool fused);
 /// Merges (unless merged) and removes the adapters: a plain model again, for save_pretrained.
 void merge_and_unload_lora(model::CausalLM& model);
 

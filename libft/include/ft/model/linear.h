@@ -18,6 +18,9 @@ class LinearAdapter {
   virtual ~LinearAdapter() = default;
   /// x: the layer's input (…, in); base: x Wᵀ + b (…, out) → the adapted output (…, out).
   virtual at::Tensor apply(const at::Tensor& x, const at::Tensor& base) = 0;
+  /// The whole adapted layer from its input, when the adapter computes it better than apply() on
+  /// the base output (LoRA's fused training path); an undefined tensor falls back to apply().
+  virtual at::Tensor forward(const at::Tensor& /*x*/) { return {}; }
 };
 
 class LinearImpl : public torch::nn::Module {
