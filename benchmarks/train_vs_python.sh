@@ -7,7 +7,8 @@
 #   benchmarks/train_vs_python.sh FT PYTHON DEFAULT_JOB_DIR WORK_DIR [STEPS [MODEL_CONFIG_JSON]]
 # With MODE=lora in the environment both loops train LoRA adapters (libft's lora mode against PEFT)
 # from the same initial adapter, which PEFT writes; with MODE=prefix both train a prefix (8 virtual
-# tokens) from the same PEFT-made initial prefix.
+# tokens) from the same PEFT-made initial prefix. With MODE=lora LORA_DROPOUT=0.05 both loops use that
+# dropout (libft's fused path and PEFT's chain draw different masks): only the speed is compared.
 # (DEFAULT_JOB_DIR: the default job's outputs, e.g. runs/default after scripts/run-default.sh)
 set -euo pipefail
 ft=$1 python=$2 data=$3 work=$4 steps=${5:-20}
@@ -20,12 +21,14 @@ args=("$root/configs/train-tiny.yaml" "model.checkpoint=$work/model" model.confi
       schedule.warmup_steps=4 data.batch_size=4 data.grad_accum=2 eval.every=0 checkpoint.every=0)
 if [ "${MODE:-full}" = lora ]; then
   "$python" "$root/tests/python/train_reference.py" --make-adapter "$work/adapter0" "$work/model" 2>&1 | grep -v '^Loading weights'
-  args+=(mode=lora "lora.init_from=$work/adapter0" optimizer.weight_decay=0.0)
+  args+=(mode=lora "lora.init_from=$work/adapter0" optimizer.weight_decay=0.0 "lora.dropout=${LORA_DROPOUT:-0}")
 elif [ "${MODE:-full}" = prefix ]; then
   "$python" "$root/tests/python/train_reference.py" --make-prefix "$work/adapter0" "$work/model" 2>&1 | grep -v '^Loading weights'
   args+=(mode=prefix "prefix.init_from=$work/adapter0" optimizer.weight_decay=0.0 optimizer.lr=1e-2)
 fi
 "$ft" batches "${args[@]}" --steps "$steps" -o "$work/batches.safetensors"
 "$ft" train "${args[@]}" 2>&1 | grep -v '^train '
+speed=()
+if [ "${LORA_DROPOUT:-0}" != 0 ]; then speed=(--speed-only); fi
 "$python" "$root/tests/python/train_reference.py" "$work/run" "$work/model" "$work/batches.safetensors" \
-  --json "$work/result.json" 2>&1 | grep -v '^Loading weights'
+  --json "$work/result.json" "${speed[@]}" 2>&1 | grep -v '^Loading weights'

@@ -2,11 +2,14 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
 #include <torch/nn/modules/linear.h>
 
 #include <cmath>
+#include <mutex>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <regex>
@@ -43,8 +46,8 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
         auto [dropped, mask] = at::native_dropout(x2, p, /*train=*/true);
         h = dropped;
         keep = mask;
-      } else {  // at::dropout's CPU path: noise ~ Bernoulli(1 − p) / (1 − p), same draws
-        keep = at::empty_like(x2).bernoulli_(1 - p).div_(1 - p);
+      } else {
+        keep = lora_dropout_noise(x2, p);
         h = x2 * keep;
       }
     }
@@ -319,6 +322,36 @@ bool lora_merged(model::CausalLM& model) {
 void set_lora_dropout(model::CausalLM& model, double dropout) {
   FT_CHECK(dropout >= 0 && dropout < 1, "[lora] dropout must be in [0, 1), got ", dropout);
   for (const auto& [name, a] : adapters(model)) a->dropout_ = dropout;
+}
+
+at::Tensor lora_dropout_noise(const at::Tensor& x, double p) {
+  FT_CHECK(p >= 0 && p < 1, "[lora] dropout must be in [0, 1), got ", p);
+  FT_CHECK(x.device().is_cpu() && at::isFloatingType(x.scalar_type()), "[lora] dropout noise is for CPU float tensors");
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  uint64_t seed = 0;
+  {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    seed = at::check_generator<at::CPUGeneratorImpl>(gen)->random64();
+  }
+  const uint64_t threshold = static_cast<uint64_t>(std::llround(p * 4294967296.0));  // drop when u < threshold
+  const int64_t n = out.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "lora_dropout_noise", [&] {
+    scalar_t* d = out.data_ptr<scalar_t>();
+    const scalar_t keep = static_cast<scalar_t>(1.0 / (1.0 - p));
+    const scalar_t zero = static_cast<scalar_t>(0);
+    at::parallel_for(0, (n + 1) / 2, 2048, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        uint64_t z = seed + static_cast<uint64_t>(i + 1) * 0x9E3779B97F4A7C15ull;  // SplitMix64
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        d[2 * i] = (z & 0xffffffffull) >= threshold ? keep : zero;
+        if (2 * i + 1 < n) d[2 * i + 1] = (z >> 32) >= threshold ? keep : zero;
+      }
+    });
+  });
+  return out;
 }
 
 void set_lora_fused(model::CausalLM& model, bool fused) {

@@ -75,10 +75,17 @@ void set_lora_dropout(model::CausalLM& model, double dropout);
 ///   dS = s dy B;  dB = s dyᵀ S;  dA = dSᵀ drop(x);  dx = dy W, then dx += dS A (masked) in place
 /// instead of PEFT's chain, which writes B(A(x)), its scaled copy and the sum as separate (…, out)
 /// tensors and adds a separate (…, in) gradient. W (dense, or NF4 dequantized again) is not saved.
-/// Dropout draws exactly what at::dropout draws. Evaluation and inference keep the unfused path,
+/// Dropout: on CUDA at::dropout's own kernel; on the CPU lora_dropout_noise (below), because
+/// at::dropout's serial Bernoulli draws cost a third of a LoRA step there. Evaluation and inference keep the unfused path,
 /// whose logits equal PEFT's bit for bit. On by default; off gives the plain autograd chain (for
 /// comparisons and benchmarks).
 void set_lora_fused(model::CausalLM& model, bool fused);
+/// The fused path's dropout noise on the CPU: a tensor shaped and typed like `x` holding 0 with
+/// probability p and 1/(1 − p) otherwise. Counter-based: element i is decided by 32 bits of
+/// SplitMix64(seed + ⌈(i+1)/2⌉·γ), filled in parallel, where `seed` is one 64-bit draw from the
+/// default CPU generator, so that manual_seed and a checkpoint's generator state reproduce it
+/// (p is resolved to 2⁻³²).
+at::Tensor lora_dropout_noise(const at::Tensor& x, double p);
 /// Merges (unless merged) and removes the adapters: a plain model again, for save_pretrained.
 void merge_and_unload_lora(model::CausalLM& model);
 
