@@ -7,7 +7,8 @@ DATA_DIR holds the default job's tokenizer/, fortunes.h5, jargon.h5 and train/fi
 for LoRA). Scenarios:
 
  1. equality: full fine-tuning and LoRA, 2 and 3 ranks (`ft launch`), with and without gradient
-    accumulation, against one process with the same global batch, both as the same micro-batches
+    accumulation, against one process with the same global batch (the same rows, in the same order:
+    metrics' "data" hashes are equal), both as the same micro-batches
     accumulated and as one big micro-batch: per-step losses and evaluations within 1e-6 (relative),
     final weights within 1e-5 (max |a - b| / max |b| per tensor; against the big batch, or within
     twice what one process's own accumulation deviates from it). Also through torchrun (its agent
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import time
 
-TIMING = ("tokens_per_s", "step_time_s", "eval_time_s", "peak_rss_mib", "peak_device_mib", "data")
+TIMING = ("tokens_per_s", "step_time_s", "eval_time_s", "peak_rss_mib", "peak_device_mib")
 
 
 def fail(message):
@@ -101,7 +102,7 @@ def compare_metrics(ref_dir, dp_dir, what):
                 worst = max(worst, rel)
                 if rel > 1e-6:
                     fail(f"{what}: step {r['step']} {r['type']} {k}: {d[k]} vs one process {r[k]} (rel {rel:.2e})")
-        for k in ("targets", "tokens", "skipped", "best", "set"):
+        for k in ("targets", "tokens", "skipped", "best", "set", "data"):  # data: the hash of the step's rows
             if k in r and r[k] != d[k]:
                 fail(f"{what}: step {r['step']} {k}: {d[k]} vs one process {r[k]}")
     return worst

@@ -236,11 +236,24 @@ class SignalScope {
 };
 
 // FNV-1a over the step's input ids: the "data" field of train and skip lines, to compare sample order.
-std::string data_hash(const std::vector<data::Batch>& batches) {
+// In a data-parallel run the ranks' ids are gathered and hashed in global row order (micro-batch by
+// micro-batch, rank by rank), so the hash is the one a single process with the whole batch writes.
+std::string data_hash(const std::vector<data::Batch>& batches, dist::ProcessGroup* group) {
   uint64_t h = 1469598103934665603ull;
-  for (const auto& b : batches) {
-    for (const int64_t id : b.input_ids) {
-      for (int k = 0; k < 8; ++k) h = (h ^ ((static_cast<uint64_t>(id) >> (8 * k)) & 0xff)) * 1099511628211ull;
+  auto add = [&](const int64_t* ids, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+      for (int k = 0; k < 8; ++k) h = (h ^ ((static_cast<uint64_t>(ids[i]) >> (8 * k)) & 0xff)) * 1099511628211ull;
+    }
+  };
+  if (!group || group->world() == 1) {
+    for (const auto& b : batches) add(b.input_ids.data(), b.input_ids.size());
+  } else {
+    std::vector<int64_t> mine;
+    for (const auto& b : batches) mine.insert(mine.end(), b.input_ids.begin(), b.input_ids.end());
+    const std::vector<at::Tensor> all = group->all_gather(at::tensor(mine, at::kLong));
+    const size_t per_batch = mine.size() / batches.size();
+    for (size_t k = 0; k < batches.size(); ++k) {
+      for (const at::Tensor& rank_ids : all) add(rank_ids.data_ptr<int64_t>() + k * per_batch, per_batch);
     }
   }
   char buf[17];
@@ -709,7 +722,7 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
       micro_batches.push_back(to_tensors(*batch, device));
       batches.push_back(std::move(*batch));
     }
-    const std::string hash = data_hash(batches);
+    const std::string hash = data_hash(batches, group.get());
     const double lr = c.optimizer.lr * lr_factor(schedule, counters.step);
     AccumulateResult r;
     for (;;) {
