@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Data-parallel `ft train` on CPU (Gloo), end to end, against one process with the same global batch.
 
-    dist_check.py FT DATA_DIR CONFIG_DIR WORK_DIR [--torchrun PATH] [--quick]
+    dist_check.py FT DATA_DIR CONFIG_DIR WORK_DIR [--torchrun PATH]
 
 DATA_DIR holds the default job's tokenizer/, fortunes.h5, jargon.h5 and train/final (the base model
-for LoRA). Scenarios:
+for the adapter modes). Scenarios:
 
- 1. equality: full fine-tuning and LoRA, 2 and 3 ranks (`ft launch`), with and without gradient
-    accumulation, against one process with the same global batch (the same rows, in the same order:
-    metrics' "data" hashes are equal), both as the same micro-batches
+ 1. equality: full fine-tuning and LoRA on 2 and 3 ranks (`ft launch`), with and without gradient
+    accumulation, and QLoRA and prefix tuning on 2 ranks, against one process with the same global
+    batch (the same rows in the same order: the metrics' "data" hashes are equal), both as the same
+    micro-batches
     accumulated and as one big micro-batch: per-step losses and evaluations within 1e-6 (relative),
     final weights within 1e-5 (max |a - b| / max |b| per tensor; against the big batch, or within
     twice what one process's own accumulation deviates from it). Also through torchrun (its agent
@@ -165,11 +166,14 @@ def main():
         "lora": [lora_cfg, f"model.checkpoint={data}/train/final", f"data.train=[{data}/jargon.h5]",
                  "eval.held_out_docs=300", f"eval.stores=[{data}/fortunes.h5]", "lora.dropout=0"],
     }
+    for mode in ("qlora", "prefix"):  # the same data and evaluation as the LoRA runs
+        modes[mode] = [os.path.join(args.configs, f"{mode}-jargon.yaml")] + modes["lora"][1:5] + \
+            (["lora.dropout=0"] if mode == "qlora" else [])
 
     # 1. equality with one process holding the whole global batch
     t0 = time.time()
     cases = [("full", 2, 3, 1), ("full", 3, 2, 1), ("full", 2, 2, 2), ("lora", 2, 3, 1), ("lora", 3, 2, 1),
-             ("lora", 2, 2, 2)]
+             ("lora", 2, 2, 2), ("qlora", 2, 3, 1), ("prefix", 2, 3, 1)]
     refs = {}
 
     def reference(mode, rows, accum):
