@@ -2,8 +2,9 @@
 // torchrun gives its workers (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
 // MASTER_PORT), so that `ft launch -n 2 train run.yaml` is `torchrun --nproc-per-node=2 --no-python
 // ft train run.yaml` without Python. The launcher forwards SIGINT/SIGTERM to every rank, and when a
-// rank fails it stops the others (SIGTERM, then SIGKILL after a grace period) and exits with the
-// failed rank's status: a job never keeps running, or hangs, with a rank missing.
+// rank fails it stops the others (SIGTERM 2 s later, so that they can report the failure they see
+// themselves, then SIGKILL after a grace period) and exits with the failed rank's status: a job
+// never keeps running, or hangs, with a rank missing.
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -96,8 +97,8 @@ int launch(int n, int port, double grace_s, const std::vector<std::string>& comm
 
   using Clock = std::chrono::steady_clock;
   int live = n, result = 0, forwarded = 0;
-  bool stopping = false;
-  Clock::time_point kill_at{};
+  bool stopping = false, terminated = false;
+  Clock::time_point term_at{}, kill_at{};
   auto signal_all = [&](int sig) {
     for (pid_t p : pids) {
       if (p > 0) ::kill(p, sig);
@@ -118,20 +119,27 @@ int launch(int n, int port, double grace_s, const std::vector<std::string>& comm
         pids[static_cast<size_t>(rank)] = -1;
         --live;
         const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+        if (!ok && result != 0) std::fprintf(stderr, "[launch] rank %d %s\n", rank, describe_status(status).c_str());
         if (!ok && result == 0) {
           result = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
           if (live > 0) {
             std::fprintf(stderr, "[launch] rank %d %s; stopping the other %d rank%s\n", rank,
                          describe_status(status).c_str(), live, live == 1 ? "" : "s");
-            signal_all(SIGTERM);
+            // The others usually see the dead peer within milliseconds and report it themselves;
+            // they get a moment for that before SIGTERM, and the grace period before SIGKILL.
             stopping = true;
-            kill_at = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(grace_s * 1000));
+            term_at = Clock::now() + std::chrono::seconds(2);
+            kill_at = term_at + std::chrono::milliseconds(static_cast<int64_t>(grace_s * 1000));
           } else {
             std::fprintf(stderr, "[launch] rank %d %s\n", rank, describe_status(status).c_str());
           }
         }
       }
       continue;
+    }
+    if (stopping && !terminated && Clock::now() >= term_at) {
+      signal_all(SIGTERM);
+      terminated = true;
     }
     if (stopping && Clock::now() >= kill_at) {
       std::fprintf(stderr, "[launch] %d rank%s still running %g s after SIGTERM: killing\n", live, live == 1 ? "" : "s",
@@ -156,7 +164,7 @@ void add_launch(CLI::App& app) {
   auto grace = std::make_shared<double>(30.0);
   cmd->add_option("-n,--nproc", *n, "processes (ranks); one GPU each when the command trains on CUDA")->required();
   cmd->add_option("--master-port", *port, "TCP store port (default: a free one)");
-  cmd->add_option("--grace", *grace, "seconds the other ranks get after one failed, before SIGKILL")->capture_default_str();
+  cmd->add_option("--grace", *grace, "seconds the other ranks get after their SIGTERM (sent 2 s after one failed), before SIGKILL")->capture_default_str();
   cmd->footer("Example: ft launch -n 2 train configs/train-tiny.yaml\n"
               "Equivalent: torchrun --nproc-per-node=2 --no-python ft train configs/train-tiny.yaml");
   cmd->callback([cmd, n, port, grace] {

@@ -11,6 +11,7 @@
 #endif
 
 #include <atomic>
+#include <csignal>
 #include <cstdlib>
 #include <mutex>
 #include <sstream>
@@ -184,6 +185,12 @@ ProcessGroup::~ProcessGroup() {
 void ProcessGroup::abandon() { impl_->failed->store(true); }
 
 std::shared_ptr<ProcessGroup> ProcessGroup::create(const LaunchEnv& env, c10::Device device, const GroupOptions& o) {
+  // Gloo writes to its peers' sockets with plain writev: once a peer has died, the next write raises
+  // SIGPIPE, whose default action ends this process without a word. (Python ignores SIGPIPE at
+  // start-up, which is why torch.distributed never meets this.) Ignored, the write fails with EPIPE
+  // and the collective reports the dead peer.
+  struct sigaction old_pipe {};
+  if (sigaction(SIGPIPE, nullptr, &old_pipe) == 0 && old_pipe.sa_handler == SIG_DFL) signal(SIGPIPE, SIG_IGN);
   std::shared_ptr<ProcessGroup> g(new ProcessGroup());
   g->impl_ = std::make_unique<Impl>();
   g->rank_ = env.rank;
