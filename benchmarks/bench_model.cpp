@@ -56,6 +56,37 @@ io::ModelConfig bench_config(int64_t hidden, int64_t layers) {
   return c;
 }
 
+// A Llama-shaped config with tied embeddings and full attention in every layer.
+io::ModelConfig llama_config(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, int64_t heads,
+                             int64_t kv_heads, int64_t head_dim) {
+  io::ModelConfig c;
+  c.vocab_size = vocab;
+  c.hidden_size = hidden;
+  c.intermediate_size = inter;
+  c.num_hidden_layers = layers;
+  c.num_attention_heads = heads;
+  c.num_key_value_heads = kv_heads;
+  c.head_dim = head_dim;
+  c.tie_word_embeddings = true;
+  c.layer_window.assign(static_cast<size_t>(layers), 0);
+  return c;
+}
+
+// bf16 autocast on CUDA while it lives (when `on`), as the trainer's forward passes run.
+struct CudaAutocast {
+  bool on;
+  explicit CudaAutocast(bool enable) : on(enable) {
+    if (!on) return;
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+    at::autocast::set_autocast_enabled(at::kCUDA, true);
+  }
+  ~CudaAutocast() {
+    if (!on) return;
+    at::autocast::set_autocast_enabled(at::kCUDA, false);
+    at::autocast::clear_cache();
+  }
+};
+
 // Arguments: device (0 cpu, 1 cuda), hidden size, layers, tokens per sequence, dtype (0 f32, 1 bf16).
 void BM_Forward(benchmark::State& state) {
   const bool cuda = state.range(0) == 1;
@@ -186,11 +217,8 @@ void BM_LoraLinear(benchmark::State& state) {
   auto step = [&] {
     at::Tensor y;
     {
-      at::autocast::set_autocast_enabled(at::kCUDA, device.is_cuda());
-      at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+      CudaAutocast autocast(device.is_cuda());
       y = b.layer->forward(x);
-      at::autocast::set_autocast_enabled(at::kCUDA, false);
-      at::autocast::clear_cache();
     }
     torch::autograd::backward({y}, {dy.to(y.scalar_type())});
   };
@@ -208,16 +236,7 @@ BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {1, 2}, {2}, {8, 64}, {8192}})->Unit
 
 // Arguments: fused (0/1), dropout in percent.
 void BM_LoraStep(benchmark::State& state) {
-  io::ModelConfig c;  // configs/models/tiny-llama.json
-  c.vocab_size = 4096;
-  c.hidden_size = 256;
-  c.intermediate_size = 688;
-  c.num_hidden_layers = 4;
-  c.num_attention_heads = 8;
-  c.num_key_value_heads = 4;
-  c.head_dim = 32;
-  c.tie_word_embeddings = true;
-  c.layer_window.assign(4, 0);
+  const io::ModelConfig c = llama_config(4096, 256, 688, 4, 8, 4, 32);  // configs/models/tiny-llama.json
   model::CausalLM m(c);
   model::init_weights(m, 0);
   adapt::LoraOptions o;
@@ -244,16 +263,7 @@ void BM_LoraStep(benchmark::State& state) {
 void BM_LoraStepCuda(benchmark::State& state) {
   if (!at::hasCUDA()) return state.SkipWithError("no CUDA device");
   const at::Device device(at::kCUDA);
-  io::ModelConfig c;
-  c.vocab_size = 128256;
-  c.hidden_size = 2048;
-  c.intermediate_size = 8192;
-  c.num_hidden_layers = 16;
-  c.num_attention_heads = 32;
-  c.num_key_value_heads = 8;
-  c.head_dim = 64;
-  c.tie_word_embeddings = true;
-  c.layer_window.assign(16, 0);
+  const io::ModelConfig c = llama_config(128256, 2048, 8192, 16, 32, 8, 64);
   model::CausalLM m(c);
   model::init_weights(m, 0);
   adapt::LoraOptions o;
@@ -276,12 +286,9 @@ void BM_LoraStepCuda(benchmark::State& state) {
   auto step = [&] {
     at::Tensor loss;
     {
-      at::autocast::set_autocast_enabled(at::kCUDA, true);
-      at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+      CudaAutocast autocast(true);
       const at::Tensor logits = m->forward(ids);
       loss = at::cross_entropy_loss(logits.view({-1, c.vocab_size}).to(at::kFloat), ids.view({-1}));
-      at::autocast::set_autocast_enabled(at::kCUDA, false);
-      at::autocast::clear_cache();
     }
     loss.backward();
     opt.step();

@@ -2,10 +2,6 @@
 // of this process over Gloo) against a float64 full-batch gradient.
 #include <gtest/gtest.h>
 
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <map>
 #include <thread>
 
@@ -98,16 +94,15 @@ TEST(LaunchEnv, BadValuesAreNamed) {
   EXPECT_EQ(parse_error(ok), "no error");
 }
 
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof addr;
-  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::close(fd);
-  return ntohs(addr.sin_port);
+// Rank `rank` of a `world`-rank job on this machine with its store at 127.0.0.1:`port`.
+LaunchEnv local_env(int rank, int world, int port) {
+  LaunchEnv env;
+  env.launcher = "env";
+  env.rank = rank;
+  env.world = world;
+  env.master_addr = "127.0.0.1";
+  env.master_port = port;
+  return env;
 }
 
 // A two-layer tanh network y = W2 tanh(W1 x + b1) + b2 with a squared loss, plus a parameter that
@@ -141,7 +136,7 @@ TEST(GradientReducer, TwoRanksSumToTheFullBatchGradient) {
   Net ref(at::kDouble);
   ((ref.loss_sum(x, y) + ref.only_rank0.pow(2).sum()) / n).backward();
 
-  const int port = free_port();
+  const int port = ft::dist::free_local_port();
   std::vector<std::vector<at::Tensor>> grads(2);
   std::vector<size_t> overlapped(2), buckets(2);
   std::vector<std::string> errors(2);
@@ -149,12 +144,7 @@ TEST(GradientReducer, TwoRanksSumToTheFullBatchGradient) {
   std::vector<Net> nets{Net(at::kFloat), Net(at::kFloat)};
   auto rank_main = [&](int rank) {
     try {
-      LaunchEnv env;
-      env.launcher = "env";
-      env.rank = rank;
-      env.world = 2;
-      env.master_addr = "127.0.0.1";
-      env.master_port = port;
+      const LaunchEnv env = local_env(rank, 2, port);
       ft::dist::GroupOptions go;
       go.timeout = std::chrono::seconds(60);
       auto group = ft::dist::ProcessGroup::create(env, c10::kCPU, go);
@@ -206,18 +196,13 @@ TEST(GradientReducer, TwoRanksSumToTheFullBatchGradient) {
 }
 
 TEST(ProcessGroup, SumsMaxesAndTimesOut) {
-  const int port = free_port();
+  const int port = ft::dist::free_local_port();
   std::vector<std::string> errors(2);
   std::vector<std::vector<double>> sums(2), maxes(2);
   std::string timeout_error;
   auto rank_main = [&](int rank) {
     try {
-      LaunchEnv env;
-      env.launcher = "env";
-      env.rank = rank;
-      env.world = 2;
-      env.master_addr = "127.0.0.1";
-      env.master_port = port;
+      const LaunchEnv env = local_env(rank, 2, port);
       ft::dist::GroupOptions go;
       go.timeout = std::chrono::milliseconds(1500);
       auto group = ft::dist::ProcessGroup::create(env, c10::kCPU, go);
@@ -245,12 +230,7 @@ TEST(ProcessGroup, SumsMaxesAndTimesOut) {
 }
 
 TEST(ProcessGroup, UnreachableStoreIsNamed) {
-  LaunchEnv env;
-  env.launcher = "env";
-  env.rank = 1;  // a client: nobody serves this port
-  env.world = 2;
-  env.master_addr = "127.0.0.1";
-  env.master_port = free_port();
+  const LaunchEnv env = local_env(1, 2, ft::dist::free_local_port());  // a client: nobody serves this port
   ft::dist::GroupOptions go;
   go.timeout = std::chrono::milliseconds(1000);
   const std::string e = ft::test::error_of([&] { ft::dist::ProcessGroup::create(env, c10::kCPU, go); });

@@ -5,10 +5,8 @@
 // rank fails it stops the others (SIGTERM 2 s later, so that they can report the failure they see
 // themselves, then SIGKILL after a grace period) and exits with the failed rank's status: a job
 // never keeps running, or hangs, with a rank missing.
-#include <netinet/in.h>
 #include <signal.h>
 #include <sys/prctl.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -21,6 +19,7 @@
 #include <vector>
 
 #include "commands.h"
+#include "ft/dist/dist.h"
 #include "ft/util/error.h"
 
 namespace ft::cli {
@@ -29,22 +28,6 @@ namespace {
 
 std::atomic<int> g_launch_signal{0};
 extern "C" void on_launch_signal(int sig) { g_launch_signal.store(sig); }
-
-// A TCP port that is free now (the kernel's choice for port 0); the store binds it a moment later.
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  FT_CHECK(fd >= 0, "[launch] socket: ", std::strerror(errno));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  socklen_t len = sizeof addr;
-  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
-                  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0;
-  ::close(fd);
-  FT_CHECK(ok, "[launch] cannot find a free port: ", std::strerror(errno));
-  return ntohs(addr.sin_port);
-}
 
 std::string describe_status(int status) {
   if (WIFEXITED(status)) return "exited with status " + std::to_string(WEXITSTATUS(status));
@@ -55,7 +38,7 @@ std::string describe_status(int status) {
 int launch(int n, int port, double grace_s, const std::vector<std::string>& command) {
   FT_CHECK(n >= 1, "[launch] -n must be at least 1");
   FT_CHECK(!command.empty(), "[launch] no command: ft launch -n N train run.yaml");
-  if (port == 0) port = free_port();
+  if (port == 0) port = dist::free_local_port();
   std::fprintf(stderr, "[launch] %d rank%s of `ft", n, n == 1 ? "" : "s");
   for (const auto& a : command) std::fprintf(stderr, " %s", a.c_str());
   std::fprintf(stderr, "`, store 127.0.0.1:%d\n", port);

@@ -10,7 +10,13 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <csignal>
 #include <cstdlib>
 #include <mutex>
@@ -121,6 +127,21 @@ LaunchEnv launch_env() {
   });
 }
 
+int free_local_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  FT_CHECK(fd >= 0, "[dist] socket: ", std::strerror(errno));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
+                  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0;
+  const int err = errno;
+  ::close(fd);
+  FT_CHECK(ok, "[dist] cannot find a free port: ", std::strerror(err));
+  return ntohs(addr.sin_port);
+}
+
 std::string LaunchEnv::describe() const {
   std::ostringstream s;
   s << "rank " << rank << " of " << world << " (local " << local_rank << " of " << local_world << "), store "
@@ -147,14 +168,18 @@ Pending::Pending(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 namespace {
 
+// A c10d error's message without its C++ backtrace.
+std::string error_text(const std::exception& e) {
+  std::string msg = e.what();
+  if (const auto* ce = dynamic_cast<const c10::Error*>(&e)) msg = ce->what_without_backtrace();
+  return msg.substr(0, msg.find("\nException raised from"));
+}
+
 // c10d reports a dead peer, a timeout or a bad message as c10::Error subclasses; the trainer's
 // callers expect ft::Error with the rank in it.
 [[noreturn]] void rethrow_collective(int rank, const char* what, const std::exception& e) {
-  std::string msg = e.what();
-  if (const auto* ce = dynamic_cast<const c10::Error*>(&e)) msg = ce->what_without_backtrace();
-  msg = msg.substr(0, msg.find("\nException raised from"));
   FT_FAIL("[dist] rank ", rank, ": ", what, " failed (a rank exited, hung past the timeout, or lost its "
-          "connection): ", msg);
+          "connection): ", error_text(e));
 }
 
 }  // namespace
@@ -214,11 +239,9 @@ std::shared_ptr<ProcessGroup> ProcessGroup::create(const LaunchEnv& env, c10::De
     }
     g->impl_->store = c10::make_intrusive<c10d::PrefixStore>("libft", store);
   } catch (const std::exception& e) {
-    std::string msg = e.what();
-    if (const auto* ce = dynamic_cast<const c10::Error*>(&e)) msg = ce->what_without_backtrace();
     FT_FAIL("[dist] rank ", env.rank, ": the rendezvous at ", env.master_addr, ":", env.master_port, " failed within ",
             o.timeout.count() / 1000.0, " s (are all ", env.world, " ranks started, and is the address reachable?): ",
-            msg.substr(0, msg.find("\nException raised from")));
+            error_text(e));
   }
   try {
     if (g->backend_ == "gloo") {
@@ -256,13 +279,17 @@ Pending ProcessGroup::all_reduce_async(at::Tensor& tensor) {
   impl->rank = rank_;
   impl->failed = impl_->failed;
   std::vector<at::Tensor> ts{tensor};
+  run("all-reduce", [&] { impl->work = impl_->backend->allreduce(ts); });
+  return Pending(std::move(impl));
+}
+
+void ProcessGroup::run(const char* what, const std::function<void()>& collective) {
   try {
-    impl->work = impl_->backend->allreduce(ts);
+    collective();
   } catch (const std::exception& e) {
     abandon();
-    rethrow_collective(rank_, "all-reduce", e);
+    rethrow_collective(rank_, what, e);
   }
-  return Pending(std::move(impl));
 }
 
 void ProcessGroup::all_reduce(at::Tensor& tensor) { all_reduce_async(tensor).wait(); }
@@ -273,12 +300,7 @@ std::vector<double> ProcessGroup::reduce_scalars(const std::vector<double>& valu
   std::vector<at::Tensor> ts{t};
   c10d::AllreduceOptions ao;
   ao.reduceOp = max ? c10d::ReduceOp::MAX : c10d::ReduceOp::SUM;
-  try {
-    impl_->backend->allreduce(ts, ao)->wait();
-  } catch (const std::exception& e) {
-    abandon();
-    rethrow_collective(rank_, max ? "max-reduce" : "sum-reduce", e);
-  }
+  run(max ? "max-reduce" : "sum-reduce", [&] { impl_->backend->allreduce(ts, ao)->wait(); });
   t = t.cpu();
   return std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.numel());
 }
@@ -290,24 +312,14 @@ void ProcessGroup::broadcast(at::Tensor& tensor, int root) {
   std::vector<at::Tensor> ts{tensor};
   c10d::BroadcastOptions bo;
   bo.rootRank = root;
-  try {
-    impl_->backend->broadcast(ts, bo)->wait();
-  } catch (const std::exception& e) {
-    abandon();
-    rethrow_collective(rank_, "broadcast", e);
-  }
+  run("broadcast", [&] { impl_->backend->broadcast(ts, bo)->wait(); });
 }
 
 std::vector<at::Tensor> ProcessGroup::all_gather(const at::Tensor& tensor) {
   std::vector<at::Tensor> input{tensor.to(device_).contiguous()};
   std::vector<std::vector<at::Tensor>> output(1);
   for (int r = 0; r < world_; ++r) output[0].push_back(at::empty_like(input[0]));
-  try {
-    impl_->backend->allgather(output, input)->wait();
-  } catch (const std::exception& e) {
-    abandon();
-    rethrow_collective(rank_, "all-gather", e);
-  }
+  run("all-gather", [&] { impl_->backend->allgather(output, input)->wait(); });
   std::vector<at::Tensor> out;
   for (auto& t : output[0]) out.push_back(t.cpu());
   return out;

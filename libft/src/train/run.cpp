@@ -722,7 +722,9 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
       micro_batches.push_back(to_tensors(*batch, device));
       batches.push_back(std::move(*batch));
     }
-    const std::string hash = data_hash(batches, group.get());
+    // Only for the lines that carry it (a data-parallel run gathers the ranks' ids for it); every
+    // rank writes the same lines, so every rank takes part.
+    auto hash = [&] { return data_hash(batches, group.get()); };
     const double lr = c.optimizer.lr * lr_factor(schedule, counters.step);
     AccumulateResult r;
     for (;;) {
@@ -780,7 +782,7 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     if (!out.applied) {
       metrics.write({{"type", "skip"}, {"step", step_index}, {"loss", number(r.loss)},
                      {"grad_norm", number(out.grad_norm)}, {"targets", r.n_targets}, {"skipped", counters.skipped},
-                     {"data", hash}});
+                     {"data", hash()}});
       std::fprintf(log, "\n[train] step %lld skipped: %s (%lld skipped so far)\n", static_cast<long long>(step_index),
                    r.n_targets == 0 ? "no target token" : std::isfinite(r.loss) ? "non-finite gradient" : "non-finite loss",
                    static_cast<long long>(counters.skipped));
@@ -795,7 +797,7 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
         nlohmann::json line = {{"type", "train"}, {"step", counters.step}, {"loss", r.loss}, {"lr", lr},
                                {"grad_norm", out.grad_norm}, {"targets", r.n_targets}, {"tokens", r.n_tokens},
                                {"tokens_per_s", tokens_per_s}, {"step_time_s", seconds}, {"skipped", counters.skipped},
-                               {"data", hash}, {"peak_rss_mib", std::round(peak_rss_mib())}};
+                               {"data", hash()}, {"peak_rss_mib", std::round(peak_rss_mib())}};
         if (device.is_cuda()) line["peak_device_mib"] = std::round(peak_device_mib(device));
         if (ewc) line["ewc_penalty"] = ewc_penalty;
         metrics.write(line);

@@ -62,6 +62,9 @@ using EnvLookup = std::function<std::optional<std::string>(const std::string&)>;
 LaunchEnv parse_launch_env(const EnvLookup& lookup);
 /// parse_launch_env of this process's environment.
 LaunchEnv launch_env();
+/// A TCP port on the loopback interface that is free now (the kernel's choice for port 0): for a
+/// store that a single-machine job binds a moment later (`ft launch`, tests).
+int free_local_port();
 
 struct GroupOptions {
   std::string backend = "auto";  ///< auto (nccl on CUDA, gloo on CPU) | gloo | nccl
@@ -122,6 +125,8 @@ class ProcessGroup {
  private:
   ProcessGroup() = default;
   std::vector<double> reduce_scalars(const std::vector<double>& values, bool max);
+  /// Runs a c10d call; a failure abandons the backend and becomes an ft::Error naming `what`.
+  void run(const char* what, const std::function<void()>& collective);
   std::unique_ptr<Impl> impl_;
   int rank_ = 0, world_ = 1;
   std::string backend_;
