@@ -9,6 +9,7 @@
 # from the same initial adapter, which PEFT writes; with MODE=prefix both train a prefix (8 virtual
 # tokens) from the same PEFT-made initial prefix. With MODE=lora LORA_DROPOUT=0.05 both loops use that
 # dropout (libft's fused path and PEFT's chain draw different masks): only the speed is compared.
+# REPEATS=N runs N pairs and prints the median ratio.
 # (DEFAULT_JOB_DIR: the default job's outputs, e.g. runs/default after scripts/run-default.sh)
 set -euo pipefail
 ft=$1 python=$2 data=$3 work=$4 steps=${5:-20}
@@ -32,3 +33,22 @@ speed=()
 if [ "${LORA_DROPOUT:-0}" != 0 ]; then speed=(--speed-only); fi
 "$python" "$root/tests/python/train_reference.py" "$work/run" "$work/model" "$work/batches.safetensors" \
   --json "$work/result.json" "${speed[@]}" 2>&1 | grep -v '^Loading weights'
+# REPEATS=N (N > 1): N - 1 more pairs of runs, alternating libft and the reference, then every pair's
+# ratio and their median (on a shared 2-core VM one pair's ratio moves by ±5% from run to run).
+repeats=${REPEATS:-1}
+for ((i = 2; i <= repeats; ++i)); do
+  "$ft" train "${args[@]}" "output_dir=$work/run$i" >/dev/null 2>&1
+  "$python" "$root/tests/python/train_reference.py" "$work/run$i" "$work/model" "$work/batches.safetensors" \
+    --json "$work/result$i.json" --speed-only 2>&1 | grep '^tokens/s'
+done
+if [ "$repeats" -gt 1 ]; then
+  "$python" - "$work" "$repeats" <<'PY'
+import json, statistics, sys
+work, n = sys.argv[1], int(sys.argv[2])
+runs = [json.load(open(f"{work}/result{'' if i == 1 else i}.json")) for i in range(1, n + 1)]
+ratios = [r["libft_tokens_per_s"] / r["reference_tokens_per_s"] for r in runs]
+print(f"{n} pairs: libft {statistics.median(r['libft_tokens_per_s'] for r in runs):.0f} tokens/s, reference "
+      f"{statistics.median(r['reference_tokens_per_s'] for r in runs):.0f} (medians); ratios "
+      + " ".join(f"{x:.2f}" for x in ratios) + f"; median ratio {statistics.median(ratios):.2f}x")
+PY
+fi

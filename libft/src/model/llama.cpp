@@ -13,6 +13,7 @@
 #include <map>
 #include <numbers>
 
+#include "ft/model/cpu_ops.h"
 #include "ft/util/error.h"
 
 #ifdef LIBFT_WITH_CUDA_KERNELS
@@ -135,6 +136,7 @@ at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
     return kernels::rmsnorm_forward(x, weight, eps);
   }
 #endif
+  if (rms_norm_fusable(x, weight)) return fused_rms_norm(x, weight, eps);
   return reference(x);
 }
 
@@ -187,8 +189,17 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
   at::Tensor k = k_proj(x).view({B, T, kv_heads, head_dim}).transpose(1, 2);  // (B, G, T, D)
   at::Tensor v = v_proj(x).view({B, T, kv_heads, head_dim}).transpose(1, 2);  // (B, G, T, D)
   at::Tensor cos = in.cos.unsqueeze(1), sin = in.sin.unsqueeze(1);            // (B, 1, T, D)
-  q = q * cos + rotate_half(q) * sin;
-  k = k * cos + rotate_half(k) * sin;
+  // Short packed sequences on the CPU: the grouped GEMM path below, which wants q and k contiguous
+  // as (B, H, T, D), and the fused rotary embedding writes them so.
+  const at::Tensor& mask = in.masks.at(window);
+  const bool grouped = cache_k == nullptr && !prefix_k.defined() && grouped_attention_fits(q, k, v, mask);
+  if (rope_fusable(q, cos, sin) && rope_fusable(k, cos, sin)) {
+    q = fused_rope(q, cos, sin, grouped);
+    k = fused_rope(k, cos, sin, grouped);
+  } else {
+    q = q * cos + rotate_half(q) * sin;
+    k = k * cos + rotate_half(k) * sin;
+  }
   if (cache_k != nullptr) {
     if (cache_k->defined()) {
       // A prefix put into the cache keeps its parameters' dtype; new keys may be autocast's.
@@ -201,11 +212,17 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
     k = at::cat({prefix_k.to(k.scalar_type()).unsqueeze(0).expand({B, -1, -1, -1}), k}, 2);  // (B, G, P+T, D)
     v = at::cat({prefix_v.to(v.scalar_type()).unsqueeze(0).expand({B, -1, -1, -1}), v}, 2);
   }
-  const at::Tensor& mask = in.masks.at(window);
-  std::optional<at::Tensor> attn_mask;
-  if (mask.defined()) attn_mask = mask;
-  at::Tensor out = at::scaled_dot_product_attention(q, k, v, attn_mask, 0.0, !mask.defined() && in.causal,
-                                                    std::nullopt, /*enable_gqa=*/kv_heads != heads);
+  at::Tensor out;
+  if (grouped) {
+    at::Tensor& bias = in.grouped_bias[window];
+    if (!bias.defined()) bias = grouped_attention_bias(mask, kv_heads, heads / kv_heads, q.scalar_type());
+    out = grouped_attention(q, k, v, bias, 1.0 / std::sqrt(static_cast<double>(head_dim)));
+  } else {
+    std::optional<at::Tensor> attn_mask;
+    if (mask.defined()) attn_mask = mask;
+    out = at::scaled_dot_product_attention(q, k, v, attn_mask, 0.0, !mask.defined() && in.causal, std::nullopt,
+                                           /*enable_gqa=*/kv_heads != heads);
+  }
   out = out.transpose(1, 2).reshape({B, T, heads * head_dim});
   return o_proj(out);
 }

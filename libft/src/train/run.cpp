@@ -33,6 +33,7 @@
 #include "ft/train/schedule.h"
 #include "ft/train/state.h"
 #include "ft/train/step.h"
+#include "ft/util/cpu_cache.h"
 #include "ft/util/error.h"
 #include "ft/util/event_log.h"
 #include "ft/util/progress.h"
@@ -386,6 +387,9 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   Callbacks none;
   Callbacks& callbacks = ro.callbacks ? *ro.callbacks : none;
   c10::Device device = resolve_device(c.device);
+  // CPU runs reuse their large per-step buffers instead of faulting fresh pages in every micro-batch
+  // (ft/util/cpu_cache.h); LIBFT_CPU_CACHE=0 keeps c10's allocator.
+  if (device.is_cpu()) util::install_cpu_cache();
 
   // --- data parallel: a process group when a launcher started this process ---------------------
   const dist::LaunchEnv launch = dist::launch_env();

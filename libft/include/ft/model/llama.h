@@ -27,7 +27,8 @@ using io::ModelConfig;
 class RMSNormImpl : public torch::nn::Module {
  public:
   RMSNormImpl(int64_t dim, double eps);
-  /// Uses the fused CUDA kernel for CUDA inputs when gradients are off, else reference().
+  /// The fused CPU form (ft/model/cpu_ops.h) for float32/float64 CPU inputs; the fused CUDA kernel
+  /// for CUDA inputs when gradients are off; else reference().
   at::Tensor forward(const at::Tensor& x);
   /// The LibTorch computation that every path is tested against.
   at::Tensor reference(const at::Tensor& x);
@@ -53,6 +54,9 @@ struct AttentionInputs {
   std::map<int64_t, at::Tensor> masks;
   bool causal = false;
   int64_t past = 0;  ///< cached tokens before the new ones
+  /// grouped_attention_bias() of each window's mask, made by the first layer that takes the CPU
+  /// grouped path (ft/model/cpu_ops.h) and reused by the others.
+  mutable std::map<int64_t, at::Tensor> grouped_bias;
 };
 
 class AttentionImpl : public torch::nn::Module {

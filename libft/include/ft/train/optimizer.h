@@ -66,7 +66,8 @@ struct StepOutcome {
 StepOutcome optimizer_step(torch::optim::Optimizer& optimizer, double loss, double lr, const StepOptions& options,
                            StepCounters& counters);
 
-/// L2 norm of all gradients of the optimizer's parameters together (accumulated in float64).
+/// L2 norm of all gradients of the optimizer's parameters together (each tensor's norm in its dtype,
+/// the squares summed in float64).
 double global_grad_norm(const torch::optim::Optimizer& optimizer);
 
 }  // namespace ft::train

@@ -1,0 +1,42 @@
+#pragma once
+// Fused CPU forms of the transformer's small elementwise pieces, with their own backward passes:
+// RMSNorm and rotary embeddings. Composed from ATen ops (as Hugging Face writes them), each costs
+// 5-6 kernels forward and about 10 backward over the activations, which on a small model's CPU step
+// add up to several percent of the time; fused, each is one pass forward and one backward.
+// float32 and float64 CPU tensors only (cpu_fusable()); the callers keep the ATen composition for
+// everything else and as the reference the tests compare with.
+#include <ATen/core/Tensor.h>
+
+namespace ft::model {
+
+/// x: (..., D) CPU float32/float64, weight (D) of the same dtype.
+bool rms_norm_fusable(const at::Tensor& x, const at::Tensor& weight);
+/// weight * (x * rsqrt(mean(x², -1) + eps)), differentiable in x and weight. The mean of squares
+/// is accumulated in float64.
+at::Tensor fused_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+/// x: (B, H, T, D) with a unit-stride last dimension; cos and sin (B, 1, T, D), no gradient, of x's
+/// dtype, each the same table twice along D (Hugging Face's rotary layout).
+bool rope_fusable(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+/// x * cos + rotate_half(x) * sin, differentiable in x. The result has x's memory layout, or is
+/// contiguous (B, H, T, D) with `contiguous`.
+at::Tensor fused_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool contiguous = false);
+
+/// Attention over a short packed sequence as three batched GEMM-backed ops (scores, softmax, values)
+/// instead of SDPA's CPU flash kernel, which at T = 128 spends most of its time outside its small
+/// tiles (on the bundled model 1.6-2.2 ms per layer forward and backward against 2.6). Queries that
+/// share a key/value head (GQA) are stacked into one (r·T, D) block per group, so keys and values
+/// are neither repeated nor copied. The score matrices (B·H·T·T) are kept for the backward pass,
+/// so the path is taken only for T ≤ 512 and at most 2^23 scores.
+/// q (B, H, T, D) and k, v (B, G, T, D) CPU float32/float64, H a multiple of G; mask (B or 1, 1, T,
+/// T) bool (true = may attend) with at least one key per query; no dropout.
+bool grouped_attention_fits(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask);
+/// softmax(q kᵀ · scale + bias) v as (B, H, T, D). `bias` is grouped_attention_bias(mask, H / G).
+at::Tensor grouped_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                             double scale);
+/// The additive form of `mask` (0 where true, -inf where false) laid out as grouped_attention's
+/// scores, (Bm·G, r·T, T) for a mask of batch Bm (B or 1); made once per forward pass and shared by
+/// the layers. `dtype` is the scores' type.
+at::Tensor grouped_attention_bias(const at::Tensor& mask, int64_t groups, int64_t rep, at::ScalarType dtype);
+
+}  // namespace ft::model
