@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/CPUAllocator.h>
+#include <torch/autograd.h>
 #include <torch/optim/adamw.h>
 
 #include <atomic>
@@ -96,18 +97,22 @@ TEST(CpuOps, FusedRopeMatchesTheReferenceOnQProjLayouts) {
     at::Tensor base = at::randn({B, T, H, D}, at::kDouble);
     auto [cos, sin] = rope_tables(B, T, D, at::kDouble);
     at::Tensor dy = at::randn({B, H, T, D}, at::kDouble);
+    const double scale = 0.375;  // the attention's 1/√D folded into the queries' rotation
     at::Tensor xr = base.clone().requires_grad_();
-    rope_reference(xr.transpose(1, 2), cos, sin).backward(dy);
+    (rope_reference(xr.transpose(1, 2), cos, sin) * scale).backward(dy);
     for (const auto dtype : {at::kFloat, at::kDouble}) {
       for (const bool contiguous : {false, true}) {
         at::Tensor xb = base.to(dtype).clone().requires_grad_();
         at::Tensor x = xb.transpose(1, 2);
         ASSERT_TRUE(model::rope_fusable(x, cos.to(dtype), sin.to(dtype)));
-        at::Tensor y = model::fused_rope(x, cos.to(dtype), sin.to(dtype), contiguous);
+        at::Tensor y = model::fused_rope(x, cos.to(dtype), sin.to(dtype), contiguous, scale);
         EXPECT_EQ(y.is_contiguous(), contiguous);
+        // The gradient comes back in x's layout ((B, T, H, D) in memory), whatever y's layout.
+        at::Tensor gx = torch::autograd::grad({y}, {x}, {dy.to(dtype)}, /*retain_graph=*/true)[0];
+        EXPECT_EQ(gx.strides(), x.strides()) << D << " " << contiguous;
         y.backward(dy.to(dtype));
         const double tol = dtype == at::kDouble ? 1e-14 : 1e-6;
-        EXPECT_LT(max_rel(y, rope_reference(base.transpose(1, 2), cos, sin)), tol) << D << " " << dtype;
+        EXPECT_LT(max_rel(y, rope_reference(base.transpose(1, 2), cos, sin) * scale), tol) << D << " " << dtype;
         EXPECT_LT(max_rel(xb.grad(), xr.grad()), tol) << D << " " << dtype;
       }
     }
@@ -183,6 +188,55 @@ TEST(CpuOps, PackedDocumentsThroughGroupedAttentionEqualSeparateCausalPasses) {
       start = end;
     }
   }
+}
+
+TEST(CpuOps, OneDnnLinearMatchesFloat64ForwardAndBackward) {
+  if (!at::hasMKLDNN()) GTEST_SKIP() << "libtorch built without oneDNN: linear() is at::linear";
+  at::manual_seed(3);
+  struct Case {
+    std::vector<int64_t> x;
+    int64_t n;
+    bool bias, transposed_x;
+  };
+  for (const Case& c : {Case{{2, 5, 16}, 7, false, false}, Case{{2, 5, 16}, 7, true, false}, Case{{33, 64}, 130, true, false},
+                        Case{{64, 33}, 5, false, true}}) {
+    const int64_t K = c.x.back();
+    at::Tensor x64 = at::randn(c.x, at::kDouble), w64 = at::randn({c.n, K}, at::kDouble), b64 = at::randn({c.n}, at::kDouble);
+    if (c.transposed_x) x64 = at::randn({K, c.x[0]}, at::kDouble).t();  // a non-contiguous input
+    std::vector<int64_t> ys = c.x;
+    ys.back() = c.n;
+    at::Tensor dy = at::randn(ys, at::kDouble);
+    at::Tensor xr = x64.clone().requires_grad_(), wr = w64.clone().requires_grad_(), br = b64.clone().requires_grad_();
+    at::linear(xr, wr, c.bias ? std::optional<at::Tensor>(br) : std::nullopt).backward(dy);
+    at::Tensor x = x64.to(at::kFloat).requires_grad_(), w = w64.to(at::kFloat).requires_grad_(),
+               b = b64.to(at::kFloat).requires_grad_();
+    ASSERT_TRUE(model::onednn_linear_fits(x, w, c.bias ? b : at::Tensor()));
+    at::Tensor y = model::linear(x, w, c.bias ? b : at::Tensor());
+    ASSERT_EQ(y.sizes(), at::IntArrayRef(ys));
+    y.backward(dy.to(at::kFloat));
+    EXPECT_LT(max_rel(y, at::linear(x64, w64, c.bias ? std::optional<at::Tensor>(b64) : std::nullopt)), 1e-5) << c.x;
+    EXPECT_LT(max_rel(x.grad(), xr.grad()), 1e-5) << c.x;
+    EXPECT_LT(max_rel(w.grad(), wr.grad()), 1e-5) << c.x;
+    EXPECT_EQ(w.grad().strides(), w.strides());  // the parameter's layout: accumulated without a copy
+    if (c.bias) EXPECT_LT(max_rel(b.grad(), br.grad()), 1e-5) << c.x;
+    if (!c.bias) EXPECT_FALSE(b.grad().defined());
+  }
+  // A frozen weight gets no gradient, and an input without one gets none either.
+  at::Tensor x = at::randn({4, 8}).requires_grad_(), w = at::randn({3, 8});
+  model::linear(x, w).sum().backward();
+  EXPECT_TRUE(x.grad().defined());
+  EXPECT_FALSE(w.grad().defined());
+  at::Tensor x2 = at::randn({4, 8}), w2 = at::randn({3, 8}).requires_grad_();
+  model::linear(x2, w2).sum().backward();
+  EXPECT_LT(max_rel(w2.grad(), at::ones({4, 3}).t().mm(x2)), 1e-6);
+  // float64 (the reference runs) stays on at::linear, with the same result.
+  at::Tensor xd = at::randn({3, 8}, at::kDouble), wd = at::randn({2, 8}, at::kDouble);
+  EXPECT_FALSE(model::onednn_linear_fits(xd, wd, at::Tensor()));
+  EXPECT_TRUE(model::linear(xd, wd).equal(at::linear(xd, wd)));
+  // matmul_nt: a bᵀ with b a transposed view (dY W in a backward pass), and with a bias.
+  at::Tensor a = at::randn({9, 12}), m = at::randn({12, 5}), bias = at::randn({5});
+  EXPECT_LT(max_rel(model::matmul_nt(a, m.t()), a.to(at::kDouble).mm(m.to(at::kDouble))), 1e-6);
+  EXPECT_LT(max_rel(model::matmul_nt(a, m.t(), bias), a.to(at::kDouble).mm(m.to(at::kDouble)) + bias.to(at::kDouble)), 1e-6);
 }
 
 TEST(CpuCache, ReusesFreedBlocksAndKeepsItsCap) {

@@ -17,6 +17,7 @@
 
 #include "ft/io/safetensors.h"
 #include "ft/io/tensor_io.h"
+#include "ft/model/cpu_ops.h"
 #include "ft/util/error.h"
 #include "ft/util/json.h"
 
@@ -53,7 +54,8 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     }
     const at::Tensor s_low = at::mm(h, ac.t());  // S = drop(x) Aᵀ, (T, r)
     const at::Tensor w = layer->dense_weight(ct);
-    at::Tensor y = layer->bias.defined() ? at::addmm(layer->bias.to(ct), x2, w.t()) : at::mm(x2, w.t());
+    // The frozen base product through oneDNN on float32 CPU tensors (ft/model/cpu_ops.h).
+    at::Tensor y = model::matmul_nt(x2, w, layer->bias.defined() ? layer->bias.to(ct) : at::Tensor());
     y.addmm_(s_low, bc.t(), /*beta=*/1, /*alpha=*/scale);
     ctx->save_for_backward({h, s_low, a, b, keep});
     ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
@@ -82,7 +84,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     const at::Tensor da = at::mm(ds.t(), h);                     // (r, in)
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
-      dx = at::mm(dy, layer->dense_weight(ct));  // (T, in)
+      dx = model::matmul_nt(dy, layer->dense_weight(ct).t());  // dY W, (T, in)
       if (p == 0) {
         dx.addmm_(ds, ac);
       } else if (keep.scalar_type() == at::kBool) {

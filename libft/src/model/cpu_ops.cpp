@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 
 #include <cmath>
@@ -116,21 +117,21 @@ class RMSNormFn : public torch::autograd::Function<RMSNormFn> {
 // One (b, h, t) row of D: out[i] = x[i] c[i] - x[i+h] s[i], out[i+h] = x[i+h] c[i+h] + x[i] s[i+h];
 // the backward (sign = -1) is the same map with sin negated.
 #define FT_ROPE_ROW(T)                                                                                   \
-  FT_CLONES void rope_row(const T* x, const T* c, const T* s, T* out, int64_t half, T sign) {          \
+  FT_CLONES void rope_row(const T* x, const T* c, const T* s, T* out, int64_t half, T sign, T scale) { \
     for (int64_t i = 0; i < half; ++i) {                                                               \
-      out[i] = x[i] * c[i] - sign * x[i + half] * s[i];                                                \
-      out[i + half] = x[i + half] * c[i + half] + sign * x[i] * s[i + half];                           \
+      out[i] = scale * (x[i] * c[i] - sign * x[i + half] * s[i]);                                      \
+      out[i + half] = scale * (x[i + half] * c[i + half] + sign * x[i] * s[i + half]);                 \
     }                                                                                                  \
   }
 FT_ROPE_ROW(float)
 FT_ROPE_ROW(double)
 
-// out (same sizes and strides as x's layout, freshly allocated) = rope(x) (sign 1) or its transpose
-// applied to a gradient (sign -1).
-at::Tensor rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, double sign, bool contiguous) {
+// out = scale · rope(x) (sign 1), or the transposed map applied to a gradient (sign -1), into a
+// fresh tensor with `strides` (empty: contiguous).
+at::Tensor rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, double sign, double scale,
+                      at::IntArrayRef strides) {
   const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3);
-  // empty_like preserves a dense permuted layout (q from q_proj is (B, T, H, D) in memory).
-  at::Tensor out = contiguous ? at::empty(x.sizes(), x.options()) : at::empty_like(x);
+  at::Tensor out = strides.empty() ? at::empty(x.sizes(), x.options()) : at::empty_strided(x.sizes(), strides, x.options());
   const auto xs = x.strides(), os = out.strides(), cs = cos.strides();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ft_rope", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -145,7 +146,7 @@ at::Tensor rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tens
                          const scalar_t* s = sp + b * cs[0] + t * cs[2];
                          for (int64_t h = 0; h < H; ++h) {
                            rope_row(xp + b * xs[0] + h * xs[1] + t * xs[2], c, s, op + b * os[0] + h * os[1] + t * os[2],
-                                    D / 2, static_cast<scalar_t>(sign));
+                                    D / 2, static_cast<scalar_t>(sign), static_cast<scalar_t>(scale));
                          }
                        }
                      });
@@ -156,16 +157,79 @@ at::Tensor rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 class RopeFn : public torch::autograd::Function<RopeFn> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos,
-                            const at::Tensor& sin, bool contiguous) {
+                            const at::Tensor& sin, bool contiguous, double scale) {
     ctx->save_for_backward({cos, sin});
-    return rope_apply(x, cos, sin, 1.0, contiguous);
+    // The gradient goes back in x's own layout (q from q_proj is (B, T, H, D) in memory), so the
+    // view that made x takes it without a copy.
+    const bool dense = x.is_non_overlapping_and_dense();
+    ctx->saved_data["strides"] = dense ? x.strides().vec() : std::vector<int64_t>{};
+    ctx->saved_data["scale"] = scale;
+    return rope_apply(x, cos, sin, 1.0, scale, contiguous || !dense ? at::IntArrayRef{} : x.strides());
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     at::Tensor g = grads[0];
     if (g.stride(3) != 1) g = g.contiguous();
-    return {rope_apply(g, saved[0], saved[1], -1.0, false), at::Tensor(), at::Tensor(), at::Tensor()};
+    const std::vector<int64_t> strides = ctx->saved_data["strides"].toIntVector();
+    return {rope_apply(g, saved[0], saved[1], -1.0, ctx->saved_data["scale"].toDouble(), strides), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// ---- oneDNN linear -----------------------------------------------------------------------------------
+// mkldnn::_linear_pointwise(X, W, B?, attr, scalars, algorithm) = X Wᵀ + B for dense CPU tensors.
+using LinearPointwise = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                   c10::string_view, c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
+
+const c10::TypedOperatorHandle<LinearPointwise>* linear_pointwise() {
+  static const std::optional<c10::TypedOperatorHandle<LinearPointwise>> op =
+      []() -> std::optional<c10::TypedOperatorHandle<LinearPointwise>> {
+    if (!at::hasMKLDNN()) return std::nullopt;
+    auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    if (!handle) return std::nullopt;
+    return handle->typed<LinearPointwise>();
+  }();
+  return op ? &*op : nullptr;
+}
+
+at::Tensor lp(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b = std::nullopt) {
+  return linear_pointwise()->call(x, w, b, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+}
+
+class OneDnnLinearFn : public torch::autograd::Function<OneDnnLinearFn> {
+ public:
+  // b: the bias, or an empty placeholder with has_bias false (a custom Function's tensor inputs must
+  // be defined).
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const at::Tensor& b, bool has_bias) {
+    const int64_t K = x.size(-1), N = w.size(0);
+    at::Tensor x2 = x.reshape({-1, K});
+    if (!x2.is_contiguous()) x2 = x2.contiguous();
+    at::Tensor y = lp(x2, w, has_bias ? std::optional<at::Tensor>(b) : std::nullopt);
+    ctx->save_for_backward({x2, w});
+    ctx->saved_data["bias"] = has_bias;
+    std::vector<int64_t> out_sizes = x.sizes().vec();
+    out_sizes.back() = N;
+    return y.view(out_sizes);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x2 = saved[0], &w = saved[1];
+    const int64_t N = w.size(0);
+    at::Tensor dy2 = grads[0].reshape({-1, N});
+    if (!dy2.is_contiguous()) dy2 = dy2.contiguous();
+    at::Tensor dx, dw, db;
+    if (ctx->needs_input_grad(0)) {
+      std::vector<int64_t> in_sizes = grads[0].sizes().vec();
+      in_sizes.back() = w.size(1);
+      dx = lp(dy2, w.t()).view(in_sizes);  // dY W
+    }
+    if (ctx->needs_input_grad(1)) dw = lp(dy2.t(), x2.t());  // dYᵀ X, (N, K) like W
+    if (ctx->needs_input_grad(2) && ctx->saved_data["bias"].toBool()) db = dy2.sum(0);
+    return {dx, dw, db, at::Tensor()};
   }
 };
 
@@ -196,10 +260,37 @@ bool rope_fusable(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
          cos.size(2) == x.size(2) && cos.size(3) == D && x.numel() > 0;
 }
 
-at::Tensor fused_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool contiguous) {
+at::Tensor fused_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool contiguous, double scale) {
   FT_CHECK(rope_fusable(x, cos, sin), "[model] fused_rope: needs CPU float32/float64 x (B, H, T, D) with unit "
                                       "last stride and cos/sin (B, 1, T, D) without gradients");
-  return RopeFn::apply(x, cos, sin, contiguous);
+  return RopeFn::apply(x, cos, sin, contiguous, scale);
+}
+
+bool onednn_linear_fits(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  auto f32 = [](const at::Tensor& t) {
+    return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided &&
+           !t.is_quantized();
+  };
+  if (!f32(x) || !f32(weight) || (bias.defined() && !f32(bias))) return false;
+  if (weight.dim() != 2 || x.dim() < 1 || x.size(-1) != weight.size(1) || weight.numel() == 0 || x.numel() == 0) return false;
+  if (bias.defined() && (bias.dim() != 1 || bias.size(0) != weight.size(0))) return false;
+  return linear_pointwise() != nullptr;
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  if (onednn_linear_fits(x, weight, bias)) {
+    return OneDnnLinearFn::apply(x, weight, bias.defined() ? bias : at::empty({0}, weight.options()), bias.defined());
+  }
+  return at::linear(x, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+}
+
+at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
+  FT_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1), "[model] matmul_nt: a (M, K) and b (N, K), got ",
+           a.sizes(), " and ", b.sizes());
+  if (onednn_linear_fits(a, b, bias)) {
+    return lp(a.is_contiguous() ? a : a.contiguous(), b, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+  }
+  return bias.defined() ? at::addmm(bias, a, b.t()) : at::mm(a, b.t());
 }
 
 bool grouped_attention_fits(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {

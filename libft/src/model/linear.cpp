@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 
+#include "ft/model/cpu_ops.h"
+
 namespace ft::model {
 namespace {
 
@@ -23,7 +25,10 @@ struct NF4Matmul : public torch::autograd::Function<NF4Matmul> {
     ctx->saved_data["dq_block"] = q.dq_block;
     ctx->saved_data["absmax_offset"] = static_cast<double>(q.absmax_offset);
     ctx->saved_data["dtype"] = x.scalar_type();
-    return at::matmul(x, adapt::dequantize_nf4(q, x.scalar_type()).t());
+    const at::Tensor w = adapt::dequantize_nf4(q, x.scalar_type());
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = w.size(0);
+    return matmul_nt(x.reshape({-1, x.size(-1)}), w).view(sizes);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -41,7 +46,9 @@ struct NF4Matmul : public torch::autograd::Function<NF4Matmul> {
     q.dq_block = ctx->saved_data["dq_block"].toInt();
     q.absmax_offset = static_cast<float>(ctx->saved_data["absmax_offset"].toDouble());
     const at::Tensor w = adapt::dequantize_nf4(q, ctx->saved_data["dtype"].toScalarType());
-    return {at::matmul(grads[0], w), at::Tensor()};
+    std::vector<int64_t> sizes = grads[0].sizes().vec();
+    sizes.back() = w.size(1);
+    return {matmul_nt(grads[0].reshape({-1, w.size(0)}), w.t()).view(sizes), at::Tensor()};
   }
 };
 
@@ -68,7 +75,7 @@ at::Tensor LinearImpl::forward(const at::Tensor& x) {
     if (bias.defined()) y = y + bias;
   } else {
     const at::Tensor w = nf4_ ? adapt::dequantize_nf4(*nf4_, x.scalar_type()) : weight;
-    y = at::linear(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+    y = model::linear(x, w, bias);  // oneDNN on float32 CPU tensors (ft/model/cpu_ops.h)
   }
   return adapter_ ? adapter_->apply(x, y) : y;
 }

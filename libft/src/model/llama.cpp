@@ -193,8 +193,11 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
   // as (B, H, T, D), and the fused rotary embedding writes them so.
   const at::Tensor& mask = in.masks.at(window);
   const bool grouped = cache_k == nullptr && !prefix_k.defined() && grouped_attention_fits(q, k, v, mask);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  bool q_scaled = false;
   if (rope_fusable(q, cos, sin) && rope_fusable(k, cos, sin)) {
-    q = fused_rope(q, cos, sin, grouped);
+    q_scaled = grouped;  // the grouped path takes its 1/√D here, in the queries' rotation
+    q = fused_rope(q, cos, sin, grouped, q_scaled ? scale : 1.0);
     k = fused_rope(k, cos, sin, grouped);
   } else {
     q = q * cos + rotate_half(q) * sin;
@@ -216,7 +219,7 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
   if (grouped) {
     at::Tensor& bias = in.grouped_bias[window];
     if (!bias.defined()) bias = grouped_attention_bias(mask, kv_heads, heads / kv_heads, q.scalar_type());
-    out = grouped_attention(q, k, v, bias, 1.0 / std::sqrt(static_cast<double>(head_dim)));
+    out = grouped_attention(q, k, v, bias, q_scaled ? 1.0 : scale);
   } else {
     std::optional<at::Tensor> attn_mask;
     if (mask.defined()) attn_mask = mask;
@@ -435,7 +438,7 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
 }
 
 at::Tensor CausalLMImpl::logits(const at::Tensor& hidden) {
-  return lm_head ? lm_head(hidden) : at::linear(hidden, model->embed_tokens->weight);
+  return lm_head ? lm_head(hidden) : model::linear(hidden, model->embed_tokens->weight);
 }
 
 at::Tensor CausalLMImpl::forward(const at::Tensor& input_ids, const ForwardOptions& options) {
