@@ -30,12 +30,14 @@ at::Tensor fused_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 /// oneDNN's JIT kernels (built into libtorch, reached through the mkldnn::_linear_pointwise op that
 /// torch.compile's CPU backend uses) run AVX-512 where the processor has it. On the 2-core AMD EPYC
 /// (Zen 5) development machine that is 2× (forward, dX) and 1.2-2× (dW) the GEMM throughput at
-/// the bundled model's shapes. The three products of the backward pass are oneDNN calls on
-/// transposed views: dX = dY W, dW = dYᵀ X, db = Σ dY. Results agree with MKL's to float32
+/// the bundled model's shapes. The backward products are oneDNN calls too, dX = dY W and
+/// dW = dYᵀ X, on contiguous copies of the transposed operands (oneDNN corrupted the heap when
+/// handed the transposed views themselves); db = Σ dY. Results agree with MKL's to float32
 /// rounding (~1e-6 relative); both are deterministic for a given thread count.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias = {});
-/// a bᵀ (+ bias) for 2-D a (M, K) and b (N, K) (b may be a transposed view), without autograd (for
-/// custom backward nodes): oneDNN where linear() would use it, else at::mm / at::addmm.
+/// a bᵀ (+ bias) for 2-D a (M, K) and b (N, K), without autograd (for custom backward nodes):
+/// oneDNN where linear() would use it (a non-contiguous operand, such as a transposed view, is
+/// copied first), else at::mm / at::addmm.
 at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {});
 /// Whether linear() takes the oneDNN path for these tensors (CPU float32, W (N, K) and x (..., K)
 /// with K, N > 0 and rows, no sparse or quantized layouts, libtorch built with oneDNN).
