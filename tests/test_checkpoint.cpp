@@ -20,6 +20,7 @@
 #include "ft/train/optimizer.h"
 #include "ft/train/run.h"
 #include "ft/train/step.h"
+#include "ft/util/cpu_cache.h"
 #include "ft/util/error.h"
 #include "ft/util/event_log.h"
 #include "test_util.h"
@@ -458,6 +459,22 @@ TEST(TrainResume, EarlyStoppingKeepsTheBestCheckpoint) {
   train::CheckpointDir ckpts((dir / "run" / "checkpoints").string());
   EXPECT_EQ(ckpts.steps(), (std::vector<int64_t>{2, 6}));
   EXPECT_TRUE(fs::exists(dir / "run" / "final" / "model.safetensors"));
+  fs::remove_all(dir);
+}
+
+// A CPU run pools its large buffers (ft/util/cpu_cache.h) and hands the idle ones back at the end.
+TEST(TrainResume, ACpuRunLeavesNoIdleBlocksInThePool) {
+  if (!util::install_cpu_cache()) GTEST_SKIP() << "the pool is off (AddressSanitizer or LIBFT_CPU_CACHE=0)";
+  { at::Tensor big = at::empty({1 << 20}, at::kFloat); }  // 4 MiB, now idle in the pool
+  ASSERT_GE(util::cpu_cache_stats().cached_bytes, std::size_t{4} << 20);
+  const fs::path dir = scratch("train_pool");
+  config::RunConfig c = synthetic_run(dir);
+  c.max_steps = 2;
+  c.schedule.total_steps = 2;
+  Quiet q;
+  train::run_training(c, q.f);
+  EXPECT_TRUE(util::cpu_cache_stats().installed);
+  EXPECT_EQ(util::cpu_cache_stats().cached_bytes, 0u);
   fs::remove_all(dir);
 }
 

@@ -390,6 +390,14 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   // CPU runs reuse their large per-step buffers instead of faulting fresh pages in every micro-batch
   // (ft/util/cpu_cache.h); LIBFT_CPU_CACHE=0 keeps c10's allocator.
   if (device.is_cpu()) util::install_cpu_cache();
+  // The pool's idle blocks go back to the system when the run ends, after everything below is
+  // destroyed (the allocator itself stays installed).
+  struct TrimPoolOnExit {
+    bool cpu;
+    ~TrimPoolOnExit() {
+      if (cpu) util::trim_cpu_cache();
+    }
+  } trim_pool{device.is_cpu()};
 
   // --- data parallel: a process group when a launcher started this process ---------------------
   const dist::LaunchEnv launch = dist::launch_env();

@@ -12,7 +12,7 @@
 // Blocks of at least `min_block_bytes` are rounded up to 64 KiB and, when freed, kept in a
 // size-ordered pool (at most `max_cached_bytes` idle) for the next request of that size (up to 1/8
 // larger). Smaller requests go straight to c10's allocator. Thread-safe; the pool never shrinks on
-// its own (trim_cpu_cache() returns it to the system).
+// its own (trim_cpu_cache() returns it to the system; run_training does so when it ends).
 #include <cstddef>
 #include <cstdint>
 
