@@ -14,7 +14,6 @@
 // LoraStep: forward + loss + backward of the bundled model (configs/models/tiny-llama.json) with LoRA
 // r 8 on every linear layer and dropout 0.05, unfused beside fused, tokens/s.
 #include <ATen/ATen.h>
-#include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
 #include <torch/optim/adamw.h>
 #include <benchmark/benchmark.h>
@@ -30,6 +29,7 @@
 #include "ft/adapt/lora.h"
 #include "ft/adapt/nf4.h"
 #include "ft/model/linear.h"
+#include "ft/util/autocast.h"
 
 namespace {
 
@@ -71,21 +71,6 @@ io::ModelConfig llama_config(int64_t vocab, int64_t hidden, int64_t inter, int64
   c.layer_window.assign(static_cast<size_t>(layers), 0);
   return c;
 }
-
-// bf16 autocast on CUDA while it lives (when `on`), as the trainer's forward passes run.
-struct CudaAutocast {
-  bool on;
-  explicit CudaAutocast(bool enable) : on(enable) {
-    if (!on) return;
-    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
-  }
-  ~CudaAutocast() {
-    if (!on) return;
-    at::autocast::set_autocast_enabled(at::kCUDA, false);
-    at::autocast::clear_cache();
-  }
-};
 
 // Arguments: device (0 cpu, 1 cuda), hidden size, layers, tokens per sequence, dtype (0 f32, 1 bf16).
 void BM_Forward(benchmark::State& state) {
@@ -217,7 +202,7 @@ void BM_LoraLinear(benchmark::State& state) {
   auto step = [&] {
     at::Tensor y;
     {
-      CudaAutocast autocast(device.is_cuda());
+      ft::util::CudaAutocastScope autocast(device.is_cuda());
       y = b.layer->forward(x);
     }
     torch::autograd::backward({y}, {dy.to(y.scalar_type())});
@@ -286,7 +271,7 @@ void BM_LoraStepCuda(benchmark::State& state) {
   auto step = [&] {
     at::Tensor loss;
     {
-      CudaAutocast autocast(true);
+      ft::util::CudaAutocastScope autocast(true);
       const at::Tensor logits = m->forward(ids);
       loss = at::cross_entropy_loss(logits.view({-1, c.vocab_size}).to(at::kFloat), ids.view({-1}));
     }

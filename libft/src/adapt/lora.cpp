@@ -55,7 +55,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     const at::Tensor s_low = at::mm(h, ac.t());  // S = drop(x) Aᵀ, (T, r)
     const at::Tensor w = layer->dense_weight(ct);
     // The frozen base product through oneDNN on float32 CPU tensors (ft/model/cpu_ops.h).
-    at::Tensor y = model::matmul_nt(x2, w, layer->bias.defined() ? layer->bias.to(ct) : at::Tensor());
+    at::Tensor y = model::linear(x2, w, layer->bias.defined() ? layer->bias.to(ct) : at::Tensor());
     y.addmm_(s_low, bc.t(), /*beta=*/1, /*alpha=*/scale);
     ctx->save_for_backward({h, s_low, a, b, keep});
     ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
@@ -84,7 +84,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     const at::Tensor da = at::mm(ds.t(), h);                     // (r, in)
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
-      dx = model::matmul_nt(dy, layer->dense_weight(ct).t());  // dY W, (T, in)
+      dx = model::linear(dy, layer->dense_weight(ct).t());  // dY W, (T, in)
       if (p == 0) {
         dx.addmm_(ds, ac);
       } else if (keep.scalar_type() == at::kBool) {

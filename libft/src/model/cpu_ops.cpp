@@ -203,6 +203,13 @@ at::Tensor lp(const at::Tensor& x, const at::Tensor& w, const std::optional<at::
                                   std::nullopt);
 }
 
+// x (..., K) → (..., N) = x Wᵀ (+ b), without autograd.
+at::Tensor lp_rows(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b = std::nullopt) {
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = w.size(0);
+  return lp(x.reshape({-1, x.size(-1)}), w, b).view(sizes);
+}
+
 class OneDnnLinearFn : public torch::autograd::Function<OneDnnLinearFn> {
  public:
   // b: the bias, or an empty placeholder with has_bias false (a custom Function's tensor inputs must
@@ -228,11 +235,7 @@ class OneDnnLinearFn : public torch::autograd::Function<OneDnnLinearFn> {
     at::Tensor dy2 = grads[0].reshape({-1, N});
     if (!dy2.is_contiguous()) dy2 = dy2.contiguous();
     at::Tensor dx, dw, db;
-    if (ctx->needs_input_grad(0)) {
-      std::vector<int64_t> in_sizes = grads[0].sizes().vec();
-      in_sizes.back() = w.size(1);
-      dx = lp(dy2, w.t()).view(in_sizes);  // dY W
-    }
+    if (ctx->needs_input_grad(0)) dx = lp_rows(grads[0], w.t());  // dY W
     if (ctx->needs_input_grad(1)) dw = lp(dy2.t(), x2.t());  // dYᵀ X, (N, K) like W
     if (ctx->needs_input_grad(2) && ctx->saved_data["bias"].toBool()) db = dy2.sum(0);
     return {dx, dw, db, at::Tensor()};
@@ -284,19 +287,15 @@ bool onednn_linear_fits(const at::Tensor& x, const at::Tensor& weight, const at:
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  if (onednn_linear_fits(x, weight, bias)) {
-    return OneDnnLinearFn::apply(x, weight, bias.defined() ? bias : at::empty({0}, weight.options()), bias.defined());
+  if (!onednn_linear_fits(x, weight, bias)) {
+    return at::linear(x, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
   }
-  return at::linear(x, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
-}
-
-at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
-  FT_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1), "[model] matmul_nt: a (M, K) and b (N, K), got ",
-           a.sizes(), " and ", b.sizes());
-  if (onednn_linear_fits(a, b, bias)) {
-    return lp(a, b, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
-  }
-  return bias.defined() ? at::addmm(bias, a, b.t()) : at::mm(a, b.t());
+  const bool track = at::GradMode::is_enabled() &&
+                     (x.requires_grad() || weight.requires_grad() || (bias.defined() && bias.requires_grad()));
+  // Nothing to differentiate (evaluation, or a product inside a custom node's forward or backward):
+  // the plain product, without an autograd node.
+  if (!track) return lp_rows(x, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+  return OneDnnLinearFn::apply(x, weight, bias.defined() ? bias : at::empty({0}, weight.options()), bias.defined());
 }
 
 bool grouped_attention_fits(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {

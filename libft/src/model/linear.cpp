@@ -25,10 +25,7 @@ struct NF4Matmul : public torch::autograd::Function<NF4Matmul> {
     ctx->saved_data["dq_block"] = q.dq_block;
     ctx->saved_data["absmax_offset"] = static_cast<double>(q.absmax_offset);
     ctx->saved_data["dtype"] = x.scalar_type();
-    const at::Tensor w = adapt::dequantize_nf4(q, x.scalar_type());
-    std::vector<int64_t> sizes = x.sizes().vec();
-    sizes.back() = w.size(0);
-    return matmul_nt(x.reshape({-1, x.size(-1)}), w).view(sizes);
+    return model::linear(x, adapt::dequantize_nf4(q, x.scalar_type()));
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -46,9 +43,7 @@ struct NF4Matmul : public torch::autograd::Function<NF4Matmul> {
     q.dq_block = ctx->saved_data["dq_block"].toInt();
     q.absmax_offset = static_cast<float>(ctx->saved_data["absmax_offset"].toDouble());
     const at::Tensor w = adapt::dequantize_nf4(q, ctx->saved_data["dtype"].toScalarType());
-    std::vector<int64_t> sizes = grads[0].sizes().vec();
-    sizes.back() = w.size(1);
-    return {matmul_nt(grads[0].reshape({-1, w.size(0)}), w.t()).view(sizes), at::Tensor()};
+    return {model::linear(grads[0], w.t()), at::Tensor()};  // dY W
   }
 };
 

@@ -1,6 +1,5 @@
 #include "ft/train/run.h"
 
-#include <ATen/autocast_mode.h>
 #include <ATen/Context.h>
 
 #ifdef LIBFT_WITH_CUDA_KERNELS
@@ -33,6 +32,7 @@
 #include "ft/train/schedule.h"
 #include "ft/train/state.h"
 #include "ft/train/step.h"
+#include "ft/util/autocast.h"
 #include "ft/util/cpu_cache.h"
 #include "ft/util/error.h"
 #include "ft/util/event_log.h"
@@ -57,26 +57,6 @@ c10::Device resolve_device(const std::string& name) {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-// bfloat16 autocast for the forward passes on CUDA (weights, gradients and optimizer state stay
-// float32); restores the previous state when the run ends, normally or by an exception.
-class AutocastScope {
- public:
-  AutocastScope(bool enable) : enabled_(enable) {
-    if (!enabled_) return;
-    previous_ = at::autocast::is_autocast_enabled(at::kCUDA);
-    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
-  }
-  ~AutocastScope() {
-    if (!enabled_) return;
-    at::autocast::set_autocast_enabled(at::kCUDA, previous_);
-    at::autocast::clear_cache();
-  }
-
- private:
-  bool enabled_, previous_ = false;
-};
 
 struct EvalSet {
   std::string name;
@@ -694,7 +674,7 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   // --- the loop ----------------------------------------------------------------------------------
   callbacks.on_start(c, counters.step);
   SignalScope signals(ro.handle_signals);
-  AutocastScope autocast(bf16);
+  util::CudaAutocastScope autocast(bf16);
   Progress progress("train", static_cast<double>(c.max_steps), "steps", log);
   progress.set_start(static_cast<double>(counters.step));
   progress.update(static_cast<double>(counters.step));

@@ -34,11 +34,10 @@ at::Tensor fused_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 /// dW = dYᵀ X, on contiguous copies of the transposed operands (oneDNN corrupted the heap when
 /// handed the transposed views themselves); db = Σ dY. Results agree with MKL's to float32
 /// rounding (~1e-6 relative); both are deterministic for a given thread count.
+/// Where nothing needs a gradient (evaluation, or inside a custom node's forward or backward, where
+/// `weight` may be a transposed view such as Wᵀ for dY W), it is the plain product, with no
+/// autograd node; non-contiguous operands are copied before oneDNN sees them.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias = {});
-/// a bᵀ (+ bias) for 2-D a (M, K) and b (N, K), without autograd (for custom backward nodes):
-/// oneDNN where linear() would use it (a non-contiguous operand, such as a transposed view, is
-/// copied first), else at::mm / at::addmm.
-at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {});
 /// Whether linear() takes the oneDNN path for these tensors (CPU float32, W (N, K) and x (..., K)
 /// with K, N > 0 and rows, no sparse or quantized layouts, libtorch built with oneDNN).
 bool onednn_linear_fits(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
