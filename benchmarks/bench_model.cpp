@@ -10,7 +10,8 @@
 // Forward: tokens/s of a forward pass of configs/models/*.json-sized models with random weights.
 // LoraLinear: forward + backward of one adapted linear layer, the frozen layer alone beside the
 // PEFT-style autograd chain and libft's fused path (adapt::set_lora_fused); CPU at the bundled
-// model's widths in float32, CUDA at Llama-7B/8B widths in bf16 autocast.
+// model's widths in float32, CUDA at Llama-7B/8B widths in bf16 autocast with the frozen weights
+// stored in bf16 (as the trainer stores them; adapt::store_frozen_linears).
 // LoraStep: forward + loss + backward of the bundled model (configs/models/tiny-llama.json) with LoRA
 // r 8 on every linear layer and dropout 0.05, unfused beside fused, tokens/s.
 #include <ATen/ATen.h>
@@ -27,6 +28,7 @@
 #endif
 
 #include "ft/adapt/lora.h"
+#include "ft/adapt/mode.h"
 #include "ft/adapt/nf4.h"
 #include "ft/model/linear.h"
 #include "ft/util/autocast.h"
@@ -179,6 +181,7 @@ struct LoraBench {
       }
     }
     m->to(d);
+    if (d.is_cuda()) adapt::store_frozen_linears(m, at::kBFloat16);  // as the trainer stores a frozen base
     m->train();
     for (const auto& item : m->named_modules()) {
       if (item.key() == "model.layers.0." + target) layer = dynamic_cast<model::LinearImpl*>(item.value().get());
@@ -202,7 +205,7 @@ void BM_LoraLinear(benchmark::State& state) {
   auto step = [&] {
     at::Tensor y;
     {
-      ft::util::CudaAutocastScope autocast(device.is_cuda());
+      ft::util::AutocastScope autocast(device.is_cuda());
       y = b.layer->forward(x);
     }
     torch::autograd::backward({y}, {dy.to(y.scalar_type())});
@@ -258,6 +261,7 @@ void BM_LoraStepCuda(benchmark::State& state) {
   adapt::apply_lora(m, o);
   adapt::set_lora_fused(m, state.range(0) == 1);
   m->to(device);
+  adapt::store_frozen_linears(m, at::kBFloat16);  // as the trainer stores a frozen base under bf16 autocast
   m->train();
   double n_params = 0;
   std::vector<at::Tensor> trainable;
@@ -271,7 +275,7 @@ void BM_LoraStepCuda(benchmark::State& state) {
   auto step = [&] {
     at::Tensor loss;
     {
-      ft::util::CudaAutocastScope autocast(true);
+      ft::util::AutocastScope autocast(true);
       const at::Tensor logits = m->forward(ids);
       loss = at::cross_entropy_loss(logits.view({-1, c.vocab_size}).to(at::kFloat), ids.view({-1}));
     }

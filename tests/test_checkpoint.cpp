@@ -277,6 +277,13 @@ TEST(Modes, FrozenParametersDoNotMove) {
   c.freeze.embeddings = true;
   const auto mode = adapt::make_mode(c);
   EXPECT_EQ(mode->name(), "freeze");
+  // Only the adapter modes leave the base out of their result (and so may store it in bf16).
+  EXPECT_TRUE(mode->exports_base());
+  for (const std::string name : {"full", "lora", "qlora", "prefix"}) {
+    config::RunConfig other;
+    other.mode = name;
+    EXPECT_EQ(adapt::make_mode(other)->exports_base(), name == "full") << name;
+  }
   torch::manual_seed(0);
   model::CausalLM m(test::tiny_config());
   model::init_weights(m, 3);

@@ -4,11 +4,13 @@
 #include <gtest/gtest.h>
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/autograd/function.h>
 
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <unistd.h>
 
@@ -17,6 +19,7 @@
 #include "ft/io/hf_checkpoint.h"
 #include "ft/io/safetensors.h"
 #include "ft/io/tensor_io.h"
+#include "ft/util/autocast.h"
 #include "ft/util/error.h"
 #include "test_util.h"
 
@@ -52,6 +55,129 @@ void randomize_b(model::CausalLM& m, uint64_t seed) {
 using test::error_of;
 
 fs::path scratch(const std::string& name) { return test::scratch_dir(name); }
+
+
+// Fills the CUDA caching allocator's free blocks with NaN, so that a result the code under test
+// forgets to write (in part) shows up as NaN instead of as a stale right answer: large blocks
+// through one 256 MiB tensor, the small pool (blocks under 1 MiB) through 64 half-megabyte ones.
+void poison_cuda_allocator() {
+  const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kFloat);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  { const at::Tensor big = at::full({64 << 20}, nan, opts); }
+  std::vector<at::Tensor> small;
+  for (int i = 0; i < 64; ++i) small.push_back(at::full({128 << 10}, nan, opts));
+}
+
+// The fused LoRA layer in bf16 on `device` against the float64 formula y = x Wᵀ + s·((x ⊙ m) Aᵀ) Bᵀ
+// and its gradients dx = dy W + ((dy B)s A) ⊙ m, dA = ((dy B)s)ᵀ (x ⊙ m), dB = s dyᵀ ((x ⊙ m) Aᵀ),
+// evaluated on the bf16-rounded operands the products see. Widths that are not multiples of any
+// tile (160 → 1000 → 160), the token counts `tokens`, r ∈ {4, 8, 16, 64}, dropout 0 and 0.1 (the
+// reference redraws the mask from the same generator state: at::native_dropout's on CUDA,
+// lora_dropout_noise on the CPU), and four bases: float32 weights under bf16 autocast, the frozen
+// weights stored in bf16 (as the trainer stores them), NF4, and a model that is bf16 throughout
+// (no autocast). Bound: 2e-2 of the largest reference value (bf16 results; S and dS are rounded to
+// bf16 between the products). The low-rank term is made about as large as the base term, so
+// dropping or mis-scaling it fails. On CUDA the allocator is poisoned before each pass.
+void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& tokens) {
+  enum Base { kF32Autocast, kBf16Stored, kNf4, kPureBf16 };
+  const char* base_names[] = {"float32 base, autocast", "bf16-stored base, autocast", "NF4 base, autocast", "bf16 model"};
+  io::ModelConfig mc = test::tiny_config();
+  mc.hidden_size = 160;
+  mc.intermediate_size = 1000;
+  mc.num_hidden_layers = 1;
+  mc.num_attention_heads = 5;
+  mc.num_key_value_heads = 5;
+  mc.head_dim = 32;
+  mc.layer_window.assign(1, 0);
+  int64_t seed = 0;
+  for (const int64_t r : {4, 8, 16, 64}) {
+    for (const Base base : {kF32Autocast, kBf16Stored, kNf4, kPureBf16}) {
+      for (const double p : {0.0, 0.1}) {
+        model::CausalLM m(mc);
+        model::init_weights(m, static_cast<uint64_t>(++seed));
+        if (base == kNf4) {
+          for (const auto& item : m->named_modules()) {
+            auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
+            if (lin != nullptr && item.key() != "lm_head") lin->quantize_nf4(64, true);
+          }
+        }
+        adapt::LoraOptions o;
+        o.targets = {"gate_proj", "down_proj"};
+        o.r = r;
+        o.alpha = static_cast<double>(r);  // scale 1
+        o.dropout = p;
+        const auto layers = adapt::apply_lora(m, o);
+        ASSERT_EQ(layers.size(), 2u);
+        {
+          at::NoGradGuard no_grad;
+          for (const auto& item : m->named_parameters()) {
+            if (item.key().find("lora_B") != std::string::npos) item.value().normal_(0.0, 1.0);
+          }
+        }
+        m->to(device);
+        if (base == kPureBf16) m->to(at::kBFloat16);
+        if (base == kBf16Stored) ASSERT_GT(adapt::store_frozen_linears(m, at::kBFloat16), 0);
+        adapt::set_lora_fused(m, true);
+        m->train();
+        auto params = m->named_parameters();
+        auto modules = m->named_modules();
+        for (const int64_t T : tokens) {
+          for (const auto& layer : layers) {
+            SCOPED_TRACE(layer.module + ", r " + std::to_string(r) + ", " + base_names[base] + ", dropout " +
+                         std::to_string(p) + ", T " + std::to_string(T));
+            auto* lin = dynamic_cast<model::LinearImpl*>(modules[layer.module].get());
+            ASSERT_NE(lin, nullptr);
+            at::Tensor a = params[layer.module + ".lora_A.weight"], b = params[layer.module + ".lora_B.weight"];
+            a.mutable_grad() = at::Tensor();
+            b.mutable_grad() = at::Tensor();
+            const auto xt = at::TensorOptions().device(device).dtype(base == kPureBf16 ? at::kBFloat16 : at::kFloat);
+            const at::Tensor x = at::randn({T, lin->in_features}, xt).requires_grad_();
+            const at::Tensor dy = at::randn({T, lin->out_features}, xt.dtype(at::kBFloat16));
+            if (device.is_cuda()) poison_cuda_allocator();
+            at::manual_seed(1000 + seed);
+            at::Tensor y;
+            {
+              util::AutocastScope autocast(base != kPureBf16, device.type());
+              y = lin->forward(x);
+            }
+            ASSERT_NE(y.grad_fn(), nullptr);
+            EXPECT_NE(y.grad_fn()->name().find("FusedLora"), std::string::npos) << y.grad_fn()->name();
+            EXPECT_EQ(y.scalar_type(), at::kBFloat16);
+            if (device.is_cuda()) poison_cuda_allocator();
+            y.backward(dy);
+
+            // The float64 reference on the operands as the products see them.
+            auto r64 = [](const at::Tensor& t) { return t.detach().to(at::kBFloat16).to(at::kDouble); };
+            at::Tensor keep = at::ones({T, lin->in_features}, x.options().dtype(at::kDouble));
+            if (p > 0) {
+              at::manual_seed(1000 + seed);
+              const at::Tensor xb = x.detach().to(at::kBFloat16);
+              keep = device.is_cuda() ? std::get<1>(at::native_dropout(xb, p, true)).to(at::kDouble) / (1.0 - p)
+                                      : adapt::lora_dropout_noise(xb, p).to(at::kDouble);
+            }
+            const at::Tensor x64 = r64(x), w64 = lin->dense_weight(at::kBFloat16).to(at::kDouble), a64 = r64(a),
+                             b64 = r64(b), dy64 = dy.to(at::kDouble);
+            const double s = layer.scale;
+            const at::Tensor h = x64 * keep, S = h.mm(a64.t()), lora = S.mm(b64.t()) * s;
+            const at::Tensor y64 = x64.mm(w64.t()) + lora;
+            const at::Tensor dS = dy64.mm(b64) * s;
+            const at::Tensor dx64 = dy64.mm(w64) + dS.mm(a64) * keep, da64 = dS.t().mm(h), db64 = dy64.t().mm(S) * s;
+            EXPECT_GT(lora.abs().max().item<double>(), 0.2 * y64.abs().max().item<double>());
+            for (const auto& [name, got, want] : {std::tuple{"y", y, y64}, std::tuple{"dx", x.grad(), dx64},
+                                                  std::tuple{"dA", a.grad(), da64}, std::tuple{"dB", b.grad(), db64}}) {
+              ASSERT_TRUE(got.defined()) << name;
+              ASSERT_EQ(got.sizes(), want.sizes()) << name;
+              EXPECT_TRUE(got.isfinite().all().item<bool>()) << name;
+              EXPECT_LE(test::max_rel_error(got, want), 2e-2) << name;
+            }
+            EXPECT_EQ(x.grad().scalar_type(), x.scalar_type());
+            EXPECT_EQ(a.grad().scalar_type(), a.scalar_type());
+          }
+        }
+      }
+    }
+  }
+}
 
 }  // namespace
 
@@ -453,6 +579,78 @@ TEST(LoraFused, SameLossAndGradientsAsTheAutogradChain) {
     adapt::set_lora_fused(m, false);
     EXPECT_TRUE(a.equal(m->forward(ids())));
   }
+}
+
+// The adapter modes' frozen base in bf16 (store_frozen_linears, which the trainer calls under CUDA
+// bf16 autocast): only the frozen linear weights change dtype, and under autocast (here the CPU's)
+// the losses and every gradient, on the fused and the unfused path, are bit-identical to those of
+// the float32 base, because autocast casts each weight to bf16 before its product anyway.
+TEST(LoraFused, FrozenBaseInBf16ComputesWhatAutocastComputes) {
+  io::ModelConfig mc = test::tiny_config();
+  mc.qkv_bias = true;
+  auto make = [&] {
+    model::CausalLM m(mc);
+    model::init_weights(m, 4);
+    adapt::LoraOptions o;
+    o.targets = {"q_proj", "v_proj", "down_proj"};  // adapted and plain frozen layers both
+    o.r = 4;
+    adapt::apply_lora(m, o);
+    randomize_b(m, 6);
+    m->train();
+    return m;
+  };
+  model::CausalLM ref = make(), half = make();
+  std::map<std::string, at::ScalarType> before;
+  int64_t frozen_linear_elements = 0;
+  for (const auto& item : half->named_parameters()) {
+    before[item.key()] = item.value().scalar_type();
+    const bool linear_weight = item.key().find("_proj.weight") != std::string::npos || item.key() == "lm_head.weight";
+    if (linear_weight && !item.value().requires_grad()) frozen_linear_elements += item.value().numel();
+  }
+  ASSERT_GT(frozen_linear_elements, 0);
+  EXPECT_EQ(adapt::store_frozen_linears(half, at::kBFloat16), 2 * frozen_linear_elements);  // 4 → 2 bytes each
+  EXPECT_EQ(adapt::store_frozen_linears(half, at::kBFloat16), 0);  // already done
+  for (const auto& item : half->named_parameters()) {
+    const bool linear_weight = item.key().find("_proj.weight") != std::string::npos || item.key() == "lm_head.weight";
+    const bool lora = item.key().find("lora_") != std::string::npos;
+    const at::ScalarType want = linear_weight && !lora ? at::kBFloat16 : before.at(item.key());
+    EXPECT_EQ(item.value().scalar_type(), want) << item.key();
+  }
+  for (const bool fused : {true, false}) {
+    SCOPED_TRACE(fused ? "fused" : "unfused");
+    auto run = [&](model::CausalLM& m) {
+      adapt::set_lora_fused(m, fused);
+      for (auto& p : m->parameters()) p.mutable_grad() = at::Tensor();
+      at::Tensor loss;
+      {
+        util::AutocastScope autocast(true, at::kCPU);
+        const at::Tensor logits = m->forward(ids());
+        EXPECT_EQ(logits.scalar_type(), at::kBFloat16);  // autocast is really on
+        loss = at::cross_entropy_loss(logits.view({-1, logits.size(-1)}).to(at::kFloat), ids().roll(-1, 1).reshape({-1}));
+      }
+      loss.backward();
+      std::map<std::string, at::Tensor> g;
+      for (const auto& item : m->named_parameters()) {
+        if (item.value().requires_grad()) g[item.key()] = item.value().grad().clone();
+      }
+      return std::make_pair(loss.item<float>(), g);
+    };
+    const auto [loss_ref, g_ref] = run(ref);
+    const auto [loss_half, g_half] = run(half);
+    EXPECT_EQ(loss_half, loss_ref);
+    ASSERT_EQ(g_ref.size(), 3u * 2u * 2u);
+    for (const auto& [name, g] : g_ref) EXPECT_TRUE(g_half.at(name).equal(g)) << name;
+  }
+}
+
+// The fused layer in bf16 against float64, on the CPU (CPU autocast; the same code as on CUDA but
+// for the dropout draws), and on CUDA where a GPU is visible (scripts/gpu-check.sh), with token
+// counts that are not multiples of any tile.
+TEST(LoraFused, Bf16MatchesFloat64ReferenceOnCpu) { check_fused_lora_bf16(at::kCPU, {1, 37, 300}); }
+
+TEST(LoraCuda, FusedLayerMatchesFloat64Reference) {
+  FT_REQUIRE_CUDA();
+  check_fused_lora_bf16(at::kCUDA, {1, 37, 2053});
 }
 
 // One fused layer with dropout against the formula y = x Wᵀ + b + s·((x ⊙ noise) Aᵀ) Bᵀ differentiated

@@ -54,9 +54,22 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     }
     const at::Tensor s_low = at::mm(h, ac.t());  // S = drop(x) Aᵀ, (T, r)
     const at::Tensor w = layer->dense_weight(ct);
-    // The frozen base product through oneDNN on float32 CPU tensors (ft/model/cpu_ops.h).
-    at::Tensor y = model::linear(x2, w, layer->bias.defined() ? layer->bias.to(ct) : at::Tensor());
-    y.addmm_(s_low, bc.t(), /*beta=*/1, /*alpha=*/scale);
+    const at::Tensor bias = layer->bias.defined() ? layer->bias.to(ct) : at::Tensor();
+    at::Tensor y;
+    if (model::onednn_linear_fits(x2, w, bias)) {
+      // float32 CPU: the frozen base product through oneDNN (ft/model/cpu_ops.h), then the low-rank
+      // term added in place.
+      y = model::linear(x2, w, bias);
+      y.addmm_(s_low, bc.t(), /*beta=*/1, /*alpha=*/scale);
+    } else {
+      // Everywhere else (cuBLAS on CUDA) the low-rank term comes first, (T, r)·(r, out) with the
+      // bias, and the base GEMM accumulates onto it (beta = 1). The output then takes one
+      // memory-bound pass (the rank-r GEMM's write) and the base GEMM reads it in its epilogue,
+      // instead of a second memory-bound read-modify-write of y after the base GEMM.
+      y = bias.defined() ? at::addmm(bias, s_low, bc.t(), /*beta=*/1, /*alpha=*/scale)
+                         : at::mm(s_low, bc.t()).mul_(scale);
+      y.addmm_(x2, w.t());
+    }
     ctx->save_for_backward({h, s_low, a, b, keep});
     ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
     ctx->saved_data["scale"] = scale;
@@ -84,13 +97,25 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     const at::Tensor da = at::mm(ds.t(), h);                     // (r, in)
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
-      dx = model::linear(dy, layer->dense_weight(ct).t());  // dY W, (T, in)
-      if (p == 0) {
-        dx.addmm_(ds, ac);
-      } else if (keep.scalar_type() == at::kBool) {
-        dx.add_(at::native_dropout_backward(at::mm(ds, ac), keep, 1.0 / (1.0 - p)));
+      const at::Tensor w = layer->dense_weight(ct);
+      // dX = dY W + drop'(dS A), in the forward pass's order: oneDNN's product first on float32
+      // CPU tensors, else the low-rank term first and the base GEMM accumulating onto it.
+      auto low_rank = [&] {
+        at::Tensor t = at::mm(ds, ac);
+        if (p == 0) return t;
+        if (keep.scalar_type() == at::kBool) return at::native_dropout_backward(t, keep, 1.0 / (1.0 - p));
+        return t.mul_(keep);
+      };
+      if (model::onednn_linear_fits(dy, w.t(), {})) {
+        dx = model::linear(dy, w.t());  // dY W, (T, in)
+        if (p == 0) {
+          dx.addmm_(ds, ac);
+        } else {
+          dx.add_(low_rank());
+        }
       } else {
-        dx.add_(at::mm(ds, ac).mul_(keep));
+        dx = low_rank();
+        dx.addmm_(dy, w);
       }
       dx = dx.view(ctx->saved_data["x_sizes"].toIntVector()).to(ctx->saved_data["x_dtype"].toScalarType());
     }

@@ -90,6 +90,7 @@ class LoraMode final : public Mode {
   void export_final(model::CausalLM& model, const std::string& dir, const config::RunConfig& c) const override {
     save_peft_adapter(model, options_, dir, c.model.checkpoint);
   }
+  bool exports_base() const override { return false; }
 
  private:
   LoraOptions options_;
@@ -120,6 +121,7 @@ class PrefixMode final : public Mode {
   void export_final(model::CausalLM& model, const std::string& dir, const config::RunConfig& c) const override {
     save_peft_prefix(model, options_, dir, c.model.checkpoint);
   }
+  bool exports_base() const override { return false; }
 
  private:
   PrefixOptions options_;
@@ -157,6 +159,23 @@ std::string Mode::describe(model::CausalLM& model) const {
 
 void Mode::export_final(model::CausalLM& model, const std::string& dir, const config::RunConfig&) const {
   io::save_pretrained(model, dir);
+}
+
+int64_t store_frozen_linears(model::CausalLM& model, at::ScalarType dtype) {
+  int64_t freed = 0;
+  at::NoGradGuard no_grad;
+  for (const auto& item : model->named_modules()) {
+    auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
+    if (lin == nullptr) continue;
+    at::Tensor& w = lin->weight;
+    if (!w.defined() || w.requires_grad() || w.numel() == 0 || !w.is_floating_point() || w.scalar_type() == dtype ||
+        w.layout() != at::kStrided)
+      continue;
+    const int64_t before = w.numel() * static_cast<int64_t>(w.element_size());
+    w.set_data(w.to(dtype));
+    freed += before - w.numel() * static_cast<int64_t>(w.element_size());
+  }
+  return freed;
 }
 
 void register_mode(const std::string& name, ModeFactory factory) {

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 
@@ -281,6 +282,9 @@ bool onednn_linear_fits(const at::Tensor& x, const at::Tensor& weight, const at:
            !t.is_quantized();
   };
   if (!f32(x) || !f32(weight) || (bias.defined() && !f32(bias))) return false;
+  // Under CPU autocast at::linear computes in the autocast dtype; the oneDNN op is not on
+  // autocast's lists and would stay float32.
+  if (at::autocast::is_autocast_enabled(at::kCPU)) return false;
   if (weight.dim() != 2 || x.dim() < 1 || x.size(-1) != weight.size(1) || weight.numel() == 0 || x.numel() == 0) return false;
   if (bias.defined() && (bias.dim() != 1 || bias.size(0) != weight.size(0))) return false;
   return linear_pointwise() != nullptr;

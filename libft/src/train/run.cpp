@@ -429,6 +429,13 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   }
   const std::unique_ptr<adapt::Mode> mode = adapt::make_mode(c);
   mode->apply(model);
+  if (bf16 && !mode->exports_base()) {
+    const int64_t freed = adapt::store_frozen_linears(model, at::kBFloat16);
+    if (freed > 0) {
+      std::fprintf(log, "[train] frozen linear weights stored in bfloat16, as autocast computes with them (%.1f MiB less)\n",
+                   static_cast<double>(freed) / (1024.0 * 1024.0));
+    }
+  }
   model->set_gradient_checkpointing(c.activation_checkpointing);
   model->train();
   const Stores stores = open_stores(c);
@@ -674,7 +681,7 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   // --- the loop ----------------------------------------------------------------------------------
   callbacks.on_start(c, counters.step);
   SignalScope signals(ro.handle_signals);
-  util::CudaAutocastScope autocast(bf16);
+  util::AutocastScope autocast(bf16);
   Progress progress("train", static_cast<double>(c.max_steps), "steps", log);
   progress.set_start(static_cast<double>(counters.step));
   progress.update(static_cast<double>(counters.step));

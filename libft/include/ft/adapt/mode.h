@@ -38,6 +38,9 @@ class Mode {
   /// Writes the run's result to `dir`: by default the whole model as a Hugging Face checkpoint;
   /// adapter modes write their adapter (PEFT's format) instead.
   virtual void export_final(model::CausalLM& model, const std::string& dir, const config::RunConfig& config) const;
+  /// Whether export_final() writes the frozen base weights (false for the adapter modes, whose
+  /// result is the adapter alone).
+  virtual bool exports_base() const { return true; }
 };
 
 using ModeFactory = std::function<std::unique_ptr<Mode>(const config::RunConfig&)>;
@@ -55,6 +58,14 @@ struct TrainableCounts {
 };
 TrainableCounts count_trainable(model::CausalLM& model);
 
+/// Stores the frozen weights of the linear layers (requires_grad false, floating point, dense) in
+/// `dtype`, in place, and returns the bytes this frees. Under CUDA bf16 autocast every linear
+/// product casts its weight to bf16 anyway, so for the adapter modes, whose frozen base is never
+/// written back, storing it in bf16 computes bit for bit the same products with half the memory
+/// and without a cast of every weight in every forward pass (PEFT users get the same by loading
+/// the base with torch_dtype=bfloat16). Embeddings (and a tied head), norms, biases and trainable
+/// weights keep their dtype: the residual stream stays float32.
+int64_t store_frozen_linears(model::CausalLM& model, at::ScalarType dtype);
 /// Names of the parameters `freeze` selects in `model` (FreezeSection's rules), in model order.
 /// Throws ft::Error for a block index out of range, a pattern that matches no parameter, or
 /// contradictory settings for tied embeddings.

@@ -39,7 +39,8 @@ at::Tensor fused_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 /// autograd node; non-contiguous operands are copied before oneDNN sees them.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias = {});
 /// Whether linear() takes the oneDNN path for these tensors (CPU float32, W (N, K) and x (..., K)
-/// with K, N > 0 and rows, no sparse or quantized layouts, libtorch built with oneDNN).
+/// with K, N > 0 and rows, no sparse or quantized layouts, libtorch built with oneDNN, CPU autocast
+/// off).
 bool onednn_linear_fits(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
 
 /// Attention over a short packed sequence as three batched GEMM-backed ops (scores, softmax, values)

@@ -1,29 +1,35 @@
 #pragma once
-// bfloat16 autocast on CUDA for a scope (weights, gradients and optimizer state stay float32):
-// restores the previous state and clears autocast's cast cache when the scope ends, normally or by
-// an exception. Off (no effect) when constructed with false.
+// bfloat16 autocast for a scope on one device type (CUDA for training; the CPU in tests that check
+// what autocast computes): weights, gradients and optimizer state keep their dtype. Restores the
+// previous state and clears autocast's cast cache when the scope ends, normally or by an
+// exception. Off (no effect) when constructed with false.
 #include <ATen/autocast_mode.h>
 
 namespace ft::util {
 
-class CudaAutocastScope {
+class AutocastScope {
  public:
-  explicit CudaAutocastScope(bool enable) : enabled_(enable) {
+  explicit AutocastScope(bool enable, at::DeviceType device = at::kCUDA) : enabled_(enable), device_(device) {
     if (!enabled_) return;
-    previous_ = at::autocast::is_autocast_enabled(at::kCUDA);
-    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
+    previous_ = at::autocast::is_autocast_enabled(device_);
+    previous_dtype_ = at::autocast::get_autocast_dtype(device_);
+    at::autocast::set_autocast_dtype(device_, at::kBFloat16);
+    at::autocast::set_autocast_enabled(device_, true);
   }
-  ~CudaAutocastScope() {
+  ~AutocastScope() {
     if (!enabled_) return;
-    at::autocast::set_autocast_enabled(at::kCUDA, previous_);
+    at::autocast::set_autocast_enabled(device_, previous_);
+    at::autocast::set_autocast_dtype(device_, previous_dtype_);
     at::autocast::clear_cache();
   }
-  CudaAutocastScope(const CudaAutocastScope&) = delete;
-  CudaAutocastScope& operator=(const CudaAutocastScope&) = delete;
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
 
  private:
-  bool enabled_, previous_ = false;
+  bool enabled_;
+  at::DeviceType device_;
+  bool previous_ = false;
+  at::ScalarType previous_dtype_ = at::kBFloat16;
 };
 
 }  // namespace ft::util
