@@ -11,6 +11,7 @@
 
 #include <ATen/autocast_mode.h>
 
+#include "ft/adapt/lora.h"
 #include "ft/adapt/mode.h"
 #include "ft/config/run_config.h"
 #include "ft/data/token_store.h"
@@ -641,6 +642,57 @@ TEST(TrainCuda, Bf16AutocastRunLearnsAndResumes) {
   for (const auto& j : lines) memory |= j.contains("peak_device_mib") && j.at("peak_device_mib").get<double>() > 0;
   EXPECT_TRUE(memory);
   fs::remove_all(dir);
+}
+
+// A LoRA run (and a QLoRA one) on `device` stops at step 8 and resumes to 16, learns, and exports an
+// adapter that checks clean against a fresh float32 model on the CPU. Under CUDA bf16 autocast the
+// trainer stores the frozen linear weights in bf16 (QLoRA: those it did not quantize, the output
+// head) and says so; the adapters stay float32.
+void lora_run_resumes(const std::string& device, const std::string& dtype) {
+  for (const std::string mode : {"lora", "qlora"}) {
+    SCOPED_TRACE(mode + " on " + device + " in " + dtype);
+    const fs::path dir = scratch("train_lora_" + device + "_" + mode);
+    config::RunConfig c = synthetic_run(dir);
+    c.mode = mode;
+    c.lora.targets = {"all-linear"};
+    c.device = device;
+    c.dtype = dtype;
+    c.max_steps = 16;
+    c.schedule.total_steps = 16;
+    const fs::path log_path = dir / "log.txt";
+    std::FILE* log = std::fopen(log_path.c_str(), "w");
+    ASSERT_NE(log, nullptr);
+    StopAt stop(8);
+    train::RunOptions ro;
+    ro.log = log;
+    ro.callbacks = &stop;
+    EXPECT_EQ(train::run_training(c, ro).steps, 8);
+    ro.callbacks = nullptr;
+    const train::RunSummary s = train::run_training(c, ro);
+    std::fclose(log);
+    EXPECT_EQ(s.resumed_from, 8);
+    EXPECT_EQ(s.steps, 16);
+    EXPECT_EQ(s.skipped, 0);
+    EXPECT_LT(s.last_loss, s.first_loss) << s.first_loss << " -> " << s.last_loss;
+    std::ifstream in(log_path);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const bool bf16_base = text.find("frozen linear weights stored in bfloat16") != std::string::npos;
+    EXPECT_EQ(bf16_base, dtype == "bfloat16") << text;  // QLoRA: the output head (not quantized)
+    model::CausalLM fresh(test::tiny_config());
+    const auto problems = adapt::check_peft_adapter(fresh, s.final_dir);
+    EXPECT_TRUE(problems.empty()) << (problems.empty() ? "" : problems.front());
+    const auto adapter = io::SafetensorsFile::open((fs::path(s.final_dir) / "adapter_model.safetensors").string());
+    ASSERT_FALSE(adapter->tensors().empty());
+    for (const auto& t : adapter->tensors()) EXPECT_EQ(t.dtype, io::DType::F32) << t.name;
+    fs::remove_all(dir);
+  }
+}
+
+TEST(TrainLora, RunResumesAndExportsAnAdapter) { lora_run_resumes("cpu", "float32"); }
+
+TEST(TrainCuda, LoraBf16RunResumesAndExportsAnAdapter) {
+  FT_REQUIRE_CUDA();
+  lora_run_resumes("cuda", "bfloat16");
 }
 
 #ifdef LIBFT_WITH_CUDA_KERNELS
