@@ -1,6 +1,8 @@
 // CUDA kernels against their LibTorch references; skipped where no GPU is visible.
 #include <gtest/gtest.h>
 
+#include <cstring>
+
 #include "ft/model/llama.h"
 #include "test_util.h"
 
@@ -8,6 +10,7 @@
 
 #ifdef LIBFT_WITH_CUDA_KERNELS
 #include "ft/kernels/nf4.h"
+#include "ft/kernels/nf4_decode.h"
 #include "ft/kernels/rmsnorm.h"
 #endif
 
@@ -59,7 +62,11 @@ TEST(NF4Kernel, EqualsTheReferenceExactly) {
   GTEST_SKIP() << "built without CUDA kernels";
 #else
   FT_REQUIRE_CUDA();
+  // The first three take the vectorized kernel (16 elements per thread), the others the scalar one.
   for (const auto& [shape, block, dq] : {std::tuple{std::vector<int64_t>{4096, 1024}, int64_t{64}, true},
+                                         std::tuple{std::vector<int64_t>{16, 48}, int64_t{16}, false},
+                                         std::tuple{std::vector<int64_t>{64, 40}, int64_t{32}, true},
+                                         std::tuple{std::vector<int64_t>{8, 8}, int64_t{8}, false},
                                          std::tuple{std::vector<int64_t>{7, 9}, int64_t{32}, false},
                                          std::tuple{std::vector<int64_t>{1, 1}, int64_t{2}, false},
                                          std::tuple{std::vector<int64_t>{333, 129}, int64_t{64}, true}}) {
@@ -71,6 +78,12 @@ TEST(NF4Kernel, EqualsTheReferenceExactly) {
                                                      q.block, dtype);
       EXPECT_TRUE(got.view(want.sizes()).equal(want)) << at::IntArrayRef(shape) << " " << dtype;
       EXPECT_TRUE(adapt::dequantize_nf4(q, dtype).equal(want));
+      // Codes that start one byte into their allocation (not 8-byte aligned): the scalar kernel.
+      at::Tensor shifted = at::empty({q.packed.numel() + 1}, q.packed.options()).narrow(0, 1, q.packed.numel());
+      shifted.copy_(q.packed);
+      EXPECT_TRUE(kernels::nf4_dequantize(shifted, adapt::nf4_absmax(q).to(at::kFloat).contiguous(), q.numel, q.block, dtype)
+                      .view(want.sizes())
+                      .equal(want));
     }
   }
   EXPECT_THROW(kernels::nf4_dequantize(at::zeros({3}, at::TensorOptions().device(at::kCUDA).dtype(at::kByte)),
@@ -78,5 +91,38 @@ TEST(NF4Kernel, EqualsTheReferenceExactly) {
                c10::Error);
 #endif
 }
+
+
+// The vectorized kernel's decoding step (ft/kernels/nf4_decode.h), run on the host over a whole
+// quantized tensor the way the kernel walks it (8 bytes, read as two little-endian words, to 16
+// outputs), equals the tensor-op reference exactly for every output dtype. This checks the nibble
+// and byte order on machines without a GPU; NF4Kernel.EqualsTheReferenceExactly runs the kernel.
+#ifdef LIBFT_WITH_CUDA_KERNELS
+template <typename T>
+at::Tensor decode_on_host(const adapt::NF4Tensor& q, at::ScalarType dtype) {
+  const at::Tensor absmax = adapt::nf4_absmax(q).to(at::kFloat).contiguous();
+  const at::Tensor packed = q.packed.contiguous();
+  at::Tensor out = at::empty({q.numel}, at::TensorOptions().dtype(dtype));
+  const uint8_t* bytes = packed.data_ptr<uint8_t>();
+  T* dst = reinterpret_cast<T*>(out.data_ptr());
+  for (int64_t g = 0; g < q.numel / 16; ++g) {
+    uint32_t lo, hi;
+    std::memcpy(&lo, bytes + 8 * g, 4);
+    std::memcpy(&hi, bytes + 8 * g + 4, 4);
+    kernels::detail::nf4_decode16(lo, hi, adapt::nf4_code().data(), absmax.data_ptr<float>()[g * 16 / q.block], dst + 16 * g);
+  }
+  return out.view(q.shape);
+}
+
+TEST(NF4Kernel, VectorDecodeEqualsTheReferenceOnTheHost) {
+  for (const auto& [block, dq] : {std::pair{int64_t{16}, false}, std::pair{int64_t{64}, true}, std::pair{int64_t{32}, true}}) {
+    const at::Tensor w = at::randn({48, 64}, at::kFloat) * 0.02;
+    const adapt::NF4Tensor q = adapt::quantize_nf4(w, block, dq);
+    EXPECT_TRUE(decode_on_host<float>(q, at::kFloat).equal(adapt::dequantize_nf4_ops(q, at::kFloat)));
+    EXPECT_TRUE(decode_on_host<c10::Half>(q, at::kHalf).equal(adapt::dequantize_nf4_ops(q, at::kHalf)));
+    EXPECT_TRUE(decode_on_host<c10::BFloat16>(q, at::kBFloat16).equal(adapt::dequantize_nf4_ops(q, at::kBFloat16)));
+  }
+}
+#endif
 
 }  // namespace
