@@ -10,6 +10,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <numbers>
+#include <optional>
 #include <unistd.h>
 
 #include "ft/config/run_config.h"
@@ -20,6 +21,7 @@
 #include "ft/train/run.h"
 #include "ft/train/schedule.h"
 #include "ft/train/step.h"
+#include "ft/util/autocast.h"
 #include "ft/util/error.h"
 #include "test_util.h"
 
@@ -284,6 +286,39 @@ TEST(TrainOptimizer, ClipsByGlobalNorm) {
   const auto after = params(m);
   for (size_t i = 0; i < after.size(); ++i) sq += (after[i] - before[i]).to(at::kDouble).pow(2).sum().item<double>();
   EXPECT_NEAR(std::sqrt(sq), 0.25, 1e-5);
+}
+
+// Steps inside one long autocast scope (as the trainer runs them) equal steps that each have their
+// own scope: the optimizer step clears autocast's cache of bf16 weight copies, which would
+// otherwise hold the first step's weights for every later forward pass (checked with CPU
+// autocast; the trainer's is CUDA's, with the same cache).
+TEST(TrainOptimizer, StepsUnderOneAutocastScopeSeeTheUpdatedWeights) {
+  const std::vector<train::BatchTensors> batch = {train::to_tensors(uneven_batch())};
+  train::OptimizerOptions oo;
+  oo.lr = 1e-2;
+  auto run = [&](bool one_scope) {
+    model::CausalLM m = tiny_model();
+    auto opt = train::make_optimizer(m, oo);
+    train::StepCounters c;
+    std::vector<double> losses;
+    std::optional<util::AutocastScope> outer;
+    if (one_scope) outer.emplace(true, at::kCPU);
+    for (int i = 0; i < 3; ++i) {
+      std::optional<util::AutocastScope> inner;
+      if (!one_scope) inner.emplace(true, at::kCPU);
+      const train::AccumulateResult r = train::accumulate_gradients(m, batch);
+      losses.push_back(r.loss);
+      EXPECT_TRUE(train::optimizer_step(*opt, r.loss, oo.lr, {}, c).applied);
+    }
+    return std::make_pair(losses, params(m));
+  };
+  const auto [losses_one, weights_one] = run(true);
+  const auto [losses_each, weights_each] = run(false);
+  ASSERT_EQ(losses_one.size(), 3u);
+  EXPECT_NE(losses_one[1], losses_one[0]);  // training moved the weights
+  for (size_t i = 0; i < losses_one.size(); ++i) EXPECT_EQ(losses_one[i], losses_each[i]) << "step " << i;
+  ASSERT_EQ(weights_one.size(), weights_each.size());
+  for (size_t i = 0; i < weights_one.size(); ++i) EXPECT_TRUE(weights_one[i].equal(weights_each[i])) << i;
 }
 
 // A NaN in one gradient element (or a non-finite loss) skips the step: weights, AdamW moments and

@@ -1,5 +1,6 @@
 #include "ft/train/optimizer.h"
 
+#include <ATen/autocast_mode.h>
 #include <ATen/ops/_foreach_mul.h>
 #include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/_fused_adamw.h>
@@ -181,6 +182,11 @@ StepOutcome optimizer_step(torch::optim::Optimizer& optimizer, double loss, doub
   }
   for (auto& group : optimizer.param_groups()) group.options().set_lr(lr);
   optimizer.step();
+  // Autocast caches its bf16 copy of each float32 weight that trains, keyed by the tensor and
+  // kept until the cache is cleared (Python's torch.autocast clears it when its region ends).
+  // The weights just changed in place: without this, a training loop inside one long autocast
+  // scope would run every later forward pass on the first step's weights.
+  at::autocast::clear_cache();
   optimizer.zero_grad();
   ++counters.step;
   out.applied = true;
