@@ -47,8 +47,26 @@ class CheckpointBackward final : public torch::autograd::Node {
   std::vector<at::Tensor> inputs;  // hidden states first, then the extras, detached
   std::vector<bool> input_requires_grad;
   std::vector<at::Tensor> params;
-  bool autocast_cuda = false;
-  at::ScalarType autocast_dtype = at::kBFloat16;
+  // Autocast's thread-local state at the forward pass, for the CPU and for CUDA.
+  struct Autocast {
+    bool enabled[2] = {false, false};
+    at::ScalarType dtype[2] = {at::kBFloat16, at::kBFloat16};
+    static constexpr at::DeviceType kTypes[2] = {at::kCPU, at::kCUDA};
+    static Autocast current() {
+      Autocast a;
+      for (int i = 0; i < 2; ++i) {
+        a.enabled[i] = at::autocast::is_autocast_enabled(kTypes[i]);
+        a.dtype[i] = at::autocast::get_autocast_dtype(kTypes[i]);
+      }
+      return a;
+    }
+    void apply() const {
+      for (int i = 0; i < 2; ++i) {
+        at::autocast::set_autocast_enabled(kTypes[i], enabled[i]);
+        at::autocast::set_autocast_dtype(kTypes[i], dtype[i]);
+      }
+    }
+  } autocast;
 
   std::string name() const override { return "ft::CheckpointBackward"; }
 
@@ -56,18 +74,11 @@ class CheckpointBackward final : public torch::autograd::Node {
     torch::autograd::variable_list out(inputs.size() + params.size());
     if (!grads[0].defined()) return out;
     at::AutoGradMode enable(true);
-    const bool was_enabled = at::autocast::is_autocast_enabled(at::kCUDA);
-    const at::ScalarType was_dtype = at::autocast::get_autocast_dtype(at::kCUDA);
-    at::autocast::set_autocast_enabled(at::kCUDA, autocast_cuda);
-    at::autocast::set_autocast_dtype(at::kCUDA, autocast_dtype);
     struct Restore {
-      bool e;
-      at::ScalarType d;
-      ~Restore() {
-        at::autocast::set_autocast_enabled(at::kCUDA, e);
-        at::autocast::set_autocast_dtype(at::kCUDA, d);
-      }
-    } restore{was_enabled, was_dtype};
+      Autocast previous = Autocast::current();
+      ~Restore() { previous.apply(); }
+    } restore;
+    autocast.apply();
     std::vector<at::Tensor> fresh;
     std::vector<at::Tensor> wrt;
     for (size_t i = 0; i < inputs.size(); ++i) {
@@ -116,8 +127,7 @@ at::Tensor checkpointed(const BlockFn& fn, const at::Tensor& x, const std::vecto
     node->input_requires_grad.push_back(e.defined() && e.requires_grad());
   }
   node->params = std::move(params);
-  node->autocast_cuda = at::autocast::is_autocast_enabled(at::kCUDA);
-  node->autocast_dtype = at::autocast::get_autocast_dtype(at::kCUDA);
+  node->autocast = CheckpointBackward::Autocast::current();
   torch::autograd::create_gradient_edge(y, std::move(node));
   return y;
 }

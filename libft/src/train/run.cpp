@@ -414,7 +414,6 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     }
   } abandon_on_error{group};
   const bool bf16 = c.dtype == "bfloat16";
-  FT_CHECK(!bf16 || device.is_cuda(), "[train] dtype bfloat16 (autocast) needs a CUDA device; on CPU use float32");
 
   // --- setup -------------------------------------------------------------------------------------
   model::CausalLM model{nullptr};
@@ -681,7 +680,7 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   // --- the loop ----------------------------------------------------------------------------------
   callbacks.on_start(c, counters.step);
   SignalScope signals(ro.handle_signals);
-  util::AutocastScope autocast(bf16);
+  util::AutocastScope autocast(bf16, device.type());
   Progress progress("train", static_cast<double>(c.max_steps), "steps", log);
   progress.set_start(static_cast<double>(counters.step));
   progress.update(static_cast<double>(counters.step));
