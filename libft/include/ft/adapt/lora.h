@@ -71,8 +71,10 @@ bool lora_merged(model::CausalLM& model);
 void set_lora_dropout(model::CausalLM& model, double dropout);
 /// FUSED TRAINING PATH. In training (train mode, gradients on), a plain LoRA layer (not DoRA, not
 /// merged) runs as one autograd node with its backward written out:
-///   S = drop(x) Aᵀ;  y = x Wᵀ + b, then y += s S Bᵀ in place (one GEMM accumulating into y)
-///   dS = s dy B;  dB = s dyᵀ S;  dA = dSᵀ drop(x);  dx = dy W, then dx += dS A (masked) in place
+///   S = drop(x) Aᵀ;  y = b + s S Bᵀ, then y += x Wᵀ (the base GEMM accumulates, beta = 1)
+///   dS = s dy B;  dB = s dyᵀ S;  dA = dSᵀ drop(x);  dx = drop'(dS A), then dx += dy W
+/// (on float32 CPU tensors the oneDNN base product comes first and the low-rank term is added to
+/// it, since oneDNN's linear cannot accumulate)
 /// instead of PEFT's chain, which writes B(A(x)), its scaled copy and the sum as separate (…, out)
 /// tensors and adds a separate (…, in) gradient. W (dense, or NF4 dequantized again) is not saved.
 /// Dropout: on CUDA at::dropout's own kernel; on the CPU lora_dropout_noise (below), because
