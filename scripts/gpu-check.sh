@@ -79,7 +79,9 @@ nccl_rc=$?
 
 # 4. Benchmarks.
 log "benchmarks"
-build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 >"$out/bench.log" 2>&1
+# Bounded, so that a hang cannot spend the session's device time; what finished is still reported.
+timeout 240 build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 >"$out/bench.log" 2>&1
+bench_rc=$?
 
 # 5. Summary (last).
 echo
@@ -93,7 +95,7 @@ echo "skipped     $(grep -c '(Skipped)' "$out/ctest.log") tests"
 echo "parity (max|a-b|/max|b| of logits vs transformers float32):"
 grep -E '^\[parity\]' "$out/parity.log" | sed 's/^/  /'
 echo "nccl        exit $nccl_rc: $(grep -E '^\[dist\] [0-9]+ rank' "$out/nccl.log" | cut -c1-60); $(grep -E '^\[train\] done' "$out/nccl.log" | cut -c1-120)"
-echo "benchmarks:"
+echo "benchmarks: (exit $bench_rc)"
 grep -E '^BM_' "$out/bench.log" | sed 's/^/  /'
 echo "total       $(($(date +%s) - t0))s"
 exit $ctest_rc

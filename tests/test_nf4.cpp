@@ -151,3 +151,30 @@ TEST(NF4, LinearBackwardDequantizesAgain) {
   EXPECT_LE(test::max_rel_error(y, at::matmul(x.to(at::kDouble), w.t()) + layer->bias.to(at::kDouble)), 1e-6);
   EXPECT_LE(test::max_rel_error(x.grad(), at::matmul(g.to(at::kDouble), w)), 1e-6);
 }
+
+// A quantized layer's codes and maxima are not parameters or buffers, yet they follow the module:
+// to(dtype) leaves them as they are (uint8 codes, float32 maxima) while the rest converts, and
+// to(device) moves them (checked on CUDA where a GPU is visible), so a base quantized on the CPU
+// runs on the GPU.
+TEST(NF4, CodesFollowTheModuleAndKeepTheirDtypes) {
+  for (const bool dq : {false, true}) {
+    model::Linear lin(64, 32, true);
+    lin->quantize_nf4(64, dq);
+    const at::Tensor x = at::randn({3, 64});
+    const at::Tensor before = lin->forward(x);
+    lin->to(at::kDouble);
+    const adapt::NF4Tensor& q = *lin->nf4();
+    EXPECT_EQ(q.packed.scalar_type(), at::kByte);
+    EXPECT_EQ((dq ? q.absmax_scale : q.absmax).scalar_type(), at::kFloat);
+    EXPECT_EQ(lin->bias.scalar_type(), at::kDouble);
+    // The same dequantized weight, now in float64: the products agree to float32 rounding.
+    EXPECT_LE(test::max_rel_error(lin->forward(x.to(at::kDouble)), before), 1e-6);
+    lin->to(at::kFloat);
+    if (at::hasCUDA()) {
+      lin->to(at::Device(at::kCUDA));
+      EXPECT_TRUE(lin->nf4()->packed.is_cuda());
+      EXPECT_TRUE((dq ? lin->nf4()->absmax_q : lin->nf4()->absmax).is_cuda());
+      EXPECT_LE(test::max_rel_error(lin->forward(x.cuda()).cpu(), before), 1e-5);
+    }
+  }
+}

@@ -83,6 +83,29 @@ void LinearImpl::quantize_nf4(int64_t block, bool double_quant) {
   weight.set_data(at::empty({0}, weight.options()));
 }
 
+void LinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  torch::nn::Module::to(device, dtype, non_blocking);
+  move_nf4(device, non_blocking);
+}
+
+void LinearImpl::to(torch::Dtype dtype, bool non_blocking) { torch::nn::Module::to(dtype, non_blocking); }
+
+void LinearImpl::to(torch::Device device, bool non_blocking) {
+  torch::nn::Module::to(device, non_blocking);
+  move_nf4(device, non_blocking);
+}
+
+void LinearImpl::move_nf4(const torch::Device& device, bool non_blocking) {
+  if (!nf4_) return;
+  auto move = [&](at::Tensor& t) {
+    if (t.defined()) t = t.to(device, /*non_blocking=*/non_blocking);
+  };
+  move(nf4_->packed);
+  move(nf4_->absmax);
+  move(nf4_->absmax_q);
+  move(nf4_->absmax_scale);
+}
+
 at::Tensor LinearImpl::dense_weight(at::ScalarType dtype) const {
   return nf4_ ? adapt::dequantize_nf4(*nf4_, dtype) : weight.to(dtype);
 }

@@ -41,11 +41,19 @@ class LinearImpl : public torch::nn::Module {
   /// The weight as a dense tensor of `dtype`: the parameter, or the dequantized NF4 codes.
   at::Tensor dense_weight(at::ScalarType dtype) const;
 
+  /// Module::to, plus the NF4 codes and maxima, which are not parameters or buffers: they follow
+  /// the module to a device and keep their own dtypes under a dtype change (so a base quantized on
+  /// the CPU can be moved to the GPU with the rest of the model).
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Device device, bool non_blocking = false) override;
+
   int64_t in_features, out_features;
   at::Tensor weight;  ///< (out, in); empty once quantized
   at::Tensor bias;    ///< (out) or undefined
 
  private:
+  void move_nf4(const torch::Device& device, bool non_blocking);
   std::shared_ptr<LinearAdapter> adapter_;
   std::shared_ptr<adapt::NF4Tensor> nf4_;
 };
