@@ -41,17 +41,21 @@ AccumulateResult accumulate_gradients(model::CausalLM& model, const std::vector<
   r.n_targets = hooks.total_targets ? hooks.total_targets(local_targets) : local_targets;
   if (r.n_targets == 0 || local_targets == 0) return r;
   const double inv_n = 1.0 / static_cast<double>(r.n_targets);
-  double loss_sum = 0.0;
+  // The losses are summed in float64 on the loss's device and read once, after the last backward
+  // pass: reading each micro-batch's loss would make the host wait for the device between every
+  // forward and backward pass (the same sums, in the same order, so the same figure).
+  at::Tensor loss_sum;
   for (size_t i = 0; i < micro_batches.size(); ++i) {
     const BatchTensors& b = micro_batches[i];
     if (b.n_targets == 0) continue;  // contributes nothing to the loss or the gradient
     if (hooks.before_forward) hooks.before_forward(b);
     at::Tensor sum = forward_loss_sum(model, b);
-    loss_sum += sum.detach().item<double>();
+    const at::Tensor s64 = sum.detach().to(at::kDouble);
+    loss_sum = loss_sum.defined() ? loss_sum + s64 : s64;
     if (hooks.before_backward) hooks.before_backward(i == last);
     (sum * inv_n).backward();
   }
-  r.loss = loss_sum * inv_n;
+  r.loss = loss_sum.item<double>() * inv_n;
   return r;
 }
 
