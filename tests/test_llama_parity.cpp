@@ -11,6 +11,7 @@
 #include "ft/io/safetensors.h"
 #include "ft/io/tensor_io.h"
 #include "ft/model/generate.h"
+#include "ft/util/autocast.h"
 #include "ft/util/json.h"
 #include "test_util.h"
 
@@ -47,11 +48,12 @@ struct Case {
   c10::ScalarType dtype;
   double logits_tol;  // on max|a−b| / max|b| over non-padding positions
   double loss_tol;    // relative
+  bool autocast = false;  // float32 weights under bf16 autocast (as the trainer runs dtype: bfloat16)
 };
 
 std::string case_name(const testing::TestParamInfo<Case>& info) {
   return info.param.family + "_" + (info.param.device.is_cuda() ? "cuda" : "cpu") + "_" +
-         (info.param.dtype == at::kFloat ? "f32" : "bf16");
+         (info.param.autocast ? "autocast" : info.param.dtype == at::kFloat ? "f32" : "bf16");
 }
 
 std::vector<Case> cases() {
@@ -62,12 +64,18 @@ std::vector<Case> cases() {
     out.push_back({family, c10::Device(c10::kCUDA, 0), at::kFloat, 1e-4, 1e-4});
     // bf16 keeps 8 mantissa bits (relative step 2^-8 ≈ 4e-3); through two layers and the head the
     // logits drift by a few of those steps.
-    out.push_back({family, c10::Device(c10::kCUDA, 0), at::kBFloat16, 3e-2, 2e-2});
+    // The same on the CPU, and bf16 autocast over float32 weights (the trainer's dtype: bfloat16).
+    for (const c10::Device device : {c10::Device(c10::kCUDA, 0), c10::Device(c10::kCPU)}) {
+      out.push_back({family, device, at::kBFloat16, 3e-2, 2e-2});
+      out.push_back({family, device, at::kFloat, 3e-2, 2e-2, /*autocast=*/true});
+    }
   }
   return out;
 }
 
-void PrintTo(const Case& c, std::ostream* os) { *os << c.family << " on " << c.device << " in " << c.dtype; }
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << c.family << " on " << c.device << " in " << c.dtype << (c.autocast ? " under bf16 autocast" : "");
+}
 
 class HFParity : public testing::TestWithParam<Case> {};
 
@@ -85,7 +93,11 @@ TEST_P(HFParity, LogitsLossAndGreedyMatchTransformers) {
 
   model::ForwardOptions f;
   f.attention_mask = ref.attention_mask.to(c.device);
-  at::Tensor logits = m->forward(ref.input_ids.to(c.device), f).to(at::kFloat).cpu();
+  at::Tensor logits;
+  {
+    util::AutocastScope autocast(c.autocast, c.device.type());
+    logits = m->forward(ref.input_ids.to(c.device), f).to(at::kFloat).cpu();
+  }
   ASSERT_EQ(logits.sizes(), ref.logits.sizes());
   at::Tensor valid = ref.attention_mask.to(at::kBool);
   const double err = test::max_rel_error(logits.index({valid}), ref.logits.index({valid}));
@@ -93,11 +105,11 @@ TEST_P(HFParity, LogitsLossAndGreedyMatchTransformers) {
 
   const double loss = model::causal_lm_loss(logits, ref.labels).item<double>();
   const double ref_loss = ref.loss.item<double>();
-  std::cout << "[parity] " << c.family << " " << c.device << " " << c.dtype << " logits " << err << " loss "
+  std::cout << "[parity] " << c.family << " " << c.device << " " << c.dtype << (c.autocast ? " autocast" : "") << " logits " << err << " loss "
             << std::abs(loss - ref_loss) / std::abs(ref_loss) << "\n";
   EXPECT_NEAR(loss, ref_loss, c.loss_tol * std::abs(ref_loss)) << c.family;
 
-  if (c.dtype == at::kFloat) {
+  if (c.dtype == at::kFloat && !c.autocast) {
     auto prompt = std::vector<int64_t>(ref.greedy_prompt.data_ptr<int64_t>(),
                                        ref.greedy_prompt.data_ptr<int64_t>() + ref.greedy_prompt.numel());
     model::GenerateOptions g;
@@ -109,7 +121,7 @@ TEST_P(HFParity, LogitsLossAndGreedyMatchTransformers) {
   }
 
   // Save back for the Python round-trip check (tests/python/check_roundtrip.py), CPU float32 only.
-  if (!c.device.is_cuda()) {
+  if (!c.device.is_cuda() && c.dtype == at::kFloat && !c.autocast) {
     io::SaveOptions save;
     if (c.family == "llama3") save.max_shard_bytes = 64 << 10;  // exercise sharded writing too
     io::save_pretrained(m, (fs::path(kRefDir) / c.family / "libft_saved").string(), save);
