@@ -33,12 +33,17 @@ __constant__ float kCode[16] = {
     0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
     0.7229568362236023f, 1.0f};
 
+// Copies the code book to shared memory; every thread of the block calls it (it synchronizes).
+__device__ __forceinline__ void stage_code(float* code) {
+  if (threadIdx.x < 16) code[threadIdx.x] = kCode[threadIdx.x];
+  __syncthreads();
+}
+
 template <typename T>
 __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
                                       T* __restrict__ out, int64_t numel, int64_t block) {
   __shared__ float code[16];
-  if (threadIdx.x < 16) code[threadIdx.x] = kCode[threadIdx.x];
-  __syncthreads();
+  stage_code(code);
   const int64_t bytes = (numel + 1) / 2;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < bytes;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -54,8 +59,7 @@ template <typename T>
 __global__ void nf4_dequantize16_kernel(const uint2* __restrict__ packed, const float* __restrict__ absmax,
                                         T* __restrict__ out, int64_t groups, int64_t block) {
   __shared__ float code[16];
-  if (threadIdx.x < 16) code[threadIdx.x] = kCode[threadIdx.x];
-  __syncthreads();
+  stage_code(code);
   static_assert(16 * sizeof(T) % sizeof(uint4) == 0, "16 outputs must fill whole 16-byte vectors");
   constexpr int kVectors = 16 * sizeof(T) / sizeof(uint4);
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
