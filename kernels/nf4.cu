@@ -39,9 +39,26 @@ __device__ __forceinline__ void stage_code(float* code) {
   __syncthreads();
 }
 
-template <typename T>
-__global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
-                                      T* __restrict__ out, int64_t numel, int64_t block) {
+// The block maxima as a function of the block index: stored in float32, or double-quantized (int8
+// codes, a float32 scale per dq_block of them and one offset), decoded inline so that
+// dequantization is one kernel with no temporary for the maxima.
+struct PlainMaxima {
+  const float* __restrict__ absmax;
+  __device__ __forceinline__ float operator()(int64_t k) const { return absmax[k]; }
+};
+struct DoubleQuantMaxima {
+  const int8_t* __restrict__ codes;
+  const float* __restrict__ scales;
+  float offset;
+  int64_t dq_block;
+  __device__ __forceinline__ float operator()(int64_t k) const {
+    return detail::nf4_double_quant_max(codes[k], scales[k / dq_block], offset);
+  }
+};
+
+template <typename T, typename Maxima>
+__global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, Maxima maxima, T* __restrict__ out,
+                                      int64_t numel, int64_t block) {
   __shared__ float code[16];
   stage_code(code);
   const int64_t bytes = (numel + 1) / 2;
@@ -49,15 +66,15 @@ __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const 
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const uint8_t b = packed[i];
     const int64_t e = 2 * i;
-    const float scale = absmax[e / block];  // block is even: both elements share it
+    const float scale = maxima(e / block);  // block is even: both elements share it
     out[e] = static_cast<T>(code[b >> 4] * scale);
     if (e + 1 < numel) out[e + 1] = static_cast<T>(code[b & 15] * scale);
   }
 }
 
-template <typename T>
-__global__ void nf4_dequantize16_kernel(const uint2* __restrict__ packed, const float* __restrict__ absmax,
-                                        T* __restrict__ out, int64_t groups, int64_t block) {
+template <typename T, typename Maxima>
+__global__ void nf4_dequantize16_kernel(const uint2* __restrict__ packed, Maxima maxima, T* __restrict__ out,
+                                        int64_t groups, int64_t block) {
   __shared__ float code[16];
   stage_code(code);
   static_assert(16 * sizeof(T) % sizeof(uint4) == 0, "16 outputs must fill whole 16-byte vectors");
@@ -65,7 +82,7 @@ __global__ void nf4_dequantize16_kernel(const uint2* __restrict__ packed, const 
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const uint2 p = packed[g];
-    const float scale = absmax[g * 16 / block];
+    const float scale = maxima(g * 16 / block);
     alignas(16) T v[16];
     detail::nf4_decode16(p.x, p.y, code, scale, v);
     uint4* dst = reinterpret_cast<uint4*>(out + g * 16);
@@ -74,21 +91,18 @@ __global__ void nf4_dequantize16_kernel(const uint2* __restrict__ packed, const 
   }
 }
 
-}  // namespace
-
-at::Tensor nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, int64_t numel, int64_t block,
-                          at::ScalarType dtype) {
-  TORCH_CHECK(packed.is_cuda() && absmax.is_cuda() && packed.device() == absmax.device(),
-              "[nf4] packed and absmax must be on one CUDA device");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && absmax.scalar_type() == at::kFloat,
-              "[nf4] packed must be uint8 and absmax float32");
-  TORCH_CHECK(packed.is_contiguous() && absmax.is_contiguous(), "[nf4] packed and absmax must be contiguous");
+void check_codes(const at::Tensor& packed, int64_t numel, int64_t block, at::ScalarType dtype) {
+  TORCH_CHECK(packed.is_cuda() && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "[nf4] packed must be a contiguous uint8 CUDA tensor");
   TORCH_CHECK(block > 0 && block % 2 == 0, "[nf4] block must be even and > 0, got ", block);
-  TORCH_CHECK(numel >= 0 && packed.numel() == (numel + 1) / 2 && absmax.numel() == (numel + block - 1) / block,
-              "[nf4] ", numel, " elements need ", (numel + 1) / 2, " bytes and ", (numel + block - 1) / block,
-              " maxima; got ", packed.numel(), " and ", absmax.numel());
+  TORCH_CHECK(numel >= 0 && packed.numel() == (numel + 1) / 2, "[nf4] ", numel, " elements need ", (numel + 1) / 2,
+              " bytes; got ", packed.numel());
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "[nf4] output dtype must be float32, float16 or bfloat16");
+}
+
+template <typename Maxima>
+at::Tensor launch(const at::Tensor& packed, Maxima maxima, int64_t numel, int64_t block, at::ScalarType dtype) {
   c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
   if (numel == 0) return out;
@@ -104,15 +118,46 @@ at::Tensor nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, in
     if (vectorized) {
       const int64_t groups = numel / 16;
       nf4_dequantize16_kernel<scalar_t><<<grid_for(groups), kThreads, 0, stream>>>(
-          reinterpret_cast<const uint2*>(packed.data_ptr<uint8_t>()), absmax.data_ptr<float>(),
-          out.data_ptr<scalar_t>(), groups, block);
+          reinterpret_cast<const uint2*>(packed.data_ptr<uint8_t>()), maxima, out.data_ptr<scalar_t>(), groups, block);
     } else {
       nf4_dequantize_kernel<scalar_t><<<grid_for((numel + 1) / 2), kThreads, 0, stream>>>(
-          packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), out.data_ptr<scalar_t>(), numel, block);
+          packed.data_ptr<uint8_t>(), maxima, out.data_ptr<scalar_t>(), numel, block);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+}  // namespace
+
+at::Tensor nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, int64_t numel, int64_t block,
+                          at::ScalarType dtype) {
+  check_codes(packed, numel, block, dtype);
+  TORCH_CHECK(absmax.is_cuda() && packed.device() == absmax.device() && absmax.scalar_type() == at::kFloat &&
+                  absmax.is_contiguous(),
+              "[nf4] absmax must be a contiguous float32 tensor on the codes' device");
+  TORCH_CHECK(absmax.numel() == (numel + block - 1) / block, "[nf4] ", numel, " elements need ",
+              (numel + block - 1) / block, " maxima; got ", absmax.numel());
+  return launch(packed, PlainMaxima{absmax.data_ptr<float>()}, numel, block, dtype);
+}
+
+at::Tensor nf4_dequantize_double_quant(const at::Tensor& packed, const at::Tensor& absmax_q,
+                                       const at::Tensor& absmax_scale, float absmax_offset, int64_t dq_block,
+                                       int64_t numel, int64_t block, at::ScalarType dtype) {
+  check_codes(packed, numel, block, dtype);
+  TORCH_CHECK(absmax_q.is_cuda() && absmax_scale.is_cuda() && absmax_q.device() == packed.device() &&
+                  absmax_scale.device() == packed.device(),
+              "[nf4] the maxima's codes and scales must be on the codes' device");
+  TORCH_CHECK(absmax_q.scalar_type() == at::kChar && absmax_scale.scalar_type() == at::kFloat &&
+                  absmax_q.is_contiguous() && absmax_scale.is_contiguous(),
+              "[nf4] double quantization needs contiguous int8 maxima codes and float32 scales");
+  const int64_t blocks = (numel + block - 1) / block;
+  TORCH_CHECK(dq_block > 0 && absmax_q.numel() == blocks && absmax_scale.numel() == (blocks + dq_block - 1) / dq_block,
+              "[nf4] ", numel, " elements in blocks of ", block, " need ", blocks, " maxima codes and ",
+              dq_block > 0 ? (blocks + dq_block - 1) / dq_block : 0, " scales (dq_block ", dq_block, "); got ",
+              absmax_q.numel(), " and ", absmax_scale.numel());
+  return launch(packed, DoubleQuantMaxima{absmax_q.data_ptr<int8_t>(), absmax_scale.data_ptr<float>(), absmax_offset, dq_block},
+                numel, block, dtype);
 }
 
 }  // namespace ft::kernels

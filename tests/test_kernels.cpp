@@ -89,13 +89,25 @@ TEST(NF4Kernel, EqualsTheReferenceExactly) {
   EXPECT_THROW(kernels::nf4_dequantize(at::zeros({3}, at::TensorOptions().device(at::kCUDA).dtype(at::kByte)),
                                        at::ones({1}, at::TensorOptions().device(at::kCUDA)), 7, 64, at::kFloat),
                c10::Error);
+  // Double-quantized maxima decoded inside the kernel (the path dequantize_nf4 takes for them).
+  for (const auto& shape : {std::vector<int64_t>{1024, 1024}, std::vector<int64_t>{333, 129}}) {
+    const adapt::NF4Tensor q = adapt::quantize_nf4(at::randn(shape, at::TensorOptions().device(at::kCUDA)), 64, true);
+    const at::Tensor got = kernels::nf4_dequantize_double_quant(q.packed, q.absmax_q.contiguous(), q.absmax_scale, q.absmax_offset,
+                                                                q.dq_block, q.numel, q.block, at::kBFloat16);
+    EXPECT_TRUE(got.view(q.shape).equal(adapt::dequantize_nf4_ops(q, at::kBFloat16))) << at::IntArrayRef(shape);
+  }
+  const auto i8 = at::TensorOptions().device(at::kCUDA).dtype(at::kChar);
+  EXPECT_THROW(kernels::nf4_dequantize_double_quant(at::zeros({32}, i8.dtype(at::kByte)), at::zeros({1}, i8),
+                                                    at::ones({2}, i8.dtype(at::kFloat)), 0.0f, 256, 64, 64, at::kFloat),
+               c10::Error);  // one block of maxima needs one scale, not two
 #endif
 }
 
 
 // The vectorized kernel's decoding step (ft/kernels/nf4_decode.h), run on the host over a whole
 // quantized tensor the way the kernel walks it (8 bytes, read as two little-endian words, to 16
-// outputs), equals the tensor-op reference exactly for every output dtype. This checks the nibble
+// outputs, the double-quantized maxima decoded as the kernel decodes them), equals the tensor-op
+// reference exactly for every output dtype. This checks the nibble
 // and byte order on machines without a GPU; NF4Kernel.EqualsTheReferenceExactly runs the kernel.
 #ifdef LIBFT_WITH_CUDA_KERNELS
 template <typename T>
@@ -105,18 +117,25 @@ at::Tensor decode_on_host(const adapt::NF4Tensor& q, at::ScalarType dtype) {
   at::Tensor out = at::empty({q.numel}, at::TensorOptions().dtype(dtype));
   const uint8_t* bytes = packed.data_ptr<uint8_t>();
   T* dst = reinterpret_cast<T*>(out.data_ptr());
+  // The maxima as the kernel forms them: stored, or decoded from the double quantization inline.
+  auto maximum = [&](int64_t k) {
+    if (!q.double_quant) return absmax.data_ptr<float>()[k];
+    return kernels::detail::nf4_double_quant_max(q.absmax_q.data_ptr<int8_t>()[k],
+                                                 q.absmax_scale.data_ptr<float>()[k / q.dq_block], q.absmax_offset);
+  };
+  for (int64_t k = 0; k < absmax.numel(); ++k) EXPECT_EQ(maximum(k), absmax.data_ptr<float>()[k]) << "block " << k;
   for (int64_t g = 0; g < q.numel / 16; ++g) {
     uint32_t lo, hi;
     std::memcpy(&lo, bytes + 8 * g, 4);
     std::memcpy(&hi, bytes + 8 * g + 4, 4);
-    kernels::detail::nf4_decode16(lo, hi, adapt::nf4_code().data(), absmax.data_ptr<float>()[g * 16 / q.block], dst + 16 * g);
+    kernels::detail::nf4_decode16(lo, hi, adapt::nf4_code().data(), maximum(g * 16 / q.block), dst + 16 * g);
   }
   return out.view(q.shape);
 }
 
 TEST(NF4Kernel, VectorDecodeEqualsTheReferenceOnTheHost) {
   for (const auto& [block, dq] : {std::pair{int64_t{16}, false}, std::pair{int64_t{64}, true}, std::pair{int64_t{32}, true}}) {
-    const at::Tensor w = at::randn({48, 64}, at::kFloat) * 0.02;
+    const at::Tensor w = at::randn({48, 64 * 9}, at::kFloat) * 0.02;  // 432-1728 blocks: several dq scales
     const adapt::NF4Tensor q = adapt::quantize_nf4(w, block, dq);
     EXPECT_TRUE(decode_on_host<float>(q, at::kFloat).equal(adapt::dequantize_nf4_ops(q, at::kFloat)));
     EXPECT_TRUE(decode_on_host<c10::Half>(q, at::kHalf).equal(adapt::dequantize_nf4_ops(q, at::kHalf)));

@@ -131,8 +131,14 @@ at::Tensor dequantize_nf4(const NF4Tensor& q, at::ScalarType dtype) {
   if (q.packed.device().is_cpu()) return dequantize_cpu(q).to(dtype);
 #ifdef LIBFT_WITH_CUDA_KERNELS
   if (q.packed.is_cuda() && (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16)) {
-    const at::Tensor absmax = nf4_absmax(q).to(at::kFloat).contiguous();
-    return kernels::nf4_dequantize(q.packed.contiguous(), absmax, q.numel, q.block, dtype).view(q.shape);
+    if (q.double_quant) {
+      return kernels::nf4_dequantize_double_quant(q.packed.contiguous(), q.absmax_q.contiguous(),
+                                                  q.absmax_scale.to(at::kFloat).contiguous(), q.absmax_offset,
+                                                  q.dq_block, q.numel, q.block, dtype)
+          .view(q.shape);
+    }
+    return kernels::nf4_dequantize(q.packed.contiguous(), q.absmax.to(at::kFloat).contiguous(), q.numel, q.block, dtype)
+        .view(q.shape);
   }
 #endif
   return dequantize_nf4_ops(q, dtype);

@@ -28,6 +28,18 @@ FT_NF4_HD void nf4_decode16(uint32_t lo, uint32_t hi, const float* code, float s
   }
 }
 
+/// A double-quantized block maximum, code × scale + offset, as ft::adapt::nf4_absmax forms it: a
+/// float32 product and a float32 sum, each rounded (no fused multiply-add, which would round once
+/// and differ in the last bit).
+FT_NF4_HD float nf4_double_quant_max(int8_t code, float scale, float offset) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(__fmul_rn(static_cast<float>(code), scale), offset);
+#else
+  const volatile float product = static_cast<float>(code) * scale;  // kept apart from the sum
+  return product + offset;
+#endif
+}
+
 }  // namespace ft::kernels::detail
 
 #undef FT_NF4_HD
