@@ -80,7 +80,8 @@ nccl_rc=$?
 # 4. Benchmarks.
 log "benchmarks"
 # Bounded, so that a hang cannot spend the session's device time; what finished is still reported.
-timeout 240 build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 >"$out/bench.log" 2>&1
+timeout 240 build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 --benchmark_out="$out/bench.json" \
+  --benchmark_out_format=json >"$out/bench.log" 2>&1
 bench_rc=$?
 
 # 5. Summary (last).
@@ -97,5 +98,7 @@ grep -E '^\[parity\]' "$out/parity.log" | sed 's/^/  /'
 echo "nccl        exit $nccl_rc: $(grep -E '^\[dist\] [0-9]+ rank' "$out/nccl.log" | cut -c1-60); $(grep -E '^\[train\] done' "$out/nccl.log" | cut -c1-120)"
 echo "benchmarks: (exit $bench_rc)"
 grep -E '^BM_' "$out/bench.log" | sed 's/^/  /'
+echo "targets (issue 7, benchmarks/gpu_targets.py):"
+$python benchmarks/gpu_targets.py "$out/bench.json" 2>&1 | sed 's/^/  /'
 echo "total       $(($(date +%s) - t0))s"
 exit $ctest_rc

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""The kernels issue's targets, read from bench_model's Google Benchmark JSON output.
+
+    build-gpu/benchmarks/bench_model --benchmark_out=bench.json --benchmark_out_format=json
+    python3 benchmarks/gpu_targets.py bench.json
+
+Prints one line per target with the measured ratio and PASS/FAIL (or "missing" where the run has
+no such benchmark, e.g. on a machine without a GPU). scripts/gpu-check.sh runs it last.
+
+Targets (issue 7; all times from the same run):
+  - fused LoRA linear fwd+bwd <= 1.10x the bare frozen linear (x W^T forward, dy W backward);
+  - fused LoRA linear >= 1.25x faster than the unfused (PEFT-style) chain;
+  - QLoRA linear <= 1.15x the bf16 LoRA linear at T >= 4096;
+  - NF4 -> bf16 dequantization >= 75% of the device-to-device copy bandwidth (bytes read + written);
+  - a LoRA training step of a 1.24B Llama-shaped model >= 1.3x faster fused than unfused, MFU >= 40%.
+"""
+import json
+import re
+import sys
+
+LAYERS = {0: "o_proj 4096->4096", 1: "gate_proj 4096->14336", 2: "down_proj 14336->4096"}
+MODES = {0: "bare", 1: "unfused", 2: "fused", 3: "qlora"}
+
+
+def load(path):
+    with open(path) as f:
+        data = json.load(f)
+    runs = {}
+    for b in data.get("benchmarks", []):
+        if b.get("error_occurred") or b.get("run_type") == "aggregate":
+            continue
+        runs[b["name"].replace("/real_time", "")] = b
+    return runs
+
+
+def seconds(b):
+    scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[b.get("time_unit", "ns")]
+    return b["real_time"] * scale
+
+
+def targets(runs):
+    """(description, value, bound, kind) tuples; kind "max" passes when value <= bound."""
+    out = []
+    linear = {}
+    for name, b in runs.items():
+        m = re.fullmatch(r"BM_LoraLinear/1/(\d)/(\d)/(\d+)/(\d+)", name)
+        if m:
+            mode, layer, rank, tokens = map(int, m.groups())
+            linear[(mode, layer, rank, tokens)] = seconds(b)
+    bare = {(layer, tokens): t for (mode, layer, rank, tokens), t in linear.items() if mode == 0}
+    for (mode, layer, rank, tokens), t in sorted(linear.items(), key=lambda kv: (kv[0][1], kv[0][3], kv[0][2], kv[0][0])):
+        where = f"{LAYERS[layer]}, r {rank}, T {tokens}"
+        if mode == 2 and (layer, tokens) in bare:
+            out.append((f"fused LoRA / bare linear ({where})", t / bare[(layer, tokens)], 1.10, "max"))
+        if mode == 2 and (1, layer, rank, tokens) in linear:
+            out.append((f"unfused / fused LoRA ({where})", linear[(1, layer, rank, tokens)] / t, 1.25, "min"))
+        if mode == 3 and tokens >= 4096 and (2, layer, rank, tokens) in linear:
+            out.append((f"QLoRA / LoRA linear ({where})", t / linear[(2, layer, rank, tokens)], 1.15, "max"))
+    nf4, copy = runs.get("BM_NF4Dequant/1/1"), runs.get("BM_DeviceCopy")
+    if nf4 and copy:
+        out.append(("NF4 dequantization / device copy bandwidth", nf4["GB/s"] / copy["GB/s"], 0.75, "min"))
+    unfused, fused = runs.get("BM_LoraStepCuda/0"), runs.get("BM_LoraStepCuda/1")
+    if unfused and fused:
+        out.append(("1.24B LoRA step, fused / unfused tokens/s", fused["tokens/s"] / unfused["tokens/s"], 1.3, "min"))
+        out.append(("1.24B LoRA step, fused, MFU %", fused["MFU%"], 40.0, "min"))
+    return out
+
+
+def main(argv):
+    if len(argv) != 2:
+        print(__doc__)
+        return 2
+    runs = load(argv[1])
+    rows = targets(runs)
+    if not rows:
+        print("gpu targets: missing (no CUDA benchmark in " + argv[1] + ")")
+        return 0
+    failed = 0
+    for text, value, bound, kind in rows:
+        ok = value <= bound if kind == "max" else value >= bound
+        failed += not ok
+        print(f"  {'PASS' if ok else 'FAIL'}  {text}: {value:.3f} ({'<=' if kind == 'max' else '>='} {bound})")
+    print(f"gpu targets: {len(rows) - failed} of {len(rows)} met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

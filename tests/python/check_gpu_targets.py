@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""benchmarks/gpu_targets.py on a synthetic Google Benchmark JSON file: the ratios it reports and
+their PASS/FAIL verdicts, so that the GPU check's summary is right the first time it runs there."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+here = os.path.dirname(os.path.abspath(__file__))
+script = os.path.join(here, "..", "..", "benchmarks", "gpu_targets.py")
+sys.path.insert(0, os.path.dirname(script))
+import gpu_targets  # noqa: E402
+
+
+def bench(name, real_time, unit="us", **counters):
+    return dict(name=name + "/real_time", run_type="iteration", real_time=real_time, time_unit=unit, **counters)
+
+
+data = {"benchmarks": [
+    bench("BM_LoraLinear/1/0/0/16/2048", 200.0),  # bare o_proj
+    bench("BM_LoraLinear/1/1/0/16/2048", 300.0),  # unfused
+    bench("BM_LoraLinear/1/2/0/16/2048", 215.0),  # fused: 1.075x bare, 1.395x faster than unfused
+    bench("BM_LoraLinear/1/3/0/16/2048", 260.0),  # QLoRA at T 2048: no target
+    bench("BM_LoraLinear/1/0/2/16/8192", 2.0, unit="ms"),
+    bench("BM_LoraLinear/1/2/2/16/8192", 2400.0),  # 1.2x bare: FAIL
+    bench("BM_LoraLinear/1/3/2/16/8192", 2.6, unit="ms"),  # QLoRA 1.083x LoRA: PASS
+    bench("BM_LoraLinear/0/2/0/8/512", 700.0),  # CPU: ignored
+    bench("BM_NF4Dequant/1/1", 40.0, **{"GB/s": 2.4e12}),
+    bench("BM_DeviceCopy", 60.0, **{"GB/s": 3.0e12}),
+    bench("BM_LoraStepCuda/0", 100.0, unit="ms", **{"tokens/s": 20000.0, "MFU%": 30.0}),
+    bench("BM_LoraStepCuda/1", 80.0, unit="ms", **{"tokens/s": 25000.0, "MFU%": 37.5}),
+    dict(name="BM_DeviceCopy_mean", run_type="aggregate", real_time=1.0, time_unit="us"),
+    dict(name="BM_LoraLinear/1/0/1/16/2048/real_time", error_occurred=True, error_message="no CUDA device"),
+]}
+
+with tempfile.TemporaryDirectory() as d:
+    path = os.path.join(d, "bench.json")
+    with open(path, "w") as f:
+        json.dump(data, f)
+    rows = {text: (value, bound, kind) for text, value, bound, kind in gpu_targets.targets(gpu_targets.load(path))}
+    out = subprocess.run([sys.executable, script, path], capture_output=True, text=True, check=True).stdout
+
+expect = {
+    "fused LoRA / bare linear (o_proj 4096->4096, r 16, T 2048)": 1.075,
+    "unfused / fused LoRA (o_proj 4096->4096, r 16, T 2048)": 300.0 / 215.0,
+    "fused LoRA / bare linear (down_proj 14336->4096, r 16, T 8192)": 1.2,
+    "QLoRA / LoRA linear (down_proj 14336->4096, r 16, T 8192)": 2.6 / 2.4,
+    "NF4 dequantization / device copy bandwidth": 0.8,
+    "1.24B LoRA step, fused / unfused tokens/s": 1.25,
+    "1.24B LoRA step, fused, MFU %": 37.5,
+}
+assert set(rows) == set(expect), sorted(rows)
+for text, value in expect.items():
+    assert abs(rows[text][0] - value) < 1e-9, (text, rows[text][0], value)
+for line, verdict in [("fused LoRA / bare linear (o_proj", "PASS"), ("fused LoRA / bare linear (down_proj", "FAIL"),
+                      ("QLoRA / LoRA linear (down_proj", "PASS"), ("NF4 dequantization", "PASS"),
+                      ("fused / unfused tokens/s", "FAIL"), ("MFU", "FAIL")]:
+    hits = [l for l in out.splitlines() if line in l]
+    assert len(hits) == 1 and hits[0].strip().startswith(verdict), (line, verdict, out)
+assert "gpu targets: 4 of 7 met" in out, out
+print("gpu targets OK")
