@@ -194,13 +194,12 @@ const c10::TypedOperatorHandle<LinearPointwise>* linear_pointwise() {
   return op ? &*op : nullptr;
 }
 
-// Both operands are made contiguous first. oneDNN's GEMM driver, handed the transposed views that
-// the backward pass would pass (Wᵀ for dX, dYᵀ and Xᵀ for dW), corrupted the heap: in 2-rank
-// data-parallel runs with one thread per rank, 5 of 10 runs aborted in malloc ("corrupted size vs.
-// prev_size") inside avx512_common_gemm_f32::sgemm_nocopy_driver, and 0 of 20 did with the copies.
-// The copies cost about a fifth of the views' speed in the backward products.
+// The backward products hand oneDNN transposed views (Wᵀ for dX, dYᵀ and Xᵀ for dW), which its GEMM
+// reads in place. (A heap corruption in data-parallel SIGTERM runs, first blamed on the views and
+// worked around with contiguous copies that cost an eighth of the step, came from signal handling
+// inside oneDNN's JIT GEMM: see SignalScope in train/run.cpp.)
 at::Tensor lp(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b = std::nullopt) {
-  return linear_pointwise()->call(x.contiguous(), w.contiguous(), b, "none", c10::List<std::optional<at::Scalar>>(),
+  return linear_pointwise()->call(x, w, b, "none", c10::List<std::optional<at::Scalar>>(),
                                   std::nullopt);
 }
 

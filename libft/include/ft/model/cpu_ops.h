@@ -31,12 +31,13 @@ at::Tensor fused_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 /// torch.compile's CPU backend uses) run AVX-512 where the processor has it. On the 2-core AMD EPYC
 /// (Zen 5) development machine that is 2× (forward, dX) and 1.2-2× (dW) the GEMM throughput at
 /// the bundled model's shapes. The backward products are oneDNN calls too, dX = dY W and
-/// dW = dYᵀ X, on contiguous copies of the transposed operands (oneDNN corrupted the heap when
-/// handed the transposed views themselves); db = Σ dY. Results agree with MKL's to float32
-/// rounding (~1e-6 relative); both are deterministic for a given thread count.
+/// dW = dYᵀ X, on the transposed views; db = Σ dY. Results agree with MKL's to float32 rounding
+/// (~1e-6 relative); both are deterministic for a given thread count. oneDNN's JIT GEMM runs with
+/// its stack pointer in a heap buffer, so a process that handles signals while it computes must
+/// handle them on an alternate stack (train/run.cpp's SignalScope does).
 /// Where nothing needs a gradient (evaluation, or inside a custom node's forward or backward, where
 /// `weight` may be a transposed view such as Wᵀ for dY W), it is the plain product, with no
-/// autograd node; non-contiguous operands are copied before oneDNN sees them.
+/// autograd node.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias = {});
 /// Whether linear() takes the oneDNN path for these tensors (CPU float32, W (N, K) and x (..., K)
 /// with K, N > 0 and rows, no sparse or quantized layouts, libtorch built with oneDNN, CPU autocast
