@@ -24,7 +24,16 @@ MODES = {0: "bare", 1: "unfused", 2: "fused", 3: "qlora"}
 
 def load(path):
     with open(path) as f:
-        data = json.load(f)
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        # Google Benchmark writes each result as it finishes: a run cut short (the GPU check's time
+        # limit) leaves a file whose complete entries are still worth reading.
+        end = text.rfind("\n    }")
+        if end < 0:
+            raise
+        data = json.loads(text[: end + len("\n    }")] + "\n  ]\n}")
     runs = {}
     for b in data.get("benchmarks", []):
         if b.get("error_occurred") or b.get("run_type") == "aggregate":
@@ -70,7 +79,11 @@ def main(argv):
     if len(argv) != 2:
         print(__doc__)
         return 2
-    runs = load(argv[1])
+    try:
+        runs = load(argv[1])
+    except (OSError, ValueError) as e:  # no file, or one cut short (a benchmark that crashed or timed out)
+        print(f"gpu targets: missing ({argv[1]}: {e})")
+        return 0
     rows = targets(runs)
     if not rows:
         print("gpu targets: missing (no CUDA benchmark in " + argv[1] + ")")

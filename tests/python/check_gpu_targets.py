@@ -59,4 +59,15 @@ for line, verdict in [("fused LoRA / bare linear (o_proj", "PASS"), ("fused LoRA
     hits = [l for l in out.splitlines() if line in l]
     assert len(hits) == 1 and hits[0].strip().startswith(verdict), (line, verdict, out)
 assert "gpu targets: 4 of 7 met" in out, out
+# A file cut short after its third benchmark (a run stopped by the time limit) still gives those.
+with tempfile.TemporaryDirectory() as d:
+    path = os.path.join(d, "cut.json")
+    text = json.dumps(data, indent=2)
+    third = 0
+    for _ in range(3):
+        third = text.index("\n    }", third) + 1
+    with open(path, "w") as f:
+        f.write(text[: third + 5] + ",\n    {\n      \"name\": \"BM_Lo")
+    cut = gpu_targets.load(path)
+    assert sorted(cut) == ["BM_LoraLinear/1/0/0/16/2048", "BM_LoraLinear/1/1/0/16/2048", "BM_LoraLinear/1/2/0/16/2048"], sorted(cut)
 print("gpu targets OK")
