@@ -528,8 +528,10 @@ TEST(LoraFused, SameLossAndGradientsAsTheAutogradChain) {
     bool nf4;
     at::ScalarType dtype;
     double tol;
+    bool dora = false;
   };
-  for (const Case k : {Case{0.0, false, at::kDouble, 1e-12}, Case{0.0, true, at::kFloat, 2e-5}}) {
+  for (const Case k : {Case{0.0, false, at::kDouble, 1e-12}, Case{0.0, true, at::kFloat, 2e-5},
+                       Case{0.0, false, at::kDouble, 1e-12, true}, Case{0.0, true, at::kFloat, 2e-5, true}}) {
     io::ModelConfig mc = test::tiny_config();
     mc.qkv_bias = true;  // q/k/v biases: the fused GEMM starts from the bias
     model::CausalLM m(mc);
@@ -545,8 +547,15 @@ TEST(LoraFused, SameLossAndGradientsAsTheAutogradChain) {
     o.targets = {"all-linear"};
     o.r = 4;
     o.dropout = k.dropout;
+    o.dora = k.dora;
     adapt::apply_lora(m, o);
     randomize_b(m, 3);
+    if (k.dora) {  // magnitudes away from the initial row norms, so that c = m / n is not 1
+      at::NoGradGuard no_grad;
+      for (const auto& item : m->named_parameters()) {
+        if (item.key().find("lora_magnitude_vector") != std::string::npos) item.value().mul_(1.0 + 0.3 * at::rand_like(item.value()));
+      }
+    }
     m->train();
     auto run = [&](bool fused) {
       adapt::set_lora_fused(m, fused);
@@ -564,10 +573,10 @@ TEST(LoraFused, SameLossAndGradientsAsTheAutogradChain) {
     };
     const auto [loss_plain, g_plain] = run(false);
     const auto [loss_fused, g_fused] = run(true);
-    SCOPED_TRACE("dropout " + std::to_string(k.dropout) + (k.nf4 ? ", NF4" : ", dense"));
+    SCOPED_TRACE("dropout " + std::to_string(k.dropout) + (k.nf4 ? ", NF4" : ", dense") + (k.dora ? ", DoRA" : ""));
     EXPECT_NEAR(loss_fused, loss_plain, k.tol * std::abs(loss_plain));
     ASSERT_EQ(g_plain.size(), g_fused.size());
-    ASSERT_EQ(g_plain.size(), 2u * 7u * 2u);  // A and B of 7 linears in 2 blocks
+    ASSERT_EQ(g_plain.size(), (k.dora ? 3u : 2u) * 7u * 2u);  // A and B (and m) of 7 linears in 2 blocks
     for (const auto& [name, g] : g_plain) {
       ASSERT_TRUE(g.defined()) << name;
       EXPECT_LE(test::max_rel_error(g_fused.at(name), g), k.tol) << name;

@@ -9,6 +9,7 @@
 #include <torch/nn/modules/linear.h>
 
 #include <cmath>
+#include <functional>
 #include <mutex>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -28,6 +29,35 @@ namespace ft::adapt {
 namespace {
 
 constexpr const char* kPeftPrefix = "base_model.model.";
+
+// x2 Wᵀ (+ bias) + scale · S Bᵀ, (T, out), for the fused layers. On float32 CPU tensors the frozen
+// base product goes through oneDNN (ft/model/cpu_ops.h) and the low-rank term is added in place.
+// Everywhere else (cuBLAS on CUDA) the low-rank term comes first, (T, r)·(r, out) with the bias, and
+// the base GEMM accumulates onto it (beta = 1): the output then takes one memory-bound pass (the
+// rank-r GEMM's write) and the base GEMM reads it in its epilogue, instead of a second memory-bound
+// read-modify-write of the output after the base GEMM.
+at::Tensor base_plus_low_rank(const at::Tensor& x2, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& s_low,
+                              const at::Tensor& bc, double scale) {
+  if (model::onednn_linear_fits(x2, w, bias)) {
+    at::Tensor y = model::linear(x2, w, bias);
+    return y.addmm_(s_low, bc.t(), /*beta=*/1, /*alpha=*/scale);
+  }
+  at::Tensor y = bias.defined() ? at::addmm(bias, s_low, bc.t(), /*beta=*/1, /*alpha=*/scale)
+                                : at::mm(s_low, bc.t()).mul_(scale);
+  return y.addmm_(x2, w.t());
+}
+
+// dZ W + drop'(dS A), (T, in), in base_plus_low_rank's order; `mask` applies dropout's backward to
+// the low-rank term (empty: no dropout).
+at::Tensor input_grad(const at::Tensor& dz, const at::Tensor& w, const at::Tensor& ds, const at::Tensor& ac,
+                      const std::function<at::Tensor(const at::Tensor&)>& mask) {
+  if (model::onednn_linear_fits(dz, w.t(), {})) {
+    at::Tensor dx = model::linear(dz, w.t());
+    return mask ? dx.add_(mask(at::mm(ds, ac))) : dx.addmm_(ds, ac);
+  }
+  at::Tensor dx = mask ? mask(at::mm(ds, ac)) : at::mm(ds, ac);
+  return dx.addmm_(dz, w);
+}
 
 // The fused LoRA layer (see set_lora_fused in the header). Computes in the autocast dtype when
 // autocast is on for the input's device (bf16 on CUDA), else in the input's dtype; returns A's and
@@ -53,23 +83,8 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
       }
     }
     const at::Tensor s_low = at::mm(h, ac.t());  // S = drop(x) Aᵀ, (T, r)
-    const at::Tensor w = layer->dense_weight(ct);
-    const at::Tensor bias = layer->bias.defined() ? layer->bias.to(ct) : at::Tensor();
-    at::Tensor y;
-    if (model::onednn_linear_fits(x2, w, bias)) {
-      // float32 CPU: the frozen base product through oneDNN (ft/model/cpu_ops.h), then the low-rank
-      // term added in place.
-      y = model::linear(x2, w, bias);
-      y.addmm_(s_low, bc.t(), /*beta=*/1, /*alpha=*/scale);
-    } else {
-      // Everywhere else (cuBLAS on CUDA) the low-rank term comes first, (T, r)·(r, out) with the
-      // bias, and the base GEMM accumulates onto it (beta = 1). The output then takes one
-      // memory-bound pass (the rank-r GEMM's write) and the base GEMM reads it in its epilogue,
-      // instead of a second memory-bound read-modify-write of y after the base GEMM.
-      y = bias.defined() ? at::addmm(bias, s_low, bc.t(), /*beta=*/1, /*alpha=*/scale)
-                         : at::mm(s_low, bc.t()).mul_(scale);
-      y.addmm_(x2, w.t());
-    }
+    const at::Tensor y = base_plus_low_rank(x2, layer->dense_weight(ct), layer->bias.defined() ? layer->bias.to(ct) : at::Tensor(),
+                                            s_low, bc, scale);
     ctx->save_for_backward({h, s_low, a, b, keep});
     ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
     ctx->saved_data["scale"] = scale;
@@ -97,29 +112,73 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     const at::Tensor da = at::mm(ds.t(), h);                     // (r, in)
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
-      const at::Tensor w = layer->dense_weight(ct);
-      // dX = dY W + drop'(dS A), in the forward pass's order: oneDNN's product first on float32
-      // CPU tensors, else the low-rank term first and the base GEMM accumulating onto it.
-      auto low_rank = [&] {
-        at::Tensor t = at::mm(ds, ac);
-        if (p == 0) return t;
-        if (keep.scalar_type() == at::kBool) return at::native_dropout_backward(t, keep, 1.0 / (1.0 - p));
-        return t.mul_(keep);
-      };
-      if (model::onednn_linear_fits(dy, w.t(), {})) {
-        dx = model::linear(dy, w.t());  // dY W, (T, in)
-        if (p == 0) {
-          dx.addmm_(ds, ac);
-        } else {
-          dx.add_(low_rank());
-        }
-      } else {
-        dx = low_rank();
-        dx.addmm_(dy, w);
+      // dX = dY W + drop'(dS A).
+      std::function<at::Tensor(const at::Tensor&)> mask;
+      if (p > 0 && keep.scalar_type() == at::kBool) {
+        mask = [&](const at::Tensor& t) { return at::native_dropout_backward(t, keep, 1.0 / (1.0 - p)); };
+      } else if (p > 0) {
+        mask = [&](const at::Tensor& t) { return t.mul_(keep); };
       }
+      dx = input_grad(dy, layer->dense_weight(ct), ds, ac, mask);
       dx = dx.view(ctx->saved_data["x_sizes"].toIntVector()).to(ctx->saved_data["x_dtype"].toScalarType());
     }
     return {dx, da.to(a.scalar_type()), db.to(b.scalar_type()), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// DoRA's fused training path, without dropout: y = b + c ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) with c = m / n and
+// n = ||W + s B A|| per output row, a constant (as PEFT and LoraAdapter::apply treat it). Backward:
+// dZ = dy ⊙ c; dm = Σ_rows dy ⊙ Z / n; dS = s dZ B; dB = s dZᵀ S; dA = dSᵀ x; dx = dZ W + dS A. Saves
+// x, S and Z = x Wᵀ + s S Bᵀ (which dm needs). PEFT's chain makes x Wᵀ, B(A(x)), its scaled copy,
+// the two products with c and their sum as separate (…, out) tensors, and differentiates each.
+struct FusedDora : public torch::autograd::Function<FusedDora> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a,
+                            const at::Tensor& b, const at::Tensor& magnitude, const at::Tensor& norm,
+                            model::LinearImpl* layer, double scale) {
+    const bool autocast = at::autocast::is_autocast_enabled(x.device().type());
+    const at::ScalarType ct = autocast ? at::autocast::get_autocast_dtype(x.device().type()) : x.scalar_type();
+    const int64_t in = x.size(-1), out = b.size(0);
+    const at::Tensor x2 = x.reshape({-1, in}).to(ct);
+    const at::Tensor bc = b.to(ct);
+    const at::Tensor s_low = at::mm(x2, a.to(ct).t());
+    const at::Tensor z = base_plus_low_rank(x2, layer->dense_weight(ct), at::Tensor(), s_low, bc, scale);
+    const at::Tensor c = (magnitude.detach() / norm).to(ct);
+    at::Tensor y = z * c;
+    if (layer->bias.defined()) y.add_(layer->bias.to(ct));
+    ctx->save_for_backward({x2, s_low, z, a, b, magnitude, norm});
+    ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["x_dtype"] = x.scalar_type();
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    std::vector<int64_t> y_sizes = x.sizes().vec();
+    y_sizes.back() = out;
+    return y.view(y_sizes);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x2 = saved[0], &s_low = saved[1], &z = saved[2], &a = saved[3], &b = saved[4],
+                     &magnitude = saved[5], &norm = saved[6];
+    auto* layer = reinterpret_cast<model::LinearImpl*>(ctx->saved_data["layer"].toInt());
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const at::ScalarType ct = z.scalar_type();
+    const at::Tensor dy = grads[0].reshape({-1, b.size(0)}).to(ct);
+    const at::Tensor c = (magnitude.detach() / norm).to(ct);
+    const at::Tensor dz = dy * c;
+    // dm in the magnitude's precision (float32 at least), summed over the rows.
+    const at::ScalarType mt = at::promote_types(magnitude.scalar_type(), at::kFloat);
+    const at::Tensor dm = ((dy.to(mt) * z.to(mt)).sum(0) / norm.to(mt)).to(magnitude.scalar_type());
+    const at::Tensor ac = a.to(ct), bc = b.to(ct);
+    const at::Tensor ds = at::mm(dz, bc).mul_(scale);
+    const at::Tensor db = at::mm(dz.t(), s_low).mul_(scale);
+    const at::Tensor da = at::mm(ds.t(), x2);
+    at::Tensor dx;
+    if (ctx->needs_input_grad(0)) {
+      dx = input_grad(dz, layer->dense_weight(ct), ds, ac, {});
+      dx = dx.view(ctx->saved_data["x_sizes"].toIntVector()).to(ctx->saved_data["x_dtype"].toScalarType());
+    }
+    return {dx, da.to(a.scalar_type()), db.to(b.scalar_type()), dm, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -129,9 +188,15 @@ class LoraAdapter final : public model::LinearAdapter {
       : owner_(owner), A(std::move(a)), B(std::move(b)), info(std::move(info)), dropout_(dropout) {}
 
   at::Tensor forward(const at::Tensor& x) override {
-    if (!fused || merged || magnitude.defined() || !owner_->is_training() || !at::GradMode::is_enabled()) return {};
+    if (!fused || merged || !owner_->is_training() || !at::GradMode::is_enabled()) return {};
     // Autocast aside, the unfused path computes in A's dtype; the fused one needs x to match it.
     if (!at::autocast::is_autocast_enabled(x.device().type()) && x.scalar_type() != A->weight.scalar_type()) return {};
+    if (magnitude.defined()) {
+      // DoRA with dropout multiplies W by two inputs (x and its dropped-out copy, as PEFT does):
+      // that stays on the unfused path.
+      if (dropout_ > 0) return {};
+      return FusedDora::apply(x, A->weight, B->weight, magnitude, row_norm(/*detach=*/true), owner_, info.scale);
+    }
     return FusedLora::apply(x, A->weight, B->weight, owner_, info.scale, dropout_);
   }
 

@@ -69,14 +69,17 @@ void unmerge_lora(model::CausalLM& model);
 bool lora_merged(model::CausalLM& model);
 /// Sets the dropout of every adapter (training only).
 void set_lora_dropout(model::CausalLM& model, double dropout);
-/// FUSED TRAINING PATH. In training (train mode, gradients on), a plain LoRA layer (not DoRA, not
-/// merged) runs as one autograd node with its backward written out:
+/// FUSED TRAINING PATH. In training (train mode, gradients on), a LoRA layer (not merged) runs as
+/// one autograd node with its backward written out:
 ///   S = drop(x) Aᵀ;  y = b + s S Bᵀ, then y += x Wᵀ (the base GEMM accumulates, beta = 1)
 ///   dS = s dy B;  dB = s dyᵀ S;  dA = dSᵀ drop(x);  dx = drop'(dS A), then dx += dy W
 /// (on float32 CPU tensors the oneDNN base product comes first and the low-rank term is added to
 /// it, since oneDNN's linear cannot accumulate)
 /// instead of PEFT's chain, which writes B(A(x)), its scaled copy and the sum as separate (…, out)
 /// tensors and adds a separate (…, in) gradient. W (dense, or NF4 dequantized again) is not saved.
+/// DoRA without dropout likewise: y = b + c ⊙ Z with Z = x Wᵀ + s S Bᵀ and c = m / ||W + s B A||_row
+/// (a constant, as in PEFT); dm = Σ_rows dy ⊙ Z / ||·||, and the rest as above with dZ = dy ⊙ c. DoRA
+/// with dropout keeps the unfused path (PEFT multiplies W by both x and its dropped-out copy).
 /// Dropout: on CUDA at::dropout's own kernel; on the CPU lora_dropout_noise (below), because
 /// at::dropout's serial Bernoulli draws cost a third of a LoRA step there. Evaluation and inference keep the unfused path,
 /// whose logits equal PEFT's bit for bit. On by default; off gives the plain autograd chain (for
