@@ -75,9 +75,10 @@ void poison_cuda_allocator() {
 // reference redraws the mask from the same generator state: at::native_dropout's on CUDA,
 // lora_dropout_noise on the CPU), and four bases: float32 weights under bf16 autocast, the frozen
 // weights stored in bf16 (as the trainer stores them), NF4, and a model that is bf16 throughout
-// (no autocast). Bound: 2e-2 of the largest reference value (bf16 results; S and dS are rounded to
-// bf16 between the products). The low-rank term is made about as large as the base term, so
-// dropping or mis-scaling it fails. On CUDA the allocator is poisoned before each pass.
+// (no autocast); DoRA without dropout on each base too (y = c ⊙ Z, and the magnitudes' gradient).
+// Bound: 2e-2 of the largest reference value (bf16 results; S and dS are rounded to bf16 between
+// the products). The low-rank term is made about as large as the base term, so dropping or
+// mis-scaling it fails. On CUDA the allocator is poisoned before each pass.
 void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& tokens) {
   enum Base { kF32Autocast, kBf16Stored, kNf4, kPureBf16 };
   const char* base_names[] = {"float32 base, autocast", "bf16-stored base, autocast", "NF4 base, autocast", "bf16 model"};
@@ -92,7 +93,7 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
   int64_t seed = 0;
   for (const int64_t r : {4, 8, 16, 64}) {
     for (const Base base : {kF32Autocast, kBf16Stored, kNf4, kPureBf16}) {
-      for (const double p : {0.0, 0.1}) {
+      for (const auto& [p, dora] : {std::pair{0.0, false}, std::pair{0.1, false}, std::pair{0.0, true}}) {
         model::CausalLM m(mc);
         model::init_weights(m, static_cast<uint64_t>(++seed));
         if (base == kNf4) {
@@ -106,12 +107,15 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
         o.r = r;
         o.alpha = static_cast<double>(r);  // scale 1
         o.dropout = p;
+        o.dora = dora;
         const auto layers = adapt::apply_lora(m, o);
         ASSERT_EQ(layers.size(), 2u);
         {
           at::NoGradGuard no_grad;
           for (const auto& item : m->named_parameters()) {
             if (item.key().find("lora_B") != std::string::npos) item.value().normal_(0.0, 1.0);
+            // DoRA's magnitudes start at the row norms (c = 1): move them.
+            if (item.key().find("lora_magnitude_vector") != std::string::npos) item.value().mul_(1.0 + 0.5 * at::rand_like(item.value()));
           }
         }
         m->to(device);
@@ -124,12 +128,14 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
         for (const int64_t T : tokens) {
           for (const auto& layer : layers) {
             SCOPED_TRACE(layer.module + ", r " + std::to_string(r) + ", " + base_names[base] + ", dropout " +
-                         std::to_string(p) + ", T " + std::to_string(T));
+                         std::to_string(p) + (dora ? ", DoRA" : "") + ", T " + std::to_string(T));
             auto* lin = dynamic_cast<model::LinearImpl*>(modules[layer.module].get());
             ASSERT_NE(lin, nullptr);
             at::Tensor a = params[layer.module + ".lora_A.weight"], b = params[layer.module + ".lora_B.weight"];
+            at::Tensor mag = dora ? params[layer.module + ".lora_magnitude_vector.weight"] : at::Tensor();
             a.mutable_grad() = at::Tensor();
             b.mutable_grad() = at::Tensor();
+            if (dora) mag.mutable_grad() = at::Tensor();
             const auto xt = at::TensorOptions().device(device).dtype(base == kPureBf16 ? at::kBFloat16 : at::kFloat);
             const at::Tensor x = at::randn({T, lin->in_features}, xt).requires_grad_();
             const at::Tensor dy = at::randn({T, lin->out_features}, xt.dtype(at::kBFloat16));
@@ -141,7 +147,7 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
               y = lin->forward(x);
             }
             ASSERT_NE(y.grad_fn(), nullptr);
-            EXPECT_NE(y.grad_fn()->name().find("FusedLora"), std::string::npos) << y.grad_fn()->name();
+            EXPECT_NE(y.grad_fn()->name().find(dora ? "FusedDora" : "FusedLora"), std::string::npos) << y.grad_fn()->name();
             EXPECT_EQ(y.scalar_type(), at::kBFloat16);
             if (device.is_cuda()) poison_cuda_allocator();
             y.backward(dy);
@@ -159,12 +165,26 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
                              b64 = r64(b), dy64 = dy.to(at::kDouble);
             const double s = layer.scale;
             const at::Tensor h = x64 * keep, S = h.mm(a64.t()), lora = S.mm(b64.t()) * s;
-            const at::Tensor y64 = x64.mm(w64.t()) + lora;
-            const at::Tensor dS = dy64.mm(b64) * s;
-            const at::Tensor dx64 = dy64.mm(w64) + dS.mm(a64) * keep, da64 = dS.t().mm(h), db64 = dy64.t().mm(S) * s;
-            EXPECT_GT(lora.abs().max().item<double>(), 0.2 * y64.abs().max().item<double>());
-            for (const auto& [name, got, want] : {std::tuple{"y", y, y64}, std::tuple{"dx", x.grad(), dx64},
-                                                  std::tuple{"dA", a.grad(), da64}, std::tuple{"dB", b.grad(), db64}}) {
+            const at::Tensor z64 = x64.mm(w64.t()) + lora;
+            // DoRA: c = m / ||W + s B A|| per output row (the norm from the stored weights, a
+            // constant), y = c ⊙ Z, dZ = dy ⊙ c, dm = Σ_rows dy ⊙ Z / norm.
+            at::Tensor c64 = at::ones({lin->out_features}, z64.options()), norm64;
+            if (dora) {
+              const at::Tensor wf = lin->dense_weight(at::kFloat).to(at::kDouble);
+              norm64 = at::linalg_vector_norm(wf + s * b.detach().to(at::kDouble).mm(a.detach().to(at::kDouble)), 2, {1});
+              c64 = mag.detach().to(at::kDouble) / norm64;
+            }
+            const at::Tensor y64 = z64 * c64, dz64 = dy64 * c64;
+            const at::Tensor dS = dz64.mm(b64) * s;
+            const at::Tensor dx64 = dz64.mm(w64) + dS.mm(a64) * keep, da64 = dS.t().mm(h), db64 = dz64.t().mm(S) * s;
+            EXPECT_GT(lora.abs().max().item<double>(), 0.2 * z64.abs().max().item<double>());
+            std::vector<std::tuple<const char*, at::Tensor, at::Tensor>> checks = {
+                {"y", y, y64}, {"dx", x.grad(), dx64}, {"dA", a.grad(), da64}, {"dB", b.grad(), db64}};
+            if (dora) {
+              EXPECT_GT((c64 - 1).abs().max().item<double>(), 0.1);  // the magnitudes matter
+              checks.emplace_back("dm", mag.grad(), (dy64 * z64).sum(0) / norm64);
+            }
+            for (const auto& [name, got, want] : checks) {
               ASSERT_TRUE(got.defined()) << name;
               ASSERT_EQ(got.sizes(), want.sizes()) << name;
               EXPECT_TRUE(got.isfinite().all().item<bool>()) << name;
