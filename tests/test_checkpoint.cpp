@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -484,6 +485,53 @@ TEST(TrainResume, ACpuRunLeavesNoIdleBlocksInThePool) {
   train::run_training(c, q.f);
   EXPECT_TRUE(util::cpu_cache_stats().installed);
   EXPECT_EQ(util::cpu_cache_stats().cached_bytes, 0u);
+  fs::remove_all(dir);
+}
+
+// --- signals -----------------------------------------------------------------------------------------
+
+// With handle_signals (ft train's setting), SIGTERM during a run stops it after the step with a
+// checkpoint, and the handler is installed to run on an alternate signal stack: oneDNN's JIT GEMM
+// points the stack pointer into a heap buffer while it runs, so a handler on the interrupted stack
+// would write its frame into the heap (train/run.cpp, SignalScope). After the run the previous
+// disposition and alternate stack are back.
+TEST(TrainSignals, SigtermStopsWithACheckpointAndIsHandledOnAnAlternateStack) {
+  const fs::path dir = scratch("train_signals");
+  config::RunConfig c = synthetic_run(dir);
+  c.eval.every = 0;
+  struct RaiseAt : train::Callbacks {
+    bool onstack = false, altstack = false;
+    train::Action on_step(const train::StepInfo& s) override {
+      if (s.step != 2) return train::Action::Continue;
+      struct sigaction sa {};
+      sigaction(SIGTERM, nullptr, &sa);
+      onstack = (sa.sa_flags & SA_ONSTACK) != 0 && sa.sa_handler != SIG_DFL && sa.sa_handler != SIG_IGN;
+      stack_t st{};
+      altstack = sigaltstack(nullptr, &st) == 0 && (st.ss_flags & SS_DISABLE) == 0 && st.ss_size >= 16384;
+      std::raise(SIGTERM);  // handled: sets the flag the loop checks after this step
+      return train::Action::Continue;
+    }
+  } cb;
+  struct sigaction before {};
+  sigaction(SIGTERM, nullptr, &before);
+  Quiet q;
+  train::RunOptions ro;
+  ro.log = q.f;
+  ro.callbacks = &cb;
+  ro.handle_signals = true;
+  const train::RunSummary s = train::run_training(c, ro);
+  EXPECT_TRUE(cb.onstack);
+  EXPECT_TRUE(cb.altstack);
+  EXPECT_EQ(s.stop, train::StopReason::Signal);
+  EXPECT_EQ(s.signal, SIGTERM);
+  EXPECT_EQ(s.steps, 2);
+  EXPECT_FALSE(s.last_checkpoint.empty());
+  struct sigaction after {};
+  sigaction(SIGTERM, nullptr, &after);
+  EXPECT_EQ(after.sa_handler, before.sa_handler);
+  stack_t st{};
+  ASSERT_EQ(sigaltstack(nullptr, &st), 0);
+  EXPECT_NE(st.ss_flags & SS_DISABLE, 0);  // the test process had none before the run
   fs::remove_all(dir);
 }
 
