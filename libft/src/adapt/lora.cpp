@@ -59,6 +59,24 @@ at::Tensor input_grad(const at::Tensor& dz, const at::Tensor& w, const at::Tenso
   return dx.addmm_(dz, w);
 }
 
+// What both fused nodes record besides their saved tensors (the layer outlives the graph, one
+// step, so the backward pass reaches W through it), and y (T, out) shaped like x with out features.
+at::Tensor finish_forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& y,
+                          model::LinearImpl* layer, double scale) {
+  ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
+  ctx->saved_data["scale"] = scale;
+  ctx->saved_data["x_dtype"] = x.scalar_type();
+  ctx->saved_data["x_sizes"] = x.sizes().vec();
+  std::vector<int64_t> y_sizes = x.sizes().vec();
+  y_sizes.back() = y.size(-1);
+  return y.view(y_sizes);
+}
+
+// dx (T, in) back in x's shape and dtype.
+at::Tensor as_input_grad(torch::autograd::AutogradContext* ctx, const at::Tensor& dx) {
+  return dx.view(ctx->saved_data["x_sizes"].toIntVector()).to(ctx->saved_data["x_dtype"].toScalarType());
+}
+
 // The fused LoRA layer (see set_lora_fused in the header). Computes in the autocast dtype when
 // autocast is on for the input's device (bf16 on CUDA), else in the input's dtype; returns A's and
 // B's gradients in their own dtype. The layer outlives the graph (one step), so the backward pass
@@ -68,7 +86,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
                             const at::Tensor& b, model::LinearImpl* layer, double scale, double p) {
     const bool autocast = at::autocast::is_autocast_enabled(x.device().type());
     const at::ScalarType ct = autocast ? at::autocast::get_autocast_dtype(x.device().type()) : x.scalar_type();
-    const int64_t in = x.size(-1), out = b.size(0);
+    const int64_t in = x.size(-1);
     const at::Tensor x2 = x.reshape({-1, in}).to(ct);
     const at::Tensor ac = a.to(ct), bc = b.to(ct);
     at::Tensor h = x2, keep;  // keep: CPU: the scaled noise; CUDA: the mask
@@ -86,15 +104,9 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     const at::Tensor y = base_plus_low_rank(x2, layer->dense_weight(ct), layer->bias.defined() ? layer->bias.to(ct) : at::Tensor(),
                                             s_low, bc, scale);
     ctx->save_for_backward({h, s_low, a, b, keep});
-    ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
-    ctx->saved_data["scale"] = scale;
     ctx->saved_data["p"] = p;
     ctx->saved_data["ct"] = ct;
-    ctx->saved_data["x_dtype"] = x.scalar_type();
-    ctx->saved_data["x_sizes"] = x.sizes().vec();
-    std::vector<int64_t> y_sizes = x.sizes().vec();
-    y_sizes.back() = out;
-    return y.view(y_sizes);
+    return finish_forward(ctx, x, y, layer, scale);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -119,8 +131,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
       } else if (p > 0) {
         mask = [&](const at::Tensor& t) { return t.mul_(keep); };
       }
-      dx = input_grad(dy, layer->dense_weight(ct), ds, ac, mask);
-      dx = dx.view(ctx->saved_data["x_sizes"].toIntVector()).to(ctx->saved_data["x_dtype"].toScalarType());
+      dx = as_input_grad(ctx, input_grad(dy, layer->dense_weight(ct), ds, ac, mask));
     }
     return {dx, da.to(a.scalar_type()), db.to(b.scalar_type()), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -137,7 +148,7 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
                             model::LinearImpl* layer, double scale) {
     const bool autocast = at::autocast::is_autocast_enabled(x.device().type());
     const at::ScalarType ct = autocast ? at::autocast::get_autocast_dtype(x.device().type()) : x.scalar_type();
-    const int64_t in = x.size(-1), out = b.size(0);
+    const int64_t in = x.size(-1);
     const at::Tensor x2 = x.reshape({-1, in}).to(ct);
     const at::Tensor bc = b.to(ct);
     const at::Tensor s_low = at::mm(x2, a.to(ct).t());
@@ -146,13 +157,7 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
     at::Tensor y = z * c;
     if (layer->bias.defined()) y.add_(layer->bias.to(ct));
     ctx->save_for_backward({x2, s_low, z, a, b, magnitude, norm});
-    ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["x_dtype"] = x.scalar_type();
-    ctx->saved_data["x_sizes"] = x.sizes().vec();
-    std::vector<int64_t> y_sizes = x.sizes().vec();
-    y_sizes.back() = out;
-    return y.view(y_sizes);
+    return finish_forward(ctx, x, y, layer, scale);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -175,8 +180,7 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
     const at::Tensor da = at::mm(ds.t(), x2);
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
-      dx = input_grad(dz, layer->dense_weight(ct), ds, ac, {});
-      dx = dx.view(ctx->saved_data["x_sizes"].toIntVector()).to(ctx->saved_data["x_dtype"].toScalarType());
+      dx = as_input_grad(ctx, input_grad(dz, layer->dense_weight(ct), ds, ac, {}));
     }
     return {dx, da.to(a.scalar_type()), db.to(b.scalar_type()), dm, at::Tensor(), at::Tensor(), at::Tensor()};
   }
