@@ -52,6 +52,15 @@ void randomize_b(model::CausalLM& m, uint64_t seed) {
   }
 }
 
+// Copies of the gradients of every trainable parameter, by name.
+std::map<std::string, at::Tensor> trainable_grads(model::CausalLM& m) {
+  std::map<std::string, at::Tensor> g;
+  for (const auto& item : m->named_parameters()) {
+    if (item.value().requires_grad()) g[item.key()] = item.value().grad().clone();
+  }
+  return g;
+}
+
 using test::error_of;
 
 fs::path scratch(const std::string& name) { return test::scratch_dir(name); }
@@ -585,11 +594,7 @@ TEST(LoraFused, SameLossAndGradientsAsTheAutogradChain) {
       const at::Tensor loss = at::cross_entropy_loss(logits.view({-1, logits.size(-1)}).to(at::kDouble),
                                                      ids().roll(-1, 1).reshape({-1}));
       loss.backward();
-      std::map<std::string, at::Tensor> g;
-      for (const auto& item : m->named_parameters()) {
-        if (item.value().requires_grad()) g[item.key()] = item.value().grad().clone();
-      }
-      return std::make_pair(loss.item<double>(), g);
+      return std::make_pair(loss.item<double>(), trainable_grads(m));
     };
     const auto [loss_plain, g_plain] = run(false);
     const auto [loss_fused, g_fused] = run(true);
@@ -658,11 +663,7 @@ TEST(LoraFused, FrozenBaseInBf16ComputesWhatAutocastComputes) {
         loss = at::cross_entropy_loss(logits.view({-1, logits.size(-1)}).to(at::kFloat), ids().roll(-1, 1).reshape({-1}));
       }
       loss.backward();
-      std::map<std::string, at::Tensor> g;
-      for (const auto& item : m->named_parameters()) {
-        if (item.value().requires_grad()) g[item.key()] = item.value().grad().clone();
-      }
-      return std::make_pair(loss.item<float>(), g);
+      return std::make_pair(loss.item<float>(), trainable_grads(m));
     };
     const auto [loss_ref, g_ref] = run(ref);
     const auto [loss_half, g_half] = run(half);

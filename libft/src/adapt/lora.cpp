@@ -9,7 +9,6 @@
 #include <torch/nn/modules/linear.h>
 
 #include <cmath>
-#include <functional>
 #include <mutex>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -47,15 +46,23 @@ at::Tensor base_plus_low_rank(const at::Tensor& x2, const at::Tensor& w, const a
   return y.addmm_(x2, w.t());
 }
 
-// dZ W + drop'(dS A), (T, in), in base_plus_low_rank's order; `mask` applies dropout's backward to
-// the low-rank term (empty: no dropout).
+// drop'(dS A), (T, in): the low-rank term of the input gradient, through dropout's backward when p > 0
+// (keep: the CUDA path's bool mask, or the CPU path's scaled noise).
+at::Tensor low_rank_input_grad(const at::Tensor& ds, const at::Tensor& ac, const at::Tensor& keep, double p) {
+  at::Tensor t = at::mm(ds, ac);
+  if (p == 0) return t;
+  if (keep.scalar_type() == at::kBool) return at::native_dropout_backward(t, keep, 1.0 / (1.0 - p));
+  return t.mul_(keep);
+}
+
+// dZ W + drop'(dS A), (T, in), in base_plus_low_rank's order.
 at::Tensor input_grad(const at::Tensor& dz, const at::Tensor& w, const at::Tensor& ds, const at::Tensor& ac,
-                      const std::function<at::Tensor(const at::Tensor&)>& mask) {
+                      const at::Tensor& keep, double p) {
   if (model::onednn_linear_fits(dz, w.t(), {})) {
     at::Tensor dx = model::linear(dz, w.t());
-    return mask ? dx.add_(mask(at::mm(ds, ac))) : dx.addmm_(ds, ac);
+    return p == 0 ? dx.addmm_(ds, ac) : dx.add_(low_rank_input_grad(ds, ac, keep, p));
   }
-  at::Tensor dx = mask ? mask(at::mm(ds, ac)) : at::mm(ds, ac);
+  at::Tensor dx = low_rank_input_grad(ds, ac, keep, p);
   return dx.addmm_(dz, w);
 }
 
@@ -79,8 +86,7 @@ at::Tensor as_input_grad(torch::autograd::AutogradContext* ctx, const at::Tensor
 
 // The fused LoRA layer (see set_lora_fused in the header). Computes in the autocast dtype when
 // autocast is on for the input's device (bf16 on CUDA), else in the input's dtype; returns A's and
-// B's gradients in their own dtype. The layer outlives the graph (one step), so the backward pass
-// reaches it through a pointer to fetch W again.
+// B's gradients in their own dtype.
 struct FusedLora : public torch::autograd::Function<FusedLora> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a,
                             const at::Tensor& b, model::LinearImpl* layer, double scale, double p) {
@@ -124,14 +130,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     const at::Tensor da = at::mm(ds.t(), h);                     // (r, in)
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
-      // dX = dY W + drop'(dS A).
-      std::function<at::Tensor(const at::Tensor&)> mask;
-      if (p > 0 && keep.scalar_type() == at::kBool) {
-        mask = [&](const at::Tensor& t) { return at::native_dropout_backward(t, keep, 1.0 / (1.0 - p)); };
-      } else if (p > 0) {
-        mask = [&](const at::Tensor& t) { return t.mul_(keep); };
-      }
-      dx = as_input_grad(ctx, input_grad(dy, layer->dense_weight(ct), ds, ac, mask));
+      dx = as_input_grad(ctx, input_grad(dy, layer->dense_weight(ct), ds, ac, keep, p));  // dY W + drop'(dS A)
     }
     return {dx, da.to(a.scalar_type()), db.to(b.scalar_type()), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -180,7 +179,7 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
     const at::Tensor da = at::mm(ds.t(), x2);
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
-      dx = as_input_grad(ctx, input_grad(dz, layer->dense_weight(ct), ds, ac, {}));
+      dx = as_input_grad(ctx, input_grad(dz, layer->dense_weight(ct), ds, ac, at::Tensor(), 0.0));
     }
     return {dx, da.to(a.scalar_type()), db.to(b.scalar_type()), dm, at::Tensor(), at::Tensor(), at::Tensor()};
   }

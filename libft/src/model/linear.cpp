@@ -88,8 +88,6 @@ void LinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking)
   move_nf4(device, non_blocking);
 }
 
-void LinearImpl::to(torch::Dtype dtype, bool non_blocking) { torch::nn::Module::to(dtype, non_blocking); }
-
 void LinearImpl::to(torch::Device device, bool non_blocking) {
   torch::nn::Module::to(device, non_blocking);
   move_nf4(device, non_blocking);

@@ -1,10 +1,10 @@
 #pragma once
-// Fused CPU forms of the transformer's small elementwise pieces, with their own backward passes:
-// RMSNorm and rotary embeddings. Composed from ATen ops (as Hugging Face writes them), each costs
-// 5-6 kernels forward and about 10 backward over the activations, which on a small model's CPU step
-// add up to several percent of the time; fused, each is one pass forward and one backward.
-// float32 and float64 CPU tensors only (cpu_fusable()); the callers keep the ATen composition for
-// everything else and as the reference the tests compare with.
+// CPU forms of the transformer's pieces where ATen's default is slow on a small model's CPU step,
+// each with its own backward pass: RMSNorm and rotary embeddings fused (composed from ATen ops, as
+// Hugging Face writes them, each costs 5-6 kernels forward and about 10 backward over the
+// activations; fused, one pass each way), linear layers through oneDNN, and attention over short
+// packed sequences as grouped GEMMs. Each has a *_fusable/*_fits predicate; the callers keep the ATen
+// composition for everything else and as the reference the tests compare with.
 #include <ATen/core/Tensor.h>
 
 namespace ft::model {

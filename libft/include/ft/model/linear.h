@@ -44,8 +44,8 @@ class LinearImpl : public torch::nn::Module {
   /// Module::to, plus the NF4 codes and maxima, which are not parameters or buffers: they follow
   /// the module to a device and keep their own dtypes under a dtype change (so a base quantized on
   /// the CPU can be moved to the GPU with the rest of the model).
+  using torch::nn::Module::to;
   void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
-  void to(torch::Dtype dtype, bool non_blocking = false) override;
   void to(torch::Device device, bool non_blocking = false) override;
 
   int64_t in_features, out_features;
