@@ -2,7 +2,7 @@
 # The GPU check: run on the GPU machine (one H100; python3 with torch 2.11.0+cu130, nvcc 13.0, CMake,
 # ninja; no package registry). Builds libft against that machine's own torch, runs the whole test
 # suite with the GPU visible (HF parity on CUDA in float32 and bf16 included), runs the benchmarks,
-# and prints a summary table last. Budget: under 8 minutes.
+# and prints a summary table last. Budget: GPU_CHECK_BUDGET_S (440 s), inside the 8 minutes the issue allows.
 #
 #   scripts/fetch-debs.sh            # on the development machine: .debs/ with the Debian packages
 #   scripts/gpu-check.sh [OUT_DIR]   # on the GPU machine (device tool: carry .debs)
@@ -40,34 +40,38 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 arch=$($python -c 'import torch;p=torch.cuda.get_device_capability();print(f"{p[0]}.{p[1]}")')
 log "configure (TORCH_CUDA_ARCH_LIST=$arch)"
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLIBFT_PYTHON="$python" \
-  -DTORCH_CUDA_ARCH_LIST="$arch" -DCMAKE_PREFIX_PATH="$prefix/usr" >"$out/configure.log" 2>&1 \
-  || { tail -40 "$out/configure.log"; exit 1; }
+  -DTORCH_CUDA_ARCH_LIST="$arch" -DCMAKE_PREFIX_PATH="$prefix/usr" >"$out/build.log" 2>&1 \
+  || { tail -40 "$out/build.log"; exit 1; }
 log "build"
 build_start=$(date +%s)
-cmake --build build-gpu -j"$(nproc)" >"$out/build.log" 2>&1 || { grep -B5 -A20 "error" "$out/build.log" | head -80; exit 1; }
+cmake --build build-gpu -j"$(nproc)" >>"$out/build.log" 2>&1 || { grep -B5 -A20 "error" "$out/build.log" | head -80; exit 1; }
 build_s=$(($(date +%s) - build_start))
 
-# 3. The whole test suite with the GPU visible.
-log "ctest"
-ctest --test-dir build-gpu -j8 --output-on-failure --timeout 300 >"$out/ctest.log" 2>&1
-ctest_rc=$?
-grep -E "tests passed|FAILED|Failed|\(Skipped\)" "$out/ctest.log" | head -40
+# 3. What only this machine can check comes first, so that a run cut short still reports it: the
+#    CUDA tests (ctest adds the fixtures they need, e.g. the transformers reference models), the
+#    parity numbers, the NCCL launch and the benchmarks. The rest of the suite runs last, in the time
+#    that is left (GPU_CHECK_BUDGET_S for the whole script).
+budget=${GPU_CHECK_BUDGET_S:-440}
+left() { echo $((budget - ($(date +%s) - t0))); }
+gpu_re='[Cc]uda|CUDA|Kernel|NF4|nf4|default_job'  # default_job: the NCCL run's token store
+log "ctest, CUDA tests (-R '$gpu_re')"
+ctest --test-dir build-gpu -R "$gpu_re" -j4 --output-on-failure --timeout 240 >"$out/ctest-gpu.log" 2>&1
+ctest_gpu_rc=$?
+grep -E "tests passed|FAILED|Failed|\(Skipped\)" "$out/ctest-gpu.log" | head -40
 # A backtrace for each failing C++ test (cuda-gdb debugs host code too; there is no gdb there).
-if [ $ctest_rc -ne 0 ]; then
-  readelf -d build-gpu/tests/ft_tests | grep NEEDED | head -8
-  ls "$(dirname "$(readlink -f "$(command -v g++)")")"/../lib64 2>/dev/null | grep -E 'libstdc\+\+' | head -5
-  grep -E '^\s+[0-9]+ - [A-Za-z_/]+\.[A-Za-z_/0-9]+ ' "$out/ctest.log" | awk '{print $3}' | head -3 | while read -r t; do
+if [ $ctest_gpu_rc -ne 0 ]; then
+  grep -E '^\s+[0-9]+ - [A-Za-z_/]+\.[A-Za-z_/0-9]+ ' "$out/ctest-gpu.log" | awk '{print $3}' | head -3 | while read -r t; do
     for exe in build-gpu/tests/ft_tests build-gpu/tests/ft_core_tests; do
       if "$exe" --gtest_list_tests --gtest_filter="$t" | grep -q '^  '; then
         echo "--- backtrace of $t"
-        timeout 120 cuda-gdb -batch -ex run -ex bt --args "$exe" --gtest_filter="$t" 2>&1 | grep -E '^#|signal|FAIL|Failure|error' | head -25
+        timeout 60 cuda-gdb -batch -ex run -ex bt --args "$exe" --gtest_filter="$t" 2>&1 | grep -E '^#|signal|FAIL|Failure|error' | head -25
       fi
     done
   done
 fi
 # The parity and kernel tests again, verbosely, for their numbers.
-LIBFT_REFERENCE_DIR="$PWD/build-gpu/reference_models" build-gpu/tests/ft_tests --gtest_filter='*HFParity*:RMSNorm*:NF4Kernel*' \
-  >"$out/parity.log" 2>&1
+LIBFT_REFERENCE_DIR="$PWD/build-gpu/reference_models" timeout 120 build-gpu/tests/ft_tests \
+  --gtest_filter='*HFParity*cuda*:RMSNorm*:NF4Kernel*:LoraCuda*' >"$out/parity.log" 2>&1
 
 # The NCCL path: `ft launch -n 1` (world size 1, one GPU) on the default job's store, bf16.
 log "nccl (ft launch -n 1)"
@@ -77,12 +81,22 @@ timeout 120 build-gpu/apps/ft launch -n 1 train configs/train-tiny.yaml device=c
   >"$out/nccl.log" 2>&1
 nccl_rc=$?
 
-# 4. Benchmarks.
-log "benchmarks"
-# Bounded, so that a hang cannot spend the session's device time; what finished is still reported.
-timeout 240 build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 --benchmark_out="$out/bench.json" \
-  --benchmark_out_format=json >"$out/bench.log" 2>&1
+# 4. Benchmarks: the GPU ones (the CPU rows are measured on the development machine). Bounded, so
+#    that a hang cannot spend the session's device time; what finished is still reported.
+bench_s=$(( $(left) - 120 )); [ $bench_s -gt 200 ] && bench_s=200; [ $bench_s -lt 60 ] && bench_s=60
+log "benchmarks (at most ${bench_s}s)"
+timeout $bench_s build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
+  --benchmark_filter='BM_(Forward|RMSNorm|NF4Dequant|DeviceCopy|LoraStepCuda|LoraLinear/1/)' \
+  --benchmark_out="$out/bench.json" --benchmark_out_format=json >"$out/bench.log" 2>&1
 bench_rc=$?
+
+# The rest of the suite with the GPU visible, in the time that is left.
+rest_s=$(left); [ $rest_s -lt 30 ] && rest_s=30
+log "ctest, the rest (at most ${rest_s}s)"
+# -FS: the fixtures that the first ctest call set up are not set up again.
+timeout $rest_s ctest --test-dir build-gpu -E "$gpu_re" -FS "fortunes_store|hf_reference" -j8 --output-on-failure --timeout 240 >"$out/ctest-rest.log" 2>&1
+ctest_rest_rc=$?
+grep -E "tests passed|FAILED|Failed|\(Skipped\)" "$out/ctest-rest.log" | head -40
 
 # 5. Summary (last).
 echo
@@ -91,8 +105,8 @@ echo "date        $(date -u +%Y-%m-%d)"
 echo "card        $(cat "$out/gpu.txt")"
 echo "torch       $($python -c 'import torch;print(torch.__version__)')"
 echo "build       ${build_s}s (cold, $(nproc) cores, TORCH_CUDA_ARCH_LIST=$arch)"
-echo "ctest       $(grep -E 'tests passed' "$out/ctest.log") (exit $ctest_rc)"
-echo "skipped     $(grep -c '(Skipped)' "$out/ctest.log") tests"
+echo "ctest, CUDA $(grep -E 'tests passed' "$out/ctest-gpu.log") (exit $ctest_gpu_rc; $(grep -c '(Skipped)' "$out/ctest-gpu.log") skipped)"
+echo "ctest, rest $(grep -E 'tests passed' "$out/ctest-rest.log") (exit $ctest_rest_rc$([ $ctest_rest_rc = 124 ] && echo ': cut at the time budget'); $(grep -c '(Skipped)' "$out/ctest-rest.log") skipped)"
 echo "parity (max|a-b|/max|b| of logits vs transformers float32):"
 grep -E '^\[parity\]' "$out/parity.log" | sed 's/^/  /'
 echo "nccl        exit $nccl_rc: $(grep -E '^\[dist\] [0-9]+ rank' "$out/nccl.log" | cut -c1-60); $(grep -E '^\[train\] done' "$out/nccl.log" | cut -c1-120)"
@@ -101,4 +115,4 @@ grep -E '^BM_' "$out/bench.log" | sed 's/^/  /'
 echo "targets (issue 7, benchmarks/gpu_targets.py):"
 $python benchmarks/gpu_targets.py "$out/bench.json" 2>&1 | sed 's/^/  /'
 echo "total       $(($(date +%s) - t0))s"
-exit $ctest_rc
+[ $ctest_gpu_rc = 0 ] && [ $ctest_rest_rc = 0 ]
