@@ -224,6 +224,55 @@ BENCHMARK(BM_LoraLinear)->ArgsProduct({{0}, {0, 1, 2}, {0, 1, 2}, {8}, {512}})->
 BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3}, {0, 1, 2}, {16}, {2048, 8192}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {1, 2}, {2}, {8, 64}, {8192}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 
+// The operations of one LoRA linear's forward and backward on CUDA, one at a time (bf16, in the order
+// and with the shapes that the fused path issues them; x: (T, in), W: (out, in), A: (r, in),
+// B: (out, r)), to see where a LoRA layer's time over the bare layer goes. Arguments: operation (see
+// kLoraOps), layer (0 o_proj 4096→4096, 1 gate_proj 4096→14336), rank, tokens. Each iteration issues
+// the operation 10 times and synchronizes once; "per_op" is the time of one.
+const char* const kLoraOps[] = {"x W^T (base forward)", "dy W (base input grad)", "S = x A^T", "Y = s S B^T",
+                                "Y += x W^T (beta 1)", "dS = s dy B", "dB = dy^T S", "dA = dS^T x",
+                                "dXl = dS A", "dXl += dy W (beta 1)", "x to bf16 (from f32)", "dx to f32",
+                                "dropout(x), p 0.1"};
+void BM_LoraOp(benchmark::State& state) {
+  if (!at::hasCUDA()) return state.SkipWithError("no CUDA device");
+  const int op = static_cast<int>(state.range(0));
+  const int64_t in = 4096, out = state.range(1) == 0 ? 4096 : 14336, r = state.range(2), T = state.range(3);
+  const auto bf = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
+  const at::Tensor x = at::randn({T, in}, bf), w = at::randn({out, in}, bf) * 0.02, a = at::randn({r, in}, bf) * 0.02;
+  const at::Tensor b = at::randn({out, r}, bf) * 0.02, dy = at::randn({T, out}, bf), s_low = at::randn({T, r}, bf);
+  const at::Tensor ds = at::randn({T, r}, bf), x32 = x.to(at::kFloat);
+  at::Tensor y = at::empty({T, out}, bf), dx = at::empty({T, in}, bf);
+  double flops = 0;
+  auto run = [&] {
+    switch (op) {
+      case 0: at::mm_out(y, x, w.t()); flops = 2.0 * T * in * out; break;
+      case 1: at::mm_out(dx, dy, w); flops = 2.0 * T * in * out; break;
+      case 2: (void)at::mm(x, a.t()); flops = 2.0 * T * in * r; break;
+      case 3: at::mm_out(y, s_low, b.t()).mul_(2.0); flops = 2.0 * T * r * out; break;
+      case 4: y.addmm_(x, w.t()); flops = 2.0 * T * in * out; break;
+      case 5: (void)at::mm(dy, b).mul_(2.0); flops = 2.0 * T * r * out; break;
+      case 6: (void)at::mm(dy.t(), s_low); flops = 2.0 * T * r * out; break;
+      case 7: (void)at::mm(ds.t(), x); flops = 2.0 * T * r * in; break;
+      case 8: at::mm_out(dx, ds, a); flops = 2.0 * T * r * in; break;
+      case 9: dx.addmm_(dy, w); flops = 2.0 * T * in * out; break;
+      case 10: (void)x32.to(at::kBFloat16); break;
+      case 11: (void)dx.to(at::kFloat); break;
+      case 12: (void)at::native_dropout(x, 0.1, true); break;
+    }
+  };
+  for (int i = 0; i < 3; ++i) run();
+  sync(at::kCUDA);
+  for (auto _ : state) {
+    for (int i = 0; i < 10; ++i) run();
+    sync(at::kCUDA);
+  }
+  state.SetLabel(kLoraOps[op]);
+  state.counters["per_op"] = benchmark::Counter(10, benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+  if (flops > 0) state.counters["TFLOP/s"] = benchmark::Counter(10 * flops / 1e12, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_LoraOp)->ArgsProduct({benchmark::CreateDenseRange(0, 12, 1), {0, 1}, {16}, {2048, 8192}})
+    ->Unit(benchmark::kMicrosecond)->UseRealTime()->MinTime(0.2);
+
 // Arguments: fused (0/1), dropout in percent.
 void BM_LoraStep(benchmark::State& state) {
   const io::ModelConfig c = llama_config(4096, 256, 688, 4, 8, 4, 32);  // configs/models/tiny-llama.json

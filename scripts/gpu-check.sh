@@ -8,6 +8,8 @@
 #   scripts/gpu-check.sh [OUT_DIR]   # on the GPU machine (device tool: carry .debs)
 #
 # Logs go to OUT_DIR (default build-gpu/logs). Later issues add their GPU tests and benchmarks here.
+# For a focused rerun: GPU_CHECK_BUILD_ONLY=1 stops after the build (GPU_CHECK_TARGETS: which targets,
+# default all); build-gpu/env.sh then holds the environment the tests need (`. build-gpu/env.sh`).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 t0=$(date +%s)
@@ -33,6 +35,8 @@ export LIBFT_FORTUNES="$prefix/usr/share/games/fortunes" LIBFT_JARGON="$prefix/u
 missing=$(ldd "$lib/hdf5/serial/libhdf5.so" "$lib/libsentencepiece_train.so" 2>&1 | grep "not found" | sort -u)
 [ -z "$missing" ] || { echo "[gpu-check] libraries missing on this machine (add their .debs to fetch-debs.sh):"; echo "$missing"; }
 python=$(command -v python3)
+mkdir -p build-gpu
+declare -p LD_LIBRARY_PATH PATH PKG_CONFIG_LIBDIR PKG_CONFIG_SYSROOT_DIR LIBFT_FORTUNES LIBFT_JARGON | sed 's/^declare -x/export/' >build-gpu/env.sh
 log "python $python: $($python -c 'import torch,transformers;print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())' 2>/dev/null)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 
@@ -44,8 +48,11 @@ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLIBFT_PYTHON="$pyt
   || { tail -40 "$out/build.log"; exit 1; }
 log "build"
 build_start=$(date +%s)
-cmake --build build-gpu -j"$(nproc)" >>"$out/build.log" 2>&1 || { grep -B5 -A20 "error" "$out/build.log" | head -80; exit 1; }
+# shellcheck disable=SC2086  # GPU_CHECK_TARGETS is a list
+cmake --build build-gpu -j"$(nproc)" ${GPU_CHECK_TARGETS:+--target $GPU_CHECK_TARGETS} >>"$out/build.log" 2>&1 || { grep -B5 -A20 "error" "$out/build.log" | head -80; exit 1; }
 build_s=$(($(date +%s) - build_start))
+log "built in ${build_s}s"
+[ -n "${GPU_CHECK_BUILD_ONLY:-}" ] && exit 0
 
 # 3. What only this machine can check comes first, so that a run cut short still reports it: the
 #    CUDA tests (ctest adds the fixtures they need, e.g. the transformers reference models), the

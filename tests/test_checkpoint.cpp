@@ -703,6 +703,25 @@ void bf16_run_learns_and_resumes(const std::string& device) {
 
 TEST(TrainBf16, CpuAutocastRunLearnsAndResumes) { bf16_run_learns_and_resumes("cpu"); }
 
+// Device names: a CUDA device always carries its index ("cuda" and "auto" give the current one), so
+// the allocator statistics and generators the trainer reads per device get a real one; bad names and
+// CUDA on a machine without it are errors that say who asked.
+TEST(TrainDevice, NamesResolveToIndexedDevices) {
+  EXPECT_EQ(train::resolve_device("cpu"), c10::Device(c10::kCPU));
+  EXPECT_NE(test::error_of([] { train::resolve_device("gpu0"); }).find("[train] device: 'gpu0' is not a device"), std::string::npos);
+  EXPECT_NE(test::error_of([] { train::resolve_device("tpu", "--device"); }).find("--device: 'tpu' is not a device"), std::string::npos);
+  if (!at::hasCUDA()) {
+    EXPECT_EQ(train::resolve_device("auto"), c10::Device(c10::kCPU));
+    EXPECT_NE(test::error_of([] { train::resolve_device("cuda"); }).find("cuda: CUDA is not available"), std::string::npos);
+    return;
+  }
+  for (const std::string name : {"cuda", "auto"}) {
+    const c10::Device d = train::resolve_device(name);
+    EXPECT_TRUE(d.is_cuda() && d.has_index() && d.index() >= 0) << name << " -> " << d;
+  }
+  EXPECT_EQ(train::resolve_device("cuda:0"), c10::Device(c10::kCUDA, 0));
+}
+
 TEST(TrainCuda, Bf16AutocastRunLearnsAndResumes) {
   FT_REQUIRE_CUDA();
   bf16_run_learns_and_resumes("cuda");

@@ -1,25 +1,16 @@
 // ft: the libft command line. Thin over the library; every subcommand has --help.
-#include <ATen/Context.h>
 #include <ATen/ATen.h>
 
 #include <cstdlib>
 #include <iostream>
 
 #include "commands.h"
+#include "ft/train/run.h"
 #include "ft/util/error.h"
 
 namespace ft::cli {
 
-c10::Device parse_device(const std::string& name) {
-  if (name == "auto") return at::hasCUDA() ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
-  try {
-    c10::Device d(name);
-    FT_CHECK(!d.is_cuda() || at::hasCUDA(), "--device ", name, ": CUDA is not available on this machine");
-    return d;
-  } catch (const c10::Error&) {
-    FT_FAIL("--device: '", name, "' is not a device (cpu, cuda, cuda:N, auto)");
-  }
-}
+c10::Device parse_device(const std::string& name) { return train::resolve_device(name, "--device"); }
 
 c10::ScalarType parse_dtype(const std::string& name) {
   if (name == "float32" || name == "fp32") return c10::kFloat;

@@ -42,15 +42,27 @@ namespace fs = std::filesystem;
 
 namespace ft::train {
 
-c10::Device resolve_device(const std::string& name) {
-  if (name == "auto") return at::hasCUDA() ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
+c10::Device resolve_device(const std::string& name, const std::string& what) {
   c10::Device d = c10::kCPU;
-  try {
-    d = c10::Device(name);
-  } catch (const c10::Error&) {
-    FT_FAIL("[train] device: '", name, "' is not a device (cpu, cuda, cuda:N, auto)");
+  if (name == "auto") {
+    d = at::hasCUDA() ? c10::Device(c10::kCUDA) : c10::Device(c10::kCPU);
+  } else {
+    try {
+      d = c10::Device(name);
+    } catch (const c10::Error&) {
+      FT_FAIL(what, ": '", name, "' is not a device (cpu, cuda, cuda:N, auto)");
+    }
+    FT_CHECK(!d.is_cuda() || at::hasCUDA(), what, ": ", name, ": CUDA is not available on this machine");
   }
-  FT_CHECK(!d.is_cuda() || at::hasCUDA(), "[train] device: ", name, ": CUDA is not available on this machine");
+  // "cuda" names the current device, as in PyTorch. Give it its index: the caching allocator's
+  // statistics and the per-device generators take an index, and index -1 is none.
+  if (d.is_cuda() && !d.has_index()) {
+#ifdef LIBFT_WITH_CUDA_KERNELS
+    d = c10::Device(c10::kCUDA, c10::cuda::current_device());
+#else
+    d = c10::Device(c10::kCUDA, 0);
+#endif
+  }
   return d;
 }
 

@@ -130,9 +130,10 @@ RunSummary run_training(const config::RunConfig& config, std::FILE* log = stderr
 /// that show or export exactly what a run trains on (`ft batches`).
 data::Batcher training_batcher(const config::RunConfig& config);
 
-/// "cpu", "cuda", "cuda:N", or "auto" (CUDA when available); throws ft::Error for anything else or
-/// for CUDA on a machine without it.
-c10::Device resolve_device(const std::string& name);
+/// "cpu", "cuda", "cuda:N", or "auto" (CUDA when available); throws ft::Error, its message starting
+/// with `what`, for anything else or for CUDA on a machine without it. A CUDA device always comes
+/// back with its index ("cuda" and "auto" give the current device's).
+c10::Device resolve_device(const std::string& name, const std::string& what = "[train] device");
 
 struct EvalLoss {
   double loss = 0.0;    ///< token mean (0 when there is no target)
