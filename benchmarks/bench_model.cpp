@@ -15,9 +15,14 @@
 // LoraStep: forward + loss + backward of the bundled model (configs/models/tiny-llama.json) with LoRA
 // r 8 on every linear layer and dropout 0.05, unfused beside fused, tokens/s.
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <torch/autograd.h>
-#include <torch/optim/adamw.h>
 #include <benchmark/benchmark.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <string_view>
 
 #include "ft/model/llama.h"
 
@@ -31,11 +36,50 @@
 #include "ft/adapt/mode.h"
 #include "ft/adapt/nf4.h"
 #include "ft/model/linear.h"
+#include "ft/train/optimizer.h"
 #include "ft/util/autocast.h"
 
 namespace {
 
 using namespace ft;
+
+// ATen operator calls (outermost ones: an op that another op calls is not counted) between
+// construction and ops(), on every thread, the autograd engine's too. On CUDA each such call costs
+// host time (dispatch, launch), which is what a small layer's step is made of. With the environment
+// variable LIBFT_BENCH_LIST_OPS set, each one's name goes to stderr.
+class OpCounter {
+ public:
+  OpCounter()
+      : handle_(at::addGlobalCallback(
+            at::RecordFunctionCallback(&OpCounter::enter, &OpCounter::leave).scopes({at::RecordScope::FUNCTION, at::RecordScope::BACKWARD_FUNCTION}))) {
+    count_ = 0;
+  }
+  ~OpCounter() { at::removeCallback(handle_); }
+  OpCounter(const OpCounter&) = delete;
+  OpCounter& operator=(const OpCounter&) = delete;
+  int64_t ops() const { return count_; }
+
+ private:
+  static bool transparent(const at::RecordFunction& fn) {
+    return fn.scope() == at::RecordScope::BACKWARD_FUNCTION ||
+           std::string_view(fn.name()).rfind("autograd::engine::evaluate_function", 0) == 0;
+  }
+  static std::unique_ptr<at::ObserverContext> enter(const at::RecordFunction& fn) {
+    if (transparent(fn)) return nullptr;  // an autograd node: count the ops inside it
+    if (depth_++ == 0) {
+      ++count_;
+      static const bool list = std::getenv("LIBFT_BENCH_LIST_OPS") != nullptr;
+      if (list) std::fprintf(stderr, "[op] %s\n", fn.name());
+    }
+    return nullptr;
+  }
+  static void leave(const at::RecordFunction& fn, at::ObserverContext*) {
+    if (!transparent(fn)) --depth_;
+  }
+  static inline std::atomic<int64_t> count_{0};
+  static inline thread_local int depth_ = 0;
+  at::CallbackHandle handle_;
+};
 
 void sync(const at::Device& d) {
 #ifdef LIBFT_WITH_CUDA_KERNELS
@@ -159,10 +203,19 @@ BENCHMARK(BM_DeviceCopy)->Unit(benchmark::kMicrosecond)->UseRealTime();
 struct LoraBench {
   model::CausalLM m{nullptr};
   model::LinearImpl* layer = nullptr;
-  LoraBench(int64_t hidden, int64_t inter, const std::string& target, int64_t r, int mode, const at::Device& d) {
+  LoraBench(int64_t hidden, int64_t inter, const std::string& target, int64_t r, int mode, const at::Device& d,
+            bool bf16_base) {
     io::ModelConfig c = bench_config(hidden, 1);
     c.vocab_size = 256;
     c.intermediate_size = inter;
+    // Only the measured layer needs its real shape. The block's other matrices stay small, so that
+    // building the model on the CPU takes a fraction of a second per benchmark row.
+    if (target == "self_attn.o_proj") {
+      c.intermediate_size = 64;
+    } else {
+      c.num_attention_heads = 1;
+      c.num_key_value_heads = 1;
+    }
     m = model::CausalLM(c);
     if (mode == 3) {  // QLoRA: the layer's weight in NF4 (blocks of 64, double-quantized scales)
       for (const auto& item : m->named_modules()) {
@@ -183,7 +236,7 @@ struct LoraBench {
       }
     }
     m->to(d);
-    if (d.is_cuda()) adapt::store_frozen_linears(m, at::kBFloat16);  // as the trainer stores a frozen base
+    if (bf16_base) adapt::store_frozen_linears(m, at::kBFloat16);  // as the trainer stores a frozen base under autocast
     m->train();
     for (const auto& item : m->named_modules()) {
       if (item.key() == "model.layers.0." + target) layer = dynamic_cast<model::LinearImpl*>(item.value().get());
@@ -191,29 +244,37 @@ struct LoraBench {
   }
 };
 
-// Arguments: device (0 cpu, 1 cuda), mode (0 frozen linear alone, 1 LoRA unfused, 2 LoRA fused,
-// 3 QLoRA fused: NF4 base),
-// layer (0 o_proj: h→h, 1 gate_proj: h→inter, 2 down_proj: inter→h), rank, tokens.
+// Arguments: device (0 cpu in float32, 1 cuda in bf16 autocast, 2 cpu in bf16 autocast), mode (0 frozen
+// linear alone, 1 LoRA unfused, 2 LoRA fused, 3 QLoRA fused: NF4 base), layer (0 o_proj: h→h,
+// 1 gate_proj: h→inter, 2 down_proj: inter→h), rank, tokens. "ops" counts the outermost ATen calls of
+// one step (OpCounter), each a host-side cost on CUDA.
 void BM_LoraLinear(benchmark::State& state) {
-  const at::Device device = state.range(0) ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+  // Device 2: the CPU under bf16 autocast, the CUDA path's operations at the CPU's widths (for "ops").
+  const at::Device device = state.range(0) == 1 ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+  const bool autocast_on = state.range(0) > 0;
   if (device.is_cuda() && !at::hasCUDA()) return state.SkipWithError("no CUDA device");
   const int64_t hidden = device.is_cuda() ? 4096 : 256, inter = device.is_cuda() ? 14336 : 688;
   const char* targets[] = {"self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"};
   const int which = static_cast<int>(state.range(2));
-  LoraBench b(hidden, inter, targets[which], state.range(3), static_cast<int>(state.range(1)), device);
+  LoraBench b(hidden, inter, targets[which], state.range(3), static_cast<int>(state.range(1)), device, autocast_on);
   const int64_t in = which == 2 ? inter : hidden, out = which == 1 ? inter : hidden, tokens = state.range(4);
   const at::Tensor x = at::randn({tokens, in}, at::TensorOptions().device(device)).requires_grad_();
-  const at::Tensor dy = at::randn({tokens, out}, at::TensorOptions().device(device).dtype(device.is_cuda() ? at::kBFloat16 : at::kFloat));
+  const at::Tensor dy = at::randn({tokens, out}, at::TensorOptions().device(device).dtype(autocast_on ? at::kBFloat16 : at::kFloat));
   auto step = [&] {
     at::Tensor y;
     {
-      ft::util::AutocastScope autocast(device.is_cuda());
+      ft::util::AutocastScope autocast(autocast_on, device.type());
       y = b.layer->forward(x);
     }
     torch::autograd::backward({y}, {dy.to(y.scalar_type())});
   };
   for (int i = 0; i < 3; ++i) step();
   sync(device);
+  {
+    OpCounter counter;
+    step();
+    state.counters["ops"] = static_cast<double>(counter.ops());
+  }
   for (auto _ : state) {
     step();
     sync(device);
@@ -221,6 +282,7 @@ void BM_LoraLinear(benchmark::State& state) {
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(tokens), benchmark::Counter::kIsIterationInvariantRate);
 }
 BENCHMARK(BM_LoraLinear)->ArgsProduct({{0}, {0, 1, 2}, {0, 1, 2}, {8}, {512}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{2}, {0, 1, 2, 3}, {0}, {16}, {512}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3}, {0, 1, 2}, {16}, {2048, 8192}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {1, 2}, {2}, {8, 64}, {8192}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 
@@ -296,7 +358,7 @@ void BM_LoraStep(benchmark::State& state) {
 // A LoRA training step of a Llama-3.2-1B-shaped model (hidden 2048, 16 layers, MLP 8192, 32 heads,
 // 8 key/value heads, vocabulary 128256, tied embeddings; 1.24B parameters) on CUDA in bf16 autocast:
 // one sequence of 2048 tokens, r 16 on every linear layer, no dropout; forward, loss, backward and
-// AdamW on the adapters. Argument: fused (0/1). MFU counts 4N + 12·L·d·T FLOPs per token (frozen
+// the trainer's optimizer step (train::optimizer_step: non-finite check, fused AdamW) on the adapters. Argument: fused (0/1). MFU counts 4N + 12·L·d·T FLOPs per token (frozen
 // base: forward 2N, input gradients 2N, attention 12·L·d·T; no recomputation) against the H100 SXM's
 // 989 TFLOP/s dense bf16.
 void BM_LoraStepCuda(benchmark::State& state) {
@@ -315,12 +377,11 @@ void BM_LoraStepCuda(benchmark::State& state) {
   adapt::store_frozen_linears(m, at::kBFloat16);  // as the trainer stores a frozen base under bf16 autocast
   m->train();
   double n_params = 0;
-  std::vector<at::Tensor> trainable;
-  for (const auto& p : m->parameters()) {
-    n_params += static_cast<double>(p.numel());
-    if (p.requires_grad()) trainable.push_back(p);
-  }
-  torch::optim::AdamW opt(trainable, torch::optim::AdamWOptions(1e-4));
+  for (const auto& p : m->parameters()) n_params += static_cast<double>(p.numel());
+  train::OptimizerOptions oo;
+  oo.lr = 1e-4;
+  const auto opt = train::make_optimizer(m, oo);  // the trainer's: ATen's fused AdamW per parameter group
+  train::StepCounters counters;
   const int64_t T = 2048;
   const at::Tensor ids = at::randint(0, c.vocab_size, {1, T}, at::TensorOptions().dtype(at::kLong).device(device));
   auto step = [&] {
@@ -331,8 +392,8 @@ void BM_LoraStepCuda(benchmark::State& state) {
       loss = at::cross_entropy_loss(logits.view({-1, c.vocab_size}).to(at::kFloat), ids.view({-1}));
     }
     loss.backward();
-    opt.step();
-    opt.zero_grad();
+    // As the trainer steps: the loss read once, the global gradient norm checked, then the update.
+    train::optimizer_step(*opt, loss.item<double>(), oo.lr, {}, counters);
   };
   for (int i = 0; i < 3; ++i) step();
   sync(device);

@@ -2,7 +2,7 @@
 """The kernels issue's targets, read from bench_model's Google Benchmark JSON output.
 
     build-gpu/benchmarks/bench_model --benchmark_out=bench.json --benchmark_out_format=json
-    python3 benchmarks/gpu_targets.py bench.json
+    python3 benchmarks/gpu_targets.py bench.json [more.json ...]   # several runs' files are merged
 
 Prints one line per target with the measured ratio and PASS/FAIL (or "missing" where the run has
 no such benchmark, e.g. on a machine without a GPU). scripts/gpu-check.sh runs it last.
@@ -76,17 +76,18 @@ def targets(runs):
 
 
 def main(argv):
-    if len(argv) != 2:
+    if len(argv) < 2:
         print(__doc__)
         return 2
-    try:
-        runs = load(argv[1])
-    except (OSError, ValueError) as e:  # no file, or one cut short (a benchmark that crashed or timed out)
-        print(f"gpu targets: missing ({argv[1]}: {e})")
-        return 0
+    runs = {}
+    for path in argv[1:]:
+        try:
+            runs.update(load(path))
+        except (OSError, ValueError) as e:  # no file, or one cut short (a benchmark that crashed or timed out)
+            print(f"gpu targets: missing ({path}: {e})")
     rows = targets(runs)
     if not rows:
-        print("gpu targets: missing (no CUDA benchmark in " + argv[1] + ")")
+        print("gpu targets: missing (no CUDA benchmark in " + " ".join(argv[1:]) + ")")
         return 0
     failed = 0
     for text, value, bound, kind in rows:

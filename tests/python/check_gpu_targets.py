@@ -70,4 +70,13 @@ with tempfile.TemporaryDirectory() as d:
         f.write(text[: third + 5] + ",\n    {\n      \"name\": \"BM_Lo")
     cut = gpu_targets.load(path)
     assert sorted(cut) == ["BM_LoraLinear/1/0/0/16/2048", "BM_LoraLinear/1/1/0/16/2048", "BM_LoraLinear/1/2/0/16/2048"], sorted(cut)
+# Two files (the GPU check's two benchmark calls) are merged: the targets of both come out.
+with tempfile.TemporaryDirectory() as d:
+    first, second = os.path.join(d, "a.json"), os.path.join(d, "b.json")
+    with open(first, "w") as f:
+        json.dump({"benchmarks": data["benchmarks"][:4]}, f)
+    with open(second, "w") as f:
+        json.dump({"benchmarks": data["benchmarks"][4:]}, f)
+    both = subprocess.run([sys.executable, script, first, second], capture_output=True, text=True, check=True).stdout
+    assert "gpu targets: 4 of 7 met" in both, both
 print("gpu targets OK")

@@ -29,21 +29,33 @@ namespace {
 
 constexpr const char* kPeftPrefix = "base_model.model.";
 
-// x2 Wᵀ (+ bias) + scale · S Bᵀ, (T, out), for the fused layers. On float32 CPU tensors the frozen
+// x2 Wᵀ (+ bias) + S Bᵀ, (T, out), for the fused layers (S: (T, r), the adapter scale already in it,
+// where it costs a pass over T·r elements instead of T·out). On float32 CPU tensors the frozen
 // base product goes through oneDNN (ft/model/cpu_ops.h) and the low-rank term is added in place.
 // Everywhere else (cuBLAS on CUDA) the low-rank term comes first, (T, r)·(r, out) with the bias, and
 // the base GEMM accumulates onto it (beta = 1): the output then takes one memory-bound pass (the
 // rank-r GEMM's write) and the base GEMM reads it in its epilogue, instead of a second memory-bound
 // read-modify-write of the output after the base GEMM.
 at::Tensor base_plus_low_rank(const at::Tensor& x2, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& s_low,
-                              const at::Tensor& bc, double scale) {
+                              const at::Tensor& bc) {
   if (model::onednn_linear_fits(x2, w, bias)) {
     at::Tensor y = model::linear(x2, w, bias);
-    return y.addmm_(s_low, bc.t(), /*beta=*/1, /*alpha=*/scale);
+    return y.addmm_(s_low, bc.t());
   }
-  at::Tensor y = bias.defined() ? at::addmm(bias, s_low, bc.t(), /*beta=*/1, /*alpha=*/scale)
-                                : at::mm(s_low, bc.t()).mul_(scale);
+  at::Tensor y = bias.defined() ? at::addmm(bias, s_low, bc.t()) : at::mm(s_low, bc.t());
   return y.addmm_(x2, w.t());
+}
+
+// s · (h Aᵀ), (T, r): the low-rank factor with the adapter scale in it.
+at::Tensor scaled_low_rank(const at::Tensor& h, const at::Tensor& ac, double scale) {
+  at::Tensor t = at::mm(h, ac.t());
+  return scale == 1.0 ? t : t.mul_(scale);
+}
+
+// s · dZ B, (T, r): the gradient of S = h Aᵀ.
+at::Tensor low_rank_grad(const at::Tensor& dz, const at::Tensor& bc, double scale) {
+  at::Tensor t = at::mm(dz, bc);
+  return scale == 1.0 ? t : t.mul_(scale);
 }
 
 // drop'(dS A), (T, in): the low-rank term of the input gradient, through dropout's backward when p > 0
@@ -67,13 +79,15 @@ at::Tensor input_grad(const at::Tensor& dz, const at::Tensor& w, const at::Tenso
 }
 
 // What both fused nodes record besides their saved tensors (the layer outlives the graph, one
-// step, so the backward pass reaches W through it), and y (T, out) shaped like x with out features.
+// step, so the backward pass reaches W through it; A's and B's dtype, since the nodes save their
+// compute-dtype copies), and y (T, out) shaped like x with out features.
 at::Tensor finish_forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& y,
-                          model::LinearImpl* layer, double scale) {
+                          model::LinearImpl* layer, double scale, at::ScalarType adapter_dtype) {
   ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
   ctx->saved_data["scale"] = scale;
   ctx->saved_data["x_dtype"] = x.scalar_type();
   ctx->saved_data["x_sizes"] = x.sizes().vec();
+  ctx->saved_data["adapter_dtype"] = adapter_dtype;
   std::vector<int64_t> y_sizes = x.sizes().vec();
   y_sizes.back() = y.size(-1);
   return y.view(y_sizes);
@@ -106,40 +120,41 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
         h = x2 * keep;
       }
     }
-    const at::Tensor s_low = at::mm(h, ac.t());  // S = drop(x) Aᵀ, (T, r)
+    const at::Tensor s_low = scaled_low_rank(h, ac, scale);  // s S = s drop(x) Aᵀ, (T, r)
     const at::Tensor y = base_plus_low_rank(x2, layer->dense_weight(ct), layer->bias.defined() ? layer->bias.to(ct) : at::Tensor(),
-                                            s_low, bc, scale);
-    ctx->save_for_backward({h, s_low, a, b, keep});
+                                            s_low, bc);
+    // A and B in the compute dtype are saved, not cast again in the backward pass (on CUDA, each
+    // cast is a launch and the layer's small GEMMs are launch-bound at a few thousand tokens).
+    ctx->save_for_backward({h, s_low, ac, bc, keep});
     ctx->saved_data["p"] = p;
-    ctx->saved_data["ct"] = ct;
-    return finish_forward(ctx, x, y, layer, scale);
+    return finish_forward(ctx, x, y, layer, scale, a.scalar_type());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &h = saved[0], &s_low = saved[1], &a = saved[2], &b = saved[3], &keep = saved[4];
+    const at::Tensor &h = saved[0], &s_low = saved[1], &ac = saved[2], &bc = saved[3], &keep = saved[4];
     auto* layer = reinterpret_cast<model::LinearImpl*>(ctx->saved_data["layer"].toInt());
     const double scale = ctx->saved_data["scale"].toDouble();
     const double p = ctx->saved_data["p"].toDouble();
-    const auto ct = ctx->saved_data["ct"].toScalarType();
-    const at::Tensor dy = grads[0].reshape({-1, b.size(0)}).to(ct);
-    const at::Tensor ac = a.to(ct), bc = b.to(ct);
-    const at::Tensor ds = at::mm(dy, bc).mul_(scale);           // (T, r)
-    const at::Tensor db = at::mm(dy.t(), s_low).mul_(scale);     // (out, r)
-    const at::Tensor da = at::mm(ds.t(), h);                     // (r, in)
+    const auto ct = ac.scalar_type();
+    const auto adt = ctx->saved_data["adapter_dtype"].toScalarType();
+    const at::Tensor dy = grads[0].reshape({-1, bc.size(0)}).to(ct);
+    const at::Tensor ds = low_rank_grad(dy, bc, scale);  // s dY B, (T, r)
+    const at::Tensor db = at::mm(dy.t(), s_low);         // dYᵀ (s S), (out, r)
+    const at::Tensor da = at::mm(ds.t(), h);             // (r, in)
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
       dx = as_input_grad(ctx, input_grad(dy, layer->dense_weight(ct), ds, ac, keep, p));  // dY W + drop'(dS A)
     }
-    return {dx, da.to(a.scalar_type()), db.to(b.scalar_type()), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, da.to(adt), db.to(adt), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 // DoRA's fused training path, without dropout: y = b + c ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) with c = m / n and
 // n = ||W + s B A|| per output row, a constant (as PEFT and LoraAdapter::apply treat it). Backward:
 // dZ = dy ⊙ c; dm = Σ_rows dy ⊙ Z / n; dS = s dZ B; dB = s dZᵀ S; dA = dSᵀ x; dx = dZ W + dS A. Saves
-// x, S and Z = x Wᵀ + s S Bᵀ (which dm needs). PEFT's chain makes x Wᵀ, B(A(x)), its scaled copy,
+// x, s S, Z = x Wᵀ + s S Bᵀ (which dm needs) and c. PEFT's chain makes x Wᵀ, B(A(x)), its scaled copy,
 // the two products with c and their sum as separate (…, out) tensors, and differentiates each.
 struct FusedDora : public torch::autograd::Function<FusedDora> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a,
@@ -149,39 +164,38 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
     const at::ScalarType ct = autocast ? at::autocast::get_autocast_dtype(x.device().type()) : x.scalar_type();
     const int64_t in = x.size(-1);
     const at::Tensor x2 = x.reshape({-1, in}).to(ct);
-    const at::Tensor bc = b.to(ct);
-    const at::Tensor s_low = at::mm(x2, a.to(ct).t());
-    const at::Tensor z = base_plus_low_rank(x2, layer->dense_weight(ct), at::Tensor(), s_low, bc, scale);
+    const at::Tensor ac = a.to(ct), bc = b.to(ct);
+    const at::Tensor s_low = scaled_low_rank(x2, ac, scale);  // s x Aᵀ
+    const at::Tensor z = base_plus_low_rank(x2, layer->dense_weight(ct), at::Tensor(), s_low, bc);
     const at::Tensor c = (magnitude.detach() / norm).to(ct);
     at::Tensor y = z * c;
     if (layer->bias.defined()) y.add_(layer->bias.to(ct));
-    ctx->save_for_backward({x2, s_low, z, a, b, magnitude, norm});
-    return finish_forward(ctx, x, y, layer, scale);
+    ctx->save_for_backward({x2, s_low, z, ac, bc, c, magnitude, norm});
+    return finish_forward(ctx, x, y, layer, scale, a.scalar_type());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x2 = saved[0], &s_low = saved[1], &z = saved[2], &a = saved[3], &b = saved[4],
-                     &magnitude = saved[5], &norm = saved[6];
+    const at::Tensor &x2 = saved[0], &s_low = saved[1], &z = saved[2], &ac = saved[3], &bc = saved[4], &c = saved[5],
+                     &magnitude = saved[6], &norm = saved[7];
     auto* layer = reinterpret_cast<model::LinearImpl*>(ctx->saved_data["layer"].toInt());
     const double scale = ctx->saved_data["scale"].toDouble();
     const at::ScalarType ct = z.scalar_type();
-    const at::Tensor dy = grads[0].reshape({-1, b.size(0)}).to(ct);
-    const at::Tensor c = (magnitude.detach() / norm).to(ct);
+    const auto adt = ctx->saved_data["adapter_dtype"].toScalarType();
+    const at::Tensor dy = grads[0].reshape({-1, bc.size(0)}).to(ct);
     const at::Tensor dz = dy * c;
     // dm in the magnitude's precision (float32 at least), summed over the rows.
     const at::ScalarType mt = at::promote_types(magnitude.scalar_type(), at::kFloat);
     const at::Tensor dm = ((dy.to(mt) * z.to(mt)).sum(0) / norm.to(mt)).to(magnitude.scalar_type());
-    const at::Tensor ac = a.to(ct), bc = b.to(ct);
-    const at::Tensor ds = at::mm(dz, bc).mul_(scale);
-    const at::Tensor db = at::mm(dz.t(), s_low).mul_(scale);
+    const at::Tensor ds = low_rank_grad(dz, bc, scale);  // s dZ B
+    const at::Tensor db = at::mm(dz.t(), s_low);         // dZᵀ (s S)
     const at::Tensor da = at::mm(ds.t(), x2);
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
       dx = as_input_grad(ctx, input_grad(dz, layer->dense_weight(ct), ds, ac, at::Tensor(), 0.0));
     }
-    return {dx, da.to(a.scalar_type()), db.to(b.scalar_type()), dm, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, da.to(adt), db.to(adt), dm, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
