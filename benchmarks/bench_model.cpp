@@ -17,17 +17,27 @@
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
+#include <map>
+#include <set>
+#include <string>
 #include <string_view>
 
 #include "ft/model/llama.h"
 
 #ifdef LIBFT_WITH_CUDA_KERNELS
+#include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "ft/kernels/rmsnorm.h"
 #endif
@@ -87,6 +97,58 @@ void sync(const at::Device& d) {
 #else
   (void)d;
 #endif
+}
+
+// With LIBFT_BENCH_PROFILE=DIR, one step of the benchmarks that call this is traced by PyTorch's
+// Kineto profiler: ATen calls on every host thread (the autograd engine's too) and, on CUDA, the
+// kernels through CUPTI. The trace goes to DIR/<benchmark>.json (Perfetto, chrome://tracing), and
+// one line on stderr says where the step's time went: its wall time, the kernels' summed time
+// (GPU busy), and each host thread's span from its first ATen call to its last. A step whose
+// kernels take much less than its wall time, while a thread's span covers it, waits on the host.
+// `name` and the first `args` arguments of `state`, joined by '_' (Google Benchmark 1.7 has no State::name()).
+std::string row_name(const char* name, const benchmark::State& state, int args) {
+  std::string out = name;
+  for (int i = 0; i < args; ++i) out += "_" + std::to_string(state.range(i));
+  return out;
+}
+
+void profile_step(const std::string& name, const std::function<void()>& step, const at::Device& device) {
+  const char* dir = std::getenv("LIBFT_BENCH_PROFILE");
+  static std::set<std::string> done;  // Google Benchmark runs a row's function more than once: trace it once
+  if (dir == nullptr || !done.insert(name).second) return;
+  namespace prof = torch::autograd::profiler;
+  using torch::profiler::impl::ActivityType;
+  std::set<ActivityType> activities{ActivityType::CPU};
+  if (device.is_cuda()) activities.insert(ActivityType::CUDA);
+  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+  prof::prepareProfiler(config, activities);
+  prof::enableProfiler(config, activities);
+  const auto t0 = std::chrono::steady_clock::now();
+  step();
+  sync(device);
+  const double wall_us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+  const std::unique_ptr<prof::ProfilerResult> result = prof::disableProfiler();
+  double kernel_us = 0;
+  int kernels = 0, host_ops = 0;
+  std::map<uint64_t, std::pair<uint64_t, uint64_t>> spans;  // thread: first start, last end (ns)
+  for (const prof::KinetoEvent& e : result->events()) {
+    if (e.deviceType() == c10::DeviceType::CUDA) {
+      kernel_us += static_cast<double>(e.durationNs()) / 1e3;
+      ++kernels;
+    } else if (e.deviceType() == c10::DeviceType::CPU) {
+      ++host_ops;
+      auto [it, fresh] = spans.try_emplace(e.startThreadId(), e.startNs(), e.endNs());
+      if (!fresh) it->second = {std::min(it->second.first, e.startNs()), std::max(it->second.second, e.endNs())};
+    }
+  }
+  const std::string path = std::string(dir) + "/" + name + ".json";
+  result->save(path);
+  std::string threads;
+  for (const auto& [tid, span] : spans) {
+    threads += " " + std::to_string(static_cast<int64_t>((span.second - span.first) / 1000)) + " us";
+  }
+  std::fprintf(stderr, "[profile] %s: wall %.0f us; %d device events, %.0f us; %d host events, spans by thread:%s; %s\n",
+               name.c_str(), wall_us, kernels, kernel_us, host_ops, threads.c_str(), path.c_str());
 }
 
 io::ModelConfig bench_config(int64_t hidden, int64_t layers) {
@@ -275,6 +337,7 @@ void BM_LoraLinear(benchmark::State& state) {
     step();
     state.counters["ops"] = static_cast<double>(counter.ops());
   }
+  profile_step(row_name("BM_LoraLinear", state, 5), step, device);
   for (auto _ : state) {
     step();
     sync(device);
@@ -355,36 +418,56 @@ void BM_LoraStep(benchmark::State& state) {
   for (auto _ : state) step();
   state.counters["tokens/s"] = benchmark::Counter(512.0, benchmark::Counter::kIsIterationInvariantRate);
 }
-// A LoRA training step of a Llama-3.2-1B-shaped model (hidden 2048, 16 layers, MLP 8192, 32 heads,
-// 8 key/value heads, vocabulary 128256, tied embeddings; 1.24B parameters) on CUDA in bf16 autocast:
-// one sequence of 2048 tokens, r 16 on every linear layer, no dropout; forward, loss, backward and
-// the trainer's optimizer step (train::optimizer_step: non-finite check, fused AdamW) on the adapters. Argument: fused (0/1). MFU counts 4N + 12·L·d·T FLOPs per token (frozen
-// base: forward 2N, input gradients 2N, attention 12·L·d·T; no recomputation) against the H100 SXM's
-// 989 TFLOP/s dense bf16.
+#ifdef LIBFT_WITH_CUDA_KERNELS
+// BM_LoraStepCuda's model: Llama-3.2-1B-shaped (hidden 2048, 16 layers, MLP 8192, 32 heads, 8
+// key/value heads, vocabulary 128256, tied embeddings; 1.24B parameters), LoRA r 16 (alpha 32) on
+// every linear layer, the frozen base stored in bf16 as the trainer stores it under bf16 autocast.
+// Built once for all rows (building and initialising it on the CPU takes longer than a row's
+// measurement) and never destroyed (CUDA may be shut down before static destructors run).
+model::CausalLM& lora_step_model() {
+  static auto* m = [] {
+    auto* built = new model::CausalLM(llama_config(128256, 2048, 8192, 16, 32, 8, 64));
+    model::init_weights(*built, 0);
+    adapt::LoraOptions o;
+    o.targets = {"all-linear"};
+    o.r = 16;
+    o.alpha = 32;
+    adapt::apply_lora(*built, o);
+    (*built)->to(at::Device(at::kCUDA));
+    adapt::store_frozen_linears(*built, at::kBFloat16);
+    (*built)->train();
+    return built;
+  }();
+  return *m;
+}
+
+// A LoRA training step of that model on CUDA in bf16 autocast: `batch` sequences of 2048 tokens, no
+// dropout; forward, loss, backward and the trainer's optimizer step (train::optimizer_step: the
+// non-finite check, ATen's fused AdamW) on the adapters. Arguments: fused (0/1), batch, graph (1:
+// forward and backward captured once as a CUDA graph and replayed, the optimizer step eager: no
+// per-operation host cost). MFU counts 4N + 12·L·d·T FLOPs per token (frozen base: forward 2N,
+// input gradients 2N, attention 12·L·d·T; no recomputation) against the H100 SXM's 989 TFLOP/s
+// dense bf16.
 void BM_LoraStepCuda(benchmark::State& state) {
   if (!at::hasCUDA()) return state.SkipWithError("no CUDA device");
   const at::Device device(at::kCUDA);
-  const io::ModelConfig c = llama_config(128256, 2048, 8192, 16, 32, 8, 64);
-  model::CausalLM m(c);
-  model::init_weights(m, 0);
-  adapt::LoraOptions o;
-  o.targets = {"all-linear"};
-  o.r = 16;
-  o.alpha = 32;
-  adapt::apply_lora(m, o);
+  const bool graphed = state.range(2) == 1;
+  const int64_t batch = state.range(1), T = 2048;
+  model::CausalLM& m = lora_step_model();
+  const io::ModelConfig& c = m->config();
   adapt::set_lora_fused(m, state.range(0) == 1);
-  m->to(device);
-  adapt::store_frozen_linears(m, at::kBFloat16);  // as the trainer stores a frozen base under bf16 autocast
-  m->train();
   double n_params = 0;
-  for (const auto& p : m->parameters()) n_params += static_cast<double>(p.numel());
+  std::vector<at::Tensor> trainable;
+  for (const auto& p : m->parameters()) {
+    n_params += static_cast<double>(p.numel());
+    if (p.requires_grad()) trainable.push_back(p);
+  }
   train::OptimizerOptions oo;
   oo.lr = 1e-4;
   const auto opt = train::make_optimizer(m, oo);  // the trainer's: ATen's fused AdamW per parameter group
   train::StepCounters counters;
-  const int64_t T = 2048;
-  const at::Tensor ids = at::randint(0, c.vocab_size, {1, T}, at::TensorOptions().dtype(at::kLong).device(device));
-  auto step = [&] {
+  const at::Tensor ids = at::randint(0, c.vocab_size, {batch, T}, at::TensorOptions().dtype(at::kLong).device(device));
+  auto forward_backward = [&] {
     at::Tensor loss;
     {
       ft::util::AutocastScope autocast(true);
@@ -392,20 +475,61 @@ void BM_LoraStepCuda(benchmark::State& state) {
       loss = at::cross_entropy_loss(logits.view({-1, c.vocab_size}).to(at::kFloat), ids.view({-1}));
     }
     loss.backward();
-    // As the trainer steps: the loss read once, the global gradient norm checked, then the update.
-    train::optimizer_step(*opt, loss.item<double>(), oo.lr, {}, counters);
+    return loss;
   };
+  std::function<void()> step;
+  at::cuda::CUDAGraph graph;
+  std::vector<at::Tensor> grads;
+  at::Tensor static_loss;
+  if (!graphed) {
+    // As the trainer steps: the loss read once, the global gradient norm checked, then the update.
+    step = [&] { train::optimizer_step(*opt, forward_backward().item<double>(), oo.lr, {}, counters); };
+  } else {
+    // Captured on a side stream after warm-up steps there (cuBLAS workspaces and other lazy set-up
+    // happen outside the capture), with autocast's cast cache off. The gradients start unset, so
+    // the captured backward pass allocates them from the graph's pool: they stay the parameters'
+    // gradients, and each replay rewrites them.
+    try {
+      const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
+      {
+        c10::cuda::CUDAStreamGuard guard(side);
+        for (int i = 0; i < 3; ++i) {
+          forward_backward();
+          opt->zero_grad();
+        }
+        const bool cache = at::autocast::is_autocast_cache_enabled();
+        at::autocast::set_autocast_cache_enabled(false);
+        graph.capture_begin();
+        static_loss = forward_backward();
+        graph.capture_end();
+        at::autocast::set_autocast_cache_enabled(cache);
+      }
+      sync(device);
+    } catch (const std::exception& e) {
+      return state.SkipWithError((std::string("CUDA graph capture failed: ") + e.what()).substr(0, 400).c_str());
+    }
+    for (const at::Tensor& p : trainable) grads.push_back(p.grad());
+    step = [&] {
+      graph.replay();
+      for (size_t i = 0; i < trainable.size(); ++i) trainable[i].mutable_grad() = grads[i];  // the step unsets them
+      train::optimizer_step(*opt, static_loss.item<double>(), oo.lr, {}, counters);
+    };
+  }
   for (int i = 0; i < 3; ++i) step();
   sync(device);
+  profile_step(row_name("BM_LoraStepCuda", state, 3), step, device);
   for (auto _ : state) {
     step();
     sync(device);
   }
+  const double tokens = static_cast<double>(batch * T);
   const double flops_per_token = 4.0 * n_params + 12.0 * c.num_hidden_layers * c.hidden_size * T;
-  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(T), benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["MFU%"] = benchmark::Counter(100.0 * flops_per_token * T / 989e12, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens/s"] = benchmark::Counter(tokens, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["MFU%"] = benchmark::Counter(100.0 * flops_per_token * tokens / 989e12, benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_LoraStepCuda)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{0, 1}, {1, 4}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{1}, {1, 4}, {1}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+#endif
 
 BENCHMARK(BM_LoraStep)->ArgsProduct({{0, 1}, {0, 5}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
 

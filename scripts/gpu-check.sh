@@ -77,8 +77,9 @@ if [ $ctest_gpu_rc -ne 0 ]; then
   done
 fi
 # The parity and kernel tests again, verbosely, for their numbers.
+echo "==== parity and kernel tests, verbose" >>"$out/ctest-gpu.log"
 LIBFT_REFERENCE_DIR="$PWD/build-gpu/reference_models" timeout 120 build-gpu/tests/ft_tests \
-  --gtest_filter='*HFParity*cuda*:RMSNorm*:NF4Kernel*:LoraCuda*' >"$out/parity.log" 2>&1
+  --gtest_filter='*HFParity*cuda*:RMSNorm*:NF4Kernel*:LoraCuda*' >>"$out/ctest-gpu.log" 2>&1
 
 # The NCCL path: `ft launch -n 1` (world size 1, one GPU) on the default job's store, bf16.
 log "nccl (ft launch -n 1)"
@@ -89,21 +90,27 @@ timeout 120 build-gpu/apps/ft launch -n 1 train configs/train-tiny.yaml device=c
 nccl_rc=$?
 
 # 4. Benchmarks: the GPU ones (the CPU rows are measured on the development machine), the rows of
-#    issue 7's targets first, then the rest (the per-operation breakdown, other ranks, RMSNorm, the
-#    forward pass). Bounded, so that a hang cannot spend the session's device time; what finished is
+#    issue 7's targets first, then the rest (the CUDA-graph steps, in a process of their own in case a
+#    capture fails; the per-operation breakdown, other ranks, RMSNorm, the forward pass). Bounded, so that a hang cannot spend the session's device time; what finished is
 #    still reported.
-bench_s=$(( $(left) - 120 )); [ $bench_s -gt 200 ] && bench_s=200; [ $bench_s -lt 60 ] && bench_s=60
+bench_s=$(( $(left) - 60 )); [ $bench_s -gt 200 ] && bench_s=200; [ $bench_s -lt 60 ] && bench_s=60
 log "benchmarks (at most ${bench_s}s)"
 bench_end=$(( $(date +%s) + bench_s ))
+# One step of each LoRA row traced (Kineto: host calls per thread, CUDA kernels); a line per row in
+# bench.log says where the step's time went, and the traces come back as profiles.tar.gz.
+export LIBFT_BENCH_PROFILE=build-gpu/profiles
+rm -rf "$LIBFT_BENCH_PROFILE" && mkdir -p "$LIBFT_BENCH_PROFILE"
 timeout $bench_s build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
-  --benchmark_filter='BM_(NF4Dequant/1/1|DeviceCopy|LoraStepCuda|LoraLinear/1/[0-3]/[0-2]/16/)' \
+  --benchmark_filter='BM_(NF4Dequant/1/1|DeviceCopy|LoraStepCuda/[01]/[14]/0|LoraLinear/1/[0-3]/[0-2]/16/)' \
   --benchmark_out="$out/bench.json" --benchmark_out_format=json >"$out/bench.log" 2>&1
 bench_rc=$?
 extra_s=$(( bench_end - $(date +%s) )); [ $extra_s -lt 10 ] && extra_s=10
 timeout $extra_s build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
-  --benchmark_filter='BM_(Forward|RMSNorm|NF4Dequant/1/0|LoraOp|LoraLinear/1/[0-3]/[0-2]/(8|64)/)' \
+  --benchmark_filter='BM_(LoraStepCuda/1/[14]/1|Forward|RMSNorm|NF4Dequant/1/0|LoraOp|LoraLinear/1/[0-3]/[0-2]/(8|64)/)' \
   --benchmark_out="$out/bench-extra.json" --benchmark_out_format=json >>"$out/bench.log" 2>&1
 extra_rc=$?
+unset LIBFT_BENCH_PROFILE
+tar -czf "$out/profiles.tar.gz" -C build-gpu profiles
 
 # The rest of the suite with the GPU visible, in the time that is left.
 rest_s=$(left); [ $rest_s -lt 30 ] && rest_s=30
@@ -123,10 +130,12 @@ echo "build       ${build_s}s (cold, $(nproc) cores, TORCH_CUDA_ARCH_LIST=$arch)
 echo "ctest, CUDA $(grep -E 'tests passed' "$out/ctest-gpu.log") (exit $ctest_gpu_rc; $(grep -c '(Skipped)' "$out/ctest-gpu.log") skipped)"
 echo "ctest, rest $(grep -E 'tests passed' "$out/ctest-rest.log") (exit $ctest_rest_rc$([ $ctest_rest_rc = 124 ] && echo ': cut at the time budget'); $(grep -c '(Skipped)' "$out/ctest-rest.log") skipped)"
 echo "parity (max|a-b|/max|b| of logits vs transformers float32):"
-grep -E '^\[parity\]' "$out/parity.log" | sed 's/^/  /'
+grep -aE '^\[parity\]' "$out/ctest-gpu.log" | sed 's/^/  /'
 echo "nccl        exit $nccl_rc: $(grep -E '^\[dist\] [0-9]+ rank' "$out/nccl.log" | cut -c1-60); $(grep -E '^\[train\] done' "$out/nccl.log" | cut -c1-120)"
 echo "benchmarks: (exit $bench_rc, then $extra_rc)"
 grep -E '^BM_' "$out/bench.log" | grep -v '^BM_LoraOp' | sed 's/^/  /'  # BM_LoraOp's rows: in bench.log
+echo "where a step's time goes (more rows in bench.log, traces in profiles.tar.gz):"
+grep -aE '^\[profile\] (BM_LoraStepCuda|BM_LoraLinear_1_[0-3]_0_16_2048)' "$out/bench.log" | sed -E 's/; [^;]*\.json$//; s/^/  /'
 echo "targets (issue 7, benchmarks/gpu_targets.py):"
 $python benchmarks/gpu_targets.py "$out/bench.json" "$out/bench-extra.json" 2>&1 | sed 's/^/  /'
 echo "total       $(($(date +%s) - t0))s"
