@@ -142,6 +142,18 @@ TEST(Model, PaddingDoesNotChangeRealTokens) {
   at::Tensor out = m->forward(padded, f);
   EXPECT_TRUE(out.isfinite().all().item<bool>());
   EXPECT_LE(test::max_rel_error(out.slice(1, 2), alone), 1e-5);
+  // The caller's word on padding (the trainer's, counted on the host) replaces reading the mask:
+  // the same outputs when it is right...
+  f.padding = true;
+  EXPECT_TRUE(at::equal(m->forward(padded, f), out));
+  // ...and it is what forward goes by: told "no padding", the junk tokens are attended.
+  f.padding = false;
+  EXPECT_GT(test::max_rel_error(m->forward(padded, f).slice(1, 2), alone), 1e-3);
+  // A mask of ones, said to have padding, takes the masked path to the same outputs as none.
+  model::ForwardOptions ones;
+  ones.attention_mask = at::ones({1, 6}, at::kLong);
+  ones.padding = true;
+  EXPECT_LE(test::max_rel_error(m->forward(ids, ones), alone), 1e-6);
 }
 
 TEST(Model, PackedDocumentsWithSegmentIdsEqualSeparatePasses) {

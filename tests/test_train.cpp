@@ -166,6 +166,28 @@ TEST(TrainBatch, ToTensorsAndTargetCount) {
   EXPECT_EQ(t.n_targets, 1 + 1 + 2 + 3 + 7 + 9 + 15 + 14);
   EXPECT_EQ(t.segment_ids[5][10].item<int64_t>(), 1);
   EXPECT_EQ(t.position_ids[5][6].item<int64_t>(), 0);
+  // The counts come from the host arrays and agree with the tensors': no device read needed.
+  EXPECT_EQ(t.n_targets, train::count_targets(t.labels));
+  EXPECT_EQ(t.n_tokens, 8 * 16);
+  EXPECT_EQ(t.padding(), std::optional<bool>(false));
+  // Pieces sum their rows' counts, padding included.
+  b.attention_mask[3 * 16 + 15] = 0;
+  b.attention_mask[6 * 16 + 2] = 0;
+  const train::BatchTensors padded = train::to_tensors(b);
+  EXPECT_EQ(padded.tokens(), padded.attention_mask.sum().item<int64_t>());
+  EXPECT_EQ(padded.padding(), std::optional<bool>(true));
+  for (const train::BatchTensors& p : train::split_rows(padded, 3)) {
+    EXPECT_EQ(p.n_targets, train::count_targets(p.labels));
+    EXPECT_EQ(p.n_tokens, p.attention_mask.sum().item<int64_t>());
+    EXPECT_EQ(p.padding(), std::optional<bool>(!p.attention_mask.ne(0).all().item<bool>()));
+  }
+  // A hand-made batch (no host counts) is read from its tensors.
+  train::BatchTensors hand;
+  hand.attention_mask = padded.attention_mask;
+  EXPECT_EQ(hand.padding(), std::nullopt);
+  EXPECT_EQ(hand.tokens(), 8 * 16 - 2);
+  b.attention_mask[3 * 16 + 15] = 1;
+  b.attention_mask[6 * 16 + 2] = 1;
 
   b.labels.pop_back();
   try {

@@ -1,5 +1,8 @@
 #include "ft/train/batch.h"
 
+#include <algorithm>
+#include <numeric>
+
 #include "ft/model/llama.h"
 #include "ft/util/error.h"
 
@@ -8,29 +11,59 @@ namespace ft::train {
 namespace {
 
 template <typename T>
-at::Tensor as_long_tensor(const std::vector<T>& values, const data::Batch& b, const char* name) {
+void check_size(const std::vector<T>& values, const data::Batch& b, const char* name) {
   FT_CHECK(static_cast<int64_t>(values.size()) == b.rows * b.cols, "[train] batch of step ", b.step, ": ", name,
            " has ", values.size(), " values, expected rows × cols = ", b.rows, " × ", b.cols);
-  // from_blob borrows the vector; the conversion to int64 (or clone) makes the tensor own its data.
-  constexpr auto dtype = std::is_same_v<T, int64_t>   ? at::kLong
-                         : std::is_same_v<T, int32_t> ? at::kInt
-                                                      : at::kByte;
-  at::Tensor view = at::from_blob(const_cast<T*>(values.data()), {b.rows, b.cols}, at::TensorOptions().dtype(dtype));
-  return dtype == at::kLong ? view.clone() : view.to(at::kLong);
 }
 
 }  // namespace
 
+int64_t BatchTensors::tokens() const {
+  return n_tokens >= 0 ? n_tokens : attention_mask.sum().item<int64_t>();
+}
+
+std::optional<bool> BatchTensors::padding() const {
+  if (n_tokens < 0) return std::nullopt;
+  return n_tokens < attention_mask.numel();
+}
+
 BatchTensors to_tensors(const data::Batch& batch, c10::Device device) {
   FT_CHECK(batch.rows > 0 && batch.cols > 0, "[train] batch of step ", batch.step, " is empty (", batch.rows, " × ",
            batch.cols, ")");
+  check_size(batch.input_ids, batch, "input_ids");
+  check_size(batch.labels, batch, "labels");
+  check_size(batch.position_ids, batch, "position_ids");
+  check_size(batch.segment_ids, batch, "segment_ids");
+  check_size(batch.attention_mask, batch, "attention_mask");
+  const int64_t n = batch.rows * batch.cols;
+  at::Tensor host = at::empty({5, batch.rows, batch.cols},
+                              at::TensorOptions().dtype(at::kLong).pinned_memory(device.is_cuda()));
+  int64_t* out = host.data_ptr<int64_t>();
+  std::copy(batch.input_ids.begin(), batch.input_ids.end(), out);
+  std::copy(batch.labels.begin(), batch.labels.end(), out + n);
+  std::copy(batch.position_ids.begin(), batch.position_ids.end(), out + 2 * n);
+  std::copy(batch.segment_ids.begin(), batch.segment_ids.end(), out + 3 * n);
+  std::copy(batch.attention_mask.begin(), batch.attention_mask.end(), out + 4 * n);
   BatchTensors t;
-  t.input_ids = as_long_tensor(batch.input_ids, batch, "input_ids").to(device);
-  t.labels = as_long_tensor(batch.labels, batch, "labels").to(device);
-  t.position_ids = as_long_tensor(batch.position_ids, batch, "position_ids").to(device);
-  t.segment_ids = as_long_tensor(batch.segment_ids, batch, "segment_ids").to(device);
-  t.attention_mask = as_long_tensor(batch.attention_mask, batch, "attention_mask").to(device);
-  t.n_targets = count_targets(t.labels);
+  // The counts from the host arrays, as count_targets() and the mask's sum would give them.
+  t.n_tokens = 0;
+  for (int64_t r = 0; r < batch.rows; ++r) {
+    int64_t targets = 0, tokens = 0;
+    for (int64_t c = 0; c < batch.cols; ++c) {
+      if (c > 0 && batch.labels[r * batch.cols + c] != data::kIgnoreIndex) ++targets;
+      tokens += batch.attention_mask[r * batch.cols + c] != 0;
+    }
+    t.row_targets.push_back(targets);
+    t.row_tokens.push_back(tokens);
+    t.n_targets += targets;
+    t.n_tokens += tokens;
+  }
+  const at::Tensor all = device.is_cpu() ? host : host.to(device, /*non_blocking=*/true);
+  t.input_ids = all[0];
+  t.labels = all[1];
+  t.position_ids = all[2];
+  t.segment_ids = all[3];
+  t.attention_mask = all[4];
   return t;
 }
 
@@ -47,7 +80,14 @@ std::vector<BatchTensors> split_rows(const BatchTensors& b, int64_t rows) {
     p.position_ids = b.position_ids.slice(0, start, end);
     p.segment_ids = b.segment_ids.slice(0, start, end);
     p.attention_mask = b.attention_mask.slice(0, start, end);
-    p.n_targets = count_targets(p.labels);
+    if (static_cast<int64_t>(b.row_targets.size()) == n && static_cast<int64_t>(b.row_tokens.size()) == n) {
+      p.row_targets.assign(b.row_targets.begin() + start, b.row_targets.begin() + end);
+      p.row_tokens.assign(b.row_tokens.begin() + start, b.row_tokens.begin() + end);
+      p.n_targets = std::accumulate(p.row_targets.begin(), p.row_targets.end(), int64_t{0});
+      p.n_tokens = std::accumulate(p.row_tokens.begin(), p.row_tokens.end(), int64_t{0});
+    } else {
+      p.n_targets = count_targets(p.labels);
+    }
     out.push_back(std::move(p));
   }
   return out;

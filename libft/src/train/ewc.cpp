@@ -58,6 +58,7 @@ EwcState estimate_fisher(model::CausalLM& model, data::Batcher& rows, int64_t sa
     fo.position_ids = b.position_ids;
     fo.segment_ids = b.segment_ids;
     fo.attention_mask = b.attention_mask;
+    fo.padding = b.padding();
     // ℓ = mean token log-likelihood; its square gradient is the same for −ℓ.
     const at::Tensor loss =
         causal_lm_loss_sum(model->forward(b.input_ids, fo), b.labels) / static_cast<double>(b.n_targets);

@@ -13,6 +13,7 @@ at::Tensor forward_loss_sum(model::CausalLM& model, const BatchTensors& b) {
   fo.position_ids = b.position_ids;
   fo.segment_ids = b.segment_ids;
   fo.attention_mask = b.attention_mask;
+  fo.padding = b.padding();
   return causal_lm_loss_sum(model->forward(b.input_ids, fo), b.labels);
 }
 
@@ -36,7 +37,7 @@ AccumulateResult accumulate_gradients(model::CausalLM& model, const std::vector<
     const BatchTensors& b = micro_batches[i];
     local_targets += b.n_targets;
     if (b.n_targets > 0) last = i;
-    r.n_tokens += b.attention_mask.sum().item<int64_t>();
+    r.n_tokens += b.tokens();
   }
   r.n_targets = hooks.total_targets ? hooks.total_targets(local_targets) : local_targets;
   if (r.n_targets == 0 || local_targets == 0) return r;
@@ -62,13 +63,15 @@ AccumulateResult accumulate_gradients(model::CausalLM& model, const std::vector<
 AccumulateResult evaluate_loss(model::CausalLM& model, const std::vector<BatchTensors>& batches) {
   torch::NoGradGuard no_grad;
   AccumulateResult r;
-  double loss_sum = 0.0;
+  at::Tensor loss_sum;  // float64 on the device, read once (as in accumulate_gradients)
   for (const BatchTensors& b : batches) {
     r.n_targets += b.n_targets;
-    r.n_tokens += b.attention_mask.sum().item<int64_t>();
-    if (b.n_targets > 0) loss_sum += forward_loss_sum(model, b).item<double>();
+    r.n_tokens += b.tokens();
+    if (b.n_targets == 0) continue;
+    const at::Tensor s64 = forward_loss_sum(model, b).to(at::kDouble);
+    loss_sum = loss_sum.defined() ? loss_sum + s64 : s64;
   }
-  if (r.n_targets > 0) r.loss = loss_sum / static_cast<double>(r.n_targets);
+  if (r.n_targets > 0) r.loss = loss_sum.item<double>() / static_cast<double>(r.n_targets);
   return r;
 }
 

@@ -126,6 +126,9 @@ struct ForwardOptions {
   /// (B, S) 1 = token, 0 = padding, covering cached + new tokens (not a prefix: its keys are always
   /// visible); optional
   at::Tensor attention_mask;
+  /// Whether attention_mask has a 0, where the caller knows it (the trainer counts on the host).
+  /// Unset: forward reads the mask to find out, which on CUDA makes the host wait for the device.
+  std::optional<bool> padding;
   /// (B, T); default: past .. past+T-1, as HF's forward. With a prefix, P is added (PEFT's rule).
   at::Tensor position_ids;
   /// (B, T) integer document ids of packed rows (the batcher's segment_ids): when given, a token

@@ -9,6 +9,7 @@
 // count of the whole optimizer step, counted once before any backward pass (see step.h).
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <vector>
 
 #include "ft/data/batcher.h"
@@ -23,10 +24,23 @@ struct BatchTensors {
   at::Tensor segment_ids;     ///< int64, -1 on padding (block-diagonal attention)
   at::Tensor attention_mask;  ///< int64, 1 token / 0 padding
   int64_t n_targets = 0;      ///< positions the shifted loss counts (labels[:, 1:] != ignore)
+  /// Tokens (attention_mask = 1), or -1 where unknown (a hand-made batch): then read from
+  /// attention_mask when needed. to_tensors() and split_rows() count on the host, so that the
+  /// trainer never waits for the device to learn a batch's counts or whether it has padding.
+  int64_t n_tokens = -1;
+  /// Per row, the targets and tokens above (empty where unknown); split_rows() sums them.
+  std::vector<int64_t> row_targets, row_tokens;
+
+  /// Tokens: n_tokens, or attention_mask's sum (a device read) where unknown.
+  int64_t tokens() const;
+  /// Whether attention_mask has padding, where known without reading the device (see n_tokens).
+  std::optional<bool> padding() const;
 };
 
-/// Copies `batch` into tensors on `device`. Throws ft::Error naming the array whose size disagrees
-/// with rows × cols.
+/// Copies `batch` into tensors on `device`: the five arrays as one int64 (5, B, T) host tensor, in
+/// pinned memory and copied without blocking when the device is CUDA (a copy from pageable memory
+/// waits for the device's queue). Throws ft::Error naming the array whose size disagrees with
+/// rows × cols.
 BatchTensors to_tensors(const data::Batch& batch, c10::Device device = c10::kCPU);
 
 /// `b` cut into consecutive pieces of at most `rows` rows (the last may be shorter), each with its
