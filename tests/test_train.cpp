@@ -310,6 +310,24 @@ TEST(TrainOptimizer, ClipsByGlobalNorm) {
   EXPECT_NEAR(std::sqrt(sq), 0.25, 1e-5);
 }
 
+// The global gradient norm is sqrt(Σ ‖g‖²) over every gradient the optimizer holds, whatever their
+// dtypes (the norms are stacked per dtype before the float64 sum).
+TEST(TrainOptimizer, GlobalNormCoversEveryGradientOfEveryDtype) {
+  model::CausalLM m = tiny_model();
+  auto opt = train::make_optimizer(m, {});
+  double sq = 0;
+  int64_t i = 0;
+  for (auto& group : opt->param_groups()) {
+    for (auto& p : group.params()) {
+      const at::Tensor g = at::randn(p.sizes(), at::TensorOptions().dtype(i++ % 2 ? at::kDouble : at::kFloat));
+      p.mutable_grad() = g;
+      sq += g.to(at::kDouble).square().sum().item<double>();
+    }
+  }
+  ASSERT_GT(i, 4);
+  EXPECT_NEAR(train::global_grad_norm(*opt), std::sqrt(sq), 1e-6 * std::sqrt(sq));
+}
+
 // Steps inside one long autocast scope (as the trainer runs them) equal steps that each have their
 // own scope: the optimizer step clears autocast's cache of bf16 weight copies, which would
 // otherwise hold the first step's weights for every later forward pass (checked with CPU
