@@ -368,7 +368,7 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
   FT_CHECK(positions.sizes() == input_ids.sizes(), "[model] position_ids ", positions.sizes(),
            " must match input_ids ", input_ids.sizes());
   // Rotary tables in float32, then in the activations' dtype, as HF does.
-  at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq_.to(device);  // (B, T, D/2)
+  at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq_on(device);  // (B, T, D/2)
   at::Tensor emb = at::cat({freqs, freqs}, -1);
   AttentionInputs in;
   in.cos = emb.cos().to(x.scalar_type());
@@ -450,6 +450,12 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
     }
   }
   return model->norm(x);
+}
+
+const at::Tensor& CausalLMImpl::inv_freq_on(const c10::Device& device) {
+  if (device.is_cpu()) return inv_freq_;
+  if (!inv_freq_device_.defined() || inv_freq_device_.device() != device) inv_freq_device_ = inv_freq_.to(device);
+  return inv_freq_device_;
 }
 
 at::Tensor CausalLMImpl::logits(const at::Tensor& hidden) {

@@ -166,8 +166,14 @@ class CausalLMImpl : public torch::nn::Module {
   PrefixEncoder prefix_encoder{nullptr};  ///< null without prefix tuning
 
  private:
+  /// inv_freq_ on `device`, copied once per device: a copy in every forward pass would make the
+  /// host wait for the device on CUDA (a copy from pageable memory) and could not be captured in a
+  /// CUDA graph.
+  const at::Tensor& inv_freq_on(const c10::Device& device);
+
   ModelConfig config_;
   at::Tensor inv_freq_;
+  at::Tensor inv_freq_device_;  ///< the last device's copy (see inv_freq_on)
   bool gradient_checkpointing_ = false;
 };
 TORCH_MODULE(CausalLM);
