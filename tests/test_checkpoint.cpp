@@ -19,6 +19,7 @@
 #include "ft/io/hf_checkpoint.h"
 #include "ft/io/safetensors.h"
 #include "ft/train/checkpoint.h"
+#include "ft/train/graphs.h"
 #include "ft/train/optimizer.h"
 #include "ft/train/run.h"
 #include "ft/train/step.h"
@@ -725,6 +726,74 @@ TEST(TrainDevice, NamesResolveToIndexedDevices) {
 TEST(TrainCuda, Bf16AutocastRunLearnsAndResumes) {
   FT_REQUIRE_CUDA();
   bf16_run_learns_and_resumes("cuda");
+}
+
+// CUDA graphs are refused off CUDA, saying why: by the graphs themselves, and by a run whose device
+// "auto" resolves to the CPU on a machine without CUDA.
+TEST(TrainGraphs, RefusedWithoutACudaDevice) {
+  model::CausalLM m(test::tiny_config());
+  EXPECT_NE(test::error_of([&] { train::GraphedPasses g(m, c10::Device(c10::kCPU)); }).find("cuda_graphs needs"),
+            std::string::npos);
+  if (at::hasCUDA()) return;
+  const fs::path dir = scratch("train_graphs_cpu");
+  config::RunConfig c = synthetic_run(dir);
+  c.device = "auto";
+  c.cuda_graphs = true;
+  Quiet q;
+  train::RunOptions ro;
+  ro.log = q.f;
+  const std::string e = test::error_of([&] { train::run_training(c, ro); });
+  EXPECT_NE(e.find("cuda_graphs needs"), std::string::npos) << e;
+  fs::remove_all(dir);
+}
+
+// Replayed CUDA graphs train as the eager passes do: the same per-step losses for full fine-tuning
+// and LoRA, in float32 and under bf16 autocast, with two micro-batches per step (the divisor set on
+// the device before the replays), evaluations and checkpoints between steps, and a resume (which
+// captures again). One micro-batch shape, so one graph.
+TEST(TrainCuda, CudaGraphsTrainAsTheEagerPasses) {
+  FT_REQUIRE_CUDA();
+  for (const std::string mode : {"full", "lora"}) {
+    for (const std::string dtype : {"float32", "bfloat16"}) {
+      SCOPED_TRACE(mode + " in " + dtype);
+      auto run = [&](bool graphs) {
+        const fs::path dir = scratch("train_graphs_" + mode + "_" + dtype + (graphs ? "_graphs" : "_eager"));
+        config::RunConfig c = synthetic_run(dir);
+        c.mode = mode;
+        if (mode == "lora") c.lora.targets = {"all-linear"};
+        c.device = "cuda";
+        c.dtype = dtype;
+        c.cuda_graphs = graphs;
+        const fs::path log_path = dir / "log.txt";
+        std::FILE* log = std::fopen(log_path.c_str(), "w");
+        EXPECT_NE(log, nullptr);
+        StopAt stop(5);
+        train::RunOptions ro;
+        ro.log = log;
+        ro.callbacks = &stop;
+        EXPECT_EQ(train::run_training(c, ro).steps, 5);
+        ro.callbacks = nullptr;
+        EXPECT_EQ(train::run_training(c, ro).steps, 12);
+        std::fclose(log);
+        std::vector<double> losses;
+        for (const auto& j : metric_lines(dir / "run")) {
+          if (j.at("type") == "train") losses.push_back(j.at("loss").get<double>());
+        }
+        std::ifstream in(log_path);
+        const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        fs::remove_all(dir);
+        return std::make_pair(losses, text);
+      };
+      const auto [eager, eager_log] = run(false);
+      const auto [graphed, graphed_log] = run(true);
+      ASSERT_EQ(graphed.size(), eager.size());
+      ASSERT_GE(eager.size(), 10u);
+      for (size_t i = 0; i < eager.size(); ++i) EXPECT_NEAR(graphed[i], eager[i], 1e-4 * std::abs(eager[i])) << i;
+      EXPECT_LT(graphed.back(), graphed.front() - 0.5);
+      EXPECT_NE(graphed_log.find("CUDA graphs: 1 micro-batch shapes captured"), std::string::npos) << graphed_log;
+      EXPECT_EQ(eager_log.find("CUDA graphs"), std::string::npos);
+    }
+  }
 }
 
 // A LoRA run (and a QLoRA one) on `device` stops at step 8 and resumes to 16, learns, and exports an

@@ -173,6 +173,18 @@ TEST(RunConfig, MissingAndContradictorySettingsAreErrors) {
   EXPECT_NE(sgd.find("run.yaml:16:10: 'optimizer.betas' only applies to adamw"), std::string::npos) << sgd;
   const std::string notmap = error_of(replace(kGood, "schedule:\n  name: linear\n  warmup_steps: 5", "schedule: cosine"));
   EXPECT_NE(notmap.find("'schedule' must be a mapping"), std::string::npos) << notmap;
+  // CUDA graphs: on CUDA only, and not with activation checkpointing; both read back when valid.
+  const std::string graphs_cpu = error_of(std::string(kGood) + "cuda_graphs: true\n");
+  EXPECT_NE(graphs_cpu.find("run.yaml:30:14: 'cuda_graphs' needs a CUDA device (device is cpu)"), std::string::npos)
+      << graphs_cpu;
+  const std::string graphs_ckpt =
+      error_of(std::string(kGood) + "device: cuda\ncuda_graphs: true\nactivation_checkpointing: true\n");
+  EXPECT_NE(graphs_ckpt.find("'cuda_graphs' and 'activation_checkpointing' exclude each other"), std::string::npos)
+      << graphs_ckpt;
+  const config::RunConfig graphs = config::parse_run_config(std::string(kGood) + "device: cuda\n", "run.yaml",
+                                                            {"cuda_graphs=true"});
+  EXPECT_TRUE(graphs.cuda_graphs);
+  EXPECT_NE(config::to_yaml(graphs).find("cuda_graphs: true"), std::string::npos);
 }
 
 TEST(RunConfig, SyntaxErrorsNameTheLine) {

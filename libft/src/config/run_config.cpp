@@ -354,7 +354,7 @@ void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
 
 const std::vector<std::string> kTopKeys = {"model",      "tokenizer",  "data",         "optimizer",  "schedule",
                                            "max_steps",  "seed",       "clip_grad_norm", "dtype",    "device",     "eval",
-                                           "activation_checkpointing",
+                                           "activation_checkpointing", "cuda_graphs",
                                            "mode",       "freeze",     "lora",       "qlora",      "prefix",     "ewc",        "replay",     "dist",     "checkpoint",   "log_every",  "output_dir",
                                            "on_nonfinite", "on_oom"};
 
@@ -456,6 +456,12 @@ RunConfig parse_run_config(std::string_view yaml, const std::string& source, con
     r.get(root, "", "dtype", c.dtype);
     r.get(root, "", "device", c.device);
     r.get(root, "", "activation_checkpointing", c.activation_checkpointing);
+    r.get(root, "", "cuda_graphs", c.cuda_graphs);
+    if (c.cuda_graphs && c.activation_checkpointing) {
+      r.error(root["cuda_graphs"], "'cuda_graphs' and 'activation_checkpointing' exclude each other (the recomputation "
+                                   "saves and restores generator states, which a CUDA graph cannot capture)");
+    }
+    if (c.cuda_graphs && c.device == "cpu") r.error(root["cuda_graphs"], "'cuda_graphs' needs a CUDA device (device is cpu)");
     section("eval", parse_eval, c.eval);
     r.get(root, "", "mode", c.mode);
     r.one_of(root, "", "mode", c.mode, {"full", "freeze", "lora", "qlora", "prefix"});
@@ -589,6 +595,7 @@ std::string to_yaml(const RunConfig& c) {
   out << YAML::Key << "dtype" << YAML::Value << c.dtype;
   out << YAML::Key << "device" << YAML::Value << c.device;
   out << YAML::Key << "activation_checkpointing" << YAML::Value << c.activation_checkpointing;
+  out << YAML::Key << "cuda_graphs" << YAML::Value << c.cuda_graphs;
   if (!c.eval.stores.empty() || c.eval.held_out_docs > 0) {
     out << YAML::Key << "eval" << YAML::Value << YAML::BeginMap;
     if (!c.eval.stores.empty()) out << YAML::Key << "stores" << YAML::Value << YAML::Flow << c.eval.stores;

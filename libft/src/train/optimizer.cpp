@@ -174,7 +174,7 @@ StepOutcome optimizer_step(torch::optim::Optimizer& optimizer, double loss, doub
   if (!std::isfinite(loss) || !std::isfinite(out.grad_norm)) {
     // Before optimizer.step(): AdamW would write the NaN into its moments and every weight, and
     // its per-parameter step count would move; none of that has happened yet.
-    optimizer.zero_grad();
+    optimizer.zero_grad(/*set_to_none=*/!options.zero_in_place);
     FT_CHECK(options.on_nonfinite == NonFinitePolicy::Skip, "[train] step ", counters.step,
              ": non-finite ", std::isfinite(loss) ? "gradient" : "loss", " (loss ", loss, ", gradient norm ",
              out.grad_norm, ") and on_nonfinite is stop");
@@ -193,7 +193,7 @@ StepOutcome optimizer_step(torch::optim::Optimizer& optimizer, double loss, doub
   // The weights just changed in place: without this, a training loop inside one long autocast
   // scope would run every later forward pass on the first step's weights.
   at::autocast::clear_cache();
-  optimizer.zero_grad();
+  optimizer.zero_grad(/*set_to_none=*/!options.zero_in_place);
   ++counters.step;
   out.applied = true;
   return out;

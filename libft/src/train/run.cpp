@@ -28,6 +28,7 @@
 #include "ft/train/batch.h"
 #include "ft/train/checkpoint.h"
 #include "ft/train/ewc.h"
+#include "ft/train/graphs.h"
 #include "ft/train/optimizer.h"
 #include "ft/train/schedule.h"
 #include "ft/train/state.h"
@@ -581,6 +582,18 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
                  trainable.size(), reducer->buckets(), static_cast<double>(reducer->bytes_per_step()) / (1024.0 * 1024.0));
   }
 
+  // CUDA graphs: the micro-batch passes replayed (ft/train/graphs.h).
+  std::unique_ptr<GraphedPasses> graphs;
+  if (c.cuda_graphs) {
+    FT_CHECK(!group, "[train] cuda_graphs: not with data parallelism (its gradient all-reduce starts from autograd "
+                     "hooks inside the backward pass); leave cuda_graphs off for this run");
+    FT_CHECK(!ro.before_forward, "[train] cuda_graphs: a before_forward hook cannot run inside a replayed pass");
+    graphs = std::make_unique<GraphedPasses>(model, device);  // refuses any device but CUDA
+    step_options.zero_in_place = true;
+    std::fprintf(log, "[train] CUDA graphs: each micro-batch shape's forward and backward pass is captured once and "
+                      "replayed\n");
+  }
+
   const model::ParameterSummary params = model::summarize_parameters(model);
   std::fprintf(log, "[train] %s: %lld parameters (%zu tensors with weight decay %g, %zu without), device %s, %s\n",
                c.source.c_str(), static_cast<long long>(params.total), groups.decay.size(), oo.weight_decay,
@@ -765,7 +778,7 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
         }
       }
       try {
-        r = accumulate_gradients(model, passes, hooks);
+        r = graphs ? graphs->accumulate(passes) : accumulate_gradients(model, passes, hooks);
         if (reducer) {
           reducer->finish();
           const std::vector<double> sums = group->sum({r.loss, static_cast<double>(r.n_tokens)});
@@ -774,7 +787,9 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
         }
         break;
       } catch (const c10::OutOfMemoryError& e) {
-        optimizer->zero_grad();  // a partial accumulation must not leak into the retry
+        // A partial accumulation must not leak into the retry (in place under CUDA graphs, whose
+        // replays add into these very tensors).
+        optimizer->zero_grad(/*set_to_none=*/!step_options.zero_in_place);
         const int64_t rows = st.micro_batch_rows > 0 ? st.micro_batch_rows : c.data.batch_size;
         std::string what = e.what();
         what = what.substr(0, what.find('\n'));
@@ -891,6 +906,7 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     std::fprintf(log, "[dist] last step: %zu of %zu gradient buckets started inside the backward pass\n",
                  reducer->launched_in_backward(), reducer->buckets());
   }
+  if (graphs) std::fprintf(log, "[train] CUDA graphs: %zu micro-batch shapes captured\n", graphs->captured());
   if (stop == StopReason::Signal) {
     std::fprintf(log, "[train] stopped by a signal at step %lld of %lld; checkpoint %s; run the same command to resume\n",
                  static_cast<long long>(summary.steps), static_cast<long long>(c.max_steps),

@@ -6,9 +6,7 @@
 
 namespace ft::train {
 
-namespace {
-
-at::Tensor forward_loss_sum(model::CausalLM& model, const BatchTensors& b) {
+at::Tensor micro_batch_loss_sum(model::CausalLM& model, const BatchTensors& b) {
   model::ForwardOptions fo;
   fo.position_ids = b.position_ids;
   fo.segment_ids = b.segment_ids;
@@ -16,8 +14,6 @@ at::Tensor forward_loss_sum(model::CausalLM& model, const BatchTensors& b) {
   fo.padding = b.padding();
   return causal_lm_loss_sum(model->forward(b.input_ids, fo), b.labels);
 }
-
-}  // namespace
 
 AccumulateResult accumulate_gradients(model::CausalLM& model, const std::vector<BatchTensors>& micro_batches,
                                       const std::function<void(const BatchTensors&)>& before_forward) {
@@ -50,7 +46,7 @@ AccumulateResult accumulate_gradients(model::CausalLM& model, const std::vector<
     const BatchTensors& b = micro_batches[i];
     if (b.n_targets == 0) continue;  // contributes nothing to the loss or the gradient
     if (hooks.before_forward) hooks.before_forward(b);
-    at::Tensor sum = forward_loss_sum(model, b);
+    at::Tensor sum = micro_batch_loss_sum(model, b);
     const at::Tensor s64 = sum.detach().to(at::kDouble);
     loss_sum = loss_sum.defined() ? loss_sum + s64 : s64;
     if (hooks.before_backward) hooks.before_backward(i == last);
@@ -68,7 +64,7 @@ AccumulateResult evaluate_loss(model::CausalLM& model, const std::vector<BatchTe
     r.n_targets += b.n_targets;
     r.n_tokens += b.tokens();
     if (b.n_targets == 0) continue;
-    const at::Tensor s64 = forward_loss_sum(model, b).to(at::kDouble);
+    const at::Tensor s64 = micro_batch_loss_sum(model, b).to(at::kDouble);
     loss_sum = loss_sum.defined() ? loss_sum + s64 : s64;
   }
   if (r.n_targets > 0) r.loss = loss_sum.item<double>() / static_cast<double>(r.n_targets);

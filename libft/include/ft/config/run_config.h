@@ -163,11 +163,15 @@ struct RunConfig {
   /// states from the checkpoint instead.
   uint64_t seed = 0;
   double clip_grad_norm = 1.0;    ///< 0 = off
-  std::string dtype = "float32";  ///< float32 | bfloat16 (bfloat16: autocast, CUDA only)
+  std::string dtype = "float32";  ///< float32 | bfloat16 (bf16 autocast; on the CPU too)
   std::string device = "cpu";     ///< cpu | cuda | cuda:N | auto
   /// Recompute each decoder block in the backward pass instead of keeping its activations: less
   /// memory for about one more forward pass of compute; the same gradients.
   bool activation_checkpointing = false;
+  /// CUDA only: each micro-batch shape's forward and backward pass is captured once as a CUDA graph
+  /// and replayed (ft/train/graphs.h): no per-operation host cost, for small models and adapters
+  /// whose steps are bound by it. Not with activation checkpointing or data parallelism.
+  bool cuda_graphs = false;
   EvalSection eval;
   /// Adaptation mode: full (every parameter trains) | freeze (FreezeSection) | lora (LoraSection) |
   /// qlora (LoraSection on an NF4 base, QloraSection) | prefix (PrefixSection).

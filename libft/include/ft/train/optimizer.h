@@ -45,6 +45,9 @@ NonFinitePolicy parse_nonfinite_policy(const std::string& name);  ///< "skip" | 
 struct StepOptions {
   double clip_grad_norm = 0.0;  ///< max global L2 norm of the gradients; 0 = no clipping
   NonFinitePolicy on_nonfinite = NonFinitePolicy::Skip;
+  /// Zero the gradients in place after the step (or the skip) instead of releasing them: CUDA
+  /// graphs (ft/train/graphs.h) accumulate into the same tensors at every replay.
+  bool zero_in_place = false;
 };
 
 /// Optimizer steps applied and skipped; `step` drives the schedule and only moves when a step is applied.

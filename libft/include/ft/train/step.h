@@ -31,6 +31,10 @@ struct AccumulateHooks {
   std::function<void(bool last)> before_backward;
 };
 
+/// The summed token loss of one micro-batch's forward pass (causal_lm_loss_sum of the model's logits),
+/// with the batch's positions, segments, mask and padding.
+at::Tensor micro_batch_loss_sum(model::CausalLM& model, const BatchTensors& b);
+
 /// Forward + backward of every micro-batch; gradients are ADDED to the parameters' .grad (zero them
 /// before the step). With no target at all (a finite stream's padding), nothing is backpropagated.
 /// `before_forward`, when set, is called before each micro-batch's forward pass.

@@ -1,0 +1,166 @@
+#include "ft/train/graphs.h"
+
+#include <ATen/autocast_mode.h>
+#include <torch/autograd.h>
+
+#include "ft/util/error.h"
+
+#ifdef LIBFT_WITH_CUDA_KERNELS
+#include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace ft::train {
+
+#ifdef LIBFT_WITH_CUDA_KERNELS
+
+// One captured pass: its input tensors (the graph reads them at every replay), its loss sum (the
+// graph writes it) and the graph.
+struct GraphedPasses::Graph {
+  BatchTensors input;
+  at::Tensor loss_sum;
+  at::cuda::CUDAGraph graph;
+};
+
+namespace {
+
+// `to` waits for what `from` has queued so far.
+void wait_for(const c10::cuda::CUDAStream& to, const c10::cuda::CUDAStream& from) {
+  at::cuda::CUDAEvent event;
+  event.record(from);
+  event.block(to);
+}
+
+}  // namespace
+
+GraphedPasses::GraphedPasses(model::CausalLM& model, c10::Device device) : model_(model), device_(device) {
+  FT_CHECK(device.is_cuda(), "[train] cuda_graphs needs a CUDA device (device is ", device.str(), ")");
+  for (const at::Tensor& p : model_->parameters()) {
+    if (p.requires_grad()) trainable_.push_back(p);
+  }
+  FT_CHECK(!trainable_.empty(), "[train] cuda_graphs: the model has nothing to train");
+  inv_n_ = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
+}
+
+GraphedPasses::~GraphedPasses() = default;
+
+size_t GraphedPasses::captured() const { return graphs_.size(); }
+
+GraphedPasses::Graph& GraphedPasses::graph_for(const BatchTensors& b) {
+  const auto key = std::make_tuple(b.input_ids.size(0), b.input_ids.size(1), *b.padding());
+  auto& slot = graphs_[key];
+  if (slot) return *slot;
+  auto g = std::make_unique<Graph>();
+  // The graph's inputs: tensors of its own, holding this micro-batch (the warm-up passes use it).
+  g->input.input_ids = b.input_ids.clone();
+  g->input.labels = b.labels.clone();
+  g->input.position_ids = b.position_ids.clone();
+  g->input.segment_ids = b.segment_ids.clone();
+  g->input.attention_mask = b.attention_mask.clone();
+  g->input.n_targets = b.n_targets;
+  g->input.n_tokens = b.n_tokens;
+  // The backward pass adds into .grad in place only where a gradient exists: make every one exist,
+  // so that the captured additions write into the tensors the optimizer reads.
+  if (grads_.empty()) {
+    at::NoGradGuard no_grad;
+    for (at::Tensor& p : trainable_) {
+      if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
+      grads_.push_back(p.grad());
+    }
+  }
+  attach_gradients();
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device_.index());
+  const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device_.index());
+  wait_for(side, current);
+  {
+    c10::cuda::CUDAStreamGuard guard(side);
+    // Warm-up: gradients through autograd::grad, so .grad is left alone.
+    for (int i = 0; i < 2; ++i) {
+      const at::Tensor loss = micro_batch_loss_sum(model_, g->input) * inv_n_;
+      torch::autograd::grad({loss}, trainable_, {}, /*retain_graph=*/false, /*create_graph=*/false, /*allow_unused=*/true);
+    }
+    at::autocast::clear_cache();
+    const bool cache = at::autocast::is_autocast_cache_enabled();
+    at::autocast::set_autocast_cache_enabled(false);
+    try {
+      g->graph.capture_begin();
+      g->loss_sum = micro_batch_loss_sum(model_, g->input);
+      (g->loss_sum * inv_n_).backward();
+      g->graph.capture_end();
+    } catch (...) {
+      at::autocast::set_autocast_cache_enabled(cache);
+      throw;
+    }
+    at::autocast::set_autocast_cache_enabled(cache);
+  }
+  wait_for(current, side);
+  slot = std::move(g);
+  return *slot;
+}
+
+void GraphedPasses::attach_gradients() {
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < grads_.size(); ++i) {
+    at::Tensor& p = trainable_[i];
+    if (p.grad().defined() && p.grad().is_same(grads_[i])) continue;
+    if (p.grad().defined()) {
+      grads_[i].copy_(p.grad());
+    } else {
+      grads_[i].zero_();
+    }
+    p.mutable_grad() = grads_[i];
+  }
+}
+
+AccumulateResult GraphedPasses::accumulate(const std::vector<BatchTensors>& passes) {
+  FT_CHECK(!passes.empty(), "[train] an optimizer step needs at least one micro-batch");
+  AccumulateResult r;
+  for (const BatchTensors& b : passes) {
+    r.n_targets += b.n_targets;
+    r.n_tokens += b.tokens();
+  }
+  if (r.n_targets == 0) return r;
+  const double inv_n = 1.0 / static_cast<double>(r.n_targets);
+  attach_gradients();
+  inv_n_.fill_(inv_n);  // float32, as the eager pass's product with the double inv_n computes it
+  at::Tensor loss_sum;
+  for (const BatchTensors& b : passes) {
+    if (b.n_targets == 0) continue;
+    at::Tensor s64;
+    if (!b.padding().has_value()) {  // shape known, padding not: the eager pass
+      const at::Tensor sum = micro_batch_loss_sum(model_, b);
+      s64 = sum.detach().to(at::kDouble);
+      (sum * inv_n).backward();
+    } else {
+      Graph& g = graph_for(b);
+      g.input.input_ids.copy_(b.input_ids);
+      g.input.labels.copy_(b.labels);
+      g.input.position_ids.copy_(b.position_ids);
+      g.input.segment_ids.copy_(b.segment_ids);
+      g.input.attention_mask.copy_(b.attention_mask);
+      g.graph.replay();
+      s64 = g.loss_sum.to(at::kDouble);
+    }
+    loss_sum = loss_sum.defined() ? loss_sum + s64 : s64;
+  }
+  r.loss = loss_sum.item<double>() * inv_n;
+  return r;
+}
+
+#else  // a build without CUDA: the constructor says so
+
+struct GraphedPasses::Graph {};
+
+GraphedPasses::GraphedPasses(model::CausalLM& model, c10::Device device) : model_(model), device_(device) {
+  FT_FAIL("[train] cuda_graphs needs libft built with CUDA (this build has no CUDA kernels)");
+}
+GraphedPasses::~GraphedPasses() = default;
+size_t GraphedPasses::captured() const { return 0; }
+GraphedPasses::Graph& GraphedPasses::graph_for(const BatchTensors&) { FT_FAIL("[train] built without CUDA"); }
+AccumulateResult GraphedPasses::accumulate(const std::vector<BatchTensors>&) { FT_FAIL("[train] built without CUDA"); }
+
+#endif
+
+}  // namespace ft::train
