@@ -88,6 +88,22 @@ timeout 120 build-gpu/apps/ft launch -n 1 train configs/train-tiny.yaml device=c
   tokenizer=$d/tokenizer "data.train=[$d/fortunes.h5]" checkpoint.every=10 eval.every=10 output_dir=build-gpu/nccl-run \
   >"$out/nccl.log" 2>&1
 nccl_rc=$?
+# Eager passes against CUDA graphs (cuda_graphs: true), end to end on the bundled model: full
+# fine-tuning and LoRA, bf16, the same 30 steps; tokens/s and the final loss of each (nccl.log).
+graphs_line=""
+for mode in full lora; do
+  extra=(); [ $mode = lora ] && extra=("lora.targets=[all-linear]")
+  for graphs in false true; do
+    run=build-gpu/graphs-$mode-$graphs
+    rm -rf "$run"
+    timeout 90 build-gpu/apps/ft train configs/train-tiny.yaml device=cuda dtype=bfloat16 max_steps=30 mode=$mode \
+      "${extra[@]}" cuda_graphs=$graphs tokenizer=$d/tokenizer "data.train=[$d/fortunes.h5]" checkpoint.every=100 \
+      eval.every=100 output_dir="$run" >"$run.log" 2>&1
+    rc=$?
+    cat "$run.log" >>"$out/nccl.log"
+    graphs_line+=$'\n'"  $mode, cuda_graphs $graphs (exit $rc): $(grep -aoE 'loss [^,]*, [0-9]+ tokens/s' "$run.log" | tail -1)"
+  done
+done
 
 # 4. Benchmarks: the GPU ones (the CPU rows are measured on the development machine), the rows of
 #    issue 7's targets first, then the rest (the CUDA-graph steps, in a process of their own in case a
@@ -132,6 +148,7 @@ echo "ctest, rest $(grep -E 'tests passed' "$out/ctest-rest.log") (exit $ctest_r
 echo "parity (max|a-b|/max|b| of logits vs transformers float32):"
 grep -aE '^\[parity\]' "$out/ctest-gpu.log" | sed 's/^/  /'
 echo "nccl        exit $nccl_rc: $(grep -E '^\[dist\] [0-9]+ rank' "$out/nccl.log" | cut -c1-60); $(grep -E '^\[train\] done' "$out/nccl.log" | cut -c1-120)"
+echo "ft train, eager against CUDA graphs (bundled model, bf16, 30 steps):$graphs_line"
 echo "benchmarks: (exit $bench_rc, then $extra_rc)"
 grep -E '^BM_' "$out/bench.log" | grep -v '^BM_LoraOp' | sed 's/^/  /'  # BM_LoraOp's rows: in bench.log
 echo "where a step's time goes (more rows in bench.log, traces in profiles.tar.gz):"
