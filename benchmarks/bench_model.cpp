@@ -105,6 +105,36 @@ void sync(const at::Device& d) {
 // one line on stderr says where the step's time went: its wall time, the kernels' summed time
 // (GPU busy), and each host thread's span from its first ATen call to its last. A step whose
 // kernels take much less than its wall time, while a thread's span covers it, waits on the host.
+#ifdef LIBFT_WITH_CUDA_KERNELS
+// `step` captured as a CUDA graph: warm-up steps on a side stream first (cuBLAS workspaces and other
+// lazy set-up must happen outside a capture), then the capture, with autocast's cast cache off so
+// that every replay casts the current weights. Throws where the capture fails.
+std::unique_ptr<at::cuda::CUDAGraph> capture_graph(const std::function<void()>& step) {
+  auto graph = std::make_unique<at::cuda::CUDAGraph>();
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
+  const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
+  side.synchronize();
+  current.synchronize();
+  {
+    c10::cuda::CUDAStreamGuard guard(side);
+    for (int i = 0; i < 3; ++i) step();
+    const bool cache = at::autocast::is_autocast_cache_enabled();
+    at::autocast::set_autocast_cache_enabled(false);
+    try {
+      graph->capture_begin();
+      step();
+      graph->capture_end();
+    } catch (...) {
+      at::autocast::set_autocast_cache_enabled(cache);
+      throw;
+    }
+    at::autocast::set_autocast_cache_enabled(cache);
+  }
+  side.synchronize();
+  return graph;
+}
+#endif
+
 // `name` and the first `args` arguments of `state`, joined by '_' (Google Benchmark 1.7 has no State::name()).
 std::string row_name(const char* name, const benchmark::State& state, int args) {
   std::string out = name;
@@ -308,8 +338,8 @@ struct LoraBench {
 
 // Arguments: device (0 cpu in float32, 1 cuda in bf16 autocast, 2 cpu in bf16 autocast), mode (0 frozen
 // linear alone, 1 LoRA unfused, 2 LoRA fused, 3 QLoRA fused: NF4 base), layer (0 o_proj: h→h,
-// 1 gate_proj: h→inter, 2 down_proj: inter→h), rank, tokens. "ops" counts the outermost ATen calls of
-// one step (OpCounter), each a host-side cost on CUDA.
+// 1 gate_proj: h→inter, 2 down_proj: inter→h), rank, tokens, graph (1: replayed as a CUDA graph).
+// "ops" counts the outermost ATen calls of one step (OpCounter), each a host-side cost on CUDA.
 void BM_LoraLinear(benchmark::State& state) {
   // Device 2: the CPU under bf16 autocast, the CUDA path's operations at the CPU's widths (for "ops").
   const at::Device device = state.range(0) == 1 ? at::Device(at::kCUDA) : at::Device(at::kCPU);
@@ -322,7 +352,7 @@ void BM_LoraLinear(benchmark::State& state) {
   const int64_t in = which == 2 ? inter : hidden, out = which == 1 ? inter : hidden, tokens = state.range(4);
   const at::Tensor x = at::randn({tokens, in}, at::TensorOptions().device(device)).requires_grad_();
   const at::Tensor dy = at::randn({tokens, out}, at::TensorOptions().device(device).dtype(autocast_on ? at::kBFloat16 : at::kFloat));
-  auto step = [&] {
+  std::function<void()> step = [&] {
     at::Tensor y;
     {
       ft::util::AutocastScope autocast(autocast_on, device.type());
@@ -337,17 +367,33 @@ void BM_LoraLinear(benchmark::State& state) {
     step();
     state.counters["ops"] = static_cast<double>(counter.ops());
   }
-  profile_step(row_name("BM_LoraLinear", state, 5), step, device);
+#ifdef LIBFT_WITH_CUDA_KERNELS
+  // Graph 1: the step replayed as a CUDA graph (the gradients of x, A and B accumulate in place at
+  // every replay, as they do eagerly): the layer's GPU time without the host's per-operation cost.
+  std::unique_ptr<at::cuda::CUDAGraph> graph;
+  if (state.range(5) == 1) {
+    try {
+      graph = capture_graph(step);
+    } catch (const std::exception& e) {
+      return state.SkipWithError((std::string("CUDA graph capture failed: ") + e.what()).substr(0, 400).c_str());
+    }
+    step = [&] { graph->replay(); };
+  }
+#endif
+  profile_step(row_name("BM_LoraLinear", state, 6), step, device);
   for (auto _ : state) {
     step();
     sync(device);
   }
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(tokens), benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_LoraLinear)->ArgsProduct({{0}, {0, 1, 2}, {0, 1, 2}, {8}, {512}})->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_LoraLinear)->ArgsProduct({{2}, {0, 1, 2, 3}, {0}, {16}, {512}})->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3}, {0, 1, 2}, {16}, {2048, 8192}})->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {1, 2}, {2}, {8, 64}, {8192}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{0}, {0, 1, 2}, {0, 1, 2}, {8}, {512}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{2}, {0, 1, 2, 3}, {0}, {16}, {512}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3}, {0, 1, 2}, {16}, {2048, 8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+#ifdef LIBFT_WITH_CUDA_KERNELS
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3}, {0, 1, 2}, {16}, {2048}, {1}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+#endif
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {1, 2}, {2}, {8, 64}, {8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // The operations of one LoRA linear's forward and backward on CUDA, one at a time (bf16, in the order
 // and with the shapes that the fused path issues them; x: (T, in), W: (out, in), A: (r, in),

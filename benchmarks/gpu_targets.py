@@ -52,21 +52,23 @@ def seconds(b):
 def targets(runs):
     """(description, value, bound, kind) tuples; kind "max" passes when value <= bound."""
     out = []
+    # BM_LoraLinear/1/<mode>/<layer>/<rank>/<tokens>[/<graph>]: eager rows, and rows replayed as CUDA
+    # graphs (the GPU's time without the host's per-operation cost), each compared with its own kind.
     linear = {}
     for name, b in runs.items():
-        m = re.fullmatch(r"BM_LoraLinear/1/(\d)/(\d)/(\d+)/(\d+)", name)
+        m = re.fullmatch(r"BM_LoraLinear/1/(\d)/(\d)/(\d+)/(\d+)(?:/([01]))?", name)
         if m:
-            mode, layer, rank, tokens = map(int, m.groups())
-            linear[(mode, layer, rank, tokens)] = seconds(b)
-    bare = {(layer, tokens): t for (mode, layer, rank, tokens), t in linear.items() if mode == 0}
-    for (mode, layer, rank, tokens), t in sorted(linear.items(), key=lambda kv: (kv[0][1], kv[0][3], kv[0][2], kv[0][0])):
-        where = f"{LAYERS[layer]}, r {rank}, T {tokens}"
-        if mode == 2 and (layer, tokens) in bare:
-            out.append((f"fused LoRA / bare linear ({where})", t / bare[(layer, tokens)], 1.10, "max"))
-        if mode == 2 and (1, layer, rank, tokens) in linear:
-            out.append((f"unfused / fused LoRA ({where})", linear[(1, layer, rank, tokens)] / t, 1.25, "min"))
-        if mode == 3 and tokens >= 4096 and (2, layer, rank, tokens) in linear:
-            out.append((f"QLoRA / LoRA linear ({where})", t / linear[(2, layer, rank, tokens)], 1.15, "max"))
+            mode, layer, rank, tokens = map(int, m.groups()[:4])
+            linear[(int(m.group(5) or 0), mode, layer, rank, tokens)] = seconds(b)
+    bare = {(graph, layer, tokens): t for (graph, mode, layer, rank, tokens), t in linear.items() if mode == 0}
+    for (graph, mode, layer, rank, tokens), t in sorted(linear.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][4], kv[0][3], kv[0][1])):
+        where = f"{LAYERS[layer]}, r {rank}, T {tokens}" + (", CUDA graph" if graph else "")
+        if mode == 2 and (graph, layer, tokens) in bare:
+            out.append((f"fused LoRA / bare linear ({where})", t / bare[(graph, layer, tokens)], 1.10, "max"))
+        if mode == 2 and (graph, 1, layer, rank, tokens) in linear:
+            out.append((f"unfused / fused LoRA ({where})", linear[(graph, 1, layer, rank, tokens)] / t, 1.25, "min"))
+        if mode == 3 and tokens >= 4096 and (graph, 2, layer, rank, tokens) in linear:
+            out.append((f"QLoRA / LoRA linear ({where})", t / linear[(graph, 2, layer, rank, tokens)], 1.15, "max"))
     nf4, copy = runs.get("BM_NF4Dequant/1/1"), runs.get("BM_DeviceCopy")
     if nf4 and copy:
         out.append(("NF4 dequantization / device copy bandwidth", nf4["GB/s"] / copy["GB/s"], 0.75, "min"))

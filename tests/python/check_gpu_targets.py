@@ -27,7 +27,9 @@ data = {"benchmarks": [
     bench("BM_LoraLinear/1/0/2/16/8192", 2.0, unit="ms"),
     bench("BM_LoraLinear/1/2/2/16/8192", 2400.0),  # 1.2x bare: FAIL
     bench("BM_LoraLinear/1/3/2/16/8192", 2.6, unit="ms"),  # QLoRA 1.083x LoRA: PASS
-    bench("BM_LoraLinear/0/2/0/8/512", 700.0),  # CPU: ignored
+    bench("BM_LoraLinear/0/2/0/8/512/0", 700.0),  # CPU: ignored
+    bench("BM_LoraLinear/1/0/0/16/2048/1", 180.0),  # bare o_proj as a CUDA graph
+    bench("BM_LoraLinear/1/2/0/16/2048/1", 190.0),  # fused as a CUDA graph: 1.056x its own bare row: PASS
     bench("BM_NF4Dequant/1/1", 40.0, **{"GB/s": 2.4e12}),
     bench("BM_DeviceCopy", 60.0, **{"GB/s": 3.0e12}),
     bench("BM_LoraStepCuda/0/1/0", 100.0, unit="ms", **{"tokens/s": 20000.0, "MFU%": 30.0}),
@@ -46,6 +48,7 @@ with tempfile.TemporaryDirectory() as d:
 
 expect = {
     "fused LoRA / bare linear (o_proj 4096->4096, r 16, T 2048)": 1.075,
+    "fused LoRA / bare linear (o_proj 4096->4096, r 16, T 2048, CUDA graph)": 190.0 / 180.0,
     "unfused / fused LoRA (o_proj 4096->4096, r 16, T 2048)": 300.0 / 215.0,
     "fused LoRA / bare linear (down_proj 14336->4096, r 16, T 8192)": 1.2,
     "QLoRA / LoRA linear (down_proj 14336->4096, r 16, T 8192)": 2.6 / 2.4,
@@ -57,12 +60,13 @@ expect = {
 assert set(rows) == set(expect), sorted(rows)
 for text, value in expect.items():
     assert abs(rows[text][0] - value) < 1e-9, (text, rows[text][0], value)
-for line, verdict in [("fused LoRA / bare linear (o_proj", "PASS"), ("fused LoRA / bare linear (down_proj", "FAIL"),
+for line, verdict in [("fused LoRA / bare linear (o_proj 4096->4096, r 16, T 2048)", "PASS"),
+                      ("T 2048, CUDA graph)", "PASS"), ("fused LoRA / bare linear (down_proj", "FAIL"),
                       ("QLoRA / LoRA linear (down_proj", "PASS"), ("NF4 dequantization", "PASS"),
                       ("fused / unfused tokens/s", "FAIL"), ("MFU % (batch 1", "FAIL"), ("MFU % (batch 4", "PASS")]:
     hits = [l for l in out.splitlines() if line in l]
     assert len(hits) == 1 and hits[0].strip().startswith(verdict), (line, verdict, out)
-assert "gpu targets: 5 of 8 met" in out, out
+assert "gpu targets: 6 of 9 met" in out, out
 # A file cut short after its third benchmark (a run stopped by the time limit) still gives those.
 with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "cut.json")
@@ -82,5 +86,5 @@ with tempfile.TemporaryDirectory() as d:
     with open(second, "w") as f:
         json.dump({"benchmarks": data["benchmarks"][4:]}, f)
     both = subprocess.run([sys.executable, script, first, second], capture_output=True, text=True, check=True).stdout
-    assert "gpu targets: 5 of 8 met" in both, both
+    assert "gpu targets: 6 of 9 met" in both, both
 print("gpu targets OK")
