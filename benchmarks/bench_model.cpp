@@ -120,11 +120,20 @@ std::unique_ptr<at::cuda::CUDAGraph> capture_graph(const std::function<void()>& 
     for (int i = 0; i < 3; ++i) step();
     const bool cache = at::autocast::is_autocast_cache_enabled();
     at::autocast::set_autocast_cache_enabled(false);
+    bool capturing = false;
     try {
       graph->capture_begin();
+      capturing = true;
       step();
+      capturing = false;  // capture_end ends the capture even when it throws
       graph->capture_end();
     } catch (...) {
+      if (capturing) {  // a stream left capturing fails every later CUDA call
+        try {
+          graph->capture_end();
+        } catch (...) {
+        }
+      }
       at::autocast::set_autocast_cache_enabled(cache);
       throw;
     }
@@ -545,9 +554,23 @@ void BM_LoraStepCuda(benchmark::State& state) {
         }
         const bool cache = at::autocast::is_autocast_cache_enabled();
         at::autocast::set_autocast_cache_enabled(false);
-        graph.capture_begin();
-        static_loss = forward_backward();
-        graph.capture_end();
+        bool capturing = false;
+        try {
+          graph.capture_begin();
+          capturing = true;
+          static_loss = forward_backward();
+          capturing = false;  // capture_end ends the capture even when it throws
+          graph.capture_end();
+        } catch (...) {
+          if (capturing) {  // a stream left capturing fails every later CUDA call (the next rows')
+            try {
+              graph.capture_end();
+            } catch (...) {
+            }
+          }
+          at::autocast::set_autocast_cache_enabled(cache);
+          throw;
+        }
         at::autocast::set_autocast_cache_enabled(cache);
       }
       sync(device);

@@ -84,14 +84,28 @@ GraphedPasses::Graph& GraphedPasses::graph_for(const BatchTensors& b) {
     at::autocast::clear_cache();
     const bool cache = at::autocast::is_autocast_cache_enabled();
     at::autocast::set_autocast_cache_enabled(false);
+    bool capturing = false;
     try {
       g->graph.capture_begin();
+      capturing = true;
       g->loss_sum = micro_batch_loss_sum(model_, g->input);
       (g->loss_sum * inv_n_).backward();
+      capturing = false;  // capture_end ends the capture even when it throws
       g->graph.capture_end();
-    } catch (...) {
+    } catch (const std::exception& e) {
+      // A pass that cannot be captured: end the capture first (a stream left capturing fails
+      // every later CUDA call), then say which pass and what to do.
+      if (capturing) {
+        try {
+          g->graph.capture_end();
+        } catch (const std::exception&) {  // the capture is invalid: ending it is all that is wanted
+        }
+      }
       at::autocast::set_autocast_cache_enabled(cache);
-      throw;
+      std::string what = e.what();
+      what = what.substr(0, what.find('\n'));
+      FT_FAIL("[train] cuda_graphs: the forward and backward pass of a ", std::get<0>(key), " x ", std::get<1>(key),
+              " micro-batch could not be captured as a CUDA graph (", what, "); run without cuda_graphs");
     }
     at::autocast::set_autocast_cache_enabled(cache);
   }
