@@ -54,6 +54,44 @@ TEST(RMSNormKernel, MatchesReferenceOnRaggedShapes) {
 #endif
 }
 
+// The CUDA training path of RMSNorm (ATen's fused RMSNorm, with gradients) against the reference
+// formula, float64 on the same inputs: outputs, dx and dweight, in float32 and bf16, ragged widths.
+TEST(RMSNormKernel, TrainingPathMatchesTheReferenceWithGradients) {
+  FT_REQUIRE_CUDA();
+  for (const auto& [shape, dtype, tol] : std::vector<std::tuple<std::vector<int64_t>, at::ScalarType, double>>{
+           {{3, 31}, at::kFloat, 1e-5}, {{2, 5, 2048}, at::kFloat, 1e-5}, {{17, 4099}, at::kBFloat16, 2e-2}}) {
+    SCOPED_TRACE(at::IntArrayRef(shape));
+    const auto dev = at::TensorOptions().device(at::kCUDA);
+    const int64_t E = shape.back();
+    const at::Tensor x0 = at::randn(shape, dev.dtype(at::kFloat)).mul_(3);
+    const at::Tensor w0 = 1 + 0.1 * at::randn({E}, dev.dtype(at::kFloat));
+    const at::Tensor dy = at::randn(shape, dev.dtype(at::kFloat));
+    model::RMSNorm norm(E, 1e-5);
+    norm->to(at::kCUDA);
+    {
+      at::NoGradGuard no_grad;
+      norm->weight.set_data(w0.to(dtype));
+    }
+    const at::Tensor x = x0.to(dtype).requires_grad_();
+    const at::Tensor y = norm->forward(x);
+    ASSERT_EQ(y.scalar_type(), dtype);
+    y.backward(dy.to(dtype));
+    // The reference in float64 on the same (rounded) inputs.
+    model::RMSNorm ref(E, 1e-5);
+    ref->to(at::kCUDA, at::kDouble);
+    {
+      at::NoGradGuard no_grad;
+      ref->weight.copy_(w0.to(dtype).to(at::kDouble));
+    }
+    const at::Tensor x64 = x.detach().to(at::kDouble).requires_grad_();
+    const at::Tensor y64 = ref->reference(x64);
+    y64.backward(dy.to(dtype).to(at::kDouble));
+    EXPECT_LE(test::max_rel_error(y, y64), tol);
+    EXPECT_LE(test::max_rel_error(x.grad(), x64.grad()), tol);
+    EXPECT_LE(test::max_rel_error(norm->weight.grad(), ref->weight.grad()), tol);
+  }
+}
+
 // NF4 dequantization on the GPU equals the tensor-op reference exactly (both form code × maximum in
 // float32 and round once), for plain and double-quantized maxima, odd sizes and every output dtype;
 // dequantize_nf4 uses the kernel for CUDA tensors.

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/nn/init.h>
@@ -141,11 +142,20 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
 #ifdef LIBFT_WITH_CUDA_KERNELS
-  // The fused kernel has no backward yet: it serves inference (generation, evaluation) only.
+  // libft's kernel has no backward: it serves inference (generation, evaluation).
   if (x.is_cuda() && !at::GradMode::is_enabled() && x.is_contiguous()) {
     return kernels::rmsnorm_forward(x, weight, eps);
   }
 #endif
+  // Training on CUDA: ATen's fused RMSNorm (_fused_rms_norm: one kernel forward, one backward, the
+  // statistics in float32) instead of the reference's chain of about eight kernels forward and ten
+  // backward, each a launch and a pass over x. The same formula; where x and the weight differ in
+  // dtype (the reference promotes), the reference.
+  if (x.is_cuda() && x.scalar_type() == weight.scalar_type() && x.scalar_type() != at::kDouble) {
+    // In x's dtype whatever autocast's lists say, as the reference computes (float32 statistics).
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+    return at::rms_norm(x, {x.size(-1)}, weight, eps);
+  }
   if (rms_norm_fusable(x, weight)) return fused_rms_norm(x, weight, eps);
   return reference(x);
 }
