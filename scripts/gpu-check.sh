@@ -10,6 +10,8 @@
 # Logs go to OUT_DIR (default build-gpu/logs). Later issues add their GPU tests and benchmarks here.
 # For a focused rerun: GPU_CHECK_BUILD_ONLY=1 stops after the build (GPU_CHECK_TARGETS: which targets,
 # default all); build-gpu/env.sh then holds the environment the tests need (`. build-gpu/env.sh`).
+# A dry run of the script's plumbing on a machine without a GPU (CUDA tests skip, CUDA benchmarks
+# report no device): GPU_CHECK_PYTHON=<a python with torch> GPU_CHECK_ARCH=9.0 scripts/gpu-check.sh.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 t0=$(date +%s)
@@ -34,14 +36,14 @@ export PKG_CONFIG_LIBDIR="$lib/pkgconfig:$prefix/usr/share/pkgconfig" PKG_CONFIG
 export LIBFT_FORTUNES="$prefix/usr/share/games/fortunes" LIBFT_JARGON="$prefix/usr/share/doc/jargon-text/jargon.txt.gz"
 missing=$(ldd "$lib/hdf5/serial/libhdf5.so" "$lib/libsentencepiece_train.so" 2>&1 | grep "not found" | sort -u)
 [ -z "$missing" ] || { echo "[gpu-check] libraries missing on this machine (add their .debs to fetch-debs.sh):"; echo "$missing"; }
-python=$(command -v python3)
+python=${GPU_CHECK_PYTHON:-$(command -v python3)}
 mkdir -p build-gpu
 declare -p LD_LIBRARY_PATH PATH PKG_CONFIG_LIBDIR PKG_CONFIG_SYSROOT_DIR LIBFT_FORTUNES LIBFT_JARGON | sed 's/^declare -x/export/' >build-gpu/env.sh
 log "python $python: $($python -c 'import torch,transformers;print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())' 2>/dev/null)"
 gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader); echo "$gpu"
 
 # 2. Build against the machine's torch, for the card in the machine only (faster than 8.0;9.0).
-arch=$($python -c 'import torch;p=torch.cuda.get_device_capability();print(f"{p[0]}.{p[1]}")')
+arch=${GPU_CHECK_ARCH:-$($python -c 'import torch;p=torch.cuda.get_device_capability();print(f"{p[0]}.{p[1]}")')}
 log "configure (TORCH_CUDA_ARCH_LIST=$arch)"
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLIBFT_PYTHON="$python" \
   -DTORCH_CUDA_ARCH_LIST="$arch" -DCMAKE_PREFIX_PATH="$prefix/usr" >"$out/build.log" 2>&1 \
@@ -107,8 +109,8 @@ done
 
 # 4. Benchmarks: the GPU ones (the CPU rows are measured on the development machine), the rows of
 #    issue 7's targets first, then the rest (the CUDA-graph steps, in a process of their own in case a
-#    capture fails; the per-operation breakdown, other ranks, RMSNorm, the forward pass). Bounded, so that a hang cannot spend the session's device time; what finished is
-#    still reported.
+#    capture fails; the per-operation breakdown, other ranks, RMSNorm, the forward pass). Bounded,
+#    so that a hang cannot spend the session's device time; what finished is still reported.
 bench_s=$(( $(left) - 60 )); [ $bench_s -gt 200 ] && bench_s=200; [ $bench_s -lt 60 ] && bench_s=60
 log "benchmarks (at most ${bench_s}s)"
 bench_end=$(( $(date +%s) + bench_s ))
@@ -136,23 +138,25 @@ timeout $rest_s ctest --test-dir build-gpu -E "$gpu_re" -FS "fortunes_store|hf_r
 ctest_rest_rc=$?
 grep -E "tests passed|FAILED|Failed|\(Skipped\)" "$out/ctest-rest.log" | head -40
 
-# 5. Summary (last).
+# 5. Summary (last). The long benchmark list first and the verdicts at the end, so that a reader of
+#    only the output's tail (the device tool returns the last 12,000 characters) sees the verdicts.
 echo
 echo "================ libft GPU check summary ================"
+echo "benchmarks: (exit $bench_rc, then $extra_rc)"
+grep -E '^BM_' "$out/bench.log" | grep -v '^BM_LoraOp' | cut -c1-120 | sed 's/^/  /'  # BM_LoraOp's rows: in bench.log
+echo "where a step's time goes (more rows in bench.log, traces in profiles.tar.gz):"
+grep -aE '^\[profile\] (BM_LoraStepCuda|BM_LoraLinear_1_[0-3]_0_16_2048)' "$out/bench.log" | sed -E 's/; [^;]*\.json$//; s/^/  /'
+echo "parity (max|a-b|/max|b| of logits vs transformers float32):"
+grep -aE '^\[parity\]' "$out/ctest-gpu.log" | sed 's/^/  /'
 echo "date        $(date -u +%Y-%m-%d)"
 echo "card        $gpu"
 echo "torch       $($python -c 'import torch;print(torch.__version__)')"
 echo "build       ${build_s}s (cold, $(nproc) cores, TORCH_CUDA_ARCH_LIST=$arch)"
-echo "ctest, CUDA $(grep -E 'tests passed' "$out/ctest-gpu.log") (exit $ctest_gpu_rc; $(grep -c '(Skipped)' "$out/ctest-gpu.log") skipped)"
-echo "ctest, rest $(grep -E 'tests passed' "$out/ctest-rest.log") (exit $ctest_rest_rc$([ $ctest_rest_rc = 124 ] && echo ': cut at the time budget'); $(grep -c '(Skipped)' "$out/ctest-rest.log") skipped)"
-echo "parity (max|a-b|/max|b| of logits vs transformers float32):"
-grep -aE '^\[parity\]' "$out/ctest-gpu.log" | sed 's/^/  /'
-echo "nccl        exit $nccl_rc: $(grep -E '^\[dist\] [0-9]+ rank' "$out/nccl.log" | cut -c1-60); $(grep -E '^\[train\] done' "$out/nccl.log" | cut -c1-120)"
+echo "nccl        exit $nccl_rc: $(grep -aE '^\[dist\] [0-9]+ rank' "$out/nccl.log" | head -1 | cut -c1-60); $(grep -aE '^\[train\] done' "$out/nccl.log" | head -1 | cut -c1-120)"
 echo "ft train, eager against CUDA graphs (bundled model, bf16, 30 steps):$graphs_line"
-echo "benchmarks: (exit $bench_rc, then $extra_rc)"
-grep -E '^BM_' "$out/bench.log" | grep -v '^BM_LoraOp' | sed 's/^/  /'  # BM_LoraOp's rows: in bench.log
-echo "where a step's time goes (more rows in bench.log, traces in profiles.tar.gz):"
-grep -aE '^\[profile\] (BM_LoraStepCuda|BM_LoraLinear_1_[0-3]_0_16_2048)' "$out/bench.log" | sed -E 's/; [^;]*\.json$//; s/^/  /'
+echo "ctest, CUDA $(grep -E 'tests passed' "$out/ctest-gpu.log") (exit $ctest_gpu_rc; $(grep -c '(Skipped)' "$out/ctest-gpu.log") skipped)"
+grep -aE '^\s+[0-9]+ - .*\((Failed|Timeout|SEGFAULT|Subprocess|Exception|Not Run)' "$out/ctest-gpu.log" | head -10 | sed 's/^\s*/  failed: /'
+echo "ctest, rest $(grep -E 'tests passed' "$out/ctest-rest.log") (exit $ctest_rest_rc$([ $ctest_rest_rc = 124 ] && echo ': cut at the time budget'); $(grep -c '(Skipped)' "$out/ctest-rest.log") skipped)"
 echo "targets (issue 7, benchmarks/gpu_targets.py):"
 $python benchmarks/gpu_targets.py "$out/bench.json" "$out/bench-extra.json" 2>&1 | sed 's/^/  /'
 echo "total       $(($(date +%s) - t0))s"

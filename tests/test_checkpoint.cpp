@@ -7,6 +7,7 @@
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <regex>
 #include <nlohmann/json.hpp>
 #include <unistd.h>
 
@@ -750,7 +751,7 @@ TEST(TrainGraphs, RefusedWithoutACudaDevice) {
 // Replayed CUDA graphs train as the eager passes do: the same per-step losses for full fine-tuning
 // and LoRA, in float32 and under bf16 autocast, with two micro-batches per step (the divisor set on
 // the device before the replays), evaluations and checkpoints between steps, and a resume (which
-// captures again). One micro-batch shape, so one graph.
+// captures again).
 TEST(TrainCuda, CudaGraphsTrainAsTheEagerPasses) {
   FT_REQUIRE_CUDA();
   for (const std::string mode : {"full", "lora"}) {
@@ -790,7 +791,9 @@ TEST(TrainCuda, CudaGraphsTrainAsTheEagerPasses) {
       ASSERT_GE(eager.size(), 10u);
       for (size_t i = 0; i < eager.size(); ++i) EXPECT_NEAR(graphed[i], eager[i], 1e-4 * std::abs(eager[i])) << i;
       EXPECT_LT(graphed.back(), graphed.front() - 0.5);
-      EXPECT_NE(graphed_log.find("CUDA graphs: 1 micro-batch shapes captured"), std::string::npos) << graphed_log;
+      // One shape, or two where a micro-batch had padding (a graph per padding case).
+      EXPECT_TRUE(std::regex_search(graphed_log, std::regex("CUDA graphs: [12] micro-batch shapes captured")))
+          << graphed_log;
       EXPECT_EQ(eager_log.find("CUDA graphs"), std::string::npos);
     }
   }
