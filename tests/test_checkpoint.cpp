@@ -729,6 +729,29 @@ TEST(TrainCuda, Bf16AutocastRunLearnsAndResumes) {
   bf16_run_learns_and_resumes("cuda");
 }
 
+// A run of `c` stopped after `stop_at` steps (with a checkpoint) and resumed to its end, both logged
+// to one file: the two summaries and the log's text.
+struct StopResume {
+  train::RunSummary stopped, resumed;
+  std::string log;
+};
+StopResume stop_and_resume(const config::RunConfig& c, int64_t stop_at, const fs::path& log_path) {
+  StopResume out;
+  std::FILE* log = std::fopen(log_path.c_str(), "w");
+  EXPECT_NE(log, nullptr);
+  StopAt stop(stop_at);
+  train::RunOptions ro;
+  ro.log = log;
+  ro.callbacks = &stop;
+  out.stopped = train::run_training(c, ro);
+  ro.callbacks = nullptr;
+  out.resumed = train::run_training(c, ro);
+  std::fclose(log);
+  std::ifstream in(log_path);
+  out.log.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  return out;
+}
+
 // CUDA graphs are refused off CUDA, saying why: by the graphs themselves, and by a run whose device
 // "auto" resolves to the CPU on a machine without CUDA.
 TEST(TrainGraphs, RefusedWithoutACudaDevice) {
@@ -765,25 +788,15 @@ TEST(TrainCuda, CudaGraphsTrainAsTheEagerPasses) {
         c.device = "cuda";
         c.dtype = dtype;
         c.cuda_graphs = graphs;
-        const fs::path log_path = dir / "log.txt";
-        std::FILE* log = std::fopen(log_path.c_str(), "w");
-        EXPECT_NE(log, nullptr);
-        StopAt stop(5);
-        train::RunOptions ro;
-        ro.log = log;
-        ro.callbacks = &stop;
-        EXPECT_EQ(train::run_training(c, ro).steps, 5);
-        ro.callbacks = nullptr;
-        EXPECT_EQ(train::run_training(c, ro).steps, 12);
-        std::fclose(log);
+        const StopResume r = stop_and_resume(c, 5, dir / "log.txt");
+        EXPECT_EQ(r.stopped.steps, 5);
+        EXPECT_EQ(r.resumed.steps, 12);
         std::vector<double> losses;
         for (const auto& j : metric_lines(dir / "run")) {
           if (j.at("type") == "train") losses.push_back(j.at("loss").get<double>());
         }
-        std::ifstream in(log_path);
-        const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
         fs::remove_all(dir);
-        return std::make_pair(losses, text);
+        return std::make_pair(losses, r.log);
       };
       const auto [eager, eager_log] = run(false);
       const auto [graphed, graphed_log] = run(true);
@@ -814,23 +827,14 @@ void lora_run_resumes(const std::string& device, const std::string& dtype) {
     c.dtype = dtype;
     c.max_steps = 16;
     c.schedule.total_steps = 16;
-    const fs::path log_path = dir / "log.txt";
-    std::FILE* log = std::fopen(log_path.c_str(), "w");
-    ASSERT_NE(log, nullptr);
-    StopAt stop(8);
-    train::RunOptions ro;
-    ro.log = log;
-    ro.callbacks = &stop;
-    EXPECT_EQ(train::run_training(c, ro).steps, 8);
-    ro.callbacks = nullptr;
-    const train::RunSummary s = train::run_training(c, ro);
-    std::fclose(log);
+    const StopResume r = stop_and_resume(c, 8, dir / "log.txt");
+    EXPECT_EQ(r.stopped.steps, 8);
+    const train::RunSummary& s = r.resumed;
+    const std::string& text = r.log;
     EXPECT_EQ(s.resumed_from, 8);
     EXPECT_EQ(s.steps, 16);
     EXPECT_EQ(s.skipped, 0);
     EXPECT_LT(s.last_loss, s.first_loss) << s.first_loss << " -> " << s.last_loss;
-    std::ifstream in(log_path);
-    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     const bool bf16_base = text.find("frozen linear weights stored in bfloat16") != std::string::npos;
     EXPECT_EQ(bf16_base, dtype == "bfloat16") << text;  // QLoRA: the output head (not quantized)
     model::CausalLM fresh(test::tiny_config());
