@@ -46,7 +46,9 @@
 #include "ft/adapt/mode.h"
 #include "ft/adapt/nf4.h"
 #include "ft/model/linear.h"
+#include "ft/train/graphs.h"
 #include "ft/train/optimizer.h"
+#include "ft/train/step.h"
 #include "ft/util/autocast.h"
 
 namespace {
@@ -497,10 +499,11 @@ model::CausalLM& lora_step_model() {
 }
 
 // A LoRA training step of that model on CUDA in bf16 autocast: `batch` sequences of 2048 tokens, no
-// dropout; forward, loss, backward and the trainer's optimizer step (train::optimizer_step: the
+// dropout, through the trainer's own functions: train::accumulate_gradients (forward, summed token
+// loss, backward), or train::GraphedPasses for a graph row, then train::optimizer_step (the
 // non-finite check, ATen's fused AdamW) on the adapters. Arguments: fused (0/1), batch, graph (1:
-// forward and backward captured once as a CUDA graph and replayed, the optimizer step eager: no
-// per-operation host cost). MFU counts 4N + 12·L·d·T FLOPs per token (frozen base: forward 2N,
+// cuda_graphs: true, the forward and backward pass captured once and replayed: no per-operation
+// host cost). MFU counts 4N + 12·L·d·T FLOPs per token (frozen base: forward 2N,
 // input gradients 2N, attention 12·L·d·T; no recomputation) against the H100 SXM's 989 TFLOP/s
 // dense bf16.
 void BM_LoraStepCuda(benchmark::State& state) {
@@ -512,77 +515,35 @@ void BM_LoraStepCuda(benchmark::State& state) {
   const io::ModelConfig& c = m->config();
   adapt::set_lora_fused(m, state.range(0) == 1);
   double n_params = 0;
-  std::vector<at::Tensor> trainable;
-  for (const auto& p : m->parameters()) {
-    n_params += static_cast<double>(p.numel());
-    if (p.requires_grad()) trainable.push_back(p);
-  }
+  for (const auto& p : m->parameters()) n_params += static_cast<double>(p.numel());
   train::OptimizerOptions oo;
   oo.lr = 1e-4;
   const auto opt = train::make_optimizer(m, oo);  // the trainer's: ATen's fused AdamW per parameter group
   train::StepCounters counters;
-  const at::Tensor ids = at::randint(0, c.vocab_size, {batch, T}, at::TensorOptions().dtype(at::kLong).device(device));
-  auto forward_backward = [&] {
-    at::Tensor loss;
-    {
-      ft::util::AutocastScope autocast(true);
-      const at::Tensor logits = m->forward(ids);
-      loss = at::cross_entropy_loss(logits.view({-1, c.vocab_size}).to(at::kFloat), ids.view({-1}));
-    }
-    loss.backward();
-    return loss;
+  // One micro-batch of `batch` single-document rows, counted on the host as to_tensors() counts
+  // them: no mask, default positions, causal attention.
+  train::BatchTensors b;
+  b.input_ids = at::randint(0, c.vocab_size, {batch, T}, at::TensorOptions().dtype(at::kLong).device(device));
+  b.labels = b.input_ids;
+  b.n_targets = batch * (T - 1);
+  b.n_tokens = batch * T;
+  // The trainer's step: accumulate_gradients (eager) or train::GraphedPasses (cuda_graphs: true),
+  // then optimizer_step (the loss read once, the gradient norm checked, the update).
+  std::unique_ptr<train::GraphedPasses> graphs;
+  train::StepOptions so;
+  if (graphed) {
+    graphs = std::make_unique<train::GraphedPasses>(m, device);
+    so.zero_in_place = true;
+  }
+  ft::util::AutocastScope autocast(true);  // the whole loop, as in the trainer
+  const std::function<void()> step = [&] {
+    const train::AccumulateResult r = graphs ? graphs->accumulate({b}) : train::accumulate_gradients(m, {b});
+    train::optimizer_step(*opt, r.loss, oo.lr, so, counters);
   };
-  std::function<void()> step;
-  at::cuda::CUDAGraph graph;
-  std::vector<at::Tensor> grads;
-  at::Tensor static_loss;
-  if (!graphed) {
-    // As the trainer steps: the loss read once, the global gradient norm checked, then the update.
-    step = [&] { train::optimizer_step(*opt, forward_backward().item<double>(), oo.lr, {}, counters); };
-  } else {
-    // Captured on a side stream after warm-up steps there (cuBLAS workspaces and other lazy set-up
-    // happen outside the capture), with autocast's cast cache off. The gradients start unset, so
-    // the captured backward pass allocates them from the graph's pool: they stay the parameters'
-    // gradients, and each replay rewrites them.
-    try {
-      const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
-      {
-        c10::cuda::CUDAStreamGuard guard(side);
-        for (int i = 0; i < 3; ++i) {
-          forward_backward();
-          opt->zero_grad();
-        }
-        const bool cache = at::autocast::is_autocast_cache_enabled();
-        at::autocast::set_autocast_cache_enabled(false);
-        bool capturing = false;
-        try {
-          graph.capture_begin();
-          capturing = true;
-          static_loss = forward_backward();
-          capturing = false;  // capture_end ends the capture even when it throws
-          graph.capture_end();
-        } catch (...) {
-          if (capturing) {  // a stream left capturing fails every later CUDA call (the next rows')
-            try {
-              graph.capture_end();
-            } catch (...) {
-            }
-          }
-          at::autocast::set_autocast_cache_enabled(cache);
-          throw;
-        }
-        at::autocast::set_autocast_cache_enabled(cache);
-      }
-      sync(device);
-    } catch (const std::exception& e) {
-      return state.SkipWithError((std::string("CUDA graph capture failed: ") + e.what()).substr(0, 400).c_str());
-    }
-    for (const at::Tensor& p : trainable) grads.push_back(p.grad());
-    step = [&] {
-      graph.replay();
-      for (size_t i = 0; i < trainable.size(); ++i) trainable[i].mutable_grad() = grads[i];  // the step unsets them
-      train::optimizer_step(*opt, static_loss.item<double>(), oo.lr, {}, counters);
-    };
+  try {
+    step();  // a graph row captures here
+  } catch (const std::exception& e) {
+    return state.SkipWithError((std::string("first step failed: ") + e.what()).substr(0, 400).c_str());
   }
   for (int i = 0; i < 3; ++i) step();
   sync(device);

@@ -186,6 +186,11 @@ TEST(TrainBatch, ToTensorsAndTargetCount) {
   hand.attention_mask = padded.attention_mask;
   EXPECT_EQ(hand.padding(), std::nullopt);
   EXPECT_EQ(hand.tokens(), 8 * 16 - 2);
+  // Without a mask every position is a token and there is no padding.
+  train::BatchTensors bare;
+  bare.input_ids = padded.input_ids;
+  EXPECT_EQ(bare.padding(), std::optional<bool>(false));
+  EXPECT_EQ(bare.tokens(), 8 * 16);
   b.attention_mask[3 * 16 + 15] = 1;
   b.attention_mask[6 * 16 + 2] = 1;
 
@@ -196,6 +201,33 @@ TEST(TrainBatch, ToTensorsAndTargetCount) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("labels has 127 values"), std::string::npos) << e.what();
   }
+}
+
+// A micro-batch may leave positions, segment ids and mask out (one document per row, no padding,
+// default positions): the same loss and gradients as the batch that spells them out.
+TEST(TrainBatch, OptionalInputsDefaultAsTheModelDoes) {
+  data::Batch b = uneven_batch();
+  for (int64_t i = 0; i < b.rows * b.cols; ++i) {
+    b.position_ids[i] = i % b.cols;
+    b.segment_ids[i] = 0;
+  }
+  const train::BatchTensors full = train::to_tensors(b);
+  train::BatchTensors bare;
+  bare.input_ids = full.input_ids;
+  bare.labels = full.labels;
+  bare.n_targets = full.n_targets;
+  bare.n_tokens = full.n_tokens;
+  auto run = [](const train::BatchTensors& batch) {
+    model::CausalLM m = tiny_model();
+    const train::AccumulateResult r = train::accumulate_gradients(m, {batch});
+    return std::make_pair(r, grads(m));
+  };
+  const auto [a, ga] = run(full);
+  const auto [c, gc] = run(bare);
+  EXPECT_EQ(c.n_targets, a.n_targets);
+  EXPECT_EQ(c.n_tokens, a.n_tokens);
+  EXPECT_NEAR(c.loss, a.loss, 1e-6 * a.loss);
+  EXPECT_LE(max_rel_error(gc, ga), 1e-5);
 }
 
 TEST(TrainLoss, SumOverTargetsIsTheHuggingFaceMean) {

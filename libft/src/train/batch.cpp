@@ -19,10 +19,12 @@ void check_size(const std::vector<T>& values, const data::Batch& b, const char* 
 }  // namespace
 
 int64_t BatchTensors::tokens() const {
-  return n_tokens >= 0 ? n_tokens : attention_mask.sum().item<int64_t>();
+  if (n_tokens >= 0) return n_tokens;
+  return attention_mask.defined() ? attention_mask.sum().item<int64_t>() : input_ids.numel();
 }
 
 std::optional<bool> BatchTensors::padding() const {
+  if (!attention_mask.defined()) return false;  // no mask: every position is a token
   if (n_tokens < 0) return std::nullopt;
   return n_tokens < attention_mask.numel();
 }

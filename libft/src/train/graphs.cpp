@@ -48,17 +48,31 @@ GraphedPasses::~GraphedPasses() = default;
 
 size_t GraphedPasses::captured() const { return graphs_.size(); }
 
+namespace {
+
+// A defined tensor's own copy; an undefined one stays undefined (an input the pass goes without).
+at::Tensor own(const at::Tensor& t) { return t.defined() ? t.clone() : at::Tensor(); }
+
+// Copies `from` into the graph's input `to`, both defined or both not (the graph's key says which).
+void refill(at::Tensor& to, const at::Tensor& from) {
+  if (to.defined()) to.copy_(from);
+}
+
+}  // namespace
+
 GraphedPasses::Graph& GraphedPasses::graph_for(const BatchTensors& b) {
-  const auto key = std::make_tuple(b.input_ids.size(0), b.input_ids.size(1), *b.padding());
+  // What decides the captured kernels: the shape, the padding, and which optional inputs exist.
+  const Key key{b.input_ids.size(0), b.input_ids.size(1), *b.padding(), b.position_ids.defined(),
+                b.segment_ids.defined(), b.attention_mask.defined()};
   auto& slot = graphs_[key];
   if (slot) return *slot;
   auto g = std::make_unique<Graph>();
   // The graph's inputs: tensors of its own, holding this micro-batch (the warm-up passes use it).
   g->input.input_ids = b.input_ids.clone();
   g->input.labels = b.labels.clone();
-  g->input.position_ids = b.position_ids.clone();
-  g->input.segment_ids = b.segment_ids.clone();
-  g->input.attention_mask = b.attention_mask.clone();
+  g->input.position_ids = own(b.position_ids);
+  g->input.segment_ids = own(b.segment_ids);
+  g->input.attention_mask = own(b.attention_mask);
   g->input.n_targets = b.n_targets;
   g->input.n_tokens = b.n_tokens;
   // The backward pass adds into .grad in place only where a gradient exists: make every one exist,
@@ -151,9 +165,9 @@ AccumulateResult GraphedPasses::accumulate(const std::vector<BatchTensors>& pass
       Graph& g = graph_for(b);
       g.input.input_ids.copy_(b.input_ids);
       g.input.labels.copy_(b.labels);
-      g.input.position_ids.copy_(b.position_ids);
-      g.input.segment_ids.copy_(b.segment_ids);
-      g.input.attention_mask.copy_(b.attention_mask);
+      refill(g.input.position_ids, b.position_ids);
+      refill(g.input.segment_ids, b.segment_ids);
+      refill(g.input.attention_mask, b.attention_mask);
       g.graph.replay();
       s64 = g.loss_sum.to(at::kDouble);
     }

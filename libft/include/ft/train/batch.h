@@ -31,9 +31,11 @@ struct BatchTensors {
   /// Per row, the targets and tokens above (empty where unknown); split_rows() sums them.
   std::vector<int64_t> row_targets, row_tokens;
 
-  /// Tokens: n_tokens, or attention_mask's sum (a device read) where unknown.
+  /// Tokens: n_tokens, or attention_mask's sum (a device read) where unknown; without a mask, every
+  /// position.
   int64_t tokens() const;
-  /// Whether attention_mask has padding, where known without reading the device (see n_tokens).
+  /// Whether attention_mask has padding, where known without reading the device (see n_tokens);
+  /// without a mask, none.
   std::optional<bool> padding() const;
 };
 

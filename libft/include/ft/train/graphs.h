@@ -41,8 +41,9 @@ class GraphedPasses {
   GraphedPasses& operator=(const GraphedPasses&) = delete;
 
   /// As accumulate_gradients(model, passes): the same loss, target and token counts, and the same
-  /// gradients added to .grad. A micro-batch whose padding is unknown (a hand-made BatchTensors)
-  /// runs eagerly.
+  /// gradients added to .grad. A micro-batch whose padding is unknown (a hand-made BatchTensors
+  /// without host counts) runs eagerly. position_ids, segment_ids and attention_mask may be left
+  /// undefined (default positions, one document per row, no padding), as in model forward.
   AccumulateResult accumulate(const std::vector<BatchTensors>& passes);
 
   /// Shapes captured so far.
@@ -61,7 +62,9 @@ class GraphedPasses {
   /// The gradients the graphs add into, one per trainable parameter (defined from the first capture).
   std::vector<at::Tensor> grads_;
   at::Tensor inv_n_;  ///< float32 scalar on the device: 1 / the step's target count
-  std::map<std::tuple<int64_t, int64_t, bool>, std::unique_ptr<Graph>> graphs_;
+  /// rows, columns, padding, and whether position_ids, segment_ids and attention_mask are given
+  using Key = std::tuple<int64_t, int64_t, bool, bool, bool, bool>;
+  std::map<Key, std::unique_ptr<Graph>> graphs_;
 };
 
 }  // namespace ft::train
