@@ -46,15 +46,10 @@ at::Tensor base_plus_low_rank(const at::Tensor& x2, const at::Tensor& w, const a
   return y.addmm_(x2, w.t());
 }
 
-// s · (h Aᵀ), (T, r): the low-rank factor with the adapter scale in it.
-at::Tensor scaled_low_rank(const at::Tensor& h, const at::Tensor& ac, double scale) {
-  at::Tensor t = at::mm(h, ac.t());
-  return scale == 1.0 ? t : t.mul_(scale);
-}
-
-// s · dZ B, (T, r): the gradient of S = h Aᵀ.
-at::Tensor low_rank_grad(const at::Tensor& dz, const at::Tensor& bc, double scale) {
-  at::Tensor t = at::mm(dz, bc);
+// scale · a b, for the (T, r) products that carry the adapter scale: s S = s h Aᵀ and its gradient
+// s dZ B (scaled there, T·r elements, rather than on a (T, out) or (T, in) product).
+at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double scale) {
+  at::Tensor t = at::mm(a, b);
   return scale == 1.0 ? t : t.mul_(scale);
 }
 
@@ -120,7 +115,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
         h = x2 * keep;
       }
     }
-    const at::Tensor s_low = scaled_low_rank(h, ac, scale);  // s S = s drop(x) Aᵀ, (T, r)
+    const at::Tensor s_low = scaled_mm(h, ac.t(), scale);  // s S = s drop(x) Aᵀ, (T, r)
     const at::Tensor y = base_plus_low_rank(x2, layer->dense_weight(ct), layer->bias.defined() ? layer->bias.to(ct) : at::Tensor(),
                                             s_low, bc);
     // A and B in the compute dtype are saved, not cast again in the backward pass (on CUDA, each
@@ -140,7 +135,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     const auto ct = ac.scalar_type();
     const auto adt = ctx->saved_data["adapter_dtype"].toScalarType();
     const at::Tensor dy = grads[0].reshape({-1, bc.size(0)}).to(ct);
-    const at::Tensor ds = low_rank_grad(dy, bc, scale);  // s dY B, (T, r)
+    const at::Tensor ds = scaled_mm(dy, bc, scale);  // s dY B, (T, r)
     const at::Tensor db = at::mm(dy.t(), s_low);         // dYᵀ (s S), (out, r)
     const at::Tensor da = at::mm(ds.t(), h);             // (r, in)
     at::Tensor dx;
@@ -165,7 +160,7 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
     const int64_t in = x.size(-1);
     const at::Tensor x2 = x.reshape({-1, in}).to(ct);
     const at::Tensor ac = a.to(ct), bc = b.to(ct);
-    const at::Tensor s_low = scaled_low_rank(x2, ac, scale);  // s x Aᵀ
+    const at::Tensor s_low = scaled_mm(x2, ac.t(), scale);  // s x Aᵀ
     const at::Tensor z = base_plus_low_rank(x2, layer->dense_weight(ct), at::Tensor(), s_low, bc);
     const at::Tensor c = (magnitude.detach() / norm).to(ct);
     at::Tensor y = z * c;
@@ -188,7 +183,7 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
     // dm in the magnitude's precision (float32 at least), summed over the rows.
     const at::ScalarType mt = at::promote_types(magnitude.scalar_type(), at::kFloat);
     const at::Tensor dm = ((dy.to(mt) * z.to(mt)).sum(0) / norm.to(mt)).to(magnitude.scalar_type());
-    const at::Tensor ds = low_rank_grad(dz, bc, scale);  // s dZ B
+    const at::Tensor ds = scaled_mm(dz, bc, scale);  // s dZ B
     const at::Tensor db = at::mm(dz.t(), s_low);         // dZᵀ (s S)
     const at::Tensor da = at::mm(ds.t(), x2);
     at::Tensor dx;

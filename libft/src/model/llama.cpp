@@ -391,11 +391,9 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
                  opt.attention_mask.size(1) == past_tokens + T,
              "[model] attention_mask must be (B, cached + new tokens) = (", B, ", ", past_tokens + T, "), got ",
              opt.attention_mask.sizes());
-    // Whether there is padding at all: the caller's word, or the mask's (read on the host when it
-    // is there; on the device, the read makes the host wait for the device's queue).
-    const bool padding = opt.padding.has_value()            ? *opt.padding
-                         : opt.attention_mask.device().is_cpu() ? !opt.attention_mask.ne(0).all().item<bool>()
-                                                                : !opt.attention_mask.to(at::kBool).all().item<bool>();
+    // Whether there is padding at all: the caller's word, or the mask's (a read that, for a mask on
+    // the device, makes the host wait for the device's queue).
+    const bool padding = opt.padding.has_value() ? *opt.padding : !opt.attention_mask.ne(0).all().item<bool>();
     if (padding) {
       const at::Tensor valid = opt.attention_mask.to(device).to(at::kBool);
       key_valid = P > 0 ? at::cat({at::ones({B, P}, valid.options()), valid}, 1) : valid;

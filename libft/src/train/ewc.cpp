@@ -8,6 +8,7 @@
 #include "ft/adapt/lora.h"
 #include "ft/data/array_file.h"
 #include "ft/train/batch.h"
+#include "ft/train/step.h"
 #include "ft/util/error.h"
 
 namespace ft::train {
@@ -54,14 +55,8 @@ EwcState estimate_fisher(model::CausalLM& model, data::Batcher& rows, int64_t sa
     if (!batch) break;
     const BatchTensors b = to_tensors(*batch, device);
     if (b.n_targets == 0) continue;
-    model::ForwardOptions fo;
-    fo.position_ids = b.position_ids;
-    fo.segment_ids = b.segment_ids;
-    fo.attention_mask = b.attention_mask;
-    fo.padding = b.padding();
     // ℓ = mean token log-likelihood; its square gradient is the same for −ℓ.
-    const at::Tensor loss =
-        causal_lm_loss_sum(model->forward(b.input_ids, fo), b.labels) / static_cast<double>(b.n_targets);
+    const at::Tensor loss = micro_batch_loss_sum(model, b) / static_cast<double>(b.n_targets);
     const auto grads = torch::autograd::grad({loss}, params, {}, /*retain_graph=*/false, /*create_graph=*/false,
                                              /*allow_unused=*/true);
     at::NoGradGuard no_grad;

@@ -33,6 +33,14 @@ void wait_for(const c10::cuda::CUDAStream& to, const c10::cuda::CUDAStream& from
   event.block(to);
 }
 
+// A defined tensor's own copy; an undefined one stays undefined (an input the pass goes without).
+at::Tensor own(const at::Tensor& t) { return t.defined() ? t.clone() : at::Tensor(); }
+
+// Copies `from` into the graph's input `to`, both defined or both not (the graph's key says which).
+void refill(at::Tensor& to, const at::Tensor& from) {
+  if (to.defined()) to.copy_(from);
+}
+
 }  // namespace
 
 GraphedPasses::GraphedPasses(model::CausalLM& model, c10::Device device) : model_(model), device_(device) {
@@ -47,18 +55,6 @@ GraphedPasses::GraphedPasses(model::CausalLM& model, c10::Device device) : model
 GraphedPasses::~GraphedPasses() = default;
 
 size_t GraphedPasses::captured() const { return graphs_.size(); }
-
-namespace {
-
-// A defined tensor's own copy; an undefined one stays undefined (an input the pass goes without).
-at::Tensor own(const at::Tensor& t) { return t.defined() ? t.clone() : at::Tensor(); }
-
-// Copies `from` into the graph's input `to`, both defined or both not (the graph's key says which).
-void refill(at::Tensor& to, const at::Tensor& from) {
-  if (to.defined()) to.copy_(from);
-}
-
-}  // namespace
 
 GraphedPasses::Graph& GraphedPasses::graph_for(const BatchTensors& b) {
   // What decides the captured kernels: the shape, the padding, and which optional inputs exist.
