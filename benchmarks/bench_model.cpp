@@ -333,6 +333,7 @@ struct LoraBench {
       o.r = r;
       adapt::apply_lora(m, o);
       adapt::set_lora_fused(m, mode >= 2);
+      adapt::set_lora_extended_gemm(m, mode == 4);
       at::NoGradGuard no_grad;
       for (auto& p : m->parameters()) {
         if (p.requires_grad()) p.normal_(0.0, 0.02);  // a nonzero B
@@ -348,7 +349,8 @@ struct LoraBench {
 };
 
 // Arguments: device (0 cpu in float32, 1 cuda in bf16 autocast, 2 cpu in bf16 autocast), mode (0 frozen
-// linear alone, 1 LoRA unfused, 2 LoRA fused, 3 QLoRA fused: NF4 base), layer (0 o_proj: h→h,
+// linear alone, 1 LoRA unfused, 2 LoRA fused, 3 QLoRA fused: NF4 base, 4 LoRA fused with the extended
+// GEMM, adapt::set_lora_extended_gemm; the input is float32, as RMSNorm's output under autocast), layer (0 o_proj: h→h,
 // 1 gate_proj: h→inter, 2 down_proj: inter→h), rank, tokens, graph (1: replayed as a CUDA graph).
 // "ops" counts the outermost ATen calls of one step (OpCounter), each a host-side cost on CUDA.
 void BM_LoraLinear(benchmark::State& state) {
@@ -399,12 +401,12 @@ void BM_LoraLinear(benchmark::State& state) {
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(tokens), benchmark::Counter::kIsIterationInvariantRate);
 }
 BENCHMARK(BM_LoraLinear)->ArgsProduct({{0}, {0, 1, 2}, {0, 1, 2}, {8}, {512}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_LoraLinear)->ArgsProduct({{2}, {0, 1, 2, 3}, {0}, {16}, {512}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3}, {0, 1, 2}, {16}, {2048, 8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{2}, {0, 1, 2, 3, 4}, {0}, {16}, {512}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3, 4}, {0, 1, 2}, {16}, {2048, 8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 #ifdef LIBFT_WITH_CUDA_KERNELS
-BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3}, {0, 1, 2}, {16}, {2048}, {1}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3, 4}, {0, 1, 2}, {16}, {2048}, {1}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 #endif
-BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {1, 2}, {2}, {8, 64}, {8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {1, 2, 4}, {2}, {8, 64}, {8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // The operations of one LoRA linear's forward and backward on CUDA, one at a time (bf16, in the order
 // and with the shapes that the fused path issues them; x: (T, in), W: (out, in), A: (r, in),
@@ -414,7 +416,9 @@ BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {1, 2}, {2}, {8, 64}, {8192}, {0}})-
 const char* const kLoraOps[] = {"x W^T (base forward)", "dy W (base input grad)", "S = x A^T", "Y = s S B^T",
                                 "Y += x W^T (beta 1)", "dS = s dy B", "dB = dy^T S", "dA = dS^T x",
                                 "dXl = dS A", "dXl += dy W (beta 1)", "x to bf16 (from f32)", "dx to f32",
-                                "dropout(x), p 0.1"};
+                                "dropout(x), p 0.1", "Y = [x|sS] [W|B]^T (extended, K = in + r)",
+                                "S = x A^T into [x|sS] (strided)", "x to bf16 into [x|sS] (strided)",
+                                "dXl += dy W, W strided in [W|B] (beta 1)"};
 void BM_LoraOp(benchmark::State& state) {
   if (!at::hasCUDA()) return state.SkipWithError("no CUDA device");
   const int op = static_cast<int>(state.range(0));
@@ -423,6 +427,8 @@ void BM_LoraOp(benchmark::State& state) {
   const at::Tensor x = at::randn({T, in}, bf), w = at::randn({out, in}, bf) * 0.02, a = at::randn({r, in}, bf) * 0.02;
   const at::Tensor b = at::randn({out, r}, bf) * 0.02, dy = at::randn({T, out}, bf), s_low = at::randn({T, r}, bf);
   const at::Tensor ds = at::randn({T, r}, bf), x32 = x.to(at::kFloat);
+  // The extended GEMM's operands (adapt::set_lora_extended_gemm): [x | s S] (T, in + r), [W | B] (out, in + r).
+  const at::Tensor xs = at::randn({T, in + r}, bf), ws = at::randn({out, in + r}, bf) * 0.02;
   at::Tensor y = at::empty({T, out}, bf), dx = at::empty({T, in}, bf);
   double flops = 0;
   auto run = [&] {
@@ -430,7 +436,7 @@ void BM_LoraOp(benchmark::State& state) {
       case 0: at::mm_out(y, x, w.t()); flops = 2.0 * T * in * out; break;
       case 1: at::mm_out(dx, dy, w); flops = 2.0 * T * in * out; break;
       case 2: (void)at::mm(x, a.t()); flops = 2.0 * T * in * r; break;
-      case 3: at::mm_out(y, s_low, b.t()).mul_(2.0); flops = 2.0 * T * r * out; break;
+      case 3: at::mm_out(y, s_low, b.t()); flops = 2.0 * T * r * out; break;  // s is in s_low (T, r)
       case 4: y.addmm_(x, w.t()); flops = 2.0 * T * in * out; break;
       case 5: (void)at::mm(dy, b).mul_(2.0); flops = 2.0 * T * r * out; break;
       case 6: (void)at::mm(dy.t(), s_low); flops = 2.0 * T * r * out; break;
@@ -440,6 +446,15 @@ void BM_LoraOp(benchmark::State& state) {
       case 10: (void)x32.to(at::kBFloat16); break;
       case 11: (void)dx.to(at::kFloat); break;
       case 12: (void)at::native_dropout(x, 0.1, true); break;
+      case 13: at::mm_out(y, xs, ws.t()); flops = 2.0 * T * (in + r) * out; break;
+      case 14: {
+        at::Tensor into = xs.narrow(1, in, r);
+        at::mm_out(into, xs.narrow(1, 0, in), a.t());
+        flops = 2.0 * T * in * r;
+        break;
+      }
+      case 15: xs.narrow(1, 0, in).copy_(x32); break;
+      case 16: dx.addmm_(dy, ws.narrow(1, 0, in)); flops = 2.0 * T * in * out; break;
     }
   };
   for (int i = 0; i < 3; ++i) run();
@@ -452,7 +467,7 @@ void BM_LoraOp(benchmark::State& state) {
   state.counters["per_op"] = benchmark::Counter(10, benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
   if (flops > 0) state.counters["TFLOP/s"] = benchmark::Counter(10 * flops / 1e12, benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_LoraOp)->ArgsProduct({benchmark::CreateDenseRange(0, 12, 1), {0, 1}, {16}, {2048, 8192}})
+BENCHMARK(BM_LoraOp)->ArgsProduct({benchmark::CreateDenseRange(0, 16, 1), {0, 1}, {16}, {2048, 8192}})
     ->Unit(benchmark::kMicrosecond)->UseRealTime()->MinTime(0.2);
 
 // Arguments: fused (0/1), dropout in percent.
@@ -501,9 +516,10 @@ model::CausalLM& lora_step_model() {
 // A LoRA training step of that model on CUDA in bf16 autocast: `batch` sequences of 2048 tokens, no
 // dropout, through the trainer's own functions: train::accumulate_gradients (forward, summed token
 // loss, backward), or train::GraphedPasses for a graph row, then train::optimizer_step (the
-// non-finite check, ATen's fused AdamW) on the adapters. Arguments: fused (0/1), batch, graph (1:
-// cuda_graphs: true, the forward and backward pass captured once and replayed: no per-operation
-// host cost). MFU counts 4N + 12·L·d·T FLOPs per token (frozen base: forward 2N,
+// non-finite check, ATen's fused AdamW) on the adapters. Arguments: fused (0 unfused, 1 fused, 2 fused
+// with the extended GEMM where it applies: q, k, v, gate and up, whose input is RMSNorm's float32
+// output), batch, graph (1: cuda_graphs: true, the forward and backward pass captured once and
+// replayed: no per-operation host cost). MFU counts 4N + 12·L·d·T FLOPs per token (frozen base: forward 2N,
 // input gradients 2N, attention 12·L·d·T; no recomputation) against the H100 SXM's 989 TFLOP/s
 // dense bf16.
 void BM_LoraStepCuda(benchmark::State& state) {
@@ -513,7 +529,8 @@ void BM_LoraStepCuda(benchmark::State& state) {
   const int64_t batch = state.range(1), T = 2048;
   model::CausalLM& m = lora_step_model();
   const io::ModelConfig& c = m->config();
-  adapt::set_lora_fused(m, state.range(0) == 1);
+  adapt::set_lora_fused(m, state.range(0) >= 1);
+  adapt::set_lora_extended_gemm(m, state.range(0) == 2);
   double n_params = 0;
   for (const auto& p : m->parameters()) n_params += static_cast<double>(p.numel());
   train::OptimizerOptions oo;
@@ -557,8 +574,8 @@ void BM_LoraStepCuda(benchmark::State& state) {
   state.counters["tokens/s"] = benchmark::Counter(tokens, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["MFU%"] = benchmark::Counter(100.0 * flops_per_token * tokens / 989e12, benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{0, 1}, {1, 4}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
-BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{1}, {1, 4}, {1}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{0, 1, 2}, {1, 4}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{1, 2}, {1, 4}, {1}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 #endif
 
 BENCHMARK(BM_LoraStep)->ArgsProduct({{0, 1}, {0, 5}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);

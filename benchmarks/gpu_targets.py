@@ -20,7 +20,7 @@ import re
 import sys
 
 LAYERS = {0: "o_proj 4096->4096", 1: "gate_proj 4096->14336", 2: "down_proj 14336->4096"}
-MODES = {0: "bare", 1: "unfused", 2: "fused", 3: "qlora"}
+MODES = {0: "bare", 1: "unfused", 2: "fused", 3: "qlora", 4: "fused, extended GEMM"}
 
 
 def load(path):
@@ -63,28 +63,33 @@ def targets(runs):
     bare = {(graph, layer, tokens): t for (graph, mode, layer, rank, tokens), t in linear.items() if mode == 0}
     for (graph, mode, layer, rank, tokens), t in sorted(linear.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][4], kv[0][3], kv[0][1])):
         where = f"{LAYERS[layer]}, r {rank}, T {tokens}" + (", CUDA graph" if graph else "")
-        if mode == 2 and (graph, layer, tokens) in bare:
-            out.append((f"fused LoRA / bare linear ({where})", t / bare[(graph, layer, tokens)], 1.10, "max"))
-        if mode == 2 and (graph, 1, layer, rank, tokens) in linear:
-            out.append((f"unfused / fused LoRA ({where})", linear[(graph, 1, layer, rank, tokens)] / t, 1.25, "min"))
+        # Mode 4: the fused layer with the extended GEMM (adapt::set_lora_extended_gemm), beside mode 2.
+        what = {2: "fused LoRA", 4: "fused LoRA, extended GEMM,"}.get(mode)
+        if what and (graph, layer, tokens) in bare:
+            out.append((f"{what} / bare linear ({where})", t / bare[(graph, layer, tokens)], 1.10, "max"))
+        if what and (graph, 1, layer, rank, tokens) in linear:
+            out.append((f"unfused / {what} ({where})", linear[(graph, 1, layer, rank, tokens)] / t, 1.25, "min"))
         if mode == 3 and tokens >= 4096 and (graph, 2, layer, rank, tokens) in linear:
             out.append((f"QLoRA / LoRA linear ({where})", t / linear[(graph, 2, layer, rank, tokens)], 1.15, "max"))
     nf4, copy = runs.get("BM_NF4Dequant/1/1"), runs.get("BM_DeviceCopy")
     if nf4 and copy:
         out.append(("NF4 dequantization / device copy bandwidth", nf4["GB/s"] / copy["GB/s"], 0.75, "min"))
     # BM_LoraStepCuda/<fused>/<batch>/<graph>: the speed-up at each batch size (eager), and the MFU of
-    # every fused row.
+    # every fused row (fused 2: with the extended GEMM).
+    kinds = {1: "fused", 2: "fused, extended GEMM"}
     for batch in (1, 4):
-        unfused, fused = runs.get(f"BM_LoraStepCuda/0/{batch}/0"), runs.get(f"BM_LoraStepCuda/1/{batch}/0")
-        if unfused and fused:
-            out.append((f"1.24B LoRA step, fused / unfused tokens/s (batch {batch} x 2048)",
-                        fused["tokens/s"] / unfused["tokens/s"], 1.3, "min"))
+        for kind, what in kinds.items():
+            unfused, fused = runs.get(f"BM_LoraStepCuda/0/{batch}/0"), runs.get(f"BM_LoraStepCuda/{kind}/{batch}/0")
+            if unfused and fused:
+                out.append((f"1.24B LoRA step, {what} / unfused tokens/s (batch {batch} x 2048)",
+                            fused["tokens/s"] / unfused["tokens/s"], 1.3, "min"))
     for batch in (1, 4):
         for graph in (0, 1):
-            fused = runs.get(f"BM_LoraStepCuda/1/{batch}/{graph}")
-            if fused:
-                how = "CUDA graph" if graph else "eager"
-                out.append((f"1.24B LoRA step, fused, MFU % (batch {batch} x 2048, {how})", fused["MFU%"], 40.0, "min"))
+            for kind, what in kinds.items():
+                fused = runs.get(f"BM_LoraStepCuda/{kind}/{batch}/{graph}")
+                if fused:
+                    how = "CUDA graph" if graph else "eager"
+                    out.append((f"1.24B LoRA step, {what}, MFU % (batch {batch} x 2048, {how})", fused["MFU%"], 40.0, "min"))
     return out
 
 

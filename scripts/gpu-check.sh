@@ -119,12 +119,12 @@ bench_end=$(( $(date +%s) + bench_s ))
 export LIBFT_BENCH_PROFILE=build-gpu/profiles
 rm -rf "$LIBFT_BENCH_PROFILE" && mkdir -p "$LIBFT_BENCH_PROFILE"
 timeout $bench_s build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
-  --benchmark_filter='BM_(NF4Dequant/1/1|DeviceCopy|LoraStepCuda/[01]/[14]/0|LoraLinear/1/[0-3]/[0-2]/16/)' \
+  --benchmark_filter='BM_(NF4Dequant/1/1|DeviceCopy|LoraStepCuda/[012]/[14]/0|LoraLinear/1/[0-3]/[0-2]/16/|LoraLinear/1/4/[01]/16/)' \
   --benchmark_out="$out/bench.json" --benchmark_out_format=json >"$out/bench.log" 2>&1
 bench_rc=$?
 extra_s=$(( bench_end - $(date +%s) )); [ $extra_s -lt 10 ] && extra_s=10
 timeout $extra_s build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
-  --benchmark_filter='BM_(LoraStepCuda/1/[14]/1|Forward|RMSNorm|NF4Dequant/1/0|LoraOp|LoraLinear/1/[0-3]/[0-2]/(8|64)/)' \
+  --benchmark_filter='BM_(LoraStepCuda/[12]/[14]/1|Forward|RMSNorm|NF4Dequant/1/0|LoraOp|LoraLinear/1/[0-4]/[0-2]/(8|64)/|LoraLinear/1/4/2/16/)' \
   --benchmark_out="$out/bench-extra.json" --benchmark_out_format=json >>"$out/bench.log" 2>&1
 extra_rc=$?
 unset LIBFT_BENCH_PROFILE

@@ -46,11 +46,18 @@ at::Tensor base_plus_low_rank(const at::Tensor& x2, const at::Tensor& w, const a
   return y.addmm_(x2, w.t());
 }
 
-// scale · a b, for the (T, r) products that carry the adapter scale: s S = s h Aᵀ and its gradient
-// s dZ B (scaled there, T·r elements, rather than on a (T, out) or (T, in) product).
+// out = scale · a b, for the (T, r) products that carry the adapter scale: s S = s h Aᵀ and its
+// gradient s dZ B (scaled there, T·r elements, rather than on a (T, out) or (T, in) product). The
+// scale is the GEMM's alpha (beta 0: out's old values are ignored, NaN included), applied to the
+// float32 accumulator: one kernel and one rounding instead of a product and a separate multiply.
+at::Tensor& scaled_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double scale) {
+  return scale == 1.0 ? at::mm_out(out, a, b) : at::addmm_out(out, out, a, b, /*beta=*/0.0, /*alpha=*/scale);
+}
+
 at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double scale) {
-  at::Tensor t = at::mm(a, b);
-  return scale == 1.0 ? t : t.mul_(scale);
+  if (scale == 1.0) return at::mm(a, b);
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  return scaled_mm_out(out, a, b, scale);
 }
 
 // drop'(dS A), (T, in): the low-rank term of the input gradient, through dropout's backward when p > 0
@@ -95,15 +102,26 @@ at::Tensor as_input_grad(torch::autograd::AutogradContext* ctx, const at::Tensor
 
 // The fused LoRA layer (see set_lora_fused in the header). Computes in the autocast dtype when
 // autocast is on for the input's device (bf16 on CUDA), else in the input's dtype; returns A's and
-// B's gradients in their own dtype.
+// B's gradients in their own dtype. `w_ext_or_null`: the layer's [W | B] buffer
+// (set_lora_extended_gemm), or null for the split GEMMs (not an undefined tensor: autograd
+// functions take defined tensors only).
 struct FusedLora : public torch::autograd::Function<FusedLora> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a,
-                            const at::Tensor& b, model::LinearImpl* layer, double scale, double p) {
+                            const at::Tensor& b, const at::Tensor* w_ext_or_null, model::LinearImpl* layer,
+                            double scale, double p) {
+    const at::Tensor w_ext = w_ext_or_null != nullptr ? *w_ext_or_null : at::Tensor();
     const bool autocast = at::autocast::is_autocast_enabled(x.device().type());
     const at::ScalarType ct = autocast ? at::autocast::get_autocast_dtype(x.device().type()) : x.scalar_type();
-    const int64_t in = x.size(-1);
-    const at::Tensor x2 = x.reshape({-1, in}).to(ct);
-    const at::Tensor ac = a.to(ct), bc = b.to(ct);
+    const int64_t in = x.size(-1), r = a.size(0);
+    const at::Tensor x_in = x.reshape({-1, in});
+    // Extended: the cast writes x into the first `in` columns of xs = [x | s S], (T, in + r).
+    at::Tensor xs;
+    if (w_ext.defined()) {
+      xs = at::empty({x_in.size(0), in + r}, x.options().dtype(ct));
+      xs.narrow(1, 0, in).copy_(x_in);
+    }
+    const at::Tensor x2 = xs.defined() ? xs.narrow(1, 0, in) : x_in.to(ct);
+    const at::Tensor ac = a.to(ct);
     at::Tensor h = x2, keep;  // keep: CPU: the scaled noise; CUDA: the mask
     if (p > 0) {
       if (x2.is_cuda()) {  // at::dropout's fused path on CUDA
@@ -115,12 +133,29 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
         h = x2 * keep;
       }
     }
-    const at::Tensor s_low = scaled_mm(h, ac.t(), scale);  // s S = s drop(x) Aᵀ, (T, r)
-    const at::Tensor y = base_plus_low_rank(x2, layer->dense_weight(ct), layer->bias.defined() ? layer->bias.to(ct) : at::Tensor(),
-                                            s_low, bc);
+    const at::Tensor bias = layer->bias.defined() ? layer->bias.to(ct) : at::Tensor();
+    at::Tensor y, s_low, bc;  // s S = s drop(x) Aᵀ (T, r); B in the compute dtype
+    if (xs.defined()) {
+      // s S into xs's last r columns, B (cast) into w_ext's, then one GEMM over K = in + r:
+      // y = [x | s S] [W | B]ᵀ (+ b). No (T, out) low-rank product is written or read back.
+      s_low = xs.narrow(1, in, r);
+      scaled_mm_out(s_low, h, ac.t(), scale);
+      bc = w_ext.narrow(1, in, r);
+      bc.copy_(b);
+      y = bias.defined() ? at::addmm(bias, xs, w_ext.t()) : at::mm(xs, w_ext.t());
+      // With dropout the backward pass needs h, not x: s S alone is kept, so that xs is freed here.
+      if (p > 0) s_low = s_low.clone();
+    } else {
+      s_low = scaled_mm(h, ac.t(), scale);
+      bc = b.to(ct);
+      y = base_plus_low_rank(x2, layer->dense_weight(ct), bias, s_low, bc);
+    }
     // A and B in the compute dtype are saved, not cast again in the backward pass (on CUDA, each
-    // cast is a launch and the layer's small GEMMs are launch-bound at a few thousand tokens).
-    ctx->save_for_backward({h, s_low, ac, bc, keep});
+    // cast is a launch and the layer's small GEMMs are launch-bound at a few thousand tokens). The
+    // extended path's B is a view of w_ext, held in saved_data: nothing writes it again before this
+    // pass's backward (the next forward does, after the optimizer step).
+    ctx->save_for_backward({h, s_low, ac, xs.defined() ? at::Tensor() : bc, keep});
+    if (xs.defined()) ctx->saved_data["bc"] = bc;
     ctx->saved_data["p"] = p;
     return finish_forward(ctx, x, y, layer, scale, a.scalar_type());
   }
@@ -128,7 +163,8 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &h = saved[0], &s_low = saved[1], &ac = saved[2], &bc = saved[3], &keep = saved[4];
+    const at::Tensor &h = saved[0], &s_low = saved[1], &ac = saved[2], &keep = saved[4];
+    const at::Tensor bc = saved[3].defined() ? saved[3] : ctx->saved_data["bc"].toTensor();
     auto* layer = reinterpret_cast<model::LinearImpl*>(ctx->saved_data["layer"].toInt());
     const double scale = ctx->saved_data["scale"].toDouble();
     const double p = ctx->saved_data["p"].toDouble();
@@ -136,13 +172,14 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     const auto adt = ctx->saved_data["adapter_dtype"].toScalarType();
     const at::Tensor dy = grads[0].reshape({-1, bc.size(0)}).to(ct);
     const at::Tensor ds = scaled_mm(dy, bc, scale);  // s dY B, (T, r)
-    const at::Tensor db = at::mm(dy.t(), s_low);         // dYᵀ (s S), (out, r)
-    const at::Tensor da = at::mm(ds.t(), h);             // (r, in)
+    const at::Tensor db = at::mm(dy.t(), s_low);     // dYᵀ (s S), (out, r)
+    const at::Tensor da = at::mm(ds.t(), h);         // (r, in)
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
-      dx = as_input_grad(ctx, input_grad(dy, layer->dense_weight(ct), ds, ac, keep, p));  // dY W + drop'(dS A)
+      // dY W + drop'(dS A); on the extended path W is a view of w_ext's first `in` columns.
+      dx = as_input_grad(ctx, input_grad(dy, layer->dense_weight(ct), ds, ac, keep, p));
     }
-    return {dx, da.to(adt), db.to(adt), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, da.to(adt), db.to(adt), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -209,7 +246,8 @@ class LoraAdapter final : public model::LinearAdapter {
       if (dropout_ > 0) return {};
       return FusedDora::apply(x, A->weight, B->weight, magnitude, row_norm(/*detach=*/true), owner_, info.scale);
     }
-    return FusedLora::apply(x, A->weight, B->weight, owner_, info.scale, dropout_);
+    const at::Tensor w_ext = extended_weight(x);
+    return FusedLora::apply(x, A->weight, B->weight, w_ext.defined() ? &w_ext : nullptr, owner_, info.scale, dropout_);
   }
 
   at::Tensor apply(const at::Tensor& x, const at::Tensor& base) override {
@@ -230,6 +268,32 @@ class LoraAdapter final : public model::LinearAdapter {
     }
     const at::Tensor dora = (scale_rows - 1) * base_nb + scale_rows * B(A(h)) * info.scale;
     return base + dora.to(base.scalar_type());
+  }
+
+  /// The [W | B] buffer (out, in + r) of the extended GEMM (set_lora_extended_gemm), or undefined
+  /// where this call takes the split GEMMs: extension off, an NF4 or non-2-D weight, a weight not
+  /// stored in the compute dtype, or an input already in it (the cast that writes [x | s S] is then a
+  /// copy the split path does not make). Built on first use: W is copied into the buffer's first
+  /// `in` columns and the "weight" parameter becomes a view of them (same values, no second copy of
+  /// the base); rebuilt if the weight was replaced since (moved, converted, loaded anew).
+  at::Tensor extended_weight(const at::Tensor& x) {
+    if (!extend) return {};
+    const bool autocast = at::autocast::is_autocast_enabled(x.device().type());
+    const at::ScalarType ct = autocast ? at::autocast::get_autocast_dtype(x.device().type()) : x.scalar_type();
+    at::Tensor& w = owner_->weight;
+    if (x.scalar_type() == ct || owner_->nf4() != nullptr || !w.defined() || w.dim() != 2 || w.scalar_type() != ct ||
+        w.layout() != at::kStrided || w.device() != x.device())
+      return {};
+    const int64_t in = owner_->in_features, r = info.r;
+    if (w_ext.defined() && w.data_ptr() == w_ext.data_ptr() && w.stride(0) == in + r && w.stride(1) == 1 &&
+        w.size(1) == in && w_ext.device() == w.device() && w_ext.scalar_type() == ct)
+      return w_ext;
+    at::NoGradGuard no_grad;
+    at::Tensor ext = at::zeros({owner_->out_features, in + r}, w.options());
+    ext.narrow(1, 0, in).copy_(w);
+    w.set_data(ext.narrow(1, 0, in));
+    w_ext = ext;
+    return w_ext;
   }
 
   /// ||W + scale · B A|| per output row (float32, or float64 for a float64 base).
@@ -254,6 +318,8 @@ class LoraAdapter final : public model::LinearAdapter {
   double dropout_;
   bool merged = false;
   bool fused = true;
+  bool extend = false;  ///< set_lora_extended_gemm
+  at::Tensor w_ext;     ///< [W | B] in the compute dtype, (out, in + r); W's storage once built
 };
 
 /// PEFT's check_target_module_exists for a list of names (or its regex form).
@@ -460,6 +526,18 @@ at::Tensor lora_dropout_noise(const at::Tensor& x, double p) {
 
 void set_lora_fused(model::CausalLM& model, bool fused) {
   for (const auto& [name, a] : adapters(model)) a->fused = fused;
+}
+
+void set_lora_extended_gemm(model::CausalLM& model, bool on) {
+  at::NoGradGuard no_grad;
+  for (const auto& [name, a] : adapters(model)) {
+    a->extend = on;
+    if (on || !a->w_ext.defined()) continue;
+    // Off: the weight gets its own contiguous storage back (if it still lives in the buffer).
+    at::Tensor& w = a->owner_->weight;
+    if (w.defined() && w.data_ptr() == a->w_ext.data_ptr()) w.set_data(w.contiguous());
+    a->w_ext = at::Tensor();
+  }
 }
 
 void merge_and_unload_lora(model::CausalLM& model) {

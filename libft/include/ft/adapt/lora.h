@@ -71,7 +71,8 @@ bool lora_merged(model::CausalLM& model);
 void set_lora_dropout(model::CausalLM& model, double dropout);
 /// FUSED TRAINING PATH. In training (train mode, gradients on), a LoRA layer (not merged) runs as
 /// one autograd node with its backward written out:
-///   S = drop(x) Aᵀ;  y = b + s S Bᵀ, then y += x Wᵀ (the base GEMM accumulates, beta = 1)
+///   s S = s drop(x) Aᵀ (s: the GEMM's alpha);  y = b + (s S) Bᵀ, then y += x Wᵀ (the base GEMM
+///   accumulates, beta = 1)
 ///   dS = s dy B;  dB = s dyᵀ S;  dA = dSᵀ drop(x);  dx = drop'(dS A), then dx += dy W
 /// (on float32 CPU tensors the oneDNN base product comes first and the low-rank term is added to
 /// it, since oneDNN's linear cannot accumulate)
@@ -85,6 +86,21 @@ void set_lora_dropout(model::CausalLM& model, double dropout);
 /// whose logits equal PEFT's bit for bit. On by default; off gives the plain autograd chain (for
 /// comparisons and benchmarks).
 void set_lora_fused(model::CausalLM& model, bool fused);
+/// The fused path's base GEMM extended by the rank, off by default until the GPU benchmarks
+/// (BM_LoraLinear mode 4 beside mode 2) decide. Where the input needs a cast to the compute dtype
+/// anyway (float32 activations under bf16 autocast) and W is stored in that dtype (as the trainer
+/// stores a frozen base under autocast), the cast writes x into the first `in` columns of a
+/// (T, in + r) buffer, s S = s drop(x) Aᵀ goes into its last r columns, and one GEMM over
+/// K = in + r,
+///   y = [x | s S] [W | B]ᵀ (+ b),
+/// gives the output: no (T, out) low-rank product is written and read back (two memory-bound
+/// passes over y, for r/in ≈ 0.4% more multiply-adds). W then lives in the first `in` columns of
+/// an (out, in + r) buffer whose last r columns receive B (cast) at every forward, and the layer's
+/// "weight" parameter becomes a (strided) view of it, so the base is still stored once. The
+/// backward pass is the split path's, with B read from that buffer.
+/// Other calls (NF4 bases, inputs already in the compute dtype, DoRA) keep the split GEMMs. Turning
+/// it off gives each extended weight contiguous storage of its own again.
+void set_lora_extended_gemm(model::CausalLM& model, bool on);
 /// The fused path's dropout noise on the CPU: a tensor shaped and typed like `x` holding 0 with
 /// probability p and 1/(1 − p) otherwise. Counter-based: element i is decided by 32 bits of
 /// SplitMix64(seed + ⌈(i+1)/2⌉·γ), filled in parallel, where `seed` is one 64-bit draw from the
