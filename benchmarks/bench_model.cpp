@@ -262,6 +262,71 @@ void BM_RMSNorm(benchmark::State& state) {
   state.counters["GB/s"] = benchmark::Counter(2.0 * R * E * 2, benchmark::Counter::kIsIterationInvariantRate);
 }
 BENCHMARK(BM_RMSNorm)->ArgsProduct({{8192}, {4096}, {0, 1}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+// One attention layer's forward and backward on packed rows, CUDA bf16, Llama-3.2-1B's heads (32
+// query, 8 key/value, head_dim 64): 4 rows of 2048 tokens, each packed with documents of 16 to
+// 1024 tokens (a fixed draw). Path 0: SDPA with the (B, 1, T, T) block-diagonal causal mask, as the
+// model ran packed rows before ForwardOptions::cu_seqlens (the mask built once per forward, not
+// timed); 1: variable-length flash attention over the documents (what the trainer now passes);
+// 2: plain causal SDPA over whole rows, which ignores the documents (the bound, not a valid
+// packed computation).
+void BM_PackedAttentionCuda(benchmark::State& state) {
+  if (!at::hasCUDA()) return state.SkipWithError("no CUDA device");
+  const int path = static_cast<int>(state.range(0));
+  const int64_t B = 4, T = 2048, H = 32, G = 8, D = 64;
+  const auto bf = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
+  std::vector<int32_t> offsets{0};
+  std::vector<int64_t> seg;
+  uint64_t x = 99;
+  int64_t longest = 0;
+  for (int64_t r = 0; r < B; ++r) {
+    for (int64_t c = 0, doc = 0; c < T; ++doc) {
+      x = x * 6364136223846793005ull + 1442695040888963407ull;
+      const int64_t len = std::min<int64_t>(T - c, 16 + static_cast<int64_t>((x >> 33) % 1009));
+      for (int64_t i = 0; i < len; ++i) seg.push_back(doc);
+      c += len;
+      longest = std::max(longest, len);
+      offsets.push_back(static_cast<int32_t>(r * T + c));
+    }
+  }
+  const at::Tensor cu = at::tensor(offsets, at::TensorOptions().dtype(at::kInt)).to(at::kCUDA);
+  const at::Tensor segments = at::tensor(seg, at::TensorOptions().dtype(at::kLong)).view({B, T}).to(at::kCUDA);
+  const at::Tensor idx = at::arange(T, at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
+  const at::Tensor mask = (idx.view({1, T}) <= idx.view({T, 1})).view({1, 1, T, T})
+                              .logical_and((segments.unsqueeze(2) == segments.unsqueeze(1)).unsqueeze(1));
+  // (B, T, heads, D) as the projections give them.
+  const at::Tensor q = at::randn({B, T, H, D}, bf).requires_grad_(), k = at::randn({B, T, G, D}, bf).requires_grad_();
+  const at::Tensor v = at::randn({B, T, G, D}, bf).requires_grad_(), dout = at::randn({B, T, H, D}, bf);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  auto step = [&] {
+    at::Tensor out;
+    if (path == 1) {
+      out = std::get<0>(at::_flash_attention_forward(q.view({B * T, H, D}), k.view({B * T, G, D}), v.view({B * T, G, D}),
+                                                     cu, cu, longest, longest, 0.0, true, false, scale))
+                .view({B, T, H, D});
+    } else {
+      std::optional<at::Tensor> m;
+      if (path == 0) m = mask;
+      out = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m, 0.0,
+                                             path == 2, scale, /*enable_gqa=*/true)
+                .transpose(1, 2);
+    }
+    torch::autograd::backward({out}, {dout});
+  };
+  try {
+    for (int i = 0; i < 2; ++i) step();
+  } catch (const std::exception& e) {
+    return state.SkipWithError((std::string("attention failed: ") + e.what()).substr(0, 400).c_str());
+  }
+  sync(at::kCUDA);
+  for (auto _ : state) {
+    step();
+    sync(at::kCUDA);
+  }
+  state.SetLabel(path == 0 ? "SDPA, block-diagonal mask" : path == 1 ? "flash, variable length" : "SDPA causal, whole rows");
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(B * T), benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_PackedAttentionCuda)->DenseRange(0, 2)->Unit(benchmark::kMicrosecond)->UseRealTime();
 #endif
 
 // Arguments: device (0 cpu, 1 cuda), kernel/loop (1) or tensor-op reference (0).

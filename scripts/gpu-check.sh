@@ -124,7 +124,7 @@ timeout $bench_s build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
 bench_rc=$?
 extra_s=$(( bench_end - $(date +%s) )); [ $extra_s -lt 10 ] && extra_s=10
 timeout $extra_s build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
-  --benchmark_filter='BM_(LoraStepCuda/[12]/[14]/1|Forward|RMSNorm|NF4Dequant/1/0|LoraOp|LoraLinear/1/[0-4]/[0-2]/(8|64)/|LoraLinear/1/4/2/16/)' \
+  --benchmark_filter='BM_(LoraStepCuda/[12]/[14]/1|PackedAttentionCuda|Forward|RMSNorm|NF4Dequant/1/0|LoraOp|LoraLinear/1/[0-4]/[0-2]/(8|64)/|LoraLinear/1/4/2/16/)' \
   --benchmark_out="$out/bench-extra.json" --benchmark_out_format=json >>"$out/bench.log" 2>&1
 extra_rc=$?
 unset LIBFT_BENCH_PROFILE

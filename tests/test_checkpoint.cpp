@@ -804,9 +804,11 @@ TEST(TrainCuda, CudaGraphsTrainAsTheEagerPasses) {
       ASSERT_GE(eager.size(), 10u);
       for (size_t i = 0; i < eager.size(); ++i) EXPECT_NEAR(graphed[i], eager[i], 1e-4 * std::abs(eager[i])) << i;
       EXPECT_LT(graphed.back(), graphed.front() - 0.5);
-      // One shape, or two where a micro-batch had padding (a graph per padding case).
-      EXPECT_TRUE(std::regex_search(graphed_log, std::regex("CUDA graphs: [12] micro-batch shapes captured")))
-          << graphed_log;
+      // One shape; a graph per padding case and, in bf16 (variable-length attention over the packed
+      // documents), per power-of-two bucket of the documents' count: a handful, not one per step.
+      std::smatch captured;
+      ASSERT_TRUE(std::regex_search(graphed_log, captured, std::regex("CUDA graphs: ([0-9]+) captured"))) << graphed_log;
+      EXPECT_LE(std::stoi(captured[1].str()), dtype == "float32" ? 2 : 8) << graphed_log;
       EXPECT_EQ(eager_log.find("CUDA graphs"), std::string::npos);
     }
   }

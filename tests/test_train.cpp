@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <torch/optim/adamw.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/optim/sgd.h>
 
 #include <cmath>
@@ -11,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <numbers>
 #include <optional>
+#include <set>
 #include <unistd.h>
 
 #include "ft/config/run_config.h"
@@ -228,6 +230,107 @@ TEST(TrainBatch, OptionalInputsDefaultAsTheModelDoes) {
   EXPECT_EQ(c.n_tokens, a.n_tokens);
   EXPECT_NEAR(c.loss, a.loss, 1e-6 * a.loss);
   EXPECT_LE(max_rel_error(gc, ga), 1e-5);
+}
+
+// Packed rows as variable-length sequences (train::varlen_offsets): every row's runs of equal
+// segment ids, padding included, from the host batch, as offsets into the flattened rows; the
+// pieces of split_rows keep their rows' runs.
+TEST(TrainBatch, VarlenOffsetsFollowTheSegments) {
+  data::Batch b = uneven_batch();
+  for (int64_t c = 12; c < 16; ++c) {  // row 7 ends in padding
+    b.segment_ids[7 * 16 + c] = -1;
+    b.attention_mask[7 * 16 + c] = 0;
+    b.labels[7 * 16 + c] = data::kIgnoreIndex;
+  }
+  const train::BatchTensors t = train::to_tensors(b);
+  ASSERT_EQ(t.row_runs.size(), 8u);
+  EXPECT_EQ(t.row_runs[0], (std::vector<int32_t>{16}));
+  EXPECT_EQ(t.row_runs[5], (std::vector<int32_t>{6, 10}));
+  EXPECT_EQ(t.row_runs[7], (std::vector<int32_t>{6, 6, 4}));
+  // The offsets, against the starts read off the segment ids tensor: a row's first token, or a
+  // token whose segment differs from the one before.
+  auto expected = [](const train::BatchTensors& p) {
+    const at::Tensor seg = p.segment_ids.reshape({-1});
+    const int64_t cols = p.segment_ids.size(1);
+    std::vector<int32_t> starts;
+    for (int64_t i = 0; i < seg.numel(); ++i) {
+      if (i % cols == 0 || seg[i].item<int64_t>() != seg[i - 1].item<int64_t>()) starts.push_back(static_cast<int32_t>(i));
+    }
+    starts.push_back(static_cast<int32_t>(seg.numel()));
+    return starts;
+  };
+  auto values = [](const at::Tensor& cu) {
+    EXPECT_EQ(cu.scalar_type(), at::kInt);
+    return std::vector<int32_t>(cu.data_ptr<int32_t>(), cu.data_ptr<int32_t>() + cu.numel());
+  };
+  const auto [cu, longest] = train::varlen_offsets(t, at::kCPU);
+  EXPECT_EQ(values(cu), expected(t));
+  EXPECT_EQ(values(cu).size(), 4u + 3u * 2u + 3u + 1u);
+  EXPECT_EQ(longest, 16);
+  EXPECT_EQ(train::varlen_runs(t), 13);
+  // Padded to a CUDA graph's fixed count with empty runs at the end.
+  std::vector<int32_t> padded = expected(t);
+  padded.resize(17, 8 * 16);
+  EXPECT_EQ(values(train::varlen_offsets(t, at::kCPU, 16).first), padded);
+  EXPECT_NE(test::error_of([&] { train::varlen_offsets(t, at::kCPU, 12); }).find("12 runs asked, the batch has 13"),
+            std::string::npos);
+  for (const train::BatchTensors& p : train::split_rows(t, 3)) {
+    const auto [pc, pl] = train::varlen_offsets(p, at::kCPU);
+    EXPECT_EQ(values(pc), expected(p));
+    EXPECT_LE(pl, 16);
+  }
+  // A hand-made batch has no runs: no offsets (the model keeps the block-diagonal mask).
+  EXPECT_FALSE(train::varlen_offsets(slice_rows(t, 0, 2), at::kCPU).first.defined());
+}
+
+// The returns of the autograd graph below `t` include a node named `name`.
+bool graph_has(const at::Tensor& t, const std::string& name) {
+  std::vector<torch::autograd::Node*> todo{t.grad_fn().get()};
+  std::set<torch::autograd::Node*> seen;
+  while (!todo.empty()) {
+    torch::autograd::Node* n = todo.back();
+    todo.pop_back();
+    if (n == nullptr || !seen.insert(n).second) continue;
+    if (n->name() == name) return true;
+    for (const auto& e : n->next_edges()) todo.push_back(e.function.get());
+  }
+  return false;
+}
+
+// Variable-length flash attention over packed rows (CUDA, bf16 autocast) against SDPA with the
+// block-diagonal mask: the same summed loss and gradients, with full attention and with a sliding
+// window shorter than the documents, on rows with 1, 2 and 3 runs (padding as its own).
+TEST(VarlenCuda, PackedRowsTrainAsWithTheBlockDiagonalMask) {
+  FT_REQUIRE_CUDA();
+  data::Batch b = uneven_batch();
+  for (int64_t c = 12; c < 16; ++c) {
+    b.segment_ids[7 * 16 + c] = -1;
+    b.attention_mask[7 * 16 + c] = 0;
+    b.labels[7 * 16 + c] = data::kIgnoreIndex;
+  }
+  const at::Device device(at::kCUDA);
+  const train::BatchTensors packed = train::to_tensors(b, device);
+  train::BatchTensors masked = packed;
+  masked.row_runs.clear();  // no offsets: the mask path
+  for (const int64_t window : {int64_t{0}, int64_t{5}}) {
+    SCOPED_TRACE("window " + std::to_string(window));
+    io::ModelConfig mc = tiny_config();
+    mc.layer_window.assign(mc.num_hidden_layers, window);
+    auto run = [&](const train::BatchTensors& batch, bool flash) {
+      model::CausalLM m(mc);
+      init_weights(m, 3);
+      m->to(device);
+      util::AutocastScope autocast(true, at::kCUDA);
+      const at::Tensor loss = train::micro_batch_loss_sum(m, batch);
+      EXPECT_EQ(graph_has(loss, "FlashAttentionBackward0"), flash);
+      loss.backward();
+      return std::make_pair(loss.item<double>(), grads(m));
+    };
+    const auto [loss_mask, g_mask] = run(masked, false);
+    const auto [loss_flash, g_flash] = run(packed, true);
+    EXPECT_NEAR(loss_flash, loss_mask, 1e-2 * std::abs(loss_mask));
+    EXPECT_LE(max_rel_error(g_flash, g_mask), 5e-2);
+  }
 }
 
 TEST(TrainLoss, SumOverTargetsIsTheHuggingFaceMean) {

@@ -236,6 +236,24 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
     v = at::cat({prefix_v.to(v.scalar_type()).unsqueeze(0).expand({B, -1, -1, -1}), v}, 2);
   }
   at::Tensor out;
+  if (in.cu_seqlens.defined() && cache_k == nullptr && !prefix_k.defined()) {
+    // Packed rows on CUDA: flash attention over each run of the flattened (B·T, heads, D) tokens,
+    // causal within it (and windowed: a key within `window` positions, as the masks below say). In
+    // v's dtype (the projections' bf16 or fp16): under autocast the rotary products come out in
+    // float32, and SDPA would cast them back just so.
+    auto flat = [&](const at::Tensor& t, int64_t h) {
+      return t.transpose(1, 2).reshape({B * T, h, head_dim}).to(v.scalar_type());
+    };
+    std::optional<int64_t> left, right;
+    if (window > 0) {
+      left = window - 1;
+      right = 0;
+    }
+    out = std::get<0>(at::_flash_attention_forward(flat(q, heads), flat(k, kv_heads), flat(v, kv_heads), in.cu_seqlens,
+                                                   in.cu_seqlens, in.max_seqlen, in.max_seqlen, /*dropout_p=*/0.0,
+                                                   /*is_causal=*/true, /*return_debug_mask=*/false, scale, left, right));
+    return o_proj(out.view({B, T, heads * head_dim}));
+  }
   if (grouped) {
     at::Tensor& bias = in.grouped_bias[window];
     if (!bias.defined()) bias = grouped_attention_bias(mask, kv_heads, heads / kv_heads, q.scalar_type());
@@ -385,6 +403,26 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
   in.sin = emb.sin().to(x.scalar_type());
   in.past = past;
 
+  // Packed rows on CUDA in a flash dtype: variable-length attention (ForwardOptions::cu_seqlens).
+  if (opt.cu_seqlens.defined() && opt.segment_ids.defined() && device.is_cuda() && !cache && P == 0) {
+    const bool autocast = at::autocast::is_autocast_enabled(at::kCUDA);
+    const at::ScalarType qt = autocast ? at::autocast::get_autocast_dtype(at::kCUDA) : x.scalar_type();
+    const int64_t D = config_.head_dim;
+    if ((qt == at::kBFloat16 || qt == at::kHalf) && D % 8 == 0 && D <= 256) {
+      FT_CHECK(opt.cu_seqlens.dim() == 1 && opt.cu_seqlens.size(0) >= 2 && opt.cu_seqlens.scalar_type() == at::kInt &&
+                   opt.cu_seqlens.device() == device,
+               "[model] cu_seqlens must be int32 (runs + 1) on ", device, ", got ", opt.cu_seqlens.sizes(), " ",
+               opt.cu_seqlens.scalar_type(), " on ", opt.cu_seqlens.device());
+      FT_CHECK(opt.max_seqlen >= 1 && opt.max_seqlen <= T, "[model] max_seqlen must be in [1, ", T, "], got ",
+               opt.max_seqlen);
+      FT_CHECK(opt.segment_ids.sizes() == input_ids.sizes(), "[model] segment_ids ", opt.segment_ids.sizes(),
+               " must match input_ids ", input_ids.sizes());
+      in.cu_seqlens = opt.cu_seqlens;
+      in.max_seqlen = opt.max_seqlen;
+      in.causal = true;
+      for (const auto& layer_window : config_.layer_window) in.masks[layer_window] = at::Tensor();
+    }
+  }
   at::Tensor key_valid;  // (B, S)
   if (opt.attention_mask.defined()) {
     FT_CHECK(opt.attention_mask.dim() == 2 && opt.attention_mask.size(0) == B &&
@@ -393,14 +431,16 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
              opt.attention_mask.sizes());
     // Whether there is padding at all: the caller's word, or the mask's (a read that, for a mask on
     // the device, makes the host wait for the device's queue).
-    const bool padding = opt.padding.has_value() ? *opt.padding : !opt.attention_mask.ne(0).all().item<bool>();
+    // (Variable-length attention needs no key mask: padding is a run of its own.)
+    const bool padding = !in.cu_seqlens.defined() &&
+                         (opt.padding.has_value() ? *opt.padding : !opt.attention_mask.ne(0).all().item<bool>());
     if (padding) {
       const at::Tensor valid = opt.attention_mask.to(device).to(at::kBool);
       key_valid = P > 0 ? at::cat({at::ones({B, P}, valid.options()), valid}, 1) : valid;
     }
   }
   at::Tensor same_segment;  // (B, 1, T, S): true where query and key are in the same document
-  if (opt.segment_ids.defined()) {
+  if (opt.segment_ids.defined() && !in.cu_seqlens.defined()) {
     FT_CHECK(past_tokens == 0, "[model] segment_ids (packed documents) cannot be combined with a KV cache");
     FT_CHECK(opt.segment_ids.sizes() == input_ids.sizes(), "[model] segment_ids ", opt.segment_ids.sizes(),
              " must match input_ids ", input_ids.sizes());
@@ -413,7 +453,7 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
   // attention (SDPA's is_causal, or no mask for a single new token) is exact.
   in.causal = past == 0 && T > 1;
   for (const auto& layer_window : config_.layer_window) {
-    if (in.masks.count(layer_window)) continue;
+    if (in.masks.count(layer_window)) continue;  // (or variable-length attention: no masks)
     const bool window_bites = layer_window > 0 && S > layer_window;
     if (!key_valid.defined() && !same_segment.defined() && !window_bites && (past == 0 || T == 1)) {
       in.masks[layer_window] = at::Tensor();

@@ -57,6 +57,13 @@ BatchTensors to_tensors(const data::Batch& batch, c10::Device device) {
     }
     t.row_targets.push_back(targets);
     t.row_tokens.push_back(tokens);
+    std::vector<int32_t> runs;  // the row's runs of equal segment ids
+    const int32_t* seg = batch.segment_ids.data() + r * batch.cols;
+    for (int64_t c = 0; c < batch.cols; ++c) {
+      if (c == 0 || seg[c] != seg[c - 1]) runs.push_back(0);
+      ++runs.back();
+    }
+    t.row_runs.push_back(std::move(runs));
     t.n_targets += targets;
     t.n_tokens += tokens;
   }
@@ -90,9 +97,42 @@ std::vector<BatchTensors> split_rows(const BatchTensors& b, int64_t rows) {
     } else {
       p.n_targets = count_targets(p.labels);
     }
+    if (static_cast<int64_t>(b.row_runs.size()) == n) p.row_runs.assign(b.row_runs.begin() + start, b.row_runs.begin() + end);
     out.push_back(std::move(p));
   }
   return out;
+}
+
+int64_t varlen_runs(const BatchTensors& b) {
+  const int64_t rows = b.input_ids.defined() ? b.input_ids.size(0) : 0;
+  if (rows == 0 || static_cast<int64_t>(b.row_runs.size()) != rows) return 0;
+  int64_t n = 0;
+  for (const auto& runs : b.row_runs) n += static_cast<int64_t>(runs.size());
+  return n;
+}
+
+std::pair<at::Tensor, int64_t> varlen_offsets(const BatchTensors& b, c10::Device device, int64_t runs) {
+  const int64_t n = varlen_runs(b);
+  if (n == 0) return {at::Tensor(), 0};
+  FT_CHECK(runs <= 0 || runs >= n, "[train] varlen_offsets: ", runs, " runs asked, the batch has ", n);
+  const int64_t entries = std::max(n, runs) + 1;
+  const int64_t cols = b.input_ids.size(1);
+  at::Tensor host = at::empty({entries}, at::TensorOptions().dtype(at::kInt).pinned_memory(device.is_cuda()));
+  int32_t* out = host.data_ptr<int32_t>();
+  int64_t at = 0, longest = 0;
+  *out++ = 0;
+  for (const auto& row_runs : b.row_runs) {
+    int64_t row = 0;
+    for (const int32_t len : row_runs) {
+      row += len;
+      longest = std::max<int64_t>(longest, len);
+      *out++ = static_cast<int32_t>(at + row);
+    }
+    FT_CHECK(row == cols, "[train] varlen_offsets: a row's runs cover ", row, " tokens, the batch has ", cols, " columns");
+    at += cols;
+  }
+  for (int64_t i = n + 1; i < entries; ++i) *out++ = static_cast<int32_t>(at);  // empty runs
+  return {device.is_cpu() ? host : host.to(device, /*non_blocking=*/true), longest};
 }
 
 int64_t count_targets(const at::Tensor& labels, int64_t ignore_index) {

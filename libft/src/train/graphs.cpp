@@ -36,6 +36,16 @@ void wait_for(const c10::cuda::CUDAStream& to, const c10::cuda::CUDAStream& from
 // A defined tensor's own copy; an undefined one stays undefined (an input the pass goes without).
 at::Tensor own(const at::Tensor& t) { return t.defined() ? t.clone() : at::Tensor(); }
 
+// The runs of variable-length attention a graph for `b` holds: b's count of documents (and padding
+// runs) rounded up to a power of two, or 0 for a batch without them (the model's mask path).
+int64_t run_slots(const BatchTensors& b) {
+  const int64_t n = varlen_runs(b);
+  if (n == 0 || !b.input_ids.is_cuda()) return 0;
+  int64_t slots = 1;
+  while (slots < n) slots *= 2;
+  return slots;
+}
+
 // Copies `from` into the graph's input `to`, both defined or both not (the graph's key says which).
 void refill(at::Tensor& to, const at::Tensor& from) {
   if (to.defined()) to.copy_(from);
@@ -58,8 +68,11 @@ size_t GraphedPasses::captured() const { return graphs_.size(); }
 
 GraphedPasses::Graph& GraphedPasses::graph_for(const BatchTensors& b) {
   // What decides the captured kernels: the shape, the padding, and which optional inputs exist.
+  // Packed rows' documents (variable-length attention): a fixed number of runs per graph, the
+  // batch's count rounded up to a power of two (empty runs pad it), so that batches of one shape
+  // share a few graphs; the offsets are refilled before each replay.
   const Key key{b.input_ids.size(0), b.input_ids.size(1), *b.padding(), b.position_ids.defined(),
-                b.segment_ids.defined(), b.attention_mask.defined()};
+                b.segment_ids.defined(), b.attention_mask.defined(), run_slots(b)};
   auto& slot = graphs_[key];
   if (slot) return *slot;
   auto g = std::make_unique<Graph>();
@@ -71,6 +84,12 @@ GraphedPasses::Graph& GraphedPasses::graph_for(const BatchTensors& b) {
   g->input.attention_mask = own(b.attention_mask);
   g->input.n_targets = b.n_targets;
   g->input.n_tokens = b.n_tokens;
+  // Variable-length attention: offsets of std::get<6>(key) runs, refilled at every replay, and
+  // the row length as the longest run (flash attention sizes its grid by it, so it must not change).
+  if (std::get<6>(key) > 0) {
+    g->input.cu_seqlens = varlen_offsets(b, device_, std::get<6>(key)).first.clone();
+    g->input.max_seqlen = b.input_ids.size(1);
+  }
   // The backward pass adds into .grad in place only where a gradient exists: make every one exist,
   // so that the captured additions write into the tensors the optimizer reads.
   if (grads_.empty()) {
@@ -164,6 +183,7 @@ AccumulateResult GraphedPasses::accumulate(const std::vector<BatchTensors>& pass
       refill(g.input.position_ids, b.position_ids);
       refill(g.input.segment_ids, b.segment_ids);
       refill(g.input.attention_mask, b.attention_mask);
+      if (g.input.cu_seqlens.defined()) g.input.cu_seqlens.copy_(varlen_offsets(b, device_, g.input.cu_seqlens.size(0) - 1).first);
       g.graph.replay();
       s64 = g.loss_sum.to(at::kDouble);
     }

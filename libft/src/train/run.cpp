@@ -906,7 +906,9 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     std::fprintf(log, "[dist] last step: %zu of %zu gradient buckets started inside the backward pass\n",
                  reducer->launched_in_backward(), reducer->buckets());
   }
-  if (graphs) std::fprintf(log, "[train] CUDA graphs: %zu micro-batch shapes captured\n", graphs->captured());
+  if (graphs)
+    std::fprintf(log, "[train] CUDA graphs: %zu captured (one per micro-batch shape, padding case and document-count bucket)\n",
+                 graphs->captured());
   if (stop == StopReason::Signal) {
     std::fprintf(log, "[train] stopped by a signal at step %lld of %lld; checkpoint %s; run the same command to resume\n",
                  static_cast<long long>(summary.steps), static_cast<long long>(c.max_steps),

@@ -12,6 +12,13 @@ at::Tensor micro_batch_loss_sum(model::CausalLM& model, const BatchTensors& b) {
   fo.segment_ids = b.segment_ids;
   fo.attention_mask = b.attention_mask;
   fo.padding = b.padding();
+  // Packed rows on CUDA: flash attention over each document (the model decides whether it can).
+  if (b.cu_seqlens.defined()) {
+    fo.cu_seqlens = b.cu_seqlens;
+    fo.max_seqlen = b.max_seqlen;
+  } else if (b.input_ids.is_cuda()) {
+    std::tie(fo.cu_seqlens, fo.max_seqlen) = varlen_offsets(b, b.input_ids.device());
+  }
   return causal_lm_loss_sum(model->forward(b.input_ids, fo), b.labels);
 }
 

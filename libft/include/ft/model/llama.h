@@ -54,6 +54,10 @@ struct AttentionInputs {
   std::map<int64_t, at::Tensor> masks;
   bool causal = false;
   int64_t past = 0;  ///< cached tokens before the new ones
+  /// Variable-length attention over the flattened rows (ForwardOptions::cu_seqlens), where defined:
+  /// `masks` are then all undefined and unused.
+  at::Tensor cu_seqlens;
+  int64_t max_seqlen = 0;
   /// grouped_attention_bias() of each window's mask, made by the first layer that takes the CPU
   /// grouped path (ft/model/cpu_ops.h) and reused by the others.
   mutable std::map<int64_t, at::Tensor> grouped_bias;
@@ -135,6 +139,17 @@ struct ForwardOptions {
   /// attends only to earlier tokens of its own document (block-diagonal causal attention). Not
   /// combinable with a KV cache.
   at::Tensor segment_ids;
+  /// Packed rows as variable-length sequences, for flash attention on CUDA: int32 offsets (n + 1),
+  /// on the model's device, of the n runs of equal segment_ids in the flattened B·T tokens (each
+  /// document, and each row's padding), and the longest run (train::varlen_offsets builds both from
+  /// the host batch). Taken with segment_ids on a CUDA model whose attention computes in bf16 or
+  /// fp16 (head_dim a multiple of 8, at most 256), without a KV cache or a prefix: attention then
+  /// runs over those runs (at::_flash_attention_forward, sliding windows included) instead of SDPA
+  /// with a (B, 1, T, T) block-diagonal mask, which is not even built. Ignored elsewhere. The
+  /// offsets must describe segment_ids (and its padding): they are not checked against it, which
+  /// would make the host wait for the device.
+  at::Tensor cu_seqlens;
+  int64_t max_seqlen = 0;
   KVCache* cache = nullptr;   ///< when set, attends to and extends the cache
 };
 

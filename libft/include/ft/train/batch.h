@@ -30,6 +30,14 @@ struct BatchTensors {
   int64_t n_tokens = -1;
   /// Per row, the targets and tokens above (empty where unknown); split_rows() sums them.
   std::vector<int64_t> row_targets, row_tokens;
+  /// Per row, the lengths of its runs of equal segment_ids (its documents, and its padding), in
+  /// order, from the host batch (empty where unknown): what varlen_offsets() turns into flash
+  /// attention's offsets without reading the device.
+  std::vector<std::vector<int32_t>> row_runs;
+  /// Variable-length attention's offsets already on the device, with their longest-run bound
+  /// (GraphedPasses' fixed-size copy); undefined: micro_batch_loss_sum makes them from row_runs.
+  at::Tensor cu_seqlens;
+  int64_t max_seqlen = 0;
 
   /// Tokens: n_tokens, or attention_mask's sum (a device read) where unknown; without a mask, every
   /// position.
@@ -48,6 +56,16 @@ BatchTensors to_tensors(const data::Batch& batch, c10::Device device = c10::kCPU
 /// `b` cut into consecutive pieces of at most `rows` rows (the last may be shorter), each with its
 /// own target count: the same rows, so the same step when accumulated with one divisor (step.h).
 std::vector<BatchTensors> split_rows(const BatchTensors& b, int64_t rows);
+
+/// model::ForwardOptions::cu_seqlens and max_seqlen for `b`'s rows on `device`: int32 offsets of
+/// every row's runs (row_runs) in the flattened B·T tokens (to CUDA from pinned memory, without
+/// blocking), and the longest run; {undefined, 0} where row_runs is unknown. Only CUDA's flash
+/// attention takes them (micro_batch_loss_sum passes them for CUDA batches). With `runs` above the
+/// batch's count, empty runs at the end pad the offsets to runs + 1 entries (a CUDA graph's
+/// fixed-size input: flash attention skips an empty run).
+std::pair<at::Tensor, int64_t> varlen_offsets(const BatchTensors& b, c10::Device device, int64_t runs = 0);
+/// The number of runs in `b`'s rows (row_runs), or 0 where unknown.
+int64_t varlen_runs(const BatchTensors& b);
 
 /// Targets the shifted causal loss counts: labels[:, 1:] != ignore_index (logits at j predict j + 1).
 int64_t count_targets(const at::Tensor& labels, int64_t ignore_index = data::kIgnoreIndex);

@@ -63,7 +63,7 @@ class GraphedPasses {
   std::vector<at::Tensor> grads_;
   at::Tensor inv_n_;  ///< float32 scalar on the device: 1 / the step's target count
   /// rows, columns, padding, and whether position_ids, segment_ids and attention_mask are given
-  using Key = std::tuple<int64_t, int64_t, bool, bool, bool, bool>;
+  using Key = std::tuple<int64_t, int64_t, bool, bool, bool, bool, int64_t>;
   std::map<Key, std::unique_ptr<Graph>> graphs_;
 };
 

@@ -32,7 +32,9 @@ struct AccumulateHooks {
 };
 
 /// The summed token loss of one micro-batch's forward pass (causal_lm_loss_sum of the model's logits),
-/// with the batch's positions, segments, mask and padding.
+/// with the batch's positions, segments, mask and padding, and on CUDA its documents' offsets for
+/// variable-length attention (varlen_offsets; a batch without row_runs, such as a CUDA graph's own
+/// input copy, keeps the block-diagonal mask).
 at::Tensor micro_batch_loss_sum(model::CausalLM& model, const BatchTensors& b);
 
 /// Forward + backward of every micro-batch; gradients are ADDED to the parameters' .grad (zero them
