@@ -60,10 +60,11 @@ at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double scale) {
   return scaled_mm_out(out, a, b, scale);
 }
 
-// drop'(dS A), (T, in): the low-rank term of the input gradient, through dropout's backward when p > 0
-// (keep: the CUDA path's bool mask, or the CPU path's scaled noise).
-at::Tensor low_rank_input_grad(const at::Tensor& ds, const at::Tensor& ac, const at::Tensor& keep, double p) {
-  at::Tensor t = at::mm(ds, ac);
+// drop'(scale · dS A), (T, in): the low-rank term of the input gradient, through dropout's backward
+// when p > 0 (keep: the CUDA path's bool mask, or the CPU path's scaled noise).
+at::Tensor low_rank_input_grad(const at::Tensor& ds, const at::Tensor& ac, const at::Tensor& keep, double p,
+                               double scale = 1.0) {
+  at::Tensor t = scaled_mm(ds, ac, scale);
   if (p == 0) return t;
   if (keep.scalar_type() == at::kBool) return at::native_dropout_backward(t, keep, 1.0 / (1.0 - p));
   return t.mul_(keep);
@@ -155,7 +156,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     // extended path's B is a view of w_ext, held in saved_data: nothing writes it again before this
     // pass's backward (the next forward does, after the optimizer step).
     ctx->save_for_backward({h, s_low, ac, xs.defined() ? at::Tensor() : bc, keep});
-    if (xs.defined()) ctx->saved_data["bc"] = bc;
+    if (xs.defined()) ctx->saved_data["w_ext"] = w_ext;
     ctx->saved_data["p"] = p;
     return finish_forward(ctx, x, y, layer, scale, a.scalar_type());
   }
@@ -164,20 +165,37 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &h = saved[0], &s_low = saved[1], &ac = saved[2], &keep = saved[4];
-    const at::Tensor bc = saved[3].defined() ? saved[3] : ctx->saved_data["bc"].toTensor();
+    // The extended path's [W | B] (out, in + r), or undefined (split path: B saved, W from the layer).
+    const at::Tensor w_ext = saved[3].defined() ? at::Tensor() : ctx->saved_data["w_ext"].toTensor();
+    const int64_t r = ac.size(0), in = ac.size(1);
+    const at::Tensor bc = w_ext.defined() ? w_ext.narrow(1, in, r) : saved[3];
     auto* layer = reinterpret_cast<model::LinearImpl*>(ctx->saved_data["layer"].toInt());
     const double scale = ctx->saved_data["scale"].toDouble();
     const double p = ctx->saved_data["p"].toDouble();
     const auto ct = ac.scalar_type();
     const auto adt = ctx->saved_data["adapter_dtype"].toScalarType();
     const at::Tensor dy = grads[0].reshape({-1, bc.size(0)}).to(ct);
-    const at::Tensor ds = scaled_mm(dy, bc, scale);  // s dY B, (T, r)
-    const at::Tensor db = at::mm(dy.t(), s_low);     // dYᵀ (s S), (out, r)
-    const at::Tensor da = at::mm(ds.t(), h);         // (r, in)
-    at::Tensor dx;
-    if (ctx->needs_input_grad(0)) {
-      // dY W + drop'(dS A); on the extended path W is a view of w_ext's first `in` columns.
-      dx = as_input_grad(ctx, input_grad(dy, layer->dense_weight(ct), ds, ac, keep, p));
+    const at::Tensor db = at::mm(dy.t(), s_low);  // dYᵀ (s S), (out, r)
+    at::Tensor dx, da;
+    if (w_ext.defined() && ctx->needs_input_grad(0)) {
+      // One GEMM over N = in + r reads dY once for both products: dY [W | B] = [dY W | dY B]. Then
+      // dA = s (dY B)ᵀ h, and the low-rank term is added onto dY W (GEMM alphas carry s).
+      at::Tensor dxs = at::mm(dy, w_ext);
+      const at::Tensor dyb = dxs.narrow(1, in, r);
+      da = scaled_mm(dyb.t(), h, scale);
+      at::Tensor base = dxs.narrow(1, 0, in);
+      if (p == 0) {
+        base.addmm_(dyb, ac, /*beta=*/1.0, /*alpha=*/scale);
+      } else {
+        base.add_(low_rank_input_grad(dyb, ac, keep, p, scale));
+      }
+      dx = as_input_grad(ctx, base);
+    } else {
+      const at::Tensor ds = scaled_mm(dy, bc, scale);  // s dY B, (T, r)
+      da = at::mm(ds.t(), h);                          // (r, in)
+      if (ctx->needs_input_grad(0)) {
+        dx = as_input_grad(ctx, input_grad(dy, layer->dense_weight(ct), ds, ac, keep, p));  // dY W + drop'(dS A)
+      }
     }
     return {dx, da.to(adt), db.to(adt), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }

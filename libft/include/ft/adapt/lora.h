@@ -97,7 +97,9 @@ void set_lora_fused(model::CausalLM& model, bool fused);
 /// passes over y, for r/in ≈ 0.4% more multiply-adds). W then lives in the first `in` columns of
 /// an (out, in + r) buffer whose last r columns receive B (cast) at every forward, and the layer's
 /// "weight" parameter becomes a (strided) view of it, so the base is still stored once. The
-/// backward pass is the split path's, with B read from that buffer.
+/// backward pass extends N the same way: dy [W | B] = [dy W | dy B] in one GEMM reads dy once for
+/// the base input gradient and dS (no separate dy B GEMM, no (T, in) low-rank product written and
+/// read back), then dx = dy W + s (dy B) A in place and dA = s (dy B)ᵀ drop(x).
 /// Other calls (NF4 bases, inputs already in the compute dtype, DoRA) keep the split GEMMs. Turning
 /// it off gives each extended weight contiguous storage of its own again.
 void set_lora_extended_gemm(model::CausalLM& model, bool on);
