@@ -490,7 +490,9 @@ const char* const kLoraOps[] = {"x W^T (base forward)", "dy W (base input grad)"
                                 "dXl = dS A", "dXl += dy W (beta 1)", "x to bf16 (from f32)", "dx to f32",
                                 "dropout(x), p 0.1", "Y = [x|sS] [W|B]^T (extended, K = in + r)",
                                 "S = x A^T into [x|sS] (strided)", "x to bf16 into [x|sS] (strided)",
-                                "dXl += dy W, W strided in [W|B] (beta 1)"};
+                                "dXl += dy W, W strided in [W|B] (beta 1)",
+                                "[dy W | dy B] = dy [W|B] (extended, N = in + r)",
+                                "dx += s (dy B) A, dx strided in [dx|dyB] (beta 1)"};
 void BM_LoraOp(benchmark::State& state) {
   if (!at::hasCUDA()) return state.SkipWithError("no CUDA device");
   const int op = static_cast<int>(state.range(0));
@@ -527,6 +529,13 @@ void BM_LoraOp(benchmark::State& state) {
       }
       case 15: xs.narrow(1, 0, in).copy_(x32); break;
       case 16: dx.addmm_(dy, ws.narrow(1, 0, in)); flops = 2.0 * T * in * out; break;
+      case 17: (void)at::mm(dy, ws); flops = 2.0 * T * out * (in + r); break;
+      case 18: {
+        at::Tensor base = xs.narrow(1, 0, in);  // (T, in) with the extended row stride, as dx is
+        base.addmm_(xs.narrow(1, in, r), a, 1.0, 2.0);
+        flops = 2.0 * T * r * in;
+        break;
+      }
     }
   };
   for (int i = 0; i < 3; ++i) run();
@@ -539,7 +548,7 @@ void BM_LoraOp(benchmark::State& state) {
   state.counters["per_op"] = benchmark::Counter(10, benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
   if (flops > 0) state.counters["TFLOP/s"] = benchmark::Counter(10 * flops / 1e12, benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_LoraOp)->ArgsProduct({benchmark::CreateDenseRange(0, 16, 1), {0, 1}, {16}, {2048, 8192}})
+BENCHMARK(BM_LoraOp)->ArgsProduct({benchmark::CreateDenseRange(0, 18, 1), {0, 1}, {16}, {2048, 8192}})
     ->Unit(benchmark::kMicrosecond)->UseRealTime()->MinTime(0.2);
 
 // Arguments: fused (0/1), dropout in percent.
