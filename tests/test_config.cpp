@@ -185,6 +185,12 @@ TEST(RunConfig, MissingAndContradictorySettingsAreErrors) {
                                                             {"cuda_graphs=true"});
   EXPECT_TRUE(graphs.cuda_graphs);
   EXPECT_NE(config::to_yaml(graphs).find("cuda_graphs: true"), std::string::npos);
+  // loss_chunk: token rows, 0 (off) or more; read back.
+  const std::string chunk = error_of(std::string(kGood) + "loss_chunk: -4\n");
+  EXPECT_NE(chunk.find("run.yaml:30:13: 'loss_chunk' must be >= 0 token rows"), std::string::npos) << chunk;
+  const config::RunConfig chunked = config::parse_run_config(std::string(kGood), "run.yaml", {"loss_chunk=1024"});
+  EXPECT_EQ(chunked.loss_chunk, 1024);
+  EXPECT_NE(config::to_yaml(chunked).find("loss_chunk: 1024"), std::string::npos);
 }
 
 TEST(RunConfig, SyntaxErrorsNameTheLine) {

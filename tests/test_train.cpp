@@ -2,6 +2,8 @@
 // parameter groups, schedules, clipping and the non-finite guard.
 #include <gtest/gtest.h>
 
+#include <ATen/CPUGeneratorImpl.h>
+
 #include <torch/optim/adamw.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/optim/sgd.h>
@@ -15,6 +17,7 @@
 #include <set>
 #include <unistd.h>
 
+#include "ft/adapt/lora.h"
 #include "ft/config/run_config.h"
 #include "ft/data/token_store.h"
 #include "ft/io/hf_checkpoint.h"
@@ -331,6 +334,73 @@ TEST(VarlenCuda, PackedRowsTrainAsWithTheBlockDiagonalMask) {
     EXPECT_NEAR(loss_flash, loss_mask, 1e-2 * std::abs(loss_mask));
     EXPECT_LE(max_rel_error(g_flash, g_mask), 5e-2);
   }
+}
+
+// model::chunked_lm_loss_sum against the whole logits' causal_lm_loss_sum, in float64: the loss and
+// every gradient, for chunk sizes of 1 row, a ragged 7, exactly B·T and more; for a frozen head
+// under LoRA (gradients reach the adapters through hidden), a trainable untied head, and a trainable
+// tied embedding (its gradient from the head and from the lookup, summed); with ignored labels. And
+// under bf16 autocast, where each chunk's logits are rounded as the whole logits are.
+TEST(TrainLoss, ChunkedEqualsTheWholeLogits) {
+  const at::Tensor ids = at::arange(0, 22, at::kLong).remainder(97).mul(7).remainder(97).view({2, 11});
+  at::Tensor labels = ids.clone();
+  labels[0][3] = data::kIgnoreIndex;
+  labels[1][7] = data::kIgnoreIndex;
+  for (const std::string kind : {"lora", "untied head", "tied head"}) {
+    for (const bool bf16 : {false, true}) {
+      SCOPED_TRACE(kind + (bf16 ? ", bf16 autocast" : ", float64"));
+      io::ModelConfig mc = tiny_config();
+      mc.tie_word_embeddings = kind == "tied head";
+      auto make = [&] {
+        model::CausalLM m(mc);
+        init_weights(m, 7);
+        if (!bf16) m->to(at::kDouble);
+        if (kind == "lora") {
+          adapt::LoraOptions o;
+          o.targets = {"all-linear"};
+          o.r = 4;
+          adapt::apply_lora(m, o);
+          at::NoGradGuard no_grad;
+          auto gen = at::make_generator<at::CPUGeneratorImpl>(3);  // the same B in every model made
+          for (auto& item : m->named_parameters()) {
+            if (item.key().find("lora_B") != std::string::npos) item.value().normal_(0.0, 0.1, gen);
+          }
+        }
+        return m;
+      };
+      auto run = [&](int64_t chunk) {
+        model::CausalLM m = make();
+        util::AutocastScope autocast(bf16, at::kCPU);
+        at::Tensor loss;
+        if (chunk == 0) {
+          loss = model::causal_lm_loss_sum(m->forward(ids), labels);
+        } else {
+          loss = model::chunked_lm_loss_sum(*m, m->hidden_states(ids), labels, chunk);
+        }
+        loss.backward();
+        std::vector<at::Tensor> g;
+        for (const auto& p : m->parameters()) {
+          if (p.requires_grad()) g.push_back(p.grad().defined() ? p.grad().clone() : at::zeros_like(p));
+        }
+        return std::make_pair(loss.item<double>(), g);
+      };
+      const auto [whole, g_whole] = run(0);
+      for (const int64_t chunk : {int64_t{1}, int64_t{7}, int64_t{22}, int64_t{64}}) {
+        SCOPED_TRACE("chunk " + std::to_string(chunk));
+        const auto [chunked, g_chunked] = run(chunk);
+        EXPECT_NEAR(chunked, whole, (bf16 ? 1e-5 : 1e-13) * whole);
+        ASSERT_EQ(g_chunked.size(), g_whole.size());
+        EXPECT_LE(max_rel_error(g_chunked, g_whole), bf16 ? 1e-2 : 1e-12);
+      }
+    }
+  }
+  model::CausalLM m = tiny_model();
+  EXPECT_NE(test::error_of([&] { model::chunked_lm_loss_sum(*m, m->hidden_states(ids), labels, 0); })
+                .find("chunk must be > 0"),
+            std::string::npos);
+  EXPECT_NE(test::error_of([&] { model::chunked_lm_loss_sum(*m, m->hidden_states(ids), labels.slice(1, 1), 4); })
+                .find("disagree"),
+            std::string::npos);
 }
 
 TEST(TrainLoss, SumOverTargetsIsTheHuggingFaceMean) {

@@ -532,6 +532,14 @@ void init_weights(CausalLM& m, uint64_t seed) {
 
 namespace {
 
+// labels (B, T) → the flattened targets of the shifted loss: position j scores labels[j + 1], a
+// row's last position nothing (ignore_index).
+at::Tensor shifted_targets(const at::Tensor& labels, int64_t ignore_index, const c10::Device& device) {
+  return at::cat({labels.slice(1, 1), at::full({labels.size(0), 1}, ignore_index, labels.options())}, 1)
+      .reshape({-1})
+      .to(device);
+}
+
 // HF's shift: logits[:, :-1] predict labels[:, 1:]. float32 (float64 for float64 models) whatever
 // the logits' dtype.
 at::Tensor shifted_cross_entropy(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
@@ -544,14 +552,106 @@ at::Tensor shifted_cross_entropy(const at::Tensor& logits, const at::Tensor& lab
   // nor the backward pass copies the (B, T, V) tensor, and the sum is the same.
   const int64_t V = logits.size(2);
   at::Tensor flat_logits = logits.reshape({-1, V}).to(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor shifted_labels =
-      at::cat({labels.slice(1, 1), at::full({labels.size(0), 1}, ignore_index, labels.options())}, 1)
-          .reshape({-1})
-          .to(logits.device());
-  return at::cross_entropy_loss(flat_logits, shifted_labels, {}, reduction, ignore_index);
+  return at::cross_entropy_loss(flat_logits, shifted_targets(labels, ignore_index, logits.device()), {}, reduction,
+                                ignore_index);
 }
 
+// The backward pass of chunked_lm_loss_sum: each chunk's logits and loss again, differentiated
+// with respect to its rows of hidden and the head's trainable parameters (CheckpointBackward's way,
+// with the forward pass's autocast state).
+class ChunkedLossBackward final : public torch::autograd::Node {
+ public:
+  CausalLMImpl* model = nullptr;
+  at::Tensor hidden;  // (N, E), detached
+  std::vector<int64_t> hidden_sizes;
+  bool hidden_requires_grad = false;
+  at::Tensor targets;  // (N)
+  int64_t chunk = 0, ignore_index = -100;
+  std::vector<at::Tensor> params;
+  CheckpointBackward::Autocast autocast;
+
+  std::string name() const override { return "ft::ChunkedLossBackward"; }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    torch::autograd::variable_list out(1 + params.size());
+    if (!grads[0].defined()) return out;
+    at::AutoGradMode enable(true);
+    struct Restore {
+      CheckpointBackward::Autocast previous = CheckpointBackward::Autocast::current();
+      ~Restore() { previous.apply(); }
+    } restore;
+    autocast.apply();
+    const int64_t n = hidden.size(0);
+    at::Tensor dh = hidden_requires_grad ? at::empty_like(hidden) : at::Tensor();
+    for (int64_t i = 0; i < n; i += chunk) {
+      const int64_t j = std::min(n, i + chunk);
+      const at::Tensor h = hidden.slice(0, i, j).detach().requires_grad_(hidden_requires_grad);
+      const at::Tensor logits = model->logits(h);
+      const at::Tensor loss = at::cross_entropy_loss(logits.to(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
+                                                     targets.slice(0, i, j), {}, at::Reduction::Sum, ignore_index);
+      std::vector<at::Tensor> wrt;
+      if (hidden_requires_grad) wrt.push_back(h);
+      for (const auto& p : params) wrt.push_back(p);
+      const auto g = torch::autograd::grad({loss}, wrt, {grads[0].to(loss.scalar_type())}, /*retain_graph=*/false,
+                                           /*create_graph=*/false, /*allow_unused=*/true);
+      size_t k = 0;
+      if (hidden_requires_grad) dh.slice(0, i, j).copy_(g[k++]);
+      for (size_t p = 0; p < params.size(); ++p, ++k) {
+        if (!g[k].defined()) continue;
+        out[1 + p] = out[1 + p].defined() ? out[1 + p] + g[k] : g[k];
+      }
+    }
+    if (hidden_requires_grad) out[0] = dh.view(hidden_sizes);
+    return out;
+  }
+
+  void release_variables() override {
+    hidden = at::Tensor();
+    targets = at::Tensor();
+  }
+};
+
 }  // namespace
+
+at::Tensor chunked_lm_loss_sum(CausalLMImpl& model, const at::Tensor& hidden, const at::Tensor& labels, int64_t chunk,
+                               int64_t ignore_index) {
+  FT_CHECK(chunk > 0, "[loss] chunk must be > 0 rows, got ", chunk);
+  FT_CHECK(hidden.dim() == 3 && labels.dim() == 2 && hidden.size(0) == labels.size(0) && hidden.size(1) == labels.size(1),
+           "[loss] hidden (B, T, E) and labels (B, T) disagree: ", hidden.sizes(), " vs ", labels.sizes());
+  const at::Tensor flat = hidden.reshape({-1, hidden.size(2)});
+  const at::Tensor targets = shifted_targets(labels, ignore_index, hidden.device());
+  at::Tensor total;
+  {
+    at::NoGradGuard no_grad;
+    for (int64_t i = 0; i < flat.size(0); i += chunk) {
+      const int64_t j = std::min(flat.size(0), i + chunk);
+      const at::Tensor logits = model.logits(flat.slice(0, i, j));
+      const at::Tensor loss = at::cross_entropy_loss(logits.to(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
+                                                     targets.slice(0, i, j), {}, at::Reduction::Sum, ignore_index);
+      total = total.defined() ? total + loss : loss;
+    }
+  }
+  std::vector<at::Tensor> params;
+  torch::nn::Module& head = model.lm_head ? static_cast<torch::nn::Module&>(*model.lm_head)
+                                          : static_cast<torch::nn::Module&>(*model.model->embed_tokens);
+  for (const auto& p : head.parameters()) {
+    if (p.requires_grad()) params.push_back(p);
+  }
+  if (!at::GradMode::is_enabled() || (!hidden.requires_grad() && params.empty())) return total;
+  auto node = std::shared_ptr<ChunkedLossBackward>(new ChunkedLossBackward(), torch::autograd::deleteNode);
+  node->set_next_edges(torch::autograd::collect_next_edges(hidden, params));
+  node->model = &model;
+  node->hidden = flat.detach();
+  node->hidden_sizes = hidden.sizes().vec();
+  node->hidden_requires_grad = hidden.requires_grad();
+  node->targets = targets;
+  node->chunk = chunk;
+  node->ignore_index = ignore_index;
+  node->params = std::move(params);
+  node->autocast = CheckpointBackward::Autocast::current();
+  torch::autograd::create_gradient_edge(total, std::move(node));
+  return total;
+}
 
 at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
   return shifted_cross_entropy(logits, labels, ignore_index, at::Reduction::Mean);

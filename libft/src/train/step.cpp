@@ -19,6 +19,9 @@ at::Tensor micro_batch_loss_sum(model::CausalLM& model, const BatchTensors& b) {
   } else if (b.input_ids.is_cuda()) {
     std::tie(fo.cu_seqlens, fo.max_seqlen) = varlen_offsets(b, b.input_ids.device());
   }
+  if (model->loss_chunk() > 0) {
+    return model::chunked_lm_loss_sum(*model, model->hidden_states(b.input_ids, fo), b.labels, model->loss_chunk());
+  }
   return causal_lm_loss_sum(model->forward(b.input_ids, fo), b.labels);
 }
 

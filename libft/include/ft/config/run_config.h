@@ -172,6 +172,10 @@ struct RunConfig {
   /// and replayed (ft/train/graphs.h): no per-operation host cost, for small models and adapters
   /// whose steps are bound by it. Not with activation checkpointing or data parallelism.
   bool cuda_graphs = false;
+  /// The loss through the output head this many token rows at a time (0: all at once): the (B·T, V)
+  /// logits, their float32 copy and their gradient never exist whole, for one more output-head
+  /// GEMM in the backward pass (model::chunked_lm_loss_sum). For large vocabularies.
+  int64_t loss_chunk = 0;
   EvalSection eval;
   /// Adaptation mode: full (every parameter trains) | freeze (FreezeSection) | lora (LoraSection) |
   /// qlora (LoraSection on an NF4 base, QloraSection) | prefix (PrefixSection).

@@ -170,6 +170,10 @@ class CausalLMImpl : public torch::nn::Module {
   /// forward pass of compute). Gradients are the same. No effect without gradients or with a KV cache.
   void set_gradient_checkpointing(bool on) { gradient_checkpointing_ = on; }
   bool gradient_checkpointing() const { return gradient_checkpointing_; }
+  /// The trainer's loss in chunks of this many token rows (0: the whole (B·T, V) logits at once):
+  /// see chunked_lm_loss_sum.
+  void set_loss_chunk(int64_t rows) { loss_chunk_ = rows; }
+  int64_t loss_chunk() const { return loss_chunk_; }
   /// Rotary inverse frequencies (D/2), float32, after the config's rope scaling.
   const at::Tensor& inv_freq() const { return inv_freq_; }
   /// Attaches a prefix (prefix tuning), registered as the submodule "prefix_encoder". Its shape must
@@ -190,6 +194,7 @@ class CausalLMImpl : public torch::nn::Module {
   at::Tensor inv_freq_;
   at::Tensor inv_freq_device_;  ///< the last device's copy (see inv_freq_on)
   bool gradient_checkpointing_ = false;
+  int64_t loss_chunk_ = 0;
 };
 TORCH_MODULE(CausalLM);
 
@@ -206,5 +211,16 @@ at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, in
 /// The same shifted cross-entropy, summed over the counted tokens (for normalising by the target
 /// count of a whole optimizer step, see ft/train/step.h).
 at::Tensor causal_lm_loss_sum(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index = -100);
+/// causal_lm_loss_sum(model->logits(hidden), labels) without ever holding more than `chunk` rows of
+/// logits: hidden (B, T, E) goes through the output head `chunk` token rows at a time, each chunk's
+/// logits (and their float32 copy) freed after its loss is taken. With a large vocabulary the
+/// (B·T, V) logits, their float32 copy and their gradient are the largest tensors of a step (at
+/// 128k words and 8192 tokens, 2 + 4 + 4 GiB); chunked, they take chunk/(B·T) of that. The backward
+/// pass recomputes each chunk's logits (one more output-head GEMM, as activation checkpointing
+/// does for a block) and differentiates it with respect to hidden and the head's trainable
+/// parameters (their gradients summed over the chunks, then passed on once). The same value up to
+/// the order of the float32 sum; the same gradients up to rounding.
+at::Tensor chunked_lm_loss_sum(CausalLMImpl& model, const at::Tensor& hidden, const at::Tensor& labels, int64_t chunk,
+                               int64_t ignore_index = -100);
 
 }  // namespace ft::model
