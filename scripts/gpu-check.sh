@@ -92,18 +92,21 @@ timeout 120 build-gpu/apps/ft launch -n 1 train configs/train-tiny.yaml device=c
 nccl_rc=$?
 # Eager passes against CUDA graphs (cuda_graphs: true), end to end on the bundled model: full
 # fine-tuning and LoRA, bf16, the same 30 steps; tokens/s and the final loss of each (nccl.log).
+# LoRA once more with the chunked loss inside the graphs (loss_chunk: its recomputing backward node).
 graphs_line=""
 for mode in full lora; do
   extra=(); [ $mode = lora ] && extra=("lora.targets=[all-linear]")
-  for graphs in false true; do
-    run=build-gpu/graphs-$mode-$graphs
+  variants=("false" "true"); [ $mode = lora ] && variants+=("true loss_chunk=256")
+  for variant in "${variants[@]}"; do
+    read -r graphs chunk <<<"$variant"
+    run=build-gpu/graphs-$mode-$graphs${chunk:+-chunked}
     rm -rf "$run"
     timeout 90 build-gpu/apps/ft train configs/train-tiny.yaml device=cuda dtype=bfloat16 max_steps=30 mode=$mode \
-      "${extra[@]}" cuda_graphs=$graphs tokenizer=$d/tokenizer "data.train=[$d/fortunes.h5]" checkpoint.every=100 \
-      eval.every=100 output_dir="$run" >"$run.log" 2>&1
+      "${extra[@]}" cuda_graphs=$graphs ${chunk:+$chunk} tokenizer=$d/tokenizer "data.train=[$d/fortunes.h5]" \
+      checkpoint.every=100 eval.every=100 output_dir="$run" >"$run.log" 2>&1
     rc=$?
     cat "$run.log" >>"$out/nccl.log"
-    graphs_line+=$'\n'"  $mode, cuda_graphs $graphs (exit $rc): $(grep -aoE 'loss [^,]*, [0-9]+ tokens/s' "$run.log" | tail -1)"
+    graphs_line+=$'\n'"  $mode, cuda_graphs $graphs${chunk:+, $chunk} (exit $rc): $(grep -aoE 'loss [^,]*, [0-9]+ tokens/s' "$run.log" | tail -1)"
   done
 done
 
