@@ -35,6 +35,7 @@
 
 #ifdef LIBFT_WITH_CUDA_KERNELS
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -600,7 +601,9 @@ model::CausalLM& lora_step_model() {
 // non-finite check, ATen's fused AdamW) on the adapters. Arguments: fused (0 unfused, 1 fused, 2 fused
 // with the extended GEMM where it applies: q, k, v, gate and up, whose input is RMSNorm's float32
 // output), batch, graph (1: cuda_graphs: true, the forward and backward pass captured once and
-// replayed: no per-operation host cost). MFU counts 4N + 12·L·d·T FLOPs per token (frozen base: forward 2N,
+// replayed: no per-operation host cost), loss chunk (token rows through the output head at a time,
+// loss_chunk; 0: the whole (B·T, 128256) logits). "peak_GiB": the caching allocator's peak during
+// the measured steps. MFU counts 4N + 12·L·d·T FLOPs per token (frozen base: forward 2N,
 // input gradients 2N, attention 12·L·d·T; no recomputation) against the H100 SXM's 989 TFLOP/s
 // dense bf16.
 void BM_LoraStepCuda(benchmark::State& state) {
@@ -612,6 +615,11 @@ void BM_LoraStepCuda(benchmark::State& state) {
   const io::ModelConfig& c = m->config();
   adapt::set_lora_fused(m, state.range(0) >= 1);
   adapt::set_lora_extended_gemm(m, state.range(0) == 2);
+  m->set_loss_chunk(state.range(3));
+  struct ResetChunk {
+    model::CausalLM& m;
+    ~ResetChunk() { m->set_loss_chunk(0); }
+  } reset_chunk{m};
   double n_params = 0;
   for (const auto& p : m->parameters()) n_params += static_cast<double>(p.numel());
   train::OptimizerOptions oo;
@@ -645,18 +653,22 @@ void BM_LoraStepCuda(benchmark::State& state) {
   }
   for (int i = 0; i < 3; ++i) step();
   sync(device);
-  profile_step(row_name("BM_LoraStepCuda", state, 3), step, device);
+  profile_step(row_name("BM_LoraStepCuda", state, 4), step, device);
+  c10::cuda::CUDACachingAllocator::resetPeakStats(c10::cuda::current_device());
   for (auto _ : state) {
     step();
     sync(device);
   }
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device());
+  state.counters["peak_GiB"] = static_cast<double>(stats.allocated_bytes[0].peak) / (1024.0 * 1024.0 * 1024.0);
   const double tokens = static_cast<double>(batch * T);
   const double flops_per_token = 4.0 * n_params + 12.0 * c.num_hidden_layers * c.hidden_size * T;
   state.counters["tokens/s"] = benchmark::Counter(tokens, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["MFU%"] = benchmark::Counter(100.0 * flops_per_token * tokens / 989e12, benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{0, 1, 2}, {1, 4}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
-BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{1, 2}, {1, 4}, {1}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{0, 1, 2}, {1, 4}, {0}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_LoraStepCuda)->Args({1, 4, 0, 1024})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{1, 2}, {1, 4}, {1}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 #endif
 
 BENCHMARK(BM_LoraStep)->ArgsProduct({{0, 1}, {0, 5}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);

@@ -33,10 +33,10 @@ data = {"benchmarks": [
     bench("BM_LoraLinear/1/2/0/16/2048/1", 190.0),  # fused as a CUDA graph: 1.056x its own bare row: PASS
     bench("BM_NF4Dequant/1/1", 40.0, **{"GB/s": 2.4e12}),
     bench("BM_DeviceCopy", 60.0, **{"GB/s": 3.0e12}),
-    bench("BM_LoraStepCuda/0/1/0", 100.0, unit="ms", **{"tokens/s": 20000.0, "MFU%": 30.0}),
-    bench("BM_LoraStepCuda/1/1/0", 80.0, unit="ms", **{"tokens/s": 25000.0, "MFU%": 37.5}),
-    bench("BM_LoraStepCuda/2/1/0", 75.0, unit="ms", **{"tokens/s": 26000.0, "MFU%": 39.0}),
-    bench("BM_LoraStepCuda/1/4/1", 200.0, unit="ms", **{"tokens/s": 40960.0, "MFU%": 41.0}),  # no eager batch 4: no ratio
+    bench("BM_LoraStepCuda/0/1/0/0", 100.0, unit="ms", **{"tokens/s": 20000.0, "MFU%": 30.0}),
+    bench("BM_LoraStepCuda/1/1/0/0", 80.0, unit="ms", **{"tokens/s": 25000.0, "MFU%": 37.5}),
+    bench("BM_LoraStepCuda/2/1/0/0", 75.0, unit="ms", **{"tokens/s": 26000.0, "MFU%": 39.0}),
+    bench("BM_LoraStepCuda/1/4/1/0", 200.0, unit="ms", **{"tokens/s": 40960.0, "MFU%": 41.0}),  # no eager batch 4: no ratio
     dict(name="BM_DeviceCopy_mean", run_type="aggregate", real_time=1.0, time_unit="us"),
     dict(name="BM_LoraLinear/1/0/1/16/2048/real_time", error_occurred=True, error_message="no CUDA device"),
 ]}
