@@ -340,7 +340,8 @@ TEST(VarlenCuda, PackedRowsTrainAsWithTheBlockDiagonalMask) {
 // every gradient, for chunk sizes of 1 row, a ragged 7, exactly B·T and more; for a frozen head
 // under LoRA (gradients reach the adapters through hidden), a trainable untied head, and a trainable
 // tied embedding (its gradient from the head and from the lookup, summed); with ignored labels. And
-// under bf16 autocast, where each chunk's logits are rounded as the whole logits are.
+// under bf16 autocast, where each chunk's logits are rounded as the whole logits are (the backward
+// pass outside the autocast scope, as the trainer runs it).
 TEST(TrainLoss, ChunkedEqualsTheWholeLogits) {
   const at::Tensor ids = at::arange(0, 22, at::kLong).remainder(97).mul(7).remainder(97).view({2, 11});
   at::Tensor labels = ids.clone();
@@ -370,14 +371,16 @@ TEST(TrainLoss, ChunkedEqualsTheWholeLogits) {
       };
       auto run = [&](int64_t chunk) {
         model::CausalLM m = make();
-        util::AutocastScope autocast(bf16, at::kCPU);
         at::Tensor loss;
-        if (chunk == 0) {
-          loss = model::causal_lm_loss_sum(m->forward(ids), labels);
-        } else {
-          loss = model::chunked_lm_loss_sum(*m, m->hidden_states(ids), labels, chunk);
+        {
+          util::AutocastScope autocast(bf16, at::kCPU);
+          if (chunk == 0) {
+            loss = model::causal_lm_loss_sum(m->forward(ids), labels);
+          } else {
+            loss = model::chunked_lm_loss_sum(*m, m->hidden_states(ids), labels, chunk);
+          }
         }
-        loss.backward();
+        loss.backward();  // outside the autocast scope: the recomputation restores the forward's state
         std::vector<at::Tensor> g;
         for (const auto& p : m->parameters()) {
           if (p.requires_grad()) g.push_back(p.grad().defined() ? p.grad().clone() : at::zeros_like(p));
@@ -390,7 +393,9 @@ TEST(TrainLoss, ChunkedEqualsTheWholeLogits) {
         const auto [chunked, g_chunked] = run(chunk);
         EXPECT_NEAR(chunked, whole, (bf16 ? 1e-5 : 1e-13) * whole);
         ASSERT_EQ(g_chunked.size(), g_whole.size());
-        EXPECT_LE(max_rel_error(g_chunked, g_whole), bf16 ? 1e-2 : 1e-12);
+        // bf16: 3.9e-3 at worst (a chunk's GEMM rounds a few products differently); a recomputation
+        // without the forward's autocast state gives 1.3e-2 to 2.1e-2.
+        EXPECT_LE(max_rel_error(g_chunked, g_whole), bf16 ? 6e-3 : 1e-12);
       }
     }
   }
