@@ -18,6 +18,7 @@
 #include "ft/io/safetensors.h"
 #include "ft/io/tensor_io.h"
 #include "ft/model/cpu_ops.h"
+#include "ft/util/autocast.h"
 #include "ft/util/error.h"
 #include "ft/util/json.h"
 
@@ -111,8 +112,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
                             const at::Tensor& b, const at::Tensor* w_ext_or_null, model::LinearImpl* layer,
                             double scale, double p) {
     const at::Tensor w_ext = w_ext_or_null != nullptr ? *w_ext_or_null : at::Tensor();
-    const bool autocast = at::autocast::is_autocast_enabled(x.device().type());
-    const at::ScalarType ct = autocast ? at::autocast::get_autocast_dtype(x.device().type()) : x.scalar_type();
+    const at::ScalarType ct = util::compute_dtype(x);
     const int64_t in = x.size(-1), r = a.size(0);
     const at::Tensor x_in = x.reshape({-1, in});
     // Extended: the cast writes x into the first `in` columns of xs = [x | s S], (T, in + r).
@@ -210,8 +210,7 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a,
                             const at::Tensor& b, const at::Tensor& magnitude, const at::Tensor& norm,
                             model::LinearImpl* layer, double scale) {
-    const bool autocast = at::autocast::is_autocast_enabled(x.device().type());
-    const at::ScalarType ct = autocast ? at::autocast::get_autocast_dtype(x.device().type()) : x.scalar_type();
+    const at::ScalarType ct = util::compute_dtype(x);
     const int64_t in = x.size(-1);
     const at::Tensor x2 = x.reshape({-1, in}).to(ct);
     const at::Tensor ac = a.to(ct), bc = b.to(ct);
@@ -296,8 +295,7 @@ class LoraAdapter final : public model::LinearAdapter {
   /// the base); rebuilt if the weight was replaced since (moved, converted, loaded anew).
   at::Tensor extended_weight(const at::Tensor& x) {
     if (!extend) return {};
-    const bool autocast = at::autocast::is_autocast_enabled(x.device().type());
-    const at::ScalarType ct = autocast ? at::autocast::get_autocast_dtype(x.device().type()) : x.scalar_type();
+    const at::ScalarType ct = util::compute_dtype(x);
     at::Tensor& w = owner_->weight;
     if (x.scalar_type() == ct || owner_->nf4() != nullptr || !w.defined() || w.dim() != 2 || w.scalar_type() != ct ||
         w.layout() != at::kStrided || w.device() != x.device())

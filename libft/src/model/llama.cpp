@@ -15,6 +15,7 @@
 #include <numbers>
 
 #include "ft/model/cpu_ops.h"
+#include "ft/util/autocast.h"
 #include "ft/util/error.h"
 
 #ifdef LIBFT_WITH_CUDA_KERNELS
@@ -403,10 +404,11 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
   in.sin = emb.sin().to(x.scalar_type());
   in.past = past;
 
+  FT_CHECK(!opt.segment_ids.defined() || opt.segment_ids.sizes() == input_ids.sizes(), "[model] segment_ids ",
+           opt.segment_ids.sizes(), " must match input_ids ", input_ids.sizes());
   // Packed rows on CUDA in a flash dtype: variable-length attention (ForwardOptions::cu_seqlens).
   if (opt.cu_seqlens.defined() && opt.segment_ids.defined() && device.is_cuda() && !cache && P == 0) {
-    const bool autocast = at::autocast::is_autocast_enabled(at::kCUDA);
-    const at::ScalarType qt = autocast ? at::autocast::get_autocast_dtype(at::kCUDA) : x.scalar_type();
+    const at::ScalarType qt = util::compute_dtype(x);  // the projections' (x is on the CUDA device)
     const int64_t D = config_.head_dim;
     if ((qt == at::kBFloat16 || qt == at::kHalf) && D % 8 == 0 && D <= 256) {
       FT_CHECK(opt.cu_seqlens.dim() == 1 && opt.cu_seqlens.size(0) >= 2 && opt.cu_seqlens.scalar_type() == at::kInt &&
@@ -415,8 +417,6 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
                opt.cu_seqlens.scalar_type(), " on ", opt.cu_seqlens.device());
       FT_CHECK(opt.max_seqlen >= 1 && opt.max_seqlen <= T, "[model] max_seqlen must be in [1, ", T, "], got ",
                opt.max_seqlen);
-      FT_CHECK(opt.segment_ids.sizes() == input_ids.sizes(), "[model] segment_ids ", opt.segment_ids.sizes(),
-               " must match input_ids ", input_ids.sizes());
       in.cu_seqlens = opt.cu_seqlens;
       in.max_seqlen = opt.max_seqlen;
       in.causal = true;
@@ -442,8 +442,6 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
   at::Tensor same_segment;  // (B, 1, T, S): true where query and key are in the same document
   if (opt.segment_ids.defined() && !in.cu_seqlens.defined()) {
     FT_CHECK(past_tokens == 0, "[model] segment_ids (packed documents) cannot be combined with a KV cache");
-    FT_CHECK(opt.segment_ids.sizes() == input_ids.sizes(), "[model] segment_ids ", opt.segment_ids.sizes(),
-             " must match input_ids ", input_ids.sizes());
     at::Tensor seg = opt.segment_ids.to(device);
     same_segment = (seg.unsqueeze(2) == seg.unsqueeze(1)).unsqueeze(1);
     // Every document sees the whole prefix.
@@ -556,6 +554,15 @@ at::Tensor shifted_cross_entropy(const at::Tensor& logits, const at::Tensor& lab
                                 ignore_index);
 }
 
+// The summed shifted loss of one chunk of rows (N, E) of the final hidden states against their
+// targets (N): its logits through the head, scored in float32 (float64 for a float64 model).
+at::Tensor chunk_loss_sum(CausalLMImpl& model, const at::Tensor& hidden, const at::Tensor& targets,
+                          int64_t ignore_index) {
+  const at::Tensor logits = model.logits(hidden);
+  return at::cross_entropy_loss(logits.to(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat), targets, {},
+                                at::Reduction::Sum, ignore_index);
+}
+
 // The backward pass of chunked_lm_loss_sum: each chunk's logits and loss again, differentiated
 // with respect to its rows of hidden and the head's trainable parameters (CheckpointBackward's way,
 // with the forward pass's autocast state).
@@ -586,9 +593,7 @@ class ChunkedLossBackward final : public torch::autograd::Node {
     for (int64_t i = 0; i < n; i += chunk) {
       const int64_t j = std::min(n, i + chunk);
       const at::Tensor h = hidden.slice(0, i, j).detach().requires_grad_(hidden_requires_grad);
-      const at::Tensor logits = model->logits(h);
-      const at::Tensor loss = at::cross_entropy_loss(logits.to(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
-                                                     targets.slice(0, i, j), {}, at::Reduction::Sum, ignore_index);
+      const at::Tensor loss = chunk_loss_sum(*model, h, targets.slice(0, i, j), ignore_index);
       std::vector<at::Tensor> wrt;
       if (hidden_requires_grad) wrt.push_back(h);
       for (const auto& p : params) wrt.push_back(p);
@@ -625,9 +630,7 @@ at::Tensor chunked_lm_loss_sum(CausalLMImpl& model, const at::Tensor& hidden, co
     at::NoGradGuard no_grad;
     for (int64_t i = 0; i < flat.size(0); i += chunk) {
       const int64_t j = std::min(flat.size(0), i + chunk);
-      const at::Tensor logits = model.logits(flat.slice(0, i, j));
-      const at::Tensor loss = at::cross_entropy_loss(logits.to(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
-                                                     targets.slice(0, i, j), {}, at::Reduction::Sum, ignore_index);
+      const at::Tensor loss = chunk_loss_sum(model, flat.slice(0, i, j), targets.slice(0, i, j), ignore_index);
       total = total.defined() ? total + loss : loss;
     }
   }

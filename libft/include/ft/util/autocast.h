@@ -32,4 +32,11 @@ class AutocastScope {
   at::ScalarType previous_dtype_ = at::kBFloat16;
 };
 
+/// The dtype products of `x` compute in: autocast's for x's device type where autocast is on there,
+/// else x's own.
+inline at::ScalarType compute_dtype(const at::Tensor& x) {
+  const at::DeviceType d = x.device().type();
+  return at::autocast::is_autocast_enabled(d) ? at::autocast::get_autocast_dtype(d) : x.scalar_type();
+}
+
 }  // namespace ft::util
