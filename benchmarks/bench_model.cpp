@@ -40,6 +40,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "ft/kernels/lora_rows.h"
 #include "ft/kernels/rmsnorm.h"
 #endif
 
@@ -399,7 +400,8 @@ struct LoraBench {
       o.r = r;
       adapt::apply_lora(m, o);
       adapt::set_lora_fused(m, mode >= 2);
-      adapt::set_lora_extended_gemm(m, mode == 4);
+      adapt::set_lora_extended_gemm(m, mode == 4 || mode == 6);
+      adapt::set_lora_row_kernels(m, mode >= 5);
       at::NoGradGuard no_grad;
       for (auto& p : m->parameters()) {
         if (p.requires_grad()) p.normal_(0.0, 0.02);  // a nonzero B
@@ -416,7 +418,8 @@ struct LoraBench {
 
 // Arguments: device (0 cpu in float32, 1 cuda in bf16 autocast, 2 cpu in bf16 autocast), mode (0 frozen
 // linear alone, 1 LoRA unfused, 2 LoRA fused, 3 QLoRA fused: NF4 base, 4 LoRA fused with the extended
-// GEMM, adapt::set_lora_extended_gemm; the input is float32, as RMSNorm's output under autocast), layer (0 o_proj: h→h,
+// GEMM, adapt::set_lora_extended_gemm, 5 and 6: 2 and 4 with the row kernels, adapt::set_lora_row_kernels
+// (CUDA); the input is float32, as RMSNorm's output under autocast), layer (0 o_proj: h→h,
 // 1 gate_proj: h→inter, 2 down_proj: inter→h), rank, tokens, graph (1: replayed as a CUDA graph).
 // "ops" counts the outermost ATen calls of one step (OpCounter), each a host-side cost on CUDA.
 void BM_LoraLinear(benchmark::State& state) {
@@ -470,16 +473,17 @@ BENCHMARK(BM_LoraLinear)->ArgsProduct({{0}, {0, 1, 2}, {0, 1, 2}, {8}, {512}, {0
 BENCHMARK(BM_LoraLinear)->ArgsProduct({{2}, {0, 1, 2, 3, 4}, {0}, {16}, {512}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 // The CUDA rows a layer and token count at a time, all modes together (a run cut short by a time
 // limit keeps whole comparisons), in the order of the issue's targets: o_proj, gate_proj, down_proj.
-BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3, 4}, {0}, {16}, {2048}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3, 4}, {0}, {16}, {8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3, 4}, {1}, {16}, {2048}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3, 4}, {1}, {16}, {8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3, 4}, {2}, {16}, {2048}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3, 4}, {2}, {16}, {8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3, 4, 5, 6}, {0}, {16}, {2048}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3, 4, 5, 6}, {0}, {16}, {8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3, 4, 5, 6}, {1}, {16}, {2048}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3, 4, 5, 6}, {1}, {16}, {8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3, 4, 5, 6}, {2}, {16}, {2048}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3, 4, 5, 6}, {2}, {16}, {8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 #ifdef LIBFT_WITH_CUDA_KERNELS
-BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3, 4}, {0, 1, 2}, {16}, {2048}, {1}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3, 4, 5, 6}, {0, 1, 2}, {16}, {2048}, {1}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 #endif
-BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {1, 2, 4}, {2}, {8, 64}, {8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {1, 2, 4, 5, 6}, {2}, {8}, {8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {1, 2, 4}, {2}, {64}, {8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // The operations of one LoRA linear's forward and backward on CUDA, one at a time (bf16, in the order
 // and with the shapes that the fused path issues them; x: (T, in), W: (out, in), A: (r, in),
@@ -493,7 +497,9 @@ const char* const kLoraOps[] = {"x W^T (base forward)", "dy W (base input grad)"
                                 "S = x A^T into [x|sS] (strided)", "x to bf16 into [x|sS] (strided)",
                                 "dXl += dy W, W strided in [W|B] (beta 1)",
                                 "[dy W | dy B] = dy [W|B] (extended, N = in + r)",
-                                "dx += s (dy B) A, dx strided in [dx|dyB] (beta 1)"};
+                                "dx += s (dy B) A, dx strided in [dx|dyB] (beta 1)",
+                                "row kernel: x f32 -> [x|sS] bf16 with S = x A^T (one pass)",
+                                "row kernel: dx f32 = [dy W|dy B] bf16 -> dyW + s (dy B) A (one pass)"};
 void BM_LoraOp(benchmark::State& state) {
   if (!at::hasCUDA()) return state.SkipWithError("no CUDA device");
   const int op = static_cast<int>(state.range(0));
@@ -505,7 +511,7 @@ void BM_LoraOp(benchmark::State& state) {
   // The extended GEMM's operands (adapt::set_lora_extended_gemm): [x | s S] (T, in + r), [W | B] (out, in + r).
   const at::Tensor xs = at::randn({T, in + r}, bf), ws = at::randn({out, in + r}, bf) * 0.02;
   at::Tensor y = at::empty({T, out}, bf), dx = at::empty({T, in}, bf);
-  double flops = 0;
+  double flops = 0, bytes = 0;
   auto run = [&] {
     switch (op) {
       case 0: at::mm_out(y, x, w.t()); flops = 2.0 * T * in * out; break;
@@ -537,6 +543,16 @@ void BM_LoraOp(benchmark::State& state) {
         flops = 2.0 * T * r * in;
         break;
       }
+#ifdef LIBFT_WITH_CUDA_KERNELS
+      case 19:  // ft/kernels/lora_rows.h, as the extended path calls them
+        ft::kernels::lora_cast_down(x32, a, 2.0, xs.narrow(1, 0, in), xs.narrow(1, in, r));
+        bytes = T * in * 6.0 + T * r * 2.0;
+        break;
+      case 20:
+        (void)ft::kernels::lora_up_add(xs.narrow(1, 0, in), xs.narrow(1, in, r), a, 2.0);
+        bytes = T * in * 6.0 + T * r * 2.0;
+        break;
+#endif
     }
   };
   for (int i = 0; i < 3; ++i) run();
@@ -548,8 +564,9 @@ void BM_LoraOp(benchmark::State& state) {
   state.SetLabel(kLoraOps[op]);
   state.counters["per_op"] = benchmark::Counter(10, benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
   if (flops > 0) state.counters["TFLOP/s"] = benchmark::Counter(10 * flops / 1e12, benchmark::Counter::kIsIterationInvariantRate);
+  if (bytes > 0) state.counters["GB/s"] = benchmark::Counter(10 * bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_LoraOp)->ArgsProduct({benchmark::CreateDenseRange(0, 18, 1), {0, 1}, {16}, {2048, 8192}})
+BENCHMARK(BM_LoraOp)->ArgsProduct({benchmark::CreateDenseRange(0, 20, 1), {0, 1}, {16}, {2048, 8192}})
     ->Unit(benchmark::kMicrosecond)->UseRealTime()->MinTime(0.2);
 
 // Arguments: fused (0/1), dropout in percent.
@@ -600,7 +617,7 @@ model::CausalLM& lora_step_model() {
 // loss, backward), or train::GraphedPasses for a graph row, then train::optimizer_step (the
 // non-finite check, ATen's fused AdamW) on the adapters. Arguments: fused (0 unfused, 1 fused, 2 fused
 // with the extended GEMM where it applies: q, k, v, gate and up, whose input is RMSNorm's float32
-// output), batch, graph (1: cuda_graphs: true, the forward and backward pass captured once and
+// output; 3 and 4: 1 and 2 with the row kernels, adapt::set_lora_row_kernels), batch, graph (1: cuda_graphs: true, the forward and backward pass captured once and
 // replayed: no per-operation host cost), loss chunk (token rows through the output head at a time,
 // loss_chunk; 0: the whole (B·T, 128256) logits). "peak_GiB": the caching allocator's peak during
 // the measured steps. MFU counts 4N + 12·L·d·T FLOPs per token (frozen base: forward 2N,
@@ -614,7 +631,8 @@ void BM_LoraStepCuda(benchmark::State& state) {
   model::CausalLM& m = lora_step_model();
   const io::ModelConfig& c = m->config();
   adapt::set_lora_fused(m, state.range(0) >= 1);
-  adapt::set_lora_extended_gemm(m, state.range(0) == 2);
+  adapt::set_lora_extended_gemm(m, state.range(0) == 2 || state.range(0) == 4);
+  adapt::set_lora_row_kernels(m, state.range(0) >= 3);
   m->set_loss_chunk(state.range(3));
   struct ResetChunk {
     model::CausalLM& m;
@@ -666,9 +684,9 @@ void BM_LoraStepCuda(benchmark::State& state) {
   state.counters["tokens/s"] = benchmark::Counter(tokens, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["MFU%"] = benchmark::Counter(100.0 * flops_per_token * tokens / 989e12, benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{0, 1, 2}, {1, 4}, {0}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{0, 1, 2, 3, 4}, {1, 4}, {0}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 BENCHMARK(BM_LoraStepCuda)->Args({1, 4, 0, 1024})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
-BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{1, 2}, {1, 4}, {1}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{1, 2, 3, 4}, {1, 4}, {1}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 #endif
 
 BENCHMARK(BM_LoraStep)->ArgsProduct({{0, 1}, {0, 5}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);

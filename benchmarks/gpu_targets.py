@@ -20,7 +20,8 @@ import re
 import sys
 
 LAYERS = {0: "o_proj 4096->4096", 1: "gate_proj 4096->14336", 2: "down_proj 14336->4096"}
-MODES = {0: "bare", 1: "unfused", 2: "fused", 3: "qlora", 4: "fused, extended GEMM"}
+MODES = {0: "bare", 1: "unfused", 2: "fused", 3: "qlora", 4: "fused, extended GEMM", 5: "fused, row kernels",
+         6: "fused, extended GEMM, row kernels"}
 
 
 def load(path):
@@ -63,8 +64,10 @@ def targets(runs):
     bare = {(graph, layer, tokens): t for (graph, mode, layer, rank, tokens), t in linear.items() if mode == 0}
     for (graph, mode, layer, rank, tokens), t in sorted(linear.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][4], kv[0][3], kv[0][1])):
         where = f"{LAYERS[layer]}, r {rank}, T {tokens}" + (", CUDA graph" if graph else "")
-        # Mode 4: the fused layer with the extended GEMM (adapt::set_lora_extended_gemm), beside mode 2.
-        what = {2: "fused LoRA", 4: "fused LoRA, extended GEMM,"}.get(mode)
+        # Modes 4-6: the fused layer with the extended GEMM (adapt::set_lora_extended_gemm), the row
+        # kernels (adapt::set_lora_row_kernels), and both, beside mode 2.
+        what = {2: "fused LoRA", 4: "fused LoRA, extended GEMM,", 5: "fused LoRA, row kernels,",
+                6: "fused LoRA, extended GEMM, row kernels,"}.get(mode)
         if what and (graph, layer, tokens) in bare:
             out.append((f"{what} / bare linear ({where})", t / bare[(graph, layer, tokens)], 1.10, "max"))
         if what and (graph, 1, layer, rank, tokens) in linear:
@@ -75,8 +78,9 @@ def targets(runs):
     if nf4 and copy:
         out.append(("NF4 dequantization / device copy bandwidth", nf4["GB/s"] / copy["GB/s"], 0.75, "min"))
     # BM_LoraStepCuda/<fused>/<batch>/<graph>/<loss chunk>: the speed-up at each batch size (eager),
-    # and the MFU of every fused row (fused 2: with the extended GEMM), all with the whole logits.
-    kinds = {1: "fused", 2: "fused, extended GEMM"}
+    # and the MFU of every fused row (2: with the extended GEMM, 3: row kernels, 4: both), all with
+    # the whole logits.
+    kinds = {1: "fused", 2: "fused, extended GEMM", 3: "fused, row kernels", 4: "fused, extended GEMM, row kernels"}
     for batch in (1, 4):
         for kind, what in kinds.items():
             unfused, fused = runs.get(f"BM_LoraStepCuda/0/{batch}/0/0"), runs.get(f"BM_LoraStepCuda/{kind}/{batch}/0/0")

@@ -126,17 +126,17 @@ rm -rf "$LIBFT_BENCH_PROFILE" && mkdir -p "$LIBFT_BENCH_PROFILE"
 # rows cannot take them), then the per-layer rows (every mode of a layer and token count together,
 # most important first), then the extra rows in what is left.
 timeout $((bench_s / 2)) build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
-  --benchmark_filter='BM_(NF4Dequant/1/1|DeviceCopy|LoraStepCuda/[012]/[14]/0|LoraStepCuda/[12]/[14]/1)' \
+  --benchmark_filter='BM_(NF4Dequant/1/1|DeviceCopy|LoraStepCuda/[0-4]/[14]/0|LoraStepCuda/[14]/[14]/1)' \
   --benchmark_out="$out/bench-step.json" --benchmark_out_format=json >"$out/bench.log" 2>&1
 step_rc=$?
 layer_s=$(( bench_end - $(date +%s) - 30 )); [ $layer_s -lt 30 ] && layer_s=30
 timeout $layer_s build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
-  --benchmark_filter='BM_LoraLinear/1/[0-4]/[0-2]/16/' \
+  --benchmark_filter='BM_LoraLinear/1/[0-6]/[0-2]/16/' \
   --benchmark_out="$out/bench.json" --benchmark_out_format=json >>"$out/bench.log" 2>&1
 bench_rc=$?
 extra_s=$(( bench_end - $(date +%s) )); [ $extra_s -lt 10 ] && extra_s=10
 timeout $extra_s build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
-  --benchmark_filter='BM_(PackedAttentionCuda|Forward|RMSNorm|NF4Dequant/1/0|LoraOp|LoraLinear/1/[0-4]/[0-2]/(8|64)/)' \
+  --benchmark_filter='BM_(PackedAttentionCuda|Forward|RMSNorm|NF4Dequant/1/0|LoraOp|LoraLinear/1/[0-6]/[0-2]/(8|64)/)' \
   --benchmark_out="$out/bench-extra.json" --benchmark_out_format=json >>"$out/bench.log" 2>&1
 extra_rc=$?
 unset LIBFT_BENCH_PROFILE
@@ -157,7 +157,7 @@ echo "================ libft GPU check summary ================"
 echo "benchmarks: (exit $step_rc, $bench_rc, then $extra_rc)"
 grep -E '^BM_' "$out/bench.log" | grep -v '^BM_LoraOp' | cut -c1-120 | sed 's/^/  /'  # BM_LoraOp's rows: in bench.log
 echo "where a step's time goes (more rows in bench.log, traces in profiles.tar.gz):"
-grep -aE '^\[profile\] (BM_LoraStepCuda|BM_LoraLinear_1_[0-3]_0_16_2048)' "$out/bench.log" | sed -E 's/; [^;]*\.json$//; s/^/  /'
+grep -aE '^\[profile\] (BM_LoraStepCuda|BM_LoraLinear_1_[0-6]_0_16_2048)' "$out/bench.log" | sed -E 's/; [^;]*\.json$//; s/^/  /'
 echo "parity (max|a-b|/max|b| of logits vs transformers float32):"
 grep -aE '^\[parity\]' "$out/ctest-gpu.log" | sed 's/^/  /'
 echo "date        $(date -u +%Y-%m-%d)"

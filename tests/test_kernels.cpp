@@ -11,6 +11,8 @@
 #ifdef LIBFT_WITH_CUDA_KERNELS
 #include "ft/kernels/nf4.h"
 #include "ft/kernels/nf4_decode.h"
+#include "ft/kernels/lora_rows.h"
+#include "ft/kernels/lora_rows_lane.h"
 #include "ft/kernels/rmsnorm.h"
 #endif
 
@@ -179,6 +181,169 @@ TEST(NF4Kernel, VectorDecodeEqualsTheReferenceOnTheHost) {
     EXPECT_TRUE(decode_on_host<c10::Half>(q, at::kHalf).equal(adapt::dequantize_nf4_ops(q, at::kHalf)));
     EXPECT_TRUE(decode_on_host<c10::BFloat16>(q, at::kBFloat16).equal(adapt::dequantize_nf4_ops(q, at::kBFloat16)));
   }
+}
+#endif
+
+
+// ------------------------------------------------------------------------------------------------
+// The LoRA row kernels (ft/kernels/lora_rows.h) against float64: xo = x cast exactly as
+// at::Tensor::to casts, s = scale · xo aᵀ, dx = base + scale · ds a. Ragged row counts (odd: a warp's
+// second row absent), widths that leave lanes idle in the last step (264 = 256 + 8), every rank,
+// bf16 and fp16, and both layouts: separate tensors, and the extended GEMM's views into one
+// (T, in + r) buffer. Outputs are poisoned (NaN) first, so an element left unwritten fails.
+#ifdef LIBFT_WITH_CUDA_KERNELS
+struct RowsCase {
+  int64_t rows, in, r;
+  bool extended;
+  at::ScalarType dtype;
+};
+
+std::vector<RowsCase> rows_cases(const std::vector<int64_t>& row_counts, const std::vector<int64_t>& widths) {
+  std::vector<RowsCase> out;
+  for (const auto dtype : {at::kBFloat16, at::kHalf}) {
+    for (const int64_t r : {4, 8, 16, 32}) {
+      for (const bool extended : {false, true}) {
+        if (extended && r % 8 != 0) continue;  // [x | s S] rows must stay 16-byte aligned
+        for (const int64_t rows : row_counts) {
+          for (const int64_t in : widths) out.push_back({rows, in, r, extended, dtype});
+        }
+      }
+    }
+  }
+  return out;
+}
+
+struct RowsOperands {
+  at::Tensor x, a, xo, s, base, ds;
+  double scale = 0.375;
+  std::string what;
+};
+
+RowsOperands rows_operands(const RowsCase& c, const at::Device device) {
+  RowsOperands o;
+  const auto f32 = at::TensorOptions().device(device).dtype(at::kFloat);
+  o.x = at::randn({c.rows, c.in}, f32).mul_(2);
+  o.a = (at::randn({c.r, c.in}, f32) / std::sqrt(static_cast<double>(c.in))).to(c.dtype);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  if (c.extended) {
+    const at::Tensor out = at::full({c.rows, c.in + c.r}, nan, f32.dtype(c.dtype));
+    o.xo = out.narrow(1, 0, c.in);
+    o.s = out.narrow(1, c.in, c.r);
+    const at::Tensor grad = at::randn({c.rows, c.in + c.r}, f32).to(c.dtype);
+    o.base = grad.narrow(1, 0, c.in);
+    o.ds = grad.narrow(1, c.in, c.r);
+  } else {
+    o.xo = at::full({c.rows, c.in}, nan, f32.dtype(c.dtype));
+    o.s = at::full({c.rows, c.r}, nan, f32.dtype(c.dtype));
+    o.base = at::randn({c.rows, c.in}, f32).to(c.dtype);
+    o.ds = at::randn({c.rows, c.r}, f32).to(c.dtype);
+  }
+  o.what = std::string(c10::toString(c.dtype)) + ", rows " + std::to_string(c.rows) + ", in " + std::to_string(c.in) +
+           ", r " + std::to_string(c.r) + (c.extended ? ", extended layout" : ", separate tensors");
+  return o;
+}
+
+// The down and up outputs against float64 (dx: float32 accumulation of ≤ 40 terms).
+void expect_rows_outputs(const RowsOperands& o, const at::Tensor& dx) {
+  SCOPED_TRACE(o.what);
+  const at::Tensor xo_ref = o.x.to(o.a.scalar_type());
+  EXPECT_TRUE(o.xo.equal(xo_ref));
+  const at::Tensor s_ref = xo_ref.to(at::kDouble).mm(o.a.to(at::kDouble).t()) * o.scale;
+  ASSERT_TRUE(o.s.isfinite().all().item<bool>());
+  EXPECT_LE(test::max_rel_error(o.s, s_ref), o.a.scalar_type() == at::kHalf ? 2e-3 : 1e-2);
+  const at::Tensor dx_ref = o.base.to(at::kDouble) + o.ds.to(at::kDouble).mm(o.a.to(at::kDouble)) * o.scale;
+  ASSERT_EQ(dx.scalar_type(), at::kFloat);
+  ASSERT_EQ(dx.sizes(), o.base.sizes());
+  ASSERT_TRUE(dx.isfinite().all().item<bool>());
+  EXPECT_LE(test::max_rel_error(dx, dx_ref), 1e-5);
+}
+
+// The kernels' lanes run one after another on the host, the warp's sum in lane order.
+template <typename T, int Rank>
+void rows_on_host(const RowsOperands& o, at::Tensor& dx) {
+  using namespace kernels::detail;
+  const int64_t rows = o.x.size(0), in = o.x.size(1);
+  const float* x = o.x.data_ptr<float>();
+  T* xo = reinterpret_cast<T*>(o.xo.data_ptr());
+  T* s = reinterpret_cast<T*>(o.s.data_ptr());
+  const T* a = reinterpret_cast<const T*>(o.a.data_ptr());
+  const T* base = reinterpret_cast<const T*>(o.base.data_ptr());
+  const T* ds = reinterpret_cast<const T*>(o.ds.data_ptr());
+  dx = at::full({rows, in}, std::numeric_limits<double>::quiet_NaN(), o.x.options());
+  float* d = dx.data_ptr<float>();
+  const auto scale = static_cast<float>(o.scale);
+  for (int64_t row = 0; row < rows; row += kLoraRows) {
+    const int n = static_cast<int>(std::min<int64_t>(kLoraRows, rows - row));
+    float total[kLoraRows][Rank] = {};
+    for (int lane = 0; lane < kLoraLanes; ++lane) {
+      float acc[kLoraRows][Rank];
+      lora_down_lane<T, Rank>(x + row * o.x.stride(0), o.x.stride(0), xo + row * o.xo.stride(0), o.xo.stride(0), a, in,
+                              n, lane, acc);
+      for (int i = 0; i < kLoraRows; ++i) {
+        for (int j = 0; j < Rank; ++j) total[i][j] += acc[i][j];
+      }
+    }
+    for (int lane = 0; lane < kLoraLanes; ++lane) {
+      lora_down_store<T, Rank>(total, scale, s + row * o.s.stride(0), o.s.stride(0), n, lane);
+      lora_up_lane<T, Rank>(base + row * o.base.stride(0), o.base.stride(0), ds + row * o.ds.stride(0), o.ds.stride(0),
+                            a, in, scale, d + row * in, in, n, lane);
+    }
+  }
+}
+
+template <typename T>
+void rows_on_host(const RowsOperands& o, at::Tensor& dx) {
+  switch (o.a.size(0)) {
+    case 4: return rows_on_host<T, 4>(o, dx);
+    case 8: return rows_on_host<T, 8>(o, dx);
+    case 16: return rows_on_host<T, 16>(o, dx);
+    case 32: return rows_on_host<T, 32>(o, dx);
+    default: FAIL() << "rank " << o.a.size(0);
+  }
+}
+
+TEST(LoraRowsKernel, LanesOnTheHostMatchTheFloat64Reference) {
+  at::manual_seed(7);
+  for (const RowsCase& c : rows_cases({1, 5}, {8, 264, 520})) {
+    const RowsOperands o = rows_operands(c, at::kCPU);
+    at::Tensor dx;
+    if (c.dtype == at::kBFloat16) {
+      rows_on_host<c10::BFloat16>(o, dx);
+    } else {
+      rows_on_host<c10::Half>(o, dx);
+    }
+    expect_rows_outputs(o, dx);
+  }
+}
+
+TEST(LoraRowsKernel, MatchesTheFloat64ReferenceOnRaggedShapes) {
+  FT_REQUIRE_CUDA();
+  at::manual_seed(8);
+  for (const RowsCase& c : rows_cases({1, 17, 4099}, {8, 264, 4096})) {
+    const RowsOperands o = rows_operands(c, at::kCUDA);
+    ASSERT_TRUE(kernels::lora_cast_down_fits(o.x, o.a, o.xo, o.s)) << o.what;
+    ASSERT_TRUE(kernels::lora_up_add_fits(o.base, o.ds, o.a)) << o.what;
+    kernels::lora_cast_down(o.x, o.a, o.scale, o.xo, o.s);
+    const at::Tensor dx = kernels::lora_up_add(o.base, o.ds, o.a, o.scale);
+    expect_rows_outputs(o, dx);
+  }
+}
+
+TEST(LoraRowsKernel, DeclinesOperandsItCannotTake) {
+  FT_REQUIRE_CUDA();
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  const at::Tensor x = at::randn({6, 64}, cuda), a = at::randn({16, 64}, cuda.dtype(at::kBFloat16));
+  const at::Tensor xo = at::empty({6, 64}, cuda.dtype(at::kBFloat16)), s = at::empty({6, 16}, cuda.dtype(at::kBFloat16));
+  EXPECT_TRUE(kernels::lora_cast_down_fits(x, a, xo, s));
+  EXPECT_TRUE(kernels::lora_up_add_fits(xo, s, a));
+  // Rank 64, a width that is not a multiple of 8, float16 input, mixed dtypes, an unaligned view.
+  EXPECT_FALSE(kernels::lora_cast_down_fits(x, at::randn({64, 64}, cuda.dtype(at::kBFloat16)), xo,
+                                            at::empty({6, 64}, cuda.dtype(at::kBFloat16))));
+  EXPECT_FALSE(kernels::lora_cast_down_fits(x.narrow(1, 0, 60), a.narrow(1, 0, 60).contiguous(), xo.narrow(1, 0, 60), s));
+  EXPECT_FALSE(kernels::lora_cast_down_fits(x.to(at::kHalf), a, xo, s));
+  EXPECT_FALSE(kernels::lora_up_add_fits(xo, s, a.to(at::kHalf)));
+  EXPECT_FALSE(kernels::lora_up_add_fits(at::empty({6, 72}, cuda.dtype(at::kBFloat16)).narrow(1, 4, 64), s, a));
+  EXPECT_THROW(kernels::lora_up_add(xo, s, a.to(at::kHalf), 1.0), c10::Error);
 }
 #endif
 

@@ -90,9 +90,16 @@ void poison_cuda_allocator() {
 // the products). The low-rank term is made about as large as the base term, so dropping or
 // mis-scaling it fails. On CUDA the allocator is poisoned before each pass.
 void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& tokens) {
-  enum Base { kF32Autocast, kBf16Stored, kExtended, kNf4, kPureBf16 };
-  const char* base_names[] = {"float32 base, autocast", "bf16-stored base, autocast",
-                              "bf16-stored base, autocast, extended GEMM", "NF4 base, autocast", "bf16 model"};
+  enum Base { kF32Autocast, kBf16Stored, kExtended, kNf4, kPureBf16, kRowKernels, kExtendedRowKernels };
+  const char* base_names[] = {"float32 base, autocast",
+                              "bf16-stored base, autocast",
+                              "bf16-stored base, autocast, extended GEMM",
+                              "NF4 base, autocast",
+                              "bf16 model",
+                              "bf16-stored base, autocast, row kernels",
+                              "bf16-stored base, autocast, extended GEMM, row kernels"};
+  std::vector<Base> bases = {kF32Autocast, kBf16Stored, kExtended, kNf4, kPureBf16};
+  if (device.is_cuda()) bases.insert(bases.end(), {kRowKernels, kExtendedRowKernels});  // CUDA-only kernels
   io::ModelConfig mc = test::tiny_config();
   mc.hidden_size = 160;
   mc.intermediate_size = 1000;
@@ -103,7 +110,9 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
   mc.layer_window.assign(1, 0);
   int64_t seed = 0;
   for (const int64_t r : {4, 8, 16, 64}) {
-    for (const Base base : {kF32Autocast, kBf16Stored, kExtended, kNf4, kPureBf16}) {
+    for (const Base base : bases) {
+      const bool extended = base == kExtended || base == kExtendedRowKernels;
+      const bool row_kernels = base == kRowKernels || base == kExtendedRowKernels;
       for (const auto& [p, dora] : {std::pair{0.0, false}, std::pair{0.1, false}, std::pair{0.0, true}}) {
         model::CausalLM m(mc);
         model::init_weights(m, static_cast<uint64_t>(++seed));
@@ -131,9 +140,13 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
         }
         m->to(device);
         if (base == kPureBf16) m->to(at::kBFloat16);
-        if (base == kBf16Stored || base == kExtended) ASSERT_GT(adapt::store_frozen_linears(m, at::kBFloat16), 0);
+        if (base == kBf16Stored || extended || row_kernels) ASSERT_GT(adapt::store_frozen_linears(m, at::kBFloat16), 0);
         adapt::set_lora_fused(m, true);
-        adapt::set_lora_extended_gemm(m, base == kExtended);
+        adapt::set_lora_extended_gemm(m, extended);
+        adapt::set_lora_row_kernels(m, row_kernels);
+        // The row kernels run where they take the operands: no dropout, r ≤ 32, and rows of
+        // [x | s S] that stay 16-byte aligned (widths 160 and 1000 plus r a multiple of 8).
+        const bool kernels_expected = row_kernels && p == 0 && !dora && r <= 32 && (!extended || r % 8 == 0);
         m->train();
         auto params = m->named_parameters();
         auto modules = m->named_modules();
@@ -153,6 +166,7 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
             const at::Tensor dy = at::randn({T, lin->out_features}, xt.dtype(at::kBFloat16));
             if (device.is_cuda()) poison_cuda_allocator();
             at::manual_seed(1000 + seed);
+            test::OpNames ops;
             at::Tensor y;
             {
               util::AutocastScope autocast(base != kPureBf16, device.type());
@@ -164,10 +178,13 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
             // The extended GEMM is really taken: W became a view of the (out, in + r) buffer.
             if (base != kNf4) {  // (an NF4 layer's weight is an empty placeholder)
               const int64_t w_stride = lin->weight.stride(0);
-              EXPECT_EQ(w_stride, base == kExtended && !dora ? lin->in_features + r : lin->in_features);
+              EXPECT_EQ(w_stride, extended && !dora ? lin->in_features + r : lin->in_features);
             }
             if (device.is_cuda()) poison_cuda_allocator();
             y.backward(dy);
+            EXPECT_TRUE(ops.seen("aten::mm") || ops.seen("aten::addmm"));  // the recorder works
+            EXPECT_EQ(ops.seen("ft::lora_cast_down"), kernels_expected);
+            EXPECT_EQ(ops.seen("ft::lora_up_add"), kernels_expected);
 
             // The float64 reference on the operands as the products see them.
             auto r64 = [](const at::Tensor& t) { return t.detach().to(at::kBFloat16).to(at::kDouble); };

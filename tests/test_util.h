@@ -1,6 +1,7 @@
 #pragma once
 // Helpers shared by the LibTorch tests.
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <gtest/gtest.h>
 
 #include <unistd.h>
@@ -9,6 +10,8 @@
 #include <fstream>
 #include <functional>
 #include <iterator>
+#include <mutex>
+#include <set>
 #include <string>
 
 #include "ft/data/token_store.h"
@@ -22,6 +25,41 @@ inline double max_rel_error(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor a64 = a.to(at::kDouble).cpu(), b64 = b.to(at::kDouble).cpu();
   return (a64 - b64).abs().max().item<double>() / std::max(b64.abs().max().item<double>(), 1e-30);
 }
+
+/// The names of the operations recorded (ATen ops, and libft's kernels, which record themselves as
+/// "ft::…") on any thread while it lives: the autograd engine's threads run CUDA backward passes.
+/// One at a time.
+class OpNames {
+ public:
+  OpNames() {
+    std::lock_guard<std::mutex> lock(mutex());
+    names().clear();
+    handle_ = at::addGlobalCallback(at::RecordFunctionCallback(&OpNames::enter));
+  }
+  ~OpNames() { at::removeCallback(handle_); }
+  OpNames(const OpNames&) = delete;
+  OpNames& operator=(const OpNames&) = delete;
+  bool seen(const std::string& name) const {
+    std::lock_guard<std::mutex> lock(mutex());
+    return names().count(name) > 0;
+  }
+
+ private:
+  static std::unique_ptr<at::ObserverContext> enter(const at::RecordFunction& fn) {
+    std::lock_guard<std::mutex> lock(mutex());
+    names().insert(fn.name());
+    return nullptr;
+  }
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static std::set<std::string>& names() {
+    static std::set<std::string> n;
+    return n;
+  }
+  at::CallbackHandle handle_;
+};
 
 /// A 2-layer, 32-wide model of `type` (GQA 4/2, head_dim 8, vocab 97) for fast unit tests.
 inline io::ModelConfig tiny_config(const std::string& type = "llama") {

@@ -25,6 +25,7 @@ data = {"benchmarks": [
     bench("BM_LoraLinear/1/2/0/16/2048", 215.0),  # fused: 1.075x bare, 1.395x faster than unfused
     bench("BM_LoraLinear/1/3/0/16/2048", 260.0),  # QLoRA at T 2048: no target
     bench("BM_LoraLinear/1/4/0/16/2048", 210.0),  # fused, extended GEMM: 1.05x bare, 1.429x faster than unfused
+    bench("BM_LoraLinear/1/6/0/16/2048", 206.0),  # extended GEMM and row kernels: 1.03x bare
     bench("BM_LoraLinear/1/0/2/16/8192", 2.0, unit="ms"),
     bench("BM_LoraLinear/1/2/2/16/8192", 2400.0),  # 1.2x bare: FAIL
     bench("BM_LoraLinear/1/3/2/16/8192", 2.6, unit="ms"),  # QLoRA 1.083x LoRA: PASS
@@ -36,6 +37,7 @@ data = {"benchmarks": [
     bench("BM_LoraStepCuda/0/1/0/0", 100.0, unit="ms", **{"tokens/s": 20000.0, "MFU%": 30.0}),
     bench("BM_LoraStepCuda/1/1/0/0", 80.0, unit="ms", **{"tokens/s": 25000.0, "MFU%": 37.5}),
     bench("BM_LoraStepCuda/2/1/0/0", 75.0, unit="ms", **{"tokens/s": 26000.0, "MFU%": 39.0}),
+    bench("BM_LoraStepCuda/3/1/0/0", 74.0, unit="ms", **{"tokens/s": 27000.0, "MFU%": 40.5}),  # row kernels
     bench("BM_LoraStepCuda/1/4/1/0", 200.0, unit="ms", **{"tokens/s": 40960.0, "MFU%": 41.0}),  # no eager batch 4: no ratio
     dict(name="BM_DeviceCopy_mean", run_type="aggregate", real_time=1.0, time_unit="us"),
     dict(name="BM_LoraLinear/1/0/1/16/2048/real_time", error_occurred=True, error_message="no CUDA device"),
@@ -54,6 +56,8 @@ expect = {
     "unfused / fused LoRA (o_proj 4096->4096, r 16, T 2048)": 300.0 / 215.0,
     "fused LoRA, extended GEMM, / bare linear (o_proj 4096->4096, r 16, T 2048)": 1.05,
     "unfused / fused LoRA, extended GEMM, (o_proj 4096->4096, r 16, T 2048)": 300.0 / 210.0,
+    "fused LoRA, extended GEMM, row kernels, / bare linear (o_proj 4096->4096, r 16, T 2048)": 1.03,
+    "unfused / fused LoRA, extended GEMM, row kernels, (o_proj 4096->4096, r 16, T 2048)": 300.0 / 206.0,
     "fused LoRA / bare linear (down_proj 14336->4096, r 16, T 8192)": 1.2,
     "QLoRA / LoRA linear (down_proj 14336->4096, r 16, T 8192)": 2.6 / 2.4,
     "NF4 dequantization / device copy bandwidth": 0.8,
@@ -62,6 +66,8 @@ expect = {
     "1.24B LoRA step, fused, extended GEMM / unfused tokens/s (batch 1 x 2048)": 1.3,
     "1.24B LoRA step, fused, extended GEMM, MFU % (batch 1 x 2048, eager)": 39.0,
     "1.24B LoRA step, fused, MFU % (batch 4 x 2048, CUDA graph)": 41.0,
+    "1.24B LoRA step, fused, row kernels / unfused tokens/s (batch 1 x 2048)": 1.35,
+    "1.24B LoRA step, fused, row kernels, MFU % (batch 1 x 2048, eager)": 40.5,
 }
 assert set(rows) == set(expect), sorted(rows)
 for text, value in expect.items():
@@ -74,7 +80,7 @@ for line, verdict in [("fused LoRA / bare linear (o_proj 4096->4096, r 16, T 204
                       ("extended GEMM / unfused tokens/s", "PASS"), ("extended GEMM, MFU % (batch 1", "FAIL")]:
     hits = [l for l in out.splitlines() if line in l]
     assert len(hits) == 1 and hits[0].strip().startswith(verdict), (line, verdict, out)
-assert "gpu targets: 9 of 13 met" in out, out
+assert "gpu targets: 13 of 17 met" in out, out
 # A file cut short after its third benchmark (a run stopped by the time limit) still gives those.
 with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "cut.json")
@@ -94,5 +100,5 @@ with tempfile.TemporaryDirectory() as d:
     with open(second, "w") as f:
         json.dump({"benchmarks": data["benchmarks"][4:]}, f)
     both = subprocess.run([sys.executable, script, first, second], capture_output=True, text=True, check=True).stdout
-    assert "gpu targets: 9 of 13 met" in both, both
+    assert "gpu targets: 13 of 17 met" in both, both
 print("gpu targets OK")

@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/record_function.h>
 #include <torch/autograd.h>
 #include <torch/nn/modules/linear.h>
 
@@ -21,6 +22,10 @@
 #include "ft/util/autocast.h"
 #include "ft/util/error.h"
 #include "ft/util/json.h"
+
+#ifdef LIBFT_WITH_CUDA_KERNELS
+#include "ft/kernels/lora_rows.h"
+#endif
 
 namespace fs = std::filesystem;
 
@@ -110,19 +115,28 @@ at::Tensor as_input_grad(torch::autograd::AutogradContext* ctx, const at::Tensor
 struct FusedLora : public torch::autograd::Function<FusedLora> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a,
                             const at::Tensor& b, const at::Tensor* w_ext_or_null, model::LinearImpl* layer,
-                            double scale, double p) {
+                            double scale, double p, bool row_kernels) {
     const at::Tensor w_ext = w_ext_or_null != nullptr ? *w_ext_or_null : at::Tensor();
     const at::ScalarType ct = util::compute_dtype(x);
     const int64_t in = x.size(-1), r = a.size(0);
     const at::Tensor x_in = x.reshape({-1, in});
+    const at::Tensor ac = a.to(ct);
     // Extended: the cast writes x into the first `in` columns of xs = [x | s S], (T, in + r).
-    at::Tensor xs;
+    at::Tensor xs, x2, s_low;  // x2: x in the compute dtype; s_low: s S = s drop(x) Aᵀ (T, r)
     if (w_ext.defined()) {
       xs = at::empty({x_in.size(0), in + r}, x.options().dtype(ct));
-      xs.narrow(1, 0, in).copy_(x_in);
+      x2 = xs.narrow(1, 0, in);
+      s_low = xs.narrow(1, in, r);
     }
-    const at::Tensor x2 = xs.defined() ? xs.narrow(1, 0, in) : x_in.to(ct);
-    const at::Tensor ac = a.to(ct);
+    // The row kernel (set_lora_row_kernels): the cast and s S in one pass over x.
+    const bool lowered = row_kernels && p == 0 && cast_down(x_in, ac, scale, ct, x2, s_low);
+    if (!lowered) {
+      if (xs.defined()) {
+        x2.copy_(x_in);
+      } else {
+        x2 = x_in.to(ct);
+      }
+    }
     at::Tensor h = x2, keep;  // keep: CPU: the scaled noise; CUDA: the mask
     if (p > 0) {
       if (x2.is_cuda()) {  // at::dropout's fused path on CUDA
@@ -135,19 +149,18 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
       }
     }
     const at::Tensor bias = layer->bias.defined() ? layer->bias.to(ct) : at::Tensor();
-    at::Tensor y, s_low, bc;  // s S = s drop(x) Aᵀ (T, r); B in the compute dtype
+    at::Tensor y, bc;  // B in the compute dtype
     if (xs.defined()) {
       // s S into xs's last r columns, B (cast) into w_ext's, then one GEMM over K = in + r:
       // y = [x | s S] [W | B]ᵀ (+ b). No (T, out) low-rank product is written or read back.
-      s_low = xs.narrow(1, in, r);
-      scaled_mm_out(s_low, h, ac.t(), scale);
+      if (!lowered) scaled_mm_out(s_low, h, ac.t(), scale);
       bc = w_ext.narrow(1, in, r);
       bc.copy_(b);
       y = bias.defined() ? at::addmm(bias, xs, w_ext.t()) : at::mm(xs, w_ext.t());
       // With dropout the backward pass needs h, not x: s S alone is kept, so that xs is freed here.
       if (p > 0) s_low = s_low.clone();
     } else {
-      s_low = scaled_mm(h, ac.t(), scale);
+      if (!lowered) s_low = scaled_mm(h, ac.t(), scale);
       bc = b.to(ct);
       y = base_plus_low_rank(x2, layer->dense_weight(ct), bias, s_low, bc);
     }
@@ -158,6 +171,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     ctx->save_for_backward({h, s_low, ac, xs.defined() ? at::Tensor() : bc, keep});
     if (xs.defined()) ctx->saved_data["w_ext"] = w_ext;
     ctx->saved_data["p"] = p;
+    ctx->saved_data["row_kernels"] = row_kernels;
     return finish_forward(ctx, x, y, layer, scale, a.scalar_type());
   }
 
@@ -172,6 +186,9 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     auto* layer = reinterpret_cast<model::LinearImpl*>(ctx->saved_data["layer"].toInt());
     const double scale = ctx->saved_data["scale"].toDouble();
     const double p = ctx->saved_data["p"].toDouble();
+    // The row kernel adds the low-rank term while converting dx to float32 (x's dtype under autocast).
+    const bool row_kernels = ctx->saved_data["row_kernels"].toBool() && p == 0 &&
+                             ctx->saved_data["x_dtype"].toScalarType() == at::kFloat;
     const auto ct = ac.scalar_type();
     const auto adt = ctx->saved_data["adapter_dtype"].toScalarType();
     const at::Tensor dy = grads[0].reshape({-1, bc.size(0)}).to(ct);
@@ -184,20 +201,59 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
       const at::Tensor dyb = dxs.narrow(1, in, r);
       da = scaled_mm(dyb.t(), h, scale);
       at::Tensor base = dxs.narrow(1, 0, in);
-      if (p == 0) {
-        base.addmm_(dyb, ac, /*beta=*/1.0, /*alpha=*/scale);
-      } else {
-        base.add_(low_rank_input_grad(dyb, ac, keep, p, scale));
-      }
-      dx = as_input_grad(ctx, base);
+      if (row_kernels) dx = up_add(base, dyb, ac, scale);  // float32(dY W) + s (dY B) A, written once
+      if (!dx.defined() && p == 0) dx = base.addmm_(dyb, ac, /*beta=*/1.0, /*alpha=*/scale);
+      if (!dx.defined()) dx = base.add_(low_rank_input_grad(dyb, ac, keep, p, scale));
+      dx = as_input_grad(ctx, dx);
     } else {
       const at::Tensor ds = scaled_mm(dy, bc, scale);  // s dY B, (T, r)
       da = at::mm(ds.t(), h);                          // (r, in)
       if (ctx->needs_input_grad(0)) {
-        dx = as_input_grad(ctx, input_grad(dy, layer->dense_weight(ct), ds, ac, keep, p));  // dY W + drop'(dS A)
+        const at::Tensor w = layer->dense_weight(ct);
+        if (row_kernels && dy.is_cuda()) {  // float32(dY W) + dS A, the sum written once
+          at::Tensor base = at::mm(dy, w);
+          dx = up_add(base, ds, ac, 1.0);
+          if (!dx.defined()) dx = base.addmm_(ds, ac);
+        } else {
+          dx = input_grad(dy, w, ds, ac, keep, p);  // dY W + drop'(dS A)
+        }
+        dx = as_input_grad(ctx, dx);
       }
     }
-    return {dx, da.to(adt), db.to(adt), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, da.to(adt), db.to(adt), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+
+  // The row kernels where they take the operands (CUDA, float32 x under bf16/fp16 autocast, r ≤ 32,
+  // aligned widths), else false / undefined and the caller takes the ATen path. cast_down allocates
+  // x2 and s_low (T, in), (T, r) unless they are given (the extended GEMM's views).
+  static bool cast_down(const at::Tensor& x_in, const at::Tensor& ac, double scale, at::ScalarType ct, at::Tensor& x2,
+                        at::Tensor& s_low) {
+#ifdef LIBFT_WITH_CUDA_KERNELS
+    if (!x_in.is_cuda() || x_in.scalar_type() != at::kFloat || ct == at::kFloat) return false;
+    const at::Tensor xo = x2.defined() ? x2 : at::empty(x_in.sizes(), x_in.options().dtype(ct));
+    const at::Tensor so = s_low.defined() ? s_low : at::empty({x_in.size(0), ac.size(0)}, x_in.options().dtype(ct));
+    if (!kernels::lora_cast_down_fits(x_in, ac, xo, so)) return false;
+    RECORD_FUNCTION("ft::lora_cast_down", std::vector<c10::IValue>());  // named in profiles
+    kernels::lora_cast_down(x_in, ac, scale, xo, so);
+    x2 = xo;
+    s_low = so;
+    return true;
+#else
+    (void)x_in, (void)ac, (void)scale, (void)ct, (void)x2, (void)s_low;
+    return false;
+#endif
+  }
+
+  static at::Tensor up_add(const at::Tensor& base, const at::Tensor& ds, const at::Tensor& ac, double scale) {
+#ifdef LIBFT_WITH_CUDA_KERNELS
+    if (kernels::lora_up_add_fits(base, ds, ac)) {
+      RECORD_FUNCTION("ft::lora_up_add", std::vector<c10::IValue>());
+      return kernels::lora_up_add(base, ds, ac, scale);
+    }
+#else
+    (void)base, (void)ds, (void)ac, (void)scale;
+#endif
+    return {};
   }
 };
 
@@ -264,7 +320,8 @@ class LoraAdapter final : public model::LinearAdapter {
       return FusedDora::apply(x, A->weight, B->weight, magnitude, row_norm(/*detach=*/true), owner_, info.scale);
     }
     const at::Tensor w_ext = extended_weight(x);
-    return FusedLora::apply(x, A->weight, B->weight, w_ext.defined() ? &w_ext : nullptr, owner_, info.scale, dropout_);
+    return FusedLora::apply(x, A->weight, B->weight, w_ext.defined() ? &w_ext : nullptr, owner_, info.scale, dropout_,
+                            row_kernels);
   }
 
   at::Tensor apply(const at::Tensor& x, const at::Tensor& base) override {
@@ -335,6 +392,7 @@ class LoraAdapter final : public model::LinearAdapter {
   bool merged = false;
   bool fused = true;
   bool extend = false;  ///< set_lora_extended_gemm
+  bool row_kernels = false;  ///< set_lora_row_kernels
   at::Tensor w_ext;     ///< [W | B] in the compute dtype, (out, in + r); W's storage once built
 };
 
@@ -554,6 +612,10 @@ void set_lora_extended_gemm(model::CausalLM& model, bool on) {
     if (w.defined() && w.data_ptr() == a->w_ext.data_ptr()) w.set_data(w.contiguous());
     a->w_ext = at::Tensor();
   }
+}
+
+void set_lora_row_kernels(model::CausalLM& model, bool on) {
+  for (const auto& [name, a] : adapters(model)) a->row_kernels = on;
 }
 
 void merge_and_unload_lora(model::CausalLM& model) {

@@ -103,6 +103,15 @@ void set_lora_fused(model::CausalLM& model, bool fused);
 /// Other calls (NF4 bases, inputs already in the compute dtype, DoRA) keep the split GEMMs. Turning
 /// it off gives each extended weight contiguous storage of its own again.
 void set_lora_extended_gemm(model::CausalLM& model, bool on);
+/// The fused path's memory-bound passes with the rank-r products folded in (ft/kernels/lora_rows.h),
+/// off by default until the GPU benchmarks (BM_LoraLinear modes 5 and 6 beside 2 and 4) decide.
+/// Where x is float32 under bf16/fp16 autocast on CUDA, r ∈ {4, 8, 16, 32}, no dropout and the
+/// widths are multiples of 8: the forward cast of x and s S = s x Aᵀ take one pass over x (S from
+/// the cast values in registers, not a second read), and the backward pass writes
+/// dx = float32(dy W) + s (dy B) A once (no bf16 read-modify-write of dx before its conversion,
+/// and no bf16 rounding of the sum). With either GEMM layout (split or extended); other calls keep
+/// the ATen path.
+void set_lora_row_kernels(model::CausalLM& model, bool on);
 /// The fused path's dropout noise on the CPU: a tensor shaped and typed like `x` holding 0 with
 /// probability p and 1/(1 − p) otherwise. Counter-based: element i is decided by 32 bits of
 /// SplitMix64(seed + ⌈(i+1)/2⌉·γ), filled in parallel, where `seed` is one 64-bit draw from the

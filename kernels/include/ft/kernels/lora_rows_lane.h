@@ -1,0 +1,182 @@
+#pragma once
+// What one lane of a warp computes in the LoRA row kernels (kernels/lora_rows.cu), shared with the
+// host so that a CPU test runs the kernels' indexing, vector packing and rounding on machines
+// without a GPU (LoraRowsKernel.LanesOnTheHost*). The device kernels add only the warp's row
+// assignment and, for the down projection, a shuffle reduction of the lanes' partial sums.
+//
+// A warp owns kRows consecutive token rows. Lane l walks the columns c = 8 (l + 32 k), k = 0, 1, …:
+// 8 consecutive elements per step, moved as 16-byte vectors (two for float32). Rank is the adapter
+// rank r (a template argument: the partial sums live in registers).
+//
+//   down (forward): xo[t, c] = T(x[t, c]);  acc[t][j] = Σ_c float(xo[t, c]) · float(a[j, c])
+//                   (this lane's columns; the warp's sum, times the scale, is s S[t, j])
+//   up (backward):  dx[t, c] = float(base[t, c]) + Σ_j (scale · float(ds[t, j])) · float(a[j, c])
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define FT_LORA_HD __host__ __device__ __forceinline__
+#define FT_LORA_UNROLL _Pragma("unroll")
+#else
+#define FT_LORA_HD inline
+#define FT_LORA_UNROLL
+#endif
+
+namespace ft::kernels::detail {
+
+constexpr int kLoraLanes = 32;      ///< lanes per warp
+constexpr int kLoraLaneCols = 8;    ///< consecutive columns per lane and step
+constexpr int kLoraRows = 2;        ///< token rows per warp (a's vectors are reused across them)
+constexpr int kLoraStepCols = kLoraLanes * kLoraLaneCols;
+
+struct alignas(16) Vec16 {
+  uint32_t w[4];
+};
+
+FT_LORA_HD Vec16 load16(const void* p) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const Vec16*>(p);
+#else
+  Vec16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+#endif
+}
+
+FT_LORA_HD void store16(void* p, const Vec16& v) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<Vec16*>(p) = v;
+#else
+  std::memcpy(p, &v, sizeof v);
+#endif
+}
+
+/// 8 values of a 2-byte type T (c10::BFloat16 or c10::Half) from 16 bytes, as float.
+template <typename T>
+FT_LORA_HD void unpack8(const Vec16& v, float* out) {
+  static_assert(sizeof(T) == 2, "T is a 2-byte floating type");
+  T t[8];
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<Vec16*>(t) = v;
+#else
+  std::memcpy(t, &v, sizeof v);
+#endif
+  FT_LORA_UNROLL
+  for (int e = 0; e < 8; ++e) out[e] = static_cast<float>(t[e]);
+}
+
+/// The down projection's per-lane part for `rows` (≤ kLoraRows) rows starting at x, xo: casts this
+/// lane's columns of x to T into xo and accumulates acc[i][j] = Σ float(xo[i, c]) a[j, c] over them.
+/// x: float32 rows of `in` elements at stride ldx; xo: T rows at stride ldo; a: (Rank, in) T,
+/// contiguous. in, ldx (mod 4), ldo (mod 8) and the pointers' 16-byte alignment as the launcher checks.
+template <typename T, int Rank>
+FT_LORA_HD void lora_down_lane(const float* x, int64_t ldx, T* xo, int64_t ldo, const T* a, int64_t in, int rows,
+                               int lane, float (&acc)[kLoraRows][Rank]) {
+  FT_LORA_UNROLL
+  for (int i = 0; i < kLoraRows; ++i) {
+    FT_LORA_UNROLL
+    for (int j = 0; j < Rank; ++j) acc[i][j] = 0.0f;
+  }
+  for (int64_t c = static_cast<int64_t>(lane) * kLoraLaneCols; c < in; c += kLoraStepCols) {
+    float xb[kLoraRows][8];
+    FT_LORA_UNROLL
+    for (int i = 0; i < kLoraRows; ++i) {
+      if (i < rows) {
+        const Vec16 lo = load16(x + i * ldx + c), hi = load16(x + i * ldx + c + 4);
+        float f[8];
+        std::memcpy(f, &lo, 16);
+        std::memcpy(f + 4, &hi, 16);
+        alignas(16) T t[8];
+        FT_LORA_UNROLL
+        for (int e = 0; e < 8; ++e) {
+          t[e] = static_cast<T>(f[e]);
+          xb[i][e] = static_cast<float>(t[e]);
+        }
+        Vec16 packed;
+        std::memcpy(&packed, t, 16);
+        store16(xo + i * ldo + c, packed);
+      } else {
+        FT_LORA_UNROLL
+        for (int e = 0; e < 8; ++e) xb[i][e] = 0.0f;
+      }
+    }
+    FT_LORA_UNROLL
+    for (int j = 0; j < Rank; ++j) {
+      float av[8];
+      unpack8<T>(load16(a + j * in + c), av);
+      FT_LORA_UNROLL
+      for (int i = 0; i < kLoraRows; ++i) {
+        float sum = acc[i][j];
+        FT_LORA_UNROLL
+        for (int e = 0; e < 8; ++e) sum += xb[i][e] * av[e];
+        acc[i][j] = sum;
+      }
+    }
+  }
+}
+
+/// After the warp's reduction (every lane holds the row sums): lane j mod 32 writes
+/// s[i, j] = T(scale · acc[i][j]), one rounding as a GEMM with alpha = scale rounds.
+template <typename T, int Rank>
+FT_LORA_HD void lora_down_store(const float (&acc)[kLoraRows][Rank], float scale, T* s, int64_t lds, int rows,
+                                int lane) {
+  FT_LORA_UNROLL
+  for (int i = 0; i < kLoraRows; ++i) {
+    if (i >= rows) break;
+    FT_LORA_UNROLL
+    for (int j = 0; j < Rank; ++j) {
+      if (j % kLoraLanes == lane) s[i * lds + j] = static_cast<T>(scale * acc[i][j]);
+    }
+  }
+}
+
+/// The up projection's per-lane part for `rows` (≤ kLoraRows) rows: dx[i, c] = float(base[i, c]) +
+/// Σ_j scale · float(ds[i, j]) · float(a[j, c]) for this lane's columns, written as float32.
+/// base: T rows at stride ldb (mod 8); ds: T rows of Rank at stride ldd; a: (Rank, in) T,
+/// contiguous; dx: float32 rows at stride ldx (mod 4).
+template <typename T, int Rank>
+FT_LORA_HD void lora_up_lane(const T* base, int64_t ldb, const T* ds, int64_t ldd, const T* a, int64_t in, float scale,
+                             float* dx, int64_t ldx, int rows, int lane) {
+  float d[kLoraRows][Rank];
+  FT_LORA_UNROLL
+  for (int i = 0; i < kLoraRows; ++i) {
+    FT_LORA_UNROLL
+    for (int j = 0; j < Rank; ++j) d[i][j] = i < rows ? scale * static_cast<float>(ds[i * ldd + j]) : 0.0f;
+  }
+  for (int64_t c = static_cast<int64_t>(lane) * kLoraLaneCols; c < in; c += kLoraStepCols) {
+    float acc[kLoraRows][8];
+    FT_LORA_UNROLL
+    for (int i = 0; i < kLoraRows; ++i) {
+      if (i < rows) {
+        unpack8<T>(load16(base + i * ldb + c), acc[i]);
+      } else {
+        FT_LORA_UNROLL
+        for (int e = 0; e < 8; ++e) acc[i][e] = 0.0f;
+      }
+    }
+    FT_LORA_UNROLL
+    for (int j = 0; j < Rank; ++j) {
+      float av[8];
+      unpack8<T>(load16(a + j * in + c), av);
+      FT_LORA_UNROLL
+      for (int i = 0; i < kLoraRows; ++i) {
+        FT_LORA_UNROLL
+        for (int e = 0; e < 8; ++e) acc[i][e] += d[i][j] * av[e];
+      }
+    }
+    FT_LORA_UNROLL
+    for (int i = 0; i < kLoraRows; ++i) {
+      if (i >= rows) break;
+      Vec16 lo, hi;
+      std::memcpy(&lo, acc[i], 16);
+      std::memcpy(&hi, acc[i] + 4, 16);
+      store16(dx + i * ldx + c, lo);
+      store16(dx + i * ldx + c + 4, hi);
+    }
+  }
+}
+
+}  // namespace ft::kernels::detail
+
+#undef FT_LORA_HD
+#undef FT_LORA_UNROLL

@@ -1,0 +1,184 @@
+// The LoRA row kernels (ft/kernels/lora_rows.h): the fused LoRA layer's memory-bound passes with
+// the rank-r products folded in. The per-lane work is ft/kernels/lora_rows_lane.h, shared with a
+// host test; here only the warp's rows and the reduction across lanes.
+//
+// Why CUDA cores and not tensor cores: per element of x (4 bytes read, 2 written) the down
+// projection does r multiply-adds, and the up projection r per element of dx (2 read, 4 written).
+// At r ≤ 32 and the H100's ~1.75 elements per clock per SM of DRAM traffic that is at most 56 of
+// the 128 FP32 lanes per SM, so the kernels stay memory-bound; a's 16-byte vectors come from L1
+// and are reused across the warp's two rows.
+#include <ATen/ops/empty.h>
+#include <c10/core/ScalarType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "ft/kernels/lora_rows.h"
+#include "ft/kernels/lora_rows_lane.h"
+
+namespace ft::kernels {
+namespace {
+
+using detail::kLoraLanes;
+using detail::kLoraRows;
+
+constexpr int kThreads = 256;  // 8 warps, 16 rows per block
+constexpr int kWarpsPerBlock = kThreads / kLoraLanes;
+
+// The warp's first row, and how many of its kLoraRows rows exist (≤ 0: none).
+__device__ __forceinline__ int64_t warp_first_row() {
+  return (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kLoraLanes) * kLoraRows;
+}
+
+template <typename T, int Rank>
+__global__ void __launch_bounds__(kThreads) lora_cast_down_kernel(const float* __restrict__ x, int64_t ldx,
+                                                                  T* __restrict__ xo, int64_t ldo, T* s, int64_t lds,
+                                                                  const T* __restrict__ a, int64_t in, int64_t rows,
+                                                                  float scale) {
+  const int lane = threadIdx.x % kLoraLanes;
+  const int64_t row = warp_first_row();
+  if (row >= rows) return;  // the whole warp: its lanes share the row
+  const int n = static_cast<int>(rows - row < kLoraRows ? rows - row : kLoraRows);
+  float acc[kLoraRows][Rank];
+  detail::lora_down_lane<T, Rank>(x + row * ldx, ldx, xo + row * ldo, ldo, a, in, n, lane, acc);
+#pragma unroll
+  for (int i = 0; i < kLoraRows; ++i) {
+#pragma unroll
+    for (int j = 0; j < Rank; ++j) {
+#pragma unroll
+      for (int offset = kLoraLanes / 2; offset > 0; offset /= 2) {
+        acc[i][j] += __shfl_xor_sync(0xffffffffu, acc[i][j], offset);
+      }
+    }
+  }
+  detail::lora_down_store<T, Rank>(acc, scale, s + row * lds, lds, n, lane);
+}
+
+template <typename T, int Rank>
+__global__ void __launch_bounds__(kThreads) lora_up_add_kernel(const T* __restrict__ base, int64_t ldb,
+                                                               const T* __restrict__ ds, int64_t ldd,
+                                                               const T* __restrict__ a, int64_t in, float scale,
+                                                               float* __restrict__ dx, int64_t rows) {
+  const int lane = threadIdx.x % kLoraLanes;
+  const int64_t row = warp_first_row();
+  if (row >= rows) return;
+  const int n = static_cast<int>(rows - row < kLoraRows ? rows - row : kLoraRows);
+  detail::lora_up_lane<T, Rank>(base + row * ldb, ldb, ds + row * ldd, ldd, a, in, scale, dx + row * in, in, n, lane);
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+bool rank_fits(int64_t r) { return r == 4 || r == 8 || r == 16 || r == 32; }
+
+bool half_type(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// a: (r, in) contiguous, a 2-byte float type, on `device`, with in a multiple of 8.
+bool adapter_fits(const at::Tensor& a, const at::Device& device) {
+  return a.dim() == 2 && a.is_contiguous() && half_type(a.scalar_type()) && a.device() == device &&
+         rank_fits(a.size(0)) && a.size(1) % 8 == 0 && aligned16(a);
+}
+
+unsigned blocks_for(int64_t rows) {
+  constexpr int64_t per_block = static_cast<int64_t>(kWarpsPerBlock) * kLoraRows;
+  return static_cast<unsigned>((rows + per_block - 1) / per_block);
+}
+
+// Launch<T, Rank>::run(args...) for a's dtype (bf16 or fp16) and rank.
+template <template <typename, int> class Launch, typename T, typename... Args>
+void dispatch_rank(int64_t r, Args&&... args) {
+  switch (r) {
+    case 4: return Launch<T, 4>::run(args...);
+    case 8: return Launch<T, 8>::run(args...);
+    case 16: return Launch<T, 16>::run(args...);
+    case 32: return Launch<T, 32>::run(args...);
+    default: TORCH_CHECK(false, "[lora kernels] rank ", r, " is not one of 4, 8, 16, 32");
+  }
+}
+
+template <template <typename, int> class Launch, typename... Args>
+void dispatch(at::ScalarType dtype, int64_t r, Args&&... args) {
+  if (dtype == at::kBFloat16) {
+    dispatch_rank<Launch, c10::BFloat16>(r, args...);
+  } else {
+    dispatch_rank<Launch, c10::Half>(r, args...);
+  }
+}
+
+template <typename T, int Rank>
+struct CastDown {
+  static void run(const at::Tensor& x, const at::Tensor& a, float scale, const at::Tensor& xo, const at::Tensor& s,
+                  cudaStream_t stream) {
+    const int64_t rows = x.size(0);
+    lora_cast_down_kernel<T, Rank><<<blocks_for(rows), kThreads, 0, stream>>>(
+        x.data_ptr<float>(), x.stride(0), reinterpret_cast<T*>(xo.data_ptr()), xo.stride(0),
+        reinterpret_cast<T*>(s.data_ptr()), s.stride(0), reinterpret_cast<const T*>(a.data_ptr()), x.size(1), rows,
+        scale);
+  }
+};
+
+template <typename T, int Rank>
+struct UpAdd {
+  static void run(const at::Tensor& base, const at::Tensor& ds, const at::Tensor& a, float scale, const at::Tensor& dx,
+                  cudaStream_t stream) {
+    const int64_t rows = base.size(0);
+    lora_up_add_kernel<T, Rank><<<blocks_for(rows), kThreads, 0, stream>>>(
+        reinterpret_cast<const T*>(base.data_ptr()), base.stride(0), reinterpret_cast<const T*>(ds.data_ptr()),
+        ds.stride(0), reinterpret_cast<const T*>(a.data_ptr()), base.size(1), scale, dx.data_ptr<float>(), rows);
+  }
+};
+
+}  // namespace
+
+bool lora_cast_down_fits(const at::Tensor& x, const at::Tensor& a, const at::Tensor& xo, const at::Tensor& s) {
+  if (!x.defined() || !a.defined() || !xo.defined() || !s.defined()) return false;
+  if (!x.is_cuda() || x.dim() != 2 || x.scalar_type() != at::kFloat || x.stride(1) != 1 || x.stride(0) % 4 != 0 ||
+      !aligned16(x))
+    return false;
+  if (!adapter_fits(a, x.device()) || a.size(1) != x.size(1)) return false;
+  const int64_t rows = x.size(0), in = x.size(1), r = a.size(0);
+  if (xo.dim() != 2 || xo.size(0) != rows || xo.size(1) != in || xo.scalar_type() != a.scalar_type() ||
+      xo.device() != x.device() || xo.stride(1) != 1 || xo.stride(0) % 8 != 0 || !aligned16(xo))
+    return false;
+  return s.dim() == 2 && s.size(0) == rows && s.size(1) == r && s.scalar_type() == a.scalar_type() &&
+         s.device() == x.device() && s.stride(1) == 1;
+}
+
+void lora_cast_down(const at::Tensor& x, const at::Tensor& a, double scale, const at::Tensor& xo, const at::Tensor& s) {
+  TORCH_CHECK(lora_cast_down_fits(x, a, xo, s), "[lora kernels] lora_cast_down: unsupported operands x ", x.sizes(),
+              " ", x.scalar_type(), ", a ", a.sizes(), " ", a.scalar_type(), ", xo ", xo.sizes(), " ", xo.strides(),
+              ", s ", s.sizes(), " ", s.strides());
+  const int64_t rows = x.size(0);
+  if (rows == 0) return;
+  c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch<CastDown>(a.scalar_type(), a.size(0), x, a, static_cast<float>(scale), xo, s, stream.stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+bool lora_up_add_fits(const at::Tensor& base, const at::Tensor& ds, const at::Tensor& a) {
+  if (!base.defined() || !ds.defined() || !a.defined()) return false;
+  if (!base.is_cuda() || base.dim() != 2 || !half_type(base.scalar_type()) || base.stride(1) != 1 ||
+      base.stride(0) % 8 != 0 || !aligned16(base))
+    return false;
+  if (!adapter_fits(a, base.device()) || a.scalar_type() != base.scalar_type() || a.size(1) != base.size(1)) return false;
+  return ds.dim() == 2 && ds.size(0) == base.size(0) && ds.size(1) == a.size(0) &&
+         ds.scalar_type() == base.scalar_type() && ds.device() == base.device() && ds.stride(1) == 1;
+}
+
+at::Tensor lora_up_add(const at::Tensor& base, const at::Tensor& ds, const at::Tensor& a, double scale) {
+  TORCH_CHECK(lora_up_add_fits(base, ds, a), "[lora kernels] lora_up_add: unsupported operands base ", base.sizes(),
+              " ", base.strides(), " ", base.scalar_type(), ", ds ", ds.sizes(), " ", ds.strides(), ", a ", a.sizes(),
+              " ", a.scalar_type());
+  const int64_t rows = base.size(0), in = base.size(1);
+  at::Tensor dx = at::empty({rows, in}, base.options().dtype(at::kFloat));
+  if (rows == 0) return dx;
+  c10::cuda::CUDAGuard guard(base.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch<UpAdd>(a.scalar_type(), a.size(0), base, ds, a, static_cast<float>(scale), dx, stream.stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dx;
+}
+
+}  // namespace ft::kernels
