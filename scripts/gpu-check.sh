@@ -81,7 +81,7 @@ fi
 # The parity and kernel tests again, verbosely, for their numbers.
 echo "==== parity and kernel tests, verbose" >>"$out/ctest-gpu.log"
 LIBFT_REFERENCE_DIR="$PWD/build-gpu/reference_models" timeout 120 build-gpu/tests/ft_tests \
-  --gtest_filter='*HFParity*cuda*:RMSNorm*:NF4Kernel*:LoraCuda*' >>"$out/ctest-gpu.log" 2>&1
+  --gtest_filter='*HFParity*cuda*:RMSNorm*:NF4Kernel*:LoraCuda*:LoraRowsKernel*:TrainCuda.LoraPaths*' >>"$out/ctest-gpu.log" 2>&1
 
 # The NCCL path: `ft launch -n 1` (world size 1, one GPU) on the default job's store, bf16.
 log "nccl (ft launch -n 1)"
@@ -92,14 +92,15 @@ timeout 120 build-gpu/apps/ft launch -n 1 train configs/train-tiny.yaml device=c
 nccl_rc=$?
 # Eager passes against CUDA graphs (cuda_graphs: true), end to end on the bundled model: full
 # fine-tuning and LoRA, bf16, the same 30 steps; tokens/s and the final loss of each (nccl.log).
-# LoRA once more with the chunked loss inside the graphs (loss_chunk: its recomputing backward node).
+# LoRA once more with the chunked loss inside the graphs (loss_chunk: its recomputing backward node),
+# and with the extended GEMM and the row kernels (lora.extended_gemm, lora.row_kernels).
 graphs_line=""
 for mode in full lora; do
   extra=(); [ $mode = lora ] && extra=("lora.targets=[all-linear]")
-  variants=("false" "true"); [ $mode = lora ] && variants+=("true loss_chunk=256")
-  for variant in "${variants[@]}"; do
-    read -r graphs chunk <<<"$variant"
-    run=build-gpu/graphs-$mode-$graphs${chunk:+-chunked}
+  variants=("false" "true"); [ $mode = lora ] && variants+=("true loss_chunk=256" "true lora.extended_gemm=true lora.row_kernels=true")
+  for i in "${!variants[@]}"; do
+    read -r graphs chunk <<<"${variants[$i]}"
+    run=build-gpu/graphs-$mode-$i
     rm -rf "$run"
     timeout 90 build-gpu/apps/ft train configs/train-tiny.yaml device=cuda dtype=bfloat16 max_steps=30 mode=$mode \
       "${extra[@]}" cuda_graphs=$graphs ${chunk:+$chunk} tokenizer=$d/tokenizer "data.train=[$d/fortunes.h5]" \

@@ -934,6 +934,73 @@ TEST(TrainLossChunk, TrainsAsTheWholeLogits) {
   }
 }
 
+// The LoRA layer's execution paths (lora.fused, lora.extended_gemm, lora.row_kernels) train as the
+// default fused path does: the same loss at every step within `tol` (relative), and the run's log
+// names the path it took. On the CPU in float32 the extended GEMM and the row kernels do not apply
+// (no autocast cast to fold into; no CUDA), so there the unfused chain is the comparison.
+void lora_paths_train_alike(const std::string& device, const std::string& dtype, double tol) {
+  struct Path {
+    const char* name;
+    bool fused, extended, row_kernels;
+    const char* described;
+  };
+  std::vector<Path> paths = {{"default", true, false, false, "(fused)"}, {"unfused", false, false, false, "(unfused)"}};
+  if (device == "cuda") {
+    paths.push_back({"extended", true, true, false, "(fused, extended GEMM)"});
+    paths.push_back({"row_kernels", true, false, true, "(fused, row kernels)"});
+    paths.push_back({"both", true, true, true, "(fused, extended GEMM, row kernels)"});
+  }
+  const fs::path dir = scratch("train_lora_paths_" + device);
+  config::RunConfig c = synthetic_run(dir);
+  c.mode = "lora";
+  c.lora.targets = {"all-linear"};
+  c.device = device;
+  c.dtype = dtype;
+  c.eval.every = 0;
+  std::vector<std::vector<nlohmann::json>> metrics;
+  for (const Path& p : paths) {
+    config::RunConfig pc = c;
+    pc.lora.fused = p.fused;
+    pc.lora.extended_gemm = p.extended;
+    pc.lora.row_kernels = p.row_kernels;
+    pc.output_dir = (dir / p.name).string();
+    const fs::path log_path = dir / (std::string(p.name) + ".log");
+    std::FILE* log = std::fopen(log_path.c_str(), "w");
+    ASSERT_NE(log, nullptr);
+    train::RunOptions ro;
+    ro.log = log;
+    train::run_training(pc, ro);
+    std::fclose(log);
+    std::ifstream in(log_path);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    EXPECT_NE(text.find(std::string("on 14 layers ") + p.described), std::string::npos) << p.name << "\n" << text;
+    metrics.push_back(metric_lines(dir / p.name));
+  }
+  for (size_t k = 1; k < paths.size(); ++k) {
+    ASSERT_EQ(metrics[k].size(), metrics[0].size()) << paths[k].name;
+    double worst = 0;
+    int compared = 0;
+    for (size_t i = 0; i < metrics[0].size(); ++i) {
+      if (metrics[0][i].at("type") != "train") continue;
+      const double x = metrics[0][i].at("loss"), y = metrics[k][i].at("loss");
+      worst = std::max(worst, std::abs(x - y) / x);
+      ++compared;
+    }
+    std::printf("LoRA path %s against the default on %s in %s: largest relative loss difference %.2e\n",
+                paths[k].name, device.c_str(), dtype.c_str(), worst);
+    EXPECT_EQ(compared, 12) << paths[k].name;
+    EXPECT_LT(worst, tol) << paths[k].name;
+  }
+  fs::remove_all(dir);
+}
+
+TEST(TrainLoraPaths, FusedAndUnfusedTrainAlikeOnTheCpu) { lora_paths_train_alike("cpu", "float32", 1e-4); }
+
+TEST(TrainCuda, LoraPathsTrainAlikeInBf16) {
+  FT_REQUIRE_CUDA();
+  lora_paths_train_alike("cuda", "bfloat16", 2e-2);
+}
+
 // QLoRA: the same LoRA run on the NF4-quantized base follows the full-precision LoRA run closely
 // (the base differs by the quantization error only). Tolerance: 2e-3 relative per step over 12
 // steps on the synthetic store (measured on the jargon config: 6.4e-4 over 30 steps).

@@ -295,9 +295,13 @@ TEST(RunConfig, EwcAndReplaySections) {
 TEST(RunConfig, LoraSection) {
   std::string y = kGood;
   y += "mode: lora\nlora:\n  r: 4\n  alpha: 8\n  dropout: 0.05\n  targets: [all-linear]\n  rslora: true\n"
-       "  init: gaussian\n  rank_pattern: {down_proj: 2, \"mlp\\\\..*\": 3}\n  alpha_pattern: {o_proj: 1.5}\n";
+       "  init: gaussian\n  rank_pattern: {down_proj: 2, \"mlp\\\\..*\": 3}\n  alpha_pattern: {o_proj: 1.5}\n"
+       "  extended_gemm: true\n  row_kernels: true\n";
   const config::RunConfig c = config::parse_run_config(y, "run.yaml");
   EXPECT_EQ(c.lora.r, 4);
+  EXPECT_TRUE(c.lora.fused);  // the default
+  EXPECT_TRUE(c.lora.extended_gemm);
+  EXPECT_TRUE(c.lora.row_kernels);
   EXPECT_EQ(c.lora.targets, (std::vector<std::string>{"all-linear"}));
   EXPECT_TRUE(c.lora.rslora);
   EXPECT_EQ(c.lora.init, "gaussian");
@@ -316,4 +320,9 @@ TEST(RunConfig, LoraSection) {
   EXPECT_NE(e.find("'lora.init' must be one of kaiming, gaussian"), std::string::npos) << e;
   EXPECT_NE(e.find("'lora.rank_pattern' must map module patterns"), std::string::npos) << e;
   EXPECT_NE(e.find("did you mean 'alpha'?"), std::string::npos) << e;
+  const std::string e2 = error_of(std::string(kGood) + "mode: lora\nlora:\n  fused: false\n  row_kernels: true\n");
+  EXPECT_NE(e2.find("'lora.row_kernels' is a path of the fused layer; it needs 'lora.fused: true'"), std::string::npos) << e2;
+  const config::RunConfig plain = config::parse_run_config(std::string(kGood) + "mode: lora\nlora:\n  fused: false\n", "run.yaml");
+  EXPECT_FALSE(plain.lora.fused);
+  EXPECT_FALSE(config::parse_run_config(config::to_yaml(plain), "resolved").lora.fused);
 }

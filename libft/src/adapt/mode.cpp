@@ -62,6 +62,9 @@ class LoraMode final : public Mode {
     options_.rank_pattern = l.rank_pattern;
     options_.alpha_pattern = l.alpha_pattern;
     init_from_ = l.init_from;
+    fused_ = l.fused;
+    extended_gemm_ = l.extended_gemm;
+    row_kernels_ = l.row_kernels;
   }
   std::string name() const override { return qlora_ ? "qlora" : "lora"; }
   void apply(model::CausalLM& model) override {
@@ -74,18 +77,24 @@ class LoraMode final : public Mode {
     }
     if (init_from_.empty()) {
       apply_lora(model, options_);
-      return;
+    } else {
+      const double dropout = options_.dropout;
+      options_ = load_peft_adapter(model, init_from_);  // the adapter's own r, alpha, targets, patterns
+      options_.dropout = dropout;
+      // load_peft_adapter applies PEFT's dropout from the file; the run's setting is the YAML's.
+      set_lora_dropout(model, dropout);
     }
-    const double dropout = options_.dropout;
-    options_ = load_peft_adapter(model, init_from_);  // the adapter's own r, alpha, targets, patterns
-    options_.dropout = dropout;
-    // load_peft_adapter applies PEFT's dropout from the file; the run's setting is the YAML's.
-    set_lora_dropout(model, dropout);
+    set_lora_fused(model, fused_);
+    set_lora_extended_gemm(model, extended_gemm_);
+    set_lora_row_kernels(model, row_kernels_);
   }
   std::string describe(model::CausalLM& model) const override {
     const auto layers = lora_layers(model);
+    std::string path = fused_ ? "fused" : "unfused";
+    if (extended_gemm_) path += ", extended GEMM";
+    if (row_kernels_) path += ", row kernels";
     return Mode::describe(model) + detail::concat("; ", options_.dora ? "DoRA" : "LoRA", " r ", options_.r, " alpha ",
-                                                  options_.alpha, " on ", layers.size(), " layers");
+                                                  options_.alpha, " on ", layers.size(), " layers (", path, ")");
   }
   void export_final(model::CausalLM& model, const std::string& dir, const config::RunConfig& c) const override {
     save_peft_adapter(model, options_, dir, c.model.checkpoint);
@@ -95,6 +104,7 @@ class LoraMode final : public Mode {
  private:
   LoraOptions options_;
   std::string init_from_;
+  bool fused_ = true, extended_gemm_ = false, row_kernels_ = false;
   std::optional<config::QloraSection> qlora_;
 };
 

@@ -306,8 +306,14 @@ void parse_prefix(Reader& r, const YAML::Node& n, PrefixSection& p) {
 
 void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
   if (!r.check_map(n, "lora", {"r", "alpha", "dropout", "targets", "rslora", "dora", "init", "seed", "rank_pattern",
-                               "alpha_pattern", "init_from"}))
+                               "alpha_pattern", "init_from", "fused", "extended_gemm", "row_kernels"}))
     return;
+  r.get(n, "lora", "fused", l.fused);
+  r.get(n, "lora", "extended_gemm", l.extended_gemm);
+  r.get(n, "lora", "row_kernels", l.row_kernels);
+  for (const auto& [key, on] : {std::pair{"extended_gemm", l.extended_gemm}, std::pair{"row_kernels", l.row_kernels}}) {
+    if (on && !l.fused) r.error(n[key], std::string("'lora.") + key + "' is a path of the fused layer; it needs 'lora.fused: true'");
+  }
   r.get(n, "lora", "init_from", l.init_from);
   if (!l.init_from.empty()) {
     for (const char* key : {"r", "alpha", "targets", "rslora", "dora", "init", "seed", "rank_pattern", "alpha_pattern"}) {
@@ -662,6 +668,9 @@ std::string to_yaml(const RunConfig& c) {
     out << YAML::Key << "init" << YAML::Value << c.lora.init;
     out << YAML::Key << "seed" << YAML::Value << c.lora.seed;
     if (!c.lora.init_from.empty()) out << YAML::Key << "init_from" << YAML::Value << c.lora.init_from;
+    out << YAML::Key << "fused" << YAML::Value << c.lora.fused;
+    out << YAML::Key << "extended_gemm" << YAML::Value << c.lora.extended_gemm;
+    out << YAML::Key << "row_kernels" << YAML::Value << c.lora.row_kernels;
     for (const char* key : {"rank_pattern", "alpha_pattern"}) {
       out << YAML::Key << key << YAML::Value << YAML::Flow << YAML::BeginMap;
       if (std::string(key) == "rank_pattern") {

@@ -103,6 +103,10 @@ struct LoraSection {
   /// Start from this PEFT adapter directory (its config gives r, alpha, targets and patterns, its
   /// tensors the initial A and B) instead of a fresh initialisation; empty = fresh.
   std::string init_from;
+  /// How the adapted layers train (the same function; speed only, see ft/adapt/lora.h):
+  bool fused = true;           ///< the fused autograd node (false: PEFT's chain of operations)
+  bool extended_gemm = false;  ///< under autocast, [x | s S] [W | B]ᵀ as one GEMM (set_lora_extended_gemm)
+  bool row_kernels = false;    ///< CUDA: the cast and rank-r passes as one kernel each (set_lora_row_kernels)
 };
 
 /// mode: qlora. LoRA (the lora section) on a base whose linear layers (all but lm_head) are stored
