@@ -66,6 +66,20 @@ at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double scale) {
   return scaled_mm_out(out, a, b, scale);
 }
 
+// scale · a b in `out` (the adapters' dtype), for the gradients of A and B. On CUDA with bf16/fp16
+// operands and a float32 result the GEMM writes float32 itself (cuBLAS accumulates in float32
+// anyway): no bf16 rounding of the gradient and no cast kernel after it. (ATen's out-dtype addmm
+// wants a `self` of the operands' dtype even with beta 0, where it is only broadcast, never read.)
+at::Tensor mm_as(const at::Tensor& a, const at::Tensor& b, at::ScalarType out, double scale = 1.0) {
+  const bool half = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
+  if (a.is_cuda() && half && out == at::kFloat) {
+    if (scale == 1.0) return at::mm(a, b, out);
+    at::Tensor result = at::empty({a.size(0), b.size(1)}, a.options().dtype(out));
+    return at::addmm_out(result, at::empty({}, a.options()), a, b, out, /*beta=*/0.0, /*alpha=*/scale);
+  }
+  return scaled_mm(a, b, scale).to(out);
+}
+
 // drop'(scale · dS A), (T, in): the low-rank term of the input gradient, through dropout's backward
 // when p > 0 (keep: the CUDA path's bool mask, or the CPU path's scaled noise).
 at::Tensor low_rank_input_grad(const at::Tensor& ds, const at::Tensor& ac, const at::Tensor& keep, double p,
@@ -192,14 +206,14 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     const auto ct = ac.scalar_type();
     const auto adt = ctx->saved_data["adapter_dtype"].toScalarType();
     const at::Tensor dy = grads[0].reshape({-1, bc.size(0)}).to(ct);
-    const at::Tensor db = at::mm(dy.t(), s_low);  // dYᵀ (s S), (out, r)
+    const at::Tensor db = mm_as(dy.t(), s_low, adt);  // dYᵀ (s S), (out, r)
     at::Tensor dx, da;
     if (w_ext.defined() && ctx->needs_input_grad(0)) {
       // One GEMM over N = in + r reads dY once for both products: dY [W | B] = [dY W | dY B]. Then
       // dA = s (dY B)ᵀ h, and the low-rank term is added onto dY W (GEMM alphas carry s).
       at::Tensor dxs = at::mm(dy, w_ext);
       const at::Tensor dyb = dxs.narrow(1, in, r);
-      da = scaled_mm(dyb.t(), h, scale);
+      da = mm_as(dyb.t(), h, adt, scale);
       at::Tensor base = dxs.narrow(1, 0, in);
       if (row_kernels) dx = up_add(base, dyb, ac, scale);  // float32(dY W) + s (dY B) A, written once
       if (!dx.defined() && p == 0) dx = base.addmm_(dyb, ac, /*beta=*/1.0, /*alpha=*/scale);
@@ -207,7 +221,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
       dx = as_input_grad(ctx, dx);
     } else {
       const at::Tensor ds = scaled_mm(dy, bc, scale);  // s dY B, (T, r)
-      da = at::mm(ds.t(), h);                          // (r, in)
+      da = mm_as(ds.t(), h, adt);                      // (r, in)
       if (ctx->needs_input_grad(0)) {
         const at::Tensor w = layer->dense_weight(ct);
         if (row_kernels && dy.is_cuda()) {  // float32(dY W) + dS A, the sum written once
@@ -220,7 +234,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
         dx = as_input_grad(ctx, dx);
       }
     }
-    return {dx, da.to(adt), db.to(adt), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, da, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 
   // The row kernels where they take the operands (CUDA, float32 x under bf16/fp16 autocast, r ≤ 32,
