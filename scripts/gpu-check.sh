@@ -117,7 +117,6 @@ done
 #    time; what finished is still reported (a file cut short keeps its complete rows).
 bench_s=$(( $(left) - 20 )); [ $bench_s -gt 220 ] && bench_s=220; [ $bench_s -lt 90 ] && bench_s=90
 log "benchmarks (at most ${bench_s}s)"
-bench_end=$(( $(date +%s) + bench_s ))
 # One step of each LoRA row traced (Kineto: host calls per thread, CUDA kernels); a line per row in
 # bench.log says where the step's time went, and the traces come back as profiles.tar.gz.
 export LIBFT_BENCH_PROFILE=build-gpu/profiles
@@ -125,19 +124,26 @@ rm -rf "$LIBFT_BENCH_PROFILE" && mkdir -p "$LIBFT_BENCH_PROFILE"
 # The end-to-end step (eager, then as CUDA graphs, whose capture comes last in case it fails) and
 # NF4 first, in a process of their own (the 1.24B model is built once, and a cut in the per-layer
 # rows cannot take them), then the per-layer rows (every mode of a layer and token count together,
-# most important first), then the extra rows in what is left.
-timeout $((bench_s / 2)) build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
-  --benchmark_filter='BM_(NF4Dequant/1/1|DeviceCopy|LoraStepCuda/[0-4]/[14]/0|LoraStepCuda/[14]/[14]/1)' \
+# most important first). The rows of paths that have not run on a GPU before (the row kernels:
+# step 3 and 4, layer modes 5 and 6, ops 19 and 20) come next in a process of their own, so that a
+# fault there (a CUDA error ends the process) costs only those rows; then the extra rows in what is
+# left. Each process has a deadline: 40%, 65%, 85% and 100% of the benchmarks' time.
+bench_start=$(date +%s)
+until_share() { local s=$(( bench_start + bench_s * $1 / 100 - $(date +%s) )); [ $s -lt 20 ] && s=20; echo $s; }
+timeout "$(until_share 40)" build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
+  --benchmark_filter='BM_(NF4Dequant/1/1|DeviceCopy|LoraStepCuda/[012]/[14]/0/0|LoraStepCuda/1/4/0/1024|LoraStepCuda/[12]/[14]/1/0)' \
   --benchmark_out="$out/bench-step.json" --benchmark_out_format=json >"$out/bench.log" 2>&1
 step_rc=$?
-layer_s=$(( bench_end - $(date +%s) - 30 )); [ $layer_s -lt 30 ] && layer_s=30
-timeout $layer_s build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
-  --benchmark_filter='BM_LoraLinear/1/[0-6]/[0-2]/16/' \
+timeout "$(until_share 65)" build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
+  --benchmark_filter='BM_LoraLinear/1/[0-4]/[0-2]/16/' \
   --benchmark_out="$out/bench.json" --benchmark_out_format=json >>"$out/bench.log" 2>&1
 bench_rc=$?
-extra_s=$(( bench_end - $(date +%s) )); [ $extra_s -lt 10 ] && extra_s=10
-timeout $extra_s build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
-  --benchmark_filter='BM_(PackedAttentionCuda|Forward|RMSNorm|NF4Dequant/1/0|LoraOp|LoraLinear/1/[0-6]/[0-2]/(8|64)/)' \
+timeout "$(until_share 85)" build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
+  --benchmark_filter='BM_(LoraLinear/1/[56]/[0-2]/16/|LoraOp/(19|20)/|LoraStepCuda/[34]/[14]/0/0|LoraStepCuda/4/4/1/0)' \
+  --benchmark_out="$out/bench-rows.json" --benchmark_out_format=json >>"$out/bench.log" 2>&1
+rows_rc=$?
+timeout "$(until_share 100)" build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
+  --benchmark_filter='BM_(PackedAttentionCuda|Forward|RMSNorm|NF4Dequant/1/0|LoraOp/([0-9]|1[0-8])/|LoraLinear/1/[0-6]/[0-2]/(8|64)/)' \
   --benchmark_out="$out/bench-extra.json" --benchmark_out_format=json >>"$out/bench.log" 2>&1
 extra_rc=$?
 unset LIBFT_BENCH_PROFILE
@@ -155,7 +161,7 @@ grep -E "tests passed|FAILED|Failed|\(Skipped\)" "$out/ctest-rest.log" | head -4
 #    only the output's tail (the device tool returns the last 12,000 characters) sees the verdicts.
 echo
 echo "================ libft GPU check summary ================"
-echo "benchmarks: (exit $step_rc, $bench_rc, then $extra_rc)"
+echo "benchmarks: (exit $step_rc, $bench_rc, $rows_rc, then $extra_rc)"
 grep -E '^BM_' "$out/bench.log" | grep -v '^BM_LoraOp' | cut -c1-120 | sed 's/^/  /'  # BM_LoraOp's rows: in bench.log
 echo "where a step's time goes (more rows in bench.log, traces in profiles.tar.gz):"
 grep -aE '^\[profile\] (BM_LoraStepCuda|BM_LoraLinear_1_[0-6]_0_16_2048)' "$out/bench.log" | sed -E 's/; [^;]*\.json$//; s/^/  /'
@@ -171,6 +177,6 @@ echo "ctest, CUDA $(grep -E 'tests passed' "$out/ctest-gpu.log") (exit $ctest_gp
 grep -aE '^\s+[0-9]+ - .*\((Failed|Timeout|SEGFAULT|Subprocess|Exception|Not Run)' "$out/ctest-gpu.log" | head -10 | sed 's/^\s*/  failed: /'
 echo "ctest, rest $(grep -E 'tests passed' "$out/ctest-rest.log") (exit $ctest_rest_rc$([ $ctest_rest_rc = 124 ] && echo ': cut at the time budget'); $(grep -c '(Skipped)' "$out/ctest-rest.log") skipped)"
 echo "targets (issue 7, benchmarks/gpu_targets.py):"
-$python benchmarks/gpu_targets.py "$out/bench-step.json" "$out/bench.json" "$out/bench-extra.json" 2>&1 | sed 's/^/  /'
+$python benchmarks/gpu_targets.py "$out/bench-step.json" "$out/bench.json" "$out/bench-rows.json" "$out/bench-extra.json" 2>&1 | sed 's/^/  /'
 echo "total       $(($(date +%s) - t0))s"
 [ $ctest_gpu_rc = 0 ] && [ $ctest_rest_rc = 0 ]
