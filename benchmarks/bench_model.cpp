@@ -569,6 +569,40 @@ void BM_LoraOp(benchmark::State& state) {
 BENCHMARK(BM_LoraOp)->ArgsProduct({benchmark::CreateDenseRange(0, 20, 1), {0, 1}, {16}, {2048, 8192}})
     ->Unit(benchmark::kMicrosecond)->UseRealTime()->MinTime(0.2);
 
+#ifdef LIBFT_WITH_CUDA_KERNELS
+// The output head's loss, forward and backward, on bf16 logits (as the head gives them under
+// autocast): ATen's cross-entropy on the logits cast to float32 (impl 0: the trainer without
+// fused_loss) against the fused kernels (impl 1, model::cross_entropy_sum). Arguments: impl, rows,
+// vocabulary. "GB/s": the fused path's minimum traffic (2 bytes per logit read forward, 2 read and
+// 2 written backward) over the time, for both rows; "peak_GiB": the caching allocator's peak above
+// the logits during a step.
+void BM_CrossEntropyCuda(benchmark::State& state) {
+  if (!at::hasCUDA()) return state.SkipWithError("no CUDA device");
+  const bool fused = state.range(0) == 1;
+  const int64_t N = state.range(1), V = state.range(2);
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  const at::Tensor logits = (at::randn({N, V}, cuda) * 3).to(at::kBFloat16).requires_grad_();
+  const at::Tensor targets = at::randint(0, V, {N}, cuda.dtype(at::kLong));
+  auto step = [&] {
+    const at::Tensor loss = ft::model::cross_entropy_sum(logits, targets, -100, fused);
+    (void)torch::autograd::grad({loss}, {logits});
+  };
+  for (int i = 0; i < 2; ++i) step();
+  sync(at::kCUDA);
+  profile_step(row_name("BM_CrossEntropyCuda", state, 3), step, at::kCUDA);
+  c10::cuda::CUDACachingAllocator::resetPeakStats(c10::cuda::current_device());
+  const auto base = c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device()).allocated_bytes[0].current;
+  for (auto _ : state) {
+    step();
+    sync(at::kCUDA);
+  }
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device());
+  state.counters["peak_GiB"] = static_cast<double>(stats.allocated_bytes[0].peak - base) / (1024.0 * 1024.0 * 1024.0);
+  state.counters["GB/s"] = benchmark::Counter(6.0 * static_cast<double>(N * V) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_CrossEntropyCuda)->ArgsProduct({{0, 1}, {2048, 8192}, {128256}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+#endif
+
 // Arguments: fused (0/1), dropout in percent.
 void BM_LoraStep(benchmark::State& state) {
   const io::ModelConfig c = llama_config(4096, 256, 688, 4, 8, 4, 32);  // configs/models/tiny-llama.json
@@ -619,7 +653,8 @@ model::CausalLM& lora_step_model() {
 // with the extended GEMM where it applies: q, k, v, gate and up, whose input is RMSNorm's float32
 // output; 3 and 4: 1 and 2 with the row kernels, adapt::set_lora_row_kernels), batch, graph (1: cuda_graphs: true, the forward and backward pass captured once and
 // replayed: no per-operation host cost), loss chunk (token rows through the output head at a time,
-// loss_chunk; 0: the whole (B·T, 128256) logits). "peak_GiB": the caching allocator's peak during
+// loss_chunk; 0: the whole (B·T, 128256) logits), fused loss (1: fused_loss, the cross-entropy
+// kernels). "peak_GiB": the caching allocator's peak during
 // the measured steps. MFU counts 4N + 12·L·d·T FLOPs per token (frozen base: forward 2N,
 // input gradients 2N, attention 12·L·d·T; no recomputation) against the H100 SXM's 989 TFLOP/s
 // dense bf16.
@@ -634,10 +669,14 @@ void BM_LoraStepCuda(benchmark::State& state) {
   adapt::set_lora_extended_gemm(m, state.range(0) == 2 || state.range(0) == 4);
   adapt::set_lora_row_kernels(m, state.range(0) >= 3);
   m->set_loss_chunk(state.range(3));
-  struct ResetChunk {
+  m->set_fused_loss(state.range(4) == 1);
+  struct ResetLoss {
     model::CausalLM& m;
-    ~ResetChunk() { m->set_loss_chunk(0); }
-  } reset_chunk{m};
+    ~ResetLoss() {
+      m->set_loss_chunk(0);
+      m->set_fused_loss(false);
+    }
+  } reset_loss{m};
   double n_params = 0;
   for (const auto& p : m->parameters()) n_params += static_cast<double>(p.numel());
   train::OptimizerOptions oo;
@@ -671,7 +710,7 @@ void BM_LoraStepCuda(benchmark::State& state) {
   }
   for (int i = 0; i < 3; ++i) step();
   sync(device);
-  profile_step(row_name("BM_LoraStepCuda", state, 4), step, device);
+  profile_step(row_name("BM_LoraStepCuda", state, 5), step, device);
   c10::cuda::CUDACachingAllocator::resetPeakStats(c10::cuda::current_device());
   for (auto _ : state) {
     step();
@@ -684,9 +723,10 @@ void BM_LoraStepCuda(benchmark::State& state) {
   state.counters["tokens/s"] = benchmark::Counter(tokens, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["MFU%"] = benchmark::Counter(100.0 * flops_per_token * tokens / 989e12, benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{0, 1, 2, 3, 4}, {1, 4}, {0}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
-BENCHMARK(BM_LoraStepCuda)->Args({1, 4, 0, 1024})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
-BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{1, 2, 3, 4}, {1, 4}, {1}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{0, 1, 2, 3, 4}, {1, 4}, {0}, {0}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_LoraStepCuda)->Args({1, 4, 0, 1024, 0})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{1, 2, 3, 4}, {1, 4}, {1}, {0}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{1, 4}, {4}, {0, 1}, {0}, {1}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 #endif
 
 BENCHMARK(BM_LoraStep)->ArgsProduct({{0, 1}, {0, 5}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);

@@ -1001,6 +1001,38 @@ TEST(TrainCuda, LoraPathsTrainAlikeInBf16) {
   lora_paths_train_alike("cuda", "bfloat16", 2e-2);
 }
 
+// fused_loss on CUDA (bf16 autocast): the fused cross-entropy kernels train as ATen's loss does, with
+// the whole logits and chunked (each chunk's loss recomputed in the backward pass through them).
+TEST(TrainCuda, FusedLossTrainsAsTheUnfusedLoss) {
+  FT_REQUIRE_CUDA();
+  for (const int64_t chunk : {int64_t{0}, int64_t{5}}) {
+    const fs::path dir = scratch("train_fused_loss_" + std::to_string(chunk));
+    config::RunConfig c = synthetic_run(dir);
+    c.device = "cuda";
+    c.dtype = "bfloat16";
+    c.eval.every = 0;
+    c.loss_chunk = chunk;
+    Quiet q;
+    train::run_training(c, q.f);
+    config::RunConfig fc = c;
+    fc.fused_loss = true;
+    fc.output_dir = (dir / "fused").string();
+    train::run_training(fc, q.f);
+    const auto a = metric_lines(dir / "run"), b = metric_lines(dir / "fused");
+    ASSERT_EQ(a.size(), b.size());
+    double worst = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      if (a[i].at("type") != "train") continue;
+      const double x = a[i].at("loss"), y = b[i].at("loss");
+      worst = std::max(worst, std::abs(x - y) / x);
+    }
+    std::printf("fused loss against ATen's, loss_chunk %lld: largest relative loss difference %.2e\n",
+                static_cast<long long>(chunk), worst);
+    EXPECT_LT(worst, 1e-2);
+    fs::remove_all(dir);
+  }
+}
+
 // QLoRA: the same LoRA run on the NF4-quantized base follows the full-precision LoRA run closely
 // (the base differs by the quantization error only). Tolerance: 2e-3 relative per step over 12
 // steps on the synthetic store (measured on the jargon config: 6.4e-4 over 30 steps).

@@ -191,6 +191,12 @@ TEST(RunConfig, MissingAndContradictorySettingsAreErrors) {
   const config::RunConfig chunked = config::parse_run_config(std::string(kGood), "run.yaml", {"loss_chunk=1024"});
   EXPECT_EQ(chunked.loss_chunk, 1024);
   EXPECT_NE(config::to_yaml(chunked).find("loss_chunk: 1024"), std::string::npos);
+  // fused_loss: a boolean, off by default, read back.
+  EXPECT_FALSE(chunked.fused_loss);
+  const config::RunConfig fused = config::parse_run_config(std::string(kGood), "run.yaml", {"fused_loss=true"});
+  EXPECT_TRUE(fused.fused_loss);
+  EXPECT_TRUE(config::parse_run_config(config::to_yaml(fused), "resolved").fused_loss);
+  EXPECT_NE(error_of(std::string(kGood) + "fused_loss: maybe\n").find("fused_loss"), std::string::npos);
 }
 
 TEST(RunConfig, SyntaxErrorsNameTheLine) {

@@ -11,6 +11,8 @@
 #ifdef LIBFT_WITH_CUDA_KERNELS
 #include "ft/kernels/nf4.h"
 #include "ft/kernels/nf4_decode.h"
+#include "ft/kernels/cross_entropy.h"
+#include "ft/kernels/cross_entropy_thread.h"
 #include "ft/kernels/lora_rows.h"
 #include "ft/kernels/lora_rows_lane.h"
 #include "ft/kernels/rmsnorm.h"
@@ -344,6 +346,172 @@ TEST(LoraRowsKernel, DeclinesOperandsItCannotTake) {
   EXPECT_FALSE(kernels::lora_up_add_fits(xo, s, a.to(at::kHalf)));
   EXPECT_FALSE(kernels::lora_up_add_fits(at::empty({6, 72}, cuda.dtype(at::kBFloat16)).narrow(1, 4, 64), s, a));
   EXPECT_THROW(kernels::lora_up_add(xo, s, a.to(at::kHalf), 1.0), c10::Error);
+}
+#endif
+
+
+// ------------------------------------------------------------------------------------------------
+// The fused cross-entropy (ft/kernels/cross_entropy.h) against float64: per-row log-sum-exp and loss,
+// and the logits' gradient g (softmax − onehot). Logits of a wide range (±40, so that the running
+// maximum is rescaled often), −∞ entries (masked words), an ignored row (loss 0, gradient exactly 0)
+// and a target outside the vocabulary (NaN), for float32, bf16 and fp16, vocabularies that do and
+// do not fill 16-byte vectors, one thread and many.
+#ifdef LIBFT_WITH_CUDA_KERNELS
+struct CeCase {
+  at::Tensor logits, targets;
+  int64_t ignore = -100;
+};
+
+CeCase ce_case(int64_t N, int64_t V, at::ScalarType dtype, const at::Device device) {
+  CeCase c;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor x = at::randn({N, V}, f32) * 4;
+  if (V > 3) {
+    x.select(1, 1).fill_(-std::numeric_limits<float>::infinity());
+    x.select(1, V - 2).mul_(10);  // ±40: the maximum moves late in the row
+  }
+  c.logits = x.to(dtype).to(device);
+  c.targets = at::randint(0, V, {N}, at::TensorOptions().dtype(at::kLong));
+  if (V > 3) c.targets.masked_fill_(c.targets.eq(1), 0);  // a masked word's loss is +∞ in both
+  if (N > 2) c.targets[2] = c.ignore;
+  if (N > 4) c.targets[4] = V;  // out of range: NaN
+  c.targets = c.targets.to(device);
+  return c;
+}
+
+// Float64 references on the logits as stored: lse (N), loss (N, NaN/0 as the kernels give them),
+// and the gradient of g Σ loss.
+struct CeReference {
+  at::Tensor lse, loss, grad;
+};
+
+CeReference ce_reference(const CeCase& c, double g) {
+  const at::Tensor x = c.logits.to(at::kDouble).cpu(), t = c.targets.cpu();
+  CeReference r;
+  r.lse = at::logsumexp(x, 1);
+  r.loss = at::zeros_like(r.lse);
+  r.grad = at::zeros_like(x);
+  const int64_t V = x.size(1);
+  for (int64_t i = 0; i < x.size(0); ++i) {
+    const int64_t ti = t[i].item<int64_t>();
+    if (ti == c.ignore) continue;
+    if (ti < 0 || ti >= V) {
+      r.loss[i] = std::numeric_limits<double>::quiet_NaN();
+      continue;
+    }
+    r.loss[i] = r.lse[i] - x[i][ti];
+    r.grad[i] = (x[i] - r.lse[i]).exp() * g;
+    r.grad[i][ti] -= g;
+  }
+  return r;
+}
+
+void expect_ce(const CeCase& c, const at::Tensor& lse, const at::Tensor& loss, const at::Tensor& grad, double g,
+               const std::string& what) {
+  SCOPED_TRACE(what);
+  const CeReference r = ce_reference(c, g);
+  const at::Tensor t = c.targets.cpu();
+  const int64_t N = r.lse.size(0), V = c.logits.size(1);
+  const at::Tensor valid = t.ne(c.ignore).logical_and(t.lt(V));
+  EXPECT_LE(test::max_rel_error(lse.cpu(), r.lse), 1e-6);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t ti = t[i].item<int64_t>();
+    if (ti == c.ignore) {
+      EXPECT_EQ(loss[i].item<float>(), 0.0f) << "row " << i;
+      EXPECT_TRUE(grad[i].eq(0).all().item<bool>()) << "row " << i;
+    } else if (ti >= V) {
+      EXPECT_TRUE(std::isnan(loss[i].item<float>())) << "row " << i;
+    }
+  }
+  if (!valid.any().item<bool>()) return;
+  EXPECT_LE(test::max_rel_error(loss.cpu().index({valid}), r.loss.index({valid})), 1e-5);
+  const double tol = grad.scalar_type() == at::kFloat ? 1e-5 : grad.scalar_type() == at::kHalf ? 2e-3 : 1e-2;
+  ASSERT_TRUE(grad.index({valid.to(grad.device())}).isfinite().all().item<bool>());
+  EXPECT_LE(test::max_rel_error(grad.cpu().index({valid}), r.grad.index({valid})), tol);
+}
+
+template <typename T>
+void ce_on_host(const CeCase& c, int threads, float g, at::Tensor& lse, at::Tensor& loss, at::Tensor& grad) {
+  using namespace kernels::detail;
+  const int64_t N = c.logits.size(0), V = c.logits.size(1);
+  const bool vectors = V % ce_vec<T>() == 0;
+  lse = at::empty({N}, at::kFloat);
+  loss = at::empty({N}, at::kFloat);
+  grad = at::full_like(c.logits, std::numeric_limits<double>::quiet_NaN());
+  const T* x = reinterpret_cast<const T*>(c.logits.data_ptr());
+  T* dx = reinterpret_cast<T*>(grad.data_ptr());
+  for (int64_t i = 0; i < N; ++i) {
+    MaxSum pair = max_sum_empty();
+    for (int t = 0; t < threads; ++t) pair = max_sum_merge(pair, ce_row_partial(x + i * V, V, t, threads, vectors));
+    const float l = max_sum_lse(pair);
+    const int64_t target = c.targets[i].item<int64_t>();
+    lse[i] = l;
+    loss[i] = ce_row_loss(x + i * V, V, l, target, c.ignore);
+    for (int t = 0; t < threads; ++t) {
+      ce_row_grad(x + i * V, dx + i * V, V, t, threads, vectors, l, target, g, target == c.ignore);
+    }
+  }
+}
+
+TEST(CrossEntropyKernel, ThreadsOnTheHostMatchTheFloat64Reference) {
+  at::manual_seed(11);
+  for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const int64_t V : {int64_t{1}, int64_t{7}, int64_t{97}, int64_t{128}, int64_t{4104}}) {
+      for (const int threads : {1, 3, 256}) {
+        const CeCase c = ce_case(6, V, dtype, at::kCPU);
+        at::Tensor lse, loss, grad;
+        const float g = 0.7f;
+        if (dtype == at::kFloat) ce_on_host<float>(c, threads, g, lse, loss, grad);
+        if (dtype == at::kBFloat16) ce_on_host<c10::BFloat16>(c, threads, g, lse, loss, grad);
+        if (dtype == at::kHalf) ce_on_host<c10::Half>(c, threads, g, lse, loss, grad);
+        expect_ce(c, lse, loss, grad, g,
+                  std::string(c10::toString(dtype)) + ", V " + std::to_string(V) + ", " + std::to_string(threads) + " threads");
+      }
+    }
+  }
+}
+
+TEST(CrossEntropyKernel, MatchesTheFloat64ReferenceOnCuda) {
+  FT_REQUIRE_CUDA();
+  at::manual_seed(12);
+  for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const auto& [N, V] : {std::pair{int64_t{1}, int64_t{97}}, std::pair{int64_t{37}, int64_t{4096}},
+                               std::pair{int64_t{300}, int64_t{32000}}, std::pair{int64_t{9}, int64_t{128256}},
+                               std::pair{int64_t{5}, int64_t{50257}}}) {
+      const CeCase c = ce_case(N, V, dtype, at::kCUDA);
+      ASSERT_TRUE(kernels::cross_entropy_fits(c.logits, c.targets));
+      auto [loss, lse] = kernels::cross_entropy_forward(c.logits, c.targets, c.ignore);
+      const at::Tensor g = at::full({}, 0.7, c.logits.options().dtype(at::kFloat));
+      const at::Tensor grad = kernels::cross_entropy_backward(c.logits, c.targets, lse, g, c.ignore);
+      ASSERT_EQ(grad.scalar_type(), dtype);
+      expect_ce(c, lse, loss, grad.cpu(), 0.7,
+                std::string(c10::toString(dtype)) + ", N " + std::to_string(N) + ", V " + std::to_string(V));
+    }
+  }
+}
+
+// model::cross_entropy_sum with the kernels against ATen's path, through autograd: the same summed
+// loss and logits gradient (bf16 logits, as the output head gives them under autocast).
+TEST(CrossEntropyKernel, FusedLossMatchesAtenThroughAutograd) {
+  FT_REQUIRE_CUDA();
+  at::manual_seed(13);
+  const auto bf = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
+  const at::Tensor base = (at::randn({64, 32000}, bf.dtype(at::kFloat)) * 3).to(at::kBFloat16);
+  at::Tensor targets = at::randint(0, 32000, {64}, bf.dtype(at::kLong));
+  targets.narrow(0, 0, 5).fill_(-100);
+  auto run = [&](bool fused) {
+    const at::Tensor x = base.clone().requires_grad_();
+    const at::Tensor loss = model::cross_entropy_sum(x, targets, -100, fused);
+    (loss * 0.5).backward();
+    return std::make_pair(loss.detach(), x.grad());
+  };
+  const auto [fused_loss, fused_grad] = run(true);
+  const auto [aten_loss, aten_grad] = run(false);
+  EXPECT_EQ(fused_loss.scalar_type(), at::kFloat);
+  EXPECT_LE(test::max_rel_error(fused_loss, aten_loss), 1e-5);
+  EXPECT_EQ(fused_grad.scalar_type(), at::kBFloat16);
+  EXPECT_LE(test::max_rel_error(fused_grad, aten_grad), 1e-2);
+  EXPECT_TRUE(fused_grad.narrow(0, 0, 5).eq(0).all().item<bool>());
 }
 #endif
 

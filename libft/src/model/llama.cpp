@@ -19,6 +19,7 @@
 #include "ft/util/error.h"
 
 #ifdef LIBFT_WITH_CUDA_KERNELS
+#include "ft/kernels/cross_entropy.h"
 #include "ft/kernels/rmsnorm.h"
 #endif
 
@@ -540,8 +541,45 @@ at::Tensor shifted_targets(const at::Tensor& labels, int64_t ignore_index, const
 
 // HF's shift: logits[:, :-1] predict labels[:, 1:]. float32 (float64 for float64 models) whatever
 // the logits' dtype.
+#ifdef LIBFT_WITH_CUDA_KERNELS
+// The fused cross-entropy (cross_entropy_sum): the kernels' per-row losses summed; the row's
+// log-sum-exp and the logits themselves (which exist anyway, in their own dtype) kept for the
+// backward pass, instead of a float32 log-softmax of them.
+struct FusedCrossEntropy : public torch::autograd::Function<FusedCrossEntropy> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& targets,
+                            int64_t ignore_index) {
+    auto [loss, lse] = kernels::cross_entropy_forward(logits, targets, ignore_index);
+    ctx->save_for_backward({logits, targets, lse});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    return loss.sum();
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor scale = grads[0].to(at::kFloat);
+    return {kernels::cross_entropy_backward(saved[0], saved[1], saved[2], scale,
+                                            ctx->saved_data["ignore_index"].toInt()),
+            at::Tensor(), at::Tensor()};
+  }
+};
+#endif
+
+}  // namespace
+
+at::Tensor cross_entropy_sum(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index, bool fused) {
+#ifdef LIBFT_WITH_CUDA_KERNELS
+  if (fused && kernels::cross_entropy_fits(logits, targets)) return FusedCrossEntropy::apply(logits, targets, ignore_index);
+#else
+  (void)fused;
+#endif
+  return at::cross_entropy_loss(logits.to(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat), targets, {},
+                                at::Reduction::Sum, ignore_index);
+}
+
+namespace {
+
 at::Tensor shifted_cross_entropy(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
-                                 at::Reduction::Reduction reduction) {
+                                 at::Reduction::Reduction reduction, bool fused = false) {
   FT_CHECK(logits.dim() == 3 && labels.dim() == 2 && logits.size(0) == labels.size(0) &&
                logits.size(1) == labels.size(1),
            "[loss] logits (B, T, V) and labels (B, T) disagree: ", logits.sizes(), " vs ", labels.sizes());
@@ -549,6 +587,10 @@ at::Tensor shifted_cross_entropy(const at::Tensor& logits, const at::Tensor& lab
   // position against nothing (ignore_index). The logits stay contiguous, so neither the forward
   // nor the backward pass copies the (B, T, V) tensor, and the sum is the same.
   const int64_t V = logits.size(2);
+  if (reduction == at::Reduction::Sum) {
+    return cross_entropy_sum(logits.reshape({-1, V}), shifted_targets(labels, ignore_index, logits.device()),
+                             ignore_index, fused);
+  }
   at::Tensor flat_logits = logits.reshape({-1, V}).to(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   return at::cross_entropy_loss(flat_logits, shifted_targets(labels, ignore_index, logits.device()), {}, reduction,
                                 ignore_index);
@@ -558,9 +600,7 @@ at::Tensor shifted_cross_entropy(const at::Tensor& logits, const at::Tensor& lab
 // targets (N): its logits through the head, scored in float32 (float64 for a float64 model).
 at::Tensor chunk_loss_sum(CausalLMImpl& model, const at::Tensor& hidden, const at::Tensor& targets,
                           int64_t ignore_index) {
-  const at::Tensor logits = model.logits(hidden);
-  return at::cross_entropy_loss(logits.to(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat), targets, {},
-                                at::Reduction::Sum, ignore_index);
+  return cross_entropy_sum(model.logits(hidden), targets, ignore_index, model.fused_loss());
 }
 
 // The backward pass of chunked_lm_loss_sum: each chunk's logits and loss again, differentiated
@@ -660,8 +700,8 @@ at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, in
   return shifted_cross_entropy(logits, labels, ignore_index, at::Reduction::Mean);
 }
 
-at::Tensor causal_lm_loss_sum(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
-  return shifted_cross_entropy(logits, labels, ignore_index, at::Reduction::Sum);
+at::Tensor causal_lm_loss_sum(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, bool fused) {
+  return shifted_cross_entropy(logits, labels, ignore_index, at::Reduction::Sum, fused);
 }
 
 }  // namespace ft::model

@@ -22,7 +22,7 @@ at::Tensor micro_batch_loss_sum(model::CausalLM& model, const BatchTensors& b) {
   if (model->loss_chunk() > 0) {
     return model::chunked_lm_loss_sum(*model, model->hidden_states(b.input_ids, fo), b.labels, model->loss_chunk());
   }
-  return causal_lm_loss_sum(model->forward(b.input_ids, fo), b.labels);
+  return model::causal_lm_loss_sum(model->forward(b.input_ids, fo), b.labels, -100, model->fused_loss());
 }
 
 AccumulateResult accumulate_gradients(model::CausalLM& model, const std::vector<BatchTensors>& micro_batches,

@@ -180,6 +180,8 @@ struct RunConfig {
   /// logits, their float32 copy and their gradient never exist whole, for one more output-head
   /// GEMM in the backward pass (model::chunked_lm_loss_sum). For large vocabularies.
   int64_t loss_chunk = 0;
+  /// The loss through the fused cross-entropy kernels on CUDA (model::CausalLMImpl::set_fused_loss).
+  bool fused_loss = false;
   EvalSection eval;
   /// Adaptation mode: full (every parameter trains) | freeze (FreezeSection) | lora (LoraSection) |
   /// qlora (LoraSection on an NF4 base, QloraSection) | prefix (PrefixSection).

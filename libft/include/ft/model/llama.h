@@ -174,6 +174,12 @@ class CausalLMImpl : public torch::nn::Module {
   /// see chunked_lm_loss_sum.
   void set_loss_chunk(int64_t rows) { loss_chunk_ = rows; }
   int64_t loss_chunk() const { return loss_chunk_; }
+  /// The trainer's loss through the fused cross-entropy kernels on CUDA (ft/kernels/cross_entropy.h):
+  /// scored straight from the bf16/fp16/float32 logits, the gradient written in their dtype, without
+  /// the float32 copy, log-softmax and gradient of the unfused path. Off by default until the GPU
+  /// check has measured it; no effect on the CPU. See cross_entropy_sum.
+  void set_fused_loss(bool on) { fused_loss_ = on; }
+  bool fused_loss() const { return fused_loss_; }
   /// Rotary inverse frequencies (D/2), float32, after the config's rope scaling.
   const at::Tensor& inv_freq() const { return inv_freq_; }
   /// Attaches a prefix (prefix tuning), registered as the submodule "prefix_encoder". Its shape must
@@ -195,6 +201,7 @@ class CausalLMImpl : public torch::nn::Module {
   at::Tensor inv_freq_device_;  ///< the last device's copy (see inv_freq_on)
   bool gradient_checkpointing_ = false;
   int64_t loss_chunk_ = 0;
+  bool fused_loss_ = false;
 };
 TORCH_MODULE(CausalLM);
 
@@ -210,7 +217,15 @@ void init_weights(CausalLM& model, uint64_t seed);
 at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index = -100);
 /// The same shifted cross-entropy, summed over the counted tokens (for normalising by the target
 /// count of a whole optimizer step, see ft/train/step.h).
-at::Tensor causal_lm_loss_sum(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index = -100);
+/// `fused`: through cross_entropy_sum's kernels where they apply (CausalLMImpl::fused_loss).
+at::Tensor causal_lm_loss_sum(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index = -100,
+                              bool fused = false);
+/// Σ over rows of the cross-entropy of logits (N, V) against targets (N), rows whose target is
+/// `ignore_index` not counted, in float32 (float64 for float64 logits). With `fused` on CUDA
+/// (contiguous float32/bf16/fp16 logits, int64 targets): the fused kernels, one pass over the logits
+/// forward (the row's log-sum-exp kept) and one backward writing the gradient in the logits' dtype;
+/// a target outside [0, V) gives NaN. Otherwise ATen's cross_entropy on the logits cast to float32.
+at::Tensor cross_entropy_sum(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index, bool fused);
 /// causal_lm_loss_sum(model->logits(hidden), labels) without ever holding more than `chunk` rows of
 /// logits: hidden (B, T, E) goes through the output head `chunk` token rows at a time, each chunk's
 /// logits (and their float32 copy) freed after its loss is taken. With a large vocabulary the
