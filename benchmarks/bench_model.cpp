@@ -42,6 +42,7 @@
 
 #include "ft/kernels/lora_rows.h"
 #include "ft/kernels/rmsnorm.h"
+#include "ft/kernels/rope.h"
 #endif
 
 #include "ft/adapt/lora.h"
@@ -601,6 +602,52 @@ void BM_CrossEntropyCuda(benchmark::State& state) {
   state.counters["GB/s"] = benchmark::Counter(6.0 * static_cast<double>(N * V) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 BENCHMARK(BM_CrossEntropyCuda)->ArgsProduct({{0, 1}, {2048, 8192}, {128256}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+// The rotary embedding of one layer's queries and keys, forward and backward, on bf16 projections
+// with float32 tables (as under autocast): the model's unfused formula (impl 0) against the fused
+// kernel (impl 1, model::CausalLMImpl::set_fused_rope). The Llama-3.2-1B shape: 32 query and 8 key
+// heads of 64 at 2048 tokens per row. Arguments: impl, rows. "GB/s": the fused path's minimum
+// traffic (2 bytes read and 2 written per element each way) over the time, for both rows.
+void BM_RopeCuda(benchmark::State& state) {
+  if (!at::hasCUDA()) return state.SkipWithError("no CUDA device");
+  const bool fused = state.range(0) == 1;
+  const int64_t B = state.range(1), T = 2048, D = 64;
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  const at::Tensor q = at::randn({B, T, 32, D}, cuda).to(at::kBFloat16).transpose(1, 2).requires_grad_();
+  const at::Tensor k = at::randn({B, T, 8, D}, cuda).to(at::kBFloat16).transpose(1, 2).requires_grad_();
+  const at::Tensor freqs = at::arange(T, cuda.dtype(at::kFloat)).unsqueeze(-1) *
+                           (1.0 / at::pow(500000.0, at::arange(0, D, 2, cuda.dtype(at::kFloat)) / static_cast<double>(D)));
+  const at::Tensor emb = at::cat({freqs, freqs}, -1).unsqueeze(0).expand({B, T, D}).contiguous();
+  const at::Tensor cos = emb.cos().unsqueeze(1), sin = emb.sin().unsqueeze(1);
+  const at::Tensor dq = at::randn(q.sizes(), cuda).to(at::kBFloat16), dk = at::randn(k.sizes(), cuda).to(at::kBFloat16);
+  auto rotate_half = [](const at::Tensor& x) {
+    const int64_t h = x.size(-1) / 2;
+    return at::cat({-x.narrow(-1, h, h), x.narrow(-1, 0, h)}, -1);
+  };
+  auto step = [&] {
+    at::Tensor qr, kr;
+    if (fused) {
+      qr = ft::kernels::rope_forward(q.detach(), cos, sin);
+      kr = ft::kernels::rope_forward(k.detach(), cos, sin);
+      (void)ft::kernels::rope_backward(dq, cos, sin, at::kBFloat16, q.strides());
+      (void)ft::kernels::rope_backward(dk, cos, sin, at::kBFloat16, k.strides());
+    } else {
+      // As attention consumes them: the float32 result cast to bf16 (SDPA's autocast cast).
+      qr = (q * cos + rotate_half(q) * sin).to(at::kBFloat16);
+      kr = (k * cos + rotate_half(k) * sin).to(at::kBFloat16);
+      (void)torch::autograd::grad({qr, kr}, {q, k}, {dq, dk});
+    }
+  };
+  for (int i = 0; i < 2; ++i) step();
+  sync(at::kCUDA);
+  for (auto _ : state) {
+    step();
+    sync(at::kCUDA);
+  }
+  state.counters["GB/s"] = benchmark::Counter(8.0 * static_cast<double>(q.numel() + k.numel()) / 1e9,
+                                              benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_RopeCuda)->ArgsProduct({{0, 1}, {1, 4}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 #endif
 
 // Arguments: fused (0/1), dropout in percent.
@@ -653,8 +700,8 @@ model::CausalLM& lora_step_model() {
 // with the extended GEMM where it applies: q, k, v, gate and up, whose input is RMSNorm's float32
 // output; 3 and 4: 1 and 2 with the row kernels, adapt::set_lora_row_kernels), batch, graph (1: cuda_graphs: true, the forward and backward pass captured once and
 // replayed: no per-operation host cost), loss chunk (token rows through the output head at a time,
-// loss_chunk; 0: the whole (B·T, 128256) logits), fused loss (1: fused_loss, the cross-entropy
-// kernels). "peak_GiB": the caching allocator's peak during
+// loss_chunk; 0: the whole (B·T, 128256) logits), fused model kernels (1: fused_loss and
+// fused_rope, the cross-entropy and rotary-embedding kernels). "peak_GiB": the caching allocator's peak during
 // the measured steps. MFU counts 4N + 12·L·d·T FLOPs per token (frozen base: forward 2N,
 // input gradients 2N, attention 12·L·d·T; no recomputation) against the H100 SXM's 989 TFLOP/s
 // dense bf16.
@@ -670,11 +717,13 @@ void BM_LoraStepCuda(benchmark::State& state) {
   adapt::set_lora_row_kernels(m, state.range(0) >= 3);
   m->set_loss_chunk(state.range(3));
   m->set_fused_loss(state.range(4) == 1);
+  m->set_fused_rope(state.range(4) == 1);
   struct ResetLoss {
     model::CausalLM& m;
     ~ResetLoss() {
       m->set_loss_chunk(0);
       m->set_fused_loss(false);
+      m->set_fused_rope(false);
     }
   } reset_loss{m};
   double n_params = 0;

@@ -77,7 +77,7 @@ def targets(runs):
     nf4, copy = runs.get("BM_NF4Dequant/1/1"), runs.get("BM_DeviceCopy")
     if nf4 and copy:
         out.append(("NF4 dequantization / device copy bandwidth", nf4["GB/s"] / copy["GB/s"], 0.75, "min"))
-    # BM_LoraStepCuda/<fused>/<batch>/<graph>/<loss chunk>/<fused loss>: the speed-up at each batch size (eager),
+    # BM_LoraStepCuda/<fused>/<batch>/<graph>/<loss chunk>/<fused loss and rope>: the speed-up at each batch size (eager),
     # and the MFU of every fused row (2: with the extended GEMM, 3: row kernels, 4: both), all with
     # the whole logits.
     kinds = {1: "fused", 2: "fused, extended GEMM", 3: "fused, row kernels", 4: "fused, extended GEMM, row kernels"}
@@ -93,7 +93,7 @@ def targets(runs):
                 for loss in (0, 1):
                     fused = runs.get(f"BM_LoraStepCuda/{kind}/{batch}/{graph}/0/{loss}")
                     if fused:
-                        how = ("CUDA graph" if graph else "eager") + (", fused loss" if loss else "")
+                        how = ("CUDA graph" if graph else "eager") + (", fused loss and rope" if loss else "")
                         out.append((f"1.24B LoRA step, {what}, MFU % (batch {batch} x 2048, {how})", fused["MFU%"], 40.0, "min"))
     return out
 

@@ -1001,21 +1001,30 @@ TEST(TrainCuda, LoraPathsTrainAlikeInBf16) {
   lora_paths_train_alike("cuda", "bfloat16", 2e-2);
 }
 
-// fused_loss on CUDA (bf16 autocast): the fused cross-entropy kernels train as ATen's loss does, with
-// the whole logits and chunked (each chunk's loss recomputed in the backward pass through them).
-TEST(TrainCuda, FusedLossTrainsAsTheUnfusedLoss) {
+// The fused CUDA kernels of the model (fused_loss: the cross-entropy; fused_rope: the rotary
+// embedding), in bf16 autocast, train as the unfused passes do: the loss with the whole logits and
+// chunked (each chunk's loss recomputed in the backward pass through the kernels), the rotary
+// embedding alone, and both.
+TEST(TrainCuda, FusedKernelsTrainAsTheUnfusedPasses) {
   FT_REQUIRE_CUDA();
-  for (const int64_t chunk : {int64_t{0}, int64_t{5}}) {
-    const fs::path dir = scratch("train_fused_loss_" + std::to_string(chunk));
+  struct Variant {
+    const char* name;
+    int64_t chunk;
+    bool loss, rope;
+  };
+  for (const Variant& v : {Variant{"loss", 0, true, false}, Variant{"chunked_loss", 5, true, false},
+                           Variant{"rope", 0, false, true}, Variant{"both", 0, true, true}}) {
+    const fs::path dir = scratch(std::string("train_fused_") + v.name);
     config::RunConfig c = synthetic_run(dir);
     c.device = "cuda";
     c.dtype = "bfloat16";
     c.eval.every = 0;
-    c.loss_chunk = chunk;
+    c.loss_chunk = v.chunk;
     Quiet q;
     train::run_training(c, q.f);
     config::RunConfig fc = c;
-    fc.fused_loss = true;
+    fc.fused_loss = v.loss;
+    fc.fused_rope = v.rope;
     fc.output_dir = (dir / "fused").string();
     train::run_training(fc, q.f);
     const auto a = metric_lines(dir / "run"), b = metric_lines(dir / "fused");
@@ -1026,9 +1035,8 @@ TEST(TrainCuda, FusedLossTrainsAsTheUnfusedLoss) {
       const double x = a[i].at("loss"), y = b[i].at("loss");
       worst = std::max(worst, std::abs(x - y) / x);
     }
-    std::printf("fused loss against ATen's, loss_chunk %lld: largest relative loss difference %.2e\n",
-                static_cast<long long>(chunk), worst);
-    EXPECT_LT(worst, 1e-2);
+    std::printf("fused %s against the unfused passes: largest relative loss difference %.2e\n", v.name, worst);
+    EXPECT_LT(worst, 1e-2) << v.name;
     fs::remove_all(dir);
   }
 }

@@ -196,6 +196,10 @@ TEST(RunConfig, MissingAndContradictorySettingsAreErrors) {
   const config::RunConfig fused = config::parse_run_config(std::string(kGood), "run.yaml", {"fused_loss=true"});
   EXPECT_TRUE(fused.fused_loss);
   EXPECT_TRUE(config::parse_run_config(config::to_yaml(fused), "resolved").fused_loss);
+  const config::RunConfig rope = config::parse_run_config(std::string(kGood), "run.yaml", {"fused_rope=true"});
+  EXPECT_TRUE(rope.fused_rope);
+  EXPECT_FALSE(fused.fused_rope);
+  EXPECT_TRUE(config::parse_run_config(config::to_yaml(rope), "resolved").fused_rope);
   EXPECT_NE(error_of(std::string(kGood) + "fused_loss: maybe\n").find("fused_loss"), std::string::npos);
 }
 

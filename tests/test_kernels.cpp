@@ -5,6 +5,7 @@
 
 #include "ft/model/llama.h"
 #include "test_util.h"
+#include "ft/util/autocast.h"
 
 #include "ft/adapt/nf4.h"
 
@@ -16,6 +17,8 @@
 #include "ft/kernels/lora_rows.h"
 #include "ft/kernels/lora_rows_lane.h"
 #include "ft/kernels/rmsnorm.h"
+#include "ft/kernels/rope.h"
+#include "ft/kernels/rope_thread.h"
 #endif
 
 using namespace ft;
@@ -512,6 +515,134 @@ TEST(CrossEntropyKernel, FusedLossMatchesAtenThroughAutograd) {
   EXPECT_EQ(fused_grad.scalar_type(), at::kBFloat16);
   EXPECT_LE(test::max_rel_error(fused_grad, aten_grad), 1e-2);
   EXPECT_TRUE(fused_grad.narrow(0, 0, 5).eq(0).all().item<bool>());
+}
+#endif
+
+
+// ------------------------------------------------------------------------------------------------
+// The fused rotary embedding (ft/kernels/rope.h) against the model's unfused formula: the forward
+// values bit for bit (bf16 and fp16 projections with float32 tables, as under autocast, and a float32
+// model), the input gradient against float64 (one rounding, where autograd's unfused pass rounds
+// each term to the projection's dtype). The projection is a transposed view, as in the model.
+#ifdef LIBFT_WITH_CUDA_KERNELS
+struct RopeOperands {
+  at::Tensor x, cos, sin;  // x (B, H, T, D) as a view of (B, T, H, D); tables (B, 1, T, D) float32
+};
+
+RopeOperands rope_operands(int64_t B, int64_t H, int64_t T, int64_t D, at::ScalarType dtype, const at::Device device) {
+  RopeOperands o;
+  o.x = (at::randn({B, T, H, D}) * 2).to(dtype).to(device).transpose(1, 2);
+  const at::Tensor pos = at::arange(T, at::kFloat).unsqueeze(0).expand({B, T}) + at::arange(B, at::kFloat).unsqueeze(1) * 7;
+  const at::Tensor inv = 1.0 / at::pow(10000.0, at::arange(0, D, 2, at::kFloat) / static_cast<double>(D));
+  const at::Tensor freqs = pos.unsqueeze(-1) * inv;
+  const at::Tensor emb = at::cat({freqs, freqs}, -1);
+  o.cos = emb.cos().unsqueeze(1).to(device);
+  o.sin = emb.sin().unsqueeze(1).to(device);
+  return o;
+}
+
+at::Tensor rotate_half_ref(const at::Tensor& x) {
+  const int64_t h = x.size(-1) / 2;
+  return at::cat({-x.narrow(-1, h, h), x.narrow(-1, 0, h)}, -1);
+}
+
+// The float64 input gradient of Σ (x cos + rotate_half(x) sin) ⊙ dy.
+at::Tensor rope_grad64(const at::Tensor& dy, const at::Tensor& cos, const at::Tensor& sin) {
+  const at::Tensor d = dy.to(at::kDouble).cpu(), c = cos.to(at::kDouble).cpu(), s = sin.to(at::kDouble).cpu();
+  const int64_t h = d.size(-1) / 2;
+  const at::Tensor ds = d * s;
+  return d * c + at::cat({ds.narrow(-1, h, h), -ds.narrow(-1, 0, h)}, -1);
+}
+
+TEST(RopeKernel, PairsOnTheHostEqualTheFormulaBitForBit) {
+  at::manual_seed(21);
+  for (const auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    const RopeOperands o = rope_operands(2, 3, 5, 8, dtype, at::kCPU);
+    const at::Tensor want = (o.x * o.cos + rotate_half_ref(o.x) * o.sin).to(dtype);  // float32 math, as unfused
+    const at::Tensor x = o.x.to(at::kFloat).contiguous(), c = o.cos.contiguous(), s = o.sin.contiguous();
+    at::Tensor got = at::empty_like(x), dx = at::empty_like(x);
+    const at::Tensor dy = at::randn(x.sizes()).to(dtype).to(at::kFloat);
+    const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3), half = D / 2;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t t = 0; t < T; ++t) {
+          const at::Tensor xr = x[b][h][t], cr = c[b][0][t], sr = s[b][0][t], dr = dy[b][h][t];
+          for (int64_t i = 0; i < half; ++i) {
+            float y1, y2, d1, d2;
+            kernels::detail::rope_pair(xr[i].item<float>(), xr[i + half].item<float>(), cr[i].item<float>(),
+                                       cr[i + half].item<float>(), sr[i].item<float>(), sr[i + half].item<float>(), y1, y2);
+            kernels::detail::rope_pair_backward(dr[i].item<float>(), dr[i + half].item<float>(), cr[i].item<float>(),
+                                                cr[i + half].item<float>(), sr[i].item<float>(),
+                                                sr[i + half].item<float>(), d1, d2);
+            got[b][h][t][i] = y1;
+            got[b][h][t][i + half] = y2;
+            dx[b][h][t][i] = d1;
+            dx[b][h][t][i + half] = d2;
+          }
+        }
+      }
+    }
+    EXPECT_TRUE(got.to(dtype).equal(want)) << c10::toString(dtype);
+    EXPECT_LE(test::max_rel_error(dx, rope_grad64(dy, o.cos, o.sin)), 1e-6) << c10::toString(dtype);
+  }
+}
+
+TEST(RopeKernel, MatchesTheFormulaOnCuda) {
+  FT_REQUIRE_CUDA();
+  at::manual_seed(22);
+  for (const auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    for (const auto& [B, H, T, D] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{1, 1, 1, 2},
+                                     {2, 8, 37, 64}, {3, 4, 300, 128}, {1, 32, 2048, 64}}) {
+      SCOPED_TRACE(std::string(c10::toString(dtype)) + " " + std::to_string(B) + "x" + std::to_string(H) + "x" +
+                   std::to_string(T) + "x" + std::to_string(D));
+      const RopeOperands o = rope_operands(B, H, T, D, dtype, at::kCUDA);
+      ASSERT_TRUE(kernels::rope_fits(o.x, o.cos, o.sin));
+      const at::Tensor want = (o.x * o.cos + rotate_half_ref(o.x) * o.sin).to(dtype);
+      const at::Tensor got = kernels::rope_forward(o.x, o.cos, o.sin);
+      EXPECT_EQ(got.strides(), o.x.strides());  // the projection's layout kept
+      EXPECT_TRUE(got.equal(want));
+      const at::Tensor dy = at::randn(o.x.sizes(), o.x.options().dtype(at::kFloat)).to(dtype);
+      const at::Tensor dx = kernels::rope_backward(dy, o.cos, o.sin, dtype, o.x.strides());
+      EXPECT_EQ(dx.scalar_type(), dtype);
+      EXPECT_EQ(dx.strides(), o.x.strides());
+      const double tol = dtype == at::kFloat ? 1e-6 : dtype == at::kHalf ? 1e-3 : 8e-3;
+      EXPECT_LE(test::max_rel_error(dx, rope_grad64(dy, o.cos, o.sin)), tol);
+    }
+  }
+  // A table of one row broadcast over the batch, and operands the kernel declines.
+  const RopeOperands o = rope_operands(3, 2, 9, 16, at::kBFloat16, at::kCUDA);
+  const at::Tensor c1 = o.cos.narrow(0, 0, 1), s1 = o.sin.narrow(0, 0, 1);
+  EXPECT_TRUE(kernels::rope_forward(o.x, c1, s1).equal((o.x * c1 + rotate_half_ref(o.x) * s1).to(at::kBFloat16)));
+  EXPECT_FALSE(kernels::rope_fits(o.x, o.cos.to(at::kBFloat16), o.sin.to(at::kBFloat16)));  // bf16 tables
+  EXPECT_FALSE(kernels::rope_fits(o.x.narrow(3, 0, 15), o.cos.narrow(3, 0, 15), o.sin.narrow(3, 0, 15)));  // odd D
+}
+
+// The model with fused_rope against the unfused formula on CUDA under bf16 autocast: the same
+// logits bit for bit, and gradients of the projections within bf16 rounding.
+TEST(RopeKernel, ModelWithFusedRopeMatchesTheFormula) {
+  FT_REQUIRE_CUDA();
+  io::ModelConfig mc = test::tiny_config();
+  mc.head_dim = 16;
+  model::CausalLM m(mc);
+  model::init_weights(m, 3);
+  m->to(at::kCUDA);
+  const at::Tensor ids = at::randint(0, mc.vocab_size, {2, 33}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
+  auto run = [&](bool fused) {
+    m->set_fused_rope(fused);
+    m->zero_grad();
+    at::Tensor logits;
+    {
+      util::AutocastScope autocast(true, at::kCUDA);
+      logits = m->forward(ids);
+    }
+    model::causal_lm_loss(logits, ids).backward();
+    return std::make_pair(logits.detach(), m->named_parameters()["model.layers.0.self_attn.q_proj.weight"].grad().clone());
+  };
+  const auto [fused_logits, fused_grad] = run(true);
+  const auto [plain_logits, plain_grad] = run(false);
+  EXPECT_TRUE(fused_logits.equal(plain_logits));
+  EXPECT_LE(test::max_rel_error(fused_grad, plain_grad), 2e-2);
+  m->set_fused_rope(false);
 }
 #endif
 

@@ -67,7 +67,7 @@ expect = {
     "1.24B LoRA step, fused, extended GEMM / unfused tokens/s (batch 1 x 2048)": 1.3,
     "1.24B LoRA step, fused, extended GEMM, MFU % (batch 1 x 2048, eager)": 39.0,
     "1.24B LoRA step, fused, MFU % (batch 4 x 2048, CUDA graph)": 41.0,
-    "1.24B LoRA step, fused, extended GEMM, row kernels, MFU % (batch 4 x 2048, eager, fused loss)": 45.0,
+    "1.24B LoRA step, fused, extended GEMM, row kernels, MFU % (batch 4 x 2048, eager, fused loss and rope)": 45.0,
     "1.24B LoRA step, fused, row kernels / unfused tokens/s (batch 1 x 2048)": 1.35,
     "1.24B LoRA step, fused, row kernels, MFU % (batch 1 x 2048, eager)": 40.5,
 }
@@ -78,7 +78,7 @@ for line, verdict in [("fused LoRA / bare linear (o_proj 4096->4096, r 16, T 204
                       ("T 2048, CUDA graph)", "PASS"), ("fused LoRA / bare linear (down_proj", "FAIL"),
                       ("QLoRA / LoRA linear (down_proj", "PASS"), ("NF4 dequantization", "PASS"),
                       ("fused / unfused tokens/s", "FAIL"), ("fused, MFU % (batch 1", "FAIL"), ("MFU % (batch 4 x 2048, CUDA graph)", "PASS"),
-                      ("eager, fused loss)", "PASS"),
+                      ("eager, fused loss and rope)", "PASS"),
                       ("fused LoRA, extended GEMM, / bare linear", "PASS"),
                       ("extended GEMM / unfused tokens/s", "PASS"), ("extended GEMM, MFU % (batch 1", "FAIL")]:
     hits = [l for l in out.splitlines() if line in l]

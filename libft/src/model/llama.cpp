@@ -20,11 +20,34 @@
 
 #ifdef LIBFT_WITH_CUDA_KERNELS
 #include "ft/kernels/cross_entropy.h"
+#include "ft/kernels/rope.h"
 #include "ft/kernels/rmsnorm.h"
 #endif
 
 namespace ft::model {
 namespace {
+
+#ifdef LIBFT_WITH_CUDA_KERNELS
+// The rotary embedding through the fused CUDA kernel (CausalLMImpl::set_fused_rope): the tables are
+// constants (no gradient); the input's gradient comes back in its dtype and layout.
+struct RopeCuda : public torch::autograd::Function<RopeCuda> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos,
+                            const at::Tensor& sin) {
+    ctx->save_for_backward({cos, sin});
+    ctx->saved_data["dtype"] = x.scalar_type();
+    ctx->saved_data["strides"] = x.strides().vec();
+    return kernels::rope_forward(x, cos, sin);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    return {kernels::rope_backward(grads[0], saved[0], saved[1], ctx->saved_data["dtype"].toScalarType(),
+                                   ctx->saved_data["strides"].toIntVector()),
+            at::Tensor(), at::Tensor()};
+  }
+};
+#endif
+
 
 at::Tensor rotate_half(const at::Tensor& x) {
   auto halves = x.chunk(2, -1);
@@ -204,6 +227,21 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, int64_t window_)
   o_proj = register_module("o_proj", linear(heads * head_dim, c.hidden_size, c.o_bias));
 }
 
+namespace {
+// Whether this layer's rotary embedding takes the fused CUDA kernel: asked for, float32 tables (so
+// the kernel's float32 arithmetic is the formula's), and no KV cache (whose keys keep the formula's
+// dtype).
+bool fused_rope_fits(const AttentionInputs& in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                     const at::Tensor& sin, const at::Tensor* cache_k) {
+#ifdef LIBFT_WITH_CUDA_KERNELS
+  return in.fused_rope && cache_k == nullptr && kernels::rope_fits(q, cos, sin) && kernels::rope_fits(k, cos, sin);
+#else
+  (void)in, (void)q, (void)k, (void)cos, (void)sin, (void)cache_k;
+  return false;
+#endif
+}
+}  // namespace
+
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k,
                                   at::Tensor* cache_v, const at::Tensor& prefix_k, const at::Tensor& prefix_v) {
   const int64_t B = x.size(0), T = x.size(1);
@@ -221,6 +259,11 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
     q_scaled = grouped;  // the grouped path takes its 1/√D here, in the queries' rotation
     q = fused_rope(q, cos, sin, grouped, q_scaled ? scale : 1.0);
     k = fused_rope(k, cos, sin, grouped);
+  } else if (fused_rope_fits(in, q, k, cos, sin, cache_k)) {
+#ifdef LIBFT_WITH_CUDA_KERNELS
+    q = RopeCuda::apply(q, cos, sin);
+    k = RopeCuda::apply(k, cos, sin);
+#endif
   } else {
     q = q * cos + rotate_half(q) * sin;
     k = k * cos + rotate_half(k) * sin;
@@ -401,6 +444,7 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
   at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq_on(device);  // (B, T, D/2)
   at::Tensor emb = at::cat({freqs, freqs}, -1);
   AttentionInputs in;
+  in.fused_rope = fused_rope_;
   in.cos = emb.cos().to(x.scalar_type());
   in.sin = emb.sin().to(x.scalar_type());
   in.past = past;

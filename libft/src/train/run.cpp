@@ -471,6 +471,7 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   model->set_gradient_checkpointing(c.activation_checkpointing);
   model->set_loss_chunk(c.loss_chunk);
   model->set_fused_loss(c.fused_loss);
+  model->set_fused_rope(c.fused_rope);
   model->train();
   const Stores stores = open_stores(c);
   FT_CHECK(stores.vocab_size <= model->config().vocab_size, "[train] the token stores' vocabulary (",

@@ -182,6 +182,8 @@ struct RunConfig {
   int64_t loss_chunk = 0;
   /// The loss through the fused cross-entropy kernels on CUDA (model::CausalLMImpl::set_fused_loss).
   bool fused_loss = false;
+  /// Rotary embeddings through the fused CUDA kernel (model::CausalLMImpl::set_fused_rope).
+  bool fused_rope = false;
   EvalSection eval;
   /// Adaptation mode: full (every parameter trains) | freeze (FreezeSection) | lora (LoraSection) |
   /// qlora (LoraSection on an NF4 base, QloraSection) | prefix (PrefixSection).

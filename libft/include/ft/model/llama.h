@@ -58,6 +58,8 @@ struct AttentionInputs {
   /// `masks` are then all undefined and unused.
   at::Tensor cu_seqlens;
   int64_t max_seqlen = 0;
+  /// Rotary embedding through the fused CUDA kernel where it applies (CausalLMImpl::fused_rope).
+  bool fused_rope = false;
   /// grouped_attention_bias() of each window's mask, made by the first layer that takes the CPU
   /// grouped path (ft/model/cpu_ops.h) and reused by the others.
   mutable std::map<int64_t, at::Tensor> grouped_bias;
@@ -180,6 +182,12 @@ class CausalLMImpl : public torch::nn::Module {
   /// check has measured it; no effect on the CPU. See cross_entropy_sum.
   void set_fused_loss(bool on) { fused_loss_ = on; }
   bool fused_loss() const { return fused_loss_; }
+  /// Rotary embeddings through the fused CUDA kernel (ft/kernels/rope.h) where the tables are
+  /// float32 (autocast, or a float32 model) and no KV cache is kept: the same forward values bit for
+  /// bit, the input gradient rounded once instead of per term, without the float32 (B, H, T, D)
+  /// intermediates. Off by default until the GPU check has measured it; no effect on the CPU.
+  void set_fused_rope(bool on) { fused_rope_ = on; }
+  bool fused_rope() const { return fused_rope_; }
   /// Rotary inverse frequencies (D/2), float32, after the config's rope scaling.
   const at::Tensor& inv_freq() const { return inv_freq_; }
   /// Attaches a prefix (prefix tuning), registered as the submodule "prefix_encoder". Its shape must
@@ -202,6 +210,7 @@ class CausalLMImpl : public torch::nn::Module {
   bool gradient_checkpointing_ = false;
   int64_t loss_chunk_ = 0;
   bool fused_loss_ = false;
+  bool fused_rope_ = false;
 };
 TORCH_MODULE(CausalLM);
 
