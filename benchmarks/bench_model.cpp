@@ -43,6 +43,7 @@
 #include "ft/kernels/lora_rows.h"
 #include "ft/kernels/rmsnorm.h"
 #include "ft/kernels/rope.h"
+#include "ft/kernels/swiglu.h"
 #endif
 
 #include "ft/adapt/lora.h"
@@ -648,6 +649,36 @@ void BM_RopeCuda(benchmark::State& state) {
                                               benchmark::Counter::kIsIterationInvariantRate);
 }
 BENCHMARK(BM_RopeCuda)->ArgsProduct({{0, 1}, {1, 4}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+// SwiGLU of one MLP, forward and backward, bf16 (the Llama-3.2-1B width, 8192): at::silu(g) * u
+// through autograd (impl 0) against the fused kernel (impl 1, model::CausalLMImpl::set_fused_swiglu).
+// Arguments: impl, tokens. "GB/s": the fused path's minimum traffic (16 bytes per element: 6
+// forward, 10 backward) over the time, for both rows.
+void BM_SwigluCuda(benchmark::State& state) {
+  if (!at::hasCUDA()) return state.SkipWithError("no CUDA device");
+  const bool fused = state.range(0) == 1;
+  const auto bf = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
+  const int64_t tokens = state.range(1), width = 8192;
+  const at::Tensor g = at::randn({tokens, width}, bf).requires_grad_(), u = at::randn({tokens, width}, bf).requires_grad_();
+  const at::Tensor dh = at::randn({tokens, width}, bf);
+  auto step = [&] {
+    if (fused) {
+      (void)ft::kernels::swiglu_forward(g.detach(), u.detach());
+      (void)ft::kernels::swiglu_backward(dh, g.detach(), u.detach());
+    } else {
+      (void)torch::autograd::grad({at::silu(g) * u}, {g, u}, {dh});
+    }
+  };
+  for (int i = 0; i < 2; ++i) step();
+  sync(at::kCUDA);
+  for (auto _ : state) {
+    step();
+    sync(at::kCUDA);
+  }
+  state.counters["GB/s"] = benchmark::Counter(16.0 * static_cast<double>(tokens * width) / 1e9,
+                                              benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_SwigluCuda)->ArgsProduct({{0, 1}, {2048, 8192}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 #endif
 
 // Arguments: fused (0/1), dropout in percent.
@@ -700,8 +731,8 @@ model::CausalLM& lora_step_model() {
 // with the extended GEMM where it applies: q, k, v, gate and up, whose input is RMSNorm's float32
 // output; 3 and 4: 1 and 2 with the row kernels, adapt::set_lora_row_kernels), batch, graph (1: cuda_graphs: true, the forward and backward pass captured once and
 // replayed: no per-operation host cost), loss chunk (token rows through the output head at a time,
-// loss_chunk; 0: the whole (B·T, 128256) logits), fused model kernels (1: fused_loss and
-// fused_rope, the cross-entropy and rotary-embedding kernels). "peak_GiB": the caching allocator's peak during
+// loss_chunk; 0: the whole (B·T, 128256) logits), fused model kernels (1: kernels.loss, .rope and
+// .swiglu). "peak_GiB": the caching allocator's peak during
 // the measured steps. MFU counts 4N + 12·L·d·T FLOPs per token (frozen base: forward 2N,
 // input gradients 2N, attention 12·L·d·T; no recomputation) against the H100 SXM's 989 TFLOP/s
 // dense bf16.
@@ -718,12 +749,14 @@ void BM_LoraStepCuda(benchmark::State& state) {
   m->set_loss_chunk(state.range(3));
   m->set_fused_loss(state.range(4) == 1);
   m->set_fused_rope(state.range(4) == 1);
+  m->set_fused_swiglu(state.range(4) == 1);
   struct ResetLoss {
     model::CausalLM& m;
     ~ResetLoss() {
       m->set_loss_chunk(0);
       m->set_fused_loss(false);
       m->set_fused_rope(false);
+      m->set_fused_swiglu(false);
     }
   } reset_loss{m};
   double n_params = 0;

@@ -81,7 +81,7 @@ fi
 # The parity and kernel tests again, verbosely, for their numbers.
 echo "==== parity and kernel tests, verbose" >>"$out/ctest-gpu.log"
 LIBFT_REFERENCE_DIR="$PWD/build-gpu/reference_models" timeout 120 build-gpu/tests/ft_tests \
-  --gtest_filter='*HFParity*cuda*:RMSNorm*:NF4Kernel*:LoraCuda*:LoraRowsKernel*:CrossEntropyKernel*:TrainCuda.LoraPaths*:TrainCuda.FusedKernels*:RopeKernel*' >>"$out/ctest-gpu.log" 2>&1
+  --gtest_filter='*HFParity*cuda*:RMSNorm*:NF4Kernel*:LoraCuda*:LoraRowsKernel*:CrossEntropyKernel*:TrainCuda.LoraPaths*:TrainCuda.FusedKernels*:RopeKernel*:SwigluKernel*' >>"$out/ctest-gpu.log" 2>&1
 
 # The NCCL path: `ft launch -n 1` (world size 1, one GPU) on the default job's store, bf16.
 log "nccl (ft launch -n 1)"
@@ -94,11 +94,11 @@ nccl_rc=$?
 # fine-tuning and LoRA, bf16, the same 30 steps; tokens/s and the final loss of each (nccl.log).
 # LoRA once more with the chunked loss inside the graphs (loss_chunk: its recomputing backward node),
 # with the extended GEMM and the row kernels (lora.extended_gemm, lora.row_kernels), and with the
-# fused cross-entropy and rotary embedding (fused_loss, fused_rope).
+# model's fused kernels (kernels.loss, kernels.rope, kernels.swiglu).
 graphs_line=""
 for mode in full lora; do
   extra=(); [ $mode = lora ] && extra=("lora.targets=[all-linear]")
-  variants=("false" "true"); [ $mode = lora ] && variants+=("true loss_chunk=256" "true lora.extended_gemm=true lora.row_kernels=true" "true fused_loss=true fused_rope=true")
+  variants=("false" "true"); [ $mode = lora ] && variants+=("true loss_chunk=256" "true lora.extended_gemm=true lora.row_kernels=true" "true kernels.loss=true kernels.rope=true kernels.swiglu=true")
   for i in "${!variants[@]}"; do
     read -r graphs chunk <<<"${variants[$i]}"
     run=build-gpu/graphs-$mode-$i
@@ -126,21 +126,22 @@ rm -rf "$LIBFT_BENCH_PROFILE" && mkdir -p "$LIBFT_BENCH_PROFILE"
 # NF4 first, in a process of their own (the 1.24B model is built once, and a cut in the per-layer
 # rows cannot take them), then the per-layer rows (every mode of a layer and token count together,
 # most important first). The rows of paths that have not run on a GPU before (the row kernels:
-# step 3 and 4, layer modes 5 and 6, ops 19 and 20; the fused cross-entropy and rotary embedding) come next in a process of their own, so that a
-# fault there (a CUDA error ends the process) costs only those rows; then the extra rows in what is
-# left. Each process has a deadline: 40%, 65%, 85% and 100% of the benchmarks' time.
+# step 3 and 4, layer modes 5 and 6, ops 19 and 20; the model's fused kernels) come next in a
+# process of their own, so that a fault there (a CUDA error ends the process) costs only those
+# rows; then the extra rows in what is left. Each process has a deadline: 35%, 55%, 85% and 100%
+# of the benchmarks' time.
 bench_start=$(date +%s)
 until_share() { local s=$(( bench_start + bench_s * $1 / 100 - $(date +%s) )); [ $s -lt 20 ] && s=20; echo $s; }
-timeout "$(until_share 40)" build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
+timeout "$(until_share 35)" build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
   --benchmark_filter='BM_(NF4Dequant/1/1|DeviceCopy|LoraStepCuda/[012]/[14]/0/0/0|LoraStepCuda/1/4/0/1024/0|LoraStepCuda/[12]/[14]/1/0/0)' \
   --benchmark_out="$out/bench-step.json" --benchmark_out_format=json >"$out/bench.log" 2>&1
 step_rc=$?
-timeout "$(until_share 65)" build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
+timeout "$(until_share 55)" build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
   --benchmark_filter='BM_LoraLinear/1/[0-4]/[0-2]/16/' \
   --benchmark_out="$out/bench.json" --benchmark_out_format=json >>"$out/bench.log" 2>&1
 bench_rc=$?
 timeout "$(until_share 85)" build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
-  --benchmark_filter='BM_(LoraLinear/1/[56]/[0-2]/16/|LoraOp/(19|20)/|CrossEntropyCuda|RopeCuda|LoraStepCuda/[34]/[14]/0/0/0|LoraStepCuda/[14]/4/[01]/0/1|LoraStepCuda/4/4/1/0/0)' \
+  --benchmark_filter='BM_(LoraLinear/1/[56]/[0-2]/16/|LoraOp/(19|20)/|CrossEntropyCuda|RopeCuda|SwigluCuda|LoraStepCuda/[34]/[14]/0/0/0|LoraStepCuda/[14]/4/[01]/0/1|LoraStepCuda/4/4/1/0/0)' \
   --benchmark_out="$out/bench-rows.json" --benchmark_out_format=json >>"$out/bench.log" 2>&1
 rows_rc=$?
 timeout "$(until_share 100)" build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \

@@ -1001,19 +1001,20 @@ TEST(TrainCuda, LoraPathsTrainAlikeInBf16) {
   lora_paths_train_alike("cuda", "bfloat16", 2e-2);
 }
 
-// The fused CUDA kernels of the model (fused_loss: the cross-entropy; fused_rope: the rotary
-// embedding), in bf16 autocast, train as the unfused passes do: the loss with the whole logits and
-// chunked (each chunk's loss recomputed in the backward pass through the kernels), the rotary
-// embedding alone, and both.
+// The fused CUDA kernels of the model (kernels.loss, kernels.rope, kernels.swiglu), in bf16
+// autocast, train as the unfused passes do: the loss with the whole logits and chunked (each
+// chunk's loss recomputed in the backward pass through the kernels), the rotary embedding, SwiGLU,
+// and all three.
 TEST(TrainCuda, FusedKernelsTrainAsTheUnfusedPasses) {
   FT_REQUIRE_CUDA();
   struct Variant {
     const char* name;
     int64_t chunk;
-    bool loss, rope;
+    bool loss, rope, swiglu;
   };
-  for (const Variant& v : {Variant{"loss", 0, true, false}, Variant{"chunked_loss", 5, true, false},
-                           Variant{"rope", 0, false, true}, Variant{"both", 0, true, true}}) {
+  for (const Variant& v : {Variant{"loss", 0, true, false, false}, Variant{"chunked_loss", 5, true, false, false},
+                           Variant{"rope", 0, false, true, false}, Variant{"swiglu", 0, false, false, true},
+                           Variant{"all", 0, true, true, true}}) {
     const fs::path dir = scratch(std::string("train_fused_") + v.name);
     config::RunConfig c = synthetic_run(dir);
     c.device = "cuda";
@@ -1023,8 +1024,9 @@ TEST(TrainCuda, FusedKernelsTrainAsTheUnfusedPasses) {
     Quiet q;
     train::run_training(c, q.f);
     config::RunConfig fc = c;
-    fc.fused_loss = v.loss;
-    fc.fused_rope = v.rope;
+    fc.kernels.loss = v.loss;
+    fc.kernels.rope = v.rope;
+    fc.kernels.swiglu = v.swiglu;
     fc.output_dir = (dir / "fused").string();
     train::run_training(fc, q.f);
     const auto a = metric_lines(dir / "run"), b = metric_lines(dir / "fused");

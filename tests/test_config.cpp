@@ -191,15 +191,18 @@ TEST(RunConfig, MissingAndContradictorySettingsAreErrors) {
   const config::RunConfig chunked = config::parse_run_config(std::string(kGood), "run.yaml", {"loss_chunk=1024"});
   EXPECT_EQ(chunked.loss_chunk, 1024);
   EXPECT_NE(config::to_yaml(chunked).find("loss_chunk: 1024"), std::string::npos);
-  // fused_loss: a boolean, off by default, read back.
-  EXPECT_FALSE(chunked.fused_loss);
-  const config::RunConfig fused = config::parse_run_config(std::string(kGood), "run.yaml", {"fused_loss=true"});
-  EXPECT_TRUE(fused.fused_loss);
-  EXPECT_TRUE(config::parse_run_config(config::to_yaml(fused), "resolved").fused_loss);
-  const config::RunConfig rope = config::parse_run_config(std::string(kGood), "run.yaml", {"fused_rope=true"});
-  EXPECT_TRUE(rope.fused_rope);
-  EXPECT_FALSE(fused.fused_rope);
-  EXPECT_TRUE(config::parse_run_config(config::to_yaml(rope), "resolved").fused_rope);
+  // kernels: booleans, off by default, read back; unknown kernels are errors.
+  EXPECT_FALSE(chunked.kernels.loss || chunked.kernels.rope || chunked.kernels.swiglu);
+  const config::RunConfig fused =
+      config::parse_run_config(std::string(kGood), "run.yaml", {"kernels.loss=true", "kernels.swiglu=true"});
+  EXPECT_TRUE(fused.kernels.loss);
+  EXPECT_FALSE(fused.kernels.rope);
+  EXPECT_TRUE(fused.kernels.swiglu);
+  const config::RunConfig back = config::parse_run_config(config::to_yaml(fused), "resolved");
+  EXPECT_TRUE(back.kernels.loss && !back.kernels.rope && back.kernels.swiglu);
+  EXPECT_NE(error_of(std::string(kGood) + "kernels:\n  loss: maybe\n").find("kernels.loss"), std::string::npos);
+  const std::string unknown = error_of(std::string(kGood) + "kernels:\n  ropes: true\n");
+  EXPECT_NE(unknown.find("unknown key 'kernels.ropes'"), std::string::npos) << unknown;
   EXPECT_NE(error_of(std::string(kGood) + "fused_loss: maybe\n").find("fused_loss"), std::string::npos);
 }
 

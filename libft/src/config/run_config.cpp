@@ -360,7 +360,7 @@ void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
 
 const std::vector<std::string> kTopKeys = {"model",      "tokenizer",  "data",         "optimizer",  "schedule",
                                            "max_steps",  "seed",       "clip_grad_norm", "dtype",    "device",     "eval",
-                                           "activation_checkpointing", "cuda_graphs", "loss_chunk", "fused_loss", "fused_rope",
+                                           "activation_checkpointing", "cuda_graphs", "loss_chunk", "kernels",
                                            "mode",       "freeze",     "lora",       "qlora",      "prefix",     "ewc",        "replay",     "dist",     "checkpoint",   "log_every",  "output_dir",
                                            "on_nonfinite", "on_oom"};
 
@@ -470,8 +470,11 @@ RunConfig parse_run_config(std::string_view yaml, const std::string& source, con
     if (c.cuda_graphs && c.device == "cpu") r.error(root["cuda_graphs"], "'cuda_graphs' needs a CUDA device (device is cpu)");
     r.get(root, "", "loss_chunk", c.loss_chunk);
     if (c.loss_chunk < 0) r.error(root["loss_chunk"], "'loss_chunk' must be >= 0 token rows (0: the whole logits at once), got " + std::to_string(c.loss_chunk));
-    r.get(root, "", "fused_loss", c.fused_loss);
-    r.get(root, "", "fused_rope", c.fused_rope);
+    if (const YAML::Node k = root["kernels"]; k && r.check_map(k, "kernels", {"loss", "rope", "swiglu"})) {
+      r.get(k, "kernels", "loss", c.kernels.loss);
+      r.get(k, "kernels", "rope", c.kernels.rope);
+      r.get(k, "kernels", "swiglu", c.kernels.swiglu);
+    }
     section("eval", parse_eval, c.eval);
     r.get(root, "", "mode", c.mode);
     r.one_of(root, "", "mode", c.mode, {"full", "freeze", "lora", "qlora", "prefix"});
@@ -607,8 +610,11 @@ std::string to_yaml(const RunConfig& c) {
   out << YAML::Key << "activation_checkpointing" << YAML::Value << c.activation_checkpointing;
   out << YAML::Key << "cuda_graphs" << YAML::Value << c.cuda_graphs;
   out << YAML::Key << "loss_chunk" << YAML::Value << c.loss_chunk;
-  out << YAML::Key << "fused_loss" << YAML::Value << c.fused_loss;
-  out << YAML::Key << "fused_rope" << YAML::Value << c.fused_rope;
+  out << YAML::Key << "kernels" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "loss" << YAML::Value << c.kernels.loss;
+  out << YAML::Key << "rope" << YAML::Value << c.kernels.rope;
+  out << YAML::Key << "swiglu" << YAML::Value << c.kernels.swiglu;
+  out << YAML::EndMap;
   if (!c.eval.stores.empty() || c.eval.held_out_docs > 0) {
     out << YAML::Key << "eval" << YAML::Value << YAML::BeginMap;
     if (!c.eval.stores.empty()) out << YAML::Key << "stores" << YAML::Value << YAML::Flow << c.eval.stores;

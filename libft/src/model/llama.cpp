@@ -21,6 +21,7 @@
 #ifdef LIBFT_WITH_CUDA_KERNELS
 #include "ft/kernels/cross_entropy.h"
 #include "ft/kernels/rope.h"
+#include "ft/kernels/swiglu.h"
 #include "ft/kernels/rmsnorm.h"
 #endif
 
@@ -44,6 +45,21 @@ struct RopeCuda : public torch::autograd::Function<RopeCuda> {
     return {kernels::rope_backward(grads[0], saved[0], saved[1], ctx->saved_data["dtype"].toScalarType(),
                                    ctx->saved_data["strides"].toIntVector()),
             at::Tensor(), at::Tensor()};
+  }
+};
+
+// silu(gate) ⊙ up through the fused CUDA kernel (CausalLMImpl::set_fused_swiglu): gate and up kept,
+// silu(gate) recomputed in the backward pass.
+struct SwigluCuda : public torch::autograd::Function<SwigluCuda> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up) {
+    ctx->save_for_backward({gate, up});
+    return kernels::swiglu_forward(gate, up);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto [dgate, dup] = kernels::swiglu_backward(grads[0], saved[0], saved[1]);
+    return {dgate, dup};
   }
 };
 #endif
@@ -320,7 +336,15 @@ MLPImpl::MLPImpl(const ModelConfig& c) {
   down_proj = register_module("down_proj", linear(c.intermediate_size, c.hidden_size, c.mlp_bias));
 }
 
-at::Tensor MLPImpl::forward(const at::Tensor& x) { return down_proj(at::silu(gate_proj(x)) * up_proj(x)); }
+at::Tensor MLPImpl::forward(const at::Tensor& x) {
+#ifdef LIBFT_WITH_CUDA_KERNELS
+  if (fused_swiglu && x.is_cuda()) {
+    const at::Tensor gate = gate_proj(x), up = up_proj(x);
+    return down_proj(kernels::swiglu_fits(gate, up) ? SwigluCuda::apply(gate, up) : at::silu(gate) * up);
+  }
+#endif
+  return down_proj(at::silu(gate_proj(x)) * up_proj(x));
+}
 
 // ------------------------------------------------------------------------------------------------
 DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer) {
@@ -738,6 +762,11 @@ at::Tensor chunked_lm_loss_sum(CausalLMImpl& model, const at::Tensor& hidden, co
   node->autocast = CheckpointBackward::Autocast::current();
   torch::autograd::create_gradient_edge(total, std::move(node));
   return total;
+}
+
+void CausalLMImpl::set_fused_swiglu(bool on) {
+  fused_swiglu_ = on;
+  for (const auto& layer : *model->layers) layer->as<DecoderLayerImpl>()->mlp->fused_swiglu = on;
 }
 
 at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {

@@ -470,8 +470,9 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   }
   model->set_gradient_checkpointing(c.activation_checkpointing);
   model->set_loss_chunk(c.loss_chunk);
-  model->set_fused_loss(c.fused_loss);
-  model->set_fused_rope(c.fused_rope);
+  model->set_fused_loss(c.kernels.loss);
+  model->set_fused_rope(c.kernels.rope);
+  model->set_fused_swiglu(c.kernels.swiglu);
   model->train();
   const Stores stores = open_stores(c);
   FT_CHECK(stores.vocab_size <= model->config().vocab_size, "[train] the token stores' vocabulary (",

@@ -155,6 +155,14 @@ struct DistSection {
   double timeout_s = 600.0;
 };
 
+/// Fused CUDA kernels for the model's memory-bound passes (ft/kernels/), each opt-in until the GPU
+/// check has measured it; no effect on the CPU. See model::CausalLMImpl::set_fused.
+struct KernelsSection {
+  bool loss = false;    ///< the cross-entropy straight from the logits (kernels/cross_entropy.cu)
+  bool rope = false;    ///< rotary embeddings, one pass each way, the same values (kernels/rope.cu)
+  bool swiglu = false;  ///< silu(gate) ⊙ up, one pass each way (kernels/swiglu.cu)
+};
+
 struct RunConfig {
   std::string source;  ///< where it was read from (for messages)
   ModelSection model;
@@ -180,10 +188,7 @@ struct RunConfig {
   /// logits, their float32 copy and their gradient never exist whole, for one more output-head
   /// GEMM in the backward pass (model::chunked_lm_loss_sum). For large vocabularies.
   int64_t loss_chunk = 0;
-  /// The loss through the fused cross-entropy kernels on CUDA (model::CausalLMImpl::set_fused_loss).
-  bool fused_loss = false;
-  /// Rotary embeddings through the fused CUDA kernel (model::CausalLMImpl::set_fused_rope).
-  bool fused_rope = false;
+  KernelsSection kernels;
   EvalSection eval;
   /// Adaptation mode: full (every parameter trains) | freeze (FreezeSection) | lora (LoraSection) |
   /// qlora (LoraSection on an NF4 base, QloraSection) | prefix (PrefixSection).

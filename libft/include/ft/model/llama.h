@@ -83,6 +83,7 @@ class MLPImpl : public torch::nn::Module {
   explicit MLPImpl(const ModelConfig& c);
   at::Tensor forward(const at::Tensor& x);  ///< down(silu(gate(x)) * up(x))
   Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  bool fused_swiglu = false;  ///< CausalLMImpl::set_fused_swiglu
 };
 TORCH_MODULE(MLP);
 
@@ -188,6 +189,12 @@ class CausalLMImpl : public torch::nn::Module {
   /// intermediates. Off by default until the GPU check has measured it; no effect on the CPU.
   void set_fused_rope(bool on) { fused_rope_ = on; }
   bool fused_rope() const { return fused_rope_; }
+  /// silu(gate) ⊙ up through the fused CUDA kernel (ft/kernels/swiglu.h) where gate and up are
+  /// contiguous CUDA tensors of one dtype: the unfused pair's rounding points, one pass each way,
+  /// gate and up kept for the backward pass instead of gate, silu(gate) and up. Off by default
+  /// until the GPU check has measured it; no effect on the CPU.
+  void set_fused_swiglu(bool on);
+  bool fused_swiglu() const { return fused_swiglu_; }
   /// Rotary inverse frequencies (D/2), float32, after the config's rope scaling.
   const at::Tensor& inv_freq() const { return inv_freq_; }
   /// Attaches a prefix (prefix tuning), registered as the submodule "prefix_encoder". Its shape must
@@ -211,6 +218,7 @@ class CausalLMImpl : public torch::nn::Module {
   int64_t loss_chunk_ = 0;
   bool fused_loss_ = false;
   bool fused_rope_ = false;
+  bool fused_swiglu_ = false;
 };
 TORCH_MODULE(CausalLM);
 
