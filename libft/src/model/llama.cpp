@@ -20,9 +20,9 @@
 
 #ifdef LIBFT_WITH_CUDA_KERNELS
 #include "ft/kernels/cross_entropy.h"
+#include "ft/kernels/rmsnorm.h"
 #include "ft/kernels/rope.h"
 #include "ft/kernels/swiglu.h"
-#include "ft/kernels/rmsnorm.h"
 #endif
 
 namespace ft::model {
@@ -63,7 +63,6 @@ struct SwigluCuda : public torch::autograd::Function<SwigluCuda> {
   }
 };
 #endif
-
 
 at::Tensor rotate_half(const at::Tensor& x) {
   auto halves = x.chunk(2, -1);
@@ -607,8 +606,6 @@ at::Tensor shifted_targets(const at::Tensor& labels, int64_t ignore_index, const
       .to(device);
 }
 
-// HF's shift: logits[:, :-1] predict labels[:, 1:]. float32 (float64 for float64 models) whatever
-// the logits' dtype.
 #ifdef LIBFT_WITH_CUDA_KERNELS
 // The fused cross-entropy (cross_entropy_sum): the kernels' per-row losses summed; the row's
 // log-sum-exp and the logits themselves (which exist anyway, in their own dtype) kept for the
@@ -646,6 +643,8 @@ at::Tensor cross_entropy_sum(const at::Tensor& logits, const at::Tensor& targets
 
 namespace {
 
+// HF's shift: logits[:, :-1] predict labels[:, 1:]. float32 (float64 for float64 models) whatever
+// the logits' dtype.
 at::Tensor shifted_cross_entropy(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
                                  at::Reduction::Reduction reduction, bool fused = false) {
   FT_CHECK(logits.dim() == 3 && labels.dim() == 2 && logits.size(0) == labels.size(0) &&
