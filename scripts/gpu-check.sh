@@ -167,6 +167,10 @@ echo "benchmarks: (exit $step_rc, $bench_rc, $rows_rc, then $extra_rc)"
 grep -E '^BM_' "$out/bench.log" | grep -v '^BM_LoraOp' | cut -c1-120 | sed 's/^/  /'  # BM_LoraOp's rows: in bench.log
 echo "where a step's time goes (more rows in bench.log, traces in profiles.tar.gz):"
 grep -aE '^\[profile\] (BM_LoraStepCuda|BM_LoraLinear_1_[0-6]_0_16_2048)' "$out/bench.log" | sed -E 's/; [^;]*\.json$//; s/^/  /'
+echo "where the 1.24B step's device time goes, batch 4 (benchmarks/trace_summary.py; fused eager, all opt-ins, CUDA graph):"
+for t in BM_LoraStepCuda_1_4_0_0_0 BM_LoraStepCuda_4_4_0_0_1 BM_LoraStepCuda_1_4_1_0_0; do
+  [ -f "build-gpu/profiles/$t.json" ] && $python benchmarks/trace_summary.py --top 5 "build-gpu/profiles/$t.json" | sed 's/^/  /'
+done
 echo "parity (max|a-b|/max|b| of logits vs transformers float32):"
 grep -aE '^\[parity\]' "$out/ctest-gpu.log" | sed 's/^/  /'
 echo "date        $(date -u +%Y-%m-%d)"
