@@ -5,7 +5,9 @@
     python3 benchmarks/gpu_targets.py bench.json [more.json ...]   # several runs' files are merged
 
 Prints one line per target with the measured ratio and PASS/FAIL (or "missing" where the run has
-no such benchmark, e.g. on a machine without a GPU). scripts/gpu-check.sh runs it last.
+no such benchmark, e.g. on a machine without a GPU), then the speed-up of each opt-in path (the
+extended GEMM, the row kernels, the model's fused kernels) against the default it would replace.
+scripts/gpu-check.sh runs it last.
 
 Targets (issue 7; all times from the same run):
   - fused LoRA linear fwd+bwd <= 1.10x the bare frozen linear (x W^T forward, dy W backward);
@@ -98,6 +100,41 @@ def targets(runs):
     return out
 
 
+def opt_ins(runs):
+    """(description, speed-up) of each opt-in path against the default it would replace, from rows
+    of the same run: > 1 means the opt-in is faster. Which defaults to flip, once their tests pass."""
+    out = []
+    linear = {}
+    for name, b in runs.items():
+        m = re.fullmatch(r"BM_LoraLinear/1/(\d)/(\d)/16/(\d+)(?:/([01]))?", name)
+        if m:
+            mode, layer, tokens = map(int, m.groups()[:3])
+            linear[(mode, layer, tokens, int(m.group(4) or 0))] = seconds(b)
+    pairs = [(5, 2, "row kernels"), (4, 2, "extended GEMM"), (6, 2, "extended GEMM + row kernels")]
+    for (mode, layer, tokens, graph), t in sorted(linear.items(), key=lambda kv: (kv[0][3], kv[0][1], kv[0][2], kv[0][0])):
+        for new, old, what in pairs:
+            if mode == new and (old, layer, tokens, graph) in linear:
+                where = f"{LAYERS[layer]}, T {tokens}" + (", CUDA graph" if graph else "")
+                out.append((f"LoRA layer, {what} against the split fused path ({where})", linear[(old, layer, tokens, graph)] / t))
+    for bench, what in [("BM_CrossEntropyCuda", "fused cross-entropy (kernels.loss)"), ("BM_RopeCuda", "fused rotary embedding (kernels.rope)"),
+                        ("BM_SwigluCuda", "fused SwiGLU (kernels.swiglu)")]:
+        for name, b in sorted(runs.items()):
+            m = re.fullmatch(bench + r"/1/(\d+)(/\d+)?", name)
+            base = runs.get(bench + "/0/" + name[len(bench) + 3:]) if m else None
+            if m and base:
+                out.append((f"{what} against ATen's ({name[len(bench) + 3:]})", seconds(base) / seconds(b)))
+    for batch in (1, 4):
+        for graph in (0, 1):
+            base = runs.get(f"BM_LoraStepCuda/1/{batch}/{graph}/0/0")
+            how = f"batch {batch}" + (", CUDA graph" if graph else "")
+            for kind, loss, what in [(3, 0, "row kernels"), (4, 0, "extended GEMM + row kernels"), (1, 1, "model kernels"),
+                                     (4, 1, "every opt-in")]:
+                row = runs.get(f"BM_LoraStepCuda/{kind}/{batch}/{graph}/0/{loss}")
+                if base and row:
+                    out.append((f"1.24B LoRA step, {what} against the fused default ({how})", row["tokens/s"] / base["tokens/s"]))
+    return out
+
+
 def main(argv):
     if len(argv) < 2:
         print(__doc__)
@@ -117,6 +154,11 @@ def main(argv):
         ok = value <= bound if kind == "max" else value >= bound
         failed += not ok
         print(f"  {'PASS' if ok else 'FAIL'}  {text}: {value:.3f} ({'<=' if kind == 'max' else '>='} {bound})")
+    speedups = opt_ins(runs)
+    if speedups:
+        print("opt-in paths against the defaults they would replace (speed-up, same run; > 1: faster):")
+        for text, value in speedups:
+            print(f"  {value:6.3f}x  {text}")
     print(f"gpu targets: {len(rows) - failed} of {len(rows)} met")
     return 0
 

@@ -40,6 +40,9 @@ data = {"benchmarks": [
     bench("BM_LoraStepCuda/3/1/0/0/0", 74.0, unit="ms", **{"tokens/s": 27000.0, "MFU%": 40.5}),  # row kernels
     bench("BM_LoraStepCuda/4/4/0/0/1", 150.0, unit="ms", **{"tokens/s": 54613.0, "MFU%": 45.0}),  # fused loss
     bench("BM_LoraStepCuda/1/4/1/0/0", 200.0, unit="ms", **{"tokens/s": 40960.0, "MFU%": 41.0}),  # no eager batch 4: no ratio
+    bench("BM_CrossEntropyCuda/0/8192/128256", 9000.0),
+    bench("BM_CrossEntropyCuda/1/8192/128256", 3000.0),  # 3x
+    bench("BM_RopeCuda/1/4", 100.0),  # no unfused row: no speed-up
     dict(name="BM_DeviceCopy_mean", run_type="aggregate", real_time=1.0, time_unit="us"),
     dict(name="BM_LoraLinear/1/0/1/16/2048/real_time", error_occurred=True, error_message="no CUDA device"),
 ]}
@@ -49,6 +52,7 @@ with tempfile.TemporaryDirectory() as d:
     with open(path, "w") as f:
         json.dump(data, f)
     rows = {text: (value, bound, kind) for text, value, bound, kind in gpu_targets.targets(gpu_targets.load(path))}
+    speedups = dict(gpu_targets.opt_ins(gpu_targets.load(path)))
     out = subprocess.run([sys.executable, script, path], capture_output=True, text=True, check=True).stdout
 
 expect = {
@@ -84,6 +88,18 @@ for line, verdict in [("fused LoRA / bare linear (o_proj 4096->4096, r 16, T 204
     hits = [l for l in out.splitlines() if line in l]
     assert len(hits) == 1 and hits[0].strip().startswith(verdict), (line, verdict, out)
 assert "gpu targets: 14 of 18 met" in out, out
+# The opt-in paths against the defaults they would replace: only pairs measured in the same run.
+expect_speedups = {
+    "LoRA layer, extended GEMM against the split fused path (o_proj 4096->4096, T 2048)": 215.0 / 210.0,
+    "LoRA layer, extended GEMM + row kernels against the split fused path (o_proj 4096->4096, T 2048)": 215.0 / 206.0,
+    "fused cross-entropy (kernels.loss) against ATen's (8192/128256)": 3.0,
+    "1.24B LoRA step, row kernels against the fused default (batch 1)": 27000.0 / 25000.0,
+}
+assert set(speedups) == set(expect_speedups), sorted(speedups)
+for text, value in expect_speedups.items():
+    assert abs(speedups[text] - value) < 1e-9, (text, speedups[text], value)
+assert "opt-in paths against the defaults they would replace" in out and " 3.000x  fused cross-entropy" in out, out
+
 # A file cut short after its third benchmark (a run stopped by the time limit) still gives those.
 with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "cut.json")
