@@ -22,29 +22,32 @@ namespace ft::kernels {
 namespace {
 
 using detail::kLoraLanes;
-using detail::kLoraRows;
 
-constexpr int kThreads = 256;  // 8 warps, 16 rows per block
+constexpr int kThreads = 256;  // 8 warps, 8 · Rows rows per block
 constexpr int kWarpsPerBlock = kThreads / kLoraLanes;
+// Two rows per warp (A's vectors serve both) where there are enough rows to fill the card; one row
+// per warp below that, so that a few thousand tokens still give every SM several warps.
+constexpr int64_t kTwoRowsFrom = 8192;
 
-// The warp's first row, and how many of its kLoraRows rows exist (≤ 0: none).
+// The warp's first row.
+template <int Rows>
 __device__ __forceinline__ int64_t warp_first_row() {
-  return (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kLoraLanes) * kLoraRows;
+  return (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kLoraLanes) * Rows;
 }
 
-template <typename T, int Rank>
+template <typename T, int Rank, int Rows>
 __global__ void __launch_bounds__(kThreads) lora_cast_down_kernel(const float* __restrict__ x, int64_t ldx,
                                                                   T* __restrict__ xo, int64_t ldo, T* s, int64_t lds,
                                                                   const T* __restrict__ a, int64_t in, int64_t rows,
                                                                   float scale) {
   const int lane = threadIdx.x % kLoraLanes;
-  const int64_t row = warp_first_row();
+  const int64_t row = warp_first_row<Rows>();
   if (row >= rows) return;  // the whole warp: its lanes share the row
-  const int n = static_cast<int>(rows - row < kLoraRows ? rows - row : kLoraRows);
-  float acc[kLoraRows][Rank];
-  detail::lora_down_lane<T, Rank>(x + row * ldx, ldx, xo + row * ldo, ldo, a, in, n, lane, acc);
+  const int n = static_cast<int>(rows - row < Rows ? rows - row : Rows);
+  float acc[Rows][Rank];
+  detail::lora_down_lane<T, Rank, Rows>(x + row * ldx, ldx, xo + row * ldo, ldo, a, in, n, lane, acc);
 #pragma unroll
-  for (int i = 0; i < kLoraRows; ++i) {
+  for (int i = 0; i < Rows; ++i) {
 #pragma unroll
     for (int j = 0; j < Rank; ++j) {
 #pragma unroll
@@ -53,19 +56,19 @@ __global__ void __launch_bounds__(kThreads) lora_cast_down_kernel(const float* _
       }
     }
   }
-  detail::lora_down_store<T, Rank>(acc, scale, s + row * lds, lds, n, lane);
+  detail::lora_down_store<T, Rank, Rows>(acc, scale, s + row * lds, lds, n, lane);
 }
 
-template <typename T, int Rank>
+template <typename T, int Rank, int Rows>
 __global__ void __launch_bounds__(kThreads) lora_up_add_kernel(const T* __restrict__ base, int64_t ldb,
                                                                const T* __restrict__ ds, int64_t ldd,
                                                                const T* __restrict__ a, int64_t in, float scale,
                                                                float* __restrict__ dx, int64_t rows) {
   const int lane = threadIdx.x % kLoraLanes;
-  const int64_t row = warp_first_row();
+  const int64_t row = warp_first_row<Rows>();
   if (row >= rows) return;
-  const int n = static_cast<int>(rows - row < kLoraRows ? rows - row : kLoraRows);
-  detail::lora_up_lane<T, Rank>(base + row * ldb, ldb, ds + row * ldd, ldd, a, in, scale, dx + row * in, in, n, lane);
+  const int n = static_cast<int>(rows - row < Rows ? rows - row : Rows);
+  detail::lora_up_lane<T, Rank, Rows>(base + row * ldb, ldb, ds + row * ldd, ldd, a, in, scale, dx + row * in, in, n, lane);
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
@@ -80,8 +83,8 @@ bool adapter_fits(const at::Tensor& a, const at::Device& device) {
          rank_fits(a.size(0)) && a.size(1) % 8 == 0 && aligned16(a);
 }
 
-unsigned blocks_for(int64_t rows) {
-  constexpr int64_t per_block = static_cast<int64_t>(kWarpsPerBlock) * kLoraRows;
+unsigned blocks_for(int64_t rows, int rows_per_warp) {
+  const int64_t per_block = static_cast<int64_t>(kWarpsPerBlock) * rows_per_warp;
   return static_cast<unsigned>((rows + per_block - 1) / per_block);
 }
 
@@ -111,7 +114,8 @@ struct CastDown {
   static void run(const at::Tensor& x, const at::Tensor& a, float scale, const at::Tensor& xo, const at::Tensor& s,
                   cudaStream_t stream) {
     const int64_t rows = x.size(0);
-    lora_cast_down_kernel<T, Rank><<<blocks_for(rows), kThreads, 0, stream>>>(
+    auto kernel = rows >= kTwoRowsFrom ? lora_cast_down_kernel<T, Rank, 2> : lora_cast_down_kernel<T, Rank, 1>;
+    kernel<<<blocks_for(rows, rows >= kTwoRowsFrom ? 2 : 1), kThreads, 0, stream>>>(
         x.data_ptr<float>(), x.stride(0), reinterpret_cast<T*>(xo.data_ptr()), xo.stride(0),
         reinterpret_cast<T*>(s.data_ptr()), s.stride(0), reinterpret_cast<const T*>(a.data_ptr()), x.size(1), rows,
         scale);
@@ -123,7 +127,8 @@ struct UpAdd {
   static void run(const at::Tensor& base, const at::Tensor& ds, const at::Tensor& a, float scale, const at::Tensor& dx,
                   cudaStream_t stream) {
     const int64_t rows = base.size(0);
-    lora_up_add_kernel<T, Rank><<<blocks_for(rows), kThreads, 0, stream>>>(
+    auto kernel = rows >= kTwoRowsFrom ? lora_up_add_kernel<T, Rank, 2> : lora_up_add_kernel<T, Rank, 1>;
+    kernel<<<blocks_for(rows, rows >= kTwoRowsFrom ? 2 : 1), kThreads, 0, stream>>>(
         reinterpret_cast<const T*>(base.data_ptr()), base.stride(0), reinterpret_cast<const T*>(ds.data_ptr()),
         ds.stride(0), reinterpret_cast<const T*>(a.data_ptr()), base.size(1), scale, dx.data_ptr<float>(), rows);
   }

@@ -206,15 +206,13 @@ struct RowsCase {
   at::ScalarType dtype;
 };
 
-std::vector<RowsCase> rows_cases(const std::vector<int64_t>& row_counts, const std::vector<int64_t>& widths) {
+std::vector<RowsCase> rows_cases(const std::vector<std::pair<int64_t, int64_t>>& shapes) {
   std::vector<RowsCase> out;
   for (const auto dtype : {at::kBFloat16, at::kHalf}) {
     for (const int64_t r : {4, 8, 16, 32}) {
       for (const bool extended : {false, true}) {
         if (extended && r % 8 != 0) continue;  // [x | s S] rows must stay 16-byte aligned
-        for (const int64_t rows : row_counts) {
-          for (const int64_t in : widths) out.push_back({rows, in, r, extended, dtype});
-        }
+        for (const auto& [rows, in] : shapes) out.push_back({rows, in, r, extended, dtype});
       }
     }
   }
@@ -266,8 +264,9 @@ void expect_rows_outputs(const RowsOperands& o, const at::Tensor& dx) {
   EXPECT_LE(test::max_rel_error(dx, dx_ref), 1e-5);
 }
 
-// The kernels' lanes run one after another on the host, the warp's sum in lane order.
-template <typename T, int Rank>
+// The kernels' lanes run one after another on the host, the warp's sum in lane order, with one or
+// two rows per warp.
+template <typename T, int Rank, int Rows>
 void rows_on_host(const RowsOperands& o, at::Tensor& dx) {
   using namespace kernels::detail;
   const int64_t rows = o.x.size(0), in = o.x.size(1);
@@ -280,54 +279,58 @@ void rows_on_host(const RowsOperands& o, at::Tensor& dx) {
   dx = at::full({rows, in}, std::numeric_limits<double>::quiet_NaN(), o.x.options());
   float* d = dx.data_ptr<float>();
   const auto scale = static_cast<float>(o.scale);
-  for (int64_t row = 0; row < rows; row += kLoraRows) {
-    const int n = static_cast<int>(std::min<int64_t>(kLoraRows, rows - row));
-    float total[kLoraRows][Rank] = {};
+  for (int64_t row = 0; row < rows; row += Rows) {
+    const int n = static_cast<int>(std::min<int64_t>(Rows, rows - row));
+    float total[Rows][Rank] = {};
     for (int lane = 0; lane < kLoraLanes; ++lane) {
-      float acc[kLoraRows][Rank];
-      lora_down_lane<T, Rank>(x + row * o.x.stride(0), o.x.stride(0), xo + row * o.xo.stride(0), o.xo.stride(0), a, in,
+      float acc[Rows][Rank];
+      lora_down_lane<T, Rank, Rows>(x + row * o.x.stride(0), o.x.stride(0), xo + row * o.xo.stride(0), o.xo.stride(0), a, in,
                               n, lane, acc);
-      for (int i = 0; i < kLoraRows; ++i) {
+      for (int i = 0; i < Rows; ++i) {
         for (int j = 0; j < Rank; ++j) total[i][j] += acc[i][j];
       }
     }
     for (int lane = 0; lane < kLoraLanes; ++lane) {
-      lora_down_store<T, Rank>(total, scale, s + row * o.s.stride(0), o.s.stride(0), n, lane);
-      lora_up_lane<T, Rank>(base + row * o.base.stride(0), o.base.stride(0), ds + row * o.ds.stride(0), o.ds.stride(0),
+      lora_down_store<T, Rank, Rows>(total, scale, s + row * o.s.stride(0), o.s.stride(0), n, lane);
+      lora_up_lane<T, Rank, Rows>(base + row * o.base.stride(0), o.base.stride(0), ds + row * o.ds.stride(0), o.ds.stride(0),
                             a, in, scale, d + row * in, in, n, lane);
     }
   }
 }
 
-template <typename T>
+template <typename T, int Rows>
 void rows_on_host(const RowsOperands& o, at::Tensor& dx) {
   switch (o.a.size(0)) {
-    case 4: return rows_on_host<T, 4>(o, dx);
-    case 8: return rows_on_host<T, 8>(o, dx);
-    case 16: return rows_on_host<T, 16>(o, dx);
-    case 32: return rows_on_host<T, 32>(o, dx);
+    case 4: return rows_on_host<T, 4, Rows>(o, dx);
+    case 8: return rows_on_host<T, 8, Rows>(o, dx);
+    case 16: return rows_on_host<T, 16, Rows>(o, dx);
+    case 32: return rows_on_host<T, 32, Rows>(o, dx);
     default: FAIL() << "rank " << o.a.size(0);
   }
 }
 
 TEST(LoraRowsKernel, LanesOnTheHostMatchTheFloat64Reference) {
   at::manual_seed(7);
-  for (const RowsCase& c : rows_cases({1, 5}, {8, 264, 520})) {
-    const RowsOperands o = rows_operands(c, at::kCPU);
-    at::Tensor dx;
-    if (c.dtype == at::kBFloat16) {
-      rows_on_host<c10::BFloat16>(o, dx);
-    } else {
-      rows_on_host<c10::Half>(o, dx);
+  for (const RowsCase& c : rows_cases({{1, 8}, {1, 264}, {1, 520}, {5, 8}, {5, 264}, {5, 520}})) {
+    for (const int rows_per_warp : {1, 2}) {
+      const RowsOperands o = rows_operands(c, at::kCPU);
+      at::Tensor dx;
+      if (c.dtype == at::kBFloat16) {
+        rows_per_warp == 1 ? rows_on_host<c10::BFloat16, 1>(o, dx) : rows_on_host<c10::BFloat16, 2>(o, dx);
+      } else {
+        rows_per_warp == 1 ? rows_on_host<c10::Half, 1>(o, dx) : rows_on_host<c10::Half, 2>(o, dx);
+      }
+      SCOPED_TRACE(std::to_string(rows_per_warp) + " rows per warp");
+      expect_rows_outputs(o, dx);
     }
-    expect_rows_outputs(o, dx);
   }
 }
 
 TEST(LoraRowsKernel, MatchesTheFloat64ReferenceOnRaggedShapes) {
   FT_REQUIRE_CUDA();
   at::manual_seed(8);
-  for (const RowsCase& c : rows_cases({1, 17, 4099}, {8, 264, 4096})) {
+  // 8193 rows: two rows per warp (the kernels take one below 8192).
+  for (const RowsCase& c : rows_cases({{1, 8}, {1, 4096}, {17, 264}, {4099, 8}, {4099, 4096}, {8193, 264}})) {
     const RowsOperands o = rows_operands(c, at::kCUDA);
     ASSERT_TRUE(kernels::lora_cast_down_fits(o.x, o.a, o.xo, o.s)) << o.what;
     ASSERT_TRUE(kernels::lora_up_add_fits(o.base, o.ds, o.a)) << o.what;

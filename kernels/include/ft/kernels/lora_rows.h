@@ -4,9 +4,10 @@
 // take one pass fewer over memory. Reference: the fused LoRA node's ATen path (ft/adapt/lora.h),
 // which the tests compare against, with float64 products.
 //
-// Both kernels give one warp two token rows; each lane moves 8 consecutive columns at a time as
-// 16-byte vectors and keeps its rank-r sums in registers (r ≤ 32: above that, the r multiply-adds
-// per element outrun the memory traffic on CUDA cores, and the GEMM path is the faster one).
+// Both kernels give one warp two token rows (one below 8192 rows, to keep every SM busy); each
+// lane moves 8 consecutive columns at a time as 16-byte vectors and keeps its rank-r sums in
+// registers (r ≤ 32: above that, the r multiply-adds per element outrun the memory traffic on CUDA
+// cores, and the GEMM path is the faster one).
 #include <ATen/core/Tensor.h>
 
 namespace ft::kernels {

@@ -4,8 +4,8 @@
 // without a GPU (LoraRowsKernel.LanesOnTheHost*). The device kernels add only the warp's row
 // assignment and, for the down projection, a shuffle reduction of the lanes' partial sums.
 //
-// A warp owns kRows consecutive token rows. Lane l walks the columns c = 8 (l + 32 k), k = 0, 1, …:
-// 8 consecutive elements per step, moved as 16-byte vectors (two for float32). Rank is the adapter
+// A warp owns Rows (1 or 2) consecutive token rows; with two, a's vectors serve both. Lane l walks
+// the columns c = 8 (l + 32 k), k = 0, 1, …: 8 consecutive elements per step, moved as 16-byte vectors (two for float32). Rank is the adapter
 // rank r (a template argument: the partial sums live in registers).
 //
 //   down (forward): xo[t, c] = T(x[t, c]);  acc[t][j] = Σ_c float(xo[t, c]) · float(a[j, c])
@@ -26,7 +26,6 @@ namespace ft::kernels::detail {
 
 constexpr int kLoraLanes = 32;      ///< lanes per warp
 constexpr int kLoraLaneCols = 8;    ///< consecutive columns per lane and step
-constexpr int kLoraRows = 2;        ///< token rows per warp (a's vectors are reused across them)
 constexpr int kLoraStepCols = kLoraLanes * kLoraLaneCols;
 
 struct alignas(16) Vec16 {
@@ -65,22 +64,22 @@ FT_LORA_HD void unpack8(const Vec16& v, float* out) {
   for (int e = 0; e < 8; ++e) out[e] = static_cast<float>(t[e]);
 }
 
-/// The down projection's per-lane part for `rows` (≤ kLoraRows) rows starting at x, xo: casts this
+/// The down projection's per-lane part for `rows` (≤ Rows) rows starting at x, xo: casts this
 /// lane's columns of x to T into xo and accumulates acc[i][j] = Σ float(xo[i, c]) a[j, c] over them.
 /// x: float32 rows of `in` elements at stride ldx; xo: T rows at stride ldo; a: (Rank, in) T,
 /// contiguous. in, ldx (mod 4), ldo (mod 8) and the pointers' 16-byte alignment as the launcher checks.
-template <typename T, int Rank>
+template <typename T, int Rank, int Rows>
 FT_LORA_HD void lora_down_lane(const float* x, int64_t ldx, T* xo, int64_t ldo, const T* a, int64_t in, int rows,
-                               int lane, float (&acc)[kLoraRows][Rank]) {
+                               int lane, float (&acc)[Rows][Rank]) {
   FT_LORA_UNROLL
-  for (int i = 0; i < kLoraRows; ++i) {
+  for (int i = 0; i < Rows; ++i) {
     FT_LORA_UNROLL
     for (int j = 0; j < Rank; ++j) acc[i][j] = 0.0f;
   }
   for (int64_t c = static_cast<int64_t>(lane) * kLoraLaneCols; c < in; c += kLoraStepCols) {
-    float xb[kLoraRows][8];
+    float xb[Rows][8];
     FT_LORA_UNROLL
-    for (int i = 0; i < kLoraRows; ++i) {
+    for (int i = 0; i < Rows; ++i) {
       if (i < rows) {
         const Vec16 lo = load16(x + i * ldx + c), hi = load16(x + i * ldx + c + 4);
         float f[8];
@@ -105,7 +104,7 @@ FT_LORA_HD void lora_down_lane(const float* x, int64_t ldx, T* xo, int64_t ldo, 
       float av[8];
       unpack8<T>(load16(a + j * in + c), av);
       FT_LORA_UNROLL
-      for (int i = 0; i < kLoraRows; ++i) {
+      for (int i = 0; i < Rows; ++i) {
         float sum = acc[i][j];
         FT_LORA_UNROLL
         for (int e = 0; e < 8; ++e) sum += xb[i][e] * av[e];
@@ -117,11 +116,10 @@ FT_LORA_HD void lora_down_lane(const float* x, int64_t ldx, T* xo, int64_t ldo, 
 
 /// After the warp's reduction (every lane holds the row sums): lane j mod 32 writes
 /// s[i, j] = T(scale · acc[i][j]), one rounding as a GEMM with alpha = scale rounds.
-template <typename T, int Rank>
-FT_LORA_HD void lora_down_store(const float (&acc)[kLoraRows][Rank], float scale, T* s, int64_t lds, int rows,
-                                int lane) {
+template <typename T, int Rank, int Rows>
+FT_LORA_HD void lora_down_store(const float (&acc)[Rows][Rank], float scale, T* s, int64_t lds, int rows, int lane) {
   FT_LORA_UNROLL
-  for (int i = 0; i < kLoraRows; ++i) {
+  for (int i = 0; i < Rows; ++i) {
     if (i >= rows) break;
     FT_LORA_UNROLL
     for (int j = 0; j < Rank; ++j) {
@@ -130,23 +128,23 @@ FT_LORA_HD void lora_down_store(const float (&acc)[kLoraRows][Rank], float scale
   }
 }
 
-/// The up projection's per-lane part for `rows` (≤ kLoraRows) rows: dx[i, c] = float(base[i, c]) +
+/// The up projection's per-lane part for `rows` (≤ Rows) rows: dx[i, c] = float(base[i, c]) +
 /// Σ_j scale · float(ds[i, j]) · float(a[j, c]) for this lane's columns, written as float32.
 /// base: T rows at stride ldb (mod 8); ds: T rows of Rank at stride ldd; a: (Rank, in) T,
 /// contiguous; dx: float32 rows at stride ldx (mod 4).
-template <typename T, int Rank>
+template <typename T, int Rank, int Rows>
 FT_LORA_HD void lora_up_lane(const T* base, int64_t ldb, const T* ds, int64_t ldd, const T* a, int64_t in, float scale,
                              float* dx, int64_t ldx, int rows, int lane) {
-  float d[kLoraRows][Rank];
+  float d[Rows][Rank];
   FT_LORA_UNROLL
-  for (int i = 0; i < kLoraRows; ++i) {
+  for (int i = 0; i < Rows; ++i) {
     FT_LORA_UNROLL
     for (int j = 0; j < Rank; ++j) d[i][j] = i < rows ? scale * static_cast<float>(ds[i * ldd + j]) : 0.0f;
   }
   for (int64_t c = static_cast<int64_t>(lane) * kLoraLaneCols; c < in; c += kLoraStepCols) {
-    float acc[kLoraRows][8];
+    float acc[Rows][8];
     FT_LORA_UNROLL
-    for (int i = 0; i < kLoraRows; ++i) {
+    for (int i = 0; i < Rows; ++i) {
       if (i < rows) {
         unpack8<T>(load16(base + i * ldb + c), acc[i]);
       } else {
@@ -159,13 +157,13 @@ FT_LORA_HD void lora_up_lane(const T* base, int64_t ldb, const T* ds, int64_t ld
       float av[8];
       unpack8<T>(load16(a + j * in + c), av);
       FT_LORA_UNROLL
-      for (int i = 0; i < kLoraRows; ++i) {
+      for (int i = 0; i < Rows; ++i) {
         FT_LORA_UNROLL
         for (int e = 0; e < 8; ++e) acc[i][e] += d[i][j] * av[e];
       }
     }
     FT_LORA_UNROLL
-    for (int i = 0; i < kLoraRows; ++i) {
+    for (int i = 0; i < Rows; ++i) {
       if (i >= rows) break;
       Vec16 lo, hi;
       std::memcpy(&lo, acc[i], 16);
