@@ -145,8 +145,9 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
         adapt::set_lora_extended_gemm(m, extended);
         adapt::set_lora_row_kernels(m, row_kernels);
         // The row kernels run where they take the operands: no dropout, r ≤ 32, and rows of
-        // [x | s S] that stay 16-byte aligned (widths 160 and 1000 plus r a multiple of 8).
-        const bool kernels_expected = row_kernels && p == 0 && !dora && r <= 32 && (!extended || r % 8 == 0);
+        // [x | s S] that stay 16-byte aligned (widths 160 and 1000 plus r a multiple of 8; DoRA
+        // keeps the split layout).
+        const bool kernels_expected = row_kernels && p == 0 && r <= 32 && (!extended || dora || r % 8 == 0);
         m->train();
         auto params = m->named_parameters();
         auto modules = m->named_modules();

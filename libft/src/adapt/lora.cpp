@@ -279,17 +279,23 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
 struct FusedDora : public torch::autograd::Function<FusedDora> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a,
                             const at::Tensor& b, const at::Tensor& magnitude, const at::Tensor& norm,
-                            model::LinearImpl* layer, double scale) {
+                            model::LinearImpl* layer, double scale, bool row_kernels) {
     const at::ScalarType ct = util::compute_dtype(x);
     const int64_t in = x.size(-1);
-    const at::Tensor x2 = x.reshape({-1, in}).to(ct);
+    const at::Tensor x_in = x.reshape({-1, in});
     const at::Tensor ac = a.to(ct), bc = b.to(ct);
-    const at::Tensor s_low = scaled_mm(x2, ac.t(), scale);  // s x Aᵀ
+    at::Tensor x2, s_low;  // x in the compute dtype; s x Aᵀ
+    // The row kernel (set_lora_row_kernels): the cast and s x Aᵀ in one pass over x.
+    if (!(row_kernels && FusedLora::cast_down(x_in, ac, scale, ct, x2, s_low))) {
+      x2 = x_in.to(ct);
+      s_low = scaled_mm(x2, ac.t(), scale);
+    }
     const at::Tensor z = base_plus_low_rank(x2, layer->dense_weight(ct), at::Tensor(), s_low, bc);
     const at::Tensor c = (magnitude.detach() / norm).to(ct);
     at::Tensor y = z * c;
     if (layer->bias.defined()) y.add_(layer->bias.to(ct));
     ctx->save_for_backward({x2, s_low, z, ac, bc, c, magnitude, norm});
+    ctx->saved_data["row_kernels"] = row_kernels;
     return finish_forward(ctx, x, y, layer, scale, a.scalar_type());
   }
 
@@ -308,13 +314,23 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
     const at::ScalarType mt = at::promote_types(magnitude.scalar_type(), at::kFloat);
     const at::Tensor dm = ((dy.to(mt) * z.to(mt)).sum(0) / norm.to(mt)).to(magnitude.scalar_type());
     const at::Tensor ds = scaled_mm(dz, bc, scale);  // s dZ B
-    const at::Tensor db = at::mm(dz.t(), s_low);         // dZᵀ (s S)
-    const at::Tensor da = at::mm(ds.t(), x2);
+    const at::Tensor db = mm_as(dz.t(), s_low, adt);    // dZᵀ (s S)
+    const at::Tensor da = mm_as(ds.t(), x2, adt);
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
-      dx = as_input_grad(ctx, input_grad(dz, layer->dense_weight(ct), ds, ac, at::Tensor(), 0.0));
+      const at::Tensor w = layer->dense_weight(ct);
+      // The row kernel adds dS A while converting dx to float32 (x's dtype under autocast).
+      if (ctx->saved_data["row_kernels"].toBool() && dz.is_cuda() &&
+          ctx->saved_data["x_dtype"].toScalarType() == at::kFloat) {
+        at::Tensor base = at::mm(dz, w);
+        dx = FusedLora::up_add(base, ds, ac, 1.0);
+        if (!dx.defined()) dx = base.addmm_(ds, ac);
+      } else {
+        dx = input_grad(dz, w, ds, ac, at::Tensor(), 0.0);
+      }
+      dx = as_input_grad(ctx, dx);
     }
-    return {dx, da.to(adt), db.to(adt), dm, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, da, db, dm, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -331,7 +347,8 @@ class LoraAdapter final : public model::LinearAdapter {
       // DoRA with dropout multiplies W by two inputs (x and its dropped-out copy, as PEFT does):
       // that stays on the unfused path.
       if (dropout_ > 0) return {};
-      return FusedDora::apply(x, A->weight, B->weight, magnitude, row_norm(/*detach=*/true), owner_, info.scale);
+      return FusedDora::apply(x, A->weight, B->weight, magnitude, row_norm(/*detach=*/true), owner_, info.scale,
+                              row_kernels);
     }
     const at::Tensor w_ext = extended_weight(x);
     return FusedLora::apply(x, A->weight, B->weight, w_ext.defined() ? &w_ext : nullptr, owner_, info.scale, dropout_,

@@ -109,8 +109,8 @@ void set_lora_extended_gemm(model::CausalLM& model, bool on);
 /// widths are multiples of 8: the forward cast of x and s S = s x Aᵀ take one pass over x (S from
 /// the cast values in registers, not a second read), and the backward pass writes
 /// dx = float32(dy W) + s (dy B) A once (no bf16 read-modify-write of dx before its conversion,
-/// and no bf16 rounding of the sum). With either GEMM layout (split or extended); other calls keep
-/// the ATen path.
+/// and no bf16 rounding of the sum). With either GEMM layout (split or extended), and in DoRA's
+/// fused node; other calls keep the ATen path.
 void set_lora_row_kernels(model::CausalLM& model, bool on);
 /// The fused path's dropout noise on the CPU: a tensor shaped and typed like `x` holding 0 with
 /// probability p and 1/(1 − p) otherwise. Counter-based: element i is decided by 32 bits of
