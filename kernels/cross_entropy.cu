@@ -3,6 +3,7 @@
 // the block's reduction of the threads' (max, sum) pairs: a warp shuffle, then shared memory.
 // Memory-bound: at V = 128256 a row is 250 KB of bf16, read once forward and once (plus one write)
 // backward, with one exp per element.
+#include <ATen/Dispatch_v2.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/ScalarType.h>
@@ -73,16 +74,6 @@ bool vectors_fit(const at::Tensor& logits) {
   return logits.size(1) % per_vector == 0 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0;
 }
 
-template <typename F>
-void dispatch(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(float());
-    case at::kBFloat16: return f(c10::BFloat16());
-    case at::kHalf: return f(c10::Half());
-    default: TORCH_CHECK(false, "[cross entropy kernels] logits must be float32, bf16 or fp16, got ", dtype);
-  }
-}
-
 }  // namespace
 
 bool cross_entropy_fits(const at::Tensor& logits, const at::Tensor& targets) {
@@ -105,12 +96,11 @@ std::pair<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits
   c10::cuda::CUDAGuard guard(logits.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool vectors = vectors_fit(logits);
-  dispatch(logits.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    cross_entropy_forward_kernel<T><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(logits.data_ptr()), targets.data_ptr<int64_t>(), V, vectors, ignore_index,
-        loss.data_ptr<float>(), lse.data_ptr<float>());
-  });
+  AT_DISPATCH_V2(logits.scalar_type(), "cross_entropy_forward", AT_WRAP([&] {
+    cross_entropy_forward_kernel<scalar_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+        logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), V, vectors, ignore_index, loss.data_ptr<float>(),
+        lse.data_ptr<float>());
+  }), at::kFloat, at::kBFloat16, at::kHalf);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss, lse};
 }
@@ -131,12 +121,11 @@ at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& ta
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool vectors = vectors_fit(logits);
   const at::Tensor scale = grad_scale.contiguous();
-  dispatch(logits.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    cross_entropy_backward_kernel<T><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(logits.data_ptr()), targets.data_ptr<int64_t>(), lse.data_ptr<float>(),
-        scale.data_ptr<float>(), V, vectors, ignore_index, reinterpret_cast<T*>(grad.data_ptr()));
-  });
+  AT_DISPATCH_V2(logits.scalar_type(), "cross_entropy_backward", AT_WRAP([&] {
+    cross_entropy_backward_kernel<scalar_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+        logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), lse.data_ptr<float>(), scale.data_ptr<float>(), V,
+        vectors, ignore_index, grad.data_ptr<scalar_t>());
+  }), at::kFloat, at::kBFloat16, at::kHalf);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grad;
 }

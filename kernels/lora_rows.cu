@@ -7,6 +7,7 @@
 // At r ≤ 32 and the H100's ~1.75 elements per clock per SM of DRAM traffic that is at most 56 of
 // the 128 FP32 lanes per SM, so the kernels stay memory-bound; a's 16-byte vectors come from L1
 // and are reused across the warp's two rows.
+#include <ATen/Dispatch_v2.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/ScalarType.h>
 #include <c10/cuda/CUDAException.h>
@@ -102,11 +103,8 @@ void dispatch_rank(int64_t r, Args&&... args) {
 
 template <template <typename, int> class Launch, typename... Args>
 void dispatch(at::ScalarType dtype, int64_t r, Args&&... args) {
-  if (dtype == at::kBFloat16) {
-    dispatch_rank<Launch, c10::BFloat16>(r, args...);
-  } else {
-    dispatch_rank<Launch, c10::Half>(r, args...);
-  }
+  AT_DISPATCH_V2(dtype, "lora_rows", AT_WRAP([&] { dispatch_rank<Launch, scalar_t>(r, args...); }), at::kBFloat16,
+                 at::kHalf);
 }
 
 template <typename T, int Rank>

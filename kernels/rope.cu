@@ -1,6 +1,7 @@
 // The fused rotary embedding (ft/kernels/rope.h): one thread per element pair (i, i + D/2) of a
 // (b, h, t) row, the tables read from (B, 1, T, D) and shared by the heads. The arithmetic is
 // ft/kernels/rope_thread.h, shared with a host test.
+#include <ATen/Dispatch_v2.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
 #include <c10/core/ScalarType.h>
@@ -26,8 +27,8 @@ struct Strides4 {
   int64_t b, h, t;
 };
 
-template <typename In, typename Out, bool kBackward>
-__global__ void __launch_bounds__(kThreads) rope_kernel(const In* __restrict__ x, Strides4 xs, Out* __restrict__ y,
+template <typename Scalar, bool kBackward>
+__global__ void __launch_bounds__(kThreads) rope_kernel(const Scalar* __restrict__ x, Strides4 xs, Scalar* __restrict__ y,
                                                         Strides4 ys, const float* __restrict__ cos,
                                                         const float* __restrict__ sin, Strides4 cs, int64_t H,
                                                         int64_t T, int64_t half, int64_t pairs) {
@@ -47,8 +48,8 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(const In* __restrict__ x
     } else {
       detail::rope_pair(x1, x2, c1, c2, s1, s2, y1, y2);
     }
-    y[yo] = static_cast<Out>(y1);
-    y[yo + half] = static_cast<Out>(y2);
+    y[yo] = static_cast<Scalar>(y1);
+    y[yo + half] = static_cast<Scalar>(y2);
   }
 }
 
@@ -71,8 +72,11 @@ at::Tensor output_like(at::IntArrayRef sizes, at::IntArrayRef strides, const at:
   return at::empty(sizes, options);
 }
 
-template <typename In, typename Out, bool kBackward>
+// y = rope(x) (or its backward pass) for x and y of one dtype, (B, H, T, D) with unit last stride.
+template <bool kBackward>
 void launch(const at::Tensor& x, const at::Tensor& y, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "[rope kernels] input and output dtypes differ: ", x.scalar_type(),
+              " vs ", y.scalar_type());
   const int64_t B = x.size(0), H = x.size(1), T = x.size(2), half = x.size(3) / 2;
   const int64_t pairs = B * H * T * half;
   if (pairs == 0) return;
@@ -80,23 +84,12 @@ void launch(const at::Tensor& x, const at::Tensor& y, const at::Tensor& cos, con
   // The tables broadcast over B where they have one row (size 1: stride 0).
   const Strides4 cs{cos.size(0) == 1 ? 0 : cos.stride(0), 0, cos.stride(2)};
   const auto blocks = static_cast<unsigned>(std::min<int64_t>((pairs + kThreads - 1) / kThreads, 65535 * 16));
-  rope_kernel<In, Out, kBackward><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const In*>(x.data_ptr()), xs, reinterpret_cast<Out*>(y.data_ptr()), ys,
-      cos.data_ptr<float>(), sin.data_ptr<float>(), cs, H, T, half, pairs);
+  AT_DISPATCH_V2(x.scalar_type(), "rope", AT_WRAP([&] {
+    rope_kernel<scalar_t, kBackward><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<scalar_t>(), xs, y.data_ptr<scalar_t>(), ys, cos.data_ptr<float>(), sin.data_ptr<float>(), cs, H,
+        T, half, pairs);
+  }), at::kFloat, at::kBFloat16, at::kHalf);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// f.template operator()<T>() is not C++17-friendly in a lambda; a switch per dtype instead.
-template <bool kBackward>
-void dispatch(const at::Tensor& x, const at::Tensor& y, const at::Tensor& cos, const at::Tensor& sin) {
-  const auto in = x.scalar_type(), out = y.scalar_type();
-  TORCH_CHECK(in == out, "[rope kernels] input and output dtypes differ: ", in, " vs ", out);
-  switch (in) {
-    case at::kFloat: return launch<float, float, kBackward>(x, y, cos, sin);
-    case at::kBFloat16: return launch<c10::BFloat16, c10::BFloat16, kBackward>(x, y, cos, sin);
-    case at::kHalf: return launch<c10::Half, c10::Half, kBackward>(x, y, cos, sin);
-    default: TORCH_CHECK(false, "[rope kernels] unsupported dtype ", in);
-  }
 }
 
 }  // namespace
@@ -118,7 +111,7 @@ at::Tensor rope_forward(const at::Tensor& x, const at::Tensor& cos, const at::Te
               x.scalar_type(), ", cos ", cos.sizes(), " ", cos.scalar_type());
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = output_like(x.sizes(), x.strides(), x.options());
-  dispatch<false>(x, y, cos, sin);
+  launch<false>(x, y, cos, sin);
   return y;
 }
 
@@ -129,7 +122,7 @@ at::Tensor rope_backward(const at::Tensor& dy, const at::Tensor& cos, const at::
               dy.scalar_type());
   c10::cuda::CUDAGuard guard(g.device());
   at::Tensor dx = output_like(g.sizes(), strides, g.options());
-  dispatch<true>(g, dx, cos, sin);
+  launch<true>(g, dx, cos, sin);
   return dx;
 }
 

@@ -1,6 +1,7 @@
 // The fused SwiGLU (ft/kernels/swiglu.h): an elementwise grid-stride loop, 8 elements per thread and
 // step where the tensors allow 16-byte vectors of 2-byte types (4 for float32), else one at a time.
 // The per-element arithmetic is ft/kernels/swiglu_thread.h, shared with a host test.
+#include <ATen/Dispatch_v2.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/ScalarType.h>
 #include <c10/cuda/CUDAException.h>
@@ -13,28 +14,16 @@
 
 #include "ft/kernels/swiglu.h"
 #include "ft/kernels/swiglu_thread.h"
+#include "ft/kernels/vec16.h"
 
 namespace ft::kernels {
 namespace {
 
 constexpr int kThreads = 256;
 
-struct alignas(16) Vec16 {
-  uint32_t w[4];
-};
-
-template <typename T>
-constexpr int kPer = static_cast<int>(16 / sizeof(T));
-
-template <typename T>
-__device__ __forceinline__ void load(const T* p, T* out) {
-  *reinterpret_cast<Vec16*>(out) = *reinterpret_cast<const Vec16*>(p);
-}
-
-template <typename T>
-__device__ __forceinline__ void store(T* p, const T* in) {
-  *reinterpret_cast<Vec16*>(p) = *reinterpret_cast<const Vec16*>(in);
-}
+using detail::kVec16;
+using detail::load16;
+using detail::store16;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up,
@@ -42,13 +31,13 @@ __global__ void __launch_bounds__(kThreads) swiglu_forward_kernel(const T* __res
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (vectors) {
-    for (int64_t v = first; v < n / kPer<T>; v += stride) {
-      alignas(16) T g[kPer<T>], u[kPer<T>], y[kPer<T>];
-      load(gate + v * kPer<T>, g);
-      load(up + v * kPer<T>, u);
+    for (int64_t v = first; v < n / kVec16<T>; v += stride) {
+      alignas(16) T g[kVec16<T>], u[kVec16<T>], y[kVec16<T>];
+      load16(gate + v * kVec16<T>, g);
+      load16(up + v * kVec16<T>, u);
 #pragma unroll
-      for (int e = 0; e < kPer<T>; ++e) y[e] = detail::swiglu_forward(g[e], u[e]);
-      store(h + v * kPer<T>, y);
+      for (int e = 0; e < kVec16<T>; ++e) y[e] = detail::swiglu_forward(g[e], u[e]);
+      store16(h + v * kVec16<T>, y);
     }
   } else {
     for (int64_t i = first; i < n; i += stride) h[i] = detail::swiglu_forward(gate[i], up[i]);
@@ -62,15 +51,15 @@ __global__ void __launch_bounds__(kThreads) swiglu_backward_kernel(const T* __re
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (vectors) {
-    for (int64_t v = first; v < n / kPer<T>; v += stride) {
-      alignas(16) T d[kPer<T>], g[kPer<T>], u[kPer<T>], dg[kPer<T>], du[kPer<T>];
-      load(dh + v * kPer<T>, d);
-      load(gate + v * kPer<T>, g);
-      load(up + v * kPer<T>, u);
+    for (int64_t v = first; v < n / kVec16<T>; v += stride) {
+      alignas(16) T d[kVec16<T>], g[kVec16<T>], u[kVec16<T>], dg[kVec16<T>], du[kVec16<T>];
+      load16(dh + v * kVec16<T>, d);
+      load16(gate + v * kVec16<T>, g);
+      load16(up + v * kVec16<T>, u);
 #pragma unroll
-      for (int e = 0; e < kPer<T>; ++e) detail::swiglu_backward(d[e], g[e], u[e], dg[e], du[e]);
-      store(dgate + v * kPer<T>, dg);
-      store(dup + v * kPer<T>, du);
+      for (int e = 0; e < kVec16<T>; ++e) detail::swiglu_backward(d[e], g[e], u[e], dg[e], du[e]);
+      store16(dgate + v * kVec16<T>, dg);
+      store16(dup + v * kVec16<T>, du);
     }
   } else {
     for (int64_t i = first; i < n; i += stride) detail::swiglu_backward(dh[i], gate[i], up[i], dgate[i], dup[i]);
@@ -81,16 +70,6 @@ bool aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_pt
 
 unsigned blocks_for(int64_t items) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, 132 * 16)));
-}
-
-template <typename F>
-void dispatch(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(float());
-    case at::kBFloat16: return f(c10::BFloat16());
-    case at::kHalf: return f(c10::Half());
-    default: TORCH_CHECK(false, "[swiglu kernels] unsupported dtype ", dtype);
-  }
 }
 
 }  // namespace
@@ -111,13 +90,11 @@ at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up) {
   const int64_t n = gate.numel();
   if (n == 0) return h;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(gate.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const bool vectors = n % kPer<T> == 0 && aligned(gate) && aligned(up) && aligned(h);
-    swiglu_forward_kernel<T><<<blocks_for(vectors ? n / kPer<T> : n), kThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(gate.data_ptr()), reinterpret_cast<const T*>(up.data_ptr()),
-        reinterpret_cast<T*>(h.data_ptr()), n, vectors);
-  });
+  AT_DISPATCH_V2(gate.scalar_type(), "swiglu_forward", AT_WRAP([&] {
+    const bool vectors = n % kVec16<scalar_t> == 0 && aligned(gate) && aligned(up) && aligned(h);
+    swiglu_forward_kernel<scalar_t><<<blocks_for(vectors ? n / kVec16<scalar_t> : n), kThreads, 0, stream>>>(
+        gate.data_ptr<scalar_t>(), up.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), n, vectors);
+  }), at::kFloat, at::kBFloat16, at::kHalf);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return h;
 }
@@ -132,14 +109,13 @@ std::pair<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& dh, const at
   const int64_t n = gate.numel();
   if (n == 0) return {dgate, dup};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(gate.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const bool vectors = n % kPer<T> == 0 && aligned(d) && aligned(gate) && aligned(up) && aligned(dgate) && aligned(dup);
-    swiglu_backward_kernel<T><<<blocks_for(vectors ? n / kPer<T> : n), kThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(d.data_ptr()), reinterpret_cast<const T*>(gate.data_ptr()),
-        reinterpret_cast<const T*>(up.data_ptr()), reinterpret_cast<T*>(dgate.data_ptr()),
-        reinterpret_cast<T*>(dup.data_ptr()), n, vectors);
-  });
+  AT_DISPATCH_V2(gate.scalar_type(), "swiglu_backward", AT_WRAP([&] {
+    const bool vectors =
+        n % kVec16<scalar_t> == 0 && aligned(d) && aligned(gate) && aligned(up) && aligned(dgate) && aligned(dup);
+    swiglu_backward_kernel<scalar_t><<<blocks_for(vectors ? n / kVec16<scalar_t> : n), kThreads, 0, stream>>>(
+        d.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(), up.data_ptr<scalar_t>(), dgate.data_ptr<scalar_t>(),
+        dup.data_ptr<scalar_t>(), n, vectors);
+  }), at::kFloat, at::kBFloat16, at::kHalf);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dgate, dup};
 }

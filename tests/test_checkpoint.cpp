@@ -978,18 +978,11 @@ void lora_paths_train_alike(const std::string& device, const std::string& dtype,
   }
   for (size_t k = 1; k < paths.size(); ++k) {
     ASSERT_EQ(metrics[k].size(), metrics[0].size()) << paths[k].name;
-    double worst = 0;
-    int compared = 0;
-    for (size_t i = 0; i < metrics[0].size(); ++i) {
-      if (metrics[0][i].at("type") != "train") continue;
-      const double x = metrics[0][i].at("loss"), y = metrics[k][i].at("loss");
-      worst = std::max(worst, std::abs(x - y) / x);
-      ++compared;
-    }
+    const test::LossComparison d = test::compare_train_losses(metrics[0], metrics[k]);
     std::printf("LoRA path %s against the default on %s in %s: largest relative loss difference %.2e\n",
-                paths[k].name, device.c_str(), dtype.c_str(), worst);
-    EXPECT_EQ(compared, 12) << paths[k].name;
-    EXPECT_LT(worst, tol) << paths[k].name;
+                paths[k].name, device.c_str(), dtype.c_str(), d.worst);
+    EXPECT_EQ(d.steps, 12) << paths[k].name;
+    EXPECT_LT(d.worst, tol) << paths[k].name;
   }
   fs::remove_all(dir);
 }
@@ -1031,12 +1024,7 @@ TEST(TrainCuda, FusedKernelsTrainAsTheUnfusedPasses) {
     train::run_training(fc, q.f);
     const auto a = metric_lines(dir / "run"), b = metric_lines(dir / "fused");
     ASSERT_EQ(a.size(), b.size());
-    double worst = 0;
-    for (size_t i = 0; i < a.size(); ++i) {
-      if (a[i].at("type") != "train") continue;
-      const double x = a[i].at("loss"), y = b[i].at("loss");
-      worst = std::max(worst, std::abs(x - y) / x);
-    }
+    const double worst = test::compare_train_losses(a, b).worst;
     std::printf("fused %s against the unfused passes: largest relative loss difference %.2e\n", v.name, worst);
     EXPECT_LT(worst, 1e-2) << v.name;
     fs::remove_all(dir);
@@ -1060,12 +1048,7 @@ TEST(TrainQlora, TracksTheFullPrecisionLoraRun) {
   train::run_training(qc, q.f);
   const auto a = metric_lines(dir / "run"), b = metric_lines(dir / "qlora");
   ASSERT_EQ(a.size(), b.size());
-  double worst = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (a[i].at("type") != "train") continue;
-    const double x = a[i].at("loss"), y = b[i].at("loss");
-    worst = std::max(worst, std::abs(x - y) / x);
-  }
+  const double worst = test::compare_train_losses(a, b).worst;
   std::printf("QLoRA vs LoRA: largest relative loss difference %.2e\n", worst);
   EXPECT_LT(worst, 2e-3);
   EXPECT_GT(worst, 0.0);  // the base really is quantized

@@ -443,7 +443,7 @@ template <typename T>
 void ce_on_host(const CeCase& c, int threads, float g, at::Tensor& lse, at::Tensor& loss, at::Tensor& grad) {
   using namespace kernels::detail;
   const int64_t N = c.logits.size(0), V = c.logits.size(1);
-  const bool vectors = V % ce_vec<T>() == 0;
+  const bool vectors = V % kVec16<T> == 0;
   lse = at::empty({N}, at::kFloat);
   loss = at::empty({N}, at::kFloat);
   grad = at::full_like(c.logits, std::numeric_limits<double>::quiet_NaN());

@@ -1,5 +1,7 @@
 #pragma once
 // Helpers for tests that train through the C++ API (test_checkpoint.cpp, test_ewc.cpp).
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -59,6 +61,23 @@ inline std::vector<nlohmann::json> metric_lines(const fs::path& run) {
     v.push_back(j);
   }
   return v;
+}
+
+/// Two runs' training losses step by step (metric_lines of each, same length): the largest
+/// |a − b| / a over the "train" lines, and how many there were.
+struct LossComparison {
+  double worst = 0;
+  int steps = 0;
+};
+inline LossComparison compare_train_losses(const std::vector<nlohmann::json>& a, const std::vector<nlohmann::json>& b) {
+  LossComparison c;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    if (a[i].at("type") != "train") continue;
+    const double x = a[i].at("loss"), y = b[i].at("loss");
+    c.worst = std::max(c.worst, std::abs(x - y) / x);
+    ++c.steps;
+  }
+  return c;
 }
 
 }  // namespace ft::test

@@ -90,9 +90,50 @@ at::Tensor low_rank_input_grad(const at::Tensor& ds, const at::Tensor& ac, const
   return t.mul_(keep);
 }
 
-// dZ W + drop'(dS A), (T, in), in base_plus_low_rank's order.
+// The row kernels (set_lora_row_kernels) where they take the operands (CUDA, float32 x under
+// bf16/fp16 autocast, r ≤ 32, aligned widths), else false / undefined and the caller takes the ATen
+// path. row_cast_down: x2 = x in the compute dtype and s_low = s x Aᵀ in one pass, allocating x2
+// (T, in) and s_low (T, r) unless they are given (the extended GEMM's views).
+bool row_cast_down(const at::Tensor& x_in, const at::Tensor& ac, double scale, at::ScalarType ct, at::Tensor& x2,
+                   at::Tensor& s_low) {
+#ifdef LIBFT_WITH_CUDA_KERNELS
+  if (!x_in.is_cuda() || x_in.scalar_type() != at::kFloat || ct == at::kFloat) return false;
+  const at::Tensor xo = x2.defined() ? x2 : at::empty(x_in.sizes(), x_in.options().dtype(ct));
+  const at::Tensor so = s_low.defined() ? s_low : at::empty({x_in.size(0), ac.size(0)}, x_in.options().dtype(ct));
+  if (!kernels::lora_cast_down_fits(x_in, ac, xo, so)) return false;
+  RECORD_FUNCTION("ft::lora_cast_down", std::vector<c10::IValue>());  // named in profiles
+  kernels::lora_cast_down(x_in, ac, scale, xo, so);
+  x2 = xo;
+  s_low = so;
+  return true;
+#else
+  (void)x_in, (void)ac, (void)scale, (void)ct, (void)x2, (void)s_low;
+  return false;
+#endif
+}
+
+// row_up_add: float32(base) + scale · ds A, (T, in), written once.
+at::Tensor row_up_add(const at::Tensor& base, const at::Tensor& ds, const at::Tensor& ac, double scale) {
+#ifdef LIBFT_WITH_CUDA_KERNELS
+  if (kernels::lora_up_add_fits(base, ds, ac)) {
+    RECORD_FUNCTION("ft::lora_up_add", std::vector<c10::IValue>());
+    return kernels::lora_up_add(base, ds, ac, scale);
+  }
+#else
+  (void)base, (void)ds, (void)ac, (void)scale;
+#endif
+  return {};
+}
+
+// dZ W + drop'(dS A), (T, in), in base_plus_low_rank's order. With `row_kernels` (no dropout,
+// CUDA): float32(dZ W) + dS A through row_up_add, the sum written once.
 at::Tensor input_grad(const at::Tensor& dz, const at::Tensor& w, const at::Tensor& ds, const at::Tensor& ac,
-                      const at::Tensor& keep, double p) {
+                      const at::Tensor& keep, double p, bool row_kernels = false) {
+  if (row_kernels && p == 0 && dz.is_cuda()) {
+    at::Tensor base = at::mm(dz, w);
+    at::Tensor dx = row_up_add(base, ds, ac, 1.0);
+    return dx.defined() ? dx : base.addmm_(ds, ac);
+  }
   if (model::onednn_linear_fits(dz, w.t(), {})) {
     at::Tensor dx = model::linear(dz, w.t());
     return p == 0 ? dx.addmm_(ds, ac) : dx.add_(low_rank_input_grad(ds, ac, keep, p));
@@ -143,7 +184,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
       s_low = xs.narrow(1, in, r);
     }
     // The row kernel (set_lora_row_kernels): the cast and s S in one pass over x.
-    const bool lowered = row_kernels && p == 0 && cast_down(x_in, ac, scale, ct, x2, s_low);
+    const bool lowered = row_kernels && p == 0 && row_cast_down(x_in, ac, scale, ct, x2, s_low);
     if (!lowered) {
       if (xs.defined()) {
         x2.copy_(x_in);
@@ -215,7 +256,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
       const at::Tensor dyb = dxs.narrow(1, in, r);
       da = mm_as(dyb.t(), h, adt, scale);
       at::Tensor base = dxs.narrow(1, 0, in);
-      if (row_kernels) dx = up_add(base, dyb, ac, scale);  // float32(dY W) + s (dY B) A, written once
+      if (row_kernels) dx = row_up_add(base, dyb, ac, scale);  // float32(dY W) + s (dY B) A, written once
       if (!dx.defined() && p == 0) dx = base.addmm_(dyb, ac, /*beta=*/1.0, /*alpha=*/scale);
       if (!dx.defined()) dx = base.add_(low_rank_input_grad(dyb, ac, keep, p, scale));
       dx = as_input_grad(ctx, dx);
@@ -223,51 +264,10 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
       const at::Tensor ds = scaled_mm(dy, bc, scale);  // s dY B, (T, r)
       da = mm_as(ds.t(), h, adt);                      // (r, in)
       if (ctx->needs_input_grad(0)) {
-        const at::Tensor w = layer->dense_weight(ct);
-        if (row_kernels && dy.is_cuda()) {  // float32(dY W) + dS A, the sum written once
-          at::Tensor base = at::mm(dy, w);
-          dx = up_add(base, ds, ac, 1.0);
-          if (!dx.defined()) dx = base.addmm_(ds, ac);
-        } else {
-          dx = input_grad(dy, w, ds, ac, keep, p);  // dY W + drop'(dS A)
-        }
-        dx = as_input_grad(ctx, dx);
+        dx = as_input_grad(ctx, input_grad(dy, layer->dense_weight(ct), ds, ac, keep, p, row_kernels));  // dY W + drop'(dS A)
       }
     }
     return {dx, da, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-
-  // The row kernels where they take the operands (CUDA, float32 x under bf16/fp16 autocast, r ≤ 32,
-  // aligned widths), else false / undefined and the caller takes the ATen path. cast_down allocates
-  // x2 and s_low (T, in), (T, r) unless they are given (the extended GEMM's views).
-  static bool cast_down(const at::Tensor& x_in, const at::Tensor& ac, double scale, at::ScalarType ct, at::Tensor& x2,
-                        at::Tensor& s_low) {
-#ifdef LIBFT_WITH_CUDA_KERNELS
-    if (!x_in.is_cuda() || x_in.scalar_type() != at::kFloat || ct == at::kFloat) return false;
-    const at::Tensor xo = x2.defined() ? x2 : at::empty(x_in.sizes(), x_in.options().dtype(ct));
-    const at::Tensor so = s_low.defined() ? s_low : at::empty({x_in.size(0), ac.size(0)}, x_in.options().dtype(ct));
-    if (!kernels::lora_cast_down_fits(x_in, ac, xo, so)) return false;
-    RECORD_FUNCTION("ft::lora_cast_down", std::vector<c10::IValue>());  // named in profiles
-    kernels::lora_cast_down(x_in, ac, scale, xo, so);
-    x2 = xo;
-    s_low = so;
-    return true;
-#else
-    (void)x_in, (void)ac, (void)scale, (void)ct, (void)x2, (void)s_low;
-    return false;
-#endif
-  }
-
-  static at::Tensor up_add(const at::Tensor& base, const at::Tensor& ds, const at::Tensor& ac, double scale) {
-#ifdef LIBFT_WITH_CUDA_KERNELS
-    if (kernels::lora_up_add_fits(base, ds, ac)) {
-      RECORD_FUNCTION("ft::lora_up_add", std::vector<c10::IValue>());
-      return kernels::lora_up_add(base, ds, ac, scale);
-    }
-#else
-    (void)base, (void)ds, (void)ac, (void)scale;
-#endif
-    return {};
   }
 };
 
@@ -286,7 +286,7 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
     const at::Tensor ac = a.to(ct), bc = b.to(ct);
     at::Tensor x2, s_low;  // x in the compute dtype; s x Aᵀ
     // The row kernel (set_lora_row_kernels): the cast and s x Aᵀ in one pass over x.
-    if (!(row_kernels && FusedLora::cast_down(x_in, ac, scale, ct, x2, s_low))) {
+    if (!(row_kernels && row_cast_down(x_in, ac, scale, ct, x2, s_low))) {
       x2 = x_in.to(ct);
       s_low = scaled_mm(x2, ac.t(), scale);
     }
@@ -318,17 +318,10 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
     const at::Tensor da = mm_as(ds.t(), x2, adt);
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
-      const at::Tensor w = layer->dense_weight(ct);
       // The row kernel adds dS A while converting dx to float32 (x's dtype under autocast).
-      if (ctx->saved_data["row_kernels"].toBool() && dz.is_cuda() &&
-          ctx->saved_data["x_dtype"].toScalarType() == at::kFloat) {
-        at::Tensor base = at::mm(dz, w);
-        dx = FusedLora::up_add(base, ds, ac, 1.0);
-        if (!dx.defined()) dx = base.addmm_(ds, ac);
-      } else {
-        dx = input_grad(dz, w, ds, ac, at::Tensor(), 0.0);
-      }
-      dx = as_input_grad(ctx, dx);
+      const bool row_kernels =
+          ctx->saved_data["row_kernels"].toBool() && ctx->saved_data["x_dtype"].toScalarType() == at::kFloat;
+      dx = as_input_grad(ctx, input_grad(dz, layer->dense_weight(ct), ds, ac, at::Tensor(), 0.0, row_kernels));
     }
     return {dx, da, db, dm, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }

@@ -14,8 +14,9 @@
 //   backward: grad[c] = T(g · (exp(x[c] − lse) − [c == target])), or exact zeros for an ignored row.
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
+
+#include "ft/kernels/vec16.h"
 
 #if defined(__CUDACC__)
 #define FT_CE_HD __host__ __device__ __forceinline__
@@ -91,50 +92,15 @@ FT_CE_HD float max_sum_lse(MaxSum a) {
 #endif
 }
 
-template <typename T>
-constexpr int ce_vec() {
-  return static_cast<int>(16 / sizeof(T));
-}
-
-template <typename T>
-FT_CE_HD void ce_load(const T* p, float* out) {
-  T t[ce_vec<T>()];
-#if defined(__CUDA_ARCH__)
-  struct alignas(16) V16 {
-    uint32_t w[4];
-  };
-  *reinterpret_cast<V16*>(t) = *reinterpret_cast<const V16*>(p);
-#else
-  std::memcpy(t, p, 16);
-#endif
-  FT_CE_UNROLL
-  for (int e = 0; e < ce_vec<T>(); ++e) out[e] = static_cast<float>(t[e]);
-}
-
-template <typename T>
-FT_CE_HD void ce_store(T* p, const float* in) {
-  T t[ce_vec<T>()];
-  FT_CE_UNROLL
-  for (int e = 0; e < ce_vec<T>(); ++e) t[e] = static_cast<T>(in[e]);
-#if defined(__CUDA_ARCH__)
-  struct alignas(16) V16 {
-    uint32_t w[4];
-  };
-  *reinterpret_cast<V16*>(p) = *reinterpret_cast<const V16*>(t);
-#else
-  std::memcpy(p, t, 16);
-#endif
-}
-
 /// This thread's (max, sum) over row[0, V).
 template <typename T>
 FT_CE_HD MaxSum ce_row_partial(const T* row, int64_t V, int thread, int threads, bool vectors) {
   MaxSum a = max_sum_empty();
   if (vectors) {
-    constexpr int kVec = ce_vec<T>();
+    constexpr int kVec = kVec16<T>;
     for (int64_t c = static_cast<int64_t>(thread) * kVec; c < V; c += static_cast<int64_t>(threads) * kVec) {
       float f[kVec];
-      ce_load(row + c, f);
+      load16_float(row + c, f);
       a = max_sum_add_n<kVec>(a, f);
     }
   } else {
@@ -150,13 +116,13 @@ FT_CE_HD void ce_row_grad(const T* row, T* grad, int64_t V, int thread, int thre
                           int64_t target, float g, bool ignored) {
   auto value = [&](float x, int64_t c) { return ignored ? 0.0f : g * (ce_exp(x - lse) - (c == target ? 1.0f : 0.0f)); };
   if (vectors) {
-    constexpr int kVec = ce_vec<T>();
+    constexpr int kVec = kVec16<T>;
     for (int64_t c = static_cast<int64_t>(thread) * kVec; c < V; c += static_cast<int64_t>(threads) * kVec) {
       float f[kVec];
-      ce_load(row + c, f);
+      load16_float(row + c, f);
       FT_CE_UNROLL
       for (int e = 0; e < kVec; ++e) f[e] = value(f[e], c + e);
-      ce_store(grad + c, f);
+      store16_float(grad + c, f);
     }
   } else {
     for (int64_t c = thread; c < V; c += threads) grad[c] = static_cast<T>(value(static_cast<float>(row[c]), c));

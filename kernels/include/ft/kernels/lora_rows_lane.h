@@ -12,7 +12,8 @@
 //                   (this lane's columns; the warp's sum, times the scale, is s S[t, j])
 //   up (backward):  dx[t, c] = float(base[t, c]) + Σ_j (scale · float(ds[t, j])) · float(a[j, c])
 #include <cstdint>
-#include <cstring>
+
+#include "ft/kernels/vec16.h"
 
 #if defined(__CUDACC__)
 #define FT_LORA_HD __host__ __device__ __forceinline__
@@ -27,42 +28,6 @@ namespace ft::kernels::detail {
 constexpr int kLoraLanes = 32;      ///< lanes per warp
 constexpr int kLoraLaneCols = 8;    ///< consecutive columns per lane and step
 constexpr int kLoraStepCols = kLoraLanes * kLoraLaneCols;
-
-struct alignas(16) Vec16 {
-  uint32_t w[4];
-};
-
-FT_LORA_HD Vec16 load16(const void* p) {
-#if defined(__CUDA_ARCH__)
-  return *reinterpret_cast<const Vec16*>(p);
-#else
-  Vec16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-#endif
-}
-
-FT_LORA_HD void store16(void* p, const Vec16& v) {
-#if defined(__CUDA_ARCH__)
-  *reinterpret_cast<Vec16*>(p) = v;
-#else
-  std::memcpy(p, &v, sizeof v);
-#endif
-}
-
-/// 8 values of a 2-byte type T (c10::BFloat16 or c10::Half) from 16 bytes, as float.
-template <typename T>
-FT_LORA_HD void unpack8(const Vec16& v, float* out) {
-  static_assert(sizeof(T) == 2, "T is a 2-byte floating type");
-  T t[8];
-#if defined(__CUDA_ARCH__)
-  *reinterpret_cast<Vec16*>(t) = v;
-#else
-  std::memcpy(t, &v, sizeof v);
-#endif
-  FT_LORA_UNROLL
-  for (int e = 0; e < 8; ++e) out[e] = static_cast<float>(t[e]);
-}
 
 /// The down projection's per-lane part for `rows` (≤ Rows) rows starting at x, xo: casts this
 /// lane's columns of x to T into xo and accumulates acc[i][j] = Σ float(xo[i, c]) a[j, c] over them.
@@ -81,19 +46,12 @@ FT_LORA_HD void lora_down_lane(const float* x, int64_t ldx, T* xo, int64_t ldo, 
     FT_LORA_UNROLL
     for (int i = 0; i < Rows; ++i) {
       if (i < rows) {
-        const Vec16 lo = load16(x + i * ldx + c), hi = load16(x + i * ldx + c + 4);
         float f[8];
-        std::memcpy(f, &lo, 16);
-        std::memcpy(f + 4, &hi, 16);
-        alignas(16) T t[8];
+        load16_float(x + i * ldx + c, f);
+        load16_float(x + i * ldx + c + 4, f + 4);
         FT_LORA_UNROLL
-        for (int e = 0; e < 8; ++e) {
-          t[e] = static_cast<T>(f[e]);
-          xb[i][e] = static_cast<float>(t[e]);
-        }
-        Vec16 packed;
-        std::memcpy(&packed, t, 16);
-        store16(xo + i * ldo + c, packed);
+        for (int e = 0; e < 8; ++e) xb[i][e] = static_cast<float>(static_cast<T>(f[e]));
+        store16_float(xo + i * ldo + c, xb[i]);  // exact: xb holds T's values
       } else {
         FT_LORA_UNROLL
         for (int e = 0; e < 8; ++e) xb[i][e] = 0.0f;
@@ -102,7 +60,7 @@ FT_LORA_HD void lora_down_lane(const float* x, int64_t ldx, T* xo, int64_t ldo, 
     FT_LORA_UNROLL
     for (int j = 0; j < Rank; ++j) {
       float av[8];
-      unpack8<T>(load16(a + j * in + c), av);
+      load16_float(a + j * in + c, av);
       FT_LORA_UNROLL
       for (int i = 0; i < Rows; ++i) {
         float sum = acc[i][j];
@@ -142,11 +100,11 @@ FT_LORA_HD void lora_up_lane(const T* base, int64_t ldb, const T* ds, int64_t ld
     for (int j = 0; j < Rank; ++j) d[i][j] = i < rows ? scale * static_cast<float>(ds[i * ldd + j]) : 0.0f;
   }
   for (int64_t c = static_cast<int64_t>(lane) * kLoraLaneCols; c < in; c += kLoraStepCols) {
-    float acc[Rows][8];
+    alignas(16) float acc[Rows][8];
     FT_LORA_UNROLL
     for (int i = 0; i < Rows; ++i) {
       if (i < rows) {
-        unpack8<T>(load16(base + i * ldb + c), acc[i]);
+        load16_float(base + i * ldb + c, acc[i]);
       } else {
         FT_LORA_UNROLL
         for (int e = 0; e < 8; ++e) acc[i][e] = 0.0f;
@@ -155,7 +113,7 @@ FT_LORA_HD void lora_up_lane(const T* base, int64_t ldb, const T* ds, int64_t ld
     FT_LORA_UNROLL
     for (int j = 0; j < Rank; ++j) {
       float av[8];
-      unpack8<T>(load16(a + j * in + c), av);
+      load16_float(a + j * in + c, av);
       FT_LORA_UNROLL
       for (int i = 0; i < Rows; ++i) {
         FT_LORA_UNROLL
@@ -165,11 +123,8 @@ FT_LORA_HD void lora_up_lane(const T* base, int64_t ldb, const T* ds, int64_t ld
     FT_LORA_UNROLL
     for (int i = 0; i < Rows; ++i) {
       if (i >= rows) break;
-      Vec16 lo, hi;
-      std::memcpy(&lo, acc[i], 16);
-      std::memcpy(&hi, acc[i] + 4, 16);
-      store16(dx + i * ldx + c, lo);
-      store16(dx + i * ldx + c + 4, hi);
+      store16(dx + i * ldx + c, acc[i]);
+      store16(dx + i * ldx + c + 4, acc[i] + 4);
     }
   }
 }
