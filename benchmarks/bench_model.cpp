@@ -376,7 +376,7 @@ struct LoraBench {
   model::CausalLM m{nullptr};
   model::LinearImpl* layer = nullptr;
   LoraBench(int64_t hidden, int64_t inter, const std::string& target, int64_t r, int mode, const at::Device& d,
-            bool bf16_base) {
+            bool bf16_base, double dropout = 0.0) {
     io::ModelConfig c = bench_config(hidden, 1);
     c.vocab_size = 256;
     c.intermediate_size = inter;
@@ -400,6 +400,7 @@ struct LoraBench {
       adapt::LoraOptions o;
       o.targets = {target};
       o.r = r;
+      o.dropout = dropout;
       adapt::apply_lora(m, o);
       adapt::set_lora_fused(m, mode >= 2);
       adapt::set_lora_extended_gemm(m, mode == 4 || mode == 6);
@@ -424,7 +425,9 @@ struct LoraBench {
 // (CUDA); the input is float32, as RMSNorm's output under autocast), layer (0 o_proj: h→h,
 // 1 gate_proj: h→inter, 2 down_proj: inter→h), rank, tokens, graph (1: replayed as a CUDA graph).
 // "ops" counts the outermost ATen calls of one step (OpCounter), each a host-side cost on CUDA.
-void BM_LoraLinear(benchmark::State& state) {
+// BM_LoraLinearDropout: the same with LoRA dropout 0.1 (ATen's dropout kernel on the fused ATen
+// path; inside the row kernels, with the mask redrawn in the backward pass, in modes 5 and 6).
+void lora_linear(benchmark::State& state, double dropout, const char* name) {
   // Device 2: the CPU under bf16 autocast, the CUDA path's operations at the CPU's widths (for "ops").
   const at::Device device = state.range(0) == 1 ? at::Device(at::kCUDA) : at::Device(at::kCPU);
   const bool autocast_on = state.range(0) > 0;
@@ -432,7 +435,8 @@ void BM_LoraLinear(benchmark::State& state) {
   const int64_t hidden = device.is_cuda() ? 4096 : 256, inter = device.is_cuda() ? 14336 : 688;
   const char* targets[] = {"self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"};
   const int which = static_cast<int>(state.range(2));
-  LoraBench b(hidden, inter, targets[which], state.range(3), static_cast<int>(state.range(1)), device, autocast_on);
+  LoraBench b(hidden, inter, targets[which], state.range(3), static_cast<int>(state.range(1)), device, autocast_on,
+              dropout);
   const int64_t in = which == 2 ? inter : hidden, out = which == 1 ? inter : hidden, tokens = state.range(4);
   const at::Tensor x = at::randn({tokens, in}, at::TensorOptions().device(device)).requires_grad_();
   const at::Tensor dy = at::randn({tokens, out}, at::TensorOptions().device(device).dtype(autocast_on ? at::kBFloat16 : at::kFloat));
@@ -464,13 +468,15 @@ void BM_LoraLinear(benchmark::State& state) {
     step = [&] { graph->replay(); };
   }
 #endif
-  profile_step(row_name("BM_LoraLinear", state, 6), step, device);
+  profile_step(row_name(name, state, 6), step, device);
   for (auto _ : state) {
     step();
     sync(device);
   }
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(tokens), benchmark::Counter::kIsIterationInvariantRate);
 }
+void BM_LoraLinear(benchmark::State& state) { lora_linear(state, 0.0, "BM_LoraLinear"); }
+void BM_LoraLinearDropout(benchmark::State& state) { lora_linear(state, 0.1, "BM_LoraLinearDropout"); }
 BENCHMARK(BM_LoraLinear)->ArgsProduct({{0}, {0, 1, 2}, {0, 1, 2}, {8}, {512}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK(BM_LoraLinear)->ArgsProduct({{2}, {0, 1, 2, 3, 4}, {0}, {16}, {512}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 // The CUDA rows a layer and token count at a time, all modes together (a run cut short by a time
@@ -486,6 +492,9 @@ BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3, 4, 5, 6}, {0, 1, 2}, {1
 #endif
 BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {1, 2, 4, 5, 6}, {2}, {8}, {8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {1, 2, 4}, {2}, {64}, {8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+// Dropout 0.1: o_proj, the LoRA modes (not the bare layer, which has no dropout; not QLoRA).
+BENCHMARK(BM_LoraLinearDropout)->ArgsProduct({{2}, {2, 4}, {0}, {16}, {512}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinearDropout)->ArgsProduct({{1}, {1, 2, 4, 5, 6}, {0}, {16}, {2048, 8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // The operations of one LoRA linear's forward and backward on CUDA, one at a time (bf16, in the order
 // and with the shapes that the fused path issues them; x: (T, in), W: (out, in), A: (r, in),

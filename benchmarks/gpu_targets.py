@@ -116,6 +116,22 @@ def opt_ins(runs):
             if mode == new and (old, layer, tokens, graph) in linear:
                 where = f"{LAYERS[layer]}, T {tokens}" + (", CUDA graph" if graph else "")
                 out.append((f"LoRA layer, {what} against the split fused path ({where})", linear[(old, layer, tokens, graph)] / t))
+    # Dropout 0.1 (BM_LoraLinearDropout): inside the row kernels against ATen's dropout kernel, and
+    # what dropout costs each path against its own row without it.
+    for name, b in sorted(runs.items()):
+        m = re.fullmatch(r"BM_LoraLinearDropout/1/(\d)/(\d)/16/(\d+)/0", name)
+        if not m:
+            continue
+        mode, layer, tokens = map(int, m.groups())
+        where = f"{LAYERS[layer]}, T {tokens}"
+        for new, old, what in [(5, 2, "split"), (6, 4, "extended GEMM")]:
+            base = runs.get(f"BM_LoraLinearDropout/1/{old}/{layer}/16/{tokens}/0")
+            if mode == new and base:
+                out.append((f"LoRA layer with dropout 0.1, in the row kernels against ATen's dropout ({what}, {where})",
+                            seconds(base) / seconds(b)))
+        plain = linear.get((mode, layer, tokens, 0))
+        if plain:
+            out.append((f"LoRA layer mode {mode}, without dropout against with dropout 0.1 ({where})", seconds(b) / plain))
     for bench, what in [("BM_CrossEntropyCuda", "fused cross-entropy (kernels.loss)"), ("BM_RopeCuda", "fused rotary embedding (kernels.rope)"),
                         ("BM_SwigluCuda", "fused SwiGLU (kernels.swiglu)")]:
         for name, b in sorted(runs.items()):

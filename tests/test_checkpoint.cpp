@@ -994,6 +994,62 @@ TEST(TrainCuda, LoraPathsTrainAlikeInBf16) {
   lora_paths_train_alike("cuda", "bfloat16", 2e-2);
 }
 
+// LoRA dropout inside the row kernels (lora.row_kernels, with the extended GEMM), bf16 on CUDA: a
+// run stopped at step 5 and resumed draws the same masks as the uninterrupted run (the checkpoint
+// restores the CUDA generator the kernels draw from), so the losses agree; with CUDA graphs (the
+// kernels read the generator's state on the device at each replay) it learns as well. The masks
+// differ from ATen's dropout kernel's, so the ATen path is compared in distribution only: the final
+// losses within 5%.
+TEST(TrainCuda, RowKernelDropoutResumesAndLearns) {
+  FT_REQUIRE_CUDA();
+  auto run = [](const std::string& name, bool row_kernels, bool graphs, int64_t stop_at) {
+    const fs::path dir = scratch("train_row_dropout_" + name);
+    config::RunConfig c = synthetic_run(dir);
+    c.mode = "lora";
+    c.lora.targets = {"all-linear"};
+    c.lora.dropout = 0.1;
+    c.lora.extended_gemm = row_kernels;
+    c.lora.row_kernels = row_kernels;
+    c.device = "cuda";
+    c.dtype = "bfloat16";
+    c.cuda_graphs = graphs;
+    std::vector<double> losses;
+    std::string log;
+    if (stop_at > 0) {
+      const StopResume r = stop_and_resume(c, stop_at, dir / "log.txt");
+      EXPECT_EQ(r.resumed.resumed_from, stop_at) << name;
+      log = r.log;
+    } else {
+      const fs::path log_path = dir / "log.txt";
+      std::FILE* f = std::fopen(log_path.c_str(), "w");
+      EXPECT_NE(f, nullptr);
+      train::RunOptions ro;
+      ro.log = f;
+      EXPECT_EQ(train::run_training(c, ro).steps, 12) << name;
+      std::fclose(f);
+      std::ifstream in(log_path);
+      log.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+    if (row_kernels) EXPECT_NE(log.find("(fused, extended GEMM, row kernels)"), std::string::npos) << name << "\n" << log;
+    for (const auto& j : metric_lines(dir / "run")) {
+      if (j.at("type") == "train") losses.push_back(j.at("loss").get<double>());
+    }
+    fs::remove_all(dir);
+    return losses;
+  };
+  const auto whole = run("whole", true, false, -1), resumed = run("resumed", true, false, 5);
+  const auto graphed = run("graphs", true, true, -1), aten = run("aten", false, false, -1);
+  ASSERT_EQ(whole.size(), 12u);
+  ASSERT_EQ(resumed.size(), whole.size());
+  for (size_t i = 0; i < whole.size(); ++i) EXPECT_NEAR(resumed[i], whole[i], 1e-4 * std::abs(whole[i])) << i;
+  EXPECT_LT(whole.back(), whole.front() - 0.5);
+  ASSERT_EQ(graphed.size(), whole.size());
+  EXPECT_LT(graphed.back(), graphed.front() - 0.5);
+  ASSERT_EQ(aten.size(), whole.size());
+  EXPECT_NEAR(whole.back(), aten.back(), 0.05 * aten.back());
+  EXPECT_NEAR(graphed.back(), aten.back(), 0.05 * aten.back());
+}
+
 // The fused CUDA kernels of the model (kernels.loss, kernels.rope, kernels.swiglu), in bf16
 // autocast, train as the unfused passes do: the loss with the whole logits and chunked (each
 // chunk's loss recomputed in the backward pass through the kernels), the rotary embedding, SwiGLU,

@@ -17,6 +17,9 @@
 #include "ft/kernels/cross_entropy_thread.h"
 #include "ft/kernels/lora_rows.h"
 #include "ft/kernels/lora_rows_lane.h"
+#include "ft/kernels/philox.h"
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
 #include "ft/kernels/rmsnorm.h"
 #include "ft/kernels/rope.h"
 #include "ft/kernels/rope_thread.h"
@@ -199,7 +202,65 @@ TEST(NF4Kernel, VectorDecodeEqualsTheReferenceOnTheHost) {
 // second row absent), widths that leave lanes idle in the last step (264 = 256 + 8), every rank,
 // bf16 and fp16, and both layouts: separate tensors, and the extended GEMM's views into one
 // (T, in + r) buffer. Outputs are poisoned (NaN) first, so an element left unwritten fails.
+// With dropout: s = scale · h aᵀ with h = the mask's kept values of xo times 1/(1 − p), rounded as
+// at::native_dropout rounds, and dx = base + m ⊙ (scale · ds a) / (1 − p); the reference mask is
+// drawn element by element from Philox (ft/kernels/philox.h, checked against its known answers),
+// not through the kernels' 8-wide lane code.
 #ifdef LIBFT_WITH_CUDA_KERNELS
+
+// Philox4x32-10's published known-answer vectors (counter, key → output).
+TEST(Philox, MatchesThePublishedKnownAnswers) {
+  using kernels::detail::Philox4;
+  struct Kat {
+    Philox4 ctr;
+    uint32_t key0, key1;
+    Philox4 out;
+  };
+  const Kat kats[] = {
+      {{{0, 0, 0, 0}}, 0, 0, {{0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}}},
+      {{{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu}}, 0xffffffffu, 0xffffffffu,
+       {{0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu}}},
+      {{{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}}, 0xa4093822u, 0x299f31d0u,
+       {{0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}}},
+  };
+  for (const Kat& k : kats) {
+    const Philox4 got = kernels::detail::philox4x32_10(k.ctr, k.key0, k.key1);
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(got.w[i], k.out.w[i]) << "word " << i;
+  }
+}
+
+// The dropout draws keep 1 − p of the elements (within 5 standard deviations), the 8-wide draw
+// equals the element-wise one, and another offset or seed gives another mask.
+TEST(Philox, DropoutDrawsKeepTheirShareAndDependOnSeedAndOffset) {
+  using namespace kernels::detail;
+  constexpr int64_t kN = 1 << 18;
+  for (const double p : {0.05, 0.1, 0.5}) {
+    const DropoutDraws d{1234, 8, dropout_threshold(p), static_cast<float>(1 / (1 - p))};
+    int64_t kept = 0, same_offset = 0, same_seed = 0;
+    DropoutDraws other_offset = d, other_seed = d;
+    other_offset.offset += 4;
+    other_seed.seed += 1;
+    for (int64_t e = 0; e < kN; e += 8) {
+      bool keep[8];
+      dropout_keeps8(d, static_cast<uint64_t>(e), keep);
+      for (int k = 0; k < 8; ++k) {
+        ASSERT_EQ(keep[k], dropout_keeps(d, static_cast<uint64_t>(e + k))) << e + k;
+        kept += keep[k];
+        same_offset += keep[k] == dropout_keeps(other_offset, static_cast<uint64_t>(e + k));
+        same_seed += keep[k] == dropout_keeps(other_seed, static_cast<uint64_t>(e + k));
+      }
+    }
+    const double n = kN, sd = std::sqrt(n * p * (1 - p));
+    EXPECT_NEAR(static_cast<double>(kept), n * (1 - p), 5 * sd) << "p " << p;
+    // Two independent masks agree on p² + (1 − p)² of the elements.
+    const double agree = n * (p * p + (1 - p) * (1 - p)), agree_sd = std::sqrt(agree * (1 - agree / n));
+    EXPECT_NEAR(static_cast<double>(same_offset), agree, 5 * agree_sd) << "p " << p;
+    EXPECT_NEAR(static_cast<double>(same_seed), agree, 5 * agree_sd) << "p " << p;
+  }
+  EXPECT_EQ(dropout_threshold(0.0), 0u);
+  EXPECT_EQ(dropout_threshold(0.5), 0x80000000u);
+}
+
 struct RowsCase {
   int64_t rows, in, r;
   bool extended;
@@ -222,10 +283,12 @@ std::vector<RowsCase> rows_cases(const std::vector<std::pair<int64_t, int64_t>>&
 struct RowsOperands {
   at::Tensor x, a, xo, s, base, ds;
   double scale = 0.375;
+  double p = 0;                          // dropout
+  kernels::detail::DropoutDraws draws;   // the draws the kernels use (p > 0)
   std::string what;
 };
 
-RowsOperands rows_operands(const RowsCase& c, const at::Device device) {
+RowsOperands rows_operands(const RowsCase& c, const at::Device device, double p = 0) {
   RowsOperands o;
   const auto f32 = at::TensorOptions().device(device).dtype(at::kFloat);
   o.x = at::randn({c.rows, c.in}, f32).mul_(2);
@@ -244,20 +307,55 @@ RowsOperands rows_operands(const RowsCase& c, const at::Device device) {
     o.base = at::randn({c.rows, c.in}, f32).to(c.dtype);
     o.ds = at::randn({c.rows, c.r}, f32).to(c.dtype);
   }
+  o.p = p;
+  if (p > 0) {
+    o.draws = {static_cast<uint64_t>(c.rows * 7919 + c.in), static_cast<uint64_t>(4 * c.r),
+               kernels::detail::dropout_threshold(p), static_cast<float>(1 / (1 - p))};
+  }
   o.what = std::string(c10::toString(c.dtype)) + ", rows " + std::to_string(c.rows) + ", in " + std::to_string(c.in) +
-           ", r " + std::to_string(c.r) + (c.extended ? ", extended layout" : ", separate tensors");
+           ", r " + std::to_string(c.r) + (c.extended ? ", extended layout" : ", separate tensors") +
+           (p > 0 ? ", dropout " + std::to_string(p) : "");
   return o;
 }
 
-// The down and up outputs against float64 (dx: float32 accumulation of ≤ 40 terms).
-void expect_rows_outputs(const RowsOperands& o, const at::Tensor& dx) {
+// The mask of o's draws, (rows, in) bool on the CPU, one element at a time.
+at::Tensor rows_keep_mask(const RowsOperands& o) {
+  const int64_t rows = o.x.size(0), in = o.x.size(1);
+  at::Tensor keep = at::empty({rows, in}, at::kBool);
+  bool* k = keep.data_ptr<bool>();
+  for (int64_t e = 0; e < rows * in; ++e) k[e] = kernels::detail::dropout_keeps(o.draws, static_cast<uint64_t>(e));
+  return keep;
+}
+
+// The dropped copy as at::native_dropout computes it: float32 product, one rounding.
+at::Tensor rows_dropped(const RowsOperands& o, const at::Tensor& xo, const at::Tensor& keep) {
+  const at::Tensor scaled = (xo.to(at::kFloat) * o.draws.inv_keep).to(xo.scalar_type());
+  return at::where(keep.to(xo.device()), scaled, at::zeros_like(scaled));
+}
+
+// The down and up outputs against float64 (dx: float32 accumulation of ≤ 40 terms). h: with
+// dropout, the dropped copy that the backward kernel made (lora_dropout_rows), checked exactly.
+void expect_rows_outputs(const RowsOperands& o, const at::Tensor& dx, const at::Tensor& h = {}) {
   SCOPED_TRACE(o.what);
   const at::Tensor xo_ref = o.x.to(o.a.scalar_type());
   EXPECT_TRUE(o.xo.equal(xo_ref));
-  const at::Tensor s_ref = xo_ref.to(at::kDouble).mm(o.a.to(at::kDouble).t()) * o.scale;
+  at::Tensor h_ref = xo_ref, keep64 = at::ones({1}, o.x.options().dtype(at::kDouble));
+  if (o.p > 0) {
+    const at::Tensor keep = rows_keep_mask(o);
+    const double kept = keep.to(at::kDouble).mean().item<double>();
+    if (keep.numel() > 2000) EXPECT_NEAR(kept, 1 - o.p, 0.05);  // the mask really drops
+    h_ref = rows_dropped(o, xo_ref, keep);
+    keep64 = keep.to(o.x.device()).to(at::kDouble) * (1 / (1 - o.p));
+    if (h.defined()) {
+      EXPECT_EQ(h.sizes(), h_ref.sizes());
+      EXPECT_TRUE(h.equal(h_ref));
+    }
+  }
+  const at::Tensor s_ref = h_ref.to(at::kDouble).mm(o.a.to(at::kDouble).t()) * o.scale;
   ASSERT_TRUE(o.s.isfinite().all().item<bool>());
   EXPECT_LE(test::max_rel_error(o.s, s_ref), o.a.scalar_type() == at::kHalf ? 2e-3 : 1e-2);
-  const at::Tensor dx_ref = o.base.to(at::kDouble) + o.ds.to(at::kDouble).mm(o.a.to(at::kDouble)) * o.scale;
+  const at::Tensor dx_ref =
+      o.base.to(at::kDouble) + o.ds.to(at::kDouble).mm(o.a.to(at::kDouble)) * o.scale * keep64;
   ASSERT_EQ(dx.scalar_type(), at::kFloat);
   ASSERT_EQ(dx.sizes(), o.base.sizes());
   ASSERT_TRUE(dx.isfinite().all().item<bool>());
@@ -265,9 +363,9 @@ void expect_rows_outputs(const RowsOperands& o, const at::Tensor& dx) {
 }
 
 // The kernels' lanes run one after another on the host, the warp's sum in lane order, with one or
-// two rows per warp.
-template <typename T, int Rank, int Rows>
-void rows_on_host(const RowsOperands& o, at::Tensor& dx) {
+// two rows per warp; with dropout, the backward kernel's dropped copy into h.
+template <typename T, int Rank, int Rows, bool Drop>
+void rows_on_host(const RowsOperands& o, at::Tensor& dx, at::Tensor& h) {
   using namespace kernels::detail;
   const int64_t rows = o.x.size(0), in = o.x.size(1);
   const float* x = o.x.data_ptr<float>();
@@ -284,44 +382,61 @@ void rows_on_host(const RowsOperands& o, at::Tensor& dx) {
     float total[Rows][Rank] = {};
     for (int lane = 0; lane < kLoraLanes; ++lane) {
       float acc[Rows][Rank];
-      lora_down_lane<T, Rank, Rows>(x + row * o.x.stride(0), o.x.stride(0), xo + row * o.xo.stride(0), o.xo.stride(0), a, in,
-                              n, lane, acc);
+      lora_down_lane<T, Rank, Rows, Drop>(x + row * o.x.stride(0), o.x.stride(0), xo + row * o.xo.stride(0),
+                                          o.xo.stride(0), a, in, n, lane, acc, o.draws, row);
       for (int i = 0; i < Rows; ++i) {
         for (int j = 0; j < Rank; ++j) total[i][j] += acc[i][j];
       }
     }
     for (int lane = 0; lane < kLoraLanes; ++lane) {
       lora_down_store<T, Rank, Rows>(total, scale, s + row * o.s.stride(0), o.s.stride(0), n, lane);
-      lora_up_lane<T, Rank, Rows>(base + row * o.base.stride(0), o.base.stride(0), ds + row * o.ds.stride(0), o.ds.stride(0),
-                            a, in, scale, d + row * in, in, n, lane);
+      lora_up_lane<T, Rank, Rows, Drop>(base + row * o.base.stride(0), o.base.stride(0), ds + row * o.ds.stride(0),
+                                        o.ds.stride(0), a, in, scale, d + row * in, in, n, lane, o.draws, row);
     }
+  }
+  if (!Drop) return;
+  h = at::full({rows, in}, std::numeric_limits<double>::quiet_NaN(), o.xo.options());
+  T* hp = reinterpret_cast<T*>(h.data_ptr());
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t c = 0; c < in; c += 8) lora_dropout8<T>(xo + row * o.xo.stride(0) + c, hp + row * in + c, o.draws, row, in, c);
   }
 }
 
-template <typename T, int Rows>
-void rows_on_host(const RowsOperands& o, at::Tensor& dx) {
+template <typename T, int Rows, bool Drop>
+void rows_on_host(const RowsOperands& o, at::Tensor& dx, at::Tensor& h) {
   switch (o.a.size(0)) {
-    case 4: return rows_on_host<T, 4, Rows>(o, dx);
-    case 8: return rows_on_host<T, 8, Rows>(o, dx);
-    case 16: return rows_on_host<T, 16, Rows>(o, dx);
-    case 32: return rows_on_host<T, 32, Rows>(o, dx);
+    case 4: return rows_on_host<T, 4, Rows, Drop>(o, dx, h);
+    case 8: return rows_on_host<T, 8, Rows, Drop>(o, dx, h);
+    case 16: return rows_on_host<T, 16, Rows, Drop>(o, dx, h);
+    case 32: return rows_on_host<T, 32, Rows, Drop>(o, dx, h);
     default: FAIL() << "rank " << o.a.size(0);
   }
 }
 
+template <typename T, bool Drop>
+void rows_on_host(const RowsOperands& o, int rows_per_warp, at::Tensor& dx, at::Tensor& h) {
+  rows_per_warp == 1 ? rows_on_host<T, 1, Drop>(o, dx, h) : rows_on_host<T, 2, Drop>(o, dx, h);
+}
+
 TEST(LoraRowsKernel, LanesOnTheHostMatchTheFloat64Reference) {
   at::manual_seed(7);
-  for (const RowsCase& c : rows_cases({{1, 8}, {1, 264}, {1, 520}, {5, 8}, {5, 264}, {5, 520}})) {
-    for (const int rows_per_warp : {1, 2}) {
-      const RowsOperands o = rows_operands(c, at::kCPU);
-      at::Tensor dx;
-      if (c.dtype == at::kBFloat16) {
-        rows_per_warp == 1 ? rows_on_host<c10::BFloat16, 1>(o, dx) : rows_on_host<c10::BFloat16, 2>(o, dx);
-      } else {
-        rows_per_warp == 1 ? rows_on_host<c10::Half, 1>(o, dx) : rows_on_host<c10::Half, 2>(o, dx);
+  for (const double p : {0.0, 0.1}) {
+    // 40 × 264: enough elements to see the dropout mask's share.
+    for (const RowsCase& c : rows_cases({{1, 8}, {1, 264}, {1, 520}, {5, 8}, {5, 264}, {5, 520}, {40, 264}})) {
+      for (const int rows_per_warp : {1, 2}) {
+        const RowsOperands o = rows_operands(c, at::kCPU, p);
+        at::Tensor dx, h;
+        if (c.dtype == at::kBFloat16) {
+          p > 0 ? rows_on_host<c10::BFloat16, true>(o, rows_per_warp, dx, h)
+                : rows_on_host<c10::BFloat16, false>(o, rows_per_warp, dx, h);
+        } else {
+          p > 0 ? rows_on_host<c10::Half, true>(o, rows_per_warp, dx, h)
+                : rows_on_host<c10::Half, false>(o, rows_per_warp, dx, h);
+        }
+        SCOPED_TRACE(std::to_string(rows_per_warp) + " rows per warp");
+        expect_rows_outputs(o, dx, h);
+        if (p > 0) ASSERT_TRUE(h.defined());
       }
-      SCOPED_TRACE(std::to_string(rows_per_warp) + " rows per warp");
-      expect_rows_outputs(o, dx);
     }
   }
 }
@@ -329,15 +444,87 @@ TEST(LoraRowsKernel, LanesOnTheHostMatchTheFloat64Reference) {
 TEST(LoraRowsKernel, MatchesTheFloat64ReferenceOnRaggedShapes) {
   FT_REQUIRE_CUDA();
   at::manual_seed(8);
-  // 8193 rows: two rows per warp (the kernels take one below 8192).
-  for (const RowsCase& c : rows_cases({{1, 8}, {1, 4096}, {17, 264}, {4099, 8}, {4099, 4096}, {8193, 264}})) {
-    const RowsOperands o = rows_operands(c, at::kCUDA);
-    ASSERT_TRUE(kernels::lora_cast_down_fits(o.x, o.a, o.xo, o.s)) << o.what;
-    ASSERT_TRUE(kernels::lora_up_add_fits(o.base, o.ds, o.a)) << o.what;
-    kernels::lora_cast_down(o.x, o.a, o.scale, o.xo, o.s);
-    const at::Tensor dx = kernels::lora_up_add(o.base, o.ds, o.a, o.scale);
-    expect_rows_outputs(o, dx);
+  for (const double p : {0.0, 0.1}) {
+    // 8193 rows: two rows per warp (the kernels take one below 8192).
+    for (const RowsCase& c : rows_cases({{1, 8}, {1, 4096}, {17, 264}, {4099, 8}, {4099, 4096}, {8193, 264}})) {
+      RowsOperands o = rows_operands(c, at::kCUDA, p);
+      ASSERT_TRUE(kernels::lora_cast_down_fits(o.x, o.a, o.xo, o.s)) << o.what;
+      ASSERT_TRUE(kernels::lora_up_add_fits(o.base, o.ds, o.a)) << o.what;
+      const at::Tensor drawn = kernels::lora_cast_down(o.x, o.a, o.scale, o.xo, o.s, p);
+      at::Tensor h;
+      if (p > 0) {
+        // The kernel's (seed, offset) from the default CUDA generator, recorded for the backward pass.
+        ASSERT_TRUE(drawn.defined());
+        const at::Tensor pair = drawn.cpu();
+        o.draws.seed = static_cast<uint64_t>(pair[0].item<int64_t>());
+        o.draws.offset = static_cast<uint64_t>(pair[1].item<int64_t>());
+        h = kernels::lora_dropout_rows(o.xo, p, drawn);
+      } else {
+        EXPECT_FALSE(drawn.defined());
+      }
+      const at::Tensor dx = kernels::lora_up_add(o.base, o.ds, o.a, o.scale, p, drawn);
+      expect_rows_outputs(o, dx, h);
+    }
   }
+}
+
+// The draws come from the default CUDA generator: manual_seed reproduces them, and each call
+// takes fresh ones.
+TEST(LoraRowsKernel, DropoutDrawsFollowTheCudaGenerator) {
+  FT_REQUIRE_CUDA();
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  const at::Tensor x = at::randn({64, 256}, cuda), a = at::randn({8, 256}, cuda.dtype(at::kBFloat16));
+  auto run = [&] {
+    const at::Tensor xo = at::empty({64, 256}, cuda.dtype(at::kBFloat16)), s = at::empty({64, 8}, cuda.dtype(at::kBFloat16));
+    const at::Tensor drawn = kernels::lora_cast_down(x, a, 1.0, xo, s, 0.5);
+    return std::pair{drawn.cpu(), s.cpu()};
+  };
+  at::manual_seed(99);
+  const auto [d1, s1] = run();
+  const auto [d2, s2] = run();
+  at::manual_seed(99);
+  const auto [d3, s3] = run();
+  EXPECT_EQ(d1[0].item<int64_t>(), 99);
+  EXPECT_TRUE(d1.equal(d3));
+  EXPECT_TRUE(s1.equal(s3));
+  EXPECT_FALSE(d1.equal(d2));
+  EXPECT_FALSE(s1.equal(s2));
+}
+
+// Under CUDA graph capture the kernel reads the generator's (seed, offset) on the device: each
+// replay draws a fresh mask, records the pair it used, and its s matches that pair's mask.
+TEST(LoraRowsKernel, EachGraphReplayDrawsAFreshMask) {
+  FT_REQUIRE_CUDA();
+  at::manual_seed(5);
+  RowsOperands o = rows_operands({40, 264, 8, false, at::kBFloat16}, at::kCUDA, 0.25);
+  const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
+  at::cuda::CUDAGraph graph;
+  at::Tensor drawn;
+  {
+    c10::cuda::CUDAStreamGuard guard(side);
+    kernels::lora_cast_down(o.x, o.a, o.scale, o.xo, o.s, o.p);  // warm-up, outside the graph
+    graph.capture_begin();
+    drawn = kernels::lora_cast_down(o.x, o.a, o.scale, o.xo, o.s, o.p);
+    graph.capture_end();
+  }
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  std::vector<at::Tensor> outputs;
+  for (int replay = 0; replay < 2; ++replay) {
+    o.s.fill_(std::numeric_limits<double>::quiet_NaN());
+    graph.replay();
+    at::cuda::device_synchronize();
+    const at::Tensor pair = drawn.cpu();
+    pairs.emplace_back(pair[0].item<int64_t>(), pair[1].item<int64_t>());
+    o.draws.seed = static_cast<uint64_t>(pairs.back().first);
+    o.draws.offset = static_cast<uint64_t>(pairs.back().second);
+    outputs.push_back(o.s.clone());
+    SCOPED_TRACE("replay " + std::to_string(replay));
+    const at::Tensor dx = kernels::lora_up_add(o.base, o.ds, o.a, o.scale, o.p, drawn);
+    expect_rows_outputs(o, dx, kernels::lora_dropout_rows(o.xo, o.p, drawn));
+  }
+  EXPECT_EQ(pairs[0].first, 5);
+  EXPECT_NE(pairs[0].second, pairs[1].second);
+  EXPECT_FALSE(outputs[0].equal(outputs[1]));
 }
 
 TEST(LoraRowsKernel, DeclinesOperandsItCannotTake) {
@@ -355,6 +542,12 @@ TEST(LoraRowsKernel, DeclinesOperandsItCannotTake) {
   EXPECT_FALSE(kernels::lora_up_add_fits(xo, s, a.to(at::kHalf)));
   EXPECT_FALSE(kernels::lora_up_add_fits(at::empty({6, 72}, cuda.dtype(at::kBFloat16)).narrow(1, 4, 64), s, a));
   EXPECT_THROW(kernels::lora_up_add(xo, s, a.to(at::kHalf), 1.0), c10::Error);
+  // Dropout's backward kernels need the forward's draws, and a probability in (0, 1).
+  EXPECT_THROW(kernels::lora_up_add(xo, s, a, 1.0, 0.1), c10::Error);
+  EXPECT_THROW(kernels::lora_cast_down(x, a, 1.0, xo, s, 1.0), c10::Error);
+  const at::Tensor drawn = kernels::lora_cast_down(x, a, 1.0, xo, s, 0.1);
+  EXPECT_THROW(kernels::lora_dropout_rows(xo, 0.0, drawn), c10::Error);
+  EXPECT_THROW(kernels::lora_dropout_rows(xo, 0.1, drawn.to(at::kInt)), c10::Error);
 }
 #endif
 

@@ -23,6 +23,10 @@
 #include "ft/util/error.h"
 #include "test_util.h"
 
+#ifdef LIBFT_WITH_CUDA_KERNELS
+#include "ft/kernels/philox.h"
+#endif
+
 using namespace ft;
 namespace fs = std::filesystem;
 
@@ -81,8 +85,9 @@ void poison_cuda_allocator() {
 // and its gradients dx = dy W + ((dy B)s A) ⊙ m, dA = ((dy B)s)ᵀ (x ⊙ m), dB = s dyᵀ ((x ⊙ m) Aᵀ),
 // evaluated on the bf16-rounded operands the products see. Widths that are not multiples of any
 // tile (160 → 1000 → 160), the token counts `tokens`, r ∈ {4, 8, 16, 64}, dropout 0 and 0.1 (the
-// reference redraws the mask from the same generator state: at::native_dropout's on CUDA,
-// lora_dropout_noise on the CPU), and four bases: float32 weights under bf16 autocast, the frozen
+// reference redraws the mask from the same generator state: at::native_dropout's on CUDA, the
+// row kernels' Philox draws (ft/kernels/philox.h) where they run, lora_dropout_noise on the CPU),
+// and four bases: float32 weights under bf16 autocast, the frozen
 // weights stored in bf16 (as the trainer stores them), the same through the extended GEMM
 // (set_lora_extended_gemm: y = [x | s S] [W | B]ᵀ), NF4, and a model that is bf16 throughout (no
 // autocast); DoRA without dropout on each base too (y = c ⊙ Z, and the magnitudes' gradient).
@@ -144,10 +149,10 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
         adapt::set_lora_fused(m, true);
         adapt::set_lora_extended_gemm(m, extended);
         adapt::set_lora_row_kernels(m, row_kernels);
-        // The row kernels run where they take the operands: no dropout, r ≤ 32, and rows of
-        // [x | s S] that stay 16-byte aligned (widths 160 and 1000 plus r a multiple of 8; DoRA
-        // keeps the split layout).
-        const bool kernels_expected = row_kernels && p == 0 && r <= 32 && (!extended || dora || r % 8 == 0);
+        // The row kernels run where they take the operands: r ≤ 32, and rows of [x | s S] that
+        // stay 16-byte aligned (widths 160 and 1000 plus r a multiple of 8; DoRA keeps the split
+        // layout), with dropout too (DoRA has none on the fused path).
+        const bool kernels_expected = row_kernels && r <= 32 && (!extended || dora || r % 8 == 0);
         m->train();
         auto params = m->named_parameters();
         auto modules = m->named_modules();
@@ -186,11 +191,23 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
             EXPECT_TRUE(ops.seen("aten::mm") || ops.seen("aten::addmm"));  // the recorder works
             EXPECT_EQ(ops.seen("ft::lora_cast_down"), kernels_expected);
             EXPECT_EQ(ops.seen("ft::lora_up_add"), kernels_expected);
+            EXPECT_EQ(ops.seen("ft::lora_dropout_rows"), kernels_expected && p > 0);
+            EXPECT_EQ(ops.seen("aten::native_dropout"), device.is_cuda() && p > 0 && !kernels_expected);
 
             // The float64 reference on the operands as the products see them.
             auto r64 = [](const at::Tensor& t) { return t.detach().to(at::kBFloat16).to(at::kDouble); };
             at::Tensor keep = at::ones({T, lin->in_features}, x.options().dtype(at::kDouble));
-            if (p > 0) {
+            if (p > 0 && kernels_expected) {
+#ifdef LIBFT_WITH_CUDA_KERNELS
+              // The kernel's first draw after manual_seed: (seed, offset 0).
+              const kernels::detail::DropoutDraws d{static_cast<uint64_t>(1000 + seed), 0,
+                                                     kernels::detail::dropout_threshold(p), 1.0f};
+              at::Tensor k = at::empty({T, lin->in_features}, at::kDouble);
+              double* kp = k.data_ptr<double>();
+              for (int64_t e = 0; e < k.numel(); ++e) kp[e] = kernels::detail::dropout_keeps(d, e) ? 1.0 / (1.0 - p) : 0.0;
+              keep = k.to(device);
+#endif
+            } else if (p > 0) {
               at::manual_seed(1000 + seed);
               const at::Tensor xb = x.detach().to(at::kBFloat16);
               keep = device.is_cuda() ? std::get<1>(at::native_dropout(xb, p, true)).to(at::kDouble) / (1.0 - p)

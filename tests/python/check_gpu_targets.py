@@ -43,6 +43,8 @@ data = {"benchmarks": [
     bench("BM_CrossEntropyCuda/0/8192/128256", 9000.0),
     bench("BM_CrossEntropyCuda/1/8192/128256", 3000.0),  # 3x
     bench("BM_RopeCuda/1/4", 100.0),  # no unfused row: no speed-up
+    bench("BM_LoraLinearDropout/1/2/0/16/2048/0", 300.0),  # dropout 0.1, ATen's kernel
+    bench("BM_LoraLinearDropout/1/5/0/16/2048/0", 250.0),  # inside the row kernels: 1.2x
     dict(name="BM_DeviceCopy_mean", run_type="aggregate", real_time=1.0, time_unit="us"),
     dict(name="BM_LoraLinear/1/0/1/16/2048/real_time", error_occurred=True, error_message="no CUDA device"),
 ]}
@@ -94,6 +96,8 @@ expect_speedups = {
     "LoRA layer, extended GEMM + row kernels against the split fused path (o_proj 4096->4096, T 2048)": 215.0 / 206.0,
     "fused cross-entropy (kernels.loss) against ATen's (8192/128256)": 3.0,
     "1.24B LoRA step, row kernels against the fused default (batch 1)": 27000.0 / 25000.0,
+    "LoRA layer with dropout 0.1, in the row kernels against ATen's dropout (split, o_proj 4096->4096, T 2048)": 1.2,
+    "LoRA layer mode 2, without dropout against with dropout 0.1 (o_proj 4096->4096, T 2048)": 300.0 / 215.0,
 }
 assert set(speedups) == set(expect_speedups), sorted(speedups)
 for text, value in expect_speedups.items():

@@ -92,46 +92,65 @@ at::Tensor low_rank_input_grad(const at::Tensor& ds, const at::Tensor& ac, const
 
 // The row kernels (set_lora_row_kernels) where they take the operands (CUDA, float32 x under
 // bf16/fp16 autocast, r ≤ 32, aligned widths), else false / undefined and the caller takes the ATen
-// path. row_cast_down: x2 = x in the compute dtype and s_low = s x Aᵀ in one pass, allocating x2
-// (T, in) and s_low (T, r) unless they are given (the extended GEMM's views).
+// path. row_cast_down: x2 = x in the compute dtype and s_low = s drop(x) Aᵀ in one pass, allocating
+// x2 (T, in) and s_low (T, r) unless they are given (the extended GEMM's views). With dropout p > 0
+// the kernel draws the mask itself and `drawn` receives its (seed, offset), from which the backward
+// kernels redraw it: neither the dropped copy of x nor the mask is kept between the passes.
 bool row_cast_down(const at::Tensor& x_in, const at::Tensor& ac, double scale, at::ScalarType ct, at::Tensor& x2,
-                   at::Tensor& s_low) {
+                   at::Tensor& s_low, double p, at::Tensor& drawn) {
 #ifdef LIBFT_WITH_CUDA_KERNELS
   if (!x_in.is_cuda() || x_in.scalar_type() != at::kFloat || ct == at::kFloat) return false;
   const at::Tensor xo = x2.defined() ? x2 : at::empty(x_in.sizes(), x_in.options().dtype(ct));
   const at::Tensor so = s_low.defined() ? s_low : at::empty({x_in.size(0), ac.size(0)}, x_in.options().dtype(ct));
   if (!kernels::lora_cast_down_fits(x_in, ac, xo, so)) return false;
   RECORD_FUNCTION("ft::lora_cast_down", std::vector<c10::IValue>());  // named in profiles
-  kernels::lora_cast_down(x_in, ac, scale, xo, so);
+  drawn = kernels::lora_cast_down(x_in, ac, scale, xo, so, p);
   x2 = xo;
   s_low = so;
   return true;
 #else
-  (void)x_in, (void)ac, (void)scale, (void)ct, (void)x2, (void)s_low;
+  (void)x_in, (void)ac, (void)scale, (void)ct, (void)x2, (void)s_low, (void)p, (void)drawn;
   return false;
 #endif
 }
 
-// row_up_add: float32(base) + scale · ds A, (T, in), written once.
-at::Tensor row_up_add(const at::Tensor& base, const at::Tensor& ds, const at::Tensor& ac, double scale) {
+// row_up_add: float32(base) + scale · drop'(ds A), (T, in), written once (drawn: row_cast_down's
+// dropout draws, undefined without dropout). Undefined where the kernel declines the operands, which
+// with dropout cannot happen: the backward pass's operands have the layout the forward pass's had.
+at::Tensor row_up_add(const at::Tensor& base, const at::Tensor& ds, const at::Tensor& ac, double scale,
+                      const at::Tensor& drawn = {}, double p = 0.0) {
 #ifdef LIBFT_WITH_CUDA_KERNELS
-  if (kernels::lora_up_add_fits(base, ds, ac)) {
+  if (drawn.defined() || kernels::lora_up_add_fits(base, ds, ac)) {
     RECORD_FUNCTION("ft::lora_up_add", std::vector<c10::IValue>());
-    return kernels::lora_up_add(base, ds, ac, scale);
+    return kernels::lora_up_add(base, ds, ac, scale, drawn.defined() ? p : 0.0, drawn);
   }
 #else
-  (void)base, (void)ds, (void)ac, (void)scale;
+  (void)base, (void)ds, (void)ac, (void)scale, (void)drawn, (void)p;
 #endif
   return {};
 }
 
-// dZ W + drop'(dS A), (T, in), in base_plus_low_rank's order. With `row_kernels` (no dropout,
-// CUDA): float32(dZ W) + dS A through row_up_add, the sum written once.
+// The dropped copy of x2 that row_cast_down's s S read, for dA = dSᵀ h (x2 itself without dropout).
+at::Tensor dropped_input(const at::Tensor& x2, const at::Tensor& drawn, double p) {
+#ifdef LIBFT_WITH_CUDA_KERNELS
+  if (drawn.defined()) {
+    RECORD_FUNCTION("ft::lora_dropout_rows", std::vector<c10::IValue>());
+    return kernels::lora_dropout_rows(x2, p, drawn);
+  }
+#else
+  (void)drawn, (void)p;
+#endif
+  return x2;
+}
+
+// dZ W + drop'(dS A), (T, in), in base_plus_low_rank's order. With `row_kernels` (CUDA):
+// float32(dZ W) + drop'(dS A) through row_up_add, the sum written once; `drawn`: the row kernels'
+// dropout draws (then the mask in `keep` is not used).
 at::Tensor input_grad(const at::Tensor& dz, const at::Tensor& w, const at::Tensor& ds, const at::Tensor& ac,
-                      const at::Tensor& keep, double p, bool row_kernels = false) {
-  if (row_kernels && p == 0 && dz.is_cuda()) {
+                      const at::Tensor& keep, double p, bool row_kernels = false, const at::Tensor& drawn = {}) {
+  if (row_kernels && (p == 0 || drawn.defined()) && dz.is_cuda()) {
     at::Tensor base = at::mm(dz, w);
-    at::Tensor dx = row_up_add(base, ds, ac, 1.0);
+    at::Tensor dx = row_up_add(base, ds, ac, 1.0, drawn, p);
     return dx.defined() ? dx : base.addmm_(ds, ac);
   }
   if (model::onednn_linear_fits(dz, w.t(), {})) {
@@ -183,8 +202,9 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
       x2 = xs.narrow(1, 0, in);
       s_low = xs.narrow(1, in, r);
     }
-    // The row kernel (set_lora_row_kernels): the cast and s S in one pass over x.
-    const bool lowered = row_kernels && p == 0 && row_cast_down(x_in, ac, scale, ct, x2, s_low);
+    // The row kernel (set_lora_row_kernels): the cast and s S (dropout included) in one pass over x.
+    at::Tensor drawn;  // with dropout in the row kernel: its (seed, offset), to redraw the mask
+    const bool lowered = row_kernels && row_cast_down(x_in, ac, scale, ct, x2, s_low, p, drawn);
     if (!lowered) {
       if (xs.defined()) {
         x2.copy_(x_in);
@@ -192,8 +212,10 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
         x2 = x_in.to(ct);
       }
     }
-    at::Tensor h = x2, keep;  // keep: CPU: the scaled noise; CUDA: the mask
-    if (p > 0) {
+    at::Tensor h = x2, keep;  // keep: CPU: the scaled noise; CUDA: the mask; row kernels: `drawn`
+    if (lowered) {
+      keep = drawn;  // h stays x2: the backward pass redraws drop(x2) where it needs it (dA)
+    } else if (p > 0) {
       if (x2.is_cuda()) {  // at::dropout's fused path on CUDA
         auto [dropped, mask] = at::native_dropout(x2, p, /*train=*/true);
         h = dropped;
@@ -212,8 +234,9 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
       bc = w_ext.narrow(1, in, r);
       bc.copy_(b);
       y = bias.defined() ? at::addmm(bias, xs, w_ext.t()) : at::mm(xs, w_ext.t());
-      // With dropout the backward pass needs h, not x: s S alone is kept, so that xs is freed here.
-      if (p > 0) s_low = s_low.clone();
+      // With dropout the backward pass needs h, not x: s S alone is kept, so that xs is freed here
+      // (the row kernels keep x2, a view of xs, and redraw h from it).
+      if (p > 0 && !lowered) s_low = s_low.clone();
     } else {
       if (!lowered) s_low = scaled_mm(h, ac.t(), scale);
       bc = b.to(ct);
@@ -241,8 +264,11 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     auto* layer = reinterpret_cast<model::LinearImpl*>(ctx->saved_data["layer"].toInt());
     const double scale = ctx->saved_data["scale"].toDouble();
     const double p = ctx->saved_data["p"].toDouble();
+    // The row kernels' dropout draws (keep's slot holds their (seed, offset) instead of a mask): h is
+    // x2 then, and the dropped copy is made for dA alone.
+    const at::Tensor drawn = keep.defined() && keep.scalar_type() == at::kLong ? keep : at::Tensor();
     // The row kernel adds the low-rank term while converting dx to float32 (x's dtype under autocast).
-    const bool row_kernels = ctx->saved_data["row_kernels"].toBool() && p == 0 &&
+    const bool row_kernels = ctx->saved_data["row_kernels"].toBool() && (p == 0 || drawn.defined()) &&
                              ctx->saved_data["x_dtype"].toScalarType() == at::kFloat;
     const auto ct = ac.scalar_type();
     const auto adt = ctx->saved_data["adapter_dtype"].toScalarType();
@@ -254,17 +280,19 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
       // dA = s (dY B)ᵀ h, and the low-rank term is added onto dY W (GEMM alphas carry s).
       at::Tensor dxs = at::mm(dy, w_ext);
       const at::Tensor dyb = dxs.narrow(1, in, r);
-      da = mm_as(dyb.t(), h, adt, scale);
+      da = mm_as(dyb.t(), dropped_input(h, drawn, p), adt, scale);
       at::Tensor base = dxs.narrow(1, 0, in);
-      if (row_kernels) dx = row_up_add(base, dyb, ac, scale);  // float32(dY W) + s (dY B) A, written once
+      // float32(dY W) + drop'(s (dY B) A), written once
+      if (row_kernels) dx = row_up_add(base, dyb, ac, scale, drawn, p);
       if (!dx.defined() && p == 0) dx = base.addmm_(dyb, ac, /*beta=*/1.0, /*alpha=*/scale);
       if (!dx.defined()) dx = base.add_(low_rank_input_grad(dyb, ac, keep, p, scale));
       dx = as_input_grad(ctx, dx);
     } else {
       const at::Tensor ds = scaled_mm(dy, bc, scale);  // s dY B, (T, r)
-      da = mm_as(ds.t(), h, adt);                      // (r, in)
+      da = mm_as(ds.t(), dropped_input(h, drawn, p), adt);  // (r, in)
       if (ctx->needs_input_grad(0)) {
-        dx = as_input_grad(ctx, input_grad(dy, layer->dense_weight(ct), ds, ac, keep, p, row_kernels));  // dY W + drop'(dS A)
+        // dY W + drop'(dS A)
+        dx = as_input_grad(ctx, input_grad(dy, layer->dense_weight(ct), ds, ac, keep, p, row_kernels, drawn));
       }
     }
     return {dx, da, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
@@ -285,8 +313,9 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
     const at::Tensor x_in = x.reshape({-1, in});
     const at::Tensor ac = a.to(ct), bc = b.to(ct);
     at::Tensor x2, s_low;  // x in the compute dtype; s x Aᵀ
-    // The row kernel (set_lora_row_kernels): the cast and s x Aᵀ in one pass over x.
-    if (!(row_kernels && row_cast_down(x_in, ac, scale, ct, x2, s_low))) {
+    // The row kernel (set_lora_row_kernels): the cast and s x Aᵀ in one pass over x (no dropout here).
+    at::Tensor no_draws;
+    if (!(row_kernels && row_cast_down(x_in, ac, scale, ct, x2, s_low, 0.0, no_draws))) {
       x2 = x_in.to(ct);
       s_low = scaled_mm(x2, ac.t(), scale);
     }

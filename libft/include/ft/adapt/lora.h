@@ -105,12 +105,16 @@ void set_lora_fused(model::CausalLM& model, bool fused);
 void set_lora_extended_gemm(model::CausalLM& model, bool on);
 /// The fused path's memory-bound passes with the rank-r products folded in (ft/kernels/lora_rows.h),
 /// off by default until the GPU benchmarks (BM_LoraLinear modes 5 and 6 beside 2 and 4) decide.
-/// Where x is float32 under bf16/fp16 autocast on CUDA, r ∈ {4, 8, 16, 32}, no dropout and the
-/// widths are multiples of 8: the forward cast of x and s S = s x Aᵀ take one pass over x (S from
-/// the cast values in registers, not a second read), and the backward pass writes
-/// dx = float32(dy W) + s (dy B) A once (no bf16 read-modify-write of dx before its conversion,
-/// and no bf16 rounding of the sum). With either GEMM layout (split or extended), and in DoRA's
-/// fused node; other calls keep the ATen path.
+/// Where x is float32 under bf16/fp16 autocast on CUDA, r ∈ {4, 8, 16, 32} and the widths are
+/// multiples of 8: the forward cast of x and s S = s drop(x) Aᵀ take one pass over x (S from the
+/// cast values in registers, not a second read), and the backward pass writes
+/// dx = float32(dy W) + s drop'((dy B) A) once (no bf16 read-modify-write of dx before its
+/// conversion, and no bf16 rounding of the sum). Dropout happens inside the kernels: the mask is
+/// drawn there from Philox counters (ft/kernels/philox.h) and redrawn in the backward pass, so
+/// neither a dropped copy of x nor a mask is written in the forward pass or kept for the backward
+/// one (the dropped copy that dA = dSᵀ drop(x) reads is made in the backward pass and freed after
+/// it), and the saved activations are those of a layer without dropout. With either GEMM layout
+/// (split or extended), and in DoRA's fused node (without dropout); other calls keep the ATen path.
 void set_lora_row_kernels(model::CausalLM& model, bool on);
 /// The fused path's dropout noise on the CPU: a tensor shaped and typed like `x` holding 0 with
 /// probability p and 1/(1 − p) otherwise. Counter-based: element i is decided by 32 bits of
