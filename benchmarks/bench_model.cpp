@@ -510,7 +510,14 @@ const char* const kLoraOps[] = {"x W^T (base forward)", "dy W (base input grad)"
                                 "[dy W | dy B] = dy [W|B] (extended, N = in + r)",
                                 "dx += s (dy B) A, dx strided in [dx|dyB] (beta 1)",
                                 "row kernel: x f32 -> [x|sS] bf16 with S = x A^T (one pass)",
-                                "row kernel: dx f32 = [dy W|dy B] bf16 -> dyW + s (dy B) A (one pass)"};
+                                "row kernel: dx f32 = [dy W|dy B] bf16 -> dyW + s (dy B) A (one pass)",
+                                "dB = dy^T S, float32 out (the fused path's GEMM)",
+                                "dB = dy^T S, split-K 4 (lora.grad_splits)", "dB = dy^T S, split-K 8",
+                                "dA = dS^T x, float32 out (the fused path's GEMM)",
+                                "dA = dS^T x, split-K 4 (lora.grad_splits)", "dA = dS^T x, split-K 8",
+                                "row kernel, dropout 0.1: x f32 -> [x|sS] with S = drop(x) A^T",
+                                "row kernel, dropout 0.1: dx f32 = dyW + drop'(s (dy B) A)",
+                                "row kernel, dropout 0.1: drop(x) again for dA"};
 void BM_LoraOp(benchmark::State& state) {
   if (!at::hasCUDA()) return state.SkipWithError("no CUDA device");
   const int op = static_cast<int>(state.range(0));
@@ -522,6 +529,10 @@ void BM_LoraOp(benchmark::State& state) {
   // The extended GEMM's operands (adapt::set_lora_extended_gemm): [x | s S] (T, in + r), [W | B] (out, in + r).
   const at::Tensor xs = at::randn({T, in + r}, bf), ws = at::randn({out, in + r}, bf) * 0.02;
   at::Tensor y = at::empty({T, out}, bf), dx = at::empty({T, in}, bf);
+  at::Tensor drawn;  // the row kernels' dropout draws (ops 28, 29)
+#ifdef LIBFT_WITH_CUDA_KERNELS
+  if (op >= 28) drawn = ft::kernels::lora_cast_down(x32, a, 2.0, xs.narrow(1, 0, in), xs.narrow(1, in, r), 0.1);
+#endif
   double flops = 0, bytes = 0;
   auto run = [&] {
     switch (op) {
@@ -563,7 +574,31 @@ void BM_LoraOp(benchmark::State& state) {
         (void)ft::kernels::lora_up_add(xs.narrow(1, 0, in), xs.narrow(1, in, r), a, 2.0);
         bytes = T * in * 6.0 + T * r * 2.0;
         break;
+      case 27:
+        (void)ft::kernels::lora_cast_down(x32, a, 2.0, xs.narrow(1, 0, in), xs.narrow(1, in, r), 0.1);
+        bytes = T * in * 6.0 + T * r * 2.0;
+        break;
+      case 28:
+        (void)ft::kernels::lora_up_add(xs.narrow(1, 0, in), xs.narrow(1, in, r), a, 2.0, 0.1, drawn);
+        bytes = T * in * 6.0 + T * r * 2.0;
+        break;
+      case 29:
+        (void)ft::kernels::lora_dropout_rows(xs.narrow(1, 0, in), 0.1, drawn);
+        bytes = T * in * 4.0;
+        break;
 #endif
+      // The adapter gradients as the fused backward pass computes them (adapt::adapter_grad_mm):
+      // one GEMM with a float32 result, or split-K over 4 or 8 token chunks.
+      case 21: case 22: case 23:
+        (void)adapt::adapter_grad_mm(dy.t(), s_low, at::kFloat, 1.0, op == 21 ? 1 : op == 22 ? 4 : 8);
+        flops = 2.0 * T * r * out;
+        bytes = 2.0 * T * (out + r);
+        break;
+      case 24: case 25: case 26:
+        (void)adapt::adapter_grad_mm(ds.t(), x, at::kFloat, 1.0, op == 24 ? 1 : op == 25 ? 4 : 8);
+        flops = 2.0 * T * r * in;
+        bytes = 2.0 * T * (in + r);
+        break;
     }
   };
   for (int i = 0; i < 3; ++i) run();
@@ -578,6 +613,8 @@ void BM_LoraOp(benchmark::State& state) {
   if (bytes > 0) state.counters["GB/s"] = benchmark::Counter(10 * bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 BENCHMARK(BM_LoraOp)->ArgsProduct({benchmark::CreateDenseRange(0, 20, 1), {0, 1}, {16}, {2048, 8192}})
+    ->Unit(benchmark::kMicrosecond)->UseRealTime()->MinTime(0.2);
+BENCHMARK(BM_LoraOp)->ArgsProduct({benchmark::CreateDenseRange(21, 29, 1), {0, 1}, {16}, {2048, 8192}})
     ->Unit(benchmark::kMicrosecond)->UseRealTime()->MinTime(0.2);
 
 #ifdef LIBFT_WITH_CUDA_KERNELS
@@ -738,7 +775,8 @@ model::CausalLM& lora_step_model() {
 // loss, backward), or train::GraphedPasses for a graph row, then train::optimizer_step (the
 // non-finite check, ATen's fused AdamW) on the adapters. Arguments: fused (0 unfused, 1 fused, 2 fused
 // with the extended GEMM where it applies: q, k, v, gate and up, whose input is RMSNorm's float32
-// output; 3 and 4: 1 and 2 with the row kernels, adapt::set_lora_row_kernels), batch, graph (1: cuda_graphs: true, the forward and backward pass captured once and
+// output; 3 and 4: 1 and 2 with the row kernels, adapt::set_lora_row_kernels; 5: 4 with the adapter
+// gradients split over 4 token chunks, adapt::set_lora_grad_splits), batch, graph (1: cuda_graphs: true, the forward and backward pass captured once and
 // replayed: no per-operation host cost), loss chunk (token rows through the output head at a time,
 // loss_chunk; 0: the whole (B·T, 128256) logits), fused model kernels (1: kernels.loss, .rope and
 // .swiglu). "peak_GiB": the caching allocator's peak during
@@ -753,8 +791,9 @@ void BM_LoraStepCuda(benchmark::State& state) {
   model::CausalLM& m = lora_step_model();
   const io::ModelConfig& c = m->config();
   adapt::set_lora_fused(m, state.range(0) >= 1);
-  adapt::set_lora_extended_gemm(m, state.range(0) == 2 || state.range(0) == 4);
+  adapt::set_lora_extended_gemm(m, state.range(0) == 2 || state.range(0) >= 4);
   adapt::set_lora_row_kernels(m, state.range(0) >= 3);
+  adapt::set_lora_grad_splits(m, state.range(0) == 5 ? 4 : 1);
   m->set_loss_chunk(state.range(3));
   m->set_fused_loss(state.range(4) == 1);
   m->set_fused_rope(state.range(4) == 1);
@@ -818,6 +857,7 @@ BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{0, 1, 2, 3, 4}, {1, 4}, {0}, {0}, {0}}
 BENCHMARK(BM_LoraStepCuda)->Args({1, 4, 0, 1024, 0})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{1, 2, 3, 4}, {1, 4}, {1}, {0}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{1, 4}, {4}, {0, 1}, {0}, {1}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_LoraStepCuda)->Args({5, 4, 0, 0, 1})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 #endif
 
 BENCHMARK(BM_LoraStep)->ArgsProduct({{0, 1}, {0, 5}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);

@@ -80,9 +80,10 @@ def targets(runs):
     if nf4 and copy:
         out.append(("NF4 dequantization / device copy bandwidth", nf4["GB/s"] / copy["GB/s"], 0.75, "min"))
     # BM_LoraStepCuda/<fused>/<batch>/<graph>/<loss chunk>/<fused loss and rope>: the speed-up at each batch size (eager),
-    # and the MFU of every fused row (2: with the extended GEMM, 3: row kernels, 4: both), all with
-    # the whole logits.
-    kinds = {1: "fused", 2: "fused, extended GEMM", 3: "fused, row kernels", 4: "fused, extended GEMM, row kernels"}
+    # and the MFU of every fused row (2: with the extended GEMM, 3: row kernels, 4: both, 5: and the
+    # adapter gradients split over token chunks), all with the whole logits.
+    kinds = {1: "fused", 2: "fused, extended GEMM", 3: "fused, row kernels", 4: "fused, extended GEMM, row kernels",
+             5: "fused, extended GEMM, row kernels, split adapter gradients"}
     for batch in (1, 4):
         for kind, what in kinds.items():
             unfused, fused = runs.get(f"BM_LoraStepCuda/0/{batch}/0/0/0"), runs.get(f"BM_LoraStepCuda/{kind}/{batch}/0/0/0")
@@ -132,6 +133,19 @@ def opt_ins(runs):
         plain = linear.get((mode, layer, tokens, 0))
         if plain:
             out.append((f"LoRA layer mode {mode}, without dropout against with dropout 0.1 ({where})", seconds(b) / plain))
+    # The adapter gradients split over token chunks (lora.grad_splits; BM_LoraOp 22, 23 and 25, 26)
+    # against the single GEMM the fused path issues by default (21 and 24).
+    for one, splits, what in [(21, ((22, 4), (23, 8)), "dB = dy^T S"), (24, ((25, 4), (26, 8)), "dA = dS^T x")]:
+        for name, b in sorted(runs.items()):
+            m = re.fullmatch(rf"BM_LoraOp/{one}/(\d)/16/(\d+)", name)
+            if not m:
+                continue
+            layer, tokens = map(int, m.groups())
+            for op, n in splits:
+                row = runs.get(f"BM_LoraOp/{op}/{layer}/16/{tokens}")
+                if row:
+                    out.append((f"{what} split over {n} token chunks (lora.grad_splits {n}) against one GEMM "
+                                f"({LAYERS[layer]}, T {tokens})", seconds(b) / seconds(row)))
     for bench, what in [("BM_CrossEntropyCuda", "fused cross-entropy (kernels.loss)"), ("BM_RopeCuda", "fused rotary embedding (kernels.rope)"),
                         ("BM_SwigluCuda", "fused SwiGLU (kernels.swiglu)")]:
         for name, b in sorted(runs.items()):
@@ -144,7 +158,7 @@ def opt_ins(runs):
             base = runs.get(f"BM_LoraStepCuda/1/{batch}/{graph}/0/0")
             how = f"batch {batch}" + (", CUDA graph" if graph else "")
             for kind, loss, what in [(3, 0, "row kernels"), (4, 0, "extended GEMM + row kernels"), (1, 1, "model kernels"),
-                                     (4, 1, "every opt-in")]:
+                                     (4, 1, "every opt-in"), (5, 1, "every opt-in, adapter gradients in 4 token chunks")]:
                 row = runs.get(f"BM_LoraStepCuda/{kind}/{batch}/{graph}/0/{loss}")
                 if base and row:
                     out.append((f"1.24B LoRA step, {what} against the fused default ({how})", row["tokens/s"] / base["tokens/s"]))

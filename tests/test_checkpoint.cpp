@@ -942,13 +942,17 @@ void lora_paths_train_alike(const std::string& device, const std::string& dtype,
   struct Path {
     const char* name;
     bool fused, extended, row_kernels;
+    int64_t grad_splits;
     const char* described;
   };
-  std::vector<Path> paths = {{"default", true, false, false, "(fused)"}, {"unfused", false, false, false, "(unfused)"}};
+  std::vector<Path> paths = {{"default", true, false, false, 1, "(fused)"},
+                             {"unfused", false, false, false, 1, "(unfused)"},
+                             {"grad_splits", true, false, false, 4, "(fused, adapter gradients in 4 token chunks)"}};
   if (device == "cuda") {
-    paths.push_back({"extended", true, true, false, "(fused, extended GEMM)"});
-    paths.push_back({"row_kernels", true, false, true, "(fused, row kernels)"});
-    paths.push_back({"both", true, true, true, "(fused, extended GEMM, row kernels)"});
+    paths.push_back({"extended", true, true, false, 1, "(fused, extended GEMM)"});
+    paths.push_back({"row_kernels", true, false, true, 1, "(fused, row kernels)"});
+    paths.push_back({"both", true, true, true, 1, "(fused, extended GEMM, row kernels)"});
+    paths.push_back({"all", true, true, true, 4, "(fused, extended GEMM, row kernels, adapter gradients in 4 token chunks)"});
   }
   const fs::path dir = scratch("train_lora_paths_" + device);
   config::RunConfig c = synthetic_run(dir);
@@ -963,6 +967,7 @@ void lora_paths_train_alike(const std::string& device, const std::string& dtype,
     pc.lora.fused = p.fused;
     pc.lora.extended_gemm = p.extended;
     pc.lora.row_kernels = p.row_kernels;
+    pc.lora.grad_splits = p.grad_splits;
     pc.output_dir = (dir / p.name).string();
     const fs::path log_path = dir / (std::string(p.name) + ".log");
     std::FILE* log = std::fopen(log_path.c_str(), "w");

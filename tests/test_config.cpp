@@ -309,9 +309,10 @@ TEST(RunConfig, LoraSection) {
   std::string y = kGood;
   y += "mode: lora\nlora:\n  r: 4\n  alpha: 8\n  dropout: 0.05\n  targets: [all-linear]\n  rslora: true\n"
        "  init: gaussian\n  rank_pattern: {down_proj: 2, \"mlp\\\\..*\": 3}\n  alpha_pattern: {o_proj: 1.5}\n"
-       "  extended_gemm: true\n  row_kernels: true\n";
+       "  extended_gemm: true\n  row_kernels: true\n  grad_splits: 4\n";
   const config::RunConfig c = config::parse_run_config(y, "run.yaml");
   EXPECT_EQ(c.lora.r, 4);
+  EXPECT_EQ(c.lora.grad_splits, 4);
   EXPECT_TRUE(c.lora.fused);  // the default
   EXPECT_TRUE(c.lora.extended_gemm);
   EXPECT_TRUE(c.lora.row_kernels);
@@ -326,13 +327,14 @@ TEST(RunConfig, LoraSection) {
   EXPECT_EQ(config::to_yaml(back), config::to_yaml(c));
 
   std::string bad = kGood;
-  bad += "mode: lora\nlora:\n  r: 0\n  dropout: 1.5\n  init: xavier\n  rank_pattern: [1, 2]\n  alphaa: 3\n";
+  bad += "mode: lora\nlora:\n  r: 0\n  dropout: 1.5\n  init: xavier\n  rank_pattern: [1, 2]\n  alphaa: 3\n  grad_splits: 0\n";
   const std::string e = error_of(bad);
   EXPECT_NE(e.find("'lora.r' must be > 0"), std::string::npos) << e;
   EXPECT_NE(e.find("'lora.dropout' must be in [0, 1)"), std::string::npos) << e;
   EXPECT_NE(e.find("'lora.init' must be one of kaiming, gaussian"), std::string::npos) << e;
   EXPECT_NE(e.find("'lora.rank_pattern' must map module patterns"), std::string::npos) << e;
   EXPECT_NE(e.find("did you mean 'alpha'?"), std::string::npos) << e;
+  EXPECT_NE(e.find("'lora.grad_splits' must be in [1, 64], got 0"), std::string::npos) << e;
   const std::string e2 = error_of(std::string(kGood) + "mode: lora\nlora:\n  fused: false\n  row_kernels: true\n");
   EXPECT_NE(e2.find("'lora.row_kernels' is a path of the fused layer; it needs 'lora.fused: true'"), std::string::npos) << e2;
   const config::RunConfig plain = config::parse_run_config(std::string(kGood) + "mode: lora\nlora:\n  fused: false\n", "run.yaml");

@@ -824,6 +824,71 @@ TEST(LoraCuda, FusedLayerMatchesFloat64Reference) {
   check_fused_lora_bf16(at::kCUDA, {1, 37, 2053});
 }
 
+// Split-K adapter gradients (set_lora_grad_splits): dA and dB from partial GEMMs over token chunks
+// equal one GEMM's, in float64 on the CPU (to 1e-12) and under bf16 autocast on CUDA (float32
+// partials, another summation order: to 1e-5), for LoRA with both GEMM layouts and DoRA; dx does
+// not change at all. A token count the splits do not divide takes one GEMM (no batched GEMM runs).
+void check_grad_splits(const at::Device device) {
+  const bool cuda = device.is_cuda();
+  for (const bool dora : {false, true}) {
+    for (const bool extended : {false, true}) {
+      if (dora && extended) continue;  // DoRA keeps the split layout
+      model::CausalLM m(test::tiny_config());
+      model::init_weights(m, 21);
+      adapt::LoraOptions o;
+      o.targets = {"q_proj", "down_proj"};
+      o.r = 8;
+      o.dora = dora;
+      adapt::apply_lora(m, o);
+      randomize_b(m, 3);
+      m->to(device);
+      if (!cuda) m->to(at::kDouble);
+      if (cuda) ASSERT_GT(adapt::store_frozen_linears(m, at::kBFloat16), 0);
+      adapt::set_lora_extended_gemm(m, extended);
+      m->train();
+      for (const int64_t tokens : {48, 46}) {
+        SCOPED_TRACE(std::string(dora ? "DoRA" : "LoRA") + (extended ? ", extended GEMM" : "") + ", " +
+                     std::to_string(tokens) + " tokens on " + device.str());
+        const at::Tensor ids = at::arange(tokens, at::TensorOptions().dtype(at::kLong)).remainder(97).mul(13).remainder(97)
+                                   .view({2, tokens / 2}).to(device);
+        auto grads = [&](int64_t splits, bool& batched) {
+          adapt::set_lora_grad_splits(m, splits);
+          m->zero_grad();
+          test::OpNames ops;
+          {
+            util::AutocastScope autocast(cuda, device.type());
+            m->forward(ids).to(at::kFloat).pow(2).mean().backward();
+          }
+          batched = ops.seen("aten::bmm");
+          std::map<std::string, at::Tensor> out;
+          for (const auto& item : m->named_parameters()) {
+            if (item.value().requires_grad()) out[item.key()] = item.value().grad().detach().clone();
+          }
+          return out;
+        };
+        bool batched_one = true, batched_split = false;
+        const auto one = grads(1, batched_one), split = grads(4, batched_split);
+        EXPECT_FALSE(batched_one);
+        EXPECT_EQ(batched_split, tokens % 4 == 0);
+        ASSERT_EQ(one.size(), split.size());
+        ASSERT_FALSE(one.empty());
+        for (const auto& [name, g] : one) {
+          ASSERT_TRUE(split.at(name).isfinite().all().item<bool>()) << name;
+          EXPECT_GT(g.abs().max().item<double>(), 0.0) << name;
+          EXPECT_LE(test::max_rel_error(split.at(name), g), cuda ? 1e-5 : 1e-12) << name;
+        }
+      }
+    }
+  }
+}
+
+TEST(LoraFused, GradSplitsGiveOneGemmsGradients) { check_grad_splits(at::kCPU); }
+
+TEST(LoraCuda, GradSplitsGiveOneGemmsGradients) {
+  FT_REQUIRE_CUDA();
+  check_grad_splits(at::kCUDA);
+}
+
 // One fused layer with dropout against the formula y = x Wᵀ + b + s·((x ⊙ noise) Aᵀ) Bᵀ differentiated
 // by autograd in float64, with the noise drawn again from the same generator state.
 TEST(LoraFused, DropoutFollowsItsFormula) {

@@ -45,6 +45,9 @@ data = {"benchmarks": [
     bench("BM_RopeCuda/1/4", 100.0),  # no unfused row: no speed-up
     bench("BM_LoraLinearDropout/1/2/0/16/2048/0", 300.0),  # dropout 0.1, ATen's kernel
     bench("BM_LoraLinearDropout/1/5/0/16/2048/0", 250.0),  # inside the row kernels: 1.2x
+    bench("BM_LoraOp/21/0/16/2048", 24.0),  # dB, one GEMM
+    bench("BM_LoraOp/22/0/16/2048", 12.0),  # dB split over 4 chunks: 2x
+    bench("BM_LoraOp/26/0/16/2048", 10.0),  # dA split over 8 chunks, but no single-GEMM dA row: no ratio
     dict(name="BM_DeviceCopy_mean", run_type="aggregate", real_time=1.0, time_unit="us"),
     dict(name="BM_LoraLinear/1/0/1/16/2048/real_time", error_occurred=True, error_message="no CUDA device"),
 ]}
@@ -98,6 +101,7 @@ expect_speedups = {
     "1.24B LoRA step, row kernels against the fused default (batch 1)": 27000.0 / 25000.0,
     "LoRA layer with dropout 0.1, in the row kernels against ATen's dropout (split, o_proj 4096->4096, T 2048)": 1.2,
     "LoRA layer mode 2, without dropout against with dropout 0.1 (o_proj 4096->4096, T 2048)": 300.0 / 215.0,
+    "dB = dy^T S split over 4 token chunks (lora.grad_splits 4) against one GEMM (o_proj 4096->4096, T 2048)": 2.0,
 }
 assert set(speedups) == set(expect_speedups), sorted(speedups)
 for text, value in expect_speedups.items():

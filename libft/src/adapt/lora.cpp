@@ -80,6 +80,32 @@ at::Tensor mm_as(const at::Tensor& a, const at::Tensor& b, at::ScalarType out, d
   return scaled_mm(a, b, scale).to(out);
 }
 
+// An adapter gradient, scale · a b in `out` (a: (M, K), b: (K, N), K = the tokens), with the
+// reduction over K split into `splits` equal chunks (set_lora_grad_splits): one batched GEMM gives
+// the chunks' partial products in float32 and a sum adds them in a fixed order (deterministic, no
+// atomics). dA and dB have few output tiles (r × in, out × r), so a single GEMM over a few thousand
+// tokens leaves most of an H100's SMs idle; the batch gives each chunk its own tiles. On CUDA the
+// half-precision operands go to the GEMM as they are (float32 accumulation and output); elsewhere
+// they are promoted to float32 first (the CPU has no mixed-dtype batched GEMM). Falls back to one
+// GEMM where K does not split evenly.
+at::Tensor grad_mm(const at::Tensor& a, const at::Tensor& b, at::ScalarType out, double scale, int64_t splits) {
+  const int64_t k = a.size(1);
+  if (splits <= 1 || k % splits != 0 || k < 2 * splits) return mm_as(a, b, out, scale);
+  const at::Tensor a3 = a.unflatten(1, {splits, k / splits}).permute({1, 0, 2});  // (splits, M, K / splits)
+  const at::Tensor b3 = b.unflatten(0, {splits, k / splits});                     // (splits, K / splits, N)
+  const bool half = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
+  at::Tensor parts;
+  if (a.is_cuda() && half) {
+    parts = at::bmm(a3, b3, at::kFloat);
+  } else {
+    const at::ScalarType acc = at::promote_types(a.scalar_type(), at::kFloat);
+    parts = at::bmm(a3.to(acc), b3.to(acc));
+  }
+  at::Tensor sum = parts.sum(0);
+  if (scale != 1.0) sum.mul_(scale);
+  return sum.to(out);
+}
+
 // drop'(scale · dS A), (T, in): the low-rank term of the input gradient, through dropout's backward
 // when p > 0 (keep: the CUDA path's bool mask, or the CPU path's scaled noise).
 at::Tensor low_rank_input_grad(const at::Tensor& ds, const at::Tensor& ac, const at::Tensor& keep, double p,
@@ -189,7 +215,7 @@ at::Tensor as_input_grad(torch::autograd::AutogradContext* ctx, const at::Tensor
 struct FusedLora : public torch::autograd::Function<FusedLora> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a,
                             const at::Tensor& b, const at::Tensor* w_ext_or_null, model::LinearImpl* layer,
-                            double scale, double p, bool row_kernels) {
+                            double scale, double p, bool row_kernels, int64_t grad_splits) {
     const at::Tensor w_ext = w_ext_or_null != nullptr ? *w_ext_or_null : at::Tensor();
     const at::ScalarType ct = util::compute_dtype(x);
     const int64_t in = x.size(-1), r = a.size(0);
@@ -250,6 +276,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     if (xs.defined()) ctx->saved_data["w_ext"] = w_ext;
     ctx->saved_data["p"] = p;
     ctx->saved_data["row_kernels"] = row_kernels;
+    ctx->saved_data["grad_splits"] = grad_splits;
     return finish_forward(ctx, x, y, layer, scale, a.scalar_type());
   }
 
@@ -272,15 +299,16 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
                              ctx->saved_data["x_dtype"].toScalarType() == at::kFloat;
     const auto ct = ac.scalar_type();
     const auto adt = ctx->saved_data["adapter_dtype"].toScalarType();
+    const int64_t splits = ctx->saved_data["grad_splits"].toInt();
     const at::Tensor dy = grads[0].reshape({-1, bc.size(0)}).to(ct);
-    const at::Tensor db = mm_as(dy.t(), s_low, adt);  // dYᵀ (s S), (out, r)
+    const at::Tensor db = grad_mm(dy.t(), s_low, adt, 1.0, splits);  // dYᵀ (s S), (out, r)
     at::Tensor dx, da;
     if (w_ext.defined() && ctx->needs_input_grad(0)) {
       // One GEMM over N = in + r reads dY once for both products: dY [W | B] = [dY W | dY B]. Then
       // dA = s (dY B)ᵀ h, and the low-rank term is added onto dY W (GEMM alphas carry s).
       at::Tensor dxs = at::mm(dy, w_ext);
       const at::Tensor dyb = dxs.narrow(1, in, r);
-      da = mm_as(dyb.t(), dropped_input(h, drawn, p), adt, scale);
+      da = grad_mm(dyb.t(), dropped_input(h, drawn, p), adt, scale, splits);
       at::Tensor base = dxs.narrow(1, 0, in);
       // float32(dY W) + drop'(s (dY B) A), written once
       if (row_kernels) dx = row_up_add(base, dyb, ac, scale, drawn, p);
@@ -289,13 +317,13 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
       dx = as_input_grad(ctx, dx);
     } else {
       const at::Tensor ds = scaled_mm(dy, bc, scale);  // s dY B, (T, r)
-      da = mm_as(ds.t(), dropped_input(h, drawn, p), adt);  // (r, in)
+      da = grad_mm(ds.t(), dropped_input(h, drawn, p), adt, 1.0, splits);  // (r, in)
       if (ctx->needs_input_grad(0)) {
         // dY W + drop'(dS A)
         dx = as_input_grad(ctx, input_grad(dy, layer->dense_weight(ct), ds, ac, keep, p, row_kernels, drawn));
       }
     }
-    return {dx, da, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, da, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -307,7 +335,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
 struct FusedDora : public torch::autograd::Function<FusedDora> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a,
                             const at::Tensor& b, const at::Tensor& magnitude, const at::Tensor& norm,
-                            model::LinearImpl* layer, double scale, bool row_kernels) {
+                            model::LinearImpl* layer, double scale, bool row_kernels, int64_t grad_splits) {
     const at::ScalarType ct = util::compute_dtype(x);
     const int64_t in = x.size(-1);
     const at::Tensor x_in = x.reshape({-1, in});
@@ -325,6 +353,7 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
     if (layer->bias.defined()) y.add_(layer->bias.to(ct));
     ctx->save_for_backward({x2, s_low, z, ac, bc, c, magnitude, norm});
     ctx->saved_data["row_kernels"] = row_kernels;
+    ctx->saved_data["grad_splits"] = grad_splits;
     return finish_forward(ctx, x, y, layer, scale, a.scalar_type());
   }
 
@@ -343,8 +372,9 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
     const at::ScalarType mt = at::promote_types(magnitude.scalar_type(), at::kFloat);
     const at::Tensor dm = ((dy.to(mt) * z.to(mt)).sum(0) / norm.to(mt)).to(magnitude.scalar_type());
     const at::Tensor ds = scaled_mm(dz, bc, scale);  // s dZ B
-    const at::Tensor db = mm_as(dz.t(), s_low, adt);    // dZᵀ (s S)
-    const at::Tensor da = mm_as(ds.t(), x2, adt);
+    const int64_t splits = ctx->saved_data["grad_splits"].toInt();
+    const at::Tensor db = grad_mm(dz.t(), s_low, adt, 1.0, splits);  // dZᵀ (s S)
+    const at::Tensor da = grad_mm(ds.t(), x2, adt, 1.0, splits);
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
       // The row kernel adds dS A while converting dx to float32 (x's dtype under autocast).
@@ -352,7 +382,7 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
           ctx->saved_data["row_kernels"].toBool() && ctx->saved_data["x_dtype"].toScalarType() == at::kFloat;
       dx = as_input_grad(ctx, input_grad(dz, layer->dense_weight(ct), ds, ac, at::Tensor(), 0.0, row_kernels));
     }
-    return {dx, da, db, dm, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, da, db, dm, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -370,11 +400,11 @@ class LoraAdapter final : public model::LinearAdapter {
       // that stays on the unfused path.
       if (dropout_ > 0) return {};
       return FusedDora::apply(x, A->weight, B->weight, magnitude, row_norm(/*detach=*/true), owner_, info.scale,
-                              row_kernels);
+                              row_kernels, grad_splits);
     }
     const at::Tensor w_ext = extended_weight(x);
     return FusedLora::apply(x, A->weight, B->weight, w_ext.defined() ? &w_ext : nullptr, owner_, info.scale, dropout_,
-                            row_kernels);
+                            row_kernels, grad_splits);
   }
 
   at::Tensor apply(const at::Tensor& x, const at::Tensor& base) override {
@@ -446,6 +476,7 @@ class LoraAdapter final : public model::LinearAdapter {
   bool fused = true;
   bool extend = false;  ///< set_lora_extended_gemm
   bool row_kernels = false;  ///< set_lora_row_kernels
+  int64_t grad_splits = 1;   ///< set_lora_grad_splits
   at::Tensor w_ext;     ///< [W | B] in the compute dtype, (out, in + r); W's storage once built
 };
 
@@ -665,6 +696,15 @@ void set_lora_extended_gemm(model::CausalLM& model, bool on) {
     if (w.defined() && w.data_ptr() == a->w_ext.data_ptr()) w.set_data(w.contiguous());
     a->w_ext = at::Tensor();
   }
+}
+
+at::Tensor adapter_grad_mm(const at::Tensor& a, const at::Tensor& b, at::ScalarType out, double scale, int64_t splits) {
+  return grad_mm(a, b, out, scale, splits);
+}
+
+void set_lora_grad_splits(model::CausalLM& model, int64_t splits) {
+  FT_CHECK(splits >= 1 && splits <= 64, "[lora] grad_splits must be in [1, 64], got ", splits);
+  for (const auto& [name, a] : adapters(model)) a->grad_splits = splits;
 }
 
 void set_lora_row_kernels(model::CausalLM& model, bool on) {

@@ -65,6 +65,7 @@ class LoraMode final : public Mode {
     fused_ = l.fused;
     extended_gemm_ = l.extended_gemm;
     row_kernels_ = l.row_kernels;
+    grad_splits_ = l.grad_splits;
   }
   std::string name() const override { return qlora_ ? "qlora" : "lora"; }
   void apply(model::CausalLM& model) override {
@@ -87,12 +88,14 @@ class LoraMode final : public Mode {
     set_lora_fused(model, fused_);
     set_lora_extended_gemm(model, extended_gemm_);
     set_lora_row_kernels(model, row_kernels_);
+    set_lora_grad_splits(model, grad_splits_);
   }
   std::string describe(model::CausalLM& model) const override {
     const auto layers = lora_layers(model);
     std::string path = fused_ ? "fused" : "unfused";
     if (extended_gemm_) path += ", extended GEMM";
     if (row_kernels_) path += ", row kernels";
+    if (grad_splits_ > 1) path += detail::concat(", adapter gradients in ", grad_splits_, " token chunks");
     return Mode::describe(model) + detail::concat("; ", options_.dora ? "DoRA" : "LoRA", " r ", options_.r, " alpha ",
                                                   options_.alpha, " on ", layers.size(), " layers (", path, ")");
   }
@@ -105,6 +108,7 @@ class LoraMode final : public Mode {
   LoraOptions options_;
   std::string init_from_;
   bool fused_ = true, extended_gemm_ = false, row_kernels_ = false;
+  int64_t grad_splits_ = 1;
   std::optional<config::QloraSection> qlora_;
 };
 

@@ -116,6 +116,17 @@ void set_lora_extended_gemm(model::CausalLM& model, bool on);
 /// it), and the saved activations are those of a layer without dropout. With either GEMM layout
 /// (split or extended), and in DoRA's fused node (without dropout); other calls keep the ATen path.
 void set_lora_row_kernels(model::CausalLM& model, bool on);
+/// The fused path's adapter gradients dA = dSᵀ drop(x) and dB = dyᵀ (s S) as `splits` partial
+/// GEMMs over equal chunks of the tokens (one batched GEMM, float32 partials, summed in a fixed
+/// order) instead of one GEMM each: split-K, for the shapes where one GEMM has too few output tiles
+/// to fill the GPU (r × in and out × r outputs, a reduction over a few thousand tokens). 1 (the
+/// default) is one GEMM; where the token count does not divide by `splits`, one GEMM too. Off by
+/// default until the GPU benchmarks (BM_LoraOp's split rows beside the single GEMMs) decide.
+/// LoRA and DoRA, either GEMM layout. splits ∈ [1, 64].
+void set_lora_grad_splits(model::CausalLM& model, int64_t splits);
+/// The product behind those gradients, scale · a b in dtype `out` (a: (M, K), b: (K, N), K the
+/// tokens), as the fused backward pass computes it with `splits` chunks (1: one GEMM); for benchmarks.
+at::Tensor adapter_grad_mm(const at::Tensor& a, const at::Tensor& b, at::ScalarType out, double scale, int64_t splits);
 /// The fused path's dropout noise on the CPU: a tensor shaped and typed like `x` holding 0 with
 /// probability p and 1/(1 − p) otherwise. Counter-based: element i is decided by 32 bits of
 /// SplitMix64(seed + ⌈(i+1)/2⌉·γ), filled in parallel, where `seed` is one 64-bit draw from the

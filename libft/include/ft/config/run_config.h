@@ -107,6 +107,7 @@ struct LoraSection {
   bool fused = true;           ///< the fused autograd node (false: PEFT's chain of operations)
   bool extended_gemm = false;  ///< under autocast, [x | s S] [W | B]ᵀ as one GEMM (set_lora_extended_gemm)
   bool row_kernels = false;    ///< CUDA: the cast and rank-r passes as one kernel each (set_lora_row_kernels)
+  int64_t grad_splits = 1;     ///< dA and dB as this many partial GEMMs over token chunks (set_lora_grad_splits)
 };
 
 /// mode: qlora. LoRA (the lora section) on a base whose linear layers (all but lm_head) are stored
