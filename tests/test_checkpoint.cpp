@@ -591,6 +591,74 @@ TEST(ActivationCheckpointing, SameGradientsAsThePlainGraph) {
   }
 }
 
+// Dropout inside a checkpointed block: the recomputation draws the masks that the forward pass
+// drew (the generators' states are replayed, and both passes take the same LoRA path), so the loss
+// and every gradient equal those of the plain graph under the same seed. LoRA's fused node (its own
+// dropout noise on the CPU; on CUDA ATen's dropout kernel, or the row kernels' Philox draws) and
+// DoRA with dropout (PEFT's chain, at::dropout), in float32 and under bf16 autocast.
+void check_dropout_recomputed(const c10::Device device) {
+  struct Variant {
+    bool dora, autocast, row_kernels;
+  };
+  std::vector<Variant> variants = {{false, false, false}, {false, true, false}, {true, false, false}, {true, true, false}};
+  if (device.is_cuda()) variants.push_back({false, true, true});
+  for (const Variant& v : variants) {
+    SCOPED_TRACE(std::string(v.dora ? "DoRA" : "LoRA") + (v.autocast ? ", bf16 autocast" : "") +
+                 (v.row_kernels ? ", row kernels" : "") + " on " + device.str());
+    model::CausalLM m(test::tiny_config());
+    model::init_weights(m, 6);
+    adapt::LoraOptions o;
+    o.targets = {"all-linear"};
+    o.r = 4;
+    o.dropout = 0.3;
+    o.dora = v.dora;
+    adapt::apply_lora(m, o);
+    {
+      at::NoGradGuard no_grad;
+      for (const auto& item : m->named_parameters()) {
+        if (item.key().find("lora_B") != std::string::npos) item.value().normal_(0.0, 0.5);
+      }
+    }
+    m->to(device);
+    if (v.autocast && device.is_cuda()) ASSERT_GT(adapt::store_frozen_linears(m, at::kBFloat16), 0);
+    adapt::set_lora_row_kernels(m, v.row_kernels);
+    m->train();
+    const at::Tensor ids = at::randint(0, 97, {2, 16}, at::kLong).to(device);
+    auto run = [&](bool ckpt, uint64_t seed) {
+      m->set_gradient_checkpointing(ckpt);
+      m->zero_grad();
+      at::manual_seed(seed);
+      at::Tensor loss;
+      {
+        util::AutocastScope scope(v.autocast, device.type());
+        loss = model::causal_lm_loss(m->forward(ids), ids);
+      }
+      at::manual_seed(1234);  // the generators move on before the backward pass, as in training
+      (void)at::rand({5}, at::TensorOptions().device(device));
+      loss.backward();
+      std::map<std::string, at::Tensor> g;
+      for (const auto& item : m->named_parameters()) {
+        if (item.value().requires_grad()) g[item.key()] = item.value().grad().clone();
+      }
+      return std::make_pair(loss.item<double>(), g);
+    };
+    const auto [plain_loss, plain] = run(false, 77);
+    const auto [ckpt_loss, ckpt] = run(true, 77);
+    EXPECT_NE(run(false, 78).first, plain_loss);  // the masks matter: another seed, another loss
+    EXPECT_NEAR(ckpt_loss, plain_loss, 1e-6 * std::abs(plain_loss));
+    ASSERT_EQ(plain.size(), ckpt.size());
+    for (const auto& [name, g] : plain) EXPECT_LE(test::max_rel_error(ckpt.at(name), g), v.autocast ? 1e-5 : 1e-6) << name;
+    m->set_gradient_checkpointing(false);
+  }
+}
+
+TEST(ActivationCheckpointing, DropoutDrawsTheSameMasksWhenRecomputed) { check_dropout_recomputed(c10::Device(c10::kCPU)); }
+
+TEST(TrainCuda, CheckpointedDropoutDrawsTheSameMasks) {
+  FT_REQUIRE_CUDA();
+  check_dropout_recomputed(c10::Device(c10::kCUDA, 0));
+}
+
 // --- out of memory ---------------------------------------------------------------------------------
 
 // An out-of-memory error in a forward pass (injected through before_forward) stops the run with a

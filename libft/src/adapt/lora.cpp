@@ -391,8 +391,11 @@ class LoraAdapter final : public model::LinearAdapter {
   LoraAdapter(model::LinearImpl* owner, torch::nn::Linear a, torch::nn::Linear b, LoraLayer info, double dropout)
       : owner_(owner), A(std::move(a)), B(std::move(b)), info(std::move(info)), dropout_(dropout) {}
 
+  // The fused node in training, also without gradients: activation checkpointing's forward pass
+  // runs without them, and its recomputation (with them) must take the same path to draw the same
+  // dropout masks.
   at::Tensor forward(const at::Tensor& x) override {
-    if (!fused || merged || !owner_->is_training() || !at::GradMode::is_enabled()) return {};
+    if (!fused || merged || !owner_->is_training()) return {};
     // Autocast aside, the unfused path computes in A's dtype; the fused one needs x to match it.
     if (!at::autocast::is_autocast_enabled(x.device().type()) && x.scalar_type() != A->weight.scalar_type()) return {};
     if (magnitude.defined()) {

@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <map>
+#include <mutex>
 #include <numbers>
 
 #include "ft/model/cpu_ops.h"
@@ -79,8 +80,36 @@ Linear linear(int64_t in, int64_t out, bool bias) { return Linear(in, out, bias)
 // The inputs are the hidden states and any extra tensors the block reads that may need gradients
 // (a prefix's keys and values, made outside the block). The autocast state of the forward pass is
 // restored for the recomputation, which runs on the engine's thread, where autocast (thread-local)
-// would otherwise be off.
+// would otherwise be off. So are the random generators' states: the recomputation replays the
+// forward pass's draws (dropout), as PyTorch's checkpoint does with preserve_rng_state. (CUDA graph
+// capture and checkpointing exclude each other, see the run config: a captured generator's
+// offsets live on the device.)
 using BlockFn = std::function<at::Tensor(const at::Tensor&, const std::vector<at::Tensor>&)>;
+
+// The default generators' states: the CPU's, and the device's where a block runs on CUDA.
+class GeneratorStates {
+ public:
+  static GeneratorStates of(const c10::Device& device) {
+    GeneratorStates s;
+    s.add(at::detail::getDefaultCPUGenerator());
+    if (device.is_cuda()) s.add(at::globalContext().defaultGenerator(device));
+    return s;
+  }
+  void restore() const {
+    for (const auto& [gen, state] : states_) {
+      at::Generator g = gen;
+      std::lock_guard<std::mutex> lock(g.mutex());
+      g.set_state(state);
+    }
+  }
+
+ private:
+  void add(at::Generator g) {
+    std::lock_guard<std::mutex> lock(g.mutex());
+    states_.emplace_back(g, g.get_state());
+  }
+  std::vector<std::pair<at::Generator, at::Tensor>> states_;
+};
 
 class CheckpointBackward final : public torch::autograd::Node {
  public:
@@ -88,6 +117,7 @@ class CheckpointBackward final : public torch::autograd::Node {
   std::vector<at::Tensor> inputs;  // hidden states first, then the extras, detached
   std::vector<bool> input_requires_grad;
   std::vector<at::Tensor> params;
+  GeneratorStates rng;  // before the forward pass
   // Autocast's thread-local state at the forward pass, for the CPU and for CUDA.
   struct Autocast {
     bool enabled[2] = {false, false};
@@ -117,9 +147,14 @@ class CheckpointBackward final : public torch::autograd::Node {
     at::AutoGradMode enable(true);
     struct Restore {
       Autocast previous = Autocast::current();
-      ~Restore() { previous.apply(); }
-    } restore;
+      GeneratorStates generators;
+      ~Restore() {
+        previous.apply();
+        generators.restore();  // the run's random stream goes on as if nothing was recomputed
+      }
+    } restore{Autocast::current(), GeneratorStates::of(inputs[0].device())};
     autocast.apply();
+    rng.restore();
     std::vector<at::Tensor> fresh;
     std::vector<at::Tensor> wrt;
     for (size_t i = 0; i < inputs.size(); ++i) {
@@ -153,12 +188,14 @@ at::Tensor checkpointed(const BlockFn& fn, const at::Tensor& x, const std::vecto
   bool any_input_grad = x.requires_grad();
   for (const auto& e : extras) any_input_grad = any_input_grad || (e.defined() && e.requires_grad());
   if (!at::GradMode::is_enabled() || (!any_input_grad && params.empty())) return fn(x, extras);
+  GeneratorStates rng = GeneratorStates::of(x.device());
   at::Tensor y;
   {
     at::NoGradGuard no_grad;
     y = fn(x, extras);
   }
   auto node = std::shared_ptr<CheckpointBackward>(new CheckpointBackward(), torch::autograd::deleteNode);
+  node->rng = std::move(rng);
   node->set_next_edges(torch::autograd::collect_next_edges(x, extras, params));
   node->fn = fn;
   node->inputs.push_back(x.detach());
