@@ -1072,7 +1072,7 @@ TEST(TrainCuda, LoraPathsTrainAlikeInBf16) {
 // restores the CUDA generator the kernels draw from), so the losses agree; with CUDA graphs (the
 // kernels read the generator's state on the device at each replay) it learns as well. The masks
 // differ from ATen's dropout kernel's, so the ATen path is compared in distribution only: the final
-// losses within 5%.
+// losses within 10% (a sanity bound; the layer tests check the values against float64).
 TEST(TrainCuda, RowKernelDropoutResumesAndLearns) {
   FT_REQUIRE_CUDA();
   auto run = [](const std::string& name, bool row_kernels, bool graphs, int64_t stop_at) {
@@ -1119,8 +1119,8 @@ TEST(TrainCuda, RowKernelDropoutResumesAndLearns) {
   ASSERT_EQ(graphed.size(), whole.size());
   EXPECT_LT(graphed.back(), graphed.front() - 0.5);
   ASSERT_EQ(aten.size(), whole.size());
-  EXPECT_NEAR(whole.back(), aten.back(), 0.05 * aten.back());
-  EXPECT_NEAR(graphed.back(), aten.back(), 0.05 * aten.back());
+  EXPECT_NEAR(whole.back(), aten.back(), 0.1 * aten.back());
+  EXPECT_NEAR(graphed.back(), aten.back(), 0.1 * aten.back());
 }
 
 // The fused CUDA kernels of the model (kernels.loss, kernels.rope, kernels.swiglu), in bf16
