@@ -6,9 +6,10 @@
 // projection does r multiply-adds, and the up projection r per element of dx (2 read, 4 written).
 // At r ≤ 32 and the H100's ~1.75 elements per clock per SM of DRAM traffic that is at most 56 of
 // the 128 FP32 lanes per SM, so the kernels stay memory-bound; a's 16-byte vectors come from L1
-// and are reused across the warp's two rows. Dropout adds two Philox4x32-10 calls per 8 elements
-// (~20 32-bit multiplies and ~60 other integer operations per element-quad pair), about as much
-// integer work again as the multiply-adds at r = 16: still under the memory time at r ≤ 16.
+// and are reused across the warp's two rows. Dropout adds two Philox4x32-10 calls per 8 elements,
+// ~100 integer instructions each (10 rounds of two wide multiplies, four XORs and the key
+// schedule): ~25 per element, which Hopper's 64 INT32 lanes per SM issue at ~2.5 elements per
+// clock, against memory's ~1.75: under the memory time, with less slack than the multiply-adds.
 #include <ATen/Dispatch_v2.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/detail/UnpackRaw.cuh>
