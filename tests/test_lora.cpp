@@ -40,6 +40,41 @@ model::CausalLM base_model(at::ScalarType dtype = at::kFloat) {
   return m;
 }
 
+// Counts the casts (aten::_to_copy) of float32 tensors of `numel` elements (the activations, not
+// the adapters' weights) while it lives.
+class CastCounter {
+ public:
+  explicit CastCounter(int64_t numel) {
+    numel_() = numel;
+    count_() = 0;
+    handle_ = at::addThreadLocalCallback(at::RecordFunctionCallback(&CastCounter::enter).needsInputs(true));
+  }
+  ~CastCounter() { at::removeCallback(handle_); }
+  CastCounter(const CastCounter&) = delete;
+  CastCounter& operator=(const CastCounter&) = delete;
+  int64_t count() const { return count_(); }
+
+ private:
+  static std::unique_ptr<at::ObserverContext> enter(const at::RecordFunction& fn) {
+    if (std::string(fn.name()) != "aten::_to_copy") return nullptr;
+    const auto inputs = fn.inputs();
+    if (!inputs.empty() && inputs[0].isTensor()) {
+      const at::Tensor& t = inputs[0].toTensor();
+      if (t.scalar_type() == at::kFloat && t.numel() == numel_()) ++count_();
+    }
+    return nullptr;
+  }
+  static int64_t& numel_() {
+    thread_local int64_t n = 0;
+    return n;
+  }
+  static int64_t& count_() {
+    thread_local int64_t c = 0;
+    return c;
+  }
+  at::CallbackHandle handle_;
+};
+
 const at::Tensor& ids() {
   static const at::Tensor t = at::arange(0, 22, at::kLong).remainder(97).mul(7).remainder(97).view({2, 11});
   return t;
@@ -887,6 +922,100 @@ TEST(LoraFused, GradSplitsGiveOneGemmsGradients) { check_grad_splits(at::kCPU); 
 TEST(LoraCuda, GradSplitsGiveOneGemmsGradients) {
   FT_REQUIRE_CUDA();
   check_grad_splits(at::kCUDA);
+}
+
+// The fused nodes that read one input share its cast (q, k and v of an attention block under
+// autocast): the same outputs and gradients, bit for bit, as three separate inputs with the same
+// values, with two casts of x fewer (none with dropout: the nodes keep the dropped copies, and the
+// cast is freed before the next node runs); an input changed in place is cast anew. LoRA with the
+// split layout (with and without dropout) and DoRA, on the CPU under bf16 autocast (the path CUDA
+// takes; there the row kernels too, in the GPU check).
+void check_cast_share(const at::Device device) {
+  struct Variant {
+    bool dora;
+    double p;
+    bool row_kernels;
+  };
+  std::vector<Variant> variants = {{false, 0.0, false}, {false, 0.2, false}, {true, 0.0, false}};
+  if (device.is_cuda()) variants.insert(variants.end(), {{false, 0.0, true}, {true, 0.0, true}});
+  for (const Variant& v : variants) {
+    SCOPED_TRACE(std::string(v.dora ? "DoRA" : "LoRA") + ", dropout " + std::to_string(v.p) +
+                 (v.row_kernels ? ", row kernels" : "") + " on " + device.str());
+    model::CausalLM m(test::tiny_config());
+    model::init_weights(m, 9);
+    adapt::LoraOptions o;
+    o.targets = {"q_proj", "k_proj", "v_proj"};
+    o.r = 8;
+    o.dropout = v.p;
+    o.dora = v.dora;
+    adapt::apply_lora(m, o);
+    randomize_b(m, 4);
+    m->to(device);
+    ASSERT_GT(adapt::store_frozen_linears(m, at::kBFloat16), 0);
+    adapt::set_lora_row_kernels(m, v.row_kernels);
+    m->train();
+    auto modules = m->named_modules();
+    std::vector<model::LinearImpl*> proj;
+    for (const char* name : {"q_proj", "k_proj", "v_proj"}) {
+      proj.push_back(dynamic_cast<model::LinearImpl*>(modules[std::string("model.layers.0.self_attn.") + name].get()));
+      ASSERT_NE(proj.back(), nullptr);
+    }
+    const int64_t hidden = test::tiny_config().hidden_size;
+    const at::Tensor x0 = at::randn({2, 8, hidden}, at::TensorOptions().device(device));
+    // shared: one input for the three; else a clone each. Returns the outputs, the gradients of the
+    // adapters and of x (summed over the three inputs), and the number of casts.
+    auto run = [&](bool shared) {
+      m->zero_grad();
+      std::vector<at::Tensor> xs;
+      const at::Tensor one = x0.clone().requires_grad_();
+      for (int i = 0; i < 3; ++i) xs.push_back(shared ? one : x0.clone().requires_grad_());
+      at::manual_seed(31);
+      CastCounter casts(x0.numel());
+      std::vector<at::Tensor> ys;
+      {
+        util::AutocastScope autocast(true, device.type());
+        for (int i = 0; i < 3; ++i) ys.push_back(proj[i]->forward(xs[i]));
+      }
+      const int64_t n = casts.count();
+      at::Tensor loss = ys[0].to(at::kFloat).pow(2).sum() + ys[1].to(at::kFloat).sum() * 0.5 + ys[2].to(at::kFloat).pow(3).sum();
+      loss.backward();
+      std::vector<at::Tensor> out = {ys[0], ys[1], ys[2]};
+      for (const auto& item : m->named_parameters()) {  // layer 0's adapters (layer 1's did not run)
+        if (item.value().grad().defined()) out.push_back(item.value().grad().clone());
+      }
+      EXPECT_EQ(out.size(), 3u + (v.dora ? 9u : 6u));
+      at::Tensor dx = xs[0].grad().clone();
+      if (!shared) dx = dx + xs[1].grad() + xs[2].grad();
+      out.push_back(dx);
+      return std::make_pair(out, n);
+    };
+    const auto [separate, separate_casts] = run(false);
+    const auto [shared, shared_casts] = run(true);
+    // k and v reuse q's cast of x; not with dropout, where a node keeps the dropped copy instead of
+    // the cast, which is then freed before the next node runs.
+    EXPECT_EQ(separate_casts - shared_casts, v.p == 0 ? 2 : 0) << separate_casts << " " << shared_casts;
+    ASSERT_EQ(separate.size(), shared.size());
+    for (size_t i = 0; i + 1 < separate.size(); ++i) EXPECT_TRUE(shared[i].equal(separate[i])) << i;
+    EXPECT_LE(test::max_rel_error(shared.back(), separate.back()), 1e-6);  // dx: the engine's order of the sum
+    // An input changed in place since is cast anew.
+    {
+      const at::Tensor x = x0.clone().requires_grad_(false);
+      util::AutocastScope autocast(true, device.type());
+      const at::Tensor y1 = proj[1]->forward(x);
+      x.mul_(2);
+      CastCounter casts(x0.numel());
+      const at::Tensor y2 = proj[1]->forward(x);
+      EXPECT_EQ(casts.count(), 1);
+      EXPECT_FALSE(y2.equal(y1));
+    }
+  }
+}
+
+TEST(LoraFused, NodesReadingOneInputShareItsCast) { check_cast_share(at::kCPU); }
+
+TEST(LoraCuda, NodesReadingOneInputShareItsCast) {
+  FT_REQUIRE_CUDA();
+  check_cast_share(at::kCUDA);
 }
 
 // One fused layer with dropout against the formula y = x Wᵀ + b + s·((x ⊙ noise) Aᵀ) Bᵀ differentiated

@@ -106,6 +106,44 @@ at::Tensor grad_mm(const at::Tensor& a, const at::Tensor& b, at::ScalarType out,
   return sum.to(out);
 }
 
+// One cast shared by the fused nodes that read the same input. Under autocast q, k and v (and gate
+// and up) each get RMSNorm's one float32 output, and each node would write, and keep for its
+// backward pass, its own compute-dtype copy of it: three identical (T, in) copies per attention
+// block. The last copy a node made is remembered per thread, weakly (the input's and the copy's
+// TensorImpl and version counters, so nothing is kept alive and a changed or freed tensor is never
+// matched): a later node with the same input, unchanged since, takes that copy while some node
+// still holds it (with ATen's dropout a node keeps the dropped copy instead, and the cast is gone by
+// the next node). The copy is a node's internal operand, outside the autograd graph, so the results
+// are those of separate casts bit for bit. (The extended GEMM writes its copy into its own
+// [x | s S] buffer, and the row kernels' dropout needs the float32 input: those make their own.)
+class CastShare {
+ public:
+  static at::Tensor find(const at::Tensor& x, at::ScalarType ct) {
+    auto& e = entry();
+    if (!e || e->ct != ct || e->x_version != x._version()) return {};
+    const auto xi = e->x.lock();
+    if (xi.get() != x.unsafeGetTensorImpl()) return {};
+    auto x2 = e->x2.lock();
+    if (!x2 || x2->version_counter().current_version() != e->x2_version) return {};
+    return at::Tensor(std::move(x2));
+  }
+  static void remember(const at::Tensor& x, const at::Tensor& x2) {
+    entry() = Entry{Weak(x.getIntrusivePtr()), Weak(x2.getIntrusivePtr()), x._version(), x2._version(), x2.scalar_type()};
+  }
+
+ private:
+  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  struct Entry {
+    Weak x, x2;
+    uint32_t x_version, x2_version;
+    at::ScalarType ct;
+  };
+  static std::optional<Entry>& entry() {
+    thread_local std::optional<Entry> e;
+    return e;
+  }
+};
+
 // drop'(scale · dS A), (T, in): the low-rank term of the input gradient, through dropout's backward
 // when p > 0 (keep: the CUDA path's bool mask, or the CPU path's scaled noise).
 at::Tensor low_rank_input_grad(const at::Tensor& ds, const at::Tensor& ac, const at::Tensor& keep, double p,
@@ -228,15 +266,22 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
       x2 = xs.narrow(1, 0, in);
       s_low = xs.narrow(1, in, r);
     }
-    // The row kernel (set_lora_row_kernels): the cast and s S (dropout included) in one pass over x.
+    // The cast another node made of this input (CastShare; split layout; not with the row kernels'
+    // dropout, which reads the float32 input), else the row kernel (set_lora_row_kernels): the cast
+    // and s S (dropout included) in one pass over x, else the cast alone.
     at::Tensor drawn;  // with dropout in the row kernel: its (seed, offset), to redraw the mask
-    const bool lowered = row_kernels && row_cast_down(x_in, ac, scale, ct, x2, s_low, p, drawn);
-    if (!lowered) {
-      if (xs.defined()) {
-        x2.copy_(x_in);
-      } else {
-        x2 = x_in.to(ct);
+    bool lowered = false;
+    const bool shared = !xs.defined() && (!row_kernels || p == 0) && (x2 = CastShare::find(x, ct)).defined();
+    if (!shared) {
+      lowered = row_kernels && row_cast_down(x_in, ac, scale, ct, x2, s_low, p, drawn);
+      if (!lowered) {
+        if (xs.defined()) {
+          x2.copy_(x_in);
+        } else {
+          x2 = x_in.to(ct);
+        }
       }
+      if (!xs.defined()) CastShare::remember(x, x2);
     }
     at::Tensor h = x2, keep;  // keep: CPU: the scaled noise; CUDA: the mask; row kernels: `drawn`
     if (lowered) {
@@ -340,12 +385,18 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
     const int64_t in = x.size(-1);
     const at::Tensor x_in = x.reshape({-1, in});
     const at::Tensor ac = a.to(ct), bc = b.to(ct);
-    at::Tensor x2, s_low;  // x in the compute dtype; s x Aᵀ
-    // The row kernel (set_lora_row_kernels): the cast and s x Aᵀ in one pass over x (no dropout here).
-    at::Tensor no_draws;
-    if (!(row_kernels && row_cast_down(x_in, ac, scale, ct, x2, s_low, 0.0, no_draws))) {
-      x2 = x_in.to(ct);
+    // x in the compute dtype: another node's cast of this input (CastShare), or the row kernel
+    // (set_lora_row_kernels: the cast and s x Aᵀ in one pass over x; no dropout here), or the cast.
+    at::Tensor x2 = CastShare::find(x, ct), s_low;  // s_low: s x Aᵀ
+    if (x2.defined()) {
       s_low = scaled_mm(x2, ac.t(), scale);
+    } else {
+      at::Tensor no_draws;
+      if (!(row_kernels && row_cast_down(x_in, ac, scale, ct, x2, s_low, 0.0, no_draws))) {
+        x2 = x_in.to(ct);
+        s_low = scaled_mm(x2, ac.t(), scale);
+      }
+      CastShare::remember(x, x2);
     }
     const at::Tensor z = base_plus_low_rank(x2, layer->dense_weight(ct), at::Tensor(), s_low, bc);
     const at::Tensor c = (magnitude.detach() / norm).to(ct);
