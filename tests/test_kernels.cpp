@@ -4,6 +4,8 @@
 
 #include <cstring>
 
+#include <ATen/Parallel.h>
+
 #include "ft/model/llama.h"
 #include "test_util.h"
 #include "ft/util/autocast.h"
@@ -318,12 +320,18 @@ RowsOperands rows_operands(const RowsCase& c, const at::Device device, double p 
   return o;
 }
 
-// The mask of o's draws, (rows, in) bool on the CPU, one element at a time.
+// The mask of o's draws, (rows, in) bool on the CPU, from the Philox words of each element quad
+// (philox.h's definition; not the kernels' 8-wide lane code), in parallel.
 at::Tensor rows_keep_mask(const RowsOperands& o) {
-  const int64_t rows = o.x.size(0), in = o.x.size(1);
-  at::Tensor keep = at::empty({rows, in}, at::kBool);
+  const int64_t n = o.x.numel();
+  at::Tensor keep = at::empty({o.x.size(0), o.x.size(1)}, at::kBool);
   bool* k = keep.data_ptr<bool>();
-  for (int64_t e = 0; e < rows * in; ++e) k[e] = kernels::detail::dropout_keeps(o.draws, static_cast<uint64_t>(e));
+  at::parallel_for(0, (n + 3) / 4, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const auto w = kernels::detail::dropout_words(o.draws, static_cast<uint64_t>(q));
+      for (int64_t i = 0; i < 4 && 4 * q + i < n; ++i) k[4 * q + i] = w.w[i] >= o.draws.threshold;
+    }
+  });
   return keep;
 }
 
