@@ -1018,6 +1018,101 @@ TEST(LoraCuda, NodesReadingOneInputShareItsCast) {
   check_cast_share(at::kCUDA);
 }
 
+// The model's shared input cast (CausalLMImpl::set_shared_input_cast) under bf16 autocast: q, k, v
+// and gate, up read one cast of the normed hidden state. The logits equal those of per-projection
+// casts bit for bit and the gradients to 1e-6 (the three input gradients summed in another order),
+// for full fine-tuning, LoRA (fused, with dropout), DoRA and QLoRA. Full fine-tuning and LoRA with
+// dropout cast it 2 times per block instead of 5 (LoRA's fused nodes without dropout already share
+// theirs). The groups whose adapters
+// want the float32 input (the extended GEMM; PEFT's chain, LoRA unfused or DoRA with dropout) keep
+// their own casts.
+void check_shared_input_cast(const at::Device device) {
+  struct Variant {
+    const char* name;
+    bool lora, fused, dora, nf4, extended;
+    double dropout;
+    bool shares;  // whether the model's cast applies
+  };
+  const std::vector<Variant> variants = {
+      {"full fine-tuning", false, true, false, false, false, 0.0, true},
+      {"LoRA, fused", true, true, false, false, false, 0.0, true},
+      {"LoRA, fused, dropout", true, true, false, false, false, 0.2, true},
+      {"DoRA, fused", true, true, true, false, false, 0.0, true},
+      {"QLoRA", true, true, false, true, false, 0.0, true},
+      {"LoRA, extended GEMM", true, true, false, false, true, 0.0, false},
+      {"LoRA, unfused", true, false, false, false, false, 0.0, false},
+      {"DoRA with dropout (unfused)", true, true, true, false, false, 0.2, false},
+  };
+  const io::ModelConfig mc = test::tiny_config();
+  for (const Variant& v : variants) {
+    SCOPED_TRACE(std::string(v.name) + " on " + device.str());
+    model::CausalLM m(mc);
+    model::init_weights(m, 12);
+    if (v.nf4) {
+      for (const auto& item : m->named_modules()) {
+        auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
+        if (lin != nullptr && item.key() != "lm_head") lin->quantize_nf4(32, true);
+      }
+    }
+    if (v.lora) {
+      adapt::LoraOptions o;
+      o.targets = {"all-linear"};
+      o.r = 4;
+      o.dropout = v.dropout;
+      o.dora = v.dora;
+      adapt::apply_lora(m, o);
+      randomize_b(m, 5);
+    }
+    m->to(device);
+    if (v.lora) {
+      adapt::store_frozen_linears(m, at::kBFloat16);
+      adapt::set_lora_fused(m, v.fused);
+      adapt::set_lora_extended_gemm(m, v.extended);
+    }
+    m->train();
+    const at::Tensor ids = at::arange(24, at::TensorOptions().dtype(at::kLong)).remainder(97).mul(5).remainder(97)
+                               .view({2, 12}).to(device);
+    auto run = [&](bool shared) {
+      m->set_shared_input_cast(shared);
+      m->zero_grad();
+      at::manual_seed(3);
+      CastCounter casts(2 * 12 * mc.hidden_size);
+      at::Tensor logits;
+      {
+        util::AutocastScope autocast(true, device.type());
+        logits = m->forward(ids);
+      }
+      const int64_t n = casts.count();
+      model::causal_lm_loss(logits.to(at::kFloat), ids).backward();
+      std::map<std::string, at::Tensor> g;
+      for (const auto& item : m->named_parameters()) {
+        if (item.value().grad().defined()) g[item.key()] = item.value().grad().clone();
+      }
+      return std::make_tuple(logits.detach().clone(), g, n);
+    };
+    const auto [logits_each, grads_each, casts_each] = run(false);
+    const auto [logits_shared, grads_shared, casts_shared] = run(true);
+    EXPECT_TRUE(logits_shared.equal(logits_each));
+    ASSERT_EQ(grads_shared.size(), grads_each.size());
+    ASSERT_FALSE(grads_each.empty());
+    for (const auto& [name, g] : grads_each) {
+      EXPECT_LE(test::max_rel_error(grads_shared.at(name), g), 1e-6) << name;
+    }
+    // Three casts fewer per block, where the fused nodes did not already share theirs (they do
+    // without dropout: CastShare). Both counts include the casts outside the blocks (the head's input).
+    const int64_t layers = mc.num_hidden_layers;
+    const bool nodes_shared = v.lora && v.fused && v.dropout == 0;
+    EXPECT_EQ(casts_each - casts_shared, v.shares && !nodes_shared ? 3 * layers : 0);
+  }
+}
+
+TEST(SharedInputCast, KeepsTheResultsWithFewerCasts) { check_shared_input_cast(at::kCPU); }
+
+TEST(SharedInputCastCuda, KeepsTheResultsWithFewerCasts) {
+  FT_REQUIRE_CUDA();
+  check_shared_input_cast(at::kCUDA);
+}
+
 // One fused layer with dropout against the formula y = x Wᵀ + b + s·((x ⊙ noise) Aᵀ) Bᵀ differentiated
 // by autograd in float64, with the noise drawn again from the same generator state.
 TEST(LoraFused, DropoutFollowsItsFormula) {

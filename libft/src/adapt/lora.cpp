@@ -461,6 +461,17 @@ class LoraAdapter final : public model::LinearAdapter {
                             row_kernels, grad_splits);
   }
 
+  // The float32 input under autocast in training, not the model's shared cast of it
+  // (set_shared_input_cast): where the fused path folds work into its own cast (the extended GEMM,
+  // the row kernels), and where PEFT's chain runs (it reads x twice, through the base and through
+  // A, so that a compute-dtype x would have its two gradients summed in the compute dtype; and it
+  // drops out the float32 input, as PEFT does).
+  bool wants_float_input() const override {
+    if (merged || !owner_->is_training()) return false;
+    const bool chain = !fused || (magnitude.defined() && dropout_ > 0);
+    return chain || extend || row_kernels;
+  }
+
   at::Tensor apply(const at::Tensor& x, const at::Tensor& base) override {
     if (merged) return base;
     at::Tensor h = x.to(A->weight.scalar_type());

@@ -65,6 +65,50 @@ struct SwigluCuda : public torch::autograd::Function<SwigluCuda> {
 };
 #endif
 
+// x cast to autocast's dtype once for n projections (CausalLMImpl::set_shared_input_cast): n
+// outputs sharing one copy (distinct tensors, so that each consumer has its own autograd edge);
+// the backward pass sums their gradients, in the compute dtype, into x's dtype in one place.
+struct SharedInputCast : public torch::autograd::Function<SharedInputCast> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t n,
+                                                at::ScalarType ct) {
+    ctx->saved_data["dtype"] = x.scalar_type();
+    const at::Tensor y = x.to(ct);
+    torch::autograd::variable_list out = {y};
+    for (int64_t i = 1; i < n; ++i) out.push_back(y.detach());
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto dtype = ctx->saved_data["dtype"].toScalarType();
+    at::Tensor sum;  // a fresh tensor of x's dtype (the gradients the engine hands over stay untouched)
+    for (const auto& g : grads) {
+      if (!g.defined()) continue;
+      if (!sum.defined()) {
+        sum = g.to(dtype, /*non_blocking=*/false, /*copy=*/true);
+      } else {
+        sum.add_(g);  // float32 += the compute dtype's values, promoted in the kernel
+      }
+    }
+    return {sum, at::Tensor(), at::Tensor()};
+  }
+};
+
+// The inputs of projections that all read x: x itself for each, or (under autocast, with x in
+// float32 and no reader wanting it so) one cast shared by all (SharedInputCast; without gradients
+// simply the one cast).
+std::vector<at::Tensor> projection_inputs(const at::Tensor& x, std::initializer_list<const LinearImpl*> readers,
+                                          bool shared) {
+  const auto n = static_cast<int64_t>(readers.size());
+  const auto type = x.device().type();
+  bool cast = shared && x.scalar_type() == at::kFloat && at::autocast::is_autocast_enabled(type) &&
+              at::autocast::get_autocast_dtype(type) != at::kFloat;
+  for (const LinearImpl* r : readers) cast = cast && !r->wants_float_input();
+  if (!cast) return std::vector<at::Tensor>(readers.size(), x);
+  const at::ScalarType ct = at::autocast::get_autocast_dtype(type);
+  if (!at::GradMode::is_enabled() || !x.requires_grad()) return std::vector<at::Tensor>(readers.size(), x.to(ct));
+  return SharedInputCast::apply(x, n, ct);
+}
+
 at::Tensor rotate_half(const at::Tensor& x) {
   auto halves = x.chunk(2, -1);
   return at::cat({-halves[1], halves[0]}, -1);
@@ -297,9 +341,10 @@ bool fused_rope_fits(const AttentionInputs& in, const at::Tensor& q, const at::T
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k,
                                   at::Tensor* cache_v, const at::Tensor& prefix_k, const at::Tensor& prefix_v) {
   const int64_t B = x.size(0), T = x.size(1);
-  at::Tensor q = q_proj(x).view({B, T, heads, head_dim}).transpose(1, 2);     // (B, H, T, D)
-  at::Tensor k = k_proj(x).view({B, T, kv_heads, head_dim}).transpose(1, 2);  // (B, G, T, D)
-  at::Tensor v = v_proj(x).view({B, T, kv_heads, head_dim}).transpose(1, 2);  // (B, G, T, D)
+  const auto xs = projection_inputs(x, {q_proj.get(), k_proj.get(), v_proj.get()}, shared_input_cast);
+  at::Tensor q = q_proj(xs[0]).view({B, T, heads, head_dim}).transpose(1, 2);     // (B, H, T, D)
+  at::Tensor k = k_proj(xs[1]).view({B, T, kv_heads, head_dim}).transpose(1, 2);  // (B, G, T, D)
+  at::Tensor v = v_proj(xs[2]).view({B, T, kv_heads, head_dim}).transpose(1, 2);  // (B, G, T, D)
   at::Tensor cos = in.cos.unsqueeze(1), sin = in.sin.unsqueeze(1);            // (B, 1, T, D)
   // Short packed sequences on the CPU: the grouped GEMM path below, which wants q and k contiguous
   // as (B, H, T, D), and the fused rotary embedding writes them so.
@@ -373,13 +418,14 @@ MLPImpl::MLPImpl(const ModelConfig& c) {
 }
 
 at::Tensor MLPImpl::forward(const at::Tensor& x) {
+  const auto xs = projection_inputs(x, {gate_proj.get(), up_proj.get()}, shared_input_cast);
 #ifdef LIBFT_WITH_CUDA_KERNELS
   if (fused_swiglu && x.is_cuda()) {
-    const at::Tensor gate = gate_proj(x), up = up_proj(x);
+    const at::Tensor gate = gate_proj(xs[0]), up = up_proj(xs[1]);
     return down_proj(kernels::swiglu_fits(gate, up) ? SwigluCuda::apply(gate, up) : at::silu(gate) * up);
   }
 #endif
-  return down_proj(at::silu(gate_proj(x)) * up_proj(x));
+  return down_proj(at::silu(gate_proj(xs[0])) * up_proj(xs[1]));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -798,6 +844,15 @@ at::Tensor chunked_lm_loss_sum(CausalLMImpl& model, const at::Tensor& hidden, co
   node->autocast = CheckpointBackward::Autocast::current();
   torch::autograd::create_gradient_edge(total, std::move(node));
   return total;
+}
+
+void CausalLMImpl::set_shared_input_cast(bool on) {
+  shared_input_cast_ = on;
+  for (const auto& layer : *model->layers) {
+    auto* l = layer->as<DecoderLayerImpl>();
+    l->self_attn->shared_input_cast = on;
+    l->mlp->shared_input_cast = on;
+  }
 }
 
 void CausalLMImpl::set_fused_swiglu(bool on) {

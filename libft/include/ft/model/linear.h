@@ -21,6 +21,9 @@ class LinearAdapter {
   /// The whole adapted layer from its input, when the adapter computes it better than apply() on
   /// the base output (LoRA's fused training path); an undefined tensor falls back to apply().
   virtual at::Tensor forward(const at::Tensor& /*x*/) { return {}; }
+  /// Whether forward() wants the input in float32 under autocast (it folds work into the cast: the
+  /// LoRA row kernels, the extended GEMM), so that the model does not cast it beforehand.
+  virtual bool wants_float_input() const { return false; }
 };
 
 class LinearImpl : public torch::nn::Module {
@@ -32,6 +35,8 @@ class LinearImpl : public torch::nn::Module {
   /// must be registered on this module by whoever attaches it.
   void set_adapter(std::shared_ptr<LinearAdapter> adapter) { adapter_ = std::move(adapter); }
   LinearAdapter* adapter() const { return adapter_.get(); }
+  /// LinearAdapter::wants_float_input of the adapter, if any.
+  bool wants_float_input() const { return adapter_ && adapter_->wants_float_input(); }
 
   /// QLoRA's frozen base: replaces the weight by its NF4 codes (adapt/nf4.h). The "weight"
   /// parameter is then an empty, frozen placeholder and forward() dequantizes on the fly (to the

@@ -75,6 +75,7 @@ class AttentionImpl : public torch::nn::Module {
                      const at::Tensor& prefix_k = {}, const at::Tensor& prefix_v = {});
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   int64_t heads, kv_heads, head_dim, window;
+  bool shared_input_cast = true;  ///< CausalLMImpl::set_shared_input_cast
 };
 TORCH_MODULE(Attention);
 
@@ -84,6 +85,7 @@ class MLPImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x);  ///< down(silu(gate(x)) * up(x))
   Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
   bool fused_swiglu = false;  ///< CausalLMImpl::set_fused_swiglu
+  bool shared_input_cast = true;  ///< CausalLMImpl::set_shared_input_cast
 };
 TORCH_MODULE(MLP);
 
@@ -195,6 +197,14 @@ class CausalLMImpl : public torch::nn::Module {
   /// until the GPU check has measured it; no effect on the CPU.
   void set_fused_swiglu(bool on);
   bool fused_swiglu() const { return fused_swiglu_; }
+  /// Under autocast, the normed hidden state is cast to the compute dtype once for the projections
+  /// that read it (q, k, v; gate, up) instead of once by each, and their input gradients, which
+  /// come back in the compute dtype, are summed in float32 in one place instead of each being
+  /// converted to float32 and then summed: the same forward values bit for bit, the same gradients
+  /// up to the order of that sum. Skipped for a group with an adapter that wants the float32 input
+  /// (LinearAdapter::wants_float_input). On by default; off for comparisons.
+  void set_shared_input_cast(bool on);
+  bool shared_input_cast() const { return shared_input_cast_; }
   /// Rotary inverse frequencies (D/2), float32, after the config's rope scaling.
   const at::Tensor& inv_freq() const { return inv_freq_; }
   /// Attaches a prefix (prefix tuning), registered as the submodule "prefix_encoder". Its shape must
@@ -219,6 +229,7 @@ class CausalLMImpl : public torch::nn::Module {
   bool fused_loss_ = false;
   bool fused_rope_ = false;
   bool fused_swiglu_ = false;
+  bool shared_input_cast_ = true;
 };
 TORCH_MODULE(CausalLM);
 
