@@ -81,7 +81,7 @@ fi
 # The parity and kernel tests again, verbosely, for their numbers.
 echo "==== parity and kernel tests, verbose" >>"$out/ctest-gpu.log"
 LIBFT_REFERENCE_DIR="$PWD/build-gpu/reference_models" timeout 120 build-gpu/tests/ft_tests \
-  --gtest_filter='*HFParity*cuda*:RMSNorm*:NF4Kernel*:LoraCuda*:LoraRowsKernel*:CrossEntropyKernel*:TrainCuda.LoraPaths*:TrainCuda.FusedKernels*:RopeKernel*:SwigluKernel*' >>"$out/ctest-gpu.log" 2>&1
+  --gtest_filter='*HFParity*cuda*:RMSNorm*:NF4Kernel*:LoraCuda*:LoraRowsKernel*:CrossEntropyKernel*:TrainCuda.LoraPaths*:TrainCuda.FusedKernels*:RopeKernel*:SwigluKernel*:SumFloatKernel*:SharedInputCastCuda*' >>"$out/ctest-gpu.log" 2>&1
 
 # The NCCL path: `ft launch -n 1` (world size 1, one GPU) on the default job's store, bf16.
 log "nccl (ft launch -n 1)"

@@ -27,6 +27,8 @@
 #include "ft/kernels/rope_thread.h"
 #include "ft/kernels/swiglu.h"
 #include "ft/kernels/swiglu_thread.h"
+#include "ft/kernels/sum_float.h"
+#include "ft/kernels/sum_float_thread.h"
 #endif
 
 using namespace ft;
@@ -919,3 +921,89 @@ TEST(SwigluKernel, MatchesTheUnfusedPairOnCuda) {
 #endif
 
 }  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// The float32 sum of compute-dtype gradients (ft/kernels/sum_float.h) against ATen's chain
+// float32(g₀) + g₁ + … bit for bit: 1 to 4 inputs, bf16 and fp16, element counts with a tail after
+// the 8-wide steps, and (on the GPU) unaligned inputs, which take the one-element path.
+#ifdef LIBFT_WITH_CUDA_KERNELS
+namespace {
+
+at::Tensor sum_chain(const std::vector<at::Tensor>& grads) {
+  at::Tensor sum = grads[0].to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+  for (size_t k = 1; k < grads.size(); ++k) sum.add_(grads[k]);
+  return sum;
+}
+
+std::vector<at::Tensor> sum_inputs(int n, int64_t numel, at::ScalarType dtype, const at::Device& device, int64_t offset = 0) {
+  std::vector<at::Tensor> out;
+  for (int k = 0; k < n; ++k) {
+    // Values of mixed magnitude, so that the order of the additions shows in the roundings.
+    const at::Tensor t = (at::randn({numel + offset}) * std::pow(10.0, k % 3 - 1)).to(dtype).to(device);
+    out.push_back(t.narrow(0, offset, numel));
+  }
+  return out;
+}
+
+template <typename T, int N>
+at::Tensor sum_on_host(const std::vector<at::Tensor>& grads) {
+  using namespace kernels::detail;
+  const int64_t numel = grads[0].numel();
+  at::Tensor out = at::full({numel}, std::numeric_limits<double>::quiet_NaN(), at::kFloat);
+  const T* in[kSumMaxInputs] = {};
+  for (size_t k = 0; k < grads.size(); ++k) in[k] = reinterpret_cast<const T*>(grads[k].data_ptr());
+  int64_t i = 0;
+  for (; i + 8 <= numel; i += 8) sum_to_float8<T, N>(in, i, out.data_ptr<float>());
+  for (; i < numel; ++i) out.data_ptr<float>()[i] = sum_to_float1<T, N>(in, i);
+  return out;
+}
+
+template <typename T>
+at::Tensor sum_on_host(const std::vector<at::Tensor>& grads) {
+  switch (grads.size()) {
+    case 1: return sum_on_host<T, 1>(grads);
+    case 2: return sum_on_host<T, 2>(grads);
+    case 3: return sum_on_host<T, 3>(grads);
+    default: return sum_on_host<T, 4>(grads);
+  }
+}
+
+}  // namespace
+
+TEST(SumFloatKernel, ThreadsOnTheHostEqualAtensChain) {
+  at::manual_seed(17);
+  for (const auto dtype : {at::kBFloat16, at::kHalf}) {
+    for (int n = 1; n <= 4; ++n) {
+      for (const int64_t numel : {1, 8, 13, 4099}) {
+        const auto grads = sum_inputs(n, numel, dtype, at::kCPU);
+        const at::Tensor got = dtype == at::kBFloat16 ? sum_on_host<c10::BFloat16>(grads) : sum_on_host<c10::Half>(grads);
+        EXPECT_TRUE(got.equal(sum_chain(grads))) << c10::toString(dtype) << ", " << n << " inputs, " << numel;
+      }
+    }
+  }
+}
+
+TEST(SumFloatKernel, EqualsAtensChainOnTheGpu) {
+  FT_REQUIRE_CUDA();
+  at::manual_seed(18);
+  for (const auto dtype : {at::kBFloat16, at::kHalf}) {
+    for (int n = 1; n <= 4; ++n) {
+      for (const int64_t numel : {1, 13, 4099, 1 << 22}) {
+        for (const int64_t offset : {0, 1}) {  // 1: not 16-byte aligned
+          const auto grads = sum_inputs(n, numel, dtype, at::kCUDA, offset);
+          ASSERT_TRUE(kernels::sum_to_float_fits(grads));
+          const at::Tensor got = kernels::sum_to_float(grads);
+          EXPECT_EQ(got.scalar_type(), at::kFloat);
+          EXPECT_TRUE(got.equal(sum_chain(grads))) << c10::toString(dtype) << ", " << n << " inputs, " << numel
+                                                   << ", offset " << offset;
+        }
+      }
+    }
+  }
+  const at::Tensor a = at::randn({4, 6}, at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16));
+  EXPECT_FALSE(kernels::sum_to_float_fits({a, a.t().contiguous().t()}));  // shape ok, not contiguous
+  EXPECT_FALSE(kernels::sum_to_float_fits({a, a.to(at::kHalf)}));
+  EXPECT_FALSE(kernels::sum_to_float_fits({a, a, a, a, a}));
+  EXPECT_FALSE(kernels::sum_to_float_fits({a.to(at::kFloat)}));
+}
+#endif

@@ -22,6 +22,7 @@
 #ifdef LIBFT_WITH_CUDA_KERNELS
 #include "ft/kernels/cross_entropy.h"
 #include "ft/kernels/rmsnorm.h"
+#include "ft/kernels/sum_float.h"
 #include "ft/kernels/rope.h"
 #include "ft/kernels/swiglu.h"
 #endif
@@ -80,6 +81,14 @@ struct SharedInputCast : public torch::autograd::Function<SharedInputCast> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto dtype = ctx->saved_data["dtype"].toScalarType();
+#ifdef LIBFT_WITH_CUDA_KERNELS
+    // On CUDA one pass: kernels/sum_float.cu, the chain below bit for bit.
+    std::vector<at::Tensor> defined;
+    for (const auto& g : grads) {
+      if (g.defined()) defined.push_back(g);
+    }
+    if (dtype == at::kFloat && kernels::sum_to_float_fits(defined)) return {kernels::sum_to_float(defined), {}, {}};
+#endif
     at::Tensor sum;  // a fresh tensor of x's dtype (the gradients the engine hands over stay untouched)
     for (const auto& g : grads) {
       if (!g.defined()) continue;
