@@ -776,7 +776,8 @@ model::CausalLM& lora_step_model() {
 // non-finite check, ATen's fused AdamW) on the adapters. Arguments: fused (0 unfused, 1 fused, 2 fused
 // with the extended GEMM where it applies: q, k, v, gate and up, whose input is RMSNorm's float32
 // output; 3 and 4: 1 and 2 with the row kernels, adapt::set_lora_row_kernels; 5: 4 with the adapter
-// gradients split over 4 token chunks, adapt::set_lora_grad_splits), batch, graph (1: cuda_graphs: true, the forward and backward pass captured once and
+// gradients split over 4 token chunks, adapt::set_lora_grad_splits; 6: 1 without the model's shared
+// input cast, CausalLMImpl::set_shared_input_cast), batch, graph (1: cuda_graphs: true, the forward and backward pass captured once and
 // replayed: no per-operation host cost), loss chunk (token rows through the output head at a time,
 // loss_chunk; 0: the whole (B·T, 128256) logits), fused model kernels (1: kernels.loss, .rope and
 // .swiglu). "peak_GiB": the caching allocator's peak during
@@ -790,10 +791,12 @@ void BM_LoraStepCuda(benchmark::State& state) {
   const int64_t batch = state.range(1), T = 2048;
   model::CausalLM& m = lora_step_model();
   const io::ModelConfig& c = m->config();
-  adapt::set_lora_fused(m, state.range(0) >= 1);
-  adapt::set_lora_extended_gemm(m, state.range(0) == 2 || state.range(0) >= 4);
-  adapt::set_lora_row_kernels(m, state.range(0) >= 3);
-  adapt::set_lora_grad_splits(m, state.range(0) == 5 ? 4 : 1);
+  const int64_t kind = state.range(0);
+  adapt::set_lora_fused(m, kind >= 1);
+  adapt::set_lora_extended_gemm(m, kind == 2 || kind == 4 || kind == 5);
+  adapt::set_lora_row_kernels(m, kind >= 3 && kind <= 5);
+  adapt::set_lora_grad_splits(m, kind == 5 ? 4 : 1);
+  m->set_shared_input_cast(kind != 6);
   m->set_loss_chunk(state.range(3));
   m->set_fused_loss(state.range(4) == 1);
   m->set_fused_rope(state.range(4) == 1);
@@ -858,6 +861,7 @@ BENCHMARK(BM_LoraStepCuda)->Args({1, 4, 0, 1024, 0})->Unit(benchmark::kMilliseco
 BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{1, 2, 3, 4}, {1, 4}, {1}, {0}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{1, 4}, {4}, {0, 1}, {0}, {1}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 BENCHMARK(BM_LoraStepCuda)->Args({5, 4, 0, 0, 1})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_LoraStepCuda)->Args({6, 4, 0, 0, 0})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 #endif
 
 BENCHMARK(BM_LoraStep)->ArgsProduct({{0, 1}, {0, 5}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);

@@ -162,6 +162,11 @@ def opt_ins(runs):
                 row = runs.get(f"BM_LoraStepCuda/{kind}/{batch}/{graph}/0/{loss}")
                 if base and row:
                     out.append((f"1.24B LoRA step, {what} against the fused default ({how})", row["tokens/s"] / base["tokens/s"]))
+            # The model's shared input cast (on by default) against per-projection casts (row 6).
+            unshared = runs.get(f"BM_LoraStepCuda/6/{batch}/{graph}/0/0")
+            if base and unshared:
+                out.append((f"1.24B LoRA step, the shared input cast (default) against per-projection casts ({how})",
+                            base["tokens/s"] / unshared["tokens/s"]))
     return out
 
 
