@@ -101,7 +101,10 @@ void set_lora_fused(model::CausalLM& model, bool fused);
 /// the base input gradient and dS (no separate dy B GEMM, no (T, in) low-rank product written and
 /// read back), then dx = dy W + s (dy B) A in place and dA = s (dy B)ᵀ drop(x).
 /// Other calls (NF4 bases, inputs already in the compute dtype, DoRA) keep the split GEMMs. Turning
-/// it off gives each extended weight contiguous storage of its own again.
+/// it off gives each extended weight contiguous storage of its own again. Since the cast is where
+/// [x | s S] is written, an extended layer takes the float32 input: its group of projections (q, k,
+/// v; gate, up) then keeps its own casts instead of the model's shared one
+/// (model::CausalLMImpl::set_shared_input_cast); the row kernels likewise.
 void set_lora_extended_gemm(model::CausalLM& model, bool on);
 /// The fused path's memory-bound passes with the rank-r products folded in (ft/kernels/lora_rows.h),
 /// off by default until the GPU benchmarks (BM_LoraLinear modes 5 and 6 beside 2 and 4) decide.
