@@ -208,7 +208,7 @@ TEST(NF4Kernel, VectorDecodeEqualsTheReferenceOnTheHost) {
 // (T, in + r) buffer. Outputs are poisoned (NaN) first, so an element left unwritten fails.
 // With dropout: s = scale · h aᵀ with h = the mask's kept values of xo times 1/(1 − p), rounded as
 // at::native_dropout rounds, and dx = base + m ⊙ (scale · ds a) / (1 − p); the reference mask is
-// drawn element by element from Philox (ft/kernels/philox.h, checked against its known answers),
+// drawn from each element quad's Philox words (ft/kernels/philox.h, checked against its known answers),
 // not through the kernels' 8-wide lane code.
 #ifdef LIBFT_WITH_CUDA_KERNELS
 

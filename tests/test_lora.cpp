@@ -1023,9 +1023,8 @@ TEST(LoraCuda, NodesReadingOneInputShareItsCast) {
 // casts bit for bit and the gradients to 1e-6 (the three input gradients summed in another order),
 // for full fine-tuning, LoRA (fused, with dropout), DoRA and QLoRA. Full fine-tuning and LoRA with
 // dropout cast it 2 times per block instead of 5 (LoRA's fused nodes without dropout already share
-// theirs). The groups whose adapters
-// want the float32 input (the extended GEMM; PEFT's chain, LoRA unfused or DoRA with dropout) keep
-// their own casts.
+// theirs). The groups whose adapters want the float32 input (the extended GEMM; PEFT's chain, LoRA
+// unfused or DoRA with dropout) keep their own casts.
 void check_shared_input_cast(const at::Device device) {
   struct Variant {
     const char* name;

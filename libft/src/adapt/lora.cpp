@@ -181,8 +181,8 @@ bool row_cast_down(const at::Tensor& x_in, const at::Tensor& ac, double scale, a
 // row_up_add: float32(base) + scale · drop'(ds A), (T, in), written once (drawn: row_cast_down's
 // dropout draws, undefined without dropout). Undefined where the kernel declines the operands, which
 // with dropout cannot happen: the backward pass's operands have the layout the forward pass's had.
-at::Tensor row_up_add(const at::Tensor& base, const at::Tensor& ds, const at::Tensor& ac, double scale,
-                      const at::Tensor& drawn = {}, double p = 0.0) {
+at::Tensor row_up_add(const at::Tensor& base, const at::Tensor& ds, const at::Tensor& ac, double scale, double p = 0.0,
+                      const at::Tensor& drawn = {}) {
 #ifdef LIBFT_WITH_CUDA_KERNELS
   if (drawn.defined() || kernels::lora_up_add_fits(base, ds, ac)) {
     RECORD_FUNCTION("ft::lora_up_add", std::vector<c10::IValue>());
@@ -214,7 +214,7 @@ at::Tensor input_grad(const at::Tensor& dz, const at::Tensor& w, const at::Tenso
                       const at::Tensor& keep, double p, bool row_kernels = false, const at::Tensor& drawn = {}) {
   if (row_kernels && (p == 0 || drawn.defined()) && dz.is_cuda()) {
     at::Tensor base = at::mm(dz, w);
-    at::Tensor dx = row_up_add(base, ds, ac, 1.0, drawn, p);
+    at::Tensor dx = row_up_add(base, ds, ac, 1.0, p, drawn);
     return dx.defined() ? dx : base.addmm_(ds, ac);
   }
   if (model::onednn_linear_fits(dz, w.t(), {})) {
@@ -271,7 +271,8 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     // and s S (dropout included) in one pass over x, else the cast alone.
     at::Tensor drawn;  // with dropout in the row kernel: its (seed, offset), to redraw the mask
     bool lowered = false;
-    const bool shared = !xs.defined() && (!row_kernels || p == 0) && (x2 = CastShare::find(x, ct)).defined();
+    if (!xs.defined() && (!row_kernels || p == 0)) x2 = CastShare::find(x, ct);
+    const bool shared = !xs.defined() && x2.defined();
     if (!shared) {
       lowered = row_kernels && row_cast_down(x_in, ac, scale, ct, x2, s_low, p, drawn);
       if (!lowered) {
@@ -356,7 +357,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
       da = grad_mm(dyb.t(), dropped_input(h, drawn, p), adt, scale, splits);
       at::Tensor base = dxs.narrow(1, 0, in);
       // float32(dY W) + drop'(s (dY B) A), written once
-      if (row_kernels) dx = row_up_add(base, dyb, ac, scale, drawn, p);
+      if (row_kernels) dx = row_up_add(base, dyb, ac, scale, p, drawn);
       if (!dx.defined() && p == 0) dx = base.addmm_(dyb, ac, /*beta=*/1.0, /*alpha=*/scale);
       if (!dx.defined()) dx = base.add_(low_rank_input_grad(dyb, ac, keep, p, scale));
       dx = as_input_grad(ctx, dx);

@@ -12,12 +12,12 @@
 
 #include <cmath>
 #include <map>
-#include <mutex>
 #include <numbers>
 
 #include "ft/model/cpu_ops.h"
 #include "ft/util/autocast.h"
 #include "ft/util/error.h"
+#include "ft/util/rng.h"
 
 #ifdef LIBFT_WITH_CUDA_KERNELS
 #include "ft/kernels/cross_entropy.h"
@@ -139,30 +139,6 @@ Linear linear(int64_t in, int64_t out, bool bias) { return Linear(in, out, bias)
 // offsets live on the device.)
 using BlockFn = std::function<at::Tensor(const at::Tensor&, const std::vector<at::Tensor>&)>;
 
-// The default generators' states: the CPU's, and the device's where a block runs on CUDA.
-class GeneratorStates {
- public:
-  static GeneratorStates of(const c10::Device& device) {
-    GeneratorStates s;
-    s.add(at::detail::getDefaultCPUGenerator());
-    if (device.is_cuda()) s.add(at::globalContext().defaultGenerator(device));
-    return s;
-  }
-  void restore() const {
-    for (const auto& [gen, state] : states_) {
-      at::Generator g = gen;
-      std::lock_guard<std::mutex> lock(g.mutex());
-      g.set_state(state);
-    }
-  }
-
- private:
-  void add(at::Generator g) {
-    std::lock_guard<std::mutex> lock(g.mutex());
-    states_.emplace_back(g, g.get_state());
-  }
-  std::vector<std::pair<at::Generator, at::Tensor>> states_;
-};
 
 class CheckpointBackward final : public torch::autograd::Node {
  public:
@@ -170,7 +146,7 @@ class CheckpointBackward final : public torch::autograd::Node {
   std::vector<at::Tensor> inputs;  // hidden states first, then the extras, detached
   std::vector<bool> input_requires_grad;
   std::vector<at::Tensor> params;
-  GeneratorStates rng;  // before the forward pass
+  at::Tensor rng;  // the generators' states before the forward pass (util::generator_states)
   // Autocast's thread-local state at the forward pass, for the CPU and for CUDA.
   struct Autocast {
     bool enabled[2] = {false, false};
@@ -198,16 +174,19 @@ class CheckpointBackward final : public torch::autograd::Node {
     torch::autograd::variable_list out(inputs.size() + params.size());
     if (!grads[0].defined()) return out;
     at::AutoGradMode enable(true);
+    const c10::Device device = inputs[0].device();
     struct Restore {
-      Autocast previous = Autocast::current();
-      GeneratorStates generators;
+      Autocast previous;
+      at::Tensor generators;
+      c10::Device device;
       ~Restore() {
         previous.apply();
-        generators.restore();  // the run's random stream goes on as if nothing was recomputed
+        // The run's random stream goes on as if nothing was recomputed.
+        util::set_generator_states(generators, device, "[checkpointing]");
       }
-    } restore{Autocast::current(), GeneratorStates::of(inputs[0].device())};
+    } restore{Autocast::current(), util::generator_states(device), device};
     autocast.apply();
-    rng.restore();
+    util::set_generator_states(rng, device, "[checkpointing]");
     std::vector<at::Tensor> fresh;
     std::vector<at::Tensor> wrt;
     for (size_t i = 0; i < inputs.size(); ++i) {
@@ -241,7 +220,7 @@ at::Tensor checkpointed(const BlockFn& fn, const at::Tensor& x, const std::vecto
   bool any_input_grad = x.requires_grad();
   for (const auto& e : extras) any_input_grad = any_input_grad || (e.defined() && e.requires_grad());
   if (!at::GradMode::is_enabled() || (!any_input_grad && params.empty())) return fn(x, extras);
-  GeneratorStates rng = GeneratorStates::of(x.device());
+  at::Tensor rng = util::generator_states(x.device());
   at::Tensor y;
   {
     at::NoGradGuard no_grad;

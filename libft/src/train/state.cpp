@@ -14,6 +14,7 @@
 #include "ft/io/safetensors.h"
 #include "ft/io/tensor_io.h"
 #include "ft/util/error.h"
+#include "ft/util/rng.h"
 #include "ft/util/json.h"
 
 namespace fs = std::filesystem;
@@ -108,45 +109,7 @@ std::string run_identity(const config::RunConfig& c) {
   return j.dump();
 }
 
-at::Tensor own_rng_state(c10::Device device) {
-  std::vector<at::Tensor> parts;
-  {
-    auto cpu = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(cpu.mutex());
-    parts.push_back(cpu.get_state());
-  }
-  if (device.is_cuda()) {
-    auto g = at::globalContext().defaultGenerator(device);
-    std::lock_guard<std::mutex> lock(g.mutex());
-    parts.push_back(g.get_state());
-  }
-  return at::cat(parts);
-}
-
-namespace {
-
-// own_rng_state()'s tensor back into the generators.
-void set_own_rng_state(const at::Tensor& state, c10::Device device, const std::string& where) {
-  auto cpu = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(cpu.mutex());
-  const int64_t cpu_bytes = cpu.get_state().numel();
-  at::Generator cuda;
-  int64_t cuda_bytes = 0;
-  if (device.is_cuda()) {
-    cuda = at::globalContext().defaultGenerator(device);
-    cuda_bytes = cuda.get_state().numel();
-  }
-  FT_CHECK(state.scalar_type() == at::kByte && state.dim() == 1 && state.numel() == cpu_bytes + cuda_bytes, where,
-           ": a generator state of ", state.numel(), " bytes where this process's generators take ",
-           cpu_bytes + cuda_bytes, " (resumed on another kind of device?)");
-  cpu.set_state(state.narrow(0, 0, cpu_bytes).clone());
-  if (cuda_bytes > 0) {
-    std::lock_guard<std::mutex> lock_cuda(cuda.mutex());
-    cuda.set_state(state.narrow(0, cpu_bytes, cuda_bytes).clone());
-  }
-}
-
-}  // namespace
+at::Tensor own_rng_state(c10::Device device) { return util::generator_states(device); }
 
 void write_training_state(const std::string& dir, model::CausalLM& model, const adapt::Mode& mode,
                           const torch::optim::Optimizer& optimizer, const TrainerState& s, const std::string& identity,
@@ -320,7 +283,7 @@ TrainerState read_training_state(const std::string& dir, model::CausalLM& model,
     for (const auto& info : file->tensors()) {
       if (info.name.rfind("rank", 0) == 0) {  // another data-parallel rank's generators
         if (info.name == "rank" + std::to_string(rank)) {
-          set_own_rng_state(io::read_tensor(*file, info), device, path + ": '" + info.name + "'");
+          util::set_generator_states(io::read_tensor(*file, info), device, path + ": '" + info.name + "'");
           restored = true;
         }
         continue;
