@@ -389,7 +389,7 @@ struct LoraBench {
       c.num_key_value_heads = 1;
     }
     m = model::CausalLM(c);
-    if (mode == 3) {  // QLoRA: the layer's weight in NF4 (blocks of 64, double-quantized scales)
+    if (mode == 3 || mode >= 7) {  // QLoRA: the layer's weight in NF4 (blocks of 64, double-quantized scales)
       for (const auto& item : m->named_modules()) {
         if (item.key() == "model.layers.0." + target) dynamic_cast<model::LinearImpl*>(item.value().get())->quantize_nf4();
       }
@@ -403,8 +403,8 @@ struct LoraBench {
       o.dropout = dropout;
       adapt::apply_lora(m, o);
       adapt::set_lora_fused(m, mode >= 2);
-      adapt::set_lora_extended_gemm(m, mode == 4 || mode == 6);
-      adapt::set_lora_row_kernels(m, mode >= 5);
+      adapt::set_lora_extended_gemm(m, mode == 4 || mode == 6 || mode >= 7);
+      adapt::set_lora_row_kernels(m, mode == 5 || mode == 6 || mode == 8);
       at::NoGradGuard no_grad;
       for (auto& p : m->parameters()) {
         if (p.requires_grad()) p.normal_(0.0, 0.02);  // a nonzero B
@@ -422,7 +422,8 @@ struct LoraBench {
 // Arguments: device (0 cpu in float32, 1 cuda in bf16 autocast, 2 cpu in bf16 autocast), mode (0 frozen
 // linear alone, 1 LoRA unfused, 2 LoRA fused, 3 QLoRA fused: NF4 base, 4 LoRA fused with the extended
 // GEMM, adapt::set_lora_extended_gemm, 5 and 6: 2 and 4 with the row kernels, adapt::set_lora_row_kernels
-// (CUDA); the input is float32, as RMSNorm's output under autocast), layer (0 o_proj: h→h,
+// (CUDA), 7 and 8: QLoRA as 4 and 6, the NF4 codes decoded into [W | B]; the input is float32, as
+// RMSNorm's output under autocast), layer (0 o_proj: h→h,
 // 1 gate_proj: h→inter, 2 down_proj: inter→h), rank, tokens, graph (1: replayed as a CUDA graph).
 // "ops" counts the outermost ATen calls of one step (OpCounter), each a host-side cost on CUDA.
 // BM_LoraLinearDropout: the same with LoRA dropout 0.1 (ATen's dropout kernel on the fused ATen
@@ -492,6 +493,11 @@ BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {0, 1, 2, 3, 4, 5, 6}, {0, 1, 2}, {1
 #endif
 BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {1, 2, 4, 5, 6}, {2}, {8}, {8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {1, 2, 4}, {2}, {64}, {8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+// QLoRA through the extended GEMM (modes 7 and 8), beside LoRA's extended rows (4 and 6) of the same
+// shapes: issue 7's QLoRA target (<= 1.15x the bf16 LoRA linear at T >= 4096) once the extended
+// GEMM is the default. The CPU row gives the path's operation count.
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{1}, {7, 8}, {0, 1, 2}, {16}, {2048, 8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_LoraLinear)->ArgsProduct({{2}, {7}, {0}, {16}, {512}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 // Dropout 0.1: o_proj, the LoRA modes (not the bare layer, which has no dropout; not QLoRA).
 BENCHMARK(BM_LoraLinearDropout)->ArgsProduct({{2}, {2, 4}, {0}, {16}, {512}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK(BM_LoraLinearDropout)->ArgsProduct({{1}, {1, 2, 4, 5, 6}, {0}, {16}, {2048, 8192}, {0}})->Unit(benchmark::kMicrosecond)->UseRealTime();

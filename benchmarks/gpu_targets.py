@@ -74,8 +74,12 @@ def targets(runs):
             out.append((f"{what} / bare linear ({where})", t / bare[(graph, layer, tokens)], 1.10, "max"))
         if what and (graph, 1, layer, rank, tokens) in linear:
             out.append((f"unfused / {what} ({where})", linear[(graph, 1, layer, rank, tokens)] / t, 1.25, "min"))
-        if mode == 3 and tokens >= 4096 and (graph, 2, layer, rank, tokens) in linear:
-            out.append((f"QLoRA / LoRA linear ({where})", t / linear[(graph, 2, layer, rank, tokens)], 1.15, "max"))
+        # QLoRA (3; 7 and 8: through the extended GEMM, without and with the row kernels) against
+        # the bf16 LoRA layer on the same path (2; 4; 6).
+        lora_mode = {3: 2, 7: 4, 8: 6}.get(mode)
+        if lora_mode and tokens >= 4096 and (graph, lora_mode, layer, rank, tokens) in linear:
+            path = {3: "", 7: ", extended GEMM", 8: ", extended GEMM, row kernels"}[mode]
+            out.append((f"QLoRA / LoRA linear{path} ({where})", t / linear[(graph, lora_mode, layer, rank, tokens)], 1.15, "max"))
     nf4, copy = runs.get("BM_NF4Dequant/1/1"), runs.get("BM_DeviceCopy")
     if nf4 and copy:
         out.append(("NF4 dequantization / device copy bandwidth", nf4["GB/s"] / copy["GB/s"], 0.75, "min"))
@@ -111,7 +115,8 @@ def opt_ins(runs):
         if m:
             mode, layer, tokens = map(int, m.groups()[:3])
             linear[(mode, layer, tokens, int(m.group(4) or 0))] = seconds(b)
-    pairs = [(5, 2, "row kernels"), (4, 2, "extended GEMM"), (6, 2, "extended GEMM + row kernels")]
+    pairs = [(5, 2, "row kernels"), (4, 2, "extended GEMM"), (6, 2, "extended GEMM + row kernels"),
+             (7, 3, "QLoRA, extended GEMM"), (8, 3, "QLoRA, extended GEMM + row kernels")]
     for (mode, layer, tokens, graph), t in sorted(linear.items(), key=lambda kv: (kv[0][3], kv[0][1], kv[0][2], kv[0][0])):
         for new, old, what in pairs:
             if mode == new and (old, layer, tokens, graph) in linear:

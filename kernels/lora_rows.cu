@@ -200,7 +200,7 @@ RowsDropout rows_dropout(double p) {
   TORCH_CHECK(p >= 0 && p < 1, "[lora kernels] dropout must be in [0, 1), got ", p);
   RowsDropout d;
   d.threshold = detail::dropout_threshold(p);
-  d.inv_keep = static_cast<float>(1.0 / (1.0 - p));
+  d.inv_keep = detail::dropout_inv_keep(p);  // at::native_dropout's scale
   return d;
 }
 
@@ -221,7 +221,8 @@ bool lora_cast_down_fits(const at::Tensor& x, const at::Tensor& a, const at::Ten
   if (!adapter_fits(a, x.device()) || a.size(1) != x.size(1)) return false;
   const int64_t rows = x.size(0), in = x.size(1), r = a.size(0);
   if (xo.dim() != 2 || xo.size(0) != rows || xo.size(1) != in || xo.scalar_type() != a.scalar_type() ||
-      xo.device() != x.device() || xo.stride(1) != 1 || xo.stride(0) % 8 != 0 || !aligned16(xo))
+      xo.device() != x.device() || xo.stride(1) != 1 || xo.stride(0) % 8 != 0 || !aligned16(xo) ||
+      (rows > 1 && xo.stride(0) < in))  // rows that overlap (an expanded tensor) would race
     return false;
   return s.dim() == 2 && s.size(0) == rows && s.size(1) == r && s.scalar_type() == a.scalar_type() &&
          s.device() == x.device() && s.stride(1) == 1;

@@ -56,9 +56,16 @@ struct DoubleQuantMaxima {
   }
 };
 
+// Where element e of the (rows, cols) result goes: out + row · ld + col (ld = cols for a contiguous
+// result; ld > cols for the first columns of a wider buffer, as the extended GEMM's [W | B]).
+struct RowLayout {
+  int64_t cols, ld;
+  __device__ __forceinline__ int64_t operator()(int64_t e) const { return ld == cols ? e : e / cols * ld + e % cols; }
+};
+
 template <typename T, typename Maxima>
 __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, Maxima maxima, T* __restrict__ out,
-                                      int64_t numel, int64_t block) {
+                                      int64_t numel, int64_t block, RowLayout layout) {
   __shared__ float code[16];
   stage_code(code);
   const int64_t bytes = (numel + 1) / 2;
@@ -67,14 +74,16 @@ __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, Maxima
     const uint8_t b = packed[i];
     const int64_t e = 2 * i;
     const float scale = maxima(e / block);  // block is even: both elements share it
-    out[e] = static_cast<T>(code[b >> 4] * scale);
-    if (e + 1 < numel) out[e + 1] = static_cast<T>(code[b & 15] * scale);
+    out[layout(e)] = static_cast<T>(code[b >> 4] * scale);
+    if (e + 1 < numel) out[layout(e + 1)] = static_cast<T>(code[b & 15] * scale);
   }
 }
 
+// 16 elements per thread; with a row stride, cols is a multiple of 16 (a group never spans two rows)
+// and rows start 16-byte aligned.
 template <typename T, typename Maxima>
 __global__ void nf4_dequantize16_kernel(const uint2* __restrict__ packed, Maxima maxima, T* __restrict__ out,
-                                        int64_t groups, int64_t block) {
+                                        int64_t groups, int64_t block, RowLayout layout) {
   __shared__ float code[16];
   stage_code(code);
   static_assert(16 * sizeof(T) % sizeof(uint4) == 0, "16 outputs must fill whole 16-byte vectors");
@@ -85,7 +94,7 @@ __global__ void nf4_dequantize16_kernel(const uint2* __restrict__ packed, Maxima
     const float scale = maxima(g * 16 / block);
     alignas(16) T v[16];
     detail::nf4_decode16(p.x, p.y, code, scale, v);
-    uint4* dst = reinterpret_cast<uint4*>(out + g * 16);
+    uint4* dst = reinterpret_cast<uint4*>(out + layout(g * 16));
 #pragma unroll
     for (int k = 0; k < kVectors; ++k) dst[k] = reinterpret_cast<const uint4*>(v)[k];
   }
@@ -101,16 +110,33 @@ void check_codes(const at::Tensor& packed, int64_t numel, int64_t block, at::Sca
               "[nf4] output dtype must be float32, float16 or bfloat16");
 }
 
+// The result: `into` when given (checked: numel elements as a (rows, cols) view with unit column
+// stride, of dtype, on the codes' device), else a new contiguous 1-D tensor.
+at::Tensor result_for(const at::Tensor& packed, const at::Tensor& into, int64_t numel, at::ScalarType dtype) {
+  if (!into.defined()) return at::empty({numel}, packed.options().dtype(dtype));
+  TORCH_CHECK(into.device() == packed.device() && into.scalar_type() == dtype && into.dim() == 2 &&
+                  into.numel() == numel && (into.size(0) <= 1 || into.stride(0) >= into.size(1)) &&
+                  (into.size(1) <= 1 || into.stride(1) == 1),
+              "[nf4] the result must be a (rows, cols) ", dtype, " view on the codes' device with unit column stride and ",
+              numel, " elements; got ", into.sizes(), " with strides ", into.strides(), ", ", into.scalar_type(), " on ",
+              into.device());
+  return into;
+}
+
 template <typename Maxima>
-at::Tensor launch(const at::Tensor& packed, Maxima maxima, int64_t numel, int64_t block, at::ScalarType dtype) {
+at::Tensor launch(const at::Tensor& packed, Maxima maxima, int64_t numel, int64_t block, at::ScalarType dtype,
+                  const at::Tensor& into) {
   c10::cuda::CUDAGuard guard(packed.device());
-  at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
+  at::Tensor out = result_for(packed, into, numel, dtype);
   if (numel == 0) return out;
   constexpr int kThreads = 256;
   auto grid_for = [](int64_t items) {
     return static_cast<unsigned>(std::min<int64_t>((items + kThreads - 1) / kThreads, 65535 * 8));
   };
-  const bool vectorized = numel % 16 == 0 && block % 16 == 0 &&
+  const int64_t cols = out.dim() == 2 ? out.size(1) : numel;
+  const RowLayout layout{cols, out.dim() == 2 && out.size(0) > 1 ? out.stride(0) : cols};
+  const int64_t row_bytes = layout.ld * static_cast<int64_t>(c10::elementSize(dtype));
+  const bool vectorized = numel % 16 == 0 && block % 16 == 0 && cols % 16 == 0 && row_bytes % 16 == 0 &&
                           reinterpret_cast<uintptr_t>(packed.data_ptr()) % alignof(uint2) == 0 &&
                           reinterpret_cast<uintptr_t>(out.data_ptr()) % alignof(uint4) == 0;
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -118,10 +144,11 @@ at::Tensor launch(const at::Tensor& packed, Maxima maxima, int64_t numel, int64_
     if (vectorized) {
       const int64_t groups = numel / 16;
       nf4_dequantize16_kernel<scalar_t><<<grid_for(groups), kThreads, 0, stream>>>(
-          reinterpret_cast<const uint2*>(packed.data_ptr<uint8_t>()), maxima, out.data_ptr<scalar_t>(), groups, block);
+          reinterpret_cast<const uint2*>(packed.data_ptr<uint8_t>()), maxima, out.data_ptr<scalar_t>(), groups, block,
+          layout);
     } else {
       nf4_dequantize_kernel<scalar_t><<<grid_for((numel + 1) / 2), kThreads, 0, stream>>>(
-          packed.data_ptr<uint8_t>(), maxima, out.data_ptr<scalar_t>(), numel, block);
+          packed.data_ptr<uint8_t>(), maxima, out.data_ptr<scalar_t>(), numel, block, layout);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -131,19 +158,19 @@ at::Tensor launch(const at::Tensor& packed, Maxima maxima, int64_t numel, int64_
 }  // namespace
 
 at::Tensor nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, int64_t numel, int64_t block,
-                          at::ScalarType dtype) {
+                          at::ScalarType dtype, const at::Tensor& out) {
   check_codes(packed, numel, block, dtype);
   TORCH_CHECK(absmax.is_cuda() && packed.device() == absmax.device() && absmax.scalar_type() == at::kFloat &&
                   absmax.is_contiguous(),
               "[nf4] absmax must be a contiguous float32 tensor on the codes' device");
   TORCH_CHECK(absmax.numel() == (numel + block - 1) / block, "[nf4] ", numel, " elements need ",
               (numel + block - 1) / block, " maxima; got ", absmax.numel());
-  return launch(packed, PlainMaxima{absmax.data_ptr<float>()}, numel, block, dtype);
+  return launch(packed, PlainMaxima{absmax.data_ptr<float>()}, numel, block, dtype, out);
 }
 
 at::Tensor nf4_dequantize_double_quant(const at::Tensor& packed, const at::Tensor& absmax_q,
                                        const at::Tensor& absmax_scale, float absmax_offset, int64_t dq_block,
-                                       int64_t numel, int64_t block, at::ScalarType dtype) {
+                                       int64_t numel, int64_t block, at::ScalarType dtype, const at::Tensor& out) {
   check_codes(packed, numel, block, dtype);
   TORCH_CHECK(absmax_q.is_cuda() && absmax_scale.is_cuda() && absmax_q.device() == packed.device() &&
                   absmax_scale.device() == packed.device(),
@@ -157,7 +184,7 @@ at::Tensor nf4_dequantize_double_quant(const at::Tensor& packed, const at::Tenso
               dq_block > 0 ? (blocks + dq_block - 1) / dq_block : 0, " scales (dq_block ", dq_block, "); got ",
               absmax_q.numel(), " and ", absmax_scale.numel());
   return launch(packed, DoubleQuantMaxima{absmax_q.data_ptr<int8_t>(), absmax_scale.data_ptr<float>(), absmax_offset, dq_block},
-                numel, block, dtype);
+                numel, block, dtype, out);
 }
 
 }  // namespace ft::kernels

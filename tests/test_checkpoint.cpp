@@ -1005,8 +1005,11 @@ TEST(TrainLossChunk, TrainsAsTheWholeLogits) {
 // The LoRA layer's execution paths (lora.fused, lora.extended_gemm, lora.row_kernels) train as the
 // default fused path does: the same loss at every step within `tol` (relative), and the run's log
 // names the path it took. On the CPU in float32 the extended GEMM and the row kernels do not apply
-// (no autocast cast to fold into; no CUDA), so there the unfused chain is the comparison.
-void lora_paths_train_alike(const std::string& device, const std::string& dtype, double tol) {
+// (no autocast cast to fold into; no CUDA), so there the unfused chain is the comparison. With
+// mode "qlora" (CUDA): the NF4 base's split GEMMs against its extended GEMM (W decoded into a
+// [W | B] buffer of each pass's own), without and with the row kernels.
+void lora_paths_train_alike(const std::string& device, const std::string& dtype, double tol,
+                            const std::string& mode = "lora") {
   struct Path {
     const char* name;
     bool fused, extended, row_kernels;
@@ -1022,9 +1025,17 @@ void lora_paths_train_alike(const std::string& device, const std::string& dtype,
     paths.push_back({"both", true, true, true, 1, "(fused, extended GEMM, row kernels)"});
     paths.push_back({"all", true, true, true, 4, "(fused, extended GEMM, row kernels, adapter gradients in 4 token chunks)"});
   }
-  const fs::path dir = scratch("train_lora_paths_" + device);
+  if (mode == "qlora") {
+    const Path extended = {"extended", true, true, false, 1, "(fused, extended GEMM)"};
+    if (device == "cuda") {
+      paths = {paths[0], extended, {"both", true, true, true, 1, "(fused, extended GEMM, row kernels)"}};
+    } else {
+      paths = {paths[0], extended};  // (CPU bf16 autocast: the extended GEMM applies, the row kernels do not)
+    }
+  }
+  const fs::path dir = scratch("train_" + mode + "_paths_" + device);
   config::RunConfig c = synthetic_run(dir);
-  c.mode = "lora";
+  c.mode = mode;
   c.lora.targets = {"all-linear"};
   c.device = device;
   c.dtype = dtype;
@@ -1062,9 +1073,18 @@ void lora_paths_train_alike(const std::string& device, const std::string& dtype,
 
 TEST(TrainLoraPaths, FusedAndUnfusedTrainAlikeOnTheCpu) { lora_paths_train_alike("cpu", "float32", 1e-4); }
 
+TEST(TrainLoraPaths, QloraExtendedGemmTrainsAsTheSplitGemmsInCpuBf16) {
+  lora_paths_train_alike("cpu", "bfloat16", 1e-3, "qlora");
+}
+
 TEST(TrainCuda, LoraPathsTrainAlikeInBf16) {
   FT_REQUIRE_CUDA();
   lora_paths_train_alike("cuda", "bfloat16", 2e-2);
+}
+
+TEST(TrainCuda, QloraPathsTrainAlikeInBf16) {
+  FT_REQUIRE_CUDA();
+  lora_paths_train_alike("cuda", "bfloat16", 2e-2, "qlora");
 }
 
 // LoRA dropout inside the row kernels (lora.row_kernels, with the extended GEMM), bf16 on CUDA: a

@@ -151,6 +151,27 @@ TEST(NF4Kernel, EqualsTheReferenceExactly) {
                                                                 q.dq_block, q.numel, q.block, at::kBFloat16);
     EXPECT_TRUE(got.view(q.shape).equal(adapt::dequantize_nf4_ops(q, at::kBFloat16))) << at::IntArrayRef(shape);
   }
+  // Into the first columns of a wider buffer (the extended GEMM's [W | B]): row strides that keep
+  // 16-byte rows (vectorized kernel) and odd ones (scalar kernel); the other columns untouched.
+  for (const auto& [rows, cols, extra, dq] : {std::tuple{int64_t{256}, int64_t{1024}, int64_t{16}, true},
+                                              std::tuple{int64_t{64}, int64_t{160}, int64_t{8}, false},
+                                              std::tuple{int64_t{64}, int64_t{160}, int64_t{4}, true},
+                                              std::tuple{int64_t{33}, int64_t{1000}, int64_t{64}, true},
+                                              std::tuple{int64_t{5}, int64_t{9}, int64_t{3}, false}}) {
+    const adapt::NF4Tensor q = adapt::quantize_nf4(at::randn({rows, cols}, at::TensorOptions().device(at::kCUDA)), 32, dq);
+    for (const auto dtype : {at::kFloat, at::kBFloat16}) {
+      at::Tensor buffer = at::full({rows, cols + extra}, 7.0, at::TensorOptions().device(at::kCUDA).dtype(dtype));
+      const at::Tensor view = buffer.narrow(1, 0, cols);
+      adapt::dequantize_nf4_into(q, view);
+      const std::string where = std::to_string(rows) + "x" + std::to_string(cols) + " + " + std::to_string(extra);
+      EXPECT_TRUE(view.equal(adapt::dequantize_nf4_ops(q, dtype))) << where << " " << dtype;
+      EXPECT_TRUE(buffer.narrow(1, cols, extra).eq(7.0).all().item<bool>()) << where << " " << dtype;
+    }
+  }
+  EXPECT_THROW(kernels::nf4_dequantize(at::zeros({8}, at::TensorOptions().device(at::kCUDA).dtype(at::kByte)),
+                                       at::ones({1}, at::TensorOptions().device(at::kCUDA)), 16, 64, at::kFloat,
+                                       at::empty({4, 8}, at::TensorOptions().device(at::kCUDA)).narrow(1, 0, 4).t()),
+               c10::Error);  // a result without unit column stride
   const auto i8 = at::TensorOptions().device(at::kCUDA).dtype(at::kChar);
   EXPECT_THROW(kernels::nf4_dequantize_double_quant(at::zeros({32}, i8.dtype(at::kByte)), at::zeros({1}, i8),
                                                     at::ones({2}, i8.dtype(at::kFloat)), 0.0f, 256, 64, 64, at::kFloat),
@@ -239,7 +260,7 @@ TEST(Philox, DropoutDrawsKeepTheirShareAndDependOnSeedAndOffset) {
   using namespace kernels::detail;
   constexpr int64_t kN = 1 << 18;
   for (const double p : {0.05, 0.1, 0.5}) {
-    const DropoutDraws d{1234, 8, dropout_threshold(p), static_cast<float>(1 / (1 - p))};
+    const DropoutDraws d{1234, 8, dropout_threshold(p), dropout_inv_keep(p)};
     int64_t kept = 0, same_offset = 0, same_seed = 0;
     DropoutDraws other_offset = d, other_seed = d;
     other_offset.offset += 4;
@@ -263,6 +284,19 @@ TEST(Philox, DropoutDrawsKeepTheirShareAndDependOnSeedAndOffset) {
   }
   EXPECT_EQ(dropout_threshold(0.0), 0u);
   EXPECT_EQ(dropout_threshold(0.5), 0x80000000u);
+}
+
+// dropout_inv_keep is the scale at::native_dropout's CUDA kernel multiplies kept values by (the kept
+// ones of a tensor of ones), also for the p where float(1 / (1 − p)) differs from it in the last bit.
+TEST(LoraRowsKernel, DropoutScaleIsAtens) {
+  FT_REQUIRE_CUDA();
+  for (const double p : {0.04, 0.1, 0.15, 0.45, 0.52}) {
+    const at::Tensor y = std::get<0>(at::native_dropout(at::ones({4096}, at::TensorOptions().device(at::kCUDA)), p, true));
+    const at::Tensor kept = y.masked_select(y.ne(0)).cpu();
+    ASSERT_GT(kept.numel(), 0);
+    EXPECT_TRUE(kept.eq(kernels::detail::dropout_inv_keep(p)).all().item<bool>())
+        << "p " << p << ": ATen " << kept[0].item<float>() << ", dropout_inv_keep " << kernels::detail::dropout_inv_keep(p);
+  }
 }
 
 struct RowsCase {
@@ -314,7 +348,7 @@ RowsOperands rows_operands(const RowsCase& c, const at::Device device, double p 
   o.p = p;
   if (p > 0) {
     o.draws = {static_cast<uint64_t>(c.rows * 7919 + c.in), static_cast<uint64_t>(4 * c.r),
-               kernels::detail::dropout_threshold(p), static_cast<float>(1 / (1 - p))};
+               kernels::detail::dropout_threshold(p), kernels::detail::dropout_inv_keep(p)};
   }
   o.what = std::string(c10::toString(c.dtype)) + ", rows " + std::to_string(c.rows) + ", in " + std::to_string(c.in) +
            ", r " + std::to_string(c.r) + (c.extended ? ", extended layout" : ", separate tensors") +

@@ -130,16 +130,19 @@ void poison_cuda_allocator() {
 // the products). The low-rank term is made about as large as the base term, so dropping or
 // mis-scaling it fails. On CUDA the allocator is poisoned before each pass.
 void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& tokens) {
-  enum Base { kF32Autocast, kBf16Stored, kExtended, kNf4, kPureBf16, kRowKernels, kExtendedRowKernels };
+  enum Base { kF32Autocast, kBf16Stored, kExtended, kNf4, kPureBf16, kRowKernels, kExtendedRowKernels, kNf4Extended,
+              kNf4ExtendedRowKernels };
   const char* base_names[] = {"float32 base, autocast",
                               "bf16-stored base, autocast",
                               "bf16-stored base, autocast, extended GEMM",
                               "NF4 base, autocast",
                               "bf16 model",
                               "bf16-stored base, autocast, row kernels",
-                              "bf16-stored base, autocast, extended GEMM, row kernels"};
-  std::vector<Base> bases = {kF32Autocast, kBf16Stored, kExtended, kNf4, kPureBf16};
-  if (device.is_cuda()) bases.insert(bases.end(), {kRowKernels, kExtendedRowKernels});  // CUDA-only kernels
+                              "bf16-stored base, autocast, extended GEMM, row kernels",
+                              "NF4 base, autocast, extended GEMM",
+                              "NF4 base, autocast, extended GEMM, row kernels"};
+  std::vector<Base> bases = {kF32Autocast, kBf16Stored, kExtended, kNf4, kPureBf16, kNf4Extended};
+  if (device.is_cuda()) bases.insert(bases.end(), {kRowKernels, kExtendedRowKernels, kNf4ExtendedRowKernels});  // CUDA-only kernels
   io::ModelConfig mc = test::tiny_config();
   mc.hidden_size = 160;
   mc.intermediate_size = 1000;
@@ -151,12 +154,14 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
   int64_t seed = 0;
   for (const int64_t r : {4, 8, 16, 64}) {
     for (const Base base : bases) {
-      const bool extended = base == kExtended || base == kExtendedRowKernels;
-      const bool row_kernels = base == kRowKernels || base == kExtendedRowKernels;
+      const bool nf4 = base == kNf4 || base == kNf4Extended || base == kNf4ExtendedRowKernels;
+      const bool extended = base == kExtended || base == kExtendedRowKernels || base == kNf4Extended ||
+                            base == kNf4ExtendedRowKernels;
+      const bool row_kernels = base == kRowKernels || base == kExtendedRowKernels || base == kNf4ExtendedRowKernels;
       for (const auto& [p, dora] : {std::pair{0.0, false}, std::pair{0.1, false}, std::pair{0.0, true}}) {
         model::CausalLM m(mc);
         model::init_weights(m, static_cast<uint64_t>(++seed));
-        if (base == kNf4) {
+        if (nf4) {
           for (const auto& item : m->named_modules()) {
             auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
             if (lin != nullptr && item.key() != "lm_head") lin->quantize_nf4(64, true);
@@ -180,7 +185,7 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
         }
         m->to(device);
         if (base == kPureBf16) m->to(at::kBFloat16);
-        if (base == kBf16Stored || extended || row_kernels) ASSERT_GT(adapt::store_frozen_linears(m, at::kBFloat16), 0);
+        if (base == kBf16Stored || ((extended || row_kernels) && !nf4)) ASSERT_GT(adapt::store_frozen_linears(m, at::kBFloat16), 0);
         adapt::set_lora_fused(m, true);
         adapt::set_lora_extended_gemm(m, extended);
         adapt::set_lora_row_kernels(m, row_kernels);
@@ -216,14 +221,16 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
             ASSERT_NE(y.grad_fn(), nullptr);
             EXPECT_NE(y.grad_fn()->name().find(dora ? "FusedDora" : "FusedLora"), std::string::npos) << y.grad_fn()->name();
             EXPECT_EQ(y.scalar_type(), at::kBFloat16);
-            // The extended GEMM is really taken: W became a view of the (out, in + r) buffer.
-            if (base != kNf4) {  // (an NF4 layer's weight is an empty placeholder)
+            // The extended GEMM is really taken: W became a view of the (out, in + r) buffer (an
+            // NF4 base decodes W into a buffer of each pass's own; its weight is an empty placeholder).
+            if (!nf4) {
               const int64_t w_stride = lin->weight.stride(0);
               EXPECT_EQ(w_stride, extended && !dora ? lin->in_features + r : lin->in_features);
             }
             if (device.is_cuda()) poison_cuda_allocator();
             y.backward(dy);
             EXPECT_TRUE(ops.seen("aten::mm") || ops.seen("aten::addmm"));  // the recorder works
+            EXPECT_EQ(ops.seen("ft::lora_extended_gemm"), extended && !dora);
             EXPECT_EQ(ops.seen("ft::lora_cast_down"), kernels_expected);
             EXPECT_EQ(ops.seen("ft::lora_up_add"), kernels_expected);
             EXPECT_EQ(ops.seen("ft::lora_dropout_rows"), kernels_expected && p > 0);

@@ -113,6 +113,24 @@ TEST(NF4, CpuLoopEqualsTheTensorOpPath) {
   }
 }
 
+// dequantize_nf4_into writes the values dequantize_nf4 returns into a strided view (the first
+// `in` columns of the extended GEMM's (out, in + r) buffer), leaving the other columns untouched;
+// a result of the wrong shape is refused.
+TEST(NF4, DequantizesIntoAStridedView) {
+  for (const auto& [shape, block, dq] : {std::tuple{std::vector<int64_t>{64, 96}, int64_t{64}, true},
+                                         std::tuple{std::vector<int64_t>{7, 9}, int64_t{32}, false}}) {
+    const adapt::NF4Tensor q = adapt::quantize_nf4(gaussian(shape, 11), block, dq);
+    for (const auto dtype : {at::kFloat, at::kBFloat16}) {
+      at::Tensor buffer = at::full({shape[0], shape[1] + 8}, 7.0, at::TensorOptions().dtype(dtype));
+      adapt::dequantize_nf4_into(q, buffer.narrow(1, 0, shape[1]));
+      EXPECT_TRUE(buffer.narrow(1, 0, shape[1]).equal(adapt::dequantize_nf4(q, dtype)));
+      EXPECT_TRUE(buffer.narrow(1, shape[1], 8).eq(7.0).all().item<bool>());
+    }
+  }
+  const adapt::NF4Tensor q = adapt::quantize_nf4(gaussian({8, 16}, 1), 64);
+  EXPECT_THROW(adapt::dequantize_nf4_into(q, at::empty({16, 8})), Error);
+}
+
 TEST(NF4, OddShapesAndDtypes) {
   const at::Tensor w = gaussian({7, 9}, 3);  // 63 elements: one full block, a padded one, an odd count
   const adapt::NF4Tensor q = adapt::quantize_nf4(w, 32);

@@ -249,7 +249,9 @@ at::Tensor as_input_grad(torch::autograd::AutogradContext* ctx, const at::Tensor
 // autocast is on for the input's device (bf16 on CUDA), else in the input's dtype; returns A's and
 // B's gradients in their own dtype. `w_ext_or_null`: the layer's [W | B] buffer
 // (set_lora_extended_gemm), or null for the split GEMMs (not an undefined tensor: autograd
-// functions take defined tensors only).
+// functions take defined tensors only). For an NF4 base that buffer is this pass's own (W decoded
+// into it): it is not kept for the backward pass, which decodes W into a new one, as the split
+// path decodes W again.
 struct FusedLora : public torch::autograd::Function<FusedLora> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a,
                             const at::Tensor& b, const at::Tensor* w_ext_or_null, model::LinearImpl* layer,
@@ -303,6 +305,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
       // s S into xs's last r columns, B (cast) into w_ext's, then one GEMM over K = in + r:
       // y = [x | s S] [W | B]ᵀ (+ b). No (T, out) low-rank product is written or read back.
       if (!lowered) scaled_mm_out(s_low, h, ac.t(), scale);
+      RECORD_FUNCTION("ft::lora_extended_gemm", std::vector<c10::IValue>());  // named in profiles and tests
       bc = w_ext.narrow(1, in, r);
       bc.copy_(b);
       y = bias.defined() ? at::addmm(bias, xs, w_ext.t()) : at::mm(xs, w_ext.t());
@@ -318,8 +321,13 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     // cast is a launch and the layer's small GEMMs are launch-bound at a few thousand tokens). The
     // extended path's B is a view of w_ext, held in saved_data: nothing writes it again before this
     // pass's backward (the next forward does, after the optimizer step).
-    ctx->save_for_backward({h, s_low, ac, xs.defined() ? at::Tensor() : bc, keep});
-    if (xs.defined()) ctx->saved_data["w_ext"] = w_ext;
+    // ext: 0 split GEMMs, 1 the layer's persistent [W | B] (kept in saved_data), 2 this pass's
+    // decoded [W | B] (NF4: only B is kept, a copy, so that the buffer is freed here).
+    const int64_t ext = !xs.defined() ? 0 : layer->nf4() != nullptr ? 2 : 1;
+    if (ext == 2) bc = bc.clone();
+    ctx->save_for_backward({h, s_low, ac, ext == 1 ? at::Tensor() : bc, keep});
+    if (ext == 1) ctx->saved_data["w_ext"] = w_ext;
+    ctx->saved_data["ext"] = ext;
     ctx->saved_data["p"] = p;
     ctx->saved_data["row_kernels"] = row_kernels;
     ctx->saved_data["grad_splits"] = grad_splits;
@@ -330,11 +338,20 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &h = saved[0], &s_low = saved[1], &ac = saved[2], &keep = saved[4];
-    // The extended path's [W | B] (out, in + r), or undefined (split path: B saved, W from the layer).
-    const at::Tensor w_ext = saved[3].defined() ? at::Tensor() : ctx->saved_data["w_ext"].toTensor();
     const int64_t r = ac.size(0), in = ac.size(1);
-    const at::Tensor bc = w_ext.defined() ? w_ext.narrow(1, in, r) : saved[3];
     auto* layer = reinterpret_cast<model::LinearImpl*>(ctx->saved_data["layer"].toInt());
+    // The extended path's [W | B] (out, in + r), or undefined (split path: B saved, W from the
+    // layer). NF4: W decoded again into a new buffer, where dx is wanted (dA and dB do not read W).
+    const int64_t ext = ctx->saved_data["ext"].toInt();
+    at::Tensor w_ext;
+    if (ext == 1) {
+      w_ext = ctx->saved_data["w_ext"].toTensor();
+    } else if (ext == 2 && ctx->needs_input_grad(0)) {
+      w_ext = at::empty({saved[3].size(0), in + r}, saved[3].options());
+      layer->dense_weight_into(w_ext.narrow(1, 0, in));
+      w_ext.narrow(1, in, r).copy_(saved[3]);
+    }
+    const at::Tensor bc = ext == 1 ? w_ext.narrow(1, in, r) : saved[3];
     const double scale = ctx->saved_data["scale"].toDouble();
     const double p = ctx->saved_data["p"].toDouble();
     // The row kernels' dropout draws (keep's slot holds their (seed, offset) instead of a mask): h is
@@ -494,19 +511,28 @@ class LoraAdapter final : public model::LinearAdapter {
   }
 
   /// The [W | B] buffer (out, in + r) of the extended GEMM (set_lora_extended_gemm), or undefined
-  /// where this call takes the split GEMMs: extension off, an NF4 or non-2-D weight, a weight not
+  /// where this call takes the split GEMMs: extension off, a non-2-D weight, a dense weight not
   /// stored in the compute dtype, or an input already in it (the cast that writes [x | s S] is then a
   /// copy the split path does not make). Built on first use: W is copied into the buffer's first
   /// `in` columns and the "weight" parameter becomes a view of them (same values, no second copy of
   /// the base); rebuilt if the weight was replaced since (moved, converted, loaded anew).
+  /// An NF4 base (QLoRA) gets a buffer of this call's own instead: W is decoded at every pass
+  /// anyway, and decoding it into the first `in` columns of an (out, in + r) buffer costs what
+  /// decoding it into an (out, in) one costs, so QLoRA's forward pass is one GEMM too.
   at::Tensor extended_weight(const at::Tensor& x) {
     if (!extend) return {};
     const at::ScalarType ct = util::compute_dtype(x);
-    at::Tensor& w = owner_->weight;
-    if (x.scalar_type() == ct || owner_->nf4() != nullptr || !w.defined() || w.dim() != 2 || w.scalar_type() != ct ||
-        w.layout() != at::kStrided || w.device() != x.device())
-      return {};
+    if (x.scalar_type() == ct) return {};
     const int64_t in = owner_->in_features, r = info.r;
+    if (const adapt::NF4Tensor* q = owner_->nf4(); q != nullptr) {
+      if (q->shape.size() != 2 || q->packed.device() != x.device()) return {};
+      at::Tensor ext = at::empty({owner_->out_features, in + r}, x.options().dtype(ct));
+      owner_->dense_weight_into(ext.narrow(1, 0, in));
+      return ext;
+    }
+    at::Tensor& w = owner_->weight;
+    if (!w.defined() || w.dim() != 2 || w.scalar_type() != ct || w.layout() != at::kStrided || w.device() != x.device())
+      return {};
     if (w_ext.defined() && w.data_ptr() == w_ext.data_ptr() && w.stride(0) == in + r && w.stride(1) == 1 &&
         w.size(1) == in && w_ext.device() == w.device() && w_ext.scalar_type() == ct)
       return w_ext;

@@ -125,23 +125,44 @@ at::Tensor dequantize_cpu(const NF4Tensor& q) {
   return out.view(q.shape);
 }
 
+#ifdef LIBFT_WITH_CUDA_KERNELS
+// The CUDA kernel (kernels/nf4.cu), into `out` if defined (a 2-D view with unit column stride).
+at::Tensor dequantize_cuda(const NF4Tensor& q, at::ScalarType dtype, const at::Tensor& out) {
+  if (q.double_quant) {
+    return kernels::nf4_dequantize_double_quant(q.packed.contiguous(), q.absmax_q.contiguous(),
+                                                q.absmax_scale.to(at::kFloat).contiguous(), q.absmax_offset, q.dq_block,
+                                                q.numel, q.block, dtype, out);
+  }
+  return kernels::nf4_dequantize(q.packed.contiguous(), q.absmax.to(at::kFloat).contiguous(), q.numel, q.block, dtype,
+                                 out);
+}
+#endif
+
 }  // namespace
 
 at::Tensor dequantize_nf4(const NF4Tensor& q, at::ScalarType dtype) {
   if (q.packed.device().is_cpu()) return dequantize_cpu(q).to(dtype);
 #ifdef LIBFT_WITH_CUDA_KERNELS
   if (q.packed.is_cuda() && (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16)) {
-    if (q.double_quant) {
-      return kernels::nf4_dequantize_double_quant(q.packed.contiguous(), q.absmax_q.contiguous(),
-                                                  q.absmax_scale.to(at::kFloat).contiguous(), q.absmax_offset,
-                                                  q.dq_block, q.numel, q.block, dtype)
-          .view(q.shape);
-    }
-    return kernels::nf4_dequantize(q.packed.contiguous(), q.absmax.to(at::kFloat).contiguous(), q.numel, q.block, dtype)
-        .view(q.shape);
+    return dequantize_cuda(q, dtype, {}).view(q.shape);
   }
 #endif
   return dequantize_nf4_ops(q, dtype);
+}
+
+void dequantize_nf4_into(const NF4Tensor& q, const at::Tensor& out) {
+  FT_CHECK(out.defined() && out.sizes().vec() == q.shape,
+           "[nf4] dequantize_nf4_into: the result must be shaped like the quantized tensor");
+#ifdef LIBFT_WITH_CUDA_KERNELS
+  const at::ScalarType dtype = out.scalar_type();
+  if (q.packed.is_cuda() && out.device() == q.packed.device() && out.dim() == 2 &&
+      (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) && (out.size(1) <= 1 || out.stride(1) == 1) &&
+      (out.size(0) <= 1 || out.stride(0) >= out.size(1))) {
+    (void)dequantize_cuda(q, dtype, out);
+    return;
+  }
+#endif
+  out.copy_(dequantize_nf4(q, out.scalar_type()));
 }
 
 at::Tensor dequantize_nf4_ops(const NF4Tensor& q, at::ScalarType dtype) {

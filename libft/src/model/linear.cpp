@@ -108,4 +108,12 @@ at::Tensor LinearImpl::dense_weight(at::ScalarType dtype) const {
   return nf4_ ? adapt::dequantize_nf4(*nf4_, dtype) : weight.to(dtype);
 }
 
+void LinearImpl::dense_weight_into(const at::Tensor& out) const {
+  if (nf4_) {
+    adapt::dequantize_nf4_into(*nf4_, out);
+  } else {
+    out.copy_(weight);
+  }
+}
+
 }  // namespace ft::model

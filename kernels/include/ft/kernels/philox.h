@@ -59,6 +59,13 @@ inline uint32_t dropout_threshold(double p) {
   return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
 }
 
+/// inv_keep for drop probability p as at::native_dropout forms its scale: the keep probability
+/// rounded to float, 1 / it in double, rounded to float (float(1 / (1 − p)) differs from it in the
+/// last bit for some p, e.g. 0.04 and 0.15), so that the kernels' dropped values equal ATen's.
+inline float dropout_inv_keep(double p) {
+  return static_cast<float>(1.0 / static_cast<double>(static_cast<float>(1.0 - p)));
+}
+
 /// The four words for elements 4q … 4q + 3.
 FT_PHILOX_HD Philox4 dropout_words(const DropoutDraws& d, uint64_t q) {
   const uint64_t o = d.offset / 4;

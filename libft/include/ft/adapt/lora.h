@@ -100,7 +100,10 @@ void set_lora_fused(model::CausalLM& model, bool fused);
 /// backward pass extends N the same way: dy [W | B] = [dy W | dy B] in one GEMM reads dy once for
 /// the base input gradient and dS (no separate dy B GEMM, no (T, in) low-rank product written and
 /// read back), then dx = dy W + s (dy B) A in place and dA = s (dy B)ᵀ drop(x).
-/// Other calls (NF4 bases, inputs already in the compute dtype, DoRA) keep the split GEMMs. Turning
+/// QLoRA (an NF4 base) too: its W is decoded at every pass anyway, so each pass decodes it straight
+/// into the first `in` columns of an (out, in + r) buffer of its own (the kernel writes the strided
+/// rows: no copy), which is freed after the GEMM, as the split path frees its decoded W.
+/// Other calls (inputs already in the compute dtype, DoRA) keep the split GEMMs. Turning
 /// it off gives each extended weight contiguous storage of its own again. Since the cast is where
 /// [x | s S] is written, an extended layer takes the float32 input: its group of projections (q, k,
 /// v; gate, up) then keeps its own casts instead of the model's shared one

@@ -57,6 +57,11 @@ NF4Tensor quantize_nf4(const at::Tensor& w, int64_t block = 64, bool double_quan
 /// loop that allocates only the output; on CUDA the kernel of kernels/nf4.cu (when built with the
 /// kernels); elsewhere dequantize_nf4_ops().
 at::Tensor dequantize_nf4(const NF4Tensor& q, at::ScalarType dtype = at::kFloat);
+/// The same written into `out` (shaped like q, of any float dtype, on the codes' device; any
+/// strides): on CUDA a 2-D view with unit column stride takes the kernel directly, with no
+/// temporary (the extended GEMM's [W | B] buffer, whose first `in` columns receive W); elsewhere
+/// dequantize_nf4 and a copy.
+void dequantize_nf4_into(const NF4Tensor& q, const at::Tensor& out);
 /// The same from ATen tensor ops, on any device: the reference the CPU loop and the CUDA kernel are
 /// tested against.
 at::Tensor dequantize_nf4_ops(const NF4Tensor& q, at::ScalarType dtype = at::kFloat);

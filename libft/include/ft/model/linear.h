@@ -45,6 +45,9 @@ class LinearImpl : public torch::nn::Module {
   const adapt::NF4Tensor* nf4() const { return nf4_.get(); }
   /// The weight as a dense tensor of `dtype`: the parameter, or the dequantized NF4 codes.
   at::Tensor dense_weight(at::ScalarType dtype) const;
+  /// dense_weight(out's dtype) written into `out` (out_features, in_features), which may be a
+  /// strided view: the NF4 codes are decoded straight into it (adapt::dequantize_nf4_into).
+  void dense_weight_into(const at::Tensor& out) const;
 
   /// Module::to, plus the NF4 codes and maxima, which are not parameters or buffers: they follow
   /// the module to a device and keep their own dtypes under a dtype change (so a base quantized on
