@@ -733,7 +733,7 @@ void BM_SwigluCuda(benchmark::State& state) {
 BENCHMARK(BM_SwigluCuda)->ArgsProduct({{0, 1}, {2048, 8192}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 #endif
 
-// Arguments: fused (0/1), dropout in percent.
+// Arguments: fused (0/1), dropout in percent, DoRA (0/1).
 void BM_LoraStep(benchmark::State& state) {
   const io::ModelConfig c = llama_config(4096, 256, 688, 4, 8, 4, 32);  // configs/models/tiny-llama.json
   model::CausalLM m(c);
@@ -741,6 +741,7 @@ void BM_LoraStep(benchmark::State& state) {
   adapt::LoraOptions o;
   o.targets = {"all-linear"};
   o.dropout = static_cast<double>(state.range(1)) / 100.0;
+  o.dora = state.range(2) == 1;
   adapt::apply_lora(m, o);
   adapt::set_lora_fused(m, state.range(0) == 1);
   m->train();
@@ -870,7 +871,8 @@ BENCHMARK(BM_LoraStepCuda)->Args({5, 4, 0, 0, 1})->Unit(benchmark::kMillisecond)
 BENCHMARK(BM_LoraStepCuda)->Args({6, 4, 0, 0, 0})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 #endif
 
-BENCHMARK(BM_LoraStep)->ArgsProduct({{0, 1}, {0, 5}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
+BENCHMARK(BM_LoraStep)->ArgsProduct({{0, 1}, {0, 5}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
+BENCHMARK(BM_LoraStep)->ArgsProduct({{0, 1}, {5}, {1}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
 
 }  // namespace
 

@@ -595,7 +595,7 @@ TEST(ActivationCheckpointing, SameGradientsAsThePlainGraph) {
 // drew (the generators' states are replayed, and both passes take the same LoRA path), so the loss
 // and every gradient equal those of the plain graph under the same seed. LoRA's fused node (its own
 // dropout noise on the CPU; on CUDA ATen's dropout kernel, or the row kernels' Philox draws) and
-// DoRA with dropout (PEFT's chain, at::dropout), in float32 and under bf16 autocast.
+// DoRA's fused node with dropout, in float32 and under bf16 autocast.
 void check_dropout_recomputed(const c10::Device device) {
   struct Variant {
     bool dora, autocast, row_kernels;

@@ -158,7 +158,8 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
       const bool extended = base == kExtended || base == kExtendedRowKernels || base == kNf4Extended ||
                             base == kNf4ExtendedRowKernels;
       const bool row_kernels = base == kRowKernels || base == kExtendedRowKernels || base == kNf4ExtendedRowKernels;
-      for (const auto& [p, dora] : {std::pair{0.0, false}, std::pair{0.1, false}, std::pair{0.0, true}}) {
+      for (const auto& [p, dora] :
+           {std::pair{0.0, false}, std::pair{0.1, false}, std::pair{0.0, true}, std::pair{0.1, true}}) {
         model::CausalLM m(mc);
         model::init_weights(m, static_cast<uint64_t>(++seed));
         if (nf4) {
@@ -191,8 +192,8 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
         adapt::set_lora_row_kernels(m, row_kernels);
         // The row kernels run where they take the operands: r ≤ 32, and rows of [x | s S] that
         // stay 16-byte aligned (widths 160 and 1000 plus r a multiple of 8; DoRA keeps the split
-        // layout), with dropout too (DoRA has none on the fused path).
-        const bool kernels_expected = row_kernels && r <= 32 && (!extended || dora || r % 8 == 0);
+        // layout), with dropout too (but not in DoRA's node, where the dropped copy is a GEMM operand).
+        const bool kernels_expected = row_kernels && r <= 32 && (!extended || dora || r % 8 == 0) && !(dora && p > 0);
         m->train();
         auto params = m->named_parameters();
         auto modules = m->named_modules();
@@ -258,8 +259,10 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
             const at::Tensor x64 = r64(x), w64 = lin->dense_weight(at::kBFloat16).to(at::kDouble), a64 = r64(a),
                              b64 = r64(b), dy64 = dy.to(at::kDouble);
             const double s = layer.scale;
+            // PEFT's DoRA with dropout: y = x Wᵀ + (c − 1) ⊙ h Wᵀ + c ⊙ s S Bᵀ = (x − h) Wᵀ + c ⊙ Z with
+            // Z = h Wᵀ + s S Bᵀ (LoRA: c = 1; no dropout: h = x).
             const at::Tensor h = x64 * keep, S = h.mm(a64.t()), lora = S.mm(b64.t()) * s;
-            const at::Tensor z64 = x64.mm(w64.t()) + lora;
+            const at::Tensor z64 = h.mm(w64.t()) + lora;
             // DoRA: c = m / ||W + s B A|| per output row (the norm from the stored weights, a
             // constant), y = c ⊙ Z, dZ = dy ⊙ c, dm = Σ_rows dy ⊙ Z / norm.
             at::Tensor c64 = at::ones({lin->out_features}, z64.options()), norm64;
@@ -268,9 +271,10 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
               norm64 = at::linalg_vector_norm(wf + s * b.detach().to(at::kDouble).mm(a.detach().to(at::kDouble)), 2, {1});
               c64 = mag.detach().to(at::kDouble) / norm64;
             }
-            const at::Tensor y64 = z64 * c64, dz64 = dy64 * c64;
+            const at::Tensor y64 = (x64 - h).mm(w64.t()) + z64 * c64, dz64 = dy64 * c64;
             const at::Tensor dS = dz64.mm(b64) * s;
-            const at::Tensor dx64 = dz64.mm(w64) + dS.mm(a64) * keep, da64 = dS.t().mm(h), db64 = dz64.t().mm(S) * s;
+            const at::Tensor dx64 = dy64.mm(w64) + ((dz64 - dy64).mm(w64) + dS.mm(a64)) * keep, da64 = dS.t().mm(h),
+                             db64 = dz64.t().mm(S) * s;
             EXPECT_GT(lora.abs().max().item<double>(), 0.2 * z64.abs().max().item<double>());
             std::vector<std::tuple<const char*, at::Tensor, at::Tensor>> checks = {
                 {"y", y, y64}, {"dx", x.grad(), dx64}, {"dA", a.grad(), da64}, {"dB", b.grad(), db64}};
@@ -1028,10 +1032,10 @@ TEST(LoraCuda, NodesReadingOneInputShareItsCast) {
 // The model's shared input cast (CausalLMImpl::set_shared_input_cast) under bf16 autocast: q, k, v
 // and gate, up read one cast of the normed hidden state. The logits equal those of per-projection
 // casts bit for bit and the gradients to 1e-6 (the three input gradients summed in another order),
-// for full fine-tuning, LoRA (fused, with dropout), DoRA and QLoRA. Full fine-tuning and LoRA with
-// dropout cast it 2 times per block instead of 5 (LoRA's fused nodes without dropout already share
-// theirs). The groups whose adapters want the float32 input (the extended GEMM; PEFT's chain, LoRA
-// unfused or DoRA with dropout) keep their own casts.
+// for full fine-tuning, LoRA (fused, with dropout), DoRA (with and without dropout) and QLoRA. Full
+// fine-tuning and the fused nodes with dropout cast it 2 times per block instead of 5 (the fused
+// nodes without dropout already share theirs). The groups whose adapters want the float32 input
+// (the extended GEMM; PEFT's chain, LoRA unfused) keep their own casts.
 void check_shared_input_cast(const at::Device device) {
   struct Variant {
     const char* name;
@@ -1047,7 +1051,7 @@ void check_shared_input_cast(const at::Device device) {
       {"QLoRA", true, true, false, true, false, 0.0, true},
       {"LoRA, extended GEMM", true, true, false, false, true, 0.0, false},
       {"LoRA, unfused", true, false, false, false, false, 0.0, false},
-      {"DoRA with dropout (unfused)", true, true, true, false, false, 0.2, false},
+      {"DoRA, fused, dropout", true, true, true, false, false, 0.2, true},
   };
   const io::ModelConfig mc = test::tiny_config();
   for (const Variant& v : variants) {
@@ -1122,42 +1126,66 @@ TEST(SharedInputCastCuda, KeepsTheResultsWithFewerCasts) {
 // One fused layer with dropout against the formula y = x Wᵀ + b + s·((x ⊙ noise) Aᵀ) Bᵀ differentiated
 // by autograd in float64, with the noise drawn again from the same generator state.
 TEST(LoraFused, DropoutFollowsItsFormula) {
-  io::ModelConfig mc = test::tiny_config();
-  mc.qkv_bias = true;
-  model::CausalLM m(mc);
-  model::init_weights(m, 5);
-  m->to(at::kDouble);
-  adapt::LoraOptions o;
-  o.targets = {"q_proj"};
-  o.r = 4;
-  o.dropout = 0.25;
-  const auto layers = adapt::apply_lora(m, o);
-  randomize_b(m, 8);
-  m->train();
-  auto* lin = dynamic_cast<model::LinearImpl*>(m->named_modules()["model.layers.0.self_attn.q_proj"].get());
-  ASSERT_NE(lin, nullptr);
-  at::Tensor a = m->named_parameters()["model.layers.0.self_attn.q_proj.lora_A.weight"];
-  at::Tensor b = m->named_parameters()["model.layers.0.self_attn.q_proj.lora_B.weight"];
-  const at::Tensor x = at::randn({2, 5, 32}, at::kDouble).requires_grad_();
-  const at::Tensor dy = at::randn({2, 5, 32}, at::kDouble);
-  at::manual_seed(9);
-  const at::Tensor y = lin->forward(x);
-  y.backward(dy);
-  at::manual_seed(9);
-  const at::Tensor noise = adapt::lora_dropout_noise(x.detach().reshape({-1, 32}), 0.25).view({2, 5, 32});
-  const at::Tensor xr = x.detach().clone().requires_grad_(), ar = a.detach().clone().requires_grad_(),
-                   br = b.detach().clone().requires_grad_();
-  const at::Tensor yr = at::linear(xr, lin->weight, lin->bias) +
-                        layers[0].scale * at::linear(at::linear(xr * noise, ar), br);
-  yr.backward(dy);
-  EXPECT_LE(test::max_rel_error(y, yr), 1e-13);
-  EXPECT_LE(test::max_rel_error(a.grad(), ar.grad()), 1e-13);
-  EXPECT_LE(test::max_rel_error(b.grad(), br.grad()), 1e-13);
-  EXPECT_LE(test::max_rel_error(x.grad(), xr.grad()), 1e-13);
-  // Some inputs were dropped, and not all.
-  const double kept = noise.ne(0).to(at::kDouble).mean().item<double>();
-  EXPECT_GT(kept, 0.5);
-  EXPECT_LT(kept, 0.95);
+  for (const bool dora : {false, true}) {
+    SCOPED_TRACE(dora ? "DoRA" : "LoRA");
+    io::ModelConfig mc = test::tiny_config();
+    mc.qkv_bias = true;
+    model::CausalLM m(mc);
+    model::init_weights(m, 5);
+    m->to(at::kDouble);
+    adapt::LoraOptions o;
+    o.targets = {"q_proj"};
+    o.r = 4;
+    o.dropout = 0.25;
+    o.dora = dora;
+    const auto layers = adapt::apply_lora(m, o);
+    randomize_b(m, 8);
+    const std::string name = "model.layers.0.self_attn.q_proj";
+    auto params = m->named_parameters();
+    at::Tensor a = params[name + ".lora_A.weight"], b = params[name + ".lora_B.weight"];
+    at::Tensor mag = dora ? params[name + ".lora_magnitude_vector.weight"] : at::Tensor();
+    if (dora) {  // magnitudes away from the row norms, so that c = m / n is not 1
+      at::NoGradGuard no_grad;
+      mag.mul_(1.0 + 0.3 * at::rand_like(mag));
+    }
+    m->train();
+    auto* lin = dynamic_cast<model::LinearImpl*>(m->named_modules()[name].get());
+    ASSERT_NE(lin, nullptr);
+    const at::Tensor x = at::randn({2, 5, 32}, at::kDouble).requires_grad_();
+    const at::Tensor dy = at::randn({2, 5, 32}, at::kDouble);
+    at::manual_seed(9);
+    const at::Tensor y = lin->forward(x);
+    EXPECT_NE(y.grad_fn()->name().find(dora ? "FusedDora" : "FusedLora"), std::string::npos) << y.grad_fn()->name();
+    y.backward(dy);
+    at::manual_seed(9);
+    const at::Tensor noise = adapt::lora_dropout_noise(x.detach().reshape({-1, 32}), 0.25).view({2, 5, 32});
+    const at::Tensor xr = x.detach().clone().requires_grad_(), ar = a.detach().clone().requires_grad_(),
+                     br = b.detach().clone().requires_grad_();
+    const double s = layers[0].scale;
+    const at::Tensor h = xr * noise;
+    at::Tensor yr, mr;
+    if (!dora) {
+      yr = at::linear(xr, lin->weight, lin->bias) + s * at::linear(at::linear(h, ar), br);
+    } else {
+      // PEFT's DoRA with dropout: the base layer reads x, the DoRA term h; c = m / ||W + s B A||_row,
+      // the norm a constant.
+      mr = mag.detach().clone().requires_grad_();
+      const at::Tensor norm = at::linalg_vector_norm(lin->weight + s * br.detach().mm(ar.detach()), 2, {1});
+      const at::Tensor c = mr / norm;
+      yr = at::linear(xr, lin->weight, lin->bias) + (c - 1) * at::linear(h, lin->weight) +
+           c * s * at::linear(at::linear(h, ar), br);
+    }
+    yr.backward(dy);
+    EXPECT_LE(test::max_rel_error(y, yr), 1e-13);
+    EXPECT_LE(test::max_rel_error(a.grad(), ar.grad()), 1e-13);
+    EXPECT_LE(test::max_rel_error(b.grad(), br.grad()), 1e-13);
+    EXPECT_LE(test::max_rel_error(x.grad(), xr.grad()), 1e-13);
+    if (dora) EXPECT_LE(test::max_rel_error(mag.grad(), mr.grad()), 1e-13);
+    // Some inputs were dropped, and not all.
+    const double kept = noise.ne(0).to(at::kDouble).mean().item<double>();
+    EXPECT_GT(kept, 0.5);
+    EXPECT_LT(kept, 0.95);
+  }
 }
 
 // The noise: values 0 and 1/(1 − p) only, the keep rate within 5 standard deviations of 1 − p over a

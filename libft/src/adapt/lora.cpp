@@ -392,37 +392,57 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
   }
 };
 
-// DoRA's fused training path, without dropout: y = b + c ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) with c = m / n and
-// n = ||W + s B A|| per output row, a constant (as PEFT and LoraAdapter::apply treat it). Backward:
-// dZ = dy ⊙ c; dm = Σ_rows dy ⊙ Z / n; dS = s dZ B; dB = s dZᵀ S; dA = dSᵀ x; dx = dZ W + dS A. Saves
-// x, s S, Z = x Wᵀ + s S Bᵀ (which dm needs) and c. PEFT's chain makes x Wᵀ, B(A(x)), its scaled copy,
-// the two products with c and their sum as separate (…, out) tensors, and differentiates each.
+// DoRA's fused training path: y = b + c ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) with c = m / n and n = ||W + s B A||
+// per output row, a constant (as PEFT and LoraAdapter::apply treat it). Backward: dZ = dy ⊙ c;
+// dm = Σ_rows dy ⊙ Z / n; dS = s dZ B; dB = s dZᵀ S; dA = dSᵀ x; dx = dZ W + dS A. Saves x, s S,
+// Z = x Wᵀ + s S Bᵀ (which dm needs) and c. PEFT's chain makes x Wᵀ, B(A(x)), its scaled copy, the
+// two products with c and their sum as separate (…, out) tensors, and differentiates each.
+//
+// With dropout p > 0, PEFT multiplies W by both x and its dropped-out copy h (the base layer reads x,
+// the DoRA term h): y = x Wᵀ + b + (c − 1) ⊙ (h Wᵀ) + c ⊙ s (h Aᵀ) Bᵀ. With Z = h Wᵀ + s S Bᵀ
+// (S = h Aᵀ) that is y = (x − h) Wᵀ + c ⊙ Z + b: two GEMMs with W, as PEFT's, and (c − 1) never
+// formed in the compute dtype (where c ≈ 1 it would round away). Backward: dZ = dy ⊙ c,
+// dm = Σ_rows dy ⊙ Z / n, dS = s dZ B, dB = s dZᵀ S, dA = dSᵀ h, and
+// dx = dy W + drop'((dy ⊙ (c − 1)) W + dS A), with c − 1 formed in float32 from m / n. Saves h (and
+// the mask), s S, Z and c instead of PEFT's chain's products. The row kernels are not used with
+// dropout here (h itself is a GEMM operand).
 struct FusedDora : public torch::autograd::Function<FusedDora> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a,
                             const at::Tensor& b, const at::Tensor& magnitude, const at::Tensor& norm,
-                            model::LinearImpl* layer, double scale, bool row_kernels, int64_t grad_splits) {
+                            model::LinearImpl* layer, double scale, double p, bool row_kernels, int64_t grad_splits) {
     const at::ScalarType ct = util::compute_dtype(x);
     const int64_t in = x.size(-1);
     const at::Tensor x_in = x.reshape({-1, in});
     const at::Tensor ac = a.to(ct), bc = b.to(ct);
     // x in the compute dtype: another node's cast of this input (CastShare), or the row kernel
-    // (set_lora_row_kernels: the cast and s x Aᵀ in one pass over x; no dropout here), or the cast.
-    at::Tensor x2 = CastShare::find(x, ct), s_low;  // s_low: s x Aᵀ
-    if (x2.defined()) {
-      s_low = scaled_mm(x2, ac.t(), scale);
-    } else {
+    // (set_lora_row_kernels: the cast and s x Aᵀ in one pass over x; without dropout), or the cast.
+    at::Tensor x2 = CastShare::find(x, ct), s_low;  // s_low: s h Aᵀ
+    const bool lowered_ok = row_kernels && p == 0;
+    if (!x2.defined()) {
       at::Tensor no_draws;
-      if (!(row_kernels && row_cast_down(x_in, ac, scale, ct, x2, s_low, 0.0, no_draws))) {
-        x2 = x_in.to(ct);
-        s_low = scaled_mm(x2, ac.t(), scale);
-      }
+      if (!(lowered_ok && row_cast_down(x_in, ac, scale, ct, x2, s_low, 0.0, no_draws))) x2 = x_in.to(ct);
       CastShare::remember(x, x2);
     }
-    const at::Tensor z = base_plus_low_rank(x2, layer->dense_weight(ct), at::Tensor(), s_low, bc);
+    at::Tensor h = x2, keep;  // keep: CPU: the scaled noise; CUDA: the mask
+    if (p > 0) {
+      if (x2.is_cuda()) {
+        auto [dropped, mask] = at::native_dropout(x2, p, /*train=*/true);
+        h = dropped;
+        keep = mask;
+      } else {
+        keep = lora_dropout_noise(x2, p);
+        h = x2 * keep;
+      }
+    }
+    if (!s_low.defined()) s_low = scaled_mm(h, ac.t(), scale);
+    const at::Tensor w = layer->dense_weight(ct);
+    const at::Tensor z = base_plus_low_rank(h, w, at::Tensor(), s_low, bc);
     const at::Tensor c = (magnitude.detach() / norm).to(ct);
     at::Tensor y = z * c;
     if (layer->bias.defined()) y.add_(layer->bias.to(ct));
-    ctx->save_for_backward({x2, s_low, z, ac, bc, c, magnitude, norm});
+    if (p > 0) y.addmm_(x2 - h, w.t());  // (x − h) Wᵀ: the base layer's x Wᵀ less the h Wᵀ inside Z
+    ctx->save_for_backward({h, s_low, z, ac, bc, c, magnitude, norm, keep});
+    ctx->saved_data["p"] = p;
     ctx->saved_data["row_kernels"] = row_kernels;
     ctx->saved_data["grad_splits"] = grad_splits;
     return finish_forward(ctx, x, y, layer, scale, a.scalar_type());
@@ -431,10 +451,11 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x2 = saved[0], &s_low = saved[1], &z = saved[2], &ac = saved[3], &bc = saved[4], &c = saved[5],
-                     &magnitude = saved[6], &norm = saved[7];
+    const at::Tensor &h = saved[0], &s_low = saved[1], &z = saved[2], &ac = saved[3], &bc = saved[4], &c = saved[5],
+                     &magnitude = saved[6], &norm = saved[7], &keep = saved[8];
     auto* layer = reinterpret_cast<model::LinearImpl*>(ctx->saved_data["layer"].toInt());
     const double scale = ctx->saved_data["scale"].toDouble();
+    const double p = ctx->saved_data["p"].toDouble();
     const at::ScalarType ct = z.scalar_type();
     const auto adt = ctx->saved_data["adapter_dtype"].toScalarType();
     const at::Tensor dy = grads[0].reshape({-1, bc.size(0)}).to(ct);
@@ -445,15 +466,25 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
     const at::Tensor ds = scaled_mm(dz, bc, scale);  // s dZ B
     const int64_t splits = ctx->saved_data["grad_splits"].toInt();
     const at::Tensor db = grad_mm(dz.t(), s_low, adt, 1.0, splits);  // dZᵀ (s S)
-    const at::Tensor da = grad_mm(ds.t(), x2, adt, 1.0, splits);
+    const at::Tensor da = grad_mm(ds.t(), h, adt, 1.0, splits);
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
-      // The row kernel adds dS A while converting dx to float32 (x's dtype under autocast).
-      const bool row_kernels =
-          ctx->saved_data["row_kernels"].toBool() && ctx->saved_data["x_dtype"].toScalarType() == at::kFloat;
-      dx = as_input_grad(ctx, input_grad(dz, layer->dense_weight(ct), ds, ac, at::Tensor(), 0.0, row_kernels));
+      const at::Tensor w = layer->dense_weight(ct);
+      if (p > 0) {
+        // dy W + drop'((dy ⊙ (c − 1)) W + dS A), c − 1 from m / n in float32.
+        const at::Tensor c1 = (magnitude.detach().to(mt) / norm.to(mt) - 1.0).to(ct);
+        at::Tensor inner = at::mm(dy * c1, w).addmm_(ds, ac);
+        inner = keep.scalar_type() == at::kBool ? at::native_dropout_backward(inner, keep, 1.0 / (1.0 - p))
+                                                : inner.mul_(keep);
+        dx = as_input_grad(ctx, inner.addmm_(dy, w));
+      } else {
+        // The row kernel adds dS A while converting dx to float32 (x's dtype under autocast).
+        const bool row_kernels =
+            ctx->saved_data["row_kernels"].toBool() && ctx->saved_data["x_dtype"].toScalarType() == at::kFloat;
+        dx = as_input_grad(ctx, input_grad(dz, w, ds, ac, at::Tensor(), 0.0, row_kernels));
+      }
     }
-    return {dx, da, db, dm, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, da, db, dm, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -470,11 +501,8 @@ class LoraAdapter final : public model::LinearAdapter {
     // Autocast aside, the unfused path computes in A's dtype; the fused one needs x to match it.
     if (!at::autocast::is_autocast_enabled(x.device().type()) && x.scalar_type() != A->weight.scalar_type()) return {};
     if (magnitude.defined()) {
-      // DoRA with dropout multiplies W by two inputs (x and its dropped-out copy, as PEFT does):
-      // that stays on the unfused path.
-      if (dropout_ > 0) return {};
       return FusedDora::apply(x, A->weight, B->weight, magnitude, row_norm(/*detach=*/true), owner_, info.scale,
-                              row_kernels, grad_splits);
+                              dropout_, row_kernels, grad_splits);
     }
     const at::Tensor w_ext = extended_weight(x);
     return FusedLora::apply(x, A->weight, B->weight, w_ext.defined() ? &w_ext : nullptr, owner_, info.scale, dropout_,
@@ -488,8 +516,7 @@ class LoraAdapter final : public model::LinearAdapter {
   // drops out the float32 input, as PEFT does).
   bool wants_float_input() const override {
     if (merged || !owner_->is_training()) return false;
-    const bool chain = !fused || (magnitude.defined() && dropout_ > 0);
-    return chain || extend || row_kernels;
+    return !fused || extend || row_kernels;
   }
 
   at::Tensor apply(const at::Tensor& x, const at::Tensor& base) override {

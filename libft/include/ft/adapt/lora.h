@@ -78,9 +78,11 @@ void set_lora_dropout(model::CausalLM& model, double dropout);
 /// it, since oneDNN's linear cannot accumulate)
 /// instead of PEFT's chain, which writes B(A(x)), its scaled copy and the sum as separate (…, out)
 /// tensors and adds a separate (…, in) gradient. W (dense, or NF4 dequantized again) is not saved.
-/// DoRA without dropout likewise: y = b + c ⊙ Z with Z = x Wᵀ + s S Bᵀ and c = m / ||W + s B A||_row
-/// (a constant, as in PEFT); dm = Σ_rows dy ⊙ Z / ||·||, and the rest as above with dZ = dy ⊙ c. DoRA
-/// with dropout keeps the unfused path (PEFT multiplies W by both x and its dropped-out copy).
+/// DoRA likewise: y = b + c ⊙ Z with Z = x Wᵀ + s S Bᵀ and c = m / ||W + s B A||_row (a constant, as
+/// in PEFT); dm = Σ_rows dy ⊙ Z / ||·||, and the rest as above with dZ = dy ⊙ c. With dropout PEFT
+/// multiplies W by both x and its dropped-out copy h, y = x Wᵀ + b + (c − 1) ⊙ h Wᵀ + c ⊙ s (h Aᵀ) Bᵀ;
+/// the fused node computes it as (x − h) Wᵀ + c ⊙ Z + b with Z = h Wᵀ + s S Bᵀ (two GEMMs with W, as
+/// PEFT's chain, and its backward pass two, dx = dy W + drop'((dy ⊙ (c − 1)) W + dS A)).
 /// Dropout: on CUDA at::dropout's own kernel; on the CPU lora_dropout_noise (below), because
 /// at::dropout's serial Bernoulli draws cost a third of a LoRA step there. Evaluation and inference keep the unfused path,
 /// whose logits equal PEFT's bit for bit. On by default; off gives the plain autograd chain (for
