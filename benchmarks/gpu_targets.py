@@ -115,13 +115,15 @@ def opt_ins(runs):
         if m:
             mode, layer, tokens = map(int, m.groups()[:3])
             linear[(mode, layer, tokens, int(m.group(4) or 0))] = seconds(b)
-    pairs = [(5, 2, "row kernels"), (4, 2, "extended GEMM"), (6, 2, "extended GEMM + row kernels"),
-             (7, 3, "QLoRA, extended GEMM"), (8, 3, "QLoRA, extended GEMM + row kernels")]
+    split, qsplit = "the split fused path", "QLoRA's split fused path"
+    pairs = [(5, 2, "LoRA layer, row kernels", split), (4, 2, "LoRA layer, extended GEMM", split),
+             (6, 2, "LoRA layer, extended GEMM + row kernels", split), (7, 3, "QLoRA layer, extended GEMM", qsplit),
+             (8, 3, "QLoRA layer, extended GEMM + row kernels", qsplit)]
     for (mode, layer, tokens, graph), t in sorted(linear.items(), key=lambda kv: (kv[0][3], kv[0][1], kv[0][2], kv[0][0])):
-        for new, old, what in pairs:
+        for new, old, what, against in pairs:
             if mode == new and (old, layer, tokens, graph) in linear:
                 where = f"{LAYERS[layer]}, T {tokens}" + (", CUDA graph" if graph else "")
-                out.append((f"LoRA layer, {what} against the split fused path ({where})", linear[(old, layer, tokens, graph)] / t))
+                out.append((f"{what} against {against} ({where})", linear[(old, layer, tokens, graph)] / t))
     # Dropout 0.1 (BM_LoraLinearDropout): inside the row kernels against ATen's dropout kernel, and
     # what dropout costs each path against its own row without it.
     for name, b in sorted(runs.items()):
