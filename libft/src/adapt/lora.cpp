@@ -15,6 +15,8 @@
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
+#include <tuple>
+#include <utility>
 
 #include "ft/io/safetensors.h"
 #include "ft/io/tensor_io.h"
@@ -144,14 +146,30 @@ class CastShare {
   }
 };
 
+// The fused nodes' dropout outside the row kernels: {h = drop(x2), keep}, keep being what
+// dropout_backward needs: on CUDA at::native_dropout's own kernel and its bool mask; on the CPU the
+// scaled noise of lora_dropout_noise (at::dropout's serial Bernoulli draws cost a third of a step).
+std::pair<at::Tensor, at::Tensor> aten_dropout(const at::Tensor& x2, double p) {
+  if (x2.is_cuda()) {
+    auto [dropped, mask] = at::native_dropout(x2, p, /*train=*/true);
+    return {dropped, mask};
+  }
+  at::Tensor noise = lora_dropout_noise(x2, p);
+  return {x2 * noise, noise};
+}
+
+// drop'(t) for aten_dropout's keep (in place on the CPU).
+at::Tensor dropout_backward(at::Tensor t, const at::Tensor& keep, double p) {
+  if (keep.scalar_type() == at::kBool) return at::native_dropout_backward(t, keep, 1.0 / (1.0 - p));
+  return t.mul_(keep);
+}
+
 // drop'(scale · dS A), (T, in): the low-rank term of the input gradient, through dropout's backward
-// when p > 0 (keep: the CUDA path's bool mask, or the CPU path's scaled noise).
+// when p > 0 (keep: aten_dropout's).
 at::Tensor low_rank_input_grad(const at::Tensor& ds, const at::Tensor& ac, const at::Tensor& keep, double p,
                                double scale = 1.0) {
   at::Tensor t = scaled_mm(ds, ac, scale);
-  if (p == 0) return t;
-  if (keep.scalar_type() == at::kBool) return at::native_dropout_backward(t, keep, 1.0 / (1.0 - p));
-  return t.mul_(keep);
+  return p == 0 ? t : dropout_backward(t, keep, p);
 }
 
 // The row kernels (set_lora_row_kernels) where they take the operands (CUDA, float32 x under
@@ -290,14 +308,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     if (lowered) {
       keep = drawn;  // h stays x2: the backward pass redraws drop(x2) where it needs it (dA)
     } else if (p > 0) {
-      if (x2.is_cuda()) {  // at::dropout's fused path on CUDA
-        auto [dropped, mask] = at::native_dropout(x2, p, /*train=*/true);
-        h = dropped;
-        keep = mask;
-      } else {
-        keep = lora_dropout_noise(x2, p);
-        h = x2 * keep;
-      }
+      std::tie(h, keep) = aten_dropout(x2, p);
     }
     const at::Tensor bias = layer->bias.defined() ? layer->bias.to(ct) : at::Tensor();
     at::Tensor y, bc;  // B in the compute dtype
@@ -424,16 +435,7 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
       CastShare::remember(x, x2);
     }
     at::Tensor h = x2, keep;  // keep: CPU: the scaled noise; CUDA: the mask
-    if (p > 0) {
-      if (x2.is_cuda()) {
-        auto [dropped, mask] = at::native_dropout(x2, p, /*train=*/true);
-        h = dropped;
-        keep = mask;
-      } else {
-        keep = lora_dropout_noise(x2, p);
-        h = x2 * keep;
-      }
-    }
+    if (p > 0) std::tie(h, keep) = aten_dropout(x2, p);
     if (!s_low.defined()) s_low = scaled_mm(h, ac.t(), scale);
     const at::Tensor w = layer->dense_weight(ct);
     const at::Tensor z = base_plus_low_rank(h, w, at::Tensor(), s_low, bc);
@@ -473,9 +475,7 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
       if (p > 0) {
         // dy W + drop'((dy ⊙ (c − 1)) W + dS A), c − 1 from m / n in float32.
         const at::Tensor c1 = (magnitude.detach().to(mt) / norm.to(mt) - 1.0).to(ct);
-        at::Tensor inner = at::mm(dy * c1, w).addmm_(ds, ac);
-        inner = keep.scalar_type() == at::kBool ? at::native_dropout_backward(inner, keep, 1.0 / (1.0 - p))
-                                                : inner.mul_(keep);
+        const at::Tensor inner = dropout_backward(at::mm(dy * c1, w).addmm_(ds, ac), keep, p);
         dx = as_input_grad(ctx, inner.addmm_(dy, w));
       } else {
         // The row kernel adds dS A while converting dx to float32 (x's dtype under autocast).
