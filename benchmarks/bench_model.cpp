@@ -353,6 +353,32 @@ void BM_NF4Dequant(benchmark::State& state) {
 }
 BENCHMARK(BM_NF4Dequant)->ArgsProduct({{0, 1}, {0, 1}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 
+// DoRA's row norms ||W + s B A|| of one gate_proj-shaped layer (4096 → 14336 on CUDA with W stored in
+// bf16, as the trainer stores a frozen base under autocast; 1024 → 3584 in float32 on the CPU), r 16:
+// impl 0 forms W + s B A in float32 as PEFT's get_weight_norm does (and libft did until 2026-11-27);
+// impl 1 adapt::dora_row_norm (one (out, r) GEMM over W as stored, ||W||² given, as the adapter keeps
+// it). Arguments: device (0 cpu, 1 cuda), impl.
+void BM_DoraRowNorm(benchmark::State& state) {
+  const at::Device device = state.range(0) ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+  if (device.is_cuda() && !at::hasCUDA()) return state.SkipWithError("no CUDA device");
+  const int64_t out = device.is_cuda() ? 14336 : 3584, in = device.is_cuda() ? 4096 : 1024, r = 16;
+  const auto f32 = at::TensorOptions().device(device);
+  const at::Tensor w = (at::randn({out, in}, f32) * 0.02).to(device.is_cuda() ? at::kBFloat16 : at::kFloat);
+  const at::Tensor a = at::randn({r, in}, f32) * 0.02, b = at::randn({out, r}, f32) * 0.02;
+  const at::Tensor w_sq = w.to(at::kFloat).pow(2).sum(1);
+  auto run = [&] {
+    if (state.range(1) == 1) return adapt::dora_row_norm(w, a, b, 2.0, w_sq);
+    return at::linalg_vector_norm(w.to(at::kFloat) + at::matmul(b, a) * 2.0, 2, {1});
+  };
+  for (int i = 0; i < 2; ++i) run();
+  sync(device);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(run());
+    sync(device);
+  }
+}
+BENCHMARK(BM_DoraRowNorm)->ArgsProduct({{0, 1}, {0, 1}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+
 // The yardstick for NF4Dequant on CUDA: a device-to-device copy of the bf16 output's size, in GB/s of
 // bytes read plus written (NF4Dequant's target: at least 75% of this).
 void BM_DeviceCopy(benchmark::State& state) {

@@ -174,6 +174,11 @@ def opt_ins(runs):
             if base and unshared:
                 out.append((f"1.24B LoRA step, the shared input cast (default) against per-projection casts ({how})",
                             base["tokens/s"] / unshared["tokens/s"]))
+    # DoRA's row norms without forming W + s B A (adapt::dora_row_norm, the default) against forming it.
+    formed, formula = runs.get("BM_DoraRowNorm/1/0"), runs.get("BM_DoraRowNorm/1/1")
+    if formed and formula:
+        out.append(("DoRA row norms, adapt::dora_row_norm (default) against forming W + s B A "
+                    "(gate_proj 4096->14336, bf16 W)", seconds(formed) / seconds(formula)))
     return out
 
 

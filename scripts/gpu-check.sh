@@ -146,7 +146,7 @@ timeout "$(until_share 85)" build-gpu/benchmarks/bench_model --benchmark_min_tim
   --benchmark_out="$out/bench-rows.json" --benchmark_out_format=json >>"$out/bench.log" 2>&1
 rows_rc=$?
 timeout "$(until_share 100)" build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
-  --benchmark_filter='BM_(PackedAttentionCuda|Forward|RMSNorm|NF4Dequant/1/0|LoraOp/([0-9]|1[0-8])/|LoraOp/(19|2[0-9])/(1/|0/16/8192)|LoraLinearDropout/1/[1-6]/0/16/8192/|LoraLinear/1/[0-6]/[0-2]/(8|64)/|LoraLinear/1/[78]/[0-2]/16/)' \
+  --benchmark_filter='BM_(PackedAttentionCuda|Forward|RMSNorm|NF4Dequant/1/0|LoraOp/([0-9]|1[0-8])/|LoraOp/(19|2[0-9])/(1/|0/16/8192)|LoraLinearDropout/1/[1-6]/0/16/8192/|LoraLinear/1/[0-6]/[0-2]/(8|64)/|LoraLinear/1/[78]/[0-2]/16/|DoraRowNorm/1/)' \
   --benchmark_out="$out/bench-extra.json" --benchmark_out_format=json >>"$out/bench.log" 2>&1
 extra_rc=$?
 unset LIBFT_BENCH_PROFILE

@@ -928,6 +928,77 @@ void check_grad_splits(const at::Device device) {
   }
 }
 
+// adapt::dora_row_norm (the row norms ||W + s B A|| of DoRA's fused node, from ||W||² and two
+// (out, r) products) against the formed W + s B A in float64, for W in float64, float32 and bf16
+// (on CUDA a bf16 W takes the GEMM against A split into two bf16 halves) with a low-rank term about
+// as large as W, so that both correction terms matter; and with ||W||² given.
+void check_dora_row_norm_formula(const at::Device device) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
+  const at::Tensor w0 = at::empty({96, 160}, at::kDouble).normal_(0, 1, gen);
+  const at::Tensor a = at::empty({8, 160}, at::kFloat).normal_(0, 0.3, gen).to(device);
+  const at::Tensor b = at::empty({96, 8}, at::kFloat).normal_(0, 0.3, gen).to(device);
+  const double s = 2.0;
+  for (const auto& [dtype, tol] : {std::pair{at::kDouble, 1e-12}, std::pair{at::kFloat, 1e-6}, std::pair{at::kBFloat16, 1e-5}}) {
+    SCOPED_TRACE(std::string(c10::toString(dtype)) + " on " + device.str());
+    const at::Tensor w = w0.to(dtype).to(device);
+    const at::Tensor want =
+        at::linalg_vector_norm(w.to(at::kDouble) + s * b.to(at::kDouble).mm(a.to(at::kDouble)), 2, {1});
+    // Under autocast too: the products must not be rounded to bf16.
+    util::AutocastScope autocast(true, device.type());
+    const at::Tensor got = adapt::dora_row_norm(w, a, b, s);
+    EXPECT_EQ(got.scalar_type(), dtype == at::kDouble ? at::kDouble : at::kFloat);
+    EXPECT_LE(test::max_rel_error(got, want), tol);
+    const at::Tensor w_sq = w.to(at::kDouble).pow(2).sum(1).to(got.scalar_type());
+    EXPECT_LE(test::max_rel_error(adapt::dora_row_norm(w, a, b, s, w_sq), want), tol);
+    // Both correction terms matter here.
+    EXPECT_GT(test::max_rel_error(w_sq.to(at::kDouble).sqrt(), want), 0.1);
+  }
+}
+
+TEST(LoraFused, DoraRowNormFormula) { check_dora_row_norm_formula(at::kCPU); }
+
+TEST(LoraCuda, DoraRowNormFormula) {
+  FT_REQUIRE_CUDA();
+  check_dora_row_norm_formula(at::kCUDA);
+}
+
+// DoRA's fused node (its row norms from adapt::dora_row_norm, ||W||² kept per base) gives the
+// unfused path's output, which forms W + s B A, in float64 to 1e-12: at first, after the base
+// changes in place, and after it is replaced (the kept ||W||² must follow both).
+TEST(LoraFused, DoraRowNormFollowsTheBase) {
+  model::CausalLM m = base_model(at::kDouble);
+  adapt::LoraOptions o;
+  o.targets = {"up_proj"};
+  o.r = 4;
+  o.dora = true;
+  const auto layers = adapt::apply_lora(m, o);
+  randomize_b(m, 21);
+  m->train();
+  auto* lin = dynamic_cast<model::LinearImpl*>(m->named_modules()[layers[0].module].get());
+  ASSERT_NE(lin, nullptr);
+  const at::Tensor x = at::randn({3, 5, lin->in_features}, at::kDouble);
+  auto compare = [&](const char* when) {
+    adapt::set_lora_fused(m, true);
+    const at::Tensor fused = lin->forward(x.clone().requires_grad_());
+    EXPECT_NE(fused.grad_fn()->name().find("FusedDora"), std::string::npos) << when;
+    adapt::set_lora_fused(m, false);
+    const at::Tensor chain = lin->forward(x.clone().requires_grad_());
+    EXPECT_LE(test::max_rel_error(fused, chain), 1e-12) << when;
+    return fused.detach();
+  };
+  const at::Tensor before = compare("first");
+  {
+    at::NoGradGuard no_grad;
+    lin->weight.mul_(1.5);
+  }
+  EXPECT_GT(test::max_rel_error(compare("after an in-place change"), before), 1e-3);
+  {
+    at::NoGradGuard no_grad;
+    lin->weight.set_data(lin->weight.flip(1).clone());
+  }
+  compare("after a replacement");
+}
+
 TEST(LoraFused, GradSplitsGiveOneGemmsGradients) { check_grad_splits(at::kCPU); }
 
 TEST(LoraCuda, GradSplitsGiveOneGemmsGradients) {

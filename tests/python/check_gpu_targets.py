@@ -48,6 +48,8 @@ data = {"benchmarks": [
     bench("BM_RopeCuda/1/4", 100.0),  # no unfused row: no speed-up
     bench("BM_LoraLinearDropout/1/2/0/16/2048/0", 300.0),  # dropout 0.1, ATen's kernel
     bench("BM_LoraLinearDropout/1/5/0/16/2048/0", 250.0),  # inside the row kernels: 1.2x
+    bench("BM_DoraRowNorm/1/0", 900.0),  # DoRA's norms, W + s B A formed
+    bench("BM_DoraRowNorm/1/1", 100.0),  # without: 9x
     bench("BM_LoraOp/21/0/16/2048", 24.0),  # dB, one GEMM
     bench("BM_LoraOp/22/0/16/2048", 12.0),  # dB split over 4 chunks: 2x
     bench("BM_LoraOp/26/0/16/2048", 10.0),  # dA split over 8 chunks, but no single-GEMM dA row: no ratio
@@ -111,6 +113,7 @@ expect_speedups = {
     "LoRA layer mode 2, without dropout against with dropout 0.1 (o_proj 4096->4096, T 2048)": 300.0 / 215.0,
     "dB = dy^T S split over 4 token chunks (lora.grad_splits 4) against one GEMM (o_proj 4096->4096, T 2048)": 2.0,
     "1.24B LoRA step, the shared input cast (default) against per-projection casts (batch 1)": 25000.0 / 24000.0,
+    "DoRA row norms, adapt::dora_row_norm (default) against forming W + s B A (gate_proj 4096->14336, bf16 W)": 9.0,
 }
 assert set(speedups) == set(expect_speedups), sorted(speedups)
 for text, value in expect_speedups.items():

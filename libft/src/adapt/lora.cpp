@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <mutex>
+#include <optional>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <regex>
@@ -501,7 +502,7 @@ class LoraAdapter final : public model::LinearAdapter {
     // Autocast aside, the unfused path computes in A's dtype; the fused one needs x to match it.
     if (!at::autocast::is_autocast_enabled(x.device().type()) && x.scalar_type() != A->weight.scalar_type()) return {};
     if (magnitude.defined()) {
-      return FusedDora::apply(x, A->weight, B->weight, magnitude, row_norm(/*detach=*/true), owner_, info.scale,
+      return FusedDora::apply(x, A->weight, B->weight, magnitude, training_row_norm(), owner_, info.scale,
                               dropout_, row_kernels, grad_splits);
     }
     const at::Tensor w_ext = extended_weight(x);
@@ -581,6 +582,30 @@ class LoraAdapter final : public model::LinearAdapter {
     return at::linalg_vector_norm(owner_->dense_weight(type).detach() + lora * info.scale, 2, {1}).detach();
   }
 
+  /// row_norm(true) for the fused node through dora_row_norm (no W + s B A formed), with ||W_i||²
+  /// computed once, until W changes (merged, loaded, moved, replaced). An NF4 base is decoded once
+  /// for the call, in the step's compute dtype.
+  at::Tensor training_row_norm() {
+    const auto type = owner_->weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    at::NoGradGuard no_grad;
+    const adapt::NF4Tensor* q = owner_->nf4();
+    at::Tensor w = owner_->weight;
+    if (q != nullptr) {
+      const auto dev = q->packed.device().type();
+      w = owner_->dense_weight(at::autocast::is_autocast_enabled(dev) ? at::autocast::get_autocast_dtype(dev) : type);
+    }
+    const void* key = q != nullptr ? q->packed.data_ptr() : w.data_ptr();
+    const int64_t version = q != nullptr ? q->packed._version() : w._version();
+    if (!w_sq.defined() || w_sq_key != key || w_sq_version != version || w_sq.device() != w.device() ||
+        w_sq.scalar_type() != type) {
+      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+      w_sq = w.to(type).pow(2).sum(1);
+      w_sq_key = key;
+      w_sq_version = version;
+    }
+    return dora_row_norm(w, A->weight.detach(), B->weight.detach(), info.scale, w_sq);
+  }
+
   /// scale · B A, in float32 (float64 for a float64 base), shaped like the base weight.
   at::Tensor delta() const {
     const auto type = owner_->weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -599,6 +624,9 @@ class LoraAdapter final : public model::LinearAdapter {
   bool row_kernels = false;  ///< set_lora_row_kernels
   int64_t grad_splits = 1;   ///< set_lora_grad_splits
   at::Tensor w_ext;     ///< [W | B] in the compute dtype, (out, in + r); W's storage once built
+  at::Tensor w_sq;      ///< ||W_i||² per row for training_row_norm, and what it was computed from
+  const void* w_sq_key = nullptr;
+  int64_t w_sq_version = -1;
 };
 
 /// PEFT's check_target_module_exists for a list of names (or its regex form).
@@ -801,6 +829,30 @@ at::Tensor lora_dropout_noise(const at::Tensor& x, double p) {
     });
   });
   return out;
+}
+
+at::Tensor dora_row_norm(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
+                         const at::Tensor& w_sq) {
+  at::NoGradGuard no_grad;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // autocast would round to bf16
+  const auto type = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor af = a.to(type), bf = b.to(type);
+  at::Tensor wa;  // W Aᵀ, (out, r), in `type`
+  if (w.scalar_type() == type) {
+    wa = at::mm(w, af.t());
+  } else if (w.is_cuda() && (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf) && type == at::kFloat) {
+    // A ≈ hi + lo, both in W's dtype: one GEMM over [hi; lo] with float32 accumulation and output
+    // reads W once as stored (no float32 copy of W) and keeps A's precision within 2⁻¹⁶.
+    const int64_t r = af.size(0);
+    const at::Tensor hi = af.to(w.scalar_type()), lo = (af - hi.to(type)).to(w.scalar_type());
+    const at::Tensor both = at::mm(w, at::cat({hi, lo}).t(), at::kFloat);  // (out, 2r)
+    wa = both.narrow(1, 0, r) + both.narrow(1, r, r);
+  } else {
+    wa = at::mm(w.to(type), af.t());
+  }
+  const at::Tensor sq = w_sq.defined() ? w_sq : w.to(type).pow(2).sum(1);
+  const at::Tensor cross = (bf * wa).sum(1), quad = (at::mm(bf, at::mm(af, af.t())) * bf).sum(1);
+  return (sq + (2.0 * scale) * cross + (scale * scale) * quad).clamp_min(0).sqrt();
 }
 
 void set_lora_fused(model::CausalLM& model, bool fused) {

@@ -141,6 +141,16 @@ at::Tensor adapter_grad_mm(const at::Tensor& a, const at::Tensor& b, at::ScalarT
 /// default CPU generator, so that manual_seed and a checkpoint's generator state reproduce it
 /// (p is resolved to 2⁻³²).
 at::Tensor lora_dropout_noise(const at::Tensor& x, double p);
+/// ||W + scale · B A|| per output row (W: (out, in) as stored, A: (r, in), B: (out, r)), as DoRA's
+/// fused training node takes it, without forming W + scale · B A (out × in in float32, plus a float32
+/// copy of W: ~26 bytes per weight and step through memory, as PEFT's get_weight_norm does it):
+///   ||W_i + s (B A)_i||² = ||W_i||² + 2 s Σ_k B_ik (W Aᵀ)_ik + s² Σ_k (B (A Aᵀ))_ik B_ik,
+/// one (out, r) GEMM that reads W once (a bf16/fp16 W on CUDA against A split into two halves of W's
+/// dtype with float32 accumulation, A's precision kept within 2⁻¹⁶), the rest (out, r) and (r, r)
+/// work. `w_sq`: ||W_i||² if known (the adapter computes it once per frozen base). float64 for a
+/// float64 W, else float32; autocast does not apply.
+at::Tensor dora_row_norm(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
+                         const at::Tensor& w_sq = {});
 /// Merges (unless merged) and removes the adapters: a plain model again, for save_pretrained.
 void merge_and_unload_lora(model::CausalLM& model);
 
