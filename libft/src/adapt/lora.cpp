@@ -421,7 +421,8 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
 struct FusedDora : public torch::autograd::Function<FusedDora> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a,
                             const at::Tensor& b, const at::Tensor& magnitude, const at::Tensor& norm,
-                            model::LinearImpl* layer, double scale, double p, bool row_kernels, int64_t grad_splits) {
+                            const at::Tensor* w_or_null, model::LinearImpl* layer, double scale, double p,
+                            bool row_kernels, int64_t grad_splits) {
     const at::ScalarType ct = util::compute_dtype(x);
     const int64_t in = x.size(-1);
     const at::Tensor x_in = x.reshape({-1, in});
@@ -438,7 +439,9 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
     at::Tensor h = x2, keep;  // keep: CPU: the scaled noise; CUDA: the mask
     if (p > 0) std::tie(h, keep) = aten_dropout(x2, p);
     if (!s_low.defined()) s_low = scaled_mm(h, ac.t(), scale);
-    const at::Tensor w = layer->dense_weight(ct);
+    // W in the compute dtype: given (an NF4 base, decoded once for the row norms and these GEMMs)
+    // or the layer's.
+    const at::Tensor w = w_or_null != nullptr ? *w_or_null : layer->dense_weight(ct);
     const at::Tensor z = base_plus_low_rank(h, w, at::Tensor(), s_low, bc);
     const at::Tensor c = (magnitude.detach() / norm).to(ct);
     at::Tensor y = z * c;
@@ -485,7 +488,8 @@ struct FusedDora : public torch::autograd::Function<FusedDora> {
         dx = as_input_grad(ctx, input_grad(dz, w, ds, ac, at::Tensor(), 0.0, row_kernels));
       }
     }
-    return {dx, da, db, dm, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, da, db, dm, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -502,7 +506,10 @@ class LoraAdapter final : public model::LinearAdapter {
     // Autocast aside, the unfused path computes in A's dtype; the fused one needs x to match it.
     if (!at::autocast::is_autocast_enabled(x.device().type()) && x.scalar_type() != A->weight.scalar_type()) return {};
     if (magnitude.defined()) {
-      return FusedDora::apply(x, A->weight, B->weight, magnitude, training_row_norm(), owner_, info.scale,
+      // An NF4 base decoded once, for the row norms and both of the node's forward GEMMs.
+      const at::Tensor w_nf4 = owner_->nf4() != nullptr ? owner_->dense_weight(util::compute_dtype(x)) : at::Tensor();
+      return FusedDora::apply(x, A->weight, B->weight, magnitude, training_row_norm(w_nf4),
+                              w_nf4.defined() ? &w_nf4 : nullptr, owner_, info.scale,
                               dropout_, row_kernels, grad_splits);
     }
     const at::Tensor w_ext = extended_weight(x);
@@ -583,17 +590,13 @@ class LoraAdapter final : public model::LinearAdapter {
   }
 
   /// row_norm(true) for the fused node through dora_row_norm (no W + s B A formed), with ||W_i||²
-  /// computed once, until W changes (merged, loaded, moved, replaced). An NF4 base is decoded once
-  /// for the call, in the step's compute dtype.
-  at::Tensor training_row_norm() {
+  /// computed once, until W changes (merged, loaded, moved, replaced). `decoded`: an NF4 base's W,
+  /// decoded by the caller (which uses it for its GEMMs too).
+  at::Tensor training_row_norm(const at::Tensor& decoded) {
     const auto type = owner_->weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     at::NoGradGuard no_grad;
     const adapt::NF4Tensor* q = owner_->nf4();
-    at::Tensor w = owner_->weight;
-    if (q != nullptr) {
-      const auto dev = q->packed.device().type();
-      w = owner_->dense_weight(at::autocast::is_autocast_enabled(dev) ? at::autocast::get_autocast_dtype(dev) : type);
-    }
+    const at::Tensor w = q != nullptr ? decoded : owner_->weight;
     const void* key = q != nullptr ? q->packed.data_ptr() : w.data_ptr();
     const int64_t version = q != nullptr ? q->packed._version() : w._version();
     if (!w_sq.defined() || w_sq_key != key || w_sq_version != version || w_sq.device() != w.device() ||
