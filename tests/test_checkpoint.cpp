@@ -1002,8 +1002,8 @@ TEST(TrainLossChunk, TrainsAsTheWholeLogits) {
   }
 }
 
-// The LoRA layer's execution paths (lora.fused, lora.extended_gemm, lora.row_kernels) train as the
-// default fused path does: the same loss at every step within `tol` (relative), and the run's log
+// The LoRA layer's execution paths (lora.fused, lora.extended_gemm, lora.row_kernels,
+// lora.grad_splits, lora.group_projections) train as the default fused path does: the same loss at every step within `tol` (relative), and the run's log
 // names the path it took. On the CPU in float32 the extended GEMM and the row kernels do not apply
 // (no autocast cast to fold into; no CUDA), so there the unfused chain is the comparison. With
 // mode "qlora" (CUDA): the NF4 base's split GEMMs against its extended GEMM (W decoded into a
@@ -1015,22 +1015,28 @@ void lora_paths_train_alike(const std::string& device, const std::string& dtype,
     bool fused, extended, row_kernels;
     int64_t grad_splits;
     const char* described;
+    bool grouped = false;
   };
   std::vector<Path> paths = {{"default", true, false, false, 1, "(fused)"},
                              {"unfused", false, false, false, 1, "(unfused)"},
-                             {"grad_splits", true, false, false, 4, "(fused, adapter gradients in 4 token chunks)"}};
+                             {"grad_splits", true, false, false, 4, "(fused, adapter gradients in 4 token chunks)"},
+                             {"grouped", true, false, false, 1, "(fused, grouped projections)", true}};
   if (device == "cuda") {
     paths.push_back({"extended", true, true, false, 1, "(fused, extended GEMM)"});
     paths.push_back({"row_kernels", true, false, true, 1, "(fused, row kernels)"});
     paths.push_back({"both", true, true, true, 1, "(fused, extended GEMM, row kernels)"});
     paths.push_back({"all", true, true, true, 4, "(fused, extended GEMM, row kernels, adapter gradients in 4 token chunks)"});
+    paths.push_back({"all_grouped", true, true, true, 4,
+                     "(fused, extended GEMM, row kernels, adapter gradients in 4 token chunks, grouped projections)",
+                     true});
   }
   if (mode == "qlora") {
     const Path extended = {"extended", true, true, false, 1, "(fused, extended GEMM)"};
+    const Path grouped = {"extended_grouped", true, true, false, 1, "(fused, extended GEMM, grouped projections)", true};
     if (device == "cuda") {
-      paths = {paths[0], extended, {"both", true, true, true, 1, "(fused, extended GEMM, row kernels)"}};
+      paths = {paths[0], extended, {"both", true, true, true, 1, "(fused, extended GEMM, row kernels)"}, grouped};
     } else {
-      paths = {paths[0], extended};  // (CPU bf16 autocast: the extended GEMM applies, the row kernels do not)
+      paths = {paths[0], extended, grouped};  // (CPU bf16 autocast: the extended GEMM applies, the row kernels do not)
     }
   }
   const fs::path dir = scratch("train_" + mode + "_paths_" + device);
@@ -1047,6 +1053,7 @@ void lora_paths_train_alike(const std::string& device, const std::string& dtype,
     pc.lora.extended_gemm = p.extended;
     pc.lora.row_kernels = p.row_kernels;
     pc.lora.grad_splits = p.grad_splits;
+    pc.lora.group_projections = p.grouped;
     pc.output_dir = (dir / p.name).string();
     const fs::path log_path = dir / (std::string(p.name) + ".log");
     std::FILE* log = std::fopen(log_path.c_str(), "w");

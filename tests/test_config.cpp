@@ -309,9 +309,10 @@ TEST(RunConfig, LoraSection) {
   std::string y = kGood;
   y += "mode: lora\nlora:\n  r: 4\n  alpha: 8\n  dropout: 0.05\n  targets: [all-linear]\n  rslora: true\n"
        "  init: gaussian\n  rank_pattern: {down_proj: 2, \"mlp\\\\..*\": 3}\n  alpha_pattern: {o_proj: 1.5}\n"
-       "  extended_gemm: true\n  row_kernels: true\n  grad_splits: 4\n";
+       "  extended_gemm: true\n  row_kernels: true\n  grad_splits: 4\n  group_projections: true\n";
   const config::RunConfig c = config::parse_run_config(y, "run.yaml");
   EXPECT_EQ(c.lora.r, 4);
+  EXPECT_TRUE(c.lora.group_projections);
   EXPECT_EQ(c.lora.grad_splits, 4);
   EXPECT_TRUE(c.lora.fused);  // the default
   EXPECT_TRUE(c.lora.extended_gemm);
@@ -335,8 +336,12 @@ TEST(RunConfig, LoraSection) {
   EXPECT_NE(e.find("'lora.rank_pattern' must map module patterns"), std::string::npos) << e;
   EXPECT_NE(e.find("did you mean 'alpha'?"), std::string::npos) << e;
   EXPECT_NE(e.find("'lora.grad_splits' must be in [1, 64], got 0"), std::string::npos) << e;
-  const std::string e2 = error_of(std::string(kGood) + "mode: lora\nlora:\n  fused: false\n  row_kernels: true\n");
+  const std::string e2 =
+      error_of(std::string(kGood) + "mode: lora\nlora:\n  fused: false\n  row_kernels: true\n  group_projections: true\n");
   EXPECT_NE(e2.find("'lora.row_kernels' is a path of the fused layer; it needs 'lora.fused: true'"), std::string::npos) << e2;
+  EXPECT_NE(e2.find("'lora.group_projections' is a path of the fused layer; it needs 'lora.fused: true'"),
+            std::string::npos)
+      << e2;
   const config::RunConfig plain = config::parse_run_config(std::string(kGood) + "mode: lora\nlora:\n  fused: false\n", "run.yaml");
   EXPECT_FALSE(plain.lora.fused);
   EXPECT_FALSE(config::parse_run_config(config::to_yaml(plain), "resolved").lora.fused);

@@ -1285,3 +1285,242 @@ TEST(LoraFused, DropoutNoiseStatistics) {
     }
   }
 }
+
+// Grouped projections (set_lora_group_projections): q, k and v (gate and up) as one fused node over
+// stacked weights, against the same model with a node per layer, in float64 on the CPU: logits and
+// every adapter gradient to 1e-12, for PEFT's default targets (q and v adapted, k frozen inside the
+// group) on a model with q/k/v biases, and for all-linear with other ranks and alphas per layer
+// (block i of B carries s_i / s), with grouped-query attention (k and v narrower than q). The
+// grouped node is really taken (its profile scope), the weights really are rows of one buffer,
+// the frozen values do not change, and off again each weight has storage of its own.
+TEST(LoraGroup, GroupedProjectionsComputeWhatSeparateLayersCompute) {
+  struct Case {
+    const char* name;
+    const char* model_type;
+    std::vector<std::string> targets;
+    std::vector<std::pair<std::string, int64_t>> ranks;
+    std::vector<std::pair<std::string, double>> alphas;
+    bool mlp_bias;
+  };
+  const std::vector<Case> cases = {
+      {"q and v (k frozen in the group), q/k/v biases", "qwen2", {"q_proj", "v_proj"}, {}, {}, false},
+      {"all-linear, ranks and alphas per layer", "llama", {"all-linear"}, {{"k_proj", 2}, {"up_proj", 3}},
+       {{"v_proj", 5.0}, {"gate_proj", 7.0}}, true},
+      {"gate only (up frozen in the group)", "llama", {"gate_proj", "k_proj"}, {}, {}, false}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    io::ModelConfig mc = test::tiny_config(c.model_type);
+    mc.qkv_bias = mc.model_type == "qwen2";
+    mc.mlp_bias = c.mlp_bias;
+    auto make = [&](bool grouped) {
+      model::CausalLM m(mc);
+      model::init_weights(m, 31);
+      {
+        at::NoGradGuard no_grad;  // biases that count (the initialisation zeroes them)
+        auto gen = at::make_generator<at::CPUGeneratorImpl>(77);
+        for (const auto& item : m->named_parameters()) {
+          const std::string& key = item.key();
+          if (key.size() > 5 && key.substr(key.size() - 5) == ".bias") item.value().normal_(0.0, 0.5, gen);
+        }
+      }
+      adapt::LoraOptions o;
+      o.targets = c.targets;
+      o.r = 4;
+      o.rank_pattern = c.ranks;
+      o.alpha_pattern = c.alphas;
+      adapt::apply_lora(m, o);
+      randomize_b(m, 9);
+      m->to(at::kDouble);
+      adapt::set_lora_group_projections(m, grouped);
+      m->train();
+      return m;
+    };
+    model::CausalLM separate = make(false), grouped = make(true);
+    std::map<std::string, at::Tensor> frozen;
+    for (const auto& item : grouped->named_parameters()) {
+      if (!item.value().requires_grad()) frozen[item.key()] = item.value().detach().clone();
+    }
+    const at::Tensor probe = at::randn({2, 11, mc.vocab_size}, at::kDouble);
+    auto run = [&](model::CausalLM& m, bool expect_grouped) {
+      for (auto& p : m->parameters()) p.mutable_grad() = at::Tensor();
+      test::OpNames ops;
+      const at::Tensor logits = m->forward(ids());
+      (logits * probe).sum().backward();
+      EXPECT_EQ(ops.seen("ft::lora_grouped_projections"), expect_grouped);
+      return std::make_pair(logits.detach(), trainable_grads(m));
+    };
+    const auto [y_sep, g_sep] = run(separate, false);
+    const auto [y_grp, g_grp] = run(grouped, true);
+    EXPECT_LE(test::max_rel_error(y_grp, y_sep), 1e-12);
+    ASSERT_EQ(g_grp.size(), g_sep.size());
+    for (const auto& [name, g] : g_sep) {
+      ASSERT_TRUE(g_grp.at(name).defined()) << name;
+      EXPECT_GT(g.abs().max().item<double>(), 0) << name;  // every adapter is reached
+      EXPECT_LE(test::max_rel_error(g_grp.at(name), g), 1e-12) << name;
+    }
+    // The weights of a group are rows of one buffer, in order; the frozen values are unchanged.
+    auto modules = grouped->named_modules();
+    auto weight = [&](const std::string& name) -> at::Tensor& {
+      return dynamic_cast<model::LinearImpl*>(modules["model.layers.1." + name].get())->weight;
+    };
+    auto next_rows = [](const at::Tensor& a, const at::Tensor& b) {
+      return b.is_alias_of(a) && static_cast<const char*>(b.data_ptr()) ==
+                                     static_cast<const char*>(a.data_ptr()) + a.size(0) * a.stride(0) * a.element_size();
+    };
+    EXPECT_TRUE(next_rows(weight("self_attn.q_proj"), weight("self_attn.k_proj")));
+    EXPECT_TRUE(next_rows(weight("self_attn.k_proj"), weight("self_attn.v_proj")));
+    EXPECT_EQ(next_rows(weight("mlp.gate_proj"), weight("mlp.up_proj")), c.targets[0] != "q_proj");
+    EXPECT_FALSE(weight("self_attn.v_proj").is_alias_of(weight("self_attn.o_proj")));
+    for (const auto& item : grouped->named_parameters()) {
+      if (frozen.count(item.key())) EXPECT_TRUE(item.value().equal(frozen.at(item.key()))) << item.key();
+    }
+    // A second pass (the buffer is kept, not rebuilt) and the same again.
+    const void* buffer = weight("self_attn.q_proj").data_ptr();
+    const auto [y_grp2, g_grp2] = run(grouped, true);
+    EXPECT_TRUE(y_grp2.equal(y_grp));
+    EXPECT_EQ(weight("self_attn.q_proj").data_ptr(), buffer);
+    // Off: storage of their own, the same values, the per-layer nodes.
+    adapt::set_lora_group_projections(grouped, false);
+    EXPECT_FALSE(weight("self_attn.q_proj").is_alias_of(weight("self_attn.k_proj")));
+    EXPECT_TRUE(weight("self_attn.k_proj").is_contiguous());
+    for (const auto& item : grouped->named_parameters()) {
+      if (frozen.count(item.key())) EXPECT_TRUE(item.value().equal(frozen.at(item.key()))) << item.key();
+    }
+    const auto [y_off, g_off] = run(grouped, false);
+    EXPECT_LE(test::max_rel_error(y_off, y_sep), 1e-12);
+  }
+}
+
+// Grouped projections under CPU bf16 autocast, through the split GEMMs and the extended GEMM
+// ([x | s S] [W | B]ᵀ with B block-diagonal), on a bf16-stored base and an NF4 one: three SGD
+// steps give the separate layers' losses within bf16 rounding, and the first step's adapter
+// gradients are within bf16 bounds of theirs (a misplaced block or scale is off by its whole
+// size). The extended group's weights are rows of one (Σ out, in + R) buffer.
+TEST(LoraGroup, GroupedProjectionsTrainAsSeparateLayersInBf16) {
+  for (const bool nf4 : {false, true}) {
+    for (const bool extended : {false, true}) {
+      SCOPED_TRACE(std::string(nf4 ? "NF4" : "bf16-stored") + " base" + (extended ? ", extended GEMM" : ""));
+      io::ModelConfig mc = test::tiny_config();
+      mc.hidden_size = 64;  // NF4 blocks of 64
+      mc.intermediate_size = 128;
+      auto make = [&](bool grouped) {
+        model::CausalLM m(mc);
+        model::init_weights(m, 41);
+        if (nf4) {
+          for (const auto& item : m->named_modules()) {
+            auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
+            if (lin != nullptr && item.key() != "lm_head") lin->quantize_nf4(64, true);
+          }
+        }
+        adapt::LoraOptions o;
+        o.targets = {"all-linear"};
+        o.r = 4;
+        o.rank_pattern = {{"v_proj", 8}};
+        adapt::apply_lora(m, o);
+        randomize_b(m, 12);
+        if (!nf4) adapt::store_frozen_linears(m, at::kBFloat16);
+        adapt::set_lora_extended_gemm(m, extended);
+        adapt::set_lora_group_projections(m, grouped);
+        m->train();
+        return m;
+      };
+      model::CausalLM separate = make(false), grouped = make(true);
+      auto step = [&](model::CausalLM& m, bool expect_grouped) {
+        for (auto& p : m->parameters()) p.mutable_grad() = at::Tensor();
+        test::OpNames ops;
+        at::Tensor loss;
+        {
+          util::AutocastScope autocast(true, at::kCPU);
+          const at::Tensor logits = m->forward(ids());
+          loss = at::cross_entropy_loss(logits.view({-1, logits.size(-1)}).to(at::kFloat), ids().roll(-1, 1).reshape({-1}));
+        }
+        loss.backward();
+        EXPECT_EQ(ops.seen("ft::lora_grouped_projections"), expect_grouped);
+        EXPECT_EQ(ops.seen("ft::lora_extended_gemm"), extended);
+        auto grads = trainable_grads(m);
+        at::NoGradGuard no_grad;
+        for (auto& p : m->parameters()) {
+          if (p.requires_grad()) p.sub_(p.grad(), 0.05);
+        }
+        return std::make_pair(loss.item<double>(), grads);
+      };
+      for (int i = 0; i < 3; ++i) {
+        SCOPED_TRACE("step " + std::to_string(i));
+        const auto [loss_sep, g_sep] = step(separate, false);
+        const auto [loss_grp, g_grp] = step(grouped, true);
+        EXPECT_NEAR(loss_grp, loss_sep, 1e-2 * std::abs(loss_sep));
+        if (i > 0) continue;
+        for (const auto& [name, g] : g_sep) EXPECT_LE(test::max_rel_error(g_grp.at(name), g), 0.05) << name;
+      }
+      if (!nf4) {
+        auto modules = grouped->named_modules();
+        const at::Tensor& q = dynamic_cast<model::LinearImpl*>(modules["model.layers.0.self_attn.q_proj"].get())->weight;
+        EXPECT_EQ(q.stride(0), extended ? mc.hidden_size + 4 + 4 + 8 : mc.hidden_size);
+      }
+    }
+  }
+}
+
+// Where a member cannot take the grouped node, each layer runs its own (the same results as
+// without grouping): dropout (PEFT draws a mask per layer), DoRA, evaluation; and a grouped model
+// merges, converts and saves as a separate one does.
+TEST(LoraGroup, DeclinesWhereItDoesNotApplyAndMergesAndConverts) {
+  for (const auto& [label, dropout, dora] : {std::tuple{"dropout", 0.1, false}, std::tuple{"DoRA", 0.0, true}}) {
+    SCOPED_TRACE(label);
+    model::CausalLM m(test::tiny_config());
+    model::init_weights(m, 3);
+    adapt::LoraOptions o;
+    o.targets = {"all-linear"};
+    o.dropout = dropout;
+    o.dora = dora;
+    adapt::apply_lora(m, o);
+    adapt::set_lora_group_projections(m, true);
+    m->train();
+    test::OpNames ops;
+    m->forward(ids()).sum().backward();
+    EXPECT_FALSE(ops.seen("ft::lora_grouped_projections"));
+  }
+  auto make = [](bool grouped) {
+    model::CausalLM m(test::tiny_config());
+    model::init_weights(m, 4);
+    adapt::LoraOptions o;
+    o.targets = {"q_proj", "k_proj", "v_proj", "up_proj"};
+    adapt::apply_lora(m, o);
+    randomize_b(m, 5);
+    m->to(at::kDouble);
+    adapt::set_lora_group_projections(m, grouped);
+    m->train();
+    m->forward(ids()).sum().backward();  // grouped: the weights move into the buffers
+    return m;
+  };
+  model::CausalLM separate = make(false), grouped = make(true);
+  {
+    test::OpNames ops;
+    grouped->eval();
+    at::NoGradGuard no_grad;
+    // (not bit for bit: a weight that is rows of a buffer may start at another alignment)
+    EXPECT_LE(test::max_rel_error(grouped->forward(ids()), separate->forward(ids())), 1e-12);
+    EXPECT_FALSE(ops.seen("ft::lora_grouped_projections"));  // evaluation keeps PEFT's path
+  }
+  // Converted: the weights leave the buffers; the next training pass stacks them again.
+  grouped->to(at::kFloat);
+  separate->to(at::kFloat);
+  grouped->train();
+  separate->train();
+  {
+    test::OpNames ops;
+    const at::Tensor y = grouped->forward(ids());
+    EXPECT_TRUE(ops.seen("ft::lora_grouped_projections"));
+    EXPECT_LE(test::max_rel_error(y.detach(), separate->forward(ids()).detach()), 1e-5);
+  }
+  // Merged into the stacked weights and saved: the checkpoint is the separate model's merged one.
+  adapt::merge_and_unload_lora(grouped);
+  adapt::merge_and_unload_lora(separate);
+  const fs::path dir = scratch("grouped_merged");
+  io::save_pretrained(grouped, dir.string());
+  model::CausalLM loaded = io::load_pretrained(dir.string());
+  loaded->eval();
+  separate->eval();
+  at::NoGradGuard no_grad;
+  EXPECT_TRUE(loaded->forward(ids()).equal(separate->forward(ids())));
+}

@@ -9,7 +9,9 @@
 #include <torch/autograd.h>
 #include <torch/nn/modules/linear.h>
 
+#include <algorithm>
 #include <cmath>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <filesystem>
@@ -248,7 +250,7 @@ at::Tensor input_grad(const at::Tensor& dz, const at::Tensor& w, const at::Tenso
 // step, so the backward pass reaches W through it; A's and B's dtype, since the nodes save their
 // compute-dtype copies), and y (T, out) shaped like x with out features.
 at::Tensor finish_forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& y,
-                          model::LinearImpl* layer, double scale, at::ScalarType adapter_dtype) {
+                          const void* layer, double scale, at::ScalarType adapter_dtype) {
   ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
   ctx->saved_data["scale"] = scale;
   ctx->saved_data["x_dtype"] = x.scalar_type();
@@ -264,6 +266,117 @@ at::Tensor as_input_grad(torch::autograd::AutogradContext* ctx, const at::Tensor
   return dx.view(ctx->saved_data["x_sizes"].toIntVector()).to(ctx->saved_data["x_dtype"].toScalarType());
 }
 
+// The frozen base a fused LoRA node multiplies, W (out, in) and its bias: one linear layer's, or
+// those of a group of layers that read the same input, stacked by rows (GroupBase).
+class FrozenBase {
+ public:
+  virtual ~FrozenBase() = default;
+  /// NF4: W is decoded at every use.
+  virtual bool quantized() const = 0;
+  /// The bias in `ct`, or undefined.
+  virtual at::Tensor bias(at::ScalarType ct) const = 0;
+  virtual at::Tensor dense_weight(at::ScalarType ct) const = 0;
+  /// dense_weight(out's dtype) written into `out` (out, in), which may be a strided view.
+  virtual void dense_weight_into(const at::Tensor& out) const = 0;
+};
+
+class LayerBase final : public FrozenBase {
+ public:
+  explicit LayerBase(model::LinearImpl* layer) : layer_(layer) {}
+  bool quantized() const override { return layer_->nf4() != nullptr; }
+  at::Tensor bias(at::ScalarType ct) const override {
+    return layer_->bias.defined() ? layer_->bias.to(ct) : at::Tensor();
+  }
+  at::Tensor dense_weight(at::ScalarType ct) const override { return layer_->dense_weight(ct); }
+  void dense_weight_into(const at::Tensor& out) const override { layer_->dense_weight_into(out); }
+
+ private:
+  model::LinearImpl* layer_;
+};
+
+// Layers that read the same input (q, k and v; gate and up), as one base (set_lora_group_projections):
+// W = [W_1; W_2; …] (Σ out, in) and the biases likewise (zeros for a member without one). Dense
+// weights live in one buffer (stack()): each member's "weight" parameter becomes a view of its rows
+// (the same values, the base still stored once), so that one GEMM reads them all with no copy per
+// pass. The buffer's last `extra` columns are the extended GEMM's B block.
+class GroupBase final : public FrozenBase {
+ public:
+  explicit GroupBase(std::vector<model::LinearImpl*> members) : members(std::move(members)) {
+    for (const model::LinearImpl* m : this->members) out_total += m->out_features;
+  }
+  int64_t in() const { return members[0]->in_features; }
+  bool quantized() const override { return members[0]->nf4() != nullptr; }
+  at::Tensor bias(at::ScalarType ct) const override {
+    bool any = false;
+    for (const model::LinearImpl* m : members) any = any || m->bias.defined();
+    if (!any) return {};
+    std::vector<at::Tensor> parts;
+    for (const model::LinearImpl* m : members) {
+      parts.push_back(m->bias.defined() ? m->bias.to(ct)
+                                        : at::zeros({m->out_features}, members[0]->weight.options().dtype(ct)));
+    }
+    return at::cat(parts);
+  }
+  at::Tensor dense_weight(at::ScalarType ct) const override {
+    if (stacked()) return buffer.narrow(1, 0, in()).to(ct);
+    const model::LinearImpl* m0 = members[0];
+    const auto device = m0->nf4() != nullptr ? m0->nf4()->packed.device() : m0->weight.device();
+    at::Tensor w = at::empty({out_total, in()}, at::TensorOptions().dtype(ct).device(device));
+    dense_weight_into(w);
+    return w;
+  }
+  void dense_weight_into(const at::Tensor& out) const override {
+    int64_t row = 0;
+    for (const model::LinearImpl* m : members) {
+      m->dense_weight_into(out.narrow(0, row, m->out_features));
+      row += m->out_features;
+    }
+  }
+  /// Whether every member's weight is its rows of `buffer` (not after a move, a conversion, a load
+  /// that replaced it, or a member's own extended buffer).
+  bool stacked() const {
+    if (!buffer.defined()) return false;
+    int64_t row = 0;
+    for (const model::LinearImpl* m : members) {
+      const at::Tensor& w = m->weight;
+      const at::Tensor rows = buffer.narrow(0, row, m->out_features).narrow(1, 0, in());
+      if (!w.defined() || w.data_ptr() != rows.data_ptr() || w.sizes() != rows.sizes() || w.strides() != rows.strides() ||
+          w.scalar_type() != buffer.scalar_type() || w.device() != buffer.device())
+        return false;
+      row += m->out_features;
+    }
+    return true;
+  }
+  /// The buffer (Σ out, in + extra), the members' weights made views of it where they are not yet (one
+  /// copy). extra < 0: any width will do (the split GEMMs read the first `in` columns).
+  const at::Tensor& stack(int64_t extra) {
+    if (stacked() && (extra < 0 || buffer.size(1) == in() + extra)) return buffer;
+    at::NoGradGuard no_grad;
+    at::Tensor b = at::zeros({out_total, in() + std::max<int64_t>(extra, 0)}, members[0]->weight.options());
+    int64_t row = 0;
+    for (model::LinearImpl* m : members) {
+      at::Tensor rows = b.narrow(0, row, m->out_features).narrow(1, 0, in());
+      rows.copy_(m->weight);
+      m->weight.set_data(rows);
+      row += m->out_features;
+    }
+    buffer = b;
+    return buffer;
+  }
+  /// Gives each member's weight contiguous storage of its own again (if it is still in the buffer).
+  void unstack() {
+    at::NoGradGuard no_grad;
+    if (stacked()) {
+      for (model::LinearImpl* m : members) m->weight.set_data(m->weight.clone(at::MemoryFormat::Contiguous));
+    }
+    buffer = at::Tensor();
+  }
+
+  std::vector<model::LinearImpl*> members;
+  int64_t out_total = 0;
+  at::Tensor buffer;  ///< the stacked weights (and B block), or undefined
+};
+
 // The fused LoRA layer (see set_lora_fused in the header). Computes in the autocast dtype when
 // autocast is on for the input's device (bf16 on CUDA), else in the input's dtype; returns A's and
 // B's gradients in their own dtype. `w_ext_or_null`: the layer's [W | B] buffer
@@ -273,7 +386,7 @@ at::Tensor as_input_grad(torch::autograd::AutogradContext* ctx, const at::Tensor
 // path decodes W again.
 struct FusedLora : public torch::autograd::Function<FusedLora> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a,
-                            const at::Tensor& b, const at::Tensor* w_ext_or_null, model::LinearImpl* layer,
+                            const at::Tensor& b, const at::Tensor* w_ext_or_null, const FrozenBase* layer,
                             double scale, double p, bool row_kernels, int64_t grad_splits) {
     const at::Tensor w_ext = w_ext_or_null != nullptr ? *w_ext_or_null : at::Tensor();
     const at::ScalarType ct = util::compute_dtype(x);
@@ -311,7 +424,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     } else if (p > 0) {
       std::tie(h, keep) = aten_dropout(x2, p);
     }
-    const at::Tensor bias = layer->bias.defined() ? layer->bias.to(ct) : at::Tensor();
+    const at::Tensor bias = layer->bias(ct);
     at::Tensor y, bc;  // B in the compute dtype
     if (xs.defined()) {
       // s S into xs's last r columns, B (cast) into w_ext's, then one GEMM over K = in + r:
@@ -337,7 +450,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     // pass's backward (the next forward does, after the optimizer step).
     // ext: 0 split GEMMs, 1 the layer's persistent [W | B] (kept in saved_data), 2 this pass's
     // decoded [W | B] (NF4: only B is kept, a copy, so that the buffer is freed here).
-    const int64_t ext = !xs.defined() ? 0 : layer->nf4() != nullptr ? 2 : 1;
+    const int64_t ext = !xs.defined() ? 0 : layer->quantized() ? 2 : 1;
     if (ext == 2) bc = bc.clone();
     ctx->save_for_backward({h, s_low, ac, ext == 1 ? at::Tensor() : bc, keep});
     if (ext == 1) ctx->saved_data["w_ext"] = w_ext;
@@ -353,7 +466,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &h = saved[0], &s_low = saved[1], &ac = saved[2], &keep = saved[4];
     const int64_t r = ac.size(0), in = ac.size(1);
-    auto* layer = reinterpret_cast<model::LinearImpl*>(ctx->saved_data["layer"].toInt());
+    const auto* layer = reinterpret_cast<const FrozenBase*>(ctx->saved_data["layer"].toInt());
     // The extended path's [W | B] (out, in + r), or undefined (split path: B saved, W from the
     // layer). NF4: W decoded again into a new buffer, where dx is wanted (dA and dB do not read W).
     const int64_t ext = ctx->saved_data["ext"].toInt();
@@ -513,8 +626,90 @@ class LoraAdapter final : public model::LinearAdapter {
                               dropout_, row_kernels, grad_splits);
     }
     const at::Tensor w_ext = extended_weight(x);
-    return FusedLora::apply(x, A->weight, B->weight, w_ext.defined() ? &w_ext : nullptr, owner_, info.scale, dropout_,
+    return FusedLora::apply(x, A->weight, B->weight, w_ext.defined() ? &w_ext : nullptr, &base_, info.scale, dropout_,
                             row_kernels, grad_splits);
+  }
+
+  // set_lora_group_projections: `members` (this adapter's layer among them) as one fused node over
+  // their stacked weights, where all of them can take it: each is LoRA-adapted on the fused path
+  // (not merged, no DoRA, no dropout, the same path options) or frozen without an adapter, and they
+  // share the input width, the weights' storage kind, dtype and device. The node is FusedLora's with
+  // A = [A_1; A_2; …] (R, in), B block-diagonal (Σ out, R), block i = B_i · s_i / s, and W, b
+  // stacked (GroupBase): y = x Wᵀ + b + s (x Aᵀ) Bᵀ gives every member's output in one GEMM (the
+  // extended GEMM's [x | s S] [W | B]ᵀ too), and dx = dy W + s (dy B) A every member's input gradient
+  // in one, with dy the members' output gradients side by side. A member without an adapter has a
+  // zero block row. dB comes out whole (Σ out, R), the blocks off the diagonal computed and dropped.
+  std::vector<at::Tensor> forward_group(const std::vector<model::LinearImpl*>& members, const at::Tensor& x) override {
+    if (!group || !fused || merged || !owner_->is_training() || members.size() < 2) return {};
+    if (!at::autocast::is_autocast_enabled(x.device().type()) && x.scalar_type() != A->weight.scalar_type()) return {};
+    const model::LinearImpl* first = members[0];
+    const bool nf4 = first->nf4() != nullptr;
+    std::vector<LoraAdapter*> lora(members.size(), nullptr);
+    for (std::size_t i = 0; i < members.size(); ++i) {
+      const model::LinearImpl* m = members[i];
+      if (m->in_features != first->in_features || (m->nf4() != nullptr) != nf4) return {};
+      if (nf4) {
+        if (m->nf4()->shape.size() != 2 || m->nf4()->packed.device() != x.device()) return {};
+      } else {
+        const at::Tensor& w = m->weight;
+        if (!w.defined() || w.dim() != 2 || w.layout() != at::kStrided || w.requires_grad() ||
+            w.scalar_type() != first->weight.scalar_type() || w.device() != x.device())
+          return {};
+      }
+      if (m->bias.defined() && (m->bias.requires_grad() || m->bias.device() != x.device())) return {};
+      if (m->adapter() == nullptr) continue;
+      auto* a = dynamic_cast<LoraAdapter*>(m->adapter());
+      if (a == nullptr || !a->group || !a->fused || a->merged || a->magnitude.defined() || a->dropout_ != 0 ||
+          a->extend != extend || a->row_kernels != row_kernels || a->grad_splits != grad_splits ||
+          a->A->weight.scalar_type() != A->weight.scalar_type())
+        return {};
+      lora[i] = a;
+    }
+    GroupBase* base = nullptr;
+    for (const auto& g : groups_) {
+      if (g->members == members) base = g.get();
+    }
+    if (base == nullptr) base = groups_.emplace_back(std::make_unique<GroupBase>(members)).get();
+    // A stacked, B block-diagonal, through autograd (A's and B's gradients are slices of the node's).
+    std::vector<at::Tensor> as;
+    int64_t rank = 0;
+    for (const LoraAdapter* a : lora) rank += a != nullptr ? a->info.r : 0;
+    std::vector<at::Tensor> b_rows;
+    int64_t col = 0;
+    for (std::size_t i = 0; i < members.size(); ++i) {
+      const LoraAdapter* a = lora[i];
+      if (a == nullptr) {
+        b_rows.push_back(at::zeros({members[i]->out_features, rank}, B->weight.options()));
+        continue;
+      }
+      as.push_back(a->A->weight);
+      at::Tensor bi = a->B->weight;
+      if (a->info.scale != info.scale) bi = bi * (a->info.scale / info.scale);
+      b_rows.push_back(at::constant_pad_nd(bi, {col, rank - col - a->info.r}));
+      col += a->info.r;
+    }
+    const at::Tensor a_cat = at::cat(as), b_diag = at::cat(b_rows);
+    // The extended GEMM's [W | B] (as LoraAdapter::extended_weight decides), else W stacked for the
+    // split GEMMs.
+    const at::ScalarType ct = util::compute_dtype(x);
+    at::Tensor w_ext;
+    if (extend && x.scalar_type() != ct) {
+      if (nf4) {
+        w_ext = at::empty({base->out_total, base->in() + rank}, x.options().dtype(ct));
+        base->dense_weight_into(w_ext.narrow(1, 0, base->in()));
+      } else if (first->weight.scalar_type() == ct) {
+        w_ext = base->stack(rank);
+      }
+    }
+    if (!w_ext.defined() && !nf4) base->stack(-1);
+    // Named in profiles and tests.
+    RECORD_USER_SCOPE("ft::lora_grouped_projections");
+    const at::Tensor y = FusedLora::apply(x, a_cat, b_diag, w_ext.defined() ? &w_ext : nullptr,
+                                          static_cast<const FrozenBase*>(base), info.scale, 0.0, row_kernels,
+                                          grad_splits);
+    std::vector<int64_t> sizes;
+    for (const model::LinearImpl* m : members) sizes.push_back(m->out_features);
+    return at::split_with_sizes(y, sizes, -1);
   }
 
   // The float32 input under autocast in training, not the model's shared cast of it
@@ -626,6 +821,9 @@ class LoraAdapter final : public model::LinearAdapter {
   bool extend = false;  ///< set_lora_extended_gemm
   bool row_kernels = false;  ///< set_lora_row_kernels
   int64_t grad_splits = 1;   ///< set_lora_grad_splits
+  bool group = false;        ///< set_lora_group_projections
+  LayerBase base_{owner_};   ///< the fused node's frozen base: this layer
+  std::vector<std::unique_ptr<GroupBase>> groups_;  ///< the groups led by this adapter (forward_group)
   at::Tensor w_ext;     ///< [W | B] in the compute dtype, (out, in + r); W's storage once built
   at::Tensor w_sq;      ///< ||W_i||² per row for training_row_norm, and what it was computed from
   const void* w_sq_key = nullptr;
@@ -881,6 +1079,16 @@ at::Tensor adapter_grad_mm(const at::Tensor& a, const at::Tensor& b, at::ScalarT
 void set_lora_grad_splits(model::CausalLM& model, int64_t splits) {
   FT_CHECK(splits >= 1 && splits <= 64, "[lora] grad_splits must be in [1, 64], got ", splits);
   for (const auto& [name, a] : adapters(model)) a->grad_splits = splits;
+}
+
+void set_lora_group_projections(model::CausalLM& model, bool on) {
+  for (const auto& [name, a] : adapters(model)) {
+    a->group = on;
+    if (on) continue;
+    // Off: each weight gets its own contiguous storage back (if it still lives in a group's buffer).
+    for (const auto& g : a->groups_) g->unstack();
+    a->groups_.clear();
+  }
 }
 
 void set_lora_row_kernels(model::CausalLM& model, bool on) {

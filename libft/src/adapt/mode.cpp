@@ -66,6 +66,7 @@ class LoraMode final : public Mode {
     extended_gemm_ = l.extended_gemm;
     row_kernels_ = l.row_kernels;
     grad_splits_ = l.grad_splits;
+    group_projections_ = l.group_projections;
   }
   std::string name() const override { return qlora_ ? "qlora" : "lora"; }
   void apply(model::CausalLM& model) override {
@@ -89,6 +90,7 @@ class LoraMode final : public Mode {
     set_lora_extended_gemm(model, extended_gemm_);
     set_lora_row_kernels(model, row_kernels_);
     set_lora_grad_splits(model, grad_splits_);
+    set_lora_group_projections(model, group_projections_);
   }
   std::string describe(model::CausalLM& model) const override {
     const auto layers = lora_layers(model);
@@ -96,6 +98,7 @@ class LoraMode final : public Mode {
     if (extended_gemm_) path += ", extended GEMM";
     if (row_kernels_) path += ", row kernels";
     if (grad_splits_ > 1) path += detail::concat(", adapter gradients in ", grad_splits_, " token chunks");
+    if (group_projections_) path += ", grouped projections";
     return Mode::describe(model) + detail::concat("; ", options_.dora ? "DoRA" : "LoRA", " r ", options_.r, " alpha ",
                                                   options_.alpha, " on ", layers.size(), " layers (", path, ")");
   }
@@ -107,7 +110,7 @@ class LoraMode final : public Mode {
  private:
   LoraOptions options_;
   std::string init_from_;
-  bool fused_ = true, extended_gemm_ = false, row_kernels_ = false;
+  bool fused_ = true, extended_gemm_ = false, row_kernels_ = false, group_projections_ = false;
   int64_t grad_splits_ = 1;
   std::optional<config::QloraSection> qlora_;
 };

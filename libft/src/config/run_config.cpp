@@ -306,17 +306,20 @@ void parse_prefix(Reader& r, const YAML::Node& n, PrefixSection& p) {
 
 void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
   if (!r.check_map(n, "lora", {"r", "alpha", "dropout", "targets", "rslora", "dora", "init", "seed", "rank_pattern",
-                               "alpha_pattern", "init_from", "fused", "extended_gemm", "row_kernels", "grad_splits"}))
+                               "alpha_pattern", "init_from", "fused", "extended_gemm", "row_kernels", "grad_splits",
+                               "group_projections"}))
     return;
   r.get(n, "lora", "fused", l.fused);
   r.get(n, "lora", "extended_gemm", l.extended_gemm);
   r.get(n, "lora", "row_kernels", l.row_kernels);
+  r.get(n, "lora", "group_projections", l.group_projections);
   r.get(n, "lora", "grad_splits", l.grad_splits);
   if (l.grad_splits < 1 || l.grad_splits > 64)
     r.error(n["grad_splits"], detail::concat("'lora.grad_splits' must be in [1, 64], got ", l.grad_splits));
   else if (l.grad_splits > 1 && !l.fused)
     r.error(n["grad_splits"], "'lora.grad_splits' is a path of the fused layer; it needs 'lora.fused: true'");
-  for (const auto& [key, on] : {std::pair{"extended_gemm", l.extended_gemm}, std::pair{"row_kernels", l.row_kernels}}) {
+  for (const auto& [key, on] : {std::pair{"extended_gemm", l.extended_gemm}, std::pair{"row_kernels", l.row_kernels},
+                                std::pair{"group_projections", l.group_projections}}) {
     if (on && !l.fused) r.error(n[key], std::string("'lora.") + key + "' is a path of the fused layer; it needs 'lora.fused: true'");
   }
   r.get(n, "lora", "init_from", l.init_from);
@@ -686,6 +689,7 @@ std::string to_yaml(const RunConfig& c) {
     out << YAML::Key << "fused" << YAML::Value << c.lora.fused;
     out << YAML::Key << "extended_gemm" << YAML::Value << c.lora.extended_gemm;
     out << YAML::Key << "row_kernels" << YAML::Value << c.lora.row_kernels;
+    out << YAML::Key << "group_projections" << YAML::Value << c.lora.group_projections;
     out << YAML::Key << "grad_splits" << YAML::Value << c.lora.grad_splits;
     for (const char* key : {"rank_pattern", "alpha_pattern"}) {
       out << YAML::Key << key << YAML::Value << YAML::Flow << YAML::BeginMap;

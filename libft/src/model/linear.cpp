@@ -116,4 +116,11 @@ void LinearImpl::dense_weight_into(const at::Tensor& out) const {
   }
 }
 
+std::vector<at::Tensor> forward_group(const std::vector<LinearImpl*>& members, const at::Tensor& x) {
+  for (LinearImpl* m : members) {
+    if (m->adapter() != nullptr) return m->adapter()->forward_group(members, x);
+  }
+  return {};
+}
+
 }  // namespace ft::model

@@ -329,10 +329,15 @@ bool fused_rope_fits(const AttentionInputs& in, const at::Tensor& q, const at::T
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k,
                                   at::Tensor* cache_v, const at::Tensor& prefix_k, const at::Tensor& prefix_v) {
   const int64_t B = x.size(0), T = x.size(1);
-  const auto xs = projection_inputs(x, {q_proj.get(), k_proj.get(), v_proj.get()}, shared_input_cast);
-  at::Tensor q = q_proj(xs[0]).view({B, T, heads, head_dim}).transpose(1, 2);     // (B, H, T, D)
-  at::Tensor k = k_proj(xs[1]).view({B, T, kv_heads, head_dim}).transpose(1, 2);  // (B, G, T, D)
-  at::Tensor v = v_proj(xs[2]).view({B, T, kv_heads, head_dim}).transpose(1, 2);  // (B, G, T, D)
+  // One node for the three (LoRA's grouped projections: column views of one output), or each its own.
+  std::vector<at::Tensor> qkv = forward_group({q_proj.get(), k_proj.get(), v_proj.get()}, x);
+  if (qkv.empty()) {
+    const auto xs = projection_inputs(x, {q_proj.get(), k_proj.get(), v_proj.get()}, shared_input_cast);
+    qkv = {q_proj(xs[0]), k_proj(xs[1]), v_proj(xs[2])};
+  }
+  at::Tensor q = qkv[0].view({B, T, heads, head_dim}).transpose(1, 2);     // (B, H, T, D)
+  at::Tensor k = qkv[1].view({B, T, kv_heads, head_dim}).transpose(1, 2);  // (B, G, T, D)
+  at::Tensor v = qkv[2].view({B, T, kv_heads, head_dim}).transpose(1, 2);  // (B, G, T, D)
   at::Tensor cos = in.cos.unsqueeze(1), sin = in.sin.unsqueeze(1);            // (B, 1, T, D)
   // Short packed sequences on the CPU: the grouped GEMM path below, which wants q and k contiguous
   // as (B, H, T, D), and the fused rotary embedding writes them so.
@@ -406,6 +411,15 @@ MLPImpl::MLPImpl(const ModelConfig& c) {
 }
 
 at::Tensor MLPImpl::forward(const at::Tensor& x) {
+  // One node for both (LoRA's grouped projections: column views of one output), or each its own.
+  const std::vector<at::Tensor> gate_up = forward_group({gate_proj.get(), up_proj.get()}, x);
+  if (!gate_up.empty()) {
+    const at::Tensor &gate = gate_up[0], &up = gate_up[1];
+#ifdef LIBFT_WITH_CUDA_KERNELS
+    if (fused_swiglu && x.is_cuda() && kernels::swiglu_fits(gate, up)) return down_proj(SwigluCuda::apply(gate, up));
+#endif
+    return down_proj(at::silu(gate) * up);
+  }
   const auto xs = projection_inputs(x, {gate_proj.get(), up_proj.get()}, shared_input_cast);
 #ifdef LIBFT_WITH_CUDA_KERNELS
   if (fused_swiglu && x.is_cuda()) {

@@ -124,6 +124,21 @@ void set_lora_extended_gemm(model::CausalLM& model, bool on);
 /// it), and the saved activations are those of a layer without dropout. With either GEMM layout
 /// (split or extended), and in DoRA's fused node (without dropout); other calls keep the ATen path.
 void set_lora_row_kernels(model::CausalLM& model, bool on);
+/// The fused path's projections that read the same input (q, k and v; gate and up) as one node,
+/// off by default until the GPU benchmarks (BM_LoraLinear's grouped rows, BM_LoraStep's) decide.
+/// Their weights are stacked into one buffer (each layer's "weight" parameter becomes a view of its
+/// rows: the base is still stored once) and the node is the fused layer's with A = [A_q; A_k; A_v]
+/// and B block-diagonal: one GEMM gives q, k and v (column views of one output; the extended GEMM's
+/// [x | s S] [W | B]ᵀ likewise), one gives dx from all three output gradients, and the rank-r
+/// products are one GEMM each at rank R = r_q + r_k + r_v instead of three: x and dy are read once
+/// for them, and the small projections of grouped-query attention (k, v) no longer run as GEMMs of
+/// their own with too few output tiles to fill a GPU. A projection without an adapter joins the
+/// group frozen (a zero block of B), so PEFT's default targets (q_proj, v_proj) group too. The
+/// gradients of A and B are those of separate layers; dB's blocks off the diagonal are computed and
+/// dropped (R/r times a small GEMM's work). Where a group member cannot take it (DoRA, dropout > 0,
+/// a merged or unfused adapter, a trainable base, mixed storage), each layer runs on its own.
+/// Turning it off gives each weight contiguous storage of its own again.
+void set_lora_group_projections(model::CausalLM& model, bool on);
 /// The fused path's adapter gradients dA = dSᵀ drop(x) and dB = dyᵀ (s S) as `splits` partial
 /// GEMMs over equal chunks of the tokens (one batched GEMM, float32 partials, summed in a fixed
 /// order) instead of one GEMM each: split-K, for the shapes where one GEMM has too few output tiles

@@ -108,6 +108,7 @@ struct LoraSection {
   bool extended_gemm = false;  ///< under autocast, [x | s S] [W | B]ᵀ as one GEMM (set_lora_extended_gemm)
   bool row_kernels = false;    ///< CUDA: the cast and rank-r passes as one kernel each (set_lora_row_kernels)
   int64_t grad_splits = 1;     ///< dA and dB as this many partial GEMMs over token chunks (set_lora_grad_splits)
+  bool group_projections = false;  ///< q, k, v (gate, up) as one node over stacked weights (set_lora_group_projections)
 };
 
 /// mode: qlora. LoRA (the lora section) on a base whose linear layers (all but lm_head) are stored

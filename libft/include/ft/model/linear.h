@@ -7,6 +7,7 @@
 #include <torch/nn/pimpl.h>
 
 #include <memory>
+#include <vector>
 
 #include "ft/adapt/nf4.h"
 
@@ -24,6 +25,13 @@ class LinearAdapter {
   /// Whether forward() wants the input in float32 under autocast (it folds work into the cast: the
   /// LoRA row kernels, the extended GEMM), so that the model does not cast it beforehand.
   virtual bool wants_float_input() const { return false; }
+  /// The outputs of `members`, layers that all read x (q, k and v; gate and up; this adapter's
+  /// layer among them), computed together (LoRA's grouped projections), or empty: then each layer
+  /// runs its own forward().
+  virtual std::vector<at::Tensor> forward_group(const std::vector<class LinearImpl*>& /*members*/,
+                                                const at::Tensor& /*x*/) {
+    return {};
+  }
 };
 
 class LinearImpl : public torch::nn::Module {
@@ -66,5 +74,9 @@ class LinearImpl : public torch::nn::Module {
   std::shared_ptr<adapt::NF4Tensor> nf4_;
 };
 TORCH_MODULE(Linear);
+
+/// The outputs of layers that all read x, from the first of them with an adapter if that adapter
+/// computes them together (LinearAdapter::forward_group), else empty.
+std::vector<at::Tensor> forward_group(const std::vector<LinearImpl*>& members, const at::Tensor& x);
 
 }  // namespace ft::model
