@@ -759,7 +759,8 @@ void BM_SwigluCuda(benchmark::State& state) {
 BENCHMARK(BM_SwigluCuda)->ArgsProduct({{0, 1}, {2048, 8192}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 #endif
 
-// Arguments: fused (0/1), dropout in percent, DoRA (0/1).
+// Arguments: fused (0/1), dropout in percent, DoRA (0/1), grouped projections (0/1,
+// adapt::set_lora_group_projections: q/k/v and gate/up as one node each where none has dropout).
 void BM_LoraStep(benchmark::State& state) {
   const io::ModelConfig c = llama_config(4096, 256, 688, 4, 8, 4, 32);  // configs/models/tiny-llama.json
   model::CausalLM m(c);
@@ -770,6 +771,7 @@ void BM_LoraStep(benchmark::State& state) {
   o.dora = state.range(2) == 1;
   adapt::apply_lora(m, o);
   adapt::set_lora_fused(m, state.range(0) == 1);
+  adapt::set_lora_group_projections(m, state.range(3) == 1);
   m->train();
   const at::Tensor ids = at::randint(0, c.vocab_size, {4, 128}, at::kLong);
   auto step = [&] {
@@ -777,6 +779,11 @@ void BM_LoraStep(benchmark::State& state) {
     at::cross_entropy_loss(logits.view({-1, c.vocab_size}), ids.view({-1})).backward();
   };
   for (int i = 0; i < 2; ++i) step();
+  {
+    OpCounter ops;  // the outermost ATen calls of one step (each a launch or more on CUDA)
+    step();
+    state.counters["ops"] = static_cast<double>(ops.ops());
+  }
   for (auto _ : state) step();
   state.counters["tokens/s"] = benchmark::Counter(512.0, benchmark::Counter::kIsIterationInvariantRate);
 }
@@ -810,7 +817,8 @@ model::CausalLM& lora_step_model() {
 // with the extended GEMM where it applies: q, k, v, gate and up, whose input is RMSNorm's float32
 // output; 3 and 4: 1 and 2 with the row kernels, adapt::set_lora_row_kernels; 5: 4 with the adapter
 // gradients split over 4 token chunks, adapt::set_lora_grad_splits; 6: 1 without the model's shared
-// input cast, CausalLMImpl::set_shared_input_cast), batch, graph (1: cuda_graphs: true, the forward and backward pass captured once and
+// input cast, CausalLMImpl::set_shared_input_cast; 7: 1 and 8: 4 with q/k/v and gate/up grouped,
+// adapt::set_lora_group_projections), batch, graph (1: cuda_graphs: true, the forward and backward pass captured once and
 // replayed: no per-operation host cost), loss chunk (token rows through the output head at a time,
 // loss_chunk; 0: the whole (B·T, 128256) logits), fused model kernels (1: kernels.loss, .rope and
 // .swiglu). "peak_GiB": the caching allocator's peak during
@@ -826,9 +834,10 @@ void BM_LoraStepCuda(benchmark::State& state) {
   const io::ModelConfig& c = m->config();
   const int64_t kind = state.range(0);
   adapt::set_lora_fused(m, kind >= 1);
-  adapt::set_lora_extended_gemm(m, kind == 2 || kind == 4 || kind == 5);
-  adapt::set_lora_row_kernels(m, kind >= 3 && kind <= 5);
+  adapt::set_lora_extended_gemm(m, kind == 2 || kind == 4 || kind == 5 || kind == 8);
+  adapt::set_lora_row_kernels(m, (kind >= 3 && kind <= 5) || kind == 8);
   adapt::set_lora_grad_splits(m, kind == 5 ? 4 : 1);
+  adapt::set_lora_group_projections(m, kind >= 7);
   m->set_shared_input_cast(kind != 6);
   m->set_loss_chunk(state.range(3));
   m->set_fused_loss(state.range(4) == 1);
@@ -895,10 +904,13 @@ BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{1, 2, 3, 4}, {1, 4}, {1}, {0}, {0}})->
 BENCHMARK(BM_LoraStepCuda)->ArgsProduct({{1, 4}, {4}, {0, 1}, {0}, {1}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 BENCHMARK(BM_LoraStepCuda)->Args({5, 4, 0, 0, 1})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 BENCHMARK(BM_LoraStepCuda)->Args({6, 4, 0, 0, 0})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_LoraStepCuda)->Args({7, 4, 0, 0, 0})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_LoraStepCuda)->Args({8, 4, 0, 0, 1})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 #endif
 
-BENCHMARK(BM_LoraStep)->ArgsProduct({{0, 1}, {0, 5}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
-BENCHMARK(BM_LoraStep)->ArgsProduct({{0, 1}, {5}, {1}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
+BENCHMARK(BM_LoraStep)->ArgsProduct({{0, 1}, {0, 5}, {0}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
+BENCHMARK(BM_LoraStep)->ArgsProduct({{0, 1}, {5}, {1}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
+BENCHMARK(BM_LoraStep)->Args({1, 0, 0, 1})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
 
 }  // namespace
 

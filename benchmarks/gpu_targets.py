@@ -87,7 +87,8 @@ def targets(runs):
     # and the MFU of every fused row (2: with the extended GEMM, 3: row kernels, 4: both, 5: and the
     # adapter gradients split over token chunks), all with the whole logits.
     kinds = {1: "fused", 2: "fused, extended GEMM", 3: "fused, row kernels", 4: "fused, extended GEMM, row kernels",
-             5: "fused, extended GEMM, row kernels, split adapter gradients"}
+             5: "fused, extended GEMM, row kernels, split adapter gradients", 7: "fused, grouped projections",
+             8: "fused, extended GEMM, row kernels, grouped projections"}
     for batch in (1, 4):
         for kind, what in kinds.items():
             unfused, fused = runs.get(f"BM_LoraStepCuda/0/{batch}/0/0/0"), runs.get(f"BM_LoraStepCuda/{kind}/{batch}/0/0/0")
@@ -169,6 +170,13 @@ def opt_ins(runs):
                 row = runs.get(f"BM_LoraStepCuda/{kind}/{batch}/{graph}/0/{loss}")
                 if base and row:
                     out.append((f"1.24B LoRA step, {what} against the fused default ({how})", row["tokens/s"] / base["tokens/s"]))
+            # Grouped projections (lora.group_projections; rows 7 and 8) against the same paths without.
+            for kind, loss, against, what in [(7, 0, 1, "grouped projections against the fused default"),
+                                               (8, 1, 4, "grouped projections with every opt-in against every opt-in")]:
+                row, other = runs.get(f"BM_LoraStepCuda/{kind}/{batch}/{graph}/0/{loss}"), runs.get(
+                    f"BM_LoraStepCuda/{against}/{batch}/{graph}/0/{loss}")
+                if row and other:
+                    out.append((f"1.24B LoRA step, {what} ({how})", row["tokens/s"] / other["tokens/s"]))
             # The model's shared input cast (on by default) against per-projection casts (row 6).
             unshared = runs.get(f"BM_LoraStepCuda/6/{batch}/{graph}/0/0")
             if base and unshared:

@@ -1391,74 +1391,91 @@ TEST(LoraGroup, GroupedProjectionsComputeWhatSeparateLayersCompute) {
   }
 }
 
-// Grouped projections under CPU bf16 autocast, through the split GEMMs and the extended GEMM
-// ([x | s S] [W | B]ᵀ with B block-diagonal), on a bf16-stored base and an NF4 one: three SGD
-// steps give the separate layers' losses within bf16 rounding, and the first step's adapter
-// gradients are within bf16 bounds of theirs (a misplaced block or scale is off by its whole
-// size). The extended group's weights are rows of one (Σ out, in + R) buffer.
-TEST(LoraGroup, GroupedProjectionsTrainAsSeparateLayersInBf16) {
+// Grouped projections under bf16 autocast (on the CPU, and on CUDA where a GPU is visible), through
+// the split GEMMs and the extended GEMM ([x | s S] [W | B]ᵀ with B block-diagonal), on a bf16-stored
+// base and an NF4 one, and on CUDA with the row kernels too (R = 4 + 4 + 8 = 16 for q, k, v): three
+// SGD steps give the separate layers' losses within bf16 rounding, and the first step's adapter
+// gradients are within bf16 bounds of theirs (a misplaced block or scale is off by its whole size).
+// The extended group's weights are rows of one (Σ out, in + R) buffer.
+void check_grouped_bf16(const at::Device device) {
   for (const bool nf4 : {false, true}) {
     for (const bool extended : {false, true}) {
-      SCOPED_TRACE(std::string(nf4 ? "NF4" : "bf16-stored") + " base" + (extended ? ", extended GEMM" : ""));
-      io::ModelConfig mc = test::tiny_config();
-      mc.hidden_size = 64;  // NF4 blocks of 64
-      mc.intermediate_size = 128;
-      auto make = [&](bool grouped) {
-        model::CausalLM m(mc);
-        model::init_weights(m, 41);
-        if (nf4) {
-          for (const auto& item : m->named_modules()) {
-            auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
-            if (lin != nullptr && item.key() != "lm_head") lin->quantize_nf4(64, true);
+      for (const bool row_kernels : {false, true}) {
+        if (row_kernels && !device.is_cuda()) continue;
+        SCOPED_TRACE(std::string(nf4 ? "NF4" : "bf16-stored") + " base" + (extended ? ", extended GEMM" : "") +
+                     (row_kernels ? ", row kernels" : "") + " on " + device.str());
+        io::ModelConfig mc = test::tiny_config();
+        mc.hidden_size = 64;  // NF4 blocks of 64
+        mc.intermediate_size = 128;
+        auto make = [&](bool grouped) {
+          model::CausalLM m(mc);
+          model::init_weights(m, 41);
+          if (nf4) {
+            for (const auto& item : m->named_modules()) {
+              auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
+              if (lin != nullptr && item.key() != "lm_head") lin->quantize_nf4(64, true);
+            }
           }
+          adapt::LoraOptions o;
+          o.targets = {"all-linear"};
+          o.r = 4;
+          o.rank_pattern = {{"v_proj", 8}};
+          adapt::apply_lora(m, o);
+          randomize_b(m, 12);
+          m->to(device);
+          if (!nf4) adapt::store_frozen_linears(m, at::kBFloat16);
+          adapt::set_lora_extended_gemm(m, extended);
+          adapt::set_lora_row_kernels(m, row_kernels);
+          adapt::set_lora_group_projections(m, grouped);
+          m->train();
+          return m;
+        };
+        model::CausalLM separate = make(false), grouped = make(true);
+        const at::Tensor tokens = ids().to(device);
+        auto step = [&](model::CausalLM& m, bool expect_grouped) {
+          for (auto& p : m->parameters()) p.mutable_grad() = at::Tensor();
+          test::OpNames ops;
+          at::Tensor loss;
+          {
+            util::AutocastScope autocast(true, device.type());
+            const at::Tensor logits = m->forward(tokens);
+            loss = at::cross_entropy_loss(logits.view({-1, logits.size(-1)}).to(at::kFloat),
+                                          tokens.roll(-1, 1).reshape({-1}));
+          }
+          loss.backward();
+          EXPECT_EQ(ops.seen("ft::lora_grouped_projections"), expect_grouped);
+          EXPECT_EQ(ops.seen("ft::lora_extended_gemm"), extended);
+          if (row_kernels) EXPECT_TRUE(ops.seen("ft::lora_cast_down"));
+          auto grads = trainable_grads(m);
+          at::NoGradGuard no_grad;
+          for (auto& p : m->parameters()) {
+            if (p.requires_grad()) p.sub_(p.grad(), 0.05);
+          }
+          return std::make_pair(loss.item<double>(), grads);
+        };
+        for (int i = 0; i < 3; ++i) {
+          SCOPED_TRACE("step " + std::to_string(i));
+          const auto [loss_sep, g_sep] = step(separate, false);
+          const auto [loss_grp, g_grp] = step(grouped, true);
+          EXPECT_NEAR(loss_grp, loss_sep, 1e-2 * std::abs(loss_sep));
+          if (i > 0) continue;
+          for (const auto& [name, g] : g_sep) EXPECT_LE(test::max_rel_error(g_grp.at(name), g), 0.05) << name;
         }
-        adapt::LoraOptions o;
-        o.targets = {"all-linear"};
-        o.r = 4;
-        o.rank_pattern = {{"v_proj", 8}};
-        adapt::apply_lora(m, o);
-        randomize_b(m, 12);
-        if (!nf4) adapt::store_frozen_linears(m, at::kBFloat16);
-        adapt::set_lora_extended_gemm(m, extended);
-        adapt::set_lora_group_projections(m, grouped);
-        m->train();
-        return m;
-      };
-      model::CausalLM separate = make(false), grouped = make(true);
-      auto step = [&](model::CausalLM& m, bool expect_grouped) {
-        for (auto& p : m->parameters()) p.mutable_grad() = at::Tensor();
-        test::OpNames ops;
-        at::Tensor loss;
-        {
-          util::AutocastScope autocast(true, at::kCPU);
-          const at::Tensor logits = m->forward(ids());
-          loss = at::cross_entropy_loss(logits.view({-1, logits.size(-1)}).to(at::kFloat), ids().roll(-1, 1).reshape({-1}));
+        if (!nf4) {
+          auto modules = grouped->named_modules();
+          const at::Tensor& q = dynamic_cast<model::LinearImpl*>(modules["model.layers.0.self_attn.q_proj"].get())->weight;
+          EXPECT_EQ(q.stride(0), extended ? mc.hidden_size + 4 + 4 + 8 : mc.hidden_size);
         }
-        loss.backward();
-        EXPECT_EQ(ops.seen("ft::lora_grouped_projections"), expect_grouped);
-        EXPECT_EQ(ops.seen("ft::lora_extended_gemm"), extended);
-        auto grads = trainable_grads(m);
-        at::NoGradGuard no_grad;
-        for (auto& p : m->parameters()) {
-          if (p.requires_grad()) p.sub_(p.grad(), 0.05);
-        }
-        return std::make_pair(loss.item<double>(), grads);
-      };
-      for (int i = 0; i < 3; ++i) {
-        SCOPED_TRACE("step " + std::to_string(i));
-        const auto [loss_sep, g_sep] = step(separate, false);
-        const auto [loss_grp, g_grp] = step(grouped, true);
-        EXPECT_NEAR(loss_grp, loss_sep, 1e-2 * std::abs(loss_sep));
-        if (i > 0) continue;
-        for (const auto& [name, g] : g_sep) EXPECT_LE(test::max_rel_error(g_grp.at(name), g), 0.05) << name;
-      }
-      if (!nf4) {
-        auto modules = grouped->named_modules();
-        const at::Tensor& q = dynamic_cast<model::LinearImpl*>(modules["model.layers.0.self_attn.q_proj"].get())->weight;
-        EXPECT_EQ(q.stride(0), extended ? mc.hidden_size + 4 + 4 + 8 : mc.hidden_size);
       }
     }
   }
+}
+
+TEST(LoraGroup, GroupedProjectionsTrainAsSeparateLayersInBf16) { check_grouped_bf16(at::kCPU); }
+
+TEST(LoraCuda, GroupedProjectionsTrainAsSeparateLayersInBf16) {
+  FT_REQUIRE_CUDA();
+  check_grouped_bf16(at::kCUDA);
 }
 
 // Where a member cannot take the grouped node, each layer runs its own (the same results as
