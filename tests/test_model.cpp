@@ -248,3 +248,22 @@ TEST(Checkpoint, SaveLoadRoundTripAndStrictErrors) {
 }
 
 }  // namespace
+
+// swiglu_packed (the grouped projections' SwiGLU on [gate | up]) gives at::silu(gate) * up and its
+// autograd gradients bit for bit, in float32, bf16 and float64, and its gradient is one tensor.
+TEST(Model, PackedSwigluIsTheChainBitForBit) {
+  for (const auto dtype : {at::kFloat, at::kBFloat16, at::kDouble}) {
+    SCOPED_TRACE(c10::toString(dtype));
+    const at::Tensor gu = (at::randn({3, 5, 2 * 37}, at::kDouble) * 3).to(dtype).requires_grad_();
+    const at::Tensor dh = at::randn({3, 5, 37}, at::kDouble).to(dtype);
+    const at::Tensor ref_in = gu.detach().clone().requires_grad_();
+    const at::Tensor ref = at::silu(ref_in.narrow(-1, 0, 37)) * ref_in.narrow(-1, 37, 37);
+    ref.backward(dh);
+    const at::Tensor h = model::swiglu_packed(gu);
+    h.backward(dh);
+    EXPECT_TRUE(h.equal(ref));
+    EXPECT_TRUE(gu.grad().equal(ref_in.grad()));
+    EXPECT_TRUE(gu.grad().is_contiguous());
+  }
+  EXPECT_NE(test::error_of([] { model::swiglu_packed(at::zeros({2, 7})); }).find("swiglu_packed"), std::string::npos);
+}

@@ -307,13 +307,12 @@ class GroupBase final : public FrozenBase {
   int64_t in() const { return members[0]->in_features; }
   bool quantized() const override { return members[0]->nf4() != nullptr; }
   at::Tensor bias(at::ScalarType ct) const override {
-    bool any = false;
-    for (const model::LinearImpl* m : members) any = any || m->bias.defined();
-    if (!any) return {};
+    const model::LinearImpl* with = nullptr;  // a member with a bias (its device for the zeros)
+    for (const model::LinearImpl* m : members) with = with != nullptr || !m->bias.defined() ? with : m;
+    if (with == nullptr) return {};
     std::vector<at::Tensor> parts;
     for (const model::LinearImpl* m : members) {
-      parts.push_back(m->bias.defined() ? m->bias.to(ct)
-                                        : at::zeros({m->out_features}, members[0]->weight.options().dtype(ct)));
+      parts.push_back(m->bias.defined() ? m->bias.to(ct) : at::zeros({m->out_features}, with->bias.options().dtype(ct)));
     }
     return at::cat(parts);
   }
@@ -639,7 +638,8 @@ class LoraAdapter final : public model::LinearAdapter {
   // extended GEMM's [x | s S] [W | B]ᵀ too), and dx = dy W + s (dy B) A every member's input gradient
   // in one, with dy the members' output gradients side by side. A member without an adapter has a
   // zero block row. dB comes out whole (Σ out, R), the blocks off the diagonal computed and dropped.
-  std::vector<at::Tensor> forward_group(const std::vector<model::LinearImpl*>& members, const at::Tensor& x) override {
+  std::vector<at::Tensor> forward_group(const std::vector<model::LinearImpl*>& members, const at::Tensor& x,
+                                        bool split) override {
     if (!group || !fused || merged || !owner_->is_training() || members.size() < 2) return {};
     if (!at::autocast::is_autocast_enabled(x.device().type()) && x.scalar_type() != A->weight.scalar_type()) return {};
     const model::LinearImpl* first = members[0];
@@ -707,6 +707,7 @@ class LoraAdapter final : public model::LinearAdapter {
     const at::Tensor y = FusedLora::apply(x, a_cat, b_diag, w_ext.defined() ? &w_ext : nullptr,
                                           static_cast<const FrozenBase*>(base), info.scale, 0.0, row_kernels,
                                           grad_splits);
+    if (!split) return {y};
     std::vector<int64_t> sizes;
     for (const model::LinearImpl* m : members) sizes.push_back(m->out_features);
     return at::split_with_sizes(y, sizes, -1);

@@ -116,9 +116,9 @@ void LinearImpl::dense_weight_into(const at::Tensor& out) const {
   }
 }
 
-std::vector<at::Tensor> forward_group(const std::vector<LinearImpl*>& members, const at::Tensor& x) {
+std::vector<at::Tensor> forward_group(const std::vector<LinearImpl*>& members, const at::Tensor& x, bool split) {
   for (LinearImpl* m : members) {
-    if (m->adapter() != nullptr) return m->adapter()->forward_group(members, x);
+    if (m->adapter() != nullptr) return m->adapter()->forward_group(members, x, split);
   }
   return {};
 }

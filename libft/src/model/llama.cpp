@@ -66,6 +66,29 @@ struct SwigluCuda : public torch::autograd::Function<SwigluCuda> {
 };
 #endif
 
+// swiglu_packed: silu(gate) ⊙ up on the halves of [gate | up], its gradient written as one tensor.
+// The forward and backward operations are the ones autograd runs for at::silu(gate) * up (silu, mul;
+// mul's two gradients, silu_backward), so the results are the same bit for bit.
+struct SwigluPacked : public torch::autograd::Function<SwigluPacked> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& gate_up) {
+    const int64_t half = gate_up.size(-1) / 2;
+    ctx->save_for_backward({gate_up});
+    return at::silu(gate_up.narrow(-1, 0, half)) * gate_up.narrow(-1, half, half);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const at::Tensor gate_up = ctx->get_saved_variables()[0];
+    const int64_t half = gate_up.size(-1) / 2;
+    const at::Tensor gate = gate_up.narrow(-1, 0, half), up = gate_up.narrow(-1, half, half);
+    const at::Tensor& dh = grads[0];
+    at::Tensor d = at::empty(gate_up.sizes(), gate_up.options().dtype(at::result_type(dh, gate_up)));
+    at::Tensor d_gate = d.narrow(-1, 0, half), d_up = d.narrow(-1, half, half);
+    at::mul_out(d_up, dh, at::silu(gate));
+    at::silu_backward_out(d_gate, dh * up, gate);
+    return {d};
+  }
+};
+
 // x cast to autocast's dtype once for n projections (CausalLMImpl::set_shared_input_cast): n
 // outputs sharing one copy (distinct tensors, so that each consumer has its own autograd edge);
 // the backward pass sums their gradients, in the compute dtype, into x's dtype in one place.
@@ -326,6 +349,12 @@ bool fused_rope_fits(const AttentionInputs& in, const at::Tensor& q, const at::T
 }
 }  // namespace
 
+at::Tensor swiglu_packed(const at::Tensor& gate_up) {
+  FT_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, "[model] swiglu_packed: needs [gate | up] (…, 2·I), got ",
+           gate_up.sizes());
+  return SwigluPacked::apply(gate_up);
+}
+
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k,
                                   at::Tensor* cache_v, const at::Tensor& prefix_k, const at::Tensor& prefix_v) {
   const int64_t B = x.size(0), T = x.size(1);
@@ -411,15 +440,10 @@ MLPImpl::MLPImpl(const ModelConfig& c) {
 }
 
 at::Tensor MLPImpl::forward(const at::Tensor& x) {
-  // One node for both (LoRA's grouped projections: column views of one output), or each its own.
-  const std::vector<at::Tensor> gate_up = forward_group({gate_proj.get(), up_proj.get()}, x);
-  if (!gate_up.empty()) {
-    const at::Tensor &gate = gate_up[0], &up = gate_up[1];
-#ifdef LIBFT_WITH_CUDA_KERNELS
-    if (fused_swiglu && x.is_cuda() && kernels::swiglu_fits(gate, up)) return down_proj(SwigluCuda::apply(gate, up));
-#endif
-    return down_proj(at::silu(gate) * up);
-  }
+  // One node for both (LoRA's grouped projections: [gate | up] as one output), or each its own.
+  // (The CUDA SwiGLU kernel takes separate contiguous halves: not this path.)
+  const std::vector<at::Tensor> gate_up = forward_group({gate_proj.get(), up_proj.get()}, x, /*split=*/false);
+  if (!gate_up.empty()) return down_proj(swiglu_packed(gate_up[0]));
   const auto xs = projection_inputs(x, {gate_proj.get(), up_proj.get()}, shared_input_cast);
 #ifdef LIBFT_WITH_CUDA_KERNELS
   if (fused_swiglu && x.is_cuda()) {

@@ -27,9 +27,10 @@ class LinearAdapter {
   virtual bool wants_float_input() const { return false; }
   /// The outputs of `members`, layers that all read x (q, k and v; gate and up; this adapter's
   /// layer among them), computed together (LoRA's grouped projections), or empty: then each layer
-  /// runs its own forward().
+  /// runs its own forward(). `split`: one output per member (column views of one tensor), else the
+  /// one tensor, (…, Σ out), the members' outputs side by side.
   virtual std::vector<at::Tensor> forward_group(const std::vector<class LinearImpl*>& /*members*/,
-                                                const at::Tensor& /*x*/) {
+                                                const at::Tensor& /*x*/, bool /*split*/) {
     return {};
   }
 };
@@ -77,6 +78,6 @@ TORCH_MODULE(Linear);
 
 /// The outputs of layers that all read x, from the first of them with an adapter if that adapter
 /// computes them together (LinearAdapter::forward_group), else empty.
-std::vector<at::Tensor> forward_group(const std::vector<LinearImpl*>& members, const at::Tensor& x);
+std::vector<at::Tensor> forward_group(const std::vector<LinearImpl*>& members, const at::Tensor& x, bool split = true);
 
 }  // namespace ft::model

@@ -235,6 +235,12 @@ TORCH_MODULE(CausalLM);
 
 /// Rotary inverse frequencies for `config` (default, linear and llama3 scaling), float32, (D/2).
 at::Tensor rope_inv_freq(const ModelConfig& config);
+/// silu(gate) ⊙ up for gate and up side by side in one tensor, gate_up = [gate | up] (…, 2·I), as
+/// grouped projections compute them (adapt::set_lora_group_projections): the same values as
+/// at::silu(gate) * up on its halves, bit for bit, and gradients written straight into one
+/// (…, 2·I) tensor, the layout of the grouped node's output gradient (the halves' two gradients
+/// would be joined by a copy). silu(gate) is recomputed in the backward pass; gate_up is kept.
+at::Tensor swiglu_packed(const at::Tensor& gate_up);
 
 /// Initialises weights as HF does for a fresh model (normal(0, initializer_range) for linears and
 /// embeddings, ones for norms, zeros for biases), from `seed`.
