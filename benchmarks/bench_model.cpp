@@ -910,7 +910,7 @@ BENCHMARK(BM_LoraStepCuda)->Args({8, 4, 0, 0, 0})->Unit(benchmark::kMillisecond)
 
 BENCHMARK(BM_LoraStep)->ArgsProduct({{0, 1}, {0, 5}, {0}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
 BENCHMARK(BM_LoraStep)->ArgsProduct({{0, 1}, {5}, {1}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
-BENCHMARK(BM_LoraStep)->Args({1, 0, 0, 1})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
+BENCHMARK(BM_LoraStep)->ArgsProduct({{1}, {0, 5}, {0}, {1}})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
 
 }  // namespace
 

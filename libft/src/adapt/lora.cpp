@@ -382,11 +382,18 @@ class GroupBase final : public FrozenBase {
 // (set_lora_extended_gemm), or null for the split GEMMs (not an undefined tensor: autograd
 // functions take defined tensors only). For an NF4 base that buffer is this pass's own (W decoded
 // into it): it is not kept for the backward pass, which decodes W into a new one, as the split
-// path decodes W again.
+// path decodes W again. `blocks`: the ranks of the adapters whose A are stacked in `a` (grouped
+// projections; {r} for one layer). With dropout each block draws a mask of its own, in order, as
+// separate layers do: S = [drop_1(x) A_1ᵀ | drop_2(x) A_2ᵀ | …], dA_i = dS_iᵀ drop_i(x) and
+// dx = dy W + Σ_i drop_i'(dS_i A_i); the dropped copies are kept, one per block (the row kernels,
+// which draw one mask, are not used then).
 struct FusedLora : public torch::autograd::Function<FusedLora> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a,
                             const at::Tensor& b, const at::Tensor* w_ext_or_null, const FrozenBase* layer,
-                            double scale, double p, bool row_kernels, int64_t grad_splits) {
+                            double scale, double p, bool row_kernels, int64_t grad_splits,
+                            const std::vector<int64_t>& blocks) {
+    const bool per_block = p > 0 && blocks.size() > 1;
+    if (per_block) row_kernels = false;
     const at::Tensor w_ext = w_ext_or_null != nullptr ? *w_ext_or_null : at::Tensor();
     const at::ScalarType ct = util::compute_dtype(x);
     const int64_t in = x.size(-1), r = a.size(0);
@@ -418,17 +425,36 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
       if (!xs.defined()) CastShare::remember(x, x2);
     }
     at::Tensor h = x2, keep;  // keep: CPU: the scaled noise; CUDA: the mask; row kernels: `drawn`
+    std::vector<at::Tensor> more;  // per block: (h, keep) of the blocks after the first
     if (lowered) {
       keep = drawn;  // h stays x2: the backward pass redraws drop(x2) where it needs it (dA)
     } else if (p > 0) {
       std::tie(h, keep) = aten_dropout(x2, p);
+      for (std::size_t i = 1; per_block && i < blocks.size(); ++i) {
+        auto [hi, ki] = aten_dropout(x2, p);
+        more.push_back(hi);
+        more.push_back(ki);
+      }
     }
+    // s S = s drop(x) Aᵀ into `out` (T, r), block by block with their own dropped copies.
+    auto low_rank_into = [&](at::Tensor out) {
+      if (!per_block) {
+        scaled_mm_out(out, h, ac.t(), scale);
+        return;
+      }
+      int64_t col = 0;
+      for (std::size_t i = 0; i < blocks.size(); ++i) {
+        at::Tensor block = out.narrow(1, col, blocks[i]);
+        scaled_mm_out(block, i == 0 ? h : more[2 * (i - 1)], ac.narrow(0, col, blocks[i]).t(), scale);
+        col += blocks[i];
+      }
+    };
     const at::Tensor bias = layer->bias(ct);
     at::Tensor y, bc;  // B in the compute dtype
     if (xs.defined()) {
       // s S into xs's last r columns, B (cast) into w_ext's, then one GEMM over K = in + r:
       // y = [x | s S] [W | B]ᵀ (+ b). No (T, out) low-rank product is written or read back.
-      if (!lowered) scaled_mm_out(s_low, h, ac.t(), scale);
+      if (!lowered) low_rank_into(s_low);
       // Named in profiles and tests; a user scope, so that benchmarks counting ATen calls count the
       // ones inside it.
       RECORD_USER_SCOPE("ft::lora_extended_gemm");
@@ -439,7 +465,10 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
       // (the row kernels keep x2, a view of xs, and redraw h from it).
       if (p > 0 && !lowered) s_low = s_low.clone();
     } else {
-      if (!lowered) s_low = scaled_mm(h, ac.t(), scale);
+      if (!lowered) {
+        s_low = at::empty({x2.size(0), r}, x2.options());
+        low_rank_into(s_low);
+      }
       bc = b.to(ct);
       y = base_plus_low_rank(x2, layer->dense_weight(ct), bias, s_low, bc);
     }
@@ -451,7 +480,10 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     // decoded [W | B] (NF4: only B is kept, a copy, so that the buffer is freed here).
     const int64_t ext = !xs.defined() ? 0 : layer->quantized() ? 2 : 1;
     if (ext == 2) bc = bc.clone();
-    ctx->save_for_backward({h, s_low, ac, ext == 1 ? at::Tensor() : bc, keep});
+    std::vector<at::Tensor> saved = {h, s_low, ac, ext == 1 ? at::Tensor() : bc, keep};
+    saved.insert(saved.end(), more.begin(), more.end());
+    ctx->save_for_backward(saved);
+    if (per_block) ctx->saved_data["blocks"] = blocks;
     if (ext == 1) ctx->saved_data["w_ext"] = w_ext;
     ctx->saved_data["ext"] = ext;
     ctx->saved_data["p"] = p;
@@ -492,7 +524,33 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     const at::Tensor dy = grads[0].reshape({-1, bc.size(0)}).to(ct);
     const at::Tensor db = grad_mm(dy.t(), s_low, adt, 1.0, splits);  // dYᵀ (s S), (out, r)
     at::Tensor dx, da;
-    if (w_ext.defined() && ctx->needs_input_grad(0)) {
+    if (ctx->saved_data.count("blocks") != 0) {
+      // Grouped projections with a mask per block: dS = s dY B as one product, then per block
+      // dA_i = dS_iᵀ drop_i(x) and the input gradient's drop_i'(dS_i A_i).
+      const std::vector<int64_t> blocks = ctx->saved_data["blocks"].toIntVector();
+      at::Tensor dxs, ds;  // ds: dY B, times `sc`
+      double sc = scale;
+      if (w_ext.defined() && ctx->needs_input_grad(0)) {
+        dxs = at::mm(dy, w_ext);  // [dY W | dY B]
+        ds = dxs.narrow(1, in, r);
+      } else {
+        ds = scaled_mm(dy, bc, scale);
+        sc = 1.0;
+        if (ctx->needs_input_grad(0)) dxs = at::mm(dy, layer->dense_weight(ct));
+      }
+      da = at::empty({r, in}, ac.options().dtype(adt));
+      at::Tensor base = ctx->needs_input_grad(0) ? dxs.narrow(1, 0, in) : at::Tensor();
+      int64_t col = 0;
+      for (std::size_t i = 0; i < blocks.size(); ++i) {
+        const at::Tensor& hi = i == 0 ? h : saved[5 + 2 * (i - 1)];
+        const at::Tensor& ki = i == 0 ? keep : saved[6 + 2 * (i - 1)];
+        const at::Tensor dsi = ds.narrow(1, col, blocks[i]);
+        da.narrow(0, col, blocks[i]).copy_(grad_mm(dsi.t(), hi, adt, sc, splits));
+        if (base.defined()) base.add_(low_rank_input_grad(dsi, ac.narrow(0, col, blocks[i]), ki, p, sc));
+        col += blocks[i];
+      }
+      if (base.defined()) dx = as_input_grad(ctx, base);
+    } else if (w_ext.defined() && ctx->needs_input_grad(0)) {
       // One GEMM over N = in + r reads dY once for both products: dY [W | B] = [dY W | dY B]. Then
       // dA = s (dY B)ᵀ h, and the low-rank term is added onto dY W (GEMM alphas carry s).
       at::Tensor dxs = at::mm(dy, w_ext);
@@ -512,7 +570,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
         dx = as_input_grad(ctx, input_grad(dy, layer->dense_weight(ct), ds, ac, keep, p, row_kernels, drawn));
       }
     }
-    return {dx, da, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, da, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -626,18 +684,20 @@ class LoraAdapter final : public model::LinearAdapter {
     }
     const at::Tensor w_ext = extended_weight(x);
     return FusedLora::apply(x, A->weight, B->weight, w_ext.defined() ? &w_ext : nullptr, &base_, info.scale, dropout_,
-                            row_kernels, grad_splits);
+                            row_kernels, grad_splits, std::vector<int64_t>{info.r});
   }
 
   // set_lora_group_projections: `members` (this adapter's layer among them) as one fused node over
   // their stacked weights, where all of them can take it: each is LoRA-adapted on the fused path
-  // (not merged, no DoRA, no dropout, the same path options) or frozen without an adapter, and they
+  // (not merged, no DoRA, the same dropout and path options) or frozen without an adapter, and they
   // share the input width, the weights' storage kind, dtype and device. The node is FusedLora's with
   // A = [A_1; A_2; …] (R, in), B block-diagonal (Σ out, R), block i = B_i · s_i / s, and W, b
   // stacked (GroupBase): y = x Wᵀ + b + s (x Aᵀ) Bᵀ gives every member's output in one GEMM (the
   // extended GEMM's [x | s S] [W | B]ᵀ too), and dx = dy W + s (dy B) A every member's input gradient
   // in one, with dy the members' output gradients side by side. A member without an adapter has a
   // zero block row. dB comes out whole (Σ out, R), the blocks off the diagonal computed and dropped.
+  // With dropout each adapter's block of S has a mask of its own (FusedLora's `blocks`), drawn in the
+  // members' order, as separate layers draw them.
   std::vector<at::Tensor> forward_group(const std::vector<model::LinearImpl*>& members, const at::Tensor& x,
                                         bool split) override {
     if (!group || !fused || merged || !owner_->is_training() || members.size() < 2) return {};
@@ -659,7 +719,7 @@ class LoraAdapter final : public model::LinearAdapter {
       if (m->bias.defined() && (m->bias.requires_grad() || m->bias.device() != x.device())) return {};
       if (m->adapter() == nullptr) continue;
       auto* a = dynamic_cast<LoraAdapter*>(m->adapter());
-      if (a == nullptr || !a->group || !a->fused || a->merged || a->magnitude.defined() || a->dropout_ != 0 ||
+      if (a == nullptr || !a->group || !a->fused || a->merged || a->magnitude.defined() || a->dropout_ != dropout_ ||
           a->extend != extend || a->row_kernels != row_kernels || a->grad_splits != grad_splits ||
           a->A->weight.scalar_type() != A->weight.scalar_type())
         return {};
@@ -704,9 +764,13 @@ class LoraAdapter final : public model::LinearAdapter {
     if (!w_ext.defined() && !nf4) base->stack(-1);
     // Named in profiles and tests.
     RECORD_USER_SCOPE("ft::lora_grouped_projections");
+    std::vector<int64_t> blocks;
+    for (const LoraAdapter* a : lora) {
+      if (a != nullptr) blocks.push_back(a->info.r);
+    }
     const at::Tensor y = FusedLora::apply(x, a_cat, b_diag, w_ext.defined() ? &w_ext : nullptr,
-                                          static_cast<const FrozenBase*>(base), info.scale, 0.0, row_kernels,
-                                          grad_splits);
+                                          static_cast<const FrozenBase*>(base), info.scale, dropout_, row_kernels,
+                                          grad_splits, blocks);
     if (!split) return {y};
     std::vector<int64_t> sizes;
     for (const model::LinearImpl* m : members) sizes.push_back(m->out_features);

@@ -451,7 +451,10 @@ at::Tensor MLPImpl::forward(const at::Tensor& x) {
     return down_proj(kernels::swiglu_fits(gate, up) ? SwigluCuda::apply(gate, up) : at::silu(gate) * up);
   }
 #endif
-  return down_proj(at::silu(gate_proj(xs[0])) * up_proj(xs[1]));
+  // gate before up, as written (the operands of * have no order in C++): their dropout masks are
+  // drawn in this order, as the grouped node draws them and as Python evaluates HF's MLP.
+  const at::Tensor gate = gate_proj(xs[0]);
+  return down_proj(at::silu(gate) * up_proj(xs[1]));
 }
 
 // ------------------------------------------------------------------------------------------------
