@@ -93,12 +93,13 @@ nccl_rc=$?
 # Eager passes against CUDA graphs (cuda_graphs: true), end to end on the bundled model: full
 # fine-tuning and LoRA, bf16, the same 30 steps; tokens/s and the final loss of each (nccl.log).
 # LoRA once more with the chunked loss inside the graphs (loss_chunk: its recomputing backward node),
-# with the extended GEMM and the row kernels (lora.extended_gemm, lora.row_kernels), and with the
+# with the extended GEMM and the row kernels (lora.extended_gemm, lora.row_kernels), those with grouped
+# projections (lora.group_projections), and with the
 # model's fused kernels (kernels.loss, kernels.rope, kernels.swiglu).
 graphs_line=""
 for mode in full lora; do
   extra=(); [ $mode = lora ] && extra=("lora.targets=[all-linear]")
-  variants=("false" "true"); [ $mode = lora ] && variants+=("true loss_chunk=256" "true lora.extended_gemm=true lora.row_kernels=true" "true kernels.loss=true kernels.rope=true kernels.swiglu=true")
+  variants=("false" "true"); [ $mode = lora ] && variants+=("true loss_chunk=256" "true lora.extended_gemm=true lora.row_kernels=true" "true lora.extended_gemm=true lora.row_kernels=true lora.group_projections=true" "true kernels.loss=true kernels.rope=true kernels.swiglu=true")
   for i in "${!variants[@]}"; do
     read -r graphs chunk <<<"${variants[$i]}"
     run=build-gpu/graphs-$mode-$i
