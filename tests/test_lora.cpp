@@ -1394,6 +1394,13 @@ TEST(LoraGroup, GroupedProjectionsComputeWhatSeparateLayersCompute) {
     }
     const auto [y_off, g_off] = run(grouped, false);
     EXPECT_LE(test::max_rel_error(y_off, y_sep), 1e-12);
+    // With activation checkpointing (each block's forward pass run again in the backward pass, with
+    // the random state restored): the same gradients, the same masks.
+    adapt::set_lora_group_projections(grouped, true);
+    grouped->set_gradient_checkpointing(true);
+    const auto [y_ckpt, g_ckpt] = run(grouped, true);
+    EXPECT_LE(test::max_rel_error(y_ckpt, y_sep), 1e-12);
+    for (const auto& [name, g] : g_sep) EXPECT_LE(test::max_rel_error(g_ckpt.at(name), g), 1e-12) << name;
   }
 }
 
