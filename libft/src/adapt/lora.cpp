@@ -13,6 +13,7 @@
 #include <cmath>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -294,6 +295,15 @@ class LayerBase final : public FrozenBase {
   model::LinearImpl* layer_;
 };
 
+// A pass's own [W | ·] buffer for an NF4 base, (out, in + r) of `options`: W decoded straight into
+// its first `in` columns (the kernel writes the strided rows), the last r left for B.
+at::Tensor decoded_extended(const FrozenBase& base, int64_t out, int64_t in, int64_t r,
+                            const at::TensorOptions& options) {
+  at::Tensor ext = at::empty({out, in + r}, options);
+  base.dense_weight_into(ext.narrow(1, 0, in));
+  return ext;
+}
+
 // Layers that read the same input (q, k and v; gate and up), as one base (set_lora_group_projections):
 // W = [W_1; W_2; …] (Σ out, in) and the biases likewise (zeros for a member without one). Dense
 // weights live in one buffer (stack()): each member's "weight" parameter becomes a view of its rows
@@ -383,7 +393,7 @@ class GroupBase final : public FrozenBase {
 // functions take defined tensors only). For an NF4 base that buffer is this pass's own (W decoded
 // into it): it is not kept for the backward pass, which decodes W into a new one, as the split
 // path decodes W again. `blocks`: the ranks of the adapters whose A are stacked in `a` (grouped
-// projections; {r} for one layer). With dropout each block draws a mask of its own, in order, as
+// projections; empty for one layer). With dropout each block draws a mask of its own, in order, as
 // separate layers do: S = [drop_1(x) A_1ᵀ | drop_2(x) A_2ᵀ | …], dA_i = dS_iᵀ drop_i(x) and
 // dx = dy W + Σ_i drop_i'(dS_i A_i); the dropped copies are kept, one per block (the row kernels,
 // which draw one mask, are not used then).
@@ -505,8 +515,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     if (ext == 1) {
       w_ext = ctx->saved_data["w_ext"].toTensor();
     } else if (ext == 2 && ctx->needs_input_grad(0)) {
-      w_ext = at::empty({saved[3].size(0), in + r}, saved[3].options());
-      layer->dense_weight_into(w_ext.narrow(1, 0, in));
+      w_ext = decoded_extended(*layer, saved[3].size(0), in, r, saved[3].options());
       w_ext.narrow(1, in, r).copy_(saved[3]);
     }
     const at::Tensor bc = ext == 1 ? w_ext.narrow(1, in, r) : saved[3];
@@ -684,7 +693,7 @@ class LoraAdapter final : public model::LinearAdapter {
     }
     const at::Tensor w_ext = extended_weight(x);
     return FusedLora::apply(x, A->weight, B->weight, w_ext.defined() ? &w_ext : nullptr, &base_, info.scale, dropout_,
-                            row_kernels, grad_splits, std::vector<int64_t>{info.r});
+                            row_kernels, grad_splits, std::vector<int64_t>());
   }
 
   // set_lora_group_projections: `members` (this adapter's layer among them) as one fused node over
@@ -732,8 +741,11 @@ class LoraAdapter final : public model::LinearAdapter {
     if (base == nullptr) base = groups_.emplace_back(std::make_unique<GroupBase>(members)).get();
     // A stacked, B block-diagonal, through autograd (A's and B's gradients are slices of the node's).
     std::vector<at::Tensor> as;
-    int64_t rank = 0;
-    for (const LoraAdapter* a : lora) rank += a != nullptr ? a->info.r : 0;
+    std::vector<int64_t> blocks;  // the adapters' ranks, in order
+    for (const LoraAdapter* a : lora) {
+      if (a != nullptr) blocks.push_back(a->info.r);
+    }
+    const int64_t rank = std::accumulate(blocks.begin(), blocks.end(), int64_t{0});
     std::vector<at::Tensor> b_rows;
     int64_t col = 0;
     for (std::size_t i = 0; i < members.size(); ++i) {
@@ -755,8 +767,7 @@ class LoraAdapter final : public model::LinearAdapter {
     at::Tensor w_ext;
     if (extend && x.scalar_type() != ct) {
       if (nf4) {
-        w_ext = at::empty({base->out_total, base->in() + rank}, x.options().dtype(ct));
-        base->dense_weight_into(w_ext.narrow(1, 0, base->in()));
+        w_ext = decoded_extended(*base, base->out_total, base->in(), rank, x.options().dtype(ct));
       } else if (first->weight.scalar_type() == ct) {
         w_ext = base->stack(rank);
       }
@@ -764,10 +775,6 @@ class LoraAdapter final : public model::LinearAdapter {
     if (!w_ext.defined() && !nf4) base->stack(-1);
     // Named in profiles and tests.
     RECORD_USER_SCOPE("ft::lora_grouped_projections");
-    std::vector<int64_t> blocks;
-    for (const LoraAdapter* a : lora) {
-      if (a != nullptr) blocks.push_back(a->info.r);
-    }
     const at::Tensor y = FusedLora::apply(x, a_cat, b_diag, w_ext.defined() ? &w_ext : nullptr,
                                           static_cast<const FrozenBase*>(base), info.scale, dropout_, row_kernels,
                                           grad_splits, blocks);
@@ -823,9 +830,7 @@ class LoraAdapter final : public model::LinearAdapter {
     const int64_t in = owner_->in_features, r = info.r;
     if (const adapt::NF4Tensor* q = owner_->nf4(); q != nullptr) {
       if (q->shape.size() != 2 || q->packed.device() != x.device()) return {};
-      at::Tensor ext = at::empty({owner_->out_features, in + r}, x.options().dtype(ct));
-      owner_->dense_weight_into(ext.narrow(1, 0, in));
-      return ext;
+      return decoded_extended(base_, owner_->out_features, in, r, x.options().dtype(ct));
     }
     at::Tensor& w = owner_->weight;
     if (!w.defined() || w.dim() != 2 || w.scalar_type() != ct || w.layout() != at::kStrided || w.device() != x.device())
