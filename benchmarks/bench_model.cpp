@@ -729,20 +729,25 @@ void BM_RopeCuda(benchmark::State& state) {
 BENCHMARK(BM_RopeCuda)->ArgsProduct({{0, 1}, {1, 4}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // SwiGLU of one MLP, forward and backward, bf16 (the Llama-3.2-1B width, 8192): at::silu(g) * u
-// through autograd (impl 0) against the fused kernel (impl 1, model::CausalLMImpl::set_fused_swiglu).
-// Arguments: impl, tokens. "GB/s": the fused path's minimum traffic (16 bytes per element: 6
-// forward, 10 backward) over the time, for both rows.
+// through autograd (impl 0) against the fused kernel (impl 1, model::CausalLMImpl::set_fused_swiglu);
+// then the halves of one packed [gate | up] (grouped projections' output, model::swiglu_packed)
+// through ATen's chain (impl 2) and through the kernel in place (impl 3). Arguments: impl, tokens.
+// "GB/s": the fused path's minimum traffic (16 bytes per element: 6 forward, 10 backward) over the
+// time, for every row.
 void BM_SwigluCuda(benchmark::State& state) {
   if (!at::hasCUDA()) return state.SkipWithError("no CUDA device");
-  const bool fused = state.range(0) == 1;
+  const int64_t impl = state.range(0);
   const auto bf = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
   const int64_t tokens = state.range(1), width = 8192;
   const at::Tensor g = at::randn({tokens, width}, bf).requires_grad_(), u = at::randn({tokens, width}, bf).requires_grad_();
+  const at::Tensor gu = at::randn({tokens, 2 * width}, bf).requires_grad_();
   const at::Tensor dh = at::randn({tokens, width}, bf);
   auto step = [&] {
-    if (fused) {
+    if (impl == 1) {
       (void)ft::kernels::swiglu_forward(g.detach(), u.detach());
       (void)ft::kernels::swiglu_backward(dh, g.detach(), u.detach());
+    } else if (impl >= 2) {
+      (void)torch::autograd::grad({model::swiglu_packed(gu, /*fused_kernel=*/impl == 3)}, {gu}, {dh});
     } else {
       (void)torch::autograd::grad({at::silu(g) * u}, {g, u}, {dh});
     }
@@ -756,7 +761,7 @@ void BM_SwigluCuda(benchmark::State& state) {
   state.counters["GB/s"] = benchmark::Counter(16.0 * static_cast<double>(tokens * width) / 1e9,
                                               benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_SwigluCuda)->ArgsProduct({{0, 1}, {2048, 8192}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_SwigluCuda)->ArgsProduct({{0, 1, 2, 3}, {2048, 8192}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 #endif
 
 // Arguments: fused (0/1), dropout in percent, DoRA (0/1), grouped projections (0/1,

@@ -161,6 +161,12 @@ def opt_ins(runs):
             base = runs.get(bench + "/0/" + name[len(bench) + 3:]) if m else None
             if m and base:
                 out.append((f"{what} against ATen's ({name[len(bench) + 3:]})", seconds(base) / seconds(b)))
+    for name, b in sorted(runs.items()):  # the kernel on a packed [gate | up]'s halves (grouped projections)
+        m = re.fullmatch(r"BM_SwigluCuda/3/(\d+)", name)
+        base = runs.get(f"BM_SwigluCuda/2/{m.group(1)}") if m else None
+        if m and base:
+            out.append((f"fused SwiGLU on packed [gate | up] halves against ATen's chain ({m.group(1)})",
+                        seconds(base) / seconds(b)))
     for batch in (1, 4):
         for graph in (0, 1):
             base = runs.get(f"BM_LoraStepCuda/1/{batch}/{graph}/0/0")
@@ -170,12 +176,13 @@ def opt_ins(runs):
                 row = runs.get(f"BM_LoraStepCuda/{kind}/{batch}/{graph}/0/{loss}")
                 if base and row:
                     out.append((f"1.24B LoRA step, {what} against the fused default ({how})", row["tokens/s"] / base["tokens/s"]))
-            # Grouped projections (lora.group_projections; rows 7 and 8) against the same paths without.
-            # (Without the model's fused kernels: the SwiGLU kernel takes contiguous gate and up only, so
-            # it would not run on the grouped rows' column views, and the comparison would mix the two.)
+            # Grouped projections (lora.group_projections; rows 7 and 8) against the same paths without;
+            # the last with the model's fused kernels on both sides (the SwiGLU kernel then reads the
+            # grouped [gate | up]'s halves in place).
             for kind, loss, against, what in [(7, 0, 1, "grouped projections against the fused default"),
                                                (8, 0, 4, "grouped projections with the extended GEMM and row kernels "
-                                                         "against those alone")]:
+                                                         "against those alone"),
+                                               (8, 1, 4, "grouped projections with every opt-in against every opt-in")]:
                 row, other = runs.get(f"BM_LoraStepCuda/{kind}/{batch}/{graph}/0/{loss}"), runs.get(
                     f"BM_LoraStepCuda/{against}/{batch}/{graph}/0/{loss}")
                 if row and other:

@@ -225,7 +225,7 @@ bool lora_cast_down_fits(const at::Tensor& x, const at::Tensor& a, const at::Ten
       (rows > 1 && xo.stride(0) < in))  // rows that overlap (an expanded tensor) would race
     return false;
   return s.dim() == 2 && s.size(0) == rows && s.size(1) == r && s.scalar_type() == a.scalar_type() &&
-         s.device() == x.device() && s.stride(1) == 1;
+         s.device() == x.device() && s.stride(1) == 1 && (rows <= 1 || s.stride(0) >= r);  // s's rows must not overlap
 }
 
 at::Tensor lora_cast_down(const at::Tensor& x, const at::Tensor& a, double scale, const at::Tensor& xo,

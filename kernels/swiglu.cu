@@ -1,8 +1,8 @@
-// The fused SwiGLU (ft/kernels/swiglu.h): an elementwise grid-stride loop, 8 elements per thread and
+// The fused SwiGLU (ft/kernels/swiglu.h): an elementwise loop over rows, 8 elements per thread and
 // step where the tensors allow 16-byte vectors of 2-byte types (4 for float32), else one at a time.
 // The per-element arithmetic is ft/kernels/swiglu_thread.h, shared with a host test.
 #include <ATen/Dispatch_v2.h>
-#include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/ScalarType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -11,7 +11,10 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <initializer_list>
+#include <utility>
 
+#include "ft/kernels/rows.h"
 #include "ft/kernels/swiglu.h"
 #include "ft/kernels/swiglu_thread.h"
 #include "ft/kernels/vec16.h"
@@ -22,101 +25,109 @@ namespace {
 constexpr int kThreads = 256;
 
 using detail::kVec16;
-using detail::load16;
-using detail::store16;
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up,
-                                                                  T* __restrict__ h, int64_t n, bool vectors) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (vectors) {
-    for (int64_t v = first; v < n / kVec16<T>; v += stride) {
-      alignas(16) T g[kVec16<T>], u[kVec16<T>], y[kVec16<T>];
-      load16(gate + v * kVec16<T>, g);
-      load16(up + v * kVec16<T>, u);
-#pragma unroll
-      for (int e = 0; e < kVec16<T>; ++e) y[e] = detail::swiglu_forward(g[e], u[e]);
-      store16(h + v * kVec16<T>, y);
-    }
-  } else {
-    for (int64_t i = first; i < n; i += stride) h[i] = detail::swiglu_forward(gate[i], up[i]);
-  }
+// Rows (ft/kernels/rows.h): blockIdx.y walks the rows, the threads of blockIdx.x their columns, so
+// that no index is divided (ft/kernels/swiglu_thread.h). Each operand has its own row stride: the
+// halves of a packed [gate | up] are rows of stride 2·I.
+__device__ __forceinline__ detail::ThreadAt thread_at() {
+  return {blockIdx.x, blockIdx.y, gridDim.x, gridDim.y, threadIdx.x, blockDim.x};
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) swiglu_backward_kernel(const T* __restrict__ dh, const T* __restrict__ gate,
-                                                                   const T* __restrict__ up, T* __restrict__ dgate,
-                                                                   T* __restrict__ dup, int64_t n, bool vectors) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (vectors) {
-    for (int64_t v = first; v < n / kVec16<T>; v += stride) {
-      alignas(16) T d[kVec16<T>], g[kVec16<T>], u[kVec16<T>], dg[kVec16<T>], du[kVec16<T>];
-      load16(dh + v * kVec16<T>, d);
-      load16(gate + v * kVec16<T>, g);
-      load16(up + v * kVec16<T>, u);
-#pragma unroll
-      for (int e = 0; e < kVec16<T>; ++e) detail::swiglu_backward(d[e], g[e], u[e], dg[e], du[e]);
-      store16(dgate + v * kVec16<T>, dg);
-      store16(dup + v * kVec16<T>, du);
-    }
-  } else {
-    for (int64_t i = first; i < n; i += stride) detail::swiglu_backward(dh[i], gate[i], up[i], dgate[i], dup[i]);
-  }
+__global__ void __launch_bounds__(kThreads) swiglu_forward_kernel(const T* __restrict__ gate, int64_t ldg,
+                                                                  const T* __restrict__ up, int64_t ldu,
+                                                                  T* __restrict__ h, int64_t ldh, int64_t rows,
+                                                                  int64_t cols, bool vectors) {
+  detail::swiglu_forward_rows(thread_at(), gate, ldg, up, ldu, h, ldh, rows, cols, vectors);
 }
 
-bool aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+template <typename T>
+__global__ void __launch_bounds__(kThreads) swiglu_backward_kernel(const T* __restrict__ dh, int64_t ldd,
+                                                                   const T* __restrict__ gate, int64_t ldg,
+                                                                   const T* __restrict__ up, int64_t ldu,
+                                                                   T* __restrict__ dgate, int64_t lddg,
+                                                                   T* __restrict__ dup, int64_t lddu, int64_t rows,
+                                                                   int64_t cols, bool vectors) {
+  detail::swiglu_backward_rows(thread_at(), dh, ldd, gate, ldg, up, ldu, dgate, lddg, dup, lddu, rows, cols, vectors);
+}
 
-unsigned blocks_for(int64_t items) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, 132 * 16)));
+bool rows_of(const at::Tensor& t, detail::RowsView& v) { return detail::as_rows(t.sizes().vec(), t.strides().vec(), v); }
+
+// 16-byte vectors where every operand's start and row stride keep them aligned.
+template <typename T>
+bool vectorizable(int64_t cols, std::initializer_list<std::pair<const at::Tensor*, int64_t>> operands) {
+  if (cols % kVec16<T> != 0) return false;
+  for (const auto& [t, ld] : operands)
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0 || ld % kVec16<T> != 0) return false;
+  return true;
+}
+
+dim3 grid_for(int64_t rows, int64_t items_per_row) {
+  const detail::RowsGrid g = detail::rows_grid(rows, items_per_row, kThreads);
+  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y));
+}
+
+bool fits_rows(const at::Tensor& t, const at::Tensor& like) {
+  detail::RowsView v;
+  return t.defined() && t.is_cuda() && t.device() == like.device() && t.scalar_type() == like.scalar_type() &&
+         t.sizes() == like.sizes() && rows_of(t, v);
 }
 
 }  // namespace
 
 bool swiglu_fits(const at::Tensor& gate, const at::Tensor& up) {
-  if (!gate.defined() || !up.defined() || !gate.is_cuda() || gate.sizes() != up.sizes() ||
-      gate.scalar_type() != up.scalar_type() || gate.device() != up.device())
-    return false;
+  if (!gate.defined() || !gate.is_cuda()) return false;
   const auto t = gate.scalar_type();
-  return (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf) && gate.is_contiguous() && up.is_contiguous();
+  return (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf) && fits_rows(gate, gate) && fits_rows(up, gate);
 }
 
 at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up) {
   TORCH_CHECK(swiglu_fits(gate, up), "[swiglu kernels] unsupported operands: gate ", gate.sizes(), " ",
-              gate.scalar_type(), ", up ", up.sizes(), " ", up.scalar_type());
+              gate.strides(), " ", gate.scalar_type(), ", up ", up.sizes(), " ", up.strides(), " ", up.scalar_type());
   c10::cuda::CUDAGuard guard(gate.device());
-  at::Tensor h = at::empty_like(gate, at::MemoryFormat::Contiguous);
-  const int64_t n = gate.numel();
-  if (n == 0) return h;
+  at::Tensor h = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
+  detail::RowsView g, u, y;
+  rows_of(gate, g), rows_of(up, u), rows_of(h, y);
+  if (h.numel() == 0) return h;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_V2(gate.scalar_type(), "swiglu_forward", AT_WRAP([&] {
-    const bool vectors = n % kVec16<scalar_t> == 0 && aligned(gate) && aligned(up) && aligned(h);
-    swiglu_forward_kernel<scalar_t><<<blocks_for(vectors ? n / kVec16<scalar_t> : n), kThreads, 0, stream>>>(
-        gate.data_ptr<scalar_t>(), up.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), n, vectors);
+    const bool vectors = vectorizable<scalar_t>(g.cols, {{&gate, g.ld}, {&up, u.ld}, {&h, y.ld}});
+    swiglu_forward_kernel<scalar_t><<<grid_for(g.rows, vectors ? g.cols / kVec16<scalar_t> : g.cols), kThreads, 0, stream>>>(
+        gate.data_ptr<scalar_t>(), g.ld, up.data_ptr<scalar_t>(), u.ld, h.data_ptr<scalar_t>(), y.ld, g.rows, g.cols,
+        vectors);
   }), at::kFloat, at::kBFloat16, at::kHalf);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return h;
 }
 
-std::pair<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& dh, const at::Tensor& gate, const at::Tensor& up) {
-  TORCH_CHECK(swiglu_fits(gate, up) && dh.sizes() == gate.sizes() && dh.device() == gate.device(),
-              "[swiglu kernels] unsupported operands: dh ", dh.sizes(), ", gate ", gate.sizes());
+void swiglu_backward_out(const at::Tensor& dh, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& dgate,
+                         const at::Tensor& dup) {
+  TORCH_CHECK(swiglu_fits(gate, up) && dh.defined() && dh.sizes() == gate.sizes() && dh.device() == gate.device() &&
+                  fits_rows(dgate, gate) && fits_rows(dup, gate),
+              "[swiglu kernels] unsupported operands: dh ", dh.sizes(), ", gate ", gate.sizes(), " ", gate.strides(),
+              ", up ", up.strides(), ", dgate ", dgate.sizes(), " ", dgate.strides(), ", dup ", dup.sizes(), " ",
+              dup.strides());
   c10::cuda::CUDAGuard guard(gate.device());
-  const at::Tensor d = dh.to(gate.scalar_type()).contiguous();
-  at::Tensor dgate = at::empty_like(gate, at::MemoryFormat::Contiguous);
-  at::Tensor dup = at::empty_like(up, at::MemoryFormat::Contiguous);
-  const int64_t n = gate.numel();
-  if (n == 0) return {dgate, dup};
+  at::Tensor d = dh.to(gate.scalar_type());
+  detail::RowsView dv, g, u, dg, du;
+  if (!rows_of(d, dv)) d = d.contiguous(), rows_of(d, dv);
+  rows_of(gate, g), rows_of(up, u), rows_of(dgate, dg), rows_of(dup, du);
+  if (gate.numel() == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_V2(gate.scalar_type(), "swiglu_backward", AT_WRAP([&] {
     const bool vectors =
-        n % kVec16<scalar_t> == 0 && aligned(d) && aligned(gate) && aligned(up) && aligned(dgate) && aligned(dup);
-    swiglu_backward_kernel<scalar_t><<<blocks_for(vectors ? n / kVec16<scalar_t> : n), kThreads, 0, stream>>>(
-        d.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(), up.data_ptr<scalar_t>(), dgate.data_ptr<scalar_t>(),
-        dup.data_ptr<scalar_t>(), n, vectors);
+        vectorizable<scalar_t>(g.cols, {{&d, dv.ld}, {&gate, g.ld}, {&up, u.ld}, {&dgate, dg.ld}, {&dup, du.ld}});
+    swiglu_backward_kernel<scalar_t><<<grid_for(g.rows, vectors ? g.cols / kVec16<scalar_t> : g.cols), kThreads, 0, stream>>>(
+        d.data_ptr<scalar_t>(), dv.ld, gate.data_ptr<scalar_t>(), g.ld, up.data_ptr<scalar_t>(), u.ld,
+        dgate.data_ptr<scalar_t>(), dg.ld, dup.data_ptr<scalar_t>(), du.ld, g.rows, g.cols, vectors);
   }), at::kFloat, at::kBFloat16, at::kHalf);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::pair<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& dh, const at::Tensor& gate, const at::Tensor& up) {
+  at::Tensor dgate = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dup = at::empty(up.sizes(), up.options().memory_format(at::MemoryFormat::Contiguous));
+  swiglu_backward_out(dh, gate, up, dgate, dup);
   return {dgate, dup};
 }
 

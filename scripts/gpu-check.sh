@@ -99,7 +99,7 @@ nccl_rc=$?
 graphs_line=""
 for mode in full lora; do
   extra=(); [ $mode = lora ] && extra=("lora.targets=[all-linear]")
-  variants=("false" "true"); [ $mode = lora ] && variants+=("true loss_chunk=256" "true lora.extended_gemm=true lora.row_kernels=true" "true lora.extended_gemm=true lora.row_kernels=true lora.group_projections=true" "true kernels.loss=true kernels.rope=true kernels.swiglu=true")
+  variants=("false" "true"); [ $mode = lora ] && variants+=("true loss_chunk=256" "true lora.extended_gemm=true lora.row_kernels=true" "true lora.extended_gemm=true lora.row_kernels=true lora.group_projections=true kernels.swiglu=true" "true kernels.loss=true kernels.rope=true kernels.swiglu=true")
   for i in "${!variants[@]}"; do
     read -r graphs chunk <<<"${variants[$i]}"
     run=build-gpu/graphs-$mode-$i
@@ -143,7 +143,7 @@ timeout "$(until_share 55)" build-gpu/benchmarks/bench_model --benchmark_min_tim
   --benchmark_out="$out/bench.json" --benchmark_out_format=json >>"$out/bench.log" 2>&1
 bench_rc=$?
 timeout "$(until_share 85)" build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \
-  --benchmark_filter='BM_(LoraLinear/1/[56]/[0-2]/16/|LoraLinearDropout/1/[1-6]/0/16/2048/|LoraOp/(19|2[0-9])/0/16/2048|CrossEntropyCuda|RopeCuda|SwigluCuda|LoraStepCuda/[34]/[14]/0/0/0|LoraStepCuda/[14]/4/[01]/0/1|LoraStepCuda/5/4/0/0/1|LoraStepCuda/6/4/0/0/0|LoraStepCuda/4/4/1/0/0|LoraStepCuda/[78]/4/0/0/0)' \
+  --benchmark_filter='BM_(LoraLinear/1/[56]/[0-2]/16/|LoraLinearDropout/1/[1-6]/0/16/2048/|LoraOp/(19|2[0-9])/0/16/2048|CrossEntropyCuda|RopeCuda|SwigluCuda|LoraStepCuda/[34]/[14]/0/0/0|LoraStepCuda/[14]/4/[01]/0/1|LoraStepCuda/5/4/0/0/1|LoraStepCuda/6/4/0/0/0|LoraStepCuda/4/4/1/0/0|LoraStepCuda/[78]/4/0/0/0|LoraStepCuda/8/4/0/0/1)' \
   --benchmark_out="$out/bench-rows.json" --benchmark_out_format=json >>"$out/bench.log" 2>&1
 rows_rc=$?
 timeout "$(until_share 100)" build-gpu/benchmarks/bench_model --benchmark_min_time=0.5 \

@@ -25,6 +25,7 @@
 #include "ft/kernels/rmsnorm.h"
 #include "ft/kernels/rope.h"
 #include "ft/kernels/rope_thread.h"
+#include "ft/kernels/rows.h"
 #include "ft/kernels/swiglu.h"
 #include "ft/kernels/swiglu_thread.h"
 #include "ft/kernels/sum_float.h"
@@ -583,6 +584,8 @@ TEST(LoraRowsKernel, DeclinesOperandsItCannotTake) {
                                             at::empty({6, 64}, cuda.dtype(at::kBFloat16))));
   EXPECT_FALSE(kernels::lora_cast_down_fits(x.narrow(1, 0, 60), a.narrow(1, 0, 60).contiguous(), xo.narrow(1, 0, 60), s));
   EXPECT_FALSE(kernels::lora_cast_down_fits(x.to(at::kHalf), a, xo, s));
+  // S's rows overlapping (an expanded row): two warps would write one element.
+  EXPECT_FALSE(kernels::lora_cast_down_fits(x, a, xo, at::empty({1, 16}, cuda.dtype(at::kBFloat16)).expand({6, 16})));
   EXPECT_FALSE(kernels::lora_up_add_fits(xo, s, a.to(at::kHalf)));
   EXPECT_FALSE(kernels::lora_up_add_fits(at::empty({6, 72}, cuda.dtype(at::kBFloat16)).narrow(1, 4, 64), s, a));
   EXPECT_THROW(kernels::lora_up_add(xo, s, a.to(at::kHalf), 1.0), c10::Error);
@@ -923,6 +926,72 @@ TEST(SwigluKernel, ElementsOnTheHostMatchTheFloat64Reference) {
   swiglu_host_case<c10::Half>(at::kHalf);
 }
 
+// Every thread of a row kernel's grid, walked on the host (ft/kernels/rows.h): every element of
+// the rows is computed, with the per-element values bit for bit, and nothing outside the rows is
+// written. Small grids (a few blocks) make the threads stride over rows and columns.
+template <typename F>
+void walk_grid(const kernels::detail::RowsGrid& g, int64_t threads, F&& thread) {
+  for (int64_t by = 0; by < g.y; ++by)
+    for (int64_t bx = 0; bx < g.x; ++bx)
+      for (int64_t tx = 0; tx < threads; ++tx) thread(kernels::detail::ThreadAt{bx, by, g.x, g.y, tx, threads});
+}
+
+template <typename T>
+void swiglu_rows_host_case(at::ScalarType dtype, int64_t rows, int64_t I, int64_t max_blocks) {
+  using namespace kernels::detail;
+  SCOPED_TRACE(std::string(c10::toString(dtype)) + " rows " + std::to_string(rows) + " I " + std::to_string(I) +
+               " blocks " + std::to_string(max_blocks));
+  const at::Tensor gu = (at::randn({rows, 2 * I}) * 4).to(dtype);  // [gate | up]: rows of stride 2·I
+  const at::Tensor dh = at::randn({rows, I + 3}).to(dtype);          // rows of stride I + 3
+  const at::Tensor gate = gu.narrow(1, 0, I), up = gu.narrow(1, I, I), d = dh.narrow(1, 0, I);
+  const auto* g = reinterpret_cast<const T*>(gate.data_ptr());
+  const auto* u = reinterpret_cast<const T*>(up.data_ptr());
+  const auto* dp = reinterpret_cast<const T*>(d.data_ptr());
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (const bool vectors : {false, true}) {
+    if (vectors && I % kVec16<T> != 0) continue;
+    // Outputs with a padding column after each row (h), and the halves of one (rows, 2·I + 1) tensor.
+    at::Tensor h = at::full({rows, I + 1}, nan, dtype), dgu = at::full({rows, 2 * I + 1}, nan, dtype);
+    const int64_t items = vectors ? I / kVec16<T> : I;
+    walk_grid(rows_grid(rows, items, 256, max_blocks), 256, [&](const ThreadAt& th) {
+      swiglu_forward_rows(th, g, 2 * I, u, 2 * I, reinterpret_cast<T*>(h.data_ptr()), I + 1, rows, I, vectors);
+      swiglu_backward_rows(th, dp, I + 3, g, 2 * I, u, 2 * I, reinterpret_cast<T*>(dgu.data_ptr()), 2 * I + 1,
+                           reinterpret_cast<T*>(dgu.data_ptr()) + I, 2 * I + 1, rows, I, vectors);
+    });
+    at::Tensor want_h = at::empty({rows, I}, dtype), want_dg = at::empty({rows, I}, dtype), want_du = at::empty({rows, I}, dtype);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < I; ++c) {
+        auto* wh = reinterpret_cast<T*>(want_h.data_ptr()) + r * I + c;
+        *wh = swiglu_forward(g[r * 2 * I + c], u[r * 2 * I + c]);
+        swiglu_backward(dp[r * (I + 3) + c], g[r * 2 * I + c], u[r * 2 * I + c],
+                        reinterpret_cast<T*>(want_dg.data_ptr())[r * I + c], reinterpret_cast<T*>(want_du.data_ptr())[r * I + c]);
+      }
+    }
+    EXPECT_TRUE(h.narrow(1, 0, I).equal(want_h)) << "vectors " << vectors;
+    EXPECT_TRUE(dgu.narrow(1, 0, I).equal(want_dg)) << "vectors " << vectors;
+    EXPECT_TRUE(dgu.narrow(1, I, I).equal(want_du)) << "vectors " << vectors;
+    EXPECT_TRUE(h.narrow(1, I, 1).isnan().all().item<bool>()) << "written past a row";
+    EXPECT_TRUE(dgu.narrow(1, 2 * I, 1).isnan().all().item<bool>()) << "written past a row";
+  }
+}
+
+TEST(SwigluKernel, RowThreadsOnTheHostComputeEveryElement) {
+  at::manual_seed(34);
+  for (const int64_t max_blocks : {1, 3, 2112}) {
+    swiglu_rows_host_case<c10::BFloat16>(at::kBFloat16, 37, 40, max_blocks);
+    swiglu_rows_host_case<c10::BFloat16>(at::kBFloat16, 5, 37, max_blocks);    // odd width: one at a time
+    swiglu_rows_host_case<c10::BFloat16>(at::kBFloat16, 3, 4096, max_blocks);  // more columns than a block's threads
+    swiglu_rows_host_case<float>(at::kFloat, 9, 44, max_blocks);
+  }
+  // The grid: y within CUDA's limit, x and y within the block budget, at least one block each way.
+  const auto g = kernels::detail::rows_grid(1 << 20, 1 << 10, 256);
+  EXPECT_EQ(g.x, 4);
+  EXPECT_EQ(g.y, 528);
+  EXPECT_EQ(kernels::detail::rows_grid(1 << 20, 1, 256, 1 << 20).y, 65535);
+  EXPECT_EQ(kernels::detail::rows_grid(0, 0, 256).x, 1);
+  EXPECT_EQ(kernels::detail::rows_grid(0, 0, 256).y, 1);
+}
+
 TEST(SwigluKernel, MatchesTheUnfusedPairOnCuda) {
   FT_REQUIRE_CUDA();
   at::manual_seed(32);
@@ -950,7 +1019,83 @@ TEST(SwigluKernel, MatchesTheUnfusedPairOnCuda) {
       EXPECT_GT(equal, 0.99);
     }
   }
-  EXPECT_FALSE(kernels::swiglu_fits(at::randn({4, 8}, at::kCUDA), at::randn({4, 8}, at::kCUDA).t()));  // not contiguous
+  // Not rows: the last dimension strided.
+  EXPECT_FALSE(kernels::swiglu_fits(at::randn({4, 8}, at::kCUDA), at::randn({8, 4}, at::kCUDA).t()));
+}
+
+// The halves of a packed [gate | up] (grouped projections' output) through the kernel in place:
+// forward and gradient equal, bit for bit, the kernel's on contiguous copies of the halves, on both
+// its paths (16-byte vectors, and one element at a time where an odd offset misaligns them); the
+// gradient comes back as one (…, 2·I) tensor. And model::swiglu_packed with the kernel against
+// ATen's chain, within bf16 bounds.
+TEST(SwigluKernel, PackedHalvesMatchTheSeparateKernelOnCuda) {
+  FT_REQUIRE_CUDA();
+  at::manual_seed(33);
+  for (const auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    for (const std::vector<int64_t>& shape : {std::vector<int64_t>{1, 1, 7}, {2, 33, 688}, {1, 2048, 4096}}) {
+      for (const int64_t offset : {0, 1}) {
+        const int64_t I = shape[2];
+        SCOPED_TRACE(std::string(c10::toString(dtype)) + " " + std::to_string(shape[1]) + "x" + std::to_string(I) +
+                     " offset " + std::to_string(offset));
+        const auto opts = at::TensorOptions().device(at::kCUDA);
+        // [pad | gate | up] rows: with offset 1 the halves start one element in (no 16-byte vectors).
+        const at::Tensor wide = (at::randn({shape[0], shape[1], offset + 2 * I}, opts) * 4).to(dtype);
+        const at::Tensor gu = wide.narrow(-1, offset, 2 * I);
+        const at::Tensor gate = gu.narrow(-1, 0, I), up = gu.narrow(-1, I, I);
+        const at::Tensor dh = at::randn({shape[0], shape[1], I}, opts).to(dtype);
+        ASSERT_TRUE(kernels::swiglu_fits(gate, up));
+        const at::Tensor want = kernels::swiglu_forward(gate.contiguous(), up.contiguous());
+        const auto [dg, du] = kernels::swiglu_backward(dh, gate.contiguous(), up.contiguous());
+        EXPECT_TRUE(kernels::swiglu_forward(gate, up).equal(want));
+        at::Tensor d = at::full({shape[0], shape[1], 2 * I}, std::numeric_limits<double>::quiet_NaN(), opts.dtype(dtype));
+        kernels::swiglu_backward_out(dh, gate, up, d.narrow(-1, 0, I), d.narrow(-1, I, I));
+        EXPECT_TRUE(d.narrow(-1, 0, I).equal(dg));
+        EXPECT_TRUE(d.narrow(-1, I, I).equal(du));
+        if (offset != 0) continue;
+        // Through the model's packed node, which writes the gradient's halves in place.
+        const at::Tensor leaf = gu.detach().clone().requires_grad_();
+        const at::Tensor h = model::swiglu_packed(leaf, /*fused_kernel=*/true);
+        h.backward(dh);
+        EXPECT_TRUE(h.equal(want));
+        EXPECT_TRUE(leaf.grad().equal(at::cat({dg, du}, -1)));
+        const at::Tensor ref_in = gu.detach().clone().requires_grad_();
+        const at::Tensor ref = model::swiglu_packed(ref_in);
+        ref.backward(dh);
+        const double tol = dtype == at::kFloat ? 1e-6 : dtype == at::kHalf ? 2e-3 : 1.6e-2;
+        EXPECT_LE(test::max_rel_error(h, ref), tol);
+        EXPECT_LE(test::max_rel_error(leaf.grad(), ref_in.grad()), tol);
+      }
+    }
+  }
+  // The output gradient's halves must be rows shaped like gate.
+  const at::Tensor g = at::randn({4, 8}, at::kCUDA);
+  EXPECT_THROW(kernels::swiglu_backward_out(g, g, g, at::empty({8, 4}, at::kCUDA).t(), at::empty_like(g)), c10::Error);
+}
+
+TEST(RowsView, StridesOfRowsAndOfWhatIsNot) {
+  using kernels::detail::as_rows;
+  kernels::detail::RowsView v;
+  const auto rows = [&](const at::Tensor& t) { return as_rows(t.sizes().vec(), t.strides().vec(), v); };
+  const at::Tensor packed = at::zeros({3, 5, 2 * 7});
+  ASSERT_TRUE(rows(packed.narrow(-1, 7, 7)));  // a half of [gate | up]
+  EXPECT_EQ(v.rows, 15);
+  EXPECT_EQ(v.cols, 7);
+  EXPECT_EQ(v.ld, 14);
+  ASSERT_TRUE(rows(at::zeros({3, 5, 7})));
+  EXPECT_EQ(v.ld, 7);
+  ASSERT_TRUE(rows(at::zeros({9})));
+  EXPECT_EQ(v.rows, 1);
+  EXPECT_EQ(v.ld, 9);
+  ASSERT_TRUE(rows(at::zeros({3, 1, 5, 7}).narrow(-1, 0, 3)));  // a size-1 dimension's stride does not matter
+  EXPECT_EQ(v.rows, 15);
+  EXPECT_EQ(v.ld, 7);
+  ASSERT_TRUE(rows(at::zeros({1, 4, 7}).expand({1, 4, 7})));
+  EXPECT_FALSE(rows(at::zeros({7, 5}).t()));                    // the last dimension strided
+  EXPECT_FALSE(rows(at::zeros({4, 6, 7}).narrow(1, 0, 3)));     // rows of two strides
+  EXPECT_FALSE(rows(at::zeros({4, 7}).expand({3, 4, 7})));      // repeated rows (stride 0)
+  EXPECT_FALSE(rows(at::zeros({1, 7}).expand({4, 7})));         // overlapping rows
+  ASSERT_TRUE(rows(at::zeros({0, 7})));
+  EXPECT_EQ(v.rows, 0);
 }
 #endif
 
@@ -1017,6 +1162,36 @@ TEST(SumFloatKernel, ThreadsOnTheHostEqualAtensChain) {
   }
 }
 
+// The kernel's threads walked on the host over rows of their own strides (the extended GEMM's
+// input gradient: the first `in` columns of (T, in + r)), bit for bit ATen's chain, with 16-byte
+// steps and without, on small grids that make the threads stride over rows and columns.
+TEST(SumFloatKernel, RowThreadsOnTheHostEqualAtensChain) {
+  using namespace kernels::detail;
+  at::manual_seed(19);
+  for (const int64_t cols : {48, 44, 45}) {
+    for (const int64_t max_blocks : {1, 3, 2112}) {
+      std::vector<at::Tensor> grads;
+      const int64_t rows = 21, lds[3] = {cols + 8, cols + 16, cols + 3};
+      for (int k = 0; k < 3; ++k) grads.push_back((at::randn({rows, lds[k]}) * std::pow(10.0, k - 1)).to(at::kBFloat16).narrow(1, 0, cols));
+      for (const bool vectors : {false, true}) {
+        // With 16-byte steps only the first two inputs (on the device the launcher takes those
+        // steps only where every row stays aligned; the host walk checks the indexing).
+        const int n = vectors ? 2 : 3;
+        const c10::BFloat16* in[kSumMaxInputs] = {};
+        int64_t ld[kSumMaxInputs] = {};
+        for (int k = 0; k < n; ++k) in[k] = reinterpret_cast<const c10::BFloat16*>(grads[k].data_ptr()), ld[k] = lds[k];
+        at::Tensor out = at::full({rows, cols}, std::numeric_limits<double>::quiet_NaN(), at::kFloat);
+        walk_grid(rows_grid(rows, vectors ? cols / 8 : cols, 256, max_blocks), 256, [&](const ThreadAt& th) {
+          if (n == 2) sum_to_float_rows<c10::BFloat16, 2>(th, in, ld, out.data_ptr<float>(), rows, cols, vectors);
+          else sum_to_float_rows<c10::BFloat16, 3>(th, in, ld, out.data_ptr<float>(), rows, cols, vectors);
+        });
+        const std::vector<at::Tensor> used(grads.begin(), grads.begin() + n);
+        EXPECT_TRUE(out.equal(sum_chain(used))) << "cols " << cols << ", blocks " << max_blocks << ", vectors " << vectors;
+      }
+    }
+  }
+}
+
 TEST(SumFloatKernel, EqualsAtensChainOnTheGpu) {
   FT_REQUIRE_CUDA();
   at::manual_seed(18);
@@ -1034,8 +1209,29 @@ TEST(SumFloatKernel, EqualsAtensChainOnTheGpu) {
       }
     }
   }
+  // Rows of their own strides, as the extended GEMM's input gradient ((T, in) of a (T, in + r)
+  // tensor): vectors where every stride is a multiple of 8 (in + 16), one element at a time where
+  // one is not (in + 4 + 1), contiguous inputs mixed in, and a 3-D view.
+  for (const auto dtype : {at::kBFloat16, at::kHalf}) {
+    for (const int64_t in : {256, 250}) {
+      for (const int64_t pad : {16, 5}) {
+        std::vector<at::Tensor> grads;
+        for (int k = 0; k < 3; ++k) {
+          const int64_t ld = k == 1 ? in : in + pad;
+          const at::Tensor full = (at::randn({33, ld}) * std::pow(10.0, k - 1)).to(dtype).to(at::kCUDA);
+          grads.push_back(full.narrow(1, 0, in));
+        }
+        ASSERT_TRUE(kernels::sum_to_float_fits(grads));
+        EXPECT_TRUE(kernels::sum_to_float(grads).equal(sum_chain(grads)))
+            << c10::toString(dtype) << ", in " << in << ", pad " << pad;
+      }
+    }
+    const at::Tensor wide = at::randn({3, 11, 2 * 64}).to(dtype).to(at::kCUDA);
+    const std::vector<at::Tensor> halves = {wide.narrow(-1, 0, 64), wide.narrow(-1, 64, 64)};
+    EXPECT_TRUE(kernels::sum_to_float(halves).equal(sum_chain(halves)));
+  }
   const at::Tensor a = at::randn({4, 6}, at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16));
-  EXPECT_FALSE(kernels::sum_to_float_fits({a, a.t().contiguous().t()}));  // shape ok, not contiguous
+  EXPECT_FALSE(kernels::sum_to_float_fits({a, a.t().contiguous().t()}));  // shape ok, the last dimension strided
   EXPECT_FALSE(kernels::sum_to_float_fits({a, a.to(at::kHalf)}));
   EXPECT_FALSE(kernels::sum_to_float_fits({a, a, a, a, a}));
   EXPECT_FALSE(kernels::sum_to_float_fits({a.to(at::kFloat)}));

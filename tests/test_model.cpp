@@ -259,11 +259,14 @@ TEST(Model, PackedSwigluIsTheChainBitForBit) {
     const at::Tensor ref_in = gu.detach().clone().requires_grad_();
     const at::Tensor ref = at::silu(ref_in.narrow(-1, 0, 37)) * ref_in.narrow(-1, 37, 37);
     ref.backward(dh);
-    const at::Tensor h = model::swiglu_packed(gu);
-    h.backward(dh);
-    EXPECT_TRUE(h.equal(ref));
-    EXPECT_TRUE(gu.grad().equal(ref_in.grad()));
-    EXPECT_TRUE(gu.grad().is_contiguous());
+    for (const bool kernel : {false, true}) {  // the CUDA kernel asked for on the CPU: the same chain
+      gu.mutable_grad() = at::Tensor();
+      const at::Tensor h = model::swiglu_packed(gu, kernel);
+      h.backward(dh);
+      EXPECT_TRUE(h.equal(ref));
+      EXPECT_TRUE(gu.grad().equal(ref_in.grad()));
+      EXPECT_TRUE(gu.grad().is_contiguous());
+    }
   }
   EXPECT_NE(test::error_of([] { model::swiglu_packed(at::zeros({2, 7})); }).find("swiglu_packed"), std::string::npos);
 }

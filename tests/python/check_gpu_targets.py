@@ -47,6 +47,9 @@ data = {"benchmarks": [
     bench("BM_CrossEntropyCuda/0/8192/128256", 9000.0),
     bench("BM_CrossEntropyCuda/1/8192/128256", 3000.0),  # 3x
     bench("BM_RopeCuda/1/4", 100.0),  # no unfused row: no speed-up
+    bench("BM_SwigluCuda/2/2048", 120.0),  # packed [gate | up], ATen's chain
+    bench("BM_SwigluCuda/3/2048", 48.0),  # the kernel on the halves in place: 2.5x
+    bench("BM_SwigluCuda/3/8192", 190.0),  # no chain row at 8192: no ratio
     bench("BM_LoraLinearDropout/1/2/0/16/2048/0", 300.0),  # dropout 0.1, ATen's kernel
     bench("BM_LoraLinearDropout/1/5/0/16/2048/0", 250.0),  # inside the row kernels: 1.2x
     bench("BM_DoraRowNorm/1/0", 900.0),  # DoRA's norms, W + s B A formed
@@ -112,6 +115,7 @@ expect_speedups = {
     "LoRA layer, extended GEMM against the split fused path (down_proj 14336->4096, T 8192)": 2.4 / 2.1,
     "QLoRA layer, extended GEMM against QLoRA's split fused path (down_proj 14336->4096, T 8192)": 2.6 / 2.7,
     "fused cross-entropy (kernels.loss) against ATen's (8192/128256)": 3.0,
+    "fused SwiGLU on packed [gate | up] halves against ATen's chain (2048)": 2.5,
     "1.24B LoRA step, row kernels against the fused default (batch 1)": 27000.0 / 25000.0,
     "LoRA layer with dropout 0.1, in the row kernels against ATen's dropout (split, o_proj 4096->4096, T 2048)": 1.2,
     "LoRA layer mode 2, without dropout against with dropout 0.1 (o_proj 4096->4096, T 2048)": 300.0 / 215.0,

@@ -68,12 +68,22 @@ struct SwigluCuda : public torch::autograd::Function<SwigluCuda> {
 
 // swiglu_packed: silu(gate) ⊙ up on the halves of [gate | up], its gradient written as one tensor.
 // The forward and backward operations are the ones autograd runs for at::silu(gate) * up (silu, mul;
-// mul's two gradients, silu_backward), so the results are the same bit for bit.
+// mul's two gradients, silu_backward), so the results are the same bit for bit. With `kernel` (the
+// fused CUDA SwiGLU, which reads the halves in place and writes the gradient's halves) where it takes
+// the operands, they are the kernel's on separate gate and up.
 struct SwigluPacked : public torch::autograd::Function<SwigluPacked> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& gate_up) {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& gate_up, bool kernel) {
     const int64_t half = gate_up.size(-1) / 2;
+    const at::Tensor gate = gate_up.narrow(-1, 0, half), up = gate_up.narrow(-1, half, half);
     ctx->save_for_backward({gate_up});
-    return at::silu(gate_up.narrow(-1, 0, half)) * gate_up.narrow(-1, half, half);
+#ifdef LIBFT_WITH_CUDA_KERNELS
+    kernel = kernel && kernels::swiglu_fits(gate, up);
+    ctx->saved_data["kernel"] = kernel;
+    if (kernel) return kernels::swiglu_forward(gate, up);
+#else
+    (void)kernel;
+#endif
+    return at::silu(gate) * up;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
@@ -81,11 +91,18 @@ struct SwigluPacked : public torch::autograd::Function<SwigluPacked> {
     const int64_t half = gate_up.size(-1) / 2;
     const at::Tensor gate = gate_up.narrow(-1, 0, half), up = gate_up.narrow(-1, half, half);
     const at::Tensor& dh = grads[0];
+#ifdef LIBFT_WITH_CUDA_KERNELS
+    if (ctx->saved_data["kernel"].toBool()) {
+      at::Tensor d = at::empty(gate_up.sizes(), gate_up.options().memory_format(at::MemoryFormat::Contiguous));
+      kernels::swiglu_backward_out(dh, gate, up, d.narrow(-1, 0, half), d.narrow(-1, half, half));
+      return {d, at::Tensor()};
+    }
+#endif
     at::Tensor d = at::empty(gate_up.sizes(), gate_up.options().dtype(at::result_type(dh, gate_up)));
     at::Tensor d_gate = d.narrow(-1, 0, half), d_up = d.narrow(-1, half, half);
     at::mul_out(d_up, dh, at::silu(gate));
     at::silu_backward_out(d_gate, dh * up, gate);
-    return {d};
+    return {d, at::Tensor()};
   }
 };
 
@@ -349,10 +366,10 @@ bool fused_rope_fits(const AttentionInputs& in, const at::Tensor& q, const at::T
 }
 }  // namespace
 
-at::Tensor swiglu_packed(const at::Tensor& gate_up) {
+at::Tensor swiglu_packed(const at::Tensor& gate_up, bool fused_kernel) {
   FT_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, "[model] swiglu_packed: needs [gate | up] (…, 2·I), got ",
            gate_up.sizes());
-  return SwigluPacked::apply(gate_up);
+  return SwigluPacked::apply(gate_up, fused_kernel && gate_up.is_cuda());
 }
 
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k,
@@ -440,10 +457,10 @@ MLPImpl::MLPImpl(const ModelConfig& c) {
 }
 
 at::Tensor MLPImpl::forward(const at::Tensor& x) {
-  // One node for both (LoRA's grouped projections: [gate | up] as one output), or each its own.
-  // (The CUDA SwiGLU kernel takes separate contiguous halves: not this path.)
+  // One node for both (LoRA's grouped projections: [gate | up] as one output, whose halves the CUDA
+  // SwiGLU kernel reads in place), or each its own.
   const std::vector<at::Tensor> gate_up = forward_group({gate_proj.get(), up_proj.get()}, x, /*split=*/false);
-  if (!gate_up.empty()) return down_proj(swiglu_packed(gate_up[0]));
+  if (!gate_up.empty()) return down_proj(swiglu_packed(gate_up[0], fused_swiglu));
   const auto xs = projection_inputs(x, {gate_proj.get(), up_proj.get()}, shared_input_cast);
 #ifdef LIBFT_WITH_CUDA_KERNELS
   if (fused_swiglu && x.is_cuda()) {

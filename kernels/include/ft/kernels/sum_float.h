@@ -13,8 +13,9 @@
 
 namespace ft::kernels {
 
-/// Whether sum_to_float takes these: 1 to 4 contiguous CUDA tensors of one shape, device and dtype
-/// (bf16 or fp16).
+/// Whether sum_to_float takes these: 1 to 4 CUDA tensors of one shape, device and dtype (bf16 or
+/// fp16), each contiguous or rows of its own stride (ft/kernels/rows.h): the extended GEMM's input
+/// gradient, for one, is the first `in` columns of a (T, in + r) tensor.
 bool sum_to_float_fits(const std::vector<at::Tensor>& grads);
 
 /// float32(g₀) + g₁ + … in that order, float32, shaped like g₀.

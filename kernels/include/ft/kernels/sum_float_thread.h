@@ -3,6 +3,9 @@
 // shared with the host so that a CPU test checks it against ATen's chain bit for bit:
 // out[e] = ((float(g₀[e]) + float(g₁[e])) + float(g₂[e])) + …, every addition rounded to float32
 // (no contraction is possible: there is no product).
+#include <cstdint>
+
+#include "ft/kernels/rows.h"
 #include "ft/kernels/vec16.h"
 
 #if defined(__CUDACC__)
@@ -43,6 +46,26 @@ FT_SUM_HD float sum_to_float1(const T* const (&in)[kSumMaxInputs], int64_t i) {
   FT_SUM_UNROLL
   for (int k = 1; k < N; ++k) acc += static_cast<float>(in[k][i]);
   return acc;
+}
+
+/// What one thread of the kernel does (kernels/sum_float.cu; ft/kernels/rows.h): rows by.. step gy
+/// of the N inputs (row strides ld) into out (rows × cols, contiguous), in each row 8 elements at a
+/// time from (bx · bdx + tx) · 8, step gx · bdx · 8, up to the last multiple of 8 when `vectors`,
+/// then one at a time from bx · bdx + tx, step gx · bdx.
+template <typename T, int N>
+FT_SUM_HD void sum_to_float_rows(const ThreadAt& th, const T* const (&in)[kSumMaxInputs],
+                                 const int64_t (&ld)[kSumMaxInputs], float* out, int64_t rows, int64_t cols,
+                                 bool vectors) {
+  const int64_t first = th.bx * th.bdx + th.tx, stride = th.gx * th.bdx;
+  const int64_t body = vectors ? cols / 8 * 8 : 0;
+  for (int64_t r = th.by; r < rows; r += th.gy) {
+    const T* row[kSumMaxInputs] = {};
+    FT_SUM_UNROLL
+    for (int k = 0; k < N; ++k) row[k] = in[k] + r * ld[k];
+    float* o = out + r * cols;
+    for (int64_t v = first; v < body / 8; v += stride) sum_to_float8<T, N>(row, v * 8, o);
+    for (int64_t i = body + first; i < cols; i += stride) o[i] = sum_to_float1<T, N>(row, i);
+  }
 }
 
 }  // namespace ft::kernels::detail

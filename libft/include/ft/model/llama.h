@@ -192,7 +192,8 @@ class CausalLMImpl : public torch::nn::Module {
   void set_fused_rope(bool on) { fused_rope_ = on; }
   bool fused_rope() const { return fused_rope_; }
   /// silu(gate) ⊙ up through the fused CUDA kernel (ft/kernels/swiglu.h) where gate and up are
-  /// contiguous CUDA tensors of one dtype: the unfused pair's rounding points, one pass each way,
+  /// CUDA tensors of one dtype, separate or the halves of grouped projections' [gate | up]
+  /// (swiglu_packed): the unfused pair's rounding points, one pass each way,
   /// gate and up kept for the backward pass instead of gate, silu(gate) and up. Off by default
   /// until the GPU check has measured it; no effect on the CPU.
   void set_fused_swiglu(bool on);
@@ -240,7 +241,10 @@ at::Tensor rope_inv_freq(const ModelConfig& config);
 /// at::silu(gate) * up on its halves, bit for bit, and gradients written straight into one
 /// (…, 2·I) tensor, the layout of the grouped node's output gradient (the halves' two gradients
 /// would be joined by a copy). silu(gate) is recomputed in the backward pass; gate_up is kept.
-at::Tensor swiglu_packed(const at::Tensor& gate_up);
+/// `fused_kernel`: on CUDA, through the fused SwiGLU kernel (ft/kernels/swiglu.h, as
+/// CausalLMImpl::set_fused_swiglu), which reads the halves in place and writes the gradient's; its
+/// values are then the kernel's on separate gate and up. Ignored on the CPU.
+at::Tensor swiglu_packed(const at::Tensor& gate_up, bool fused_kernel = false);
 
 /// Initialises weights as HF does for a fresh model (normal(0, initializer_range) for linears and
 /// embeddings, ones for norms, zeros for biases), from `seed`.
