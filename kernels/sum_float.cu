@@ -54,10 +54,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 bool rows_of(const at::Tensor& t, detail::RowsView& v) { return detail::as_rows(t.sizes().vec(), t.strides().vec(), v); }
 
-dim3 grid_for(int64_t rows, int64_t items_per_row) {
-  const detail::RowsGrid g = detail::rows_grid(rows, items_per_row, kThreads);
-  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y));
-}
+dim3 grid_for(int64_t rows, int64_t items_per_row) { return detail::rows_dim3(rows, items_per_row, kThreads); }
 
 }  // namespace
 

@@ -62,10 +62,7 @@ bool vectorizable(int64_t cols, std::initializer_list<std::pair<const at::Tensor
   return true;
 }
 
-dim3 grid_for(int64_t rows, int64_t items_per_row) {
-  const detail::RowsGrid g = detail::rows_grid(rows, items_per_row, kThreads);
-  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y));
-}
+dim3 grid_for(int64_t rows, int64_t items_per_row) { return detail::rows_dim3(rows, items_per_row, kThreads); }
 
 bool fits_rows(const at::Tensor& t, const at::Tensor& like) {
   detail::RowsView v;

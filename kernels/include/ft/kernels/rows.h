@@ -66,4 +66,12 @@ inline RowsGrid rows_grid(int64_t rows, int64_t items, int64_t threads, int64_t 
   return g;
 }
 
+#if defined(__CUDACC__)
+/// rows_grid as a launch's dim3.
+inline dim3 rows_dim3(int64_t rows, int64_t items, int64_t threads) {
+  const RowsGrid g = rows_grid(rows, items, threads);
+  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y));
+}
+#endif
+
 }  // namespace ft::kernels::detail
