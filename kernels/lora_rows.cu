@@ -121,7 +121,8 @@ __global__ void __launch_bounds__(kThreads) lora_dropout_rows_kernel(const T* __
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
-bool rank_fits(int64_t r) { return r == 4 || r == 8 || r == 16 || r == 32; }
+// 12 and 24: grouped q, k and v of ranks 4 and 8 (ranks summed, adapt::set_lora_group_projections).
+bool rank_fits(int64_t r) { return r == 4 || r == 8 || r == 12 || r == 16 || r == 24 || r == 32; }
 
 bool half_type(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
@@ -142,9 +143,11 @@ void dispatch_rank(int64_t r, Args&&... args) {
   switch (r) {
     case 4: return Launch<T, 4>::run(args...);
     case 8: return Launch<T, 8>::run(args...);
+    case 12: return Launch<T, 12>::run(args...);
     case 16: return Launch<T, 16>::run(args...);
+    case 24: return Launch<T, 24>::run(args...);
     case 32: return Launch<T, 32>::run(args...);
-    default: TORCH_CHECK(false, "[lora kernels] rank ", r, " is not one of 4, 8, 16, 32");
+    default: TORCH_CHECK(false, "[lora kernels] rank ", r, " is not one of 4, 8, 12, 16, 24, 32");
   }
 }
 

@@ -309,7 +309,7 @@ struct RowsCase {
 std::vector<RowsCase> rows_cases(const std::vector<std::pair<int64_t, int64_t>>& shapes) {
   std::vector<RowsCase> out;
   for (const auto dtype : {at::kBFloat16, at::kHalf}) {
-    for (const int64_t r : {4, 8, 16, 32}) {
+    for (const int64_t r : {4, 8, 12, 16, 24, 32}) {  // 12, 24: grouped q, k, v of ranks 4 and 8
       for (const bool extended : {false, true}) {
         if (extended && r % 8 != 0) continue;  // [x | s S] rows must stay 16-byte aligned
         for (const auto& [rows, in] : shapes) out.push_back({rows, in, r, extended, dtype});
@@ -452,7 +452,9 @@ void rows_on_host(const RowsOperands& o, at::Tensor& dx, at::Tensor& h) {
   switch (o.a.size(0)) {
     case 4: return rows_on_host<T, 4, Rows, Drop>(o, dx, h);
     case 8: return rows_on_host<T, 8, Rows, Drop>(o, dx, h);
+    case 12: return rows_on_host<T, 12, Rows, Drop>(o, dx, h);
     case 16: return rows_on_host<T, 16, Rows, Drop>(o, dx, h);
+    case 24: return rows_on_host<T, 24, Rows, Drop>(o, dx, h);
     case 32: return rows_on_host<T, 32, Rows, Drop>(o, dx, h);
     default: FAIL() << "rank " << o.a.size(0);
   }

@@ -1406,7 +1406,8 @@ TEST(LoraGroup, GroupedProjectionsComputeWhatSeparateLayersCompute) {
 
 // Grouped projections under bf16 autocast (on the CPU, and on CUDA where a GPU is visible), through
 // the split GEMMs and the extended GEMM ([x | s S] [W | B]ᵀ with B block-diagonal), on a bf16-stored
-// base and an NF4 one, and on CUDA with the row kernels too (R = 4 + 4 + 8 = 16 for q, k, v): three
+// base and an NF4 one, and on CUDA with the row kernels too (R = 4 + 4 + 8 = 16 for q, k, v, and
+// with every rank 8, R = 24, where both groups of each block must take the kernels): three
 // SGD steps give the separate layers' losses within bf16 rounding, and the first step's adapter
 // gradients are within bf16 bounds of theirs (a misplaced block or scale is off by its whole size).
 // The extended group's weights are rows of one (Σ out, in + R) buffer.
@@ -1415,12 +1416,15 @@ void check_grouped_bf16(const at::Device device) {
     for (const bool extended : {false, true}) {
       for (const bool row_kernels : {false, true}) {
        for (const double dropout : {0.0, 0.1}) {
+        for (const bool rank8 : {false, true}) {
         if (row_kernels && !device.is_cuda()) continue;
+        if (rank8 && !row_kernels) continue;
         // (With dropout a group draws a mask per adapter through ATen, while separate layers would
         // draw theirs inside the row kernels: other masks, nothing to compare.)
         if (row_kernels && dropout > 0) continue;
         SCOPED_TRACE(std::string(nf4 ? "NF4" : "bf16-stored") + " base" + (extended ? ", extended GEMM" : "") +
-                     (row_kernels ? ", row kernels" : "") + (dropout > 0 ? ", dropout 0.1" : "") + " on " +
+                     (row_kernels ? ", row kernels" : "") + (dropout > 0 ? ", dropout 0.1" : "") +
+                     (rank8 ? ", every rank 8" : "") + " on " +
                      device.str());
         io::ModelConfig mc = test::tiny_config();
         mc.hidden_size = 64;  // NF4 blocks of 64
@@ -1436,8 +1440,8 @@ void check_grouped_bf16(const at::Device device) {
           }
           adapt::LoraOptions o;
           o.targets = {"all-linear"};
-          o.r = 4;
-          o.rank_pattern = {{"v_proj", 8}};
+          o.r = rank8 ? 8 : 4;
+          if (!rank8) o.rank_pattern = {{"v_proj", 8}};
           o.dropout = dropout;
           adapt::apply_lora(m, o);
           randomize_b(m, 12);
@@ -1466,6 +1470,8 @@ void check_grouped_bf16(const at::Device device) {
           EXPECT_EQ(ops.seen("ft::lora_grouped_projections"), expect_grouped);
           EXPECT_EQ(ops.seen("ft::lora_extended_gemm"), extended);
           if (row_kernels) EXPECT_TRUE(ops.seen("ft::lora_cast_down"));
+          // Grouped, both groups of every block (q, k, v and gate, up) run the row kernels.
+          if (row_kernels && expect_grouped) EXPECT_EQ(ops.count("ft::lora_cast_down"), 2 * mc.num_hidden_layers);
           auto grads = trainable_grads(m);
           at::NoGradGuard no_grad;
           for (auto& p : m->parameters()) {
@@ -1484,7 +1490,8 @@ void check_grouped_bf16(const at::Device device) {
         if (!nf4) {
           auto modules = grouped->named_modules();
           const at::Tensor& q = dynamic_cast<model::LinearImpl*>(modules["model.layers.0.self_attn.q_proj"].get())->weight;
-          EXPECT_EQ(q.stride(0), extended ? mc.hidden_size + 4 + 4 + 8 : mc.hidden_size);
+          EXPECT_EQ(q.stride(0), extended ? mc.hidden_size + (rank8 ? 24 : 4 + 4 + 8) : mc.hidden_size);
+        }
         }
        }
       }

@@ -10,6 +10,7 @@
 #include <fstream>
 #include <functional>
 #include <iterator>
+#include <map>
 #include <mutex>
 #include <set>
 #include <string>
@@ -39,23 +40,26 @@ class OpNames {
   ~OpNames() { at::removeCallback(handle_); }
   OpNames(const OpNames&) = delete;
   OpNames& operator=(const OpNames&) = delete;
-  bool seen(const std::string& name) const {
+  bool seen(const std::string& name) const { return count(name) > 0; }
+  /// How many times an operation or scope of that name was entered.
+  size_t count(const std::string& name) const {
     std::lock_guard<std::mutex> lock(mutex());
-    return names().count(name) > 0;
+    const auto it = names().find(name);
+    return it == names().end() ? 0 : it->second;
   }
 
  private:
   static std::unique_ptr<at::ObserverContext> enter(const at::RecordFunction& fn) {
     std::lock_guard<std::mutex> lock(mutex());
-    names().insert(fn.name());
+    ++names()[fn.name()];
     return nullptr;
   }
   static std::mutex& mutex() {
     static std::mutex m;
     return m;
   }
-  static std::set<std::string>& names() {
-    static std::set<std::string> n;
+  static std::map<std::string, size_t>& names() {
+    static std::map<std::string, size_t> n;
     return n;
   }
   at::CallbackHandle handle_;

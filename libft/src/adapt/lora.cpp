@@ -130,7 +130,7 @@ class CastShare {
     const auto xi = e->x.lock();
     if (xi.get() != x.unsafeGetTensorImpl()) return {};
     auto x2 = e->x2.lock();
-    if (!x2 || x2->version_counter().current_version() != e->x2_version) return {};
+    if (!x2 || static_cast<int64_t>(x2->version_counter().current_version()) != e->x2_version) return {};
     return at::Tensor(std::move(x2));
   }
   static void remember(const at::Tensor& x, const at::Tensor& x2) {
@@ -141,7 +141,7 @@ class CastShare {
   using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
   struct Entry {
     Weak x, x2;
-    uint32_t x_version, x2_version;
+    int64_t x_version, x2_version;  // as Tensor::_version() gives them
     at::ScalarType ct;
   };
   static std::optional<Entry>& entry() {

@@ -15,7 +15,7 @@
 namespace ft::kernels {
 
 /// Whether lora_cast_down takes these operands: x float32 (T, in) CUDA with unit column stride;
-/// a (r, in) contiguous in bf16 or fp16 on x's device with r ∈ {4, 8, 16, 32}; xo (T, in) and
+/// a (r, in) contiguous in bf16 or fp16 on x's device with r ∈ {4, 8, 12, 16, 24, 32}; xo (T, in) and
 /// s (T, r) in a's dtype with unit column stride; in, x's and xo's row strides multiples of 8, 4
 /// and 8 elements; every pointer 16-byte aligned (s: 2-byte).
 bool lora_cast_down_fits(const at::Tensor& x, const at::Tensor& a, const at::Tensor& xo, const at::Tensor& s);
@@ -34,7 +34,7 @@ at::Tensor lora_cast_down(const at::Tensor& x, const at::Tensor& a, double scale
                           const at::Tensor& s, double p = 0.0);
 
 /// Whether lora_up_add takes these operands: base (T, in) and ds (T, r) in bf16 or fp16 CUDA with
-/// unit column stride; a (r, in) contiguous in their dtype, r ∈ {4, 8, 16, 32}; in and base's row
+/// unit column stride; a (r, in) contiguous in their dtype, r ∈ {4, 8, 12, 16, 24, 32}; in and base's row
 /// stride multiples of 8; base and a 16-byte aligned.
 bool lora_up_add_fits(const at::Tensor& base, const at::Tensor& ds, const at::Tensor& a);
 

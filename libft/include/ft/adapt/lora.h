@@ -113,9 +113,10 @@ void set_lora_fused(model::CausalLM& model, bool fused);
 void set_lora_extended_gemm(model::CausalLM& model, bool on);
 /// The fused path's memory-bound passes with the rank-r products folded in (ft/kernels/lora_rows.h),
 /// off by default until the GPU benchmarks (BM_LoraLinear modes 5 and 6 beside 2 and 4) decide.
-/// Where x is float32 under bf16/fp16 autocast on CUDA, r ∈ {4, 8, 16, 32} and the widths are
-/// multiples of 8: the forward cast of x and s S = s drop(x) Aᵀ take one pass over x (S from the
-/// cast values in registers, not a second read), and the backward pass writes
+/// Where x is float32 under bf16/fp16 autocast on CUDA, r ∈ {4, 8, 12, 16, 24, 32} (for a group, the
+/// summed rank) and the widths are multiples of 8: the forward cast of x and s S = s drop(x) Aᵀ
+/// take one pass over x (S from the cast values in registers, not a second read), and the backward
+/// pass writes
 /// dx = float32(dy W) + s drop'((dy B) A) once (no bf16 read-modify-write of dx before its
 /// conversion, and no bf16 rounding of the sum). Dropout happens inside the kernels: the mask is
 /// drawn there from Philox counters (ft/kernels/philox.h) and redrawn in the backward pass, so
