@@ -311,7 +311,6 @@ std::vector<RowsCase> rows_cases(const std::vector<std::pair<int64_t, int64_t>>&
   for (const auto dtype : {at::kBFloat16, at::kHalf}) {
     for (const int64_t r : {4, 8, 12, 16, 24, 32}) {  // 12, 24: grouped q, k, v of ranks 4 and 8
       for (const bool extended : {false, true}) {
-        if (extended && r % 8 != 0) continue;  // [x | s S] rows must stay 16-byte aligned
         for (const auto& [rows, in] : shapes) out.push_back({rows, in, r, extended, dtype});
       }
     }
@@ -334,10 +333,13 @@ RowsOperands rows_operands(const RowsCase& c, const at::Device device, double p 
   o.a = (at::randn({c.r, c.in}, f32) / std::sqrt(static_cast<double>(c.in))).to(c.dtype);
   const double nan = std::numeric_limits<double>::quiet_NaN();
   if (c.extended) {
-    const at::Tensor out = at::full({c.rows, c.in + c.r}, nan, f32.dtype(c.dtype));
+    // The layout of the fused layer's [x | s S] and dY [W | B]: rows in + r wide, ld = in + r
+    // rounded up to 8 elements (16-byte aligned rows for any r).
+    const int64_t ld = (c.in + c.r + 7) / 8 * 8;
+    const at::Tensor out = at::full({c.rows, ld}, nan, f32.dtype(c.dtype));
     o.xo = out.narrow(1, 0, c.in);
     o.s = out.narrow(1, c.in, c.r);
-    const at::Tensor grad = at::randn({c.rows, c.in + c.r}, f32).to(c.dtype);
+    const at::Tensor grad = at::randn({c.rows, ld}, f32).to(c.dtype);
     o.base = grad.narrow(1, 0, c.in);
     o.ds = grad.narrow(1, c.in, c.r);
   } else {

@@ -190,10 +190,10 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
         adapt::set_lora_fused(m, true);
         adapt::set_lora_extended_gemm(m, extended);
         adapt::set_lora_row_kernels(m, row_kernels);
-        // The row kernels run where they take the operands: r ≤ 32, and rows of [x | s S] that
-        // stay 16-byte aligned (widths 160 and 1000 plus r a multiple of 8; DoRA keeps the split
-        // layout), with dropout too (but not in DoRA's node, where the dropped copy is a GEMM operand).
-        const bool kernels_expected = row_kernels && r <= 32 && (!extended || dora || r % 8 == 0) && !(dora && p > 0);
+        // The row kernels run where they take the operands: r ≤ 32 (the extended layout's rows are
+        // 16-byte aligned for any r: their stride is in + r rounded up to 8), with dropout too (but
+        // not in DoRA's node, where the dropped copy is a GEMM operand).
+        const bool kernels_expected = row_kernels && r <= 32 && !(dora && p > 0);
         m->train();
         auto params = m->named_parameters();
         auto modules = m->named_modules();
@@ -222,11 +222,12 @@ void check_fused_lora_bf16(const at::Device device, const std::vector<int64_t>& 
             ASSERT_NE(y.grad_fn(), nullptr);
             EXPECT_NE(y.grad_fn()->name().find(dora ? "FusedDora" : "FusedLora"), std::string::npos) << y.grad_fn()->name();
             EXPECT_EQ(y.scalar_type(), at::kBFloat16);
-            // The extended GEMM is really taken: W became a view of the (out, in + r) buffer (an
-            // NF4 base decodes W into a buffer of each pass's own; its weight is an empty placeholder).
+            // The extended GEMM is really taken: W became a view of the (out, in + r) buffer, rows
+            // in + r rounded up to 8 apart (an NF4 base decodes W into a buffer of each pass's own;
+            // its weight is an empty placeholder).
             if (!nf4) {
               const int64_t w_stride = lin->weight.stride(0);
-              EXPECT_EQ(w_stride, extended && !dora ? lin->in_features + r : lin->in_features);
+              EXPECT_EQ(w_stride, extended && !dora ? (lin->in_features + r + 7) / 8 * 8 : lin->in_features);
             }
             if (device.is_cuda()) poison_cuda_allocator();
             y.backward(dy);
@@ -831,8 +832,9 @@ TEST(LoraFused, ExtendedGemmTrainsAsTheSplitGemmsAndKeepsTheBase) {
   auto stride = [&](const std::string& name) {
     return dynamic_cast<model::LinearImpl*>(modules["model.layers.0." + name].get())->weight.stride(0);
   };
-  EXPECT_EQ(stride("self_attn.q_proj"), mc.hidden_size + 4);
-  EXPECT_EQ(stride("mlp.up_proj"), mc.hidden_size + 4);
+  // Rows in + r = hidden + 4 wide, hidden + 8 apart (16-byte aligned).
+  EXPECT_EQ(stride("self_attn.q_proj"), mc.hidden_size + 8);
+  EXPECT_EQ(stride("mlp.up_proj"), mc.hidden_size + 8);
   EXPECT_EQ(stride("mlp.down_proj"), mc.intermediate_size);  // input (silu(gate) · up) already bf16
   EXPECT_EQ(stride("self_attn.o_proj"), mc.num_attention_heads * mc.head_dim);
   EXPECT_EQ(stride("self_attn.k_proj"), mc.hidden_size);  // not adapted
@@ -848,7 +850,7 @@ TEST(LoraFused, ExtendedGemmTrainsAsTheSplitGemmsAndKeepsTheBase) {
   // Merged into the strided weights and saved: the checkpoint loads with the in-memory model's logits.
   adapt::set_lora_extended_gemm(ext, true);
   ASSERT_NO_THROW(step(ext, 0.05));  // the weights are views of the buffers again
-  EXPECT_EQ(stride("self_attn.q_proj"), mc.hidden_size + 4);
+  EXPECT_EQ(stride("self_attn.q_proj"), mc.hidden_size + 8);
   adapt::merge_and_unload_lora(ext);
   const fs::path dir = scratch("extended_gemm_merged");
   io::save_pretrained(ext, dir.string());

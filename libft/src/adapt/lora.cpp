@@ -295,11 +295,22 @@ class LayerBase final : public FrozenBase {
   model::LinearImpl* layer_;
 };
 
+// The extended GEMM's buffers ([x | s S], [W | B], dY [W | B]): (rows, in + r) views whose rows lie
+// ld = in + r rounded up to 8 elements apart, so that every row starts 16-byte aligned for any r
+// (r = 4, or a group's summed rank 12: the row kernels and NF4's vector stores need it, and cuBLAS
+// prefers leading dimensions that are multiples of 8). The padding columns are never read.
+int64_t extended_ld(int64_t in, int64_t r) { return (in + r + 7) / 8 * 8; }
+
+at::Tensor extended_buffer(int64_t rows, int64_t in, int64_t r, const at::TensorOptions& options, bool zeros = false) {
+  const std::vector<int64_t> size = {rows, extended_ld(in, r)};
+  return (zeros ? at::zeros(size, options) : at::empty(size, options)).narrow(1, 0, in + r);
+}
+
 // A pass's own [W | ·] buffer for an NF4 base, (out, in + r) of `options`: W decoded straight into
 // its first `in` columns (the kernel writes the strided rows), the last r left for B.
 at::Tensor decoded_extended(const FrozenBase& base, int64_t out, int64_t in, int64_t r,
                             const at::TensorOptions& options) {
-  at::Tensor ext = at::empty({out, in + r}, options);
+  at::Tensor ext = extended_buffer(out, in, r, options);
   base.dense_weight_into(ext.narrow(1, 0, in));
   return ext;
 }
@@ -361,7 +372,8 @@ class GroupBase final : public FrozenBase {
   const at::Tensor& stack(int64_t extra) {
     if (stacked() && (extra < 0 || buffer.size(1) == in() + extra)) return buffer;
     at::NoGradGuard no_grad;
-    at::Tensor b = at::zeros({out_total, in() + std::max<int64_t>(extra, 0)}, members[0]->weight.options());
+    at::Tensor b = extra < 0 ? at::zeros({out_total, in()}, members[0]->weight.options())
+                             : extended_buffer(out_total, in(), extra, members[0]->weight.options(), /*zeros=*/true);
     int64_t row = 0;
     for (model::LinearImpl* m : members) {
       at::Tensor rows = b.narrow(0, row, m->out_features).narrow(1, 0, in());
@@ -412,7 +424,7 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     // Extended: the cast writes x into the first `in` columns of xs = [x | s S], (T, in + r).
     at::Tensor xs, x2, s_low;  // x2: x in the compute dtype; s_low: s S = s drop(x) Aᵀ (T, r)
     if (w_ext.defined()) {
-      xs = at::empty({x_in.size(0), in + r}, x.options().dtype(ct));
+      xs = extended_buffer(x_in.size(0), in, r, x.options().dtype(ct));
       x2 = xs.narrow(1, 0, in);
       s_low = xs.narrow(1, in, r);
     }
@@ -562,7 +574,8 @@ struct FusedLora : public torch::autograd::Function<FusedLora> {
     } else if (w_ext.defined() && ctx->needs_input_grad(0)) {
       // One GEMM over N = in + r reads dY once for both products: dY [W | B] = [dY W | dY B]. Then
       // dA = s (dY B)ᵀ h, and the low-rank term is added onto dY W (GEMM alphas carry s).
-      at::Tensor dxs = at::mm(dy, w_ext);
+      at::Tensor dxs = extended_buffer(dy.size(0), in, r, w_ext.options());
+      at::mm_out(dxs, dy, w_ext);
       const at::Tensor dyb = dxs.narrow(1, in, r);
       da = grad_mm(dyb.t(), dropped_input(h, drawn, p), adt, scale, splits);
       at::Tensor base = dxs.narrow(1, 0, in);
@@ -835,11 +848,11 @@ class LoraAdapter final : public model::LinearAdapter {
     at::Tensor& w = owner_->weight;
     if (!w.defined() || w.dim() != 2 || w.scalar_type() != ct || w.layout() != at::kStrided || w.device() != x.device())
       return {};
-    if (w_ext.defined() && w.data_ptr() == w_ext.data_ptr() && w.stride(0) == in + r && w.stride(1) == 1 &&
+    if (w_ext.defined() && w.data_ptr() == w_ext.data_ptr() && w.stride(0) == extended_ld(in, r) && w.stride(1) == 1 &&
         w.size(1) == in && w_ext.device() == w.device() && w_ext.scalar_type() == ct)
       return w_ext;
     at::NoGradGuard no_grad;
-    at::Tensor ext = at::zeros({owner_->out_features, in + r}, w.options());
+    at::Tensor ext = extended_buffer(owner_->out_features, in, r, w.options(), /*zeros=*/true);
     ext.narrow(1, 0, in).copy_(w);
     w.set_data(ext.narrow(1, 0, in));
     w_ext = ext;
