@@ -110,6 +110,28 @@ TEST(RMSNormKernel, TrainingPathMatchesTheReferenceWithGradients) {
   }
 }
 
+// The inference kernel serves eval mode only: a training-mode pass without gradients (activation
+// checkpointing's first pass) takes ATen's RMSNorm, as the recomputation with gradients does, so
+// that the recomputation replays it bit for bit.
+TEST(RMSNormKernel, OnlyEvalModeTakesTheInferenceKernel) {
+  FT_REQUIRE_CUDA();
+  const auto dev = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
+  model::RMSNorm norm(2048, 1e-5);
+  norm->to(at::kCUDA, at::kBFloat16);
+  const at::Tensor x = at::randn({5, 2048}, dev);
+  const at::Tensor with_grad = norm->forward(x).detach();
+  at::NoGradGuard no_grad;
+  {
+    test::OpNames ops;
+    EXPECT_TRUE(norm->forward(x).equal(with_grad));
+    EXPECT_TRUE(ops.seen("aten::rms_norm"));
+  }
+  norm->eval();
+  test::OpNames ops;
+  EXPECT_LE(test::max_rel_error(norm->forward(x), with_grad), 1e-2);
+  EXPECT_FALSE(ops.seen("aten::rms_norm"));
+}
+
 // NF4 dequantization on the GPU equals the tensor-op reference exactly (both form code × maximum in
 // float32 and round once), for plain and double-quantized maxima, odd sizes and every output dtype;
 // dequantize_nf4 uses the kernel for CUDA tensors.

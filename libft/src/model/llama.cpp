@@ -291,8 +291,11 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
 #ifdef LIBFT_WITH_CUDA_KERNELS
-  // libft's kernel has no backward: it serves inference (generation, evaluation).
-  if (x.is_cuda() && !at::GradMode::is_enabled() && x.is_contiguous()) {
+  // libft's kernel has no backward: it serves inference (generation, evaluation), in eval mode only:
+  // activation checkpointing's first pass of a training step also runs without gradients, and its
+  // recomputation (with gradients) takes ATen's RMSNorm, whose reduction order differs, so that the
+  // first pass must take it too for the recomputation to replay it exactly.
+  if (x.is_cuda() && !is_training() && !at::GradMode::is_enabled() && x.is_contiguous()) {
     return kernels::rmsnorm_forward(x, weight, eps);
   }
 #endif

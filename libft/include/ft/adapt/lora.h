@@ -138,9 +138,10 @@ void set_lora_row_kernels(model::CausalLM& model, bool on);
 /// gradients of A and B are those of separate layers; dB's blocks off the diagonal are computed and
 /// dropped (R/r times a small GEMM's work). With dropout each adapter keeps a mask of its own (as
 /// PEFT's separate dropout modules): its block of S is drop_i(x) A_iᵀ, one small GEMM per block, and
-/// the row kernels, which draw one mask, are not used. Where a group member cannot take it (DoRA,
-/// another dropout than the others', a merged or unfused adapter, a trainable base, mixed storage),
-/// each layer runs on its own.
+/// the row kernels, which draw one mask, are not used (so each block keeps its dropped copy and mask
+/// for the backward pass: more activation memory than separate layers on the row kernels, which
+/// keep neither). Where a group member cannot take it (DoRA, another dropout than the others', a
+/// merged or unfused adapter, a trainable base, mixed storage), each layer runs on its own.
 /// Turning it off gives each weight contiguous storage of its own again.
 void set_lora_group_projections(model::CausalLM& model, bool on);
 /// The fused path's adapter gradients dA = dSᵀ drop(x) and dB = dyᵀ (s S) as `splits` partial
