@@ -66,6 +66,11 @@ GraphedPasses::~GraphedPasses() = default;
 
 size_t GraphedPasses::captured() const { return graphs_.size(); }
 
+void GraphedPasses::reset() {
+  graphs_.clear();  // the last graph using the shared pool gives its memory back
+  pool_ = {0, 0};
+}
+
 GraphedPasses::Graph& GraphedPasses::graph_for(const BatchTensors& b) {
   // What decides the captured kernels: the shape, the padding, and which optional inputs exist.
   // Packed rows' documents (variable-length attention): a fixed number of runs per graph, the
@@ -114,16 +119,9 @@ GraphedPasses::Graph& GraphedPasses::graph_for(const BatchTensors& b) {
     const bool cache = at::autocast::is_autocast_cache_enabled();
     at::autocast::set_autocast_cache_enabled(false);
     bool capturing = false;
-    try {
-      g->graph.capture_begin();
-      capturing = true;
-      g->loss_sum = micro_batch_loss_sum(model_, g->input);
-      (g->loss_sum * inv_n_).backward();
-      capturing = false;  // capture_end ends the capture even when it throws
-      g->graph.capture_end();
-    } catch (const std::exception& e) {
-      // A pass that cannot be captured: end the capture first (a stream left capturing fails
-      // every later CUDA call), then say which pass and what to do.
+    // End a failed capture first (a stream left capturing fails every later CUDA call) and forget
+    // the graph (captured() counts the ones that replay).
+    auto abandon = [&] {
       if (capturing) {
         try {
           g->graph.capture_end();
@@ -131,6 +129,32 @@ GraphedPasses::Graph& GraphedPasses::graph_for(const BatchTensors& b) {
         }
       }
       at::autocast::set_autocast_cache_enabled(cache);
+      graphs_.erase(key);
+    };
+    try {
+      // Every shape's graph allocates from one memory pool: replays run one at a time on one
+      // stream, and what outlives a replay (the loss sum, read at once; the gradients, outside the
+      // pool) stays allocated, so one shape's activations may reuse another's memory. A pool per
+      // graph would hold every shape's working set at once.
+      g->graph.capture_begin(at::cuda::MempoolId_t{pool_.first, pool_.second});
+      capturing = true;
+      g->loss_sum = micro_batch_loss_sum(model_, g->input);
+      (g->loss_sum * inv_n_).backward();
+      capturing = false;  // capture_end ends the capture even when it throws
+      g->graph.capture_end();
+      if (pool_.first == 0 && pool_.second == 0) {
+        const at::cuda::MempoolId_t id = g->graph.pool();
+        pool_ = {id.first, id.second};
+      }
+      // Only the storage is wanted: the autograd graph of the captured pass need not stay alive.
+      g->loss_sum = g->loss_sum.detach();
+    } catch (const c10::OutOfMemoryError&) {
+      // Out of memory: the trainer's on_oom handling (halving the micro-batch) takes it from here.
+      abandon();
+      throw;
+    } catch (const std::exception& e) {
+      // A pass that cannot be captured: say which pass and what to do.
+      abandon();
       std::string what = e.what();
       what = what.substr(0, what.find('\n'));
       FT_FAIL("[train] cuda_graphs: the forward and backward pass of a ", std::get<0>(key), " x ", std::get<1>(key),
@@ -202,6 +226,7 @@ GraphedPasses::GraphedPasses(model::CausalLM& model, c10::Device device) : model
 }
 GraphedPasses::~GraphedPasses() = default;
 size_t GraphedPasses::captured() const { return 0; }
+void GraphedPasses::reset() {}
 GraphedPasses::Graph& GraphedPasses::graph_for(const BatchTensors&) { FT_FAIL("[train] built without CUDA"); }
 AccumulateResult GraphedPasses::accumulate(const std::vector<BatchTensors>&) { FT_FAIL("[train] built without CUDA"); }
 

@@ -807,6 +807,7 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
                  "). Lower data.batch_size (and raise data.grad_accum to keep the batch), set activation_checkpointing: "
                  "true, shorten data.seq_len", rows > 1 ? ", or set on_oom: halve" : "");
         st.micro_batch_rows = rows / 2;
+        if (graphs) graphs->reset();  // the old shape's graphs and their memory
         metrics.write({{"type", "oom"}, {"step", counters.step}, {"rows", st.micro_batch_rows}});
         std::fprintf(log, "\n[train] step %lld: out of memory with %lld rows per forward pass; retrying with %lld "
                           "(the global batch stays %lld × %lld rows)\n",

@@ -13,8 +13,8 @@
 // step's divisor 1/N on the device, so the loss and the gradient are accumulate_gradients': the
 // same sum over the step's targets, divided once. The gradients are ADDED into the parameters'
 // .grad, which must therefore stay allocated: the trainer zeroes them in place
-// (StepOptions::zero_in_place). Each captured shape keeps its activations in the graph's memory
-// pool between steps.
+// (StepOptions::zero_in_place). The graphs share one memory pool, which keeps their activations
+// between steps.
 //
 // Not with: data parallelism (the gradient all-reduce hooks), activation checkpointing (its
 // recomputation saves and restores generator states), before_forward hooks. The run config and
@@ -24,6 +24,7 @@
 #include <map>
 #include <memory>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "ft/model/llama.h"
@@ -49,6 +50,10 @@ class GraphedPasses {
   /// Shapes captured so far.
   size_t captured() const;
 
+  /// Drops every captured graph and gives their memory back (the trainer calls it before retrying
+  /// a step with a halved micro-batch, whose shape needs graphs of its own).
+  void reset();
+
  private:
   struct Graph;
   Graph& graph_for(const BatchTensors& b);
@@ -65,6 +70,9 @@ class GraphedPasses {
   /// rows, columns, padding, and whether position_ids, segment_ids and attention_mask are given
   using Key = std::tuple<int64_t, int64_t, bool, bool, bool, bool, int64_t>;
   std::map<Key, std::unique_ptr<Graph>> graphs_;
+  /// The memory pool every graph allocates from (at::cuda::MempoolId_t; {0, 0} until the first
+  /// capture makes it).
+  std::pair<unsigned long long, unsigned long long> pool_{0, 0};
 };
 
 }  // namespace ft::train
