@@ -11,7 +11,6 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <initializer_list>
 
 #include "ft/kernels/rows.h"
 #include "ft/kernels/sum_float.h"
@@ -52,8 +51,6 @@ void launch(const Inputs<T>& in, int n, float* out, int64_t rows, int64_t cols, 
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-bool rows_of(const at::Tensor& t, detail::RowsView& v) { return detail::as_rows(t.sizes().vec(), t.strides().vec(), v); }
-
 dim3 grid_for(int64_t rows, int64_t items_per_row) { return detail::rows_dim3(rows, items_per_row, kThreads); }
 
 }  // namespace
@@ -65,7 +62,7 @@ bool sum_to_float_fits(const std::vector<at::Tensor>& grads) {
   detail::RowsView v;
   for (const auto& g : grads) {
     if (!g.defined() || g.device() != g0.device() || g.scalar_type() != g0.scalar_type() || g.sizes() != g0.sizes() ||
-        !rows_of(g, v))
+        !detail::tensor_rows(g, v))
       return false;
   }
   return true;
@@ -83,14 +80,14 @@ at::Tensor sum_to_float(const std::vector<at::Tensor>& grads) {
   bool contiguous = true;
   for (const auto& g : grads) contiguous = contiguous && g.is_contiguous();
   detail::RowsView shape{1, numel, numel};
-  if (!contiguous) rows_of(g0, shape);
+  if (!contiguous) detail::tensor_rows(g0, shape);
   AT_DISPATCH_V2(g0.scalar_type(), "sum_to_float", AT_WRAP([&] {
                    Inputs<scalar_t> in{};
                    // 16-byte vectors where every input and output row starts aligned.
                    bool vectors = aligned16(out.data_ptr()) && (shape.rows == 1 || shape.cols % 8 == 0);
                    for (size_t k = 0; k < grads.size(); ++k) {
                      detail::RowsView v = shape;
-                     if (!contiguous) rows_of(grads[k], v);
+                     if (!contiguous) detail::tensor_rows(grads[k], v);
                      in.p[k] = grads[k].const_data_ptr<scalar_t>();
                      in.ld[k] = v.ld;
                      vectors = vectors && aligned16(in.p[k]) && (shape.rows == 1 || v.ld % 8 == 0);

@@ -51,8 +51,6 @@ __global__ void __launch_bounds__(kThreads) swiglu_backward_kernel(const T* __re
   detail::swiglu_backward_rows(thread_at(), dh, ldd, gate, ldg, up, ldu, dgate, lddg, dup, lddu, rows, cols, vectors);
 }
 
-bool rows_of(const at::Tensor& t, detail::RowsView& v) { return detail::as_rows(t.sizes().vec(), t.strides().vec(), v); }
-
 // 16-byte vectors where every operand's start and row stride keep them aligned.
 template <typename T>
 bool vectorizable(int64_t cols, std::initializer_list<std::pair<const at::Tensor*, int64_t>> operands) {
@@ -67,7 +65,7 @@ dim3 grid_for(int64_t rows, int64_t items_per_row) { return detail::rows_dim3(ro
 bool fits_rows(const at::Tensor& t, const at::Tensor& like) {
   detail::RowsView v;
   return t.defined() && t.is_cuda() && t.device() == like.device() && t.scalar_type() == like.scalar_type() &&
-         t.sizes() == like.sizes() && rows_of(t, v);
+         t.sizes() == like.sizes() && detail::tensor_rows(t, v);
 }
 
 }  // namespace
@@ -84,7 +82,7 @@ at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up) {
   c10::cuda::CUDAGuard guard(gate.device());
   at::Tensor h = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
   detail::RowsView g, u, y;
-  rows_of(gate, g), rows_of(up, u), rows_of(h, y);
+  detail::tensor_rows(gate, g), detail::tensor_rows(up, u), detail::tensor_rows(h, y);
   if (h.numel() == 0) return h;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_V2(gate.scalar_type(), "swiglu_forward", AT_WRAP([&] {
@@ -107,8 +105,9 @@ void swiglu_backward_out(const at::Tensor& dh, const at::Tensor& gate, const at:
   c10::cuda::CUDAGuard guard(gate.device());
   at::Tensor d = dh.to(gate.scalar_type());
   detail::RowsView dv, g, u, dg, du;
-  if (!rows_of(d, dv)) d = d.contiguous(), rows_of(d, dv);
-  rows_of(gate, g), rows_of(up, u), rows_of(dgate, dg), rows_of(dup, du);
+  if (!detail::tensor_rows(d, dv)) d = d.contiguous(), detail::tensor_rows(d, dv);
+  detail::tensor_rows(gate, g), detail::tensor_rows(up, u);
+  detail::tensor_rows(dgate, dg), detail::tensor_rows(dup, du);
   if (gate.numel() == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_V2(gate.scalar_type(), "swiglu_backward", AT_WRAP([&] {

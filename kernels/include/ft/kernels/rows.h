@@ -7,7 +7,6 @@
 // kernels launch.
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 namespace ft::kernels::detail {
 
@@ -19,8 +18,10 @@ struct RowsView {
 
 /// The rows that sizes/strides describe, or false where they are not rows: the last dimension
 /// strided, or leading dimensions that do not collapse into one stride. Dimensions of size 1 are
-/// ignored (their strides do not matter), as are the strides of empty tensors.
-inline bool as_rows(const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides, RowsView& out) {
+/// ignored (their strides do not matter), as are the strides of empty tensors. Sizes: any sequence
+/// of int64_t with size() and [] (std::vector, c10::IntArrayRef: no copy of a tensor's sizes).
+template <typename Sizes>
+bool as_rows(const Sizes& sizes, const Sizes& strides, RowsView& out) {
   if (sizes.empty() || sizes.size() != strides.size()) return false;
   const size_t n = sizes.size();
   out.cols = sizes[n - 1];
@@ -45,6 +46,12 @@ inline bool as_rows(const std::vector<int64_t>& sizes, const std::vector<int64_t
   }
   out.ld = ld < 0 ? out.cols : ld;
   return true;
+}
+
+/// as_rows for a tensor's sizes and strides.
+template <typename Tensor>
+bool tensor_rows(const Tensor& t, RowsView& out) {
+  return as_rows(t.sizes(), t.strides(), out);
 }
 
 /// Where a thread of a row kernel stands: blockIdx.x, blockIdx.y, gridDim.x, gridDim.y, threadIdx.x,
