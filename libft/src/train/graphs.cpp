@@ -91,6 +91,9 @@ GraphedPasses::Graph& GraphedPasses::graph_for(const BatchTensors& b) {
   g->input.n_tokens = b.n_tokens;
   // Variable-length attention: offsets of std::get<6>(key) runs, refilled at every replay, and
   // the row length as the longest run (flash attention sizes its grid by it, so it must not change).
+  // The bound costs grid blocks that exit at once, not memory: torch 2.11 keeps the log-sum-exp
+  // unpadded, (heads, tokens) (its meta function for _flash_attention_forward), and the backward
+  // pass sizes its accumulators by tokens + 128 per run, never by the longest run.
   if (std::get<6>(key) > 0) {
     g->input.cu_seqlens = varlen_offsets(b, device_, std::get<6>(key)).first.clone();
     g->input.max_seqlen = b.input_ids.size(1);
