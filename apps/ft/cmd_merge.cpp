@@ -16,6 +16,7 @@ namespace ft::cli {
 void add_merge(CLI::App& app) {
   struct Args {
     std::string base, adapter, output, dtype;
+    bool force = false;
   };
   auto a = std::make_shared<Args>();
   auto* cmd = app.add_subcommand("merge", "Merge a LoRA adapter (PEFT format) into its base model");
@@ -23,7 +24,12 @@ void add_merge(CLI::App& app) {
   cmd->add_option("adapter", a->adapter, "Adapter directory (adapter_config.json + adapter_model.safetensors)")
       ->required()
       ->check(CLI::ExistingDirectory);
-  cmd->add_option("-o,--output", a->output, "Output checkpoint directory")->required();
+  cmd->add_option("-o,--output", a->output,
+                  "Output checkpoint directory (absent or empty, unless --force; never the base or the adapter)")
+      ->required();
+  cmd->add_flag("--force", a->force,
+                "Replace the model in a non-empty output directory (all of its files: the merged checkpoint is written "
+                "beside it and renamed into its place)");
   cmd->add_option("--dtype", a->dtype, "Written dtype: float32 | bfloat16 | float16 (default: the base's)")
       ->check(CLI::IsMember({"float32", "bfloat16", "float16"}));
   cmd->footer(
@@ -32,6 +38,7 @@ void add_merge(CLI::App& app) {
       "adapter trained on a QLoRA base is merged into the original 16/32-bit base this way);\n"
       "transformers loads the result without PEFT and computes the adapted model's logits.");
   cmd->callback([a] {
+    check_output_dir("merge", a->output, {{"base model", a->base}, {"adapter", a->adapter}}, a->force);
     FT_CHECK(adapt::peft_adapter_type(a->adapter) != "PREFIX_TUNING", "[merge] ", a->adapter,
              " is a prefix-tuning adapter: its keys and values are extra attention inputs, not a change of weights, so "
              "there is nothing to merge (use it as an adapter: ft generate --adapter)");
@@ -52,7 +59,7 @@ void add_merge(CLI::App& app) {
       errors.emplace_back(((stored - w).norm() / w.norm().clamp_min(1e-300)).item<double>(), l.module);
     }
     std::sort(errors.rbegin(), errors.rend());
-    io::save_pretrained(m, a->output, so);
+    write_output_dir("merge", a->output, [&](const std::string& dir) { io::save_pretrained(m, dir, so); });
     std::cout << "merged " << (o.dora ? "DoRA" : "LoRA") << " r " << o.r << " (alpha " << o.alpha << ") of "
               << layers.size() << " layers into " << a->base << "; wrote " << a->output
               << (a->dtype.empty() ? "" : " in " + a->dtype) << "\n";

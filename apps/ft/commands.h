@@ -5,7 +5,9 @@
 
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
+#include <functional>
 #include <string>
+#include <vector>
 
 namespace ft::cli {
 
@@ -27,5 +29,20 @@ void add_launch(CLI::App& app);
 c10::Device parse_device(const std::string& name);
 /// "float32", "bfloat16", "float16".
 c10::ScalarType parse_dtype(const std::string& name);
+
+/// An input of a command, as its messages name it ("base model", path).
+struct NamedPath {
+  std::string name, path;
+};
+/// Throws unless `out` may receive the model a command writes (output_dir.cpp): it is none of
+/// `inputs` and contains none of them (--force or not), and it is absent or empty, or `force` is
+/// set and it holds a model (config.json, adapter_config.json or safetensors files).
+void check_output_dir(const std::string& command, const std::string& out, const std::vector<NamedPath>& inputs,
+                      bool force);
+/// Calls write(tmp) on a fresh sibling directory OUT.tmp, then puts it in the place of `out` (an
+/// existing `out` moves to OUT.old until then and is removed after), so that the result holds what
+/// write() wrote and nothing of an older directory; a failed write() leaves `out` as it was.
+void write_output_dir(const std::string& command, const std::string& out,
+                      const std::function<void(const std::string&)>& write);
 
 }  // namespace ft::cli
