@@ -451,6 +451,39 @@ TEST(TrainResume, RefusesAnotherRunsCheckpointsAndResumeNever) {
   fs::remove_all(dir);
 }
 
+// Checkpoints that are all damaged stop the run (it would otherwise train from step 0 and overwrite
+// metrics.jsonl and final/); with one intact checkpoint left it falls back to it.
+TEST(TrainResume, AllCheckpointsDamagedStopsTheRun) {
+  const fs::path dir = scratch("train_all_damaged");
+  config::RunConfig c = synthetic_run(dir);
+  c.max_steps = 6;
+  c.schedule.total_steps = 6;
+  c.eval.every = 0;
+  Quiet q;
+  train::run_training(c, q.f);
+  const fs::path run(c.output_dir);
+  const std::string metrics = read_file(run / "metrics.jsonl");
+  const std::string final_weights = read_file(run / "final" / "model.safetensors");
+  train::CheckpointDir checkpoints((run / "checkpoints").string());
+  ASSERT_EQ(checkpoints.steps(), (std::vector<int64_t>{3, 6}));
+  for (const int64_t s : checkpoints.steps()) fs::resize_file(fs::path(checkpoints.path(s)) / "trainer_state.json", 0);
+  config::RunConfig again = c;
+  again.max_steps = 4;
+  again.schedule.total_steps = 4;
+  try {
+    train::run_training(again, q.f);
+    ADD_FAILURE() << "trained from step 0 over damaged checkpoints";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("holds 2 checkpoints and none is intact"), std::string::npos) << what;
+    EXPECT_NE(what.find((run / "checkpoints").string()), std::string::npos) << what;
+    EXPECT_NE(what.find("use a new output_dir"), std::string::npos) << what;
+  }
+  EXPECT_TRUE(read_file(run / "metrics.jsonl") == metrics) << "metrics.jsonl changed";
+  EXPECT_TRUE(read_file(run / "final" / "model.safetensors") == final_weights) << "final/ was overwritten";
+  fs::remove_all(dir);
+}
+
 // Early stopping after `patience` evaluations without improvement; the best evaluation's checkpoint
 // survives keep_last pruning.
 TEST(TrainResume, EarlyStoppingKeepsTheBestCheckpoint) {

@@ -520,7 +520,13 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     FT_CHECK(checkpoints.steps().empty(), "[train] ", checkpoints.root(),
              " holds checkpoints and checkpoint.resume is 'never': use a new output_dir, or resume: auto");
   } else {
-    if (rank0) resume_dir = checkpoints.latest_valid(c.checkpoint.strict, log);
+    // Checkpoints that are all damaged are not an empty directory: starting over would cut this
+    // run's metrics.jsonl and overwrite its final/, so the run stops and says what is there.
+    int64_t damaged = 0;
+    if (rank0) {
+      resume_dir = checkpoints.latest_valid(c.checkpoint.strict, log);
+      if (!resume_dir) damaged = static_cast<int64_t>(checkpoints.steps().size());
+    }
     if (group) {  // rank 0 chose (and cleaned up); everyone resumes from the same checkpoint
       double chosen = -1.0;
       if (resume_dir) {
@@ -528,9 +534,15 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
           if (checkpoints.path(s) == *resume_dir) chosen = static_cast<double>(s);
         }
       }
-      chosen = group->max({chosen})[0];
+      const std::vector<double> agreed = group->max({chosen, static_cast<double>(damaged)});
+      chosen = agreed[0];
+      damaged = static_cast<int64_t>(agreed[1]);
       if (chosen >= 0) resume_dir = checkpoints.path(static_cast<int64_t>(chosen));
     }
+    FT_CHECK(damaged == 0, "[train] ", checkpoints.root(), " holds ", damaged, " checkpoint",
+             damaged == 1 ? "" : "s", " and none is intact (each is named above as damaged), so there is nothing to ",
+             "resume from; training from step 0 here would overwrite this run's metrics.jsonl and final/. To start ",
+             "over, use a new output_dir, or remove ", checkpoints.root(), " yourself");
     FT_CHECK(resume_dir || c.checkpoint.resume != "required", "[train] checkpoint.resume is 'required' but ",
              checkpoints.root(), " holds no intact checkpoint");
   }
