@@ -41,7 +41,8 @@ model::CausalLM base_model(at::ScalarType dtype = at::kFloat) {
 }
 
 // Counts the casts (aten::_to_copy) of float32 tensors of `numel` elements (the activations, not
-// the adapters' weights) while it lives.
+// the adapters' weights) while it lives, and the row kernel's casts (ft::lora_cast_down: x to the
+// compute dtype and s x Aᵀ in one pass; CUDA with set_lora_row_kernels), which make no _to_copy.
 class CastCounter {
  public:
   explicit CastCounter(int64_t numel) {
@@ -56,7 +57,9 @@ class CastCounter {
 
  private:
   static std::unique_ptr<at::ObserverContext> enter(const at::RecordFunction& fn) {
-    if (std::string(fn.name()) != "aten::_to_copy") return nullptr;
+    const std::string name = fn.name();
+    if (name == "ft::lora_cast_down") ++count_();
+    if (name != "aten::_to_copy") return nullptr;
     const auto inputs = fn.inputs();
     if (!inputs.empty() && inputs[0].isTensor()) {
       const at::Tensor& t = inputs[0].toTensor();

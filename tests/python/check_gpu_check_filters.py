@@ -30,8 +30,10 @@ def main(argv):
         else:
             names.append(suite + line.split()[0])
     failures = []
+    # Filters given as --benchmark_filter='...' or to the script's bench function (bench SECONDS 'FILTER' NAME).
     bench_filters = re.findall(r"--benchmark_filter='([^']+)'", text)
-    if len(bench_filters) < 4:
+    bench_filters += [m[1] for m in re.findall(r"""^bench ("[^"]*"|\S+) '([^']+)' \S+$""", text, re.M)]
+    if len(bench_filters) < 6:
         failures.append(f"expected the benchmark processes' filters, found {len(bench_filters)}")
     for f in bench_filters:
         # Each alternative of a top-level BM_(a|b|...) group must select something on its own.
@@ -51,8 +53,15 @@ def main(argv):
             if not any(re.search(p, b) for b in benchmarks):
                 failures.append(f"benchmark filter part '{p}' selects no benchmark")
     gtest_filters = re.findall(r"--gtest_filter='([^']+)'", text)
-    if not gtest_filters:
-        failures.append("no --gtest_filter found")
+    # The CUDA tests' ctest regex must select the tests it names.
+    gpu_re = re.search(r"^gpu_re='([^']+)'", text, re.M)
+    if not gpu_re:
+        failures.append("no gpu_re='...' (the CUDA tests' ctest regex) found")
+    else:
+        selected = [n for n in names if re.search(gpu_re.group(1), n)]
+        for suite in ("LoraCuda.", "TrainCuda.", "NF4Kernel.", "LoraRowsKernel.", "SwigluKernel."):
+            if not any(n.startswith(suite) for n in selected):
+                failures.append(f"gpu_re '{gpu_re.group(1)}' selects no {suite}* test")
     for f in gtest_filters:
         for p in f.split(":"):
             if not any(fnmatch.fnmatchcase(n, p) for n in names):
