@@ -35,6 +35,16 @@ std::vector<int64_t> parse_ids(const std::string& text) {
   return ids;
 }
 
+// A number in (low, high]. (CLI::PositiveNumber's message spells out a 300-digit upper bound.)
+CLI::Validator in_range(double low, double high, const std::string& text) {
+  return CLI::Validator(
+      [=](const std::string& v) -> std::string {
+        double x = 0;
+        return CLI::detail::lexical_cast(v, x) && x > low && x <= high ? "" : "must be " + text + ", got " + v;
+      },
+      text);
+}
+
 }  // namespace
 
 void add_generate(CLI::App& app) {
@@ -55,11 +65,21 @@ void add_generate(CLI::App& app) {
   ids_opt->excludes(text_opt);
   cmd->add_option("-t,--tokenizer", a->tokenizer,
                   "tokenizer.model or a directory holding one (default: the model directory's, if any)");
-  cmd->add_option("-n,--max-new-tokens", a->max_new_tokens, "Tokens to generate")->capture_default_str();
-  cmd->add_flag("--sample", a->sample, "Sample with temperature and top-p instead of greedy decoding");
-  cmd->add_option("--temperature", a->temperature, "Sampling temperature")->capture_default_str();
-  cmd->add_option("--top-p", a->top_p, "Nucleus sampling mass")->capture_default_str();
-  cmd->add_option("--seed", a->seed, "Sampling seed")->capture_default_str();
+  cmd->add_option("-n,--max-new-tokens", a->max_new_tokens, "Tokens to generate")
+      ->capture_default_str()
+      ->check(in_range(0, 1e9, "> 0"));
+  auto* sample = cmd->add_flag("--sample", a->sample, "Sample with temperature and top-p instead of greedy decoding");
+  // The sampling settings mean nothing to greedy decoding: given without --sample they are an error,
+  // not silently ignored.
+  cmd->add_option("--temperature", a->temperature, "Sampling temperature (> 0; with --sample)")
+      ->capture_default_str()
+      ->check(in_range(0, 1e30, "> 0"))
+      ->needs(sample);
+  cmd->add_option("--top-p", a->top_p, "Nucleus sampling mass, in (0, 1] (with --sample)")
+      ->capture_default_str()
+      ->check(in_range(0, 1, "in (0, 1]"))
+      ->needs(sample);
+  cmd->add_option("--seed", a->seed, "Sampling seed (with --sample)")->capture_default_str()->needs(sample);
   cmd->add_option("--device", a->device, "cpu, cuda, cuda:N or auto")->capture_default_str();
   cmd->add_option("--dtype", a->dtype, "float32, bfloat16 or float16")->capture_default_str();
   cmd->callback([a] {

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# ft generate rejects sampling settings it would otherwise ignore or fail on late (tests/CMakeLists.txt:
+# cli_generate_options): a token count or temperature that is not > 0, a top-p outside (0, 1], and
+# --temperature, --top-p or --seed without --sample (greedy decoding uses none of them). Each is
+# refused before the model is loaded, with the option named; valid settings generate.
+#   tests/cli/generate_options.sh FT MODEL_CONFIG_JSON WORK_DIR
+set -euo pipefail
+ft=$1 config=$2 d=$3
+rm -rf "$d" && mkdir -p "$d"
+"$ft" init "$config" "$d/m" --seed 1 >/dev/null
+fails() {  # fails PATTERN ARGS...: ft generate with ARGS exits non-zero, names the problem, generates nothing
+  local pattern=$1
+  shift
+  if "$ft" generate "$d/m" --prompt-ids 1,2 "$@" >"$d/out" 2>"$d/err"; then echo "FAIL: succeeded: $*"; exit 1; fi
+  grep -q -- "$pattern" "$d/err" || { echo "FAIL: '$*' did not say '$pattern':"; cat "$d/err"; exit 1; }
+  ! grep -q "generated" "$d/out" || { echo "FAIL: '$*' generated"; exit 1; }
+}
+fails "max-new-tokens: must be > 0, got -5" -n -5
+fails "max-new-tokens: must be > 0, got 0" -n 0
+fails "temperature: must be > 0, got 0" --sample --temperature 0
+fails "top-p: must be in (0, 1\], got 1.5" --sample --top-p 1.5
+fails "top-p: must be in (0, 1\], got 0" --sample --top-p 0
+fails "top-p: must be in (0, 1\], got x" --sample --top-p x
+fails "top-p requires --sample" --top-p 0.5
+fails "temperature requires --sample" --temperature 0.7
+fails "seed requires --sample" --seed 3
+# Valid settings, greedy and sampled: the sampled tokens follow the seed.
+"$ft" generate "$d/m" --prompt-ids 1,2 -n 4 | grep -q "generated"
+"$ft" generate "$d/m" --prompt-ids 1,2 -n 4 --sample --top-p 1 --temperature 0.7 --seed 5 | grep "^generated" >"$d/a"
+"$ft" generate "$d/m" --prompt-ids 1,2 -n 4 --sample --top-p 1 --temperature 0.7 --seed 5 | grep "^generated" >"$d/b"
+cmp "$d/a" "$d/b"
+echo "generate options OK"
