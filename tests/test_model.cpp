@@ -85,6 +85,75 @@ TEST(Config, RejectsWhatItCannotHonour) {
   EXPECT_NE(truncated.find("c.json:"), std::string::npos) << truncated;
 }
 
+// Every size is range-checked where it is read, and so is rope_theta: an error naming the file and
+// the key, never a std::vector length error, an allocation that aborts the process, or NaN losses.
+TEST(Config, RangeChecksSizesAndRopeTheta) {
+  const std::string base = kLlamaJson;
+  auto with = [&](const std::string& from, const std::string& to) {
+    std::string s = base;
+    s.replace(s.find(from), from.size(), to);
+    return s;
+  };
+  auto parse_error = [&](const std::string& json) {
+    return expect_error([&] { io::parse_model_config(json, "c.json"); });
+  };
+  for (const char* key : {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                          "num_attention_heads", "num_key_value_heads"}) {
+    SCOPED_TRACE(key);
+    const std::string k = std::string("\"") + key + "\": ";
+    const size_t at = base.find(k);
+    ASSERT_NE(at, std::string::npos);
+    const size_t end = base.find(',', at);
+    for (const char* bad : {"-1", "0"}) {
+      const std::string e = parse_error(base.substr(0, at) + k + bad + base.substr(end));
+      EXPECT_NE(e.find(std::string("c.json: '") + key + "' must be > 0, got " + bad), std::string::npos) << e;
+    }
+    const std::string e = parse_error(base.substr(0, at) + k + "100000000000" + base.substr(end));
+    EXPECT_NE(e.find(std::string("c.json: '") + key + "' must be at most 2^31 - 1"), std::string::npos) << e;
+  }
+  std::string e = parse_error(with("\"hidden_size\": 32", "\"hidden_size\": 32, \"head_dim\": -2"));
+  EXPECT_NE(e.find("c.json: 'head_dim' must be > 0, got -2"), std::string::npos) << e;
+  e = parse_error(with("\"hidden_size\": 32", "\"hidden_size\": 32, \"max_position_embeddings\": 0"));
+  EXPECT_NE(e.find("c.json: 'max_position_embeddings' must be > 0"), std::string::npos) << e;
+  // Sizes each in range whose product is not: the parameter bound, naming the keys.
+  const std::string huge = R"({"model_type": "llama", "vocab_size": 2000000000, "hidden_size": 2000000000,
+      "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "head_dim": 8})";
+  e = parse_error(huge);
+  EXPECT_NE(e.find("c.json: the sizes make a model of about"), std::string::npos) << e;
+  EXPECT_NE(e.find("vocab_size (2000000000)"), std::string::npos) << e;
+  // rope_theta <= 0, at the top level and in rope_parameters; JSON has no inf or NaN (1e999 is a
+  // number out of range, an error naming the file), a ModelConfig built in C++ may.
+  for (const char* bad : {"0", "-10000.0"}) {
+    SCOPED_TRACE(bad);
+    e = parse_error(with("\"rope_theta\": 500000.0", std::string("\"rope_theta\": ") + bad));
+    EXPECT_NE(e.find("c.json: 'rope_theta' must be a finite number > 0"), std::string::npos) << e;
+  }
+  e = parse_error(with("\"rope_theta\": 500000.0", "\"rope_theta\": 1e999"));
+  EXPECT_NE(e.find("[json] c.json: "), std::string::npos) << e;
+  for (double bad : {std::numeric_limits<double>::infinity(), std::numeric_limits<double>::quiet_NaN()}) {
+    auto c = tiny_config();
+    c.rope.theta = bad;
+    e = expect_error([&] { c.validate("built"); });
+    EXPECT_NE(e.find("built: 'rope_theta' must be a finite number > 0"), std::string::npos) << e;
+  }
+  EXPECT_NO_THROW(io::parse_model_config(with("\"rope_theta\": 500000.0,", ""), "c.json"));  // the default
+  const std::string params = R"({"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48,
+      "num_hidden_layers": 2, "num_attention_heads": 4, "rope_parameters": {"rope_type": "default", "rope_theta": -1}})";
+  e = parse_error(params);
+  EXPECT_NE(e.find("c.json: 'rope_theta' must be a finite number > 0, got -1"), std::string::npos) << e;
+}
+
+// A config whose sizes are each in range but whose parameters do not fit in this machine's memory
+// is an ft::Error when the model is built, not LibTorch's fatal allocation failure.
+TEST(Config, AModelLargerThanMemoryIsAnError) {
+  auto c = tiny_config();
+  c.vocab_size = 500'000'000;
+  c.hidden_size = 1024;  // 5e11 to 1e12 parameters: below the 2^40 bound, far above any machine's memory
+  const std::string e = expect_error([&] { model::CausalLM m(c); });
+  EXPECT_NE(e.find("GiB in float32, more than this machine's"), std::string::npos) << e;
+  EXPECT_NE(e.find("vocab_size (500000000)"), std::string::npos) << e;
+}
+
 TEST(Rope, Llama3InverseFrequenciesMatchFloat64Formula) {
   auto c = tiny_config();
   c.head_dim = 64;

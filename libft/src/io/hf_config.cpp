@@ -1,5 +1,6 @@
 #include "ft/io/hf_config.h"
 
+#include <cmath>
 #include <set>
 
 #include "ft/util/error.h"
@@ -116,23 +117,63 @@ RopeConfig parse_rope(const json& params, double theta, int64_t max_pos, const s
   return rope;
 }
 
+// The sizes of a model, each in (0, 2^31) (a tensor dimension that LibTorch's kernels index with
+// 32-bit integers; a negative or huge value would otherwise fail far from the config, as a
+// std::vector length error or an allocation that aborts the process).
+void check_sizes(const ModelConfig& c, const std::string& source) {
+  constexpr int64_t kMaxSize = (int64_t{1} << 31) - 1;
+  for (const auto& [name, v] : {std::pair<const char*, int64_t>{"vocab_size", c.vocab_size},
+                                {"hidden_size", c.hidden_size},
+                                {"intermediate_size", c.intermediate_size},
+                                {"num_hidden_layers", c.num_hidden_layers},
+                                {"num_attention_heads", c.num_attention_heads},
+                                {"num_key_value_heads", c.num_key_value_heads},
+                                {"head_dim", c.head_dim},
+                                {"max_position_embeddings", c.max_position_embeddings}}) {
+    FT_CHECK(v > 0, "[config] ", source, ": '", name, "' must be > 0, got ", v);
+    FT_CHECK(v <= kMaxSize, "[config] ", source, ": '", name, "' must be at most 2^31 - 1, got ", v);
+  }
+}
+
+// About how many parameters the sizes make (biases left out), in double: the sizes' products may
+// overflow int64. model/llama.cpp's memory check counts the same way.
+double parameter_estimate(const ModelConfig& c) {
+  const double h = static_cast<double>(c.hidden_size);
+  const double q = static_cast<double>(c.num_attention_heads) * static_cast<double>(c.head_dim);
+  const double kv = static_cast<double>(c.num_key_value_heads) * static_cast<double>(c.head_dim);
+  const double layer = h * q * 2 + h * kv * 2 + 3 * h * static_cast<double>(c.intermediate_size) + 2 * h;
+  return static_cast<double>(c.vocab_size) * h * (c.tie_word_embeddings ? 1 : 2) +
+         static_cast<double>(c.num_hidden_layers) * layer + h;
+}
+
 }  // namespace
 
 void ModelConfig::validate(const std::string& source) const {
-  auto positive = [&](const char* name, int64_t v) {
-    FT_CHECK(v > 0, "[config] ", source, ": '", name, "' must be > 0, got ", v);
-  };
-  positive("vocab_size", vocab_size);
-  positive("hidden_size", hidden_size);
-  positive("intermediate_size", intermediate_size);
-  positive("num_hidden_layers", num_hidden_layers);
-  positive("num_attention_heads", num_attention_heads);
-  positive("num_key_value_heads", num_key_value_heads);
-  positive("head_dim", head_dim);
+  check_sizes(*this, source);
   FT_CHECK(num_attention_heads % num_key_value_heads == 0, "[config] ", source, ": num_attention_heads (",
            num_attention_heads, ") must be a multiple of num_key_value_heads (", num_key_value_heads, ")");
   FT_CHECK(head_dim % 2 == 0, "[config] ", source, ": head_dim must be even for rotary embeddings, got ", head_dim);
-  FT_CHECK(rms_norm_eps > 0, "[config] ", source, ": rms_norm_eps must be > 0");
+  FT_CHECK(std::isfinite(rms_norm_eps) && rms_norm_eps > 0, "[config] ", source,
+           ": 'rms_norm_eps' must be a finite number > 0, got ", rms_norm_eps);
+  FT_CHECK(std::isfinite(rope.theta) && rope.theta > 0, "[config] ", source,
+           ": 'rope_theta' must be a finite number > 0, got ", rope.theta);
+  if (rope.type != RopeType::Default) {
+    FT_CHECK(std::isfinite(rope.factor) && rope.factor > 0, "[config] ", source,
+             ": the rope scaling 'factor' must be a finite number > 0, got ", rope.factor);
+  }
+  if (rope.type == RopeType::Llama3) {
+    FT_CHECK(std::isfinite(rope.low_freq_factor) && rope.low_freq_factor > 0 && std::isfinite(rope.high_freq_factor),
+             "[config] ", source, ": the rope scaling 'low_freq_factor' and 'high_freq_factor' must be finite and > 0, got ",
+             rope.low_freq_factor, " and ", rope.high_freq_factor);
+    FT_CHECK(rope.original_max_position_embeddings > 0, "[config] ", source,
+             ": the rope scaling 'original_max_position_embeddings' must be > 0, got ",
+             rope.original_max_position_embeddings);
+  }
+  const double params = parameter_estimate(*this);
+  FT_CHECK(params <= 0x1p40, "[config] ", source, ": the sizes make a model of about ", params,
+           " parameters, more than libft builds (2^40, about 1.1e12): check vocab_size (", vocab_size,
+           "), hidden_size (", hidden_size, "), intermediate_size (", intermediate_size, ") and num_hidden_layers (",
+           num_hidden_layers, ")");
   FT_CHECK(static_cast<int64_t>(layer_window.size()) == num_hidden_layers, "[config] ", source,
            ": one attention window per layer expected");
 }
@@ -161,9 +202,10 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   c.num_hidden_layers = r.integer("num_hidden_layers");
   c.num_attention_heads = r.integer("num_attention_heads");
   c.num_key_value_heads = r.integer_or("num_key_value_heads", c.num_attention_heads);
-  FT_CHECK(c.num_attention_heads > 0, "[config] ", source, ": num_attention_heads must be > 0");
+  FT_CHECK(c.num_attention_heads > 0, "[config] ", source, ": 'num_attention_heads' must be > 0, got ", c.num_attention_heads);
   c.head_dim = r.integer_or("head_dim", c.hidden_size / c.num_attention_heads);
   c.max_position_embeddings = r.integer_or("max_position_embeddings", 2048);
+  check_sizes(c, source);  // before any of them sizes a vector below (layer_window)
   c.rms_norm_eps = r.number_or("rms_norm_eps", 1e-6);
   c.initializer_range = r.number_or("initializer_range", 0.02);
   c.tie_word_embeddings = r.boolean_or("tie_word_embeddings", c.model_type == "qwen2" ? false : false);

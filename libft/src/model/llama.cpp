@@ -10,6 +10,8 @@
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/linear.h>
 
+#include <unistd.h>
+
 #include <cmath>
 #include <map>
 #include <numbers>
@@ -499,8 +501,33 @@ DecoderImpl::DecoderImpl(const ModelConfig& c) {
   norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps));
 }
 
+namespace {
+
+// The model's parameters are created in float32 on the CPU (then initialised or loaded, and moved):
+// more bytes than the machine has would end the process inside LibTorch's allocator (a fatal log,
+// not an exception), so that case is an error here. Counted as io/hf_config.cpp's bound counts.
+void check_fits_in_memory(const ModelConfig& c) {
+  const double h = static_cast<double>(c.hidden_size);
+  const double q = static_cast<double>(c.num_attention_heads) * static_cast<double>(c.head_dim);
+  const double kv = static_cast<double>(c.num_key_value_heads) * static_cast<double>(c.head_dim);
+  const double layer = h * q * 2 + h * kv * 2 + 3 * h * static_cast<double>(c.intermediate_size) + 2 * h;
+  const double params = static_cast<double>(c.vocab_size) * h * (c.tie_word_embeddings ? 1 : 2) +
+                        static_cast<double>(c.num_hidden_layers) * layer + h;
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
+  if (pages <= 0 || page <= 0) return;
+  const double memory = static_cast<double>(pages) * static_cast<double>(page);
+  constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+  FT_CHECK(params * 4 <= memory, "[model] the config's sizes make about ", params, " parameters, ", params * 4 / kGiB,
+           " GiB in float32, more than this machine's ", memory / kGiB, " GiB of memory: check vocab_size (",
+           c.vocab_size, "), hidden_size (", c.hidden_size, "), intermediate_size (", c.intermediate_size,
+           ") and num_hidden_layers (", c.num_hidden_layers, ")");
+}
+
+}  // namespace
+
 CausalLMImpl::CausalLMImpl(ModelConfig config) : config_(std::move(config)) {
   config_.validate("model config");
+  check_fits_in_memory(config_);
   model = register_module("model", Decoder(config_));
   if (!config_.tie_word_embeddings) {
     lm_head = register_module("lm_head", linear(config_.hidden_size, config_.vocab_size, false));

@@ -36,6 +36,8 @@ nlohmann::json parse_json_strict(std::string_view text, const std::string& sourc
       if (text[i] == '\n') { ++line; col = 1; } else { ++col; }
     }
     FT_FAIL("[json] ", source, ":", line, ":", col, ": ", e.what());
+  } catch (const nlohmann::json::exception& e) {  // a number out of range (1e999), ...
+    FT_FAIL("[json] ", source, ": ", e.what());
   }
 }
 
