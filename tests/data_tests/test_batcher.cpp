@@ -426,7 +426,24 @@ TEST_F(BatcherTest, HeldOutEvaluationDocumentsAreNeverTrainedOn) {
     reseeded.seed = 777;
     EXPECT_EQ(Batcher(srcs, reseeded).split_docs(), eb.split_docs());
   }
-  BatcherOptions all_out = packed(16, 2);
-  all_out.eval.count = 1000;
-  EXPECT_THROW(Batcher(srcs, all_out), ft::Error);  // nothing left to train on
+  // A count of at least a store's documents is an error naming the store, the count and the store's
+  // document count, for the training split (nothing left to train on) and for the evaluation split
+  // (it would silently be the whole store).
+  for (const int64_t count : {int64_t{1000}, srcs[0].store->n_docs()}) {
+    for (const Split split : {Split::Train, Split::Eval}) {
+      BatcherOptions all_out = packed(16, 2);
+      all_out.eval.count = count;
+      all_out.split = split;
+      try {
+        Batcher b(srcs, all_out);
+        ADD_FAILURE() << "held out " << count << " documents of " << srcs[0].store->n_docs();
+      } catch (const ft::Error& e) {
+        const std::string what = e.what();
+        EXPECT_NE(what.find(srcs[0].store->path() + ": held_out_docs (" + std::to_string(count) +
+                            ") is at least the store's document count (" + std::to_string(srcs[0].store->n_docs()) + ")"),
+                  std::string::npos)
+            << what;
+      }
+    }
+  }
 }

@@ -280,6 +280,14 @@ struct Batcher::Impl {
       }
       canon += ";store=" + src.store->info().sha256;
 
+      // A held-out count that takes every document would leave the training split empty, and would
+      // make an evaluation of "the N held-out documents" silently one of the whole store.
+      const HeldOut& held_spec = src.held_out ? *src.held_out : opt.eval;
+      if (held_spec.count > 0 && held_spec.count >= n)
+        fail(name(i), ": held_out_docs (", held_spec.count, ") is at least the store's document count (", n,
+             opt.split == Split::Eval ? "): the held-out set would be the whole store, not a part a run set aside"
+                                      : "): holding out every document leaves none to train on",
+             "; hold out fewer");
       const std::vector<int64_t> held = src.held_out ? held_out_docs(n, *src.held_out, src.held_out_index)
                                                      : held_out_docs(n, opt.eval, static_cast<int>(i));
       if (src.held_out) {
