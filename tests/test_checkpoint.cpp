@@ -273,6 +273,30 @@ TEST(Modes, FreezeSelectsBlocksPatternsEmbeddingsHeadAndNorm) {
   }
 }
 
+// lora.group_projections with DoRA: DoRA layers never group (set_lora_group_projections declines
+// them), and the run's log says so instead of "grouped projections".
+TEST(Modes, LoraDescribesDoraLayersAsUngrouped) {
+  for (const bool dora : {false, true}) {
+    SCOPED_TRACE(dora ? "DoRA" : "LoRA");
+    config::RunConfig c;
+    c.mode = "lora";
+    c.lora.dora = dora;
+    c.lora.group_projections = true;
+    const auto mode = adapt::make_mode(c);
+    model::CausalLM m(test::tiny_config());
+    model::init_weights(m, 3);
+    mode->apply(m);
+    const std::string d = mode->describe(m);
+    if (dora) {
+      EXPECT_NE(d.find("DoRA r"), std::string::npos) << d;
+      EXPECT_EQ(d.find("grouped projections"), std::string::npos) << d;
+      EXPECT_NE(d.find("projections ungrouped: DoRA layers run one node each"), std::string::npos) << d;
+    } else {
+      EXPECT_NE(d.find("(fused, grouped projections)"), std::string::npos) << d;
+    }
+  }
+}
+
 // A freeze-mode step changes exactly the trainable tensors; the frozen ones stay bit-identical and
 // have no gradient and no optimizer state.
 TEST(Modes, FrozenParametersDoNotMove) {
@@ -435,6 +459,9 @@ TEST(TrainResume, RefusesAnotherRunsCheckpointsAndResumeNever) {
     ADD_FAILURE() << "resumed another run's checkpoint";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("another 'data'"), std::string::npos) << e.what();
+    // Only advice that works: resume: never would refuse this output_dir too (its checkpoints).
+    EXPECT_EQ(std::string(e.what()).find("resume: never"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("give it another output_dir"), std::string::npos) << e.what();
   }
   other = c;
   other.checkpoint.resume = "never";
@@ -443,6 +470,7 @@ TEST(TrainResume, RefusesAnotherRunsCheckpointsAndResumeNever) {
     ADD_FAILURE() << "resume: never ignored existing checkpoints";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("resume is 'never'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("use a new output_dir"), std::string::npos) << e.what();
   }
   other = c;
   other.output_dir = (dir / "empty").string();

@@ -518,7 +518,8 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   std::optional<std::string> resume_dir;
   if (c.checkpoint.resume == "never") {
     FT_CHECK(checkpoints.steps().empty(), "[train] ", checkpoints.root(),
-             " holds checkpoints and checkpoint.resume is 'never': use a new output_dir, or resume: auto");
+             " holds checkpoints and checkpoint.resume is 'never': use a new output_dir, or checkpoint.resume: auto ",
+             "to continue the run they belong to (with that run's config)");
   } else {
     // Checkpoints that are all damaged are not an empty directory: starting over would cut this
     // run's metrics.jsonl and overwrite its final/, so the run stops and says what is there.

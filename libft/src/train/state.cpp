@@ -192,7 +192,8 @@ TrainerState read_training_state(const std::string& dir, model::CausalLM& model,
       if (key == "world") continue;  // below, with its own message
       FT_CHECK(have.contains(key) && have.at(key) == value, "[checkpoint] ", dir,
                " was written by a run with another '", key, "' (", have.contains(key) ? have.at(key).dump() : "none",
-               ", this run: ", value.dump(), "); use another output_dir, or checkpoint.resume: never");
+               ", this run: ", value.dump(), "): to resume that run, rerun it with the config it was started ",
+               "with; to start this one, give it another output_dir");
     }
     // Data-parallel runs add "world" when it is above 1; the global batch depends on it both ways.
     const int64_t have_world = have.value("world", int64_t{1}), want_world = want.value("world", int64_t{1});
