@@ -98,7 +98,8 @@ class LoraMode final : public Mode {
     if (extended_gemm_) path += ", extended GEMM";
     if (row_kernels_) path += ", row kernels";
     if (grad_splits_ > 1) path += detail::concat(", adapter gradients in ", grad_splits_, " token chunks");
-    if (group_projections_) path += ", grouped projections";
+    // DoRA layers always run one node each (set_lora_group_projections declines them).
+    if (group_projections_) path += options_.dora ? ", projections ungrouped: DoRA layers run one node each" : ", grouped projections";
     return Mode::describe(model) + detail::concat("; ", options_.dora ? "DoRA" : "LoRA", " r ", options_.r, " alpha ",
                                                   options_.alpha, " on ", layers.size(), " layers (", path, ")");
   }
