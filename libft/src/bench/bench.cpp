@@ -365,7 +365,17 @@ BenchResult run_bench(const BenchConfig& bc, std::FILE* log) {
     return config::load_run_config(v.config.empty() ? bc.base : v.config, o);
   };
   const std::string fisher_path = (fs::path(bc.output_dir) / "fisher.h5").string();
-  const config::RunConfig first = run_config(bc.variants.front(), fisher_path);
+  // Every variant's run config, checked before anything runs: a mistake in the last variant's
+  // overrides must not wait for the first variants to train, and its message names the variant.
+  std::vector<config::RunConfig> configs;
+  for (const Variant& v : bc.variants) {
+    try {
+      configs.push_back(run_config(v, fisher_path));
+    } catch (const Error& e) {
+      throw Error("[bench] " + bc.source + ": variant '" + v.name + "': " + e.what());
+    }
+  }
+  const config::RunConfig& first = configs.front();
   FT_CHECK(!first.model.checkpoint.empty(), "[bench] ", bc.source, ": the base run config must start from a checkpoint "
            "(model.checkpoint): the bench compares ways of adapting one pretrained model");
   const c10::Device device = train::resolve_device(first.device);
@@ -382,9 +392,12 @@ BenchResult run_bench(const BenchConfig& bc, std::FILE* log) {
         std::fprintf(log, "[bench] base model: %s loss %.4f\n", set.c_str(), e.loss);
       }
     }
-    FT_CHECK(r.baseline.count(bc.target_set) && r.baseline.count(bc.general_set), "[bench] ", bc.source,
-             ": the run config's evaluation sets do not include target_set '", bc.target_set, "' and general_set '",
-             bc.general_set, "'");
+    for (const auto& [key, set] : {std::pair{"target_set", bc.target_set}, std::pair{"general_set", bc.general_set}}) {
+      std::string sets;
+      for (const auto& item : r.baseline) sets += (sets.empty() ? "" : ", ") + item.first;
+      FT_CHECK(r.baseline.count(set), "[bench] ", bc.source, ": ", key, " '", set,
+               "' is not one of the run config's evaluation sets (", sets.empty() ? "none" : sets, ")");
+    }
     // The Fisher of the base model on the domain to keep, once, for the EWC variants.
     const bool need_fisher = std::any_of(bc.variants.begin(), bc.variants.end(), needs_bench_fisher);
     if (need_fisher && !fs::exists(fisher_path)) {
@@ -408,7 +421,7 @@ BenchResult run_bench(const BenchConfig& bc, std::FILE* log) {
   const auto started = std::chrono::steady_clock::now();
   for (size_t k = 0; k < bc.variants.size(); ++k) {
     const Variant& v = bc.variants[k];
-    const config::RunConfig c = run_config(v, fisher_path);
+    const config::RunConfig& c = configs[k];
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
     std::string eta = "?";
     if (k > 0) eta = Progress::format_duration(elapsed / static_cast<double>(k) * static_cast<double>(bc.variants.size() - k));
