@@ -452,6 +452,7 @@ TEST(TrainResume, RefusesAnotherRunsCheckpointsAndResumeNever) {
   c.eval.every = 0;
   Quiet q;
   train::run_training(c, q.f);
+  const std::string config_yaml = read_file(dir / "run" / "config.yaml");
   config::RunConfig other = c;
   other.data.seq_len = 16;
   try {
@@ -472,6 +473,8 @@ TEST(TrainResume, RefusesAnotherRunsCheckpointsAndResumeNever) {
     EXPECT_NE(std::string(e.what()).find("resume is 'never'"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("use a new output_dir"), std::string::npos) << e.what();
   }
+  // The refused runs left the resolved config of the run that owns the directory as it was.
+  EXPECT_EQ(read_file(dir / "run" / "config.yaml"), config_yaml);
   other = c;
   other.output_dir = (dir / "empty").string();
   other.checkpoint.resume = "required";

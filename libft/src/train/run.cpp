@@ -498,11 +498,6 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   // --- output directory, checkpoints, resume -----------------------------------------------------
   const fs::path out_dir(c.output_dir);
   fs::create_directories(out_dir);
-  if (rank0) {
-    const std::string text = "# resolved from " + c.source + "\n" + config::to_yaml(c);
-    io::write_file_atomic((out_dir / "config.yaml").string(),
-                          std::span(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
-  }
   CheckpointDir checkpoints((out_dir / "checkpoints").string());
   if (const int stale = rank0 ? checkpoints.clean_stale() : 0; stale > 0) {
     std::fprintf(log, "[checkpoint] removed %d unfinished checkpoint director%s of an interrupted save\n", stale,
@@ -570,6 +565,14 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
               " to start over");
     }
   }();
+  // The resolved config, written only once the run is known to start or resume here: a run refused
+  // above (another run's checkpoints, changed token stores) leaves the config.yaml of the run that
+  // owns this directory as it was.
+  if (rank0) {
+    const std::string text = "# resolved from " + c.source + "\n" + config::to_yaml(c);
+    io::write_file_atomic((out_dir / "config.yaml").string(),
+                          std::span(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
+  }
   MetricsFile metrics(out_dir / "metrics.jsonl", resume_dir ? std::optional<uint64_t>(st.metrics_bytes) : std::nullopt,
                       log, rank0);
   std::optional<EventLog> events;
