@@ -111,6 +111,24 @@ TEST(RunConfig, OverridesApplyBeforeValidation) {
   EXPECT_NE(error_of(kGood, {"optimizer.lrr=1"}).find("did you mean 'lr'?"), std::string::npos);
 }
 
+// Overrides get the blame for what they wrote: the latest of two overrides of a key, a key or section
+// that only an override adds; a value that cannot be read gets one error, not a second one for the
+// default it leaves behind.
+TEST(RunConfig, OverrideErrorsNameTheOverride) {
+  std::string e = error_of(kGood, {"max_steps=2", "max_steps=20.5"});
+  EXPECT_NE(e.find("override 'max_steps=20.5': 'max_steps' must be an integer, got '20.5'"), std::string::npos) << e;
+  EXPECT_EQ(e.find("max_steps=2'"), std::string::npos) << e;
+  EXPECT_EQ(e.find("must be > 0"), std::string::npos) << e;
+  EXPECT_NE(e.find("1 error"), std::string::npos) << e;
+  e = error_of(kGood, {"optimizer.lrr=1"});
+  EXPECT_NE(e.find("override 'optimizer.lrr=1': unknown key 'optimizer.lrr'; did you mean 'lr'?"), std::string::npos) << e;
+  e = error_of(kGood, {"optimiser.lr=1"});
+  EXPECT_NE(e.find("override 'optimiser.lr=1': unknown key 'optimiser'"), std::string::npos) << e;
+  // The file's own mistakes keep their lines.
+  e = error_of(replace(kGood, "max_steps: 50", "max_steps: abc"));
+  EXPECT_NE(e.find("run.yaml: 1 error"), std::string::npos) << e;
+}
+
 TEST(RunConfig, UnknownKeysAreErrorsWithTheirPlaceAndASuggestion) {
   const std::string e = error_of(replace(kGood, "  weight_decay: 0.1", "  weight_decy: 0.1"));
   EXPECT_NE(e.find("run.yaml:17:3: unknown key 'optimizer.weight_decy'; did you mean 'weight_decay'?"),
@@ -336,6 +354,15 @@ TEST(RunConfig, LoraSection) {
   EXPECT_NE(e.find("'lora.rank_pattern' must map module patterns"), std::string::npos) << e;
   EXPECT_NE(e.find("did you mean 'alpha'?"), std::string::npos) << e;
   EXPECT_NE(e.find("'lora.grad_splits' must be in [1, 64], got 0"), std::string::npos) << e;
+  // Pattern keys are regular expressions, checked with the config (not when the model loads).
+  const std::string e3 = error_of(std::string(kGood) + "mode: lora\nlora:\n  rank_pattern: {\"(\": 4, o_proj: 2}\n"
+                                  "  alpha_pattern: {\"q[\": 2}\n");
+  EXPECT_NE(e3.find("run.yaml:32:18: 'lora.rank_pattern' key '(' is not a regular expression"), std::string::npos) << e3;
+  EXPECT_NE(e3.find("run.yaml:33:19: 'lora.alpha_pattern' key 'q[' is not a regular expression"), std::string::npos) << e3;
+  EXPECT_NE(e3.find("run.yaml: 2 errors"), std::string::npos) << e3;
+  const std::string e4 = error_of(std::string(kGood) + "mode: lora\n", {"lora.rank_pattern={'(': 4}"});
+  EXPECT_NE(e4.find("override 'lora.rank_pattern={'(': 4}': 'lora.rank_pattern' key '(' is not a regular expression"),
+            std::string::npos) << e4;
   const std::string e2 =
       error_of(std::string(kGood) + "mode: lora\nlora:\n  fused: false\n  row_kernels: true\n  group_projections: true\n");
   EXPECT_NE(e2.find("'lora.row_kernels' is a path of the fused layer; it needs 'lora.fused: true'"), std::string::npos) << e2;

@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <functional>
 #include <optional>
+#include <regex>
 #include <set>
 
 #include "ft/util/error.h"
@@ -39,8 +41,9 @@ class Reader {
   void add_override(const YAML::Node& node, const std::string& text) { overrides_.emplace_back(node, text); }
 
   std::string where(const YAML::Node& node) const {
-    for (const auto& [n, text] : overrides_) {
-      if (n.is(node)) return "override '" + text + "'";
+    // The latest override of a key wins (an override given twice shares its node with the first).
+    for (auto it = overrides_.rbegin(); it != overrides_.rend(); ++it) {
+      if (it->first.is(node)) return "override '" + it->second + "'";
     }
     const YAML::Mark m = node.Mark();
     if (m.is_null()) return source_;
@@ -116,13 +119,17 @@ class Reader {
         }
         out = value;
       } catch (const YAML::BadConversion&) {
+        unreadable_.insert(full);
         error(node, "'" + full + "' must be " + type_name<T>() + ", got '" + node.Scalar() + "'");
       }
     }
   }
 
+  // The range checks below skip a key whose value could not be read: its default would only add a
+  // second, false error ("must be > 0, got 0" after "must be an integer, got '20.5'").
   void positive(const YAML::Node& map, const std::string& path, const std::string& key, double value, bool zero_ok) {
     if (value > 0 || (zero_ok && value == 0)) return;
+    if (unreadable_.count(path.empty() ? key : path + "." + key)) return;
     const YAML::Node node = map[key];
     const std::string full = path.empty() ? key : path + "." + key;
     const std::string message = detail::concat("'", full, "' must be ", zero_ok ? ">= 0" : "> 0", ", got ", value);
@@ -132,6 +139,7 @@ class Reader {
   void one_of(const YAML::Node& map, const std::string& path, const std::string& key, const std::string& value,
               const std::vector<std::string>& allowed) {
     if (std::find(allowed.begin(), allowed.end(), value) != allowed.end()) return;
+    if (unreadable_.count(path.empty() ? key : path + "." + key)) return;
     const YAML::Node node = map[key];
     const std::string message = "'" + (path.empty() ? key : path + "." + key) + "' must be one of " + join(allowed) +
                                 ", got '" + value + "'";
@@ -157,6 +165,7 @@ class Reader {
   std::string source_;
   std::vector<std::string> errors_;
   std::vector<std::pair<YAML::Node, std::string>> overrides_;
+  std::set<std::string> unreadable_;  // keys (section.key) whose value get() could not convert
 };
 
 void parse_model(Reader& r, const YAML::Node& n, ModelSection& m) {
@@ -349,6 +358,16 @@ void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
       continue;
     }
     for (auto it = m.begin(); it != m.end(); ++it) {
+      // Each key is a regular expression (PEFT's: matched as (.*\.)?(KEY) against a module's name).
+      if (it->first.IsScalar()) {
+        try {
+          (void)std::regex("(.*\\.)?(" + it->first.Scalar() + ")");
+        } catch (const std::regex_error& e) {
+          r.error(it->first, std::string("'lora.") + key + "' key '" + it->first.Scalar() +
+                                 "' is not a regular expression: " + e.what());
+          continue;
+        }
+      }
       try {
         if (std::string(key) == "rank_pattern") {
           const int64_t v = it->second.as<int64_t>();
@@ -397,6 +416,15 @@ void apply_override(Reader& r, YAML::Node& root, const std::string& text) {
       r.error_at("override '" + text + "'", "empty key in '" + path + "'");
       return;
     }
+    // A key the override adds (the file lacks it) is the override's: an error about the key itself
+    // (unknown, misspelt) then names the override, not the file.
+    auto own_new_key = [&](bool existed) {
+      if (existed) return;
+      for (auto it = node.begin(); it != node.end(); ++it) {
+        if (it->first.IsScalar() && it->first.Scalar() == part) r.add_override(it->first, text);
+      }
+    };
+    const bool existed = static_cast<const YAML::Node&>(node)[part].IsDefined();
     if (dot == std::string::npos) {
       if (value.IsNull()) {  // "key=null" (or "key=~", "key="): back to the default, as if the file lacked it
         node.remove(part);
@@ -404,11 +432,28 @@ void apply_override(Reader& r, YAML::Node& root, const std::string& text) {
       }
       node[part] = value;
       r.add_override(node[part], text);
+      // The value's own keys and items too: their marks are places in the override's text, not
+      // in the file (lora.rank_pattern={'(': 4}).
+      std::function<void(const YAML::Node&)> own = [&](const YAML::Node& n) {
+        for (auto it = n.begin(); it != n.end(); ++it) {
+          if (n.IsMap()) {
+            r.add_override(it->first, text);
+            r.add_override(it->second, text);
+            own(it->second);
+          } else {
+            r.add_override(*it, text);
+            own(*it);
+          }
+        }
+      };
+      if (value.IsMap() || value.IsSequence()) own(value);
+      own_new_key(existed);
       return;
     }
     YAML::Node child = node[part];
     if (!child.IsDefined() || child.IsNull()) {
       node[part] = YAML::Node(YAML::NodeType::Map);
+      own_new_key(existed);
     } else if (!child.IsMap()) {
       r.error_at("override '" + text + "'", "'" + path.substr(0, dot) + "' is not a section");
       return;
