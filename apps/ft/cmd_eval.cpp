@@ -166,8 +166,11 @@ void add_fisher(CLI::App& app) {
   cmd->add_option("-n,--samples", a->samples, "Rows (samples) to average over")->capture_default_str();
   cmd->add_option("--seq-len", a->seq_len, "Packed row length")->capture_default_str();
   cmd->add_option("--seed", a->seed, "Which rows: the shuffle seed")->capture_default_str();
-  cmd->add_option("--previous", a->previous, "An earlier EWC state to fold in (online EWC)")->check(CLI::ExistingFile);
-  cmd->add_option("--gamma", a->gamma, "Decay of the earlier state: F = gamma * F_previous + F_new")->capture_default_str();
+  auto* previous = cmd->add_option("--previous", a->previous, "An earlier EWC state to fold in (online EWC)")
+                       ->check(CLI::ExistingFile);
+  cmd->add_option("--gamma", a->gamma, "Decay of the earlier state: F = gamma * F_previous + F_new (with --previous)")
+      ->capture_default_str()
+      ->needs(previous);
   cmd->add_option("-t,--tokenizer", a->tokenizer, "The stores must have been made with this tokenizer");
   cmd->add_option("--device", a->device, "cpu, cuda, cuda:N or auto")->capture_default_str();
   cmd->footer("F = mean over rows of the squared gradient of the row's mean token log-likelihood, for every parameter,\n"

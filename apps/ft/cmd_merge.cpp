@@ -105,8 +105,9 @@ void add_check_adapter(CLI::App& app) {
       model::CausalLM probe = io::load_pretrained(a->base);
       const adapt::LoraOptions o = adapt::load_peft_adapter(probe, a->adapter);
       const auto layers = adapt::lora_layers(probe);
-      std::cout << a->adapter << ": OK for " << a->base << ": LoRA r " << o.r << " alpha " << o.alpha << " on "
-                << layers.size() << " layers\n";
+      std::cout << a->adapter << ": OK for " << a->base << ": " << (o.dora ? "DoRA" : "LoRA") << " r " << o.r
+                << " alpha " << o.alpha << (o.rslora ? " (rsLoRA scaling)" : "") << " on " << layers.size()
+                << " layers\n";
       return;
     }
     std::cout << a->adapter << ": " << problems.size() << " problem" << (problems.size() == 1 ? "" : "s") << " with "

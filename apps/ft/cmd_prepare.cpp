@@ -25,19 +25,29 @@ void add_prepare(CLI::App& app) {
   cmd->add_option("-o,--output", a->output, "Token store to write, e.g. data/train.h5")->required();
   cmd->add_option("-t,--tokenizer", a->tokenizer, "tokenizer.model, or a checkpoint directory holding one")->required();
   cmd->add_option("--format", a->format, "text | jsonl | instruction | chat")->capture_default_str();
-  cmd->add_option("--split", a->split, "Plain text: file | blank_lines | separator")->capture_default_str();
-  cmd->add_option("--separator", a->separator, "Plain text: the line that ends a document (--split separator)")
-      ->capture_default_str();
+  auto* split = cmd->add_option("--split", a->split, "Plain text: file | blank_lines | separator")->capture_default_str();
+  auto* separator = cmd->add_option("--separator", a->separator, "Plain text: the line that ends a document (--split separator)")
+                        ->capture_default_str();
   cmd->add_option("--ext", a->extensions, "Only files with these extensions in directories (e.g. .jsonl)");
-  cmd->add_option("--template", a->chat_template, "Chat template: llama2 | chatml (chat data; optional for instruction)");
+  auto* chat_template =
+      cmd->add_option("--template", a->chat_template, "Chat template: llama2 | chatml (chat data; optional for instruction)");
   cmd->add_option("--max-tokens", a->max_tokens, "Longest document in tokens (0 = no limit)")->capture_default_str();
-  cmd->add_option("--too-long", a->too_long, "error | truncate documents above --max-tokens")->capture_default_str();
+  auto* too_long =
+      cmd->add_option("--too-long", a->too_long, "error | truncate documents above --max-tokens")->capture_default_str();
   cmd->add_option("--threads", a->threads, "Tokenizer threads (0 = one per core); the output is the same for any value")
       ->capture_default_str();
   cmd->add_option("--on-error", a->on_error, "fail | skip bad records")->capture_default_str();
-  cmd->add_option("--max-bad-fraction", a->max_bad_fraction, "With skip: stop if more records than this are bad")
-      ->capture_default_str();
-  cmd->callback([a] {
+  auto* max_bad = cmd->add_option("--max-bad-fraction", a->max_bad_fraction, "With skip: stop if more records than this are bad")
+                      ->capture_default_str();
+  cmd->callback([=] {
+    // An option that applies only with another is an error without it, not silently ignored.
+    FT_CHECK(a->format == "text" || (split->count() == 0 && separator->count() == 0),
+             "--split and --separator apply to --format text only, not to --format ", a->format);
+    FT_CHECK(separator->count() == 0 || a->split == "separator", "--separator applies with --split separator only");
+    FT_CHECK(chat_template->count() == 0 || a->format == "chat" || a->format == "instruction",
+             "--template applies to --format chat or instruction only, not to --format ", a->format);
+    FT_CHECK(too_long->count() == 0 || a->max_tokens > 0, "--too-long applies with --max-tokens N (N > 0) only");
+    FT_CHECK(max_bad->count() == 0 || a->on_error == "skip", "--max-bad-fraction applies with --on-error skip only");
     data::PrepareOptions o;
     o.inputs = a->inputs;
     o.output = a->output;

@@ -1249,7 +1249,7 @@ LoraOptions read_peft_lora_config(const std::string& path) {
   LoraOptions o;
   try {
     FT_CHECK(j.value("peft_type", "") == "LORA", "[lora] ", path, ": peft_type is ", j.value("peft_type", "missing"),
-             "; only LORA adapters are supported here");
+             "; libft reads LORA adapters (DoRA included) and PREFIX_TUNING adapters");
     o.r = j.at("r").get<int64_t>();
     o.alpha = j.at("lora_alpha").get<double>();
     if (j.contains("lora_dropout") && !j["lora_dropout"].is_null()) o.dropout = j["lora_dropout"].get<double>();
