@@ -473,6 +473,16 @@ TEST(TrainResume, RefusesAnotherRunsCheckpointsAndResumeNever) {
     EXPECT_NE(std::string(e.what()).find("resume is 'never'"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("use a new output_dir"), std::string::npos) << e.what();
   }
+  // A max_steps below the checkpoint's step (3) would write final/ from step 3 as a 2-step run.
+  other = c;
+  other.max_steps = 2;
+  try {
+    train::run_training(other, q.f);
+    ADD_FAILURE() << "resumed past max_steps";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("is at step 3, past max_steps 2: give max_steps of at least 3"),
+              std::string::npos) << e.what();
+  }
   // The refused runs left the resolved config of the run that owns the directory as it was.
   EXPECT_EQ(read_file(dir / "run" / "config.yaml"), config_yaml);
   other = c;

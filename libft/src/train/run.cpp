@@ -547,6 +547,10 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   if (!resume_dir) at::manual_seed(c.seed + static_cast<uint64_t>(group ? group->rank() : 0));
   if (resume_dir) {
     st = read_training_state(*resume_dir, model, *mode, *optimizer, identity, group ? group->rank() : 0, device);
+    // A run may be extended (a larger max_steps) but not cut below where it already is: final/ would
+    // be written from the checkpoint's later step under a max_steps that says otherwise.
+    FT_CHECK(st.step <= c.max_steps, "[train] ", *resume_dir, " is at step ", st.step, ", past max_steps ", c.max_steps,
+             ": give max_steps of at least ", st.step, " to resume this run, or use a new output_dir");
     std::fprintf(log, "[train] resuming from %s (step %lld of %lld)\n", resume_dir->c_str(),
                  static_cast<long long>(st.step), static_cast<long long>(c.max_steps));
   }
