@@ -26,7 +26,15 @@ def main():
         fail(f"no event file in {run_dir}")
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0}, purge_orphaned_data=True)
     acc.Reload()
-    scalars = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    scalars = {}
+    for tag in acc.Tags()["scalars"]:
+        steps = [e.step for e in acc.Scalars(tag)]
+        # A resumed run replays the steps after its checkpoint; its SessionLog START must have made
+        # TensorBoard drop the interrupted process's copies of them.
+        twice = sorted({s for s in steps if steps.count(s) > 1})
+        if twice:
+            fail(f"{tag}: steps {twice[:10]} appear more than once after TensorBoard's purge")
+        scalars[tag] = {e.step: e.value for e in acc.Scalars(tag)}
     expected = {}
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         for line in f:

@@ -107,12 +107,14 @@ void EventLog::session_start(int64_t step) {
   std::string log;  // SessionLog {status = 1: START}
   varint(log, (1 << 3) | 0);
   varint(log, 1);
-  std::string event;  // Event {wall_time = 1, step = 2, session_log = 6}
+  // Event {wall_time = 1, step = 2, session_log = 7}. (Field 6 is the deprecated log_message,
+  // which TensorBoard reads as a log line and so never purged the replayed steps.)
+  std::string event;
   varint(event, (1 << 3) | 1);
   fixed(event, wall_time());
   varint(event, (2 << 3) | 0);
   varint(event, static_cast<uint64_t>(step));
-  bytes_field(event, 6, log);
+  bytes_field(event, 7, log);
   record(event);
 }
 
