@@ -95,7 +95,13 @@ void add_eval(CLI::App& app) {
   cmd->callback([a] {
     const c10::Device device = parse_device(a->device);
     std::vector<SetSpec> sets;
-    for (const auto& t : a->sets) sets.push_back(parse_set(t));
+    for (const auto& t : a->sets) {
+      sets.push_back(parse_set(t));
+      for (size_t i = 0; i + 1 < sets.size(); ++i) {
+        FT_CHECK(sets[i].name != sets.back().name, "--set '", t, "': the name '", sets.back().name,
+                 "' is taken by an earlier set; each set needs a name of its own");
+      }
+    }
     const std::string fp = fingerprint_of(a->tokenizer, sets.front().store);
     std::vector<std::string> names = {"base"};
     for (const auto& v : a->variants) {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ft prepare and ft fisher refuse an option that applies only with another one they were not given
-# (tests/CMakeLists.txt: cli_prepare_options): each was silently ignored before. Uses the default
-# job's tokenizer, store and model (the fortunes_store fixture).
+# (tests/CMakeLists.txt: cli_prepare_options): each was silently ignored before; ft eval refuses two
+# sets of one name. Uses the default job's tokenizer, store and model (the fortunes_store fixture).
 #   tests/cli/prepare_options.sh FT DEFAULT_JOB_DIR WORK_DIR
 set -euo pipefail
 ft=$1 data=$2 d=$3
@@ -22,6 +22,7 @@ fails "--template applies to --format chat or instruction only, not to --format 
 fails "--too-long applies with --max-tokens N" "${prep[@]}" "$d/a.txt" --too-long truncate
 fails "--max-bad-fraction applies with --on-error skip only" "${prep[@]}" "$d/a.txt" --max-bad-fraction 0.1
 fails "gamma requires --previous" "$ft" fisher "$data/train/final" "$data/fortunes.h5" -o "$d/s.h5" --gamma 0.5
+fails "the name 'f' is taken by an earlier set" "$ft" eval "$data/train/final" -s "f=$data/fortunes.h5" -s "f=$data/fortunes.h5@10"
 # The same options where they apply.
 "${prep[@]}" "$d/a.txt" --split blank_lines --max-tokens 64 --too-long truncate --on-error skip --max-bad-fraction 0.5 \
   | grep -q "2 documents"

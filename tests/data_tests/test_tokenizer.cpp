@@ -527,6 +527,10 @@ TEST_F(TokenizerTest, TrainingRejectsBadOptions) {
       x.input_sentence_size = 200;
     }));
   }, {"[tokenizer] train", "ocab"});
+  // Fewer pieces than the text's characters: said in this API's terms (sentencepiece's own message
+  // advises a flag that ft train-tokenizer does not have).
+  expect_error([&] { Tokenizer::train(with([](auto& x) { x.vocab_size = 40; })); },
+               {"a vocabulary of 40 pieces is smaller than the", "characters the text needs", "--vocab-size"});
   write_file(dir / "blank.txt", "\n\r\n\n");
   expect_error([&] { Tokenizer::train(with([&](auto& x) { x.inputs = {(dir / "blank.txt").string()}; })); },
                {"no non-empty lines"});

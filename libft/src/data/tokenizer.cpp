@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <initializer_list>
@@ -404,7 +406,20 @@ std::string Tokenizer::train(const TrainTokenizerOptions& o) {
   VectorSentenceIterator it(lines);
   std::string serialized;
   const auto status = sentencepiece::SentencePieceTrainer::Train(args, &it, &serialized);
-  FT_CHECK(status.ok(), "[tokenizer] train ", o.model_prefix, ": ", status_text(status));
+  if (!status.ok()) {
+    // Too few pieces for the text's characters: sentencepiece's message advises its own
+    // --character_coverage flag; say it in terms of this API's options instead.
+    const std::string text = status_text(status);
+    int need = 0, have = 0;
+    const size_t at = text.find("smaller than required_chars. ");
+    if (at != std::string::npos &&
+        std::sscanf(text.c_str() + at + std::strlen("smaller than required_chars. "), "%d vs %d", &have, &need) == 2) {
+      FT_FAIL("[tokenizer] train ", o.model_prefix, ": a vocabulary of ", o.vocab_size, " pieces is smaller than the ",
+              need, " characters the text needs (character coverage ", o.character_coverage,
+              "): raise the vocabulary size above ", need, " (ft train-tokenizer --vocab-size)");
+    }
+    FT_FAIL("[tokenizer] train ", o.model_prefix, ": ", text);
+  }
   FT_CHECK(!serialized.empty(), "[tokenizer] train ", o.model_prefix, ": sentencepiece returned an empty model");
 
   // Load what we are about to write: a model that does not load is a bug to report here.
