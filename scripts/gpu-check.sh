@@ -209,4 +209,6 @@ echo "total       $(($(date +%s) - t0))s"
 }
 # Also kept as a file: the device tool returns only the output's last 12,000 characters.
 summary | tee "$out/summary.txt"
-[ $ctest_gpu_rc = 0 ] && { [ "$ctest_rest_rc" = 0 ] || [ "$ctest_rest_rc" = skipped ]; }
+# The exit status: the CUDA tests, and the rest of the suite where it ran to its end (skipped or cut
+# at the time budget: not a failure). The NCCL and training runs' exits are in the summary above.
+[ $ctest_gpu_rc = 0 ] && { [ "$ctest_rest_rc" = 0 ] || [ "$ctest_rest_rc" = skipped ] || [ "$ctest_rest_rc" = 124 ]; }

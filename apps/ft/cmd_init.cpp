@@ -29,7 +29,7 @@ void add_init(CLI::App& app) {
     model::init_weights(m, args->seed);
     io::SaveOptions save;
     save.dtype = parse_dtype(args->dtype);
-    write_output_dir("init", args->out, [&](const std::string& dir) { io::save_pretrained(m, dir, save); });
+    write_output_dir("init", args->out, args->force, [&](const std::string& dir) { io::save_pretrained(m, dir, save); });
     std::cout << "saved " << model::summarize_parameters(m).total << " parameters to " << args->out << "\n";
   });
 }

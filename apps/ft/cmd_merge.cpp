@@ -59,7 +59,7 @@ void add_merge(CLI::App& app) {
       errors.emplace_back(((stored - w).norm() / w.norm().clamp_min(1e-300)).item<double>(), l.module);
     }
     std::sort(errors.rbegin(), errors.rend());
-    write_output_dir("merge", a->output, [&](const std::string& dir) { io::save_pretrained(m, dir, so); });
+    write_output_dir("merge", a->output, a->force, [&](const std::string& dir) { io::save_pretrained(m, dir, so); });
     std::cout << "merged " << (o.dora ? "DoRA" : "LoRA") << " r " << o.r << " (alpha " << o.alpha << ") of "
               << layers.size() << " layers into " << a->base << "; wrote " << a->output
               << (a->dtype.empty() ? "" : " in " + a->dtype) << "\n";

@@ -39,10 +39,12 @@ struct NamedPath {
 /// set and it holds a model (config.json, adapter_config.json or safetensors files).
 void check_output_dir(const std::string& command, const std::string& out, const std::vector<NamedPath>& inputs,
                       bool force);
-/// Calls write(tmp) on a fresh sibling directory OUT.tmp, then puts it in the place of `out` (an
-/// existing `out` moves to OUT.old until then and is removed after), so that the result holds what
-/// write() wrote and nothing of an older directory; a failed write() leaves `out` as it was.
-void write_output_dir(const std::string& command, const std::string& out,
+/// Calls write(tmp) on a fresh directory and puts what it wrote at `out`: renamed into place where
+/// `out` is absent, moved into it where it is empty, swapped with it in one rename where it holds a
+/// model and `force` is set (the old model is removed after). The result holds what write() wrote
+/// and nothing of an older directory; a failed write() leaves `out` as it was. Checks again what
+/// check_output_dir checked, as `out` may have changed while the model was built.
+void write_output_dir(const std::string& command, const std::string& out, bool force,
                       const std::function<void(const std::string&)>& write);
 
 }  // namespace ft::cli

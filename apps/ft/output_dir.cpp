@@ -1,6 +1,16 @@
 // The output directory of a command that writes a whole model (ft init, ft merge): never one of its
-// inputs, never a non-empty directory unless --force, and written beside it then renamed into place
-// (as checkpoints/step-N is), so that no file of an older model is left to be read as part of it.
+// inputs, never a non-empty directory unless --force, and never a mix of two models: an absent
+// directory is written beside and renamed into place, an empty one is filled from a directory of
+// its own inside it, and with --force the new model is written beside and swapped with the old one
+// in one rename (renameat2 RENAME_EXCHANGE). Temporary directories have fresh random names, so no
+// directory the user had is ever removed but the model that --force replaces.
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <system_error>
 
@@ -68,38 +78,81 @@ void check_output_dir(const std::string& command, const std::string& out, const 
            "replaces a model directory; choose another output directory, or empty this one yourself");
 }
 
-void write_output_dir(const std::string& command, const std::string& out,
+namespace {
+
+// A new directory named `prefix` + six random characters (mkdtemp): never an existing directory,
+// so nothing the user had (an input, an earlier run's leftovers) is ever written over or removed.
+fs::path fresh_directory(const std::string& command, const fs::path& prefix) {
+  std::string name = prefix.string() + "XXXXXX";
+  FT_CHECK(::mkdtemp(name.data()) != nullptr, "[", command, "] cannot create a directory next to ", prefix.string(),
+           ": ", std::strerror(errno));
+  return name;
+}
+
+void sync_directory(const fs::path& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+}
+
+}  // namespace
+
+void write_output_dir(const std::string& command, const std::string& out, bool force,
                       const std::function<void(const std::string&)>& write) {
   const fs::path dir = directory_path(out);
-  const fs::path tmp = dir.string() + ".tmp";
-  const fs::path old = dir.string() + ".old";
   std::error_code ec;
-  fs::remove_all(tmp, ec);  // what an interrupted earlier write left
-  FT_CHECK(!ec, "[", command, "] cannot remove ", tmp.string(), ": ", ec.message());
-  fs::create_directories(tmp, ec);
-  FT_CHECK(!ec, "[", command, "] cannot create ", tmp.string(), ": ", ec.message());
-  try {
-    write(tmp.string());
-  } catch (...) {
-    fs::remove_all(tmp, ec);
-    throw;
+  // Where it stands now (check_output_dir ran before the model was built, which can take minutes).
+  const bool exists = fs::exists(dir, ec);
+  FT_CHECK(!exists || fs::is_directory(dir), "[", command, "] the output ", out, " exists and is not a directory");
+  const bool empty = exists && fs::is_empty(dir, ec);
+  if (exists && !empty) {
+    FT_CHECK(force, "[", command, "] the output directory ", out,
+             " is not empty (it was when the command started): choose another, or pass --force");
+    FT_CHECK(looks_like_a_model(dir), "[", command, "] the output directory ", out, " holds no model: not replaced");
   }
-  // The old directory steps aside until the new one is in place, and goes only then.
-  const bool replacing = fs::exists(dir);
-  if (replacing) {
-    fs::remove_all(old, ec);
-    fs::rename(dir, old, ec);
-    FT_CHECK(!ec, "[", command, "] cannot move ", out, " aside to ", old.string(), ": ", ec.message(),
-             " (the new model is in ", tmp.string(), ")");
+  auto written = [&](const fs::path& tmp) {
+    try {
+      write(tmp.string());
+    } catch (...) {
+      fs::remove_all(tmp, ec);  // a directory of this call's own
+      throw;
+    }
+  };
+
+  if (empty) {
+    // Into the directory itself (a mount point or a symbolic link stays what it is): the files go to
+    // a directory of their own inside it first, then up; nothing of an older model can be among them.
+    const fs::path tmp = fresh_directory(command, dir / ".ft-write-");
+    written(tmp);
+    for (const auto& e : fs::directory_iterator(tmp)) fs::rename(e.path(), dir / e.path().filename());
+    fs::remove(tmp, ec);
+    sync_directory(dir);
+    return;
   }
-  fs::rename(tmp, dir, ec);
-  if (ec) {
-    std::error_code back;
-    if (replacing) fs::rename(old, dir, back);
-    FT_FAIL("[", command, "] cannot rename ", tmp.string(), " to ", out, ": ", ec.message(),
-            " (the new model is in ", tmp.string(), ")");
+
+  // Beside the directory (through a symbolic link: beside its target), then into its place.
+  const fs::path target = exists ? fs::canonical(dir) : dir;
+  const fs::path tmp = fresh_directory(command, target.string() + ".tmp-");
+  written(tmp);
+  if (!exists) {
+    // rename() refuses a directory that someone made meanwhile and filled.
+    if (::rename(tmp.c_str(), target.c_str()) != 0) {
+      FT_FAIL("[", command, "] cannot rename ", tmp.string(), " to ", out, ": ", std::strerror(errno),
+              " (the new model is in ", tmp.string(), ")");
+    }
+    sync_directory(target.parent_path());
+    return;
   }
-  if (replacing) fs::remove_all(old, ec);
+  // --force over a model: the two directories swap places in one step (no moment without a model at
+  // `out`); the old model, now at the temporary name, goes after that.
+  if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, target.c_str(), RENAME_EXCHANGE) != 0) {
+    FT_FAIL("[", command, "] cannot put ", tmp.string(), " in the place of ", out, ": ", std::strerror(errno),
+            " (the new model is in ", tmp.string(), "; ", out, " is unchanged)");
+  }
+  sync_directory(target.parent_path());
+  fs::remove_all(tmp, ec);
 }
 
 }  // namespace ft::cli

@@ -31,7 +31,7 @@ touch "$d/a/model-00001-of-00002.safetensors" "$d/a/model.safetensors.index.json
 "$ft" init "$config" "$d/a" --seed 2 --force >/dev/null
 test "$(ls "$d/a")" = "$(printf 'config.json\nmodel.safetensors')" || { echo "FAIL: left in $d/a:"; ls "$d/a"; exit 1; }
 ! cmp -s "$d/a/model.safetensors" "$d/a.orig"
-test ! -e "$d/a.tmp" && test ! -e "$d/a.old"
+! ls -d "$d"/a.tmp-* 2>/dev/null || { echo "FAIL: a temporary directory was left"; exit 1; }
 "$ft" inspect "$d/a" >/dev/null
 
 # An empty directory is fine; one that holds no model is not replaced, even with --force.
@@ -39,4 +39,20 @@ mkdir "$d/empty" "$d/notes" && echo keep >"$d/notes/notes.txt"
 "$ft" init "$config" "$d/empty" >/dev/null
 fails "holds no model" "$ft" init "$config" "$d/notes" --force
 test -e "$d/notes/notes.txt"
+# Directories the user has beside the output (an earlier tool's a.tmp or a.old, a base model) are
+# never touched: the temporary directories have fresh names.
+"$ft" init "$config" "$d/tmp.model" --seed 3 >/dev/null
+cp -r "$d/tmp.model" "$d/b.tmp" && cp -r "$d/tmp.model" "$d/b.old"
+"$ft" init "$config" "$d/b" >/dev/null
+"$ft" init "$config" "$d/b" --seed 4 --force >/dev/null
+cmp "$d/b.tmp/model.safetensors" "$d/tmp.model/model.safetensors"
+cmp "$d/b.old/model.safetensors" "$d/tmp.model/model.safetensors"
+# A symbolic link as the output: the model goes where it points, and the link stays a link.
+mkdir "$d/real" && ln -s "$d/real" "$d/via"
+"$ft" init "$config" "$d/via" --seed 5 >/dev/null
+test -L "$d/via" && test -f "$d/real/model.safetensors" && test -f "$d/real/config.json"
+cp "$d/real/model.safetensors" "$d/real.orig"
+"$ft" init "$config" "$d/via" --seed 6 --force >/dev/null
+test -L "$d/via" && ! cmp -s "$d/real/model.safetensors" "$d/real.orig"
+test "$(ls -A "$d/real")" = "$(printf 'config.json\nmodel.safetensors')" || { echo "FAIL: left in $d/real:"; ls -A "$d/real"; exit 1; }
 echo "output directories OK"

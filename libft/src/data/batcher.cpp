@@ -286,7 +286,7 @@ struct Batcher::Impl {
       if (held_spec.count > 0 && held_spec.count >= n)
         fail(name(i), ": held_out_docs (", held_spec.count, ") is at least the store's document count (", n,
              opt.split == Split::Eval ? "): the held-out set would be the whole store, not a part a run set aside"
-                                      : "): holding out every document leaves none to train on",
+                                      : "): every document of this store would be held out, none trained on",
              "; hold out fewer");
       const std::vector<int64_t> held = src.held_out ? held_out_docs(n, *src.held_out, src.held_out_index)
                                                      : held_out_docs(n, opt.eval, static_cast<int>(i));
