@@ -147,12 +147,34 @@ void write_output_dir(const std::string& command, const std::string& out, bool f
   }
   // --force over a model: the two directories swap places in one step (no moment without a model at
   // `out`); the old model, now at the temporary name, goes after that.
-  if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, target.c_str(), RENAME_EXCHANGE) != 0) {
+  // LIBFT_NO_RENAME_EXCHANGE: take the fallback below (for its test on file systems that have it).
+  static const bool exchange = std::getenv("LIBFT_NO_RENAME_EXCHANGE") == nullptr;
+  if (!exchange) errno = ENOSYS;
+  if (exchange && ::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, target.c_str(), RENAME_EXCHANGE) == 0) {
+    sync_directory(target.parent_path());
+    fs::remove_all(tmp, ec);
+    return;
+  }
+  if (errno != EINVAL && errno != ENOSYS && errno != ENOTSUP) {
     FT_FAIL("[", command, "] cannot put ", tmp.string(), " in the place of ", out, ": ", std::strerror(errno),
             " (the new model is in ", tmp.string(), "; ", out, " is unchanged)");
   }
+  // A file system without the exchange (NFS, some overlays): the old model steps aside to a fresh
+  // name of its own (rename() replaces the empty directory made for it), the new one takes its place.
+  const fs::path old = fresh_directory(command, target.string() + ".old-");
+  if (::rename(target.c_str(), old.c_str()) != 0) {
+    const std::string why = std::strerror(errno);
+    fs::remove(old, ec);
+    FT_FAIL("[", command, "] cannot move ", out, " aside: ", why, " (the new model is in ", tmp.string(), ")");
+  }
+  if (::rename(tmp.c_str(), target.c_str()) != 0) {
+    const std::string why = std::strerror(errno);
+    const bool back = ::rename(old.c_str(), target.c_str()) == 0;
+    FT_FAIL("[", command, "] cannot rename ", tmp.string(), " to ", out, ": ", why, " (the new model is in ",
+            tmp.string(), back ? "; " + out + " is unchanged)" : "; the old model is in " + old.string() + ")");
+  }
   sync_directory(target.parent_path());
-  fs::remove_all(tmp, ec);
+  fs::remove_all(old, ec);
 }
 
 }  // namespace ft::cli

@@ -55,4 +55,11 @@ cp "$d/real/model.safetensors" "$d/real.orig"
 "$ft" init "$config" "$d/via" --seed 6 --force >/dev/null
 test -L "$d/via" && ! cmp -s "$d/real/model.safetensors" "$d/real.orig"
 test "$(ls -A "$d/real")" = "$(printf 'config.json\nmodel.safetensors')" || { echo "FAIL: left in $d/real:"; ls -A "$d/real"; exit 1; }
+# The same replacement where the file system has no RENAME_EXCHANGE (the two-rename fallback).
+cp "$d/real/model.safetensors" "$d/real.orig"
+LIBFT_NO_RENAME_EXCHANGE=1 "$ft" init "$config" "$d/via" --seed 7 --force >/dev/null
+test -L "$d/via" && ! cmp -s "$d/real/model.safetensors" "$d/real.orig"
+test "$(ls -A "$d/real")" = "$(printf 'config.json\nmodel.safetensors')" || { echo "FAIL: left in $d/real:"; ls -A "$d/real"; exit 1; }
+! ls -d "$d"/real.old-* "$d"/real.tmp-* 2>/dev/null || { echo "FAIL: a temporary directory was left"; exit 1; }
+"$ft" inspect "$d/via" >/dev/null
 echo "output directories OK"
