@@ -581,7 +581,10 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
                       log, rank0);
   std::optional<EventLog> events;
   if (rank0) events.emplace(out_dir.string());
-  if (events && resume_dir) events->session_start(st.step + 1);
+  // A SessionLog START makes TensorBoard drop what earlier processes in this directory logged from
+  // that step on: after a resume, the steps past the checkpoint that this process replays; after a
+  // start from step 0 (no checkpoint yet, e.g. killed before the first one), everything.
+  if (events) events->session_start(resume_dir ? st.step + 1 : 0);
   auto event = [&](const std::string& tag, double value, int64_t step) {
     if (events) events->scalar(tag, value, step);
   };
