@@ -525,6 +525,63 @@ TEST(TrainResume, AllCheckpointsDamagedStopsTheRun) {
   fs::remove_all(dir);
 }
 
+// A finished run that kept no checkpoint (checkpoint.every: 0) has only final/ and metrics.jsonl. A run
+// with another config in that output_dir would train from step 0 and overwrite both, so it stops and
+// names the line of config.yaml that differs; the same config trains again (ft bench's reruns), to
+// the same weights; a run killed before any checkpoint (no final/) starts over as before.
+TEST(TrainResume, AFinishedRunWithoutCheckpointsIsNotOverwritten) {
+  const fs::path dir = scratch("train_no_checkpoints");
+  config::RunConfig c = synthetic_run(dir);
+  c.max_steps = 3;
+  c.schedule.total_steps = 3;
+  c.eval.every = 0;
+  c.checkpoint.every = 0;
+  Quiet q;
+  train::run_training(c, q.f);
+  const fs::path run(c.output_dir);
+  ASSERT_FALSE(fs::exists(run / "checkpoints") && !fs::is_empty(run / "checkpoints"));
+  const std::string metrics = read_file(run / "metrics.jsonl");
+  const auto lines = metric_lines(run);
+  const std::string config_yaml = read_file(run / "config.yaml");
+  const std::string final_weights = read_file(run / "final" / "model.safetensors");
+  for (const bool resume_never : {false, true}) {
+    SCOPED_TRACE(resume_never);
+    config::RunConfig other = c;
+    other.optimizer.lr = c.optimizer.lr * 2;
+    if (resume_never) other.checkpoint.resume = "never";
+    try {
+      train::run_training(other, q.f);
+      ADD_FAILURE() << "overwrote a finished run's final/";
+    } catch (const Error& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find((run / "final").string() + " holds the model of a finished run that kept no checkpoint"),
+                std::string::npos) << what;
+      EXPECT_NE(what.find((run / "config.yaml").string() + " line "), std::string::npos) << what;
+      EXPECT_NE(what.find("lr: "), std::string::npos) << what;
+      EXPECT_NE(what.find("Use a new output_dir, or move that final/ away"), std::string::npos) << what;
+    }
+    EXPECT_TRUE(read_file(run / "metrics.jsonl") == metrics) << "metrics.jsonl changed";
+    EXPECT_TRUE(read_file(run / "config.yaml") == config_yaml) << "config.yaml changed";
+    EXPECT_TRUE(read_file(run / "final" / "model.safetensors") == final_weights) << "final/ was overwritten";
+  }
+  // Without its config.yaml, the run that wrote final/ is unknown: refused too.
+  fs::rename(run / "config.yaml", run / "config.yaml.aside");
+  EXPECT_THROW(train::run_training(c, q.f), Error);
+  fs::rename(run / "config.yaml.aside", run / "config.yaml");
+  // The same config: trained again, to the same result.
+  const train::RunSummary again = train::run_training(c, q.f);
+  EXPECT_EQ(again.steps, 3);
+  EXPECT_TRUE(metric_lines(run) == lines) << "a rerun of the same config gave other metrics";
+  EXPECT_TRUE(read_file(run / "final" / "model.safetensors") == final_weights);
+  // No final/: what is there is a run killed before its first checkpoint, and it starts over.
+  fs::remove_all(run / "final");
+  config::RunConfig other = c;
+  other.optimizer.lr = c.optimizer.lr * 2;
+  EXPECT_EQ(train::run_training(other, q.f).steps, 3);
+  EXPECT_FALSE(read_file(run / "final" / "model.safetensors") == final_weights);
+  fs::remove_all(dir);
+}
+
 // Early stopping after `patience` evaluations without improvement; the best evaluation's checkpoint
 // survives keep_last pruning.
 TEST(TrainResume, EarlyStoppingKeepsTheBestCheckpoint) {

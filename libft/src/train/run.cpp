@@ -13,6 +13,7 @@
 #include <cstring>
 #include <csignal>
 #include <set>
+#include <sstream>
 #include <filesystem>
 #include <fstream>
 #include <optional>
@@ -37,6 +38,7 @@
 #include "ft/util/cpu_cache.h"
 #include "ft/util/error.h"
 #include "ft/util/event_log.h"
+#include "ft/util/json.h"
 #include "ft/util/progress.h"
 
 namespace fs = std::filesystem;
@@ -153,6 +155,32 @@ EvalResult evaluate(model::CausalLM& model, const config::RunConfig& c, const Ev
                                       c.eval.max_batches, device, group);
   FT_CHECK(e.targets > 0, "[eval] set '", set.name, "' has no target token");
   return {e.loss, e.targets};
+}
+
+// An output_dir whose run finished without keeping a checkpoint (checkpoint.every: 0) has a final/
+// and nothing to resume from, so this run starts from step 0 and would overwrite that final/. That
+// is a rerun only if the config is the one that wrote it; otherwise it would replace another run's
+// model. Returns "" when <out>/config.yaml says the same as `resolved` (to_yaml of this run's
+// config), else what differs, for the refusal.
+std::string finished_run_difference(const fs::path& out_dir, const std::string& resolved) {
+  const fs::path path = out_dir / "config.yaml";
+  if (!fs::exists(path)) return path.string() + " is missing, so the run that wrote final/ is unknown";
+  std::string text = read_text_file(path.string());
+  if (text.rfind("# resolved from ", 0) == 0) text.erase(0, text.find('\n') == std::string::npos ? text.size() : text.find('\n') + 1);
+  if (text == resolved) return "";
+  std::istringstream was(text), now(resolved);
+  std::string a, b;
+  for (int line = 2;; ++line) {  // line 1 is the "# resolved from" comment
+    const bool more_a = static_cast<bool>(std::getline(was, a));
+    const bool more_b = static_cast<bool>(std::getline(now, b));
+    if (!more_a && !more_b) break;
+    if (!more_a) a = "(end of file)";
+    if (!more_b) b = "(nothing)";
+    if (a != b || !more_a || !more_b) {
+      return path.string() + " line " + std::to_string(line) + " is '" + a + "', this run's config has '" + b + "'";
+    }
+  }
+  return path.string() + " differs from this run's config";
 }
 
 // metrics.jsonl, appended line by line and flushed, so a crashed run keeps every line written. A
@@ -569,11 +597,28 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
               " to start over");
     }
   }();
+  const std::string resolved_yaml = config::to_yaml(c);
+  if (!resume_dir) {
+    // A finished run that kept no checkpoint: rerun only with its own config (see
+    // finished_run_difference). Rank 0 looks; every rank stops together.
+    std::string difference;
+    if (rank0 && fs::exists(out_dir / "final")) difference = finished_run_difference(out_dir, resolved_yaml);
+    double refuse = difference.empty() ? 0.0 : 1.0;
+    if (group) refuse = group->max({refuse})[0];
+    FT_CHECK(refuse == 0.0, "[train] ", (out_dir / "final").string(), " holds the model of a finished run that kept no ",
+             "checkpoint, and this run, starting from step 0, would overwrite it and its metrics.jsonl: ",
+             difference.empty() ? "rank 0 found its config.yaml differs" : difference,
+             ". Use a new output_dir, or move that final/ away to train here again");
+    if (rank0 && fs::exists(out_dir / "final")) {
+      std::fprintf(log, "[train] %s is from this same config, which kept no checkpoint: training it again from step 0\n",
+                   (out_dir / "final").string().c_str());
+    }
+  }
   // The resolved config, written only once the run is known to start or resume here: a run refused
-  // above (another run's checkpoints, changed token stores) leaves the config.yaml of the run that
-  // owns this directory as it was.
+  // above (another run's checkpoints, changed token stores, another finished run) leaves the
+  // config.yaml of the run that owns this directory as it was.
   if (rank0) {
-    const std::string text = "# resolved from " + c.source + "\n" + config::to_yaml(c);
+    const std::string text = "# resolved from " + c.source + "\n" + resolved_yaml;
     io::write_file_atomic((out_dir / "config.yaml").string(),
                           std::span(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
   }
