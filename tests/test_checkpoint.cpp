@@ -19,6 +19,7 @@
 #include "ft/data/token_store.h"
 #include "ft/io/hf_checkpoint.h"
 #include "ft/io/safetensors.h"
+#include "ft/io/tensor_io.h"
 #include "ft/train/checkpoint.h"
 #include "ft/train/graphs.h"
 #include "ft/train/optimizer.h"
@@ -388,12 +389,13 @@ class StopAt : public train::Callbacks {
 // A run stopped by a callback and resumed in a second call ends bit-identical to one uninterrupted
 // run, in full and in freeze mode (where the checkpoint holds only the trainable tensors).
 TEST(TrainResume, StopAndResumeIsBitIdentical) {
-  for (const std::string mode : {"full", "freeze", "lora", "dora", "qlora", "prefix"}) {
+  for (const std::string mode : {"full", "freeze", "lora", "dora", "saved", "qlora", "prefix"}) {
     SCOPED_TRACE(mode);
     const fs::path dir = scratch("train_resume");
     config::RunConfig c = synthetic_run(dir);
-    c.mode = mode == "dora" ? "lora" : mode;  // qlora: LoRA on the NF4-quantized base
+    c.mode = mode == "dora" || mode == "saved" ? "lora" : mode;  // qlora: LoRA on the NF4-quantized base
     c.lora.dora = mode == "dora";
+    if (mode == "saved") c.lora.modules_to_save = {"lm_head"};  // trained in full beside the adapters
     c.prefix.num_virtual_tokens = 4;
     c.prefix.projection = true;  // the checkpoint must hold the MLP, not only the table
     if (c.mode == "freeze") c.freeze.layers = {"1"};
@@ -424,7 +426,7 @@ TEST(TrainResume, StopAndResumeIsBitIdentical) {
     int in_block1 = 0;
     for (const auto& t : weights->tensors()) in_block1 += t.name.rfind("model.layers.1.", 0) == 0;
     // A block: 7 matrices and 2 norms (full); none (freeze: block 1 frozen); q and v's A and B (lora).
-    EXPECT_EQ(in_block1, mode == "full" ? 9 : mode == "lora" || mode == "qlora" ? 4 : mode == "dora" ? 6 : 0);
+    EXPECT_EQ(in_block1, mode == "full" ? 9 : mode == "lora" || mode == "saved" || mode == "qlora" ? 4 : mode == "dora" ? 6 : 0);
 
     StopAt observe(-1);
     ro.callbacks = &observe;
@@ -440,6 +442,13 @@ TEST(TrainResume, StopAndResumeIsBitIdentical) {
         c.mode == "lora" || c.mode == "qlora" || c.mode == "prefix" ? "adapter_model.safetensors" : "model.safetensors";
     if (mode == "prefix") EXPECT_EQ(weights->tensors().size(), 5u);  // embedding and the MLP's two layers
     EXPECT_TRUE(read_file(dir / "run" / "final" / weights_file) == read_file(dir / "ref" / "final" / weights_file));
+    if (mode == "saved") {  // the head trains: the checkpoint and the final adapter hold it, and it moved
+      ASSERT_NE(weights->find("lm_head.weight"), nullptr);
+      auto adapter = io::SafetensorsFile::open((dir / "run" / "final" / weights_file).string());
+      ASSERT_NE(adapter->find("base_model.model.lm_head.weight"), nullptr);
+      EXPECT_FALSE(io::read_tensor(*adapter, adapter->at("base_model.model.lm_head.weight"))
+                       .equal(io::read_tensor(*weights, weights->at("lm_head.weight"))));
+    }
     fs::remove_all(dir);
   }
 }

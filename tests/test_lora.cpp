@@ -83,14 +83,17 @@ const at::Tensor& ids() {
   return t;
 }
 
-// Non-zero B everywhere (PEFT and libft both start B at zero, which would test nothing).
+// Non-zero B everywhere (PEFT and libft both start B at zero, which would test nothing), and the
+// modules trained in full (modules_to_save) moved away from the base's values.
 void randomize_b(model::CausalLM& m, uint64_t seed) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   at::NoGradGuard no_grad;
   for (const auto& item : m->named_parameters()) {
-    if (item.key().find("lora_B") == std::string::npos) continue;
+    const bool b = item.key().find("lora_B") != std::string::npos;
+    if (!b && (!item.value().requires_grad() || item.key().find(".lora_") != std::string::npos)) continue;
     at::Tensor r = at::empty(item.value().sizes(), at::kFloat).normal_(0.0, 0.1, gen);
-    item.value().copy_(r.to(item.value().dtype()));
+    if (b) item.value().copy_(r.to(item.value().dtype()));
+    else item.value().add_(r.to(item.value().dtype()));
   }
 }
 
@@ -456,7 +459,8 @@ TEST(Lora, PeftFilesRoundTripAndLoadStrictly) {
   config["modules_to_save"] = {"lm_head"};
   std::ofstream(dir / "dora" / "adapter_config.json") << config.dump();
   model::CausalLM m3 = base_model();
-  EXPECT_NE(error_of([&] { adapt::load_peft_adapter(m3, (dir / "dora").string()); }).find("'modules_to_save'"),
+  EXPECT_NE(error_of([&] { adapt::load_peft_adapter(m3, (dir / "dora").string()); })
+                .find("'base_model.model.lm_head.weight' is missing (modules_to_save names its module)"),
             std::string::npos);
 
   // A config that targets more than the file holds: the missing tensor is named.
@@ -484,6 +488,129 @@ TEST(Lora, PeftFilesRoundTripAndLoadStrictly) {
   fs::remove_all(dir);
 }
 
+// modules_to_save (PEFT's): lm_head and the embeddings train in full beside the adapters, the
+// adapter file holds their whole weights, and loading it onto a fresh base gives the same logits;
+// what PEFT's suffix rule matches, and each refusal, with the module named.
+TEST(Lora, ModulesToSaveTrainInFullAndTravelInTheAdapter) {
+  const fs::path dir = scratch("lora_modules_to_save");
+  model::CausalLM m = base_model();
+  adapt::LoraOptions o;
+  o.targets = {"q_proj", "v_proj"};
+  o.modules_to_save = {"lm_head", "embed_tokens"};
+  adapt::apply_lora(m, o);
+  std::vector<std::string> full;
+  for (const auto& item : m->named_parameters()) {
+    if (item.value().requires_grad() && item.key().find(".lora_") == std::string::npos) full.push_back(item.key());
+  }
+  EXPECT_EQ(full, (std::vector<std::string>{"model.embed_tokens.weight", "lm_head.weight"}));
+  model::CausalLM base = base_model();
+  const at::Tensor base_logits = base->forward(ids());
+  randomize_b(m, 12);
+  const at::Tensor logits = m->forward(ids());
+  EXPECT_FALSE(m->lm_head->weight.equal(base->lm_head->weight));
+  EXPECT_GT(test::max_rel_error(logits, base_logits), 1e-2);
+  adapt::save_peft_adapter(m, o, (dir / "adapter").string());
+  auto file = io::SafetensorsFile::open((dir / "adapter" / "adapter_model.safetensors").string());
+  EXPECT_EQ(file->tensors().size(), 10u);  // 2 layers × q, v × A, B, and the two full weights
+  EXPECT_TRUE(io::read_tensor(*file, file->at("base_model.model.lm_head.weight")).equal(m->lm_head->weight));
+  const auto config = nlohmann::json::parse(std::ifstream(dir / "adapter" / "adapter_config.json"));
+  EXPECT_EQ(config.at("modules_to_save"), nlohmann::json({"lm_head", "embed_tokens"}));
+
+  model::CausalLM loaded = base_model();
+  EXPECT_TRUE(adapt::check_peft_adapter(loaded, (dir / "adapter").string()).empty());
+  EXPECT_EQ(adapt::load_peft_adapter(loaded, (dir / "adapter").string()).modules_to_save, o.modules_to_save);
+  EXPECT_TRUE(loaded->forward(ids()).equal(logits));
+  EXPECT_TRUE(loaded->lm_head->weight.requires_grad());  // they train on when the adapter is trained further
+  adapt::merge_and_unload_lora(loaded);
+  EXPECT_LE(test::max_rel_error(loaded->forward(ids()), logits), 1e-5);
+
+  // PEFT's suffix rule: "norm" is every norm (the final one and two per block), "layers.1" a block.
+  {
+    model::CausalLM x = base_model();
+    EXPECT_EQ(adapt::modules_to_save_parameters(x, {"norm"}).size(), 5u);
+    size_t in_block = 0;
+    for (const auto& [name, p] : adapt::modules_to_save_parameters(x, {"layers.1"}))
+      in_block += name.rfind("model.layers.1.", 0) == 0;
+    EXPECT_EQ(in_block, 9u);  // 7 matrices and 2 norms
+  }
+  auto refused = [&](const adapt::LoraOptions& bad, model::CausalLM x) { return error_of([&] { adapt::apply_lora(x, bad); }); };
+  adapt::LoraOptions bad = o;
+  bad.modules_to_save = {"lm_head", "score"};
+  EXPECT_NE(refused(bad, base_model()).find("modules_to_save: 'score' matches no module"), std::string::npos);
+  bad.modules_to_save = {"layers.0"};  // holds the q and v layers that LoRA adapts
+  EXPECT_NE(refused(bad, base_model()).find("which is also a LoRA target"), std::string::npos);
+  bad = o;
+  bad.targets = {"q_proj", "lm_head"};
+  EXPECT_NE(refused(bad, base_model()).find("modules_to_save: lm_head.weight belongs to lm_head, which is also a LoRA target"),
+            std::string::npos);
+  {
+    // A tied model is untied first, as PEFT does: the named one trains, the other keeps the base's
+    // weights; the logits start as the base's, and the merged checkpoint is untied.
+    io::ModelConfig tied_config = test::tiny_config();
+    tied_config.tie_word_embeddings = true;
+    model::CausalLM t(tied_config);
+    model::init_weights(t, 11);
+    t->eval();
+    const at::Tensor tied_logits = t->forward(ids());
+    adapt::LoraOptions e = o;
+    e.modules_to_save = {"embed_tokens"};
+    adapt::apply_lora(t, e);
+    EXPECT_FALSE(t->config().tie_word_embeddings);
+    ASSERT_TRUE(t->lm_head);
+    EXPECT_FALSE(t->lm_head->weight.requires_grad());
+    EXPECT_TRUE(t->model->embed_tokens->weight.requires_grad());
+    EXPECT_TRUE(t->forward(ids()).equal(tied_logits));
+    randomize_b(t, 13);
+    const at::Tensor adapted = t->forward(ids());
+    adapt::save_peft_adapter(t, e, (dir / "tied").string());
+    model::CausalLM t2(tied_config);
+    model::init_weights(t2, 11);
+    t2->eval();
+    EXPECT_TRUE(adapt::check_peft_adapter(t2, (dir / "tied").string()).empty());
+    model::CausalLM t3(tied_config);
+    model::init_weights(t3, 11);
+    t3->eval();
+    adapt::load_peft_adapter(t3, (dir / "tied").string());
+    EXPECT_TRUE(t3->forward(ids()).equal(adapted));
+    adapt::merge_and_unload_lora(t3);
+    io::save_pretrained(t3, (dir / "tied_merged").string());
+    model::CausalLM back = io::load_pretrained((dir / "tied_merged").string());
+    EXPECT_FALSE(back->config().tie_word_embeddings);
+    EXPECT_LE(test::max_rel_error(back->forward(ids()), adapted), 1e-5);
+  }
+  {
+    model::CausalLM q = base_model();
+    for (const auto& item : q->named_modules()) {
+      if (item.key() == "model.layers.0.mlp.down_proj") dynamic_cast<model::LinearImpl&>(*item.value()).quantize_nf4();
+    }
+    bad = o;
+    bad.modules_to_save = {"down_proj"};
+    EXPECT_NE(refused(bad, q).find("model.layers.0.mlp.down_proj is stored in NF4"), std::string::npos);
+  }
+  // A file without one of the full weights, or with a misshapen one, is named.
+  fs::copy(dir / "adapter", dir / "cut", fs::copy_options::recursive);
+  {
+    std::vector<at::Tensor> keep;
+    std::vector<io::TensorWrite> writes;
+    for (const auto& info : file->tensors()) {
+      if (info.name == "base_model.model.model.embed_tokens.weight") continue;
+      keep.push_back(io::read_tensor(*file, info));
+      if (info.name == "base_model.model.lm_head.weight") keep.back() = keep.back().narrow(0, 0, 5).contiguous();
+      writes.push_back(io::tensor_write(info.name, keep.back()));
+    }
+    io::write_safetensors((dir / "cut" / "adapter_model.safetensors").string(), writes);
+  }
+  model::CausalLM cut = base_model();
+  const auto problems = adapt::check_peft_adapter(cut, (dir / "cut").string());
+  ASSERT_EQ(problems.size(), 2u);
+  EXPECT_NE(problems[0].find("'base_model.model.lm_head.weight' has shape [5, 32]"), std::string::npos) << problems[0];
+  EXPECT_NE(problems[1].find("'base_model.model.model.embed_tokens.weight' is missing"), std::string::npos) << problems[1];
+  EXPECT_NE(error_of([&] { adapt::load_peft_adapter(cut, (dir / "cut").string()); })
+                .find("'base_model.model.model.embed_tokens.weight' is missing (modules_to_save names its module)"),
+            std::string::npos);
+  fs::remove_all(dir);
+}
+
 // --- against Python PEFT (files from tests/python/peft_interop.py make) ------------------------------
 
 namespace {
@@ -493,6 +620,9 @@ const char* peft_dir() {
   return d && *d && fs::exists(fs::path(d) / "peft_logits.safetensors") ? d : nullptr;
 }
 
+// The base an adapter of peft_interop.py adapts: "tied" has a tied head (BASES there).
+std::string base_of(const std::string& name) { return name == "tied" ? "base_tied" : "base"; }
+
 }  // namespace
 
 TEST(PeftInterop, LibftLoadsPeftAdaptersWithTheSameLogits) {
@@ -500,9 +630,9 @@ TEST(PeftInterop, LibftLoadsPeftAdaptersWithTheSameLogits) {
   if (!d) GTEST_SKIP() << "LIBFT_PEFT_DIR has no PEFT files (ctest's peft_make writes them)";
   auto ref = io::SafetensorsFile::open((fs::path(d) / "peft_logits.safetensors").string());
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
-  for (const char* name : {"lists", "rslora", "dora"}) {
+  for (const char* name : {"lists", "rslora", "dora", "saved", "tied"}) {
     SCOPED_TRACE(name);
-    model::CausalLM m = io::load_pretrained((fs::path(d) / "base").string());
+    model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());
     m->eval();
     const at::Tensor base = m->forward(input);
     adapt::load_peft_adapter(m, (fs::path(d) / (std::string("peft_") + name)).string());
@@ -524,16 +654,16 @@ TEST(PeftInterop, LibftSavesAdaptersForPeft) {
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
   std::vector<at::Tensor> keep{input};
   std::vector<io::TensorWrite> writes{io::tensor_write("input_ids", keep[0])};
-  for (const char* name : {"lists", "rslora", "dora"}) {
+  for (const char* name : {"lists", "rslora", "dora", "saved", "tied"}) {
     const adapt::LoraOptions o =
         adapt::read_peft_lora_config((fs::path(d) / (std::string("peft_") + name) / "adapter_config.json").string());
-    model::CausalLM m = io::load_pretrained((fs::path(d) / "base").string());
+    model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());
     m->eval();
     adapt::apply_lora(m, o);
     randomize_b(m, 9);
     keep.push_back(m->forward(input).detach().contiguous());
     writes.push_back(io::tensor_write(std::string("logits_") + name, keep.back()));
-    adapt::save_peft_adapter(m, o, (fs::path(d) / (std::string("libft_") + name)).string(), "base");
+    adapt::save_peft_adapter(m, o, (fs::path(d) / (std::string("libft_") + name)).string(), base_of(name));
   }
   io::write_safetensors((fs::path(d) / "libft_logits.safetensors").string(), writes);
 }

@@ -13,6 +13,18 @@
 
 namespace ft::cli {
 
+namespace {
+
+// ", lm_head and embed_tokens trained in full" for an adapter with modules_to_save, else "".
+std::string in_full(const adapt::LoraOptions& o) {
+  std::string s;
+  for (size_t i = 0; i < o.modules_to_save.size(); ++i)
+    s += (i == 0 ? "" : i + 1 == o.modules_to_save.size() ? " and " : ", ") + o.modules_to_save[i];
+  return s.empty() ? s : ", with " + s + " trained in full";
+}
+
+}  // namespace
+
 void add_merge(CLI::App& app) {
   struct Args {
     std::string base, adapter, output, dtype;
@@ -61,7 +73,7 @@ void add_merge(CLI::App& app) {
     std::sort(errors.rbegin(), errors.rend());
     write_output_dir("merge", a->output, a->force, [&](const std::string& dir) { io::save_pretrained(m, dir, so); });
     std::cout << "merged " << (o.dora ? "DoRA" : "LoRA") << " r " << o.r << " (alpha " << o.alpha << ") of "
-              << layers.size() << " layers into " << a->base << "; wrote " << a->output
+              << layers.size() << " layers" << in_full(o) << " into " << a->base << "; wrote " << a->output
               << (a->dtype.empty() ? "" : " in " + a->dtype) << "\n";
     std::cout << "largest rounding error of a merged layer in the written dtype: " << errors.front().first << " ("
               << errors.front().second << ")\n";
@@ -107,7 +119,7 @@ void add_check_adapter(CLI::App& app) {
       const auto layers = adapt::lora_layers(probe);
       std::cout << a->adapter << ": OK for " << a->base << ": " << (o.dora ? "DoRA" : "LoRA") << " r " << o.r
                 << " alpha " << o.alpha << (o.rslora ? " (rsLoRA scaling)" : "") << " on " << layers.size()
-                << " layers\n";
+                << " layers" << in_full(o) << "\n";
       return;
     }
     std::cout << a->adapter << ": " << problems.size() << " problem" << (problems.size() == 1 ? "" : "s") << " with "

@@ -9,7 +9,10 @@
 
 Adapters: "lists" targets seven projections by name with a rank_pattern and an alpha_pattern;
 "rslora" targets "all-linear" with use_rslora and gaussian init; "dora" is DoRA (use_dora) on three
-projections, with magnitudes moved away from the base's row norms. Prefixes: "prefix" is a plain
+projections, with magnitudes moved away from the base's row norms; "saved" trains lm_head and
+embed_tokens in full beside q and v adapters (modules_to_save), both moved away from the base's;
+"tied" trains embed_tokens of a base whose head is tied to it (DIR/base_tied): PEFT trains a copy
+that only the input side reads, and the head keeps the base's weights. Prefixes: "prefix" is a plain
 table of 5 virtual tokens, "prefix_proj" one made through PEFT's projection MLP (PEFT saves the
 table it computes); their logits are also taken for a right-padded batch with an attention mask.
 The C++ side (tests/test_lora.cpp PeftInterop.*, tests/test_prefix.cpp PeftPrefixInterop.*) loads
@@ -29,7 +32,14 @@ ADAPTERS = {
                   rank_pattern={"down_proj": 2}, alpha_pattern={"o_proj": 3}),
     "rslora": dict(r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True, init_lora_weights="gaussian"),
     "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
+    "saved": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "embed_tokens"]),
+    "tied": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"]),
 }
+BASES = {"tied": "base_tied"}  # the others adapt DIR/base
+
+
+def base_of(name):
+    return BASES.get(name, "base")
 
 PREFIXES = {
     "prefix": dict(num_virtual_tokens=5),
@@ -54,10 +64,12 @@ def make(d):
                       rms_norm_eps=1e-5)
     base = LlamaForCausalLM(cfg).eval()
     base.save_pretrained(os.path.join(d, "base"))
+    cfg.tie_word_embeddings = True
+    LlamaForCausalLM(cfg).eval().save_pretrained(os.path.join(d, "base_tied"))
     ids = input_ids()
     tensors = {"input_ids": ids}
     for name, kwargs in ADAPTERS.items():
-        model = LlamaForCausalLM.from_pretrained(os.path.join(d, "base")).eval()
+        model = LlamaForCausalLM.from_pretrained(os.path.join(d, base_of(name))).eval()
         peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **kwargs))
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
@@ -66,6 +78,8 @@ def make(d):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1)
                 if "lora_magnitude_vector" in pname:  # and DoRA's magnitudes away from the base's norms
                     p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+                if ".modules_to_save." in pname:  # and the modules trained in full away from the base's
+                    p.add_(0.1 * torch.randn(p.shape, generator=g))
         peft_model.save_pretrained(os.path.join(d, f"peft_{name}"))
         with torch.no_grad():
             tensors[f"logits_{name}"] = peft_model(input_ids=ids).logits.contiguous()
@@ -86,7 +100,7 @@ def make(d):
 
 def verify_one(d, ids, name, want, what):
     """PEFT loads DIR/libft_<name> onto the base; returns its max rel error against libft's logits."""
-    model = LlamaForCausalLM.from_pretrained(os.path.join(d, "base")).eval()
+    model = LlamaForCausalLM.from_pretrained(os.path.join(d, base_of(name))).eval()
     with torch.no_grad():
         base_logits = model(input_ids=ids).logits
     peft_model = PeftModel.from_pretrained(model, os.path.join(d, f"libft_{name}")).eval()

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <numeric>
@@ -954,6 +955,75 @@ std::vector<std::pair<std::string, LoraAdapter*>> adapters(model::CausalLM& mode
 
 }  // namespace
 
+std::vector<std::pair<std::string, at::Tensor>> modules_to_save_parameters(model::CausalLM& model,
+                                                                         const std::vector<std::string>& entries) {
+  std::vector<std::pair<std::string, at::Tensor>> params;
+  if (entries.empty()) return params;
+  // A module inside an adapter (q_proj.lora_A) is the adapter's, not the base's.
+  auto in_adapter = [](const std::string& name) {
+    for (const char* part : {".lora_A", ".lora_B", ".lora_magnitude_vector"}) {
+      const size_t at = name.find(part);
+      if (at != std::string::npos && (at + std::strlen(part) == name.size() || name[at + std::strlen(part)] == '.'))
+        return true;
+    }
+    return false;
+  };
+  std::vector<std::string> matched;
+  for (const std::string& entry : entries) {
+    FT_CHECK(!entry.empty(), "[lora] modules_to_save: an entry is empty");
+    bool hit = false;
+    for (const auto& item : model->named_modules("", false)) {
+      const std::string& name = item.key();
+      if (name.empty() || in_adapter(name) || name.size() < entry.size() ||
+          name.compare(name.size() - entry.size(), entry.size(), entry) != 0)
+        continue;
+      hit = true;
+      if (std::find(matched.begin(), matched.end(), name) == matched.end()) matched.push_back(name);
+    }
+    FT_CHECK(hit, "[lora] modules_to_save: '", entry, "' matches no module of the model (a module matches when its ",
+             "name ends with it: lm_head, model.embed_tokens, model.norm)");
+  }
+  auto under = [](const std::string& name, const std::string& module) {
+    return name.size() > module.size() && name.compare(0, module.size(), module) == 0 && name[module.size()] == '.';
+  };
+  for (const std::string& m : matched) {
+    FT_CHECK(!(model->config().tie_word_embeddings && (m == "model.embed_tokens" || under("model.embed_tokens", m))),
+             "[lora] modules_to_save: ", m, " holds the embeddings, which this model ties to its output head: ",
+             "untie them first (untie_for_modules_to_save)");
+    for (const auto& item : model->named_modules("", false)) {
+      auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
+      if (lin != nullptr && (item.key() == m || under(item.key(), m)))
+        FT_CHECK(lin->nf4() == nullptr, "[lora] modules_to_save: ", item.key(), " is stored in NF4 (QLoRA) and cannot ",
+                 "train in full");
+    }
+  }
+  for (const auto& item : model->named_parameters()) {
+    const std::string& name = item.key();
+    if (in_adapter(name)) continue;
+    for (const std::string& m : matched) {
+      if (under(name, m)) {
+        params.emplace_back(name, item.value());
+        break;
+      }
+    }
+  }
+  return params;
+}
+
+bool untie_for_modules_to_save(model::CausalLM& model, const std::vector<std::string>& entries) {
+  if (!model->config().tie_word_embeddings) return false;
+  auto ends_with = [](const std::string& name, const std::string& entry) {
+    return !entry.empty() && name.size() >= entry.size() && name.compare(name.size() - entry.size(), entry.size(), entry) == 0;
+  };
+  for (const std::string& e : entries) {
+    if (ends_with("lm_head", e) || ends_with("model.embed_tokens", e)) {
+      model->untie_embeddings();
+      return true;
+    }
+  }
+  return false;
+}
+
 std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) {
   FT_CHECK(o.r > 0, "[lora] r must be > 0, got ", o.r);
   FT_CHECK(std::isfinite(o.alpha) && o.alpha > 0, "[lora] alpha must be > 0, got ", o.alpha);
@@ -961,6 +1031,8 @@ std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) 
   FT_CHECK(o.init == "kaiming" || o.init == "gaussian", "[lora] init must be kaiming or gaussian, got '", o.init, "'");
   FT_CHECK(!o.targets.empty() || !o.target_regex.empty(), "[lora] no target modules");
   FT_CHECK(adapters(model).empty(), "[lora] the model already has LoRA adapters");
+  untie_for_modules_to_save(model, o.modules_to_save);
+  const auto saved = modules_to_save_parameters(model, o.modules_to_save);
   for (auto& p : model->parameters()) p.set_requires_grad(false);
 
   auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
@@ -1028,6 +1100,15 @@ std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) 
       for (const auto& l : layers) hit |= is_target(l.module, single_target(t), false);
       FT_CHECK(hit, "[lora] target '", t, "' matches no linear layer of the model");
     }
+  }
+  // The modules trained in full: none may be, or hold, an adapted layer (PEFT refuses it too).
+  for (const auto& [name, p] : saved) {
+    for (const auto& l : layers) {
+      FT_CHECK(name != l.module + ".weight" && name != l.module + ".bias" && name.rfind(l.module + ".", 0) != 0,
+               "[lora] modules_to_save: ", name, " belongs to ", l.module, ", which is also a LoRA target; a module ",
+               "trains either in full or through an adapter");
+    }
+    p.set_requires_grad(true);
   }
   return layers;
 }
@@ -1205,6 +1286,10 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::
       writes.push_back(io::tensor_write(kPeftPrefix + name + ".lora_magnitude_vector", keep.back()));
     }
   }
+  for (const auto& [name, p] : modules_to_save_parameters(model, o.modules_to_save)) {
+    keep.push_back(p.detach().to(at::kCPU).contiguous());
+    writes.push_back(io::tensor_write(kPeftPrefix + name, keep.back()));
+  }
   nlohmann::ordered_json rank = nlohmann::ordered_json::object(), alpha = nlohmann::ordered_json::object();
   for (const auto& [p, v] : o.rank_pattern) rank[p] = v;
   for (const auto& [p, v] : o.alpha_pattern) alpha[p] = v;
@@ -1226,7 +1311,8 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::
       {"bias", "none"},
       {"fan_in_fan_out", false},
       {"init_lora_weights", o.init == "gaussian" ? nlohmann::ordered_json("gaussian") : nlohmann::ordered_json(true)},
-      {"modules_to_save", nullptr},
+      {"modules_to_save", o.modules_to_save.empty() ? nlohmann::ordered_json(nullptr)
+                                                    : nlohmann::ordered_json(o.modules_to_save)},
       {"layers_to_transform", nullptr},
       {"inference_mode", true},
       {"revision", nullptr},
@@ -1270,6 +1356,8 @@ LoraOptions read_peft_lora_config(const std::string& path) {
         else o.alpha_pattern.emplace_back(p, v.get<double>());
       }
     }
+    if (j.contains("modules_to_save") && !j["modules_to_save"].is_null())
+      o.modules_to_save = j["modules_to_save"].get<std::vector<std::string>>();
     // Options that change what the adapter computes must be at their defaults: refusing beats
     // computing something else.
     const std::map<std::string, nlohmann::ordered_json> required = {
@@ -1281,6 +1369,7 @@ LoraOptions read_peft_lora_config(const std::string& path) {
     const std::set<std::string> understood = {
         "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "rank_pattern",
         "alpha_pattern", "bias", "fan_in_fan_out", "use_dora", "lora_bias", "init_lora_weights", "inference_mode",
+        "modules_to_save",
         "base_model_name_or_path", "revision", "peft_version", "auto_mapping", "megatron_core", "qalora_group_size"};
     for (const auto& [key, value] : j.items()) {
       if (understood.count(key)) continue;
@@ -1328,6 +1417,20 @@ std::vector<std::string> check_peft_adapter(model::CausalLM& model, const std::s
     expected[kPeftPrefix + name + ".lora_A.weight"] = {rank, lin->in_features};
     expected[kPeftPrefix + name + ".lora_B.weight"] = {lin->out_features, rank};
     if (o.dora) expected[kPeftPrefix + name + ".lora_magnitude_vector"] = {lin->out_features};
+  }
+  try {
+    untie_for_modules_to_save(model, o.modules_to_save);  // as loading would: lm_head.weight is then expected
+    for (const auto& [name, p] : modules_to_save_parameters(model, o.modules_to_save)) {
+      for (const auto& [key, shape] : expected) {
+        if (key.rfind(kPeftPrefix + name.substr(0, name.rfind('.')) + ".lora_", 0) == 0) {
+          problems.push_back("modules_to_save: " + name + " belongs to a layer that is also a LoRA target");
+          break;
+        }
+      }
+      expected[kPeftPrefix + name] = p.sizes().vec();
+    }
+  } catch (const Error& e) {
+    problems.push_back(e.what());
   }
   if (o.target_regex.empty()) {
     for (const auto& t : o.targets) {
@@ -1387,6 +1490,17 @@ LoraOptions load_peft_adapter(model::CausalLM& model, const std::string& dir) {
                ", the model needs ", a->magnitude.sizes());
       a->magnitude.copy_(t.to(a->magnitude.dtype()));
     }
+  }
+  for (const auto& [name, p] : modules_to_save_parameters(model, o.modules_to_save)) {
+    const std::string key = kPeftPrefix + name;
+    expected.insert(key);
+    const io::TensorInfo* info = file->find(key);
+    FT_CHECK(info != nullptr, "[lora] ", path, ": tensor '", key, "' is missing (modules_to_save names its module)");
+    at::Tensor t = io::read_tensor(*file, *info);
+    FT_CHECK(t.sizes() == p.sizes(), "[lora] ", path, ": tensor '", key, "' has shape ", t.sizes(), ", the model needs ",
+             p.sizes());
+    FT_CHECK(t.isfinite().all().item<bool>(), "[lora] ", path, ": tensor '", key, "' holds NaN or Inf");
+    p.copy_(t.to(p.dtype()));
   }
   for (const auto& info : file->tensors()) {
     FT_CHECK(expected.count(info.name), "[lora] ", path, ": tensor '", info.name,

@@ -61,6 +61,7 @@ class LoraMode final : public Mode {
     options_.seed = l.seed;
     options_.rank_pattern = l.rank_pattern;
     options_.alpha_pattern = l.alpha_pattern;
+    options_.modules_to_save = l.modules_to_save;
     init_from_ = l.init_from;
     fused_ = l.fused;
     extended_gemm_ = l.extended_gemm;
@@ -100,8 +101,11 @@ class LoraMode final : public Mode {
     if (grad_splits_ > 1) path += detail::concat(", adapter gradients in ", grad_splits_, " token chunks");
     // DoRA layers always run one node each (set_lora_group_projections declines them).
     if (group_projections_) path += options_.dora ? ", projections ungrouped: DoRA layers run one node each" : ", grouped projections";
+    std::string full;
+    for (const auto& m : options_.modules_to_save) full += (full.empty() ? "" : ", ") + m;
     return Mode::describe(model) + detail::concat("; ", options_.dora ? "DoRA" : "LoRA", " r ", options_.r, " alpha ",
-                                                  options_.alpha, " on ", layers.size(), " layers (", path, ")");
+                                                  options_.alpha, " on ", layers.size(), " layers (", path, ")",
+                                                  full.empty() ? "" : "; trained in full: " + full);
   }
   void export_final(model::CausalLM& model, const std::string& dir, const config::RunConfig& c) const override {
     save_peft_adapter(model, options_, dir, c.model.checkpoint);

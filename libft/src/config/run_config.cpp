@@ -316,7 +316,7 @@ void parse_prefix(Reader& r, const YAML::Node& n, PrefixSection& p) {
 void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
   if (!r.check_map(n, "lora", {"r", "alpha", "dropout", "targets", "rslora", "dora", "init", "seed", "rank_pattern",
                                "alpha_pattern", "init_from", "fused", "extended_gemm", "row_kernels", "grad_splits",
-                               "group_projections"}))
+                               "group_projections", "modules_to_save"}))
     return;
   r.get(n, "lora", "fused", l.fused);
   r.get(n, "lora", "extended_gemm", l.extended_gemm);
@@ -333,7 +333,8 @@ void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
   }
   r.get(n, "lora", "init_from", l.init_from);
   if (!l.init_from.empty()) {
-    for (const char* key : {"r", "alpha", "targets", "rslora", "dora", "init", "seed", "rank_pattern", "alpha_pattern"}) {
+    for (const char* key : {"r", "alpha", "targets", "rslora", "dora", "init", "seed", "rank_pattern", "alpha_pattern",
+                            "modules_to_save"}) {
       if (n[key]) r.error(n[key], std::string("'lora.") + key + "' comes from the adapter of 'lora.init_from'; leave it out");
     }
   }
@@ -341,6 +342,10 @@ void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
   r.get(n, "lora", "alpha", l.alpha);
   r.get(n, "lora", "dropout", l.dropout);
   r.get(n, "lora", "targets", l.targets);
+  r.get(n, "lora", "modules_to_save", l.modules_to_save);
+  for (const auto& m : l.modules_to_save) {
+    if (m.empty()) r.error(n["modules_to_save"], "'lora.modules_to_save' entries must be module names, not empty");
+  }
   r.get(n, "lora", "rslora", l.rslora);
   r.get(n, "lora", "dora", l.dora);
   r.get(n, "lora", "init", l.init);
@@ -726,6 +731,7 @@ std::string to_yaml(const RunConfig& c) {
     out << YAML::Key << "alpha" << YAML::Value << shortest(c.lora.alpha);
     out << YAML::Key << "dropout" << YAML::Value << shortest(c.lora.dropout);
     out << YAML::Key << "targets" << YAML::Value << YAML::Flow << c.lora.targets;
+    out << YAML::Key << "modules_to_save" << YAML::Value << YAML::Flow << c.lora.modules_to_save;
     out << YAML::Key << "rslora" << YAML::Value << c.lora.rslora;
     out << YAML::Key << "dora" << YAML::Value << c.lora.dora;
     out << YAML::Key << "init" << YAML::Value << c.lora.init;

@@ -571,6 +571,20 @@ std::vector<at::Tensor> PrefixEncoderImpl::keys_values() {
   return kv.unbind(0);
 }
 
+void CausalLMImpl::untie_embeddings() {
+  if (!config_.tie_word_embeddings) return;
+  FT_CHECK(!lm_head, "[model] a tied model has no lm_head module to replace");
+  const at::Tensor& e = model->embed_tokens->weight;
+  Linear head = linear(config_.hidden_size, config_.vocab_size, false);
+  {
+    at::NoGradGuard no_grad;
+    head->weight.set_data(e.detach().clone());
+  }
+  head->weight.set_requires_grad(e.requires_grad());
+  lm_head = register_module("lm_head", head);
+  config_.tie_word_embeddings = false;
+}
+
 void CausalLMImpl::set_prefix(PrefixEncoder encoder) {
   FT_CHECK(!prefix_encoder, "[model] the model already has a prefix");
   FT_CHECK(encoder->layers == config_.num_hidden_layers && encoder->kv_heads == config_.num_key_value_heads &&

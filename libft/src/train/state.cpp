@@ -104,6 +104,8 @@ std::string run_identity(const config::RunConfig& c) {
                    {"encoder_hidden_size", c.prefix.encoder_hidden_size}, {"init_from", c.prefix.init_from}};
   }
   // Likewise only when used: the regularisers change what a resumed run must compute.
+  if ((c.mode == "lora" || c.mode == "qlora") && !c.lora.modules_to_save.empty())
+    j["lora"]["modules_to_save"] = c.lora.modules_to_save;
   if (!c.ewc.state.empty()) j["ewc"] = {{"state", c.ewc.state}, {"lambda", c.ewc.lambda}};
   if (!c.replay.stores.empty()) j["replay"] = {{"stores", c.replay.stores}, {"ratio", c.replay.ratio}};
   return j.dump();

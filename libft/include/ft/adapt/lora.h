@@ -15,8 +15,18 @@
 // FILES (PEFT's): adapter_config.json ({"peft_type": "LORA", "r", "lora_alpha", "target_modules",
 // "rank_pattern", "alpha_pattern", "use_rslora", ...}) and adapter_model.safetensors with keys
 // "base_model.model.<module>.lora_A.weight" / ".lora_B.weight". Loading is strict: a PEFT option
-// libft does not implement (bias training, modules_to_save, fan_in_fan_out, ...), a target
+// libft does not implement (bias training, fan_in_fan_out, layers_to_transform, ...), a target
 // that matches nothing, a missing, unexpected or misshapen tensor is an error naming it.
+//
+// MODULES_TO_SAVE, as PEFT's: modules trained in full beside the adapters (typically lm_head and
+// embed_tokens, for new tokens or a new head). An entry matches every module whose name ends with it
+// (PEFT's plain suffix test: "norm" also matches each block's input_layernorm); the adapter file
+// holds their whole parameters under "base_model.model.<module>.<parameter>", and loading it puts
+// them in place of the base's. On a model whose output head is its embeddings (tie_word_embeddings),
+// an entry that names lm_head or embed_tokens unties them first, as PEFT does: the model gets an
+// lm_head of its own, a copy of the embeddings, and the named one trains while the other stays the
+// base's (the merged checkpoint is then untied). Refused: an entry that matches nothing, a module
+// that is also a LoRA target or holds one, and an NF4-quantized layer.
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -45,7 +55,15 @@ struct LoraOptions {
   /// Ordered (pattern, value) overrides; see TARGETS.
   std::vector<std::pair<std::string, int64_t>> rank_pattern;
   std::vector<std::pair<std::string, double>> alpha_pattern;
+  /// Modules trained in full beside the adapters (see MODULES_TO_SAVE), e.g. {"lm_head"}.
+  std::vector<std::string> modules_to_save;
 };
+
+/// The parameters that `modules_to_save` trains in full, by model name ("lm_head.weight"), in model
+/// order. Throws ft::Error for the refusals of MODULES_TO_SAVE (LoRA targets are checked by
+/// apply_lora, which calls this), and for a tied model that untie_for_modules_to_save has not untied.
+std::vector<std::pair<std::string, at::Tensor>> modules_to_save_parameters(model::CausalLM& model,
+                                                                         const std::vector<std::string>& entries);
 
 /// One adapted layer.
 struct LoraLayer {
@@ -174,7 +192,12 @@ at::Tensor dora_row_norm(const at::Tensor& w, const at::Tensor& a, const at::Ten
 /// Merges (unless merged) and removes the adapters: a plain model again, for save_pretrained.
 void merge_and_unload_lora(model::CausalLM& model);
 
-/// Writes `dir`/adapter_config.json and `dir`/adapter_model.safetensors (only the LoRA tensors).
+/// Unties a tied model (CausalLMImpl::untie_embeddings) when `entries` name lm_head or
+/// embed_tokens, as apply_lora, load_peft_adapter and check_peft_adapter do; true if it did.
+bool untie_for_modules_to_save(model::CausalLM& model, const std::vector<std::string>& entries);
+
+/// Writes `dir`/adapter_config.json and `dir`/adapter_model.safetensors (the LoRA tensors, and the
+/// parameters of options.modules_to_save).
 /// `base_model` is recorded as base_model_name_or_path.
 void save_peft_adapter(model::CausalLM& model, const LoraOptions& options, const std::string& dir,
                        const std::string& base_model = "");
@@ -184,7 +207,8 @@ LoraOptions read_peft_lora_config(const std::string& path);
 
 /// Every problem of the adapter in `dir` for `model`, without applying it: an unreadable or
 /// unsupported config, targets that match no layer, tensors missing, unexpected, misshapen, of a
-/// non-float dtype or holding NaN/Inf. Empty when load_peft_adapter() would succeed.
+/// non-float dtype or holding NaN/Inf. Empty when load_peft_adapter() would succeed. Unties a tied
+/// model as loading would (see MODULES_TO_SAVE).
 std::vector<std::string> check_peft_adapter(model::CausalLM& model, const std::string& dir);
 
 /// Applies the adapter in `dir` to `model` (apply_lora with its config, then its tensors, strictly).

@@ -100,6 +100,9 @@ struct LoraSection {
   /// Per-module overrides, regular expression → rank / alpha, first match wins (PEFT's patterns).
   std::vector<std::pair<std::string, int64_t>> rank_pattern;
   std::vector<std::pair<std::string, double>> alpha_pattern;
+  /// Modules trained in full beside the adapters, saved in the adapter file (PEFT's
+  /// modules_to_save; e.g. [lm_head] or [embed_tokens, lm_head] for new tokens).
+  std::vector<std::string> modules_to_save;
   /// Start from this PEFT adapter directory (its config gives r, alpha, targets and patterns, its
   /// tensors the initial A and B) instead of a fresh initialisation; empty = fresh.
   std::string init_from;

@@ -208,6 +208,11 @@ class CausalLMImpl : public torch::nn::Module {
   bool shared_input_cast() const { return shared_input_cast_; }
   /// Rotary inverse frequencies (D/2), float32, after the config's rope scaling.
   const at::Tensor& inv_freq() const { return inv_freq_; }
+  /// A tied model (tie_word_embeddings) gets an lm_head of its own, a copy of the embeddings, and
+  /// its config says untied from then on (so save_pretrained writes both). The logits are the same
+  /// until one of the two changes. No effect on an untied model. PEFT's modules_to_save does this
+  /// when it trains lm_head or embed_tokens of a tied model.
+  void untie_embeddings();
   /// Attaches a prefix (prefix tuning), registered as the submodule "prefix_encoder". Its shape must
   /// fit this model; a model takes one prefix.
   void set_prefix(PrefixEncoder encoder);
