@@ -328,10 +328,12 @@ TEST(RunConfig, LoraSection) {
   y += "mode: lora\nlora:\n  r: 4\n  alpha: 8\n  dropout: 0.05\n  targets: [all-linear]\n  rslora: true\n"
        "  init: gaussian\n  rank_pattern: {down_proj: 2, \"mlp\\\\..*\": 3}\n  alpha_pattern: {o_proj: 1.5}\n"
        "  extended_gemm: true\n  row_kernels: true\n  grad_splits: 4\n  group_projections: true\n"
-       "  modules_to_save: [lm_head, embed_tokens]\n";
+       "  modules_to_save: [lm_head, embed_tokens]\n  layers_to_transform: [0, 2]\n  layers_pattern: [layers]\n";
   const config::RunConfig c = config::parse_run_config(y, "run.yaml");
   EXPECT_EQ(c.lora.r, 4);
   EXPECT_EQ(c.lora.modules_to_save, (std::vector<std::string>{"lm_head", "embed_tokens"}));
+  EXPECT_EQ(c.lora.layers_to_transform, (std::vector<int64_t>{0, 2}));
+  EXPECT_EQ(c.lora.layers_pattern, (std::vector<std::string>{"layers"}));
   EXPECT_TRUE(c.lora.group_projections);
   EXPECT_EQ(c.lora.grad_splits, 4);
   EXPECT_TRUE(c.lora.fused);  // the default
@@ -349,7 +351,7 @@ TEST(RunConfig, LoraSection) {
 
   std::string bad = kGood;
   bad += "mode: lora\nlora:\n  r: 0\n  dropout: 1.5\n  init: xavier\n  rank_pattern: [1, 2]\n  alphaa: 3\n  grad_splits: 0\n"
-         "  modules_to_save: [lm_head, \"\"]\n";
+         "  modules_to_save: [lm_head, \"\"]\n  layers_pattern: [\"(\"]\n";
   const std::string e = error_of(bad);
   EXPECT_NE(e.find("'lora.r' must be > 0"), std::string::npos) << e;
   EXPECT_NE(e.find("'lora.dropout' must be in [0, 1)"), std::string::npos) << e;
@@ -358,6 +360,8 @@ TEST(RunConfig, LoraSection) {
   EXPECT_NE(e.find("did you mean 'alpha'?"), std::string::npos) << e;
   EXPECT_NE(e.find("'lora.grad_splits' must be in [1, 64], got 0"), std::string::npos) << e;
   EXPECT_NE(e.find("'lora.modules_to_save' entries must be module names, not empty"), std::string::npos) << e;
+  EXPECT_NE(e.find("'lora.layers_pattern' entry '(' is not a regular expression"), std::string::npos) << e;
+  EXPECT_NE(e.find("'lora.layers_pattern' only applies with 'lora.layers_to_transform'"), std::string::npos) << e;
   // Pattern keys are regular expressions, checked with the config (not when the model loads).
   const std::string e3 = error_of(std::string(kGood) + "mode: lora\nlora:\n  rank_pattern: {\"(\": 4, o_proj: 2}\n"
                                   "  alpha_pattern: {\"q[\": 2}\n");

@@ -537,12 +537,20 @@ TEST(Lora, ModulesToSaveTrainInFullAndTravelInTheAdapter) {
   adapt::LoraOptions bad = o;
   bad.modules_to_save = {"lm_head", "score"};
   EXPECT_NE(refused(bad, base_model()).find("modules_to_save: 'score' matches no module"), std::string::npos);
-  bad.modules_to_save = {"layers.0"};  // holds the q and v layers that LoRA adapts
-  EXPECT_NE(refused(bad, base_model()).find("which is also a LoRA target"), std::string::npos);
-  bad = o;
-  bad.targets = {"q_proj", "lm_head"};
-  EXPECT_NE(refused(bad, base_model()).find("modules_to_save: lm_head.weight belongs to lm_head, which is also a LoRA target"),
+  // PEFT matches modules_to_save as a suffix but keeps targets out only where the entry is a whole
+  // name segment: "_proj" would train q_proj in full and adapt it at once.
+  bad.modules_to_save = {"_proj"};
+  EXPECT_NE(refused(bad, base_model()).find("modules_to_save: model.layers.0.self_attn.q_proj.weight belongs to "
+                                            "model.layers.0.self_attn.q_proj, which is also a LoRA target"),
             std::string::npos);
+  {
+    // A whole name is kept out of the targets instead: lm_head trains in full, unadapted.
+    model::CausalLM x = base_model();
+    bad = o;
+    bad.targets = {"q_proj", "lm_head"};
+    EXPECT_EQ(adapt::apply_lora(x, bad).size(), 2u);
+    EXPECT_TRUE(x->lm_head->weight.requires_grad());
+  }
   {
     // A tied model is untied first, as PEFT does: the named one trains, the other keeps the base's
     // weights; the logits start as the base's, and the merged checkpoint is untied.
@@ -611,6 +619,65 @@ TEST(Lora, ModulesToSaveTrainInFullAndTravelInTheAdapter) {
   fs::remove_all(dir);
 }
 
+// PEFT's narrowing of the targets: layers_to_transform keeps the suffix matches in the listed layers
+// (the index after "<layers_pattern>.", or after the first dotted segment), an exactly named module
+// is adapted wherever it is, and a module that modules_to_save names is never a target. The options
+// travel in the adapter config (PEFT's int and string forms read too).
+TEST(Lora, LayersToTransformAndModulesToSaveNarrowTheTargets) {
+  auto adapted = [](const adapt::LoraOptions& o) {
+    model::CausalLM m = base_model();
+    std::vector<std::string> names;
+    for (const auto& l : adapt::apply_lora(m, o)) names.push_back(l.module);
+    return names;
+  };
+  adapt::LoraOptions o;
+  o.targets = {"q_proj", "v_proj"};
+  o.layers_to_transform = {1};
+  const std::vector<std::string> layer1 = {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"};
+  EXPECT_EQ(adapted(o), layer1);
+  o.layers_pattern = {"layers"};
+  EXPECT_EQ(adapted(o), layer1);
+  o.layers_pattern = {"blocks"};  // no index found: nothing matches
+  EXPECT_NE(error_of([&] { adapted(o); }).find("no linear layer matches the targets"), std::string::npos);
+  o.layers_pattern = {};
+  o.targets = {"model.layers.0.self_attn.q_proj", "v_proj"};  // an exact name is not narrowed
+  EXPECT_EQ(adapted(o), (std::vector<std::string>{"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}));
+
+  adapt::LoraOptions x;
+  x.targets = {"q_proj", "up_proj"};
+  x.modules_to_save = {"mlp.up_proj"};  // trained in full, so never a target
+  EXPECT_EQ(adapted(x), (std::vector<std::string>{"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}));
+  x.targets = {"up_proj"};  // the target exists, modules_to_save takes all of it
+  EXPECT_NE(error_of([&] { adapted(x); }).find("no linear layer matches the targets"), std::string::npos);
+  x.modules_to_save = {"mlp.up_proj("};
+  EXPECT_NE(error_of([&] { adapted(x); }).find("'mlp.up_proj(' is not a regular expression"), std::string::npos);
+
+  const fs::path dir = scratch("lora_layers");
+  model::CausalLM m = base_model();
+  o.targets = {"q_proj", "v_proj"};
+  o.layers_to_transform = {1};
+  o.layers_pattern = {"layers"};
+  o.modules_to_save = {"mlp.up_proj"};
+  adapt::apply_lora(m, o);
+  randomize_b(m, 14);
+  const at::Tensor logits = m->forward(ids());
+  adapt::save_peft_adapter(m, o, dir.string());
+  auto config = nlohmann::json::parse(std::ifstream(dir / "adapter_config.json"));
+  EXPECT_EQ(config.at("layers_to_transform"), nlohmann::json({1}));
+  EXPECT_EQ(config.at("layers_pattern"), nlohmann::json({"layers"}));
+  model::CausalLM loaded = base_model();
+  const adapt::LoraOptions back = adapt::load_peft_adapter(loaded, dir.string());
+  EXPECT_EQ(back.layers_to_transform, o.layers_to_transform);
+  EXPECT_TRUE(loaded->forward(ids()).equal(logits));
+  config["layers_to_transform"] = 1;  // PEFT's int and string forms
+  config["layers_pattern"] = "layers";
+  std::ofstream(dir / "adapter_config.json") << config.dump();
+  const adapt::LoraOptions forms = adapt::read_peft_lora_config((dir / "adapter_config.json").string());
+  EXPECT_EQ(forms.layers_to_transform, (std::vector<int64_t>{1}));
+  EXPECT_EQ(forms.layers_pattern, (std::vector<std::string>{"layers"}));
+  fs::remove_all(dir);
+}
+
 // --- against Python PEFT (files from tests/python/peft_interop.py make) ------------------------------
 
 namespace {
@@ -630,7 +697,7 @@ TEST(PeftInterop, LibftLoadsPeftAdaptersWithTheSameLogits) {
   if (!d) GTEST_SKIP() << "LIBFT_PEFT_DIR has no PEFT files (ctest's peft_make writes them)";
   auto ref = io::SafetensorsFile::open((fs::path(d) / "peft_logits.safetensors").string());
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
-  for (const char* name : {"lists", "rslora", "dora", "saved", "tied"}) {
+  for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers"}) {
     SCOPED_TRACE(name);
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());
     m->eval();
@@ -654,7 +721,7 @@ TEST(PeftInterop, LibftSavesAdaptersForPeft) {
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
   std::vector<at::Tensor> keep{input};
   std::vector<io::TensorWrite> writes{io::tensor_write("input_ids", keep[0])};
-  for (const char* name : {"lists", "rslora", "dora", "saved", "tied"}) {
+  for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers"}) {
     const adapt::LoraOptions o =
         adapt::read_peft_lora_config((fs::path(d) / (std::string("peft_") + name) / "adapter_config.json").string());
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());

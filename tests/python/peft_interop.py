@@ -12,7 +12,9 @@ Adapters: "lists" targets seven projections by name with a rank_pattern and an a
 projections, with magnitudes moved away from the base's row norms; "saved" trains lm_head and
 embed_tokens in full beside q and v adapters (modules_to_save), both moved away from the base's;
 "tied" trains embed_tokens of a base whose head is tied to it (DIR/base_tied): PEFT trains a copy
-that only the input side reads, and the head keeps the base's weights. Prefixes: "prefix" is a plain
+that only the input side reads, and the head keeps the base's weights; "layers" adapts q and v in
+layer 1 only (layers_to_transform) and trains both up_proj layers in full, which keeps them out of
+the targets. Prefixes: "prefix" is a plain
 table of 5 virtual tokens, "prefix_proj" one made through PEFT's projection MLP (PEFT saves the
 table it computes); their logits are also taken for a right-padded batch with an attention mask.
 The C++ side (tests/test_lora.cpp PeftInterop.*, tests/test_prefix.cpp PeftPrefixInterop.*) loads
@@ -34,6 +36,8 @@ ADAPTERS = {
     "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
     "saved": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "embed_tokens"]),
     "tied": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"]),
+    "layers": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], layers_to_transform=[1],
+                   layers_pattern="layers", modules_to_save=["mlp.up_proj"]),
 }
 BASES = {"tied": "base_tied"}  # the others adapt DIR/base
 

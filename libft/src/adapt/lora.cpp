@@ -914,18 +914,41 @@ class LoraAdapter final : public model::LinearAdapter {
   int64_t w_sq_version = -1;
 };
 
-/// PEFT's check_target_module_exists for a list of names (or its regex form).
+/// The layer index PEFT reads from a module name for layers_to_transform: the number after the
+/// first "<pattern>." (any pattern of layers_pattern; with none, after any first dotted segment),
+/// or -1.
+int64_t layer_index(const std::string& name, const std::vector<std::string>& layers_pattern) {
+  std::smatch m;
+  if (layers_pattern.empty()) {
+    if (std::regex_search(name, m, std::regex(R"(^.*?\.[^.]*\.(\d+)\.)"))) return std::stoll(m[1].str());
+    return -1;
+  }
+  for (const auto& p : layers_pattern) {
+    if (std::regex_search(name, m, std::regex("^(?:.*?\\.)?" + p + "\\.(\\d+)\\."))) return std::stoll(m[1].str());
+  }
+  return -1;
+}
+
+/// PEFT's check_target_module_exists for a list of names (or its regex form): a module that
+/// modules_to_save names (or one inside it) is never a target; a listed name matched exactly is;
+/// one matched as a suffix (or by all-linear) only in the layers of layers_to_transform, if given.
 bool is_target(const std::string& name, const LoraOptions& o, bool is_head) {
+  for (const auto& m : o.modules_to_save) {
+    if (std::regex_match(name, std::regex("(.*\\.)?(" + m + ")(\\..*)?"))) return false;
+  }
   if (!o.target_regex.empty()) return std::regex_match(name, std::regex(o.target_regex));
+  bool suffix = false;
   for (const auto& t : o.targets) {
     if (t == "all-linear") {
-      if (!is_head) return true;
+      suffix |= !is_head;
       continue;
     }
-    if (name == t || (name.size() > t.size() && name.compare(name.size() - t.size() - 1, t.size() + 1, "." + t) == 0))
-      return true;
+    if (name == t) return true;
+    suffix |= name.size() > t.size() && name.compare(name.size() - t.size() - 1, t.size() + 1, "." + t) == 0;
   }
-  return false;
+  if (!suffix || o.layers_to_transform.empty()) return suffix;
+  const int64_t layer = layer_index(name, o.layers_pattern);
+  return std::find(o.layers_to_transform.begin(), o.layers_to_transform.end(), layer) != o.layers_to_transform.end();
 }
 
 LoraOptions single_target(const std::string& t) {
@@ -971,6 +994,11 @@ std::vector<std::pair<std::string, at::Tensor>> modules_to_save_parameters(model
   std::vector<std::string> matched;
   for (const std::string& entry : entries) {
     FT_CHECK(!entry.empty(), "[lora] modules_to_save: an entry is empty");
+    try {
+      std::regex check(entry);  // PEFT reads it as a regular expression when it keeps it out of the targets
+    } catch (const std::regex_error& e) {
+      FT_FAIL("[lora] modules_to_save: '", entry, "' is not a regular expression (PEFT reads it as one): ", e.what());
+    }
     bool hit = false;
     for (const auto& item : model->named_modules("", false)) {
       const std::string& name = item.key();
@@ -1031,6 +1059,14 @@ std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) 
   FT_CHECK(o.init == "kaiming" || o.init == "gaussian", "[lora] init must be kaiming or gaussian, got '", o.init, "'");
   FT_CHECK(!o.targets.empty() || !o.target_regex.empty(), "[lora] no target modules");
   FT_CHECK(adapters(model).empty(), "[lora] the model already has LoRA adapters");
+  for (const auto& p : o.layers_pattern) {
+    try {
+      std::regex check(p);
+    } catch (const std::regex_error& e) {
+      FT_FAIL("[lora] layers_pattern '", p, "' is not a regular expression: ", e.what());
+    }
+  }
+  for (const int64_t l : o.layers_to_transform) FT_CHECK(l >= 0, "[lora] layers_to_transform holds ", l, "; layers count from 0");
   untie_for_modules_to_save(model, o.modules_to_save);
   const auto saved = modules_to_save_parameters(model, o.modules_to_save);
   for (auto& p : model->parameters()) p.set_requires_grad(false);
@@ -1096,8 +1132,12 @@ std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) 
   if (o.target_regex.empty()) {
     for (const auto& t : o.targets) {
       if (t == "all-linear") continue;
+      // By name alone: a target that modules_to_save or layers_to_transform leaves out still exists.
       bool hit = false;
-      for (const auto& l : layers) hit |= is_target(l.module, single_target(t), false);
+      for (const auto& item : model->named_modules("", false)) {
+        if (dynamic_cast<model::LinearImpl*>(item.value().get()) != nullptr)
+          hit |= is_target(item.key(), single_target(t), false);
+      }
       FT_CHECK(hit, "[lora] target '", t, "' matches no linear layer of the model");
     }
   }
@@ -1313,7 +1353,10 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::
       {"init_lora_weights", o.init == "gaussian" ? nlohmann::ordered_json("gaussian") : nlohmann::ordered_json(true)},
       {"modules_to_save", o.modules_to_save.empty() ? nlohmann::ordered_json(nullptr)
                                                     : nlohmann::ordered_json(o.modules_to_save)},
-      {"layers_to_transform", nullptr},
+      {"layers_to_transform", o.layers_to_transform.empty() ? nlohmann::ordered_json(nullptr)
+                                                            : nlohmann::ordered_json(o.layers_to_transform)},
+      {"layers_pattern", o.layers_pattern.empty() ? nlohmann::ordered_json(nullptr)
+                                                  : nlohmann::ordered_json(o.layers_pattern)},
       {"inference_mode", true},
       {"revision", nullptr},
   };
@@ -1358,6 +1401,16 @@ LoraOptions read_peft_lora_config(const std::string& path) {
     }
     if (j.contains("modules_to_save") && !j["modules_to_save"].is_null())
       o.modules_to_save = j["modules_to_save"].get<std::vector<std::string>>();
+    // PEFT takes an int or a list for layers_to_transform, a string or a list for layers_pattern.
+    if (j.contains("layers_to_transform") && !j["layers_to_transform"].is_null()) {
+      const auto& l = j["layers_to_transform"];
+      o.layers_to_transform = l.is_array() ? l.get<std::vector<int64_t>>() : std::vector<int64_t>{l.get<int64_t>()};
+    }
+    if (j.contains("layers_pattern") && !j["layers_pattern"].is_null()) {
+      const auto& l = j["layers_pattern"];
+      o.layers_pattern = l.is_array() ? l.get<std::vector<std::string>>() : std::vector<std::string>{l.get<std::string>()};
+      if (o.layers_pattern.size() == 1 && o.layers_pattern[0].empty()) o.layers_pattern.clear();
+    }
     // Options that change what the adapter computes must be at their defaults: refusing beats
     // computing something else.
     const std::map<std::string, nlohmann::ordered_json> required = {
@@ -1369,7 +1422,7 @@ LoraOptions read_peft_lora_config(const std::string& path) {
     const std::set<std::string> understood = {
         "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "rank_pattern",
         "alpha_pattern", "bias", "fan_in_fan_out", "use_dora", "lora_bias", "init_lora_weights", "inference_mode",
-        "modules_to_save",
+        "modules_to_save", "layers_to_transform", "layers_pattern",
         "base_model_name_or_path", "revision", "peft_version", "auto_mapping", "megatron_core", "qalora_group_size"};
     for (const auto& [key, value] : j.items()) {
       if (understood.count(key)) continue;
@@ -1408,10 +1461,11 @@ std::vector<std::string> check_peft_adapter(model::CausalLM& model, const std::s
   for (const auto& item : model->named_modules()) {
     auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
     const std::string& name = item.key();
-    if (lin == nullptr || !is_target(name, o, name == "lm_head")) continue;
+    if (lin == nullptr) continue;
     for (const auto& t : o.targets) {
       if (is_target(name, single_target(t), name == "lm_head")) hit_targets.insert(t);
     }
+    if (!is_target(name, o, name == "lm_head")) continue;
     const int64_t* r = pattern_value(o.rank_pattern, name);
     const int64_t rank = r ? *r : o.r;
     expected[kPeftPrefix + name + ".lora_A.weight"] = {rank, lin->in_features};

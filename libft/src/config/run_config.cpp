@@ -106,6 +106,24 @@ class Reader {
         v.push_back(item.Scalar());
       }
       out = v;
+    } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
+      // An integer or a list of them (PEFT's layers_to_transform takes both).
+      std::vector<int64_t> v;
+      std::vector<YAML::Node> items;
+      if (node.IsSequence()) {
+        for (const auto& item : node) items.push_back(item);
+      } else {
+        items.push_back(node);
+      }
+      for (const auto& item : items) {
+        int64_t x = 0;
+        if (!item.IsScalar() || !YAML::convert<int64_t>::decode(item, x)) {
+          unreadable_.insert(full);
+          return error(item, "'" + full + "' must be an integer or a list of integers");
+        }
+        v.push_back(x);
+      }
+      out = v;
     } else {
       if (!node.IsScalar()) return error(node, "'" + full + "' must be " + type_name<T>());
       // yaml-cpp converts through a stream; reject what it would half-read ("12abc", "1.5" as integer).
@@ -316,7 +334,7 @@ void parse_prefix(Reader& r, const YAML::Node& n, PrefixSection& p) {
 void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
   if (!r.check_map(n, "lora", {"r", "alpha", "dropout", "targets", "rslora", "dora", "init", "seed", "rank_pattern",
                                "alpha_pattern", "init_from", "fused", "extended_gemm", "row_kernels", "grad_splits",
-                               "group_projections", "modules_to_save"}))
+                               "group_projections", "modules_to_save", "layers_to_transform", "layers_pattern"}))
     return;
   r.get(n, "lora", "fused", l.fused);
   r.get(n, "lora", "extended_gemm", l.extended_gemm);
@@ -334,7 +352,7 @@ void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
   r.get(n, "lora", "init_from", l.init_from);
   if (!l.init_from.empty()) {
     for (const char* key : {"r", "alpha", "targets", "rslora", "dora", "init", "seed", "rank_pattern", "alpha_pattern",
-                            "modules_to_save"}) {
+                            "modules_to_save", "layers_to_transform", "layers_pattern"}) {
       if (n[key]) r.error(n[key], std::string("'lora.") + key + "' comes from the adapter of 'lora.init_from'; leave it out");
     }
   }
@@ -346,6 +364,22 @@ void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
   for (const auto& m : l.modules_to_save) {
     if (m.empty()) r.error(n["modules_to_save"], "'lora.modules_to_save' entries must be module names, not empty");
   }
+  r.get(n, "lora", "layers_to_transform", l.layers_to_transform);
+  for (const int64_t i : l.layers_to_transform) {
+    if (i < 0) r.error(n["layers_to_transform"], detail::concat("'lora.layers_to_transform' holds ", i, "; layers count from 0"));
+  }
+  r.get(n, "lora", "layers_pattern", l.layers_pattern);
+  for (const auto& [key, list] : {std::pair{"modules_to_save", &l.modules_to_save}, std::pair{"layers_pattern", &l.layers_pattern}}) {
+    for (const auto& p : *list) {
+      try {
+        std::regex check(p);
+      } catch (const std::regex_error&) {
+        r.error(n[key], std::string("'lora.") + key + "' entry '" + p + "' is not a regular expression (PEFT reads it as one)");
+      }
+    }
+  }
+  if (!l.layers_pattern.empty() && l.layers_to_transform.empty())
+    r.error(n["layers_pattern"], "'lora.layers_pattern' only applies with 'lora.layers_to_transform'");
   r.get(n, "lora", "rslora", l.rslora);
   r.get(n, "lora", "dora", l.dora);
   r.get(n, "lora", "init", l.init);
@@ -732,6 +766,8 @@ std::string to_yaml(const RunConfig& c) {
     out << YAML::Key << "dropout" << YAML::Value << shortest(c.lora.dropout);
     out << YAML::Key << "targets" << YAML::Value << YAML::Flow << c.lora.targets;
     out << YAML::Key << "modules_to_save" << YAML::Value << YAML::Flow << c.lora.modules_to_save;
+    out << YAML::Key << "layers_to_transform" << YAML::Value << YAML::Flow << c.lora.layers_to_transform;
+    out << YAML::Key << "layers_pattern" << YAML::Value << YAML::Flow << c.lora.layers_pattern;
     out << YAML::Key << "rslora" << YAML::Value << c.lora.rslora;
     out << YAML::Key << "dora" << YAML::Value << c.lora.dora;
     out << YAML::Key << "init" << YAML::Value << c.lora.init;

@@ -9,13 +9,16 @@
 // TARGETS, as PEFT matches target_modules: a list of names matches a module whose name equals one
 // or ends with "." + one ("q_proj" matches model.layers.3.self_attn.q_proj); a single string is a
 // regular expression that must match the whole module name; "all-linear" is every linear layer but
-// the output head. rank_pattern / alpha_pattern map a regular expression to a rank / alpha for the
+// the output head. As in PEFT, layers_to_transform keeps the targets matched by suffix (or by
+// all-linear) to the layers it lists, the layer being the number after the first "<pattern>." of
+// layers_pattern (with none, after the first dotted segment: model.layers.3 → 3); a module that
+// modules_to_save names, or one inside it, is never a target. rank_pattern / alpha_pattern map a regular expression to a rank / alpha for the
 // modules whose name matches "(.*\.)?(pattern)$" (the first matching pattern wins), as in PEFT.
 //
 // FILES (PEFT's): adapter_config.json ({"peft_type": "LORA", "r", "lora_alpha", "target_modules",
 // "rank_pattern", "alpha_pattern", "use_rslora", ...}) and adapter_model.safetensors with keys
 // "base_model.model.<module>.lora_A.weight" / ".lora_B.weight". Loading is strict: a PEFT option
-// libft does not implement (bias training, fan_in_fan_out, layers_to_transform, ...), a target
+// libft does not implement (bias training, fan_in_fan_out, exclude_modules, ...), a target
 // that matches nothing, a missing, unexpected or misshapen tensor is an error naming it.
 //
 // MODULES_TO_SAVE, as PEFT's: modules trained in full beside the adapters (typically lm_head and
@@ -57,6 +60,10 @@ struct LoraOptions {
   std::vector<std::pair<std::string, double>> alpha_pattern;
   /// Modules trained in full beside the adapters (see MODULES_TO_SAVE), e.g. {"lm_head"}.
   std::vector<std::string> modules_to_save;
+  /// Only these layers' matches, if not empty (see TARGETS; PEFT's layers_to_transform).
+  std::vector<int64_t> layers_to_transform;
+  /// Where a module name's layer index is (PEFT's layers_pattern, e.g. {"layers"}); see TARGETS.
+  std::vector<std::string> layers_pattern;
 };
 
 /// The parameters that `modules_to_save` trains in full, by model name ("lm_head.weight"), in model

@@ -103,6 +103,11 @@ struct LoraSection {
   /// Modules trained in full beside the adapters, saved in the adapter file (PEFT's
   /// modules_to_save; e.g. [lm_head] or [embed_tokens, lm_head] for new tokens).
   std::vector<std::string> modules_to_save;
+  /// Only the targets in these decoder layers (PEFT's layers_to_transform; empty: every layer), the
+  /// layer index read after "<layers_pattern>." in the module name (PEFT's layers_pattern; empty:
+  /// after the first dotted segment, model.layers.3 → 3).
+  std::vector<int64_t> layers_to_transform;
+  std::vector<std::string> layers_pattern;
   /// Start from this PEFT adapter directory (its config gives r, alpha, targets and patterns, its
   /// tensors the initial A and B) instead of a fresh initialisation; empty = fresh.
   std::string init_from;
