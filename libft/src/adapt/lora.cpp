@@ -929,6 +929,15 @@ int64_t layer_index(const std::string& name, const std::vector<std::string>& lay
   return -1;
 }
 
+/// Throws ft::Error naming `what` unless `p` is a regular expression.
+void check_regex(const std::string& what, const std::string& p) {
+  try {
+    std::regex check(p);
+  } catch (const std::regex_error& e) {
+    FT_FAIL("[lora] ", what, " '", p, "' is not a regular expression (PEFT reads it as one): ", e.what());
+  }
+}
+
 /// PEFT's check_target_module_exists for a list of names (or its regex form): a module that
 /// modules_to_save names (or one inside it) is never a target; a listed name matched exactly is;
 /// one matched as a suffix (or by all-linear) only in the layers of layers_to_transform, if given.
@@ -944,7 +953,7 @@ bool is_target(const std::string& name, const LoraOptions& o, bool is_head) {
       continue;
     }
     if (name == t) return true;
-    suffix |= name.size() > t.size() && name.compare(name.size() - t.size() - 1, t.size() + 1, "." + t) == 0;
+    suffix |= name.ends_with("." + t);
   }
   if (!suffix || o.layers_to_transform.empty()) return suffix;
   const int64_t layer = layer_index(name, o.layers_pattern);
@@ -994,17 +1003,11 @@ std::vector<std::pair<std::string, at::Tensor>> modules_to_save_parameters(model
   std::vector<std::string> matched;
   for (const std::string& entry : entries) {
     FT_CHECK(!entry.empty(), "[lora] modules_to_save: an entry is empty");
-    try {
-      std::regex check(entry);  // PEFT reads it as a regular expression when it keeps it out of the targets
-    } catch (const std::regex_error& e) {
-      FT_FAIL("[lora] modules_to_save: '", entry, "' is not a regular expression (PEFT reads it as one): ", e.what());
-    }
+    check_regex("modules_to_save:", entry);  // as PEFT keeps it out of the targets
     bool hit = false;
     for (const auto& item : model->named_modules("", false)) {
       const std::string& name = item.key();
-      if (name.empty() || in_adapter(name) || name.size() < entry.size() ||
-          name.compare(name.size() - entry.size(), entry.size(), entry) != 0)
-        continue;
+      if (name.empty() || in_adapter(name) || !name.ends_with(entry)) continue;
       hit = true;
       if (std::find(matched.begin(), matched.end(), name) == matched.end()) matched.push_back(name);
     }
@@ -1040,11 +1043,8 @@ std::vector<std::pair<std::string, at::Tensor>> modules_to_save_parameters(model
 
 bool untie_for_modules_to_save(model::CausalLM& model, const std::vector<std::string>& entries) {
   if (!model->config().tie_word_embeddings) return false;
-  auto ends_with = [](const std::string& name, const std::string& entry) {
-    return !entry.empty() && name.size() >= entry.size() && name.compare(name.size() - entry.size(), entry.size(), entry) == 0;
-  };
   for (const std::string& e : entries) {
-    if (ends_with("lm_head", e) || ends_with("model.embed_tokens", e)) {
+    if (!e.empty() && (std::string_view("lm_head").ends_with(e) || std::string_view("model.embed_tokens").ends_with(e))) {
       model->untie_embeddings();
       return true;
     }
@@ -1059,13 +1059,7 @@ std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) 
   FT_CHECK(o.init == "kaiming" || o.init == "gaussian", "[lora] init must be kaiming or gaussian, got '", o.init, "'");
   FT_CHECK(!o.targets.empty() || !o.target_regex.empty(), "[lora] no target modules");
   FT_CHECK(adapters(model).empty(), "[lora] the model already has LoRA adapters");
-  for (const auto& p : o.layers_pattern) {
-    try {
-      std::regex check(p);
-    } catch (const std::regex_error& e) {
-      FT_FAIL("[lora] layers_pattern '", p, "' is not a regular expression: ", e.what());
-    }
-  }
+  for (const auto& p : o.layers_pattern) check_regex("layers_pattern", p);
   for (const int64_t l : o.layers_to_transform) FT_CHECK(l >= 0, "[lora] layers_to_transform holds ", l, "; layers count from 0");
   untie_for_modules_to_save(model, o.modules_to_save);
   const auto saved = modules_to_save_parameters(model, o.modules_to_save);

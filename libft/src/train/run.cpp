@@ -601,15 +601,16 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   if (!resume_dir) {
     // A finished run that kept no checkpoint: rerun only with its own config (see
     // finished_run_difference). Rank 0 looks; every rank stops together.
+    const bool finished = rank0 && fs::exists(out_dir / "final");
     std::string difference;
-    if (rank0 && fs::exists(out_dir / "final")) difference = finished_run_difference(out_dir, resolved_yaml);
+    if (finished) difference = finished_run_difference(out_dir, resolved_yaml);
     double refuse = difference.empty() ? 0.0 : 1.0;
     if (group) refuse = group->max({refuse})[0];
     FT_CHECK(refuse == 0.0, "[train] ", (out_dir / "final").string(), " holds the model of a finished run that kept no ",
              "checkpoint, and this run, starting from step 0, would overwrite it and its metrics.jsonl: ",
              difference.empty() ? "rank 0 found its config.yaml differs" : difference,
              ". Use a new output_dir, or move that final/ away to train here again");
-    if (rank0 && fs::exists(out_dir / "final")) {
+    if (finished) {
       std::fprintf(log, "[train] %s is from this same config, which kept no checkpoint: training it again from step 0\n",
                    (out_dir / "final").string().c_str());
     }
