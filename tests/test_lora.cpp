@@ -1512,7 +1512,9 @@ TEST(LoraGroup, GroupedProjectionsComputeWhatSeparateLayersCompute) {
        {{"v_proj", 5.0}, {"gate_proj", 7.0}}, true},
       {"gate only (up frozen in the group)", "llama", {"gate_proj", "k_proj"}, {}, {}, false},
       {"all-linear, dropout 0.1 (a mask per adapter)", "llama", {"all-linear"}, {{"k_proj", 2}}, {}, false, 0.1},
-      {"q and v, dropout 0.2", "qwen2", {"q_proj", "v_proj"}, {}, {}, false, 0.2}};
+      {"q and v, dropout 0.2", "qwen2", {"q_proj", "v_proj"}, {}, {}, false, 0.2},
+      // Qwen3's q/k norms read column views of the grouped output.
+      {"all-linear, qwen3 (q and k normed per head)", "qwen3", {"all-linear"}, {{"q_proj", 2}}, {}, false}};
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
     io::ModelConfig mc = test::tiny_config(c.model_type);

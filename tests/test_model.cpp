@@ -60,6 +60,43 @@ TEST(Config, ParsesLegacyLlama3Layout) {
   EXPECT_EQ(again.eos_token_ids, c.eos_token_ids);
 }
 
+// Qwen3, as transformers 5 writes it (rope_parameters, layer_types): one attention_bias for the four
+// projections, per-head q/k norms, windows per layer only where use_sliding_window says so; what
+// libft writes back parses to the same model, and the model has HF's q_norm/k_norm parameters.
+TEST(Config, ParsesQwen3) {
+  const std::string json = R"({
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 97, "hidden_size": 32,
+    "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "head_dim": 24, "attention_bias": true, "rms_norm_eps": 1e-6, "tie_word_embeddings": true,
+    "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}, "use_sliding_window": true,
+    "sliding_window": 5, "max_window_layers": 28,
+    "layer_types": ["full_attention", "sliding_attention", "full_attention"], "attention_dropout": 0.0
+  })";
+  auto c = io::parse_model_config(json, "config.json");
+  EXPECT_TRUE(c.qk_norm());
+  EXPECT_TRUE(c.qkv_bias);
+  EXPECT_TRUE(c.o_bias);
+  EXPECT_EQ(c.head_dim, 24);
+  EXPECT_EQ(c.layer_window, (std::vector<int64_t>{0, 5, 0}));
+  auto again = io::parse_model_config(io::model_config_to_json(c), "written");
+  EXPECT_EQ(again.model_type, "qwen3");
+  EXPECT_TRUE(again.o_bias);
+  EXPECT_EQ(again.layer_window, c.layer_window);
+  EXPECT_DOUBLE_EQ(again.rope.theta, 1e6);
+  EXPECT_NE(io::model_config_to_json(c).find("Qwen3ForCausalLM"), std::string::npos);
+  model::CausalLM m(c);
+  auto params = m->named_parameters();
+  ASSERT_TRUE(params.contains("model.layers.2.self_attn.q_norm.weight"));
+  EXPECT_EQ(params["model.layers.2.self_attn.k_norm.weight"].sizes(), (std::vector<int64_t>{24}));
+  EXPECT_TRUE(params.contains("model.layers.0.self_attn.o_proj.bias"));
+  // The other families have no such norms; a qwen3 config built in C++ cannot split the bias.
+  EXPECT_FALSE(model::CausalLM(tiny_config("qwen2"))->named_parameters().contains("model.layers.0.self_attn.q_norm.weight"));
+  c.o_bias = false;
+  EXPECT_NE(expect_error([&] { c.validate("built"); }).find("built: qwen3 has biases on all four"), std::string::npos);
+  c.model_type = "gemma";
+  EXPECT_NE(expect_error([&] { c.validate("built"); }).find("model_type 'gemma' is not supported"), std::string::npos);
+}
+
 TEST(Config, RejectsWhatItCannotHonour) {
   std::string base = kLlamaJson;
   auto with = [&](const std::string& from, const std::string& to) {

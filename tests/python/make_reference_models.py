@@ -17,7 +17,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
               rms_norm_eps=1e-5, max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
@@ -40,6 +40,11 @@ FAMILIES = {
     "mistral": (MistralForCausalLM, MistralConfig(**COMMON, num_key_value_heads=2, head_dim=24, sliding_window=6)),
     # Qwen2: q/k/v biases, tied embeddings.
     "qwen2": (Qwen2ForCausalLM, Qwen2Config(**COMMON, num_key_value_heads=2, tie_word_embeddings=True)),
+    # Qwen3: RMSNorm of each head's queries and keys, head_dim != hidden/heads, tied embeddings, and a
+    # sliding-window first layer (6 < 16 tokens) before a full one.
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True,
+                                            use_sliding_window=True, sliding_window=6,
+                                            layer_types=["sliding_attention", "full_attention"])),
 }
 
 

@@ -149,6 +149,11 @@ double parameter_estimate(const ModelConfig& c) {
 }  // namespace
 
 void ModelConfig::validate(const std::string& source) const {
+  FT_CHECK(model_type == "llama" || model_type == "mistral" || model_type == "qwen2" || model_type == "qwen3",
+           "[config] ", source, ": model_type '", model_type, "' is not supported (supported: llama, mistral, qwen2, qwen3)");
+  // Qwen3's one attention_bias covers the four projections.
+  FT_CHECK(model_type != "qwen3" || qkv_bias == o_bias, "[config] ", source,
+           ": qwen3 has biases on all four attention projections or on none");
   check_sizes(*this, source);
   FT_CHECK(num_attention_heads % num_key_value_heads == 0, "[config] ", source, ": num_attention_heads (",
            num_attention_heads, ") must be a multiple of num_key_value_heads (", num_key_value_heads, ")");
@@ -184,8 +189,9 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   Reader r{j, source, {}};
   ModelConfig c;
   c.model_type = r.string_or("model_type", "");
-  FT_CHECK(c.model_type == "llama" || c.model_type == "mistral" || c.model_type == "qwen2", "[config] ", source,
-           ": model_type '", c.model_type, "' is not supported (supported: llama, mistral, qwen2)");
+  FT_CHECK(c.model_type == "llama" || c.model_type == "mistral" || c.model_type == "qwen2" || c.model_type == "qwen3",
+           "[config] ", source, ": model_type '", c.model_type,
+           "' is not supported (supported: llama, mistral, qwen2, qwen3)");
   if (r.has("architectures")) {
     const json& arch = j.at("architectures");
     FT_CHECK(arch.is_array(), "[config] ", source, ": 'architectures' must be a list");
@@ -208,7 +214,7 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   check_sizes(c, source);  // before any of them sizes a vector below (layer_window)
   c.rms_norm_eps = r.number_or("rms_norm_eps", 1e-6);
   c.initializer_range = r.number_or("initializer_range", 0.02);
-  c.tie_word_embeddings = r.boolean_or("tie_word_embeddings", c.model_type == "qwen2" ? false : false);
+  c.tie_word_embeddings = r.boolean_or("tie_word_embeddings", false);
   c.mlp_bias = r.boolean_or("mlp_bias", false);
   bool attention_bias = r.boolean_or("attention_bias", false);
   if (c.model_type == "qwen2") {
@@ -257,7 +263,7 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   r.used.insert("layer_types");
   if (c.model_type == "mistral") {
     if (window) c.layer_window.assign(c.num_hidden_layers, *window);
-  } else if (c.model_type == "qwen2") {
+  } else if (c.model_type == "qwen2" || c.model_type == "qwen3") {
     if (r.has("layer_types")) {
       const json& types = j.at("layer_types");
       FT_CHECK(types.is_array() && static_cast<int64_t>(types.size()) == c.num_hidden_layers, "[config] ", source,
@@ -294,8 +300,10 @@ ModelConfig load_model_config(const std::string& path) { return parse_model_conf
 
 std::string model_config_to_json(const ModelConfig& c) {
   json j;
-  std::string arch = c.model_type == "llama" ? "LlamaForCausalLM"
-                     : c.model_type == "mistral" ? "MistralForCausalLM" : "Qwen2ForCausalLM";
+  const std::string arch = c.model_type == "llama"     ? "LlamaForCausalLM"
+                           : c.model_type == "mistral" ? "MistralForCausalLM"
+                           : c.model_type == "qwen2"   ? "Qwen2ForCausalLM"
+                                                       : "Qwen3ForCausalLM";
   j["architectures"] = json::array({arch});
   j["model_type"] = c.model_type;
   j["vocab_size"] = c.vocab_size;
@@ -328,7 +336,7 @@ std::string model_config_to_json(const ModelConfig& c) {
   for (auto w : c.layer_window) window = std::max(window, w);
   if (c.model_type == "mistral") {
     j["sliding_window"] = window > 0 ? json(window) : json(nullptr);
-  } else if (c.model_type == "qwen2") {
+  } else if (c.model_type == "qwen2" || c.model_type == "qwen3") {
     j["sliding_window"] = window > 0 ? json(window) : json(nullptr);
     j["use_sliding_window"] = window > 0;
     json types = json::array();

@@ -354,6 +354,10 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, int64_t window_)
   k_proj = register_module("k_proj", linear(c.hidden_size, kv_heads * head_dim, c.qkv_bias));
   v_proj = register_module("v_proj", linear(c.hidden_size, kv_heads * head_dim, c.qkv_bias));
   o_proj = register_module("o_proj", linear(heads * head_dim, c.hidden_size, c.o_bias));
+  if (c.qk_norm()) {
+    q_norm = register_module("q_norm", RMSNorm(head_dim, c.rms_norm_eps));
+    k_norm = register_module("k_norm", RMSNorm(head_dim, c.rms_norm_eps));
+  }
 }
 
 namespace {
@@ -386,8 +390,14 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
     const auto xs = projection_inputs(x, {q_proj.get(), k_proj.get(), v_proj.get()}, shared_input_cast);
     qkv = {q_proj(xs[0]), k_proj(xs[1]), v_proj(xs[2])};
   }
-  at::Tensor q = qkv[0].view({B, T, heads, head_dim}).transpose(1, 2);     // (B, H, T, D)
-  at::Tensor k = qkv[1].view({B, T, kv_heads, head_dim}).transpose(1, 2);  // (B, G, T, D)
+  at::Tensor q = qkv[0].view({B, T, heads, head_dim});
+  at::Tensor k = qkv[1].view({B, T, kv_heads, head_dim});
+  if (q_norm) {  // Qwen3: over each head's D values, before the rotary embedding (the cache keeps normed keys)
+    q = q_norm(q);
+    k = k_norm(k);
+  }
+  q = q.transpose(1, 2);  // (B, H, T, D)
+  k = k.transpose(1, 2);  // (B, G, T, D)
   at::Tensor v = qkv[2].view({B, T, kv_heads, head_dim}).transpose(1, 2);  // (B, G, T, D)
   at::Tensor cos = in.cos.unsqueeze(1), sin = in.sin.unsqueeze(1);            // (B, 1, T, D)
   // Short packed sequences on the CPU: the grouped GEMM path below, which wants q and k contiguous

@@ -1,6 +1,6 @@
 #pragma once
 // Hugging Face config.json → typed model configuration for the Llama family
-// (llama, mistral, qwen2; TinyLlama and SmolLM are "llama").
+// (llama, mistral, qwen2, qwen3; TinyLlama and SmolLM are "llama").
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -20,7 +20,7 @@ struct RopeConfig {
 };
 
 struct ModelConfig {
-  std::string model_type = "llama";  ///< llama | mistral | qwen2
+  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
@@ -31,17 +31,22 @@ struct ModelConfig {
   int64_t max_position_embeddings = 2048;
   double rms_norm_eps = 1e-6;
   RopeConfig rope;
-  bool qkv_bias = false;       ///< llama/mistral: attention_bias; qwen2: always true
-  bool o_bias = false;         ///< llama: attention_bias; qwen2/mistral: false
+  bool qkv_bias = false;       ///< llama/mistral/qwen3: attention_bias; qwen2: always true
+  bool o_bias = false;         ///< llama/qwen3: attention_bias; qwen2/mistral: false
   bool mlp_bias = false;
   bool tie_word_embeddings = false;
-  /// Attention window per layer, 0 = full causal attention (mistral's sliding_window, qwen2's layer_types).
+  /// Attention window per layer, 0 = full causal attention (mistral's sliding_window, qwen2's and
+  /// qwen3's layer_types).
   std::vector<int64_t> layer_window;
   std::optional<int64_t> bos_token_id;
   std::vector<int64_t> eos_token_ids;
   std::optional<int64_t> pad_token_id;
   std::string torch_dtype = "float32";  ///< the checkpoint's declared dtype
   double initializer_range = 0.02;
+
+  /// Qwen3: an RMSNorm over each head's queries and keys (q_norm, k_norm: weights of head_dim),
+  /// after the projections and before the rotary embedding.
+  bool qk_norm() const { return model_type == "qwen3"; }
 
   /// Throws ft::Error when values are inconsistent (heads not dividing, non-positive sizes...).
   void validate(const std::string& source) const;

@@ -74,6 +74,9 @@ class AttentionImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k, at::Tensor* cache_v,
                      const at::Tensor& prefix_k = {}, const at::Tensor& prefix_v = {});
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  /// Qwen3 (ModelConfig::qk_norm): RMSNorm of each head's queries and keys before the rotary
+  /// embedding; null for the other families.
+  RMSNorm q_norm{nullptr}, k_norm{nullptr};
   int64_t heads, kv_heads, head_dim, window;
   bool shared_input_cast = true;  ///< CausalLMImpl::set_shared_input_cast
 };
