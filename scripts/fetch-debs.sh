@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 pkgs=(nlohmann-json3-dev libcli11-dev libgloo-dev libgtest-dev libgmock-dev libbenchmark-dev libbenchmark1debian
       libsentencepiece-dev libsentencepiece0 libhdf5-dev libhdf5-103-1 libsz2 libaec0 libyaml-cpp-dev libyaml-cpp0.7
-      libssl-dev libssl3 pkgconf pkgconf-bin libpkgconf3 fortunes fortunes-min jargon-text)
+      libssl-dev libssl3 libpcre2-dev libpcre2-8-0 libutf8proc-dev libutf8proc2 pkgconf pkgconf-bin libpkgconf3 fortunes fortunes-min jargon-text)
 mkdir -p .debs
 missing=()
 for p in "${pkgs[@]}"; do ls .debs/"${p}"_*.deb >/dev/null 2>&1 || missing+=("$p"); done

@@ -13,6 +13,7 @@ venv=${LIBFT_VENV:-$HOME/.cache/libft/venv}
 debs=(build-essential cmake ninja-build ccache pkg-config git
       clang-14 libfuzzer-14-dev libclang-rt-14-dev
       libsentencepiece-dev sentencepiece libhdf5-dev libyaml-cpp-dev nlohmann-json3-dev libcli11-dev
+      libpcre2-dev libutf8proc-dev  # tokenizer.json's pre-tokenizer patterns and NFC
       libgloo-dev  # headers of the Gloo that libtorch_cpu contains (c10d on the CPU)
       libgtest-dev libgmock-dev libbenchmark-dev python3-venv
       fortunes jargon-text)  # real English text for the data tests and the bundled examples

@@ -64,7 +64,7 @@ void add_generate(CLI::App& app) {
   auto* text_opt = cmd->add_option("-p,--prompt", a->prompt, "Prompt as text (needs a tokenizer)");
   ids_opt->excludes(text_opt);
   cmd->add_option("-t,--tokenizer", a->tokenizer,
-                  "tokenizer.model or a directory holding one (default: the model directory's, if any)");
+                  "tokenizer.model, tokenizer.json or a directory holding one (default: the model directory's, if any)");
   cmd->add_option("-n,--max-new-tokens", a->max_new_tokens, "Tokens to generate")
       ->capture_default_str()
       ->check(in_range(0, 1e9, "> 0"));
@@ -101,12 +101,16 @@ void add_generate(CLI::App& app) {
     // A tokenizer, when one is given or sits in the checkpoint: text prompts in, text out.
     std::optional<data::Tokenizer> tok;
     std::string tok_path = a->tokenizer;
-    if (tok_path.empty() && std::filesystem::exists(std::filesystem::path(a->dir) / "tokenizer.model")) tok_path = a->dir;
+    if (tok_path.empty() && (std::filesystem::exists(std::filesystem::path(a->dir) / "tokenizer.model") ||
+                             std::filesystem::exists(std::filesystem::path(a->dir) / "tokenizer.json"))) {
+      tok_path = a->dir;
+    }
     if (!tok_path.empty()) tok = data::Tokenizer::load(tok_path);
     FT_CHECK(!a->prompt_ids.empty() || !a->prompt.empty(), "give --prompt TEXT or --prompt-ids IDS");
     std::vector<int64_t> prompt;
     if (!a->prompt.empty()) {
-      FT_CHECK(tok.has_value(), "--prompt needs a tokenizer: pass --tokenizer, or put tokenizer.model in ", a->dir);
+      FT_CHECK(tok.has_value(), "--prompt needs a tokenizer: pass --tokenizer, or put tokenizer.model or tokenizer.json in ",
+               a->dir);
       if (tok->special().add_bos && tok->special().bos >= 0) prompt.push_back(tok->special().bos);
       for (int32_t id : tok->encode(a->prompt)) prompt.push_back(id);
     } else {

@@ -23,7 +23,7 @@ void add_prepare(CLI::App& app) {
   auto* cmd = app.add_subcommand("prepare", "Tokenize a corpus once into an HDF5 token store (+ .sha256 sidecar)");
   cmd->add_option("inputs", a->inputs, "Files and directories (directories are walked in sorted order)")->required();
   cmd->add_option("-o,--output", a->output, "Token store to write, e.g. data/train.h5")->required();
-  cmd->add_option("-t,--tokenizer", a->tokenizer, "tokenizer.model, or a checkpoint directory holding one")->required();
+  cmd->add_option("-t,--tokenizer", a->tokenizer, "tokenizer.model or tokenizer.json, or a checkpoint directory holding one")->required();
   cmd->add_option("--format", a->format, "text | jsonl | instruction | chat")->capture_default_str();
   auto* split = cmd->add_option("--split", a->split, "Plain text: file | blank_lines | separator")->capture_default_str();
   auto* separator = cmd->add_option("--separator", a->separator, "Plain text: the line that ends a document (--split separator)")

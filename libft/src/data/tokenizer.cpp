@@ -19,6 +19,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "bpe.h"
 #include "ft/util/error.h"
 #include "ft/util/json.h"
 
@@ -223,7 +224,8 @@ std::string fingerprint_settings(const SpecialTokens& s) {
 
 struct Tokenizer::Impl {
   sentencepiece::SentencePieceProcessor sp;
-  std::vector<bool> skip_on_decode;  // indexed by id
+  std::unique_ptr<detail::ByteLevelBpe> bpe;  // a tokenizer.json's byte-level BPE, in place of sp
+  std::vector<bool> skip_on_decode;           // indexed by id
 };
 
 Tokenizer::Tokenizer() : impl_(std::make_unique<Impl>()) {}
@@ -239,11 +241,15 @@ Tokenizer Tokenizer::load(const std::string& path) {
 
   std::string model_path = path;
   std::vector<std::string> config_files;  // in order of precedence, lowest first
+  bool json_model = kind != fs::file_type::directory && fs::path(path).extension() == ".json";
   if (kind == fs::file_type::directory) {
+    // sentencepiece's tokenizer.model where there is one (Llama 2, Mistral and TinyLlama ship both);
+    // else the byte-level BPE of tokenizer.json (Llama 3, Qwen, GPT-2 and SmolLM ship only that).
     model_path = (fs::path(path) / "tokenizer.model").string();
     if (!fs::exists(model_path)) {
-      FT_FAIL("[tokenizer] ", path, ": no tokenizer.model in this directory (only sentencepiece tokenizers are",
-              fs::exists(fs::path(path) / "tokenizer.json") ? " supported; tokenizer.json alone is not)" : " supported)");
+      model_path = (fs::path(path) / "tokenizer.json").string();
+      json_model = true;
+      FT_CHECK(fs::exists(model_path), "[tokenizer] ", path, ": neither tokenizer.model nor tokenizer.json in this directory");
     }
     // tokenizer_config.json is what current Hugging Face versions write and read first;
     // special_tokens_map.json only fills in what it leaves out.
@@ -257,6 +263,10 @@ Tokenizer Tokenizer::load(const std::string& path) {
   tok.path_ = model_path;
   const std::string bytes = read_binary_file(model_path, "tokenizer");
   FT_CHECK(!bytes.empty(), "[tokenizer] ", model_path, ": empty file");
+  if (json_model) {
+    tok.load_byte_level_bpe(bytes, config_files);
+    return tok;
+  }
   check_model_structure(bytes, model_path);
   auto& sp = tok.impl_->sp;
   const auto status = sp.LoadFromSerializedProto(bytes);
@@ -315,7 +325,68 @@ Tokenizer Tokenizer::load(const std::string& path) {
   return tok;
 }
 
+void Tokenizer::load_byte_level_bpe(const std::string& bytes, const std::vector<std::string>& config_files) {
+  impl_->bpe = std::make_unique<detail::ByteLevelBpe>(bytes, path_);
+  const detail::ByteLevelBpe& bpe = *impl_->bpe;
+  // The framing the post-processor's template applies (Llama 3: <|begin_of_text|> first; Qwen and
+  // GPT-2: none), which tokenizer_config.json's tokens and flags may then name or override.
+  const auto& prefix = bpe.template_prefix();
+  const auto& suffix = bpe.template_suffix();
+  FT_CHECK(prefix.size() <= 1 && suffix.size() <= 1, "[tokenizer] ", path_,
+           ": the post-processor puts several tokens around a sequence; libft frames documents with one BOS and "
+           "one EOS");
+  SpecialTokens& special = special_;
+  special = SpecialTokens{};
+  special.bos = prefix.empty() ? -1 : prefix[0];
+  special.eos = suffix.empty() ? -1 : suffix[0];
+  special.unk = bpe.unk_id();
+  special.add_bos = !prefix.empty();
+  special.add_eos = !suffix.empty();
+  struct Slot {
+    const char* key;
+    int32_t* id;
+  };
+  const Slot slots[] = {{"bos_token", &special.bos}, {"eos_token", &special.eos},
+                        {"pad_token", &special.pad}, {"unk_token", &special.unk}};
+  for (const auto& file : config_files) {
+    const nlohmann::json config = load_config_object(file);
+    for (const auto& slot : slots) {
+      auto token = token_name(config, slot.key, file);
+      if (!token) continue;
+      if (!token->name) {
+        *slot.id = -1;
+        continue;
+      }
+      const int32_t id = bpe.token_to_id(*token->name);
+      FT_CHECK(id >= 0, "[tokenizer] ", file, ": ", slot.key, " '", *token->name, "' is not in the vocabulary of ", path_);
+      *slot.id = id;
+    }
+    if (auto v = flag(config, "add_bos_token", file)) special.add_bos = *v;
+    if (auto v = flag(config, "add_eos_token", file)) special.add_eos = *v;
+  }
+  FT_CHECK(!special.add_bos || special.bos >= 0, "[tokenizer] ", path_, ": add_bos_token is set but there is no BOS token");
+  FT_CHECK(!special.add_eos || special.eos >= 0, "[tokenizer] ", path_, ": add_eos_token is set but there is no EOS token");
+  FT_CHECK(prefix.empty() || !special.add_bos || special.bos == prefix[0], "[tokenizer] ", path_,
+           ": the post-processor starts a sequence with '", bpe.id_to_token(prefix[0]), "' but bos_token is '",
+           bpe.id_to_token(special.bos), "'");
+  FT_CHECK(suffix.empty() || !special.add_eos || special.eos == suffix[0], "[tokenizer] ", path_,
+           ": the post-processor ends a sequence with '", bpe.id_to_token(suffix[0]), "' but eos_token is '",
+           bpe.id_to_token(special.eos), "'");
+  // Hugging Face's decode(skip_special_tokens=True): the added tokens marked special go, and so do
+  // the declared ones; other added tokens (Qwen3's <think>) stay.
+  auto& skip = impl_->skip_on_decode;
+  skip.assign(static_cast<size_t>(bpe.vocab_size()), false);
+  for (const auto& t : bpe.added_tokens()) skip[t.id] = t.special;
+  for (int32_t id : {special.bos, special.eos, special.pad, special.unk}) {
+    if (id >= 0 && id < bpe.vocab_size()) skip[id] = true;
+  }
+  fingerprint_ = sha256_hex({bytes, "\n", fingerprint_settings(special)});
+}
+
+bool Tokenizer::byte_level_bpe() const { return impl_->bpe != nullptr; }
+
 std::vector<int32_t> Tokenizer::encode(std::string_view text) const {
+  if (impl_->bpe) return impl_->bpe->encode(text);
   std::vector<int> ids;
   const auto status = impl_->sp.Encode(text, &ids);
   FT_CHECK(status.ok(), "[tokenizer] ", path_, ": encode failed (", status_text(status), ")");
@@ -324,6 +395,7 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text) const {
 
 std::string Tokenizer::decode(std::span<const int32_t> ids) const {
   const auto& skip = impl_->skip_on_decode;
+  if (impl_->bpe) return impl_->bpe->decode(ids, skip);
   std::vector<int> kept;
   kept.reserve(ids.size());
   for (int32_t id : ids) {
@@ -337,11 +409,18 @@ std::string Tokenizer::decode(std::span<const int32_t> ids) const {
   return text;
 }
 
-int32_t Tokenizer::vocab_size() const { return impl_->sp.GetPieceSize(); }
+int32_t Tokenizer::vocab_size() const { return impl_->bpe ? impl_->bpe->vocab_size() : impl_->sp.GetPieceSize(); }
 
-int32_t Tokenizer::piece_to_id(std::string_view piece) const { return impl_->sp.PieceToId(piece); }
+int32_t Tokenizer::piece_to_id(std::string_view piece) const {
+  if (impl_->bpe) {
+    const int32_t id = impl_->bpe->token_to_id(piece);
+    return id >= 0 ? id : special_.unk;
+  }
+  return impl_->sp.PieceToId(piece);
+}
 
 std::string Tokenizer::id_to_piece(int32_t id) const {
+  if (impl_->bpe) return impl_->bpe->id_to_token(id);
   FT_CHECK(id >= 0 && id < vocab_size(), "[tokenizer] ", path_, ": id ", id, " is outside the vocabulary [0, ",
            vocab_size(), ")");
   return impl_->sp.IdToPiece(id);

@@ -21,6 +21,8 @@ std::vector<int32_t> TokenizerEncoder::encode_start(std::string_view text) const
 
 std::vector<int32_t> TokenizerEncoder::encode_continuation(std::string_view text) const {
   if (text.empty()) return {};
+  // A byte-level BPE adds no dummy prefix: a segment encodes the same wherever it starts.
+  if (tokenizer_->byte_level_bpe()) return tokenizer_->encode(text);
   std::string joined;
   joined.reserve(kSentinel.size() + text.size());
   joined.append(kSentinel).append(text);

@@ -1,6 +1,8 @@
 #pragma once
-// sentencepiece tokenizers (the Llama 2 / Mistral / TinyLlama `tokenizer.model` format), with the
-// special tokens a Hugging Face checkpoint declares. Torch-free.
+// Tokenizers of Hugging Face checkpoints, with the special tokens a checkpoint declares: sentencepiece
+// (the Llama 2 / Mistral / TinyLlama `tokenizer.model` format), and the byte-level BPE of a
+// `tokenizer.json` (Llama 3, Qwen2/Qwen3, GPT-2, SmolLM), which computes what the `tokenizers`
+// library computes for it. Torch-free.
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -42,8 +44,10 @@ std::string fingerprint_settings(const SpecialTokens& special);
 
 class Tokenizer {
  public:
-  /// `path` is a tokenizer.model file or a checkpoint directory holding one (plus, optionally,
-  /// tokenizer_config.json / special_tokens_map.json, which set the special tokens and flags).
+  /// `path` is a tokenizer.model or tokenizer.json file, or a checkpoint directory holding one
+  /// (tokenizer.model first) plus, optionally, tokenizer_config.json / special_tokens_map.json, which
+  /// set the special tokens and flags. For a tokenizer.json, BOS/EOS and whether they are added
+  /// start from its post-processor's template; the fingerprint hashes the tokenizer.json bytes.
   static Tokenizer load(const std::string& path);
   /// Trains a sentencepiece model; returns the path of the .model file. Settings as Llama's
   /// tokenizer.model: no normalisation, whitespace kept as is, digits split, ids unk 0, <s> 1, </s> 2,
@@ -66,9 +70,13 @@ class Tokenizer {
   /// record it and refuse to be read with another tokenizer.
   const std::string& fingerprint() const { return fingerprint_; }
   const std::string& path() const { return path_; }
+  /// A tokenizer.json's byte-level BPE (no sentencepiece dummy prefix: text encodes the same
+  /// wherever it starts).
+  bool byte_level_bpe() const;
 
  private:
   Tokenizer();
+  void load_byte_level_bpe(const std::string& bytes, const std::vector<std::string>& config_files);
   struct Impl;
   std::unique_ptr<Impl> impl_;
   SpecialTokens special_;

@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Reference encodings for libft's byte-level BPE tokenizer (the Hugging Face tokenizer.json format of
+Llama 3, Qwen2/Qwen3 and GPT-2/SmolLM).
+
+    bpe_reference.py OUT_DIR
+
+Trains a 3000-token byte-level BPE with the `tokenizers` library on real text (the fortune records and
+Jargon File lines that tokenizer_reference.py reads) and saves it as three checkpoint-style directories,
+each with tokenizer.json and tokenizer_config.json written by transformers' save_pretrained:
+
+  OUT_DIR/llama3  Llama 3 split regex (\\p{N}{1,3}), ignore_merges, ByteLevel decoder, a
+                  TemplateProcessing post-processor that prepends <|begin_of_text|>, five special tokens
+                  after the learned vocabulary, clean_up_tokenization_spaces true (as Llama 3's; transformers
+                  5 ignores it for BPE tokenizers, with a warning, so decodes here are not "cleaned up")
+  OUT_DIR/qwen2   NFC normalizer, Qwen2 split regex (single \\p{N}), no BOS, <|endoftext|> <|im_start|>
+                  <|im_end|> special, <think> </think> added but not special (as Qwen3)
+  OUT_DIR/gpt2    the GPT-2 ByteLevel pre-tokenizer (use_regex), <|endoftext|> as bos/eos/unk and a
+                  "<mask>" special token with lstrip
+
+Each directory is then loaded back as a user would (transformers.AutoTokenizer.from_pretrained) and
+every text of tokenizer_reference.samples(), plus cases that exercise special and added tokens in text,
+contractions, digit runs, whitespace runs, Unicode spaces, NFC and a long word, is encoded with and
+without special tokens, decoded with and without skip_special_tokens, and converted to tokens. All of it
+goes to OUT_DIR/bpe_reference.json (plain ASCII), which the C++ tokenizer must reproduce.
+
+Deterministic: the same bytes every run. Writes only inside OUT_DIR.
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never reach for the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tokenizer_reference  # noqa: E402  samples() and the fortune / jargon readers
+
+import tokenizers  # noqa: E402
+import transformers  # noqa: E402
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, \
+    processors, trainers  # noqa: E402
+
+VOCAB_SIZE = 3000
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+PLAIN_TEXT = "Real Programmers don't write in PASCAL."
+
+
+def fail(message):
+    sys.exit(f"bpe_reference.py: {message}")
+
+
+def training_text():
+    texts = []
+    for path in tokenizer_reference.fortune_files():
+        texts += tokenizer_reference.fortune_records(path)
+    texts += tokenizer_reference.jargon_lines()
+    if len(texts) < 1000:
+        fail(f"only {len(texts)} training texts: are 'fortunes' and 'jargon-text' installed?")
+    return texts
+
+
+def train(tok, texts):
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False, special_tokens=[])
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    if tok.get_vocab_size() != VOCAB_SIZE:
+        fail(f"trained vocabulary has {tok.get_vocab_size()} tokens, expected {VOCAB_SIZE}")
+    return tok
+
+
+def special(content, **kw):
+    return AddedToken(content, special=True, normalized=False, **kw)
+
+
+def build_llama3(texts):
+    tok = Tokenizer(models.BPE(ignore_merges=True, byte_fallback=False, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    train(tok, texts)
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok.add_special_tokens([special(n) for n in names])
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                      pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
+                                      special_tokens=[("<|begin_of_text|>", bos)]),
+    ])
+    config = dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", clean_up_tokenization_spaces=True)
+    return tok, config
+
+
+def build_qwen2(texts):
+    tok = Tokenizer(models.BPE(ignore_merges=False, byte_fallback=False, unk_token=None))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    train(tok, texts)
+    tok.add_special_tokens([special(n) for n in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]])
+    # As in Qwen3's tokenizer.json: added, not special, not normalized.
+    tok.add_tokens([AddedToken(n, special=False, normalized=False) for n in ["<think>", "</think>"]])
+    config = dict(bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                  clean_up_tokenization_spaces=False)
+    return tok, config
+
+
+def build_gpt2(texts):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel()
+    train(tok, texts)
+    tok.add_special_tokens([special("<|endoftext|>"), special("<mask>", lstrip=True)])
+    config = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                  clean_up_tokenization_spaces=False)
+    return tok, config
+
+
+def extra_cases():
+    return [
+        ("special-chatml", "<|im_start|>user\nhi there<|im_end|>\n"),
+        ("special-bos-in-text", "x<|begin_of_text|>y"),
+        ("special-mask-lstrip", "a <mask> b  <mask>"),
+        ("special-only", "<|endoftext|>"),
+        ("added-think", "<think>\nok</think>"),
+        ("contractions", "I'LL DON'T we've You'd"),
+        ("digit-runs", "1234567890 12 3"),
+        ("whitespace-runs", "a   \n\n  b  \t\n"),
+        ("spaces-leading-trailing", "  hello world  "),
+        ("space-leading-word", " x"),
+        ("spaces-only", "   "),
+        ("unicode-spaces", "a\u00a0b\u3000c\u2009d\u180ee\u2028f\u0085g"),
+        # U+180E has not been White_Space since Unicode 6.3 (\s does not match it); U+2028 is.
+        ("mongolian-vowel-separator", "a \u180e\u180e b\u180e"),
+        ("line-separator", "a \u2028\u2028 b\u2028"),
+        ("nfc-combining", "e\u0301 and \u1100\u1161\u11a8"),
+        ("nfc-angstrom", "\u212b"),
+        ("long-word", "a" * 300),
+        ("private-use-text", "\ue000hello world"),
+    ]
+
+
+def reference(name, directory, cases):
+    tok = transformers.AutoTokenizer.from_pretrained(directory)
+    if not tok.is_fast:
+        fail(f"{name}: AutoTokenizer gave a slow tokenizer ({type(tok).__name__})")
+
+    def token_id(i):
+        return -1 if i is None else i
+
+    bos, eos = token_id(tok.bos_token_id), token_id(tok.eos_token_id)
+    plain = tok(PLAIN_TEXT, add_special_tokens=False)["input_ids"]
+    plain_special = tok(PLAIN_TEXT)["input_ids"]
+    add_bos = bos != -1 and len(plain_special) > 0 and plain_special[0] == bos and plain[:1] != [bos]
+    add_eos = eos != -1 and len(plain_special) > 0 and plain_special[-1] == eos and plain[-1:] != [eos]
+    if plain_special != [bos] * add_bos + plain + [eos] * add_eos:
+        fail(f"{name}: special-token framing is not BOS/EOS around the text: {plain_special} vs {plain}")
+
+    out_cases = []
+    for source, text in cases:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        out_cases.append({
+            "source": source,
+            "text": text,
+            "ids": ids,
+            "ids_special": tok(text)["input_ids"],
+            "decoded": tok.decode(ids, skip_special_tokens=True),
+            "decoded_special": tok.decode(ids, skip_special_tokens=False),
+            "tokens": tok.convert_ids_to_tokens(ids),
+        })
+    return {
+        "dir": name,
+        "tokenizer_class": type(tok).__name__,
+        "vocab_size": len(tok),
+        "bos": bos,
+        "eos": eos,
+        "pad": token_id(tok.pad_token_id),
+        "unk": token_id(tok.unk_token_id),
+        "add_bos": add_bos,
+        "add_eos": add_eos,
+        "cases": out_cases,
+    }
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: {sys.argv[0]} OUT_DIR")
+    out_dir = sys.argv[1]
+    os.makedirs(out_dir, exist_ok=True)
+
+    texts = training_text()
+    cases = tokenizer_reference.samples() + extra_cases()
+    variants = {}
+    for name, build in [("llama3", build_llama3), ("qwen2", build_qwen2), ("gpt2", build_gpt2)]:
+        tok, config = build(texts)
+        directory = os.path.join(out_dir, name)
+        os.makedirs(directory, exist_ok=True)
+        transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **config).save_pretrained(directory)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            if not os.path.isfile(os.path.join(directory, f)):
+                fail(f"{name}: save_pretrained did not write {f}")
+        variants[name] = reference(name, directory, cases)
+        v = variants[name]
+        print(f"{name}: {len(v['cases'])} cases, vocab size {v['vocab_size']} (bos {v['bos']} eos {v['eos']} "
+              f"pad {v['pad']} unk {v['unk']} add_bos {v['add_bos']} add_eos {v['add_eos']})")
+
+    result = {
+        "tokenizers_version": tokenizers.__version__,
+        "transformers_version": transformers.__version__,
+        "variants": variants,
+    }
+    path = os.path.join(out_dir, "bpe_reference.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="ascii") as f:
+        json.dump(result, f, ensure_ascii=True, indent=1)
+    os.replace(tmp, path)
+    print(f"wrote {path} (tokenizers {tokenizers.__version__}, transformers {transformers.__version__})")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SystemExit:
+        raise
+    except Exception as e:  # any failure: a clear message and a non-zero exit
+        import traceback
+        traceback.print_exc()
+        fail(f"{type(e).__name__}: {e}")
