@@ -16,8 +16,11 @@
 #include <string>
 #include <vector>
 
+#include "ft/data/chat_template.h"
+#include "ft/data/records.h"
 #include "ft/data/tokenizer.h"
 #include "ft/util/error.h"
+#include "records_test_util.h"
 
 using ft::data::Tokenizer;
 namespace fs = std::filesystem;
@@ -196,5 +199,69 @@ TEST(BpeParity, IgnoreMergesKeepsAVocabularyWordWhole) {
       EXPECT_GT(ids.size(), 2u);  // built from the merges, in pieces
     }
     EXPECT_EQ(tok.decode(ids), "a qqzzqq");
+  }
+}
+
+// Chat data through a byte-level BPE (Qwen's layout, chatml): the examples libft tokenizes segment
+// by segment equal the whole rendered conversation encoded at once, which is how transformers'
+// apply_chat_template tokenizes (the added tokens cut the string into the same segments), and the
+// trainable tokens decode to exactly the assistant turns with their <|im_end|>.
+TEST(BpeParity, ChatmlExamplesEqualTheRenderedConversation) {
+  REQUIRE_REFERENCE();
+  using namespace ft::data;
+  const Tokenizer tok = Tokenizer::load((ref_dir / "qwen2").string());
+  const auto ref = nlohmann::json::parse(slurp(ref_dir / "bpe_reference.json"));
+  std::vector<std::string> texts;  // real text: the reference's fortune records and Jargon File lines
+  for (const auto& c : ref["variants"]["qwen2"]["cases"]) {
+    const std::string source = c["source"], text = c["text"];
+    if ((source.starts_with("fortunes/") || source.starts_with("jargon#")) && !text.empty()) texts.push_back(text);
+  }
+  ASSERT_GE(texts.size(), 60u);
+  std::vector<std::vector<Message>> chats;
+  std::string jsonl;
+  for (size_t k = 0, c = 0; k + 5 <= texts.size() && chats.size() < 12; ++c) {
+    std::vector<Message> m;
+    if (c % 2 == 0) m.push_back({Role::system, texts[k++]});
+    for (size_t t = 0; t < 1 + c % 2; ++t) {
+      m.push_back({Role::user, texts[k++]});
+      m.push_back({Role::assistant, texts[k++]});
+    }
+    nlohmann::json arr = nlohmann::json::array();
+    for (const Message& x : m) arr.push_back({{"role", role_name(x.role)}, {"content", x.content}});
+    jsonl += nlohmann::json({{"messages", arr}}).dump() + "\n";
+    chats.push_back(std::move(m));
+  }
+  const fs::path dir = ref_dir / "chat";
+  fs::create_directories(dir);
+  std::ofstream(dir / "chat.jsonl", std::ios::trunc) << jsonl;
+  const TokenizerEncoder enc(tok);
+  RecordOptions ro;
+  ro.format = RecordFormat::chat;
+  TokenizeOptions to;
+  to.chat_template = "chatml";
+  const auto examples = read_examples({(dir / "chat.jsonl").string()}, ro, to, ErrorPolicy{}, enc);
+  ASSERT_EQ(examples.size(), chats.size());
+  const int32_t im_end = tok.piece_to_id("<|im_end|>");
+  for (size_t c = 0; c < chats.size(); ++c) {
+    std::string rendered, labels;
+    for (const Message& m : chats[c]) {
+      rendered += std::string("<|im_start|>") + role_name(m.role) + "\n" + m.content + "<|im_end|>\n";
+      if (m.role == Role::assistant) labels += m.content + "<|im_end|>";
+    }
+    EXPECT_EQ(examples[c].tokens, tok.encode(rendered)) << "chat " << c;  // no BOS: Qwen has none
+    std::string whole;  // each trainable span decoded, <|im_end|> shown (decode skips specials)
+    for (const auto& span : ft::test::trainable_spans(examples[c])) {
+      std::vector<int32_t> run;
+      for (int32_t id : span) {
+        if (id != im_end) {
+          run.push_back(id);
+          continue;
+        }
+        whole += tok.decode(run) + "<|im_end|>";
+        run.clear();
+      }
+      whole += tok.decode(run);
+    }
+    EXPECT_EQ(whole, labels) << "chat " << c;
   }
 }
