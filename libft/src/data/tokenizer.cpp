@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <initializer_list>
 #include <iomanip>
 #include <memory>
@@ -208,6 +209,35 @@ void check_model_structure(std::string_view bytes, const std::string& path) {
            ": not a sentencepiece model, or truncated (no normalizer_spec after the ", pieces, " pieces)");
 }
 
+// tokenizer_config.json / special_tokens_map.json (lowest precedence first) over `special`: the
+// tokens they name, looked up by `id_of` (-1: not in the vocabulary of `model_path`), and the
+// add_bos_token / add_eos_token flags.
+void read_special_tokens(const std::vector<std::string>& config_files, SpecialTokens& special,
+                         const std::string& model_path, const std::function<int32_t(const std::string&)>& id_of) {
+  const std::pair<const char*, int32_t*> slots[] = {{"bos_token", &special.bos}, {"eos_token", &special.eos},
+                                                    {"pad_token", &special.pad}, {"unk_token", &special.unk}};
+  for (const auto& file : config_files) {
+    const nlohmann::json config = load_config_object(file);
+    for (const auto& [key, slot] : slots) {
+      auto token = token_name(config, key, file);
+      if (!token) continue;
+      if (!token->name) {
+        *slot = -1;
+        continue;
+      }
+      const int32_t id = id_of(*token->name);
+      FT_CHECK(id >= 0, "[tokenizer] ", file, ": ", key, " '", *token->name, "' is not in the vocabulary of ", model_path);
+      *slot = id;
+    }
+    if (auto v = flag(config, "add_bos_token", file)) special.add_bos = *v;
+    if (auto v = flag(config, "add_eos_token", file)) special.add_eos = *v;
+  }
+  FT_CHECK(!special.add_bos || special.bos >= 0, "[tokenizer] ", model_path,
+           ": add_bos_token is set but there is no BOS token");
+  FT_CHECK(!special.add_eos || special.eos >= 0, "[tokenizer] ", model_path,
+           ": add_eos_token is set but there is no EOS token");
+}
+
 std::string status_text(const sentencepiece::util::Status& status) {
   std::string text = status.ToString();
   return text.empty() ? std::string("unknown sentencepiece error") : text;
@@ -280,33 +310,11 @@ Tokenizer Tokenizer::load(const std::string& path) {
   special.pad = sp.pad_id();
   special.unk = sp.unk_id();
 
-  struct Slot {
-    const char* key;
-    int32_t* id;
-  };
-  const Slot slots[] = {{"bos_token", &special.bos}, {"eos_token", &special.eos},
-                        {"pad_token", &special.pad}, {"unk_token", &special.unk}};
-  for (const auto& file : config_files) {
-    const nlohmann::json config = load_config_object(file);
-    for (const auto& slot : slots) {
-      auto token = token_name(config, slot.key, file);
-      if (!token) continue;
-      if (!token->name) {
-        *slot.id = -1;
-        continue;
-      }
-      const std::string& name = *token->name;
-      const int id = sp.PieceToId(name);
-      // PieceToId answers unk for any absent piece, so only the unk piece itself may map there.
-      FT_CHECK(id != sp.unk_id() || name == sp.IdToPiece(sp.unk_id()), "[tokenizer] ", file, ": ", slot.key, " '",
-               name, "' is not in the vocabulary of ", model_path);
-      *slot.id = id;
-    }
-    if (auto v = flag(config, "add_bos_token", file)) special.add_bos = *v;
-    if (auto v = flag(config, "add_eos_token", file)) special.add_eos = *v;
-  }
-  FT_CHECK(!special.add_bos || special.bos >= 0, "[tokenizer] ", path, ": add_bos_token is set but there is no BOS token");
-  FT_CHECK(!special.add_eos || special.eos >= 0, "[tokenizer] ", path, ": add_eos_token is set but there is no EOS token");
+  read_special_tokens(config_files, special, model_path, [&](const std::string& name) {
+    const int id = sp.PieceToId(name);
+    // PieceToId answers unk for any absent piece, so only the unk piece itself may map there.
+    return id != sp.unk_id() || name == sp.IdToPiece(sp.unk_id()) ? id : -1;
+  });
 
   // Matches Hugging Face's decode(skip_special_tokens=True): the declared special tokens go, and so
   // do sentencepiece control pieces, which would otherwise decode to nothing anyway.
@@ -342,30 +350,7 @@ void Tokenizer::load_byte_level_bpe(const std::string& bytes, const std::vector<
   special.unk = bpe.unk_id();
   special.add_bos = !prefix.empty();
   special.add_eos = !suffix.empty();
-  struct Slot {
-    const char* key;
-    int32_t* id;
-  };
-  const Slot slots[] = {{"bos_token", &special.bos}, {"eos_token", &special.eos},
-                        {"pad_token", &special.pad}, {"unk_token", &special.unk}};
-  for (const auto& file : config_files) {
-    const nlohmann::json config = load_config_object(file);
-    for (const auto& slot : slots) {
-      auto token = token_name(config, slot.key, file);
-      if (!token) continue;
-      if (!token->name) {
-        *slot.id = -1;
-        continue;
-      }
-      const int32_t id = bpe.token_to_id(*token->name);
-      FT_CHECK(id >= 0, "[tokenizer] ", file, ": ", slot.key, " '", *token->name, "' is not in the vocabulary of ", path_);
-      *slot.id = id;
-    }
-    if (auto v = flag(config, "add_bos_token", file)) special.add_bos = *v;
-    if (auto v = flag(config, "add_eos_token", file)) special.add_eos = *v;
-  }
-  FT_CHECK(!special.add_bos || special.bos >= 0, "[tokenizer] ", path_, ": add_bos_token is set but there is no BOS token");
-  FT_CHECK(!special.add_eos || special.eos >= 0, "[tokenizer] ", path_, ": add_eos_token is set but there is no EOS token");
+  read_special_tokens(config_files, special, path_, [&](const std::string& name) { return bpe.token_to_id(name); });
   FT_CHECK(prefix.empty() || !special.add_bos || special.bos == prefix[0], "[tokenizer] ", path_,
            ": the post-processor starts a sequence with '", bpe.id_to_token(prefix[0]), "' but bos_token is '",
            bpe.id_to_token(special.bos), "'");
