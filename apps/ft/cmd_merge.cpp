@@ -59,6 +59,7 @@ void add_merge(CLI::App& app) {
     const auto layers = adapt::lora_layers(m);
     adapt::merge_and_unload_lora(m);
     io::SaveOptions so;
+    so.copy_files_from = a->base;  // the base's tokenizer and generation settings
     if (a->dtype == "float32") so.dtype = at::kFloat;
     if (a->dtype == "bfloat16") so.dtype = at::kBFloat16;
     if (a->dtype == "float16") so.dtype = at::kHalf;

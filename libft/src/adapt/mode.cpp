@@ -181,8 +181,10 @@ std::string Mode::describe(model::CausalLM& model) const {
                         Progress::format_count(c.frozen), " frozen in ", c.frozen_tensors, " tensors");
 }
 
-void Mode::export_final(model::CausalLM& model, const std::string& dir, const config::RunConfig&) const {
-  io::save_pretrained(model, dir);
+void Mode::export_final(model::CausalLM& model, const std::string& dir, const config::RunConfig& c) const {
+  io::SaveOptions so;
+  so.copy_files_from = c.model.checkpoint;  // the base's tokenizer travels with the fine-tuned model
+  io::save_pretrained(model, dir, so);
 }
 
 int64_t store_frozen_linears(model::CausalLM& model, at::ScalarType dtype) {

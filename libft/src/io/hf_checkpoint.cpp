@@ -9,6 +9,7 @@
 #include "ft/io/safetensors.h"
 #include "ft/io/tensor_io.h"
 #include "ft/util/error.h"
+#include "ft/util/json.h"
 
 namespace fs = std::filesystem;
 
@@ -115,6 +116,17 @@ void save_pretrained(model::CausalLM& m, const std::string& dir, const SaveOptio
   const std::string json = model_config_to_json(config);
   write_file_atomic((fs::path(dir) / "config.json").string(),
                     std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(json.data()), json.size()));
+  std::error_code ec;
+  if (options.copy_files_from.empty() || !fs::is_directory(options.copy_files_from, ec)) return;
+  if (fs::equivalent(options.copy_files_from, dir, ec)) return;
+  for (const char* name : {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                           "added_tokens.json", "chat_template.jinja", "generation_config.json"}) {
+    const fs::path from = fs::path(options.copy_files_from) / name;
+    if (!fs::is_regular_file(from, ec)) continue;
+    const std::string bytes = read_text_file(from.string());
+    write_file_atomic((fs::path(dir) / name).string(),
+                      std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
+  }
 }
 
 }  // namespace ft::io

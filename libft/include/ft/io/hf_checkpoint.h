@@ -29,10 +29,17 @@ struct SaveOptions {
   std::optional<c10::ScalarType> dtype;
   /// Shards above this size, as save_pretrained's max_shard_size.
   uint64_t max_shard_bytes = 5ull << 30;
+  /// A checkpoint directory whose tokenizer files (tokenizer.model, tokenizer.json,
+  /// tokenizer_config.json, special_tokens_map.json, added_tokens.json, chat_template.jinja) and
+  /// generation_config.json, those it has, are copied beside the weights: a fine-tuned or merged
+  /// model is then a checkpoint that loads with its tokenizer, as save_pretrained of a model and its
+  /// tokenizer gives. Empty, or not a directory: nothing is copied.
+  std::string copy_files_from;
 };
 
-/// Writes config.json and model.safetensors (or shards + index), each file atomically. Tied LM heads
-/// are not written (as save_pretrained does).
+/// Writes config.json and model.safetensors (or shards + index), each file atomically, and copies
+/// SaveOptions::copy_files_from's tokenizer files. Tied LM heads are not written (as save_pretrained
+/// does).
 void save_pretrained(model::CausalLM& model, const std::string& dir, const SaveOptions& options = {});
 
 }  // namespace ft::io

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# A Qwen3 checkpoint with a tokenizer.json (byte-level BPE, no tokenizer.model), end to end through
+# the command line (tests/CMakeLists.txt: cli_qwen3_bpe): ft init makes the model, the tokenizer
+# files sit beside it as in a Hub checkpoint, ft prepare finds the tokenizer in the model directory and
+# writes chatml conversations, full fine-tuning learns them, a LoRA run on top exports an adapter
+# that ft merge folds back, and ft generate answers in text through the tokenizer that the fine-tuned
+# and merged checkpoints carry.
+#   tests/cli/qwen3_bpe.sh FT BPE_TOKENIZER_DIR WORK_DIR
+set -euo pipefail
+ft=$1 tok=$2 d=$3
+rm -rf "$d" && mkdir -p "$d"
+# vocab 3008 >= the tokenizer's 3005; eos 3002 is <|im_end|> in the Qwen2-layout tokenizer.
+cat >"$d/config.json" <<'EOF'
+{"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 3008, "hidden_size": 64,
+ "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+ "head_dim": 24, "rms_norm_eps": 1e-6, "tie_word_embeddings": true, "attention_bias": false,
+ "rope_theta": 1000000.0, "max_position_embeddings": 512, "eos_token_id": 3002, "bos_token_id": null}
+EOF
+"$ft" init "$d/config.json" "$d/m" --seed 3 >/dev/null
+cp "$tok/tokenizer.json" "$tok/tokenizer_config.json" "$d/m/"
+# Conversations: the same three questions and answers, 40 times over.
+for i in $(seq 40); do
+  echo '{"messages": [{"role": "user", "content": "What is a hacker?"}, {"role": "assistant", "content": "A person who enjoys exploring the details of programmable systems."}]}'
+  echo '{"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who wrote the Jargon File?"}, {"role": "assistant", "content": "Many hands, over decades."}]}'
+  echo '{"messages": [{"role": "user", "content": "Ünïcode, 日本語?"}, {"role": "assistant", "content": "Yes — both."}]}'
+done >"$d/chat.jsonl"
+"$ft" prepare "$d/chat.jsonl" -o "$d/chat.h5" -t "$d/m" --format chat --template chatml >"$d/prepare.log" 2>&1 ||
+  { cat "$d/prepare.log"; exit 1; }
+grep -q "120 examples" "$d/prepare.log" || { echo "FAIL: prepare"; cat "$d/prepare.log"; exit 1; }
+# Full fine-tuning until the model answers (a random model: the loss must fall far), then a short
+# LoRA run on the result, merged back.
+run() {  # run NAME MODE CHECKPOINT STEPS LR [extra YAML]: trains, prints "first last" loss
+  cat >"$d/$1.yaml" <<EOF
+model:
+  checkpoint: $3
+tokenizer: $d/m
+data:
+  train: [$d/chat.h5]
+  seq_len: 64
+  batch_size: 8
+optimizer:
+  name: adamw
+  lr: $5
+max_steps: $4
+mode: $2
+${6:-}
+output_dir: $d/$1
+EOF
+  "$ft" train "$d/$1.yaml" >"$d/$1.log" 2>&1 || { tail -20 "$d/$1.log" >&2; exit 1; }
+  local losses
+  losses=$(grep -o '"loss":[0-9.e+-]*' "$d/$1/metrics.jsonl" | cut -d: -f2)
+  echo "$(echo "$losses" | head -1) $(echo "$losses" | tail -1)"
+}
+read -r first last < <(run full full "$d/m" 150 3.0e-3)
+awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < 0.05 * a) }' || { echo "FAIL: full fine-tuning loss $first -> $last"; exit 1; }
+read -r lfirst llast < <(run lora lora "$d/full/final" 20 1.0e-3 $'lora:\n  r: 8\n  alpha: 16\n  targets: [all-linear]')
+awk -v b="$llast" 'BEGIN { exit !(b < 0.5) }' || { echo "FAIL: LoRA loss $lfirst -> $llast"; exit 1; }
+test -f "$d/lora/final/adapter_model.safetensors" || { echo "FAIL: no adapter"; exit 1; }
+"$ft" merge "$d/full/final" "$d/lora/final" -o "$d/merged" >/dev/null
+# The fine-tuned and the merged model carry the base's tokenizer files, byte for byte.
+for f in tokenizer.json tokenizer_config.json; do
+  cmp "$d/m/$f" "$d/full/final/$f" && cmp "$d/m/$f" "$d/merged/$f" || { echo "FAIL: $f not copied"; exit 1; }
+done
+out=$("$ft" generate "$d/merged" --prompt $'<|im_start|>user\nWhat is a hacker?<|im_end|>\n<|im_start|>assistant\n' -n 12)
+echo "$out" | grep -q "A person who enjoys" || { echo "FAIL: generate did not answer:"; echo "$out"; exit 1; }
+echo "qwen3 bpe OK: full fine-tuning loss $first -> $last, LoRA $lfirst -> $llast"
