@@ -328,9 +328,11 @@ TEST(RunConfig, LoraSection) {
   y += "mode: lora\nlora:\n  r: 4\n  alpha: 8\n  dropout: 0.05\n  targets: [all-linear]\n  rslora: true\n"
        "  init: gaussian\n  rank_pattern: {down_proj: 2, \"mlp\\\\..*\": 3}\n  alpha_pattern: {o_proj: 1.5}\n"
        "  extended_gemm: true\n  row_kernels: true\n  grad_splits: 4\n  group_projections: true\n"
-       "  modules_to_save: [lm_head, embed_tokens]\n  layers_to_transform: [0, 2]\n  layers_pattern: [layers]\n";
+       "  modules_to_save: [lm_head, embed_tokens]\n  layers_to_transform: [0, 2]\n  layers_pattern: [layers]\n"
+       "  exclude_modules: [o_proj, model.layers.1.mlp.up_proj]\n";
   const config::RunConfig c = config::parse_run_config(y, "run.yaml");
   EXPECT_EQ(c.lora.r, 4);
+  EXPECT_EQ(c.lora.exclude_modules, (std::vector<std::string>{"o_proj", "model.layers.1.mlp.up_proj"}));
   EXPECT_EQ(c.lora.modules_to_save, (std::vector<std::string>{"lm_head", "embed_tokens"}));
   EXPECT_EQ(c.lora.layers_to_transform, (std::vector<int64_t>{0, 2}));
   EXPECT_EQ(c.lora.layers_pattern, (std::vector<std::string>{"layers"}));

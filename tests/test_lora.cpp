@@ -678,6 +678,57 @@ TEST(Lora, LayersToTransformAndModulesToSaveNarrowTheTargets) {
   fs::remove_all(dir);
 }
 
+// PEFT's exclude_modules: a list leaves out modules by exact name or "."-suffix, a string is a
+// regular expression over the whole name; both travel in adapter_config.json. An entry naming no
+// linear layer (a misspelling, most likely) and an invalid expression are errors.
+TEST(Lora, ExcludeModulesLeaveLayersOut) {
+  auto adapted = [](const adapt::LoraOptions& o) {
+    model::CausalLM m = base_model();
+    std::vector<std::string> names;
+    for (const auto& l : adapt::apply_lora(m, o)) names.push_back(l.module);
+    return names;
+  };
+  adapt::LoraOptions o;
+  o.targets = {"all-linear"};
+  o.exclude_modules = {"mlp.down_proj", "model.layers.0.self_attn.q_proj", "k_proj", "up_proj", "gate_proj"};
+  EXPECT_EQ(adapted(o), (std::vector<std::string>{"model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj",
+                                                  "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
+                                                  "model.layers.1.self_attn.o_proj"}));
+  o.exclude_modules = {"self_attn.qproj"};
+  EXPECT_NE(error_of([&] { adapted(o); }).find("exclude_modules entry 'self_attn.qproj' names no linear layer"),
+            std::string::npos);
+  o.exclude_modules = {};
+  o.exclude_regex = R"(.*layers\.1\..*|.*mlp\..*)";
+  EXPECT_EQ(adapted(o), (std::vector<std::string>{"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                                                  "model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj"}));
+  o.exclude_regex = "(";
+  EXPECT_NE(error_of([&] { adapted(o); }).find("'(' is not a regular expression"), std::string::npos);
+  o.targets = {"q_proj"};
+  o.exclude_regex = ".*q_proj";  // everything excluded
+  EXPECT_NE(error_of([&] { adapted(o); }).find("no linear layer matches the targets"), std::string::npos);
+
+  const fs::path dir = scratch("lora_exclude");
+  for (bool regex : {false, true}) {
+    adapt::LoraOptions s;
+    s.targets = {"all-linear"};
+    if (regex) s.exclude_regex = R"(.*\.0\.mlp\..*)";
+    else s.exclude_modules = {"o_proj"};
+    model::CausalLM m = base_model();
+    adapt::apply_lora(m, s);
+    randomize_b(m, 15);
+    const at::Tensor logits = m->forward(ids());
+    adapt::save_peft_adapter(m, s, dir.string());
+    const auto config = nlohmann::json::parse(std::ifstream(dir / "adapter_config.json"));
+    EXPECT_EQ(config.at("exclude_modules"), regex ? nlohmann::json(s.exclude_regex) : nlohmann::json({"o_proj"}));
+    model::CausalLM loaded = base_model();
+    const adapt::LoraOptions back = adapt::load_peft_adapter(loaded, dir.string());
+    EXPECT_EQ(back.exclude_modules, s.exclude_modules);
+    EXPECT_EQ(back.exclude_regex, s.exclude_regex);
+    EXPECT_TRUE(loaded->forward(ids()).equal(logits));
+  }
+  fs::remove_all(dir);
+}
+
 // --- against Python PEFT (files from tests/python/peft_interop.py make) ------------------------------
 
 namespace {
@@ -697,7 +748,7 @@ TEST(PeftInterop, LibftLoadsPeftAdaptersWithTheSameLogits) {
   if (!d) GTEST_SKIP() << "LIBFT_PEFT_DIR has no PEFT files (ctest's peft_make writes them)";
   auto ref = io::SafetensorsFile::open((fs::path(d) / "peft_logits.safetensors").string());
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
-  for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers"}) {
+  for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re"}) {
     SCOPED_TRACE(name);
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());
     m->eval();
@@ -721,7 +772,7 @@ TEST(PeftInterop, LibftSavesAdaptersForPeft) {
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
   std::vector<at::Tensor> keep{input};
   std::vector<io::TensorWrite> writes{io::tensor_write("input_ids", keep[0])};
-  for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers"}) {
+  for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re"}) {
     const adapt::LoraOptions o =
         adapt::read_peft_lora_config((fs::path(d) / (std::string("peft_") + name) / "adapter_config.json").string());
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());

@@ -14,7 +14,9 @@ embed_tokens in full beside q and v adapters (modules_to_save), both moved away 
 "tied" trains embed_tokens of a base whose head is tied to it (DIR/base_tied): PEFT trains a copy
 that only the input side reads, and the head keeps the base's weights; "layers" adapts q and v in
 layer 1 only (layers_to_transform) and trains both up_proj layers in full, which keeps them out of
-the targets. Prefixes: "prefix" is a plain
+the targets; "exclude" adapts all-linear but down_proj and layer 0's q_proj (exclude_modules as a
+list), "exclude_re" leaves out layer 1's attention by a regular expression (exclude_modules as a
+string). Prefixes: "prefix" is a plain
 table of 5 virtual tokens, "prefix_proj" one made through PEFT's projection MLP (PEFT saves the
 table it computes); their logits are also taken for a right-padded batch with an attention mask.
 The C++ side (tests/test_lora.cpp PeftInterop.*, tests/test_prefix.cpp PeftPrefixInterop.*) loads
@@ -38,6 +40,10 @@ ADAPTERS = {
     "tied": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"]),
     "layers": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], layers_to_transform=[1],
                    layers_pattern="layers", modules_to_save=["mlp.up_proj"]),
+    "exclude": dict(r=4, lora_alpha=8, target_modules="all-linear",
+                    exclude_modules=["down_proj", "model.layers.0.self_attn.q_proj"]),
+    "exclude_re": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj"],
+                       exclude_modules=r".*layers\.1\.self_attn\..*"),
 }
 BASES = {"tied": "base_tied"}  # the others adapt DIR/base
 

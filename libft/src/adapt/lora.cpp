@@ -942,6 +942,10 @@ void check_regex(const std::string& what, const std::string& p) {
 /// modules_to_save names (or one inside it) is never a target; a listed name matched exactly is;
 /// one matched as a suffix (or by all-linear) only in the layers of layers_to_transform, if given.
 bool is_target(const std::string& name, const LoraOptions& o, bool is_head) {
+  if (!o.exclude_regex.empty() && std::regex_match(name, std::regex(o.exclude_regex))) return false;
+  for (const auto& e : o.exclude_modules) {
+    if (name == e || name.ends_with("." + e)) return false;
+  }
   for (const auto& m : o.modules_to_save) {
     if (std::regex_match(name, std::regex("(.*\\.)?(" + m + ")(\\..*)?"))) return false;
   }
@@ -1060,6 +1064,8 @@ std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) 
   FT_CHECK(!o.targets.empty() || !o.target_regex.empty(), "[lora] no target modules");
   FT_CHECK(adapters(model).empty(), "[lora] the model already has LoRA adapters");
   for (const auto& p : o.layers_pattern) check_regex("layers_pattern", p);
+  if (!o.exclude_regex.empty()) check_regex("exclude_modules", o.exclude_regex);
+  for (const auto& e : o.exclude_modules) FT_CHECK(!e.empty(), "[lora] exclude_modules: an empty entry");
   for (const int64_t l : o.layers_to_transform) FT_CHECK(l >= 0, "[lora] layers_to_transform holds ", l, "; layers count from 0");
   untie_for_modules_to_save(model, o.modules_to_save);
   const auto saved = modules_to_save_parameters(model, o.modules_to_save);
@@ -1134,6 +1140,15 @@ std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) 
       }
       FT_CHECK(hit, "[lora] target '", t, "' matches no linear layer of the model");
     }
+  }
+  // An exclusion that names no linear layer is most likely a misspelt one (PEFT would ignore it).
+  for (const auto& e : o.exclude_modules) {
+    bool hit = false;
+    for (const auto& item : model->named_modules("", false)) {
+      hit |= dynamic_cast<model::LinearImpl*>(item.value().get()) != nullptr &&
+             (item.key() == e || item.key().ends_with("." + e));
+    }
+    FT_CHECK(hit, "[lora] exclude_modules entry '", e, "' names no linear layer of the model");
   }
   // The modules trained in full: none may be, or hold, an adapted layer (PEFT refuses it too).
   for (const auto& [name, p] : saved) {
@@ -1347,6 +1362,9 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::
       {"init_lora_weights", o.init == "gaussian" ? nlohmann::ordered_json("gaussian") : nlohmann::ordered_json(true)},
       {"modules_to_save", o.modules_to_save.empty() ? nlohmann::ordered_json(nullptr)
                                                     : nlohmann::ordered_json(o.modules_to_save)},
+      {"exclude_modules", !o.exclude_regex.empty()     ? nlohmann::ordered_json(o.exclude_regex)
+                          : o.exclude_modules.empty() ? nlohmann::ordered_json(nullptr)
+                                                      : nlohmann::ordered_json(o.exclude_modules)},
       {"layers_to_transform", o.layers_to_transform.empty() ? nlohmann::ordered_json(nullptr)
                                                             : nlohmann::ordered_json(o.layers_to_transform)},
       {"layers_pattern", o.layers_pattern.empty() ? nlohmann::ordered_json(nullptr)
@@ -1395,6 +1413,11 @@ LoraOptions read_peft_lora_config(const std::string& path) {
     }
     if (j.contains("modules_to_save") && !j["modules_to_save"].is_null())
       o.modules_to_save = j["modules_to_save"].get<std::vector<std::string>>();
+    if (j.contains("exclude_modules") && !j["exclude_modules"].is_null()) {  // a list, or one regular expression
+      const auto& e = j["exclude_modules"];
+      if (e.is_string()) o.exclude_regex = e.get<std::string>();
+      else o.exclude_modules = e.get<std::vector<std::string>>();
+    }
     // PEFT takes an int or a list for layers_to_transform, a string or a list for layers_pattern.
     if (j.contains("layers_to_transform") && !j["layers_to_transform"].is_null()) {
       const auto& l = j["layers_to_transform"];
@@ -1416,7 +1439,7 @@ LoraOptions read_peft_lora_config(const std::string& path) {
     const std::set<std::string> understood = {
         "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "rank_pattern",
         "alpha_pattern", "bias", "fan_in_fan_out", "use_dora", "lora_bias", "init_lora_weights", "inference_mode",
-        "modules_to_save", "layers_to_transform", "layers_pattern",
+        "modules_to_save", "layers_to_transform", "layers_pattern", "exclude_modules",
         "base_model_name_or_path", "revision", "peft_version", "auto_mapping", "megatron_core", "qalora_group_size"};
     for (const auto& [key, value] : j.items()) {
       if (understood.count(key)) continue;

@@ -62,6 +62,7 @@ class LoraMode final : public Mode {
     options_.rank_pattern = l.rank_pattern;
     options_.alpha_pattern = l.alpha_pattern;
     options_.modules_to_save = l.modules_to_save;
+    options_.exclude_modules = l.exclude_modules;
     options_.layers_to_transform = l.layers_to_transform;
     options_.layers_pattern = l.layers_pattern;
     init_from_ = l.init_from;

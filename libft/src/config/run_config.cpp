@@ -334,7 +334,8 @@ void parse_prefix(Reader& r, const YAML::Node& n, PrefixSection& p) {
 void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
   if (!r.check_map(n, "lora", {"r", "alpha", "dropout", "targets", "rslora", "dora", "init", "seed", "rank_pattern",
                                "alpha_pattern", "init_from", "fused", "extended_gemm", "row_kernels", "grad_splits",
-                               "group_projections", "modules_to_save", "layers_to_transform", "layers_pattern"}))
+                               "group_projections", "modules_to_save", "layers_to_transform", "layers_pattern",
+                               "exclude_modules"}))
     return;
   r.get(n, "lora", "fused", l.fused);
   r.get(n, "lora", "extended_gemm", l.extended_gemm);
@@ -352,7 +353,7 @@ void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
   r.get(n, "lora", "init_from", l.init_from);
   if (!l.init_from.empty()) {
     for (const char* key : {"r", "alpha", "targets", "rslora", "dora", "init", "seed", "rank_pattern", "alpha_pattern",
-                            "modules_to_save", "layers_to_transform", "layers_pattern"}) {
+                            "modules_to_save", "layers_to_transform", "layers_pattern", "exclude_modules"}) {
       if (n[key]) r.error(n[key], std::string("'lora.") + key + "' comes from the adapter of 'lora.init_from'; leave it out");
     }
   }
@@ -363,6 +364,10 @@ void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
   r.get(n, "lora", "modules_to_save", l.modules_to_save);
   for (const auto& m : l.modules_to_save) {
     if (m.empty()) r.error(n["modules_to_save"], "'lora.modules_to_save' entries must be module names, not empty");
+  }
+  r.get(n, "lora", "exclude_modules", l.exclude_modules);
+  for (const auto& m : l.exclude_modules) {
+    if (m.empty()) r.error(n["exclude_modules"], "'lora.exclude_modules' entries must be module names, not empty");
   }
   r.get(n, "lora", "layers_to_transform", l.layers_to_transform);
   for (const int64_t i : l.layers_to_transform) {
@@ -766,6 +771,7 @@ std::string to_yaml(const RunConfig& c) {
     out << YAML::Key << "dropout" << YAML::Value << shortest(c.lora.dropout);
     out << YAML::Key << "targets" << YAML::Value << YAML::Flow << c.lora.targets;
     out << YAML::Key << "modules_to_save" << YAML::Value << YAML::Flow << c.lora.modules_to_save;
+    out << YAML::Key << "exclude_modules" << YAML::Value << YAML::Flow << c.lora.exclude_modules;
     out << YAML::Key << "layers_to_transform" << YAML::Value << YAML::Flow << c.lora.layers_to_transform;
     out << YAML::Key << "layers_pattern" << YAML::Value << YAML::Flow << c.lora.layers_pattern;
     out << YAML::Key << "rslora" << YAML::Value << c.lora.rslora;

@@ -106,6 +106,8 @@ std::string run_identity(const config::RunConfig& c) {
   // Likewise only when used: the regularisers change what a resumed run must compute.
   if ((c.mode == "lora" || c.mode == "qlora") && !c.lora.modules_to_save.empty())
     j["lora"]["modules_to_save"] = c.lora.modules_to_save;
+  if ((c.mode == "lora" || c.mode == "qlora") && !c.lora.exclude_modules.empty())
+    j["lora"]["exclude_modules"] = c.lora.exclude_modules;
   if ((c.mode == "lora" || c.mode == "qlora") && !c.lora.layers_to_transform.empty())
     j["lora"]["layers"] = {{"to_transform", c.lora.layers_to_transform}, {"pattern", c.lora.layers_pattern}};
   if (!c.ewc.state.empty()) j["ewc"] = {{"state", c.ewc.state}, {"lambda", c.ewc.lambda}};

@@ -12,13 +12,15 @@
 // the output head. As in PEFT, layers_to_transform keeps the targets matched by suffix (or by
 // all-linear) to the layers it lists, the layer being the number after the first "<pattern>." of
 // layers_pattern (with none, after the first dotted segment: model.layers.3 → 3); a module that
-// modules_to_save names, or one inside it, is never a target. rank_pattern / alpha_pattern map a regular expression to a rank / alpha for the
+// modules_to_save names, or one inside it, is never a target, and neither is one that
+// exclude_modules names (a list: the name or a "."-suffix of it; a string: a regular expression
+// matching the whole name), PEFT's check_target_module_exists in that order. rank_pattern / alpha_pattern map a regular expression to a rank / alpha for the
 // modules whose name matches "(.*\.)?(pattern)$" (the first matching pattern wins), as in PEFT.
 //
 // FILES (PEFT's): adapter_config.json ({"peft_type": "LORA", "r", "lora_alpha", "target_modules",
 // "rank_pattern", "alpha_pattern", "use_rslora", ...}) and adapter_model.safetensors with keys
 // "base_model.model.<module>.lora_A.weight" / ".lora_B.weight". Loading is strict: a PEFT option
-// libft does not implement (bias training, fan_in_fan_out, exclude_modules, ...), a target
+// libft does not implement (bias training, fan_in_fan_out, lora_bias, ...), a target
 // that matches nothing, a missing, unexpected or misshapen tensor is an error naming it.
 //
 // MODULES_TO_SAVE, as PEFT's: modules trained in full beside the adapters (typically lm_head and
@@ -64,6 +66,10 @@ struct LoraOptions {
   std::vector<int64_t> layers_to_transform;
   /// Where a module name's layer index is (PEFT's layers_pattern, e.g. {"layers"}); see TARGETS.
   std::vector<std::string> layers_pattern;
+  /// Modules never adapted, by name or suffix (PEFT's exclude_modules list); see TARGETS.
+  std::vector<std::string> exclude_modules;
+  /// PEFT's exclude_modules string form: a regular expression over the whole name, if not empty.
+  std::string exclude_regex;
 };
 
 /// The parameters that `modules_to_save` trains in full, by model name ("lm_head.weight"), in model

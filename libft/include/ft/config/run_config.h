@@ -103,6 +103,9 @@ struct LoraSection {
   /// Modules trained in full beside the adapters, saved in the adapter file (PEFT's
   /// modules_to_save; e.g. [lm_head] or [embed_tokens, lm_head] for new tokens).
   std::vector<std::string> modules_to_save;
+  /// Linear layers never adapted, by name or "."-suffix (PEFT's exclude_modules), e.g.
+  /// [model.layers.0.mlp.down_proj] or [o_proj]; each must name a linear layer of the model.
+  std::vector<std::string> exclude_modules;
   /// Only the targets in these decoder layers (PEFT's layers_to_transform; empty: every layer), the
   /// layer index read after "<layers_pattern>." in the module name (PEFT's layers_pattern; empty:
   /// after the first dotted segment, model.layers.3 → 3).
