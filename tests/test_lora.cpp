@@ -739,7 +739,9 @@ const char* peft_dir() {
 }
 
 // The base an adapter of peft_interop.py adapts: "tied" has a tied head (BASES there).
-std::string base_of(const std::string& name) { return name == "tied" ? "base_tied" : "base"; }
+std::string base_of(const std::string& name) {
+  return name == "tied" ? "base_tied" : name == "qwen3" ? "base_qwen3" : "base";
+}
 
 }  // namespace
 
@@ -748,7 +750,7 @@ TEST(PeftInterop, LibftLoadsPeftAdaptersWithTheSameLogits) {
   if (!d) GTEST_SKIP() << "LIBFT_PEFT_DIR has no PEFT files (ctest's peft_make writes them)";
   auto ref = io::SafetensorsFile::open((fs::path(d) / "peft_logits.safetensors").string());
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
-  for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re"}) {
+  for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3"}) {
     SCOPED_TRACE(name);
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());
     m->eval();
@@ -772,7 +774,7 @@ TEST(PeftInterop, LibftSavesAdaptersForPeft) {
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
   std::vector<at::Tensor> keep{input};
   std::vector<io::TensorWrite> writes{io::tensor_write("input_ids", keep[0])};
-  for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re"}) {
+  for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3"}) {
     const adapt::LoraOptions o =
         adapt::read_peft_lora_config((fs::path(d) / (std::string("peft_") + name) / "adapter_config.json").string());
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());

@@ -252,9 +252,10 @@ TEST(PeftPrefixInterop, LibftLoadsPeftPrefixesWithTheSameLogits) {
   if (!d) GTEST_SKIP() << "LIBFT_PEFT_DIR has no PEFT files (ctest's peft_make writes them)";
   auto ref = io::SafetensorsFile::open((fs::path(d) / "peft_logits.safetensors").string());
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
-  for (const char* name : {"prefix", "prefix_proj"}) {
+  for (const char* name : {"prefix", "prefix_proj", "prefix_qwen3"}) {
     SCOPED_TRACE(name);
-    model::CausalLM m = io::load_pretrained((fs::path(d) / "base").string());
+    const std::string base_name = std::string(name) == "prefix_qwen3" ? "base_qwen3" : "base";
+    model::CausalLM m = io::load_pretrained((fs::path(d) / base_name).string());
     m->eval();
     at::NoGradGuard no_grad;
     const at::Tensor base = m->forward(input);
@@ -282,18 +283,19 @@ TEST(PeftPrefixInterop, LibftSavesPrefixesForPeft) {
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
   std::vector<at::Tensor> keep{input};
   std::vector<io::TensorWrite> writes{io::tensor_write("input_ids", keep[0])};
-  for (const char* name : {"prefix", "prefix_proj"}) {
+  for (const char* name : {"prefix", "prefix_proj", "prefix_qwen3"}) {
+    const std::string base_name = std::string(name) == "prefix_qwen3" ? "base_qwen3" : "base";
     adapt::PrefixOptions o;
     o.num_virtual_tokens = 5;
     o.projection = std::string(name) == "prefix_proj";
     o.seed = 21;
-    model::CausalLM m = io::load_pretrained((fs::path(d) / "base").string());
+    model::CausalLM m = io::load_pretrained((fs::path(d) / base_name).string());
     m->eval();
     adapt::apply_prefix(m, o);
     at::NoGradGuard no_grad;
     keep.push_back(m->forward(input).contiguous());
     writes.push_back(io::tensor_write(std::string("logits_") + name, keep.back()));
-    adapt::save_peft_prefix(m, o, (fs::path(d) / (std::string("libft_") + name)).string(), "base");
+    adapt::save_peft_prefix(m, o, (fs::path(d) / (std::string("libft_") + name)).string(), base_name);
   }
   io::write_safetensors((fs::path(d) / "libft_prefix_logits.safetensors").string(), writes);
 }

@@ -16,7 +16,7 @@ that only the input side reads, and the head keeps the base's weights; "layers" 
 layer 1 only (layers_to_transform) and trains both up_proj layers in full, which keeps them out of
 the targets; "exclude" adapts all-linear but down_proj and layer 0's q_proj (exclude_modules as a
 list), "exclude_re" leaves out layer 1's attention by a regular expression (exclude_modules as a
-string). Prefixes: "prefix" is a plain
+string); "qwen3" adapts all-linear on a Qwen3 base (DIR/base_qwen3, per-head q/k norms). Prefixes: "prefix" is a plain
 table of 5 virtual tokens, "prefix_proj" one made through PEFT's projection MLP (PEFT saves the
 table it computes); their logits are also taken for a right-padded batch with an attention mask.
 The C++ side (tests/test_lora.cpp PeftInterop.*, tests/test_prefix.cpp PeftPrefixInterop.*) loads
@@ -28,7 +28,7 @@ import sys
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 ADAPTERS = {
     "lists": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -44,8 +44,9 @@ ADAPTERS = {
                     exclude_modules=["down_proj", "model.layers.0.self_attn.q_proj"]),
     "exclude_re": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj"],
                        exclude_modules=r".*layers\.1\.self_attn\..*"),
+    "qwen3": dict(r=4, lora_alpha=8, target_modules="all-linear"),
 }
-BASES = {"tied": "base_tied"}  # the others adapt DIR/base
+BASES = {"tied": "base_tied", "qwen3": "base_qwen3", "prefix_qwen3": "base_qwen3"}  # the others adapt DIR/base
 
 
 def base_of(name):
@@ -54,6 +55,7 @@ def base_of(name):
 PREFIXES = {
     "prefix": dict(num_virtual_tokens=5),
     "prefix_proj": dict(num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=24),
+    "prefix_qwen3": dict(num_virtual_tokens=5),
 }
 
 
@@ -76,10 +78,20 @@ def make(d):
     base.save_pretrained(os.path.join(d, "base"))
     cfg.tie_word_embeddings = True
     LlamaForCausalLM(cfg).eval().save_pretrained(os.path.join(d, "base_tied"))
+    # Qwen3: per-head query and key norms, whose weights are moved away from 1 so that they matter.
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                         max_position_embeddings=64, tie_word_embeddings=False,
+                                         rms_norm_eps=1e-5)).eval()
+    with torch.no_grad():
+        for pname, p in qwen3.named_parameters():
+            if pname.endswith(("q_norm.weight", "k_norm.weight")):
+                p.mul_(1 + 0.3 * torch.randn(p.shape))
+    qwen3.save_pretrained(os.path.join(d, "base_qwen3"))
     ids = input_ids()
     tensors = {"input_ids": ids}
     for name, kwargs in ADAPTERS.items():
-        model = LlamaForCausalLM.from_pretrained(os.path.join(d, base_of(name))).eval()
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(d, base_of(name))).eval()
         peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **kwargs))
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
@@ -97,7 +109,7 @@ def make(d):
     mask[1, -3:] = 0  # the second row is right-padded
     tensors["attention_mask"] = mask
     for name, kwargs in PREFIXES.items():
-        model = LlamaForCausalLM.from_pretrained(os.path.join(d, "base")).eval()
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(d, base_of(name))).eval()
         torch.manual_seed(3)
         peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", **kwargs)).eval()
         peft_model.save_pretrained(os.path.join(d, f"peft_{name}"))
@@ -110,7 +122,7 @@ def make(d):
 
 def verify_one(d, ids, name, want, what):
     """PEFT loads DIR/libft_<name> onto the base; returns its max rel error against libft's logits."""
-    model = LlamaForCausalLM.from_pretrained(os.path.join(d, base_of(name))).eval()
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(d, base_of(name))).eval()
     with torch.no_grad():
         base_logits = model(input_ids=ids).logits
     peft_model = PeftModel.from_pretrained(model, os.path.join(d, f"libft_{name}")).eval()
@@ -139,7 +151,7 @@ def merged(d):
     """DIR/merged_<name> (ft merge of DIR/peft_<name> into DIR/base) in plain transformers: PEFT's logits."""
     ref = load_file(os.path.join(d, "peft_logits.safetensors"))
     for name in ADAPTERS:
-        model = LlamaForCausalLM.from_pretrained(os.path.join(d, f"merged_{name}")).eval()
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(d, f"merged_{name}")).eval()
         with torch.no_grad():
             err = rel_error(model(input_ids=ref["input_ids"]).logits, ref[f"logits_{name}"])
         print(f"{name}: transformers on libft's merged checkpoint vs PEFT's adapted model: max rel error {err:.2e}")
