@@ -619,17 +619,21 @@ TEST(Lora, ModulesToSaveTrainInFullAndTravelInTheAdapter) {
   fs::remove_all(dir);
 }
 
+namespace {
+// The modules apply_lora adapts in a fresh base_model() under `o`, in model order.
+std::vector<std::string> adapted(const adapt::LoraOptions& o) {
+  model::CausalLM m = base_model();
+  std::vector<std::string> names;
+  for (const auto& l : adapt::apply_lora(m, o)) names.push_back(l.module);
+  return names;
+}
+}  // namespace
+
 // PEFT's narrowing of the targets: layers_to_transform keeps the suffix matches in the listed layers
 // (the index after "<layers_pattern>.", or after the first dotted segment), an exactly named module
 // is adapted wherever it is, and a module that modules_to_save names is never a target. The options
 // travel in the adapter config (PEFT's int and string forms read too).
 TEST(Lora, LayersToTransformAndModulesToSaveNarrowTheTargets) {
-  auto adapted = [](const adapt::LoraOptions& o) {
-    model::CausalLM m = base_model();
-    std::vector<std::string> names;
-    for (const auto& l : adapt::apply_lora(m, o)) names.push_back(l.module);
-    return names;
-  };
   adapt::LoraOptions o;
   o.targets = {"q_proj", "v_proj"};
   o.layers_to_transform = {1};
@@ -682,12 +686,6 @@ TEST(Lora, LayersToTransformAndModulesToSaveNarrowTheTargets) {
 // regular expression over the whole name; both travel in adapter_config.json. An entry naming no
 // linear layer (a misspelling, most likely) and an invalid expression are errors.
 TEST(Lora, ExcludeModulesLeaveLayersOut) {
-  auto adapted = [](const adapt::LoraOptions& o) {
-    model::CausalLM m = base_model();
-    std::vector<std::string> names;
-    for (const auto& l : adapt::apply_lora(m, o)) names.push_back(l.module);
-    return names;
-  };
   adapt::LoraOptions o;
   o.targets = {"all-linear"};
   o.exclude_modules = {"mlp.down_proj", "model.layers.0.self_attn.q_proj", "k_proj", "up_proj", "gate_proj"};

@@ -36,24 +36,6 @@ uint32_t next_code_point(std::string_view s, size_t& i) {
   return cp;
 }
 
-void append_utf8(std::string& out, uint32_t cp) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xC0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xE0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-}
-
 // The length of the valid UTF-8 sequence at s[i], or, where it is invalid, minus the length of its
 // maximal subpart (the bytes Unicode's "substitution of maximal subparts" replaces with one U+FFFD,
 // as Rust's from_utf8_lossy does): at least 1.
@@ -215,8 +197,9 @@ struct ByteLevelBpe::Impl {
     for (int b = 0; b < 256; ++b) {
       const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
       const uint32_t cp = printable ? static_cast<uint32_t>(b) : 256 + next++;
-      byte_chars[b].clear();
-      append_utf8(byte_chars[b], cp);
+      utf8proc_uint8_t utf8[4];
+      const auto n = utf8proc_encode_char(static_cast<utf8proc_int32_t>(cp), utf8);
+      byte_chars[b].assign(reinterpret_cast<const char*>(utf8), static_cast<size_t>(n));
       char_bytes[cp] = static_cast<unsigned char>(b);
     }
   }
@@ -419,10 +402,12 @@ struct ByteLevelBpe::Impl {
       std::stable_sort(list.begin(), list.end(),
                        [&](size_t a, size_t b) { return added[a].content.size() > added[b].content.size(); });
     }
-    for (int32_t id : prefix) FT_CHECK(id >= 0 && id < static_cast<int32_t>(tokens.size()) && assigned[id], where,
-                                       ": the post-processor's id ", id, " is not a token");
-    for (int32_t id : suffix) FT_CHECK(id >= 0 && id < static_cast<int32_t>(tokens.size()) && assigned[id], where,
-                                       ": the post-processor's id ", id, " is not a token");
+    for (const auto* ids : {&prefix, &suffix}) {
+      for (int32_t id : *ids) {
+        FT_CHECK(id >= 0 && id < static_cast<int32_t>(tokens.size()) && assigned[id], where, ": the post-processor's id ",
+                 id, " is not a token");
+      }
+    }
   }
 
   std::string normalize(std::string_view s) const {
