@@ -30,7 +30,7 @@ void add_prepare(CLI::App& app) {
                         ->capture_default_str();
   cmd->add_option("--ext", a->extensions, "Only files with these extensions in directories (e.g. .jsonl)");
   auto* chat_template =
-      cmd->add_option("--template", a->chat_template, "Chat template: llama2 | chatml (chat data; optional for instruction)");
+      cmd->add_option("--template", a->chat_template, "Chat template: llama2 | chatml | model (the tokenizer directory's own Jinja template; chat data; optional for instruction)");
   cmd->add_option("--max-tokens", a->max_tokens, "Longest document in tokens (0 = no limit)")->capture_default_str();
   auto* too_long =
       cmd->add_option("--too-long", a->too_long, "error | truncate documents above --max-tokens")->capture_default_str();

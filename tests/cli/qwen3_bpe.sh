@@ -2,7 +2,7 @@
 # A Qwen3 checkpoint with a tokenizer.json (byte-level BPE, no tokenizer.model), end to end through
 # the command line (tests/CMakeLists.txt: cli_qwen3_bpe): ft init makes the model, the tokenizer
 # files sit beside it as in a Hub checkpoint, ft prepare finds the tokenizer in the model directory and
-# writes chatml conversations, full fine-tuning learns them, a LoRA run on top exports an adapter
+# writes chatml conversations (with libft's chatml and with the checkpoint's own Jinja template), full fine-tuning learns them, a LoRA run on top exports an adapter
 # that ft merge folds back, and ft generate answers in text through the tokenizer that the fine-tuned
 # and merged checkpoints carry.
 #   tests/cli/qwen3_bpe.sh FT BPE_TOKENIZER_DIR WORK_DIR
@@ -27,6 +27,20 @@ done >"$d/chat.jsonl"
 "$ft" prepare "$d/chat.jsonl" -o "$d/chat.h5" -t "$d/m" --format chat --template chatml >"$d/prepare.log" 2>&1 ||
   { cat "$d/prepare.log"; exit 1; }
 grep -q "120 examples" "$d/prepare.log" || { echo "FAIL: prepare"; cat "$d/prepare.log"; exit 1; }
+# The checkpoint's own template (ChatML, as Qwen's, in chat_template.jinja) gives the same tokens; its
+# labels also take the newline after each <|im_end|>, which the template writes as part of the turn.
+cat >"$d/m/chat_template.jinja" <<'EOF'
+{%- for message in messages %}
+    {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+EOF
+"$ft" prepare "$d/chat.jsonl" -o "$d/chat_model.h5" -t "$d/m" --format chat --template model >"$d/prepare_model.log" 2>&1 ||
+  { cat "$d/prepare_model.log"; exit 1; }
+grep -q "120 examples (4560 tokens, 1480 labels)" "$d/prepare_model.log" ||
+  { echo "FAIL: prepare with the model's template"; cat "$d/prepare.log" "$d/prepare_model.log"; exit 1; }
 # Full fine-tuning until the model answers (a random model: the loss must fall far), then a short
 # LoRA run on the result, merged back.
 run() {  # run NAME MODE CHECKPOINT STEPS LR [extra YAML]: trains, prints "first last" loss
@@ -58,7 +72,7 @@ awk -v b="$llast" 'BEGIN { exit !(b < 0.5) }' || { echo "FAIL: LoRA loss $lfirst
 test -f "$d/lora/final/adapter_model.safetensors" || { echo "FAIL: no adapter"; exit 1; }
 "$ft" merge "$d/full/final" "$d/lora/final" -o "$d/merged" >/dev/null
 # The fine-tuned and the merged model carry the base's tokenizer files, byte for byte.
-for f in tokenizer.json tokenizer_config.json; do
+for f in tokenizer.json tokenizer_config.json chat_template.jinja; do
   cmp "$d/m/$f" "$d/full/final/$f" && cmp "$d/m/$f" "$d/merged/$f" || { echo "FAIL: $f not copied"; exit 1; }
 done
 out=$("$ft" generate "$d/merged" --prompt $'<|im_start|>user\nWhat is a hacker?<|im_end|>\n<|im_start|>assistant\n' -n 12)

@@ -53,3 +53,20 @@ if(_tok_python_ok)
     ENVIRONMENT "LIBFT_BPE_REFERENCE_DIR=${_bpe_dir}"
     FAIL_REGULAR_EXPRESSION "\\[  SKIPPED \\]|0 tests from 0 test suites")
 endif()
+
+# Checkpoints' own chat templates (test_chat_jinja.cpp): the Python step renders the same templates
+# with jinja2 as transformers configures it and tokenizes conversations with apply_chat_template,
+# using the BPE tokenizers above and the sentencepiece model of the parity steps.
+target_sources(ft_data_tests PRIVATE ${CMAKE_CURRENT_LIST_DIR}/test_chat_jinja.cpp)
+if(_tok_python_ok)
+  set(_chat_dir "${CMAKE_CURRENT_BINARY_DIR}/chat_reference")
+  add_test(NAME chat_reference_python
+           COMMAND "${LIBFT_PYTHON}" "${CMAKE_CURRENT_SOURCE_DIR}/python/chat_template_reference.py" "${_chat_dir}"
+                   "${_bpe_dir}" "${_tok_parity_dir}/tokenizer.model")
+  set_tests_properties(chat_reference_python PROPERTIES LABELS "python;interop"
+    FIXTURES_REQUIRED "bpe_reference;tok_libft_model" FIXTURES_SETUP chat_reference)
+  add_test(NAME chat_template_parity COMMAND ft_data_tests "--gtest_filter=ChatTemplateParity.*")
+  set_tests_properties(chat_template_parity PROPERTIES LABELS "data;interop" FIXTURES_REQUIRED chat_reference
+    ENVIRONMENT "LIBFT_CHAT_REFERENCE_DIR=${_chat_dir};LIBFT_DATA_TEST_TMP=${CMAKE_CURRENT_BINARY_DIR}/data_tmp"
+    FAIL_REGULAR_EXPRESSION "\\[  SKIPPED \\]|0 tests from 0 test suites")
+endif()

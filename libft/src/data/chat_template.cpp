@@ -19,7 +19,8 @@ const char* role_name(Role role) {
 ChatTemplate parse_chat_template(std::string_view name) {
   if (name == "llama2") return ChatTemplate::llama2;
   if (name == "chatml") return ChatTemplate::chatml;
-  FT_FAIL("[records] unknown chat template '", name, "' (known: llama2, chatml)");
+  if (name == "model") return ChatTemplate::model;
+  FT_FAIL("[records] unknown chat template '", name, "' (known: llama2, chatml, model: the checkpoint's own)");
 }
 
 const char* chat_template_name(ChatTemplate tmpl) {
@@ -28,6 +29,8 @@ const char* chat_template_name(ChatTemplate tmpl) {
       return "llama2";
     case ChatTemplate::chatml:
       return "chatml";
+    case ChatTemplate::model:
+      return "model";
   }
   return "?";
 }
@@ -104,6 +107,8 @@ std::vector<TemplateSegment> render_chat(ChatTemplate tmpl, std::span<const Mess
       }
       break;
     }
+    case ChatTemplate::model:
+      FT_FAIL("[records] the 'model' chat template renders through ModelChatTemplate");
   }
   return out;
 }

@@ -4,4 +4,6 @@ target_sources(ft_data PRIVATE
   ${CMAKE_CURRENT_LIST_DIR}/records.cpp
   ${CMAKE_CURRENT_LIST_DIR}/jsonl.cpp
   ${CMAKE_CURRENT_LIST_DIR}/chat_template.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/jinja.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/chat_model_template.cpp
   ${CMAKE_CURRENT_LIST_DIR}/tokenizer_encoder.cpp)

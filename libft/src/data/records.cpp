@@ -411,6 +411,7 @@ struct ExampleReader::Impl {
   ErrorPolicy policy;
   const TokenEncoder* encoder;
   std::optional<ChatTemplate> tmpl;
+  std::optional<ModelChatTemplate> model_tmpl;  // tmpl == model
   bool add_bos = false, add_eos = false;
   ReadReport report;
   bool finished = false;
@@ -459,9 +460,11 @@ struct ExampleReader::Impl {
       FT_CHECK(format == RecordFormat::chat || format == RecordFormat::instruction, "[records] a chat template ('",
                tok.chat_template, "') applies to chat and instruction records, not to ", record_format_name(format));
       tmpl = parse_chat_template(tok.chat_template);
+      if (tmpl == ChatTemplate::model) model_tmpl.emplace(*encoder);
     }
-    FT_CHECK(format != RecordFormat::chat || tmpl, "[records] chat records need a chat template (llama2 or chatml)");
-    if (format == RecordFormat::instruction || format == RecordFormat::chat) {
+    FT_CHECK(format != RecordFormat::chat || tmpl,
+             "[records] chat records need a chat template (llama2, chatml, or model: the checkpoint's own)");
+    if ((format == RecordFormat::instruction || format == RecordFormat::chat) && tmpl != ChatTemplate::model) {
       FT_CHECK(sp.eos >= 0 || tmpl == ChatTemplate::chatml, "[records] ", record_format_name(format),
                " records end with EOS, but the tokenizer has no EOS token");
     }
@@ -480,9 +483,11 @@ struct ExampleReader::Impl {
       case RecordFormat::instruction: {
         if (!tmpl) return render_instruction(r.prompt, r.completion, add_bos);
         const Message pair[2] = {{Role::user, r.prompt}, {Role::assistant, r.completion}};
+        if (model_tmpl) return model_tmpl->render(pair);
         return render_chat(*tmpl, pair, add_bos);
       }
       case RecordFormat::chat:
+        if (model_tmpl) return model_tmpl->render(r.messages);
         return render_chat(*tmpl, r.messages, add_bos);
     }
     return {};

@@ -16,6 +16,7 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <tuple>
 #include <sstream>
 #include <unordered_map>
 #include <utility>
@@ -238,6 +239,29 @@ void read_special_tokens(const std::vector<std::string>& config_files, SpecialTo
            ": add_eos_token is set but there is no EOS token");
 }
 
+// The chat template transformers would load from the directory `dir` (see Tokenizer::chat_template).
+std::pair<std::string, std::string> read_chat_template(const std::string& dir) {
+  const auto jinja = (fs::path(dir) / "chat_template.jinja").string();
+  if (fs::exists(jinja)) return {read_binary_file(jinja, "tokenizer"), jinja};
+  const auto config_file = (fs::path(dir) / "tokenizer_config.json").string();
+  if (!fs::exists(config_file)) return {};
+  const nlohmann::json config = load_config_object(config_file);
+  auto it = config.find("chat_template");
+  if (it == config.end() || it->is_null()) return {};
+  if (it->is_string()) return {it->get<std::string>(), config_file};
+  FT_CHECK(it->is_array(), "[tokenizer] ", config_file, ": 'chat_template' must be a string or a list of {name, template}, not ",
+           it->type_name());
+  std::string names;
+  for (const auto& entry : *it) {
+    FT_CHECK(entry.is_object() && entry.contains("name") && entry.contains("template") && entry["name"].is_string() &&
+                 entry["template"].is_string(),
+             "[tokenizer] ", config_file, ": each 'chat_template' entry must be {\"name\": ..., \"template\": ...}");
+    if (entry["name"] == "default") return {entry["template"].get<std::string>(), config_file + " (chat_template 'default')"};
+    names += (names.empty() ? "" : ", ") + entry["name"].get<std::string>();
+  }
+  FT_FAIL("[tokenizer] ", config_file, ": 'chat_template' lists templates (", names, ") but none named 'default'");
+}
+
 std::string status_text(const sentencepiece::util::Status& status) {
   std::string text = status.ToString();
   return text.empty() ? std::string("unknown sentencepiece error") : text;
@@ -291,6 +315,7 @@ Tokenizer Tokenizer::load(const std::string& path) {
 
   Tokenizer tok;
   tok.path_ = model_path;
+  if (kind == fs::file_type::directory) std::tie(tok.chat_template_, tok.chat_template_file_) = read_chat_template(path);
   const std::string bytes = read_binary_file(model_path, "tokenizer");
   FT_CHECK(!bytes.empty(), "[tokenizer] ", model_path, ": empty file");
   if (json_model) {
@@ -392,6 +417,19 @@ std::string Tokenizer::decode(std::span<const int32_t> ids) const {
   const auto status = impl_->sp.Decode(kept, &text);
   FT_CHECK(status.ok(), "[tokenizer] ", path_, ": decode failed (", status_text(status), ")");
   return text;
+}
+
+std::vector<std::string> Tokenizer::special_pieces() const {
+  std::vector<std::string> out;
+  if (impl_->bpe) {
+    for (const auto& t : impl_->bpe->added_tokens()) out.push_back(impl_->bpe->id_to_token(t.id));
+    return out;
+  }
+  const auto& sp = impl_->sp;
+  for (int id = 0; id < sp.GetPieceSize(); ++id) {
+    if (sp.IsControl(id) || sp.IsUnknown(id)) out.push_back(sp.IdToPiece(id));
+  }
+  return out;
 }
 
 int32_t Tokenizer::vocab_size() const { return impl_->bpe ? impl_->bpe->vocab_size() : impl_->sp.GetPieceSize(); }

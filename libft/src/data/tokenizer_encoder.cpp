@@ -45,4 +45,16 @@ int32_t TokenizerEncoder::piece_id(std::string_view piece) const {
 
 SpecialTokens TokenizerEncoder::special() const { return tokenizer_->special(); }
 
+std::string TokenizerEncoder::piece(int32_t id) const { return tokenizer_->id_to_piece(id); }
+
+std::vector<std::string> TokenizerEncoder::split_pieces() const {
+  // A byte-level BPE cuts its added tokens out itself, with their lstrip/rstrip.
+  if (tokenizer_->byte_level_bpe()) return {};
+  return tokenizer_->special_pieces();
+}
+
+std::pair<std::string, std::string> TokenizerEncoder::chat_template() const {
+  return {tokenizer_->chat_template(), tokenizer_->chat_template_file()};
+}
+
 }  // namespace ft::data

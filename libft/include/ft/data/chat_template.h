@@ -23,9 +23,11 @@
 // join elsewhere (chatml's "\n" + content) gives the tokens of each side on its own, which can differ
 // from whole-string tokenization only where the vocabulary has a piece spanning the join.
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "ft/data/example.h"
@@ -49,6 +51,15 @@ class TokenEncoder {
   virtual int32_t piece_id(std::string_view piece) const = 0;
   /// BOS/EOS ids (-1 = none) and whether documents get them by default.
   virtual SpecialTokens special() const = 0;
+
+  // For the checkpoint's own (Jinja) chat template; stand-in encoders may leave these out.
+  /// The text of token `id` ("<s>", "<|eot_id|>"), for the template's bos_token and eos_token.
+  virtual std::string piece(int32_t /*id*/) const { return {}; }
+  /// Pieces the rendered text must be cut at and given as single ids (see
+  /// Tokenizer::special_pieces); empty where encode_continuation() cuts them out itself.
+  virtual std::vector<std::string> split_pieces() const { return {}; }
+  /// The template's Jinja source and the file it came from; empty when there is none.
+  virtual std::pair<std::string, std::string> chat_template() const { return {}; }
 };
 
 /// ft::data::Tokenizer as a TokenEncoder; `tokenizer` must outlive it.
@@ -67,6 +78,9 @@ class TokenizerEncoder final : public TokenEncoder {
   std::vector<int32_t> encode_continuation(std::string_view text) const override;
   int32_t piece_id(std::string_view piece) const override;
   SpecialTokens special() const override;
+  std::string piece(int32_t id) const override;
+  std::vector<std::string> split_pieces() const override;
+  std::pair<std::string, std::string> chat_template() const override;
 
  private:
   const Tokenizer* tokenizer_;
@@ -119,7 +133,11 @@ struct Message {
 ///   single ids when the vocabulary has them (TokenEncoder::piece_id); otherwise they are rendered as
 ///   text, and <|im_end|>'s text tokens are then labels of an assistant turn like the id would be.
 ///   No EOS: <|im_end|> ends each turn.
-enum class ChatTemplate : uint8_t { llama2, chatml };
+///
+/// model: the checkpoint's own Jinja template (tokenizer_config.json's chat_template or
+///   chat_template.jinja), rendered as transformers' apply_chat_template renders it: see
+///   ModelChatTemplate.
+enum class ChatTemplate : uint8_t { llama2, chatml, model };
 ChatTemplate parse_chat_template(std::string_view name);  ///< throws ft::Error for unknown names
 const char* chat_template_name(ChatTemplate tmpl);
 
@@ -132,8 +150,46 @@ std::vector<TemplateSegment> render_text(std::string_view text, bool add_bos, bo
 /// completion as its continuation, joined with nothing between them (a separator such as "\n\n" or
 /// "### Response:\n" belongs in the data). Labels: completion and EOS.
 std::vector<TemplateSegment> render_instruction(std::string_view prompt, std::string_view completion, bool add_bos);
-/// A conversation in `tmpl` (see ChatTemplate). `add_bos` matters only for chatml.
+/// A conversation in `tmpl` (llama2 or chatml; see ChatTemplate). `add_bos` matters only for chatml.
 std::vector<TemplateSegment> render_chat(ChatTemplate tmpl, std::span<const Message> messages, bool add_bos);
+
+/// The checkpoint's own chat template, rendered as transformers' apply_chat_template(messages) renders
+/// it (jinja.h), with the context transformers gives it: messages ([{role, content}]),
+/// add_generation_prompt, bos_token and eos_token (when the tokenizer has them), tools and documents
+/// (none). As apply_chat_template(tokenize=True), the whole text is tokenized without adding BOS or
+/// EOS: whatever the template writes is what the model sees.
+///
+/// Labels: the assistant turns, found the way the template itself draws them.
+///   * A template with {% generation %} blocks (transformers' return_assistant_tokens_mask) labels
+///     exactly what those blocks write.
+///   * Otherwise each assistant message i is labelled with what its rendering adds: the text between
+///     render(messages[:i], add_generation_prompt=true) and render(messages[:i+1]). That is its
+///     content and whatever the template closes the turn with (Llama 3's <|eot_id|>, ChatML's
+///     <|im_end|> and newline), but not the header that the generation prompt already gives. This
+///     needs renderings that extend each other; a template that renders earlier turns differently
+///     once later ones follow (Qwen3 drops past reasoning) is an error naming the message.
+///
+/// Tokenization: text is cut where labels start and end, and at the tokenizer's split_pieces();
+/// the first text of the document is encoded as a document start and every later text as a
+/// continuation, as Hugging Face's tokenizers do (Metaspace's prepend_scheme "first": no "▁" after
+/// <s>).
+class ModelChatTemplate {
+ public:
+  /// Parses the encoder's chat_template(); throws ft::Error when there is none or it does not parse.
+  explicit ModelChatTemplate(const TokenEncoder& encoder);
+  ModelChatTemplate(ModelChatTemplate&&) noexcept;
+  ~ModelChatTemplate();
+  /// Checks the message order (check_chat_order), renders and labels the conversation.
+  std::vector<TemplateSegment> render(std::span<const Message> messages) const;
+  /// The rendered text alone (add_generation_prompt as given).
+  std::string render_text(std::span<const Message> messages, bool add_generation_prompt) const;
+  /// Where the template came from.
+  const std::string& file() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 /// Tokenizes rendered segments; example.trainable follows each segment's flag token for token.
 /// Throws ft::Error when a bos/eos segment meets a tokenizer without that id.

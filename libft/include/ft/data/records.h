@@ -133,7 +133,8 @@ std::vector<std::string> list_source_files(const std::vector<std::string>& sourc
 
 struct TokenizeOptions {
   /// Required for RecordFormat::chat; optional for instruction (empty: render_instruction's plain
-  /// prompt + completion + EOS; otherwise the pair is rendered as a one-turn chat).
+  /// prompt + completion + EOS; otherwise the pair is rendered as a one-turn chat). "llama2",
+  /// "chatml", or "model": the tokenizer's own Jinja template (ModelChatTemplate).
   std::string chat_template;
   int64_t max_tokens = 0;  ///< 0 = no limit
   /// Threads that tokenize. Records are still read, and examples returned, in order on the calling

@@ -74,6 +74,18 @@ class Tokenizer {
   /// wherever it starts).
   bool byte_level_bpe() const;
 
+  /// The checkpoint's chat template (Jinja source), empty when it has none: a directory's
+  /// chat_template.jinja, else tokenizer_config.json's "chat_template" (a string, or a list of
+  /// {name, template} of which "default" is taken), as transformers reads them.
+  const std::string& chat_template() const { return chat_template_; }
+  /// The file chat_template() came from (for error messages); empty when there is none.
+  const std::string& chat_template_file() const { return chat_template_file_; }
+  /// The pieces that Hugging Face cuts out of text as single ids before the model sees it: for a
+  /// sentencepiece model its control and unknown pieces (<s>, </s>, <unk>; Mistral's [INST]; its
+  /// user-defined pieces need no cutting: sentencepiece keeps them whole itself); for a byte-level
+  /// BPE its added tokens (which encode() already cuts out itself).
+  std::vector<std::string> special_pieces() const;
+
  private:
   Tokenizer();
   void load_byte_level_bpe(const std::string& bytes, const std::vector<std::string>& config_files);
@@ -82,6 +94,7 @@ class Tokenizer {
   SpecialTokens special_;
   std::string fingerprint_;
   std::string path_;
+  std::string chat_template_, chat_template_file_;
 };
 
 }  // namespace ft::data

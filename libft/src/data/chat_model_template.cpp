@@ -1,0 +1,118 @@
+// ModelChatTemplate: a checkpoint's own Jinja chat template, rendered and labelled (chat_template.h).
+#include <algorithm>
+
+#include "ft/data/chat_template.h"
+#include "ft/data/jinja.h"
+#include "ft/util/error.h"
+
+namespace ft::data {
+
+struct ModelChatTemplate::Impl {
+  std::string file;
+  jinja::Template tmpl;
+  jinja::Dict base;                 // the context's fixed part
+  std::vector<std::string> splits;  // longest first
+
+  Impl(std::string f, const std::string& source) : file(std::move(f)), tmpl(source, file) {}
+
+  std::string render(std::span<const Message> messages, bool gen, jinja::Spans* generation) const {
+    jinja::List list;
+    list.reserve(messages.size());
+    for (const Message& m : messages) {
+      list.emplace_back(jinja::Dict{{"role", jinja::Value(role_name(m.role))}, {"content", jinja::Value(m.content)}});
+    }
+    jinja::Dict vars = base;
+    vars.emplace_back("messages", jinja::Value(std::move(list)));
+    vars.emplace_back("add_generation_prompt", jinja::Value(gen));
+    return tmpl.render(vars, generation);
+  }
+};
+
+ModelChatTemplate::ModelChatTemplate(const TokenEncoder& encoder) {
+  auto [source, file] = encoder.chat_template();
+  FT_CHECK(!source.empty(), "[records] the template 'model' needs the checkpoint's chat template, but the tokenizer has "
+                            "none (no chat_template.jinja, and no 'chat_template' in tokenizer_config.json)");
+  impl_ = std::make_unique<Impl>(file, source);
+  const SpecialTokens sp = encoder.special();
+  impl_->base.emplace_back("tools", jinja::Value::none());
+  impl_->base.emplace_back("documents", jinja::Value::none());
+  const std::pair<const char*, int32_t> tokens[] = {
+      {"bos_token", sp.bos}, {"eos_token", sp.eos}, {"unk_token", sp.unk}, {"pad_token", sp.pad}};
+  for (const auto& [name, id] : tokens) {
+    if (id < 0) continue;
+    std::string text = encoder.piece(id);
+    if (!text.empty()) impl_->base.emplace_back(name, jinja::Value(std::move(text)));
+  }
+  impl_->splits = encoder.split_pieces();
+  std::erase_if(impl_->splits, [](const std::string& s) { return s.empty(); });
+  std::stable_sort(impl_->splits.begin(), impl_->splits.end(),
+                   [](const std::string& a, const std::string& b) { return a.size() > b.size(); });
+}
+
+ModelChatTemplate::ModelChatTemplate(ModelChatTemplate&&) noexcept = default;
+ModelChatTemplate::~ModelChatTemplate() = default;
+
+const std::string& ModelChatTemplate::file() const { return impl_->file; }
+
+
+std::string ModelChatTemplate::render_text(std::span<const Message> messages, bool add_generation_prompt) const {
+  return impl_->render(messages, add_generation_prompt, nullptr);
+}
+
+std::vector<TemplateSegment> ModelChatTemplate::render(std::span<const Message> messages) const {
+  check_chat_order(messages);
+  jinja::Spans spans;
+  const std::string full = impl_->render(messages, false, &spans);
+  if (!impl_->tmpl.has_generation()) {
+    spans.clear();
+    for (size_t i = 0; i < messages.size(); ++i) {
+      if (messages[i].role != Role::assistant) continue;
+      const std::string before = impl_->render(messages.first(i), true, nullptr);
+      const std::string with = impl_->render(messages.first(i + 1), false, nullptr);
+      FT_CHECK(with.compare(0, before.size(), before) == 0, "[records] chat template ", impl_->file,
+               ": the rendering up to messages[", i,
+               "] (an assistant turn) does not start with the rendering before it plus the generation prompt, so its "
+               "text cannot be told apart; use a template with {% generation %} blocks");
+      FT_CHECK(full.compare(0, with.size(), with) == 0, "[records] chat template ", impl_->file, ": messages[", i,
+               "] (an assistant turn) renders differently once later messages follow, so its text cannot be told "
+               "apart; use a template with {% generation %} blocks, or one conversation per assistant turn");
+      spans.emplace_back(before.size(), with.size());
+    }
+  }
+  // Cut points: where labels start and end; then the split pieces, leftmost-longest.
+  std::vector<char> label(full.size(), 0);
+  for (const auto& [b, e] : spans) std::fill(label.begin() + static_cast<std::ptrdiff_t>(b), label.begin() + static_cast<std::ptrdiff_t>(e), 1);
+  std::vector<TemplateSegment> out;
+  auto add_text = [&](size_t b, size_t e) {
+    while (b < e) {
+      size_t c = b;
+      while (c < e && label[c] == label[b]) ++c;
+      out.push_back({TemplateSegment::Kind::text, full.substr(b, c - b), label[b] != 0});
+      b = c;
+    }
+  };
+  size_t pos = 0, text_start = 0;
+  while (pos < full.size()) {
+    const std::string* hit = nullptr;
+    if (!impl_->splits.empty()) {
+      for (const std::string& s : impl_->splits) {
+        if (full.compare(pos, s.size(), s) == 0) {
+          hit = &s;
+          break;
+        }
+      }
+    }
+    if (!hit) {
+      ++pos;
+      continue;
+    }
+    add_text(text_start, pos);
+    out.push_back({TemplateSegment::Kind::special, *hit, label[pos] != 0});
+    pos += hit->size();
+    text_start = pos;
+  }
+  add_text(text_start, full.size());
+  return out;
+}
+
+}  // namespace ft::data

@@ -1,0 +1,405 @@
+// Checkpoints' own chat templates: the Jinja subset (jinja.h) and ModelChatTemplate's rendering,
+// labels and tokenization. The unit tests here need nothing else; the ChatTemplateParity tests compare
+// with what jinja2 and transformers' apply_chat_template produce for the same templates and
+// conversations (tests/python/chat_template_reference.py, run by ctest before them).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "ft/data/chat_template.h"
+#include "ft/data/jinja.h"
+#include "ft/data/records.h"
+#include "ft/data/tokenizer.h"
+#include "ft/util/error.h"
+#include "records_test_util.h"
+
+namespace fs = std::filesystem;
+using ft::data::Message;
+using ft::data::ModelChatTemplate;
+using ft::data::Role;
+using ft::data::TemplateSegment;
+namespace jinja = ft::data::jinja;
+
+namespace {
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const ft::Error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+std::string render(const std::string& source, const jinja::Dict& vars = {}) {
+  return jinja::Template(source, "t").render(vars);
+}
+
+jinja::Value messages_value(const std::vector<Message>& messages) {
+  jinja::List list;
+  for (const auto& m : messages) {
+    list.emplace_back(jinja::Dict{{"role", ft::data::role_name(m.role)}, {"content", m.content}});
+  }
+  return jinja::Value(std::move(list));
+}
+
+const std::vector<Message> kTwoTurns = {{Role::system, "Be brief."},
+                                        {Role::user, "Hi"},
+                                        {Role::assistant, "Hello!"},
+                                        {Role::user, "Bye"},
+                                        {Role::assistant, "See you."}};
+
+// ByteEncoder (one id per byte, a sentencepiece-like dummy space at document starts) with a chat
+// template and pieces to cut out.
+class TemplateEncoder final : public ft::data::TokenEncoder {
+ public:
+  TemplateEncoder(std::string source, std::vector<std::string> pieces)
+      : source_(std::move(source)), pieces_(pieces), bytes_(std::move(pieces)) {}
+  std::vector<int32_t> encode_start(std::string_view t) const override { return bytes_.encode_start(t); }
+  std::vector<int32_t> encode_continuation(std::string_view t) const override { return bytes_.encode_continuation(t); }
+  int32_t piece_id(std::string_view p) const override {
+    if (p == "<s>") return ft::test::ByteEncoder::kBos;
+    if (p == "</s>") return ft::test::ByteEncoder::kEos;
+    return bytes_.piece_id(p);
+  }
+  ft::data::SpecialTokens special() const override { return bytes_.special(); }
+  std::string piece(int32_t id) const override {
+    return id == ft::test::ByteEncoder::kBos ? "<s>" : id == ft::test::ByteEncoder::kEos ? "</s>" : "";
+  }
+  std::vector<std::string> split_pieces() const override {
+    std::vector<std::string> all = pieces_;
+    all.insert(all.end(), {"<s>", "</s>"});
+    return all;
+  }
+  std::pair<std::string, std::string> chat_template() const override { return {source_, "test.jinja"}; }
+  std::string render(std::span<const int32_t> ids) const { return bytes_.render(ids); }
+
+ private:
+  std::string source_;
+  std::vector<std::string> pieces_;
+  ft::test::ByteEncoder bytes_;
+};
+
+// The labelled text of an example, with labelled runs in [[ ]].
+std::string labelled(const ft::data::Example& ex, const TemplateEncoder& enc) {
+  std::string out;
+  bool in = false;
+  for (size_t i = 0; i < ex.tokens.size(); ++i) {
+    const bool label = ex.trainable[i] != 0;
+    if (label != in) out += label ? "[[" : "]]";
+    in = label;
+    out += enc.render(std::span<const int32_t>(&ex.tokens[i], 1));
+  }
+  if (in) out += "]]";
+  return out;
+}
+
+const char* const kChatml =
+    "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// The Jinja subset (expected outputs from jinja2 3.1.6 as transformers configures it)
+
+TEST(Jinja, TrimsBlocksAndStripsLinesAsTransformersConfiguresIt) {
+  const std::string t =
+      "<s>\n{% for m in messages %}\n    {%- if m.role == 'user' %}\n  [U] {{ m.content | trim }}\n    {% else %}\n"
+      "  [A] {{ m.content }}{{ eos_token }}\n    {% endif %}\n{% endfor %}\n{# done #}\nend\n";
+  const std::vector<Message> msgs = {{Role::user, " hi "}, {Role::assistant, "yo"}};
+  EXPECT_EQ(render(t, {{"messages", messages_value(msgs)}, {"eos_token", "</s>"}}), "<s>\n  [U] hi\n  [A] yo</s>\nend");
+}
+
+TEST(Jinja, PrintsValuesAsPython) {
+  EXPECT_EQ(render("{{ 1.5e16 }} {{ 123456.789 }} {{ 1/3 }} {{ 2.0**0.5 }} {{ -0.0 }} {{ 1e-4 }} {{ 12345678901234567890.0 }}"),
+            "1.5e+16 123456.789 0.3333333333333333 1.4142135623730951 -0.0 0.0001 1.2345678901234567e+19");
+  EXPECT_EQ(render("{{ [1, 'a', none, true] }} {{ {'k': \"it's\"} }} {{ (1,) }} {{ missing }}"),
+            "[1, 'a', None, True] {'k': \"it's\"} (1,) ");
+}
+
+TEST(Jinja, ErrorsNameTheTemplateLineAndColumn) {
+  EXPECT_EQ(error_of([] { render("ok\n{% if x %}\n{{ 1 + }}\n{% endif %}"); }),
+            "[chat template] t:3:8: unexpected '}}' in an expression");
+  EXPECT_EQ(error_of([] { render("{% for x in y %}\n{% endif %}"); }),
+            "[chat template] t:2:1: unexpected '{% endif %}' (the open block ends with '{% endfor %}')");
+  EXPECT_EQ(error_of([] { render("a\n  {{ raise_exception('Roles must alternate') }}"); }),
+            "[chat template] t:2:21: the template raised an error: Roles must alternate");
+  EXPECT_EQ(error_of([] { render("{{ messages[0].content }}"); }), "[chat template] t:1:12: 'messages' is undefined");
+  EXPECT_EQ(error_of([] { render("{% set x = [] %}{{ x.append(1) }}"); }),
+            "[chat template] t:1:28: list.append() is not allowed: the template sandbox is immutable (as transformers')");
+  EXPECT_EQ(error_of([] { render("{{ 'a' | nofilter }}"); }), "[chat template] t:1:8: unknown filter 'nofilter'");
+  EXPECT_EQ(error_of([] { render("{% include 'x' %}"); }),
+            "[chat template] t:1:1: the 'include' tag is not supported in chat templates");
+}
+
+TEST(Jinja, SandboxLimitsEndRunawayTemplates) {
+  EXPECT_NE(error_of([] { render("{{ range(100001) | length }}"); }).find("range() is limited to 100000 items"),
+            std::string::npos);
+  EXPECT_EQ(render("{{ range(100000) | length }}"), "100000");
+  EXPECT_NE(error_of([] { render("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}"); }).find("64 MiB"),
+            std::string::npos);
+  EXPECT_NE(error_of([] { render("{{ " + std::string(400, '(') + "1" + std::string(400, ')') + " }}"); })
+                .find("nested more than 256 deep"),
+            std::string::npos);
+  EXPECT_NE(error_of([] { render("{{ 'ab' * 100000000 }}"); }).find("too large"), std::string::npos);
+  EXPECT_NE(error_of([] { render("{% for i in range(1001) %}{% for j in range(1000) %}{% endfor %}{% endfor %}"); })
+                .find("more than a million loop iterations"),
+            std::string::npos);
+}
+
+TEST(Jinja, MacrosSeeNamespacesAndNestAtMost64Deep) {
+  // A macro kept in a namespace calls itself through it (as jinja2 allows: "0123 4"); unbounded
+  // recursion that way is cut at 64 macro calls.
+  const std::string recurse =
+      "{% set ns = namespace(n=0) %}{% macro f(k) %}{% set ns.n = ns.n + 1 %}{% if k > 0 %}{{ ns.f(k - 1) }}"
+      "{% endif %}{{ k }}{% endmacro %}{% set ns.f = f %}";
+  EXPECT_EQ(render(recurse + "{{ f(3) }} {{ ns.n }}"), "0123 4");
+  EXPECT_NE(error_of([&] { render(recurse + "{{ f(100) }}"); }).find("macros nest more than 64 deep"), std::string::npos);
+  EXPECT_EQ(render("{% macro g(a, b='x') %}{{ a }}{{ b }}{% endmacro %}{{ g(1) }}{{ g(2, b=3) }}"), "1x23");
+}
+
+TEST(Jinja, GenerationBlocksReportWhatTheyWrote) {
+  jinja::Template t("a{% generation %}b{{ x }}{% endgeneration %}c{% generation %}{% endgeneration %}", "t");
+  EXPECT_TRUE(t.has_generation());
+  jinja::Spans spans;
+  EXPECT_EQ(t.render({{"x", "XY"}}, &spans), "abXYc");
+  ASSERT_EQ(spans.size(), 2u);
+  EXPECT_EQ(spans[0], std::make_pair(size_t{1}, size_t{4}));
+  EXPECT_EQ(spans[1], std::make_pair(size_t{5}, size_t{5}));
+}
+
+// ---------------------------------------------------------------------------------------------
+// ModelChatTemplate with a stand-in encoder
+
+TEST(ModelChatTemplate, LabelsWhatEachAssistantTurnAdds) {
+  const TemplateEncoder enc(kChatml, {"<|im_start|>", "<|im_end|>"});
+  const ModelChatTemplate tmpl(enc);
+  const auto ex = ft::data::tokenize_segments(tmpl.render(kTwoTurns), enc);
+  // The header up to "assistant\n" comes with the generation prompt, so it is not a label; the
+  // content, <|im_end|> and the newline after it are.
+  EXPECT_EQ(labelled(ex, enc),
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+            "[[Hello!<|im_end|>\n]]<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n[[See you.<|im_end|>\n]]");
+  // <|im_start|> and <|im_end|> are single ids, and only the document's first text has the dummy
+  // space (here: none, the document starts with a piece).
+  EXPECT_EQ(ex.tokens[0], ft::test::ByteEncoder::kFirstPiece);
+  EXPECT_EQ(enc.render(std::span<const int32_t>(ex.tokens.data() + 1, 6)), "system");
+}
+
+TEST(ModelChatTemplate, TextAfterBosIsAContinuationAsInHuggingFace) {
+  const TemplateEncoder enc(
+      "{% for m in messages %}{% if m.role == 'user' %}{{ bos_token + '[INST] ' + m.content + ' [/INST]' }}"
+      "{% elif m.role == 'assistant' %}{{ ' ' + m.content + ' ' + eos_token }}{% endif %}{% endfor %}",
+      {});
+  const ModelChatTemplate tmpl(enc);
+  const std::vector<Message> msgs = {{Role::user, "Q"}, {Role::assistant, "A"}};
+  EXPECT_EQ(tmpl.render_text(msgs, false), "<s>[INST] Q [/INST] A </s>");
+  const auto ex = ft::data::tokenize_segments(tmpl.render(msgs), enc);
+  EXPECT_EQ(ex.tokens.front(), ft::test::ByteEncoder::kBos);
+  EXPECT_EQ(labelled(ex, enc), "<s>[INST] Q [/INST][[ A </s>]]");  // no dummy space after <s>
+}
+
+TEST(ModelChatTemplate, GenerationBlocksAreTheLabels) {
+  const TemplateEncoder enc(
+      "{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+      "{% endgeneration %}{% else %}{{ m.content }}{% endif %}\n{% endfor %}",
+      {});
+  const ModelChatTemplate tmpl(enc);
+  const auto ex = ft::data::tokenize_segments(tmpl.render(kTwoTurns), enc);
+  // (trim_blocks eats the newline after {% endif %})
+  EXPECT_EQ(labelled(ex, enc), " <system>Be brief.<user>Hi<assistant>[[Hello!]]<user>Bye<assistant>[[See you.]]");
+}
+
+TEST(ModelChatTemplate, RefusesTemplatesWhoseTurnsDoNotExtendEachOther) {
+  // As Qwen3's template: only the last assistant turn keeps its reasoning block.
+  const TemplateEncoder enc(
+      "{% for m in messages %}{% if m.role == 'assistant' and loop.last %}<think></think>{% endif %}"
+      "{{ m.role }}: {{ m.content }}\n{% endfor %}",
+      {});
+  const ModelChatTemplate tmpl(enc);
+  EXPECT_EQ(error_of([&] { tmpl.render(kTwoTurns); }),
+            "[records] chat template test.jinja: messages[2] (an assistant turn) renders differently once later "
+            "messages follow, so its text cannot be told apart; use a template with {% generation %} blocks, or one "
+            "conversation per assistant turn");
+  // One assistant turn is fine.
+  EXPECT_NO_THROW(tmpl.render(std::span<const Message>(kTwoTurns).first(3)));
+
+  const TemplateEncoder no_template("", {});
+  EXPECT_NE(error_of([&] { ModelChatTemplate t(no_template); }).find("the tokenizer has none"), std::string::npos);
+  const TemplateEncoder broken("{% for m in messages %}", {});
+  EXPECT_EQ(error_of([&] { ModelChatTemplate t(broken); }),
+            "[chat template] test.jinja:1:24: unexpected end of template: expected '{% endfor %}'");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Against jinja2 and transformers
+
+namespace {
+
+fs::path reference_dir() {
+  const char* env = std::getenv("LIBFT_CHAT_REFERENCE_DIR");
+  return env && *env ? fs::path(env) : fs::path();
+}
+
+std::vector<Message> messages_of(const nlohmann::ordered_json& j) {
+  std::vector<Message> out;
+  for (const auto& m : j) {
+    const std::string role = m.at("role");
+    out.push_back({role == "system" ? Role::system : role == "user" ? Role::user : Role::assistant,
+                   m.at("content").get<std::string>()});
+  }
+  return out;
+}
+
+#define REQUIRE_CHAT_REFERENCE()                                                                     \
+  const fs::path ref_dir = reference_dir();                                                          \
+  if (ref_dir.empty()) GTEST_SKIP() << "LIBFT_CHAT_REFERENCE_DIR is not set (ctest sets it)";        \
+  ASSERT_TRUE(fs::exists(ref_dir / "chat_reference.json")) << ref_dir << ": the Python step did not run"; \
+  const auto ref = nlohmann::ordered_json::parse(ft::test::read_file((ref_dir / "chat_reference.json").string()))
+
+}  // namespace
+
+TEST(ChatTemplateParity, RendersAsJinja2) {
+  REQUIRE_CHAT_REFERENCE();
+  int renders = 0, errors = 0;
+  for (const auto& c : ref.at("render")) {
+    const std::string name = c.at("name");
+    SCOPED_TRACE(name);
+    const jinja::Value context = jinja::Value::parse_json(c.at("context").dump(), name);
+    std::string got, error;
+    try {
+      got = jinja::Template(c.at("template").get<std::string>(), name).render(context.as_dict());
+    } catch (const ft::Error& e) {
+      error = e.what();
+    }
+    if (c.contains("expected")) {
+      EXPECT_EQ(error, "");
+      EXPECT_EQ(got, c.at("expected").get<std::string>());
+      ++renders;
+    } else {
+      EXPECT_NE(error, "") << "rendered " << got;
+      EXPECT_NE(error.find("[chat template] " + name + ":"), std::string::npos) << error;
+      EXPECT_NE(error.find(c.at("error").get<std::string>()), std::string::npos) << error;
+      ++errors;
+    }
+  }
+  EXPECT_GE(renders, 150);
+  EXPECT_GE(errors, 10);
+}
+
+TEST(ChatTemplateParity, TokenizesAsApplyChatTemplate) {
+  REQUIRE_CHAT_REFERENCE();
+  std::map<std::string, ft::data::Tokenizer> tokenizers;
+  int cases = 0, straddling = 0;
+  for (const auto& c : ref.at("tokenize")) {
+    const std::string name = c.at("name"), tok_name = c.at("tokenizer");
+    SCOPED_TRACE(name);
+    if (!tokenizers.count(tok_name)) tokenizers.emplace(tok_name, ft::data::Tokenizer::load((ref_dir / tok_name).string()));
+    const ft::data::TokenizerEncoder enc(tokenizers.at(tok_name));
+    const ModelChatTemplate tmpl(enc);
+    const auto messages = messages_of(c.at("messages"));
+    EXPECT_EQ(tmpl.render_text(messages, false), c.at("rendered").get<std::string>());
+    const auto ex = ft::data::tokenize_segments(tmpl.render(messages), enc);
+    const bool straddles = c.at("straddles");
+    // Where one of transformers' tokens crosses a label boundary, libft cuts the text there (as the
+    // generation prompt is tokenized alone at inference): the pieces, tokenized one by one.
+    const auto& ids = c.at(straddles ? "piece_ids" : "ids");
+    const auto& labels = c.at(straddles ? "piece_labels" : "labels");
+    EXPECT_EQ(ex.tokens, ids.get<std::vector<int32_t>>());
+    std::vector<uint8_t> want(labels.begin(), labels.end());
+    EXPECT_EQ(ex.trainable, want);
+    ++cases;
+    straddling += straddles;
+  }
+  EXPECT_GE(cases, 15);
+  EXPECT_LE(straddling, 2);
+}
+
+TEST(ChatTemplateParity, ReadsTheCheckpointsTemplate) {
+  REQUIRE_CHAT_REFERENCE();
+  // tok_llama3 keeps its template in tokenizer_config.json, tok_qwen2 and tok_sp in chat_template.jinja.
+  const auto llama3 = ft::data::Tokenizer::load((ref_dir / "tok_llama3").string());
+  EXPECT_NE(llama3.chat_template().find("<|start_header_id|>"), std::string::npos);
+  EXPECT_EQ(fs::path(llama3.chat_template_file()).filename(), "tokenizer_config.json");
+  const auto qwen2 = ft::data::Tokenizer::load((ref_dir / "tok_qwen2").string());
+  EXPECT_EQ(fs::path(qwen2.chat_template_file()).filename(), "chat_template.jinja");
+  EXPECT_EQ(qwen2.chat_template(), ft::test::read_file((ref_dir / "tok_qwen2" / "chat_template.jinja").string()));
+
+  // A list of named templates: "default" is the one; without it, or with a wrong type, an error.
+  const fs::path dir = ft::test::scratch_dir("chat_template_config");
+  fs::copy_file(ref_dir / "tok_sp" / "tokenizer.model", dir / "tokenizer.model");
+  auto write_config = [&](const std::string& chat_template) {
+    std::ofstream(dir / "tokenizer_config.json") << R"({"bos_token": "<s>", "eos_token": "</s>", "chat_template": )"
+                                                 << chat_template << "}";
+  };
+  write_config(R"([{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}])");
+  EXPECT_EQ(ft::data::Tokenizer::load(dir.string()).chat_template(), "D");
+  write_config(R"([{"name": "tool_use", "template": "T"}])");
+  EXPECT_EQ(error_of([&] { ft::data::Tokenizer::load(dir.string()); }),
+            "[tokenizer] " + (dir / "tokenizer_config.json").string() +
+                ": 'chat_template' lists templates (tool_use) but none named 'default'");
+  write_config("42");
+  EXPECT_NE(error_of([&] { ft::data::Tokenizer::load(dir.string()); }).find("must be a string or a list"), std::string::npos);
+  write_config("null");
+  const auto none = ft::data::Tokenizer::load(dir.string());
+  EXPECT_EQ(none.chat_template(), "");
+  const ft::data::TokenizerEncoder enc(none);
+  EXPECT_NE(error_of([&] { ModelChatTemplate t(enc); }).find("the tokenizer has none"), std::string::npos);
+}
+
+TEST(ChatTemplateParity, ChatRecordsPrepareWithTheModelTemplate) {
+  REQUIRE_CHAT_REFERENCE();
+  // The JSONL reader with template "model" gives what ModelChatTemplate gives, for every
+  // conversation of the Llama 3 tokenizer, and instruction records render as one user/assistant turn.
+  const auto tok = ft::data::Tokenizer::load((ref_dir / "tok_llama3").string());
+  const ft::data::TokenizerEncoder enc(tok);
+  const ModelChatTemplate tmpl(enc);
+  const fs::path dir = ft::test::scratch_dir("chat_template_records");
+  std::vector<ft::data::Example> expected;
+  {
+    std::ofstream out(dir / "chat.jsonl");
+    for (const auto& c : ref.at("tokenize")) {
+      if (c.at("tokenizer") != "tok_llama3") continue;
+      const auto& msgs = c.at("messages");
+      // (the JSONL reader refuses empty contents, as bad records)
+      if (std::any_of(msgs.begin(), msgs.end(), [](const auto& m) { return m.at("content") == ""; })) continue;
+      out << nlohmann::ordered_json{{"messages", c.at("messages")}}.dump() << "\n";
+      expected.push_back(ft::data::tokenize_segments(tmpl.render(messages_of(c.at("messages"))), enc));
+    }
+  }
+  ASSERT_GE(expected.size(), 5u);
+  ft::data::RecordOptions ro;
+  ro.format = ft::data::RecordFormat::chat;
+  ft::data::TokenizeOptions to;
+  to.chat_template = "model";
+  ft::data::ExampleReader reader({(dir / "chat.jsonl").string()}, ro, to, {}, enc);
+  ft::data::Example ex;
+  ft::data::RecordOrigin origin;
+  size_t n = 0;
+  while (reader.next(ex, origin)) {
+    ASSERT_LT(n, expected.size());
+    EXPECT_EQ(ex.tokens, expected[n].tokens);
+    EXPECT_EQ(ex.trainable, expected[n].trainable);
+    ++n;
+  }
+  EXPECT_EQ(n, expected.size());
+
+  {
+    std::ofstream(dir / "inst.jsonl") << R"({"prompt": "2+2?", "completion": "4"})" << "\n";
+  }
+  ro.format = ft::data::RecordFormat::instruction;
+  ft::data::ExampleReader inst({(dir / "inst.jsonl").string()}, ro, to, {}, enc);
+  ASSERT_TRUE(inst.next(ex, origin));
+  const std::vector<Message> pair = {{Role::user, "2+2?"}, {Role::assistant, "4"}};
+  EXPECT_EQ(ex.tokens, ft::data::tokenize_segments(tmpl.render(pair), enc).tokens);
+}
