@@ -1,6 +1,7 @@
 // ft generate: continue a prompt of token ids with a KV cache (greedy or top-p sampling).
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <optional>
@@ -11,6 +12,7 @@
 #include "commands.h"
 #include "ft/adapt/lora.h"
 #include "ft/adapt/prefix.h"
+#include "ft/data/chat_template.h"
 #include "ft/data/tokenizer.h"
 #include "ft/io/hf_checkpoint.h"
 #include "ft/model/generate.h"
@@ -49,7 +51,7 @@ CLI::Validator in_range(double low, double high, const std::string& text) {
 
 void add_generate(CLI::App& app) {
   struct Args {
-    std::string dir, adapter, prompt_ids, prompt, tokenizer, device = "auto", dtype = "float32";
+    std::string dir, adapter, prompt_ids, prompt, chat, system, tokenizer, device = "auto", dtype = "float32";
     int64_t max_new_tokens = 32;
     bool sample = false;
     double temperature = 1.0, top_p = 0.9;
@@ -62,7 +64,12 @@ void add_generate(CLI::App& app) {
       ->check(CLI::ExistingDirectory);
   auto* ids_opt = cmd->add_option("--prompt-ids", a->prompt_ids, "Prompt as comma-separated token ids, e.g. 1,15043,29892");
   auto* text_opt = cmd->add_option("-p,--prompt", a->prompt, "Prompt as text (needs a tokenizer)");
+  auto* chat_opt = cmd->add_option("-c,--chat", a->chat,
+                                   "A user message, rendered with the tokenizer's chat template and its generation "
+                                   "prompt (chat_template.jinja or tokenizer_config.json); prints the answer");
+  cmd->add_option("--system", a->system, "A system message before --chat")->needs(chat_opt);
   ids_opt->excludes(text_opt);
+  chat_opt->excludes(text_opt)->excludes(ids_opt);
   cmd->add_option("-t,--tokenizer", a->tokenizer,
                   "tokenizer.model, tokenizer.json or a directory holding one (default: the model directory's, if any)");
   cmd->add_option("-n,--max-new-tokens", a->max_new_tokens, "Tokens to generate")
@@ -106,9 +113,24 @@ void add_generate(CLI::App& app) {
       tok_path = a->dir;
     }
     if (!tok_path.empty()) tok = data::Tokenizer::load(tok_path);
-    FT_CHECK(!a->prompt_ids.empty() || !a->prompt.empty(), "give --prompt TEXT or --prompt-ids IDS");
+    FT_CHECK(!a->prompt_ids.empty() || !a->prompt.empty() || !a->chat.empty(),
+             "give --prompt TEXT, --chat TEXT or --prompt-ids IDS");
     std::vector<int64_t> prompt;
-    if (!a->prompt.empty()) {
+    if (!a->chat.empty()) {
+      FT_CHECK(tok.has_value(), "--chat needs a tokenizer with a chat template: pass --tokenizer, or put one in ", a->dir);
+      // As apply_chat_template(messages, add_generation_prompt=True): the template writes any BOS.
+      const data::TokenizerEncoder encoder(*tok);
+      const data::ModelChatTemplate tmpl(encoder);
+      std::vector<data::Message> messages;
+      if (!a->system.empty()) messages.push_back({data::Role::system, a->system});
+      messages.push_back({data::Role::user, a->chat});
+      for (int32_t id : data::tokenize_segments(tmpl.render_prompt(messages), encoder).tokens) prompt.push_back(id);
+      // A chat turn ends with the tokenizer's EOS (Llama 3's <|eot_id|>, Qwen's <|im_end|>) as well.
+      const int32_t eos = tok->special().eos;
+      if (eos >= 0 && std::find(g.stop_tokens.begin(), g.stop_tokens.end(), eos) == g.stop_tokens.end()) {
+        g.stop_tokens.push_back(eos);
+      }
+    } else if (!a->prompt.empty()) {
       FT_CHECK(tok.has_value(), "--prompt needs a tokenizer: pass --tokenizer, or put tokenizer.model or tokenizer.json in ",
                a->dir);
       if (tok->special().add_bos && tok->special().bos >= 0) prompt.push_back(tok->special().bos);
@@ -132,6 +154,10 @@ void add_generate(CLI::App& app) {
       std::vector<int32_t> ids(prompt.begin(), prompt.end());
       ids.insert(ids.end(), out.begin(), out.end());
       std::cout << "text: " << tok->decode(ids) << "\n";
+      if (!a->chat.empty()) {
+        std::vector<int32_t> answer(out.begin(), out.end());
+        std::cout << "answer: " << tok->decode(answer) << "\n";
+      }
     }
   });
 }

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # ft generate rejects sampling settings it would otherwise ignore or fail on late (tests/CMakeLists.txt:
 # cli_generate_options): a token count or temperature that is not > 0, a top-p outside (0, 1], and
-# --temperature, --top-p or --seed without --sample (greedy decoding uses none of them). Each is
-# refused before the model is loaded, with the option named; valid settings generate.
+# --temperature, --top-p or --seed without --sample (greedy decoding uses none of them), --chat with
+# another prompt, and --system without --chat. Each is refused before the model is loaded, with the
+# option named; so is --chat without a tokenizer (once the model directory shows none). Valid settings
+# generate.
 #   tests/cli/generate_options.sh FT MODEL_CONFIG_JSON WORK_DIR
 set -euo pipefail
 ft=$1 config=$2 d=$3
@@ -24,6 +26,12 @@ fails "top-p: must be in (0, 1\], got x" --sample --top-p x
 fails "top-p requires --sample" --top-p 0.5
 fails "temperature requires --sample" --temperature 0.7
 fails "seed requires --sample" --seed 3
+fails "prompt-ids excludes --chat" --chat hi
+# --chat needs a tokenizer, and one with a chat template.
+if "$ft" generate "$d/m" --chat hi >"$d/out" 2>"$d/err"; then echo "FAIL: --chat without a tokenizer"; exit 1; fi
+grep -q -- "--chat needs a tokenizer with a chat template" "$d/err" || { cat "$d/err"; exit 1; }
+if "$ft" generate "$d/m" --system "Be brief." --prompt hi >"$d/out" 2>"$d/err"; then echo "FAIL: --system alone"; exit 1; fi
+grep -q -- "--system requires --chat" "$d/err" || { cat "$d/err"; exit 1; }
 # Valid settings, greedy and sampled: the sampled tokens follow the seed.
 "$ft" generate "$d/m" --prompt-ids 1,2 -n 4 | grep -q "generated"
 "$ft" generate "$d/m" --prompt-ids 1,2 -n 4 --sample --top-p 1 --temperature 0.7 --seed 5 | grep "^generated" >"$d/a"

@@ -3,7 +3,7 @@
 # the command line (tests/CMakeLists.txt: cli_qwen3_bpe): ft init makes the model, the tokenizer
 # files sit beside it as in a Hub checkpoint, ft prepare finds the tokenizer in the model directory and
 # writes chatml conversations (with libft's chatml and with the checkpoint's own Jinja template), full fine-tuning learns them, a LoRA run on top exports an adapter
-# that ft merge folds back, and ft generate answers in text through the tokenizer that the fine-tuned
+# that ft merge folds back, and ft generate answers in text (a raw prompt, and --chat through the chat template) through the tokenizer that the fine-tuned
 # and merged checkpoints carry.
 #   tests/cli/qwen3_bpe.sh FT BPE_TOKENIZER_DIR WORK_DIR
 set -euo pipefail
@@ -77,4 +77,8 @@ for f in tokenizer.json tokenizer_config.json chat_template.jinja; do
 done
 out=$("$ft" generate "$d/merged" --prompt $'<|im_start|>user\nWhat is a hacker?<|im_end|>\n<|im_start|>assistant\n' -n 12)
 echo "$out" | grep -q "A person who enjoys" || { echo "FAIL: generate did not answer:"; echo "$out"; exit 1; }
+# The same question through the merged checkpoint's own chat template; the answer stops at <|im_end|>.
+out=$("$ft" generate "$d/merged" --chat "What is a hacker?" -n 40)
+echo "$out" | grep -q "^answer: A person who enjoys exploring the details of programmable systems.$" ||
+  { echo "FAIL: generate --chat did not answer:"; echo "$out"; exit 1; }
 echo "qwen3 bpe OK: full fine-tuning loss $first -> $last, LoRA $lfirst -> $llast"

@@ -28,6 +28,49 @@ struct ModelChatTemplate::Impl {
   }
 };
 
+namespace {
+
+// `full` as segments: text cut where labels (`spans`) start and end, and at the split pieces
+// (longest first), which become single-id segments.
+std::vector<TemplateSegment> cut_segments(const std::string& full, const jinja::Spans& spans,
+                                          const std::vector<std::string>& splits) {
+  std::vector<char> label(full.size(), 0);
+  for (const auto& [b, e] : spans) std::fill(label.begin() + static_cast<std::ptrdiff_t>(b), label.begin() + static_cast<std::ptrdiff_t>(e), 1);
+  std::vector<TemplateSegment> out;
+  auto add_text = [&](size_t b, size_t e) {
+    while (b < e) {
+      size_t c = b;
+      while (c < e && label[c] == label[b]) ++c;
+      out.push_back({TemplateSegment::Kind::text, full.substr(b, c - b), label[b] != 0});
+      b = c;
+    }
+  };
+  size_t pos = 0, text_start = 0;
+  while (pos < full.size()) {
+    const std::string* hit = nullptr;
+    if (!splits.empty()) {
+      for (const std::string& s : splits) {
+        if (full.compare(pos, s.size(), s) == 0) {
+          hit = &s;
+          break;
+        }
+      }
+    }
+    if (!hit) {
+      ++pos;
+      continue;
+    }
+    add_text(text_start, pos);
+    out.push_back({TemplateSegment::Kind::special, *hit, label[pos] != 0});
+    pos += hit->size();
+    text_start = pos;
+  }
+  add_text(text_start, full.size());
+  return out;
+}
+
+}  // namespace
+
 ModelChatTemplate::ModelChatTemplate(const TokenEncoder& encoder) {
   auto [source, file] = encoder.chat_template();
   FT_CHECK(!source.empty(), "[records] the template 'model' needs the checkpoint's chat template, but the tokenizer has "
@@ -79,40 +122,12 @@ std::vector<TemplateSegment> ModelChatTemplate::render(std::span<const Message> 
       spans.emplace_back(before.size(), with.size());
     }
   }
-  // Cut points: where labels start and end; then the split pieces, leftmost-longest.
-  std::vector<char> label(full.size(), 0);
-  for (const auto& [b, e] : spans) std::fill(label.begin() + static_cast<std::ptrdiff_t>(b), label.begin() + static_cast<std::ptrdiff_t>(e), 1);
-  std::vector<TemplateSegment> out;
-  auto add_text = [&](size_t b, size_t e) {
-    while (b < e) {
-      size_t c = b;
-      while (c < e && label[c] == label[b]) ++c;
-      out.push_back({TemplateSegment::Kind::text, full.substr(b, c - b), label[b] != 0});
-      b = c;
-    }
-  };
-  size_t pos = 0, text_start = 0;
-  while (pos < full.size()) {
-    const std::string* hit = nullptr;
-    if (!impl_->splits.empty()) {
-      for (const std::string& s : impl_->splits) {
-        if (full.compare(pos, s.size(), s) == 0) {
-          hit = &s;
-          break;
-        }
-      }
-    }
-    if (!hit) {
-      ++pos;
-      continue;
-    }
-    add_text(text_start, pos);
-    out.push_back({TemplateSegment::Kind::special, *hit, label[pos] != 0});
-    pos += hit->size();
-    text_start = pos;
-  }
-  add_text(text_start, full.size());
-  return out;
+  return cut_segments(full, spans, impl_->splits);
+}
+
+std::vector<TemplateSegment> ModelChatTemplate::render_prompt(std::span<const Message> messages) const {
+  FT_CHECK(!messages.empty() && messages.back().role == Role::user, "[records] a prompt must end with a user message");
+  return cut_segments(impl_->render(messages, true, nullptr), {}, impl_->splits);
 }
 
 }  // namespace ft::data

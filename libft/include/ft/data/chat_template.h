@@ -181,6 +181,9 @@ class ModelChatTemplate {
   ~ModelChatTemplate();
   /// Checks the message order (check_chat_order), renders and labels the conversation.
   std::vector<TemplateSegment> render(std::span<const Message> messages) const;
+  /// A prompt for generation: `messages` (ending with a user message) and the generation prompt,
+  /// nothing trainable.
+  std::vector<TemplateSegment> render_prompt(std::span<const Message> messages) const;
   /// The rendered text alone (add_generation_prompt as given).
   std::string render_text(std::span<const Message> messages, bool add_generation_prompt) const;
   /// Where the template came from.
