@@ -52,6 +52,7 @@ CLI::Validator in_range(double low, double high, const std::string& text) {
 void add_generate(CLI::App& app) {
   struct Args {
     std::string dir, adapter, prompt_ids, prompt, chat, system, tokenizer, device = "auto", dtype = "float32";
+    std::vector<std::string> template_vars;
     int64_t max_new_tokens = 32;
     bool sample = false;
     double temperature = 1.0, top_p = 0.9;
@@ -68,6 +69,8 @@ void add_generate(CLI::App& app) {
                                    "A user message, rendered with the tokenizer's chat template and its generation "
                                    "prompt (chat_template.jinja or tokenizer_config.json); prints the answer");
   cmd->add_option("--system", a->system, "A system message before --chat")->needs(chat_opt);
+  cmd->add_option("--template-var", a->template_vars, "NAME=VALUE for the chat template (JSON, or else a string)")
+      ->needs(chat_opt);
   ids_opt->excludes(text_opt);
   chat_opt->excludes(text_opt)->excludes(ids_opt);
   cmd->add_option("-t,--tokenizer", a->tokenizer,
@@ -120,7 +123,9 @@ void add_generate(CLI::App& app) {
       FT_CHECK(tok.has_value(), "--chat needs a tokenizer with a chat template: pass --tokenizer, or put one in ", a->dir);
       // As apply_chat_template(messages, add_generation_prompt=True): the template writes any BOS.
       const data::TokenizerEncoder encoder(*tok);
-      const data::ModelChatTemplate tmpl(encoder);
+      std::vector<std::pair<std::string, std::string>> vars;
+      for (const auto& v : a->template_vars) vars.push_back(data::parse_template_var(v));
+      const data::ModelChatTemplate tmpl(encoder, vars);
       std::vector<data::Message> messages;
       if (!a->system.empty()) messages.push_back({data::Role::system, a->system});
       messages.push_back({data::Role::user, a->chat});

@@ -14,6 +14,7 @@ void add_prepare(CLI::App& app) {
   struct Args {
     std::vector<std::string> inputs, extensions;
     std::string output, tokenizer, format = "text", split = "file", separator = "%", chat_template, on_error = "fail";
+    std::vector<std::string> template_vars;
     std::string too_long = "error";
     int64_t max_tokens = 0;
     double max_bad_fraction = 0.0;
@@ -31,6 +32,10 @@ void add_prepare(CLI::App& app) {
   cmd->add_option("--ext", a->extensions, "Only files with these extensions in directories (e.g. .jsonl)");
   auto* chat_template =
       cmd->add_option("--template", a->chat_template, "Chat template: llama2 | chatml | model (the tokenizer directory's own Jinja template; chat data; optional for instruction)");
+  cmd->add_option("--template-var", a->template_vars,
+                  "NAME=VALUE for --template model, as apply_chat_template's keyword arguments (e.g. enable_thinking=false); "
+                  "VALUE is JSON, or else a string")
+      ->needs(chat_template);
   cmd->add_option("--max-tokens", a->max_tokens, "Longest document in tokens (0 = no limit)")->capture_default_str();
   auto* too_long =
       cmd->add_option("--too-long", a->too_long, "error | truncate documents above --max-tokens")->capture_default_str();
@@ -56,6 +61,7 @@ void add_prepare(CLI::App& app) {
     o.records.separator = a->separator;
     o.records.extensions = a->extensions;
     o.tokenize.chat_template = a->chat_template;
+    for (const auto& v : a->template_vars) o.tokenize.template_vars.push_back(data::parse_template_var(v));
     o.tokenize.max_tokens = a->max_tokens;
     o.tokenize.threads = a->threads;
     FT_CHECK(a->too_long == "error" || a->too_long == "truncate", "--too-long: '", a->too_long,

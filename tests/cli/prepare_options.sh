@@ -20,6 +20,10 @@ fails "--split and --separator apply to --format text only, not to --format json
 fails "--separator applies with --split separator only" "${prep[@]}" "$d/a.txt" --separator '%%'
 fails "--template applies to --format chat or instruction only, not to --format text" "${prep[@]}" "$d/a.txt" --template chatml
 fails "--too-long applies with --max-tokens N" "${prep[@]}" "$d/a.txt" --too-long truncate
+printf '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n' >"$d/c.jsonl"
+fails "template-var requires --template" "${prep[@]}" "$d/c.jsonl" --format chat --template-var x=1
+fails "template variables apply to the 'model' chat template only" "${prep[@]}" "$d/c.jsonl" --format chat --template chatml --template-var x=1
+fails "the tokenizer has none" "${prep[@]}" "$d/c.jsonl" --format chat --template model
 fails "--max-bad-fraction applies with --on-error skip only" "${prep[@]}" "$d/a.txt" --max-bad-fraction 0.1
 fails "gamma requires --previous" "$ft" fisher "$data/train/final" "$data/fortunes.h5" -o "$d/s.h5" --gamma 0.5
 fails "the name 'f' is taken by an earlier set" "$ft" eval "$data/train/final" -s "f=$data/fortunes.h5" -s "f=$data/fortunes.h5@10"

@@ -137,7 +137,10 @@ TEST(Jinja, ErrorsNameTheTemplateLineAndColumn) {
   EXPECT_EQ(error_of([] { render("{{ messages[0].content }}"); }), "[chat template] t:1:12: 'messages' is undefined");
   EXPECT_EQ(error_of([] { render("{% set x = [] %}{{ x.append(1) }}"); }),
             "[chat template] t:1:28: list.append() is not allowed: the template sandbox is immutable (as transformers')");
-  EXPECT_EQ(error_of([] { render("{{ 'a' | nofilter }}"); }), "[chat template] t:1:8: unknown filter 'nofilter'");
+  // Unknown filters and tests are refused when the template is parsed, before any rendering.
+  EXPECT_EQ(error_of([] { jinja::Template("{% if false %}{{ 'a' | nofilter }}{% endif %}", "t"); }),
+            "[chat template] t:1:22: unknown filter 'nofilter'");
+  EXPECT_EQ(error_of([] { jinja::Template("{{ 1 is prime }}", "t"); }), "[chat template] t:1:6: unknown test 'prime'");
   EXPECT_EQ(error_of([] { render("{% include 'x' %}"); }),
             "[chat template] t:1:1: the 'include' tag is not supported in chat templates");
 }
@@ -218,6 +221,29 @@ TEST(ModelChatTemplate, GenerationBlocksAreTheLabels) {
   const auto ex = ft::data::tokenize_segments(tmpl.render(kTwoTurns), enc);
   // (trim_blocks eats the newline after {% endif %})
   EXPECT_EQ(labelled(ex, enc), " <system>Be brief.<user>Hi<assistant>[[Hello!]]<user>Bye<assistant>[[See you.]]");
+}
+
+TEST(ModelChatTemplate, TakesVariablesAsApplyChatTemplatesKeywordArguments) {
+  // As Qwen3's enable_thinking: the generation prompt closes an empty reasoning block, so the
+  // labels are the answer alone.
+  const TemplateEncoder enc(
+      "{{ date | default('') }}|{% for m in messages %}{{ m.role }}: {% if m.role == 'assistant' and not "
+      "enable_thinking %}<think></think>{% endif %}{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}"
+      "assistant: {% if not enable_thinking %}<think></think>{% endif %}{% endif %}",
+      {});
+  const std::vector<Message> msgs = {{Role::user, "Q"}, {Role::assistant, "A"}};
+  const ModelChatTemplate off(enc, {ft::data::parse_template_var("enable_thinking=false"),
+                                    ft::data::parse_template_var("date=26 Jul 2024")});
+  EXPECT_EQ(labelled(ft::data::tokenize_segments(off.render(msgs), enc), enc),
+            " 26 Jul 2024|user: Q\nassistant: <think></think>[[A\n]]");
+  EXPECT_EQ(ft::data::parse_template_var("n=[1, 2]"), std::make_pair(std::string("n"), std::string("[1, 2]")));
+  EXPECT_EQ(ft::data::parse_template_var("s=it's"), std::make_pair(std::string("s"), std::string("\"it's\"")));
+  EXPECT_EQ(error_of([] { ft::data::parse_template_var("novalue"); }),
+            "[records] template variable 'novalue' is not NAME=VALUE");
+  EXPECT_EQ(error_of([] { ft::data::parse_template_var("a-b=1"); }),
+            "[records] template variable 'a-b' is not a name (letters, digits, _)");
+  EXPECT_EQ(error_of([&] { ModelChatTemplate t(enc, {{"messages", "[]"}}); }),
+            "[records] template variable 'messages' is set by libft itself");
 }
 
 TEST(ModelChatTemplate, RefusesTemplatesWhoseTurnsDoNotExtendEachOther) {

@@ -1,5 +1,7 @@
 // ModelChatTemplate: a checkpoint's own Jinja chat template, rendered and labelled (chat_template.h).
 #include <algorithm>
+#include <cctype>
+#include <nlohmann/json.hpp>
 
 #include "ft/data/chat_template.h"
 #include "ft/data/jinja.h"
@@ -71,7 +73,22 @@ std::vector<TemplateSegment> cut_segments(const std::string& full, const jinja::
 
 }  // namespace
 
-ModelChatTemplate::ModelChatTemplate(const TokenEncoder& encoder) {
+std::pair<std::string, std::string> parse_template_var(std::string_view assignment) {
+  const size_t eq = assignment.find('=');
+  FT_CHECK(eq != std::string_view::npos, "[records] template variable '", assignment, "' is not NAME=VALUE");
+  const std::string name(assignment.substr(0, eq));
+  const std::string value(assignment.substr(eq + 1));
+  const bool identifier = !name.empty() && (std::isalpha(static_cast<unsigned char>(name[0])) || name[0] == '_') &&
+                          std::all_of(name.begin(), name.end(), [](char c) {
+                            return std::isalnum(static_cast<unsigned char>(c)) || c == '_';
+                          });
+  FT_CHECK(identifier, "[records] template variable '", name, "' is not a name (letters, digits, _)");
+  if (nlohmann::json::accept(value)) return {name, value};
+  return {name, nlohmann::json(value).dump()};
+}
+
+ModelChatTemplate::ModelChatTemplate(const TokenEncoder& encoder,
+                                     const std::vector<std::pair<std::string, std::string>>& vars) {
   auto [source, file] = encoder.chat_template();
   FT_CHECK(!source.empty(), "[records] the template 'model' needs the checkpoint's chat template, but the tokenizer has "
                             "none (no chat_template.jinja, and no 'chat_template' in tokenizer_config.json)");
@@ -85,6 +102,13 @@ ModelChatTemplate::ModelChatTemplate(const TokenEncoder& encoder) {
     if (id < 0) continue;
     std::string text = encoder.piece(id);
     if (!text.empty()) impl_->base.emplace_back(name, jinja::Value(std::move(text)));
+  }
+  for (const auto& [name, json] : vars) {
+    FT_CHECK(name != "messages" && name != "add_generation_prompt", "[records] template variable '", name,
+             "' is set by libft itself");
+    auto& base = impl_->base;
+    std::erase_if(base, [&](const auto& kv) { return kv.first == name; });
+    base.emplace_back(name, jinja::Value::parse_json(json, "template variable '" + name + "'"));
   }
   impl_->splits = encoder.split_pieces();
   std::erase_if(impl_->splits, [](const std::string& s) { return s.empty(); });

@@ -789,6 +789,23 @@ struct Ctx {
 };
 
 constexpr int64_t kMaxRange = 100000;
+
+// What apply_filter and apply_test know. The parser checks names against these, so that a template
+// naming another is refused when it is loaded, as jinja2 refuses it when it compiles.
+constexpr std::string_view kFilters[] = {
+    "abs",  "capitalize", "count", "d",      "default", "dictsort",   "e",       "escape", "first",  "float",
+    "forceescape", "indent", "int", "items", "join",    "last",       "length",  "list",   "lower",  "map",
+    "max",  "min",        "reject", "rejectattr", "replace", "reverse", "round", "safe",   "select", "selectattr",
+    "sort", "string",     "sum",   "title",  "tojson",  "trim",       "unique",  "upper"};
+constexpr std::string_view kTests[] = {
+    "!=",      "<",        "<=",     "==",      ">",          ">=",      "boolean", "callable", "defined",
+    "divisibleby", "eq",   "equalto", "even",   "false",      "float",   "ge",      "greaterthan", "gt",
+    "in",      "integer",  "iterable", "le",    "lessthan",   "lower",   "lt",      "mapping",  "ne",
+    "none",    "number",   "odd",    "sameas",  "sequence",   "string",  "true",    "undefined", "upper"};
+template <size_t N>
+bool known(const std::string_view (&names)[N], std::string_view name) {
+  return std::find(std::begin(names), std::end(names), name) != std::end(names);
+}
 constexpr int64_t kMaxIterations = 1'000'000;
 
 const char* type_name(const Value& v) {
@@ -1209,7 +1226,7 @@ Value apply_filter(Ctx& ctx, Pos p, const std::string& name, const Value& v, con
   };
   using T = Value::Type;
   const std::string what = "filter '" + name + "'";
-  if (name == "trim" || name == "strip") {
+  if (name == "trim") {
     check_args(ctx, p, a, {"chars"}, what);
     const Value* chars = a.get(0, "chars");
     return Value(py_strip(v.str(), chars && chars->is_string() ? std::optional(chars->as_string()) : std::nullopt, true, true));
@@ -2571,6 +2588,7 @@ class Parser {
           next();
           f->name += "." + expect_name();
         }
+        if (!known(kFilters, f->name)) fail(at, "unknown filter '" + f->name + "'");
         if (is_op("(")) f->args = parse_call_args();
         e = std::move(f);
       } else if (is_name("is")) {
@@ -2589,9 +2607,7 @@ class Parser {
         } else {
           fail(cur().pos, "expected a test name after 'is'");
         }
-        if (t->name == "none" || t->name == "true" || t->name == "false") {
-          // literals double as test names
-        }
+        if (!known(kTests, t->name)) fail(at, "unknown test '" + t->name + "'");
         if (is_op("(")) {
           t->args = parse_call_args();
         } else if ((cur().kind == Token::name || cur().kind == Token::string || cur().kind == Token::integer ||

@@ -460,8 +460,10 @@ struct ExampleReader::Impl {
       FT_CHECK(format == RecordFormat::chat || format == RecordFormat::instruction, "[records] a chat template ('",
                tok.chat_template, "') applies to chat and instruction records, not to ", record_format_name(format));
       tmpl = parse_chat_template(tok.chat_template);
-      if (tmpl == ChatTemplate::model) model_tmpl.emplace(*encoder);
+      if (tmpl == ChatTemplate::model) model_tmpl.emplace(*encoder, tok.template_vars);
     }
+    FT_CHECK(tok.template_vars.empty() || tmpl == ChatTemplate::model,
+             "[records] template variables apply to the 'model' chat template only");
     FT_CHECK(format != RecordFormat::chat || tmpl,
              "[records] chat records need a chat template (llama2, chatml, or model: the checkpoint's own)");
     if ((format == RecordFormat::instruction || format == RecordFormat::chat) && tmpl != ChatTemplate::model) {

@@ -173,10 +173,17 @@ std::vector<TemplateSegment> render_chat(ChatTemplate tmpl, std::span<const Mess
 /// the first text of the document is encoded as a document start and every later text as a
 /// continuation, as Hugging Face's tokenizers do (Metaspace's prepend_scheme "first": no "▁" after
 /// <s>).
+/// "NAME=VALUE" → (NAME, JSON): VALUE as JSON when it is JSON (false, 3, "x", [1]), else as a
+/// string. Throws ft::Error for a missing '=' or a name that is not an identifier.
+std::pair<std::string, std::string> parse_template_var(std::string_view assignment);
+
 class ModelChatTemplate {
  public:
   /// Parses the encoder's chat_template(); throws ft::Error when there is none or it does not parse.
-  explicit ModelChatTemplate(const TokenEncoder& encoder);
+  /// `vars` adds variables to every rendering, as apply_chat_template's keyword arguments do
+  /// (enable_thinking, date_string, ...): (name, JSON value) pairs, see parse_template_var.
+  explicit ModelChatTemplate(const TokenEncoder& encoder,
+                             const std::vector<std::pair<std::string, std::string>>& vars = {});
   ModelChatTemplate(ModelChatTemplate&&) noexcept;
   ~ModelChatTemplate();
   /// Checks the message order (check_chat_order), renders and labels the conversation.

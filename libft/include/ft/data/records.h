@@ -136,6 +136,9 @@ struct TokenizeOptions {
   /// prompt + completion + EOS; otherwise the pair is rendered as a one-turn chat). "llama2",
   /// "chatml", or "model": the tokenizer's own Jinja template (ModelChatTemplate).
   std::string chat_template;
+  /// With chat_template "model": variables for the template, (name, JSON value) pairs
+  /// (ModelChatTemplate's `vars`, parse_template_var).
+  std::vector<std::pair<std::string, std::string>> template_vars;
   int64_t max_tokens = 0;  ///< 0 = no limit
   /// Threads that tokenize. Records are still read, and examples returned, in order on the calling
   /// thread, with the same skips and reports for any value: only the tokenization of a look-ahead
