@@ -277,15 +277,27 @@ fs::path reference_dir() {
   return env && *env ? fs::path(env) : fs::path();
 }
 
+// Messages as the JSONL reader makes them: tool calls and ids in fields_json.
 std::vector<Message> messages_of(const nlohmann::ordered_json& j) {
   std::vector<Message> out;
   for (const auto& m : j) {
     const std::string role = m.at("role");
-    out.push_back({role == "system" ? Role::system : role == "user" ? Role::user : Role::assistant,
-                   m.at("content").get<std::string>()});
+    Message msg{role == "system" ? Role::system
+                : role == "user" ? Role::user
+                : role == "tool" ? Role::tool
+                                 : Role::assistant,
+                m.contains("content") && m["content"].is_string() ? m["content"].get<std::string>() : ""};
+    nlohmann::ordered_json fields = nlohmann::ordered_json::object();
+    for (const auto& [k, v] : m.items()) {
+      if (k != "role" && (k != "content" || !v.is_string())) fields[k] = v;
+    }
+    if (!fields.empty()) msg.fields_json = fields.dump();
+    out.push_back(std::move(msg));
   }
   return out;
 }
+
+std::string tools_of(const nlohmann::ordered_json& c) { return c.contains("tools") ? c["tools"].dump() : ""; }
 
 #define REQUIRE_CHAT_REFERENCE()                                                                     \
   const fs::path ref_dir = reference_dir();                                                          \
@@ -334,8 +346,8 @@ TEST(ChatTemplateParity, TokenizesAsApplyChatTemplate) {
     const ft::data::TokenizerEncoder enc(tokenizers.at(tok_name));
     const ModelChatTemplate tmpl(enc);
     const auto messages = messages_of(c.at("messages"));
-    EXPECT_EQ(tmpl.render_text(messages, false), c.at("rendered").get<std::string>());
-    const auto ex = ft::data::tokenize_segments(tmpl.render(messages), enc);
+    if (!c.contains("tools")) EXPECT_EQ(tmpl.render_text(messages, false), c.at("rendered").get<std::string>());
+    const auto ex = ft::data::tokenize_segments(tmpl.render(messages, tools_of(c)), enc);
     const bool straddles = c.at("straddles");
     // Where one of transformers' tokens crosses a label boundary, libft cuts the text there (as the
     // generation prompt is tokenized alone at inference): the pieces, tokenized one by one.
@@ -347,8 +359,42 @@ TEST(ChatTemplateParity, TokenizesAsApplyChatTemplate) {
     ++cases;
     straddling += straddles;
   }
-  EXPECT_GE(cases, 15);
+  EXPECT_GE(cases, 20);
   EXPECT_LE(straddling, 2);
+}
+
+TEST(ChatTemplateParity, ToolUseRecordsPrepareAsApplyChatTemplate) {
+  REQUIRE_CHAT_REFERENCE();
+  // The tool conversation as a JSONL record ("tools", "tool_calls", tool messages) through the reader
+  // and the checkpoint's ChatML template with its tools branch: transformers' ids, and labels on the
+  // assistant turns only (tool calls included, tool results not).
+  const auto tok = ft::data::Tokenizer::load((ref_dir / "tok_qwen2").string());
+  const ft::data::TokenizerEncoder enc(tok);
+  const fs::path dir = ft::test::scratch_dir("chat_template_tools");
+  int found = 0;
+  for (const auto& c : ref.at("tokenize")) {
+    if (!c.contains("tools")) continue;
+    ++found;
+    std::ofstream(dir / "tools.jsonl") << nlohmann::ordered_json{{"messages", c.at("messages")}, {"tools", c.at("tools")}}.dump()
+                                       << "\n";
+    ft::data::RecordOptions ro;
+    ro.format = ft::data::RecordFormat::chat;
+    ft::data::TokenizeOptions to;
+    to.chat_template = "model";
+    ft::data::ExampleReader reader({(dir / "tools.jsonl").string()}, ro, to, {}, enc);
+    ft::data::Example ex;
+    ft::data::RecordOrigin origin;
+    ASSERT_TRUE(reader.next(ex, origin));
+    EXPECT_EQ(ex.tokens, c.at("ids").get<std::vector<int32_t>>());
+    const auto& labels = c.at("labels");
+    EXPECT_EQ(ex.trainable, std::vector<uint8_t>(labels.begin(), labels.end()));
+    // With libft's chatml the record is bad, not silently rendered without its tools.
+    to.chat_template = "chatml";
+    ft::data::ExampleReader chatml({(dir / "tools.jsonl").string()}, ro, to, {}, enc);
+    EXPECT_NE(error_of([&] { chatml.next(ex, origin); }).find("use the checkpoint's own (--template model)"),
+              std::string::npos);
+  }
+  EXPECT_EQ(found, 1);
 }
 
 TEST(ChatTemplateParity, ReadsTheCheckpointsTemplate) {

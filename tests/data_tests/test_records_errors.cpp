@@ -166,10 +166,11 @@ TEST(RecordsBadInput, UnknownFieldsAreErrorsUnlessAllowed) {
   // Unknown fields inside chat messages too.
   const std::string chat = scratch_file(
       "unknown", "c.jsonl",
-      R"({"messages": [{"role": "user", "content": "hi", "name": "bob"}, {"role": "assistant", "content": "yo"}]})"
+      R"({"messages": [{"role": "user", "content": "hi", "weight": 1}, {"role": "assistant", "content": "yo"}]})"
       "\n");
   EXPECT_EQ(issue_strings(read_records(chat, jsonl(RecordFormat::chat)).issues),
-            (std::vector<std::string>{chat + ":1:49: messages[0]: unknown field \"name\" (expected: role, content)"}));
+            (std::vector<std::string>{chat + ":1:49: messages[0]: unknown field \"weight\" (expected: role, content, "
+                                             "tool_calls, tool_call_id, name)"}));
 }
 
 TEST(RecordsBadInput, DuplicateKeys) {
@@ -472,7 +473,52 @@ TEST(RecordsBadInput, ChatMessageOrder) {
                 path + ":2:24: messages[0].role is \"assistant\" but \"user\" must come first",
                 path + ":3:58: messages[1].role is \"user\" but \"assistant\" must come after \"user\"",
                 path + ":4:51: the conversation must end with an assistant message, not user",
-                path + ":5:58: messages[1].role must be \"system\", \"user\" or \"assistant\", not \"bot\""}));
+                path + ":5:58: messages[1].role must be \"system\", \"user\", \"assistant\" or \"tool\", not \"bot\""}));
+}
+
+TEST(RecordsBadInput, ToolUse) {
+  // Tool use: assistant tool_calls, then tool messages, then the assistant; "tools" beside the messages.
+  const std::string path = scratch_file(
+      "tools", "c.jsonl",
+      R"({"messages": [{"role": "user", "content": "a", "tool_calls": [{"x": 1}]}, {"role": "assistant", "content": "b"}]})"
+      "\n"
+      R"({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "tool", "content": "c"}]})"
+      "\n"
+      R"({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [{"x": 1}]}, {"role": "user", "content": "c"}]})"
+      "\n"
+      R"({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "", "tool_calls": []}]})"
+      "\n"
+      R"({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "tool_call_id": "1"}]})"
+      "\n"
+      R"({"tools": {"a": 1}, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})"
+      "\n"
+      R"({"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]})"
+      "\n"
+      R"({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 5, "tool_calls": [{}]}]})"
+      "\n"
+      R"({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [{"x": 1}]}, )"
+      R"({"role": "tool", "tool_call_id": "c1", "content": "42"}, {"role": "assistant", "content": "b"}], "tools": [{"n": "f"}]})"
+      "\n");
+  const Read r = read_records(path, jsonl(RecordFormat::chat));
+  EXPECT_EQ(issue_strings(r.issues),
+            (std::vector<std::string>{
+                path + ":1:62: messages[0].tool_calls: only assistant messages call tools",
+                path + ":2:97: messages[2].role is \"tool\" but \"user\" must come after \"assistant\"",
+                path + ":3:107: messages[2].role is \"user\" but \"tool\" must come after \"assistant\" with tool_calls",
+                path + ":4:100: messages[1].tool_calls must be a non-empty array of objects",
+                path + ":5:103: messages[1].tool_call_id: only tool messages have one",
+                path + ":6:11: \"tools\" must be an array of objects",
+                path + ":7:49: messages[1]: missing field \"content\"",
+                path + ":8:82: messages[1].content must be a string or null, not number"}));
+  ASSERT_EQ(r.records.size(), 1u);
+  const auto& m = r.records[0].messages;
+  ASSERT_EQ(m.size(), 4u);
+  EXPECT_EQ(m[1].content, "");
+  EXPECT_EQ(m[1].fields_json, R"({"tool_calls":[{"x":1}],"content":null})");
+  EXPECT_EQ(m[2].role, Role::tool);
+  EXPECT_EQ(m[2].fields_json, R"({"tool_call_id":"c1"})");
+  EXPECT_EQ(r.records[0].tools_json, R"([{"n":"f"}])");
+  EXPECT_TRUE(ft::data::has_tool_use(m));
 }
 
 TEST(RecordsBadInput, SkipPolicyCountsListsAndEnforcesTheFraction) {

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "ft/data/chat_template.h"
+#include "ft/data/jinja.h"
 #include "ft/data/records.h"
 #include "ft/util/error.h"
 #include "jsonl.h"
@@ -48,6 +49,13 @@ class Bytes final : public TokenEncoder {
   }
   int32_t piece_id(std::string_view p) const override { return pieces_ && p == "<|im_end|>" ? 300 : -1; }
   SpecialTokens special() const override { return {1, 2, -1, -1, true, false}; }
+  // A template that writes each message's content and tool calls between role tags.
+  std::pair<std::string, std::string> chat_template() const override {
+    return {"{% for m in messages %}<{{ m.role }}>{{ m.content if m.content is not none }}"
+            "{% for c in m.tool_calls | default([]) %}[{{ c | tojson }}]{% endfor %}</{{ m.role }}>{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}",
+            "fuzz.jinja"};
+  }
   std::string render(const std::vector<int32_t>& ids) const {
     std::string s;
     for (int32_t id : ids)
@@ -190,8 +198,44 @@ void read_all(std::string_view input, RecordFormat format, bool allow_unknown,
           break;
         }
         case RecordFormat::chat: {
-          for (const Message& m : rec.messages) check_text(m.content, "content");
           check_chat_order(rec.messages);  // throws ft::Error (a bug here) when out of order
+          // nlohmann (behind jinja::Value::parse_json) holds fewer numbers than JSON allows; records with
+          // others cannot reach the model's template and are bad records there.
+          bool jinja_json = rec.tools_json.empty() || nlohmann::json::accept(rec.tools_json);
+          for (const Message& m : rec.messages) {
+            const bool calls = m.role == Role::assistant && !m.fields_json.empty();
+            if (!calls) check_text(m.content, "content");  // beside tool calls, content may be empty
+            jinja_json = jinja_json && (m.fields_json.empty() || nlohmann::json::accept(m.fields_json));
+          }
+          if (jinja_json) {
+            // The labels of the model's template: each assistant message's content, tool calls, end tag.
+            static const ModelChatTemplate model_template(enc);
+            static const jinja::Template calls_template(
+                "{% for c in fields.tool_calls | default([]) %}[{{ c | tojson }}]{% endfor %}", "calls");
+            std::string model_labels;
+            for (const Message& m : rec.messages) {
+              if (m.role != Role::assistant) continue;
+              const jinja::Value fields = m.fields_json.empty() ? jinja::Value(jinja::Dict{})
+                                                                : jinja::Value::parse_json(m.fields_json, "fields");
+              model_labels += m.content + calls_template.render({{"fields", fields}}) + "</assistant>";
+            }
+            if (labels_of(tokenize_segments(model_template.render(rec.messages, rec.tools_json), enc), enc) !=
+                model_labels) {
+              bug("the model template's labels are not the assistant turns");
+            }
+          }
+          if (has_tool_use(rec.messages) || !rec.tools_json.empty()) {
+            if (has_tool_use(rec.messages)) {
+              bool refused = false;
+              try {
+                render_chat(ChatTemplate::chatml, rec.messages, true);
+              } catch (const ft::Error&) {
+                refused = true;
+              }
+              if (!refused) bug("chatml rendered tool use");
+            }
+            break;
+          }
           std::string llama2, chatml;
           for (const Message& m : rec.messages) {
             if (m.role != Role::assistant) continue;

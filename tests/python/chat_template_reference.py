@@ -894,6 +894,35 @@ CONVERSATIONS = [
     ]),
 ]
 
+# Tool use, as OpenAI-style records carry it: the tools' JSON schemas beside the messages, assistant
+# messages with tool_calls (content empty or absent), and tool messages with the results.
+WEATHER_TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {
+            "type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "get_time", "description": "Local time in a city.",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+]
+CONVERSATIONS += [
+    ("tool_use", [
+        {"role": "user", "content": "Weather and time in Z\u00fcrich?"},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                          "arguments": {"city": "Z\u00fcrich", "unit": "celsius"}}},
+                        {"type": "function", "function": {"name": "get_time", "arguments": {"city": "Z\u00fcrich"}}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 21.5, \"sky\": \"clear\"}"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "14:05"},
+        {"role": "assistant", "content": "It is 21.5 \u00b0C and clear in Z\u00fcrich, and 14:05."},
+        {"role": "user", "content": "And Paris?"},
+        {"role": "assistant", "content": "Let me check.",
+         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": "call_3", "content": "{\"temp\": 18}"},
+        {"role": "assistant", "content": "18 \u00b0C in Paris."},
+    ]),
+]
+TOOLS_FOR = {"tool_use": WEATHER_TOOLS}
+
 TOKENIZERS_FOR = {
     "single_turn": ("tok_llama3", "tok_qwen2", "tok_sp"),
     "system_multi_turn": ("tok_llama3", "tok_qwen2", "tok_sp"),
@@ -902,6 +931,7 @@ TOKENIZERS_FOR = {
     "empty_assistant": ("tok_llama3", "tok_qwen2", "tok_sp"),
     "multiline_code": ("tok_llama3", "tok_qwen2", "tok_sp"),
     "decomposed_accents": ("tok_qwen2",),
+    "tool_use": ("tok_qwen2",),
 }
 
 
@@ -917,10 +947,10 @@ def flat_input_ids(result, where):
     return result
 
 
-def tokenize_case(name, tok_name, tok, messages):
+def tokenize_case(name, tok_name, tok, messages, tools=None):
     where = f"{name}/{tok_name}"
-    rendered = tok.apply_chat_template(messages, tokenize=False)
-    ids = flat_input_ids(tok.apply_chat_template(messages, tokenize=True), where)
+    rendered = tok.apply_chat_template(messages, tools=tools, tokenize=False)
+    ids = flat_input_ids(tok.apply_chat_template(messages, tools=tools, tokenize=True), where)
     enc = tok(rendered, add_special_tokens=False, return_offsets_mapping=True)
     if enc.input_ids != ids:
         fail(f"{where}: apply_chat_template ids differ from tok(rendered, add_special_tokens=False)")
@@ -932,8 +962,8 @@ def tokenize_case(name, tok_name, tok, messages):
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        p = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        q = tok.apply_chat_template(messages[:i + 1], tokenize=False, add_generation_prompt=False)
+        p = tok.apply_chat_template(messages[:i], tools=tools, tokenize=False, add_generation_prompt=True)
+        q = tok.apply_chat_template(messages[:i + 1], tools=tools, tokenize=False, add_generation_prompt=False)
         if not q.startswith(p):
             fail(f"{where}: turn {i}: the render without the assistant message plus a generation prompt is "
                  f"not a prefix of the render with it:\n{p!r}\n{q!r}")
@@ -958,6 +988,8 @@ def tokenize_case(name, tok_name, tok, messages):
     straddles = any(byte_at[start] < c < byte_at[end] for start, end in offsets for c in cuts)
     case = {"name": f"{name}_{tok_name[4:]}", "tokenizer": tok_name, "messages": messages, "rendered": rendered,
             "ids": ids, "spans": spans, "labels": labels, "straddles": straddles}
+    if tools is not None:
+        case["tools"] = tools
     if tok_name != "tok_sp":
         raw = rendered.encode("utf-8")
         piece_ids, piece_labels = [], []
@@ -985,7 +1017,8 @@ def main():
     tokenize_cases = []
     for name, messages in CONVERSATIONS:
         for tok_name in TOKENIZERS_FOR[name]:
-            tokenize_cases.append(tokenize_case(name, tok_name, toks[tok_name], messages))
+            tokenize_cases.append(tokenize_case(name, tok_name, toks[tok_name], messages,
+                                                TOOLS_FOR.get(name)))
 
     reference = {"render": render_cases, "tokenize": tokenize_cases}
     path = os.path.join(out_dir, "chat_reference.json")

@@ -17,13 +17,27 @@ struct ModelChatTemplate::Impl {
 
   Impl(std::string f, const std::string& source) : file(std::move(f)), tmpl(source, file) {}
 
-  std::string render(std::span<const Message> messages, bool gen, jinja::Spans* generation) const {
+  std::string render(std::span<const Message> messages, bool gen, jinja::Spans* generation,
+                     const jinja::Value* tools = nullptr) const {
     jinja::List list;
     list.reserve(messages.size());
     for (const Message& m : messages) {
-      list.emplace_back(jinja::Dict{{"role", jinja::Value(role_name(m.role))}, {"content", jinja::Value(m.content)}});
+      jinja::Dict d{{"role", jinja::Value(role_name(m.role))}, {"content", jinja::Value(m.content)}};
+      if (!m.fields_json.empty()) {
+        const jinja::Value fields = jinja::Value::parse_json(m.fields_json, "a message's fields");
+        for (const auto& field : fields.as_dict()) {
+          auto it = std::find_if(d.begin(), d.end(), [&](const auto& kv) { return kv.first == field.first; });
+          if (it != d.end()) it->second = field.second;
+          else d.push_back(field);
+        }
+      }
+      list.emplace_back(std::move(d));
     }
     jinja::Dict vars = base;
+    if (tools) {
+      std::erase_if(vars, [](const auto& kv) { return kv.first == "tools"; });
+      vars.emplace_back("tools", *tools);
+    }
     vars.emplace_back("messages", jinja::Value(std::move(list)));
     vars.emplace_back("add_generation_prompt", jinja::Value(gen));
     return tmpl.render(vars, generation);
@@ -103,7 +117,9 @@ ModelChatTemplate::ModelChatTemplate(const TokenEncoder& encoder,
     std::string text = encoder.piece(id);
     if (!text.empty()) impl_->base.emplace_back(name, jinja::Value(std::move(text)));
   }
-  for (const auto& [name, json] : vars) {
+  for (const auto& var : vars) {
+    const std::string& name = var.first;
+    const std::string& json = var.second;
     FT_CHECK(name != "messages" && name != "add_generation_prompt", "[records] template variable '", name,
              "' is set by libft itself");
     auto& base = impl_->base;
@@ -126,16 +142,19 @@ std::string ModelChatTemplate::render_text(std::span<const Message> messages, bo
   return impl_->render(messages, add_generation_prompt, nullptr);
 }
 
-std::vector<TemplateSegment> ModelChatTemplate::render(std::span<const Message> messages) const {
+std::vector<TemplateSegment> ModelChatTemplate::render(std::span<const Message> messages,
+                                                      const std::string& tools_json) const {
   check_chat_order(messages);
+  const jinja::Value tools = tools_json.empty() ? jinja::Value::none() : jinja::Value::parse_json(tools_json, "tools");
+  const jinja::Value* t = tools_json.empty() ? nullptr : &tools;
   jinja::Spans spans;
-  const std::string full = impl_->render(messages, false, &spans);
+  const std::string full = impl_->render(messages, false, &spans, t);
   if (!impl_->tmpl.has_generation()) {
     spans.clear();
     for (size_t i = 0; i < messages.size(); ++i) {
       if (messages[i].role != Role::assistant) continue;
-      const std::string before = impl_->render(messages.first(i), true, nullptr);
-      const std::string with = impl_->render(messages.first(i + 1), false, nullptr);
+      const std::string before = impl_->render(messages.first(i), true, nullptr, t);
+      const std::string with = impl_->render(messages.first(i + 1), false, nullptr, t);
       FT_CHECK(with.compare(0, before.size(), before) == 0, "[records] chat template ", impl_->file,
                ": the rendering up to messages[", i,
                "] (an assistant turn) does not start with the rendering before it plus the generation prompt, so its "

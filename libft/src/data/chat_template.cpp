@@ -1,5 +1,7 @@
 #include "ft/data/chat_template.h"
 
+#include <algorithm>
+
 #include "ft/util/error.h"
 
 namespace ft::data {
@@ -12,9 +14,23 @@ const char* role_name(Role role) {
       return "user";
     case Role::assistant:
       return "assistant";
+    case Role::tool:
+      return "tool";
   }
   return "?";
 }
+
+bool has_tool_use(std::span<const Message> messages) {
+  return std::any_of(messages.begin(), messages.end(), [](const Message& m) {
+    return m.role == Role::tool || (m.role == Role::assistant && m.fields_json.find("\"tool_calls\"") != std::string::npos);
+  });
+}
+
+namespace {
+bool calls_tools(const Message& m) {
+  return m.role == Role::assistant && m.fields_json.find("\"tool_calls\"") != std::string::npos;
+}
+}  // namespace
 
 ChatTemplate parse_chat_template(std::string_view name) {
   if (name == "llama2") return ChatTemplate::llama2;
@@ -39,9 +55,29 @@ void check_chat_order(std::span<const Message> messages) {
   FT_CHECK(!messages.empty(), "[records] a conversation needs at least one message");
   const size_t first = messages[0].role == Role::system ? 1 : 0;
   for (size_t i = first; i < messages.size(); ++i) {
-    const Role expected = (i - first) % 2 == 0 ? Role::user : Role::assistant;
-    FT_CHECK(messages[i].role == expected, "[records] messages[", i, "] is ", role_name(messages[i].role), " but ",
-             role_name(expected), " must come ", i == first ? "first" : "next",
+    const Role role = messages[i].role;
+    bool ok = false;
+    const char* expected = "";
+    if (i == first) {
+      ok = role == Role::user;
+      expected = "user must come first";
+    } else {
+      const Message& prev = messages[i - 1];
+      if (prev.role == Role::user) {
+        ok = role == Role::assistant;
+        expected = "assistant must come next";
+      } else if (calls_tools(prev)) {
+        ok = role == Role::tool;
+        expected = "tool must come after an assistant message with tool_calls";
+      } else if (prev.role == Role::tool) {
+        ok = role == Role::tool || role == Role::assistant;
+        expected = "tool or assistant must come after a tool message";
+      } else {
+        ok = role == Role::user;
+        expected = "user must come next";
+      }
+    }
+    FT_CHECK(ok, "[records] messages[", i, "] is ", role_name(role), " but ", expected,
              " (an optional system message, then user and assistant alternating)");
   }
   FT_CHECK(messages.back().role == Role::assistant, "[records] the conversation must end with an assistant message");
@@ -77,6 +113,8 @@ std::vector<TemplateSegment> render_instruction(std::string_view prompt, std::st
 
 std::vector<TemplateSegment> render_chat(ChatTemplate tmpl, std::span<const Message> messages, bool add_bos) {
   check_chat_order(messages);
+  FT_CHECK(!has_tool_use(messages), "[records] the ", chat_template_name(tmpl),
+           " template has no tool calls or tool messages; use the checkpoint's own (--template model)");
   std::vector<TemplateSegment> out;
   switch (tmpl) {
     case ChatTemplate::llama2: {

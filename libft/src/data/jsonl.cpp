@@ -1,5 +1,6 @@
 #include "jsonl.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <set>
@@ -402,6 +403,62 @@ class Parser {
 
 }  // namespace
 
+namespace {
+void append_json(const Value& v, std::string& out) {
+  switch (v.type) {
+    case Value::Type::null:
+      out += "null";
+      return;
+    case Value::Type::boolean:
+      out += v.boolean ? "true" : "false";
+      return;
+    case Value::Type::number:
+      out += v.text;
+      return;
+    case Value::Type::string:
+      out += '"';
+      for (unsigned char c : v.text) {
+        if (c == '"' || c == '\\') {
+          out += '\\';
+          out += static_cast<char>(c);
+        } else if (c < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\u%04x", c);
+          out += buf;
+        } else {
+          out += static_cast<char>(c);
+        }
+      }
+      out += '"';
+      return;
+    case Value::Type::array:
+      out += '[';
+      for (size_t i = 0; i < v.items.size(); ++i) {
+        if (i) out += ',';
+        append_json(v.items[i], out);
+      }
+      out += ']';
+      return;
+    case Value::Type::object:
+      out += '{';
+      for (size_t i = 0; i < v.members.size(); ++i) {
+        if (i) out += ',';
+        append_json(Value{Value::Type::string, 0, false, v.members[i].key, {}, {}}, out);
+        out += ':';
+        append_json(v.members[i].value, out);
+      }
+      out += '}';
+      return;
+  }
+}
+}  // namespace
+
+std::string to_json(const Value& v) {
+  std::string out;
+  append_json(v, out);
+  return out;
+}
+
 bool parse(std::string_view text, int max_depth, Value& out, ParseError& error) {
   out = Value{};
   try {
@@ -435,15 +492,19 @@ struct Schema {
   static LineProblem at(const Value& v, std::string reason) { return {v.offset, std::move(reason)}; }
 
   // Unknown keys first: a misspelt "promt" is better reported as itself than as a missing "prompt".
+  // `optional` fields may be missing.
   std::optional<LineProblem> check_fields(const Value& obj, std::initializer_list<std::string_view> known,
-                                          const std::string& where) const {
+                                          const std::string& where,
+                                          std::initializer_list<std::string_view> optional = {}) const {
     if (!rules.allow_unknown_fields) {
       for (const Member& m : obj.members) {
         bool ok = false;
         for (std::string_view key : known) ok = ok || m.key == key;
+        for (std::string_view key : optional) ok = ok || m.key == key;
         if (!ok) {
           std::string expected;
           for (std::string_view key : known) expected += (expected.empty() ? "" : ", ") + std::string(key);
+          for (std::string_view key : optional) expected += (expected.empty() ? "" : ", ") + std::string(key);
           return LineProblem{m.key_offset, where + "unknown field \"" + m.key + "\" (expected: " + expected + ")"};
         }
       }
@@ -489,6 +550,7 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
   out.prompt.clear();
   out.completion.clear();
   out.messages.clear();
+  out.tools_json.clear();
   switch (rules.format) {
     case RecordFormat::text:
       FT_FAIL("[records] parse_jsonl_record: plain text is not JSONL");
@@ -502,7 +564,14 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
       return schema.string_field(root, "completion", "\"completion\"", out.completion);
     }
     case RecordFormat::chat: {
-      if (auto p = schema.check_fields(root, {"messages"}, "")) return p;
+      if (auto p = schema.check_fields(root, {"messages"}, "", {"tools"})) return p;
+      if (const Value* tools = root.find("tools")) {
+        const bool objects = tools->type == Value::Type::array &&
+                             std::all_of(tools->items.begin(), tools->items.end(),
+                                         [](const Value& t) { return t.type == Value::Type::object; });
+        if (!objects) return Schema::at(*tools, "\"tools\" must be an array of objects");
+        out.tools_json = to_json(*tools);
+      }
       const Value& messages = *root.find("messages");
       if (messages.type != Value::Type::array) {
         return Schema::at(messages, std::string("\"messages\" must be an array, not ") + type_name(messages.type));
@@ -514,7 +583,9 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
         if (m.type != Value::Type::object) {
           return Schema::at(m, name + " must be an object, not " + type_name(m.type));
         }
-        if (auto p = schema.check_fields(m, {"role", "content"}, name + ": ")) return p;
+        if (auto p = schema.check_fields(m, {"role"}, name + ": ", {"content", "tool_calls", "tool_call_id", "name"})) {
+          return p;
+        }
         const Value& role = *m.find("role");
         if (role.type != Value::Type::string) {
           return Schema::at(role, name + ".role must be a string, not " + type_name(role.type));
@@ -526,24 +597,74 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
           msg.role = Role::user;
         else if (role.text == "assistant")
           msg.role = Role::assistant;
+        else if (role.text == "tool")
+          msg.role = Role::tool;
         else
-          return Schema::at(role,
-                            name + ".role must be \"system\", \"user\" or \"assistant\", not \"" + role.text + "\"");
+          return Schema::at(role, name + ".role must be \"system\", \"user\", \"assistant\" or \"tool\", not \"" +
+                                      role.text + "\"");
+        // Tool use: an assistant's tool_calls, a tool message's tool_call_id and name.
+        std::string fields;
+        auto add_field = [&](const Member& member) {
+          fields += (fields.empty() ? "{" : ",") + to_json(Value{Value::Type::string, 0, false, member.key, {}, {}}) +
+                    ":" + to_json(member.value);
+        };
+        const Value* calls = m.find("tool_calls");
+        for (const Member& member : m.members) {
+          if (member.key == "tool_calls") {
+            if (msg.role != Role::assistant) return Schema::at(member.value, name + ".tool_calls: only assistant messages call tools");
+            const bool objects = member.value.type == Value::Type::array && !member.value.items.empty() &&
+                                 std::all_of(member.value.items.begin(), member.value.items.end(),
+                                             [](const Value& c) { return c.type == Value::Type::object; });
+            if (!objects) return Schema::at(member.value, name + ".tool_calls must be a non-empty array of objects");
+            add_field(member);
+          } else if (member.key == "tool_call_id" || member.key == "name") {
+            if (msg.role != Role::tool) {
+              return Schema::at(member.value, name + "." + member.key + ": only tool messages have one");
+            }
+            if (member.value.type != Value::Type::string || is_blank(member.value.text)) {
+              return Schema::at(member.value, name + "." + member.key + " must be a non-empty string");
+            }
+            add_field(member);
+          }
+        }
         // The order of roles is checked here rather than in the template, so that it is reported
         // at the message that breaks it.
-        const bool has_system = i > 0 && out.messages[0].role == Role::system;
-        const size_t k = i - (has_system ? 1 : 0);  // position among user/assistant messages
+        const size_t first = !out.messages.empty() && out.messages[0].role == Role::system ? 1 : 0;
         if (msg.role == Role::system) {
           if (i != 0) return Schema::at(role, name + ": a system message may only come first");
         } else {
-          const Role expected = k % 2 == 0 ? Role::user : Role::assistant;
-          if (msg.role != expected) {
-            return Schema::at(
-                role, name + ".role is \"" + role.text + "\" but \"" + role_name(expected) + "\" must come " +
-                          (k == 0 ? "first" : std::string("after \"") + role_name(out.messages.back().role) + "\""));
+          const Message* prev = i > first ? &out.messages.back() : nullptr;
+          std::string expected;  // empty: in order
+          if (!prev) {
+            if (msg.role != Role::user) expected = "\"user\" must come first";
+          } else if (prev->role == Role::user) {
+            if (msg.role != Role::assistant) expected = "\"assistant\" must come after \"user\"";
+          } else if (prev->role == Role::tool) {
+            if (msg.role != Role::tool && msg.role != Role::assistant) {
+              expected = "\"tool\" or \"assistant\" must come after \"tool\"";
+            }
+          } else if (!prev->fields_json.empty() && prev->fields_json.find("\"tool_calls\"") != std::string::npos) {
+            if (msg.role != Role::tool) expected = "\"tool\" must come after \"assistant\" with tool_calls";
+          } else if (msg.role != Role::user) {
+            expected = "\"user\" must come after \"assistant\"";
           }
+          if (!expected.empty()) return Schema::at(role, name + ".role is \"" + role.text + "\" but " + expected);
         }
-        if (auto p = schema.string_field(m, "content", name + ".content", msg.content)) return p;
+        // Content: a string, non-blank, except beside tool calls (then empty, null or absent).
+        const Value* content = m.find("content");
+        if (calls) {
+          if (content && content->type == Value::Type::string) {
+            msg.content = content->text;
+          } else if (content && content->type != Value::Type::null) {
+            return Schema::at(*content, name + ".content must be a string or null, not " + type_name(content->type));
+          } else {
+            fields += (fields.empty() ? "{" : ",") + std::string("\"content\":null");
+          }
+        } else {
+          if (!content) return Schema::at(m, name + ": missing field \"content\"");
+          if (auto p = schema.string_field(m, "content", name + ".content", msg.content)) return p;
+        }
+        if (!fields.empty()) msg.fields_json = fields + "}";
         out.messages.push_back(std::move(msg));
       }
       if (out.messages.back().role != Role::assistant) {

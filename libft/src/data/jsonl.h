@@ -42,6 +42,9 @@ struct Member {
 
 const char* type_name(Value::Type type);
 
+/// `v` as compact JSON text (numbers as written, object members in input order).
+std::string to_json(const Value& v);
+
 struct ParseError {
   size_t offset = 0;  ///< byte offset of the offending byte (== text.size() for a premature end)
   std::string reason;

@@ -489,7 +489,9 @@ struct ExampleReader::Impl {
         return render_chat(*tmpl, pair, add_bos);
       }
       case RecordFormat::chat:
-        if (model_tmpl) return model_tmpl->render(r.messages);
+        if (model_tmpl) return model_tmpl->render(r.messages, r.tools_json);
+        FT_CHECK(r.tools_json.empty(), "[records] the ", chat_template_name(*tmpl),
+                 " template has no tool definitions (\"tools\"); use the checkpoint's own (--template model)");
         return render_chat(*tmpl, r.messages, add_bos);
     }
     return {};
@@ -498,7 +500,14 @@ struct ExampleReader::Impl {
   // The example for `r`, or the reason it is bad. `truncated_from` > 0 when it was cut.
   std::optional<std::string> build(const Record& r, Example& ex, int64_t& truncated_from) const {
     truncated_from = 0;
-    const std::vector<TemplateSegment> segments = render(r);
+    std::vector<TemplateSegment> segments;
+    try {
+      segments = render(r);
+    } catch (const ft::Error& e) {
+      // A conversation the template refuses (its raise_exception, tool use it cannot render) is a
+      // bad record, under the error policy like any other.
+      return std::string(e.what());
+    }
     ex = tokenize_segments(segments, *encoder);
     const auto n = static_cast<int64_t>(ex.tokens.size());
     if (tok.max_tokens > 0 && n > tok.max_tokens) {

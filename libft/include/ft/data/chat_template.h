@@ -103,13 +103,20 @@ struct TemplateSegment {
   bool trainable = false;
 };
 
-enum class Role : uint8_t { system, user, assistant };
+enum class Role : uint8_t { system, user, assistant, tool };
 const char* role_name(Role role);
 
 struct Message {
   Role role = Role::user;
   std::string content;
+  /// The message's other fields as a JSON object, "" for none: an assistant's "tool_calls" (then
+  /// "content" may be null), a tool message's "tool_call_id" and "name". Only a checkpoint's own
+  /// template (ModelChatTemplate) renders tool calls; they override `role` and `content` there.
+  std::string fields_json;
 };
+
+/// Whether a conversation has tool messages or tool calls.
+bool has_tool_use(std::span<const Message> messages);
 
 /// Chat templates, chosen by name ("llama2", "chatml"). Messages must be: an optional system message
 /// first, then user and assistant alternating, starting with user and ending with assistant (the
@@ -141,7 +148,9 @@ enum class ChatTemplate : uint8_t { llama2, chatml, model };
 ChatTemplate parse_chat_template(std::string_view name);  ///< throws ft::Error for unknown names
 const char* chat_template_name(ChatTemplate tmpl);
 
-/// Checks the message order described at ChatTemplate; throws ft::Error naming the message.
+/// Checks the message order described at ChatTemplate; throws ft::Error naming the message. With
+/// tool use: after an assistant message with tool calls come one or more tool messages, then an
+/// assistant message (see has_tool_use; only ModelChatTemplate renders those).
 void check_chat_order(std::span<const Message> messages);
 
 /// Plain text: [BOS] text [EOS]; every token but the BOS is a label.
@@ -186,8 +195,9 @@ class ModelChatTemplate {
                              const std::vector<std::pair<std::string, std::string>>& vars = {});
   ModelChatTemplate(ModelChatTemplate&&) noexcept;
   ~ModelChatTemplate();
-  /// Checks the message order (check_chat_order), renders and labels the conversation.
-  std::vector<TemplateSegment> render(std::span<const Message> messages) const;
+  /// Checks the message order (check_chat_order), renders and labels the conversation. `tools_json`:
+  /// the record's tool definitions (a JSON array) for the template's `tools`, "" for none.
+  std::vector<TemplateSegment> render(std::span<const Message> messages, const std::string& tools_json = "") const;
   /// A prompt for generation: `messages` (ending with a user message) and the generation prompt,
   /// nothing trainable.
   std::vector<TemplateSegment> render_prompt(std::span<const Message> messages) const;

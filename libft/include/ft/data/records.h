@@ -42,7 +42,11 @@ enum class RecordFormat : uint8_t {
   text,         ///< plain text files; documents per TextSplit
   jsonl_text,   ///< JSONL, {"text": "..."}
   instruction,  ///< JSONL, {"prompt": "...", "completion": "..."}
-  chat,         ///< JSONL, {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+  /// JSONL, {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}; with tool
+  /// use (for the checkpoint's own template only) also {"tools": [{...}]} beside the messages,
+  /// assistant messages with "tool_calls": [{...}] (then "content" may be empty, null or absent) and
+  /// {"role": "tool", "content": "...", "tool_call_id"/"name": "..."} messages after them.
+  chat,
 };
 /// "text" | "jsonl" | "instruction" | "chat"; throws ft::Error otherwise.
 RecordFormat parse_record_format(std::string_view name);
@@ -64,6 +68,7 @@ struct Record {
   std::string text;                ///< text, jsonl_text
   std::string prompt, completion;  ///< instruction
   std::vector<Message> messages;   ///< chat
+  std::string tools_json;          ///< chat: the record's "tools" (a JSON array), "" for none
 };
 
 /// A bad record: where and why.
