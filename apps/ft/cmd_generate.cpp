@@ -51,7 +51,8 @@ CLI::Validator in_range(double low, double high, const std::string& text) {
 
 void add_generate(CLI::App& app) {
   struct Args {
-    std::string dir, adapter, prompt_ids, prompt, chat, system, tokenizer, device = "auto", dtype = "float32";
+    std::string dir, adapter, prompt_ids, prompt, chat, system, chat_template, tokenizer, device = "auto",
+        dtype = "float32";
     std::vector<std::string> template_vars;
     int64_t max_new_tokens = 32;
     bool sample = false;
@@ -69,6 +70,9 @@ void add_generate(CLI::App& app) {
                                    "A user message, rendered with the tokenizer's chat template and its generation "
                                    "prompt (chat_template.jinja or tokenizer_config.json); prints the answer");
   cmd->add_option("--system", a->system, "A system message before --chat")->needs(chat_opt);
+  cmd->add_option("--chat-template", a->chat_template, "A Jinja template file for --chat in place of the tokenizer's")
+      ->needs(chat_opt)
+      ->check(CLI::ExistingFile);
   cmd->add_option("--template-var", a->template_vars, "NAME=VALUE for the chat template (JSON, or else a string)")
       ->needs(chat_opt);
   ids_opt->excludes(text_opt);
@@ -125,7 +129,9 @@ void add_generate(CLI::App& app) {
       const data::TokenizerEncoder encoder(*tok);
       std::vector<std::pair<std::string, std::string>> vars;
       for (const auto& v : a->template_vars) vars.push_back(data::parse_template_var(v));
-      const data::ModelChatTemplate tmpl(encoder, vars);
+      const data::ModelChatTemplate tmpl = a->chat_template.empty()
+                                               ? data::ModelChatTemplate(encoder, vars)
+                                               : data::ModelChatTemplate(encoder, a->chat_template, vars);
       std::vector<data::Message> messages;
       if (!a->system.empty()) messages.push_back({data::Role::system, a->system});
       messages.push_back({data::Role::user, a->chat});

@@ -31,7 +31,9 @@ void add_prepare(CLI::App& app) {
                         ->capture_default_str();
   cmd->add_option("--ext", a->extensions, "Only files with these extensions in directories (e.g. .jsonl)");
   auto* chat_template =
-      cmd->add_option("--template", a->chat_template, "Chat template: llama2 | chatml | model (the tokenizer directory's own Jinja template; chat data; optional for instruction)");
+      cmd->add_option("--template", a->chat_template,
+                      "Chat template: llama2 | chatml | model (the tokenizer directory's own Jinja template) | FILE.jinja "
+                      "(chat data; optional for instruction)");
   cmd->add_option("--template-var", a->template_vars,
                   "NAME=VALUE for --template model, as apply_chat_template's keyword arguments (e.g. enable_thinking=false); "
                   "VALUE is JSON, or else a string")

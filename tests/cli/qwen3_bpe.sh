@@ -41,6 +41,26 @@ EOF
   { cat "$d/prepare_model.log"; exit 1; }
 grep -q "120 examples (4560 tokens, 1480 labels)" "$d/prepare_model.log" ||
   { echo "FAIL: prepare with the model's template"; cat "$d/prepare.log" "$d/prepare_model.log"; exit 1; }
+# A template file of one's own, with {% generation %} around content and <|im_end|> only: the labels
+# are then exactly libft's chatml ones.
+cat >"$d/labelled.jinja" <<'EOF'
+{%- for message in messages %}
+    {{- '<|im_start|>' + message['role'] + '\n' }}
+    {%- if message['role'] == 'assistant' %}
+        {%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}
+    {%- else %}
+        {{- message['content'] + '<|im_end|>' }}
+    {%- endif %}
+    {{- '\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+EOF
+"$ft" prepare "$d/chat.jsonl" -o "$d/chat_file.h5" -t "$d/m" --format chat --template "$d/labelled.jinja" \
+  >"$d/prepare_file.log" 2>&1 || { cat "$d/prepare_file.log"; exit 1; }
+grep -q "120 examples (4560 tokens, 1360 labels)" "$d/prepare_file.log" ||
+  { echo "FAIL: prepare with a template file"; cat "$d/prepare_file.log"; exit 1; }
 # Full fine-tuning until the model answers (a random model: the loss must fall far), then a short
 # LoRA run on the result, merged back.
 run() {  # run NAME MODE CHECKPOINT STEPS LR [extra YAML]: trains, prints "first last" loss
@@ -78,7 +98,10 @@ done
 out=$("$ft" generate "$d/merged" --prompt $'<|im_start|>user\nWhat is a hacker?<|im_end|>\n<|im_start|>assistant\n' -n 12)
 echo "$out" | grep -q "A person who enjoys" || { echo "FAIL: generate did not answer:"; echo "$out"; exit 1; }
 # The same question through the merged checkpoint's own chat template; the answer stops at <|im_end|>.
-out=$("$ft" generate "$d/merged" --chat "What is a hacker?" -n 40)
-echo "$out" | grep -q "^answer: A person who enjoys exploring the details of programmable systems.$" ||
-  { echo "FAIL: generate --chat did not answer:"; echo "$out"; exit 1; }
+for args in "" "--chat-template $d/labelled.jinja"; do
+  # shellcheck disable=SC2086
+  out=$("$ft" generate "$d/merged" --chat "What is a hacker?" -n 40 $args)
+  echo "$out" | grep -q "^answer: A person who enjoys exploring the details of programmable systems.$" ||
+    { echo "FAIL: generate --chat $args did not answer:"; echo "$out"; exit 1; }
+done
 echo "qwen3 bpe OK: full fine-tuning loss $first -> $last, LoRA $lfirst -> $llast"

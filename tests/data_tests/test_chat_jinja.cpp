@@ -246,6 +246,25 @@ TEST(ModelChatTemplate, TakesVariablesAsApplyChatTemplatesKeywordArguments) {
             "[records] template variable 'messages' is set by libft itself");
 }
 
+TEST(ModelChatTemplate, TemplateFilesReplaceTheCheckpoints) {
+  // The Qwen3-like template below cannot be labelled; the same format from a file with {% generation %}
+  // blocks can (the encoder's own template is ignored).
+  const TemplateEncoder enc("{% for m in messages %}{% if loop.last %}<think></think>{% endif %}{% endfor %}", {});
+  const std::string dir = ft::test::scratch_dir("chat_template_file");
+  const std::string path = dir + "/labelled.jinja";
+  ft::test::write_file(path,
+                       "{% for m in messages %}{{ m.role }}: {% if m.role == 'assistant' %}{% generation %}"
+                       "{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}\n{% endfor %}\n");
+  EXPECT_TRUE(ft::data::is_template_file(path));
+  EXPECT_EQ(ft::data::parse_chat_template(path), ft::data::ChatTemplate::model);
+  const ModelChatTemplate tmpl(enc, path, {});
+  EXPECT_EQ(tmpl.file(), path);
+  EXPECT_EQ(labelled(ft::data::tokenize_segments(tmpl.render(kTwoTurns), enc), enc),
+            " system: Be brief.user: Hiassistant: [[Hello!]]user: Byeassistant: [[See you.]]");  // (trim_blocks)
+  EXPECT_NE(error_of([&] { ModelChatTemplate t(enc, dir + "/missing.jinja", {}); }).find("missing.jinja: cannot open"),
+            std::string::npos);
+}
+
 TEST(ModelChatTemplate, RefusesTemplatesWhoseTurnsDoNotExtendEachOther) {
   // As Qwen3's template: only the last assistant turn keeps its reasoning block.
   const TemplateEncoder enc(

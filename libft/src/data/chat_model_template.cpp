@@ -6,6 +6,7 @@
 #include "ft/data/chat_template.h"
 #include "ft/data/jinja.h"
 #include "ft/util/error.h"
+#include "ft/util/json.h"
 
 namespace ft::data {
 
@@ -106,6 +107,22 @@ ModelChatTemplate::ModelChatTemplate(const TokenEncoder& encoder,
   auto [source, file] = encoder.chat_template();
   FT_CHECK(!source.empty(), "[records] the template 'model' needs the checkpoint's chat template, but the tokenizer has "
                             "none (no chat_template.jinja, and no 'chat_template' in tokenizer_config.json)");
+  init(encoder, source, file, vars);
+}
+
+ModelChatTemplate::ModelChatTemplate(const TokenEncoder& encoder, const std::string& path,
+                                     const std::vector<std::pair<std::string, std::string>>& vars) {
+  std::string source;
+  try {
+    source = read_text_file(path);
+  } catch (const ft::Error& e) {
+    FT_FAIL("[records] chat template file ", path, ": ", e.what());
+  }
+  init(encoder, source, path, vars);
+}
+
+void ModelChatTemplate::init(const TokenEncoder& encoder, const std::string& source, const std::string& file,
+                             const std::vector<std::pair<std::string, std::string>>& vars) {
   impl_ = std::make_unique<Impl>(file, source);
   const SpecialTokens sp = encoder.special();
   impl_->base.emplace_back("tools", jinja::Value::none());

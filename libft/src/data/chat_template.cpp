@@ -35,8 +35,13 @@ bool calls_tools(const Message& m) {
 ChatTemplate parse_chat_template(std::string_view name) {
   if (name == "llama2") return ChatTemplate::llama2;
   if (name == "chatml") return ChatTemplate::chatml;
-  if (name == "model") return ChatTemplate::model;
-  FT_FAIL("[records] unknown chat template '", name, "' (known: llama2, chatml, model: the checkpoint's own)");
+  if (name == "model" || is_template_file(name)) return ChatTemplate::model;
+  FT_FAIL("[records] unknown chat template '", name,
+          "' (known: llama2, chatml, model: the checkpoint's own, or a FILE.jinja)");
+}
+
+bool is_template_file(std::string_view name) {
+  return name.size() > 6 && name.substr(name.size() - 6) == ".jinja";
 }
 
 const char* chat_template_name(ChatTemplate tmpl) {

@@ -460,7 +460,11 @@ struct ExampleReader::Impl {
       FT_CHECK(format == RecordFormat::chat || format == RecordFormat::instruction, "[records] a chat template ('",
                tok.chat_template, "') applies to chat and instruction records, not to ", record_format_name(format));
       tmpl = parse_chat_template(tok.chat_template);
-      if (tmpl == ChatTemplate::model) model_tmpl.emplace(*encoder, tok.template_vars);
+      if (is_template_file(tok.chat_template)) {
+        model_tmpl.emplace(*encoder, tok.chat_template, tok.template_vars);
+      } else if (tmpl == ChatTemplate::model) {
+        model_tmpl.emplace(*encoder, tok.template_vars);
+      }
     }
     FT_CHECK(tok.template_vars.empty() || tmpl == ChatTemplate::model,
              "[records] template variables apply to the 'model' chat template only");

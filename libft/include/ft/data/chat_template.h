@@ -143,9 +143,12 @@ bool has_tool_use(std::span<const Message> messages);
 ///
 /// model: the checkpoint's own Jinja template (tokenizer_config.json's chat_template or
 ///   chat_template.jinja), rendered as transformers' apply_chat_template renders it: see
-///   ModelChatTemplate.
+///   ModelChatTemplate. Where a template name is expected, a path ending in ".jinja" names a
+///   template file to use the same way (is_template_file).
 enum class ChatTemplate : uint8_t { llama2, chatml, model };
 ChatTemplate parse_chat_template(std::string_view name);  ///< throws ft::Error for unknown names
+/// Whether `name` is a Jinja template file rather than a template name: it ends in ".jinja".
+bool is_template_file(std::string_view name);
 const char* chat_template_name(ChatTemplate tmpl);
 
 /// Checks the message order described at ChatTemplate; throws ft::Error naming the message. With
@@ -193,6 +196,10 @@ class ModelChatTemplate {
   /// (enable_thinking, date_string, ...): (name, JSON value) pairs, see parse_template_var.
   explicit ModelChatTemplate(const TokenEncoder& encoder,
                              const std::vector<std::pair<std::string, std::string>>& vars = {});
+  /// A template from the Jinja file `path` in place of the checkpoint's (for example one with
+  /// {% generation %} blocks where the checkpoint's cannot be labelled), with the encoder's tokens.
+  ModelChatTemplate(const TokenEncoder& encoder, const std::string& path,
+                    const std::vector<std::pair<std::string, std::string>>& vars);
   ModelChatTemplate(ModelChatTemplate&&) noexcept;
   ~ModelChatTemplate();
   /// Checks the message order (check_chat_order), renders and labels the conversation. `tools_json`:
@@ -207,6 +214,8 @@ class ModelChatTemplate {
   const std::string& file() const;
 
  private:
+  void init(const TokenEncoder& encoder, const std::string& source, const std::string& file,
+            const std::vector<std::pair<std::string, std::string>>& vars);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
