@@ -2519,6 +2519,13 @@ class Parser {
     return args;
   }
 
+  ExprPtr parse_call(ExprPtr callee) {
+    auto c = make<Call>(cur().pos);
+    c->callee = std::move(callee);
+    c->args = parse_call_args();
+    return c;
+  }
+
   ExprPtr parse_postfix(ExprPtr e) {
     for (;;) {
       if (is_op(".")) {
@@ -2566,11 +2573,7 @@ class Parser {
           e = std::move(s);
         }
       } else if (is_op("(")) {
-        const Pos at = cur().pos;
-        auto c = make<Call>(at);
-        c->callee = std::move(e);
-        c->args = parse_call_args();
-        e = std::move(c);
+        e = parse_call(std::move(e));
       } else {
         return e;
       }
@@ -2618,11 +2621,7 @@ class Parser {
         }
         e = std::move(t);
       } else if (is_op("(")) {
-        const Pos at = cur().pos;
-        auto c = make<Call>(at);
-        c->callee = std::move(e);
-        c->args = parse_call_args();
-        e = std::move(c);
+        e = parse_call(std::move(e));
       } else {
         return e;
       }

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <set>
 
+#include "ft/data/jinja.h"
 #include "ft/util/error.h"
 
 namespace ft::data::jsonl {
@@ -416,20 +417,7 @@ void append_json(const Value& v, std::string& out) {
       out += v.text;
       return;
     case Value::Type::string:
-      out += '"';
-      for (unsigned char c : v.text) {
-        if (c == '"' || c == '\\') {
-          out += '\\';
-          out += static_cast<char>(c);
-        } else if (c < 0x20) {
-          char buf[8];
-          std::snprintf(buf, sizeof buf, "\\u%04x", c);
-          out += buf;
-        } else {
-          out += static_cast<char>(c);
-        }
-      }
-      out += '"';
+      out += jinja::Value(v.text).to_json();  // json.dumps's escapes
       return;
     case Value::Type::array:
       out += '[';
