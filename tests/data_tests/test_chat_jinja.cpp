@@ -155,6 +155,13 @@ TEST(Jinja, SandboxLimitsEndRunawayTemplates) {
                 .find("nested more than 256 deep"),
             std::string::npos);
   EXPECT_NE(error_of([] { render("{{ 'ab' * 100000000 }}"); }).find("too large"), std::string::npos);
+  std::string chain = "{{ 1";
+  for (int i = 0; i < 20000; ++i) chain += " + 1";
+  EXPECT_NE(error_of([&] { render(chain + " }}"); }).find("more than 10000 operands in a row"), std::string::npos);
+  std::string blocks;
+  for (int i = 0; i < 300; ++i) blocks += "{% if true %}";
+  EXPECT_NE(error_of([&] { render(blocks); }).find("nested more than 256 deep"), std::string::npos);
+  EXPECT_EQ(jinja::Value().name(), "");
   EXPECT_NE(error_of([] { render("{% for i in range(1001) %}{% for j in range(1000) %}{% endfor %}{% endfor %}"); })
                 .find("more than a million loop iterations"),
             std::string::npos);

@@ -329,6 +329,11 @@ bool Value::truthy() const {
   return false;
 }
 
+const std::string& Value::name() const {
+  static const std::string empty;
+  return s_ ? *s_ : empty;
+}
+
 const Value* Value::find(std::string_view key) const {
   if (type_ != Type::dict) return nullptr;
   for (const auto& [k, v] : *dict_) {
@@ -2143,6 +2148,7 @@ class Parser {
   }
 
   NodePtr parse_statement() {
+    Depth d(*this);  // blocks nest as deep as expressions may
     const Pos at = cur().pos;
     next();  // {%
     if (cur().kind != Token::name) fail(cur().pos, "expected a tag name, found " + describe(cur()));
@@ -2284,7 +2290,7 @@ class Parser {
 
   struct Depth {
     explicit Depth(Parser& p) : p_(p) {
-      if (++p_.depth_ > 256) p_.fail(p_.cur().pos, "expression nested more than 256 deep");
+      if (++p_.depth_ > 256) p_.fail(p_.cur().pos, "expressions and blocks nested more than 256 deep");
     }
     ~Depth() { --p_.depth_; }
     Parser& p_;
@@ -2343,11 +2349,13 @@ class Parser {
   // names "or" and "and", or operator tokens).
   ExprPtr left_assoc(std::initializer_list<std::string_view> ops, ExprPtr (Parser::*operand)()) {
     ExprPtr e = (this->*operand)();
-    for (;;) {
+    for (int n = 1;; ++n) {
       const Token& t = cur();
       if ((t.kind != Token::op && t.kind != Token::name) || std::find(ops.begin(), ops.end(), t.value) == ops.end()) {
         return e;
       }
+      // The tree is evaluated (and freed) recursively: its depth stays bounded.
+      if (n >= 10000) fail(t.pos, "more than 10000 operands in a row");
       next();
       e = binary(t.value, std::move(e), (this->*operand)(), t.pos);
     }

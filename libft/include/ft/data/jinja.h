@@ -15,8 +15,8 @@
 // ['a', 1]). Anything else is an error naming the template, line and column.
 //
 // Sandbox limits: range() gives at most 100000 items (as Jinja's sandbox), loops run at most a
-// million iterations in all, macros nest at most 64 deep, expressions 256 deep, and output stops at
-// 64 MiB.
+// million iterations in all, macros nest at most 64 deep, expressions and blocks 256 deep (with at
+// most 10000 operands in a row of binary operators), and output stops at 64 MiB.
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -76,7 +76,8 @@ class Value {
   const Dict& as_dict() const { return *dict_; }
   Dict& mutable_dict() const { return *dict_; }  ///< namespaces only
   const Function& as_function() const { return *fn_; }
-  const std::string& name() const { return *s_; }  ///< undefined and function values: the name
+  /// Undefined and function values: the name ("" for a plain Value()).
+  const std::string& name() const;
 
   /// The dict entry for `key`, or nullptr.
   const Value* find(std::string_view key) const;
