@@ -1,9 +1,11 @@
-// tokenizer.json's byte-level BPE (Llama 3, Qwen2/Qwen3, GPT-2/SmolLM) against Hugging Face's
-// `tokenizers`: tests/python/bpe_reference.py trains three such tokenizers on the Debian fortunes
-// and the Jargon File, with each family's pre-tokenizer pattern, normaliser, post-processor and
-// added tokens, and records what transformers' AutoTokenizer makes of real text and of edge cases.
-// libft must give the same ids, tokens, framing and decoded text; then the errors a damaged or
-// unsupported tokenizer.json gets.
+// tokenizer.json's BPE against Hugging Face's `tokenizers`: tests/python/bpe_reference.py trains
+// three byte-level tokenizers (Llama 3, Qwen2/Qwen3, GPT-2/SmolLM layouts) on the Debian fortunes and
+// the Jargon File, with each family's pre-tokenizer pattern, normaliser, post-processor and added
+// tokens, writes four sentencepiece-style ones (Metaspace or Prepend/Replace, byte fallback: Llama 2
+// as transformers 5 saves it, Llama 2's older layout, Metaspace with split, Gemma's layout) from the
+// sentencepiece model libft trains, and records what transformers' AutoTokenizer makes of real text
+// and of edge cases. libft must give the same ids, tokens, framing and decoded text; then the errors
+// a damaged or unsupported tokenizer.json gets.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -59,11 +61,12 @@ TEST(BpeParity, MatchesTokenizers) {
   REQUIRE_REFERENCE();
   const auto ref = nlohmann::json::parse(slurp(ref_dir / "bpe_reference.json"));
   const auto& variants = ref.at("variants");
-  ASSERT_EQ(variants.size(), 3u);
+  ASSERT_EQ(variants.size(), 7u);
   for (const auto& [name, v] : variants.items()) {
     SCOPED_TRACE(name);
     const Tokenizer tok = Tokenizer::load((ref_dir / v.at("dir").get<std::string>()).string());
-    EXPECT_TRUE(tok.byte_level_bpe());
+    EXPECT_TRUE(tok.from_tokenizer_json());
+    EXPECT_EQ(tok.byte_level_bpe(), v.at("byte_level").get<bool>());
     EXPECT_EQ(tok.vocab_size(), v.at("vocab_size").get<int32_t>());
     const auto& sp = tok.special();
     EXPECT_EQ(sp.bos, v.at("bos").get<int32_t>());
@@ -98,6 +101,13 @@ TEST(BpeParity, MatchesTokenizers) {
       }
     }
     EXPECT_EQ(failures, 0u) << "of " << cases.size() << " cases";
+    // The decoders on id lists of their own: byte runs that are and are not UTF-8, byte tokens
+    // between words, special tokens (skipped) before the first word.
+    for (const auto& d : v.at("decodes")) {
+      const auto ids = d.at("ids").get<std::vector<int32_t>>();
+      EXPECT_EQ(tok.decode(ids), d.at("decoded").get<std::string>()) << testing::PrintToString(ids);
+    }
+    if (!v.at("byte_level").get<bool>()) EXPECT_GE(v.at("decodes").size(), 7u);
   }
 }
 
@@ -139,8 +149,48 @@ TEST(BpeParity, BadTokenizerJsonIsAnError) {
          "merge 0 names 'nope', which is not in the vocabulary");
   expect(load_error(mutated([](auto& j) { j["model"]["vocab"].erase("!"); })), "'!', which is not in the vocabulary");
   expect(load_error(mutated([](auto& j) { j["decoder"] = {{"type", "Metaspace"}}; })), "the decoder must be ByteLevel");
-  // A sentencepiece-style tokenizer.json (byte fallback) points at tokenizer.model.
-  expect(load_error(mutated([](auto& j) { j["model"]["byte_fallback"] = true; })), "load its tokenizer.model instead");
+  expect(load_error(mutated([](auto& j) {
+           j["pre_tokenizer"]["pretokenizers"].insert(j["pre_tokenizer"]["pretokenizers"].begin(),
+                                                       nlohmann::json::object({{"type", "Metaspace"}, {"replacement", "_"}}));
+         })),
+         "both Metaspace and ByteLevel");
+  // byte_fallback in a byte-level vocabulary never comes into play (every byte has its stand-in).
+  {
+    std::ofstream(file, std::ios::binary | std::ios::trunc) << mutated([](auto& j) { j["model"]["byte_fallback"] = true; });
+    const Tokenizer a = Tokenizer::load(source.string()), b = Tokenizer::load(file.string());
+    const std::string text = "caf\xC3\xA9 \xE6\x97\xA5 \xF0\x9F\x98\x80 x";
+    EXPECT_EQ(a.encode(text), b.encode(text));
+  }
+  // Sentencepiece-style files: a missing byte token, a normalizer or decoder libft does not run, a
+  // ByteLevel decoder without a ByteLevel pre-tokenizer, a normalized added token under Prepend.
+  const std::string sp_good = slurp(ref_dir / "llama2" / "tokenizer.json");
+  auto sp_mutated = [&](const std::function<void(nlohmann::json&)>& change) {
+    nlohmann::json j = nlohmann::json::parse(sp_good);
+    change(j);
+    return j.dump();
+  };
+  expect(load_error(sp_mutated([](auto& j) { j["model"]["vocab"].erase("<0x41>"); })),
+         "byte_fallback is set but the vocabulary has no '<0x41>'");
+  expect(load_error(sp_mutated([](auto& j) { j["normalizer"] = {{"type", "Replace"}, {"pattern", {{"Regex", " +"}}}, {"content", "_"}}; })),
+         "only a Replace of a String pattern");
+  expect(load_error(sp_mutated([](auto& j) { j["decoder"] = {{"type", "CTC"}}; })), "decoder 'CTC' is not supported");
+  expect(load_error(sp_mutated([](auto& j) { j["decoder"] = {{"type", "ByteLevel"}}; })),
+         "ByteLevel decoder without a ByteLevel pre-tokenizer");
+  expect(load_error(sp_mutated([](auto& j) { j["pre_tokenizer"]["prepend_scheme"] = "sometimes"; })),
+         "prepend_scheme 'sometimes' is not always, first or never");
+  expect(load_error(sp_mutated([](auto& j) { j["pre_tokenizer"]["replacement"] = "ab"; })), "must be one character");
+  expect(load_error(sp_mutated([](auto& j) {
+           j["normalizer"] = {{"type", "Prepend"}, {"prepend", "_"}};
+           j["added_tokens"].back()["normalized"] = true;
+         })),
+         "normalized added token with a Prepend normalizer");
+  // Without byte_fallback or an unk token, a character outside the vocabulary is an error, not
+  // silently dropped as tokenizers drops it.
+  {
+    std::ofstream(file, std::ios::binary | std::ios::trunc) << sp_mutated([](auto& j) { j["model"]["byte_fallback"] = false; });
+    const Tokenizer t = Tokenizer::load(file.string());
+    expect(error_of([&] { t.encode("snowman \xE2\x98\x83"); }), "is not in the vocabulary and there is neither");
+  }
   // tokenizer_config.json naming a token the vocabulary lacks.
   const fs::path with_config = ref_dir / "bad_config";
   fs::create_directories(with_config);

@@ -40,14 +40,18 @@ else()
                   "pip install -r scripts/requirements.txt) or pass -DLIBFT_PYTHON=/path/to/python.")
 endif()
 
-# tokenizer.json's byte-level BPE against Hugging Face tokenizers (test_bpe.cpp): the Python step
-# trains three such tokenizers (Llama 3, Qwen2, GPT-2 layouts) and records transformers' encodings.
+# tokenizer.json's BPE against Hugging Face tokenizers (test_bpe.cpp): the Python step trains three
+# byte-level tokenizers (Llama 3, Qwen2, GPT-2 layouts), writes four sentencepiece-style ones from the
+# tokenizer.model libft trains above (Llama 2 as transformers 5 saves it, Llama 2's older layout,
+# Metaspace with split, Gemma's layout) and records transformers' encodings.
 target_sources(ft_data_tests PRIVATE ${CMAKE_CURRENT_LIST_DIR}/test_bpe.cpp)
 if(_tok_python_ok)
   set(_bpe_dir "${CMAKE_CURRENT_BINARY_DIR}/bpe_reference")
   add_test(NAME bpe_reference_python
-           COMMAND "${LIBFT_PYTHON}" "${CMAKE_CURRENT_SOURCE_DIR}/python/bpe_reference.py" "${_bpe_dir}")
-  set_tests_properties(bpe_reference_python PROPERTIES LABELS "python;interop" FIXTURES_SETUP bpe_reference)
+           COMMAND "${LIBFT_PYTHON}" "${CMAKE_CURRENT_SOURCE_DIR}/python/bpe_reference.py" "${_bpe_dir}"
+                   "${_tok_parity_dir}/tokenizer.model")
+  set_tests_properties(bpe_reference_python PROPERTIES LABELS "python;interop" FIXTURES_SETUP bpe_reference
+    FIXTURES_REQUIRED tok_libft_model)
   add_test(NAME bpe_parity COMMAND ft_data_tests "--gtest_filter=BpeParity.*")
   set_tests_properties(bpe_parity PROPERTIES LABELS "data;interop" FIXTURES_REQUIRED bpe_reference
     ENVIRONMENT "LIBFT_BPE_REFERENCE_DIR=${_bpe_dir}"

@@ -1,5 +1,5 @@
-// libFuzzer target for the tokenizer.json byte-level BPE (libft/src/data/bpe.cpp; build with
-// -DLIBFT_FUZZ=ON and clang).
+// libFuzzer target for the tokenizer.json BPE (libft/src/data/bpe.cpp; build with -DLIBFT_FUZZ=ON and
+// clang).
 //
 // The first input byte picks what the rest is:
 //   even: text, encoded by two tokenizers built here. One has the Llama 3 layout (its pattern,
@@ -7,7 +7,11 @@
 //         a token, and decoding must give back the text itself when it is valid UTF-8 (utf8proc
 //         decides, independently of bpe.cpp), or else valid UTF-8. The other has the Qwen2 layout
 //         (NFC, an added token with lstrip and rstrip); decoding must give valid UTF-8 that encodes
-//         to the same ids again.
+//         to the same ids again. A third has Llama 2's layout as transformers 5 saves it (Metaspace
+//         with prepend_scheme "first", byte fallback, the Replace/ByteFallback/Fuse/Strip decoder):
+//         decoding must give back valid UTF-8 text that neither starts with a space (the one "▁"
+//         that is prepended, and stripped again, absorbs it) nor holds a "▁" of its own, and valid
+//         UTF-8 otherwise.
 //   odd:  a tokenizer.json document, which must load or throw ft::Error, never crash; one that
 //         loads must encode and decode a sample without crashing.
 #include <utf8proc.h>
@@ -24,7 +28,7 @@
 #include "bpe.h"
 #include "ft/util/error.h"
 
-using ft::data::detail::ByteLevelBpe;
+using ft::data::detail::JsonBpe;
 
 namespace {
 
@@ -109,12 +113,68 @@ std::string tokenizer_json(const char* pattern, bool nfc_normalizer, bool strip)
   return j.dump();
 }
 
+// A sentencepiece-style tokenizer.json: "▁"-words, the 256 byte tokens, a few merges, <s> and </s>
+// as special added tokens and "<x>" as a plain one.
+std::string sentencepiece_json() {
+  const std::string space = "\xE2\x96\x81";  // ▁
+  nlohmann::json vocab = nlohmann::json::object();
+  vocab["<unk>"] = 0, vocab["<s>"] = 1, vocab["</s>"] = 2;
+  for (int b = 0; b < 256; ++b) {
+    char name[8];
+    std::snprintf(name, sizeof(name), "<0x%02X>", b);
+    vocab[name] = 3 + b;
+  }
+  nlohmann::json merges = nlohmann::json::array();
+  auto add = [&](const std::string& piece) {
+    if (!vocab.contains(piece)) vocab[piece] = static_cast<int>(vocab.size());
+  };
+  add(space);
+  for (char c = 'a'; c <= 'z'; ++c) add(std::string(1, c));
+  for (const char* w : {"the", "and", "hacker", "program"}) {
+    std::string left = space;
+    for (const char* c = w; *c; ++c) {
+      const std::string right(1, *c);
+      if (!vocab.contains(left + right)) {
+        merges.push_back({left, right});
+        add(left + right);
+      }
+      left += right;
+    }
+  }
+  const int next = static_cast<int>(vocab.size());
+  nlohmann::json added = nlohmann::json::array();
+  added.push_back({{"id", 0}, {"content", "<unk>"}, {"special", true}, {"lstrip", false}, {"rstrip", false},
+                   {"normalized", false}, {"single_word", false}});
+  added.push_back({{"id", 1}, {"content", "<s>"}, {"special", true}, {"lstrip", false}, {"rstrip", false},
+                   {"normalized", false}, {"single_word", false}});
+  added.push_back({{"id", 2}, {"content", "</s>"}, {"special", true}, {"lstrip", false}, {"rstrip", false},
+                   {"normalized", false}, {"single_word", false}});
+  added.push_back({{"id", next}, {"content", "<x>"}, {"special", false}, {"lstrip", false}, {"rstrip", false},
+                   {"normalized", false}, {"single_word", false}});
+  nlohmann::json replace_back = {{"type", "Replace"}, {"pattern", {{"String", space}}}, {"content", " "}};
+  nlohmann::json j = {
+      {"version", "1.0"}, {"truncation", nullptr}, {"padding", nullptr}, {"added_tokens", added},
+      {"normalizer", nullptr},
+      {"pre_tokenizer", {{"type", "Metaspace"}, {"replacement", space}, {"prepend_scheme", "first"}, {"split", false}}},
+      {"post_processor", nullptr},
+      {"decoder",
+       {{"type", "Sequence"},
+        {"decoders",
+         {replace_back, {{"type", "ByteFallback"}}, {{"type", "Fuse"}},
+          {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}}},
+      {"model",
+       {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", "<unk>"}, {"continuing_subword_prefix", nullptr},
+        {"end_of_word_suffix", nullptr}, {"fuse_unk", true}, {"byte_fallback", true}, {"ignore_merges", false},
+        {"vocab", vocab}, {"merges", merges}}}};
+  return j.dump();
+}
+
 constexpr const char* kLlama3 =
     R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
 constexpr const char* kQwen2 =
     R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
 
-void check_ids(const ByteLevelBpe& t, const std::vector<int32_t>& ids, std::string_view text) {
+void check_ids(const JsonBpe& t, const std::vector<int32_t>& ids, std::string_view text) {
   for (int32_t id : ids) {
     if (id < 0 || id >= t.vocab_size()) bug("id " + std::to_string(id) + " outside the vocabulary", text);
   }
@@ -123,13 +183,14 @@ void check_ids(const ByteLevelBpe& t, const std::vector<int32_t>& ids, std::stri
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  static const auto llama3 = std::make_unique<ByteLevelBpe>(tokenizer_json(kLlama3, false, false), "llama3-layout");
-  static const auto qwen2 = std::make_unique<ByteLevelBpe>(tokenizer_json(kQwen2, true, true), "qwen2-layout");
+  static const auto llama3 = std::make_unique<JsonBpe>(tokenizer_json(kLlama3, false, false), "llama3-layout");
+  static const auto qwen2 = std::make_unique<JsonBpe>(tokenizer_json(kQwen2, true, true), "qwen2-layout");
+  static const auto llama2 = std::make_unique<JsonBpe>(sentencepiece_json(), "llama2-layout");
   if (size == 0) return 0;
   const std::string_view rest(reinterpret_cast<const char*>(data) + 1, size - 1);
   if (data[0] % 2 == 1) {
     try {
-      const ByteLevelBpe t(rest, "fuzzed tokenizer.json");
+      const JsonBpe t(rest, "fuzzed tokenizer.json");
       const auto ids = t.encode("The hacker's program: 1234 caf\xC3\xA9 \xE6\x97\xA5\xE6\x9C\xAC <x>\n\n  end");
       check_ids(t, ids, rest);
       t.decode(ids, {});
@@ -147,5 +208,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!valid_utf8(q)) bug("qwen2 layout: the decoded text is not valid UTF-8", rest);
   // Decoded text is normalised and stripped already: encoding it again gives the same ids.
   if (qwen2->encode(q) != b) bug("qwen2 layout: encode(decode(encode(text))) differs from encode(text)", rest);
+  const std::vector<int32_t> c = llama2->encode(rest);
+  check_ids(*llama2, c, rest);
+  const std::string l = llama2->decode(c, {});
+  // Text with "▁" of its own decodes with spaces there, as in tokenizers.
+  const bool plain = valid_utf8(rest) && !rest.starts_with(' ') && rest.find("\xE2\x96\x81") == std::string_view::npos;
+  if (plain ? l != rest : !valid_utf8(l)) {
+    bug("llama2 layout: decode(encode(text)) is not the text", rest);
+  }
   return 0;
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Reference encodings for libft's byte-level BPE tokenizer (the Hugging Face tokenizer.json format of
-Llama 3, Qwen2/Qwen3 and GPT-2/SmolLM).
+"""Reference encodings for libft's tokenizer.json BPE: byte-level (the format of Llama 3, Qwen2/Qwen3
+and GPT-2/SmolLM) and sentencepiece-style (Metaspace and byte fallback: Llama 2, Mistral and TinyLlama
+as transformers 5 saves them, without a tokenizer.model).
 
-    bpe_reference.py OUT_DIR
+    bpe_reference.py OUT_DIR [SENTENCEPIECE_MODEL]
 
 Trains a 3000-token byte-level BPE with the `tokenizers` library on real text (the fortune records and
 Jargon File lines that tokenizer_reference.py reads) and saves it as three checkpoint-style directories,
@@ -16,6 +17,19 @@ each with tokenizer.json and tokenizer_config.json written by transformers' save
                   <|im_end|> special, <think> </think> added but not special (as Qwen3)
   OUT_DIR/gpt2    the GPT-2 ByteLevel pre-tokenizer (use_regex), <|endoftext|> as bos/eos/unk and a
                   "<mask>" special token with lstrip
+
+With SENTENCEPIECE_MODEL (the Llama-style tokenizer.model libft trains for its parity tests, byte
+fallback included), four sentencepiece-style directories too:
+
+  OUT_DIR/llama2         transformers 5's LlamaTokenizer built from that tokenizer.model and saved:
+                         tokenizer.json only, Metaspace (prepend_scheme "first", no split), byte
+                         fallback, <s> prepended, plus [INST] and [/INST] as special added tokens
+  OUT_DIR/llama2_legacy  the same vocabulary in the older layout of Llama 2's own tokenizer.json:
+                         Prepend and Replace normalizers, no pre-tokenizer, a Replace, ByteFallback,
+                         Fuse, Strip decoder
+  OUT_DIR/metaspace_split  Metaspace with prepend_scheme "always" and split, a ByteFallback, Metaspace,
+                         Fuse decoder, no BOS
+  OUT_DIR/gemma          Gemma's layout: a Replace normalizer only, no prepended "▁"
 
 Each directory is then loaded back as a user would (transformers.AutoTokenizer.from_pretrained) and
 every text of tokenizer_reference.samples(), plus cases that exercise special and added tokens in text,
@@ -128,6 +142,97 @@ def build_gpt2(texts):
     return tok, config
 
 
+def sentencepiece_variants(model_path, work_dir):
+    """The four sentencepiece-style tokenizer.json directories (see the module comment), as
+    (name, directory) after writing them."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=model_path)
+    src = os.path.join(work_dir, "sp_source")
+    os.makedirs(src, exist_ok=True)
+    with open(model_path, "rb") as f, open(os.path.join(src, "tokenizer.model"), "wb") as g:
+        g.write(f.read())
+    config = dict(add_bos_token=True, add_eos_token=False, legacy=False)
+    with open(os.path.join(src, "tokenizer_config.json"), "w") as f:
+        json.dump(dict(tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                       **config), f)
+    llama, how = tokenizer_reference.llama_tokenizer(src, sp, config)
+    llama.add_tokens([AddedToken("[INST]", special=True, normalized=False),
+                      AddedToken("[/INST]", special=True, normalized=False)], special_tokens=True)
+    out = []
+    directory = os.path.join(work_dir, "llama2")
+    llama.save_pretrained(directory)
+    if os.path.exists(os.path.join(directory, "tokenizer.model")):
+        fail("llama2: transformers saved a tokenizer.model; the test needs a directory with tokenizer.json only")
+    out.append(("llama2", directory))
+    base = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+    pre = json.loads(base.to_str())["pre_tokenizer"]
+    if pre is None or pre.get("type") != "Metaspace" or pre.get("prepend_scheme") != "first":
+        fail(f"llama2: expected transformers 5 to save a Metaspace pre-tokenizer with prepend_scheme first, got {pre}")
+
+    def variant(name, normalizer, pre_tokenizer, decoder, post_processor, **config):
+        tok = Tokenizer.from_str(base.to_str())
+        tok.normalizer = normalizer
+        tok.pre_tokenizer = pre_tokenizer
+        tok.decoder = decoder
+        tok.post_processor = post_processor
+        d = os.path.join(work_dir, name)
+        transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **config).save_pretrained(d)
+        out.append((name, d))
+
+    bos = base.token_to_id("<s>")
+    space = "\u2581"
+    variant("llama2_legacy",
+            normalizers.Sequence([normalizers.Prepend(space), normalizers.Replace(" ", space)]), None,
+            decoders.Sequence([decoders.Replace(space, " "), decoders.ByteFallback(), decoders.Fuse(),
+                               decoders.Strip(" ", 1, 0)]),
+            processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]),
+            bos_token="<s>", eos_token="</s>")
+    variant("metaspace_split", None, pre_tokenizers.Metaspace(replacement=space, prepend_scheme="always", split=True),
+            decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(replacement=space, prepend_scheme="always"),
+                               decoders.Fuse()]),
+            None, bos_token="<s>", eos_token="</s>", add_bos_token=False)
+    variant("gemma", normalizers.Replace(" ", space), None,
+            decoders.Sequence([decoders.Replace(space, " "), decoders.ByteFallback(), decoders.Fuse()]),
+            processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]),
+            bos_token="<s>", eos_token="</s>")
+    print(f"sentencepiece-style variants from {model_path} ({how})")
+    return out
+
+
+def sentencepiece_cases():
+    return [
+        ("sp-inst", "[INST] What is a hacker? [/INST] Someone who enjoys a challenge."),
+        ("sp-inst-tight", "[INST]hi[/INST]ok"),
+        ("sp-specials-in-text", "<s>Hello</s> world<unk>x"),
+        ("sp-metaspace-in-text", "\u2581already \u2581\u2581spaced"),
+        ("sp-byte-fallback", "caf\u00e9 \u65e5\u672c \U0001F600 \u0416\u0436"),
+        ("sp-leading-newlines", "\n\n  x"),
+    ]
+
+
+def decode_cases(tok):
+    """Id lists whose decoding exercises the decoders: byte runs that are and are not valid UTF-8,
+    byte tokens between words, a leading "▁" word, a leading special token."""
+    ids = lambda *tokens: [tok.convert_tokens_to_ids(t) for t in tokens]  # noqa: E731
+    lists = [
+        ids("<0xE6>", "<0x97>", "<0xA5>"),
+        ids("<0xE6>", "<0x97>"),
+        ids("<0xFF>", "<0x41>", "<0xC3>"),
+        ids("\u2581a", "<0xC3>", "<0xA9>", "\u2581b"),
+        ids("<s>", "\u2581a", "</s>", "\u2581b"),
+        ids("\u2581", "\u2581", "a"),
+        ids("<0x20>", "a", "<0x0A>"),
+    ]
+    unk = tok.unk_token_id
+    out = []
+    for lst in lists:
+        if any(i is None or i == unk for i in lst):
+            fail(f"decode case {lst}: a token is missing from the vocabulary")
+        out.append({"ids": lst, "decoded": tok.decode(lst, skip_special_tokens=True),
+                    "decoded_special": tok.decode(lst, skip_special_tokens=False)})
+    return out
+
+
 def extra_cases():
     return [
         ("special-chatml", "<|im_start|>user\nhi there<|im_end|>\n"),
@@ -152,10 +257,17 @@ def extra_cases():
     ]
 
 
-def reference(name, directory, cases):
+def reference(name, directory, cases, sentencepiece_style=False):
     tok = transformers.AutoTokenizer.from_pretrained(directory)
     if not tok.is_fast:
         fail(f"{name}: AutoTokenizer gave a slow tokenizer ({type(tok).__name__})")
+    # transformers 5 rebuilds some tokenizer classes' pipelines instead of reading the file's; what
+    # libft follows is the file, so the two must agree on every case here.
+    raw = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+    for source, text in cases:
+        a, b = tok(text, add_special_tokens=False)["input_ids"], raw.encode(text, add_special_tokens=False).ids
+        if a != b:
+            fail(f"{name} {source}: transformers ({type(tok).__name__}) and tokenizers disagree: {a} vs {b}")
 
     def token_id(i):
         return -1 if i is None else i
@@ -190,13 +302,15 @@ def reference(name, directory, cases):
         "unk": token_id(tok.unk_token_id),
         "add_bos": add_bos,
         "add_eos": add_eos,
+        "byte_level": not sentencepiece_style,
         "cases": out_cases,
+        "decodes": decode_cases(tok) if sentencepiece_style else [],
     }
 
 
 def main():
-    if len(sys.argv) != 2:
-        sys.exit(f"usage: {sys.argv[0]} OUT_DIR")
+    if len(sys.argv) not in (2, 3):
+        sys.exit(f"usage: {sys.argv[0]} OUT_DIR [SENTENCEPIECE_MODEL]")
     out_dir = sys.argv[1]
     os.makedirs(out_dir, exist_ok=True)
 
@@ -215,6 +329,13 @@ def main():
         v = variants[name]
         print(f"{name}: {len(v['cases'])} cases, vocab size {v['vocab_size']} (bos {v['bos']} eos {v['eos']} "
               f"pad {v['pad']} unk {v['unk']} add_bos {v['add_bos']} add_eos {v['add_eos']})")
+    if len(sys.argv) == 3:
+        sp_cases = tokenizer_reference.samples() + extra_cases() + sentencepiece_cases()
+        for name, directory in sentencepiece_variants(sys.argv[2], out_dir):
+            variants[name] = reference(name, directory, sp_cases, sentencepiece_style=True)
+            v = variants[name]
+            print(f"{name}: {len(v['cases'])} cases, {len(v['decodes'])} decodes, vocab size {v['vocab_size']} "
+                  f"(bos {v['bos']} eos {v['eos']} unk {v['unk']} add_bos {v['add_bos']} add_eos {v['add_eos']})")
 
     result = {
         "tokenizers_version": tokenizers.__version__,

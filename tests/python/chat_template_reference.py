@@ -22,6 +22,8 @@ Outputs, all inside OUT_DIR:
   tok_sp/      tokenizer.model (a copy of SP_MODEL) + tokenizer_config.json + chat_template.jinja
                (Llama 2 [INST]); no tokenizer.json. save_pretrained leaves add_bos_token out of
                tokenizer_config.json (tokenizer.json's post-processor held it), so it is put back
+  tok_spjson/  the same tokenizer as transformers 5 saves it: tokenizer.json (Metaspace, byte fallback) and
+               no tokenizer.model, + tokenizer_config.json + chat_template.jinja (Llama 2 [INST])
   chat_reference.json  (ASCII JSON)
       "render":   [{"name", "template", "context", "expected"}]  template.render(**context) as
                   transformers compiles it, or
@@ -812,6 +814,11 @@ def make_tokenizers(out_dir, bpe_dir, sp_model):
         json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
                    "unk_token": "<unk>", "add_bos_token": True}, f, indent=2)
     sp_tok = AutoTokenizer.from_pretrained(src)
+    # tok_spjson: what transformers 5 saves for it, tokenizer.json (Metaspace, byte fallback) only.
+    spjson_out = os.path.join(out_dir, "tok_spjson")
+    save_tokenizer(sp_tok, LLAMA2, spjson_out, jinja_file=True)
+    if os.path.exists(os.path.join(spjson_out, "tokenizer.model")):
+        fail("tok_spjson: transformers saved a tokenizer.model; this case needs tokenizer.json alone")
     sp_out = os.path.join(out_dir, "tok_sp")
     save_tokenizer(sp_tok, LLAMA2, sp_out, jinja_file=True)
     shutil.rmtree(src)
@@ -833,7 +840,8 @@ def make_tokenizers(out_dir, bpe_dir, sp_model):
 
     # Load every directory back as a user would: what is on disk is what the cases below use.
     toks = {}
-    for name, template in (("tok_llama3", LLAMA3), ("tok_qwen2", CHATML), ("tok_sp", LLAMA2)):
+    for name, template in (("tok_llama3", LLAMA3), ("tok_qwen2", CHATML), ("tok_sp", LLAMA2),
+                           ("tok_spjson", LLAMA2)):
         tok = AutoTokenizer.from_pretrained(os.path.join(out_dir, name))
         if tok.chat_template != template:
             fail(f"{name}: the reloaded chat_template differs from the one saved")
@@ -845,6 +853,8 @@ def make_tokenizers(out_dir, bpe_dir, sp_model):
         fail(f"tok_sp: unk/bos/eos ids {(sp.unk_token_id, sp.bos_token_id, sp.eos_token_id)}, expected (0, 1, 2)")
     if sp("Hello").input_ids[:1] != [1] or sp("Hello", add_special_tokens=False).input_ids[:1] == [1]:
         fail("tok_sp: reloaded from tokenizer.model, it does not frame text with <s> as add_bos_token says")
+    if toks["tok_spjson"]("Hello").input_ids != sp("Hello").input_ids:
+        fail("tok_spjson: tokenizer.json alone encodes otherwise than tokenizer.model")
     return toks
 
 
@@ -924,12 +934,12 @@ CONVERSATIONS += [
 TOOLS_FOR = {"tool_use": WEATHER_TOOLS}
 
 TOKENIZERS_FOR = {
-    "single_turn": ("tok_llama3", "tok_qwen2", "tok_sp"),
-    "system_multi_turn": ("tok_llama3", "tok_qwen2", "tok_sp"),
-    "non_ascii": ("tok_llama3", "tok_qwen2", "tok_sp"),
-    "whitespace_edges": ("tok_llama3", "tok_qwen2", "tok_sp"),
-    "empty_assistant": ("tok_llama3", "tok_qwen2", "tok_sp"),
-    "multiline_code": ("tok_llama3", "tok_qwen2", "tok_sp"),
+    "single_turn": ("tok_llama3", "tok_qwen2", "tok_sp", "tok_spjson"),
+    "system_multi_turn": ("tok_llama3", "tok_qwen2", "tok_sp", "tok_spjson"),
+    "non_ascii": ("tok_llama3", "tok_qwen2", "tok_sp", "tok_spjson"),
+    "whitespace_edges": ("tok_llama3", "tok_qwen2", "tok_sp", "tok_spjson"),
+    "empty_assistant": ("tok_llama3", "tok_qwen2", "tok_sp", "tok_spjson"),
+    "multiline_code": ("tok_llama3", "tok_qwen2", "tok_sp", "tok_spjson"),
     "decomposed_accents": ("tok_qwen2",),
     "tool_use": ("tok_qwen2",),
 }
@@ -990,7 +1000,7 @@ def tokenize_case(name, tok_name, tok, messages, tools=None):
             "ids": ids, "spans": spans, "labels": labels, "straddles": straddles}
     if tools is not None:
         case["tools"] = tools
-    if tok_name != "tok_sp":
+    if tok_name not in ("tok_sp", "tok_spjson"):
         raw = rendered.encode("utf-8")
         piece_ids, piece_labels = [], []
         for lo, hi in zip(cuts, cuts[1:]):

@@ -4,6 +4,7 @@
 #include <pcre2.h>
 #include <utf8proc.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <mutex>
@@ -71,13 +72,51 @@ struct Regex {
   ~Regex() { pcre2_code_free(code); }
 };
 
+// Metaspace's prepend_scheme: when a "▁" goes before a stretch of text.
+enum class Prepend { always, first, never };
+
 // A pre-tokenizer step, applied to every piece the previous steps made.
 struct Step {
-  enum Kind { SplitRegex, SplitString, ByteLevel } kind;
+  enum Kind { SplitRegex, SplitString, ByteLevel, Metaspace } kind;
   std::unique_ptr<Regex> regex;  // SplitRegex, and ByteLevel with use_regex
-  std::string literal;           // SplitString
+  std::string literal;           // SplitString; Metaspace's replacement
   bool add_prefix_space = false; // ByteLevel
+  Prepend prepend = Prepend::always;  // Metaspace
+  bool split = true;                  // Metaspace: cut before each replacement
 };
+
+// A normalizer, applied in order to each stretch of text between added tokens.
+struct Normalizer {
+  enum Kind { NFC, Prepend, Replace } kind;
+  std::string from, to;  // Prepend: `to`; Replace: every `from` becomes `to`
+};
+
+// A decoder of the chain that turns tokens back into text.
+struct Decoder {
+  enum Kind { ByteLevel, Replace, ByteFallback, Fuse, Strip, Metaspace } kind;
+  std::string from, to;  // Replace; Strip's content in `from`; Metaspace's replacement in `from`
+  int start = 0, stop = 0;            // Strip
+  Prepend prepend = Prepend::always;  // Metaspace
+};
+
+void replace_all(std::string& s, std::string_view from, std::string_view to) {
+  if (s.find(from) == std::string::npos) return;
+  std::string out;
+  out.reserve(s.size() + 16);
+  size_t last = 0;
+  for (size_t at = s.find(from); at != std::string::npos; at = s.find(from, last)) {
+    out.append(s, last, at - last).append(to);
+    last = at + from.size();
+  }
+  out.append(s, last);
+  s.swap(out);
+}
+
+// One Unicode character (as the tokenizers library's char-typed settings need), or an error.
+std::string one_character(const json& j, const char* key, const std::string& where);
+
+// Metaspace's prepend_scheme, or the older add_prefix_space (true: always, false: never).
+Prepend prepend_scheme(const json& j, const std::string& where);
 
 // Oniguruma (which the tokenizers library runs these patterns with) reads \s as Unicode's
 // White_Space; PCRE2's \s with Unicode properties also matches U+180E, which White_Space has not
@@ -166,9 +205,28 @@ std::string string_of(const json& j, const char* key, const std::string& where) 
   return v->get<std::string>();
 }
 
+std::string one_character(const json& j, const char* key, const std::string& where) {
+  const std::string s = string_of(j, key, where);
+  FT_CHECK(!s.empty() && utf8_sequence(s, 0) == static_cast<int>(s.size()), where, ": '", key,
+           "' must be one character, not '", s, "'");
+  return s;
+}
+
+Prepend prepend_scheme(const json& j, const std::string& where) {
+  if (const json* v = member(j, "prepend_scheme")) {
+    FT_CHECK(v->is_string(), where, ": prepend_scheme must be a string");
+    const std::string s = v->get<std::string>();
+    if (s == "always") return Prepend::always;
+    if (s == "first") return Prepend::first;
+    if (s == "never") return Prepend::never;
+    FT_FAIL(where, ": prepend_scheme '", s, "' is not always, first or never");
+  }
+  return flag(j, "add_prefix_space", true, where) ? Prepend::always : Prepend::never;
+}
+
 }  // namespace
 
-struct ByteLevelBpe::Impl {
+struct JsonBpe::Impl {
   std::string path;
   std::unordered_map<std::string, int32_t> vocab;  // the model's, byte-level spellings
   std::vector<std::string> tokens;                  // by id (model and added); empty where no token
@@ -181,8 +239,12 @@ struct ByteLevelBpe::Impl {
   bool ignore_merges = false;
   int32_t unk = -1;
   bool fuse_unk = false;
-  bool nfc = false;
+  bool byte_fallback = false;
+  std::array<int32_t, 256> byte_ids{};  // <0xNN> → id, with byte_fallback
+  std::vector<Normalizer> normalizers;
+  bool byte_level = false;  // the pre-tokenizer ends with ByteLevel
   std::vector<Step> steps;
+  std::vector<Decoder> decoders;  // empty: tokens joined with spaces, as tokenizers does without one
   std::array<std::string, 256> byte_chars;         // byte → its stand-in's UTF-8
   std::unordered_map<uint32_t, unsigned char> char_bytes;  // stand-in code point → byte
   std::vector<int32_t> prefix, suffix;
@@ -223,8 +285,7 @@ struct ByteLevelBpe::Impl {
       FT_CHECK(v == nullptr || (v->is_string() && v->get<std::string>().empty()), where, ": ", key,
                " is not supported in a byte-level BPE");
     }
-    FT_CHECK(!flag(m, "byte_fallback", false, where), where,
-             ": byte_fallback is a sentencepiece-style BPE: load its tokenizer.model instead");
+    byte_fallback = flag(m, "byte_fallback", false, where);
     ignore_merges = flag(m, "ignore_merges", false, where);
     fuse_unk = flag(m, "fuse_unk", false, where);
     const json* v = member(m, "vocab");
@@ -266,19 +327,47 @@ struct ByteLevelBpe::Impl {
       FT_CHECK(it != vocab.end(), where, ": unk_token '", u->get<std::string>(), "' is not in the vocabulary");
       unk = it->second;
     }
+    for (int b = 0; b < 256; ++b) {
+      char name[8];
+      std::snprintf(name, sizeof(name), "<0x%02X>", b);
+      auto it = vocab.find(name);
+      byte_ids[b] = it == vocab.end() ? -1 : it->second;
+    }
+  }
+
+  // tokenizers drops the bytes whose <0xNN> token is missing; libft asks for all 256 (sentencepiece
+  // vocabularies with byte fallback have them all) rather than lose text. A byte-level vocabulary
+  // spells every byte already, so its byte_fallback never comes into play.
+  void check_byte_fallback(const std::string& where) const {
+    if (!byte_fallback || byte_level) return;
+    for (int b = 0; b < 256; ++b) {
+      FT_CHECK(byte_ids[b] >= 0, where, ": byte_fallback is set but the vocabulary has no '<0x",
+               "0123456789ABCDEF"[b / 16], "0123456789ABCDEF"[b % 16],
+               ">' (a sentencepiece vocabulary with byte fallback has all 256 byte tokens)");
+    }
   }
 
   void parse_normalizer(const json& n, const std::string& where) {
     FT_CHECK(n.is_object(), where, " must be an object or null");
     const std::string type = n.value("type", "");
     if (type == "NFC") {
-      nfc = true;
+      normalizers.push_back({Normalizer::NFC, "", ""});
+    } else if (type == "Prepend") {
+      normalizers.push_back({Normalizer::Prepend, "", string_of(n, "prepend", where + ": Prepend")});
+    } else if (type == "Replace") {
+      const json* pattern = member(n, "pattern");
+      FT_CHECK(pattern != nullptr && pattern->is_object() && member(*pattern, "String") != nullptr, where,
+               ": only a Replace of a String pattern is supported, not ", n.dump());
+      Normalizer r{Normalizer::Replace, string_of(*pattern, "String", where + ": Replace"),
+                   string_of(n, "content", where + ": Replace")};
+      FT_CHECK(!r.from.empty(), where, ": a Replace of the empty string");
+      normalizers.push_back(std::move(r));
     } else if (type == "Sequence") {
       const json* list = member(n, "normalizers");
       FT_CHECK(list != nullptr && list->is_array(), where, ": a Sequence needs 'normalizers'");
       for (const auto& x : *list) parse_normalizer(x, where);
     } else {
-      FT_FAIL(where, ": normalizer '", type, "' is not supported (only NFC)");
+      FT_FAIL(where, ": normalizer '", type, "' is not supported (only NFC, Prepend, Replace and Sequence)");
     }
   }
 
@@ -312,9 +401,56 @@ struct ByteLevelBpe::Impl {
       s.add_prefix_space = flag(p, "add_prefix_space", true, where);
       if (flag(p, "use_regex", true, where)) s.regex = compile(kGpt2Pattern, where + ": ByteLevel");
       steps.push_back(std::move(s));
+    } else if (type == "Metaspace") {
+      Step s;
+      s.kind = Step::Metaspace;
+      s.literal = one_character(p, "replacement", where + ": Metaspace");
+      s.prepend = prepend_scheme(p, where + ": Metaspace");
+      s.split = flag(p, "split", true, where);
+      steps.push_back(std::move(s));
     } else {
-      FT_FAIL(where, ": pre-tokenizer '", type, "' is not supported (only Split, ByteLevel and Sequence)");
+      FT_FAIL(where, ": pre-tokenizer '", type, "' is not supported (only Split, ByteLevel, Metaspace and Sequence)");
     }
+  }
+
+  void parse_decoder(const json& d, const std::string& where) {
+    FT_CHECK(d.is_object(), where, " must be an object or null");
+    const std::string type = d.value("type", "");
+    Decoder x{};
+    if (type == "Sequence") {
+      const json* list = member(d, "decoders");
+      FT_CHECK(list != nullptr && list->is_array(), where, ": a Sequence needs 'decoders'");
+      for (const auto& e : *list) parse_decoder(e, where);
+      return;
+    } else if (type == "ByteLevel") {
+      x.kind = Decoder::ByteLevel;
+    } else if (type == "Replace") {
+      const json* pattern = member(d, "pattern");
+      FT_CHECK(pattern != nullptr && pattern->is_object() && member(*pattern, "String") != nullptr, where,
+               ": only a Replace of a String pattern is supported, not ", d.dump());
+      x = {Decoder::Replace, string_of(*pattern, "String", where + ": Replace"), string_of(d, "content", where + ": Replace")};
+      FT_CHECK(!x.from.empty(), where, ": a Replace of the empty string");
+    } else if (type == "ByteFallback") {
+      x.kind = Decoder::ByteFallback;
+    } else if (type == "Fuse") {
+      x.kind = Decoder::Fuse;
+    } else if (type == "Strip") {
+      x.kind = Decoder::Strip;
+      x.from = one_character(d, "content", where + ": Strip");
+      for (auto [key, out] : {std::pair{"start", &x.start}, std::pair{"stop", &x.stop}}) {
+        const json* v = member(d, key);
+        FT_CHECK(v != nullptr && v->is_number_unsigned(), where, ": Strip's '", key, "' must be a count");
+        *out = static_cast<int>(std::min<uint64_t>(v->get<uint64_t>(), 1u << 20));
+      }
+    } else if (type == "Metaspace") {
+      x.kind = Decoder::Metaspace;
+      x.from = one_character(d, "replacement", where + ": Metaspace");
+      x.prepend = prepend_scheme(d, where + ": Metaspace");
+    } else {
+      FT_FAIL(where, ": decoder '", type,
+              "' is not supported (only ByteLevel, Replace, ByteFallback, Fuse, Strip, Metaspace and Sequence)");
+    }
+    decoders.push_back(std::move(x));
   }
 
   // The ids the post-processor's template puts around a single sequence.
@@ -365,15 +501,25 @@ struct ByteLevelBpe::Impl {
     parse_model(j["model"]);
     if (const json* n = member(j, "normalizer")) parse_normalizer(*n, where + ": normalizer");
     if (const json* p = member(j, "pre_tokenizer")) parse_pre_tokenizer(*p, where + ": pre_tokenizer");
-    FT_CHECK(!steps.empty() && steps.back().kind == Step::ByteLevel, where,
-             ": the pre-tokenizer must end with ByteLevel (libft reads byte-level BPE tokenizers; a "
-             "sentencepiece-style one has a tokenizer.model to load instead)");
+    byte_level = !steps.empty() && steps.back().kind == Step::ByteLevel;
     for (size_t i = 0; i + 1 < steps.size(); ++i) {
       FT_CHECK(steps[i].kind != Step::ByteLevel, where, ": ByteLevel must be the pre-tokenizer's last step");
     }
     const json* decoder = member(j, "decoder");
-    FT_CHECK(decoder != nullptr && decoder->is_object() && decoder->value("type", "") == "ByteLevel", where,
-             ": the decoder must be ByteLevel, not ", decoder ? decoder->dump() : std::string("null"));
+    if (byte_level) {
+      FT_CHECK(decoder != nullptr && decoder->is_object() && decoder->value("type", "") == "ByteLevel", where,
+               ": the decoder must be ByteLevel, as the pre-tokenizer is, not ",
+               decoder ? decoder->dump() : std::string("null"));
+      for (const Step& s : steps) {
+        FT_CHECK(s.kind != Step::Metaspace, where, ": a pre-tokenizer with both Metaspace and ByteLevel");
+      }
+    }
+    check_byte_fallback(where + ": model");
+    if (decoder != nullptr) parse_decoder(*decoder, where + ": decoder");
+    for (const Decoder& d : decoders) {
+      FT_CHECK(byte_level || d.kind != Decoder::ByteLevel, where,
+               ": a ByteLevel decoder without a ByteLevel pre-tokenizer would decode other bytes than were encoded");
+    }
     if (const json* p = member(j, "post_processor")) parse_post_processor(*p, where + ": post_processor");
     if (const json* list = member(j, "added_tokens")) {
       FT_CHECK(list->is_array(), where, ": 'added_tokens' must be a list");
@@ -388,9 +534,17 @@ struct ByteLevelBpe::Impl {
         a.lstrip = flag(t, "lstrip", false, w);
         a.rstrip = flag(t, "rstrip", false, w);
         FT_CHECK(!flag(t, "single_word", false, w), w, ": single_word is not supported");
-        // libft finds added tokens in the text before normalising it; a token the normalizer would
-        // change could then match where tokenizers would not.
-        if (nfc && flag(t, "normalized", true, w)) FT_CHECK(normalize(a.content) == a.content, w, ": not in NFC");
+        // libft finds added tokens in the text before normalising it, which gives what tokenizers
+        // gives (it finds "normalized" ones in the normalised text) as long as normalising leaves
+        // the token as it is and commutes with cutting it out.
+        if (!normalizers.empty() && flag(t, "normalized", !a.special, w)) {
+          for (const Normalizer& n : normalizers) {
+            FT_CHECK(n.kind == Normalizer::NFC || !(a.lstrip || a.rstrip || n.kind == Normalizer::Prepend), w,
+                     ": a normalized added token with a Prepend normalizer, or with lstrip/rstrip and a Replace "
+                     "normalizer, is not supported");
+          }
+          FT_CHECK(normalize(a.content) == a.content, w, ": normalized, and the normalizer changes it");
+        }
         set_token(a.id, a.content, w);
         if (added_by_content.emplace(a.content, added.size()).second) added.push_back(std::move(a));
       }
@@ -410,16 +564,25 @@ struct ByteLevelBpe::Impl {
     }
   }
 
-  std::string normalize(std::string_view s) const {
-    if (!nfc || s.empty()) return std::string(s);
-    utf8proc_uint8_t* out = nullptr;
-    const utf8proc_ssize_t n = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(s.data()),
-                                            static_cast<utf8proc_ssize_t>(s.size()), &out,
-                                            static_cast<utf8proc_option_t>(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
-    FT_CHECK(n >= 0, "[tokenizer] ", path, ": NFC normalisation failed (", utf8proc_errmsg(n), ")");
-    std::string result(reinterpret_cast<const char*>(out), static_cast<size_t>(n));
-    std::free(out);
-    return result;
+  std::string normalize(std::string_view text) const {
+    std::string s(text);
+    for (const Normalizer& n : normalizers) {
+      if (s.empty()) break;
+      if (n.kind == Normalizer::Prepend) {
+        s.insert(0, n.to);
+      } else if (n.kind == Normalizer::Replace) {
+        replace_all(s, n.from, n.to);
+      } else {
+        utf8proc_uint8_t* out = nullptr;
+        const utf8proc_ssize_t k = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(s.data()),
+                                                static_cast<utf8proc_ssize_t>(s.size()), &out,
+                                                static_cast<utf8proc_option_t>(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
+        FT_CHECK(k >= 0, "[tokenizer] ", path, ": NFC normalisation failed (", utf8proc_errmsg(k), ")");
+        s.assign(reinterpret_cast<const char*>(out), static_cast<size_t>(k));
+        std::free(out);
+      }
+    }
+    return s;
   }
 
   // BPE over one pre-token (byte-level spelling).
@@ -435,17 +598,27 @@ struct ByteLevelBpe::Impl {
       int32_t id, prev, next;
     };
     std::vector<Symbol> sym;
-    for (size_t i = 0; i < word.size();) {
-      const size_t start = i;
-      next_code_point(word, i);
-      auto it = vocab.find(word.substr(start, i - start));
-      int32_t id = it == vocab.end() ? unk : it->second;
-      FT_CHECK(id >= 0, "[tokenizer] ", path, ": the byte-level character '", word.substr(start, i - start),
-               "' is not in the vocabulary and there is no unk_token");
-      if (it == vocab.end() && fuse_unk && !sym.empty() && sym.back().id == unk) continue;
+    auto add = [&](int32_t id) {
       const auto n = static_cast<int32_t>(sym.size());
       sym.push_back({id, n - 1, -1});
       if (n > 0) sym[n - 1].next = n;
+    };
+    bool last_unk = false;  // the last symbol is an unk that a following one may fuse with
+    for (size_t i = 0; i < word.size();) {
+      const size_t start = i;
+      next_code_point(word, i);
+      const std::string_view c = std::string_view(word).substr(start, i - start);
+      if (auto it = vocab.find(std::string(c)); it != vocab.end()) {
+        add(it->second), last_unk = false;
+      } else if (byte_fallback && std::all_of(c.begin(), c.end(), [&](char b) { return byte_ids[static_cast<unsigned char>(b)] >= 0; })) {
+        for (unsigned char b : c) add(byte_ids[b]);
+        last_unk = false;
+      } else {
+        FT_CHECK(unk >= 0, "[tokenizer] ", path, ": the character '", c,
+                 "' is not in the vocabulary and there is neither byte_fallback nor an unk_token");
+        if (!(fuse_unk && last_unk)) add(unk);
+        last_unk = true;
+      }
     }
     using Entry = std::tuple<int32_t, int32_t, int32_t, int32_t>;  // rank, position, left id, right id
     std::priority_queue<Entry, std::vector<Entry>, std::greater<>> heap;
@@ -471,19 +644,23 @@ struct ByteLevelBpe::Impl {
     }
     std::vector<int32_t> ids;
     for (int32_t i = sym.empty() ? -1 : 0; i >= 0; i = sym[i].next) ids.push_back(sym[i].id);
-    std::lock_guard<std::mutex> lock(cache_mutex);
-    if (cache.size() > (1u << 16)) cache.clear();
-    cache.emplace(word, ids);
+    if (word.size() <= 256) {  // sentencepiece-style words can be whole paragraphs
+      std::lock_guard<std::mutex> lock(cache_mutex);
+      if (cache.size() > (1u << 16)) cache.clear();
+      cache.emplace(word, ids);
+    }
     return ids;
   }
 
-  // One stretch of text between added tokens: normalise, pre-tokenize, BPE.
-  void encode_plain(std::string_view text, std::vector<int32_t>& out) const {
+  // One stretch of text between added tokens: normalise, pre-tokenize, BPE. `at_origin`: the
+  // stretch starts the input (Metaspace's prepend_scheme "first" prepends only there).
+  void encode_plain(std::string_view text, bool at_origin, std::vector<int32_t>& out) const {
     if (text.empty()) return;
     std::vector<std::string> pieces{normalize(text)}, next;
     for (const Step& s : steps) {
       next.clear();
-      for (std::string& piece : pieces) {
+      for (size_t k = 0; k < pieces.size(); ++k) {
+        std::string& piece = pieces[k];
         if (s.kind == Step::SplitString) {
           size_t last = 0;
           for (size_t at = piece.find(s.literal); at != std::string::npos; at = piece.find(s.literal, last)) {
@@ -494,14 +671,37 @@ struct ByteLevelBpe::Impl {
           if (last < piece.size()) next.push_back(piece.substr(last));
           continue;
         }
+        if (s.kind == Step::Metaspace) {
+          replace_all(piece, " ", s.literal);
+          const bool prepend = s.prepend == Prepend::always || (s.prepend == Prepend::first && at_origin && k == 0);
+          if (prepend && !piece.starts_with(s.literal)) piece.insert(0, s.literal);
+          if (!s.split) {
+            next.push_back(std::move(piece));
+            continue;
+          }
+          // Cut before each replacement, which starts the next piece (tokenizers' MergedWithNext).
+          size_t last = 0;
+          for (size_t at = piece.find(s.literal, 1); at != std::string::npos; at = piece.find(s.literal, at + 1)) {
+            next.push_back(piece.substr(last, at - last));
+            last = at;
+          }
+          next.push_back(piece.substr(last));
+          continue;
+        }
         if (s.kind == Step::ByteLevel && s.add_prefix_space && !piece.starts_with(' ')) piece.insert(0, 1, ' ');
         if (s.regex) split_isolated(*s.regex, piece, next);
         else next.push_back(std::move(piece));
       }
       pieces.swap(next);
+      at_origin = at_origin && !pieces.empty();  // only the first piece can start the input
     }
     std::string word;
     for (const std::string& piece : pieces) {
+      if (piece.empty()) continue;
+      if (!byte_level) {
+        for (int32_t id : word_ids(piece)) out.push_back(id);
+        continue;
+      }
       word.clear();
       for (unsigned char b : piece) word += byte_chars[b];
       for (int32_t id : word_ids(word)) out.push_back(id);
@@ -517,13 +717,13 @@ struct ByteLevelBpe::Impl {
   }
 };
 
-ByteLevelBpe::ByteLevelBpe(std::string_view json_text, const std::string& path) : impl_(std::make_unique<Impl>()) {
+JsonBpe::JsonBpe(std::string_view json_text, const std::string& path) : impl_(std::make_unique<Impl>()) {
   impl_->path = path;
   impl_->byte_alphabet();
   impl_->parse(json_text);
 }
 
-ByteLevelBpe::~ByteLevelBpe() = default;
+JsonBpe::~JsonBpe() = default;
 
 namespace {
 // `s` with each invalid UTF-8 sequence replaced by U+FFFD (Rust's from_utf8_lossy), or nullopt where
@@ -547,7 +747,7 @@ std::optional<std::string> lossy_utf8(std::string_view s) {
 }
 }  // namespace
 
-std::vector<int32_t> ByteLevelBpe::encode(std::string_view raw) const {
+std::vector<int32_t> JsonBpe::encode(std::string_view raw) const {
   const Impl& m = *impl_;
   // Malformed UTF-8 becomes U+FFFD, as sentencepiece does (and as reading bytes into a Rust or
   // Python string for the tokenizers library would have to).
@@ -578,55 +778,152 @@ std::vector<int32_t> ByteLevelBpe::encode(std::string_view raw) const {
         resume = j;
       }
     }
-    m.encode_plain(text.substr(plain, end_plain - plain), ids);
+    m.encode_plain(text.substr(plain, end_plain - plain), plain == 0, ids);
     ids.push_back(t->id);
     plain = i = resume;
   }
-  m.encode_plain(text.substr(plain), ids);
+  m.encode_plain(text.substr(plain), plain == 0, ids);
   return ids;
 }
 
-std::string ByteLevelBpe::decode(std::span<const int32_t> ids, const std::vector<bool>& skip) const {
+namespace {
+
+// The byte a "<0xNN>" token stands for (tokenizers' ByteFallback decoder: six characters, two hex
+// digits of either case), or -1.
+int fallback_byte(const std::string& token) {
+  if (token.size() != 6 || !token.starts_with("<0x") || token[5] != '>') return -1;
+  int value = 0;
+  for (int k = 3; k < 5; ++k) {
+    const char c = token[k];
+    const int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+    if (d < 0) return -1;
+    value = value * 16 + d;
+  }
+  return value;
+}
+
+}  // namespace
+
+std::string JsonBpe::decode(std::span<const int32_t> ids, const std::vector<bool>& skip) const {
   const Impl& m = *impl_;
-  std::string bytes;
+  std::vector<std::string> tokens;
+  tokens.reserve(ids.size());
   for (int32_t id : ids) {
     FT_CHECK(id >= 0 && static_cast<size_t>(id) < m.tokens.size() && m.assigned[id], "[tokenizer] ", m.path, ": id ",
              id, " is not a token of this tokenizer");
     if (static_cast<size_t>(id) < skip.size() && skip[id]) continue;
-    // ByteLevel's decoder: a token whose characters all stand for bytes becomes those bytes; any
-    // other token (an added token with a space, say) is kept as it is spelt.
-    const std::string& token = m.tokens[id];
-    std::string out;
-    bool mapped = true;
-    for (size_t i = 0; i < token.size() && mapped;) {
-      auto it = m.char_bytes.find(next_code_point(token, i));
-      if (it == m.char_bytes.end()) mapped = false;
-      else out += static_cast<char>(it->second);
-    }
-    bytes += mapped ? out : token;
+    tokens.push_back(m.tokens[id]);
   }
-  std::optional<std::string> fixed = lossy_utf8(bytes);
-  return fixed ? std::move(*fixed) : bytes;
+  if (m.decoders.empty()) {  // tokenizers without a decoder: the tokens joined by spaces
+    std::string out;
+    for (size_t i = 0; i < tokens.size(); ++i) out.append(i ? " " : "").append(tokens[i]);
+    return out;
+  }
+  std::vector<std::string> next;
+  for (const Decoder& d : m.decoders) {
+    next.clear();
+    switch (d.kind) {
+      case Decoder::ByteLevel: {
+        // A token whose characters all stand for bytes becomes those bytes; any other token (an
+        // added token with a space, say) is kept as it is spelt. One string, made valid UTF-8.
+        std::string bytes;
+        for (const std::string& token : tokens) {
+          std::string out;
+          bool mapped = true;
+          for (size_t i = 0; i < token.size() && mapped;) {
+            auto it = m.char_bytes.find(next_code_point(token, i));
+            if (it == m.char_bytes.end()) mapped = false;
+            else out += static_cast<char>(it->second);
+          }
+          bytes += mapped ? out : token;
+        }
+        std::optional<std::string> fixed = lossy_utf8(bytes);
+        next.push_back(fixed ? std::move(*fixed) : std::move(bytes));
+        break;
+      }
+      case Decoder::Replace:
+        for (std::string& token : tokens) replace_all(token, d.from, d.to), next.push_back(std::move(token));
+        break;
+      case Decoder::ByteFallback: {
+        // A run of byte tokens becomes its bytes where they are valid UTF-8, else one U+FFFD per byte.
+        std::string run;
+        auto flush = [&] {
+          if (run.empty()) return;
+          if (!lossy_utf8(run)) {
+            next.push_back(run);
+          } else {
+            for (size_t k = 0; k < run.size(); ++k) next.emplace_back("\xEF\xBF\xBD");
+          }
+          run.clear();
+        };
+        for (std::string& token : tokens) {
+          const int b = fallback_byte(token);
+          if (b >= 0) {
+            run += static_cast<char>(b);
+            continue;
+          }
+          flush();
+          next.push_back(std::move(token));
+        }
+        flush();
+        break;
+      }
+      case Decoder::Fuse: {
+        std::string all;
+        for (const std::string& token : tokens) all += token;
+        next.push_back(std::move(all));
+        break;
+      }
+      case Decoder::Strip:
+        // Up to `start` leading and `stop` trailing copies of the character, from each token.
+        for (std::string& token : tokens) {
+          size_t b = 0, e = token.size();
+          for (int k = 0; k < d.start && token.compare(b, d.from.size(), d.from) == 0 && b < e; ++k) b += d.from.size();
+          for (int k = 0; k < d.stop && e >= b + d.from.size() && token.compare(e - d.from.size(), d.from.size(), d.from) == 0;
+               ++k) {
+            e -= d.from.size();
+          }
+          next.push_back(token.substr(b, e - b));
+        }
+        break;
+      case Decoder::Metaspace:
+        // The replacement becomes a space, except a leading one of the first token where a space was
+        // prepended when encoding.
+        for (size_t i = 0; i < tokens.size(); ++i) {
+          std::string& token = tokens[i];
+          if (i == 0 && d.prepend != Prepend::never && token.starts_with(d.from)) token.erase(0, d.from.size());
+          replace_all(token, d.from, " ");
+          next.push_back(std::move(token));
+        }
+        break;
+    }
+    tokens.swap(next);
+  }
+  std::string out;
+  for (const std::string& token : tokens) out += token;
+  return out;
 }
 
-int32_t ByteLevelBpe::vocab_size() const { return static_cast<int32_t>(impl_->tokens.size()); }
+bool JsonBpe::byte_level() const { return impl_->byte_level; }
 
-int32_t ByteLevelBpe::token_to_id(std::string_view token) const {
+int32_t JsonBpe::vocab_size() const { return static_cast<int32_t>(impl_->tokens.size()); }
+
+int32_t JsonBpe::token_to_id(std::string_view token) const {
   const std::string key(token);
   if (auto it = impl_->added_by_content.find(key); it != impl_->added_by_content.end()) return impl_->added[it->second].id;
   if (auto it = impl_->vocab.find(key); it != impl_->vocab.end()) return it->second;
   return -1;
 }
 
-std::string ByteLevelBpe::id_to_token(int32_t id) const {
+std::string JsonBpe::id_to_token(int32_t id) const {
   FT_CHECK(id >= 0 && static_cast<size_t>(id) < impl_->tokens.size() && impl_->assigned[id], "[tokenizer] ",
            impl_->path, ": id ", id, " is not a token of this tokenizer");
   return impl_->tokens[id];
 }
 
-const std::vector<AddedToken>& ByteLevelBpe::added_tokens() const { return impl_->added; }
-int32_t ByteLevelBpe::unk_id() const { return impl_->unk; }
-const std::vector<int32_t>& ByteLevelBpe::template_prefix() const { return impl_->prefix; }
-const std::vector<int32_t>& ByteLevelBpe::template_suffix() const { return impl_->suffix; }
+const std::vector<AddedToken>& JsonBpe::added_tokens() const { return impl_->added; }
+int32_t JsonBpe::unk_id() const { return impl_->unk; }
+const std::vector<int32_t>& JsonBpe::template_prefix() const { return impl_->prefix; }
+const std::vector<int32_t>& JsonBpe::template_suffix() const { return impl_->suffix; }
 
 }  // namespace ft::data::detail

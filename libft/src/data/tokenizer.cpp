@@ -278,7 +278,7 @@ std::string fingerprint_settings(const SpecialTokens& s) {
 
 struct Tokenizer::Impl {
   sentencepiece::SentencePieceProcessor sp;
-  std::unique_ptr<detail::ByteLevelBpe> bpe;  // a tokenizer.json's byte-level BPE, in place of sp
+  std::unique_ptr<detail::JsonBpe> bpe;  // a tokenizer.json's BPE, in place of sp
   std::vector<bool> skip_on_decode;           // indexed by id
 };
 
@@ -298,7 +298,8 @@ Tokenizer Tokenizer::load(const std::string& path) {
   bool json_model = kind != fs::file_type::directory && fs::path(path).extension() == ".json";
   if (kind == fs::file_type::directory) {
     // sentencepiece's tokenizer.model where there is one (Llama 2, Mistral and TinyLlama ship both);
-    // else the byte-level BPE of tokenizer.json (Llama 3, Qwen, GPT-2 and SmolLM ship only that).
+    // else the BPE of tokenizer.json (Llama 3, Qwen, GPT-2 and SmolLM ship only that, and so does
+    // any sentencepiece tokenizer that transformers 5 saved).
     model_path = (fs::path(path) / "tokenizer.model").string();
     if (!fs::exists(model_path)) {
       model_path = (fs::path(path) / "tokenizer.json").string();
@@ -359,8 +360,8 @@ Tokenizer Tokenizer::load(const std::string& path) {
 }
 
 void Tokenizer::load_byte_level_bpe(const std::string& bytes, const std::vector<std::string>& config_files) {
-  impl_->bpe = std::make_unique<detail::ByteLevelBpe>(bytes, path_);
-  const detail::ByteLevelBpe& bpe = *impl_->bpe;
+  impl_->bpe = std::make_unique<detail::JsonBpe>(bytes, path_);
+  const detail::JsonBpe& bpe = *impl_->bpe;
   // The framing the post-processor's template applies (Llama 3: <|begin_of_text|> first; Qwen and
   // GPT-2: none), which tokenizer_config.json's tokens and flags may then name or override.
   const auto& prefix = bpe.template_prefix();
@@ -393,7 +394,8 @@ void Tokenizer::load_byte_level_bpe(const std::string& bytes, const std::vector<
   fingerprint_ = sha256_hex({bytes, "\n", fingerprint_settings(special)});
 }
 
-bool Tokenizer::byte_level_bpe() const { return impl_->bpe != nullptr; }
+bool Tokenizer::byte_level_bpe() const { return impl_->bpe != nullptr && impl_->bpe->byte_level(); }
+bool Tokenizer::from_tokenizer_json() const { return impl_->bpe != nullptr; }
 
 std::vector<int32_t> Tokenizer::encode(std::string_view text) const {
   if (impl_->bpe) return impl_->bpe->encode(text);

@@ -48,8 +48,9 @@ SpecialTokens TokenizerEncoder::special() const { return tokenizer_->special(); 
 std::string TokenizerEncoder::piece(int32_t id) const { return tokenizer_->id_to_piece(id); }
 
 std::vector<std::string> TokenizerEncoder::split_pieces() const {
-  // A byte-level BPE cuts its added tokens out itself, with their lstrip/rstrip.
-  if (tokenizer_->byte_level_bpe()) return {};
+  // A tokenizer.json's BPE cuts its added tokens out itself, with their lstrip/rstrip, and (for a
+  // Metaspace one) prepends its "▁" after them as its prepend_scheme says.
+  if (tokenizer_->from_tokenizer_json()) return {};
   return tokenizer_->special_pieces();
 }
 

@@ -1,8 +1,9 @@
 #pragma once
 // Tokenizers of Hugging Face checkpoints, with the special tokens a checkpoint declares: sentencepiece
-// (the Llama 2 / Mistral / TinyLlama `tokenizer.model` format), and the byte-level BPE of a
-// `tokenizer.json` (Llama 3, Qwen2/Qwen3, GPT-2, SmolLM), which computes what the `tokenizers`
-// library computes for it. Torch-free.
+// (the Llama 2 / Mistral / TinyLlama `tokenizer.model` format), and the BPE of a `tokenizer.json`,
+// which computes what the `tokenizers` library computes for it: byte-level (Llama 3, Qwen2/Qwen3,
+// GPT-2, SmolLM) or sentencepiece-style (Metaspace and byte fallback: Llama 2, Mistral, TinyLlama as
+// transformers 5 saves them, without a tokenizer.model). Torch-free.
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -73,6 +74,8 @@ class Tokenizer {
   /// A tokenizer.json's byte-level BPE (no sentencepiece dummy prefix: text encodes the same
   /// wherever it starts).
   bool byte_level_bpe() const;
+  /// Loaded from a tokenizer.json (either layout), whose added tokens encode() cuts out of text.
+  bool from_tokenizer_json() const;
 
   /// The checkpoint's chat template (Jinja source), empty when it has none: a directory's
   /// chat_template.jinja, else tokenizer_config.json's "chat_template" (a string, or a list of
@@ -82,8 +85,8 @@ class Tokenizer {
   const std::string& chat_template_file() const { return chat_template_file_; }
   /// The pieces that Hugging Face cuts out of text as single ids before the model sees it: for a
   /// sentencepiece model its control and unknown pieces (<s>, </s>, <unk>; Mistral's [INST]; its
-  /// user-defined pieces need no cutting: sentencepiece keeps them whole itself); for a byte-level
-  /// BPE its added tokens (which encode() already cuts out itself).
+  /// user-defined pieces need no cutting: sentencepiece keeps them whole itself); for a
+  /// tokenizer.json its added tokens (which encode() already cuts out itself).
   std::vector<std::string> special_pieces() const;
 
  private:
