@@ -6,14 +6,26 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
 
 #include "ft/data/chat_template.h"
 #include "ft/data/records.h"
+#include "ft/util/error.h"
 
 namespace ft::test {
+
+/// The message of the ft::Error that `f` throws, or "no error".
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const ft::Error& e) {
+    return e.what();
+  }
+  return "no error";
+}
 
 /// The fortunes package's folder; LIBFT_FORTUNES overrides it (the GPU check unpacks the package
 /// into a folder of the repository instead of the system root).

@@ -27,17 +27,24 @@ using ft::data::Message;
 using ft::data::ModelChatTemplate;
 using ft::data::Role;
 using ft::data::TemplateSegment;
+using ft::test::error_of;
 namespace jinja = ft::data::jinja;
 
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const ft::Error& e) {
-    return e.what();
-  }
-  return "no error";
+// Every example the record reader makes of `file` with the chat template `tmpl`.
+std::vector<ft::data::Example> read_examples(const std::filesystem::path& file, ft::data::RecordFormat format,
+                                             const std::string& tmpl, const ft::data::TokenEncoder& enc) {
+  ft::data::RecordOptions ro;
+  ro.format = format;
+  ft::data::TokenizeOptions to;
+  to.chat_template = tmpl;
+  ft::data::ExampleReader reader({file.string()}, ro, to, {}, enc);
+  std::vector<ft::data::Example> out;
+  ft::data::Example ex;
+  ft::data::RecordOrigin origin;
+  while (reader.next(ex, origin)) out.push_back(ex);
+  return out;
 }
 
 std::string render(const std::string& source, const jinja::Dict& vars = {}) {
@@ -372,7 +379,9 @@ TEST(ChatTemplateParity, TokenizesAsApplyChatTemplate) {
     const ft::data::TokenizerEncoder enc(tokenizers.at(tok_name));
     const ModelChatTemplate tmpl(enc);
     const auto messages = messages_of(c.at("messages"));
-    if (!c.contains("tools")) EXPECT_EQ(tmpl.render_text(messages, false), c.at("rendered").get<std::string>());
+    if (!c.contains("tools")) {
+      EXPECT_EQ(tmpl.render_text(messages, false), c.at("rendered").get<std::string>());
+    }
     const auto ex = ft::data::tokenize_segments(tmpl.render(messages, tools_of(c)), enc);
     const bool straddles = c.at("straddles");
     // Where one of transformers' tokens crosses a label boundary, libft cuts the text there (as the
@@ -403,21 +412,14 @@ TEST(ChatTemplateParity, ToolUseRecordsPrepareAsApplyChatTemplate) {
     ++found;
     std::ofstream(dir / "tools.jsonl") << nlohmann::ordered_json{{"messages", c.at("messages")}, {"tools", c.at("tools")}}.dump()
                                        << "\n";
-    ft::data::RecordOptions ro;
-    ro.format = ft::data::RecordFormat::chat;
-    ft::data::TokenizeOptions to;
-    to.chat_template = "model";
-    ft::data::ExampleReader reader({(dir / "tools.jsonl").string()}, ro, to, {}, enc);
-    ft::data::Example ex;
-    ft::data::RecordOrigin origin;
-    ASSERT_TRUE(reader.next(ex, origin));
-    EXPECT_EQ(ex.tokens, c.at("ids").get<std::vector<int32_t>>());
+    const auto examples = read_examples(dir / "tools.jsonl", ft::data::RecordFormat::chat, "model", enc);
+    ASSERT_EQ(examples.size(), 1u);
+    EXPECT_EQ(examples[0].tokens, c.at("ids").get<std::vector<int32_t>>());
     const auto& labels = c.at("labels");
-    EXPECT_EQ(ex.trainable, std::vector<uint8_t>(labels.begin(), labels.end()));
+    EXPECT_EQ(examples[0].trainable, std::vector<uint8_t>(labels.begin(), labels.end()));
     // With libft's chatml the record is bad, not silently rendered without its tools.
-    to.chat_template = "chatml";
-    ft::data::ExampleReader chatml({(dir / "tools.jsonl").string()}, ro, to, {}, enc);
-    EXPECT_NE(error_of([&] { chatml.next(ex, origin); }).find("use the checkpoint's own (--template model)"),
+    EXPECT_NE(error_of([&] { read_examples(dir / "tools.jsonl", ft::data::RecordFormat::chat, "chatml", enc); })
+                  .find("use the checkpoint's own (--template model)"),
               std::string::npos);
   }
   EXPECT_EQ(found, 1);
@@ -476,28 +478,18 @@ TEST(ChatTemplateParity, ChatRecordsPrepareWithTheModelTemplate) {
     }
   }
   ASSERT_GE(expected.size(), 5u);
-  ft::data::RecordOptions ro;
-  ro.format = ft::data::RecordFormat::chat;
-  ft::data::TokenizeOptions to;
-  to.chat_template = "model";
-  ft::data::ExampleReader reader({(dir / "chat.jsonl").string()}, ro, to, {}, enc);
-  ft::data::Example ex;
-  ft::data::RecordOrigin origin;
-  size_t n = 0;
-  while (reader.next(ex, origin)) {
-    ASSERT_LT(n, expected.size());
-    EXPECT_EQ(ex.tokens, expected[n].tokens);
-    EXPECT_EQ(ex.trainable, expected[n].trainable);
-    ++n;
+  const auto examples = read_examples(dir / "chat.jsonl", ft::data::RecordFormat::chat, "model", enc);
+  ASSERT_EQ(examples.size(), expected.size());
+  for (size_t n = 0; n < examples.size(); ++n) {
+    EXPECT_EQ(examples[n].tokens, expected[n].tokens);
+    EXPECT_EQ(examples[n].trainable, expected[n].trainable);
   }
-  EXPECT_EQ(n, expected.size());
 
   {
     std::ofstream(dir / "inst.jsonl") << R"({"prompt": "2+2?", "completion": "4"})" << "\n";
   }
-  ro.format = ft::data::RecordFormat::instruction;
-  ft::data::ExampleReader inst({(dir / "inst.jsonl").string()}, ro, to, {}, enc);
-  ASSERT_TRUE(inst.next(ex, origin));
+  const auto inst = read_examples(dir / "inst.jsonl", ft::data::RecordFormat::instruction, "model", enc);
+  ASSERT_EQ(inst.size(), 1u);
   const std::vector<Message> pair = {{Role::user, "2+2?"}, {Role::assistant, "4"}};
-  EXPECT_EQ(ex.tokens, ft::data::tokenize_segments(tmpl.render(pair), enc).tokens);
+  EXPECT_EQ(inst[0].tokens, ft::data::tokenize_segments(tmpl.render(pair), enc).tokens);
 }

@@ -18,8 +18,9 @@ struct ModelChatTemplate::Impl {
 
   Impl(std::string f, const std::string& source) : file(std::move(f)), tmpl(source, file) {}
 
-  std::string render(std::span<const Message> messages, bool gen, jinja::Spans* generation,
-                     const jinja::Value* tools = nullptr) const {
+  // The messages as the template sees them, made once per conversation (a labelled render renders
+  // 2n + 1 prefixes of it).
+  static jinja::List message_values(std::span<const Message> messages) {
     jinja::List list;
     list.reserve(messages.size());
     for (const Message& m : messages) {
@@ -34,6 +35,13 @@ struct ModelChatTemplate::Impl {
       }
       list.emplace_back(std::move(d));
     }
+    return list;
+  }
+
+  // The first `count` messages rendered.
+  std::string render(const jinja::List& messages, size_t count, bool gen, jinja::Spans* generation,
+                     const jinja::Value* tools = nullptr) const {
+    jinja::List list(messages.begin(), messages.begin() + static_cast<std::ptrdiff_t>(count));
     jinja::Dict vars = base;
     if (tools) {
       std::erase_if(vars, [](const auto& kv) { return kv.first == "tools"; });
@@ -156,7 +164,7 @@ const std::string& ModelChatTemplate::file() const { return impl_->file; }
 
 
 std::string ModelChatTemplate::render_text(std::span<const Message> messages, bool add_generation_prompt) const {
-  return impl_->render(messages, add_generation_prompt, nullptr);
+  return impl_->render(Impl::message_values(messages), messages.size(), add_generation_prompt, nullptr);
 }
 
 std::vector<TemplateSegment> ModelChatTemplate::render(std::span<const Message> messages,
@@ -165,13 +173,14 @@ std::vector<TemplateSegment> ModelChatTemplate::render(std::span<const Message> 
   const jinja::Value tools = tools_json.empty() ? jinja::Value::none() : jinja::Value::parse_json(tools_json, "tools");
   const jinja::Value* t = tools_json.empty() ? nullptr : &tools;
   jinja::Spans spans;
-  const std::string full = impl_->render(messages, false, &spans, t);
+  const jinja::List values = Impl::message_values(messages);
+  const std::string full = impl_->render(values, messages.size(), false, &spans, t);
   if (!impl_->tmpl.has_generation()) {
     spans.clear();
     for (size_t i = 0; i < messages.size(); ++i) {
       if (messages[i].role != Role::assistant) continue;
-      const std::string before = impl_->render(messages.first(i), true, nullptr, t);
-      const std::string with = impl_->render(messages.first(i + 1), false, nullptr, t);
+      const std::string before = impl_->render(values, i, true, nullptr, t);
+      const std::string with = impl_->render(values, i + 1, false, nullptr, t);
       FT_CHECK(with.compare(0, before.size(), before) == 0, "[records] chat template ", impl_->file,
                ": the rendering up to messages[", i,
                "] (an assistant turn) does not start with the rendering before it plus the generation prompt, so its "
@@ -187,7 +196,8 @@ std::vector<TemplateSegment> ModelChatTemplate::render(std::span<const Message> 
 
 std::vector<TemplateSegment> ModelChatTemplate::render_prompt(std::span<const Message> messages) const {
   FT_CHECK(!messages.empty() && messages.back().role == Role::user, "[records] a prompt must end with a user message");
-  return cut_segments(impl_->render(messages, true, nullptr), {}, impl_->splits);
+  return cut_segments(impl_->render(Impl::message_values(messages), messages.size(), true, nullptr), {},
+                      impl_->splits);
 }
 
 }  // namespace ft::data

@@ -20,17 +20,16 @@ const char* role_name(Role role) {
   return "?";
 }
 
-bool has_tool_use(std::span<const Message> messages) {
-  return std::any_of(messages.begin(), messages.end(), [](const Message& m) {
-    return m.role == Role::tool || (m.role == Role::assistant && m.fields_json.find("\"tool_calls\"") != std::string::npos);
-  });
-}
-
-namespace {
 bool calls_tools(const Message& m) {
+  // fields_json is the reader's own serialisation of the message's other fields, whose keys are
+  // tool_calls, tool_call_id and name only: a key, not a value, matches this.
   return m.role == Role::assistant && m.fields_json.find("\"tool_calls\"") != std::string::npos;
 }
-}  // namespace
+
+bool has_tool_use(std::span<const Message> messages) {
+  return std::any_of(messages.begin(), messages.end(),
+                     [](const Message& m) { return m.role == Role::tool || calls_tools(m); });
+}
 
 ChatTemplate parse_chat_template(std::string_view name) {
   if (name == "llama2") return ChatTemplate::llama2;

@@ -631,7 +631,7 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
             if (msg.role != Role::tool && msg.role != Role::assistant) {
               expected = "\"tool\" or \"assistant\" must come after \"tool\"";
             }
-          } else if (!prev->fields_json.empty() && prev->fields_json.find("\"tool_calls\"") != std::string::npos) {
+          } else if (calls_tools(*prev)) {
             if (msg.role != Role::tool) expected = "\"tool\" must come after \"assistant\" with tool_calls";
           } else if (msg.role != Role::user) {
             expected = "\"user\" must come after \"assistant\"";

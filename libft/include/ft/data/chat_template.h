@@ -112,9 +112,11 @@ struct Message {
   /// The message's other fields as a JSON object, "" for none: an assistant's "tool_calls" (then
   /// "content" may be null), a tool message's "tool_call_id" and "name". Only a checkpoint's own
   /// template (ModelChatTemplate) renders tool calls; they override `role` and `content` there.
-  std::string fields_json;
+  std::string fields_json{};
 };
 
+/// Whether an assistant message calls tools (has "tool_calls").
+bool calls_tools(const Message& message);
 /// Whether a conversation has tool messages or tool calls.
 bool has_tool_use(std::span<const Message> messages);
 
