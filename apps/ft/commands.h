@@ -24,6 +24,7 @@ void add_eval(CLI::App& app);
 void add_fisher(CLI::App& app);
 void add_bench(CLI::App& app);
 void add_launch(CLI::App& app);
+void add_show(CLI::App& app);
 
 /// "cpu", "cuda", "cuda:1"; "auto" picks CUDA when available.
 c10::Device parse_device(const std::string& name);

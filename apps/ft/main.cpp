@@ -38,6 +38,7 @@ int main(int argc, char** argv) {
   ft::cli::add_generate(app);
   ft::cli::add_train_tokenizer(app);
   ft::cli::add_prepare(app);
+  ft::cli::add_show(app);
   ft::cli::add_train(app);
   ft::cli::add_batches(app);
   ft::cli::add_merge(app);

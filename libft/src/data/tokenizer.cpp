@@ -421,6 +421,30 @@ std::string Tokenizer::decode(std::span<const int32_t> ids) const {
   return text;
 }
 
+std::vector<TextSpan> Tokenizer::decode_spans(std::span<const int32_t> ids, std::span<const uint8_t> trainable) const {
+  FT_CHECK(ids.size() == trainable.size(), "[tokenizer] decode_spans: ", ids.size(), " ids but ", trainable.size(),
+           " trainable flags");
+  const auto& skip = impl_->skip_on_decode;
+  auto special = [&](int32_t id) { return id >= 0 && static_cast<size_t>(id) < skip.size() && skip[id]; };
+  std::vector<TextSpan> out;
+  std::string before;  // decode(ids[0, i))
+  for (size_t i = 0; i < ids.size();) {
+    if (special(ids[i])) {
+      out.push_back({id_to_piece(ids[i]), trainable[i] != 0, true});
+      ++i;
+      continue;
+    }
+    size_t j = i;
+    while (j < ids.size() && !special(ids[j]) && (trainable[j] != 0) == (trainable[i] != 0)) ++j;
+    std::string upto = decode(ids.first(j));
+    std::string text = upto.starts_with(before) ? upto.substr(before.size()) : decode(ids.subspan(i, j - i));
+    out.push_back({std::move(text), trainable[i] != 0, false});
+    before = std::move(upto);
+    i = j;
+  }
+  return out;
+}
+
 std::vector<std::string> Tokenizer::special_pieces() const {
   std::vector<std::string> out;
   if (impl_->bpe) {

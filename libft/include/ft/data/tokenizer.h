@@ -43,6 +43,13 @@ struct TrainTokenizerOptions {
 /// "libft-tokenizer-v1 bos=1 eos=2 pad=-1 unk=0 add_bos=1 add_eos=0" as the settings' form.
 std::string fingerprint_settings(const SpecialTokens& special);
 
+/// A stretch of a document's text, for showing what a store trains on (Tokenizer::decode_spans).
+struct TextSpan {
+  std::string text;
+  bool trainable = false;
+  bool special = false;  ///< one special token (BOS, EOS, <|im_end|>...), shown as its piece
+};
+
 class Tokenizer {
  public:
   /// `path` is a tokenizer.model or tokenizer.json file, or a checkpoint directory holding one
@@ -63,6 +70,12 @@ class Tokenizer {
   std::vector<int32_t> encode(std::string_view text) const;
   /// ids → text (special tokens skipped).
   std::string decode(std::span<const int32_t> ids) const;
+  /// A document as text cut where `trainable` changes and at special tokens, which come as their
+  /// pieces. Each span's text is what decoding the document up to its end adds, so the space that
+  /// sentencepiece keeps in a word's first piece stays with that word ("▁Sure" → " Sure"). The
+  /// spans' texts joined, specials left out, are decode(ids) (where every prefix decodes to a
+  /// prefix of it, i.e. no run ends inside a multi-byte character).
+  std::vector<TextSpan> decode_spans(std::span<const int32_t> ids, std::span<const uint8_t> trainable) const;
   int32_t vocab_size() const;
   int32_t piece_to_id(std::string_view piece) const;  ///< unk id when absent
   std::string id_to_piece(int32_t id) const;
