@@ -279,6 +279,32 @@ TEST(ModelChatTemplate, TemplateFilesReplaceTheCheckpoints) {
             std::string::npos);
 }
 
+TEST(ModelChatTemplate, ReasoningContentIsTrainedWithItsTurn) {
+  // A record's reasoning_content reaches the template (here as Qwen3's renders it, in <think>), and
+  // the labels are what the turn adds after the generation prompt: the reasoning and the answer.
+  const TemplateEncoder enc(
+      "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+      "{% if m.role == 'assistant' and m.reasoning_content is defined %}<think>\n{{ m.reasoning_content }}\n"
+      "</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+      {"<|im_start|>", "<|im_end|>"});
+  const std::string dir = ft::test::scratch_dir("chat_reasoning");
+  ft::test::write_file(dir + "/r.jsonl",
+                       R"({"messages": [{"role": "user", "content": "2+2?"}, )"
+                       R"({"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."}]})"
+                       "\n");
+  const auto examples = read_examples(dir + "/r.jsonl", ft::data::RecordFormat::chat, "model", enc);
+  ASSERT_EQ(examples.size(), 1u);
+  // (rendered by jinja2 3.1.6 with transformers' settings: the same text)
+  EXPECT_EQ(labelled(examples[0], enc),
+            "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+            "[[<think>\nTwo and two make four.\n</think>\n\n4<|im_end|>\n]]");
+  // libft's own templates have no place for it: the record is bad, not trained without its reasoning.
+  EXPECT_NE(error_of([&] { read_examples(dir + "/r.jsonl", ft::data::RecordFormat::chat, "chatml", enc); })
+                .find("the chatml template has no place for reasoning_content"),
+            std::string::npos);
+}
+
 TEST(ModelChatTemplate, RefusesTemplatesWhoseTurnsDoNotExtendEachOther) {
   // As Qwen3's template: only the last assistant turn keeps its reasoning block.
   const TemplateEncoder enc(

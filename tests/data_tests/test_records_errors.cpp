@@ -170,7 +170,7 @@ TEST(RecordsBadInput, UnknownFieldsAreErrorsUnlessAllowed) {
       "\n");
   EXPECT_EQ(issue_strings(read_records(chat, jsonl(RecordFormat::chat)).issues),
             (std::vector<std::string>{chat + ":1:49: messages[0]: unknown field \"weight\" (expected: role, content, "
-                                             "tool_calls, tool_call_id, name)"}));
+                                             "tool_calls, tool_call_id, name, reasoning_content)"}));
 }
 
 TEST(RecordsBadInput, DuplicateKeys) {
@@ -519,6 +519,29 @@ TEST(RecordsBadInput, ToolUse) {
   EXPECT_EQ(m[2].fields_json, R"({"tool_call_id":"c1"})");
   EXPECT_EQ(r.records[0].tools_json, R"([{"n":"f"}])");
   EXPECT_TRUE(ft::data::has_tool_use(m));
+}
+
+TEST(RecordsBadInput, ReasoningContent) {
+  // An assistant's reasoning_content is a string kept for the template; elsewhere, or of another
+  // type, the record is bad.
+  const std::string path = scratch_file(
+      "reasoning", "c.jsonl",
+      R"({"messages": [{"role": "user", "content": "a", "reasoning_content": "r"}, {"role": "assistant", "content": "b"}]})"
+      "\n"
+      R"({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reasoning_content": 1}]})"
+      "\n"
+      R"({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reasoning_content": "say \"tool_calls\""}]})"
+      "\n");
+  const Read r = read_records(path, jsonl(RecordFormat::chat));
+  EXPECT_EQ(issue_strings(r.issues),
+            (std::vector<std::string>{
+                path + ":1:69: messages[0].reasoning_content: only assistant messages have one",
+                path + ":2:108: messages[1].reasoning_content must be a string, not number"}));
+  ASSERT_EQ(r.records.size(), 1u);
+  const auto& m = r.records[0].messages;
+  EXPECT_EQ(m[1].fields_json, R"({"reasoning_content":"say \"tool_calls\""})");
+  // A quoted "tool_calls" inside the reasoning is text, not a tool call.
+  EXPECT_FALSE(ft::data::has_tool_use(m));
 }
 
 TEST(RecordsBadInput, SkipPolicyCountsListsAndEnforcesTheFraction) {

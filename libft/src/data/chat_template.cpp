@@ -21,8 +21,10 @@ const char* role_name(Role role) {
 }
 
 bool calls_tools(const Message& m) {
-  // fields_json is the reader's own serialisation of the message's other fields, whose keys are
-  // tool_calls, tool_call_id and name only: a key, not a value, matches this.
+  // fields_json is the reader's own serialisation of the message's other fields (tool_calls,
+  // reasoning_content, tool_call_id, name). In an assistant's, only the tool_calls key can match:
+  // inside reasoning_content's JSON string a quote is escaped, and tool_calls' own values come
+  // after that key.
   return m.role == Role::assistant && m.fields_json.find("\"tool_calls\"") != std::string::npos;
 }
 
@@ -119,6 +121,12 @@ std::vector<TemplateSegment> render_chat(ChatTemplate tmpl, std::span<const Mess
   check_chat_order(messages);
   FT_CHECK(!has_tool_use(messages), "[records] the ", chat_template_name(tmpl),
            " template has no tool calls or tool messages; use the checkpoint's own (--template model)");
+  for (const Message& m : messages) {
+    FT_CHECK(m.fields_json.find("\"reasoning_content\"") == std::string::npos, "[records] the ",
+             chat_template_name(tmpl),
+             " template has no place for reasoning_content; use the checkpoint's own (--template model), e.g. "
+             "Qwen3's, which writes it between <think> and </think>");
+  }
   std::vector<TemplateSegment> out;
   switch (tmpl) {
     case ChatTemplate::llama2: {

@@ -571,7 +571,8 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
         if (m.type != Value::Type::object) {
           return Schema::at(m, name + " must be an object, not " + type_name(m.type));
         }
-        if (auto p = schema.check_fields(m, {"role"}, name + ": ", {"content", "tool_calls", "tool_call_id", "name"})) {
+        if (auto p = schema.check_fields(m, {"role"}, name + ": ",
+                                         {"content", "tool_calls", "tool_call_id", "name", "reasoning_content"})) {
           return p;
         }
         const Value& role = *m.find("role");
@@ -590,7 +591,8 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
         else
           return Schema::at(role, name + ".role must be \"system\", \"user\", \"assistant\" or \"tool\", not \"" +
                                       role.text + "\"");
-        // Tool use: an assistant's tool_calls, a tool message's tool_call_id and name.
+        // Tool use: an assistant's tool_calls, a tool message's tool_call_id and name; an assistant's
+        // reasoning_content (the thinking that templates such as Qwen3's put in <think>...</think>).
         std::string fields;
         auto add_field = [&](const Member& member) {
           fields += (fields.empty() ? "{" : ",") + to_json(Value{Value::Type::string, 0, false, member.key, {}, {}}) +
@@ -604,6 +606,15 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
                                  std::all_of(member.value.items.begin(), member.value.items.end(),
                                              [](const Value& c) { return c.type == Value::Type::object; });
             if (!objects) return Schema::at(member.value, name + ".tool_calls must be a non-empty array of objects");
+            add_field(member);
+          } else if (member.key == "reasoning_content") {
+            if (msg.role != Role::assistant) {
+              return Schema::at(member.value, name + ".reasoning_content: only assistant messages have one");
+            }
+            if (member.value.type != Value::Type::string) {
+              return Schema::at(member.value, name + ".reasoning_content must be a string, not " +
+                                                  type_name(member.value.type));
+            }
             add_field(member);
           } else if (member.key == "tool_call_id" || member.key == "name") {
             if (msg.role != Role::tool) {

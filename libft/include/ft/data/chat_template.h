@@ -110,8 +110,9 @@ struct Message {
   Role role = Role::user;
   std::string content;
   /// The message's other fields as a JSON object, "" for none: an assistant's "tool_calls" (then
-  /// "content" may be null), a tool message's "tool_call_id" and "name". Only a checkpoint's own
-  /// template (ModelChatTemplate) renders tool calls; they override `role` and `content` there.
+  /// "content" may be null) and "reasoning_content", a tool message's "tool_call_id" and "name".
+  /// Only a checkpoint's own template (ModelChatTemplate) renders them; they override `role` and
+  /// `content` there.
   std::string fields_json{};
 };
 

@@ -45,7 +45,9 @@ enum class RecordFormat : uint8_t {
   /// JSONL, {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}; with tool
   /// use (for the checkpoint's own template only) also {"tools": [{...}]} beside the messages,
   /// assistant messages with "tool_calls": [{...}] (then "content" may be empty, null or absent) and
-  /// {"role": "tool", "content": "...", "tool_call_id"/"name": "..."} messages after them.
+  /// {"role": "tool", "content": "...", "tool_call_id"/"name": "..."} messages after them; and
+  /// assistant messages' "reasoning_content" (a string the template renders, e.g. Qwen3's
+  /// <think>...</think>; trained with the turn it belongs to).
   chat,
 };
 /// "text" | "jsonl" | "instruction" | "chat"; throws ft::Error otherwise.
