@@ -305,6 +305,28 @@ TEST(ModelChatTemplate, ReasoningContentIsTrainedWithItsTurn) {
             std::string::npos);
 }
 
+TEST(ModelChatTemplate, ContentPartsReachTheTemplateAsAList) {
+  // Templates of newer checkpoints render a list of content parts themselves; libft's chatml gets
+  // the texts joined.
+  const TemplateEncoder enc(
+      "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}"
+      "{% for p in m.content %}[{{ p.type }}:{{ p.text }}]{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+      {"<|im_start|>", "<|im_end|>"});
+  const std::string dir = ft::test::scratch_dir("chat_parts");
+  ft::test::write_file(dir + "/p.jsonl",
+                       R"({"messages": [{"role": "user", "content": [{"type": "text", "text": "2+"}, )"
+                       R"({"type": "text", "text": "2?"}]}, {"role": "assistant", "content": [{"type": "text", "text": "4"}]}]})"
+                       "\n");
+  const auto model = read_examples(dir + "/p.jsonl", ft::data::RecordFormat::chat, "model", enc);
+  ASSERT_EQ(model.size(), 1u);
+  EXPECT_EQ(labelled(model[0], enc),
+            "<|im_start|>user\n[text:2+][text:2?]<|im_end|>\n<|im_start|>assistant\n[[[text:4]<|im_end|>\n]]");
+  const auto chatml = read_examples(dir + "/p.jsonl", ft::data::RecordFormat::chat, "chatml", enc);
+  ASSERT_EQ(chatml.size(), 1u);
+  EXPECT_EQ(labelled(chatml[0], enc), "<s><|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n[[4<|im_end|>]]\n");
+}
+
 TEST(ModelChatTemplate, RefusesTemplatesWhoseTurnsDoNotExtendEachOther) {
   // As Qwen3's template: only the last assistant turn keeps its reasoning block.
   const TemplateEncoder enc(

@@ -544,6 +544,34 @@ TEST(RecordsBadInput, ReasoningContent) {
   EXPECT_FALSE(ft::data::has_tool_use(m));
 }
 
+TEST(RecordsBadInput, ContentParts) {
+  // OpenAI-style content parts: text parts, joined for `content`, the list kept for the template.
+  const std::string u = R"({"messages": [{"role": "user", "content": )";
+  const std::string a = R"(}, {"role": "assistant", "content": "b"}]})"
+                        "\n";
+  const std::string path = scratch_file(
+      "parts", "c.jsonl",
+      u + "[]" + a + u + R"(["x"])" + a + u + R"([{"type": "image_url", "image_url": {"url": "u"}}])" + a + u +
+          R"([{"type": "text"}])" + a + u + R"([{"type": "text", "text": 1}])" + a + u +
+          R"([{"type": "text", "text": "x", "cache": 1}])" + a + u + R"([{"type": "text", "text": " "}])" + a + u +
+          R"([{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}])" + a);
+  const Read r = read_records(path, jsonl(RecordFormat::chat));
+  EXPECT_EQ(issue_strings(r.issues),
+            (std::vector<std::string>{
+                path + ":1:43: messages[0].content is an empty list",
+                path + ":2:44: messages[0].content[0] must be an object, not string",
+                path + ":3:53: messages[0].content[0].type is \"image_url\": only \"text\" parts (libft trains text-only "
+                       "models)",
+                path + ":4:44: messages[0].content[0]: missing field \"text\"",
+                path + ":5:69: messages[0].content[0].text must be a string, not number",
+                path + ":6:74: messages[0].content[0]: unknown field \"cache\" (expected: type, text)",
+                path + ":7:43: messages[0].content is empty"}));
+  ASSERT_EQ(r.records.size(), 1u);
+  const auto& m = r.records[0].messages;
+  EXPECT_EQ(m[0].content, "Hello, world");
+  EXPECT_EQ(m[0].fields_json, R"({"content":[{"type":"text","text":"Hello, "},{"type":"text","text":"world"}]})");
+}
+
 TEST(RecordsBadInput, SkipPolicyCountsListsAndEnforcesTheFraction) {
   FT_REQUIRE_FORTUNES();
   const auto f = good(20, "drugs");

@@ -659,6 +659,32 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
           } else {
             fields += (fields.empty() ? "{" : ",") + std::string("\"content\":null");
           }
+        } else if (content && content->type == Value::Type::array) {
+          // OpenAI-style content parts: text parts only. The template gets the list; libft's own
+          // templates, and anything else reading `content`, get the texts joined.
+          if (content->items.empty()) return Schema::at(*content, name + ".content is an empty list");
+          for (size_t k = 0; k < content->items.size(); ++k) {
+            const Value& part = content->items[k];
+            const std::string pname = name + ".content[" + std::to_string(k) + "]";
+            if (part.type != Value::Type::object) {
+              return Schema::at(part, pname + " must be an object, not " + type_name(part.type));
+            }
+            const Value* type = part.find("type");
+            if (!type) return Schema::at(part, pname + ": missing field \"type\"");
+            if (type->type != Value::Type::string || type->text != "text") {
+              return Schema::at(*type, pname + ".type is " + to_json(*type) +
+                                           ": only \"text\" parts (libft trains text-only models)");
+            }
+            if (auto p = schema.check_fields(part, {"type"}, pname + ": ", {"text"})) return p;
+            const Value* text = part.find("text");
+            if (!text) return Schema::at(part, pname + ": missing field \"text\"");
+            if (text->type != Value::Type::string) {
+              return Schema::at(*text, pname + ".text must be a string, not " + type_name(text->type));
+            }
+            msg.content += text->text;
+          }
+          if (is_blank(msg.content)) return Schema::at(*content, name + ".content is empty");
+          fields += (fields.empty() ? "{" : ",") + std::string("\"content\":") + to_json(*content);
         } else {
           if (!content) return Schema::at(m, name + ": missing field \"content\"");
           if (auto p = schema.string_field(m, "content", name + ".content", msg.content)) return p;

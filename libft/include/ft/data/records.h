@@ -47,7 +47,9 @@ enum class RecordFormat : uint8_t {
   /// assistant messages with "tool_calls": [{...}] (then "content" may be empty, null or absent) and
   /// {"role": "tool", "content": "...", "tool_call_id"/"name": "..."} messages after them; and
   /// assistant messages' "reasoning_content" (a string the template renders, e.g. Qwen3's
-  /// <think>...</think>; trained with the turn it belongs to).
+  /// <think>...</think>; trained with the turn it belongs to). "content" may also be a list of
+  /// OpenAI-style text parts [{"type": "text", "text": "..."}]: the checkpoint's template gets the
+  /// list, libft's own templates the texts joined.
   chat,
 };
 /// "text" | "jsonl" | "instruction" | "chat"; throws ft::Error otherwise.
