@@ -53,7 +53,7 @@ TEST(BpeParity, MatchesTokenizers) {
   REQUIRE_REFERENCE();
   const auto ref = nlohmann::json::parse(slurp(ref_dir / "bpe_reference.json"));
   const auto& variants = ref.at("variants");
-  ASSERT_EQ(variants.size(), 7u);
+  ASSERT_EQ(variants.size(), 9u);
   for (const auto& [name, v] : variants.items()) {
     SCOPED_TRACE(name);
     const Tokenizer tok = Tokenizer::load((ref_dir / v.at("dir").get<std::string>()).string());
@@ -128,8 +128,10 @@ TEST(BpeParity, BadTokenizerJsonIsAnError) {
     EXPECT_NE(error.find(part), std::string::npos) << error;
   };
   expect(load_error(good.substr(0, good.size() / 2)), "[json]");
-  expect(load_error(mutated([](auto& j) { j["pre_tokenizer"]["pretokenizers"][0]["type"] = "Digits"; })),
-         "pre-tokenizer 'Digits' is not supported");
+  expect(load_error(mutated([](auto& j) { j["pre_tokenizer"]["pretokenizers"][0]["type"] = "Whitespace"; })),
+         "pre-tokenizer 'Whitespace' is not supported");
+  expect(load_error(mutated([](auto& j) { j["pre_tokenizer"]["pretokenizers"][0]["behavior"] = "Sideways"; })),
+         "Split behavior 'Sideways' is not one of");
   expect(load_error(mutated([](auto& j) { j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "(\\p{L}"; })),
          "does not compile");
   expect(load_error(mutated([](auto& j) { j["normalizer"] = {{"type", "Lowercase"}}; })),

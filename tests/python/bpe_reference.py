@@ -31,6 +31,14 @@ fallback included), four sentencepiece-style directories too:
                          Fuse decoder, no BOS
   OUT_DIR/gemma          Gemma's layout: a Replace normalizer only, no prepended "▁"
 
+Two more byte-level directories reuse the llama3 vocabulary with pre-tokenizers that exercise every
+Split behaviour and the Digits pre-tokenizer (as some checkpoints' files chain them):
+
+  OUT_DIR/splits_a  Digits (individual), punctuation runs merged with the previous piece, spaces merged
+                    with the next, then ByteLevel
+  OUT_DIR/splits_b  Digits (contiguous), newlines contiguous, hyphens removed, capitals isolated, then
+                    ByteLevel with GPT-2's pattern
+
 Each directory is then loaded back as a user would (transformers.AutoTokenizer.from_pretrained) and
 every text of tokenizer_reference.samples(), plus cases that exercise special and added tokens in text,
 contractions, digit runs, whitespace runs, Unicode spaces, NFC and a long word, is encoded with and
@@ -233,6 +241,42 @@ def decode_cases(tok):
     return out
 
 
+def split_variants(llama3_dir, out_dir):
+    """splits_a and splits_b (see the module comment): the llama3 tokenizer with other pre-tokenizers."""
+    out = []
+    base = Tokenizer.from_file(os.path.join(llama3_dir, "tokenizer.json"))
+    chains = {
+        "splits_a": [pre_tokenizers.Digits(individual_digits=True),
+                     pre_tokenizers.Split(Regex(r"[.,!?;:]+"), behavior="merged_with_previous"),
+                     pre_tokenizers.Split(" ", behavior="merged_with_next"),
+                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)],
+        "splits_b": [pre_tokenizers.Digits(individual_digits=False),
+                     pre_tokenizers.Split(Regex(r"\n"), behavior="contiguous"),
+                     pre_tokenizers.Split("-", behavior="removed"),
+                     pre_tokenizers.Split(Regex(r"[A-Z]"), behavior="isolated"),
+                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
+    }
+    for name, chain in chains.items():
+        tok = Tokenizer.from_str(base.to_str())
+        tok.pre_tokenizer = pre_tokenizers.Sequence(chain)
+        d = os.path.join(out_dir, name)
+        transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                             eos_token="<|end_of_text|>").save_pretrained(d)
+        out.append((name, d))
+    return out
+
+
+def split_cases():
+    return [
+        ("split-punct-runs", "Wait... what?! Yes; no: maybe, ok."),
+        ("split-spaces", "a  b   c\td"),
+        ("split-digits", "In 1984, 2+2=5 and 31337 ~ 0.5"),
+        ("split-newlines", "one\n\n\ntwo\nthree\n"),
+        ("split-hyphens", "well-known --- x-ray - -"),
+        ("split-capitals", "The GNU Emacs HACKER"),
+    ]
+
+
 def extra_cases():
     return [
         ("special-chatml", "<|im_start|>user\nhi there<|im_end|>\n"),
@@ -329,6 +373,11 @@ def main():
         v = variants[name]
         print(f"{name}: {len(v['cases'])} cases, vocab size {v['vocab_size']} (bos {v['bos']} eos {v['eos']} "
               f"pad {v['pad']} unk {v['unk']} add_bos {v['add_bos']} add_eos {v['add_eos']})")
+    split_cases_all = cases + split_cases()
+    for name, directory in split_variants(os.path.join(out_dir, "llama3"), out_dir):
+        variants[name] = reference(name, directory, split_cases_all)
+        v = variants[name]
+        print(f"{name}: {len(v['cases'])} cases, vocab size {v['vocab_size']}")
     if len(sys.argv) == 3:
         sp_cases = tokenizer_reference.samples() + extra_cases() + sentencepiece_cases()
         for name, directory in sentencepiece_variants(sys.argv[2], out_dir):

@@ -75,11 +75,15 @@ struct Regex {
 // Metaspace's prepend_scheme: when a "▁" goes before a stretch of text.
 enum class Prepend { always, first, never };
 
+// What a Split does with the text it matches (tokenizers' SplitDelimiterBehavior).
+enum class Behavior { removed, isolated, merged_with_previous, merged_with_next, contiguous };
+
 // A pre-tokenizer step, applied to every piece the previous steps made.
 struct Step {
-  enum Kind { SplitRegex, SplitString, ByteLevel, Metaspace } kind;
+  enum Kind { SplitRegex, SplitString, Digits, ByteLevel, Metaspace } kind;
   std::unique_ptr<Regex> regex;  // SplitRegex, and ByteLevel with use_regex
   std::string literal;           // SplitString; Metaspace's replacement
+  Behavior behavior = Behavior::isolated;  // SplitRegex, SplitString, Digits
   bool add_prefix_space = false; // ByteLevel
   Prepend prepend = Prepend::always;  // Metaspace
   bool split = true;                  // Metaspace: cut before each replacement
@@ -154,13 +158,85 @@ std::unique_ptr<Regex> compile(std::string_view onig_pattern, const std::string&
   return re;
 }
 
-// Splits [begin, end) of `text` by the matches of `re`, keeping matches and the gaps between them
-// as pieces ("Isolated"), in order, empty pieces dropped.
-void split_isolated(const Regex& re, std::string_view text, std::vector<std::string>& out) {
+using Matches = std::vector<std::pair<size_t, size_t>>;  // [begin, end) byte ranges, in order, disjoint
+
+// The pieces of `text` cut at `matches` (none empty) as `behavior` says, empty pieces dropped, as
+// tokenizers' NormalizedString::split does: a match merged with its neighbour only where that
+// neighbour is not a match itself.
+void split_at(std::string_view text, const Matches& matches, Behavior behavior, std::vector<std::string>& out) {
+  struct Interval {
+    size_t b, e;
+    bool match;
+  };
+  std::vector<Interval> all, kept;
+  size_t last = 0;
+  for (const auto& [b, e] : matches) {
+    if (b > last) all.push_back({last, b, false});
+    all.push_back({b, e, true});
+    last = e;
+  }
+  if (last < text.size()) all.push_back({last, text.size(), false});
+  bool previous_match = false;
+  switch (behavior) {
+    case Behavior::isolated:
+      kept = all;
+      break;
+    case Behavior::removed:
+      for (const Interval& i : all) {
+        if (!i.match) kept.push_back(i);
+      }
+      break;
+    case Behavior::contiguous:
+      for (const Interval& i : all) {
+        if (i.match && !kept.empty() && kept.back().match) kept.back().e = i.e;
+        else kept.push_back(i);
+      }
+      break;
+    case Behavior::merged_with_previous:
+      for (const Interval& i : all) {
+        if (i.match && !previous_match && !kept.empty()) kept.back().e = i.e;
+        else kept.push_back(i);
+        previous_match = i.match;
+      }
+      break;
+    case Behavior::merged_with_next:
+      for (auto it = all.rbegin(); it != all.rend(); ++it) {
+        if (it->match && !previous_match && !kept.empty()) kept.back().b = it->b;
+        else kept.push_back(*it);
+        previous_match = it->match;
+      }
+      std::reverse(kept.begin(), kept.end());
+      break;
+  }
+  for (const Interval& i : kept) {
+    if (i.e > i.b) out.emplace_back(text.substr(i.b, i.e - i.b));
+  }
+}
+
+Matches literal_matches(std::string_view text, std::string_view literal) {
+  Matches m;
+  for (size_t at = text.find(literal); at != std::string_view::npos; at = text.find(literal, at + literal.size())) {
+    m.emplace_back(at, at + literal.size());
+  }
+  return m;
+}
+
+// Each ASCII digit, one match each (tokenizers' Digits tests char::is_ascii_digit).
+Matches digit_matches(std::string_view text) {
+  Matches m;
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] >= '0' && text[i] <= '9') m.emplace_back(i, i + 1);
+  }
+  return m;
+}
+
+// The non-empty matches of `re` in `text`, leftmost first (an empty match moves on a character).
+Matches regex_matches(const Regex& re, std::string_view text) {
+  Matches found;
   pcre2_match_data* md = pcre2_match_data_create_from_pattern(re.code, nullptr);
   FT_CHECK(md != nullptr, "[tokenizer] out of memory for a regular expression match");
   const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
-  size_t start = 0, last = 0;
+  size_t start = 0;
   while (start <= text.size()) {
     const int rc = pcre2_match(re.code, subject, text.size(), start, PCRE2_NO_UTF_CHECK, md, nullptr);
     if (rc == PCRE2_ERROR_NOMATCH) break;
@@ -179,12 +255,11 @@ void split_isolated(const Regex& re, std::string_view text, std::vector<std::str
       start = i;
       continue;
     }
-    if (b > last) out.emplace_back(text.substr(last, b - last));
-    out.emplace_back(text.substr(b, e - b));
-    last = start = e;
+    found.emplace_back(b, e);
+    start = e;
   }
-  if (last < text.size()) out.emplace_back(text.substr(last));
   pcre2_match_data_free(md);
+  return found;
 }
 
 const json* member(const json& j, const char* key) {
@@ -380,11 +455,17 @@ struct JsonBpe::Impl {
       for (const auto& x : *list) parse_pre_tokenizer(x, where);
     } else if (type == "Split") {
       const std::string behavior = p.value("behavior", "");
-      FT_CHECK(behavior == "Isolated", where, ": Split behavior '", behavior, "' is not supported (only Isolated)");
       FT_CHECK(!flag(p, "invert", false, where), where, ": an inverted Split is not supported");
       const json* pattern = member(p, "pattern");
       FT_CHECK(pattern != nullptr && pattern->is_object(), where, ": Split needs a 'pattern'");
       Step s;
+      if (behavior == "Isolated") s.behavior = Behavior::isolated;
+      else if (behavior == "Removed") s.behavior = Behavior::removed;
+      else if (behavior == "MergedWithPrevious") s.behavior = Behavior::merged_with_previous;
+      else if (behavior == "MergedWithNext") s.behavior = Behavior::merged_with_next;
+      else if (behavior == "Contiguous") s.behavior = Behavior::contiguous;
+      else FT_FAIL(where, ": Split behavior '", behavior, "' is not one of Isolated, Removed, MergedWithPrevious, "
+                   "MergedWithNext and Contiguous");
       if (const json* re = member(*pattern, "Regex")) {
         FT_CHECK(re->is_string(), where, ": the Split pattern's Regex must be a string");
         s.kind = Step::SplitRegex;
@@ -394,6 +475,11 @@ struct JsonBpe::Impl {
         s.literal = string_of(*pattern, "String", where + ": the Split pattern");
         FT_CHECK(!s.literal.empty(), where, ": an empty Split string");
       }
+      steps.push_back(std::move(s));
+    } else if (type == "Digits") {
+      Step s;
+      s.kind = Step::Digits;
+      s.behavior = flag(p, "individual_digits", false, where) ? Behavior::isolated : Behavior::contiguous;
       steps.push_back(std::move(s));
     } else if (type == "ByteLevel") {
       Step s;
@@ -409,7 +495,8 @@ struct JsonBpe::Impl {
       s.split = flag(p, "split", true, where);
       steps.push_back(std::move(s));
     } else {
-      FT_FAIL(where, ": pre-tokenizer '", type, "' is not supported (only Split, ByteLevel, Metaspace and Sequence)");
+      FT_FAIL(where, ": pre-tokenizer '", type,
+              "' is not supported (only Split, Digits, ByteLevel, Metaspace and Sequence)");
     }
   }
 
@@ -661,14 +748,11 @@ struct JsonBpe::Impl {
       next.clear();
       for (size_t k = 0; k < pieces.size(); ++k) {
         std::string& piece = pieces[k];
-        if (s.kind == Step::SplitString) {
-          size_t last = 0;
-          for (size_t at = piece.find(s.literal); at != std::string::npos; at = piece.find(s.literal, last)) {
-            if (at > last) next.push_back(piece.substr(last, at - last));
-            next.push_back(s.literal);
-            last = at + s.literal.size();
-          }
-          if (last < piece.size()) next.push_back(piece.substr(last));
+        if (s.kind == Step::SplitString || s.kind == Step::SplitRegex || s.kind == Step::Digits) {
+          const Matches m = s.kind == Step::SplitString ? literal_matches(piece, s.literal)
+                            : s.kind == Step::Digits    ? digit_matches(piece)
+                                                        : regex_matches(*s.regex, piece);
+          split_at(piece, m, s.behavior, next);
           continue;
         }
         if (s.kind == Step::Metaspace) {
@@ -679,17 +763,12 @@ struct JsonBpe::Impl {
             next.push_back(std::move(piece));
             continue;
           }
-          // Cut before each replacement, which starts the next piece (tokenizers' MergedWithNext).
-          size_t last = 0;
-          for (size_t at = piece.find(s.literal, 1); at != std::string::npos; at = piece.find(s.literal, at + 1)) {
-            next.push_back(piece.substr(last, at - last));
-            last = at;
-          }
-          next.push_back(piece.substr(last));
+          // Each replacement starts the next piece (tokenizers' MergedWithNext).
+          split_at(piece, literal_matches(piece, s.literal), Behavior::merged_with_next, next);
           continue;
         }
         if (s.kind == Step::ByteLevel && s.add_prefix_space && !piece.starts_with(' ')) piece.insert(0, 1, ' ');
-        if (s.regex) split_isolated(*s.regex, piece, next);
+        if (s.regex) split_at(piece, regex_matches(*s.regex, piece), Behavior::isolated, next);
         else next.push_back(std::move(piece));
       }
       pieces.swap(next);

@@ -15,7 +15,9 @@
 //   2. the normalizers, in order, on each stretch of text between added tokens: NFC (Qwen's, through
 //      utf8proc), Prepend and Replace (the older Llama 2 files');
 //   3. the pre-tokenizers: Split by the file's own regular expression (PCRE2 with Unicode properties
-//      runs the Oniguruma patterns these files hold, \s read as White_Space as Oniguruma reads it),
+//      runs the Oniguruma patterns these files hold, \s read as White_Space as Oniguruma reads it)
+//      or string, with any of its behaviours (Isolated, Removed, MergedWithPrevious,
+//      MergedWithNext, Contiguous); Digits (ASCII digits, one by one or in runs);
 //      then ByteLevel (with GPT-2's pattern where use_regex says so) mapping each byte to its
 //      printable stand-in; or Metaspace (spaces to "▁", a "▁" prepended always, never, or only to
 //      text at the very start of the input: prepend_scheme "first", which is what transformers 5's
