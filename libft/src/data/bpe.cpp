@@ -11,6 +11,7 @@
 #include <optional>
 #include <queue>
 #include <unordered_map>
+#include <tuple>
 #include <utility>
 
 #include "ft/util/error.h"
@@ -116,12 +117,6 @@ void replace_all(std::string& s, std::string_view from, std::string_view to) {
   s.swap(out);
 }
 
-// One Unicode character (as the tokenizers library's char-typed settings need), or an error.
-std::string one_character(const json& j, const char* key, const std::string& where);
-
-// Metaspace's prepend_scheme, or the older add_prefix_space (true: always, false: never).
-Prepend prepend_scheme(const json& j, const std::string& where);
-
 // Oniguruma (which the tokenizers library runs these patterns with) reads \s as Unicode's
 // White_Space; PCRE2's \s with Unicode properties also matches U+180E, which White_Space has not
 // included since Unicode 6.3. So \s and \S become the property itself, in or out of a class.
@@ -164,6 +159,19 @@ using Matches = std::vector<std::pair<size_t, size_t>>;  // [begin, end) byte ra
 // tokenizers' NormalizedString::split does: a match merged with its neighbour only where that
 // neighbour is not a match itself.
 void split_at(std::string_view text, const Matches& matches, Behavior behavior, std::vector<std::string>& out) {
+  auto emit = [&](size_t b, size_t e) {
+    if (e > b) out.emplace_back(text.substr(b, e - b));
+  };
+  if (behavior == Behavior::isolated || behavior == Behavior::removed) {  // no merging: straight out
+    size_t last = 0;
+    for (const auto& [b, e] : matches) {
+      emit(last, b);
+      if (behavior == Behavior::isolated) emit(b, e);
+      last = e;
+    }
+    emit(last, text.size());
+    return;
+  }
   struct Interval {
     size_t b, e;
     bool match;
@@ -179,13 +187,8 @@ void split_at(std::string_view text, const Matches& matches, Behavior behavior, 
   bool previous_match = false;
   switch (behavior) {
     case Behavior::isolated:
-      kept = all;
-      break;
     case Behavior::removed:
-      for (const Interval& i : all) {
-        if (!i.match) kept.push_back(i);
-      }
-      break;
+      break;  // above
     case Behavior::contiguous:
       for (const Interval& i : all) {
         if (i.match && !kept.empty() && kept.back().match) kept.back().e = i.e;
@@ -208,9 +211,7 @@ void split_at(std::string_view text, const Matches& matches, Behavior behavior, 
       std::reverse(kept.begin(), kept.end());
       break;
   }
-  for (const Interval& i : kept) {
-    if (i.e > i.b) out.emplace_back(text.substr(i.b, i.e - i.b));
-  }
+  for (const Interval& i : kept) emit(i.b, i.e);
 }
 
 Matches literal_matches(std::string_view text, std::string_view literal) {
@@ -280,6 +281,7 @@ std::string string_of(const json& j, const char* key, const std::string& where) 
   return v->get<std::string>();
 }
 
+// One Unicode character (as the tokenizers library's char-typed settings need), or an error.
 std::string one_character(const json& j, const char* key, const std::string& where) {
   const std::string s = string_of(j, key, where);
   FT_CHECK(!s.empty() && utf8_sequence(s, 0) == static_cast<int>(s.size()), where, ": '", key,
@@ -287,6 +289,7 @@ std::string one_character(const json& j, const char* key, const std::string& whe
   return s;
 }
 
+// Metaspace's prepend_scheme, or the older add_prefix_space (true: always, false: never).
 Prepend prepend_scheme(const json& j, const std::string& where) {
   if (const json* v = member(j, "prepend_scheme")) {
     FT_CHECK(v->is_string(), where, ": prepend_scheme must be a string");
@@ -297,6 +300,23 @@ Prepend prepend_scheme(const json& j, const std::string& where) {
     FT_FAIL(where, ": prepend_scheme '", s, "' is not always, first or never");
   }
   return flag(j, "add_prefix_space", true, where) ? Prepend::always : Prepend::never;
+}
+
+// A Replace normalizer's or decoder's (pattern, content); only String patterns are supported.
+std::pair<std::string, std::string> string_replace(const json& j, const std::string& where) {
+  const json* pattern = member(j, "pattern");
+  FT_CHECK(pattern != nullptr && pattern->is_object() && member(*pattern, "String") != nullptr, where,
+           ": only a Replace of a String pattern is supported, not ", j.dump());
+  std::string from = string_of(*pattern, "String", where + ": Replace");
+  FT_CHECK(!from.empty(), where, ": a Replace of the empty string");
+  return {std::move(from), string_of(j, "content", where + ": Replace")};
+}
+
+// The vocabulary's spelling of a byte-fallback token: "<0x0A>".
+std::string byte_token(int b) {
+  char name[8];
+  std::snprintf(name, sizeof(name), "<0x%02X>", b);
+  return name;
 }
 
 }  // namespace
@@ -403,9 +423,7 @@ struct JsonBpe::Impl {
       unk = it->second;
     }
     for (int b = 0; b < 256; ++b) {
-      char name[8];
-      std::snprintf(name, sizeof(name), "<0x%02X>", b);
-      auto it = vocab.find(name);
+      auto it = vocab.find(byte_token(b));
       byte_ids[b] = it == vocab.end() ? -1 : it->second;
     }
   }
@@ -416,9 +434,8 @@ struct JsonBpe::Impl {
   void check_byte_fallback(const std::string& where) const {
     if (!byte_fallback || byte_level) return;
     for (int b = 0; b < 256; ++b) {
-      FT_CHECK(byte_ids[b] >= 0, where, ": byte_fallback is set but the vocabulary has no '<0x",
-               "0123456789ABCDEF"[b / 16], "0123456789ABCDEF"[b % 16],
-               ">' (a sentencepiece vocabulary with byte fallback has all 256 byte tokens)");
+      FT_CHECK(byte_ids[b] >= 0, where, ": byte_fallback is set but the vocabulary has no '", byte_token(b),
+               "' (a sentencepiece vocabulary with byte fallback has all 256 byte tokens)");
     }
   }
 
@@ -430,13 +447,8 @@ struct JsonBpe::Impl {
     } else if (type == "Prepend") {
       normalizers.push_back({Normalizer::Prepend, "", string_of(n, "prepend", where + ": Prepend")});
     } else if (type == "Replace") {
-      const json* pattern = member(n, "pattern");
-      FT_CHECK(pattern != nullptr && pattern->is_object() && member(*pattern, "String") != nullptr, where,
-               ": only a Replace of a String pattern is supported, not ", n.dump());
-      Normalizer r{Normalizer::Replace, string_of(*pattern, "String", where + ": Replace"),
-                   string_of(n, "content", where + ": Replace")};
-      FT_CHECK(!r.from.empty(), where, ": a Replace of the empty string");
-      normalizers.push_back(std::move(r));
+      auto [from, to] = string_replace(n, where);
+      normalizers.push_back({Normalizer::Replace, std::move(from), std::move(to)});
     } else if (type == "Sequence") {
       const json* list = member(n, "normalizers");
       FT_CHECK(list != nullptr && list->is_array(), where, ": a Sequence needs 'normalizers'");
@@ -512,11 +524,8 @@ struct JsonBpe::Impl {
     } else if (type == "ByteLevel") {
       x.kind = Decoder::ByteLevel;
     } else if (type == "Replace") {
-      const json* pattern = member(d, "pattern");
-      FT_CHECK(pattern != nullptr && pattern->is_object() && member(*pattern, "String") != nullptr, where,
-               ": only a Replace of a String pattern is supported, not ", d.dump());
-      x = {Decoder::Replace, string_of(*pattern, "String", where + ": Replace"), string_of(d, "content", where + ": Replace")};
-      FT_CHECK(!x.from.empty(), where, ": a Replace of the empty string");
+      x.kind = Decoder::Replace;
+      std::tie(x.from, x.to) = string_replace(d, where);
     } else if (type == "ByteFallback") {
       x.kind = Decoder::ByteFallback;
     } else if (type == "Fuse") {

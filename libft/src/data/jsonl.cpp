@@ -594,9 +594,9 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
         // Tool use: an assistant's tool_calls, a tool message's tool_call_id and name; an assistant's
         // reasoning_content (the thinking that templates such as Qwen3's put in <think>...</think>).
         std::string fields;
-        auto add_field = [&](const Member& member) {
-          fields += (fields.empty() ? "{" : ",") + to_json(Value{Value::Type::string, 0, false, member.key, {}, {}}) +
-                    ":" + to_json(member.value);
+        auto add_field = [&](const std::string& key, const Value& value) {
+          fields += (fields.empty() ? "{" : ",") + to_json(Value{Value::Type::string, 0, false, key, {}, {}}) + ":" +
+                    to_json(value);
         };
         const Value* calls = m.find("tool_calls");
         for (const Member& member : m.members) {
@@ -606,7 +606,7 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
                                  std::all_of(member.value.items.begin(), member.value.items.end(),
                                              [](const Value& c) { return c.type == Value::Type::object; });
             if (!objects) return Schema::at(member.value, name + ".tool_calls must be a non-empty array of objects");
-            add_field(member);
+            add_field(member.key, member.value);
           } else if (member.key == "reasoning_content") {
             if (msg.role != Role::assistant) {
               return Schema::at(member.value, name + ".reasoning_content: only assistant messages have one");
@@ -615,7 +615,7 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
               return Schema::at(member.value, name + ".reasoning_content must be a string, not " +
                                                   type_name(member.value.type));
             }
-            add_field(member);
+            add_field(member.key, member.value);
           } else if (member.key == "tool_call_id" || member.key == "name") {
             if (msg.role != Role::tool) {
               return Schema::at(member.value, name + "." + member.key + ": only tool messages have one");
@@ -623,7 +623,7 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
             if (member.value.type != Value::Type::string || is_blank(member.value.text)) {
               return Schema::at(member.value, name + "." + member.key + " must be a non-empty string");
             }
-            add_field(member);
+            add_field(member.key, member.value);
           }
         }
         // The order of roles is checked here rather than in the template, so that it is reported
@@ -657,7 +657,7 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
           } else if (content && content->type != Value::Type::null) {
             return Schema::at(*content, name + ".content must be a string or null, not " + type_name(content->type));
           } else {
-            fields += (fields.empty() ? "{" : ",") + std::string("\"content\":null");
+            add_field("content", Value{});
           }
         } else if (content && content->type == Value::Type::array) {
           // OpenAI-style content parts: text parts only. The template gets the list; libft's own
@@ -684,7 +684,7 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
             msg.content += text->text;
           }
           if (is_blank(msg.content)) return Schema::at(*content, name + ".content is empty");
-          fields += (fields.empty() ? "{" : ",") + std::string("\"content\":") + to_json(*content);
+          add_field("content", *content);
         } else {
           if (!content) return Schema::at(m, name + ": missing field \"content\"");
           if (auto p = schema.string_field(m, "content", name + ".content", msg.content)) return p;
