@@ -97,6 +97,82 @@ TEST(Config, ParsesQwen3) {
   EXPECT_NE(expect_error([&] { c.validate("built"); }).find("model_type 'gemma' is not supported"), std::string::npos);
 }
 
+// Gemma 3's text model as the Hub's gemma-3-1b config.json has it (transformers 4.x layout:
+// rope_theta and rope_local_base_freq, sliding_window_pattern), shrunk: every sixth layer global,
+// the local layers with their own rotary base, Gemma's defaults where keys are absent (a tied head),
+// and what libft writes back (transformers 5's layout) parses to the same model.
+TEST(Config, ParsesGemma3Text) {
+  const std::string json = R"({
+    "architectures": ["Gemma3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+    "attn_logit_softcapping": null, "bos_token_id": 2, "cache_implementation": "hybrid",
+    "eos_token_id": [1, 106], "final_logit_softcapping": null, "head_dim": 32,
+    "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 48, "initializer_range": 0.02,
+    "intermediate_size": 96, "max_position_embeddings": 32768, "model_type": "gemma3_text",
+    "num_attention_heads": 4, "num_hidden_layers": 13, "num_key_value_heads": 1, "pad_token_id": 0,
+    "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000, "rope_scaling": null,
+    "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6, "torch_dtype": "bfloat16",
+    "transformers_version": "4.50.0.dev0", "use_cache": true, "vocab_size": 300
+  })";
+  auto c = io::parse_model_config(json, "config.json");
+  EXPECT_TRUE(c.gemma() && c.qk_norm() && c.norm_unit_offset() && c.sandwich_norms() && c.scaled_embeddings());
+  EXPECT_EQ(c.hidden_act, io::Activation::GeluTanh);
+  EXPECT_TRUE(c.tie_word_embeddings);
+  EXPECT_EQ(c.layer_window, (std::vector<int64_t>{512, 512, 512, 512, 512, 0, 512, 512, 512, 512, 512, 0, 512}));
+  EXPECT_DOUBLE_EQ(c.rope.theta, 1e6);
+  ASSERT_TRUE(c.sliding_rope.has_value());
+  EXPECT_DOUBLE_EQ(c.sliding_rope->theta, 1e4);
+  EXPECT_DOUBLE_EQ(c.attention_scale(), 1.0 / 16);
+  EXPECT_EQ(c.final_logit_softcapping, 0.0);
+  EXPECT_EQ(c.eos_token_ids, (std::vector<int64_t>{1, 106}));
+  const std::string written = io::model_config_to_json(c);
+  EXPECT_NE(written.find("Gemma3ForCausalLM"), std::string::npos);
+  auto again = io::parse_model_config(written, "written");
+  EXPECT_EQ(again.layer_window, c.layer_window);
+  EXPECT_DOUBLE_EQ(again.sliding_rope->theta, 1e4);
+  EXPECT_DOUBLE_EQ(again.rope.theta, 1e6);
+  EXPECT_DOUBLE_EQ(again.query_pre_attn_scalar, 256);
+  EXPECT_TRUE(again.tie_word_embeddings);
+
+  // HF's module names, and norms that start at zero (offsets from one).
+  model::CausalLM m(c);
+  model::init_weights(m, 1);
+  auto params = m->named_parameters();
+  for (const char* name : {"model.layers.0.pre_feedforward_layernorm.weight", "model.layers.0.post_feedforward_layernorm.weight",
+                           "model.layers.0.self_attn.q_norm.weight", "model.norm.weight"}) {
+    ASSERT_TRUE(params.contains(name)) << name;
+    EXPECT_EQ(params[name].abs().max().item<double>(), 0.0) << name;
+  }
+  EXPECT_FALSE(params.contains("lm_head.weight"));
+
+  // What a Gemma 3 model might say that libft cannot honour, each named.
+  auto error_for = [&](const std::string& from, const std::string& to) {
+    std::string text = json;
+    const auto at = text.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    text.replace(at, from.size(), to);
+    return expect_error([&] { io::parse_model_config(text, "g.json"); });
+  };
+  EXPECT_NE(error_for(R"("attn_logit_softcapping": null)", R"("attn_logit_softcapping": 50.0)")
+                .find("attn_logit_softcapping (soft-capped attention scores, Gemma 2's) is not supported"),
+            std::string::npos);
+  EXPECT_NE(error_for(R"("use_cache": true)", R"("use_cache": true, "use_bidirectional_attention": true)")
+                .find("use_bidirectional_attention"),
+            std::string::npos);
+  EXPECT_NE(error_for(R"("gelu_pytorch_tanh")", R"("gelu")").find("hidden_activation 'gelu' is not supported"),
+            std::string::npos);
+  EXPECT_NE(error_for(R"("model_type": "gemma3_text")", R"("model_type": "gemma3")").find("Gemma3ForConditionalGeneration"),
+            std::string::npos);
+  EXPECT_NE(error_for(R"("rope_scaling": null)", R"("rope_parameters": {"rope_type": "default"})")
+                .find("one entry per layer type"),
+            std::string::npos);
+  EXPECT_NE(error_for(R"("final_logit_softcapping": null)", R"("final_logit_softcapping": -1)")
+                .find("'final_logit_softcapping' must be > 0"),
+            std::string::npos);
+  EXPECT_NE(error_for(R"("rope_local_base_freq": 10000)", R"("rope_local_base_freq": 0)")
+                .find("the sliding-window layers' 'rope_theta' must be a finite number > 0"),
+            std::string::npos);
+}
+
 TEST(Config, RejectsWhatItCannotHonour) {
   std::string base = kLlamaJson;
   auto with = [&](const std::string& from, const std::string& to) {

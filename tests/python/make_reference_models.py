@@ -16,8 +16,8 @@ import sys
 
 import torch
 from safetensors.torch import save_file
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
               rms_norm_eps=1e-5, max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
@@ -45,6 +45,20 @@ FAMILIES = {
     "qwen3": (Qwen3ForCausalLM, Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True,
                                             use_sliding_window=True, sliding_window=6,
                                             layer_types=["sliding_attention", "full_attention"])),
+    # Gemma 3 (text): tanh-GELU, norms as offsets from one and around both sublayers, q/k norms,
+    # √E-scaled embeddings, scores scaled by query_pre_attn_scalar (20, not head_dim 24), a
+    # sliding-window layer (6 < 16 tokens) with its own rotary base beside a global one; tied head.
+    "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig(**COMMON, num_key_value_heads=2, head_dim=24,
+                                                   query_pre_attn_scalar=20, sliding_window=6,
+                                                   layer_types=["sliding_attention", "full_attention"])),
+    # Gemma 3 as its 4B+ siblings' language models: linear rope scaling of the global layers, final
+    # logit soft-capping (small enough to bite), every bias, an untied head, three layers of which
+    # the third is global (sliding_window_pattern 3).
+    "gemma3_scaled": (Gemma3ForCausalLM, Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 3}, num_key_value_heads=1, head_dim=16, sliding_window=5,
+        sliding_window_pattern=3, tie_word_embeddings=False, attention_bias=True, final_logit_softcapping=4.0,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
 }
 
 
@@ -52,10 +66,12 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
     """Weights with O(1) activations, so that logits differ clearly between tokens (HF's 0.02 init
     makes them nearly uniform, which would let layout bugs pass)."""
     g = torch.Generator().manual_seed(seed)
+    # Gemma's norm weights are offsets from one.
+    one = 0.0 if model.config.model_type.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+                p.copy_(one + 0.1 * torch.randn(p.shape, generator=g))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name:

@@ -25,7 +25,26 @@ const std::set<std::string> kHarmlessKeys = {
     "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
     "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "tf_legacy_loss",
-    "use_bfloat16", "model_type", "max_window_layers", "use_sliding_window", "auto_map"};
+    "use_bfloat16", "model_type", "max_window_layers", "use_sliding_window", "auto_map",
+    "cache_implementation"};
+
+bool supported_model_type(const std::string& t) {
+  return t == "llama" || t == "mistral" || t == "qwen2" || t == "qwen3" || t == "gemma3_text";
+}
+
+constexpr const char* kSupportedTypes = "llama, mistral, qwen2, qwen3, gemma3_text";
+
+void check_model_type(const std::string& t, const std::string& source) {
+  // Gemma 3's larger checkpoints are the multimodal Gemma3ForConditionalGeneration ("gemma3"), whose
+  // language model sits under text_config; their text-only siblings (270m, 1b) are gemma3_text.
+  FT_CHECK(t != "gemma3", "[config] ", source,
+           ": model_type 'gemma3' is Gemma 3's image-text model (Gemma3ForConditionalGeneration); libft trains "
+           "the text-only Gemma3ForCausalLM (model_type 'gemma3_text', e.g. gemma-3-270m, gemma-3-1b)");
+  FT_CHECK(t != "gemma" && t != "gemma2", "[config] ", source, ": model_type '", t,
+           "' is not supported (of the Gemma family, only Gemma 3's text models: gemma3_text)");
+  FT_CHECK(supported_model_type(t), "[config] ", source, ": model_type '", t, "' is not supported (supported: ",
+           kSupportedTypes, ")");
+}
 
 struct Reader {
   const json& j;
@@ -117,6 +136,82 @@ RopeConfig parse_rope(const json& params, double theta, int64_t max_pos, const s
   return rope;
 }
 
+// layer_types: "full_attention" or "sliding_attention" (a window of `window` tokens) per layer.
+void read_layer_types(Reader& r, ModelConfig& c, std::optional<int64_t> window) {
+  const json& types = r.get("layer_types");
+  FT_CHECK(types.is_array() && static_cast<int64_t>(types.size()) == c.num_hidden_layers, "[config] ", r.source,
+           ": layer_types must list one type per layer");
+  c.layer_window.assign(c.num_hidden_layers, 0);
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    std::string t = types[i].is_string() ? types[i].get<std::string>() : "";
+    FT_CHECK(t == "full_attention" || t == "sliding_attention", "[config] ", r.source, ": layer_types[", i,
+             "] = ", types[i].dump(), " is not supported");
+    if (t == "sliding_attention") {
+      FT_CHECK(window.has_value(), "[config] ", r.source, ": sliding_attention layers need sliding_window");
+      c.layer_window[i] = *window;
+    }
+  }
+}
+
+// Gemma 3's own keys (Gemma3TextConfig): the attention's score scale and soft-capping, which layers
+// slide, and the two rotary embeddings (global for full-attention layers, local for sliding ones).
+void parse_gemma3(Reader& r, ModelConfig& c) {
+  const json& j = r.j;
+  const std::string& source = r.source;
+  c.query_pre_attn_scalar = r.number_or("query_pre_attn_scalar", 256.0);
+  FT_CHECK(c.query_pre_attn_scalar > 0, "[config] ", source, ": 'query_pre_attn_scalar' must be > 0, got ",
+           c.query_pre_attn_scalar);
+  r.used.insert("attn_logit_softcapping");
+  FT_CHECK(!r.has("attn_logit_softcapping"), "[config] ", source,
+           ": attn_logit_softcapping (soft-capped attention scores, Gemma 2's) is not supported");
+  c.final_logit_softcapping = r.number_or("final_logit_softcapping", 0.0);
+  FT_CHECK(!r.has("final_logit_softcapping") || c.final_logit_softcapping > 0, "[config] ", source,
+           ": 'final_logit_softcapping' must be > 0 or null, got ", c.final_logit_softcapping);
+  FT_CHECK(!r.boolean_or("use_bidirectional_attention", false), "[config] ", source,
+           ": use_bidirectional_attention (EmbeddingGemma's encoder) is not supported: libft trains causal language models");
+
+  // Windows: layer_types (transformers 5), else every sliding_window_pattern-th layer is global.
+  const int64_t window = r.integer_or("sliding_window", 4096);
+  FT_CHECK(window > 0, "[config] ", source, ": 'sliding_window' must be > 0, got ", window);
+  const int64_t pattern =
+      r.integer_or("sliding_window_pattern", r.integer_or("_sliding_window_pattern", 6));
+  if (r.has("layer_types")) {
+    read_layer_types(r, c, window);
+  } else {
+    FT_CHECK(pattern > 0, "[config] ", source, ": 'sliding_window_pattern' must be > 0, got ", pattern);
+    c.layer_window.assign(c.num_hidden_layers, 0);
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) c.layer_window[i] = (i + 1) % pattern != 0 ? window : 0;
+  }
+
+  // Rotary embeddings: transformers 5 writes rope_parameters per layer type; 4.x checkpoints write
+  // rope_theta and rope_scaling (the global layers') and rope_local_base_freq (the local layers').
+  r.used.insert("rope_scaling");
+  r.used.insert("rope_parameters");
+  const double theta = r.number_or("rope_theta", 1e6);
+  const double local_theta = r.number_or("rope_local_base_freq", 1e4);
+  if (r.has("rope_parameters")) {
+    const json& p = j.at("rope_parameters");
+    FT_CHECK(!r.has("rope_scaling"), "[config] ", source, ": both rope_parameters and rope_scaling given");
+    FT_CHECK(p.is_object(), "[config] ", source, ": rope_parameters must be an object, got ", p.dump());
+    for (const auto& [key, value] : p.items()) {
+      FT_CHECK(key == "full_attention" || key == "sliding_attention", "[config] ", source,
+               ": gemma3_text's rope_parameters has one entry per layer type (full_attention, sliding_attention), not '",
+               key, "'");
+    }
+    const json none = json::object();
+    auto entry = [&](const char* key) { return p.contains(key) && !p.at(key).is_null() ? p.at(key) : none; };
+    c.rope = parse_rope(entry("full_attention"), theta, c.max_position_embeddings,
+                        source + ": rope_parameters.full_attention");
+    c.sliding_rope = parse_rope(entry("sliding_attention"), local_theta, c.max_position_embeddings,
+                                source + ": rope_parameters.sliding_attention");
+  } else {
+    c.rope = r.has("rope_scaling") ? parse_rope(j.at("rope_scaling"), theta, c.max_position_embeddings,
+                                                source + ": rope_scaling")
+                                   : RopeConfig{.theta = theta};
+    c.sliding_rope = RopeConfig{.theta = local_theta};
+  }
+}
+
 // The sizes of a model, each in (0, 2^31) (a tensor dimension that LibTorch's kernels index with
 // 32-bit integers; a negative or huge value would otherwise fail far from the config, as a
 // std::vector length error or an allocation that aborts the process).
@@ -146,34 +241,52 @@ double parameter_estimate(const ModelConfig& c) {
          static_cast<double>(c.num_hidden_layers) * layer + h;
 }
 
+// `which` names the rotary embedding in messages ("" for the model's, or the sliding-window layers').
+void check_rope(const RopeConfig& r, const std::string& source, const std::string& which) {
+  FT_CHECK(std::isfinite(r.theta) && r.theta > 0, "[config] ", source, ": ", which,
+           "'rope_theta' must be a finite number > 0, got ", r.theta);
+  if (r.type != RopeType::Default) {
+    FT_CHECK(std::isfinite(r.factor) && r.factor > 0, "[config] ", source, ": ", which,
+             "the rope scaling 'factor' must be a finite number > 0, got ", r.factor);
+  }
+  if (r.type == RopeType::Llama3) {
+    FT_CHECK(std::isfinite(r.low_freq_factor) && r.low_freq_factor > 0 && std::isfinite(r.high_freq_factor),
+             "[config] ", source, ": ", which,
+             "the rope scaling 'low_freq_factor' and 'high_freq_factor' must be finite and > 0, got ",
+             r.low_freq_factor, " and ", r.high_freq_factor);
+    FT_CHECK(r.original_max_position_embeddings > 0, "[config] ", source, ": ", which,
+             "the rope scaling 'original_max_position_embeddings' must be > 0, got ",
+             r.original_max_position_embeddings);
+  }
+}
+
 }  // namespace
 
+double ModelConfig::attention_scale() const {
+  return 1.0 / std::sqrt(query_pre_attn_scalar > 0 ? query_pre_attn_scalar : static_cast<double>(head_dim));
+}
+
 void ModelConfig::validate(const std::string& source) const {
-  FT_CHECK(model_type == "llama" || model_type == "mistral" || model_type == "qwen2" || model_type == "qwen3",
-           "[config] ", source, ": model_type '", model_type, "' is not supported (supported: llama, mistral, qwen2, qwen3)");
-  // Qwen3's one attention_bias covers the four projections.
-  FT_CHECK(model_type != "qwen3" || qkv_bias == o_bias, "[config] ", source,
-           ": qwen3 has biases on all four attention projections or on none");
+  check_model_type(model_type, source);
+  // Qwen3's and Gemma 3's one attention_bias covers the four projections.
+  FT_CHECK((model_type != "qwen3" && !gemma()) || qkv_bias == o_bias, "[config] ", source, ": ", model_type,
+           " has biases on all four attention projections or on none");
+  FT_CHECK(!gemma() || !mlp_bias, "[config] ", source, ": gemma3_text has no MLP biases");
+  FT_CHECK(hidden_act == Activation::Silu || gemma(), "[config] ", source, ": ", model_type,
+           " uses the silu activation");
+  FT_CHECK(std::isfinite(query_pre_attn_scalar) && query_pre_attn_scalar >= 0, "[config] ", source,
+           ": 'query_pre_attn_scalar' must be a finite number > 0, got ", query_pre_attn_scalar);
+  FT_CHECK(std::isfinite(final_logit_softcapping) && final_logit_softcapping >= 0, "[config] ", source,
+           ": 'final_logit_softcapping' must be a finite number > 0, got ", final_logit_softcapping);
+  FT_CHECK(!sliding_rope || gemma(), "[config] ", source, ": only gemma3_text has a rotary embedding of its own for its sliding-window layers");
   check_sizes(*this, source);
   FT_CHECK(num_attention_heads % num_key_value_heads == 0, "[config] ", source, ": num_attention_heads (",
            num_attention_heads, ") must be a multiple of num_key_value_heads (", num_key_value_heads, ")");
   FT_CHECK(head_dim % 2 == 0, "[config] ", source, ": head_dim must be even for rotary embeddings, got ", head_dim);
   FT_CHECK(std::isfinite(rms_norm_eps) && rms_norm_eps > 0, "[config] ", source,
            ": 'rms_norm_eps' must be a finite number > 0, got ", rms_norm_eps);
-  FT_CHECK(std::isfinite(rope.theta) && rope.theta > 0, "[config] ", source,
-           ": 'rope_theta' must be a finite number > 0, got ", rope.theta);
-  if (rope.type != RopeType::Default) {
-    FT_CHECK(std::isfinite(rope.factor) && rope.factor > 0, "[config] ", source,
-             ": the rope scaling 'factor' must be a finite number > 0, got ", rope.factor);
-  }
-  if (rope.type == RopeType::Llama3) {
-    FT_CHECK(std::isfinite(rope.low_freq_factor) && rope.low_freq_factor > 0 && std::isfinite(rope.high_freq_factor),
-             "[config] ", source, ": the rope scaling 'low_freq_factor' and 'high_freq_factor' must be finite and > 0, got ",
-             rope.low_freq_factor, " and ", rope.high_freq_factor);
-    FT_CHECK(rope.original_max_position_embeddings > 0, "[config] ", source,
-             ": the rope scaling 'original_max_position_embeddings' must be > 0, got ",
-             rope.original_max_position_embeddings);
-  }
+  check_rope(rope, source, "");
+  if (sliding_rope) check_rope(*sliding_rope, source, "the sliding-window layers' ");
   const double params = parameter_estimate(*this);
   FT_CHECK(params <= 0x1p40, "[config] ", source, ": the sizes make a model of about ", params,
            " parameters, more than libft builds (2^40, about 1.1e12): check vocab_size (", vocab_size,
@@ -189,9 +302,8 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   Reader r{j, source, {}};
   ModelConfig c;
   c.model_type = r.string_or("model_type", "");
-  FT_CHECK(c.model_type == "llama" || c.model_type == "mistral" || c.model_type == "qwen2" || c.model_type == "qwen3",
-           "[config] ", source, ": model_type '", c.model_type,
-           "' is not supported (supported: llama, mistral, qwen2, qwen3)");
+  check_model_type(c.model_type, source);
+  const bool gemma = c.gemma();
   if (r.has("architectures")) {
     const json& arch = j.at("architectures");
     FT_CHECK(arch.is_array(), "[config] ", source, ": 'architectures' must be a list");
@@ -200,8 +312,16 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
                ": architecture ", a.dump(), " is not supported (only *ForCausalLM)");
     }
   }
-  std::string act = r.string_or("hidden_act", "silu");
-  FT_CHECK(act == "silu", "[config] ", source, ": hidden_act '", act, "' is not supported (only silu)");
+  if (gemma) {
+    // Gemma3TextConfig's key and default; its exact-tanh "gelu_python_tanh" rounds differently.
+    std::string act = r.string_or("hidden_activation", "gelu_pytorch_tanh");
+    FT_CHECK(act == "gelu_pytorch_tanh", "[config] ", source, ": hidden_activation '", act,
+             "' is not supported for gemma3_text (only gelu_pytorch_tanh)");
+    c.hidden_act = Activation::GeluTanh;
+  } else {
+    std::string act = r.string_or("hidden_act", "silu");
+    FT_CHECK(act == "silu", "[config] ", source, ": hidden_act '", act, "' is not supported (only silu)");
+  }
   c.vocab_size = r.integer("vocab_size");
   c.hidden_size = r.integer("hidden_size");
   c.intermediate_size = r.integer("intermediate_size");
@@ -209,12 +329,13 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   c.num_attention_heads = r.integer("num_attention_heads");
   c.num_key_value_heads = r.integer_or("num_key_value_heads", c.num_attention_heads);
   FT_CHECK(c.num_attention_heads > 0, "[config] ", source, ": 'num_attention_heads' must be > 0, got ", c.num_attention_heads);
-  c.head_dim = r.integer_or("head_dim", c.hidden_size / c.num_attention_heads);
-  c.max_position_embeddings = r.integer_or("max_position_embeddings", 2048);
+  // Gemma3TextConfig's defaults differ from Llama's: head_dim 256, 131072 positions, a tied head.
+  c.head_dim = r.integer_or("head_dim", gemma ? 256 : c.hidden_size / c.num_attention_heads);
+  c.max_position_embeddings = r.integer_or("max_position_embeddings", gemma ? 131072 : 2048);
   check_sizes(c, source);  // before any of them sizes a vector below (layer_window)
   c.rms_norm_eps = r.number_or("rms_norm_eps", 1e-6);
   c.initializer_range = r.number_or("initializer_range", 0.02);
-  c.tie_word_embeddings = r.boolean_or("tie_word_embeddings", false);
+  c.tie_word_embeddings = r.boolean_or("tie_word_embeddings", gemma);
   c.mlp_bias = r.boolean_or("mlp_bias", false);
   bool attention_bias = r.boolean_or("attention_bias", false);
   if (c.model_type == "qwen2") {
@@ -228,6 +349,11 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   c.bos_token_id = r.optional_integer("bos_token_id");
   c.pad_token_id = r.optional_integer("pad_token_id");
   r.used.insert("eos_token_id");
+  if (gemma) {  // Gemma3TextConfig's defaults where the key is absent (a null stays null)
+    if (!j.contains("bos_token_id")) c.bos_token_id = 2;
+    if (!j.contains("pad_token_id")) c.pad_token_id = 0;
+    if (!j.contains("eos_token_id")) c.eos_token_ids = {1};
+  }
   if (r.has("eos_token_id")) {
     const json& e = j.at("eos_token_id");
     if (e.is_number_integer()) {
@@ -242,41 +368,36 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   }
   c.torch_dtype = r.string_or("torch_dtype", r.string_or("dtype", "float32"));
 
-  // RoPE: transformers 5 writes "rope_parameters" (with rope_theta inside); 4.x and most Hub
-  // checkpoints write "rope_theta" and "rope_scaling".
-  double theta = r.number_or("rope_theta", 10000.0);
-  r.used.insert("rope_scaling");
-  r.used.insert("rope_parameters");
-  if (r.has("rope_parameters")) {
-    FT_CHECK(!r.has("rope_scaling"), "[config] ", source, ": both rope_parameters and rope_scaling given");
-    c.rope = parse_rope(j.at("rope_parameters"), theta, c.max_position_embeddings, source + ": rope_parameters");
-  } else if (r.has("rope_scaling")) {
-    c.rope = parse_rope(j.at("rope_scaling"), theta, c.max_position_embeddings, source + ": rope_scaling");
+  if (gemma) {
+    parse_gemma3(r, c);
   } else {
-    c.rope.theta = theta;
+    // RoPE: transformers 5 writes "rope_parameters" (with rope_theta inside); 4.x and most Hub
+    // checkpoints write "rope_theta" and "rope_scaling".
+    double theta = r.number_or("rope_theta", 10000.0);
+    r.used.insert("rope_scaling");
+    r.used.insert("rope_parameters");
+    if (r.has("rope_parameters")) {
+      FT_CHECK(!r.has("rope_scaling"), "[config] ", source, ": both rope_parameters and rope_scaling given");
+      c.rope = parse_rope(j.at("rope_parameters"), theta, c.max_position_embeddings, source + ": rope_parameters");
+    } else if (r.has("rope_scaling")) {
+      c.rope = parse_rope(j.at("rope_scaling"), theta, c.max_position_embeddings, source + ": rope_scaling");
+    } else {
+      c.rope.theta = theta;
+    }
   }
 
   // Attention windows. Mistral: one window for every layer. Qwen2: layer_types (or, in older
   // configs, use_sliding_window with max_window_layers).
-  c.layer_window.assign(c.num_hidden_layers, 0);
+  if (!gemma) c.layer_window.assign(c.num_hidden_layers, 0);
   auto window = r.optional_integer("sliding_window");
   r.used.insert("layer_types");
-  if (c.model_type == "mistral") {
+  if (gemma) {
+    // parse_gemma3 set the windows
+  } else if (c.model_type == "mistral") {
     if (window) c.layer_window.assign(c.num_hidden_layers, *window);
   } else if (c.model_type == "qwen2" || c.model_type == "qwen3") {
     if (r.has("layer_types")) {
-      const json& types = j.at("layer_types");
-      FT_CHECK(types.is_array() && static_cast<int64_t>(types.size()) == c.num_hidden_layers, "[config] ", source,
-               ": layer_types must list one type per layer");
-      for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-        std::string t = types[i].is_string() ? types[i].get<std::string>() : "";
-        FT_CHECK(t == "full_attention" || t == "sliding_attention", "[config] ", source, ": layer_types[", i,
-                 "] = ", types[i].dump(), " is not supported");
-        if (t == "sliding_attention") {
-          FT_CHECK(window.has_value(), "[config] ", source, ": sliding_attention layers need sliding_window");
-          c.layer_window[i] = *window;
-        }
-      }
+      read_layer_types(r, c, window);
     } else if (r.boolean_or("use_sliding_window", false)) {
       FT_CHECK(window.has_value(), "[config] ", source, ": use_sliding_window needs sliding_window");
       int64_t first = r.integer_or("max_window_layers", 0);
@@ -298,11 +419,29 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
 
 ModelConfig load_model_config(const std::string& path) { return parse_model_config(read_text_file(path), path); }
 
+namespace {
+// rope_scaling / rope_parameters for `r` (without rope_theta).
+json rope_json(const RopeConfig& r) {
+  switch (r.type) {
+    case RopeType::Default: return {{"rope_type", "default"}};
+    case RopeType::Linear: return {{"rope_type", "linear"}, {"factor", r.factor}};
+    case RopeType::Llama3:
+      return {{"rope_type", "llama3"},
+              {"factor", r.factor},
+              {"low_freq_factor", r.low_freq_factor},
+              {"high_freq_factor", r.high_freq_factor},
+              {"original_max_position_embeddings", r.original_max_position_embeddings}};
+  }
+  FT_FAIL("[config] unknown rope type");
+}
+}  // namespace
+
 std::string model_config_to_json(const ModelConfig& c) {
   json j;
   const std::string arch = c.model_type == "llama"     ? "LlamaForCausalLM"
                            : c.model_type == "mistral" ? "MistralForCausalLM"
                            : c.model_type == "qwen2"   ? "Qwen2ForCausalLM"
+                           : c.gemma()                 ? "Gemma3ForCausalLM"
                                                        : "Qwen3ForCausalLM";
   j["architectures"] = json::array({arch});
   j["model_type"] = c.model_type;
@@ -315,30 +454,39 @@ std::string model_config_to_json(const ModelConfig& c) {
   j["head_dim"] = c.head_dim;
   j["max_position_embeddings"] = c.max_position_embeddings;
   j["rms_norm_eps"] = c.rms_norm_eps;
-  j["hidden_act"] = "silu";
+  if (c.gemma()) {
+    j["hidden_activation"] = "gelu_pytorch_tanh";
+  } else {
+    j["hidden_act"] = "silu";
+  }
   j["initializer_range"] = c.initializer_range;
   j["tie_word_embeddings"] = c.tie_word_embeddings;
   if (c.model_type != "qwen2") j["attention_bias"] = c.qkv_bias;
   if (c.model_type == "llama") j["mlp_bias"] = c.mlp_bias;
-  j["rope_theta"] = c.rope.theta;
-  if (c.rope.type == RopeType::Default) {
-    j["rope_scaling"] = nullptr;
-  } else if (c.rope.type == RopeType::Linear) {
-    j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", c.rope.factor}};
+  if (c.gemma()) {
+    // transformers 5's layout: one rotary embedding per layer type, each with its theta.
+    json full = rope_json(c.rope), sliding = rope_json(c.sliding_rope.value_or(RopeConfig{.theta = 1e4}));
+    full["rope_theta"] = c.rope.theta;
+    sliding["rope_theta"] = c.sliding_rope.value_or(RopeConfig{.theta = 1e4}).theta;
+    j["rope_parameters"] = {{"full_attention", full}, {"sliding_attention", sliding}};
+    // Gemma3TextConfig types it as an int (and checks): written so where it is whole.
+    const double scalar = c.query_pre_attn_scalar;
+    j["query_pre_attn_scalar"] = scalar == std::floor(scalar) && scalar < 0x1p53 ? json(static_cast<int64_t>(scalar)) : json(scalar);
+    j["final_logit_softcapping"] = c.final_logit_softcapping > 0 ? json(c.final_logit_softcapping) : json(nullptr);
+    j["attn_logit_softcapping"] = nullptr;
+    j["use_bidirectional_attention"] = false;
   } else {
-    j["rope_scaling"] = {{"rope_type", "llama3"},
-                         {"factor", c.rope.factor},
-                         {"low_freq_factor", c.rope.low_freq_factor},
-                         {"high_freq_factor", c.rope.high_freq_factor},
-                         {"original_max_position_embeddings", c.rope.original_max_position_embeddings}};
+    j["rope_theta"] = c.rope.theta;
+    j["rope_scaling"] = c.rope.type == RopeType::Default ? json(nullptr) : rope_json(c.rope);
   }
   int64_t window = 0;
   for (auto w : c.layer_window) window = std::max(window, w);
   if (c.model_type == "mistral") {
     j["sliding_window"] = window > 0 ? json(window) : json(nullptr);
-  } else if (c.model_type == "qwen2" || c.model_type == "qwen3") {
-    j["sliding_window"] = window > 0 ? json(window) : json(nullptr);
-    j["use_sliding_window"] = window > 0;
+  } else if (c.model_type == "qwen2" || c.model_type == "qwen3" || c.gemma()) {
+    // (Gemma3TextConfig builds both masks whatever the layers are: a window is always written.)
+    j["sliding_window"] = window > 0 ? json(window) : c.gemma() ? json(4096) : json(nullptr);
+    if (!c.gemma()) j["use_sliding_window"] = window > 0;
     json types = json::array();
     for (auto w : c.layer_window) types.push_back(w > 0 ? "sliding_attention" : "full_attention");
     j["layer_types"] = types;

@@ -73,11 +73,17 @@ struct SwigluCuda : public torch::autograd::Function<SwigluCuda> {
 // mul's two gradients, silu_backward), so the results are the same bit for bit. With `kernel` (the
 // fused CUDA SwiGLU, which reads the halves in place and writes the gradient's halves) where it takes
 // the operands, they are the kernel's on separate gate and up.
+// With `gelu` (Gemma's GeGLU): gelu_tanh(gate) ⊙ up, likewise with gelu's operations, and no kernel.
 struct SwigluPacked : public torch::autograd::Function<SwigluPacked> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& gate_up, bool kernel) {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& gate_up, bool kernel, bool gelu) {
     const int64_t half = gate_up.size(-1) / 2;
     const at::Tensor gate = gate_up.narrow(-1, 0, half), up = gate_up.narrow(-1, half, half);
     ctx->save_for_backward({gate_up});
+    ctx->saved_data["gelu"] = gelu;
+    if (gelu) {
+      ctx->saved_data["kernel"] = false;
+      return at::gelu(gate, "tanh") * up;
+    }
 #ifdef LIBFT_WITH_CUDA_KERNELS
     kernel = kernel && kernels::swiglu_fits(gate, up);
     ctx->saved_data["kernel"] = kernel;
@@ -97,14 +103,19 @@ struct SwigluPacked : public torch::autograd::Function<SwigluPacked> {
     if (ctx->saved_data["kernel"].toBool()) {
       at::Tensor d = at::empty(gate_up.sizes(), gate_up.options().memory_format(at::MemoryFormat::Contiguous));
       kernels::swiglu_backward_out(dh, gate, up, d.narrow(-1, 0, half), d.narrow(-1, half, half));
-      return {d, at::Tensor()};
+      return {d, at::Tensor(), at::Tensor()};
     }
 #endif
     at::Tensor d = at::empty(gate_up.sizes(), gate_up.options().dtype(at::result_type(dh, gate_up)));
     at::Tensor d_gate = d.narrow(-1, 0, half), d_up = d.narrow(-1, half, half);
-    at::mul_out(d_up, dh, at::silu(gate));
-    at::silu_backward_out(d_gate, dh * up, gate);
-    return {d, at::Tensor()};
+    if (ctx->saved_data["gelu"].toBool()) {
+      at::mul_out(d_up, dh, at::gelu(gate, "tanh"));
+      at::gelu_backward_out(d_gate, dh * up, gate, "tanh");
+    } else {
+      at::mul_out(d_up, dh, at::silu(gate));
+      at::silu_backward_out(d_gate, dh * up, gate);
+    }
+    return {d, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -287,11 +298,24 @@ at::Tensor checkpointed(const BlockFn& fn, const at::Tensor& x, const std::vecto
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
-RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
-  weight = register_parameter("weight", at::ones({dim}));
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, bool unit_offset_) : eps(eps_), unit_offset(unit_offset_) {
+  weight = register_parameter("weight", unit_offset ? at::zeros({dim}) : at::ones({dim}));
 }
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
+  if (unit_offset) {
+    // Gemma: x̂ · (1 + w). Where x and w are float32 (or float64) the product is the same whether
+    // the cast comes before or after it, so the fused forms take (1 + w) as their weight; in a
+    // lower precision only the reference rounds where Gemma does.
+    const bool wide = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
+                      x.scalar_type() == weight.scalar_type();
+    if (wide && x.is_cuda()) {
+      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+      return at::rms_norm(x, {x.size(-1)}, weight + 1.0, eps);
+    }
+    if (wide && rms_norm_fusable(x, weight)) return fused_rms_norm(x, weight + 1.0, eps);
+    return reference(x);
+  }
 #ifdef LIBFT_WITH_CUDA_KERNELS
   // libft's kernel has no backward: it serves inference (generation, evaluation), in eval mode only:
   // activation checkpointing's first pass of a training step also runs without gradients, and its
@@ -316,30 +340,33 @@ at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
 
 at::Tensor RMSNormImpl::reference(const at::Tensor& x) {
   // float32 statistics as HF computes them; float64 models (reference tests) stay in float64.
-  at::Tensor h = x.to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const at::ScalarType wide = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor h = x.to(wide);
   at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
   h = h * at::rsqrt(variance + eps);
+  if (unit_offset) return (h * (weight.to(wide) + 1.0)).to(x.scalar_type());
   return weight * h.to(x.scalar_type());
 }
 
 // ------------------------------------------------------------------------------------------------
-at::Tensor rope_inv_freq(const ModelConfig& c) {
-  const int64_t dim = c.head_dim;
+at::Tensor rope_inv_freq(const ModelConfig& c) { return rope_inv_freq(c.rope, c.head_dim); }
+
+at::Tensor rope_inv_freq(const io::RopeConfig& rope, int64_t dim) {
   at::Tensor exponents = at::arange(0, dim, 2, at::kLong).to(at::kFloat) / static_cast<double>(dim);
-  at::Tensor inv_freq = 1.0 / at::pow(c.rope.theta, exponents);
-  switch (c.rope.type) {
+  at::Tensor inv_freq = 1.0 / at::pow(rope.theta, exponents);
+  switch (rope.type) {
     case io::RopeType::Default: return inv_freq;
-    case io::RopeType::Linear: return inv_freq / c.rope.factor;
+    case io::RopeType::Linear: return inv_freq / rope.factor;
     case io::RopeType::Llama3: {
       // Llama 3.1: keep high frequencies, divide low ones by `factor`, blend smoothly in between.
-      const double old_len = static_cast<double>(c.rope.original_max_position_embeddings);
-      const double low_wavelen = old_len / c.rope.low_freq_factor;
-      const double high_wavelen = old_len / c.rope.high_freq_factor;
+      const double old_len = static_cast<double>(rope.original_max_position_embeddings);
+      const double low_wavelen = old_len / rope.low_freq_factor;
+      const double high_wavelen = old_len / rope.high_freq_factor;
       at::Tensor wavelen = 2 * std::numbers::pi / inv_freq;
-      at::Tensor scaled = at::where(wavelen > low_wavelen, inv_freq / c.rope.factor, inv_freq);
-      at::Tensor smooth = (old_len / wavelen - c.rope.low_freq_factor) /
-                          (c.rope.high_freq_factor - c.rope.low_freq_factor);
-      at::Tensor smoothed = (1 - smooth) * scaled / c.rope.factor + smooth * scaled;
+      at::Tensor scaled = at::where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq);
+      at::Tensor smooth = (old_len / wavelen - rope.low_freq_factor) /
+                          (rope.high_freq_factor - rope.low_freq_factor);
+      at::Tensor smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled;
       at::Tensor medium = (wavelen >= high_wavelen).logical_and(wavelen <= low_wavelen);
       return at::where(medium, smoothed, scaled);
     }
@@ -349,14 +376,19 @@ at::Tensor rope_inv_freq(const ModelConfig& c) {
 
 // ------------------------------------------------------------------------------------------------
 AttentionImpl::AttentionImpl(const ModelConfig& c, int64_t window_)
-    : heads(c.num_attention_heads), kv_heads(c.num_key_value_heads), head_dim(c.head_dim), window(window_) {
+    : heads(c.num_attention_heads),
+      kv_heads(c.num_key_value_heads),
+      head_dim(c.head_dim),
+      window(window_),
+      scale(c.attention_scale()),
+      default_scale(c.query_pre_attn_scalar <= 0 || c.query_pre_attn_scalar == static_cast<double>(c.head_dim)) {
   q_proj = register_module("q_proj", linear(c.hidden_size, heads * head_dim, c.qkv_bias));
   k_proj = register_module("k_proj", linear(c.hidden_size, kv_heads * head_dim, c.qkv_bias));
   v_proj = register_module("v_proj", linear(c.hidden_size, kv_heads * head_dim, c.qkv_bias));
   o_proj = register_module("o_proj", linear(heads * head_dim, c.hidden_size, c.o_bias));
   if (c.qk_norm()) {
-    q_norm = register_module("q_norm", RMSNorm(head_dim, c.rms_norm_eps));
-    k_norm = register_module("k_norm", RMSNorm(head_dim, c.rms_norm_eps));
+    q_norm = register_module("q_norm", RMSNorm(head_dim, c.rms_norm_eps, c.norm_unit_offset()));
+    k_norm = register_module("k_norm", RMSNorm(head_dim, c.rms_norm_eps, c.norm_unit_offset()));
   }
 }
 
@@ -375,10 +407,11 @@ bool fused_rope_fits(const AttentionInputs& in, const at::Tensor& q, const at::T
 }
 }  // namespace
 
-at::Tensor swiglu_packed(const at::Tensor& gate_up, bool fused_kernel) {
+at::Tensor swiglu_packed(const at::Tensor& gate_up, bool fused_kernel, io::Activation act) {
   FT_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, "[model] swiglu_packed: needs [gate | up] (…, 2·I), got ",
            gate_up.sizes());
-  return SwigluPacked::apply(gate_up, fused_kernel && gate_up.is_cuda());
+  const bool gelu = act == io::Activation::GeluTanh;
+  return SwigluPacked::apply(gate_up, fused_kernel && !gelu && gate_up.is_cuda(), gelu);
 }
 
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k,
@@ -399,12 +432,14 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
   q = q.transpose(1, 2);  // (B, H, T, D)
   k = k.transpose(1, 2);  // (B, G, T, D)
   at::Tensor v = qkv[2].view({B, T, kv_heads, head_dim}).transpose(1, 2);  // (B, G, T, D)
-  at::Tensor cos = in.cos.unsqueeze(1), sin = in.sin.unsqueeze(1);            // (B, 1, T, D)
+  // (B, 1, T, D); Gemma 3's sliding-window layers have tables of their own
+  const bool own_tables = window > 0 && in.sliding_cos.defined();
+  at::Tensor cos = (own_tables ? in.sliding_cos : in.cos).unsqueeze(1);
+  at::Tensor sin = (own_tables ? in.sliding_sin : in.sin).unsqueeze(1);
   // Short packed sequences on the CPU: the grouped GEMM path below, which wants q and k contiguous
   // as (B, H, T, D), and the fused rotary embedding writes them so.
   const at::Tensor& mask = in.masks.at(window);
   const bool grouped = cache_k == nullptr && !prefix_k.defined() && grouped_attention_fits(q, k, v, mask);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
   bool q_scaled = false;
   if (rope_fusable(q, cos, sin) && rope_fusable(k, cos, sin)) {
     q_scaled = grouped;  // the grouped path takes its 1/√D here, in the queries' rotation
@@ -457,7 +492,8 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
   } else {
     std::optional<at::Tensor> attn_mask;
     if (mask.defined()) attn_mask = mask;
-    out = at::scaled_dot_product_attention(q, k, v, attn_mask, 0.0, !mask.defined() && in.causal, std::nullopt,
+    out = at::scaled_dot_product_attention(q, k, v, attn_mask, 0.0, !mask.defined() && in.causal,
+                                           default_scale ? std::nullopt : std::optional<double>(scale),
                                            /*enable_gqa=*/kv_heads != heads);
   }
   out = out.transpose(1, 2).reshape({B, T, heads * head_dim});
@@ -465,7 +501,7 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
 }
 
 // ------------------------------------------------------------------------------------------------
-MLPImpl::MLPImpl(const ModelConfig& c) {
+MLPImpl::MLPImpl(const ModelConfig& c) : act(c.hidden_act) {
   gate_proj = register_module("gate_proj", linear(c.hidden_size, c.intermediate_size, c.mlp_bias));
   up_proj = register_module("up_proj", linear(c.hidden_size, c.intermediate_size, c.mlp_bias));
   down_proj = register_module("down_proj", linear(c.intermediate_size, c.hidden_size, c.mlp_bias));
@@ -475,8 +511,12 @@ at::Tensor MLPImpl::forward(const at::Tensor& x) {
   // One node for both (LoRA's grouped projections: [gate | up] as one output, whose halves the CUDA
   // SwiGLU kernel reads in place), or each its own.
   const std::vector<at::Tensor> gate_up = forward_group({gate_proj.get(), up_proj.get()}, x, /*split=*/false);
-  if (!gate_up.empty()) return down_proj(swiglu_packed(gate_up[0], fused_swiglu));
+  if (!gate_up.empty()) return down_proj(swiglu_packed(gate_up[0], fused_swiglu, act));
   const auto xs = projection_inputs(x, {gate_proj.get(), up_proj.get()}, shared_input_cast);
+  if (act == io::Activation::GeluTanh) {
+    const at::Tensor gate = gate_proj(xs[0]);
+    return down_proj(at::gelu(gate, "tanh") * up_proj(xs[1]));
+  }
 #ifdef LIBFT_WITH_CUDA_KERNELS
   if (fused_swiglu && x.is_cuda()) {
     const at::Tensor gate = gate_proj(xs[0]), up = up_proj(xs[1]);
@@ -493,12 +533,24 @@ at::Tensor MLPImpl::forward(const at::Tensor& x) {
 DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer) {
   self_attn = register_module("self_attn", Attention(c, c.layer_window.at(layer)));
   mlp = register_module("mlp", MLP(c));
-  input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
-  post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+  const bool offset = c.norm_unit_offset();
+  input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, offset));
+  post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, offset));
+  if (c.sandwich_norms()) {
+    pre_feedforward_layernorm =
+        register_module("pre_feedforward_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, offset));
+    post_feedforward_layernorm =
+        register_module("post_feedforward_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, offset));
+  }
 }
 
 at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k,
                                      at::Tensor* cache_v, const at::Tensor& prefix_k, const at::Tensor& prefix_v) {
+  if (pre_feedforward_layernorm) {  // Gemma 3: norms around both sublayers' outputs too
+    at::Tensor h =
+        x + post_attention_layernorm(self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v));
+    return h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)));
+  }
   at::Tensor h = x + self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v);
   return h + mlp(post_attention_layernorm(h));
 }
@@ -508,7 +560,7 @@ DecoderImpl::DecoderImpl(const ModelConfig& c) {
   embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
   layers = register_module("layers", torch::nn::ModuleList());
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(DecoderLayer(c, i));
-  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_unit_offset()));
 }
 
 namespace {
@@ -543,6 +595,7 @@ CausalLMImpl::CausalLMImpl(ModelConfig config) : config_(std::move(config)) {
     lm_head = register_module("lm_head", linear(config_.hidden_size, config_.vocab_size, false));
   }
   inv_freq_ = rope_inv_freq(config_);
+  if (config_.sliding_rope) sliding_inv_freq_ = rope_inv_freq(*config_.sliding_rope, config_.head_dim);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -636,7 +689,7 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
   const int64_t past_tokens = past - P;              // of which are tokens (not a prefix)
   const int64_t S = past + T;
   const auto device = input_ids.device();
-  at::Tensor x = model->embed_tokens(input_ids);
+  at::Tensor x = embed(input_ids);
 
   at::Tensor positions = opt.position_ids;
   if (!positions.defined()) {
@@ -646,13 +699,19 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
   }
   FT_CHECK(positions.sizes() == input_ids.sizes(), "[model] position_ids ", positions.sizes(),
            " must match input_ids ", input_ids.sizes());
-  // Rotary tables in float32, then in the activations' dtype, as HF does.
-  at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq_on(device);  // (B, T, D/2)
-  at::Tensor emb = at::cat({freqs, freqs}, -1);
   AttentionInputs in;
   in.fused_rope = fused_rope_;
-  in.cos = emb.cos().to(x.scalar_type());
-  in.sin = emb.sin().to(x.scalar_type());
+  std::tie(in.cos, in.sin) = rope_tables(positions, inv_freq_on(device), x.scalar_type());
+  if (sliding_inv_freq_.defined()) {
+    if (device.is_cpu()) {
+      std::tie(in.sliding_cos, in.sliding_sin) = rope_tables(positions, sliding_inv_freq_, x.scalar_type());
+    } else {
+      if (!sliding_inv_freq_device_.defined() || sliding_inv_freq_device_.device() != device) {
+        sliding_inv_freq_device_ = sliding_inv_freq_.to(device);
+      }
+      std::tie(in.sliding_cos, in.sliding_sin) = rope_tables(positions, sliding_inv_freq_device_, x.scalar_type());
+    }
+  }
   in.past = past;
 
   FT_CHECK(!opt.segment_ids.defined() || opt.segment_ids.sizes() == input_ids.sizes(), "[model] segment_ids ",
@@ -749,6 +808,22 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
   return model->norm(x);
 }
 
+std::pair<at::Tensor, at::Tensor> CausalLMImpl::rope_tables(const at::Tensor& positions, const at::Tensor& inv_freq,
+                                                             at::ScalarType dtype) {
+  // Rotary tables in float32, then in the activations' dtype, as HF does.
+  at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq;  // (B, T, D/2)
+  at::Tensor emb = at::cat({freqs, freqs}, -1);
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+at::Tensor CausalLMImpl::embed(const at::Tensor& input_ids) {
+  at::Tensor x = model->embed_tokens(input_ids);
+  if (!config_.scaled_embeddings()) return x;
+  // Gemma: × √E as a float32 rounded to the weights' dtype (HF's embed_scale buffer .to(dtype)).
+  const auto scale = static_cast<float>(std::sqrt(static_cast<double>(config_.hidden_size)));
+  return x * at::scalar_tensor(scale, at::kFloat).to(model->embed_tokens->weight.scalar_type());
+}
+
 const at::Tensor& CausalLMImpl::inv_freq_on(const c10::Device& device) {
   if (device.is_cpu()) return inv_freq_;
   if (!inv_freq_device_.defined() || inv_freq_device_.device() != device) inv_freq_device_ = inv_freq_.to(device);
@@ -756,7 +831,12 @@ const at::Tensor& CausalLMImpl::inv_freq_on(const c10::Device& device) {
 }
 
 at::Tensor CausalLMImpl::logits(const at::Tensor& hidden) {
-  return lm_head ? lm_head(hidden) : model::linear(hidden, model->embed_tokens->weight);
+  at::Tensor out = lm_head ? lm_head(hidden) : model::linear(hidden, model->embed_tokens->weight);
+  if (config_.final_logit_softcapping > 0) {  // Gemma 3's option, in HF's order of operations
+    const double cap = config_.final_logit_softcapping;
+    out = at::tanh(out / cap) * cap;
+  }
+  return out;
 }
 
 at::Tensor CausalLMImpl::forward(const at::Tensor& input_ids, const ForwardOptions& options) {
@@ -772,7 +852,7 @@ void init_weights(CausalLM& m, uint64_t seed) {
     at::Tensor p = item.value();
     const std::string& name = item.key();
     at::Tensor fresh = at::empty(p.sizes(), at::kFloat);
-    if (name.ends_with("norm.weight")) fresh.fill_(1.0);
+    if (name.ends_with("norm.weight")) fresh.fill_(m->config().norm_unit_offset() ? 0.0 : 1.0);
     else if (name.ends_with(".bias")) fresh.zero_();
     else fresh.normal_(0.0, std, gen);
     p.copy_(fresh);

@@ -1,5 +1,6 @@
 #pragma once
-// Llama-family decoder (Llama 2/3, Mistral, Qwen2, TinyLlama, SmolLM) in LibTorch.
+// Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, TinyLlama, SmolLM; Gemma 3's text models)
+// in LibTorch.
 //
 // Module and parameter names are Hugging Face's ("model.layers.0.self_attn.q_proj.weight"), and so
 // is the q/k layout that HF's rotate-half rotary embedding expects, so checkpoints and PEFT
@@ -23,10 +24,12 @@ namespace ft::model {
 
 using io::ModelConfig;
 
-/// Root-mean-square layer norm, computed in float32 and cast back (as HF does).
+/// Root-mean-square layer norm, computed in float32 and cast back (as HF does). With `unit_offset`
+/// (Gemma, ModelConfig::norm_unit_offset) the weight is an offset from one: x̂ · (1 + w), the
+/// product taken in float32 before the cast.
 class RMSNormImpl : public torch::nn::Module {
  public:
-  RMSNormImpl(int64_t dim, double eps);
+  RMSNormImpl(int64_t dim, double eps, bool unit_offset = false);
   /// The fused CPU form (ft/model/cpu_ops.h) for float32/float64 CPU inputs; the fused CUDA kernel
   /// for CUDA inputs when gradients are off; else reference().
   at::Tensor forward(const at::Tensor& x);
@@ -34,6 +37,7 @@ class RMSNormImpl : public torch::nn::Module {
   at::Tensor reference(const at::Tensor& x);
   at::Tensor weight;
   double eps;
+  bool unit_offset = false;
 };
 TORCH_MODULE(RMSNorm);
 
@@ -49,6 +53,9 @@ struct KVCache {
 /// What one forward pass attends to.
 struct AttentionInputs {
   at::Tensor cos, sin;  ///< (B, T, D) rotary tables for the new tokens' positions
+  /// The sliding-window layers' tables where they have a rotary embedding of their own
+  /// (ModelConfig::sliding_rope); undefined otherwise.
+  at::Tensor sliding_cos, sliding_sin;
   /// Boolean masks (B or 1, 1, T, S), true = may attend, by attention window (0 = full). An
   /// undefined mask means plain causal attention is exact: SDPA's is_causal when `causal`.
   std::map<int64_t, at::Tensor> masks;
@@ -78,6 +85,10 @@ class AttentionImpl : public torch::nn::Module {
   /// embedding; null for the other families.
   RMSNorm q_norm{nullptr}, k_norm{nullptr};
   int64_t heads, kv_heads, head_dim, window;
+  /// The scores' scale, ModelConfig::attention_scale; `default_scale` when it is 1/√head_dim (SDPA's
+  /// own, left to SDPA).
+  double scale;
+  bool default_scale;
   bool shared_input_cast = true;  ///< CausalLMImpl::set_shared_input_cast
 };
 TORCH_MODULE(Attention);
@@ -85,9 +96,10 @@ TORCH_MODULE(Attention);
 class MLPImpl : public torch::nn::Module {
  public:
   explicit MLPImpl(const ModelConfig& c);
-  at::Tensor forward(const at::Tensor& x);  ///< down(silu(gate(x)) * up(x))
+  at::Tensor forward(const at::Tensor& x);  ///< down(act(gate(x)) * up(x)), act silu or tanh-GELU
   Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
-  bool fused_swiglu = false;  ///< CausalLMImpl::set_fused_swiglu
+  io::Activation act = io::Activation::Silu;
+  bool fused_swiglu = false;  ///< CausalLMImpl::set_fused_swiglu (silu only)
   bool shared_input_cast = true;  ///< CausalLMImpl::set_shared_input_cast
 };
 TORCH_MODULE(MLP);
@@ -97,7 +109,10 @@ class DecoderLayerImpl : public torch::nn::Module {
   DecoderLayerImpl(const ModelConfig& c, int64_t layer);
   at::Tensor forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k, at::Tensor* cache_v,
                      const at::Tensor& prefix_k = {}, const at::Tensor& prefix_v = {});
+  /// post_attention_layernorm norms the MLP's input, or with ModelConfig::sandwich_norms (Gemma 3)
+  /// the attention's output, and pre/post_feedforward_layernorm the MLP's input and output.
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+  RMSNorm pre_feedforward_layernorm{nullptr}, post_feedforward_layernorm{nullptr};  ///< null but for Gemma 3
   Attention self_attn{nullptr};
   MLP mlp{nullptr};
 };
@@ -168,7 +183,8 @@ class CausalLMImpl : public torch::nn::Module {
   at::Tensor hidden_states(const at::Tensor& input_ids, const ForwardOptions& options = {});
   /// input_ids: (B, T) int64 → logits (B, T, V), in the model's dtype.
   at::Tensor forward(const at::Tensor& input_ids, const ForwardOptions& options = {});
-  /// hidden (…, E) → logits (…, V), through lm_head or the tied embedding.
+  /// hidden (…, E) → logits (…, V), through lm_head or the tied embedding (then soft-capped where
+  /// the config says, ModelConfig::final_logit_softcapping).
   at::Tensor logits(const at::Tensor& hidden);
 
   const ModelConfig& config() const { return config_; }
@@ -211,6 +227,9 @@ class CausalLMImpl : public torch::nn::Module {
   bool shared_input_cast() const { return shared_input_cast_; }
   /// Rotary inverse frequencies (D/2), float32, after the config's rope scaling.
   const at::Tensor& inv_freq() const { return inv_freq_; }
+  /// input_ids (B, T) → their embeddings (B, T, E), scaled where the config says
+  /// (ModelConfig::scaled_embeddings).
+  at::Tensor embed(const at::Tensor& input_ids);
   /// A tied model (tie_word_embeddings) gets an lm_head of its own, a copy of the embeddings, and
   /// its config says untied from then on (so save_pretrained writes both). The logits are the same
   /// until one of the two changes. No effect on an untied model. PEFT's modules_to_save does this
@@ -229,10 +248,15 @@ class CausalLMImpl : public torch::nn::Module {
   /// host wait for the device on CUDA (a copy from pageable memory) and could not be captured in a
   /// CUDA graph.
   const at::Tensor& inv_freq_on(const c10::Device& device);
+  /// The rotary tables (cos, sin) of `inv_freq` for `positions` (B, T), in `dtype`.
+  static std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions, const at::Tensor& inv_freq,
+                                                       at::ScalarType dtype);
 
   ModelConfig config_;
   at::Tensor inv_freq_;
   at::Tensor inv_freq_device_;  ///< the last device's copy (see inv_freq_on)
+  /// The sliding-window layers' (ModelConfig::sliding_rope), and its last device's copy.
+  at::Tensor sliding_inv_freq_, sliding_inv_freq_device_;
   bool gradient_checkpointing_ = false;
   int64_t loss_chunk_ = 0;
   bool fused_loss_ = false;
@@ -244,6 +268,8 @@ TORCH_MODULE(CausalLM);
 
 /// Rotary inverse frequencies for `config` (default, linear and llama3 scaling), float32, (D/2).
 at::Tensor rope_inv_freq(const ModelConfig& config);
+/// The same for one rotary embedding `rope` of heads of `head_dim`.
+at::Tensor rope_inv_freq(const io::RopeConfig& rope, int64_t head_dim);
 /// silu(gate) ⊙ up for gate and up side by side in one tensor, gate_up = [gate | up] (…, 2·I), as
 /// grouped projections compute them (adapt::set_lora_group_projections): the same values as
 /// at::silu(gate) * up on its halves, bit for bit, and gradients written straight into one
@@ -252,10 +278,11 @@ at::Tensor rope_inv_freq(const ModelConfig& config);
 /// `fused_kernel`: on CUDA, through the fused SwiGLU kernel (ft/kernels/swiglu.h, as
 /// CausalLMImpl::set_fused_swiglu), which reads the halves in place and writes the gradient's; its
 /// values are then the kernel's on separate gate and up. Ignored on the CPU.
-at::Tensor swiglu_packed(const at::Tensor& gate_up, bool fused_kernel = false);
+/// `act` GeluTanh: gelu_tanh(gate) ⊙ up (Gemma's GeGLU), likewise, with no kernel.
+at::Tensor swiglu_packed(const at::Tensor& gate_up, bool fused_kernel = false, io::Activation act = io::Activation::Silu);
 
 /// Initialises weights as HF does for a fresh model (normal(0, initializer_range) for linears and
-/// embeddings, ones for norms, zeros for biases), from `seed`.
+/// embeddings, ones for norms (zeros for Gemma's offsets from one), zeros for biases), from `seed`.
 void init_weights(CausalLM& model, uint64_t seed);
 
 /// Token-mean causal LM loss as HF computes it: logits[:, :-1] predict labels[:, 1:]; positions with
