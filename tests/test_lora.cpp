@@ -738,7 +738,7 @@ const char* peft_dir() {
 
 // The base an adapter of peft_interop.py adapts: "tied" has a tied head (BASES there).
 std::string base_of(const std::string& name) {
-  return name == "tied" ? "base_tied" : name == "qwen3" ? "base_qwen3" : "base";
+  return name == "tied" ? "base_tied" : name == "qwen3" ? "base_qwen3" : name == "gemma3" ? "base_gemma3" : "base";
 }
 
 }  // namespace
@@ -748,7 +748,7 @@ TEST(PeftInterop, LibftLoadsPeftAdaptersWithTheSameLogits) {
   if (!d) GTEST_SKIP() << "LIBFT_PEFT_DIR has no PEFT files (ctest's peft_make writes them)";
   auto ref = io::SafetensorsFile::open((fs::path(d) / "peft_logits.safetensors").string());
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
-  for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3"}) {
+  for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3", "gemma3"}) {
     SCOPED_TRACE(name);
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());
     m->eval();
@@ -772,7 +772,7 @@ TEST(PeftInterop, LibftSavesAdaptersForPeft) {
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
   std::vector<at::Tensor> keep{input};
   std::vector<io::TensorWrite> writes{io::tensor_write("input_ids", keep[0])};
-  for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3"}) {
+  for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3", "gemma3"}) {
     const adapt::LoraOptions o =
         adapt::read_peft_lora_config((fs::path(d) / (std::string("peft_") + name) / "adapter_config.json").string());
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());
@@ -1565,7 +1565,9 @@ TEST(LoraGroup, GroupedProjectionsComputeWhatSeparateLayersCompute) {
       {"all-linear, dropout 0.1 (a mask per adapter)", "llama", {"all-linear"}, {{"k_proj", 2}}, {}, false, 0.1},
       {"q and v, dropout 0.2", "qwen2", {"q_proj", "v_proj"}, {}, {}, false, 0.2},
       // Qwen3's q/k norms read column views of the grouped output.
-      {"all-linear, qwen3 (q and k normed per head)", "qwen3", {"all-linear"}, {{"q_proj", 2}}, {}, false}};
+      {"all-linear, qwen3 (q and k normed per head)", "qwen3", {"all-linear"}, {{"q_proj", 2}}, {}, false},
+      // Gemma 3's tanh-GELU gate through the packed [gate | up] node, with dropout.
+      {"all-linear, gemma3 (GeGLU), dropout 0.1", "gemma3_text", {"all-linear"}, {{"up_proj", 2}}, {}, false, 0.1}};
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
     io::ModelConfig mc = test::tiny_config(c.model_type);

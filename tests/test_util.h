@@ -77,6 +77,13 @@ inline io::ModelConfig tiny_config(const std::string& type = "llama") {
   c.num_key_value_heads = 2;
   c.head_dim = 8;
   c.layer_window.assign(2, 0);
+  if (c.gemma()) {  // Gemma 3's own parts: a local layer with its rotary base, a score scale of its own
+    c.hidden_act = io::Activation::GeluTanh;
+    c.query_pre_attn_scalar = 16;
+    c.sliding_rope = io::RopeConfig{.theta = 1e4};
+    c.rope.theta = 1e6;
+    c.layer_window = {4, 0};
+  }
   return c;
 }
 

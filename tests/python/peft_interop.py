@@ -16,7 +16,9 @@ that only the input side reads, and the head keeps the base's weights; "layers" 
 layer 1 only (layers_to_transform) and trains both up_proj layers in full, which keeps them out of
 the targets; "exclude" adapts all-linear but down_proj and layer 0's q_proj (exclude_modules as a
 list), "exclude_re" leaves out layer 1's attention by a regular expression (exclude_modules as a
-string); "qwen3" adapts all-linear on a Qwen3 base (DIR/base_qwen3, per-head q/k norms). Prefixes: "prefix" is a plain
+string); "qwen3" adapts all-linear on a Qwen3 base (DIR/base_qwen3, per-head q/k norms); "gemma3" adapts
+all-linear on a Gemma 3 base (DIR/base_gemma3: tanh-GELU, offset norms, a sliding-window layer that the
+11 tokens exceed) and "prefix_gemma3" is a plain prefix on it. Prefixes: "prefix" is a plain
 table of 5 virtual tokens, "prefix_proj" one made through PEFT's projection MLP (PEFT saves the
 table it computes); their logits are also taken for a right-padded batch with an attention mask.
 The C++ side (tests/test_lora.cpp PeftInterop.*, tests/test_prefix.cpp PeftPrefixInterop.*) loads
@@ -28,7 +30,8 @@ import sys
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 ADAPTERS = {
     "lists": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -45,8 +48,10 @@ ADAPTERS = {
     "exclude_re": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj"],
                        exclude_modules=r".*layers\.1\.self_attn\..*"),
     "qwen3": dict(r=4, lora_alpha=8, target_modules="all-linear"),
+    "gemma3": dict(r=4, lora_alpha=8, target_modules="all-linear"),
 }
-BASES = {"tied": "base_tied", "qwen3": "base_qwen3", "prefix_qwen3": "base_qwen3"}  # the others adapt DIR/base
+BASES = {"tied": "base_tied", "qwen3": "base_qwen3", "prefix_qwen3": "base_qwen3", "gemma3": "base_gemma3",
+         "prefix_gemma3": "base_gemma3"}  # the others adapt DIR/base
 
 
 def base_of(name):
@@ -56,6 +61,7 @@ PREFIXES = {
     "prefix": dict(num_virtual_tokens=5),
     "prefix_proj": dict(num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=24),
     "prefix_qwen3": dict(num_virtual_tokens=5),
+    "prefix_gemma3": dict(num_virtual_tokens=5),
 }
 
 
@@ -88,6 +94,18 @@ def make(d):
             if pname.endswith(("q_norm.weight", "k_norm.weight")):
                 p.mul_(1 + 0.3 * torch.randn(p.shape))
     qwen3.save_pretrained(os.path.join(d, "base_qwen3"))
+    # Gemma 3: norms are offsets from one, initialised at zero: moved away from it so that they matter.
+    gemma3 = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=97, hidden_size=32, intermediate_size=48,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                head_dim=8, max_position_embeddings=64, sliding_window=4,
+                                                layer_types=["sliding_attention", "full_attention"],
+                                                rms_norm_eps=1e-5, pad_token_id=None, bos_token_id=None,
+                                                eos_token_id=None)).eval()
+    with torch.no_grad():
+        for pname, p in gemma3.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.add_(0.3 * torch.randn(p.shape))
+    gemma3.save_pretrained(os.path.join(d, "base_gemma3"))
     ids = input_ids()
     tensors = {"input_ids": ids}
     for name, kwargs in ADAPTERS.items():

@@ -18,7 +18,7 @@ positions shifted by the prefix length, as PEFT's forward does.
 RUN_DIR is a finished `ft train` run (its config.yaml gives the hyper-parameters, its metrics.jsonl
 the losses to compare); MODEL_DIR the Hugging Face checkpoint it started from (model.checkpoint);
 BATCHES the `ft batches` export of the same config. The reference:
-  - runs LlamaForCausalLM (float32, CPU, sdpa) on each micro-batch with position ids that restart per
+  - runs the checkpoint's *ForCausalLM (float32, CPU, sdpa) on each micro-batch with position ids that restart per
     packed document and a 4-D boolean mask that keeps attention inside each document;
   - sums token cross-entropies (labels shifted as Hugging Face does) over the step's micro-batches and
     divides by the step's total number of targets, then backward;
@@ -39,7 +39,7 @@ import time
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import LlamaForCausalLM, get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM, get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 from transformers import get_linear_schedule_with_warmup
 
 
@@ -71,7 +71,7 @@ def loss_sum(model, input_ids, labels, position_ids, segment_ids):
 def make_adapter(adapter_dir, model_dir):
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(0)
-    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
     config = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, rank_pattern={"down_proj": 4},
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     peft_model = get_peft_model(model, config)
@@ -87,7 +87,7 @@ def make_adapter(adapter_dir, model_dir):
 def make_prefix(adapter_dir, model_dir):
     from peft import PrefixTuningConfig, get_peft_model
     torch.manual_seed(0)
-    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
     peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8))
     peft_model.save_pretrained(adapter_dir)
     print(f"wrote a PEFT prefix-tuning adapter for {model_dir} to {adapter_dir}")
@@ -130,7 +130,7 @@ def main():
         sys.exit(f"train_reference: {a.batches} holds {n_steps} steps × {accum}; the run needs {steps} × "
                  f"{cfg['data']['grad_accum']}")
 
-    model = LlamaForCausalLM.from_pretrained(a.model_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
     if mode == "lora":
         from peft import PeftModel
         init_from = cfg["lora"].get("init_from")

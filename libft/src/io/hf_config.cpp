@@ -272,8 +272,8 @@ void ModelConfig::validate(const std::string& source) const {
   FT_CHECK((model_type != "qwen3" && !gemma()) || qkv_bias == o_bias, "[config] ", source, ": ", model_type,
            " has biases on all four attention projections or on none");
   FT_CHECK(!gemma() || !mlp_bias, "[config] ", source, ": gemma3_text has no MLP biases");
-  FT_CHECK(hidden_act == Activation::Silu || gemma(), "[config] ", source, ": ", model_type,
-           " uses the silu activation");
+  FT_CHECK(hidden_act == (gemma() ? Activation::GeluTanh : Activation::Silu), "[config] ", source, ": ", model_type,
+           gemma() ? " uses the tanh-GELU activation (gelu_pytorch_tanh)" : " uses the silu activation");
   FT_CHECK(std::isfinite(query_pre_attn_scalar) && query_pre_attn_scalar >= 0, "[config] ", source,
            ": 'query_pre_attn_scalar' must be a finite number > 0, got ", query_pre_attn_scalar);
   FT_CHECK(std::isfinite(final_logit_softcapping) && final_logit_softcapping >= 0, "[config] ", source,
