@@ -247,6 +247,41 @@ GEMMA = """{{- bos_token }}
 {%- endif %}
 """
 
+# Gemma 3's shape: a system message folded into the first user turn, content as a string or a list
+# of typed parts (text trimmed, images as a marker), slicing, loop.first, `is string` / `is iterable`.
+GEMMA3 = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set sys = messages[0]['content'] -%}
+    {%- set first_user_prefix = (sys if sys is string else sys[0]['text']) + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = '' -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for part in message['content'] -%}
+            {%- if part['type'] == 'image' -%}{{ '<start_of_image>' }}
+            {%- elif part['type'] == 'text' -%}{{ part['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception('Invalid content type') }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<start_of_turn>model\n' }}
+{%- endif -%}
+"""
+
 # Relies on trim_blocks/lstrip_blocks rather than "-": the newline after each {{ }} line is output.
 ZEPHYR = """{% for message in messages %}
 {% if message['role'] == 'user' %}
@@ -369,6 +404,13 @@ def family_cases():
         ("gemma_genprompt", GEMMA, chat_context(PLAIN_CHAT + [{"role": "user", "content": "Thanks"}], True,
                                                 bos="<bos>", eos="<eos>")),
         ("gemma_no_genprompt", GEMMA, chat_context(PLAIN_CHAT, False, bos="<bos>", eos="<eos>")),
+        ("gemma3_system_genprompt", GEMMA3, chat_context(SYS_CHAT, True, bos="<bos>", eos="<eos>")),
+        ("gemma3_parts_no_genprompt", GEMMA3, chat_context(
+            [{"role": "system", "content": [{"type": "text", "text": "Be brief. "}]},
+             {"role": "user", "content": [{"type": "text", "text": " Hi "}, {"type": "image"},
+                                          {"type": "text", "text": "what is this?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "A cat.\n"}]}], False,
+            bos="<bos>", eos="<eos>")),
         ("zephyr_system_genprompt", ZEPHYR, chat_context(SYS_CHAT, True)),
         ("zephyr_plain_no_genprompt", ZEPHYR, chat_context(PLAIN_CHAT, False)),
         ("phi3_system_genprompt", PHI3, chat_context(SYS_CHAT, True, bos="<s>", eos="<|endoftext|>")),
@@ -382,6 +424,8 @@ def family_cases():
         ("gemma_system_role", GEMMA, chat_context(SYS_CHAT, True, bos="<bos>", eos="<eos>"),
          "System role not supported"),
         ("gemma_roles_not_alternating", GEMMA, chat_context(BAD_ORDER, True, bos="<bos>", eos="<eos>"),
+         "Conversation roles must alternate"),
+        ("gemma3_roles_not_alternating", GEMMA3, chat_context(BAD_ORDER, True, bos="<bos>", eos="<eos>"),
          "Conversation roles must alternate"),
     ]
     return cases, errors

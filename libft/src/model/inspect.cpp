@@ -1,5 +1,6 @@
 #include "ft/model/inspect.h"
 
+#include <algorithm>
 #include <iomanip>
 #include <sstream>
 
@@ -55,18 +56,39 @@ std::string describe(CausalLM& m) {
   const auto& c = m->config();
   const ParameterSummary s = summarize_parameters(m);
   std::ostringstream os;
-  const char* rope = c.rope.type == io::RopeType::Default ? "default" : c.rope.type == io::RopeType::Linear ? "linear" : "llama3";
+  auto rope_name = [](const io::RopeConfig& r) {
+    return r.type == io::RopeType::Default ? "default" : r.type == io::RopeType::Linear ? "linear" : "llama3";
+  };
   os << "architecture   " << c.model_type << " (" << c.num_hidden_layers << " layers, hidden " << c.hidden_size
      << ", intermediate " << c.intermediate_size << ", vocab " << c.vocab_size << ")\n";
   os << "attention      " << c.num_attention_heads << " query heads, " << c.num_key_value_heads << " key/value heads"
-     << ", head_dim " << c.head_dim << (c.qkv_bias ? ", q/k/v bias" : "") << (c.o_bias ? ", o bias" : "") << "\n";
+     << ", head_dim " << c.head_dim << (c.qkv_bias ? ", q/k/v bias" : "") << (c.o_bias ? ", o bias" : "")
+     << (c.qk_norm() ? ", q/k norms" : "");
+  if (c.query_pre_attn_scalar > 0) os << ", scores scaled by 1/sqrt(" << c.query_pre_attn_scalar << ")";
+  os << "\n";
+  os << "mlp            " << (c.hidden_act == io::Activation::GeluTanh ? "GeGLU (tanh-GELU gate)" : "SwiGLU")
+     << (c.mlp_bias ? ", biases" : "") << "\n";
   int64_t window = 0;
   for (auto w : c.layer_window) window = std::max(window, w);
-  os << "positions      rope " << rope << " (theta " << c.rope.theta;
+  os << "positions      rope " << rope_name(c.rope) << " (theta " << c.rope.theta;
   if (c.rope.type != io::RopeType::Default) os << ", factor " << c.rope.factor;
   os << "), max " << c.max_position_embeddings;
-  if (window > 0) os << ", sliding window " << window;
+  if (window > 0) {
+    const auto local = std::count_if(c.layer_window.begin(), c.layer_window.end(), [](int64_t w) { return w > 0; });
+    os << ", sliding window " << window << " in " << local << " of " << c.num_hidden_layers << " layers";
+    if (c.sliding_rope) {
+      os << " (their rope " << rope_name(*c.sliding_rope) << ", theta " << c.sliding_rope->theta;
+      if (c.sliding_rope->type != io::RopeType::Default) os << ", factor " << c.sliding_rope->factor;
+      os << ")";
+    }
+  }
   os << "\n";
+  if (c.scaled_embeddings() || c.final_logit_softcapping > 0 || c.sandwich_norms()) {
+    os << "gemma          ";
+    os << "embeddings x sqrt(" << c.hidden_size << "), norms x (1 + w) around both sublayers";
+    if (c.final_logit_softcapping > 0) os << ", logits soft-capped at " << c.final_logit_softcapping;
+    os << "\n";
+  }
   os << "lm head        " << (c.tie_word_embeddings ? "tied to embed_tokens" : "separate") << "\n";
   os << "parameters     " << human_count(s.total) << " (" << s.total << "), trainable " << human_count(s.trainable)
      << "\n";

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# A Gemma 3 checkpoint from the command line (tests/CMakeLists.txt: cli_gemma3_chat), as a user brings
+# one from the Hub: config.json in transformers 4.x's layout (rope_local_base_freq,
+# sliding_window_pattern), a sentencepiece-style tokenizer.json in Gemma's layout with
+# <start_of_turn>/<end_of_turn> as special tokens, and a Gemma 3-style chat template whose turns end
+# at <end_of_turn> (an EOS of the config, as Gemma 3's [1, 106]). ft prepare renders conversations
+# with that template, full fine-tuning learns them, a LoRA run on top exports an adapter that ft merge
+# folds back, and ft generate --chat answers and stops at <end_of_turn>.
+#   tests/cli/gemma3_chat.sh FT PYTHON GEMMA_TOKENIZER_DIR WORK_DIR
+set -euo pipefail
+ft=$1 python=$2 tok=$3 d=$4
+rm -rf "$d" && mkdir -p "$d/m"
+# The tokenizer with Gemma's turn markers added as special tokens (as its own file lists them).
+read -r vocab end_id < <("$python" - "$tok" "$d/m" <<'PY'
+import sys
+from transformers import AutoTokenizer
+t = AutoTokenizer.from_pretrained(sys.argv[1])
+t.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+t.save_pretrained(sys.argv[2])
+print(len(t), t.convert_tokens_to_ids("<end_of_turn>"))
+PY
+)
+# One global layer after a local one (pattern 2), the local window shorter than a conversation.
+cat >"$d/config.json" <<EOF
+{"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": $vocab, "hidden_size": 64,
+ "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
+ "head_dim": 32, "query_pre_attn_scalar": 32, "hidden_activation": "gelu_pytorch_tanh",
+ "rms_norm_eps": 1e-6, "rope_theta": 1000000, "rope_local_base_freq": 10000, "rope_scaling": null,
+ "sliding_window": 16, "sliding_window_pattern": 2, "max_position_embeddings": 512,
+ "attn_logit_softcapping": null, "final_logit_softcapping": null, "cache_implementation": "hybrid",
+ "bos_token_id": 1, "eos_token_id": [2, $end_id], "pad_token_id": 0, "torch_dtype": "float32"}
+EOF
+"$ft" init "$d/config.json" "$d/init" --seed 5 >/dev/null
+cp "$d/init/"* "$d/m/"
+"$ft" inspect "$d/m" >"$d/inspect.txt"
+grep -q "sliding window 16 in 1 of 2 layers (their rope default, theta 10000)" "$d/inspect.txt" &&
+  grep -q "GeGLU" "$d/inspect.txt" || { echo "FAIL: inspect"; cat "$d/inspect.txt"; exit 1; }
+cat >"$d/m/chat_template.jinja" <<'EOF'
+{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = '' -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<start_of_turn>model\n' }}
+{%- endif -%}
+EOF
+for i in $(seq 40); do
+  echo '{"messages": [{"role": "user", "content": "What is a hacker?"}, {"role": "assistant", "content": "A person who enjoys exploring the details of programmable systems."}]}'
+  echo '{"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who wrote the Jargon File?"}, {"role": "assistant", "content": "Many hands, over decades."}]}'
+done >"$d/chat.jsonl"
+"$ft" prepare "$d/chat.jsonl" -o "$d/chat.h5" -t "$d/m" --format chat --template model >"$d/prepare.log" 2>&1 ||
+  { cat "$d/prepare.log"; exit 1; }
+grep -q "80 examples" "$d/prepare.log" || { echo "FAIL: prepare"; cat "$d/prepare.log"; exit 1; }
+run() {  # run NAME MODE CHECKPOINT STEPS LR [extra YAML]: trains, prints "first last" loss
+  cat >"$d/$1.yaml" <<EOF
+model:
+  checkpoint: $3
+tokenizer: $d/m
+data:
+  train: [$d/chat.h5]
+  seq_len: 64
+  batch_size: 8
+optimizer:
+  name: adamw
+  lr: $5
+max_steps: $4
+mode: $2
+${6:-}
+output_dir: $d/$1
+EOF
+  "$ft" train "$d/$1.yaml" >"$d/$1.log" 2>&1 || { tail -20 "$d/$1.log" >&2; exit 1; }
+  local losses
+  losses=$(grep -o '"loss":[0-9.e+-]*' "$d/$1/metrics.jsonl" | cut -d: -f2)
+  echo "$(echo "$losses" | head -1) $(echo "$losses" | tail -1)"
+}
+read -r first last < <(run full full "$d/m" 150 3.0e-3)
+awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < 0.05 * a) }' || { echo "FAIL: full fine-tuning loss $first -> $last"; exit 1; }
+read -r lfirst llast < <(run lora lora "$d/full/final" 20 1.0e-3 $'lora:\n  r: 8\n  alpha: 16\n  targets: [all-linear]')
+awk -v b="$llast" 'BEGIN { exit !(b < 0.5) }' || { echo "FAIL: LoRA loss $lfirst -> $llast"; exit 1; }
+"$ft" merge "$d/full/final" "$d/lora/final" -o "$d/merged" >/dev/null
+out=$("$ft" generate "$d/merged" --chat "What is a hacker?" -n 40)
+echo "$out" | grep -q "^answer: A person who enjoys exploring the details of programmable systems.$" ||
+  { echo "FAIL: generate --chat did not answer:"; echo "$out"; exit 1; }
+out=$("$ft" generate "$d/merged" --chat "Who wrote the Jargon File?" --system "Answer briefly." -n 40)
+echo "$out" | grep -q "^answer: Many hands, over decades.$" ||
+  { echo "FAIL: generate --chat --system did not answer:"; echo "$out"; exit 1; }
+echo "gemma3 chat OK: full fine-tuning loss $first -> $last, LoRA $lfirst -> $llast"
