@@ -5,7 +5,7 @@
 # <start_of_turn>/<end_of_turn> as special tokens, and a Gemma 3-style chat template whose turns end
 # at <end_of_turn> (an EOS of the config, as Gemma 3's [1, 106]). ft prepare renders conversations
 # with that template, full fine-tuning learns them, a LoRA run on top exports an adapter that ft merge
-# folds back, and ft generate --chat answers and stops at <end_of_turn>.
+# folds back (a QLoRA run keeps what was learned too), and ft generate --chat answers and stops at <end_of_turn>.
 #   tests/cli/gemma3_chat.sh FT PYTHON GEMMA_TOKENIZER_DIR WORK_DIR
 set -euo pipefail
 ft=$1 python=$2 tok=$3 d=$4
@@ -85,6 +85,9 @@ read -r first last < <(run full full "$d/m" 150 3.0e-3)
 awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < 0.05 * a) }' || { echo "FAIL: full fine-tuning loss $first -> $last"; exit 1; }
 read -r lfirst llast < <(run lora lora "$d/full/final" 20 1.0e-3 $'lora:\n  r: 8\n  alpha: 16\n  targets: [all-linear]')
 awk -v b="$llast" 'BEGIN { exit !(b < 0.5) }' || { echo "FAIL: LoRA loss $lfirst -> $llast"; exit 1; }
+# QLoRA on the same base (its linear layers in NF4) keeps what the full run learned.
+read -r qfirst qlast < <(run qlora qlora "$d/full/final" 10 1.0e-3 $'lora:\n  r: 8\n  alpha: 16\n  targets: [all-linear]')
+awk -v b="$qlast" 'BEGIN { exit !(b < 0.5) }' || { echo "FAIL: QLoRA loss $qfirst -> $qlast"; exit 1; }
 "$ft" merge "$d/full/final" "$d/lora/final" -o "$d/merged" >/dev/null
 out=$("$ft" generate "$d/merged" --chat "What is a hacker?" -n 40)
 echo "$out" | grep -q "^answer: A person who enjoys exploring the details of programmable systems.$" ||
@@ -92,4 +95,4 @@ echo "$out" | grep -q "^answer: A person who enjoys exploring the details of pro
 out=$("$ft" generate "$d/merged" --chat "Who wrote the Jargon File?" --system "Answer briefly." -n 40)
 echo "$out" | grep -q "^answer: Many hands, over decades.$" ||
   { echo "FAIL: generate --chat --system did not answer:"; echo "$out"; exit 1; }
-echo "gemma3 chat OK: full fine-tuning loss $first -> $last, LoRA $lfirst -> $llast"
+echo "gemma3 chat OK: full fine-tuning loss $first -> $last, LoRA $lfirst -> $llast, QLoRA $qfirst -> $qlast"
