@@ -59,34 +59,11 @@ done >"$d/chat.jsonl"
 "$ft" prepare "$d/chat.jsonl" -o "$d/chat.h5" -t "$d/m" --format chat --template model >"$d/prepare.log" 2>&1 ||
   { cat "$d/prepare.log"; exit 1; }
 grep -q "80 examples" "$d/prepare.log" || { echo "FAIL: prepare"; cat "$d/prepare.log"; exit 1; }
-run() {  # run NAME MODE CHECKPOINT STEPS LR [extra YAML]: trains, prints "first last" loss
-  cat >"$d/$1.yaml" <<EOF
-model:
-  checkpoint: $3
-tokenizer: $d/m
-data:
-  train: [$d/chat.h5]
-  seq_len: 64
-  batch_size: 8
-optimizer:
-  name: adamw
-  lr: $5
-max_steps: $4
-mode: $2
-${6:-}
-output_dir: $d/$1
-EOF
-  "$ft" train "$d/$1.yaml" >"$d/$1.log" 2>&1 || { tail -20 "$d/$1.log" >&2; exit 1; }
-  local losses
-  losses=$(grep -o '"loss":[0-9.e+-]*' "$d/$1/metrics.jsonl" | cut -d: -f2)
-  echo "$(echo "$losses" | head -1) $(echo "$losses" | tail -1)"
-}
-read -r first last < <(run full full "$d/m" 150 3.0e-3)
-awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < 0.05 * a) }' || { echo "FAIL: full fine-tuning loss $first -> $last"; exit 1; }
-read -r lfirst llast < <(run lora lora "$d/full/final" 20 1.0e-3 $'lora:\n  r: 8\n  alpha: 16\n  targets: [all-linear]')
-awk -v b="$llast" 'BEGIN { exit !(b < 0.5) }' || { echo "FAIL: LoRA loss $lfirst -> $llast"; exit 1; }
+# shellcheck source=chat_run.sh
+source "$(dirname "${BASH_SOURCE[0]}")/chat_run.sh"
+chat_fine_tune
 # QLoRA on the same base (its linear layers in NF4) keeps what the full run learned.
-read -r qfirst qlast < <(run qlora qlora "$d/full/final" 10 1.0e-3 $'lora:\n  r: 8\n  alpha: 16\n  targets: [all-linear]')
+read -r qfirst qlast < <(chat_run qlora qlora "$d/full/final" 10 1.0e-3 $'lora:\n  r: 8\n  alpha: 16\n  targets: [all-linear]')
 awk -v b="$qlast" 'BEGIN { exit !(b < 0.5) }' || { echo "FAIL: QLoRA loss $qfirst -> $qlast"; exit 1; }
 "$ft" merge "$d/full/final" "$d/lora/final" -o "$d/merged" >/dev/null
 out=$("$ft" generate "$d/merged" --chat "What is a hacker?" -n 40)
