@@ -465,9 +465,10 @@ std::string model_config_to_json(const ModelConfig& c) {
   if (c.model_type == "llama") j["mlp_bias"] = c.mlp_bias;
   if (c.gemma()) {
     // transformers 5's layout: one rotary embedding per layer type, each with its theta.
-    json full = rope_json(c.rope), sliding = rope_json(c.sliding_rope.value_or(RopeConfig{.theta = 1e4}));
+    const RopeConfig local = c.sliding_rope.value_or(RopeConfig{.theta = 1e4});
+    json full = rope_json(c.rope), sliding = rope_json(local);
     full["rope_theta"] = c.rope.theta;
-    sliding["rope_theta"] = c.sliding_rope.value_or(RopeConfig{.theta = 1e4}).theta;
+    sliding["rope_theta"] = local.theta;
     j["rope_parameters"] = {{"full_attention", full}, {"sliding_attention", sliding}};
     // Gemma3TextConfig types it as an int (and checks): written so where it is whole.
     const double scalar = c.query_pre_attn_scalar;

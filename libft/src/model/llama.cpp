@@ -701,16 +701,10 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
            " must match input_ids ", input_ids.sizes());
   AttentionInputs in;
   in.fused_rope = fused_rope_;
-  std::tie(in.cos, in.sin) = rope_tables(positions, inv_freq_on(device), x.scalar_type());
+  std::tie(in.cos, in.sin) = rope_tables(positions, on_device(inv_freq_, inv_freq_device_, device), x.scalar_type());
   if (sliding_inv_freq_.defined()) {
-    if (device.is_cpu()) {
-      std::tie(in.sliding_cos, in.sliding_sin) = rope_tables(positions, sliding_inv_freq_, x.scalar_type());
-    } else {
-      if (!sliding_inv_freq_device_.defined() || sliding_inv_freq_device_.device() != device) {
-        sliding_inv_freq_device_ = sliding_inv_freq_.to(device);
-      }
-      std::tie(in.sliding_cos, in.sliding_sin) = rope_tables(positions, sliding_inv_freq_device_, x.scalar_type());
-    }
+    std::tie(in.sliding_cos, in.sliding_sin) =
+        rope_tables(positions, on_device(sliding_inv_freq_, sliding_inv_freq_device_, device), x.scalar_type());
   }
   in.past = past;
 
@@ -824,10 +818,10 @@ at::Tensor CausalLMImpl::embed(const at::Tensor& input_ids) {
   return x * at::scalar_tensor(scale, at::kFloat).to(model->embed_tokens->weight.scalar_type());
 }
 
-const at::Tensor& CausalLMImpl::inv_freq_on(const c10::Device& device) {
-  if (device.is_cpu()) return inv_freq_;
-  if (!inv_freq_device_.defined() || inv_freq_device_.device() != device) inv_freq_device_ = inv_freq_.to(device);
-  return inv_freq_device_;
+const at::Tensor& CausalLMImpl::on_device(const at::Tensor& host, at::Tensor& copy, const c10::Device& device) {
+  if (device.is_cpu()) return host;
+  if (!copy.defined() || copy.device() != device) copy = host.to(device);
+  return copy;
 }
 
 at::Tensor CausalLMImpl::logits(const at::Tensor& hidden) {

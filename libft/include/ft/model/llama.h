@@ -244,17 +244,17 @@ class CausalLMImpl : public torch::nn::Module {
   PrefixEncoder prefix_encoder{nullptr};  ///< null without prefix tuning
 
  private:
-  /// inv_freq_ on `device`, copied once per device: a copy in every forward pass would make the
-  /// host wait for the device on CUDA (a copy from pageable memory) and could not be captured in a
-  /// CUDA graph.
-  const at::Tensor& inv_freq_on(const c10::Device& device);
+  /// `host` (inv_freq_ or sliding_inv_freq_) on `device`, copied into `copy` once per device: a copy
+  /// in every forward pass would make the host wait for the device on CUDA (a copy from pageable
+  /// memory) and could not be captured in a CUDA graph.
+  static const at::Tensor& on_device(const at::Tensor& host, at::Tensor& copy, const c10::Device& device);
   /// The rotary tables (cos, sin) of `inv_freq` for `positions` (B, T), in `dtype`.
   static std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions, const at::Tensor& inv_freq,
                                                        at::ScalarType dtype);
 
   ModelConfig config_;
   at::Tensor inv_freq_;
-  at::Tensor inv_freq_device_;  ///< the last device's copy (see inv_freq_on)
+  at::Tensor inv_freq_device_;  ///< the last device's copy (see on_device)
   /// The sliding-window layers' (ModelConfig::sliding_rope), and its last device's copy.
   at::Tensor sliding_inv_freq_, sliding_inv_freq_device_;
   bool gradient_checkpointing_ = false;
