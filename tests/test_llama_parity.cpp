@@ -59,16 +59,19 @@ std::string case_name(const testing::TestParamInfo<Case>& info) {
 std::vector<Case> cases() {
   std::vector<Case> out;
   for (const auto& family : {"llama2", "llama3", "llama3_sharded", "llama_bias", "smollm", "mistral", "qwen2", "qwen3",
-                              "gemma3", "gemma3_scaled"}) {
+                              "gemma", "gemma2", "gemma3", "gemma3_scaled"}) {
     // float32: the bound, 1e-4.
     out.push_back({family, c10::kCPU, at::kFloat, 1e-4, 1e-4});
     out.push_back({family, c10::Device(c10::kCUDA, 0), at::kFloat, 1e-4, 1e-4});
     // bf16 keeps 8 mantissa bits (relative step 2^-8 ≈ 4e-3); through two layers and the head the
     // logits drift by a few of those steps.
     // The same on the CPU, and bf16 autocast over float32 weights (the trainer's dtype: bfloat16).
+    // Gemma 2's logits are soft-capped at 4 here, so the error is relative to a small maximum:
+    // transformers' own bf16 forward is 3.26e-2 from its float32 logits (libft's: the same, 3.26e-2).
+    const double bf16_tol = std::string(family) == "gemma2" ? 4e-2 : 3e-2;
     for (const c10::Device device : {c10::Device(c10::kCUDA, 0), c10::Device(c10::kCPU)}) {
-      out.push_back({family, device, at::kBFloat16, 3e-2, 2e-2});
-      out.push_back({family, device, at::kFloat, 3e-2, 2e-2, /*autocast=*/true});
+      out.push_back({family, device, at::kBFloat16, bf16_tol, 2e-2});
+      out.push_back({family, device, at::kFloat, bf16_tol, 2e-2, /*autocast=*/true});
     }
   }
   return out;

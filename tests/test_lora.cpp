@@ -738,7 +738,11 @@ const char* peft_dir() {
 
 // The base an adapter of peft_interop.py adapts: "tied" has a tied head (BASES there).
 std::string base_of(const std::string& name) {
-  return name == "tied" ? "base_tied" : name == "qwen3" ? "base_qwen3" : name == "gemma3" ? "base_gemma3" : "base";
+  return name == "tied"     ? "base_tied"
+         : name == "qwen3"  ? "base_qwen3"
+         : name == "gemma3" ? "base_gemma3"
+         : name == "gemma2" ? "base_gemma2"
+                            : "base";
 }
 
 }  // namespace
@@ -748,7 +752,8 @@ TEST(PeftInterop, LibftLoadsPeftAdaptersWithTheSameLogits) {
   if (!d) GTEST_SKIP() << "LIBFT_PEFT_DIR has no PEFT files (ctest's peft_make writes them)";
   auto ref = io::SafetensorsFile::open((fs::path(d) / "peft_logits.safetensors").string());
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
-  for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3", "gemma3"}) {
+  for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3", "gemma3",
+                           "gemma2"}) {
     SCOPED_TRACE(name);
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());
     m->eval();
@@ -772,7 +777,8 @@ TEST(PeftInterop, LibftSavesAdaptersForPeft) {
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
   std::vector<at::Tensor> keep{input};
   std::vector<io::TensorWrite> writes{io::tensor_write("input_ids", keep[0])};
-  for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3", "gemma3"}) {
+  for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3", "gemma3",
+                           "gemma2"}) {
     const adapt::LoraOptions o =
         adapt::read_peft_lora_config((fs::path(d) / (std::string("peft_") + name) / "adapter_config.json").string());
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());
@@ -1567,7 +1573,10 @@ TEST(LoraGroup, GroupedProjectionsComputeWhatSeparateLayersCompute) {
       // Qwen3's q/k norms read column views of the grouped output.
       {"all-linear, qwen3 (q and k normed per head)", "qwen3", {"all-linear"}, {{"q_proj", 2}}, {}, false},
       // Gemma 3's tanh-GELU gate through the packed [gate | up] node, with dropout.
-      {"all-linear, gemma3 (GeGLU), dropout 0.1", "gemma3_text", {"all-linear"}, {{"up_proj", 2}}, {}, false, 0.1}};
+      {"all-linear, gemma3 (GeGLU), dropout 0.1", "gemma3_text", {"all-linear"}, {{"up_proj", 2}}, {}, false, 0.1},
+      // Gemma 1's exact GELU gate; Gemma 2's soft-capped scores.
+      {"all-linear, gemma (exact GELU)", "gemma", {"all-linear"}, {{"gate_proj", 3}}, {}, false},
+      {"all-linear, gemma2 (soft-capped scores), dropout 0.1", "gemma2", {"all-linear"}, {}, {}, false, 0.1}};
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
     io::ModelConfig mc = test::tiny_config(c.model_type);

@@ -93,8 +93,8 @@ TEST(Config, ParsesQwen3) {
   EXPECT_FALSE(model::CausalLM(tiny_config("qwen2"))->named_parameters().contains("model.layers.0.self_attn.q_norm.weight"));
   c.o_bias = false;
   EXPECT_NE(expect_error([&] { c.validate("built"); }).find("built: qwen3 has biases on all four"), std::string::npos);
-  c.model_type = "gemma";
-  EXPECT_NE(expect_error([&] { c.validate("built"); }).find("model_type 'gemma' is not supported"), std::string::npos);
+  c.model_type = "gemma2_text";
+  EXPECT_NE(expect_error([&] { c.validate("built"); }).find("model_type 'gemma2_text' is not supported"), std::string::npos);
 }
 
 // Gemma 3's text model as the Hub's gemma-3-1b config.json has it (transformers 4.x layout:
@@ -153,7 +153,7 @@ TEST(Config, ParsesGemma3Text) {
     return expect_error([&] { io::parse_model_config(text, "g.json"); });
   };
   EXPECT_NE(error_for(R"("attn_logit_softcapping": null)", R"("attn_logit_softcapping": 50.0)")
-                .find("attn_logit_softcapping (soft-capped attention scores, Gemma 2's) is not supported"),
+                .find("attn_logit_softcapping is not supported for gemma3_text"),
             std::string::npos);
   EXPECT_NE(error_for(R"("use_cache": true)", R"("use_cache": true, "use_bidirectional_attention": true)")
                 .find("use_bidirectional_attention"),
@@ -170,6 +170,118 @@ TEST(Config, ParsesGemma3Text) {
             std::string::npos);
   EXPECT_NE(error_for(R"("rope_local_base_freq": 10000)", R"("rope_local_base_freq": 0)")
                 .find("the sliding-window layers' 'rope_theta' must be a finite number > 0"),
+            std::string::npos);
+}
+
+// Gemma 2 as the Hub's gemma-2-2b config.json has it (transformers 4.42's layout: both soft-caps,
+// hidden_act beside hidden_activation, rope_theta, no layer_types), shrunk: sliding layers alternate
+// with global ones from the first; what libft writes back parses to the same model; and the keys
+// whose absence means Gemma2Config's defaults (caps of 50 and 30) are told from nulls (no cap).
+TEST(Config, ParsesGemma2) {
+  const std::string json = R"({
+    "architectures": ["Gemma2ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+    "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": [1, 107],
+    "final_logit_softcapping": 30.0, "head_dim": 32, "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 48, "initializer_range": 0.02, "intermediate_size": 96,
+    "max_position_embeddings": 8192, "model_type": "gemma2", "num_attention_heads": 4, "num_hidden_layers": 5,
+    "num_key_value_heads": 2, "pad_token_id": 0, "query_pre_attn_scalar": 224, "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0, "sliding_window": 4096, "torch_dtype": "float32", "transformers_version": "4.42.4",
+    "use_cache": true, "vocab_size": 300
+  })";
+  auto c = io::parse_model_config(json, "config.json");
+  EXPECT_TRUE(c.gemma() && !c.gemma3() && !c.qk_norm() && c.norm_unit_offset() && c.sandwich_norms() &&
+              c.scaled_embeddings());
+  EXPECT_EQ(c.hidden_act, io::Activation::GeluTanh);
+  EXPECT_TRUE(c.tie_word_embeddings);
+  EXPECT_EQ(c.layer_window, (std::vector<int64_t>{4096, 0, 4096, 0, 4096}));
+  EXPECT_FALSE(c.sliding_rope.has_value());
+  EXPECT_DOUBLE_EQ(c.attention_scale(), 1.0 / std::sqrt(224.0));
+  EXPECT_EQ(c.attn_logit_softcapping, 50.0);
+  EXPECT_EQ(c.final_logit_softcapping, 30.0);
+  const std::string written = io::model_config_to_json(c);
+  EXPECT_NE(written.find("Gemma2ForCausalLM"), std::string::npos);
+  auto again = io::parse_model_config(written, "written");
+  EXPECT_EQ(again.layer_window, c.layer_window);
+  EXPECT_EQ(again.attn_logit_softcapping, 50.0);
+  EXPECT_EQ(again.final_logit_softcapping, 30.0);
+  EXPECT_DOUBLE_EQ(again.query_pre_attn_scalar, 224);
+
+  model::CausalLM m(c);
+  auto params = m->named_parameters();
+  EXPECT_TRUE(params.contains("model.layers.0.pre_feedforward_layernorm.weight"));
+  EXPECT_FALSE(params.contains("model.layers.0.self_attn.q_norm.weight"));
+  EXPECT_EQ(m->model->layers->ptr<model::DecoderLayerImpl>(0)->self_attn->softcap, 50.0);
+
+  auto edited = [&](const std::string& from, const std::string& to) {
+    std::string text = json;
+    const auto at = text.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    text.replace(at, from.size(), to);
+    return text;
+  };
+  // Absent: Gemma2Config's defaults; null: none (and libft writes the null back).
+  std::string bare = edited(R"("attn_logit_softcapping": 50.0, )", "");
+  const std::string final_cap = R"("final_logit_softcapping": 30.0, )";
+  bare.erase(bare.find(final_cap), final_cap.size());
+  auto absent = io::parse_model_config(bare, "a.json");
+  EXPECT_EQ(absent.attn_logit_softcapping, 50.0);
+  EXPECT_EQ(absent.final_logit_softcapping, 30.0);
+  auto none = io::parse_model_config(edited(R"("attn_logit_softcapping": 50.0)", R"("attn_logit_softcapping": null)"), "n.json");
+  EXPECT_EQ(none.attn_logit_softcapping, 0.0);
+  EXPECT_EQ(io::parse_model_config(io::model_config_to_json(none), "w.json").attn_logit_softcapping, 0.0);
+  auto error_for = [&](const std::string& from, const std::string& to) {
+    return expect_error([&] { io::parse_model_config(edited(from, to), "g2.json"); });
+  };
+  EXPECT_NE(error_for(R"("attn_logit_softcapping": 50.0)", R"("attn_logit_softcapping": -3)")
+                .find("g2.json: 'attn_logit_softcapping' must be > 0 or null"),
+            std::string::npos);
+  EXPECT_NE(error_for(R"("hidden_act": "gelu_pytorch_tanh")", R"("hidden_act": "silu")").find("hidden_act 'silu' is not a GELU"),
+            std::string::npos);
+  EXPECT_NE(error_for(R"("sliding_window": 4096)", R"("sliding_window": 4096, "sliding_window_size": 2048)")
+                .find("'sliding_window_size' (2048) differs from 'sliding_window' (4096)"),
+            std::string::npos);
+  // Only Gemma 2 soft-caps its scores.
+  io::ModelConfig llama = tiny_config("llama");
+  llama.attn_logit_softcapping = 10;
+  EXPECT_NE(expect_error([&] { llama.validate("built"); }).find("only gemma2 soft-caps its attention scores"),
+            std::string::npos);
+}
+
+// Gemma 1 as the Hub's gemma-2b config.json has it: multi-query attention, hidden_act "gelu" (the
+// exact GELU, as transformers 5 reads it), no sandwich norms; hidden_activation, where a config
+// gives it, decides; a window is refused.
+TEST(Config, ParsesGemma1) {
+  const std::string json = R"({
+    "architectures": ["GemmaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 2,
+    "eos_token_id": 1, "head_dim": 32, "hidden_act": "gelu", "hidden_size": 48, "initializer_range": 0.02,
+    "intermediate_size": 96, "max_position_embeddings": 8192, "model_type": "gemma", "num_attention_heads": 4,
+    "num_hidden_layers": 2, "num_key_value_heads": 1, "pad_token_id": 0, "rms_norm_eps": 1e-06, "rope_scaling": null,
+    "rope_theta": 10000.0, "torch_dtype": "bfloat16", "transformers_version": "4.38.0.dev0", "use_cache": true,
+    "vocab_size": 300
+  })";
+  auto c = io::parse_model_config(json, "config.json");
+  EXPECT_TRUE(c.gemma() && !c.qk_norm() && c.norm_unit_offset() && !c.sandwich_norms() && c.scaled_embeddings());
+  EXPECT_EQ(c.hidden_act, io::Activation::Gelu);
+  EXPECT_EQ(c.layer_window, (std::vector<int64_t>{0, 0}));
+  EXPECT_DOUBLE_EQ(c.attention_scale(), 1.0 / std::sqrt(32.0));
+  auto again = io::parse_model_config(io::model_config_to_json(c), "written");
+  EXPECT_EQ(again.hidden_act, io::Activation::Gelu);
+  EXPECT_NE(io::model_config_to_json(c).find("GemmaForCausalLM"), std::string::npos);
+  std::string tanh = json;
+  tanh.replace(tanh.find(R"("hidden_act": "gelu")"), 20, R"("hidden_act": "gelu", "hidden_activation": "gelu_pytorch_tanh")");
+  EXPECT_EQ(io::parse_model_config(tanh, "t.json").hidden_act, io::Activation::GeluTanh);
+  model::CausalLM m(c);
+  auto params = m->named_parameters();
+  EXPECT_FALSE(params.contains("model.layers.0.pre_feedforward_layernorm.weight"));
+  EXPECT_EQ(params["model.layers.0.self_attn.k_proj.weight"].sizes(), (std::vector<int64_t>{32, 48}));
+  std::string windowed = json;
+  windowed.replace(windowed.find(R"("use_cache": true)"), 17, R"("use_cache": true, "sliding_window": 8)");
+  EXPECT_NE(expect_error([&] { io::parse_model_config(windowed, "w.json"); })
+                .find("sliding_window is not supported for model_type 'gemma'"),
+            std::string::npos);
+  std::string silu = json;
+  silu.replace(silu.find(R"("gelu")"), 6, R"("silu")");
+  EXPECT_NE(expect_error([&] { io::parse_model_config(silu, "s.json"); }).find("activation 'silu' is not supported for gemma"),
             std::string::npos);
 }
 
@@ -287,9 +399,14 @@ TEST(Rope, Llama3InverseFrequenciesMatchFloat64Formula) {
   }
 }
 
+// (Gemma 2: soft-capped scores, materialised and masked by libft itself rather than by SDPA; a cap
+// of 0.05 bites on the initialisation's small scores.)
 TEST(Model, KVCacheAndMasksMatchFullRecomputation) {
-  for (int64_t window : {0, 3}) {
-    auto c = tiny_config("mistral");
+  for (const auto& [type, window] : std::vector<std::pair<std::string, int64_t>>{
+           {"mistral", 0}, {"mistral", 3}, {"gemma2", 0}, {"gemma2", 3}}) {
+    SCOPED_TRACE(type);
+    auto c = tiny_config(type);
+    if (type == "gemma2") c.attn_logit_softcapping = 0.05;
     c.layer_window.assign(2, window);
     model::CausalLM m(c);
     model::init_weights(m, 7);
@@ -340,22 +457,27 @@ TEST(Model, PaddingDoesNotChangeRealTokens) {
 
 TEST(Model, PackedDocumentsWithSegmentIdsEqualSeparatePasses) {
   // Two documents packed into one row, positions restarting at the second: with segment ids each
-  // must compute exactly what it computes alone (no attention across the boundary).
-  auto c = tiny_config();
-  model::CausalLM m(c);
-  model::init_weights(m, 5);
-  m->eval();
-  at::NoGradGuard no_grad;
-  at::Tensor a = at::randint(0, c.vocab_size, {1, 5}, at::kLong), b = at::randint(0, c.vocab_size, {1, 4}, at::kLong);
-  model::ForwardOptions f;
-  f.position_ids = at::cat({at::arange(5, at::kLong), at::arange(4, at::kLong)}).view({1, 9});
-  f.segment_ids = at::cat({at::zeros({5}, at::kInt), at::ones({4}, at::kInt)}).view({1, 9});
-  at::Tensor packed = m->forward(at::cat({a, b}, 1), f);
-  EXPECT_LE(test::max_rel_error(packed.slice(1, 0, 5), m->forward(a)), 1e-5);
-  EXPECT_LE(test::max_rel_error(packed.slice(1, 5), m->forward(b)), 1e-5);
-  // Without segment ids the second document sees the first: the outputs must differ.
-  f.segment_ids = at::Tensor();
-  EXPECT_GT(test::max_rel_error(m->forward(at::cat({a, b}, 1), f).slice(1, 5), m->forward(b)), 1e-3);
+  // must compute exactly what it computes alone (no attention across the boundary). Also with
+  // Gemma 2's soft-capped scores (materialised and masked by libft, a cap that bites).
+  for (const std::string type : {"llama", "gemma2"}) {
+    SCOPED_TRACE(type);
+    auto c = tiny_config(type);
+    if (type == "gemma2") c.attn_logit_softcapping = 0.05;
+    model::CausalLM m(c);
+    model::init_weights(m, 5);
+    m->eval();
+    at::NoGradGuard no_grad;
+    at::Tensor a = at::randint(0, c.vocab_size, {1, 5}, at::kLong), b = at::randint(0, c.vocab_size, {1, 4}, at::kLong);
+    model::ForwardOptions f;
+    f.position_ids = at::cat({at::arange(5, at::kLong), at::arange(4, at::kLong)}).view({1, 9});
+    f.segment_ids = at::cat({at::zeros({5}, at::kInt), at::ones({4}, at::kInt)}).view({1, 9});
+    at::Tensor packed = m->forward(at::cat({a, b}, 1), f);
+    EXPECT_LE(test::max_rel_error(packed.slice(1, 0, 5), m->forward(a)), 1e-5);
+    EXPECT_LE(test::max_rel_error(packed.slice(1, 5), m->forward(b)), 1e-5);
+    // Without segment ids the second document sees the first: the outputs must differ.
+    f.segment_ids = at::Tensor();
+    EXPECT_GT(test::max_rel_error(m->forward(at::cat({a, b}, 1), f).slice(1, 5), m->forward(b)), 1e-3);
+  }
 }
 
 TEST(Model, GreedyWithCacheEqualsWithoutAndSamplingIsSeeded) {

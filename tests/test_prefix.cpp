@@ -249,7 +249,10 @@ model::ForwardOptions padded_options(const io::SafetensorsFile& ref) {
 // libft with PEFT's logits, also for a right-padded batch with an attention mask.
 // The base a prefix of peft_interop.py is for (BASES there).
 std::string prefix_base(const std::string& name) {
-  return name == "prefix_qwen3" ? "base_qwen3" : name == "prefix_gemma3" ? "base_gemma3" : "base";
+  return name == "prefix_qwen3"    ? "base_qwen3"
+         : name == "prefix_gemma3" ? "base_gemma3"
+         : name == "prefix_gemma2" ? "base_gemma2"
+                                   : "base";
 }
 
 TEST(PeftPrefixInterop, LibftLoadsPeftPrefixesWithTheSameLogits) {
@@ -257,7 +260,7 @@ TEST(PeftPrefixInterop, LibftLoadsPeftPrefixesWithTheSameLogits) {
   if (!d) GTEST_SKIP() << "LIBFT_PEFT_DIR has no PEFT files (ctest's peft_make writes them)";
   auto ref = io::SafetensorsFile::open((fs::path(d) / "peft_logits.safetensors").string());
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
-  for (const char* name : {"prefix", "prefix_proj", "prefix_qwen3", "prefix_gemma3"}) {
+  for (const char* name : {"prefix", "prefix_proj", "prefix_qwen3", "prefix_gemma3", "prefix_gemma2"}) {
     SCOPED_TRACE(name);
     const std::string base_name = prefix_base(name);
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_name).string());
@@ -288,7 +291,7 @@ TEST(PeftPrefixInterop, LibftSavesPrefixesForPeft) {
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
   std::vector<at::Tensor> keep{input};
   std::vector<io::TensorWrite> writes{io::tensor_write("input_ids", keep[0])};
-  for (const char* name : {"prefix", "prefix_proj", "prefix_qwen3", "prefix_gemma3"}) {
+  for (const char* name : {"prefix", "prefix_proj", "prefix_qwen3", "prefix_gemma3", "prefix_gemma2"}) {
     const std::string base_name = prefix_base(name);
     adapt::PrefixOptions o;
     o.num_virtual_tokens = 5;

@@ -77,8 +77,15 @@ inline io::ModelConfig tiny_config(const std::string& type = "llama") {
   c.num_key_value_heads = 2;
   c.head_dim = 8;
   c.layer_window.assign(2, 0);
-  if (c.gemma()) {  // Gemma 3's own parts: a local layer with its rotary base, a score scale of its own
-    c.hidden_act = io::Activation::GeluTanh;
+  // Gemma 1: the exact GELU its first configs name.
+  if (c.gemma()) c.hidden_act = type == "gemma" ? io::Activation::Gelu : io::Activation::GeluTanh;
+  if (type == "gemma2") {  // Gemma 2's own parts: soft-capped scores and logits, a local layer
+    c.query_pre_attn_scalar = 16;
+    c.attn_logit_softcapping = 5;
+    c.final_logit_softcapping = 8;
+    c.layer_window = {4, 0};
+  }
+  if (c.gemma3()) {  // Gemma 3's own parts: a local layer with its rotary base, a score scale of its own
     c.query_pre_attn_scalar = 16;
     c.sliding_rope = io::RopeConfig{.theta = 1e4};
     c.rope.theta = 1e6;

@@ -25,8 +25,12 @@ def main() -> int:
         if not os.path.isdir(saved):
             failures.append(f"{family}: libft did not save {saved}")
             continue
-        original = AutoModelForCausalLM.from_pretrained(os.path.join(ref_dir, family), dtype=torch.float32).eval()
-        reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+        # (Gemma 2's soft-capped attention scores: transformers' eager attention; SDPA leaves them uncapped.)
+        with open(os.path.join(ref_dir, family, "config.json")) as f:
+            eager = {"attn_implementation": "eager"} if json.load(f)["model_type"] == "gemma2" else {}
+        original = AutoModelForCausalLM.from_pretrained(os.path.join(ref_dir, family), dtype=torch.float32,
+                                                        **eager).eval()
+        reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32, **eager).eval()
         a, b = original.state_dict(), reloaded.state_dict()
         if a.keys() != b.keys():
             failures.append(f"{family}: keys differ: {sorted(a.keys() ^ b.keys())}")

@@ -16,8 +16,9 @@ import sys
 
 import torch
 from safetensors.torch import save_file
-from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
+                          GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
               rms_norm_eps=1e-5, max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
@@ -45,6 +46,16 @@ FAMILIES = {
     "qwen3": (Qwen3ForCausalLM, Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True,
                                             use_sliding_window=True, sliding_window=6,
                                             layer_types=["sliding_attention", "full_attention"])),
+    # Gemma 1 (gemma-2b's layout): multi-query attention, norms as offsets from one, √E-scaled
+    # embeddings, a tied head, and the exact GELU its first configs named (hidden_act "gelu").
+    "gemma": (GemmaForCausalLM, GemmaConfig(**COMMON, num_key_value_heads=1, head_dim=24, hidden_act="gelu")),
+    # Gemma 2: soft-capped attention scores (3.0) and final logits (4.0), both small enough to bite,
+    # scores scaled by query_pre_attn_scalar (20, not head_dim 24), norms around both sublayers, and
+    # its default layer types for three layers: sliding (6 < 16 tokens), global, sliding. Built with
+    # transformers' eager attention: its default SDPA attention leaves the scores uncapped.
+    "gemma2": (Gemma2ForCausalLM, Gemma2Config(**{**COMMON, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=24,
+                                               query_pre_attn_scalar=20, sliding_window=6, attn_logit_softcapping=3.0,
+                                               final_logit_softcapping=4.0)),
     # Gemma 3 (text): tanh-GELU, norms as offsets from one and around both sublayers, q/k norms,
     # √E-scaled embeddings, scores scaled by query_pre_attn_scalar (20, not head_dim 24), a
     # sliding-window layer (6 < 16 tokens) with its own rotary base beside a global one; tied head.
@@ -84,6 +95,8 @@ def build(out_dir: str, family: str, seed: int, shard_bytes=None) -> None:
     cls, config = FAMILIES[family]
     torch.manual_seed(seed)
     model = cls(config).eval()
+    if config.model_type == "gemma2":
+        model.set_attn_implementation("eager")
     randomize(model, seed)
     path = os.path.join(out_dir, family if shard_bytes is None else family + "_sharded")
     kwargs = {"max_shard_size": shard_bytes} if shard_bytes else {}

@@ -18,20 +18,23 @@ the targets; "exclude" adapts all-linear but down_proj and layer 0's q_proj (exc
 list), "exclude_re" leaves out layer 1's attention by a regular expression (exclude_modules as a
 string); "qwen3" adapts all-linear on a Qwen3 base (DIR/base_qwen3, per-head q/k norms); "gemma3" adapts
 all-linear on a Gemma 3 base (DIR/base_gemma3: tanh-GELU, offset norms, a sliding-window layer that the
-11 tokens exceed) and "prefix_gemma3" is a plain prefix on it. Prefixes: "prefix" is a plain
+11 tokens exceed) and "prefix_gemma3" is a plain prefix on it; "gemma2" and "prefix_gemma2" the same on
+a Gemma 2 base (DIR/base_gemma2: attention scores and logits soft-capped, caps that bite; transformers'
+eager attention, as its SDPA attention leaves the scores uncapped). Prefixes: "prefix" is a plain
 table of 5 virtual tokens, "prefix_proj" one made through PEFT's projection MLP (PEFT saves the
 table it computes); their logits are also taken for a right-padded batch with an attention mask.
 The C++ side (tests/test_lora.cpp PeftInterop.*, tests/test_prefix.cpp PeftPrefixInterop.*) loads
 DIR/peft_<name>, compares its logits with PEFT's, and saves its own.
 """
+import json
 import os
 import sys
 
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import (AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
+                          LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 ADAPTERS = {
     "lists": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -49,19 +52,29 @@ ADAPTERS = {
                        exclude_modules=r".*layers\.1\.self_attn\..*"),
     "qwen3": dict(r=4, lora_alpha=8, target_modules="all-linear"),
     "gemma3": dict(r=4, lora_alpha=8, target_modules="all-linear"),
+    "gemma2": dict(r=4, lora_alpha=8, target_modules="all-linear"),
 }
 BASES = {"tied": "base_tied", "qwen3": "base_qwen3", "prefix_qwen3": "base_qwen3", "gemma3": "base_gemma3",
-         "prefix_gemma3": "base_gemma3"}  # the others adapt DIR/base
+         "prefix_gemma3": "base_gemma3", "gemma2": "base_gemma2", "prefix_gemma2": "base_gemma2"}
+# (the others adapt DIR/base)
 
 
 def base_of(name):
     return BASES.get(name, "base")
+
+
+def load(path):
+    """A checkpoint in transformers; Gemma 2's with the eager attention that soft-caps its scores."""
+    with open(os.path.join(path, "config.json")) as f:
+        eager = {"attn_implementation": "eager"} if json.load(f)["model_type"] == "gemma2" else {}
+    return AutoModelForCausalLM.from_pretrained(path, **eager).eval()
 
 PREFIXES = {
     "prefix": dict(num_virtual_tokens=5),
     "prefix_proj": dict(num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=24),
     "prefix_qwen3": dict(num_virtual_tokens=5),
     "prefix_gemma3": dict(num_virtual_tokens=5),
+    "prefix_gemma2": dict(num_virtual_tokens=5),
 }
 
 
@@ -106,10 +119,25 @@ def make(d):
             if pname.endswith("norm.weight"):
                 p.add_(0.3 * torch.randn(p.shape))
     gemma3.save_pretrained(os.path.join(d, "base_gemma3"))
+    # Gemma 2: query and key weights scaled up so that the scores (about 5 at query_pre_attn_scalar
+    # 8) reach the cap of 2, and a final cap of 0.3 that the initialisation's small logits reach.
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                            max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=8,
+                                            attn_logit_softcapping=2.0, final_logit_softcapping=0.3,
+                                            rms_norm_eps=1e-5, pad_token_id=None, bos_token_id=None,
+                                            eos_token_id=None)).eval()
+    with torch.no_grad():
+        for pname, p in gemma2.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.add_(0.3 * torch.randn(p.shape))
+            if pname.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(20)
+    gemma2.save_pretrained(os.path.join(d, "base_gemma2"))
     ids = input_ids()
     tensors = {"input_ids": ids}
     for name, kwargs in ADAPTERS.items():
-        model = AutoModelForCausalLM.from_pretrained(os.path.join(d, base_of(name))).eval()
+        model = load(os.path.join(d, base_of(name)))
         peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **kwargs))
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
@@ -127,7 +155,7 @@ def make(d):
     mask[1, -3:] = 0  # the second row is right-padded
     tensors["attention_mask"] = mask
     for name, kwargs in PREFIXES.items():
-        model = AutoModelForCausalLM.from_pretrained(os.path.join(d, base_of(name))).eval()
+        model = load(os.path.join(d, base_of(name)))
         torch.manual_seed(3)
         peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", **kwargs)).eval()
         peft_model.save_pretrained(os.path.join(d, f"peft_{name}"))
@@ -140,7 +168,7 @@ def make(d):
 
 def verify_one(d, ids, name, want, what):
     """PEFT loads DIR/libft_<name> onto the base; returns its max rel error against libft's logits."""
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(d, base_of(name))).eval()
+    model = load(os.path.join(d, base_of(name)))
     with torch.no_grad():
         base_logits = model(input_ids=ids).logits
     peft_model = PeftModel.from_pretrained(model, os.path.join(d, f"libft_{name}")).eval()
@@ -169,7 +197,7 @@ def merged(d):
     """DIR/merged_<name> (ft merge of DIR/peft_<name> into DIR/base) in plain transformers: PEFT's logits."""
     ref = load_file(os.path.join(d, "peft_logits.safetensors"))
     for name in ADAPTERS:
-        model = AutoModelForCausalLM.from_pretrained(os.path.join(d, f"merged_{name}")).eval()
+        model = load(os.path.join(d, f"merged_{name}"))
         with torch.no_grad():
             err = rel_error(model(input_ids=ref["input_ids"]).logits, ref[f"logits_{name}"])
         print(f"{name}: transformers on libft's merged checkpoint vs PEFT's adapted model: max rel error {err:.2e}")

@@ -26,13 +26,14 @@ const std::set<std::string> kHarmlessKeys = {
     "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "tf_legacy_loss",
     "use_bfloat16", "model_type", "max_window_layers", "use_sliding_window", "auto_map",
-    "cache_implementation"};
+    "cache_implementation", "sliding_window_size"};
 
 bool supported_model_type(const std::string& t) {
-  return t == "llama" || t == "mistral" || t == "qwen2" || t == "qwen3" || t == "gemma3_text";
+  return t == "llama" || t == "mistral" || t == "qwen2" || t == "qwen3" || t == "gemma" || t == "gemma2" ||
+         t == "gemma3_text";
 }
 
-constexpr const char* kSupportedTypes = "llama, mistral, qwen2, qwen3, gemma3_text";
+constexpr const char* kSupportedTypes = "llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text";
 
 void check_model_type(const std::string& t, const std::string& source) {
   // Gemma 3's larger checkpoints are the multimodal Gemma3ForConditionalGeneration ("gemma3"), whose
@@ -40,8 +41,6 @@ void check_model_type(const std::string& t, const std::string& source) {
   FT_CHECK(t != "gemma3", "[config] ", source,
            ": model_type 'gemma3' is Gemma 3's image-text model (Gemma3ForConditionalGeneration); libft trains "
            "the text-only Gemma3ForCausalLM (model_type 'gemma3_text', e.g. gemma-3-270m, gemma-3-1b)");
-  FT_CHECK(t != "gemma" && t != "gemma2", "[config] ", source, ": model_type '", t,
-           "' is not supported (of the Gemma family, only Gemma 3's text models: gemma3_text)");
   FT_CHECK(supported_model_type(t), "[config] ", source, ": model_type '", t, "' is not supported (supported: ",
            kSupportedTypes, ")");
 }
@@ -153,26 +152,66 @@ void read_layer_types(Reader& r, ModelConfig& c, std::optional<int64_t> window) 
   }
 }
 
+// A soft-capping key of Gemma 2 and 3: its value (> 0), 0 where it is null, `absent` where the key
+// is missing (the config class's default).
+double softcap(Reader& r, const char* key, double absent) {
+  if (!r.j.contains(key)) {
+    r.used.insert(key);
+    return absent;
+  }
+  const double cap = r.number_or(key, 0.0);
+  FT_CHECK(!r.has(key) || (std::isfinite(cap) && cap > 0), "[config] ", r.source, ": '", key,
+           "' must be > 0 or null, got ", cap);
+  return cap;
+}
+
+// The attention keys Gemma 2 and 3 share: the score scale, the soft-capping of the final logits
+// (`final_cap`: Gemma2Config's default is 30, Gemma3TextConfig's none), causal attention, and the
+// window of the sliding layers.
+int64_t parse_gemma_attention(Reader& r, ModelConfig& c, double final_cap) {
+  const std::string& source = r.source;
+  c.query_pre_attn_scalar = r.number_or("query_pre_attn_scalar", 256.0);
+  FT_CHECK(c.query_pre_attn_scalar > 0, "[config] ", source, ": 'query_pre_attn_scalar' must be > 0, got ",
+           c.query_pre_attn_scalar);
+  c.final_logit_softcapping = softcap(r, "final_logit_softcapping", final_cap);
+  FT_CHECK(!r.boolean_or("use_bidirectional_attention", false), "[config] ", source,
+           ": use_bidirectional_attention (EmbeddingGemma's encoder) is not supported: libft trains causal language models");
+  const int64_t window = r.integer_or("sliding_window", 4096);
+  FT_CHECK(window > 0, "[config] ", source, ": 'sliding_window' must be > 0, got ", window);
+  // (transformers 4.42's Gemma 2 configs also wrote the window as sliding_window_size)
+  if (r.has("sliding_window_size")) {
+    const json& v = r.j.at("sliding_window_size");
+    FT_CHECK(v.is_number_integer() && v.get<int64_t>() == window, "[config] ", source, ": 'sliding_window_size' (",
+             v.dump(), ") differs from 'sliding_window' (", window, ")");
+  }
+  return window;
+}
+
+// Gemma 2's own keys (Gemma2Config): soft-capped attention scores (default 50) and final logits
+// (default 30), the score scale, and sliding-window layers alternating with global ones (the first
+// slides) unless layer_types says otherwise. One rotary embedding, read as Llama's.
+void parse_gemma2(Reader& r, ModelConfig& c) {
+  const int64_t window = parse_gemma_attention(r, c, 30.0);
+  c.attn_logit_softcapping = softcap(r, "attn_logit_softcapping", 50.0);
+  if (r.has("layer_types")) {
+    read_layer_types(r, c, window);
+  } else {
+    c.layer_window.assign(c.num_hidden_layers, 0);
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) c.layer_window[i] = i % 2 == 0 ? window : 0;
+  }
+}
+
 // Gemma 3's own keys (Gemma3TextConfig): the attention's score scale and soft-capping, which layers
 // slide, and the two rotary embeddings (global for full-attention layers, local for sliding ones).
 void parse_gemma3(Reader& r, ModelConfig& c) {
   const json& j = r.j;
   const std::string& source = r.source;
-  c.query_pre_attn_scalar = r.number_or("query_pre_attn_scalar", 256.0);
-  FT_CHECK(c.query_pre_attn_scalar > 0, "[config] ", source, ": 'query_pre_attn_scalar' must be > 0, got ",
-           c.query_pre_attn_scalar);
+  const int64_t window = parse_gemma_attention(r, c, 0.0);
   r.used.insert("attn_logit_softcapping");
   FT_CHECK(!r.has("attn_logit_softcapping"), "[config] ", source,
-           ": attn_logit_softcapping (soft-capped attention scores, Gemma 2's) is not supported");
-  c.final_logit_softcapping = r.number_or("final_logit_softcapping", 0.0);
-  FT_CHECK(!r.has("final_logit_softcapping") || c.final_logit_softcapping > 0, "[config] ", source,
-           ": 'final_logit_softcapping' must be > 0 or null, got ", c.final_logit_softcapping);
-  FT_CHECK(!r.boolean_or("use_bidirectional_attention", false), "[config] ", source,
-           ": use_bidirectional_attention (EmbeddingGemma's encoder) is not supported: libft trains causal language models");
+           ": attn_logit_softcapping is not supported for gemma3_text (Gemma 3 has no soft-capped attention scores)");
 
   // Windows: layer_types (transformers 5), else every sliding_window_pattern-th layer is global.
-  const int64_t window = r.integer_or("sliding_window", 4096);
-  FT_CHECK(window > 0, "[config] ", source, ": 'sliding_window' must be > 0, got ", window);
   const int64_t pattern =
       r.integer_or("sliding_window_pattern", r.integer_or("_sliding_window_pattern", 6));
   if (r.has("layer_types")) {
@@ -268,17 +307,26 @@ double ModelConfig::attention_scale() const {
 
 void ModelConfig::validate(const std::string& source) const {
   check_model_type(model_type, source);
-  // Qwen3's and Gemma 3's one attention_bias covers the four projections.
+  // Qwen3's and Gemma's one attention_bias covers the four projections.
   FT_CHECK((model_type != "qwen3" && !gemma()) || qkv_bias == o_bias, "[config] ", source, ": ", model_type,
            " has biases on all four attention projections or on none");
-  FT_CHECK(!gemma() || !mlp_bias, "[config] ", source, ": gemma3_text has no MLP biases");
-  FT_CHECK(hidden_act == (gemma() ? Activation::GeluTanh : Activation::Silu), "[config] ", source, ": ", model_type,
-           gemma() ? " uses the tanh-GELU activation (gelu_pytorch_tanh)" : " uses the silu activation");
+  FT_CHECK(!gemma() || !mlp_bias, "[config] ", source, ": ", model_type, " has no MLP biases");
+  if (model_type == "gemma") {
+    FT_CHECK(hidden_act == Activation::GeluTanh || hidden_act == Activation::Gelu, "[config] ", source,
+             ": gemma uses a GELU activation (gelu_pytorch_tanh or gelu)");
+  } else {
+    FT_CHECK(hidden_act == (gemma() ? Activation::GeluTanh : Activation::Silu), "[config] ", source, ": ", model_type,
+             gemma() ? " uses the tanh-GELU activation (gelu_pytorch_tanh)" : " uses the silu activation");
+  }
+  FT_CHECK(std::isfinite(attn_logit_softcapping) && attn_logit_softcapping >= 0, "[config] ", source,
+           ": 'attn_logit_softcapping' must be a finite number > 0, got ", attn_logit_softcapping);
+  FT_CHECK(attn_logit_softcapping == 0 || model_type == "gemma2", "[config] ", source,
+           ": only gemma2 soft-caps its attention scores (attn_logit_softcapping)");
   FT_CHECK(std::isfinite(query_pre_attn_scalar) && query_pre_attn_scalar >= 0, "[config] ", source,
            ": 'query_pre_attn_scalar' must be a finite number > 0, got ", query_pre_attn_scalar);
   FT_CHECK(std::isfinite(final_logit_softcapping) && final_logit_softcapping >= 0, "[config] ", source,
            ": 'final_logit_softcapping' must be a finite number > 0, got ", final_logit_softcapping);
-  FT_CHECK(!sliding_rope || gemma(), "[config] ", source, ": only gemma3_text has a rotary embedding of its own for its sliding-window layers");
+  FT_CHECK(!sliding_rope || gemma3(), "[config] ", source, ": only gemma3_text has a rotary embedding of its own for its sliding-window layers");
   check_sizes(*this, source);
   FT_CHECK(num_attention_heads % num_key_value_heads == 0, "[config] ", source, ": num_attention_heads (",
            num_attention_heads, ") must be a multiple of num_key_value_heads (", num_key_value_heads, ")");
@@ -312,11 +360,26 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
                ": architecture ", a.dump(), " is not supported (only *ForCausalLM)");
     }
   }
-  if (gemma) {
-    // Gemma3TextConfig's key and default; its exact-tanh "gelu_python_tanh" rounds differently.
+  if (c.model_type == "gemma") {
+    // GemmaConfig: transformers 5 reads hidden_act; 4.39 to 4.x read hidden_activation where given
+    // (Gemma 1's first configs said hidden_act "gelu", and the model was trained with the tanh
+    // approximation), so where a config gives both, hidden_activation decides.
+    std::string act = r.string_or("hidden_act", "gelu_pytorch_tanh");
+    act = r.string_or("hidden_activation", act);
+    FT_CHECK(act == "gelu_pytorch_tanh" || act == "gelu", "[config] ", source, ": activation '", act,
+             "' is not supported for gemma (gelu_pytorch_tanh or gelu)");
+    c.hidden_act = act == "gelu" ? Activation::Gelu : Activation::GeluTanh;
+  } else if (gemma) {
+    // Gemma2Config's and Gemma3TextConfig's key and default; the exact-tanh "gelu_python_tanh"
+    // rounds differently. (Gemma 2's configs also carry a hidden_act, which transformers ignores.)
     std::string act = r.string_or("hidden_activation", "gelu_pytorch_tanh");
     FT_CHECK(act == "gelu_pytorch_tanh", "[config] ", source, ": hidden_activation '", act,
-             "' is not supported for gemma3_text (only gelu_pytorch_tanh)");
+             "' is not supported for ", c.model_type, " (only gelu_pytorch_tanh)");
+    if (c.model_type == "gemma2") {
+      const std::string ignored = r.string_or("hidden_act", "gelu_pytorch_tanh");
+      FT_CHECK(ignored == "gelu_pytorch_tanh" || ignored == "gelu", "[config] ", source, ": hidden_act '", ignored,
+               "' is not a GELU (gemma2 uses hidden_activation, gelu_pytorch_tanh)");
+    }
     c.hidden_act = Activation::GeluTanh;
   } else {
     std::string act = r.string_or("hidden_act", "silu");
@@ -327,11 +390,15 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   c.intermediate_size = r.integer("intermediate_size");
   c.num_hidden_layers = r.integer("num_hidden_layers");
   c.num_attention_heads = r.integer("num_attention_heads");
-  c.num_key_value_heads = r.integer_or("num_key_value_heads", c.num_attention_heads);
+  // (GemmaConfig's default is 16, Gemma2Config's and Gemma3TextConfig's 4)
+  c.num_key_value_heads = r.integer_or("num_key_value_heads", c.model_type == "gemma" ? 16
+                                                              : gemma                 ? 4
+                                                                                      : c.num_attention_heads);
   FT_CHECK(c.num_attention_heads > 0, "[config] ", source, ": 'num_attention_heads' must be > 0, got ", c.num_attention_heads);
-  // Gemma3TextConfig's defaults differ from Llama's: head_dim 256, 131072 positions, a tied head.
+  // Gemma's config classes' defaults differ from Llama's: head_dim 256, 8192 positions (Gemma 3:
+  // 131072), a tied head.
   c.head_dim = r.integer_or("head_dim", gemma ? 256 : c.hidden_size / c.num_attention_heads);
-  c.max_position_embeddings = r.integer_or("max_position_embeddings", gemma ? 131072 : 2048);
+  c.max_position_embeddings = r.integer_or("max_position_embeddings", c.gemma3() ? 131072 : gemma ? 8192 : 2048);
   check_sizes(c, source);  // before any of them sizes a vector below (layer_window)
   c.rms_norm_eps = r.number_or("rms_norm_eps", 1e-6);
   c.initializer_range = r.number_or("initializer_range", 0.02);
@@ -349,7 +416,7 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   c.bos_token_id = r.optional_integer("bos_token_id");
   c.pad_token_id = r.optional_integer("pad_token_id");
   r.used.insert("eos_token_id");
-  if (gemma) {  // Gemma3TextConfig's defaults where the key is absent (a null stays null)
+  if (gemma) {  // Gemma's config classes' defaults where the key is absent (a null stays null)
     if (!j.contains("bos_token_id")) c.bos_token_id = 2;
     if (!j.contains("pad_token_id")) c.pad_token_id = 0;
     if (!j.contains("eos_token_id")) c.eos_token_ids = {1};
@@ -368,7 +435,7 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   }
   c.torch_dtype = r.string_or("torch_dtype", r.string_or("dtype", "float32"));
 
-  if (gemma) {
+  if (c.gemma3()) {
     parse_gemma3(r, c);
   } else {
     // RoPE: transformers 5 writes "rope_parameters" (with rope_theta inside); 4.x and most Hub
@@ -388,11 +455,16 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
 
   // Attention windows. Mistral: one window for every layer. Qwen2: layer_types (or, in older
   // configs, use_sliding_window with max_window_layers).
-  if (!gemma) c.layer_window.assign(c.num_hidden_layers, 0);
+  if (c.model_type == "gemma2") parse_gemma2(r, c);
+  if (c.model_type == "gemma") {
+    FT_CHECK(!r.boolean_or("use_bidirectional_attention", false), "[config] ", source,
+             ": use_bidirectional_attention is not supported: libft trains causal language models");
+  }
+  if (c.model_type != "gemma2" && !c.gemma3()) c.layer_window.assign(c.num_hidden_layers, 0);
   auto window = r.optional_integer("sliding_window");
   r.used.insert("layer_types");
-  if (gemma) {
-    // parse_gemma3 set the windows
+  if (c.model_type == "gemma2" || c.gemma3()) {
+    // parse_gemma2 or parse_gemma3 set the windows
   } else if (c.model_type == "mistral") {
     if (window) c.layer_window.assign(c.num_hidden_layers, *window);
   } else if (c.model_type == "qwen2" || c.model_type == "qwen3") {
@@ -441,7 +513,9 @@ std::string model_config_to_json(const ModelConfig& c) {
   const std::string arch = c.model_type == "llama"     ? "LlamaForCausalLM"
                            : c.model_type == "mistral" ? "MistralForCausalLM"
                            : c.model_type == "qwen2"   ? "Qwen2ForCausalLM"
-                           : c.gemma()                 ? "Gemma3ForCausalLM"
+                           : c.model_type == "gemma"   ? "GemmaForCausalLM"
+                           : c.model_type == "gemma2"  ? "Gemma2ForCausalLM"
+                           : c.gemma3()                ? "Gemma3ForCausalLM"
                                                        : "Qwen3ForCausalLM";
   j["architectures"] = json::array({arch});
   j["model_type"] = c.model_type;
@@ -454,7 +528,9 @@ std::string model_config_to_json(const ModelConfig& c) {
   j["head_dim"] = c.head_dim;
   j["max_position_embeddings"] = c.max_position_embeddings;
   j["rms_norm_eps"] = c.rms_norm_eps;
-  if (c.gemma()) {
+  if (c.model_type == "gemma") {
+    j["hidden_act"] = c.hidden_act == Activation::Gelu ? "gelu" : "gelu_pytorch_tanh";
+  } else if (c.gemma()) {
     j["hidden_activation"] = "gelu_pytorch_tanh";
   } else {
     j["hidden_act"] = "silu";
@@ -463,29 +539,32 @@ std::string model_config_to_json(const ModelConfig& c) {
   j["tie_word_embeddings"] = c.tie_word_embeddings;
   if (c.model_type != "qwen2") j["attention_bias"] = c.qkv_bias;
   if (c.model_type == "llama") j["mlp_bias"] = c.mlp_bias;
-  if (c.gemma()) {
+  if (c.gemma3()) {
     // transformers 5's layout: one rotary embedding per layer type, each with its theta.
     const RopeConfig local = c.sliding_rope.value_or(RopeConfig{.theta = 1e4});
     json full = rope_json(c.rope), sliding = rope_json(local);
     full["rope_theta"] = c.rope.theta;
     sliding["rope_theta"] = local.theta;
     j["rope_parameters"] = {{"full_attention", full}, {"sliding_attention", sliding}};
-    // Gemma3TextConfig types it as an int (and checks): written so where it is whole.
-    const double scalar = c.query_pre_attn_scalar;
-    j["query_pre_attn_scalar"] = scalar == std::floor(scalar) && scalar < 0x1p53 ? json(static_cast<int64_t>(scalar)) : json(scalar);
-    j["final_logit_softcapping"] = c.final_logit_softcapping > 0 ? json(c.final_logit_softcapping) : json(nullptr);
-    j["attn_logit_softcapping"] = nullptr;
-    j["use_bidirectional_attention"] = false;
   } else {
     j["rope_theta"] = c.rope.theta;
     j["rope_scaling"] = c.rope.type == RopeType::Default ? json(nullptr) : rope_json(c.rope);
   }
+  if (c.model_type == "gemma2" || c.gemma3()) {
+    // Gemma2Config and Gemma3TextConfig type it as an int (and check): written so where it is whole.
+    const double scalar = c.query_pre_attn_scalar;
+    j["query_pre_attn_scalar"] = scalar == std::floor(scalar) && scalar < 0x1p53 ? json(static_cast<int64_t>(scalar)) : json(scalar);
+    // (null, not absent, for none: an absent key is Gemma 2's default cap)
+    j["final_logit_softcapping"] = c.final_logit_softcapping > 0 ? json(c.final_logit_softcapping) : json(nullptr);
+    j["attn_logit_softcapping"] = c.attn_logit_softcapping > 0 ? json(c.attn_logit_softcapping) : json(nullptr);
+  }
+  if (c.gemma()) j["use_bidirectional_attention"] = false;
   int64_t window = 0;
   for (auto w : c.layer_window) window = std::max(window, w);
   if (c.model_type == "mistral") {
     j["sliding_window"] = window > 0 ? json(window) : json(nullptr);
-  } else if (c.model_type == "qwen2" || c.model_type == "qwen3" || c.gemma()) {
-    // (Gemma3TextConfig builds both masks whatever the layers are: a window is always written.)
+  } else if (c.model_type == "qwen2" || c.model_type == "qwen3" || c.model_type == "gemma2" || c.gemma3()) {
+    // (Gemma's configs build both masks whatever the layers are: a window is always written.)
     j["sliding_window"] = window > 0 ? json(window) : c.gemma() ? json(4096) : json(nullptr);
     if (!c.gemma()) j["use_sliding_window"] = window > 0;
     json types = json::array();

@@ -65,8 +65,12 @@ std::string describe(CausalLM& m) {
      << ", head_dim " << c.head_dim << (c.qkv_bias ? ", q/k/v bias" : "") << (c.o_bias ? ", o bias" : "")
      << (c.qk_norm() ? ", q/k norms" : "");
   if (c.query_pre_attn_scalar > 0) os << ", scores scaled by 1/sqrt(" << c.query_pre_attn_scalar << ")";
+  if (c.attn_logit_softcapping > 0) os << ", scores soft-capped at " << c.attn_logit_softcapping;
   os << "\n";
-  os << "mlp            " << (c.hidden_act == io::Activation::GeluTanh ? "GeGLU (tanh-GELU gate)" : "SwiGLU")
+  os << "mlp            "
+     << (c.hidden_act == io::Activation::GeluTanh ? "GeGLU (tanh-GELU gate)"
+         : c.hidden_act == io::Activation::Gelu   ? "GeGLU (exact GELU gate)"
+                                                  : "SwiGLU")
      << (c.mlp_bias ? ", biases" : "") << "\n";
   int64_t window = 0;
   for (auto w : c.layer_window) window = std::max(window, w);
@@ -85,7 +89,8 @@ std::string describe(CausalLM& m) {
   os << "\n";
   if (c.scaled_embeddings() || c.final_logit_softcapping > 0 || c.sandwich_norms()) {
     os << "gemma          ";
-    os << "embeddings x sqrt(" << c.hidden_size << "), norms x (1 + w) around both sublayers";
+    os << "embeddings x sqrt(" << c.hidden_size << "), norms x (1 + w)"
+       << (c.sandwich_norms() ? " around both sublayers" : "");
     if (c.final_logit_softcapping > 0) os << ", logits soft-capped at " << c.final_logit_softcapping;
     os << "\n";
   }

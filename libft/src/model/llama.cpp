@@ -13,8 +13,10 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <limits>
 #include <map>
 #include <numbers>
+#include <string>
 
 #include "ft/model/cpu_ops.h"
 #include "ft/util/autocast.h"
@@ -31,6 +33,11 @@
 
 namespace ft::model {
 namespace {
+
+// at::gelu's approximation for a GELU activation ("tanh" or "none"); "" for silu.
+std::string gelu_approximation(io::Activation act) {
+  return act == io::Activation::GeluTanh ? "tanh" : act == io::Activation::Gelu ? "none" : "";
+}
 
 #ifdef LIBFT_WITH_CUDA_KERNELS
 // The rotary embedding through the fused CUDA kernel (CausalLMImpl::set_fused_rope): the tables are
@@ -75,14 +82,16 @@ struct SwigluCuda : public torch::autograd::Function<SwigluCuda> {
 // the operands, they are the kernel's on separate gate and up.
 // With `gelu` (Gemma's GeGLU): gelu_tanh(gate) ⊙ up, likewise with gelu's operations, and no kernel.
 struct SwigluPacked : public torch::autograd::Function<SwigluPacked> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& gate_up, bool kernel, bool gelu) {
+  // `gelu`: "" for silu, else at::gelu's approximation ("tanh" or "none").
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& gate_up, bool kernel,
+                            const std::string& gelu) {
     const int64_t half = gate_up.size(-1) / 2;
     const at::Tensor gate = gate_up.narrow(-1, 0, half), up = gate_up.narrow(-1, half, half);
     ctx->save_for_backward({gate_up});
     ctx->saved_data["gelu"] = gelu;
-    if (gelu) {
+    if (!gelu.empty()) {
       ctx->saved_data["kernel"] = false;
-      return at::gelu(gate, "tanh") * up;
+      return at::gelu(gate, gelu) * up;
     }
 #ifdef LIBFT_WITH_CUDA_KERNELS
     kernel = kernel && kernels::swiglu_fits(gate, up);
@@ -108,9 +117,9 @@ struct SwigluPacked : public torch::autograd::Function<SwigluPacked> {
 #endif
     at::Tensor d = at::empty(gate_up.sizes(), gate_up.options().dtype(at::result_type(dh, gate_up)));
     at::Tensor d_gate = d.narrow(-1, 0, half), d_up = d.narrow(-1, half, half);
-    if (ctx->saved_data["gelu"].toBool()) {
-      at::mul_out(d_up, dh, at::gelu(gate, "tanh"));
-      at::gelu_backward_out(d_gate, dh * up, gate, "tanh");
+    if (const std::string gelu = ctx->saved_data["gelu"].toStringRef(); !gelu.empty()) {
+      at::mul_out(d_up, dh, at::gelu(gate, gelu));
+      at::gelu_backward_out(d_gate, dh * up, gate, gelu);
     } else {
       at::mul_out(d_up, dh, at::silu(gate));
       at::silu_backward_out(d_gate, dh * up, gate);
@@ -381,7 +390,8 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, int64_t window_)
       head_dim(c.head_dim),
       window(window_),
       scale(c.attention_scale()),
-      default_scale(c.query_pre_attn_scalar <= 0 || c.query_pre_attn_scalar == static_cast<double>(c.head_dim)) {
+      default_scale(c.query_pre_attn_scalar <= 0 || c.query_pre_attn_scalar == static_cast<double>(c.head_dim)),
+      softcap(c.attn_logit_softcapping) {
   q_proj = register_module("q_proj", linear(c.hidden_size, heads * head_dim, c.qkv_bias));
   k_proj = register_module("k_proj", linear(c.hidden_size, kv_heads * head_dim, c.qkv_bias));
   v_proj = register_module("v_proj", linear(c.hidden_size, kv_heads * head_dim, c.qkv_bias));
@@ -393,6 +403,28 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, int64_t window_)
 }
 
 namespace {
+// Gemma 2's attention, as transformers' eager form computes it (SDPA and flash attention have no
+// soft-capping): scores in q's dtype, scaled, soft-capped, then masked; the softmax in float32 and
+// cast back to q's dtype; each key/value head repeated for its group of query heads. q (B, H, T, D),
+// k and v (B, G, S, D); `mask` (B or 1, 1, T, S) bool, or undefined: causal (`causal`, where T = S)
+// or none.
+at::Tensor softcapped_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                                bool causal, double scale, double cap) {
+  const int64_t rep = q.size(1) / k.size(1);
+  const at::Tensor keys = rep == 1 ? k : k.repeat_interleave(rep, 1);
+  const at::Tensor values = rep == 1 ? v : v.repeat_interleave(rep, 1);
+  at::Tensor scores = at::matmul(q, keys.transpose(2, 3)) * scale;
+  scores = at::tanh(scores / cap) * cap;
+  constexpr double kMasked = -std::numeric_limits<double>::infinity();
+  if (mask.defined()) {
+    scores = scores.masked_fill(mask.logical_not(), kMasked);
+  } else if (causal) {
+    const int64_t T = q.size(2), S = k.size(2);
+    scores = scores.masked_fill(at::ones({T, S}, q.options().dtype(at::kBool)).triu(1), kMasked);
+  }
+  return at::matmul(at::softmax(scores, -1, at::kFloat).to(q.scalar_type()), values);
+}
+
 // Whether this layer's rotary embedding takes the fused CUDA kernel: asked for, float32 tables (so
 // the kernel's float32 arithmetic is the formula's), and no KV cache (whose keys keep the formula's
 // dtype).
@@ -410,8 +442,8 @@ bool fused_rope_fits(const AttentionInputs& in, const at::Tensor& q, const at::T
 at::Tensor swiglu_packed(const at::Tensor& gate_up, bool fused_kernel, io::Activation act) {
   FT_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, "[model] swiglu_packed: needs [gate | up] (…, 2·I), got ",
            gate_up.sizes());
-  const bool gelu = act == io::Activation::GeluTanh;
-  return SwigluPacked::apply(gate_up, fused_kernel && !gelu && gate_up.is_cuda(), gelu);
+  const std::string gelu = gelu_approximation(act);
+  return SwigluPacked::apply(gate_up, fused_kernel && gelu.empty() && gate_up.is_cuda(), gelu);
 }
 
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k,
@@ -439,7 +471,7 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
   // Short packed sequences on the CPU: the grouped GEMM path below, which wants q and k contiguous
   // as (B, H, T, D), and the fused rotary embedding writes them so.
   const at::Tensor& mask = in.masks.at(window);
-  const bool grouped = cache_k == nullptr && !prefix_k.defined() && grouped_attention_fits(q, k, v, mask);
+  const bool grouped = softcap == 0 && cache_k == nullptr && !prefix_k.defined() && grouped_attention_fits(q, k, v, mask);
   bool q_scaled = false;
   if (rope_fusable(q, cos, sin) && rope_fusable(k, cos, sin)) {
     q_scaled = grouped;  // the grouped path takes its 1/√D here, in the queries' rotation
@@ -467,6 +499,8 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
     v = at::cat({prefix_v.to(v.scalar_type()).unsqueeze(0).expand({B, -1, -1, -1}), v}, 2);
   }
   at::Tensor out;
+  // (CausalLMImpl::hidden_states sets no variable-length runs for a soft-capping model: it has masks.)
+  FT_CHECK(softcap == 0 || !in.cu_seqlens.defined(), "[model] soft-capped attention has no variable-length form");
   if (in.cu_seqlens.defined() && cache_k == nullptr && !prefix_k.defined()) {
     // Packed rows on CUDA: flash attention over each run of the flattened (B·T, heads, D) tokens,
     // causal within it (and windowed: a key within `window` positions, as the masks below say). In
@@ -485,7 +519,9 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
                                                    /*is_causal=*/true, /*return_debug_mask=*/false, scale, left, right));
     return o_proj(out.view({B, T, heads * head_dim}));
   }
-  if (grouped) {
+  if (softcap > 0) {
+    out = softcapped_attention(q, k, v, mask, !mask.defined() && in.causal, scale, softcap);
+  } else if (grouped) {
     at::Tensor& bias = in.grouped_bias[window];
     if (!bias.defined()) bias = grouped_attention_bias(mask, kv_heads, heads / kv_heads, q.scalar_type());
     out = grouped_attention(q, k, v, bias, q_scaled ? 1.0 : scale);
@@ -513,9 +549,9 @@ at::Tensor MLPImpl::forward(const at::Tensor& x) {
   const std::vector<at::Tensor> gate_up = forward_group({gate_proj.get(), up_proj.get()}, x, /*split=*/false);
   if (!gate_up.empty()) return down_proj(swiglu_packed(gate_up[0], fused_swiglu, act));
   const auto xs = projection_inputs(x, {gate_proj.get(), up_proj.get()}, shared_input_cast);
-  if (act == io::Activation::GeluTanh) {
+  if (act != io::Activation::Silu) {
     const at::Tensor gate = gate_proj(xs[0]);
-    return down_proj(at::gelu(gate, "tanh") * up_proj(xs[1]));
+    return down_proj(at::gelu(gate, gelu_approximation(act)) * up_proj(xs[1]));
   }
 #ifdef LIBFT_WITH_CUDA_KERNELS
   if (fused_swiglu && x.is_cuda()) {
@@ -546,7 +582,7 @@ DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer) {
 
 at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k,
                                      at::Tensor* cache_v, const at::Tensor& prefix_k, const at::Tensor& prefix_v) {
-  if (pre_feedforward_layernorm) {  // Gemma 3: norms around both sublayers' outputs too
+  if (pre_feedforward_layernorm) {  // Gemma 2 and 3: norms around both sublayers' outputs too
     at::Tensor h =
         x + post_attention_layernorm(self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v));
     return h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)));
@@ -711,7 +747,9 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
   FT_CHECK(!opt.segment_ids.defined() || opt.segment_ids.sizes() == input_ids.sizes(), "[model] segment_ids ",
            opt.segment_ids.sizes(), " must match input_ids ", input_ids.sizes());
   // Packed rows on CUDA in a flash dtype: variable-length attention (ForwardOptions::cu_seqlens).
-  if (opt.cu_seqlens.defined() && opt.segment_ids.defined() && device.is_cuda() && !cache && P == 0) {
+  // (Not for soft-capped attention scores, Gemma 2's, which flash attention does not compute.)
+  if (opt.cu_seqlens.defined() && opt.segment_ids.defined() && device.is_cuda() && !cache && P == 0 &&
+      config_.attn_logit_softcapping == 0) {
     const at::ScalarType qt = util::compute_dtype(x);  // the projections' (x is on the CUDA device)
     const int64_t D = config_.head_dim;
     if ((qt == at::kBFloat16 || qt == at::kHalf) && D % 8 == 0 && D <= 256) {
@@ -826,7 +864,7 @@ const at::Tensor& CausalLMImpl::on_device(const at::Tensor& host, at::Tensor& co
 
 at::Tensor CausalLMImpl::logits(const at::Tensor& hidden) {
   at::Tensor out = lm_head ? lm_head(hidden) : model::linear(hidden, model->embed_tokens->weight);
-  if (config_.final_logit_softcapping > 0) {  // Gemma 3's option, in HF's order of operations
+  if (config_.final_logit_softcapping > 0) {  // Gemma 2's and 3's option, in HF's order of operations
     const double cap = config_.final_logit_softcapping;
     out = at::tanh(out / cap) * cap;
   }

@@ -1,7 +1,7 @@
 #pragma once
 // Hugging Face config.json → typed model configuration for the Llama family
-// (llama, mistral, qwen2, qwen3; TinyLlama and SmolLM are "llama") and Gemma 3's text models
-// (gemma3_text: Gemma3ForCausalLM, e.g. gemma-3-270m and gemma-3-1b).
+// (llama, mistral, qwen2, qwen3; TinyLlama and SmolLM are "llama") and Gemma's text models
+// (gemma: Gemma 1; gemma2: Gemma 2; gemma3_text: Gemma3ForCausalLM, e.g. gemma-3-270m and gemma-3-1b).
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -11,9 +11,9 @@ namespace ft::io {
 
 enum class RopeType { Default, Linear, Llama3 };
 
-/// The MLP's gate activation: silu (SwiGLU) or the tanh approximation of GELU (GeGLU, Gemma's
-/// gelu_pytorch_tanh).
-enum class Activation { Silu, GeluTanh };
+/// The MLP's gate activation: silu (SwiGLU), the tanh approximation of GELU (GeGLU, Gemma's
+/// gelu_pytorch_tanh), or the exact, erf GELU (a Gemma 1 config's hidden_act "gelu").
+enum class Activation { Silu, GeluTanh, Gelu };
 
 struct RopeConfig {
   RopeType type = RopeType::Default;
@@ -25,7 +25,7 @@ struct RopeConfig {
 };
 
 struct ModelConfig {
-  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | gemma3_text
+  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | gemma | gemma2 | gemma3_text
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
@@ -41,10 +41,12 @@ struct ModelConfig {
   /// uses `rope`.
   std::optional<RopeConfig> sliding_rope;
   Activation hidden_act = Activation::Silu;
-  /// Gemma 3: attention scores scaled by query_pre_attn_scalar^-1/2; 0: by head_dim^-1/2.
+  /// Gemma 2 and 3: attention scores scaled by query_pre_attn_scalar^-1/2; 0: by head_dim^-1/2.
   double query_pre_attn_scalar = 0;
-  /// Gemma 3: logits = cap · tanh(logits / cap); 0: none.
+  /// Gemma 2 and 3: logits = cap · tanh(logits / cap); 0: none.
   double final_logit_softcapping = 0;
+  /// Gemma 2: attention scores = cap · tanh(scores / cap), after the scale, before the mask; 0: none.
+  double attn_logit_softcapping = 0;
   bool qkv_bias = false;       ///< llama/mistral/qwen3: attention_bias; qwen2: always true
   bool o_bias = false;         ///< llama/qwen3: attention_bias; qwen2/mistral: false
   bool mlp_bias = false;
@@ -58,17 +60,19 @@ struct ModelConfig {
   std::string torch_dtype = "float32";  ///< the checkpoint's declared dtype
   double initializer_range = 0.02;
 
+  /// Gemma 1, 2 and 3's text models.
+  bool gemma() const { return model_type == "gemma" || model_type == "gemma2" || gemma3(); }
   /// Gemma 3's text models.
-  bool gemma() const { return model_type == "gemma3_text"; }
+  bool gemma3() const { return model_type == "gemma3_text"; }
   /// Qwen3 and Gemma 3: an RMSNorm over each head's queries and keys (q_norm, k_norm: weights of
   /// head_dim), after the projections and before the rotary embedding.
-  bool qk_norm() const { return model_type == "qwen3" || gemma(); }
+  bool qk_norm() const { return model_type == "qwen3" || gemma3(); }
   /// Gemma: RMSNorm weights are offsets from one, x̂ · (1 + w), computed in float32 and then cast
   /// to x's dtype, and initialised to zero.
   bool norm_unit_offset() const { return gemma(); }
-  /// Gemma 3: each block also norms its attention output (post_attention_layernorm) and its MLP's
-  /// input and output (pre_feedforward_layernorm, post_feedforward_layernorm).
-  bool sandwich_norms() const { return gemma(); }
+  /// Gemma 2 and 3: each block also norms its attention output (post_attention_layernorm) and its
+  /// MLP's input and output (pre_feedforward_layernorm, post_feedforward_layernorm).
+  bool sandwich_norms() const { return model_type == "gemma2" || gemma3(); }
   /// Gemma: the embeddings are scaled by √hidden_size, rounded to float32 and then to the
   /// weights' dtype (the tied output head uses the unscaled weights).
   bool scaled_embeddings() const { return gemma(); }

@@ -1,5 +1,5 @@
 #pragma once
-// Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, TinyLlama, SmolLM; Gemma 3's text models)
+// Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, TinyLlama, SmolLM; Gemma 1, 2 and 3 text models)
 // in LibTorch.
 //
 // Module and parameter names are Hugging Face's ("model.layers.0.self_attn.q_proj.weight"), and so
@@ -89,6 +89,10 @@ class AttentionImpl : public torch::nn::Module {
   /// own, left to SDPA).
   double scale;
   bool default_scale;
+  /// Gemma 2 (ModelConfig::attn_logit_softcapping): scores = softcap · tanh(scores / softcap) before
+  /// the mask, which no fused attention computes: the scores are then materialised (as transformers'
+  /// eager attention does). 0: none.
+  double softcap = 0;
   bool shared_input_cast = true;  ///< CausalLMImpl::set_shared_input_cast
 };
 TORCH_MODULE(Attention);
@@ -96,7 +100,7 @@ TORCH_MODULE(Attention);
 class MLPImpl : public torch::nn::Module {
  public:
   explicit MLPImpl(const ModelConfig& c);
-  at::Tensor forward(const at::Tensor& x);  ///< down(act(gate(x)) * up(x)), act silu or tanh-GELU
+  at::Tensor forward(const at::Tensor& x);  ///< down(act(gate(x)) * up(x)), act silu or a GELU
   Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
   io::Activation act = io::Activation::Silu;
   bool fused_swiglu = false;  ///< CausalLMImpl::set_fused_swiglu (silu only)
@@ -109,10 +113,10 @@ class DecoderLayerImpl : public torch::nn::Module {
   DecoderLayerImpl(const ModelConfig& c, int64_t layer);
   at::Tensor forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k, at::Tensor* cache_v,
                      const at::Tensor& prefix_k = {}, const at::Tensor& prefix_v = {});
-  /// post_attention_layernorm norms the MLP's input, or with ModelConfig::sandwich_norms (Gemma 3)
+  /// post_attention_layernorm norms the MLP's input, or with ModelConfig::sandwich_norms (Gemma 2 and 3)
   /// the attention's output, and pre/post_feedforward_layernorm the MLP's input and output.
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
-  RMSNorm pre_feedforward_layernorm{nullptr}, post_feedforward_layernorm{nullptr};  ///< null but for Gemma 3
+  RMSNorm pre_feedforward_layernorm{nullptr}, post_feedforward_layernorm{nullptr};  ///< null but for Gemma 2 and 3
   Attention self_attn{nullptr};
   MLP mlp{nullptr};
 };
@@ -278,7 +282,8 @@ at::Tensor rope_inv_freq(const io::RopeConfig& rope, int64_t head_dim);
 /// `fused_kernel`: on CUDA, through the fused SwiGLU kernel (ft/kernels/swiglu.h, as
 /// CausalLMImpl::set_fused_swiglu), which reads the halves in place and writes the gradient's; its
 /// values are then the kernel's on separate gate and up. Ignored on the CPU.
-/// `act` GeluTanh: gelu_tanh(gate) ⊙ up (Gemma's GeGLU), likewise, with no kernel.
+/// `act` GeluTanh or Gelu: gelu(gate) ⊙ up (Gemma's GeGLU, tanh-approximated or exact), likewise,
+/// with no kernel.
 at::Tensor swiglu_packed(const at::Tensor& gate_up, bool fused_kernel = false, io::Activation act = io::Activation::Silu);
 
 /// Initialises weights as HF does for a fresh model (normal(0, initializer_range) for linears and
