@@ -211,6 +211,9 @@ TEST(Config, ParsesGemma2) {
   EXPECT_TRUE(params.contains("model.layers.0.pre_feedforward_layernorm.weight"));
   EXPECT_FALSE(params.contains("model.layers.0.self_attn.q_norm.weight"));
   EXPECT_EQ(m->model->layers->ptr<model::DecoderLayerImpl>(0)->self_attn->softcap, 50.0);
+  const std::string shown = model::describe(m);
+  EXPECT_NE(shown.find("scores scaled by 1/sqrt(224), scores soft-capped at 50"), std::string::npos) << shown;
+  EXPECT_NE(shown.find("norms x (1 + w) around both sublayers, logits soft-capped at 30"), std::string::npos) << shown;
 
   auto edited = [&](const std::string& from, const std::string& to) {
     std::string text = json;
@@ -274,6 +277,10 @@ TEST(Config, ParsesGemma1) {
   auto params = m->named_parameters();
   EXPECT_FALSE(params.contains("model.layers.0.pre_feedforward_layernorm.weight"));
   EXPECT_EQ(params["model.layers.0.self_attn.k_proj.weight"].sizes(), (std::vector<int64_t>{32, 48}));
+  const std::string shown = model::describe(m);
+  EXPECT_NE(shown.find("GeGLU (exact GELU gate)"), std::string::npos) << shown;
+  EXPECT_EQ(shown.find("soft-capped"), std::string::npos) << shown;
+  EXPECT_EQ(shown.find("sublayers"), std::string::npos) << shown;
   std::string windowed = json;
   windowed.replace(windowed.find(R"("use_cache": true)"), 17, R"("use_cache": true, "sliding_window": 8)");
   EXPECT_NE(expect_error([&] { io::parse_model_config(windowed, "w.json"); })

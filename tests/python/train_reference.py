@@ -53,16 +53,25 @@ def block_causal_mask(segment_ids):
     return mask[:, None]
 
 
+def for_attention(model, mask):
+    """A boolean mask as the model's attention takes it: eager attention (Gemma 2's, which soft-caps
+    the scores) adds its mask to the scores, so it gets 0 and the float32 minimum instead."""
+    if model.config._attn_implementation != "eager":
+        return mask
+    return torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+
+
 def loss_sum(model, input_ids, labels, position_ids, segment_ids):
     mask = block_causal_mask(segment_ids)
     if getattr(model, "peft_config", None) and model.active_peft_config.peft_type == "PREFIX_TUNING":
         p = model.active_peft_config.num_virtual_tokens
         b, _, t, _ = mask.shape
         mask = torch.cat([torch.ones(b, 1, t, p, dtype=torch.bool), mask], dim=3)
-        logits = model.get_base_model()(input_ids=input_ids, position_ids=position_ids + p, attention_mask=mask,
-                                        past_key_values=model.get_prompt(b), use_cache=True).logits
+        base = model.get_base_model()
+        logits = base(input_ids=input_ids, position_ids=position_ids + p, attention_mask=for_attention(base, mask),
+                      past_key_values=model.get_prompt(b), use_cache=True).logits
     else:
-        logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask).logits
+        logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=for_attention(model, mask)).logits
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1)
     return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
@@ -130,7 +139,10 @@ def main():
         sys.exit(f"train_reference: {a.batches} holds {n_steps} steps × {accum}; the run needs {steps} × "
                  f"{cfg['data']['grad_accum']}")
 
-    model = AutoModelForCausalLM.from_pretrained(a.model_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
+    # (Gemma 2: transformers' eager attention, the one that soft-caps the scores; SDPA leaves them uncapped.)
+    with open(os.path.join(a.model_dir, "config.json"), encoding="utf-8") as f:
+        attn = "eager" if json.load(f)["model_type"] == "gemma2" else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, torch_dtype=torch.float32, attn_implementation=attn)
     if mode == "lora":
         from peft import PeftModel
         init_from = cfg["lora"].get("init_from")
