@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# A Gemma 3 checkpoint from the command line (tests/CMakeLists.txt: cli_gemma3_chat), as a user brings
-# one from the Hub: config.json in transformers 4.x's layout (rope_local_base_freq,
-# sliding_window_pattern), a sentencepiece-style tokenizer.json in Gemma's layout with
+# A Gemma 3 or Gemma 2 checkpoint from the command line (tests/CMakeLists.txt: cli_gemma3_chat,
+# cli_gemma2_chat), as a user brings one from the Hub: config.json in transformers 4.x's layout (Gemma
+# 3: rope_local_base_freq, sliding_window_pattern; Gemma 2: both soft-caps, hidden_act beside
+# hidden_activation, alternating windows by default), a sentencepiece-style tokenizer.json in Gemma's layout with
 # <start_of_turn>/<end_of_turn> as special tokens, and a Gemma 3-style chat template whose turns end
 # at <end_of_turn> (an EOS of the config, as Gemma 3's [1, 106]). ft prepare renders conversations
 # with that template, full fine-tuning learns them, a LoRA run on top exports an adapter that ft merge
 # folds back (a QLoRA run keeps what was learned too), and ft generate --chat answers and stops at <end_of_turn>.
-#   tests/cli/gemma3_chat.sh FT PYTHON GEMMA_TOKENIZER_DIR WORK_DIR
+#   tests/cli/gemma_chat.sh FT PYTHON GEMMA_TOKENIZER_DIR WORK_DIR [gemma3|gemma2]
 set -euo pipefail
-ft=$1 python=$2 tok=$3 d=$4
+ft=$1 python=$2 tok=$3 d=$4 family=${5:-gemma3}
 rm -rf "$d" && mkdir -p "$d/m"
 # The tokenizer with Gemma's turn markers added as special tokens (as its own file lists them).
 read -r vocab end_id < <("$python" - "$tok" "$d/m" <<'PY'
@@ -21,7 +22,20 @@ print(len(t), t.convert_tokens_to_ids("<end_of_turn>"))
 PY
 )
 # One global layer after a local one (pattern 2), the local window shorter than a conversation.
-cat >"$d/config.json" <<EOF
+if [ "$family" = gemma2 ]; then
+  # (Gemma 2's own caps, 50 and 30: the trained model's scores and logits grow into them.)
+  cat >"$d/config.json" <<EOF
+{"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": $vocab, "hidden_size": 64,
+ "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
+ "head_dim": 32, "query_pre_attn_scalar": 32, "hidden_act": "gelu_pytorch_tanh",
+ "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "sliding_window": 16,
+ "max_position_embeddings": 512, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+ "cache_implementation": "hybrid", "bos_token_id": 1, "eos_token_id": [2, $end_id], "pad_token_id": 0,
+ "torch_dtype": "float32"}
+EOF
+  shows=("sliding window 16 in 1 of 2 layers" "scores soft-capped at 50" "logits soft-capped at 30" "GeGLU")
+else
+  cat >"$d/config.json" <<EOF
 {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": $vocab, "hidden_size": 64,
  "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
  "head_dim": 32, "query_pre_attn_scalar": 32, "hidden_activation": "gelu_pytorch_tanh",
@@ -30,11 +44,14 @@ cat >"$d/config.json" <<EOF
  "attn_logit_softcapping": null, "final_logit_softcapping": null, "cache_implementation": "hybrid",
  "bos_token_id": 1, "eos_token_id": [2, $end_id], "pad_token_id": 0, "torch_dtype": "float32"}
 EOF
+  shows=("sliding window 16 in 1 of 2 layers (their rope default, theta 10000)" "GeGLU")
+fi
 "$ft" init "$d/config.json" "$d/init" --seed 5 >/dev/null
 cp "$d/init/"* "$d/m/"
 "$ft" inspect "$d/m" >"$d/inspect.txt"
-grep -q "sliding window 16 in 1 of 2 layers (their rope default, theta 10000)" "$d/inspect.txt" &&
-  grep -q "GeGLU" "$d/inspect.txt" || { echo "FAIL: inspect"; cat "$d/inspect.txt"; exit 1; }
+for want in "${shows[@]}"; do
+  grep -qF "$want" "$d/inspect.txt" || { echo "FAIL: inspect does not show '$want'"; cat "$d/inspect.txt"; exit 1; }
+done
 cat >"$d/m/chat_template.jinja" <<'EOF'
 {{ bos_token }}
 {%- if messages[0]['role'] == 'system' -%}
@@ -72,4 +89,4 @@ echo "$out" | grep -q "^answer: A person who enjoys exploring the details of pro
 out=$("$ft" generate "$d/merged" --chat "Who wrote the Jargon File?" --system "Answer briefly." -n 40)
 echo "$out" | grep -q "^answer: Many hands, over decades.$" ||
   { echo "FAIL: generate --chat --system did not answer:"; echo "$out"; exit 1; }
-echo "gemma3 chat OK: full fine-tuning loss $first -> $last, LoRA $lfirst -> $llast, QLoRA $qfirst -> $qlast"
+echo "$family chat OK: full fine-tuning loss $first -> $last, LoRA $lfirst -> $llast, QLoRA $qfirst -> $qlast"
