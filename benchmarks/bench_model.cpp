@@ -277,6 +277,57 @@ FT_GUARDED_BENCHMARK(BM_Forward) {
 BENCHMARK(BM_Forward)->Args({0, 256, 4, 256, 0})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_Forward)->Args({1, 2048, 16, 2048, 1})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(kCudaIterations / 5);
 
+// Gemma 2's soft-capped attention, forward and backward: 0, the eager chain transformers writes,
+// run by autograd (which keeps the scores, their tanh and the float32 probabilities of every
+// layer for the backward pass); 1, model::softcapped_attention, which keeps q, k and v and
+// recomputes the scores in blocks of query rows. CPU: float32, 8 query and 4 key/value heads of 64,
+// 512 tokens; CUDA: bf16, gemma-2-2b's heads (8 and 4 of 256), 2048 tokens, and "saved MiB": what
+// the forward pass leaves allocated for the backward pass, beyond its output.
+FT_GUARDED_BENCHMARK(BM_SoftcappedAttention) {
+  const int path = static_cast<int>(state.range(0));
+  const bool cuda = state.range(1) == 1;
+  if (cuda && !at::hasCUDA()) return state.SkipWithError("no CUDA device");
+  const int64_t B = 1, H = 8, G = 4, T = cuda ? 2048 : 512, D = cuda ? 256 : 64;
+  const auto opts = at::TensorOptions().device(cuda ? at::kCUDA : at::kCPU).dtype(cuda ? at::kBFloat16 : at::kFloat);
+  const at::Tensor q = at::randn({B, H, T, D}, opts).requires_grad_(), k = at::randn({B, G, T, D}, opts).requires_grad_();
+  const at::Tensor v = at::randn({B, G, T, D}, opts).requires_grad_(), dout = at::randn({B, H, T, D}, opts);
+  const double scale = 1.0 / std::sqrt(256.0), cap = 50.0;
+  auto forward = [&] {
+    if (path == 1) return model::softcapped_attention(q, k, v, at::Tensor(), /*causal=*/true, scale, cap);
+    at::Tensor s = at::matmul(q, k.repeat_interleave(H / G, 1).transpose(2, 3)) * scale;
+    s = at::tanh(s / cap) * cap;
+    s = s.masked_fill(at::ones({T, T}, opts.dtype(at::kBool)).triu(1), -std::numeric_limits<double>::infinity());
+    return at::matmul(at::softmax(s, -1, at::kFloat).to(q.scalar_type()), v.repeat_interleave(H / G, 1));
+  };
+  double saved_mib = -1;
+  for (int i = 0; i < 2; ++i) {
+#ifdef LIBFT_WITH_CUDA_KERNELS
+    namespace alloc = c10::cuda::CUDACachingAllocator;
+    sync(q.device());
+    const int64_t before = cuda ? alloc::getDeviceStats(0).allocated_bytes[0].current : 0;
+    at::Tensor out = forward();
+    sync(q.device());
+    if (cuda) {
+      saved_mib = static_cast<double>(alloc::getDeviceStats(0).allocated_bytes[0].current - before -
+                                      static_cast<int64_t>(out.nbytes())) / (1 << 20);
+    }
+#else
+    at::Tensor out = forward();
+#endif
+    torch::autograd::backward({out}, {dout});
+  }
+  sync(q.device());
+  for (auto _ : state) {
+    torch::autograd::backward({forward()}, {dout});
+    sync(q.device());
+  }
+  state.SetLabel(path == 0 ? "eager chain (autograd)" : "libft, recomputed in the backward pass");
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(B * T), benchmark::Counter::kIsIterationInvariantRate);
+  if (saved_mib >= 0) state.counters["saved MiB"] = saved_mib;
+}
+BENCHMARK(BM_SoftcappedAttention)->ArgsProduct({{0, 1}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_SoftcappedAttention)->ArgsProduct({{0, 1}, {1}})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(kCudaIterations);
+
 #ifdef LIBFT_WITH_CUDA_KERNELS
 // Arguments: rows, hidden, fused (1) or reference (0). bf16 activations and weights.
 FT_GUARDED_BENCHMARK(BM_RMSNorm) {

@@ -6,12 +6,14 @@
 #include <numbers>
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include "ft/io/hf_checkpoint.h"
 #include "ft/util/error.h"
 #include "ft/io/hf_config.h"
 #include "ft/model/generate.h"
 #include "ft/model/inspect.h"
+#include "ft/util/autocast.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -403,6 +405,63 @@ TEST(Rope, Llama3InverseFrequenciesMatchFloat64Formula) {
       expected = (1 - s) * f / 8.0 + s * f;
     }
     EXPECT_NEAR(got[i].item<double>(), expected, 1e-6 * expected) << "frequency " << i;
+  }
+}
+
+// Gemma 2's soft-capped attention against the chain transformers' eager attention writes, run by
+// autograd: values and gradients of q, k and v, in float64 (to 1e-12: the same formula) and under
+// bf16 autocast (the same roundings but for the backward's order), whole and in ragged blocks of
+// query rows, with grouped heads, for a causal pass (no mask), a padding mask per batch row, and new
+// tokens after cached ones (T < S).
+TEST(Model, SoftcappedAttentionMatchesTheEagerChainAndItsGradients) {
+  auto eager = [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& allowed, double scale,
+                  double cap) {
+    const int64_t rep = q.size(1) / k.size(1);
+    at::Tensor s = at::matmul(q, k.repeat_interleave(rep, 1).transpose(2, 3)) * scale;
+    s = at::tanh(s / cap) * cap;
+    s = s.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
+    const at::ScalarType wide = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    return at::matmul(at::softmax(s, -1, wide).to(q.scalar_type()), v.repeat_interleave(rep, 1));
+  };
+  struct Case {
+    const char* name;
+    int64_t T, S;
+    bool padded;
+  };
+  for (const Case& c : {Case{"causal", 7, 7, false}, Case{"padding", 7, 7, true}, Case{"after a cache", 3, 7, false}}) {
+    for (const bool autocast : {false, true}) {
+      for (const int64_t max_scores : {int64_t{1} << 26, int64_t{2 * 4 * 7 * 3}, int64_t{1}}) {  // 1, 3 and 7 blocks
+        SCOPED_TRACE(std::string(c.name) + (autocast ? " autocast" : " float64") + " max_scores " +
+                     std::to_string(max_scores));
+        at::manual_seed(3);
+        const at::ScalarType dt = autocast ? at::kFloat : at::kDouble;
+        at::Tensor q = (2 * at::randn({2, 4, c.T, 8}, dt)).requires_grad_();
+        at::Tensor k = (2 * at::randn({2, 2, c.S, 8}, dt)).requires_grad_();
+        at::Tensor v = at::randn({2, 2, c.S, 8}, dt).requires_grad_();
+        const at::Tensor dout = at::randn({2, 4, c.T, 8}, dt);
+        // Allowed: causal with the new tokens last; row 1 padded at its first two keys.
+        at::Tensor allowed = (at::arange(c.S).view({1, c.S}) <= at::arange(c.S - c.T, c.S).view({c.T, 1})).view({1, 1, c.T, c.S});
+        at::Tensor mask;  // what softcapped_attention is given
+        if (c.padded) {
+          at::Tensor keys_valid = at::ones({2, c.S}, at::kBool);
+          keys_valid.index_put_({1, at::indexing::Slice(0, 2)}, false);
+          allowed = allowed.logical_and(keys_valid.view({2, 1, 1, c.S})).logical_or(at::eye(c.T, c.S, at::kBool).view({1, 1, c.T, c.S}));
+        }
+        if (c.padded || c.T != c.S) mask = allowed.expand({2, 1, c.T, c.S}).contiguous();
+        util::AutocastScope scope(autocast, at::kCPU);
+        const at::Tensor got = model::softcapped_attention(q, k, v, mask, !mask.defined(), 0.3, 2.0, max_scores);
+        const auto g = torch::autograd::grad({got}, {q, k, v}, {dout.to(got.scalar_type())});
+        const at::Tensor want = eager(q, k, v, allowed, 0.3, 2.0);
+        const auto w = torch::autograd::grad({want}, {q, k, v}, {dout.to(want.scalar_type())});
+        EXPECT_EQ(got.scalar_type(), want.scalar_type());
+        const double tol = autocast ? 2e-2 : 1e-12;
+        EXPECT_LE(test::max_rel_error(got, want), autocast ? 0.0 : tol) << "output";
+        for (int i = 0; i < 3; ++i) {
+          EXPECT_EQ(g[i].scalar_type(), w[i].scalar_type());
+          EXPECT_LE(test::max_rel_error(g[i], w[i]), tol) << "gradient " << "qkv"[i];
+        }
+      }
+    }
   }
 }
 

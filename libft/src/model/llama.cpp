@@ -12,6 +12,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <map>
@@ -403,27 +404,105 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, int64_t window_)
 }
 
 namespace {
-// Gemma 2's attention, as transformers' eager form computes it (SDPA and flash attention have no
-// soft-capping): scores in q's dtype, scaled, soft-capped, then masked; the softmax in float32 and
-// cast back to q's dtype; each key/value head repeated for its group of query heads. q (B, H, T, D),
-// k and v (B, G, S, D); `mask` (B or 1, 1, T, S) bool, or undefined: causal (`causal`, where T = S)
-// or none.
-at::Tensor softcapped_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                                bool causal, double scale, double cap) {
-  const int64_t rep = q.size(1) / k.size(1);
-  const at::Tensor keys = rep == 1 ? k : k.repeat_interleave(rep, 1);
-  const at::Tensor values = rep == 1 ? v : v.repeat_interleave(rep, 1);
-  at::Tensor scores = at::matmul(q, keys.transpose(2, 3)) * scale;
-  scores = at::tanh(scores / cap) * cap;
-  constexpr double kMasked = -std::numeric_limits<double>::infinity();
-  if (mask.defined()) {
-    scores = scores.masked_fill(mask.logical_not(), kMasked);
-  } else if (causal) {
-    const int64_t T = q.size(2), S = k.size(2);
-    scores = scores.masked_fill(at::ones({T, S}, q.options().dtype(at::kBool)).triu(1), kMasked);
+// Gemma 2's soft-capped attention (softcapped_attention below) as an autograd function that keeps
+// only q, k, v and the mask: the (B, H, T, S) scores, probabilities and their casts, which autograd
+// would keep for every layer (transformers' eager attention does: about 0.25 GiB per layer of
+// gemma-2-2b at 2048 tokens), are recomputed in the backward pass, a block of query rows at a time.
+struct SoftcappedAttention : public torch::autograd::Function<SoftcappedAttention> {
+  // (The mask travels here, not as an input: autograd's functions take no undefined inputs.)
+  struct Args {
+    at::Tensor mask;
+    bool causal;
+    double scale, cap;
+    int64_t rows;  // query rows per block
+  };
+
+  // Block [t0, t1) of the query rows: the keys each row may not see (undefined: none).
+  static at::Tensor hidden(const at::Tensor& mask, bool causal, int64_t t0, int64_t t1, int64_t S,
+                           const at::TensorOptions& o) {
+    if (mask.defined()) return mask.slice(2, t0, t1).logical_not();
+    if (!causal) return {};
+    const auto idx = o.dtype(at::kLong);
+    return at::arange(0, S, idx).view({1, S}) > at::arange(t0, t1, idx).view({t1 - t0, 1});
   }
-  return at::matmul(at::softmax(scores, -1, at::kFloat).to(q.scalar_type()), values);
-}
+
+  // One block's soft-capped scores' tanh (t) and probabilities (float32; float64 for float64
+  // models, as RMSNorm's statistics), as the forward pass made them.
+  static std::pair<at::Tensor, at::Tensor> probabilities(const at::Tensor& qb, const at::Tensor& keys,
+                                                         const at::Tensor& hide, const Args& a) {
+    // (in transformers' order: each step rounds to the scores' dtype as it does there)
+    at::Tensor t = at::tanh(at::matmul(qb, keys.transpose(2, 3)) * a.scale / a.cap);
+    at::Tensor capped = t * a.cap;
+    if (hide.defined()) capped.masked_fill_(hide, -std::numeric_limits<double>::infinity());
+    return {t, at::softmax(capped, -1, qb.scalar_type() == at::kDouble ? at::kDouble : at::kFloat)};
+  }
+
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const Args& a) {
+    // In autocast's dtype where it is on (the matmuls' dtype in transformers), with autocast off
+    // inside: every op below runs in the dtype written.
+    const at::ScalarType ct = util::compute_dtype(q);
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const at::Tensor qc = q.to(ct), kc = k.to(ct), vc = v.to(ct);
+    const int64_t rep = q.size(1) / k.size(1), T = q.size(2), S = k.size(2);
+    const at::Tensor keys = rep == 1 ? kc : kc.repeat_interleave(rep, 1);
+    const at::Tensor values = rep == 1 ? vc : vc.repeat_interleave(rep, 1);
+    std::vector<at::Tensor> out;
+    for (int64_t t0 = 0; t0 < T; t0 += a.rows) {
+      const int64_t t1 = std::min(T, t0 + a.rows);
+      const at::Tensor hide = hidden(a.mask, a.causal, t0, t1, S, q.options());
+      const at::Tensor p = probabilities(qc.slice(2, t0, t1), keys, hide, a).second;
+      out.push_back(at::matmul(p.to(ct), values));
+    }
+    ctx->save_for_backward({qc, kc, vc});
+    ctx->saved_data["mask"] = a.mask;
+    ctx->saved_data["causal"] = a.causal;
+    ctx->saved_data["scale"] = a.scale;
+    ctx->saved_data["cap"] = a.cap;
+    ctx->saved_data["rows"] = a.rows;
+    ctx->saved_data["dtypes"] = std::vector<int64_t>{static_cast<int64_t>(q.scalar_type()),
+                                                     static_cast<int64_t>(k.scalar_type()),
+                                                     static_cast<int64_t>(v.scalar_type())};
+    return out.size() == 1 ? out[0] : at::cat(out, 2);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2];
+    const at::IValue& saved_mask = ctx->saved_data["mask"];
+    const at::Tensor mask = saved_mask.isTensor() ? saved_mask.toTensor() : at::Tensor();
+    const Args a{mask, ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble(),
+                 ctx->saved_data["cap"].toDouble(), ctx->saved_data["rows"].toInt()};
+    const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
+    const at::ScalarType ct = q.scalar_type();
+    const int64_t B = q.size(0), H = q.size(1), G = k.size(1), rep = H / G, T = q.size(2), S = k.size(2),
+                  D = q.size(3);
+    const at::Tensor keys = rep == 1 ? k : k.repeat_interleave(rep, 1);
+    const at::Tensor values = rep == 1 ? v : v.repeat_interleave(rep, 1);
+    const at::Tensor dout = grads[0].to(ct);
+    at::Tensor dq = at::empty_like(q), dkeys = at::zeros_like(keys), dvalues = at::zeros_like(values);
+    for (int64_t t0 = 0; t0 < T; t0 += a.rows) {
+      const int64_t t1 = std::min(T, t0 + a.rows);
+      const at::Tensor qb = q.slice(2, t0, t1), dob = dout.slice(2, t0, t1);
+      const at::Tensor hide = hidden(mask, a.causal, t0, t1, S, q.options());
+      auto [t, p] = probabilities(qb, keys, hide, a);
+      const at::Tensor pc = p.to(ct);
+      dvalues.add_(at::matmul(pc.transpose(2, 3), dob));
+      // Back through the cast to ct, the float32 softmax (to the scores' dtype; zero where masked,
+      // as p is), the cap (cap · tanh(s / cap): the two factors of cap cancel) and the scale.
+      const at::Tensor dp = at::matmul(dob, values.transpose(2, 3)).to(p.scalar_type());
+      const at::Tensor dcapped = at::_softmax_backward_data(dp, p, -1, p.scalar_type()).to(ct);
+      const at::Tensor dscores = at::tanh_backward(dcapped, t).mul_(a.scale);
+      dq.slice(2, t0, t1).copy_(at::matmul(dscores, keys));
+      dkeys.add_(at::matmul(dscores.transpose(2, 3), qb));
+    }
+    at::Tensor dk = rep == 1 ? dkeys : dkeys.view({B, G, rep, S, D}).sum(2);
+    at::Tensor dv = rep == 1 ? dvalues : dvalues.view({B, G, rep, S, D}).sum(2);
+    auto as = [&](const at::Tensor& g, int i) { return g.to(static_cast<at::ScalarType>(dtypes[i])); };
+    return {as(dq, 0), as(dk, 1), as(dv, 2), at::Tensor()};
+  }
+};
 
 // Whether this layer's rotary embedding takes the fused CUDA kernel: asked for, float32 tables (so
 // the kernel's float32 arithmetic is the formula's), and no KV cache (whose keys keep the formula's
@@ -444,6 +523,22 @@ at::Tensor swiglu_packed(const at::Tensor& gate_up, bool fused_kernel, io::Activ
            gate_up.sizes());
   const std::string gelu = gelu_approximation(act);
   return SwigluPacked::apply(gate_up, fused_kernel && gelu.empty() && gate_up.is_cuda(), gelu);
+}
+
+at::Tensor softcapped_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                                bool causal, double scale, double cap, int64_t max_scores) {
+  FT_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) && q.size(3) == k.size(3) &&
+               k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+           "[model] softcapped_attention: q (B, H, T, D) and k, v (B, G, S, D) with G dividing H, got ", q.sizes(), ", ",
+           k.sizes(), ", ", v.sizes());
+  FT_CHECK(!mask.defined() || (mask.dim() == 4 && mask.scalar_type() == at::kBool && mask.size(2) == q.size(2) &&
+                               mask.size(3) == k.size(2)),
+           "[model] softcapped_attention: the mask must be (B or 1, 1, T, S) bool, got ", mask.sizes());
+  FT_CHECK(!causal || mask.defined() || q.size(2) == k.size(2), "[model] softcapped_attention: causal needs T = S");
+  FT_CHECK(cap > 0 && max_scores > 0, "[model] softcapped_attention: cap and max_scores must be > 0");
+  const int64_t per_row = std::max<int64_t>(1, q.size(0) * q.size(1) * k.size(2));
+  const int64_t rows = std::clamp<int64_t>(max_scores / per_row, 1, std::max<int64_t>(1, q.size(2)));
+  return SoftcappedAttention::apply(q, k, v, SoftcappedAttention::Args{mask, causal, scale, cap, rows});
 }
 
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k,

@@ -286,6 +286,17 @@ at::Tensor rope_inv_freq(const io::RopeConfig& rope, int64_t head_dim);
 /// with no kernel.
 at::Tensor swiglu_packed(const at::Tensor& gate_up, bool fused_kernel = false, io::Activation act = io::Activation::Silu);
 
+/// Gemma 2's attention with soft-capped scores, as transformers' eager attention computes it (no
+/// fused attention soft-caps): scores = q·kᵀ · scale, then cap · tanh(scores / cap), masked, a
+/// float32 softmax cast back to the compute dtype (autocast's where it is on, else q's), times v;
+/// each key/value head serves its group of query heads. q (B, H, T, D), k and v (B, G, S, D);
+/// `mask` (B or 1, 1, T, S) bool, true where a query may see a key, or undefined: causal
+/// (`causal`, T = S) or none. Returns (B, H, T, D) in the compute dtype. Keeps only q, k, v and the
+/// mask for the backward pass, which recomputes the scores; both passes work through blocks of
+/// query rows whose scores hold at most `max_scores` elements (at least one row).
+at::Tensor softcapped_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                                bool causal, double scale, double cap, int64_t max_scores = int64_t{1} << 26);
+
 /// Initialises weights as HF does for a fresh model (normal(0, initializer_range) for linears and
 /// embeddings, ones for norms (zeros for Gemma's offsets from one), zeros for biases), from `seed`.
 void init_weights(CausalLM& model, uint64_t seed);
