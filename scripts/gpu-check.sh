@@ -137,7 +137,8 @@ done
 # together, most important first); the step rows of the paths that have not run on a GPU (row
 # kernels, every opt-in, the shared cast, grouped projections); the other rows of those paths (layer
 # modes 5 and 6, ops 19-29, dropout inside the row kernels, the model's fused kernels); the extras
-# (packed attention, the per-operation breakdown, other ranks, QLoRA through the extended GEMM).
+# (packed attention, Gemma 2's soft-capped attention, the per-operation breakdown, other ranks, QLoRA
+# through the extended GEMM).
 bench_s=$(( $(left) - 45 )); [ $bench_s -lt 80 ] && bench_s=80
 log "benchmarks, the rest (at most ${bench_s}s)"
 bench_start=$(date +%s)
@@ -148,7 +149,7 @@ bench "$(until_share 68)" 'BM_LoraStepCuda/([34]/[14]/0/0/0|[14]/4/[01]/0/1|5/4/
 steps_new_rc=$?
 bench "$(until_share 88)" 'BM_(LoraLinear/1/[56]/[0-2]/16/|LoraLinearDropout/1/[1-6]/0/16/2048/|LoraOp/(19|2[0-9])/0/16/2048|CrossEntropyCuda|RopeCuda|SwigluCuda)' rows
 rows_rc=$?
-bench "$(until_share 100)" 'BM_(PackedAttentionCuda|Forward/1/|RMSNorm|NF4Dequant/1/0|LoraOp/([0-9]|1[0-8])/|LoraOp/(19|2[0-9])/(1/|0/16/8192)|LoraLinearDropout/1/[1-6]/0/16/8192/|LoraLinear/1/[0-6]/[0-2]/(8|64)/|LoraLinear/1/[78]/[0-2]/16/|DoraRowNorm/1/)' extra
+bench "$(until_share 100)" 'BM_(PackedAttentionCuda|SoftcappedAttention/[01]/1|Forward/1/|RMSNorm|NF4Dequant/1/0|LoraOp/([0-9]|1[0-8])/|LoraOp/(19|2[0-9])/(1/|0/16/8192)|LoraLinearDropout/1/[1-6]/0/16/8192/|LoraLinear/1/[0-6]/[0-2]/(8|64)/|LoraLinear/1/[78]/[0-2]/16/|DoraRowNorm/1/)' extra
 extra_rc=$?
 
 # One step of the LoRA rows traced (Kineto: host calls per thread, CUDA kernels), in a process of its
