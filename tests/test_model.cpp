@@ -175,6 +175,71 @@ TEST(Config, ParsesGemma3Text) {
             std::string::npos);
 }
 
+// Gemma 3's image-text checkpoints as the Hub's gemma-3-4b-it config.json has it: the language
+// model's settings in a text_config that names only what differs from Gemma3TextConfig's defaults,
+// the EOS ids and dtype at the top level; the vision tower's settings are read past.
+TEST(Config, ParsesGemma3ImageTextConfig) {
+  const std::string json = R"({
+    "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999, "eoi_token_index": 256000,
+    "eos_token_id": [1, 106], "image_token_index": 262144, "initializer_range": 0.02, "mm_tokens_per_image": 256,
+    "model_type": "gemma3",
+    "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                    "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024},
+    "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                      "patch_size": 14, "vision_use_head": false}
+  })";
+  auto c = io::parse_model_config(json, "config.json");
+  EXPECT_EQ(c.model_type, "gemma3_text");
+  EXPECT_EQ(c.image_text_architecture, "Gemma3ForConditionalGeneration");
+  EXPECT_EQ(c.vocab_size, 262208);
+  EXPECT_EQ(c.hidden_size, 2560);
+  EXPECT_EQ(c.num_hidden_layers, 34);
+  EXPECT_EQ(c.num_attention_heads, 8);
+  EXPECT_EQ(c.num_key_value_heads, 4);
+  EXPECT_EQ(c.head_dim, 256);
+  EXPECT_DOUBLE_EQ(c.attention_scale(), 1.0 / 16);
+  EXPECT_EQ(c.rope.type, io::RopeType::Linear);
+  EXPECT_DOUBLE_EQ(c.rope.factor, 8.0);
+  EXPECT_DOUBLE_EQ(c.sliding_rope->theta, 1e4);
+  EXPECT_EQ(c.layer_window[0], 1024);
+  EXPECT_EQ(c.layer_window[5], 0);
+  EXPECT_EQ(c.eos_token_ids, (std::vector<int64_t>{1, 106}));
+  EXPECT_EQ(c.torch_dtype, "bfloat16");
+  EXPECT_TRUE(c.tie_word_embeddings);
+  // What libft writes back is the text model (Gemma3ForCausalLM) with every size spelled out.
+  const std::string written = io::model_config_to_json(c);
+  EXPECT_NE(written.find("Gemma3ForCausalLM"), std::string::npos);
+  EXPECT_EQ(written.find("vision_config"), std::string::npos);
+  auto again = io::parse_model_config(written, "written");
+  EXPECT_TRUE(again.image_text_architecture.empty());
+  EXPECT_EQ(again.vocab_size, 262208);
+  EXPECT_EQ(again.layer_window, c.layer_window);
+
+  auto error_for = [&](const std::string& from, const std::string& to) {
+    std::string text = json;
+    const auto at = text.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    text.replace(at, from.size(), to);
+    return expect_error([&] { io::parse_model_config(text, "mm.json"); });
+  };
+  EXPECT_NE(error_for(R"("mm_tokens_per_image": 256)", R"("mm_tokens_per_image": 256, "frobnicate": 1)")
+                .find("mm.json: unknown key 'frobnicate'"),
+            std::string::npos);
+  EXPECT_NE(error_for(R"(["Gemma3ForConditionalGeneration"])", R"(["Gemma3ForCausalLM"])").find("expected [\"Gemma3ForConditionalGeneration\"]"),
+            std::string::npos);
+  EXPECT_NE(error_for(R"("model_type": "gemma3_text")", R"("model_type": "gemma2")").find("text_config's model_type must be 'gemma3_text'"),
+            std::string::npos);
+  EXPECT_NE(error_for(R"("sliding_window": 1024)", R"("sliding_window": 1024, "mlp_bias": true)")
+                .find("mm.json: text_config: gemma3_text has no MLP biases"),
+            std::string::npos);
+  EXPECT_NE(expect_error([] { io::parse_model_config(R"({"model_type": "gemma3", "vocab_size": 8})", "bare.json"); })
+                .find("needs its language model's settings in 'text_config'"),
+            std::string::npos);
+}
+
 // Gemma 2 as the Hub's gemma-2-2b config.json has it (transformers 4.42's layout: both soft-caps,
 // hidden_act beside hidden_activation, rope_theta, no layer_types), shrunk: sliding layers alternate
 // with global ones from the first; what libft writes back parses to the same model; and the keys

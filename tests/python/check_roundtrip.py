@@ -32,6 +32,9 @@ def main() -> int:
                                                         **eager).eval()
         reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32, **eager).eval()
         a, b = original.state_dict(), reloaded.state_dict()
+        if original.config.model_type == "gemma3":  # an image-text model: libft saved its language model
+            a = {"model." + k[len("model.language_model."):] if k.startswith("model.language_model.") else k: v
+                 for k, v in a.items() if not k.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
         if a.keys() != b.keys():
             failures.append(f"{family}: keys differ: {sorted(a.keys() ^ b.keys())}")
             continue

@@ -16,9 +16,10 @@ import sys
 
 import torch
 from safetensors.torch import save_file
-from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
-                          GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
+                          Gemma3ForConditionalGeneration, Gemma3TextConfig, GemmaConfig, GemmaForCausalLM, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig)
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
               rms_norm_eps=1e-5, max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
@@ -70,6 +71,20 @@ FAMILIES = {
         sliding_window_pattern=3, tie_word_embeddings=False, attention_bias=True, final_logit_softcapping=4.0,
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    # Gemma 3's image-text checkpoints (gemma-3-4b and up: Gemma3ForConditionalGeneration, saved as
+    # language_model.model.*, beside a vision tower and a projector): libft loads the language model.
+    # Linear rope ×8 on the global layer, as gemma-3-4b; the references are the image-text model's
+    # own logits and generation on text.
+    "gemma3_image_text": (Gemma3ForConditionalGeneration, Gemma3Config(
+        text_config=Gemma3TextConfig(**COMMON, num_key_value_heads=2, head_dim=24, sliding_window=6,
+                                     layer_types=["sliding_attention", "full_attention"],
+                                     rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                         "rope_theta": 1e6},
+                                                      "sliding_attention": {"rope_type": "default",
+                                                                            "rope_theta": 1e4}}),
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4)),
 }
 
 
@@ -85,6 +100,8 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(one + 0.1 * torch.randn(p.shape, generator=g))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif p.dim() < 2:  # (the vision tower's LayerNorm weights)
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
             else:
@@ -103,7 +120,7 @@ def build(out_dir: str, family: str, seed: int, shard_bytes=None) -> None:
     model.save_pretrained(path, safe_serialization=True, **kwargs)
 
     g = torch.Generator().manual_seed(1000 + seed)
-    input_ids = torch.randint(0, config.vocab_size, (2, 16), generator=g)
+    input_ids = torch.randint(0, config.get_text_config().vocab_size, (2, 16), generator=g)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :3] = 0
     labels = input_ids.masked_fill(attention_mask == 0, -100)

@@ -29,6 +29,27 @@ std::string dtype_config_name(c10::ScalarType t) {
 // config, so they may be present but are not loaded.
 bool is_derived_buffer(const std::string& name) { return name.ends_with("rotary_emb.inv_freq"); }
 
+// An image-text checkpoint's names for the language model's tensors (ModelConfig::
+// image_text_architecture): Gemma3ForConditionalGeneration saves "language_model.model.*" and
+// "language_model.lm_head.weight" (as the Hub's checkpoints have them, and transformers 5 still
+// writes); transformers 5's modules are "model.language_model.*" and "lm_head.weight".
+std::vector<std::string> image_text_names(const std::string& name) {
+  if (name.starts_with("model.")) {
+    const std::string rest = name.substr(6);
+    return {"language_model.model." + rest, "model.language_model." + rest};
+  }
+  return {"language_model." + name, name};
+}
+
+// The image-text checkpoint's other parts (vision tower, projector), which libft does not load.
+bool is_image_part(const std::string& name) {
+  for (const char* prefix : {"vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                             "model.multi_modal_projector."}) {
+    if (name.starts_with(prefix)) return true;
+  }
+  return false;
+}
+
 }  // namespace
 
 void load_weights(model::CausalLM& m, const std::string& dir) {
@@ -37,10 +58,14 @@ void load_weights(model::CausalLM& m, const std::string& dir) {
   at::NoGradGuard no_grad;
   std::vector<std::string> missing, mismatched, unexpected;
   std::set<std::string> wanted;
+  const bool image_text = !m->config().image_text_architecture.empty();
   for (auto& item : m->named_parameters()) {
     const std::string& name = item.key();
-    wanted.insert(name);
-    auto found = ckpt.tensors().find(name);
+    auto found = ckpt.tensors().end();
+    for (const std::string& stored : image_text ? image_text_names(name) : std::vector<std::string>{name}) {
+      wanted.insert(stored);
+      if (found == ckpt.tensors().end()) found = ckpt.tensors().find(stored);
+    }
     if (found == ckpt.tensors().end()) {
       missing.push_back(name);
       continue;
@@ -60,7 +85,9 @@ void load_weights(model::CausalLM& m, const std::string& dir) {
     p.copy_(read_tensor(*found->second.file, info));
   }
   for (const auto& [name, entry] : ckpt.tensors()) {
-    if (!wanted.count(name) && !is_derived_buffer(name)) unexpected.push_back(name);
+    if (!wanted.count(name) && !is_derived_buffer(name) && !(image_text && is_image_part(name))) {
+      unexpected.push_back(name);
+    }
   }
   if (missing.empty() && mismatched.empty() && unexpected.empty()) return;
   std::ostringstream os;

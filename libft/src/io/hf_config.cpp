@@ -39,8 +39,8 @@ void check_model_type(const std::string& t, const std::string& source) {
   // Gemma 3's larger checkpoints are the multimodal Gemma3ForConditionalGeneration ("gemma3"), whose
   // language model sits under text_config; their text-only siblings (270m, 1b) are gemma3_text.
   FT_CHECK(t != "gemma3", "[config] ", source,
-           ": model_type 'gemma3' is Gemma 3's image-text model (Gemma3ForConditionalGeneration); libft trains "
-           "the text-only Gemma3ForCausalLM (model_type 'gemma3_text', e.g. gemma-3-270m, gemma-3-1b)");
+           ": model_type 'gemma3' (Gemma3ForConditionalGeneration, an image-text model) needs its language model's "
+           "settings in 'text_config'");
   FT_CHECK(supported_model_type(t), "[config] ", source, ": model_type '", t, "' is not supported (supported: ",
            kSupportedTypes, ")");
 }
@@ -344,9 +344,47 @@ void ModelConfig::validate(const std::string& source) const {
            ": one attention window per layer expected");
 }
 
-ModelConfig parse_model_config(const std::string& json_text, const std::string& source) {
-  json j = parse_json_strict(json_text, source);
+namespace {
+ModelConfig parse_model_config(const json& j, const std::string& source);
+
+// Gemma 3's image-text checkpoints (Gemma3ForConditionalGeneration, model_type "gemma3": the 4B,
+// 12B and 27B models): the language model's config is text_config, a Gemma3TextConfig that names
+// only what differs from its defaults; the token ids and dtype may sit at the top level. The
+// vision tower's and the projector's settings are read past: libft trains the language model.
+ModelConfig parse_image_text_gemma3(const json& j, const std::string& source) {
+  static const std::set<std::string> kImageTextKeys = {
+      "text_config", "vision_config", "mm_tokens_per_image", "boi_token_index", "eoi_token_index",
+      "image_token_index", "boi_token_id", "eoi_token_id", "image_token_id", "tie_word_embeddings",
+      "bos_token_id", "eos_token_id", "pad_token_id"};
+  for (const auto& [key, value] : j.items()) {
+    FT_CHECK(kImageTextKeys.count(key) || kHarmlessKeys.count(key), "[config] ", source, ": unknown key '", key,
+             "' (libft does not know whether it changes the model; remove it if it does not)");
+  }
+  if (j.contains("architectures")) {
+    FT_CHECK(j.at("architectures") == json::array({"Gemma3ForConditionalGeneration"}), "[config] ", source,
+             ": model_type 'gemma3' with architectures ", j.at("architectures").dump(),
+             " (expected [\"Gemma3ForConditionalGeneration\"])");
+  }
+  const json& top_text = j.at("text_config");
+  FT_CHECK(top_text.is_object(), "[config] ", source, ": 'text_config' must be an object, got ", top_text.dump());
+  json text = top_text;
+  if (!text.contains("model_type")) text["model_type"] = "gemma3_text";
+  FT_CHECK(text.at("model_type") == "gemma3_text", "[config] ", source, ": text_config's model_type must be "
+           "'gemma3_text', got ", text.at("model_type").dump());
+  for (const char* key : {"bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "tie_word_embeddings"}) {
+    if (j.contains(key) && !text.contains(key)) text[key] = j.at(key);
+  }
+  const bool tied = text.value("tie_word_embeddings", true);
+  FT_CHECK(!j.contains("tie_word_embeddings") || j.at("tie_word_embeddings") == tied, "[config] ", source,
+           ": tie_word_embeddings differs between the top level and text_config");
+  ModelConfig c = parse_model_config(text, source + ": text_config");
+  c.image_text_architecture = "Gemma3ForConditionalGeneration";
+  return c;
+}
+
+ModelConfig parse_model_config(const json& j, const std::string& source) {
   FT_CHECK(j.is_object(), "[config] ", source, ": expected a JSON object");
+  if (j.value("model_type", "") == "gemma3" && j.contains("text_config")) return parse_image_text_gemma3(j, source);
   Reader r{j, source, {}};
   ModelConfig c;
   c.model_type = r.string_or("model_type", "");
@@ -385,11 +423,21 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
     std::string act = r.string_or("hidden_act", "silu");
     FT_CHECK(act == "silu", "[config] ", source, ": hidden_act '", act, "' is not supported (only silu)");
   }
-  c.vocab_size = r.integer("vocab_size");
-  c.hidden_size = r.integer("hidden_size");
-  c.intermediate_size = r.integer("intermediate_size");
-  c.num_hidden_layers = r.integer("num_hidden_layers");
-  c.num_attention_heads = r.integer("num_attention_heads");
+  if (c.gemma3()) {
+    // Gemma3TextConfig's defaults (gemma-3-2b's sizes): the text_config of Gemma 3's image-text
+    // checkpoints names only what differs from them.
+    c.vocab_size = r.integer_or("vocab_size", 262208);
+    c.hidden_size = r.integer_or("hidden_size", 2304);
+    c.intermediate_size = r.integer_or("intermediate_size", 9216);
+    c.num_hidden_layers = r.integer_or("num_hidden_layers", 26);
+    c.num_attention_heads = r.integer_or("num_attention_heads", 8);
+  } else {
+    c.vocab_size = r.integer("vocab_size");
+    c.hidden_size = r.integer("hidden_size");
+    c.intermediate_size = r.integer("intermediate_size");
+    c.num_hidden_layers = r.integer("num_hidden_layers");
+    c.num_attention_heads = r.integer("num_attention_heads");
+  }
   // (GemmaConfig's default is 16, Gemma2Config's and Gemma3TextConfig's 4)
   c.num_key_value_heads = r.integer_or("num_key_value_heads", c.model_type == "gemma" ? 16
                                                               : gemma                 ? 4
@@ -487,6 +535,11 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   }
   c.validate(source);
   return c;
+}
+}  // namespace
+
+ModelConfig parse_model_config(const std::string& json_text, const std::string& source) {
+  return parse_model_config(parse_json_strict(json_text, source), source);
 }
 
 ModelConfig load_model_config(const std::string& path) { return parse_model_config(read_text_file(path), path); }

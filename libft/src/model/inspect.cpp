@@ -61,6 +61,10 @@ std::string describe(CausalLM& m) {
   };
   os << "architecture   " << c.model_type << " (" << c.num_hidden_layers << " layers, hidden " << c.hidden_size
      << ", intermediate " << c.intermediate_size << ", vocab " << c.vocab_size << ")\n";
+  if (!c.image_text_architecture.empty()) {
+    os << "image-text     the language model of a " << c.image_text_architecture
+       << " (the vision tower is not loaded; saves as Gemma3ForCausalLM)\n";
+  }
   os << "attention      " << c.num_attention_heads << " query heads, " << c.num_key_value_heads << " key/value heads"
      << ", head_dim " << c.head_dim << (c.qkv_bias ? ", q/k/v bias" : "") << (c.o_bias ? ", o bias" : "")
      << (c.qk_norm() ? ", q/k norms" : "");

@@ -58,6 +58,11 @@ struct ModelConfig {
   std::vector<int64_t> eos_token_ids;
   std::optional<int64_t> pad_token_id;
   std::string torch_dtype = "float32";  ///< the checkpoint's declared dtype
+  /// Read from an image-text checkpoint's text_config (Gemma 3's 4B and larger models, model_type
+  /// "gemma3"): that checkpoint's architecture, Gemma3ForConditionalGeneration. Its language model's
+  /// weights load (io::load_weights) and its vision tower's do not; the model saves as the text
+  /// model it is (Gemma3ForCausalLM). Empty otherwise.
+  std::string image_text_architecture;
   double initializer_range = 0.02;
 
   /// Gemma 1, 2 and 3's text models.
