@@ -833,6 +833,28 @@ TEST(Lora, CheckAdapterReportsEveryProblem) {
             std::string::npos) << all;
   EXPECT_NE(all.find("layers.1.self_attn.v_proj.lora_B.weight' holds NaN or Inf"), std::string::npos) << all;
   EXPECT_NE(all.find("k_proj.lora_A.weight' belongs to no adapted layer"), std::string::npos) << all;
+
+  // An adapter PEFT made on Gemma 3's image-text model (its layers under model.language_model.*):
+  // the reason, once, instead of every tensor missing and unexpected.
+  keep.clear();
+  writes.clear();
+  for (const auto& info : file->tensors()) {
+    keep.push_back(io::read_tensor(*file, info));
+    const std::string prefix = "base_model.model.model.";  // → base_model.model.model.language_model.
+    ASSERT_TRUE(info.name.starts_with(prefix)) << info.name;
+    const std::string name = prefix + "language_model." + info.name.substr(prefix.size());
+    writes.push_back(io::tensor_write(name, keep.back()));
+  }
+  fs::create_directories(dir / "image_text");
+  io::write_safetensors((dir / "image_text" / "adapter_model.safetensors").string(), writes);
+  fs::copy_file(dir / "good" / "adapter_config.json", dir / "image_text" / "adapter_config.json");
+  const auto image_text = adapt::check_peft_adapter(base, (dir / "image_text").string());
+  ASSERT_EQ(image_text.size(), 1u);
+  EXPECT_NE(image_text[0].find("was made on an image-text model (its tensor 'base_model.model.model.language_model."),
+            std::string::npos) << image_text[0];
+  EXPECT_NE(image_text[0].find("names language_model)"), std::string::npos) << image_text[0];
+  EXPECT_NE(error_of([&] { adapt::load_peft_adapter(base, (dir / "image_text").string()); }).find("image-text model"),
+            std::string::npos);
   fs::remove_all(dir);
 }
 

@@ -42,6 +42,23 @@ namespace {
 
 constexpr const char* kPeftPrefix = "base_model.model.";
 
+// An adapter PEFT made on an image-text model (Gemma3ForConditionalGeneration) names its layers
+// language_model.* and vision_tower.*, which libft's text model has not: the reason, rather than a
+// list of missing and unexpected tensors. Empty when the file names no such part.
+std::string image_text_adapter(const io::SafetensorsFile& file) {
+  for (const auto& info : file.tensors()) {
+    for (const char* part : {".language_model.", ".vision_tower.", ".multi_modal_projector."}) {
+      if (info.name.find(part) != std::string::npos) {
+        return file.path() + " was made on an image-text model (its tensor '" + info.name +
+               "' names " + std::string(part).substr(1, std::string(part).size() - 2) +
+               "): libft reads adapters of the language model as a text model (Gemma3ForCausalLM), whose layers "
+               "are model.layers.*";
+      }
+    }
+  }
+  return "";
+}
+
 // x2 Wᵀ (+ bias) + S Bᵀ, (T, out), for the fused layers (S: (T, r), the adapter scale already in it,
 // where it costs a pass over T·r elements instead of T·out). On float32 CPU tensors the frozen
 // base product goes through oneDNN (ft/model/cpu_ops.h) and the low-rank term is added in place.
@@ -1472,6 +1489,10 @@ std::vector<std::string> check_peft_adapter(model::CausalLM& model, const std::s
     problems.push_back(e.what());
     return problems;
   }
+  if (const std::string image_text = image_text_adapter(*file); !image_text.empty()) {
+    problems.push_back(image_text);
+    return problems;
+  }
   // Expected tensors, from the model's linear layers and the config.
   std::map<std::string, std::vector<int64_t>> expected;
   std::set<std::string> hit_targets;
@@ -1535,6 +1556,8 @@ LoraOptions load_peft_adapter(model::CausalLM& model, const std::string& dir) {
   const LoraOptions o = read_peft_lora_config((fs::path(dir) / "adapter_config.json").string());
   const std::string path = (fs::path(dir) / "adapter_model.safetensors").string();
   auto file = io::SafetensorsFile::open(path);
+  const std::string image_text = image_text_adapter(*file);
+  FT_CHECK(image_text.empty(), "[lora] ", image_text);
   apply_lora(model, o);
   std::set<std::string> expected;
   at::NoGradGuard no_grad;
