@@ -175,6 +175,47 @@ TEST(Config, ParsesGemma3Text) {
             std::string::npos);
 }
 
+// Granite 3 as the Hub's granite-3.1-2b-instruct config.json has it, shrunk: its four multipliers
+// read, shown and written back; they belong to granite alone.
+TEST(Config, ParsesGranite) {
+  const std::string json = R"({
+    "architectures": ["GraniteForCausalLM"], "attention_bias": false, "attention_dropout": 0.1,
+    "attention_multiplier": 0.015625, "bos_token_id": 0, "embedding_multiplier": 12.0, "eos_token_id": 0,
+    "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 96,
+    "logits_scaling": 8.0, "max_position_embeddings": 131072, "mlp_bias": false, "model_type": "granite",
+    "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2, "pad_token_id": 0,
+    "residual_multiplier": 0.22, "rms_norm_eps": 1e-05, "rope_scaling": null, "rope_theta": 5000000.0,
+    "tie_word_embeddings": true, "torch_dtype": "bfloat16", "transformers_version": "4.47.0", "use_cache": true,
+    "vocab_size": 300
+  })";
+  auto c = io::parse_model_config(json, "config.json");
+  EXPECT_TRUE(c.granite() && !c.gemma());
+  EXPECT_DOUBLE_EQ(c.embedding_multiplier, 12.0);
+  EXPECT_DOUBLE_EQ(c.attention_scale(), 0.015625);
+  EXPECT_DOUBLE_EQ(c.residual_multiplier, 0.22);
+  EXPECT_DOUBLE_EQ(c.logits_scaling, 8.0);
+  const std::string written = io::model_config_to_json(c);
+  EXPECT_NE(written.find("GraniteForCausalLM"), std::string::npos);
+  auto again = io::parse_model_config(written, "written");
+  EXPECT_DOUBLE_EQ(again.attention_multiplier, 0.015625);
+  EXPECT_DOUBLE_EQ(again.residual_multiplier, 0.22);
+  model::CausalLM m(c);
+  EXPECT_EQ(m->model->layers->ptr<model::DecoderLayerImpl>(1)->residual_multiplier, 0.22);
+  EXPECT_FALSE(m->model->layers->ptr<model::DecoderLayerImpl>(0)->self_attn->default_scale);
+  const std::string shown = model::describe(m);
+  EXPECT_NE(shown.find("granite        embeddings x 12, scores x 0.015625, sublayer outputs x 0.22, logits / 8"),
+            std::string::npos) << shown;
+  std::string bad = json;
+  bad.replace(bad.find(R"("logits_scaling": 8.0)"), 21, R"("logits_scaling": 0.0)");
+  EXPECT_NE(expect_error([&] { io::parse_model_config(bad, "g.json"); }).find("g.json: 'logits_scaling' must be a finite number > 0"),
+            std::string::npos);
+  // The multipliers are Granite's: a Llama config naming one is refused as an unknown key, and a
+  // config built in C++ that sets one is invalid.
+  io::ModelConfig llama = tiny_config("llama");
+  llama.residual_multiplier = 0.5;
+  EXPECT_NE(expect_error([&] { llama.validate("built"); }).find("only granite has 'residual_multiplier'"), std::string::npos);
+}
+
 // Gemma 3's image-text checkpoints as the Hub's gemma-3-4b-it config.json has it: the language
 // model's settings in a text_config that names only what differs from Gemma3TextConfig's defaults,
 // the EOS ids and dtype at the top level; the vision tower's settings are read past.

@@ -17,7 +17,8 @@ import sys
 import torch
 from safetensors.torch import save_file
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
-                          Gemma3ForConditionalGeneration, Gemma3TextConfig, GemmaConfig, GemmaForCausalLM, LlamaConfig,
+                          Gemma3ForConditionalGeneration, Gemma3TextConfig, GemmaConfig, GemmaForCausalLM,
+                          GraniteConfig, GraniteForCausalLM, LlamaConfig,
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                           Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig)
 
@@ -85,6 +86,12 @@ FAMILIES = {
         vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                          num_attention_heads=2, image_size=28, patch_size=14),
         mm_tokens_per_image=4)),
+    # (Each family's seed is its place here: new ones go last.)
+    # Granite 3: Llama's block with its four multipliers (granite-3.1-2b's values but for the
+    # attention's, which is larger here: 0.015625 is 1/head_dim for its head_dim 64), tied head.
+    "granite": (GraniteForCausalLM, GraniteConfig(**COMMON, num_key_value_heads=2, embedding_multiplier=12.0,
+                                                  attention_multiplier=0.1, residual_multiplier=0.22,
+                                                  logits_scaling=8.0, tie_word_embeddings=True)),
 }
 
 

@@ -29,11 +29,11 @@ const std::set<std::string> kHarmlessKeys = {
     "cache_implementation", "sliding_window_size"};
 
 bool supported_model_type(const std::string& t) {
-  return t == "llama" || t == "mistral" || t == "qwen2" || t == "qwen3" || t == "gemma" || t == "gemma2" ||
-         t == "gemma3_text";
+  return t == "llama" || t == "mistral" || t == "qwen2" || t == "qwen3" || t == "granite" || t == "gemma" ||
+         t == "gemma2" || t == "gemma3_text";
 }
 
-constexpr const char* kSupportedTypes = "llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text";
+constexpr const char* kSupportedTypes = "llama, mistral, qwen2, qwen3, granite, gemma, gemma2, gemma3_text";
 
 void check_model_type(const std::string& t, const std::string& source) {
   // Gemma 3's larger checkpoints are the multimodal Gemma3ForConditionalGeneration ("gemma3"), whose
@@ -302,6 +302,7 @@ void check_rope(const RopeConfig& r, const std::string& source, const std::strin
 }  // namespace
 
 double ModelConfig::attention_scale() const {
+  if (attention_multiplier > 0) return attention_multiplier;
   return 1.0 / std::sqrt(query_pre_attn_scalar > 0 ? query_pre_attn_scalar : static_cast<double>(head_dim));
 }
 
@@ -322,6 +323,15 @@ void ModelConfig::validate(const std::string& source) const {
            ": 'attn_logit_softcapping' must be a finite number > 0, got ", attn_logit_softcapping);
   FT_CHECK(attn_logit_softcapping == 0 || model_type == "gemma2", "[config] ", source,
            ": only gemma2 soft-caps its attention scores (attn_logit_softcapping)");
+  for (const auto& [name, v] : {std::pair<const char*, double>{"embedding_multiplier", embedding_multiplier},
+                                {"residual_multiplier", residual_multiplier},
+                                {"logits_scaling", logits_scaling}}) {
+    FT_CHECK(std::isfinite(v) && v > 0, "[config] ", source, ": '", name, "' must be a finite number > 0, got ", v);
+    FT_CHECK(v == 1 || granite(), "[config] ", source, ": only granite has '", name, "'");
+  }
+  FT_CHECK(std::isfinite(attention_multiplier) && attention_multiplier >= 0, "[config] ", source,
+           ": 'attention_multiplier' must be a finite number > 0, got ", attention_multiplier);
+  FT_CHECK(attention_multiplier == 0 || granite(), "[config] ", source, ": only granite has 'attention_multiplier'");
   FT_CHECK(std::isfinite(query_pre_attn_scalar) && query_pre_attn_scalar >= 0, "[config] ", source,
            ": 'query_pre_attn_scalar' must be a finite number > 0, got ", query_pre_attn_scalar);
   FT_CHECK(std::isfinite(final_logit_softcapping) && final_logit_softcapping >= 0, "[config] ", source,
@@ -504,6 +514,14 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
   // Attention windows. Mistral: one window for every layer. Qwen2: layer_types (or, in older
   // configs, use_sliding_window with max_window_layers).
   if (c.model_type == "gemma2") parse_gemma2(r, c);
+  if (c.granite()) {  // GraniteConfig's multipliers, each 1.0 where absent
+    c.embedding_multiplier = r.number_or("embedding_multiplier", 1.0);
+    c.attention_multiplier = r.number_or("attention_multiplier", 1.0);
+    FT_CHECK(c.attention_multiplier > 0, "[config] ", source, ": 'attention_multiplier' must be > 0, got ",
+             c.attention_multiplier);
+    c.residual_multiplier = r.number_or("residual_multiplier", 1.0);
+    c.logits_scaling = r.number_or("logits_scaling", 1.0);
+  }
   if (c.model_type == "gemma") {
     FT_CHECK(!r.boolean_or("use_bidirectional_attention", false), "[config] ", source,
              ": use_bidirectional_attention is not supported: libft trains causal language models");
@@ -566,6 +584,7 @@ std::string model_config_to_json(const ModelConfig& c) {
   const std::string arch = c.model_type == "llama"     ? "LlamaForCausalLM"
                            : c.model_type == "mistral" ? "MistralForCausalLM"
                            : c.model_type == "qwen2"   ? "Qwen2ForCausalLM"
+                           : c.granite()               ? "GraniteForCausalLM"
                            : c.model_type == "gemma"   ? "GemmaForCausalLM"
                            : c.model_type == "gemma2"  ? "Gemma2ForCausalLM"
                            : c.gemma3()                ? "Gemma3ForCausalLM"
@@ -591,7 +610,13 @@ std::string model_config_to_json(const ModelConfig& c) {
   j["initializer_range"] = c.initializer_range;
   j["tie_word_embeddings"] = c.tie_word_embeddings;
   if (c.model_type != "qwen2") j["attention_bias"] = c.qkv_bias;
-  if (c.model_type == "llama") j["mlp_bias"] = c.mlp_bias;
+  if (c.model_type == "llama" || c.granite()) j["mlp_bias"] = c.mlp_bias;
+  if (c.granite()) {
+    j["embedding_multiplier"] = c.embedding_multiplier;
+    j["attention_multiplier"] = c.attention_multiplier;
+    j["residual_multiplier"] = c.residual_multiplier;
+    j["logits_scaling"] = c.logits_scaling;
+  }
   if (c.gemma3()) {
     // transformers 5's layout: one rotary embedding per layer type, each with its theta.
     const RopeConfig local = c.sliding_rope.value_or(RopeConfig{.theta = 1e4});

@@ -98,6 +98,10 @@ std::string describe(CausalLM& m) {
     if (c.final_logit_softcapping > 0) os << ", logits soft-capped at " << c.final_logit_softcapping;
     os << "\n";
   }
+  if (c.granite()) {
+    os << "granite        embeddings x " << c.embedding_multiplier << ", scores x " << c.attention_multiplier
+       << ", sublayer outputs x " << c.residual_multiplier << ", logits / " << c.logits_scaling << "\n";
+  }
   os << "lm head        " << (c.tie_word_embeddings ? "tied to embed_tokens" : "separate") << "\n";
   os << "parameters     " << human_count(s.total) << " (" << s.total << "), trainable " << human_count(s.trainable)
      << "\n";

@@ -391,7 +391,8 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, int64_t window_)
       head_dim(c.head_dim),
       window(window_),
       scale(c.attention_scale()),
-      default_scale(c.query_pre_attn_scalar <= 0 || c.query_pre_attn_scalar == static_cast<double>(c.head_dim)),
+      default_scale(c.attention_multiplier <= 0 &&
+                    (c.query_pre_attn_scalar <= 0 || c.query_pre_attn_scalar == static_cast<double>(c.head_dim))),
       softcap(c.attn_logit_softcapping) {
   q_proj = register_module("q_proj", linear(c.hidden_size, heads * head_dim, c.qkv_bias));
   k_proj = register_module("k_proj", linear(c.hidden_size, kv_heads * head_dim, c.qkv_bias));
@@ -661,7 +662,7 @@ at::Tensor MLPImpl::forward(const at::Tensor& x) {
 }
 
 // ------------------------------------------------------------------------------------------------
-DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer) {
+DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer) : residual_multiplier(c.residual_multiplier) {
   self_attn = register_module("self_attn", Attention(c, c.layer_window.at(layer)));
   mlp = register_module("mlp", MLP(c));
   const bool offset = c.norm_unit_offset();
@@ -681,6 +682,10 @@ at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const AttentionInputs&
     at::Tensor h =
         x + post_attention_layernorm(self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v));
     return h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)));
+  }
+  if (residual_multiplier != 1) {  // Granite, in transformers' order: residual + output · multiplier
+    at::Tensor h = x + self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v) * residual_multiplier;
+    return h + mlp(post_attention_layernorm(h)) * residual_multiplier;
   }
   at::Tensor h = x + self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v);
   return h + mlp(post_attention_layernorm(h));
@@ -945,6 +950,7 @@ std::pair<at::Tensor, at::Tensor> CausalLMImpl::rope_tables(const at::Tensor& po
 
 at::Tensor CausalLMImpl::embed(const at::Tensor& input_ids) {
   at::Tensor x = model->embed_tokens(input_ids);
+  if (config_.embedding_multiplier != 1) return x * config_.embedding_multiplier;  // Granite
   if (!config_.scaled_embeddings()) return x;
   // Gemma: × √E as a float32 rounded to the weights' dtype (HF's embed_scale buffer .to(dtype)).
   const auto scale = static_cast<float>(std::sqrt(static_cast<double>(config_.hidden_size)));
@@ -963,6 +969,7 @@ at::Tensor CausalLMImpl::logits(const at::Tensor& hidden) {
     const double cap = config_.final_logit_softcapping;
     out = at::tanh(out / cap) * cap;
   }
+  if (config_.logits_scaling != 1) out = out / config_.logits_scaling;  // Granite
   return out;
 }
 

@@ -1,6 +1,6 @@
 #pragma once
 // Hugging Face config.json → typed model configuration for the Llama family
-// (llama, mistral, qwen2, qwen3; TinyLlama and SmolLM are "llama") and Gemma's text models
+// (llama, mistral, qwen2, qwen3, granite; TinyLlama and SmolLM are "llama") and Gemma's text models
 // (gemma: Gemma 1; gemma2: Gemma 2; gemma3_text: Gemma3ForCausalLM, e.g. gemma-3-270m and gemma-3-1b).
 #include <cstdint>
 #include <optional>
@@ -25,7 +25,7 @@ struct RopeConfig {
 };
 
 struct ModelConfig {
-  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | gemma | gemma2 | gemma3_text
+  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | granite | gemma | gemma2 | gemma3_text
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
@@ -47,6 +47,11 @@ struct ModelConfig {
   double final_logit_softcapping = 0;
   /// Gemma 2: attention scores = cap · tanh(scores / cap), after the scale, before the mask; 0: none.
   double attn_logit_softcapping = 0;
+  /// Granite's multipliers (GraniteConfig): the embeddings are multiplied by embedding_multiplier,
+  /// the attention scores by attention_multiplier (in place of 1/√head_dim; 0: not given), each
+  /// sublayer's output by residual_multiplier before it joins the residual stream, and the logits
+  /// divided by logits_scaling. 1 (0) for the other families.
+  double embedding_multiplier = 1, attention_multiplier = 0, residual_multiplier = 1, logits_scaling = 1;
   bool qkv_bias = false;       ///< llama/mistral/qwen3: attention_bias; qwen2: always true
   bool o_bias = false;         ///< llama/qwen3: attention_bias; qwen2/mistral: false
   bool mlp_bias = false;
@@ -65,6 +70,8 @@ struct ModelConfig {
   std::string image_text_architecture;
   double initializer_range = 0.02;
 
+  /// IBM's Granite 3 (GraniteForCausalLM): Llama's block with four multipliers.
+  bool granite() const { return model_type == "granite"; }
   /// Gemma 1, 2 and 3's text models.
   bool gemma() const { return model_type == "gemma" || model_type == "gemma2" || gemma3(); }
   /// Gemma 3's text models.
@@ -81,7 +88,7 @@ struct ModelConfig {
   /// Gemma: the embeddings are scaled by √hidden_size, rounded to float32 and then to the
   /// weights' dtype (the tied output head uses the unscaled weights).
   bool scaled_embeddings() const { return gemma(); }
-  /// The attention's score scale: query_pre_attn_scalar^-1/2 or head_dim^-1/2.
+  /// The attention's score scale: attention_multiplier, query_pre_attn_scalar^-1/2 or head_dim^-1/2.
   double attention_scale() const;
 
   /// Throws ft::Error when values are inconsistent (heads not dividing, non-positive sizes...).

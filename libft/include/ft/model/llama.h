@@ -119,6 +119,9 @@ class DecoderLayerImpl : public torch::nn::Module {
   RMSNorm pre_feedforward_layernorm{nullptr}, post_feedforward_layernorm{nullptr};  ///< null but for Gemma 2 and 3
   Attention self_attn{nullptr};
   MLP mlp{nullptr};
+  /// Granite (ModelConfig::residual_multiplier): each sublayer's output times this before it joins
+  /// the residual stream; 1 for the other families.
+  double residual_multiplier = 1;
 };
 TORCH_MODULE(DecoderLayer);
 
