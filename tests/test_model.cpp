@@ -597,6 +597,52 @@ TEST(Model, KVCacheAndMasksMatchFullRecomputation) {
   }
 }
 
+// attention_dropout (Granite 3.1's 0.1): dropout on the attention probabilities in training mode
+// only, drawn from the seeded generator, and replayed exactly by activation checkpointing's
+// recomputation (the gradients equal the plain pass's).
+TEST(Model, AttentionDropoutInTrainingModeOnly) {
+  io::ModelConfig c = tiny_config("granite");
+  c.attention_dropout = 0.3;
+  io::ModelConfig plain = c;
+  plain.attention_dropout = 0;
+  model::CausalLM m(c), reference(plain);
+  model::init_weights(m, 4);
+  model::init_weights(reference, 4);
+  const at::Tensor ids = at::randint(0, c.vocab_size, {2, 9}, at::kLong);
+  {
+    at::NoGradGuard no_grad;
+    m->eval();
+    reference->eval();
+    EXPECT_TRUE(at::equal(m->forward(ids), reference->forward(ids)));  // no dropout in eval mode
+    m->train();
+    at::manual_seed(1);
+    const at::Tensor a = m->forward(ids);
+    at::manual_seed(1);
+    EXPECT_TRUE(at::equal(m->forward(ids), a));
+    at::manual_seed(2);
+    EXPECT_GT(test::max_rel_error(m->forward(ids), a), 1e-4);
+    EXPECT_GT(test::max_rel_error(a, reference->forward(ids)), 1e-4);
+  }
+  m->train();
+  auto gradients = [&](bool checkpointing) {
+    m->set_gradient_checkpointing(checkpointing);
+    m->zero_grad();
+    at::manual_seed(3);
+    model::causal_lm_loss(m->forward(ids), ids).backward();
+    std::vector<at::Tensor> g;
+    for (const auto& p : m->parameters()) g.push_back(p.grad().clone());
+    return g;
+  };
+  const auto plain_grads = gradients(false), recomputed = gradients(true);
+  for (size_t i = 0; i < plain_grads.size(); ++i) EXPECT_LE(test::max_rel_error(recomputed[i], plain_grads[i]), 1e-6) << i;
+  // Written back for transformers; refused with soft-capped scores (no fused attention has both).
+  EXPECT_DOUBLE_EQ(io::parse_model_config(io::model_config_to_json(c), "w").attention_dropout, 0.3);
+  io::ModelConfig capped = tiny_config("gemma2");
+  capped.attention_dropout = 0.1;
+  EXPECT_NE(expect_error([&] { capped.validate("built"); }).find("attention_dropout with soft-capped attention scores"),
+            std::string::npos);
+}
+
 TEST(Model, PaddingDoesNotChangeRealTokens) {
   auto c = tiny_config();
   model::CausalLM m(c);

@@ -77,6 +77,12 @@ inline io::ModelConfig tiny_config(const std::string& type = "llama") {
   c.num_key_value_heads = 2;
   c.head_dim = 8;
   c.layer_window.assign(2, 0);
+  if (type == "granite") {  // Granite's multipliers (granite-3.1-2b's but for the scores')
+    c.embedding_multiplier = 12;
+    c.attention_multiplier = 0.1;
+    c.residual_multiplier = 0.22;
+    c.logits_scaling = 8;
+  }
   // Gemma 1: the exact GELU its first configs name.
   if (c.gemma()) c.hidden_act = type == "gemma" ? io::Activation::Gelu : io::Activation::GeluTanh;
   if (type == "gemma2") {  // Gemma 2's own parts: soft-capped scores and logits, a local layer

@@ -15,7 +15,7 @@ using nlohmann::json;
 // forward pass. Anything not here and not parsed below is rejected: a key we do not know might.
 const std::set<std::string> kHarmlessKeys = {
     "architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache",
-    "initializer_range", "attention_dropout", "pretraining_tp", "output_hidden_states",
+    "initializer_range", "pretraining_tp", "output_hidden_states",
     "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "id2label",
     "label2id", "problem_type", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
     "task_specific_params", "finetuning_task", "is_decoder", "add_cross_attention", "tie_encoder_decoder",
@@ -329,6 +329,10 @@ void ModelConfig::validate(const std::string& source) const {
     FT_CHECK(std::isfinite(v) && v > 0, "[config] ", source, ": '", name, "' must be a finite number > 0, got ", v);
     FT_CHECK(v == 1 || granite(), "[config] ", source, ": only granite has '", name, "'");
   }
+  FT_CHECK(attention_dropout >= 0 && attention_dropout < 1, "[config] ", source,
+           ": 'attention_dropout' must be in [0, 1), got ", attention_dropout);
+  FT_CHECK(attention_dropout == 0 || attn_logit_softcapping == 0, "[config] ", source,
+           ": attention_dropout with soft-capped attention scores is not supported");
   FT_CHECK(std::isfinite(attention_multiplier) && attention_multiplier >= 0, "[config] ", source,
            ": 'attention_multiplier' must be a finite number > 0, got ", attention_multiplier);
   FT_CHECK(attention_multiplier == 0 || granite(), "[config] ", source, ": only granite has 'attention_multiplier'");
@@ -460,6 +464,7 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
   check_sizes(c, source);  // before any of them sizes a vector below (layer_window)
   c.rms_norm_eps = r.number_or("rms_norm_eps", 1e-6);
   c.initializer_range = r.number_or("initializer_range", 0.02);
+  c.attention_dropout = r.number_or("attention_dropout", 0.0);
   c.tie_word_embeddings = r.boolean_or("tie_word_embeddings", gemma);
   c.mlp_bias = r.boolean_or("mlp_bias", false);
   bool attention_bias = r.boolean_or("attention_bias", false);
@@ -608,12 +613,13 @@ std::string model_config_to_json(const ModelConfig& c) {
     j["hidden_act"] = "silu";
   }
   j["initializer_range"] = c.initializer_range;
+  j["attention_dropout"] = c.attention_dropout;
   j["tie_word_embeddings"] = c.tie_word_embeddings;
   if (c.model_type != "qwen2") j["attention_bias"] = c.qkv_bias;
   if (c.model_type == "llama" || c.granite()) j["mlp_bias"] = c.mlp_bias;
   if (c.granite()) {
     j["embedding_multiplier"] = c.embedding_multiplier;
-    j["attention_multiplier"] = c.attention_multiplier;
+    j["attention_multiplier"] = c.attention_scale();  // (0, not given, is 1/√head_dim)
     j["residual_multiplier"] = c.residual_multiplier;
     j["logits_scaling"] = c.logits_scaling;
   }

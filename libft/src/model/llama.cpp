@@ -393,7 +393,8 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, int64_t window_)
       scale(c.attention_scale()),
       default_scale(c.attention_multiplier <= 0 &&
                     (c.query_pre_attn_scalar <= 0 || c.query_pre_attn_scalar == static_cast<double>(c.head_dim))),
-      softcap(c.attn_logit_softcapping) {
+      softcap(c.attn_logit_softcapping),
+      dropout(c.attention_dropout) {
   q_proj = register_module("q_proj", linear(c.hidden_size, heads * head_dim, c.qkv_bias));
   k_proj = register_module("k_proj", linear(c.hidden_size, kv_heads * head_dim, c.qkv_bias));
   v_proj = register_module("v_proj", linear(c.hidden_size, kv_heads * head_dim, c.qkv_bias));
@@ -567,7 +568,9 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
   // Short packed sequences on the CPU: the grouped GEMM path below, which wants q and k contiguous
   // as (B, H, T, D), and the fused rotary embedding writes them so.
   const at::Tensor& mask = in.masks.at(window);
-  const bool grouped = softcap == 0 && cache_k == nullptr && !prefix_k.defined() && grouped_attention_fits(q, k, v, mask);
+  // Dropout on the attention probabilities in training mode (SDPA's and flash attention's own).
+  const double dropout_p = is_training() ? dropout : 0.0;
+  const bool grouped = softcap == 0 && dropout_p == 0 && cache_k == nullptr && !prefix_k.defined() && grouped_attention_fits(q, k, v, mask);
   bool q_scaled = false;
   if (rope_fusable(q, cos, sin) && rope_fusable(k, cos, sin)) {
     q_scaled = grouped;  // the grouped path takes its 1/√D here, in the queries' rotation
@@ -611,11 +614,12 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
       right = 0;
     }
     out = std::get<0>(at::_flash_attention_forward(flat(q, heads), flat(k, kv_heads), flat(v, kv_heads), in.cu_seqlens,
-                                                   in.cu_seqlens, in.max_seqlen, in.max_seqlen, /*dropout_p=*/0.0,
+                                                   in.cu_seqlens, in.max_seqlen, in.max_seqlen, dropout_p,
                                                    /*is_causal=*/true, /*return_debug_mask=*/false, scale, left, right));
     return o_proj(out.view({B, T, heads * head_dim}));
   }
   if (softcap > 0) {
+    FT_CHECK(dropout_p == 0, "[model] attention dropout with soft-capped attention scores is not supported");
     out = softcapped_attention(q, k, v, mask, !mask.defined() && in.causal, scale, softcap);
   } else if (grouped) {
     at::Tensor& bias = in.grouped_bias[window];
@@ -624,7 +628,7 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
   } else {
     std::optional<at::Tensor> attn_mask;
     if (mask.defined()) attn_mask = mask;
-    out = at::scaled_dot_product_attention(q, k, v, attn_mask, 0.0, !mask.defined() && in.causal,
+    out = at::scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, !mask.defined() && in.causal,
                                            default_scale ? std::nullopt : std::optional<double>(scale),
                                            /*enable_gqa=*/kv_heads != heads);
   }

@@ -52,6 +52,9 @@ struct ModelConfig {
   /// sublayer's output by residual_multiplier before it joins the residual stream, and the logits
   /// divided by logits_scaling. 1 (0) for the other families.
   double embedding_multiplier = 1, attention_multiplier = 0, residual_multiplier = 1, logits_scaling = 1;
+  /// Dropout on the attention probabilities in training (attention_dropout; Granite 3.1's configs
+  /// say 0.1, most others 0), as transformers applies it; none in eval mode.
+  double attention_dropout = 0;
   bool qkv_bias = false;       ///< llama/mistral/qwen3: attention_bias; qwen2: always true
   bool o_bias = false;         ///< llama/qwen3: attention_bias; qwen2/mistral: false
   bool mlp_bias = false;

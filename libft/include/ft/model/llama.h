@@ -93,6 +93,8 @@ class AttentionImpl : public torch::nn::Module {
   /// the mask, which no fused attention computes: the scores are then materialised (as transformers'
   /// eager attention does). 0: none.
   double softcap = 0;
+  /// ModelConfig::attention_dropout: dropout on the attention probabilities in training mode.
+  double dropout = 0;
   bool shared_input_cast = true;  ///< CausalLMImpl::set_shared_input_cast
 };
 TORCH_MODULE(Attention);
