@@ -99,6 +99,15 @@ TEST(Config, ParsesQwen3) {
   EXPECT_NE(expect_error([&] { c.validate("built"); }).find("model_type 'gemma2_text' is not supported"), std::string::npos);
 }
 
+// `text` with its first `from` replaced by `to` (a failure where `from` is not in it): one key of a
+// config.json edited.
+std::string edited(std::string text, const std::string& from, const std::string& to) {
+  const auto at = text.find(from);
+  EXPECT_NE(at, std::string::npos) << from;
+  if (at != std::string::npos) text.replace(at, from.size(), to);
+  return text;
+}
+
 // Gemma 3's text model as the Hub's gemma-3-1b config.json has it (transformers 4.x layout:
 // rope_theta and rope_local_base_freq, sliding_window_pattern), shrunk: every sixth layer global,
 // the local layers with their own rotary base, Gemma's defaults where keys are absent (a tied head),
@@ -148,11 +157,7 @@ TEST(Config, ParsesGemma3Text) {
 
   // What a Gemma 3 model might say that libft cannot honour, each named.
   auto error_for = [&](const std::string& from, const std::string& to) {
-    std::string text = json;
-    const auto at = text.find(from);
-    EXPECT_NE(at, std::string::npos) << from;
-    text.replace(at, from.size(), to);
-    return expect_error([&] { io::parse_model_config(text, "g.json"); });
+    return expect_error([&] { io::parse_model_config(edited(json, from, to), "g.json"); });
   };
   EXPECT_NE(error_for(R"("attn_logit_softcapping": null)", R"("attn_logit_softcapping": 50.0)")
                 .find("attn_logit_softcapping is not supported for gemma3_text"),
@@ -260,11 +265,7 @@ TEST(Config, ParsesGemma3ImageTextConfig) {
   EXPECT_EQ(again.layer_window, c.layer_window);
 
   auto error_for = [&](const std::string& from, const std::string& to) {
-    std::string text = json;
-    const auto at = text.find(from);
-    EXPECT_NE(at, std::string::npos) << from;
-    text.replace(at, from.size(), to);
-    return expect_error([&] { io::parse_model_config(text, "mm.json"); });
+    return expect_error([&] { io::parse_model_config(edited(json, from, to), "mm.json"); });
   };
   EXPECT_NE(error_for(R"("mm_tokens_per_image": 256)", R"("mm_tokens_per_image": 256, "frobnicate": 1)")
                 .find("mm.json: unknown key 'frobnicate'"),
@@ -323,25 +324,18 @@ TEST(Config, ParsesGemma2) {
   EXPECT_NE(shown.find("scores scaled by 1/sqrt(224), scores soft-capped at 50"), std::string::npos) << shown;
   EXPECT_NE(shown.find("norms x (1 + w) around both sublayers, logits soft-capped at 30"), std::string::npos) << shown;
 
-  auto edited = [&](const std::string& from, const std::string& to) {
-    std::string text = json;
-    const auto at = text.find(from);
-    EXPECT_NE(at, std::string::npos) << from;
-    text.replace(at, from.size(), to);
-    return text;
-  };
   // Absent: Gemma2Config's defaults; null: none (and libft writes the null back).
-  std::string bare = edited(R"("attn_logit_softcapping": 50.0, )", "");
+  std::string bare = edited(json, R"("attn_logit_softcapping": 50.0, )", "");
   const std::string final_cap = R"("final_logit_softcapping": 30.0, )";
   bare.erase(bare.find(final_cap), final_cap.size());
   auto absent = io::parse_model_config(bare, "a.json");
   EXPECT_EQ(absent.attn_logit_softcapping, 50.0);
   EXPECT_EQ(absent.final_logit_softcapping, 30.0);
-  auto none = io::parse_model_config(edited(R"("attn_logit_softcapping": 50.0)", R"("attn_logit_softcapping": null)"), "n.json");
+  auto none = io::parse_model_config(edited(json, R"("attn_logit_softcapping": 50.0)", R"("attn_logit_softcapping": null)"), "n.json");
   EXPECT_EQ(none.attn_logit_softcapping, 0.0);
   EXPECT_EQ(io::parse_model_config(io::model_config_to_json(none), "w.json").attn_logit_softcapping, 0.0);
   auto error_for = [&](const std::string& from, const std::string& to) {
-    return expect_error([&] { io::parse_model_config(edited(from, to), "g2.json"); });
+    return expect_error([&] { io::parse_model_config(edited(json, from, to), "g2.json"); });
   };
   EXPECT_NE(error_for(R"("attn_logit_softcapping": 50.0)", R"("attn_logit_softcapping": -3)")
                 .find("g2.json: 'attn_logit_softcapping' must be > 0 or null"),
