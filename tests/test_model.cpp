@@ -221,6 +221,116 @@ TEST(Config, ParsesGranite) {
   EXPECT_NE(expect_error([&] { llama.validate("built"); }).find("only granite has 'residual_multiplier'"), std::string::npos);
 }
 
+// Phi-4-mini as the Hub's config.json has it, shrunk (head_dim 16: 12 dimensions turn, so six
+// longrope factors each), and Phi-3-mini-128k's older spelling of longrope ("su"): the packed
+// projections, the rotary embedding's parts, the window and resid_pdrop read, shown and written back.
+TEST(Config, ParsesPhi3) {
+  const std::string json = R"({
+    "architectures": ["Phi3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_phi3.Phi3Config"}, "bos_token_id": 199999, "embd_pdrop": 0.0,
+    "eos_token_id": 199999, "full_attn_mod": 1, "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02,
+    "intermediate_size": 96, "interpolate_factor": 1, "lm_head_bias": false, "max_position_embeddings": 131072,
+    "mlp_bias": false, "model_type": "phi3", "num_attention_heads": 4, "num_hidden_layers": 2,
+    "num_key_value_heads": 2, "original_max_position_embeddings": 4096, "pad_token_id": 199999,
+    "partial_rotary_factor": 0.75, "resid_pdrop": 0.1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"long_factor": [1, 1.118, 1.25, 1.398, 1.564, 1.75],
+                     "short_factor": [1, 1.118, 1.25, 1.398, 1.564, 1.75], "type": "longrope"},
+    "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+    "transformers_version": "4.45.0", "use_cache": true, "vocab_size": 300
+  })";
+  // (Phi-4-mini's config names keys of Microsoft's own modelling code that transformers reads past:
+  // libft refuses what it does not know.)
+  EXPECT_NE(expect_error([&] { io::parse_model_config(json, "config.json"); }).find("unknown key 'full_attn_mod'"),
+            std::string::npos);
+  std::string plain = json;
+  for (const std::string key : {R"("full_attn_mod": 1, )", R"("interpolate_factor": 1, )", R"("lm_head_bias": false, )"}) {
+    plain.erase(plain.find(key), key.size());
+  }
+  auto c = io::parse_model_config(plain, "config.json");
+  EXPECT_TRUE(c.phi3() && c.packed_projections());
+  EXPECT_EQ(c.rotary_dim(), 12);
+  EXPECT_EQ(c.rope.type, io::RopeType::LongRope);
+  EXPECT_EQ(c.rope.original_max_position_embeddings, 4096);
+  EXPECT_DOUBLE_EQ(c.rope.factor, 32.0);
+  EXPECT_DOUBLE_EQ(c.rope.attention_factor, std::sqrt(1 + std::log(32.0) / std::log(4096.0)));
+  EXPECT_EQ(c.rope.long_factor.size(), 6u);
+  EXPECT_EQ(c.layer_window, (std::vector<int64_t>{262144, 262144}));
+  EXPECT_DOUBLE_EQ(c.residual_dropout, 0.1);
+  model::CausalLM m(c);
+  auto layer = m->model->layers->ptr<model::DecoderLayerImpl>(0);
+  EXPECT_TRUE(layer->self_attn->qkv_proj && !layer->self_attn->q_proj);
+  EXPECT_EQ(layer->self_attn->qkv_proj->weight.sizes(), (std::vector<int64_t>{(4 + 2 * 2) * 16, 64}));
+  EXPECT_TRUE(layer->mlp->gate_up_proj && !layer->mlp->gate_proj);
+  EXPECT_EQ(layer->mlp->gate_up_proj->weight.sizes(), (std::vector<int64_t>{2 * 96, 64}));
+  EXPECT_EQ(m->inv_freq().size(0), 6);
+  // Short factors up to the original context, long ones past it.
+  EXPECT_FALSE(m->long_rope(4095));
+  EXPECT_TRUE(m->long_rope(4096));
+  const std::string shown = model::describe(m);
+  for (const char* part : {"q/k/v packed in qkv_proj", "gate/up packed in gate_up_proj",
+                           "rope longrope (theta 10000, factor 32, long factors past 4096 positions, cos/sin x 1.1",
+                           "turning 12 of 16 dims", "dropout        0.1 on sublayer outputs"}) {
+    EXPECT_NE(shown.find(part), std::string::npos) << part << "\n" << shown;
+  }
+  const std::string written = io::model_config_to_json(c);
+  EXPECT_NE(written.find("Phi3ForCausalLM"), std::string::npos);
+  auto again = io::parse_model_config(written, "written");
+  EXPECT_EQ(again.rope.long_factor, c.rope.long_factor);
+  EXPECT_EQ(again.rope.short_factor, c.rope.short_factor);
+  EXPECT_DOUBLE_EQ(again.rope.attention_factor, c.rope.attention_factor);
+  EXPECT_DOUBLE_EQ(again.partial_rotary_factor, 0.75);
+  EXPECT_EQ(again.layer_window, c.layer_window);
+  EXPECT_DOUBLE_EQ(again.residual_dropout, 0.1);
+
+  // transformers 5's layout: the fraction and the original context inside rope_parameters too (its
+  // fraction wins); and Phi-3-mini-128k's "su".
+  std::string v5 = plain;
+  v5.replace(v5.find(R"("rope_scaling")"), 14, R"("rope_parameters")");
+  v5.replace(v5.find(R"("type": "longrope"})"), 19,
+             R"("type": "longrope", "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                "original_max_position_embeddings": 4096})");
+  v5.replace(v5.find(R"([1, 1.118, 1.25, 1.398, 1.564, 1.75])"), 36, "[1, 2, 3, 4]");
+  v5.replace(v5.find(R"([1, 1.118, 1.25, 1.398, 1.564, 1.75])"), 36, "[1, 1, 1, 1]");
+  EXPECT_EQ(io::parse_model_config(v5, "v5.json").rotary_dim(), 8);
+  std::string su = plain;
+  su.replace(su.find(R"("type": "longrope")"), 18, R"("type": "su")");
+  EXPECT_EQ(io::parse_model_config(su, "su.json").rope.type, io::RopeType::LongRope);
+
+  auto error_for = [&](const std::string& from, const std::string& to) {
+    std::string bad = plain;
+    bad.replace(bad.find(from), from.size(), to);
+    return expect_error([&] { io::parse_model_config(bad, "p.json"); });
+  };
+  EXPECT_NE(error_for(R"("partial_rotary_factor": 0.75)", R"("partial_rotary_factor": 1.0)")
+                .find("longrope's short_factor has 6 entries, the rotary embedding turns 16 dimensions of each head (8 frequencies)"),
+            std::string::npos);
+  EXPECT_NE(error_for(R"("partial_rotary_factor": 0.75)", R"("partial_rotary_factor": 0.7)")
+                .find("must be even"),
+            std::string::npos);
+  EXPECT_NE(error_for(R"("attention_bias": false)", R"("attention_bias": true)").find("phi3 has no biases"),
+            std::string::npos);
+  EXPECT_NE(error_for(R"("resid_pdrop": 0.1)", R"("resid_pdrop": 1.5)").find("'resid_pdrop' must be in [0, 1)"),
+            std::string::npos);
+  EXPECT_NE(error_for(R"("long_factor": [1, )", R"("long_factor": [0, )").find("'long_factor' must hold numbers > 0"),
+            std::string::npos);
+  EXPECT_NE(error_for(R"(, "type": "longrope")", "").find("option 'long_factor' is not supported for rope type 'default'"),
+            std::string::npos);
+  // Phi-3's parts belong to phi3: a llama config with longrope, a turning fraction or resid_pdrop is refused.
+  std::string llama = plain;
+  llama.replace(llama.find(R"("model_type": "phi3")"), 20, R"("model_type": "llama")");
+  llama.replace(llama.find(R"("Phi3ForCausalLM")"), 17, R"("LlamaForCausalLM")");
+  EXPECT_NE(expect_error([&] { io::parse_model_config(llama, "l.json"); }).find("longrope with phi3"), std::string::npos);
+  io::ModelConfig built = tiny_config("llama");
+  built.partial_rotary_factor = 0.5;
+  EXPECT_NE(expect_error([&] { built.validate("built"); }).find("only phi3 has 'partial_rotary_factor'"), std::string::npos);
+  EXPECT_NE(expect_error([&] {
+              io::parse_model_config(R"({"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+                "num_hidden_layers": 1, "num_attention_heads": 2,
+                "rope_scaling": {"rope_type": "longrope", "short_factor": [1, 1], "long_factor": [1, 1]}})", "l.json");
+            }).find("rope type 'longrope' is not supported (supported: default, linear, llama3; longrope with phi3)"),
+            std::string::npos);
+}
+
 // Gemma 3's image-text checkpoints as the Hub's gemma-3-4b-it config.json has it: the language
 // model's settings in a text_config that names only what differs from Gemma3TextConfig's defaults,
 // the EOS ids and dtype at the top level; the vision tower's settings are read past.
@@ -594,6 +704,76 @@ TEST(Model, KVCacheAndMasksMatchFullRecomputation) {
 // attention_dropout (Granite 3.1's 0.1): dropout on the attention probabilities in training mode
 // only, drawn from the seeded generator, and replayed exactly by activation checkpointing's
 // recomputation (the gradients equal the plain pass's).
+// longrope picks its frequencies by a pass's largest position, as transformers does: short factors
+// for documents that stay within the original context (8 here), long ones past it, whether the
+// positions are the default ones, given, or given with their maximum (the trainer's host count).
+TEST(Model, LongRopeFollowsTheLargestPosition) {
+  io::ModelConfig c = tiny_config("phi3");
+  c.layer_window = {0, 0};
+  model::CausalLM m(c);
+  model::init_weights(m, 5);
+  m->eval();
+  at::NoGradGuard no_grad;
+  EXPECT_FALSE(at::allclose(model::rope_inv_freq(c, true), model::rope_inv_freq(c, false)));
+  const at::Tensor ids = at::randint(0, c.vocab_size, {1, 12}, at::kLong);
+  const at::Tensor whole = m->forward(ids);  // positions 0..11: long factors
+  model::ForwardOptions given;
+  given.position_ids = at::arange(12, at::kLong).view({1, 12});
+  EXPECT_TRUE(at::equal(m->forward(ids, given), whole));
+  given.max_position = 11;
+  EXPECT_TRUE(at::equal(m->forward(ids, given), whole));
+  // The first 6 tokens alone stay short; within the 12-token pass they were turned with the long
+  // factors, so they differ.
+  const at::Tensor first = m->forward(ids.slice(1, 0, 6));
+  EXPECT_GT(test::max_rel_error(whole.slice(1, 0, 6), first), 1e-3);
+  // Two packed documents of 6 (positions 0..5 twice): short factors, each as it is alone.
+  model::ForwardOptions packed;
+  packed.position_ids = at::cat({at::arange(6, at::kLong), at::arange(6, at::kLong)}).view({1, 12});
+  packed.segment_ids = at::cat({at::zeros({6}, at::kLong), at::ones({6}, at::kLong)}).view({1, 12});
+  const at::Tensor both = m->forward(ids, packed);
+  EXPECT_LE(test::max_rel_error(both.slice(1, 0, 6), first), 1e-6);
+  EXPECT_LE(test::max_rel_error(both.slice(1, 6, 12), m->forward(ids.slice(1, 6, 12))), 1e-6);
+  packed.max_position = 5;
+  EXPECT_TRUE(at::equal(m->forward(ids, packed), both));
+}
+
+// Phi-3's resid_pdrop: dropout on the sublayers' outputs in training mode only, replayed by
+// activation checkpointing's recomputation.
+TEST(Model, ResidualDropoutInTrainingModeOnly) {
+  io::ModelConfig c = tiny_config("phi3");
+  c.residual_dropout = 0.2;
+  io::ModelConfig plain = c;
+  plain.residual_dropout = 0;
+  model::CausalLM m(c), reference(plain);
+  model::init_weights(m, 6);
+  model::init_weights(reference, 6);
+  const at::Tensor ids = at::randint(0, c.vocab_size, {2, 7}, at::kLong);
+  {
+    at::NoGradGuard no_grad;
+    m->eval();
+    reference->eval();
+    EXPECT_TRUE(at::equal(m->forward(ids), reference->forward(ids)));
+    m->train();
+    at::manual_seed(1);
+    const at::Tensor a = m->forward(ids);
+    at::manual_seed(1);
+    EXPECT_TRUE(at::equal(m->forward(ids), a));
+    EXPECT_GT(test::max_rel_error(a, reference->forward(ids)), 1e-4);
+  }
+  m->train();
+  auto gradients = [&](bool checkpointing) {
+    m->set_gradient_checkpointing(checkpointing);
+    m->zero_grad();
+    at::manual_seed(3);
+    model::causal_lm_loss(m->forward(ids), ids).backward();
+    std::vector<at::Tensor> g;
+    for (const auto& p : m->parameters()) g.push_back(p.grad().clone());
+    return g;
+  };
+  const auto plain_grads = gradients(false), recomputed = gradients(true);
+  for (size_t i = 0; i < plain_grads.size(); ++i) EXPECT_LE(test::max_rel_error(recomputed[i], plain_grads[i]), 1e-6) << i;
+}
+
 TEST(Model, AttentionDropoutInTrainingModeOnly) {
   io::ModelConfig c = tiny_config("granite");
   c.attention_dropout = 0.3;

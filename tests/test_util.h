@@ -91,9 +91,20 @@ inline io::ModelConfig tiny_config(const std::string& type = "llama") {
     c.final_logit_softcapping = 8;
     c.layer_window = {4, 0};
   }
+  if (type == "phi3") {  // Phi-4-mini's parts: longrope past 8 positions, 6 of 8 dims turning, a window
+    c.partial_rotary_factor = 0.75;
+    c.max_position_embeddings = 64;
+    c.rope.type = io::RopeType::LongRope;
+    c.rope.original_max_position_embeddings = 8;
+    c.rope.short_factor = {1.0, 1.5, 2.0};
+    c.rope.long_factor = {2.0, 5.0, 11.0};
+    c.rope.factor = 8;
+    c.rope.attention_factor = 1.25;
+    c.layer_window = {6, 6};
+  }
   if (c.gemma3()) {  // Gemma 3's own parts: a local layer with its rotary base, a score scale of its own
     c.query_pre_attn_scalar = 16;
-    c.sliding_rope = io::RopeConfig{.theta = 1e4};
+    c.sliding_rope = io::RopeConfig::with_theta(1e4);
     c.rope.theta = 1e6;
     c.layer_window = {4, 0};
   }

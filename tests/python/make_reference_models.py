@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, GemmaConfig, GemmaForCausalLM,
-                          GraniteConfig, GraniteForCausalLM, LlamaConfig,
+                          GraniteConfig, GraniteForCausalLM, LlamaConfig, Phi3Config, Phi3ForCausalLM,
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                           Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig)
 
@@ -92,6 +92,16 @@ FAMILIES = {
     "granite": (GraniteForCausalLM, GraniteConfig(**COMMON, num_key_value_heads=2, embedding_multiplier=12.0,
                                                   attention_multiplier=0.1, residual_multiplier=0.22,
                                                   logits_scaling=8.0, tie_word_embeddings=True)),
+    # Phi-3 (Phi-3-mini-4k's layout): q, k, v packed in qkv_proj and gate, up in gate_up_proj,
+    # multi-head attention, a sliding window (6 < 16 tokens, so it bites) on every layer, untied head.
+    "phi3": (Phi3ForCausalLM, Phi3Config(**COMMON, num_key_value_heads=4, sliding_window=6)),
+    # Phi-4-mini's layout: longrope (original context 8 < 16 tokens, so the references use the long
+    # factors, and generation crosses from the short ones to the long), a partial rotary embedding
+    # (0.75 of head_dim 16: 12 dimensions turn), grouped-query attention.
+    "phi3_longrope": (Phi3ForCausalLM, Phi3Config(
+        **COMMON, num_key_value_heads=2, original_max_position_embeddings=8, partial_rotary_factor=0.75,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.25, 1.5, 2.0, 3.0],
+                      "long_factor": [1.5, 2.5, 4.0, 6.0, 9.0, 14.0]})),
 }
 
 
@@ -137,8 +147,13 @@ def build(out_dir: str, family: str, seed: int, shard_bytes=None) -> None:
     with torch.no_grad():
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         prompt = input_ids[0, :5]
+        # transformers 5.17's cached Phi-3 generation, at the step that crosses longrope's original
+        # context, drops its cache and runs the new token alone (Phi3ForCausalLM's
+        # prepare_inputs_for_generation sets past_key_values to None, and the token attends to
+        # itself only): the uncached generation is the model's own.
+        longrope = config.model_type == "phi3" and config.rope_parameters["rope_type"] == "longrope"
         generated = model.generate(prompt[None], max_new_tokens=10, do_sample=False, eos_token_id=None,
-                                   pad_token_id=0)[0, 5:]
+                                   pad_token_id=0, use_cache=not longrope)[0, 5:]
     save_file({
         "input_ids": input_ids.contiguous(),
         "attention_mask": attention_mask.contiguous(),

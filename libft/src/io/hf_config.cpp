@@ -30,10 +30,10 @@ const std::set<std::string> kHarmlessKeys = {
 
 bool supported_model_type(const std::string& t) {
   return t == "llama" || t == "mistral" || t == "qwen2" || t == "qwen3" || t == "granite" || t == "gemma" ||
-         t == "gemma2" || t == "gemma3_text";
+         t == "gemma2" || t == "gemma3_text" || t == "phi3";
 }
 
-constexpr const char* kSupportedTypes = "llama, mistral, qwen2, qwen3, granite, gemma, gemma2, gemma3_text";
+constexpr const char* kSupportedTypes = "llama, mistral, qwen2, qwen3, granite, gemma, gemma2, gemma3_text, phi3";
 
 void check_model_type(const std::string& t, const std::string& source) {
   // Gemma 3's larger checkpoints are the multimodal Gemma3ForConditionalGeneration ("gemma3"), whose
@@ -94,11 +94,37 @@ struct Reader {
   }
 };
 
-RopeConfig parse_rope(const json& params, double theta, int64_t max_pos, const std::string& where) {
+// What a rotary embedding's parameters may need from the rest of the config.
+struct RopeContext {
+  explicit RopeContext(int64_t max_position_embeddings) : max_pos(max_position_embeddings) {}
+  int64_t max_pos = 0;  ///< max_position_embeddings
+  /// Phi-3's top-level original_max_position_embeddings (Phi3Config's default 4096), which
+  /// transformers puts over the rope parameters' own; unset for the other families.
+  std::optional<int64_t> original_max;
+  /// Where the parameters may carry partial_rotary_factor (transformers 5 writes Phi-3's there):
+  /// set to it when they do. Elsewhere the key must say 1.
+  std::optional<double>* partial = nullptr;
+};
+
+// A list of numbers, each finite and > 0 (longrope's factors).
+std::vector<double> positive_numbers(const json& v, const std::string& where, const char* key) {
+  FT_CHECK(v.is_array() && !v.empty(), "[config] ", where, ": '", key, "' must be a list of numbers, got ", v.dump());
+  std::vector<double> out;
+  for (const auto& x : v) {
+    FT_CHECK(x.is_number() && std::isfinite(x.get<double>()) && x.get<double>() > 0, "[config] ", where, ": '", key,
+             "' must hold numbers > 0, got ", x.dump());
+    out.push_back(x.get<double>());
+  }
+  return out;
+}
+
+RopeConfig parse_rope(const json& params, double theta, const RopeContext& ctx, const std::string& where) {
   FT_CHECK(params.is_object(), "[config] ", where, " must be an object, got ", params.dump());
   RopeConfig rope;
   rope.theta = theta;
   std::string type = params.value("rope_type", params.value("type", std::string("default")));
+  // Phi-3's configs say "su" (and Phi3Config reads "yarn" too) for longrope.
+  if (ctx.original_max && (type == "su" || type == "yarn")) type = "longrope";
   std::set<std::string> allowed = {"rope_type", "type", "rope_theta"};
   auto num = [&](const char* key) {
     FT_CHECK(params.contains(key) && params.at(key).is_number(), "[config] ", where, ": rope type '", type,
@@ -109,6 +135,17 @@ RopeConfig parse_rope(const json& params, double theta, int64_t max_pos, const s
   if (params.contains("rope_theta")) {
     FT_CHECK(params.at("rope_theta").is_number(), "[config] ", where, ": rope_theta must be a number");
     rope.theta = params.at("rope_theta").get<double>();
+  }
+  if (params.contains("partial_rotary_factor")) {
+    const json& v = params.at("partial_rotary_factor");
+    FT_CHECK(v.is_number(), "[config] ", where, ": partial_rotary_factor must be a number, got ", v.dump());
+    allowed.insert("partial_rotary_factor");
+    if (ctx.partial != nullptr) {
+      *ctx.partial = v.get<double>();
+    } else {
+      FT_CHECK(v.get<double>() == 1.0, "[config] ", where, ": partial_rotary_factor ", v.dump(),
+               " is not supported for this model type (only phi3 turns part of each head)");
+    }
   }
   if (type == "default") {
     rope.type = RopeType::Default;
@@ -123,15 +160,39 @@ RopeConfig parse_rope(const json& params, double theta, int64_t max_pos, const s
     rope.original_max_position_embeddings = static_cast<int64_t>(num("original_max_position_embeddings"));
     FT_CHECK(rope.high_freq_factor > rope.low_freq_factor, "[config] ", where,
              ": llama3 rope needs high_freq_factor > low_freq_factor");
+  } else if (type == "longrope" && ctx.original_max) {
+    // transformers' _compute_longrope_parameters with Phi3Config: the top-level
+    // original_max_position_embeddings wins over the parameters' own.
+    rope.type = RopeType::LongRope;
+    for (const char* key : {"short_factor", "long_factor"}) {
+      FT_CHECK(params.contains(key), "[config] ", where, ": rope type 'longrope' needs '", key, "'");
+      allowed.insert(key);
+    }
+    rope.short_factor = positive_numbers(params.at("short_factor"), where, "short_factor");
+    rope.long_factor = positive_numbers(params.at("long_factor"), where, "long_factor");
+    allowed.insert("original_max_position_embeddings");
+    rope.original_max_position_embeddings = *ctx.original_max;
+    FT_CHECK(rope.original_max_position_embeddings > 0, "[config] ", where,
+             ": original_max_position_embeddings must be > 0, got ", rope.original_max_position_embeddings);
+    const double original = static_cast<double>(rope.original_max_position_embeddings);
+    rope.factor = params.contains("factor") && !params.at("factor").is_null()
+                      ? num("factor")
+                      : static_cast<double>(ctx.max_pos) / original;
+    allowed.insert("factor");
+    allowed.insert("attention_factor");
+    if (params.contains("attention_factor") && !params.at("attention_factor").is_null()) {
+      rope.attention_factor = num("attention_factor");
+    } else {
+      rope.attention_factor = rope.factor <= 1.0 ? 1.0 : std::sqrt(1 + std::log(rope.factor) / std::log(original));
+    }
   } else {
-    FT_FAIL("[config] ", where, ": rope type '", type,
-            "' is not supported (supported: default, linear, llama3)");
+    FT_FAIL("[config] ", where, ": rope type '", type, "' is not supported (supported: default, linear, llama3",
+            ctx.original_max ? ", longrope" : "; longrope with phi3", ")");
   }
   for (const auto& [key, value] : params.items()) {
     FT_CHECK(allowed.count(key), "[config] ", where, ": option '", key, "' is not supported for rope type '",
              type, "'");
   }
-  (void)max_pos;
   return rope;
 }
 
@@ -239,15 +300,16 @@ void parse_gemma3(Reader& r, ModelConfig& c) {
     }
     const json none = json::object();
     auto entry = [&](const char* key) { return p.contains(key) && !p.at(key).is_null() ? p.at(key) : none; };
-    c.rope = parse_rope(entry("full_attention"), theta, c.max_position_embeddings,
-                        source + ": rope_parameters.full_attention");
-    c.sliding_rope = parse_rope(entry("sliding_attention"), local_theta, c.max_position_embeddings,
+    const RopeContext ctx(c.max_position_embeddings);
+    c.rope = parse_rope(entry("full_attention"), theta, ctx, source + ": rope_parameters.full_attention");
+    c.sliding_rope = parse_rope(entry("sliding_attention"), local_theta, ctx,
                                 source + ": rope_parameters.sliding_attention");
   } else {
-    c.rope = r.has("rope_scaling") ? parse_rope(j.at("rope_scaling"), theta, c.max_position_embeddings,
+    c.rope = r.has("rope_scaling") ? parse_rope(j.at("rope_scaling"), theta,
+                                                RopeContext(c.max_position_embeddings),
                                                 source + ": rope_scaling")
-                                   : RopeConfig{.theta = theta};
-    c.sliding_rope = RopeConfig{.theta = local_theta};
+                                   : RopeConfig::with_theta(theta);
+    c.sliding_rope = RopeConfig::with_theta(local_theta);
   }
 }
 
@@ -340,11 +402,30 @@ void ModelConfig::validate(const std::string& source) const {
            ": 'query_pre_attn_scalar' must be a finite number > 0, got ", query_pre_attn_scalar);
   FT_CHECK(std::isfinite(final_logit_softcapping) && final_logit_softcapping >= 0, "[config] ", source,
            ": 'final_logit_softcapping' must be a finite number > 0, got ", final_logit_softcapping);
+  FT_CHECK(residual_dropout >= 0 && residual_dropout < 1, "[config] ", source,
+           ": 'resid_pdrop' must be in [0, 1), got ", residual_dropout);
+  FT_CHECK(residual_dropout == 0 || phi3(), "[config] ", source, ": only phi3 has 'resid_pdrop'");
+  FT_CHECK(std::isfinite(partial_rotary_factor) && partial_rotary_factor > 0 && partial_rotary_factor <= 1, "[config] ",
+           source, ": 'partial_rotary_factor' must be in (0, 1], got ", partial_rotary_factor);
+  FT_CHECK(partial_rotary_factor == 1 || phi3(), "[config] ", source, ": only phi3 has 'partial_rotary_factor'");
+  FT_CHECK(rope.type != RopeType::LongRope || phi3(), "[config] ", source, ": only phi3 has longrope rotary embeddings");
   FT_CHECK(!sliding_rope || gemma3(), "[config] ", source, ": only gemma3_text has a rotary embedding of its own for its sliding-window layers");
   check_sizes(*this, source);
   FT_CHECK(num_attention_heads % num_key_value_heads == 0, "[config] ", source, ": num_attention_heads (",
            num_attention_heads, ") must be a multiple of num_key_value_heads (", num_key_value_heads, ")");
   FT_CHECK(head_dim % 2 == 0, "[config] ", source, ": head_dim must be even for rotary embeddings, got ", head_dim);
+  FT_CHECK(rotary_dim() >= 2 && rotary_dim() % 2 == 0, "[config] ", source, ": head_dim · partial_rotary_factor (",
+           head_dim, " · ", partial_rotary_factor, " → ", rotary_dim(), ") must be even and at least 2");
+  if (rope.type == RopeType::LongRope) {
+    for (const auto* factors : {&rope.short_factor, &rope.long_factor}) {
+      FT_CHECK(static_cast<int64_t>(factors->size()) == rotary_dim() / 2, "[config] ", source, ": longrope's ",
+               factors == &rope.short_factor ? "short_factor" : "long_factor", " has ", factors->size(),
+               " entries, the rotary embedding turns ", rotary_dim(), " dimensions of each head (", rotary_dim() / 2,
+               " frequencies)");
+    }
+    FT_CHECK(std::isfinite(rope.attention_factor) && rope.attention_factor > 0, "[config] ", source,
+             ": longrope's attention_factor must be a finite number > 0, got ", rope.attention_factor);
+  }
   FT_CHECK(std::isfinite(rms_norm_eps) && rms_norm_eps > 0, "[config] ", source,
            ": 'rms_norm_eps' must be a finite number > 0, got ", rms_norm_eps);
   check_rope(rope, source, "");
@@ -506,14 +587,26 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
     double theta = r.number_or("rope_theta", 10000.0);
     r.used.insert("rope_scaling");
     r.used.insert("rope_parameters");
+    RopeContext ctx(c.max_position_embeddings);
+    std::optional<double> rope_partial;
+    if (c.phi3()) {
+      // Phi3Config: original_max_position_embeddings (default 4096) at the top level, and the
+      // fraction of each head that turns, at the top level or (transformers 5) in rope_parameters,
+      // whose value wins.
+      ctx.original_max = r.integer_or("original_max_position_embeddings", 4096);
+      ctx.partial = &rope_partial;
+      c.partial_rotary_factor = r.number_or("partial_rotary_factor", 1.0);
+    }
     if (r.has("rope_parameters")) {
       FT_CHECK(!r.has("rope_scaling"), "[config] ", source, ": both rope_parameters and rope_scaling given");
-      c.rope = parse_rope(j.at("rope_parameters"), theta, c.max_position_embeddings, source + ": rope_parameters");
+      c.rope = parse_rope(j.at("rope_parameters"), theta, ctx, source + ": rope_parameters");
     } else if (r.has("rope_scaling")) {
-      c.rope = parse_rope(j.at("rope_scaling"), theta, c.max_position_embeddings, source + ": rope_scaling");
+      c.rope = parse_rope(j.at("rope_scaling"), theta, ctx, source + ": rope_scaling");
     } else {
       c.rope.theta = theta;
     }
+    if (rope_partial) c.partial_rotary_factor = *rope_partial;
+    if (c.phi3() && c.rope.type != RopeType::LongRope) c.rope.original_max_position_embeddings = *ctx.original_max;
   }
 
   // Attention windows. Mistral: one window for every layer. Qwen2: layer_types (or, in older
@@ -527,6 +620,14 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
     c.residual_multiplier = r.number_or("residual_multiplier", 1.0);
     c.logits_scaling = r.number_or("logits_scaling", 1.0);
   }
+  if (c.phi3()) {
+    // Phi3Config: dropout on the sublayers' outputs (resid_pdrop), applied in training; its
+    // embd_pdrop is read past, as transformers' Phi-3 never applies it. No biases (Phi-3's
+    // projections have none whatever the config says: a config saying otherwise is refused).
+    c.residual_dropout = r.number_or("resid_pdrop", 0.0);
+    r.number_or("embd_pdrop", 0.0);
+    FT_CHECK(!c.qkv_bias && !c.mlp_bias, "[config] ", source, ": phi3 has no biases (attention_bias, mlp_bias)");
+  }
   if (c.model_type == "gemma") {
     FT_CHECK(!r.boolean_or("use_bidirectional_attention", false), "[config] ", source,
              ": use_bidirectional_attention is not supported: libft trains causal language models");
@@ -536,7 +637,7 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
   r.used.insert("layer_types");
   if (c.model_type == "gemma2" || c.gemma3()) {
     // parse_gemma2 or parse_gemma3 set the windows
-  } else if (c.model_type == "mistral") {
+  } else if (c.model_type == "mistral" || c.phi3()) {
     if (window) c.layer_window.assign(c.num_hidden_layers, *window);
   } else if (c.model_type == "qwen2" || c.model_type == "qwen3") {
     if (r.has("layer_types")) {
@@ -579,6 +680,14 @@ json rope_json(const RopeConfig& r) {
               {"low_freq_factor", r.low_freq_factor},
               {"high_freq_factor", r.high_freq_factor},
               {"original_max_position_embeddings", r.original_max_position_embeddings}};
+    case RopeType::LongRope:
+      // (the attention factor written as the number it is, so no reader recomputes it differently)
+      return {{"rope_type", "longrope"},
+              {"short_factor", r.short_factor},
+              {"long_factor", r.long_factor},
+              {"factor", r.factor},
+              {"attention_factor", r.attention_factor},
+              {"original_max_position_embeddings", r.original_max_position_embeddings}};
   }
   FT_FAIL("[config] unknown rope type");
 }
@@ -593,6 +702,7 @@ std::string model_config_to_json(const ModelConfig& c) {
                            : c.model_type == "gemma"   ? "GemmaForCausalLM"
                            : c.model_type == "gemma2"  ? "Gemma2ForCausalLM"
                            : c.gemma3()                ? "Gemma3ForCausalLM"
+                           : c.phi3()                  ? "Phi3ForCausalLM"
                                                        : "Qwen3ForCausalLM";
   j["architectures"] = json::array({arch});
   j["model_type"] = c.model_type;
@@ -615,8 +725,14 @@ std::string model_config_to_json(const ModelConfig& c) {
   j["initializer_range"] = c.initializer_range;
   j["attention_dropout"] = c.attention_dropout;
   j["tie_word_embeddings"] = c.tie_word_embeddings;
-  if (c.model_type != "qwen2") j["attention_bias"] = c.qkv_bias;
+  if (c.model_type != "qwen2" && !c.phi3()) j["attention_bias"] = c.qkv_bias;
   if (c.model_type == "llama" || c.granite()) j["mlp_bias"] = c.mlp_bias;
+  if (c.phi3()) {
+    j["resid_pdrop"] = c.residual_dropout;
+    j["embd_pdrop"] = 0.0;
+    j["partial_rotary_factor"] = c.partial_rotary_factor;
+    j["original_max_position_embeddings"] = c.rope.original_max_position_embeddings;
+  }
   if (c.granite()) {
     j["embedding_multiplier"] = c.embedding_multiplier;
     j["attention_multiplier"] = c.attention_scale();  // (0, not given, is 1/√head_dim)
@@ -625,7 +741,7 @@ std::string model_config_to_json(const ModelConfig& c) {
   }
   if (c.gemma3()) {
     // transformers 5's layout: one rotary embedding per layer type, each with its theta.
-    const RopeConfig local = c.sliding_rope.value_or(RopeConfig{.theta = 1e4});
+    const RopeConfig local = c.sliding_rope.value_or(RopeConfig::with_theta(1e4));
     json full = rope_json(c.rope), sliding = rope_json(local);
     full["rope_theta"] = c.rope.theta;
     sliding["rope_theta"] = local.theta;
@@ -645,7 +761,7 @@ std::string model_config_to_json(const ModelConfig& c) {
   if (c.gemma()) j["use_bidirectional_attention"] = false;
   int64_t window = 0;
   for (auto w : c.layer_window) window = std::max(window, w);
-  if (c.model_type == "mistral") {
+  if (c.model_type == "mistral" || c.phi3()) {
     j["sliding_window"] = window > 0 ? json(window) : json(nullptr);
   } else if (c.model_type == "qwen2" || c.model_type == "qwen3" || c.model_type == "gemma2" || c.gemma3()) {
     // (Gemma's configs build both masks whatever the layers are: a window is always written.)

@@ -42,6 +42,14 @@ std::vector<int64_t> generate(CausalLM& model, const std::vector<int64_t>& promp
   for (int64_t step = 0; step < o.max_new_tokens; ++step) {
     at::Tensor logits;
     if (o.use_cache) {
+      // longrope (Phi-3's long-context models): the pass that first reaches past the original
+      // context turns every position with the long factors, so the cached keys, turned with the
+      // short ones, are encoded again with the whole sequence, as transformers' Phi-3 generation does.
+      const int64_t cached = cache.length();
+      if (cached > 0 && !model->long_rope(cached - 1) && model->long_rope(cached + next_input.size(1) - 1)) {
+        cache = KVCache();
+        next_input = ids_tensor(sequence);
+      }
       ForwardOptions f;
       f.cache = &cache;
       logits = model->forward(next_input, f);

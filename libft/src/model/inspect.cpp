@@ -57,7 +57,10 @@ std::string describe(CausalLM& m) {
   const ParameterSummary s = summarize_parameters(m);
   std::ostringstream os;
   auto rope_name = [](const io::RopeConfig& r) {
-    return r.type == io::RopeType::Default ? "default" : r.type == io::RopeType::Linear ? "linear" : "llama3";
+    return r.type == io::RopeType::Default  ? "default"
+           : r.type == io::RopeType::Linear ? "linear"
+           : r.type == io::RopeType::Llama3 ? "llama3"
+                                            : "longrope";
   };
   os << "architecture   " << c.model_type << " (" << c.num_hidden_layers << " layers, hidden " << c.hidden_size
      << ", intermediate " << c.intermediate_size << ", vocab " << c.vocab_size << ")\n";
@@ -67,7 +70,7 @@ std::string describe(CausalLM& m) {
   }
   os << "attention      " << c.num_attention_heads << " query heads, " << c.num_key_value_heads << " key/value heads"
      << ", head_dim " << c.head_dim << (c.qkv_bias ? ", q/k/v bias" : "") << (c.o_bias ? ", o bias" : "")
-     << (c.qk_norm() ? ", q/k norms" : "");
+     << (c.qk_norm() ? ", q/k norms" : "") << (c.packed_projections() ? ", q/k/v packed in qkv_proj" : "");
   if (c.query_pre_attn_scalar > 0) os << ", scores scaled by 1/sqrt(" << c.query_pre_attn_scalar << ")";
   if (c.attn_logit_softcapping > 0) os << ", scores soft-capped at " << c.attn_logit_softcapping;
   os << "\n";
@@ -75,11 +78,16 @@ std::string describe(CausalLM& m) {
      << (c.hidden_act == io::Activation::GeluTanh ? "GeGLU (tanh-GELU gate)"
          : c.hidden_act == io::Activation::Gelu   ? "GeGLU (exact GELU gate)"
                                                   : "SwiGLU")
-     << (c.mlp_bias ? ", biases" : "") << "\n";
+     << (c.mlp_bias ? ", biases" : "") << (c.packed_projections() ? ", gate/up packed in gate_up_proj" : "") << "\n";
   int64_t window = 0;
   for (auto w : c.layer_window) window = std::max(window, w);
   os << "positions      rope " << rope_name(c.rope) << " (theta " << c.rope.theta;
   if (c.rope.type != io::RopeType::Default) os << ", factor " << c.rope.factor;
+  if (c.rope.type == io::RopeType::LongRope) {
+    os << ", long factors past " << c.rope.original_max_position_embeddings << " positions, cos/sin x "
+       << c.rope.attention_factor;
+  }
+  if (c.rotary_dim() < c.head_dim) os << ", turning " << c.rotary_dim() << " of " << c.head_dim << " dims";
   os << "), max " << c.max_position_embeddings;
   if (window > 0) {
     const auto local = std::count_if(c.layer_window.begin(), c.layer_window.end(), [](int64_t w) { return w > 0; });
@@ -102,6 +110,7 @@ std::string describe(CausalLM& m) {
     os << "granite        embeddings x " << c.embedding_multiplier << ", scores x " << c.attention_multiplier
        << ", sublayer outputs x " << c.residual_multiplier << ", logits / " << c.logits_scaling << "\n";
   }
+  if (c.residual_dropout > 0) os << "dropout        " << c.residual_dropout << " on sublayer outputs in training\n";
   os << "lm head        " << (c.tie_word_embeddings ? "tied to embed_tokens" : "separate") << "\n";
   os << "parameters     " << human_count(s.total) << " (" << s.total << "), trainable " << human_count(s.trainable)
      << "\n";

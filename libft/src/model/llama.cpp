@@ -359,9 +359,11 @@ at::Tensor RMSNormImpl::reference(const at::Tensor& x) {
 }
 
 // ------------------------------------------------------------------------------------------------
-at::Tensor rope_inv_freq(const ModelConfig& c) { return rope_inv_freq(c.rope, c.head_dim); }
+at::Tensor rope_inv_freq(const ModelConfig& c, bool long_factors) {
+  return rope_inv_freq(c.rope, c.rotary_dim(), long_factors);
+}
 
-at::Tensor rope_inv_freq(const io::RopeConfig& rope, int64_t dim) {
+at::Tensor rope_inv_freq(const io::RopeConfig& rope, int64_t dim, bool long_factors) {
   at::Tensor exponents = at::arange(0, dim, 2, at::kLong).to(at::kFloat) / static_cast<double>(dim);
   at::Tensor inv_freq = 1.0 / at::pow(rope.theta, exponents);
   switch (rope.type) {
@@ -380,6 +382,13 @@ at::Tensor rope_inv_freq(const io::RopeConfig& rope, int64_t dim) {
       at::Tensor medium = (wavelen >= high_wavelen).logical_and(wavelen <= low_wavelen);
       return at::where(medium, smoothed, scaled);
     }
+    case io::RopeType::LongRope: {
+      // Phi-3: each frequency's own divisor, short or long (transformers' float32 arithmetic).
+      const std::vector<double>& f = long_factors ? rope.long_factor : rope.short_factor;
+      FT_CHECK(static_cast<int64_t>(f.size()) == dim / 2, "[model] longrope needs ", dim / 2, " factors, got ",
+               f.size());
+      return 1.0 / (at::tensor(f, at::kDouble).to(at::kFloat) * at::pow(rope.theta, exponents));
+    }
   }
   FT_FAIL("[model] unknown rope type");
 }
@@ -390,14 +399,19 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, int64_t window_)
       kv_heads(c.num_key_value_heads),
       head_dim(c.head_dim),
       window(window_),
+      rotary_dim(c.rotary_dim()),
       scale(c.attention_scale()),
       default_scale(c.attention_multiplier <= 0 &&
                     (c.query_pre_attn_scalar <= 0 || c.query_pre_attn_scalar == static_cast<double>(c.head_dim))),
       softcap(c.attn_logit_softcapping),
       dropout(c.attention_dropout) {
-  q_proj = register_module("q_proj", linear(c.hidden_size, heads * head_dim, c.qkv_bias));
-  k_proj = register_module("k_proj", linear(c.hidden_size, kv_heads * head_dim, c.qkv_bias));
-  v_proj = register_module("v_proj", linear(c.hidden_size, kv_heads * head_dim, c.qkv_bias));
+  if (c.packed_projections()) {
+    qkv_proj = register_module("qkv_proj", linear(c.hidden_size, (heads + 2 * kv_heads) * head_dim, c.qkv_bias));
+  } else {
+    q_proj = register_module("q_proj", linear(c.hidden_size, heads * head_dim, c.qkv_bias));
+    k_proj = register_module("k_proj", linear(c.hidden_size, kv_heads * head_dim, c.qkv_bias));
+    v_proj = register_module("v_proj", linear(c.hidden_size, kv_heads * head_dim, c.qkv_bias));
+  }
   o_proj = register_module("o_proj", linear(heads * head_dim, c.hidden_size, c.o_bias));
   if (c.qk_norm()) {
     q_norm = register_module("q_norm", RMSNorm(head_dim, c.rms_norm_eps, c.norm_unit_offset()));
@@ -546,8 +560,14 @@ at::Tensor softcapped_attention(const at::Tensor& q, const at::Tensor& k, const 
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k,
                                   at::Tensor* cache_v, const at::Tensor& prefix_k, const at::Tensor& prefix_v) {
   const int64_t B = x.size(0), T = x.size(1);
-  // One node for the three (LoRA's grouped projections: column views of one output), or each its own.
-  std::vector<at::Tensor> qkv = forward_group({q_proj.get(), k_proj.get(), v_proj.get()}, x);
+  std::vector<at::Tensor> qkv;
+  if (qkv_proj) {
+    // Phi-3: one projection, [q | k | v] along its output.
+    qkv = qkv_proj(x).split_with_sizes({heads * head_dim, kv_heads * head_dim, kv_heads * head_dim}, -1);
+  } else {
+    // One node for the three (LoRA's grouped projections: column views of one output), or each its own.
+    qkv = forward_group({q_proj.get(), k_proj.get(), v_proj.get()}, x);
+  }
   if (qkv.empty()) {
     const auto xs = projection_inputs(x, {q_proj.get(), k_proj.get(), v_proj.get()}, shared_input_cast);
     qkv = {q_proj(xs[0]), k_proj(xs[1]), v_proj(xs[2])};
@@ -572,7 +592,16 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
   const double dropout_p = is_training() ? dropout : 0.0;
   const bool grouped = softcap == 0 && dropout_p == 0 && cache_k == nullptr && !prefix_k.defined() && grouped_attention_fits(q, k, v, mask);
   bool q_scaled = false;
-  if (rope_fusable(q, cos, sin) && rope_fusable(k, cos, sin)) {
+  if (rotary_dim < head_dim) {
+    // Phi-4-mini's partial rotary embedding: the first rotary_dim dimensions turn, the rest pass
+    // through, as transformers computes it.
+    auto turn = [&](const at::Tensor& t) {
+      const at::Tensor r = t.narrow(-1, 0, rotary_dim);
+      return at::cat({r * cos + rotate_half(r) * sin, t.narrow(-1, rotary_dim, head_dim - rotary_dim)}, -1);
+    };
+    q = turn(q);
+    k = turn(k);
+  } else if (rope_fusable(q, cos, sin) && rope_fusable(k, cos, sin)) {
     q_scaled = grouped;  // the grouped path takes its 1/√D here, in the queries' rotation
     q = fused_rope(q, cos, sin, grouped, q_scaled ? scale : 1.0);
     k = fused_rope(k, cos, sin, grouped);
@@ -638,12 +667,18 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
 
 // ------------------------------------------------------------------------------------------------
 MLPImpl::MLPImpl(const ModelConfig& c) : act(c.hidden_act) {
-  gate_proj = register_module("gate_proj", linear(c.hidden_size, c.intermediate_size, c.mlp_bias));
-  up_proj = register_module("up_proj", linear(c.hidden_size, c.intermediate_size, c.mlp_bias));
+  if (c.packed_projections()) {
+    gate_up_proj = register_module("gate_up_proj", linear(c.hidden_size, 2 * c.intermediate_size, c.mlp_bias));
+  } else {
+    gate_proj = register_module("gate_proj", linear(c.hidden_size, c.intermediate_size, c.mlp_bias));
+    up_proj = register_module("up_proj", linear(c.hidden_size, c.intermediate_size, c.mlp_bias));
+  }
   down_proj = register_module("down_proj", linear(c.intermediate_size, c.hidden_size, c.mlp_bias));
 }
 
 at::Tensor MLPImpl::forward(const at::Tensor& x) {
+  // Phi-3: [gate | up] from one projection, as grouped projections make it.
+  if (gate_up_proj) return down_proj(swiglu_packed(gate_up_proj(x), fused_swiglu, act));
   // One node for both (LoRA's grouped projections: [gate | up] as one output, whose halves the CUDA
   // SwiGLU kernel reads in place), or each its own.
   const std::vector<at::Tensor> gate_up = forward_group({gate_proj.get(), up_proj.get()}, x, /*split=*/false);
@@ -666,7 +701,8 @@ at::Tensor MLPImpl::forward(const at::Tensor& x) {
 }
 
 // ------------------------------------------------------------------------------------------------
-DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer) : residual_multiplier(c.residual_multiplier) {
+DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer)
+    : residual_multiplier(c.residual_multiplier), residual_dropout(c.residual_dropout) {
   self_attn = register_module("self_attn", Attention(c, c.layer_window.at(layer)));
   mlp = register_module("mlp", MLP(c));
   const bool offset = c.norm_unit_offset();
@@ -690,6 +726,11 @@ at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const AttentionInputs&
   if (residual_multiplier != 1) {  // Granite, in transformers' order: residual + output · multiplier
     at::Tensor h = x + self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v) * residual_multiplier;
     return h + mlp(post_attention_layernorm(h)) * residual_multiplier;
+  }
+  if (residual_dropout > 0 && is_training()) {  // Phi-3's resid_pdrop
+    at::Tensor h =
+        x + at::dropout(self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v), residual_dropout, true);
+    return h + at::dropout(mlp(post_attention_layernorm(h)), residual_dropout, true);
   }
   at::Tensor h = x + self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v);
   return h + mlp(post_attention_layernorm(h));
@@ -735,6 +776,7 @@ CausalLMImpl::CausalLMImpl(ModelConfig config) : config_(std::move(config)) {
     lm_head = register_module("lm_head", linear(config_.hidden_size, config_.vocab_size, false));
   }
   inv_freq_ = rope_inv_freq(config_);
+  if (config_.rope.type == io::RopeType::LongRope) long_inv_freq_ = rope_inv_freq(config_, /*long_factors=*/true);
   if (config_.sliding_rope) sliding_inv_freq_ = rope_inv_freq(*config_.sliding_rope, config_.head_dim);
 }
 
@@ -841,7 +883,19 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
            " must match input_ids ", input_ids.sizes());
   AttentionInputs in;
   in.fused_rope = fused_rope_;
-  std::tie(in.cos, in.sin) = rope_tables(positions, on_device(inv_freq_, inv_freq_device_, device), x.scalar_type());
+  // longrope (Phi-3's long-context models): the long factors where the largest position + 1
+  // exceeds the original context, for this pass's every token, as transformers decides.
+  bool long_factors = false;
+  if (long_inv_freq_.defined()) {
+    int64_t max_position = S - 1;  // the default positions' (the prefix's included, as PEFT counts them)
+    if (opt.position_ids.defined()) {
+      max_position = opt.max_position ? *opt.max_position + P : positions.max().item<int64_t>();
+    }
+    long_factors = long_rope(max_position);
+  }
+  const at::Tensor& freq = long_factors ? on_device(long_inv_freq_, long_inv_freq_device_, device)
+                                        : on_device(inv_freq_, inv_freq_device_, device);
+  std::tie(in.cos, in.sin) = rope_tables(positions, freq, x.scalar_type(), config_.rope.attention_factor);
   if (sliding_inv_freq_.defined()) {
     std::tie(in.sliding_cos, in.sliding_sin) =
         rope_tables(positions, on_device(sliding_inv_freq_, sliding_inv_freq_device_, device), x.scalar_type());
@@ -945,11 +999,16 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
 }
 
 std::pair<at::Tensor, at::Tensor> CausalLMImpl::rope_tables(const at::Tensor& positions, const at::Tensor& inv_freq,
-                                                             at::ScalarType dtype) {
+                                                             at::ScalarType dtype, double scale) {
   // Rotary tables in float32, then in the activations' dtype, as HF does.
   at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq;  // (B, T, D/2)
   at::Tensor emb = at::cat({freqs, freqs}, -1);
+  if (scale != 1.0) return {(emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)};
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+bool CausalLMImpl::long_rope(int64_t max_position) const {
+  return config_.rope.type == io::RopeType::LongRope && max_position + 1 > config_.rope.original_max_position_embeddings;
 }
 
 at::Tensor CausalLMImpl::embed(const at::Tensor& input_ids) {

@@ -50,13 +50,15 @@ BatchTensors to_tensors(const data::Batch& batch, c10::Device device) {
   // The counts from the host arrays, as count_targets() and the mask's sum would give them.
   t.n_tokens = 0;
   for (int64_t r = 0; r < batch.rows; ++r) {
-    int64_t targets = 0, tokens = 0;
+    int64_t targets = 0, tokens = 0, max_position = batch.position_ids[r * batch.cols];
     for (int64_t c = 0; c < batch.cols; ++c) {
       if (c > 0 && batch.labels[r * batch.cols + c] != data::kIgnoreIndex) ++targets;
       tokens += batch.attention_mask[r * batch.cols + c] != 0;
+      max_position = std::max(max_position, batch.position_ids[r * batch.cols + c]);
     }
     t.row_targets.push_back(targets);
     t.row_tokens.push_back(tokens);
+    t.row_max_positions.push_back(max_position);
     std::vector<int32_t> runs;  // the row's runs of equal segment ids
     const int32_t* seg = batch.segment_ids.data() + r * batch.cols;
     for (int64_t c = 0; c < batch.cols; ++c) {
@@ -98,6 +100,9 @@ std::vector<BatchTensors> split_rows(const BatchTensors& b, int64_t rows) {
       p.n_targets = count_targets(p.labels);
     }
     if (static_cast<int64_t>(b.row_runs.size()) == n) p.row_runs.assign(b.row_runs.begin() + start, b.row_runs.begin() + end);
+    if (static_cast<int64_t>(b.row_max_positions.size()) == n) {
+      p.row_max_positions.assign(b.row_max_positions.begin() + start, b.row_max_positions.begin() + end);
+    }
     out.push_back(std::move(p));
   }
   return out;

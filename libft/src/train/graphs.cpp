@@ -55,6 +55,10 @@ void refill(at::Tensor& to, const at::Tensor& from) {
 
 GraphedPasses::GraphedPasses(model::CausalLM& model, c10::Device device) : model_(model), device_(device) {
   FT_CHECK(device.is_cuda(), "[train] cuda_graphs needs a CUDA device (device is ", device.str(), ")");
+  // A captured pass keeps the rotary frequencies of its capture; longrope's depend on each batch.
+  FT_CHECK(model_->config().rope.type != io::RopeType::LongRope, "[train] cuda_graphs is not supported with a "
+           "longrope rotary embedding (", model_->config().model_type, "): its frequencies depend on each batch's "
+           "largest position");
   for (const at::Tensor& p : model_->parameters()) {
     if (p.requires_grad()) trainable_.push_back(p);
   }

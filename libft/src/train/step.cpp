@@ -1,5 +1,7 @@
 #include "ft/train/step.h"
 
+#include <algorithm>
+
 #include <torch/autograd.h>
 
 #include "ft/util/error.h"
@@ -12,6 +14,9 @@ at::Tensor micro_batch_loss_sum(model::CausalLM& model, const BatchTensors& b) {
   fo.segment_ids = b.segment_ids;
   fo.attention_mask = b.attention_mask;
   fo.padding = b.padding();
+  if (!b.row_max_positions.empty() && static_cast<int64_t>(b.row_max_positions.size()) == b.input_ids.size(0)) {
+    fo.max_position = *std::max_element(b.row_max_positions.begin(), b.row_max_positions.end());
+  }
   // Packed rows on CUDA: flash attention over each document (the model decides whether it can).
   if (b.cu_seqlens.defined()) {
     fo.cu_seqlens = b.cu_seqlens;

@@ -1,7 +1,8 @@
 #pragma once
 // Hugging Face config.json → typed model configuration for the Llama family
 // (llama, mistral, qwen2, qwen3, granite; TinyLlama and SmolLM are "llama") and Gemma's text models
-// (gemma: Gemma 1; gemma2: Gemma 2; gemma3_text: Gemma3ForCausalLM, e.g. gemma-3-270m and gemma-3-1b).
+// (gemma: Gemma 1; gemma2: Gemma 2; gemma3_text: Gemma3ForCausalLM, e.g. gemma-3-270m and gemma-3-1b) and
+// Microsoft's Phi-3 family (phi3: Phi-3, Phi-3.5-mini, Phi-4-mini, Phi-4).
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -9,23 +10,40 @@
 
 namespace ft::io {
 
-enum class RopeType { Default, Linear, Llama3 };
+/// LongRope: Phi-3's (rope_type "longrope"; "su" and "yarn" in Phi-3 configs, which transformers
+/// reads as longrope).
+enum class RopeType { Default, Linear, Llama3, LongRope };
 
 /// The MLP's gate activation: silu (SwiGLU), the tanh approximation of GELU (GeGLU, Gemma's
 /// gelu_pytorch_tanh), or the exact, erf GELU (a Gemma 1 config's hidden_act "gelu").
 enum class Activation { Silu, GeluTanh, Gelu };
 
 struct RopeConfig {
+  /// The plain rotary embedding of base `theta`.
+  static RopeConfig with_theta(double theta) {
+    RopeConfig r;
+    r.theta = theta;
+    return r;
+  }
   RopeType type = RopeType::Default;
   double theta = 10000.0;
   double factor = 1.0;                           ///< linear and llama3
   double low_freq_factor = 1.0;                  ///< llama3
   double high_freq_factor = 4.0;                 ///< llama3
-  int64_t original_max_position_embeddings = 0;  ///< llama3
+  int64_t original_max_position_embeddings = 0;  ///< llama3, longrope
+  /// longrope: per rotary frequency, the divisors of the inverse frequencies for sequences of at
+  /// most original_max_position_embeddings positions (short) and longer ones (long): a forward
+  /// pass whose largest position + 1 exceeds original_max_position_embeddings uses long_factor, as
+  /// transformers' dynamic update does. Each has rotary_dim / 2 entries.
+  std::vector<double> short_factor, long_factor;
+  /// longrope: cos and sin are multiplied by this (transformers' attention_scaling); 1 elsewhere.
+  /// Read from attention_factor, else √(1 + ln(factor) / ln(original)) with factor
+  /// max_position_embeddings / original_max_position_embeddings (1 where factor ≤ 1).
+  double attention_factor = 1.0;
 };
 
 struct ModelConfig {
-  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | granite | gemma | gemma2 | gemma3_text
+  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | granite | gemma | gemma2 | gemma3_text | phi3
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
@@ -36,6 +54,9 @@ struct ModelConfig {
   int64_t max_position_embeddings = 2048;
   double rms_norm_eps = 1e-6;
   RopeConfig rope;
+  /// The fraction of each head's dimensions that the rotary embedding turns (the first
+  /// rotary_dim()); the rest pass through (Phi-4-mini: 0.75). 1 for the other families.
+  double partial_rotary_factor = 1.0;
   /// Gemma 3: the rotary embedding of the sliding-window layers (rope_local_base_freq, or
   /// rope_parameters.sliding_attention); `rope` is the full-attention layers'. Unset: every layer
   /// uses `rope`.
@@ -55,6 +76,9 @@ struct ModelConfig {
   /// Dropout on the attention probabilities in training (attention_dropout; Granite 3.1's configs
   /// say 0.1, most others 0), as transformers applies it; none in eval mode.
   double attention_dropout = 0;
+  /// Phi-3 (resid_pdrop): dropout on each sublayer's output before it joins the residual stream,
+  /// in training mode. 0 for the other families.
+  double residual_dropout = 0;
   bool qkv_bias = false;       ///< llama/mistral/qwen3: attention_bias; qwen2: always true
   bool o_bias = false;         ///< llama/qwen3: attention_bias; qwen2/mistral: false
   bool mlp_bias = false;
@@ -75,6 +99,14 @@ struct ModelConfig {
 
   /// IBM's Granite 3 (GraniteForCausalLM): Llama's block with four multipliers.
   bool granite() const { return model_type == "granite"; }
+  /// Microsoft's Phi-3 family (Phi3ForCausalLM).
+  bool phi3() const { return model_type == "phi3"; }
+  /// Phi-3: q, k and v come from one projection, qkv_proj (rows [q | k | v]), and gate and up from
+  /// one, gate_up_proj (rows [gate | up]), as the checkpoints store them.
+  bool packed_projections() const { return model_type == "phi3"; }
+  /// The dimensions of each head that the rotary embedding turns: head_dim · partial_rotary_factor,
+  /// truncated (as transformers computes it).
+  int64_t rotary_dim() const { return static_cast<int64_t>(static_cast<double>(head_dim) * partial_rotary_factor); }
   /// Gemma 1, 2 and 3's text models.
   bool gemma() const { return model_type == "gemma" || model_type == "gemma2" || gemma3(); }
   /// Gemma 3's text models.

@@ -80,11 +80,17 @@ class AttentionImpl : public torch::nn::Module {
   /// without a cache; the masks in `in` then cover P + T keys).
   at::Tensor forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k, at::Tensor* cache_v,
                      const at::Tensor& prefix_k = {}, const at::Tensor& prefix_v = {});
+  /// q_proj, k_proj and v_proj; or (ModelConfig::packed_projections, Phi-3) qkv_proj, whose output
+  /// rows are [q | k | v], and the three null.
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  Linear qkv_proj{nullptr};
   /// Qwen3 (ModelConfig::qk_norm): RMSNorm of each head's queries and keys before the rotary
   /// embedding; null for the other families.
   RMSNorm q_norm{nullptr}, k_norm{nullptr};
   int64_t heads, kv_heads, head_dim, window;
+  /// The leading dimensions of each head that the rotary embedding turns (ModelConfig::rotary_dim);
+  /// head_dim but for Phi-4-mini's kind.
+  int64_t rotary_dim;
   /// The scores' scale, ModelConfig::attention_scale; `default_scale` when it is 1/√head_dim (SDPA's
   /// own, left to SDPA).
   double scale;
@@ -103,7 +109,10 @@ class MLPImpl : public torch::nn::Module {
  public:
   explicit MLPImpl(const ModelConfig& c);
   at::Tensor forward(const at::Tensor& x);  ///< down(act(gate(x)) * up(x)), act silu or a GELU
+  /// gate_proj and up_proj; or (ModelConfig::packed_projections, Phi-3) gate_up_proj, whose output
+  /// rows are [gate | up], and the two null.
   Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  Linear gate_up_proj{nullptr};
   io::Activation act = io::Activation::Silu;
   bool fused_swiglu = false;  ///< CausalLMImpl::set_fused_swiglu (silu only)
   bool shared_input_cast = true;  ///< CausalLMImpl::set_shared_input_cast
@@ -124,6 +133,9 @@ class DecoderLayerImpl : public torch::nn::Module {
   /// Granite (ModelConfig::residual_multiplier): each sublayer's output times this before it joins
   /// the residual stream; 1 for the other families.
   double residual_multiplier = 1;
+  /// Phi-3 (ModelConfig::residual_dropout): dropout on each sublayer's output before the residual
+  /// add, in training mode.
+  double residual_dropout = 0;
 };
 TORCH_MODULE(DecoderLayer);
 
@@ -182,6 +194,11 @@ struct ForwardOptions {
   /// would make the host wait for the device.
   at::Tensor cu_seqlens;
   int64_t max_seqlen = 0;
+  /// The largest entry of position_ids, where the caller knows it (the trainer, from the host
+  /// batch). Only a longrope model (Phi-3's long-context models) reads it: its rotary frequencies
+  /// depend on whether the largest position + 1 exceeds the original context. Unset, forward reads
+  /// position_ids, which on CUDA makes the host wait for the device.
+  std::optional<int64_t> max_position;
   KVCache* cache = nullptr;   ///< when set, attends to and extends the cache
 };
 
@@ -234,8 +251,12 @@ class CausalLMImpl : public torch::nn::Module {
   /// (LinearAdapter::wants_float_input). On by default; off for comparisons.
   void set_shared_input_cast(bool on);
   bool shared_input_cast() const { return shared_input_cast_; }
-  /// Rotary inverse frequencies (D/2), float32, after the config's rope scaling.
+  /// Rotary inverse frequencies (rotary_dim/2), float32, after the config's rope scaling (longrope:
+  /// the short factors').
   const at::Tensor& inv_freq() const { return inv_freq_; }
+  /// Whether a forward pass over positions up to `max_position` uses longrope's long factors
+  /// (max_position + 1 > the original context, as transformers decides); false for other ropes.
+  bool long_rope(int64_t max_position) const;
   /// input_ids (B, T) → their embeddings (B, T, E), scaled where the config says
   /// (ModelConfig::scaled_embeddings).
   at::Tensor embed(const at::Tensor& input_ids);
@@ -258,12 +279,15 @@ class CausalLMImpl : public torch::nn::Module {
   /// memory) and could not be captured in a CUDA graph.
   static const at::Tensor& on_device(const at::Tensor& host, at::Tensor& copy, const c10::Device& device);
   /// The rotary tables (cos, sin) of `inv_freq` for `positions` (B, T), in `dtype`.
+  /// Both are multiplied by `scale` (longrope's attention factor) in float32 before the cast.
   static std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions, const at::Tensor& inv_freq,
-                                                       at::ScalarType dtype);
+                                                       at::ScalarType dtype, double scale = 1.0);
 
   ModelConfig config_;
   at::Tensor inv_freq_;
   at::Tensor inv_freq_device_;  ///< the last device's copy (see on_device)
+  /// longrope: the long factors' frequencies, and their last device's copy.
+  at::Tensor long_inv_freq_, long_inv_freq_device_;
   /// The sliding-window layers' (ModelConfig::sliding_rope), and its last device's copy.
   at::Tensor sliding_inv_freq_, sliding_inv_freq_device_;
   bool gradient_checkpointing_ = false;
@@ -275,10 +299,11 @@ class CausalLMImpl : public torch::nn::Module {
 };
 TORCH_MODULE(CausalLM);
 
-/// Rotary inverse frequencies for `config` (default, linear and llama3 scaling), float32, (D/2).
-at::Tensor rope_inv_freq(const ModelConfig& config);
-/// The same for one rotary embedding `rope` of heads of `head_dim`.
-at::Tensor rope_inv_freq(const io::RopeConfig& rope, int64_t head_dim);
+/// Rotary inverse frequencies for `config` (default, linear, llama3 and longrope scaling), float32,
+/// (rotary_dim/2). longrope: the short factors', or with `long_factors` the long ones'.
+at::Tensor rope_inv_freq(const ModelConfig& config, bool long_factors = false);
+/// The same for one rotary embedding `rope` turning `dim` dimensions of each head.
+at::Tensor rope_inv_freq(const io::RopeConfig& rope, int64_t dim, bool long_factors = false);
 /// silu(gate) ⊙ up for gate and up side by side in one tensor, gate_up = [gate | up] (…, 2·I), as
 /// grouped projections compute them (adapt::set_lora_group_projections): the same values as
 /// at::silu(gate) * up on its halves, bit for bit, and gradients written straight into one

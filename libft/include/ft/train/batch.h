@@ -30,6 +30,9 @@ struct BatchTensors {
   int64_t n_tokens = -1;
   /// Per row, the targets and tokens above (empty where unknown); split_rows() sums them.
   std::vector<int64_t> row_targets, row_tokens;
+  /// Per row, its largest position_ids entry (empty where unknown): a longrope model's choice of
+  /// rotary frequencies (ForwardOptions::max_position) without reading the device.
+  std::vector<int64_t> row_max_positions;
   /// Per row, the lengths of its runs of equal segment_ids (its documents, and its padding), in
   /// order, from the host batch (empty where unknown): what varlen_offsets() turns into flash
   /// attention's offsets without reading the device.
