@@ -252,6 +252,7 @@ std::string prefix_base(const std::string& name) {
   return name == "prefix_qwen3"    ? "base_qwen3"
          : name == "prefix_gemma3" ? "base_gemma3"
          : name == "prefix_gemma2" ? "base_gemma2"
+         : name == "prefix_phi3"   ? "base_phi3"
                                    : "base";
 }
 
@@ -260,7 +261,7 @@ TEST(PeftPrefixInterop, LibftLoadsPeftPrefixesWithTheSameLogits) {
   if (!d) GTEST_SKIP() << "LIBFT_PEFT_DIR has no PEFT files (ctest's peft_make writes them)";
   auto ref = io::SafetensorsFile::open((fs::path(d) / "peft_logits.safetensors").string());
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
-  for (const char* name : {"prefix", "prefix_proj", "prefix_qwen3", "prefix_gemma3", "prefix_gemma2"}) {
+  for (const char* name : {"prefix", "prefix_proj", "prefix_qwen3", "prefix_gemma3", "prefix_gemma2", "prefix_phi3"}) {
     SCOPED_TRACE(name);
     const std::string base_name = prefix_base(name);
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_name).string());
@@ -291,7 +292,7 @@ TEST(PeftPrefixInterop, LibftSavesPrefixesForPeft) {
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
   std::vector<at::Tensor> keep{input};
   std::vector<io::TensorWrite> writes{io::tensor_write("input_ids", keep[0])};
-  for (const char* name : {"prefix", "prefix_proj", "prefix_qwen3", "prefix_gemma3", "prefix_gemma2"}) {
+  for (const char* name : {"prefix", "prefix_proj", "prefix_qwen3", "prefix_gemma3", "prefix_gemma2", "prefix_phi3"}) {
     const std::string base_name = prefix_base(name);
     adapt::PrefixOptions o;
     o.num_virtual_tokens = 5;

@@ -20,7 +20,10 @@ string); "qwen3" adapts all-linear on a Qwen3 base (DIR/base_qwen3, per-head q/k
 all-linear on a Gemma 3 base (DIR/base_gemma3: tanh-GELU, offset norms, a sliding-window layer that the
 11 tokens exceed) and "prefix_gemma3" is a plain prefix on it; "gemma2" and "prefix_gemma2" the same on
 a Gemma 2 base (DIR/base_gemma2: attention scores and logits soft-capped, caps that bite; transformers'
-eager attention, as its SDPA attention leaves the scores uncapped). Prefixes: "prefix" is a plain
+eager attention, as its SDPA attention leaves the scores uncapped); "phi3" adapts all-linear on a Phi-3
+base (DIR/base_phi3: q, k, v packed in qkv_proj and gate, up in gate_up_proj, which PEFT adapts as
+one layer each; longrope past 8 positions, which the 11 tokens exceed; 12 of 16 dimensions turning),
+"phi3_dora" is DoRA on its two packed projections, and "prefix_phi3" a plain prefix on it. Prefixes: "prefix" is a plain
 table of 5 virtual tokens, "prefix_proj" one made through PEFT's projection MLP (PEFT saves the
 table it computes); their logits are also taken for a right-padded batch with an attention mask.
 The C++ side (tests/test_lora.cpp PeftInterop.*, tests/test_prefix.cpp PeftPrefixInterop.*) loads
@@ -34,7 +37,7 @@ import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
-                          LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 ADAPTERS = {
     "lists": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -53,9 +56,12 @@ ADAPTERS = {
     "qwen3": dict(r=4, lora_alpha=8, target_modules="all-linear"),
     "gemma3": dict(r=4, lora_alpha=8, target_modules="all-linear"),
     "gemma2": dict(r=4, lora_alpha=8, target_modules="all-linear"),
+    "phi3": dict(r=4, lora_alpha=8, target_modules="all-linear"),
+    "phi3_dora": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"], use_dora=True),
 }
 BASES = {"tied": "base_tied", "qwen3": "base_qwen3", "prefix_qwen3": "base_qwen3", "gemma3": "base_gemma3",
-         "prefix_gemma3": "base_gemma3", "gemma2": "base_gemma2", "prefix_gemma2": "base_gemma2"}
+         "prefix_gemma3": "base_gemma3", "gemma2": "base_gemma2", "prefix_gemma2": "base_gemma2",
+         "phi3": "base_phi3", "phi3_dora": "base_phi3", "prefix_phi3": "base_phi3"}
 # (the others adapt DIR/base)
 
 
@@ -75,6 +81,7 @@ PREFIXES = {
     "prefix_qwen3": dict(num_virtual_tokens=5),
     "prefix_gemma3": dict(num_virtual_tokens=5),
     "prefix_gemma2": dict(num_virtual_tokens=5),
+    "prefix_phi3": dict(num_virtual_tokens=5),
 }
 
 
@@ -134,6 +141,17 @@ def make(d):
             if pname.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(20)
     gemma2.save_pretrained(os.path.join(d, "base_gemma2"))
+    # Phi-3 (Phi-4-mini's kind): longrope whose original context (8) the 11 tokens exceed (the long
+    # factors turn them), 12 of each head's 16 dimensions turning, grouped-query attention.
+    phi3 = Phi3ForCausalLM(Phi3Config(vocab_size=97, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      original_max_position_embeddings=8, partial_rotary_factor=0.75,
+                                      rope_scaling={"rope_type": "longrope",
+                                                    "short_factor": [1.0, 1.1, 1.25, 1.5, 2.0, 3.0],
+                                                    "long_factor": [1.5, 2.5, 4.0, 6.0, 9.0, 14.0]},
+                                      rms_norm_eps=1e-5, pad_token_id=None, bos_token_id=None,
+                                      eos_token_id=None)).eval()
+    phi3.save_pretrained(os.path.join(d, "base_phi3"))
     ids = input_ids()
     tensors = {"input_ids": ids}
     for name, kwargs in ADAPTERS.items():
