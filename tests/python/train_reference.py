@@ -8,7 +8,7 @@ model, batches and hyper-parameters, to check libft's losses step by step and to
 
 LoRA runs (mode: lora with lora.init_from) are compared too: the reference wraps the base with PEFT
 (PeftModel.from_pretrained(..., is_trainable=True)) from the same initial adapter, which
---make-adapter writes (PEFT's LoraConfig on seven projections, rank 8 with down_proj at 4, B
+--make-adapter writes (PEFT's LoraConfig on every projection, rank 8 with down_proj at 4, B
 randomised so that the first steps already differ from the base). So are prefix-tuning runs (mode:
 prefix with prefix.init_from, from PEFT's PrefixTuningConfig of 8 virtual tokens that --make-prefix
 writes): PEFT's forward cannot take the 4-D packing mask, so the reference calls the base model with
@@ -43,10 +43,14 @@ from transformers import AutoModelForCausalLM, get_constant_schedule_with_warmup
 from transformers import get_linear_schedule_with_warmup
 
 
-def block_causal_mask(segment_ids):
-    """(B, T) document ids (-1 = padding) → (B, 1, T, T) bool, True where attention is allowed."""
+def block_causal_mask(segment_ids, window=None):
+    """(B, T) document ids (-1 = padding) → (B, 1, T, T) bool, True where attention is allowed; with
+    `window`, a query sees the keys less than `window` positions back only (transformers' sliding
+    window, which it does not apply to a 4-D mask that it is given)."""
     t = segment_ids.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool).tril()
+    if window:
+        causal &= ~torch.ones(t, t, dtype=torch.bool).tril(-window)
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     mask = same & causal & (segment_ids[:, :, None] >= 0)
     mask |= torch.eye(t, dtype=torch.bool)  # padding attends to itself only (its labels are ignored)
@@ -61,8 +65,14 @@ def for_attention(model, mask):
     return torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
 
 
+def uniform_window(model):
+    """The attention window of every layer, where a model has one for all (Mistral's, Phi-3's)."""
+    config = model.config
+    return config.sliding_window if config.model_type in ("mistral", "phi3") else None
+
+
 def loss_sum(model, input_ids, labels, position_ids, segment_ids):
-    mask = block_causal_mask(segment_ids)
+    mask = block_causal_mask(segment_ids, uniform_window(model))
     if getattr(model, "peft_config", None) and model.active_peft_config.peft_type == "PREFIX_TUNING":
         p = model.active_peft_config.num_virtual_tokens
         b, _, t, _ = mask.shape
@@ -81,8 +91,11 @@ def make_adapter(adapter_dir, model_dir):
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    # Every projection (Phi-3's are packed: qkv_proj and gate_up_proj).
+    targets = (["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if model.config.model_type == "phi3" else
+               ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     config = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, rank_pattern={"down_proj": 4},
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                        target_modules=targets)
     peft_model = get_peft_model(model, config)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
