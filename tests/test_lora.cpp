@@ -985,6 +985,69 @@ TEST(LoraFused, SameLossAndGradientsAsTheAutogradChain) {
   }
 }
 
+// Phi-3's packed projections are adapted whole, as PEFT adapts them: all-linear finds four layers
+// per block, the fused node (dense and NF4 bases, LoRA and DoRA) gives the autograd chain's loss and
+// gradients, grouping has nothing to group, and targets naming the unpacked layers are refused
+// with the names the model has.
+TEST(Lora, PackedProjectionsAreAdaptedWhole) {
+  io::ModelConfig mc = test::tiny_config("phi3");
+  {
+    model::CausalLM m(mc);
+    adapt::LoraOptions o;  // PEFT's q_proj and v_proj
+    const std::string e = error_of([&] { adapt::apply_lora(m, o); });
+    EXPECT_NE(e.find("no linear layer matches the targets (q_proj, v_proj) (layer 0's linear layers: "
+                     "self_attn.qkv_proj, self_attn.o_proj, mlp.gate_up_proj, mlp.down_proj); phi3 packs q, k and v "
+                     "into qkv_proj"),
+              std::string::npos)
+        << e;
+    o.targets = {"qkv_proj", "gate_proj"};
+    EXPECT_NE(error_of([&] { adapt::apply_lora(m, o); }).find("target 'gate_proj' matches no linear layer of the model"),
+              std::string::npos);
+  }
+  for (const bool nf4 : {false, true}) {
+    for (const bool dora : {false, true}) {
+      SCOPED_TRACE(std::string(nf4 ? "NF4" : "dense") + (dora ? ", DoRA" : ", LoRA"));
+      model::CausalLM m(mc);
+      model::init_weights(m, 12);
+      const at::ScalarType dtype = nf4 ? at::kFloat : at::kDouble;
+      m->to(dtype);
+      if (nf4) {
+        for (const auto& item : m->named_modules()) {
+          if (auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get()); lin && item.key() != "lm_head")
+            lin->quantize_nf4(16, true);
+        }
+      }
+      adapt::LoraOptions o;
+      o.targets = {"all-linear"};
+      o.r = 4;
+      o.dora = dora;
+      const auto layers = adapt::apply_lora(m, o);
+      ASSERT_EQ(layers.size(), 8u);
+      EXPECT_EQ(layers[0].module, "model.layers.0.self_attn.qkv_proj");
+      randomize_b(m, 4);
+      adapt::set_lora_group_projections(m, true);  // nothing to group: the packed layers stay one node each
+      m->train();
+      auto run = [&](bool fused) {
+        adapt::set_lora_fused(m, fused);
+        for (auto& p : m->parameters()) p.mutable_grad() = at::Tensor();
+        test::OpNames ops;
+        const at::Tensor logits = m->forward(ids());
+        const at::Tensor loss = at::cross_entropy_loss(logits.view({-1, logits.size(-1)}).to(at::kDouble),
+                                                       ids().roll(-1, 1).reshape({-1}));
+        loss.backward();
+        EXPECT_FALSE(ops.seen("ft::lora_grouped_projections"));
+        return std::make_pair(loss.item<double>(), trainable_grads(m));
+      };
+      const auto [loss_plain, g_plain] = run(false);
+      const auto [loss_fused, g_fused] = run(true);
+      const double tol = nf4 ? 2e-5 : 1e-12;
+      EXPECT_NEAR(loss_fused, loss_plain, tol * std::abs(loss_plain));
+      ASSERT_EQ(g_plain.size(), (dora ? 3u : 2u) * 4u * 2u);
+      for (const auto& [name, g] : g_plain) EXPECT_LE(test::max_rel_error(g_fused.at(name), g), tol) << name;
+    }
+  }
+}
+
 // The adapter modes' frozen base in bf16 (store_frozen_linears, which the trainer calls under CUDA
 // bf16 autocast): only the frozen linear weights change dtype, and under autocast (here the CPU's)
 // the losses and every gradient, on the fused and the unfused path, are bit-identical to those of

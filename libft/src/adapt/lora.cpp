@@ -1073,6 +1073,26 @@ bool untie_for_modules_to_save(model::CausalLM& model, const std::vector<std::st
   return false;
 }
 
+namespace {
+// What the first decoder layer's linear layers are called, for messages about targets that match
+// nothing: "(layer 0's linear layers: self_attn.q_proj, ...)", and for a model whose projections
+// are packed (Phi-3) what they pack.
+std::string layer_names_hint(model::CausalLM& model) {
+  const std::string prefix = "model.layers.0.";
+  std::string names;
+  for (const auto& item : model->named_modules("", false)) {
+    if (dynamic_cast<model::LinearImpl*>(item.value().get()) == nullptr || !item.key().starts_with(prefix)) continue;
+    names += (names.empty() ? "" : ", ") + item.key().substr(prefix.size());
+  }
+  std::string hint = " (layer 0's linear layers: " + names + ")";
+  if (model->config().packed_projections()) {
+    hint += "; " + model->config().model_type +
+            " packs q, k and v into qkv_proj and gate and up into gate_up_proj, which are adapted whole, as PEFT does";
+  }
+  return hint;
+}
+}  // namespace
+
 std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) {
   FT_CHECK(o.r > 0, "[lora] r must be > 0, got ", o.r);
   FT_CHECK(std::isfinite(o.alpha) && o.alpha > 0, "[lora] alpha must be > 0, got ", o.alpha);
@@ -1145,7 +1165,7 @@ std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) 
              for (const auto& t : o.targets) s += (s.empty() ? "" : ", ") + t;
              return o.target_regex.empty() ? s : std::string();
            }(),
-           "); names look like model.layers.0.self_attn.q_proj, model.layers.0.mlp.down_proj");
+           ")", layer_names_hint(model));
   if (o.target_regex.empty()) {
     for (const auto& t : o.targets) {
       if (t == "all-linear") continue;
@@ -1155,7 +1175,7 @@ std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) 
         if (dynamic_cast<model::LinearImpl*>(item.value().get()) != nullptr)
           hit |= is_target(item.key(), single_target(t), false);
       }
-      FT_CHECK(hit, "[lora] target '", t, "' matches no linear layer of the model");
+      FT_CHECK(hit, "[lora] target '", t, "' matches no linear layer of the model", layer_names_hint(model));
     }
   }
   // An exclusion that names no linear layer is most likely a misspelt one (PEFT would ignore it).
@@ -1526,7 +1546,9 @@ std::vector<std::string> check_peft_adapter(model::CausalLM& model, const std::s
   }
   if (o.target_regex.empty()) {
     for (const auto& t : o.targets) {
-      if (!hit_targets.count(t)) problems.push_back("target '" + t + "' matches no linear layer of the model");
+      if (!hit_targets.count(t)) {
+        problems.push_back("target '" + t + "' matches no linear layer of the model" + layer_names_hint(model));
+      }
     }
   } else if (expected.empty()) {
     problems.push_back("target regex '" + o.target_regex + "' matches no linear layer of the model");
