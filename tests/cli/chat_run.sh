@@ -1,4 +1,4 @@
-# Sourced by the chat end-to-end scripts (qwen3_bpe.sh, gemma_chat.sh), which set ft (the ft binary)
+# Sourced by the chat end-to-end scripts (qwen3_bpe.sh, family_chat.sh), which set ft (the ft binary)
 # and d (their work directory, with the tokenizer in $d/m and the prepared data in $d/chat.h5).
 # chat_run NAME MODE CHECKPOINT STEPS LR [extra YAML]: trains $d/NAME from CHECKPOINT on that data,
 # prints the first and the last step's loss.

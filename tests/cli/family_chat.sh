@@ -1,28 +1,52 @@
 #!/usr/bin/env bash
-# A Gemma 3 or Gemma 2 checkpoint from the command line (tests/CMakeLists.txt: cli_gemma3_chat,
-# cli_gemma2_chat), as a user brings one from the Hub: config.json in transformers 4.x's layout (Gemma
-# 3: rope_local_base_freq, sliding_window_pattern; Gemma 2: both soft-caps, hidden_act beside
-# hidden_activation, alternating windows by default), a sentencepiece-style tokenizer.json in Gemma's layout with
-# <start_of_turn>/<end_of_turn> as special tokens, and a Gemma 3-style chat template whose turns end
-# at <end_of_turn> (an EOS of the config, as Gemma 3's [1, 106]). ft prepare renders conversations
-# with that template, full fine-tuning learns them, a LoRA run on top exports an adapter that ft merge
-# folds back (a QLoRA run keeps what was learned too), and ft generate --chat answers and stops at <end_of_turn>.
-#   tests/cli/gemma_chat.sh FT PYTHON GEMMA_TOKENIZER_DIR WORK_DIR [gemma3|gemma2]
+# A Gemma 3, Gemma 2 or Phi-3 checkpoint from the command line (tests/CMakeLists.txt: cli_gemma3_chat,
+# cli_gemma2_chat, cli_phi3_chat), as a user brings one from the Hub: config.json in transformers 4.x's
+# layout (Gemma 3: rope_local_base_freq, sliding_window_pattern; Gemma 2: both soft-caps, hidden_act
+# beside hidden_activation, alternating windows by default; Phi-3: Phi-4-mini's longrope "su"-style
+# rope_scaling, here with an original context of 24 tokens that conversations and generation cross,
+# a partial rotary embedding and a window), a sentencepiece-style tokenizer.json with the family's
+# turn markers added as special tokens (Gemma: <start_of_turn>/<end_of_turn>; Phi-3:
+# <|system|>/<|user|>/<|assistant|>/<|end|>), and a chat template of the family's kind whose turns end
+# at a marker that the config lists as an EOS (as Gemma 3's [1, 106]). ft prepare renders
+# conversations with that template, full fine-tuning learns them, a LoRA run on top exports an
+# adapter that ft merge folds back (a QLoRA run keeps what was learned too), and ft generate --chat
+# answers and stops at the end-of-turn marker.
+#   tests/cli/family_chat.sh FT PYTHON SENTENCEPIECE_TOKENIZER_DIR WORK_DIR [gemma3|gemma2|phi3]
 set -euo pipefail
 ft=$1 python=$2 tok=$3 d=$4 family=${5:-gemma3}
 rm -rf "$d" && mkdir -p "$d/m"
-# The tokenizer with Gemma's turn markers added as special tokens (as its own file lists them).
-read -r vocab end_id < <("$python" - "$tok" "$d/m" <<'PY'
+# The tokenizer with the family's turn markers added as special tokens (as its own file lists them).
+markers="<start_of_turn> <end_of_turn>"
+end_marker="<end_of_turn>"
+if [ "$family" = phi3 ]; then
+  markers="<|system|> <|user|> <|assistant|> <|end|>"
+  end_marker="<|end|>"
+fi
+read -r vocab end_id < <("$python" - "$tok" "$d/m" "$end_marker" $markers <<'PY'
 import sys
 from transformers import AutoTokenizer
 t = AutoTokenizer.from_pretrained(sys.argv[1])
-t.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+t.add_special_tokens({"additional_special_tokens": sys.argv[4:]})
 t.save_pretrained(sys.argv[2])
-print(len(t), t.convert_tokens_to_ids("<end_of_turn>"))
+print(len(t), t.convert_tokens_to_ids(sys.argv[3]))
 PY
 )
 # One global layer after a local one (pattern 2), the local window shorter than a conversation.
-if [ "$family" = gemma2 ]; then
+if [ "$family" = phi3 ]; then
+  # (longrope's factors for the 24 of 32 dimensions that turn; Phi-4-mini's keys, 4.x's layout)
+  cat >"$d/config.json" <<EOF
+{"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": $vocab, "hidden_size": 128,
+ "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+ "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+ "rope_scaling": {"type": "longrope", "short_factor": [1, 1, 1.1, 1.2, 1.4, 1.7, 2, 2.5, 3, 3.5, 4, 5],
+                  "long_factor": [1, 1.2, 1.5, 2, 3, 4, 6, 8, 11, 15, 20, 26]},
+ "max_position_embeddings": 512, "original_max_position_embeddings": 24, "sliding_window": 20,
+ "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0, "tie_word_embeddings": false,
+ "bos_token_id": 1, "eos_token_id": [2, $end_id], "pad_token_id": 0, "torch_dtype": "float32"}
+EOF
+  shows=("q/k/v packed in qkv_proj" "gate/up packed in gate_up_proj" "long factors past 24 positions"
+         "turning 24 of 32 dims" "sliding window 20 in 2 of 2 layers")
+elif [ "$family" = gemma2 ]; then
   # (Gemma 2's own caps, 50 and 30: the trained model's scores and logits grow into them.)
   cat >"$d/config.json" <<EOF
 {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": $vocab, "hidden_size": 64,
@@ -52,6 +76,20 @@ cp "$d/init/"* "$d/m/"
 for want in "${shows[@]}"; do
   grep -qF "$want" "$d/inspect.txt" || { echo "FAIL: inspect does not show '$want'"; cat "$d/inspect.txt"; exit 1; }
 done
+if [ "$family" = phi3 ]; then
+  # Phi-3's kind: every turn "<|role|>\n" + content + "<|end|>\n"; the generation prompt opens the
+  # assistant's turn.
+  cat >"$d/m/chat_template.jinja" <<'EOF'
+{%- for message in messages -%}
+    {{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<|assistant|>\n' }}
+{%- else -%}
+    {{ eos_token }}
+{%- endif -%}
+EOF
+else
 cat >"$d/m/chat_template.jinja" <<'EOF'
 {{ bos_token }}
 {%- if messages[0]['role'] == 'system' -%}
@@ -69,6 +107,7 @@ cat >"$d/m/chat_template.jinja" <<'EOF'
     {{ '<start_of_turn>model\n' }}
 {%- endif -%}
 EOF
+fi
 for i in $(seq 40); do
   echo '{"messages": [{"role": "user", "content": "What is a hacker?"}, {"role": "assistant", "content": "A person who enjoys exploring the details of programmable systems."}]}'
   echo '{"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who wrote the Jargon File?"}, {"role": "assistant", "content": "Many hands, over decades."}]}'
