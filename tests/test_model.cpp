@@ -331,6 +331,60 @@ TEST(Config, ParsesPhi3) {
             std::string::npos);
 }
 
+// SmolLM3 as the Hub's SmolLM3-3B config.json has it, shrunk to 4 layers: every fourth layer without
+// a rotary embedding (no_rope_layers), read, shown and written back; the interval where the list is
+// absent, and sliding NoPE layers where use_sliding_window says so.
+TEST(Config, ParsesSmolLM3) {
+  const std::string json = R"({
+    "architectures": ["SmolLM3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": null,
+    "eos_token_id": 128012, "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02,
+    "intermediate_size": 96, "layer_types": ["full_attention", "full_attention", "full_attention", "full_attention"],
+    "max_position_embeddings": 65536, "max_window_layers": 28, "mlp_bias": false, "model_type": "smollm3",
+    "no_rope_layer_interval": 4, "no_rope_layers": [1, 1, 1, 0], "num_attention_heads": 4, "num_hidden_layers": 4,
+    "num_key_value_heads": 2, "pad_token_id": 128004, "pretraining_tp": 2, "rms_norm_eps": 1e-06,
+    "rope_scaling": null, "rope_theta": 5000000.0, "sliding_window": null, "torch_dtype": "bfloat16",
+    "transformers_version": "4.54.0.dev0", "use_cache": false, "use_sliding_window": false, "vocab_size": 300
+  })";
+  auto c = io::parse_model_config(json, "config.json");
+  EXPECT_EQ(c.layer_rope, (std::vector<bool>{true, true, true, false}));
+  EXPECT_EQ(c.layer_window, (std::vector<int64_t>{0, 0, 0, 0}));
+  model::CausalLM m(c);
+  EXPECT_TRUE(m->model->layers->ptr<model::DecoderLayerImpl>(0)->self_attn->use_rope);
+  EXPECT_FALSE(m->model->layers->ptr<model::DecoderLayerImpl>(3)->self_attn->use_rope);
+  EXPECT_NE(model::describe(m).find("no rotary embedding (NoPE) in 1 of 4 layers"), std::string::npos);
+  const std::string written = io::model_config_to_json(c);
+  EXPECT_NE(written.find("SmolLM3ForCausalLM"), std::string::npos);
+  EXPECT_EQ(io::parse_model_config(written, "written").layer_rope, c.layer_rope);
+  // Without the list: every no_rope_layer_interval-th layer; without layer_types, the NoPE layers slide
+  // where use_sliding_window and sliding_window say so.
+  std::string derived = json;
+  for (const std::string key : {R"("no_rope_layers": [1, 1, 1, 0], )",
+                                R"("layer_types": ["full_attention", "full_attention", "full_attention", "full_attention"],
+    )"}) {
+    const auto at = derived.find(key);
+    ASSERT_NE(at, std::string::npos) << key;
+    derived.erase(at, key.size());
+  }
+  derived.replace(derived.find(R"("no_rope_layer_interval": 4)"), 27, R"("no_rope_layer_interval": 2)");
+  derived.replace(derived.find(R"("sliding_window": null)"), 22, R"("sliding_window": 8)");
+  derived.replace(derived.find(R"("use_sliding_window": false)"), 27, R"("use_sliding_window": true)");
+  auto d = io::parse_model_config(derived, "derived.json");
+  EXPECT_EQ(d.layer_rope, (std::vector<bool>{true, false, true, false}));
+  EXPECT_EQ(d.layer_window, (std::vector<int64_t>{0, 8, 0, 8}));
+  std::string bad = json;
+  bad.replace(bad.find("[1, 1, 1, 0]"), 12, "[1, 1, 2, 0]");
+  EXPECT_NE(expect_error([&] { io::parse_model_config(bad, "s.json"); }).find("s.json: no_rope_layers[2] must be 0 or 1"),
+            std::string::npos);
+  bad = json;
+  bad.replace(bad.find("[1, 1, 1, 0]"), 12, "[1, 0]");
+  EXPECT_NE(expect_error([&] { io::parse_model_config(bad, "s.json"); }).find("no_rope_layers must list 0 or 1 for each of the 4 layers"),
+            std::string::npos);
+  io::ModelConfig llama = tiny_config("llama");
+  llama.layer_rope = {true, false};
+  EXPECT_NE(expect_error([&] { llama.validate("built"); }).find("only smollm3 has layers without a rotary embedding"),
+            std::string::npos);
+}
+
 // Gemma 3's image-text checkpoints as the Hub's gemma-3-4b-it config.json has it: the language
 // model's settings in a text_config that names only what differs from Gemma3TextConfig's defaults,
 // the EOS ids and dtype at the top level; the vision tower's settings are read past.

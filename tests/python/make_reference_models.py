@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, GemmaConfig, GemmaForCausalLM,
                           GraniteConfig, GraniteForCausalLM, LlamaConfig, Phi3Config, Phi3ForCausalLM,
+                          SmolLM3Config, SmolLM3ForCausalLM,
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                           Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig)
 
@@ -102,6 +103,11 @@ FAMILIES = {
         **COMMON, num_key_value_heads=2, original_max_position_embeddings=8, partial_rotary_factor=0.75,
         rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.25, 1.5, 2.0, 3.0],
                       "long_factor": [1.5, 2.5, 4.0, 6.0, 9.0, 14.0]})),
+    # SmolLM3: Llama's block with layers that have no rotary embedding (NoPE; here every second,
+    # no_rope_layer_interval 2), which also slide (use_sliding_window, a window of 6 < 16 tokens).
+    "smollm3": (SmolLM3ForCausalLM, SmolLM3Config(**COMMON, num_key_value_heads=2, no_rope_layer_interval=2,
+                                                  use_sliding_window=True, sliding_window=6,
+                                                  tie_word_embeddings=False)),
 }
 
 

@@ -30,10 +30,10 @@ const std::set<std::string> kHarmlessKeys = {
 
 bool supported_model_type(const std::string& t) {
   return t == "llama" || t == "mistral" || t == "qwen2" || t == "qwen3" || t == "granite" || t == "gemma" ||
-         t == "gemma2" || t == "gemma3_text" || t == "phi3";
+         t == "gemma2" || t == "gemma3_text" || t == "phi3" || t == "smollm3";
 }
 
-constexpr const char* kSupportedTypes = "llama, mistral, qwen2, qwen3, granite, gemma, gemma2, gemma3_text, phi3";
+constexpr const char* kSupportedTypes = "llama, mistral, qwen2, qwen3, granite, gemma, gemma2, gemma3_text, phi3, smollm3";
 
 void check_model_type(const std::string& t, const std::string& source) {
   // Gemma 3's larger checkpoints are the multimodal Gemma3ForConditionalGeneration ("gemma3"), whose
@@ -409,6 +409,10 @@ void ModelConfig::validate(const std::string& source) const {
            source, ": 'partial_rotary_factor' must be in (0, 1], got ", partial_rotary_factor);
   FT_CHECK(partial_rotary_factor == 1 || phi3(), "[config] ", source, ": only phi3 has 'partial_rotary_factor'");
   FT_CHECK(rope.type != RopeType::LongRope || phi3(), "[config] ", source, ": only phi3 has longrope rotary embeddings");
+  FT_CHECK(layer_rope.empty() || static_cast<int64_t>(layer_rope.size()) == num_hidden_layers, "[config] ", source,
+           ": one rotary-embedding flag per layer expected (no_rope_layers)");
+  FT_CHECK(layer_rope.empty() || model_type == "smollm3", "[config] ", source,
+           ": only smollm3 has layers without a rotary embedding (no_rope_layers)");
   FT_CHECK(!sliding_rope || gemma3(), "[config] ", source, ": only gemma3_text has a rotary embedding of its own for its sliding-window layers");
   check_sizes(*this, source);
   FT_CHECK(num_attention_heads % num_key_value_heads == 0, "[config] ", source, ": num_attention_heads (",
@@ -639,6 +643,35 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
     // parse_gemma2 or parse_gemma3 set the windows
   } else if (c.model_type == "mistral" || c.phi3()) {
     if (window) c.layer_window.assign(c.num_hidden_layers, *window);
+  } else if (c.model_type == "smollm3") {
+    // SmolLM3Config: no_rope_layers (1: the layer turns q and k, 0: NoPE), else every
+    // no_rope_layer_interval-th layer without; layer_types, else the NoPE layers slide where
+    // use_sliding_window says so.
+    const int64_t interval = r.integer_or("no_rope_layer_interval", 4);
+    c.layer_rope.assign(c.num_hidden_layers, true);
+    if (r.has("no_rope_layers")) {
+      const json& flags = r.get("no_rope_layers");
+      FT_CHECK(flags.is_array() && static_cast<int64_t>(flags.size()) == c.num_hidden_layers, "[config] ", source,
+               ": no_rope_layers must list 0 or 1 for each of the ", c.num_hidden_layers, " layers, got ", flags.dump());
+      for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+        const json& f = flags[static_cast<size_t>(i)];
+        FT_CHECK(f.is_number_integer() && (f.get<int64_t>() == 0 || f.get<int64_t>() == 1), "[config] ", source,
+                 ": no_rope_layers[", i, "] must be 0 or 1, got ", f.dump());
+        c.layer_rope[static_cast<size_t>(i)] = f.get<int64_t>() == 1;
+      }
+    } else {
+      r.used.insert("no_rope_layers");
+      FT_CHECK(interval > 0, "[config] ", source, ": 'no_rope_layer_interval' must be > 0, got ", interval);
+      for (int64_t i = 0; i < c.num_hidden_layers; ++i) c.layer_rope[static_cast<size_t>(i)] = (i + 1) % interval != 0;
+    }
+    const bool sliding = r.boolean_or("use_sliding_window", false);
+    if (r.has("layer_types")) {
+      read_layer_types(r, c, window);
+    } else if (sliding && window) {
+      for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+        if (!c.layer_rope[static_cast<size_t>(i)]) c.layer_window[static_cast<size_t>(i)] = *window;
+      }
+    }
   } else if (c.model_type == "qwen2" || c.model_type == "qwen3") {
     if (r.has("layer_types")) {
       read_layer_types(r, c, window);
@@ -703,6 +736,7 @@ std::string model_config_to_json(const ModelConfig& c) {
                            : c.model_type == "gemma2"  ? "Gemma2ForCausalLM"
                            : c.gemma3()                ? "Gemma3ForCausalLM"
                            : c.phi3()                  ? "Phi3ForCausalLM"
+                           : c.model_type == "smollm3" ? "SmolLM3ForCausalLM"
                                                        : "Qwen3ForCausalLM";
   j["architectures"] = json::array({arch});
   j["model_type"] = c.model_type;
@@ -726,7 +760,12 @@ std::string model_config_to_json(const ModelConfig& c) {
   j["attention_dropout"] = c.attention_dropout;
   j["tie_word_embeddings"] = c.tie_word_embeddings;
   if (c.model_type != "qwen2" && !c.phi3()) j["attention_bias"] = c.qkv_bias;
-  if (c.model_type == "llama" || c.granite()) j["mlp_bias"] = c.mlp_bias;
+  if (c.model_type == "llama" || c.granite() || c.model_type == "smollm3") j["mlp_bias"] = c.mlp_bias;
+  if (c.model_type == "smollm3") {
+    json flags = json::array();
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) flags.push_back(c.rope_in_layer(i) ? 1 : 0);
+    j["no_rope_layers"] = flags;
+  }
   if (c.phi3()) {
     j["resid_pdrop"] = c.residual_dropout;
     j["embd_pdrop"] = 0.0;
@@ -763,7 +802,8 @@ std::string model_config_to_json(const ModelConfig& c) {
   for (auto w : c.layer_window) window = std::max(window, w);
   if (c.model_type == "mistral" || c.phi3()) {
     j["sliding_window"] = window > 0 ? json(window) : json(nullptr);
-  } else if (c.model_type == "qwen2" || c.model_type == "qwen3" || c.model_type == "gemma2" || c.gemma3()) {
+  } else if (c.model_type == "qwen2" || c.model_type == "qwen3" || c.model_type == "smollm3" ||
+             c.model_type == "gemma2" || c.gemma3()) {
     // (Gemma's configs build both masks whatever the layers are: a window is always written.)
     j["sliding_window"] = window > 0 ? json(window) : c.gemma() ? json(4096) : json(nullptr);
     if (!c.gemma()) j["use_sliding_window"] = window > 0;

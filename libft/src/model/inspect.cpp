@@ -89,6 +89,10 @@ std::string describe(CausalLM& m) {
   }
   if (c.rotary_dim() < c.head_dim) os << ", turning " << c.rotary_dim() << " of " << c.head_dim << " dims";
   os << "), max " << c.max_position_embeddings;
+  if (!c.layer_rope.empty()) {
+    const auto nope = std::count(c.layer_rope.begin(), c.layer_rope.end(), false);
+    os << ", no rotary embedding (NoPE) in " << nope << " of " << c.num_hidden_layers << " layers";
+  }
   if (window > 0) {
     const auto local = std::count_if(c.layer_window.begin(), c.layer_window.end(), [](int64_t w) { return w > 0; });
     os << ", sliding window " << window << " in " << local << " of " << c.num_hidden_layers << " layers";

@@ -394,12 +394,13 @@ at::Tensor rope_inv_freq(const io::RopeConfig& rope, int64_t dim, bool long_fact
 }
 
 // ------------------------------------------------------------------------------------------------
-AttentionImpl::AttentionImpl(const ModelConfig& c, int64_t window_)
+AttentionImpl::AttentionImpl(const ModelConfig& c, int64_t window_, bool rope)
     : heads(c.num_attention_heads),
       kv_heads(c.num_key_value_heads),
       head_dim(c.head_dim),
       window(window_),
       rotary_dim(c.rotary_dim()),
+      use_rope(rope),
       scale(c.attention_scale()),
       default_scale(c.attention_multiplier <= 0 &&
                     (c.query_pre_attn_scalar <= 0 || c.query_pre_attn_scalar == static_cast<double>(c.head_dim))),
@@ -592,7 +593,9 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
   const double dropout_p = is_training() ? dropout : 0.0;
   const bool grouped = softcap == 0 && dropout_p == 0 && cache_k == nullptr && !prefix_k.defined() && grouped_attention_fits(q, k, v, mask);
   bool q_scaled = false;
-  if (rotary_dim < head_dim) {
+  if (!use_rope) {
+    // SmolLM3's NoPE layers: positions reach attention through causality alone.
+  } else if (rotary_dim < head_dim) {
     // Phi-4-mini's partial rotary embedding: the first rotary_dim dimensions turn, the rest pass
     // through, as transformers computes it.
     auto turn = [&](const at::Tensor& t) {
@@ -703,7 +706,7 @@ at::Tensor MLPImpl::forward(const at::Tensor& x) {
 // ------------------------------------------------------------------------------------------------
 DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer)
     : residual_multiplier(c.residual_multiplier), residual_dropout(c.residual_dropout) {
-  self_attn = register_module("self_attn", Attention(c, c.layer_window.at(layer)));
+  self_attn = register_module("self_attn", Attention(c, c.layer_window.at(layer), c.rope_in_layer(layer)));
   mlp = register_module("mlp", MLP(c));
   const bool offset = c.norm_unit_offset();
   input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, offset));

@@ -2,7 +2,7 @@
 // Hugging Face config.json → typed model configuration for the Llama family
 // (llama, mistral, qwen2, qwen3, granite; TinyLlama and SmolLM are "llama") and Gemma's text models
 // (gemma: Gemma 1; gemma2: Gemma 2; gemma3_text: Gemma3ForCausalLM, e.g. gemma-3-270m and gemma-3-1b) and
-// Microsoft's Phi-3 family (phi3: Phi-3, Phi-3.5-mini, Phi-4-mini, Phi-4).
+// Microsoft's Phi-3 family (phi3: Phi-3, Phi-3.5-mini, Phi-4-mini, Phi-4) and SmolLM3 (smollm3).
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -43,7 +43,7 @@ struct RopeConfig {
 };
 
 struct ModelConfig {
-  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | granite | gemma | gemma2 | gemma3_text | phi3
+  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | granite | gemma | gemma2 | gemma3_text | phi3 | smollm3
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
@@ -86,6 +86,10 @@ struct ModelConfig {
   /// Attention window per layer, 0 = full causal attention (mistral's sliding_window, qwen2's and
   /// qwen3's layer_types).
   std::vector<int64_t> layer_window;
+  /// SmolLM3 (no_rope_layers): per layer, whether its queries and keys are turned by the rotary
+  /// embedding; a layer without one (NoPE) attends by content and causality alone. Empty: every
+  /// layer turns them.
+  std::vector<bool> layer_rope;
   std::optional<int64_t> bos_token_id;
   std::vector<int64_t> eos_token_ids;
   std::optional<int64_t> pad_token_id;
@@ -99,6 +103,8 @@ struct ModelConfig {
 
   /// IBM's Granite 3 (GraniteForCausalLM): Llama's block with four multipliers.
   bool granite() const { return model_type == "granite"; }
+  /// Whether layer `i` applies the rotary embedding (see layer_rope).
+  bool rope_in_layer(int64_t i) const { return layer_rope.empty() || layer_rope.at(static_cast<size_t>(i)); }
   /// Microsoft's Phi-3 family (Phi3ForCausalLM).
   bool phi3() const { return model_type == "phi3"; }
   /// Phi-3: q, k and v come from one projection, qkv_proj (rows [q | k | v]), and gate and up from

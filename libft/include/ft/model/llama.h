@@ -1,6 +1,6 @@
 #pragma once
-// Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, TinyLlama, SmolLM; Gemma 1, 2 and 3 text models)
-// in LibTorch.
+// Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, TinyLlama, SmolLM, SmolLM3, Granite 3; Gemma 1, 2
+// and 3 text models; Phi-3) in LibTorch.
 //
 // Module and parameter names are Hugging Face's ("model.layers.0.self_attn.q_proj.weight"), and so
 // is the q/k layout that HF's rotate-half rotary embedding expects, so checkpoints and PEFT
@@ -74,7 +74,8 @@ struct AttentionInputs {
 
 class AttentionImpl : public torch::nn::Module {
  public:
-  AttentionImpl(const ModelConfig& c, int64_t window);
+  /// `rope`: whether this layer turns q and k by the rotary embedding (ModelConfig::layer_rope).
+  AttentionImpl(const ModelConfig& c, int64_t window, bool rope = true);
   /// x: (B, T, E) → (B, T, E). Appends this layer's keys/values to `cache_k`/`cache_v` when given.
   /// `prefix_k`/`prefix_v` (G, P, D), when defined, are attended before the tokens (prefix tuning
   /// without a cache; the masks in `in` then cover P + T keys).
@@ -91,6 +92,8 @@ class AttentionImpl : public torch::nn::Module {
   /// The leading dimensions of each head that the rotary embedding turns (ModelConfig::rotary_dim);
   /// head_dim but for Phi-4-mini's kind.
   int64_t rotary_dim;
+  /// Whether q and k are turned (SmolLM3's NoPE layers: not).
+  bool use_rope = true;
   /// The scores' scale, ModelConfig::attention_scale; `default_scale` when it is 1/√head_dim (SDPA's
   /// own, left to SDPA).
   double scale;
