@@ -103,7 +103,11 @@ class LoraMode final : public Mode {
     if (row_kernels_) path += ", row kernels";
     if (grad_splits_ > 1) path += detail::concat(", adapter gradients in ", grad_splits_, " token chunks");
     // DoRA layers always run one node each (set_lora_group_projections declines them).
-    if (group_projections_) path += options_.dora ? ", projections ungrouped: DoRA layers run one node each" : ", grouped projections";
+    if (group_projections_) {
+      path += model->config().packed_projections() ? ", projections packed by the checkpoint (nothing to group)"
+              : options_.dora                      ? ", projections ungrouped: DoRA layers run one node each"
+                                                   : ", grouped projections";
+    }
     std::string full;
     for (const auto& m : options_.modules_to_save) full += (full.empty() ? "" : ", ") + m;
     return Mode::describe(model) + detail::concat("; ", options_.dora ? "DoRA" : "LoRA", " r ", options_.r, " alpha ",
