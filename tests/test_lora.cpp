@@ -921,6 +921,29 @@ TEST(Lora, DoraFollowsItsFormula) {
 // float64 on a dense base and in float32 on an NF4 base, with biases; evaluation keeps the unfused
 // path bit for bit. (Dropout draws its noise differently on the two paths on the CPU; the next test
 // checks the fused path's dropout against its formula.)
+namespace {
+// The linear layers of `m` but the head in NF4 (blocks of 16, double-quantized maxima).
+void quantize_base_nf4(model::CausalLM& m) {
+  for (const auto& item : m->named_modules()) {
+    if (auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get()); lin && item.key() != "lm_head")
+      lin->quantize_nf4(16, true);
+  }
+}
+
+// One training pass through the fused LoRA node (`fused`) or PEFT's autograd chain, under one seed
+// (the same dropout draws on both paths): the loss and the trainable parameters' gradients.
+std::pair<double, std::map<std::string, at::Tensor>> lora_pass(model::CausalLM& m, bool fused) {
+  adapt::set_lora_fused(m, fused);
+  for (auto& p : m->parameters()) p.mutable_grad() = at::Tensor();
+  at::manual_seed(42);
+  const at::Tensor logits = m->forward(ids());
+  const at::Tensor loss =
+      at::cross_entropy_loss(logits.view({-1, logits.size(-1)}).to(at::kDouble), ids().roll(-1, 1).reshape({-1}));
+  loss.backward();
+  return {loss.item<double>(), trainable_grads(m)};
+}
+}  // namespace
+
 TEST(LoraFused, SameLossAndGradientsAsTheAutogradChain) {
   struct Case {
     double dropout;
@@ -936,12 +959,7 @@ TEST(LoraFused, SameLossAndGradientsAsTheAutogradChain) {
     model::CausalLM m(mc);
     model::init_weights(m, 11);
     m->to(k.dtype);
-    if (k.nf4) {
-      for (const auto& item : m->named_modules()) {
-        if (auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get()); lin && item.key() != "lm_head")
-          lin->quantize_nf4(16, true);
-      }
-    }
+    if (k.nf4) quantize_base_nf4(m);
     adapt::LoraOptions o;
     o.targets = {"all-linear"};
     o.r = 4;
@@ -956,18 +974,8 @@ TEST(LoraFused, SameLossAndGradientsAsTheAutogradChain) {
       }
     }
     m->train();
-    auto run = [&](bool fused) {
-      adapt::set_lora_fused(m, fused);
-      for (auto& p : m->parameters()) p.mutable_grad() = at::Tensor();
-      at::manual_seed(42);  // the same dropout draws on both paths
-      const at::Tensor logits = m->forward(ids());
-      const at::Tensor loss = at::cross_entropy_loss(logits.view({-1, logits.size(-1)}).to(at::kDouble),
-                                                     ids().roll(-1, 1).reshape({-1}));
-      loss.backward();
-      return std::make_pair(loss.item<double>(), trainable_grads(m));
-    };
-    const auto [loss_plain, g_plain] = run(false);
-    const auto [loss_fused, g_fused] = run(true);
+    const auto [loss_plain, g_plain] = lora_pass(m, false);
+    const auto [loss_fused, g_fused] = lora_pass(m, true);
     SCOPED_TRACE("dropout " + std::to_string(k.dropout) + (k.nf4 ? ", NF4" : ", dense") + (k.dora ? ", DoRA" : ""));
     EXPECT_NEAR(loss_fused, loss_plain, k.tol * std::abs(loss_plain));
     ASSERT_EQ(g_plain.size(), g_fused.size());
@@ -1011,12 +1019,7 @@ TEST(Lora, PackedProjectionsAreAdaptedWhole) {
       model::init_weights(m, 12);
       const at::ScalarType dtype = nf4 ? at::kFloat : at::kDouble;
       m->to(dtype);
-      if (nf4) {
-        for (const auto& item : m->named_modules()) {
-          if (auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get()); lin && item.key() != "lm_head")
-            lin->quantize_nf4(16, true);
-        }
-      }
+      if (nf4) quantize_base_nf4(m);
       adapt::LoraOptions o;
       o.targets = {"all-linear"};
       o.r = 4;
@@ -1027,19 +1030,10 @@ TEST(Lora, PackedProjectionsAreAdaptedWhole) {
       randomize_b(m, 4);
       adapt::set_lora_group_projections(m, true);  // nothing to group: the packed layers stay one node each
       m->train();
-      auto run = [&](bool fused) {
-        adapt::set_lora_fused(m, fused);
-        for (auto& p : m->parameters()) p.mutable_grad() = at::Tensor();
-        test::OpNames ops;
-        const at::Tensor logits = m->forward(ids());
-        const at::Tensor loss = at::cross_entropy_loss(logits.view({-1, logits.size(-1)}).to(at::kDouble),
-                                                       ids().roll(-1, 1).reshape({-1}));
-        loss.backward();
-        EXPECT_FALSE(ops.seen("ft::lora_grouped_projections"));
-        return std::make_pair(loss.item<double>(), trainable_grads(m));
-      };
-      const auto [loss_plain, g_plain] = run(false);
-      const auto [loss_fused, g_fused] = run(true);
+      test::OpNames ops;
+      const auto [loss_plain, g_plain] = lora_pass(m, false);
+      const auto [loss_fused, g_fused] = lora_pass(m, true);
+      EXPECT_FALSE(ops.seen("ft::lora_grouped_projections"));
       const double tol = nf4 ? 2e-5 : 1e-12;
       EXPECT_NEAR(loss_fused, loss_plain, tol * std::abs(loss_plain));
       ASSERT_EQ(g_plain.size(), (dora ? 3u : 2u) * 4u * 2u);

@@ -385,6 +385,36 @@ TEST(Config, ParsesSmolLM3) {
             std::string::npos);
 }
 
+// OLMo 2 as the Hub's OLMo-2-0425-1B config.json has it, shrunk: norms on the sublayers' outputs
+// only and full-width q/k norms, from the model type alone; written back and read again.
+TEST(Config, ParsesOlmo2) {
+  const std::string json = R"({
+    "architectures": ["Olmo2ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "eos_token_id": 100257,
+    "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 96,
+    "max_position_embeddings": 4096, "model_type": "olmo2", "num_attention_heads": 4, "num_hidden_layers": 2,
+    "num_key_value_heads": 4, "pad_token_id": 100277, "rms_norm_eps": 1e-06, "rope_scaling": null,
+    "rope_theta": 500000, "tie_word_embeddings": false, "torch_dtype": "float32", "transformers_version": "4.52.0.dev0",
+    "use_cache": true, "vocab_size": 300
+  })";
+  auto c = io::parse_model_config(json, "config.json");
+  EXPECT_TRUE(c.olmo2() && c.qk_norm() && c.qk_norm_full_width());
+  model::CausalLM m(c);
+  auto layer = m->model->layers->ptr<model::DecoderLayerImpl>(0);
+  EXPECT_FALSE(layer->input_layernorm);
+  EXPECT_FALSE(layer->pre_feedforward_layernorm);
+  EXPECT_TRUE(layer->post_attention_layernorm->float_product && layer->post_feedforward_layernorm->float_product);
+  EXPECT_EQ(layer->self_attn->q_norm->weight.size(0), 64);
+  EXPECT_EQ(layer->self_attn->k_norm->weight.size(0), 64);
+  EXPECT_NE(model::describe(m).find("norms on the sublayers' outputs (no input norms)"), std::string::npos);
+  const std::string written = io::model_config_to_json(c);
+  EXPECT_NE(written.find("Olmo2ForCausalLM"), std::string::npos);
+  EXPECT_TRUE(io::parse_model_config(written, "written").olmo2());
+  std::string bad = json;
+  bad.replace(bad.find(R"("attention_bias": false)"), 23, R"("mlp_bias": true)");
+  EXPECT_NE(expect_error([&] { io::parse_model_config(bad, "o.json"); }).find("olmo2 has no MLP biases"),
+            std::string::npos);
+}
+
 // Gemma 3's image-text checkpoints as the Hub's gemma-3-4b-it config.json has it: the language
 // model's settings in a text_config that names only what differs from Gemma3TextConfig's defaults,
 // the EOS ids and dtype at the top level; the vision tower's settings are read past.
@@ -793,50 +823,15 @@ TEST(Model, LongRopeFollowsTheLargestPosition) {
 
 // Phi-3's resid_pdrop: dropout on the sublayers' outputs in training mode only, replayed by
 // activation checkpointing's recomputation.
-TEST(Model, ResidualDropoutInTrainingModeOnly) {
-  io::ModelConfig c = tiny_config("phi3");
-  c.residual_dropout = 0.2;
-  io::ModelConfig plain = c;
-  plain.residual_dropout = 0;
-  model::CausalLM m(c), reference(plain);
-  model::init_weights(m, 6);
-  model::init_weights(reference, 6);
-  const at::Tensor ids = at::randint(0, c.vocab_size, {2, 7}, at::kLong);
-  {
-    at::NoGradGuard no_grad;
-    m->eval();
-    reference->eval();
-    EXPECT_TRUE(at::equal(m->forward(ids), reference->forward(ids)));
-    m->train();
-    at::manual_seed(1);
-    const at::Tensor a = m->forward(ids);
-    at::manual_seed(1);
-    EXPECT_TRUE(at::equal(m->forward(ids), a));
-    EXPECT_GT(test::max_rel_error(a, reference->forward(ids)), 1e-4);
-  }
-  m->train();
-  auto gradients = [&](bool checkpointing) {
-    m->set_gradient_checkpointing(checkpointing);
-    m->zero_grad();
-    at::manual_seed(3);
-    model::causal_lm_loss(m->forward(ids), ids).backward();
-    std::vector<at::Tensor> g;
-    for (const auto& p : m->parameters()) g.push_back(p.grad().clone());
-    return g;
-  };
-  const auto plain_grads = gradients(false), recomputed = gradients(true);
-  for (size_t i = 0; i < plain_grads.size(); ++i) EXPECT_LE(test::max_rel_error(recomputed[i], plain_grads[i]), 1e-6) << i;
-}
-
-TEST(Model, AttentionDropoutInTrainingModeOnly) {
-  io::ModelConfig c = tiny_config("granite");
-  c.attention_dropout = 0.3;
-  io::ModelConfig plain = c;
-  plain.attention_dropout = 0;
-  model::CausalLM m(c), reference(plain);
-  model::init_weights(m, 4);
-  model::init_weights(reference, 4);
-  const at::Tensor ids = at::randint(0, c.vocab_size, {2, 9}, at::kLong);
+namespace {
+// A config's training-mode dropout (`with`, else `without` it): eval mode leaves the model as it is
+// without dropout, the draws follow the seed and change the outputs, and activation checkpointing's
+// recomputation replays them (the same gradients as the plain pass).
+void check_training_dropout(const io::ModelConfig& with, const io::ModelConfig& without, uint64_t seed, int64_t tokens) {
+  model::CausalLM m(with), reference(without);
+  model::init_weights(m, seed);
+  model::init_weights(reference, seed);
+  const at::Tensor ids = at::randint(0, with.vocab_size, {2, tokens}, at::kLong);
   {
     at::NoGradGuard no_grad;
     m->eval();
@@ -863,6 +858,24 @@ TEST(Model, AttentionDropoutInTrainingModeOnly) {
   };
   const auto plain_grads = gradients(false), recomputed = gradients(true);
   for (size_t i = 0; i < plain_grads.size(); ++i) EXPECT_LE(test::max_rel_error(recomputed[i], plain_grads[i]), 1e-6) << i;
+}
+}  // namespace
+
+TEST(Model, ResidualDropoutInTrainingModeOnly) {
+  io::ModelConfig c = tiny_config("phi3");
+  c.residual_dropout = 0.2;
+  io::ModelConfig plain = c;
+  plain.residual_dropout = 0;
+  check_training_dropout(c, plain, 6, 7);
+  EXPECT_DOUBLE_EQ(io::parse_model_config(io::model_config_to_json(c), "w").residual_dropout, 0.2);
+}
+
+TEST(Model, AttentionDropoutInTrainingModeOnly) {
+  io::ModelConfig c = tiny_config("granite");
+  c.attention_dropout = 0.3;
+  io::ModelConfig plain = c;
+  plain.attention_dropout = 0;
+  check_training_dropout(c, plain, 4, 9);
   // Written back for transformers; refused with soft-capped scores (no fused attention has both).
   EXPECT_DOUBLE_EQ(io::parse_model_config(io::model_config_to_json(c), "w").attention_dropout, 0.3);
   io::ModelConfig capped = tiny_config("gemma2");

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, GemmaConfig, GemmaForCausalLM,
                           GraniteConfig, GraniteForCausalLM, LlamaConfig, Phi3Config, Phi3ForCausalLM,
-                          SmolLM3Config, SmolLM3ForCausalLM,
+                          Olmo2Config, Olmo2ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM,
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                           Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig)
 
@@ -108,6 +108,8 @@ FAMILIES = {
     "smollm3": (SmolLM3ForCausalLM, SmolLM3Config(**COMMON, num_key_value_heads=2, no_rope_layer_interval=2,
                                                   use_sliding_window=True, sliding_window=6,
                                                   tie_word_embeddings=False)),
+    # OLMo 2: norms on the sublayers' outputs only, q and k normed over all heads, GQA, every bias.
+    "olmo2": (Olmo2ForCausalLM, Olmo2Config(**COMMON, num_key_value_heads=2, attention_bias=True)),
 }
 
 

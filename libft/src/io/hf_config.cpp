@@ -30,10 +30,11 @@ const std::set<std::string> kHarmlessKeys = {
 
 bool supported_model_type(const std::string& t) {
   return t == "llama" || t == "mistral" || t == "qwen2" || t == "qwen3" || t == "granite" || t == "gemma" ||
-         t == "gemma2" || t == "gemma3_text" || t == "phi3" || t == "smollm3";
+         t == "gemma2" || t == "gemma3_text" || t == "phi3" || t == "smollm3" || t == "olmo2";
 }
 
-constexpr const char* kSupportedTypes = "llama, mistral, qwen2, qwen3, granite, gemma, gemma2, gemma3_text, phi3, smollm3";
+constexpr const char* kSupportedTypes =
+    "llama, mistral, qwen2, qwen3, granite, gemma, gemma2, gemma3_text, phi3, smollm3, olmo2";
 
 void check_model_type(const std::string& t, const std::string& source) {
   // Gemma 3's larger checkpoints are the multimodal Gemma3ForConditionalGeneration ("gemma3"), whose
@@ -371,9 +372,9 @@ double ModelConfig::attention_scale() const {
 void ModelConfig::validate(const std::string& source) const {
   check_model_type(model_type, source);
   // Qwen3's and Gemma's one attention_bias covers the four projections.
-  FT_CHECK((model_type != "qwen3" && !gemma()) || qkv_bias == o_bias, "[config] ", source, ": ", model_type,
+  FT_CHECK((model_type != "qwen3" && !gemma() && !olmo2()) || qkv_bias == o_bias, "[config] ", source, ": ", model_type,
            " has biases on all four attention projections or on none");
-  FT_CHECK(!gemma() || !mlp_bias, "[config] ", source, ": ", model_type, " has no MLP biases");
+  FT_CHECK((!gemma() && !olmo2()) || !mlp_bias, "[config] ", source, ": ", model_type, " has no MLP biases");
   if (model_type == "gemma") {
     FT_CHECK(hidden_act == Activation::GeluTanh || hidden_act == Activation::Gelu, "[config] ", source,
              ": gemma uses a GELU activation (gelu_pytorch_tanh or gelu)");
@@ -737,6 +738,7 @@ std::string model_config_to_json(const ModelConfig& c) {
                            : c.gemma3()                ? "Gemma3ForCausalLM"
                            : c.phi3()                  ? "Phi3ForCausalLM"
                            : c.model_type == "smollm3" ? "SmolLM3ForCausalLM"
+                           : c.olmo2()                 ? "Olmo2ForCausalLM"
                                                        : "Qwen3ForCausalLM";
   j["architectures"] = json::array({arch});
   j["model_type"] = c.model_type;

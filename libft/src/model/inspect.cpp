@@ -110,6 +110,7 @@ std::string describe(CausalLM& m) {
     if (c.final_logit_softcapping > 0) os << ", logits soft-capped at " << c.final_logit_softcapping;
     os << "\n";
   }
+  if (c.olmo2()) os << "olmo2          norms on the sublayers' outputs (no input norms), q/k norms over all heads\n";
   if (c.granite()) {
     os << "granite        embeddings x " << c.embedding_multiplier << ", scores x " << c.attention_multiplier
        << ", sublayer outputs x " << c.residual_multiplier << ", logits / " << c.logits_scaling << "\n";

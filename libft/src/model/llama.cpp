@@ -308,22 +308,24 @@ at::Tensor checkpointed(const BlockFn& fn, const at::Tensor& x, const std::vecto
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
-RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, bool unit_offset_) : eps(eps_), unit_offset(unit_offset_) {
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, bool unit_offset_, bool float_product_)
+    : eps(eps_), unit_offset(unit_offset_), float_product(float_product_) {
   weight = register_parameter("weight", unit_offset ? at::zeros({dim}) : at::ones({dim}));
 }
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
-  if (unit_offset) {
+  if (unit_offset || float_product) {
     // Gemma: x̂ · (1 + w). Where x and w are float32 (or float64) the product is the same whether
     // the cast comes before or after it, so the fused forms take (1 + w) as their weight; in a
     // lower precision only the reference rounds where Gemma does.
     const bool wide = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
                       x.scalar_type() == weight.scalar_type();
+    const at::Tensor w = unit_offset ? weight + 1.0 : weight;
     if (wide && x.is_cuda()) {
       c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
-      return at::rms_norm(x, {x.size(-1)}, weight + 1.0, eps);
+      return at::rms_norm(x, {x.size(-1)}, w, eps);
     }
-    if (wide && rms_norm_fusable(x, weight)) return fused_rms_norm(x, weight + 1.0, eps);
+    if (wide && rms_norm_fusable(x, weight)) return fused_rms_norm(x, w, eps);
     return reference(x);
   }
 #ifdef LIBFT_WITH_CUDA_KERNELS
@@ -355,6 +357,7 @@ at::Tensor RMSNormImpl::reference(const at::Tensor& x) {
   at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
   h = h * at::rsqrt(variance + eps);
   if (unit_offset) return (h * (weight.to(wide) + 1.0)).to(x.scalar_type());
+  if (float_product) return (weight.to(wide) * h).to(x.scalar_type());
   return weight * h.to(x.scalar_type());
 }
 
@@ -414,7 +417,11 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, int64_t window_, bool rope)
     v_proj = register_module("v_proj", linear(c.hidden_size, kv_heads * head_dim, c.qkv_bias));
   }
   o_proj = register_module("o_proj", linear(heads * head_dim, c.hidden_size, c.o_bias));
-  if (c.qk_norm()) {
+  if (c.qk_norm_full_width()) {  // OLMo 2: over all the queries, all the keys
+    qk_norm_full_width = true;
+    q_norm = register_module("q_norm", RMSNorm(heads * head_dim, c.rms_norm_eps, false, true));
+    k_norm = register_module("k_norm", RMSNorm(kv_heads * head_dim, c.rms_norm_eps, false, true));
+  } else if (c.qk_norm()) {
     q_norm = register_module("q_norm", RMSNorm(head_dim, c.rms_norm_eps, c.norm_unit_offset()));
     k_norm = register_module("k_norm", RMSNorm(head_dim, c.rms_norm_eps, c.norm_unit_offset()));
   }
@@ -573,9 +580,13 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
     const auto xs = projection_inputs(x, {q_proj.get(), k_proj.get(), v_proj.get()}, shared_input_cast);
     qkv = {q_proj(xs[0]), k_proj(xs[1]), v_proj(xs[2])};
   }
+  if (q_norm && qk_norm_full_width) {  // OLMo 2: before the split into heads
+    qkv[0] = q_norm(qkv[0]);
+    qkv[1] = k_norm(qkv[1]);
+  }
   at::Tensor q = qkv[0].view({B, T, heads, head_dim});
   at::Tensor k = qkv[1].view({B, T, kv_heads, head_dim});
-  if (q_norm) {  // Qwen3: over each head's D values, before the rotary embedding (the cache keeps normed keys)
+  if (q_norm && !qk_norm_full_width) {  // Qwen3: over each head's D values, before the rotary embedding (the cache keeps normed keys)
     q = q_norm(q);
     k = k_norm(k);
   }
@@ -709,6 +720,13 @@ DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer)
   self_attn = register_module("self_attn", Attention(c, c.layer_window.at(layer), c.rope_in_layer(layer)));
   mlp = register_module("mlp", MLP(c));
   const bool offset = c.norm_unit_offset();
+  if (c.olmo2()) {  // norms on the sublayers' outputs only
+    post_attention_layernorm =
+        register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, false, true));
+    post_feedforward_layernorm =
+        register_module("post_feedforward_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, false, true));
+    return;
+  }
   input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, offset));
   post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, offset));
   if (c.sandwich_norms()) {
@@ -721,6 +739,10 @@ DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer)
 
 at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k,
                                      at::Tensor* cache_v, const at::Tensor& prefix_k, const at::Tensor& prefix_v) {
+  if (!input_layernorm) {  // OLMo 2: each sublayer's output normed, then added
+    at::Tensor h = x + post_attention_layernorm(self_attn(x, in, cache_k, cache_v, prefix_k, prefix_v));
+    return h + post_feedforward_layernorm(mlp(h));
+  }
   if (pre_feedforward_layernorm) {  // Gemma 2 and 3: norms around both sublayers' outputs too
     at::Tensor h =
         x + post_attention_layernorm(self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v));
@@ -744,7 +766,7 @@ DecoderImpl::DecoderImpl(const ModelConfig& c) {
   embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
   layers = register_module("layers", torch::nn::ModuleList());
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(DecoderLayer(c, i));
-  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_unit_offset()));
+  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_unit_offset(), c.olmo2()));
 }
 
 namespace {

@@ -2,7 +2,8 @@
 // Hugging Face config.json → typed model configuration for the Llama family
 // (llama, mistral, qwen2, qwen3, granite; TinyLlama and SmolLM are "llama") and Gemma's text models
 // (gemma: Gemma 1; gemma2: Gemma 2; gemma3_text: Gemma3ForCausalLM, e.g. gemma-3-270m and gemma-3-1b) and
-// Microsoft's Phi-3 family (phi3: Phi-3, Phi-3.5-mini, Phi-4-mini, Phi-4) and SmolLM3 (smollm3).
+// Microsoft's Phi-3 family (phi3: Phi-3, Phi-3.5-mini, Phi-4-mini, Phi-4), SmolLM3 (smollm3) and
+// AI2's OLMo 2 (olmo2).
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -43,7 +44,7 @@ struct RopeConfig {
 };
 
 struct ModelConfig {
-  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | granite | gemma | gemma2 | gemma3_text | phi3 | smollm3
+  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | granite | gemma | gemma2 | gemma3_text | phi3 | smollm3 | olmo2
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
@@ -118,8 +119,14 @@ struct ModelConfig {
   /// Gemma 3's text models.
   bool gemma3() const { return model_type == "gemma3_text"; }
   /// Qwen3 and Gemma 3: an RMSNorm over each head's queries and keys (q_norm, k_norm: weights of
-  /// head_dim), after the projections and before the rotary embedding.
-  bool qk_norm() const { return model_type == "qwen3" || gemma3(); }
+  /// head_dim), after the projections and before the rotary embedding; OLMo 2: over all of the
+  /// queries and all of the keys (qk_norm_full_width: weights of H·D and G·D).
+  bool qk_norm() const { return model_type == "qwen3" || gemma3() || olmo2(); }
+  bool qk_norm_full_width() const { return olmo2(); }
+  /// AI2's OLMo 2 (Olmo2ForCausalLM): norms on the sublayers' outputs only (post_attention_layernorm,
+  /// post_feedforward_layernorm; no input_layernorm), each w · x̂ taken in float32 before the cast,
+  /// and full-width q/k norms.
+  bool olmo2() const { return model_type == "olmo2"; }
   /// Gemma: RMSNorm weights are offsets from one, x̂ · (1 + w), computed in float32 and then cast
   /// to x's dtype, and initialised to zero.
   bool norm_unit_offset() const { return gemma(); }

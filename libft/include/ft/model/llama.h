@@ -1,6 +1,6 @@
 #pragma once
-// Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, TinyLlama, SmolLM, SmolLM3, Granite 3; Gemma 1, 2
-// and 3 text models; Phi-3) in LibTorch.
+// Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, TinyLlama, SmolLM, SmolLM3, Granite 3, OLMo 2;
+// Gemma 1, 2 and 3 text models; Phi-3) in LibTorch.
 //
 // Module and parameter names are Hugging Face's ("model.layers.0.self_attn.q_proj.weight"), and so
 // is the q/k layout that HF's rotate-half rotary embedding expects, so checkpoints and PEFT
@@ -27,9 +27,10 @@ using io::ModelConfig;
 /// Root-mean-square layer norm, computed in float32 and cast back (as HF does). With `unit_offset`
 /// (Gemma, ModelConfig::norm_unit_offset) the weight is an offset from one: x̂ · (1 + w), the
 /// product taken in float32 before the cast.
+/// With `float_product` (OLMo 2) the product w · x̂ is likewise taken in float32 before the cast.
 class RMSNormImpl : public torch::nn::Module {
  public:
-  RMSNormImpl(int64_t dim, double eps, bool unit_offset = false);
+  RMSNormImpl(int64_t dim, double eps, bool unit_offset = false, bool float_product = false);
   /// The fused CPU form (ft/model/cpu_ops.h) for float32/float64 CPU inputs; the fused CUDA kernel
   /// for CUDA inputs when gradients are off; else reference().
   at::Tensor forward(const at::Tensor& x);
@@ -38,6 +39,7 @@ class RMSNormImpl : public torch::nn::Module {
   at::Tensor weight;
   double eps;
   bool unit_offset = false;
+  bool float_product = false;
 };
 TORCH_MODULE(RMSNorm);
 
@@ -85,9 +87,11 @@ class AttentionImpl : public torch::nn::Module {
   /// rows are [q | k | v], and the three null.
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   Linear qkv_proj{nullptr};
-  /// Qwen3 (ModelConfig::qk_norm): RMSNorm of each head's queries and keys before the rotary
-  /// embedding; null for the other families.
+  /// Qwen3 and Gemma 3 (ModelConfig::qk_norm): RMSNorm of each head's queries and keys before the
+  /// rotary embedding; OLMo 2: of all the queries and all the keys (weights of H·D and G·D); null
+  /// for the other families.
   RMSNorm q_norm{nullptr}, k_norm{nullptr};
+  bool qk_norm_full_width = false;  ///< OLMo 2's
   int64_t heads, kv_heads, head_dim, window;
   /// The leading dimensions of each head that the rotary embedding turns (ModelConfig::rotary_dim);
   /// head_dim but for Phi-4-mini's kind.
@@ -128,9 +132,11 @@ class DecoderLayerImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k, at::Tensor* cache_v,
                      const at::Tensor& prefix_k = {}, const at::Tensor& prefix_v = {});
   /// post_attention_layernorm norms the MLP's input, or with ModelConfig::sandwich_norms (Gemma 2 and 3)
-  /// the attention's output, and pre/post_feedforward_layernorm the MLP's input and output.
+  /// the attention's output, and pre/post_feedforward_layernorm the MLP's input and output. OLMo 2:
+  /// no input_layernorm (null) nor pre_feedforward_layernorm; post_attention_layernorm and
+  /// post_feedforward_layernorm norm the sublayers' outputs.
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
-  RMSNorm pre_feedforward_layernorm{nullptr}, post_feedforward_layernorm{nullptr};  ///< null but for Gemma 2 and 3
+  RMSNorm pre_feedforward_layernorm{nullptr}, post_feedforward_layernorm{nullptr};  ///< null but for Gemma 2, 3 (OLMo 2: post)
   Attention self_attn{nullptr};
   MLP mlp{nullptr};
   /// Granite (ModelConfig::residual_multiplier): each sublayer's output times this before it joins
