@@ -743,6 +743,7 @@ std::string base_of(const std::string& name) {
          : name == "gemma3" ? "base_gemma3"
          : name == "gemma2" ? "base_gemma2"
          : name.starts_with("phi3") ? "base_phi3"
+         : name == "olmo2"  ? "base_olmo2"
                             : "base";
 }
 
@@ -754,7 +755,7 @@ TEST(PeftInterop, LibftLoadsPeftAdaptersWithTheSameLogits) {
   auto ref = io::SafetensorsFile::open((fs::path(d) / "peft_logits.safetensors").string());
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
   for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3", "gemma3",
-                           "gemma2", "phi3", "phi3_dora"}) {
+                           "gemma2", "phi3", "phi3_dora", "olmo2"}) {
     SCOPED_TRACE(name);
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());
     m->eval();
@@ -779,7 +780,7 @@ TEST(PeftInterop, LibftSavesAdaptersForPeft) {
   std::vector<at::Tensor> keep{input};
   std::vector<io::TensorWrite> writes{io::tensor_write("input_ids", keep[0])};
   for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3", "gemma3",
-                           "gemma2", "phi3", "phi3_dora"}) {
+                           "gemma2", "phi3", "phi3_dora", "olmo2"}) {
     const adapt::LoraOptions o =
         adapt::read_peft_lora_config((fs::path(d) / (std::string("peft_") + name) / "adapter_config.json").string());
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());

@@ -23,7 +23,9 @@ a Gemma 2 base (DIR/base_gemma2: attention scores and logits soft-capped, caps t
 eager attention, as its SDPA attention leaves the scores uncapped); "phi3" adapts all-linear on a Phi-3
 base (DIR/base_phi3: q, k, v packed in qkv_proj and gate, up in gate_up_proj, which PEFT adapts as
 one layer each; longrope past 8 positions, which the 11 tokens exceed; 12 of 16 dimensions turning),
-"phi3_dora" is DoRA on its two packed projections, and "prefix_phi3" a plain prefix on it. Prefixes: "prefix" is a plain
+"phi3_dora" is DoRA on its two packed projections, and "prefix_phi3" a plain prefix on it; "olmo2" adapts
+all-linear on an OLMo 2 base (DIR/base_olmo2: norms on the sublayers' outputs only, q and k normed over all
+heads, norm weights moved away from one). Prefixes: "prefix" is a plain
 table of 5 virtual tokens, "prefix_proj" one made through PEFT's projection MLP (PEFT saves the
 table it computes); their logits are also taken for a right-padded batch with an attention mask.
 The C++ side (tests/test_lora.cpp PeftInterop.*, tests/test_prefix.cpp PeftPrefixInterop.*) loads
@@ -37,7 +39,7 @@ import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
-                          LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 ADAPTERS = {
     "lists": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -58,10 +60,11 @@ ADAPTERS = {
     "gemma2": dict(r=4, lora_alpha=8, target_modules="all-linear"),
     "phi3": dict(r=4, lora_alpha=8, target_modules="all-linear"),
     "phi3_dora": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"], use_dora=True),
+    "olmo2": dict(r=4, lora_alpha=8, target_modules="all-linear"),
 }
 BASES = {"tied": "base_tied", "qwen3": "base_qwen3", "prefix_qwen3": "base_qwen3", "gemma3": "base_gemma3",
          "prefix_gemma3": "base_gemma3", "gemma2": "base_gemma2", "prefix_gemma2": "base_gemma2",
-         "phi3": "base_phi3", "phi3_dora": "base_phi3", "prefix_phi3": "base_phi3"}
+         "phi3": "base_phi3", "phi3_dora": "base_phi3", "prefix_phi3": "base_phi3", "olmo2": "base_olmo2"}
 # (the others adapt DIR/base)
 
 
@@ -152,6 +155,15 @@ def make(d):
                                       rms_norm_eps=1e-5, pad_token_id=None, bos_token_id=None,
                                       eos_token_id=None)).eval()
     phi3.save_pretrained(os.path.join(d, "base_phi3"))
+    olmo2 = Olmo2ForCausalLM(Olmo2Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         rms_norm_eps=1e-5, pad_token_id=None, bos_token_id=None,
+                                         eos_token_id=None)).eval()
+    with torch.no_grad():
+        for pname, p in olmo2.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.mul_(1 + 0.3 * torch.randn(p.shape))
+    olmo2.save_pretrained(os.path.join(d, "base_olmo2"))
     ids = input_ids()
     tensors = {"input_ids": ids}
     for name, kwargs in ADAPTERS.items():
