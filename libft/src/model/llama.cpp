@@ -748,17 +748,15 @@ at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const AttentionInputs&
         x + post_attention_layernorm(self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v));
     return h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)));
   }
-  if (residual_multiplier != 1) {  // Granite, in transformers' order: residual + output · multiplier
-    at::Tensor h = x + self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v) * residual_multiplier;
-    return h + mlp(post_attention_layernorm(h)) * residual_multiplier;
-  }
-  if (residual_dropout > 0 && is_training()) {  // Phi-3's resid_pdrop
-    at::Tensor h =
-        x + at::dropout(self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v), residual_dropout, true);
-    return h + at::dropout(mlp(post_attention_layernorm(h)), residual_dropout, true);
-  }
-  at::Tensor h = x + self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v);
-  return h + mlp(post_attention_layernorm(h));
+  // A sublayer's output as it joins the residual stream, in transformers' order: times Granite's
+  // multiplier, then through Phi-3's resid_pdrop in training mode (each a no-op elsewhere).
+  auto joining = [&](at::Tensor y) {
+    if (residual_multiplier != 1) y = y * residual_multiplier;
+    if (residual_dropout > 0 && is_training()) y = at::dropout(y, residual_dropout, /*train=*/true);
+    return y;
+  };
+  at::Tensor h = x + joining(self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v));
+  return h + joining(mlp(post_attention_layernorm(h)));
 }
 
 // ------------------------------------------------------------------------------------------------
