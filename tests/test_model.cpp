@@ -327,7 +327,7 @@ TEST(Config, ParsesPhi3) {
               io::parse_model_config(R"({"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
                 "num_hidden_layers": 1, "num_attention_heads": 2,
                 "rope_scaling": {"rope_type": "longrope", "short_factor": [1, 1], "long_factor": [1, 1]}})", "l.json");
-            }).find("rope type 'longrope' is not supported (supported: default, linear, llama3; longrope with phi3)"),
+            }).find("rope type 'longrope' is not supported (supported: default, linear, llama3, yarn; longrope with phi3)"),
             std::string::npos);
 }
 
@@ -397,7 +397,7 @@ TEST(Config, ParsesOlmo2) {
     "use_cache": true, "vocab_size": 300
   })";
   auto c = io::parse_model_config(json, "config.json");
-  EXPECT_TRUE(c.olmo2() && c.qk_norm() && c.qk_norm_full_width());
+  EXPECT_TRUE(c.olmo() && c.qk_norm() && c.qk_norm_full_width());
   model::CausalLM m(c);
   auto layer = m->model->layers->ptr<model::DecoderLayerImpl>(0);
   EXPECT_FALSE(layer->input_layernorm);
@@ -408,10 +408,112 @@ TEST(Config, ParsesOlmo2) {
   EXPECT_NE(model::describe(m).find("norms on the sublayers' outputs (no input norms)"), std::string::npos);
   const std::string written = io::model_config_to_json(c);
   EXPECT_NE(written.find("Olmo2ForCausalLM"), std::string::npos);
-  EXPECT_TRUE(io::parse_model_config(written, "written").olmo2());
+  EXPECT_TRUE(io::parse_model_config(written, "written").olmo());
   std::string bad = json;
   bad.replace(bad.find(R"("attention_bias": false)"), 23, R"("mlp_bias": true)");
   EXPECT_NE(expect_error([&] { io::parse_model_config(bad, "o.json"); }).find("olmo2 has no MLP biases"),
+            std::string::npos);
+}
+
+// YaRN as Qwen2.5's model cards ask for long contexts (4.x's rope_scaling with "type"): the
+// attention factor 0.1 · ln(factor) + 1, beta_fast 32 and beta_slow 1, truncated ramp ends; written
+// back and read again; bad values named.
+TEST(Config, ParsesYarn) {
+  const std::string json = R"({
+    "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", "hidden_size": 64, "intermediate_size": 96,
+    "max_position_embeddings": 131072, "model_type": "qwen2", "num_attention_heads": 4, "num_hidden_layers": 2,
+    "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "vocab_size": 300,
+    "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+  })";
+  auto c = io::parse_model_config(json, "config.json");
+  EXPECT_EQ(c.rope.type, io::RopeType::Yarn);
+  EXPECT_DOUBLE_EQ(c.rope.factor, 4.0);
+  EXPECT_EQ(c.rope.original_max_position_embeddings, 32768);
+  EXPECT_DOUBLE_EQ(c.rope.attention_factor, 0.1 * std::log(4.0) + 1);
+  EXPECT_DOUBLE_EQ(c.rope.beta_fast, 32.0);
+  EXPECT_DOUBLE_EQ(c.rope.beta_slow, 1.0);
+  EXPECT_TRUE(c.rope.truncate);
+  model::CausalLM m(c);
+  EXPECT_NE(model::describe(m).find("rope yarn (theta 1e+06, factor 4, original context 32768"), std::string::npos);
+  auto again = io::parse_model_config(io::model_config_to_json(c), "written");
+  EXPECT_EQ(again.rope.type, io::RopeType::Yarn);
+  EXPECT_DOUBLE_EQ(again.rope.attention_factor, c.rope.attention_factor);
+  EXPECT_EQ(again.rope.original_max_position_embeddings, 32768);
+  EXPECT_TRUE(again.rope.truncate);
+
+  auto with = [&](const std::string& from, const std::string& to) {
+    std::string s = json;
+    s.replace(s.find(from), from.size(), to);
+    return s;
+  };
+  const std::string scaling = R"("factor": 4.0, "original_max_position_embeddings": 32768)";
+  // DeepSeek's pair: the attention factor is their ratio.
+  auto ds = io::parse_model_config(with(scaling, scaling + R"(, "mscale": 1.0, "mscale_all_dim": 0.5)"), "ds.json");
+  EXPECT_DOUBLE_EQ(ds.rope.attention_factor, (0.1 * std::log(4.0) + 1) / (0.05 * std::log(4.0) + 1));
+  // No original context: max_position_embeddings, as transformers fills it in.
+  auto plain = io::parse_model_config(with(R"(, "original_max_position_embeddings": 32768)", ""), "p.json");
+  EXPECT_EQ(plain.rope.original_max_position_embeddings, 131072);
+  // truncate false survives a round trip.
+  auto untruncated = io::parse_model_config(with(scaling, scaling + R"(, "truncate": false)"), "t.json");
+  EXPECT_FALSE(untruncated.rope.truncate);
+  EXPECT_FALSE(io::parse_model_config(io::model_config_to_json(untruncated), "written").rope.truncate);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with(R"("factor": 4.0, )", ""), "f.json"); })
+                .find("f.json: rope_scaling: rope type 'yarn' needs 'factor'"),
+            std::string::npos);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with(scaling, scaling + R"(, "truncate": 1)"), "t.json"); })
+                .find("'truncate' must be true or false"),
+            std::string::npos);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with(scaling, scaling + R"(, "beta": 2)"), "b.json"); })
+                .find("option 'beta' is not supported for rope type 'yarn'"),
+            std::string::npos);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with("32768}", "-5}"), "o.json"); })
+                .find("'original_max_position_embeddings' must be a whole number > 0"),
+            std::string::npos);
+}
+
+// OLMo 3 in the layout of the Hub's Olmo-3-7B config.json (4.x's keys), shrunk: no layer_types, so
+// three of each four layers slide (window 4096); YaRN ×8 over 8192 positions with its given
+// attention factor on the full-attention layers only, the sliding ones turning by plain rope of the
+// same base. Written back (transformers 5's rope per layer type) and read again.
+TEST(Config, ParsesOlmo3) {
+  const std::string json = R"({
+    "architectures": ["Olmo3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "eos_token_id": 100257,
+    "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 96,
+    "max_position_embeddings": 65536, "model_type": "olmo3", "num_attention_heads": 4, "num_hidden_layers": 8,
+    "num_key_value_heads": 4, "pad_token_id": 100277, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"attention_factor": 1.2079441541679836, "beta_fast": 32, "beta_slow": 1, "factor": 8.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "yarn"},
+    "rope_theta": 500000, "sliding_window": 4096, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+    "transformers_version": "4.57.0", "use_cache": true, "vocab_size": 300
+  })";
+  auto c = io::parse_model_config(json, "config.json");
+  EXPECT_TRUE(c.olmo() && c.olmo3() && c.qk_norm_full_width());
+  EXPECT_EQ(c.layer_window, (std::vector<int64_t>{4096, 4096, 4096, 0, 4096, 4096, 4096, 0}));
+  EXPECT_EQ(c.rope.type, io::RopeType::Yarn);
+  EXPECT_DOUBLE_EQ(c.rope.attention_factor, 1.2079441541679836);
+  EXPECT_EQ(c.rope.original_max_position_embeddings, 8192);
+  ASSERT_TRUE(c.sliding_rope.has_value());
+  EXPECT_EQ(c.sliding_rope->type, io::RopeType::Default);
+  EXPECT_DOUBLE_EQ(c.sliding_rope->theta, 500000);
+  model::CausalLM m(c);
+  auto layer = m->model->layers->ptr<model::DecoderLayerImpl>(0);
+  EXPECT_FALSE(layer->input_layernorm);
+  EXPECT_TRUE(layer->post_attention_layernorm->float_product);
+  EXPECT_NE(model::describe(m).find("sliding window 4096 in 6 of 8 layers (their rope default, theta 500000)"),
+            std::string::npos);
+  const std::string written = io::model_config_to_json(c);
+  EXPECT_NE(written.find("Olmo3ForCausalLM"), std::string::npos);
+  auto again = io::parse_model_config(written, "written");
+  EXPECT_EQ(again.layer_window, c.layer_window);
+  EXPECT_EQ(again.rope.type, io::RopeType::Yarn);
+  EXPECT_DOUBLE_EQ(again.rope.attention_factor, c.rope.attention_factor);
+  EXPECT_EQ(again.sliding_rope->type, io::RopeType::Default);
+  EXPECT_DOUBLE_EQ(again.sliding_rope->theta, 500000);
+  std::string flat = json;
+  flat.replace(flat.find(R"("rope_theta": 500000,)"), 21, R"("rope_parameters": {"rope_type": "default"},)");
+  flat.replace(flat.find(R"("rope_scaling")"), 14, R"("rope_scaling_unused")");
+  EXPECT_NE(expect_error([&] { io::parse_model_config(flat, "o.json"); })
+                .find("olmo3's rope_parameters has one entry per layer type (full_attention, sliding_attention), not 'rope_type'"),
             std::string::npos);
 }
 
@@ -599,8 +701,8 @@ TEST(Config, RejectsWhatItCannotHonour) {
                 .find("model_type 'gpt2' is not supported"), std::string::npos);
   EXPECT_NE(expect_error([&] { io::parse_model_config(with("\"vocab_size\"", "\"vocab_sise\": 1, \"vocab_size\""), "c.json"); })
                 .find("unknown key 'vocab_sise'"), std::string::npos);
-  EXPECT_NE(expect_error([&] { io::parse_model_config(with("\"llama3\"", "\"yarn\""), "c.json"); })
-                .find("rope type 'yarn' is not supported"), std::string::npos);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with("\"llama3\"", "\"dynamic\""), "c.json"); })
+                .find("rope type 'dynamic' is not supported"), std::string::npos);
   EXPECT_NE(expect_error([&] { io::parse_model_config(with("\"hidden_size\": 32", "\"hidden_size\": 32, \"hidden_size\": 64"), "c.json"); })
                 .find("duplicate key 'hidden_size'"), std::string::npos);
   EXPECT_NE(expect_error([&] { io::parse_model_config(with("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3"), "c.json"); })

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, GemmaConfig, GemmaForCausalLM,
                           GraniteConfig, GraniteForCausalLM, LlamaConfig, Phi3Config, Phi3ForCausalLM,
-                          Olmo2Config, Olmo2ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM,
+                          Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM,
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                           Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig)
 
@@ -110,6 +110,26 @@ FAMILIES = {
                                                   tie_word_embeddings=False)),
     # OLMo 2: norms on the sublayers' outputs only, q and k normed over all heads, GQA, every bias.
     "olmo2": (Olmo2ForCausalLM, Olmo2Config(**COMMON, num_key_value_heads=2, attention_bias=True)),
+    # Qwen2.5's long-context setting: YaRN ×4 over an original context of 64 (the ramp between
+    # kept and divided frequencies spans dimensions 0 to 3 of 8), in 4.x's rope_scaling with "type".
+    "qwen2_yarn": (Qwen2ForCausalLM, Qwen2Config(**COMMON, num_key_value_heads=2, tie_word_embeddings=True,
+                                                 rope_scaling={"type": "yarn", "factor": 4.0,
+                                                               "original_max_position_embeddings": 64})),
+    # YaRN with every option: DeepSeek's mscale pair for the attention factor, beta_fast and
+    # beta_slow moved (the ramp spans dimensions 0.21 to 2.62 of 8), and its ends left fractional
+    # (truncate false, as gpt-oss's; truncated, it would span 0 to 3).
+    "llama_yarn": (LlamaForCausalLM, LlamaConfig(**COMMON, num_key_value_heads=2, rope_scaling={
+        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 4.0,
+        "beta_slow": 0.25, "mscale": 1.0, "mscale_all_dim": 0.5, "truncate": False})),
+    # OLMo 3: OLMo 2's block with a sliding-window layer (6 < 16 tokens) beside a global one, the
+    # global one's rotary embedding YaRN (OLMo-3-7B's keys: a given attention_factor), written in
+    # 4.x's rope_scaling and converted by Olmo3Config into one rope per layer type.
+    "olmo3": (Olmo3ForCausalLM, Olmo3Config(**COMMON, num_key_value_heads=2, attention_bias=True, sliding_window=6,
+                                            layer_types=["sliding_attention", "full_attention"],
+                                            rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                          "original_max_position_embeddings": 64,
+                                                          "attention_factor": 1.2, "beta_fast": 32,
+                                                          "beta_slow": 1})),
 }
 
 

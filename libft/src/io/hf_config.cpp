@@ -30,11 +30,12 @@ const std::set<std::string> kHarmlessKeys = {
 
 bool supported_model_type(const std::string& t) {
   return t == "llama" || t == "mistral" || t == "qwen2" || t == "qwen3" || t == "granite" || t == "gemma" ||
-         t == "gemma2" || t == "gemma3_text" || t == "phi3" || t == "smollm3" || t == "olmo2";
+         t == "gemma2" || t == "gemma3_text" || t == "phi3" || t == "smollm3" || t == "olmo2" ||
+         t == "olmo3";
 }
 
 constexpr const char* kSupportedTypes =
-    "llama, mistral, qwen2, qwen3, granite, gemma, gemma2, gemma3_text, phi3, smollm3, olmo2";
+    "llama, mistral, qwen2, qwen3, granite, gemma, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3";
 
 void check_model_type(const std::string& t, const std::string& source) {
   // Gemma 3's larger checkpoints are the multimodal Gemma3ForConditionalGeneration ("gemma3"), whose
@@ -119,6 +120,54 @@ std::vector<double> positive_numbers(const json& v, const std::string& where, co
   return out;
 }
 
+// An optional number of a rope's parameters: `fallback` where it is absent or null.
+double optional_number(const json& params, const char* key, double fallback, const std::string& where) {
+  if (!params.contains(key) || params.at(key).is_null()) return fallback;
+  const json& v = params.at(key);
+  FT_CHECK(v.is_number() && std::isfinite(v.get<double>()), "[config] ", where, ": '", key,
+           "' must be a finite number, got ", v.dump());
+  return v.get<double>();
+}
+
+// YaRN (transformers' _compute_yarn_parameters): factor (null: max_position_embeddings over the
+// original context), original_max_position_embeddings (default: max_position_embeddings, as
+// transformers' standardisation fills it), and the optional attention_factor, beta_fast,
+// beta_slow, mscale, mscale_all_dim and truncate.
+void parse_yarn(const json& params, const RopeContext& ctx, const std::string& where, RopeConfig& rope,
+                std::set<std::string>& allowed) {
+  rope.type = RopeType::Yarn;
+  for (const char* key : {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+                          "mscale", "mscale_all_dim", "truncate"}) {
+    allowed.insert(key);
+  }
+  FT_CHECK(params.contains("factor"), "[config] ", where, ": rope type 'yarn' needs 'factor'");
+  const double original = optional_number(params, "original_max_position_embeddings",
+                                          static_cast<double>(ctx.max_pos), where);
+  FT_CHECK(original >= 1 && original == std::floor(original) && original < 0x1p53, "[config] ", where,
+           ": 'original_max_position_embeddings' must be a whole number > 0, got ", original);
+  rope.original_max_position_embeddings = static_cast<int64_t>(original);
+  rope.factor = optional_number(params, "factor", static_cast<double>(ctx.max_pos) / original, where);
+  FT_CHECK(rope.factor > 0, "[config] ", where, ": the yarn 'factor' must be > 0, got ", rope.factor);
+  // (transformers reads beta_fast and beta_slow with `or`: 0 and null both give the default)
+  rope.beta_fast = optional_number(params, "beta_fast", 32.0, where);
+  if (rope.beta_fast == 0) rope.beta_fast = 32.0;
+  rope.beta_slow = optional_number(params, "beta_slow", 1.0, where);
+  if (rope.beta_slow == 0) rope.beta_slow = 1.0;
+  FT_CHECK(rope.beta_fast > 0 && rope.beta_slow > 0, "[config] ", where,
+           ": yarn's beta_fast and beta_slow must be > 0, got ", rope.beta_fast, " and ", rope.beta_slow);
+  if (params.contains("truncate") && !params.at("truncate").is_null()) {
+    FT_CHECK(params.at("truncate").is_boolean(), "[config] ", where, ": 'truncate' must be true or false, got ",
+             params.at("truncate").dump());
+    rope.truncate = params.at("truncate").get<bool>();
+  }
+  auto get_mscale = [&](double mscale) { return rope.factor <= 1 ? 1.0 : 0.1 * mscale * std::log(rope.factor) + 1.0; };
+  const double mscale = optional_number(params, "mscale", 0.0, where);
+  const double mscale_all_dim = optional_number(params, "mscale_all_dim", 0.0, where);
+  rope.attention_factor = optional_number(
+      params, "attention_factor",
+      mscale != 0 && mscale_all_dim != 0 ? get_mscale(mscale) / get_mscale(mscale_all_dim) : get_mscale(1.0), where);
+}
+
 RopeConfig parse_rope(const json& params, double theta, const RopeContext& ctx, const std::string& where) {
   FT_CHECK(params.is_object(), "[config] ", where, " must be an object, got ", params.dump());
   RopeConfig rope;
@@ -186,8 +235,10 @@ RopeConfig parse_rope(const json& params, double theta, const RopeContext& ctx, 
     } else {
       rope.attention_factor = rope.factor <= 1.0 ? 1.0 : std::sqrt(1 + std::log(rope.factor) / std::log(original));
     }
+  } else if (type == "yarn") {
+    parse_yarn(params, ctx, where, rope, allowed);
   } else {
-    FT_FAIL("[config] ", where, ": rope type '", type, "' is not supported (supported: default, linear, llama3",
+    FT_FAIL("[config] ", where, ": rope type '", type, "' is not supported (supported: default, linear, llama3, yarn",
             ctx.original_max ? ", longrope" : "; longrope with phi3", ")");
   }
   for (const auto& [key, value] : params.items()) {
@@ -263,10 +314,41 @@ void parse_gemma2(Reader& r, ModelConfig& c) {
   }
 }
 
+// A rotary embedding per layer type (Gemma 3, OLMo 3): transformers 5 writes rope_parameters
+// with one entry per layer type (full_attention, sliding_attention), each with its rope_theta;
+// 4.x's configs write rope_scaling, which applies to the full-attention layers, beside the
+// bases, `theta` (full attention) and `local_theta` (sliding).
+void parse_layer_type_ropes(Reader& r, ModelConfig& c, double theta, double local_theta) {
+  const json& j = r.j;
+  const std::string& source = r.source;
+  r.used.insert("rope_scaling");
+  r.used.insert("rope_parameters");
+  if (r.has("rope_parameters")) {
+    const json& p = j.at("rope_parameters");
+    FT_CHECK(!r.has("rope_scaling"), "[config] ", source, ": both rope_parameters and rope_scaling given");
+    FT_CHECK(p.is_object(), "[config] ", source, ": rope_parameters must be an object, got ", p.dump());
+    for (const auto& [key, value] : p.items()) {
+      FT_CHECK(key == "full_attention" || key == "sliding_attention", "[config] ", source, ": ", c.model_type,
+               "'s rope_parameters has one entry per layer type (full_attention, sliding_attention), not '", key, "'");
+    }
+    const json none = json::object();
+    auto entry = [&](const char* key) { return p.contains(key) && !p.at(key).is_null() ? p.at(key) : none; };
+    const RopeContext ctx(c.max_position_embeddings);
+    c.rope = parse_rope(entry("full_attention"), theta, ctx, source + ": rope_parameters.full_attention");
+    c.sliding_rope = parse_rope(entry("sliding_attention"), local_theta, ctx,
+                                source + ": rope_parameters.sliding_attention");
+  } else {
+    c.rope = r.has("rope_scaling") ? parse_rope(j.at("rope_scaling"), theta,
+                                                RopeContext(c.max_position_embeddings),
+                                                source + ": rope_scaling")
+                                   : RopeConfig::with_theta(theta);
+    c.sliding_rope = RopeConfig::with_theta(local_theta);
+  }
+}
+
 // Gemma 3's own keys (Gemma3TextConfig): the attention's score scale and soft-capping, which layers
 // slide, and the two rotary embeddings (global for full-attention layers, local for sliding ones).
 void parse_gemma3(Reader& r, ModelConfig& c) {
-  const json& j = r.j;
   const std::string& source = r.source;
   const int64_t window = parse_gemma_attention(r, c, 0.0);
   r.used.insert("attn_logit_softcapping");
@@ -284,34 +366,28 @@ void parse_gemma3(Reader& r, ModelConfig& c) {
     for (int64_t i = 0; i < c.num_hidden_layers; ++i) c.layer_window[i] = (i + 1) % pattern != 0 ? window : 0;
   }
 
-  // Rotary embeddings: transformers 5 writes rope_parameters per layer type; 4.x checkpoints write
-  // rope_theta and rope_scaling (the global layers') and rope_local_base_freq (the local layers').
-  r.used.insert("rope_scaling");
-  r.used.insert("rope_parameters");
+  // Rotary embeddings: 4.x checkpoints write rope_theta and rope_scaling (the global layers') and
+  // rope_local_base_freq (the local layers').
   const double theta = r.number_or("rope_theta", 1e6);
-  const double local_theta = r.number_or("rope_local_base_freq", 1e4);
-  if (r.has("rope_parameters")) {
-    const json& p = j.at("rope_parameters");
-    FT_CHECK(!r.has("rope_scaling"), "[config] ", source, ": both rope_parameters and rope_scaling given");
-    FT_CHECK(p.is_object(), "[config] ", source, ": rope_parameters must be an object, got ", p.dump());
-    for (const auto& [key, value] : p.items()) {
-      FT_CHECK(key == "full_attention" || key == "sliding_attention", "[config] ", source,
-               ": gemma3_text's rope_parameters has one entry per layer type (full_attention, sliding_attention), not '",
-               key, "'");
-    }
-    const json none = json::object();
-    auto entry = [&](const char* key) { return p.contains(key) && !p.at(key).is_null() ? p.at(key) : none; };
-    const RopeContext ctx(c.max_position_embeddings);
-    c.rope = parse_rope(entry("full_attention"), theta, ctx, source + ": rope_parameters.full_attention");
-    c.sliding_rope = parse_rope(entry("sliding_attention"), local_theta, ctx,
-                                source + ": rope_parameters.sliding_attention");
+  parse_layer_type_ropes(r, c, theta, r.number_or("rope_local_base_freq", 1e4));
+}
+
+// OLMo 3's own keys (Olmo3Config): sliding-window layers (layer_types, else three of each four,
+// the fourth global; a window of sliding_window, default 4096), and a rotary embedding per layer
+// type, both of base rope_theta (default 500000) in 4.x's layout, rope_scaling applying to the
+// full-attention layers only (OLMo 3's YaRN).
+void parse_olmo3(Reader& r, ModelConfig& c) {
+  const int64_t window = r.integer_or("sliding_window", 4096);
+  FT_CHECK(window > 0, "[config] ", r.source, ": 'sliding_window' must be > 0, got ", window);
+  if (r.has("layer_types")) {
+    read_layer_types(r, c, window);
   } else {
-    c.rope = r.has("rope_scaling") ? parse_rope(j.at("rope_scaling"), theta,
-                                                RopeContext(c.max_position_embeddings),
-                                                source + ": rope_scaling")
-                                   : RopeConfig::with_theta(theta);
-    c.sliding_rope = RopeConfig::with_theta(local_theta);
+    r.used.insert("layer_types");
+    c.layer_window.assign(c.num_hidden_layers, 0);
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) c.layer_window[i] = (i + 1) % 4 != 0 ? window : 0;
   }
+  const double theta = r.number_or("rope_theta", 500000.0);
+  parse_layer_type_ropes(r, c, theta, theta);
 }
 
 // The sizes of a model, each in (0, 2^31) (a tensor dimension that LibTorch's kernels index with
@@ -351,6 +427,15 @@ void check_rope(const RopeConfig& r, const std::string& source, const std::strin
     FT_CHECK(std::isfinite(r.factor) && r.factor > 0, "[config] ", source, ": ", which,
              "the rope scaling 'factor' must be a finite number > 0, got ", r.factor);
   }
+  FT_CHECK(std::isfinite(r.attention_factor) && r.attention_factor > 0, "[config] ", source, ": ", which,
+           "the rope's attention_factor must be a finite number > 0, got ", r.attention_factor);
+  if (r.type == RopeType::Yarn) {
+    FT_CHECK(r.original_max_position_embeddings > 0, "[config] ", source, ": ", which,
+             "yarn's 'original_max_position_embeddings' must be > 0, got ", r.original_max_position_embeddings);
+    FT_CHECK(std::isfinite(r.beta_fast) && std::isfinite(r.beta_slow) && r.beta_fast > 0 && r.beta_slow > 0,
+             "[config] ", source, ": ", which, "yarn's beta_fast and beta_slow must be finite and > 0, got ",
+             r.beta_fast, " and ", r.beta_slow);
+  }
   if (r.type == RopeType::Llama3) {
     FT_CHECK(std::isfinite(r.low_freq_factor) && r.low_freq_factor > 0 && std::isfinite(r.high_freq_factor),
              "[config] ", source, ": ", which,
@@ -372,9 +457,9 @@ double ModelConfig::attention_scale() const {
 void ModelConfig::validate(const std::string& source) const {
   check_model_type(model_type, source);
   // Qwen3's and Gemma's one attention_bias covers the four projections.
-  FT_CHECK((model_type != "qwen3" && !gemma() && !olmo2()) || qkv_bias == o_bias, "[config] ", source, ": ", model_type,
+  FT_CHECK((model_type != "qwen3" && !gemma() && !olmo()) || qkv_bias == o_bias, "[config] ", source, ": ", model_type,
            " has biases on all four attention projections or on none");
-  FT_CHECK((!gemma() && !olmo2()) || !mlp_bias, "[config] ", source, ": ", model_type, " has no MLP biases");
+  FT_CHECK((!gemma() && !olmo()) || !mlp_bias, "[config] ", source, ": ", model_type, " has no MLP biases");
   if (model_type == "gemma") {
     FT_CHECK(hidden_act == Activation::GeluTanh || hidden_act == Activation::Gelu, "[config] ", source,
              ": gemma uses a GELU activation (gelu_pytorch_tanh or gelu)");
@@ -414,7 +499,8 @@ void ModelConfig::validate(const std::string& source) const {
            ": one rotary-embedding flag per layer expected (no_rope_layers)");
   FT_CHECK(layer_rope.empty() || model_type == "smollm3", "[config] ", source,
            ": only smollm3 has layers without a rotary embedding (no_rope_layers)");
-  FT_CHECK(!sliding_rope || gemma3(), "[config] ", source, ": only gemma3_text has a rotary embedding of its own for its sliding-window layers");
+  FT_CHECK(!sliding_rope || gemma3() || olmo3(), "[config] ", source,
+           ": only gemma3_text and olmo3 have a rotary embedding of their own for their sliding-window layers");
   check_sizes(*this, source);
   FT_CHECK(num_attention_heads % num_key_value_heads == 0, "[config] ", source, ": num_attention_heads (",
            num_attention_heads, ") must be a multiple of num_key_value_heads (", num_key_value_heads, ")");
@@ -428,8 +514,6 @@ void ModelConfig::validate(const std::string& source) const {
                " entries, the rotary embedding turns ", rotary_dim(), " dimensions of each head (", rotary_dim() / 2,
                " frequencies)");
     }
-    FT_CHECK(std::isfinite(rope.attention_factor) && rope.attention_factor > 0, "[config] ", source,
-             ": longrope's attention_factor must be a finite number > 0, got ", rope.attention_factor);
   }
   FT_CHECK(std::isfinite(rms_norm_eps) && rms_norm_eps > 0, "[config] ", source,
            ": 'rms_norm_eps' must be a finite number > 0, got ", rms_norm_eps);
@@ -586,6 +670,8 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
 
   if (c.gemma3()) {
     parse_gemma3(r, c);
+  } else if (c.olmo3()) {
+    parse_olmo3(r, c);
   } else {
     // RoPE: transformers 5 writes "rope_parameters" (with rope_theta inside); 4.x and most Hub
     // checkpoints write "rope_theta" and "rope_scaling".
@@ -637,11 +723,12 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
     FT_CHECK(!r.boolean_or("use_bidirectional_attention", false), "[config] ", source,
              ": use_bidirectional_attention is not supported: libft trains causal language models");
   }
-  if (c.model_type != "gemma2" && !c.gemma3()) c.layer_window.assign(c.num_hidden_layers, 0);
+  const bool own_windows = c.model_type == "gemma2" || c.gemma3() || c.olmo3();
+  if (!own_windows) c.layer_window.assign(c.num_hidden_layers, 0);
   auto window = r.optional_integer("sliding_window");
   r.used.insert("layer_types");
-  if (c.model_type == "gemma2" || c.gemma3()) {
-    // parse_gemma2 or parse_gemma3 set the windows
+  if (own_windows) {
+    // parse_gemma2, parse_gemma3 or parse_olmo3 set the windows
   } else if (c.model_type == "mistral" || c.phi3()) {
     if (window) c.layer_window.assign(c.num_hidden_layers, *window);
   } else if (c.model_type == "smollm3") {
@@ -722,6 +809,16 @@ json rope_json(const RopeConfig& r) {
               {"factor", r.factor},
               {"attention_factor", r.attention_factor},
               {"original_max_position_embeddings", r.original_max_position_embeddings}};
+    case RopeType::Yarn: {
+      json y = {{"rope_type", "yarn"},
+                {"factor", r.factor},
+                {"attention_factor", r.attention_factor},
+                {"beta_fast", r.beta_fast},
+                {"beta_slow", r.beta_slow},
+                {"original_max_position_embeddings", r.original_max_position_embeddings}};
+      if (!r.truncate) y["truncate"] = false;  // (the default left out: transformers before 4.56 has no such key)
+      return y;
+    }
   }
   FT_FAIL("[config] unknown rope type");
 }
@@ -738,7 +835,8 @@ std::string model_config_to_json(const ModelConfig& c) {
                            : c.gemma3()                ? "Gemma3ForCausalLM"
                            : c.phi3()                  ? "Phi3ForCausalLM"
                            : c.model_type == "smollm3" ? "SmolLM3ForCausalLM"
-                           : c.olmo2()                 ? "Olmo2ForCausalLM"
+                           : c.olmo3()                 ? "Olmo3ForCausalLM"
+                           : c.olmo()                  ? "Olmo2ForCausalLM"
                                                        : "Qwen3ForCausalLM";
   j["architectures"] = json::array({arch});
   j["model_type"] = c.model_type;
@@ -780,7 +878,7 @@ std::string model_config_to_json(const ModelConfig& c) {
     j["residual_multiplier"] = c.residual_multiplier;
     j["logits_scaling"] = c.logits_scaling;
   }
-  if (c.gemma3()) {
+  if (c.gemma3() || c.olmo3()) {
     // transformers 5's layout: one rotary embedding per layer type, each with its theta.
     const RopeConfig local = c.sliding_rope.value_or(RopeConfig::with_theta(1e4));
     json full = rope_json(c.rope), sliding = rope_json(local);
@@ -805,10 +903,11 @@ std::string model_config_to_json(const ModelConfig& c) {
   if (c.model_type == "mistral" || c.phi3()) {
     j["sliding_window"] = window > 0 ? json(window) : json(nullptr);
   } else if (c.model_type == "qwen2" || c.model_type == "qwen3" || c.model_type == "smollm3" ||
-             c.model_type == "gemma2" || c.gemma3()) {
-    // (Gemma's configs build both masks whatever the layers are: a window is always written.)
-    j["sliding_window"] = window > 0 ? json(window) : c.gemma() ? json(4096) : json(nullptr);
-    if (!c.gemma()) j["use_sliding_window"] = window > 0;
+             c.model_type == "gemma2" || c.gemma3() || c.olmo3()) {
+    // (Gemma's and OLMo 3's configs build both masks whatever the layers are: a window is always
+    // written.)
+    j["sliding_window"] = window > 0 ? json(window) : c.gemma() || c.olmo3() ? json(4096) : json(nullptr);
+    if (!c.gemma() && !c.olmo3()) j["use_sliding_window"] = window > 0;
     json types = json::array();
     for (auto w : c.layer_window) types.push_back(w > 0 ? "sliding_attention" : "full_attention");
     j["layer_types"] = types;

@@ -60,6 +60,7 @@ std::string describe(CausalLM& m) {
     return r.type == io::RopeType::Default  ? "default"
            : r.type == io::RopeType::Linear ? "linear"
            : r.type == io::RopeType::Llama3 ? "llama3"
+           : r.type == io::RopeType::Yarn   ? "yarn"
                                             : "longrope";
   };
   os << "architecture   " << c.model_type << " (" << c.num_hidden_layers << " layers, hidden " << c.hidden_size
@@ -87,6 +88,9 @@ std::string describe(CausalLM& m) {
     os << ", long factors past " << c.rope.original_max_position_embeddings << " positions, cos/sin x "
        << c.rope.attention_factor;
   }
+  if (c.rope.type == io::RopeType::Yarn) {
+    os << ", original context " << c.rope.original_max_position_embeddings << ", cos/sin x " << c.rope.attention_factor;
+  }
   if (c.rotary_dim() < c.head_dim) os << ", turning " << c.rotary_dim() << " of " << c.head_dim << " dims";
   os << "), max " << c.max_position_embeddings;
   if (!c.layer_rope.empty()) {
@@ -110,7 +114,7 @@ std::string describe(CausalLM& m) {
     if (c.final_logit_softcapping > 0) os << ", logits soft-capped at " << c.final_logit_softcapping;
     os << "\n";
   }
-  if (c.olmo2()) os << "olmo2          norms on the sublayers' outputs (no input norms), q/k norms over all heads\n";
+  if (c.olmo()) os << c.model_type << "          norms on the sublayers' outputs (no input norms), q/k norms over all heads\n";
   if (c.granite()) {
     os << "granite        embeddings x " << c.embedding_multiplier << ", scores x " << c.attention_multiplier
        << ", sublayer outputs x " << c.residual_multiplier << ", logits / " << c.logits_scaling << "\n";

@@ -392,6 +392,31 @@ at::Tensor rope_inv_freq(const io::RopeConfig& rope, int64_t dim, bool long_fact
                f.size());
       return 1.0 / (at::tensor(f, at::kDouble).to(at::kFloat) * at::pow(rope.theta, exponents));
     }
+    case io::RopeType::Yarn: {
+      // YaRN: frequencies that turn more than beta_fast times over the original context keep their
+      // own, those turning fewer than beta_slow times are divided by `factor`, and a linear ramp
+      // over the dimensions between blends the two (transformers' float32 arithmetic; the ramp's
+      // ends in double, as Python's math computes them).
+      const double d = static_cast<double>(dim);
+      const double original = static_cast<double>(rope.original_max_position_embeddings);
+      auto correction_dim = [&](double rotations) {
+        return d * std::log(original / (rotations * 2 * std::numbers::pi)) / (2 * std::log(rope.theta));
+      };
+      double low = correction_dim(rope.beta_fast), high = correction_dim(rope.beta_slow);
+      if (rope.truncate) {
+        low = std::floor(low);
+        high = std::ceil(high);
+      }
+      low = std::max(low, 0.0);
+      high = std::min(high, d - 1);
+      if (low == high) high += 0.001;  // (transformers' guard against a zero-width ramp)
+      at::Tensor pos_freqs = at::pow(rope.theta, exponents);
+      at::Tensor extrapolation = 1.0 / pos_freqs;
+      at::Tensor interpolation = 1.0 / (rope.factor * pos_freqs);
+      at::Tensor ramp = ((at::arange(dim / 2, at::kFloat) - low) / (high - low)).clamp(0, 1);
+      at::Tensor keep = 1 - ramp;  // the share of each frequency's own (extrapolated) value
+      return interpolation * (1 - keep) + extrapolation * keep;
+    }
   }
   FT_FAIL("[model] unknown rope type");
 }
@@ -720,7 +745,7 @@ DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer)
   self_attn = register_module("self_attn", Attention(c, c.layer_window.at(layer), c.rope_in_layer(layer)));
   mlp = register_module("mlp", MLP(c));
   const bool offset = c.norm_unit_offset();
-  if (c.olmo2()) {  // norms on the sublayers' outputs only
+  if (c.olmo()) {  // norms on the sublayers' outputs only
     post_attention_layernorm =
         register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, false, true));
     post_feedforward_layernorm =
@@ -764,7 +789,7 @@ DecoderImpl::DecoderImpl(const ModelConfig& c) {
   embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
   layers = register_module("layers", torch::nn::ModuleList());
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(DecoderLayer(c, i));
-  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_unit_offset(), c.olmo2()));
+  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_unit_offset(), c.olmo()));
 }
 
 namespace {
@@ -800,7 +825,7 @@ CausalLMImpl::CausalLMImpl(ModelConfig config) : config_(std::move(config)) {
   }
   inv_freq_ = rope_inv_freq(config_);
   if (config_.rope.type == io::RopeType::LongRope) long_inv_freq_ = rope_inv_freq(config_, /*long_factors=*/true);
-  if (config_.sliding_rope) sliding_inv_freq_ = rope_inv_freq(*config_.sliding_rope, config_.head_dim);
+  if (config_.sliding_rope) sliding_inv_freq_ = rope_inv_freq(*config_.sliding_rope, config_.rotary_dim());
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -921,7 +946,8 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
   std::tie(in.cos, in.sin) = rope_tables(positions, freq, x.scalar_type(), config_.rope.attention_factor);
   if (sliding_inv_freq_.defined()) {
     std::tie(in.sliding_cos, in.sliding_sin) =
-        rope_tables(positions, on_device(sliding_inv_freq_, sliding_inv_freq_device_, device), x.scalar_type());
+        rope_tables(positions, on_device(sliding_inv_freq_, sliding_inv_freq_device_, device), x.scalar_type(),
+                    config_.sliding_rope->attention_factor);
   }
   in.past = past;
 

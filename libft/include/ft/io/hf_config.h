@@ -3,7 +3,7 @@
 // (llama, mistral, qwen2, qwen3, granite; TinyLlama and SmolLM are "llama") and Gemma's text models
 // (gemma: Gemma 1; gemma2: Gemma 2; gemma3_text: Gemma3ForCausalLM, e.g. gemma-3-270m and gemma-3-1b) and
 // Microsoft's Phi-3 family (phi3: Phi-3, Phi-3.5-mini, Phi-4-mini, Phi-4), SmolLM3 (smollm3) and
-// AI2's OLMo 2 (olmo2).
+// AI2's OLMo 2 (olmo2) and OLMo 3 (olmo3).
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -12,8 +12,9 @@
 namespace ft::io {
 
 /// LongRope: Phi-3's (rope_type "longrope"; "su" and "yarn" in Phi-3 configs, which transformers
-/// reads as longrope).
-enum class RopeType { Default, Linear, Llama3, LongRope };
+/// reads as longrope). Yarn: YaRN (Qwen2.5's and Qwen3's long-context configs, OLMo 3's
+/// full-attention layers).
+enum class RopeType { Default, Linear, Llama3, LongRope, Yarn };
 
 /// The MLP's gate activation: silu (SwiGLU), the tanh approximation of GELU (GeGLU, Gemma's
 /// gelu_pytorch_tanh), or the exact, erf GELU (a Gemma 1 config's hidden_act "gelu").
@@ -28,23 +29,32 @@ struct RopeConfig {
   }
   RopeType type = RopeType::Default;
   double theta = 10000.0;
-  double factor = 1.0;                           ///< linear and llama3
+  double factor = 1.0;                           ///< linear, llama3, longrope and yarn
   double low_freq_factor = 1.0;                  ///< llama3
   double high_freq_factor = 4.0;                 ///< llama3
-  int64_t original_max_position_embeddings = 0;  ///< llama3, longrope
+  int64_t original_max_position_embeddings = 0;  ///< llama3, longrope, yarn
   /// longrope: per rotary frequency, the divisors of the inverse frequencies for sequences of at
   /// most original_max_position_embeddings positions (short) and longer ones (long): a forward
   /// pass whose largest position + 1 exceeds original_max_position_embeddings uses long_factor, as
   /// transformers' dynamic update does. Each has rotary_dim / 2 entries.
   std::vector<double> short_factor, long_factor;
-  /// longrope: cos and sin are multiplied by this (transformers' attention_scaling); 1 elsewhere.
-  /// Read from attention_factor, else √(1 + ln(factor) / ln(original)) with factor
-  /// max_position_embeddings / original_max_position_embeddings (1 where factor ≤ 1).
+  /// longrope and yarn: cos and sin are multiplied by this (transformers' attention_scaling); 1
+  /// elsewhere. Read from attention_factor, else computed as transformers does: longrope
+  /// √(1 + ln(factor) / ln(original)) with factor max_position_embeddings /
+  /// original_max_position_embeddings (1 where factor ≤ 1); yarn 0.1 · ln(factor) + 1, or with
+  /// DeepSeek's mscale and mscale_all_dim the ratio (0.1 · mscale · ln(factor) + 1) /
+  /// (0.1 · mscale_all_dim · ln(factor) + 1) (each 1 where factor ≤ 1).
   double attention_factor = 1.0;
+  /// yarn: the frequencies that turn more than beta_fast times over the original context keep
+  /// their own (extrapolation), those turning fewer than beta_slow times are divided by `factor`
+  /// (interpolation), with a linear ramp over the dimensions in between, whose ends are rounded
+  /// outwards to whole dimensions where `truncate` says so (transformers' default).
+  double beta_fast = 32.0, beta_slow = 1.0;
+  bool truncate = true;
 };
 
 struct ModelConfig {
-  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | granite | gemma | gemma2 | gemma3_text | phi3 | smollm3 | olmo2
+  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | granite | gemma | gemma2 | gemma3_text | phi3 | smollm3 | olmo2 | olmo3
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
@@ -58,9 +68,9 @@ struct ModelConfig {
   /// The fraction of each head's dimensions that the rotary embedding turns (the first
   /// rotary_dim()); the rest pass through (Phi-4-mini: 0.75). 1 for the other families.
   double partial_rotary_factor = 1.0;
-  /// Gemma 3: the rotary embedding of the sliding-window layers (rope_local_base_freq, or
-  /// rope_parameters.sliding_attention); `rope` is the full-attention layers'. Unset: every layer
-  /// uses `rope`.
+  /// Gemma 3 and OLMo 3: the rotary embedding of the sliding-window layers (Gemma 3's
+  /// rope_local_base_freq, or rope_parameters.sliding_attention); `rope` is the full-attention
+  /// layers'. Unset: every layer uses `rope`.
   std::optional<RopeConfig> sliding_rope;
   Activation hidden_act = Activation::Silu;
   /// Gemma 2 and 3: attention scores scaled by query_pre_attn_scalar^-1/2; 0: by head_dim^-1/2.
@@ -121,12 +131,15 @@ struct ModelConfig {
   /// Qwen3 and Gemma 3: an RMSNorm over each head's queries and keys (q_norm, k_norm: weights of
   /// head_dim), after the projections and before the rotary embedding; OLMo 2: over all of the
   /// queries and all of the keys (qk_norm_full_width: weights of H·D and G·D).
-  bool qk_norm() const { return model_type == "qwen3" || gemma3() || olmo2(); }
-  bool qk_norm_full_width() const { return olmo2(); }
-  /// AI2's OLMo 2 (Olmo2ForCausalLM): norms on the sublayers' outputs only (post_attention_layernorm,
-  /// post_feedforward_layernorm; no input_layernorm), each w · x̂ taken in float32 before the cast,
-  /// and full-width q/k norms.
-  bool olmo2() const { return model_type == "olmo2"; }
+  bool qk_norm() const { return model_type == "qwen3" || gemma3() || olmo(); }
+  bool qk_norm_full_width() const { return olmo(); }
+  /// AI2's OLMo 2 and OLMo 3 (Olmo2ForCausalLM, Olmo3ForCausalLM): norms on the sublayers' outputs
+  /// only (post_attention_layernorm, post_feedforward_layernorm; no input_layernorm), each w · x̂
+  /// taken in float32 before the cast, and full-width q/k norms. OLMo 3 adds sliding-window
+  /// layers (three of each four by default) with a rotary embedding of their own (sliding_rope):
+  /// its full-attention layers' may be YaRN.
+  bool olmo() const { return model_type == "olmo2" || olmo3(); }
+  bool olmo3() const { return model_type == "olmo3"; }
   /// Gemma: RMSNorm weights are offsets from one, x̂ · (1 + w), computed in float32 and then cast
   /// to x's dtype, and initialised to zero.
   bool norm_unit_offset() const { return gemma(); }
