@@ -59,7 +59,10 @@ def block_causal_mask(segment_ids, window=None):
 
 def for_attention(model, mask):
     """A boolean mask as the model's attention takes it: eager attention (Gemma 2's, which soft-caps
-    the scores) adds its mask to the scores, so it gets 0 and the float32 minimum instead."""
+    the scores) adds its mask to the scores, so it gets 0 and the float32 minimum instead. A dict
+    (one mask per layer type) is converted entry by entry."""
+    if isinstance(mask, dict):
+        return {k: for_attention(model, m) for k, m in mask.items()}
     if model.config._attn_implementation != "eager":
         return mask
     return torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
@@ -71,9 +74,20 @@ def uniform_window(model):
     return config.sliding_window if config.model_type in ("mistral", "phi3") else None
 
 
+def attention_masks(model, segment_ids):
+    """The 4-D mask, or for OLMo 3, whose sliding-window layers sit beside global ones, one per layer
+    type (Olmo3Model takes such a dict as it is, and again applies no window of its own)."""
+    config = model.config
+    if config.model_type == "olmo3" and "sliding_attention" in config.layer_types:
+        return {"full_attention": block_causal_mask(segment_ids),
+                "sliding_attention": block_causal_mask(segment_ids, config.sliding_window)}
+    return block_causal_mask(segment_ids, uniform_window(model))
+
+
 def loss_sum(model, input_ids, labels, position_ids, segment_ids):
-    mask = block_causal_mask(segment_ids, uniform_window(model))
+    mask = attention_masks(model, segment_ids)
     if getattr(model, "peft_config", None) and model.active_peft_config.peft_type == "PREFIX_TUNING":
+        assert not isinstance(mask, dict), "prefix tuning with one mask per layer type is not built here"
         p = model.active_peft_config.num_virtual_tokens
         b, _, t, _ = mask.shape
         mask = torch.cat([torch.ones(b, 1, t, p, dtype=torch.bool), mask], dim=3)
