@@ -5,8 +5,8 @@ as transformers 5 saves them, without a tokenizer.model).
 
     bpe_reference.py OUT_DIR [SENTENCEPIECE_MODEL]
 
-Trains a 3000-token byte-level BPE with the `tokenizers` library on real text (the fortune records and
-Jargon File lines that tokenizer_reference.py reads) and saves it as three checkpoint-style directories,
+Trains 3000-token byte-level BPEs with the `tokenizers` library on real text (the fortune records and
+Jargon File lines that tokenizer_reference.py reads) and saves them as four checkpoint-style directories,
 each with tokenizer.json and tokenizer_config.json written by transformers' save_pretrained:
 
   OUT_DIR/llama3  Llama 3 split regex (\\p{N}{1,3}), ignore_merges, ByteLevel decoder, a
@@ -17,6 +17,9 @@ each with tokenizer.json and tokenizer_config.json written by transformers' save
                   <|im_end|> special, <think> </think> added but not special (as Qwen3)
   OUT_DIR/gpt2    the GPT-2 ByteLevel pre-tokenizer (use_regex), <|endoftext|> as bos/eos/unk and a
                   "<mask>" special token with lstrip
+  OUT_DIR/o200k   Phi-4's layout: o200k's split regex (GPT-4o's: camel case split, contractions kept with
+                  their word, combining marks with letters), ByteLevel without a regex, no BOS, its own
+                  vocabulary
 
 With SENTENCEPIECE_MODEL (the Llama-style tokenizer.model libft trains for its parity tests, byte
 fallback included), four sentencepiece-style directories too:
@@ -69,6 +72,14 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
+# o200k's split (GPT-4o's; Phi-4's and Phi-4-mini's tokenizer.json): cased words split before a capital
+# that follows lower case, contractions after the word, \p{M} with the letters, "/" kept with the
+# punctuation's trailing newlines.
+O200K_PATTERN = "|".join([
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}", r" ?[^\s\p{L}\p{N}]+[\r\n/]*", r"\s*[\r\n]+", r"\s+(?!\S)", r"\s+"])
+
 PLAIN_TEXT = "Real Programmers don't write in PASCAL."
 
 
@@ -118,6 +129,20 @@ def build_llama3(texts):
     ])
     config = dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", clean_up_tokenization_spaces=True)
     return tok, config
+
+
+def build_o200k(texts):
+    """Phi-4's layout: o200k's split, the byte mapping alone, its chat markers special, no BOS. Its
+    own vocabulary (trained on o200k's pieces), so that its merges span what other splits separate."""
+    tok = Tokenizer(models.BPE(ignore_merges=False, byte_fallback=False, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(O200K_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    train(tok, texts)
+    tok.add_special_tokens([special(n) for n in ["<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>"]])
+    return tok, dict(bos_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
 def build_qwen2(texts):
@@ -277,6 +302,16 @@ def split_cases():
     ]
 
 
+def o200k_cases():
+    return [
+        ("o200k-camel-case", "HTTPServer getURLFor iPhone McDonald's XMLHttpRequest"),
+        ("o200k-contractions", "DON'T don't I'M we'Ve THEY'LL O'Neil's"),
+        ("o200k-marks", "cafe\u0301 n\u0303o \u0915\u093f\u0924\u093e\u092c Ab\u0301C"),
+        ("o200k-titlecase", "\u01c5ungla \u01c8j \u02b0Hi"),
+        ("o200k-punct-slash", "see a/b/c, x.y/\n/usr/lib//\r\nend"),
+    ]
+
+
 def extra_cases():
     return [
         ("special-chatml", "<|im_start|>user\nhi there<|im_end|>\n"),
@@ -361,7 +396,8 @@ def main():
     texts = training_text()
     cases = tokenizer_reference.samples() + extra_cases()
     variants = {}
-    for name, build in [("llama3", build_llama3), ("qwen2", build_qwen2), ("gpt2", build_gpt2)]:
+    for name, build in [("llama3", build_llama3), ("qwen2", build_qwen2), ("gpt2", build_gpt2),
+                        ("o200k", build_o200k)]:
         tok, config = build(texts)
         directory = os.path.join(out_dir, name)
         os.makedirs(directory, exist_ok=True)
@@ -369,7 +405,7 @@ def main():
         for f in ("tokenizer.json", "tokenizer_config.json"):
             if not os.path.isfile(os.path.join(directory, f)):
                 fail(f"{name}: save_pretrained did not write {f}")
-        variants[name] = reference(name, directory, cases)
+        variants[name] = reference(name, directory, cases + (o200k_cases() if name == "o200k" else []))
         v = variants[name]
         print(f"{name}: {len(v['cases'])} cases, vocab size {v['vocab_size']} (bos {v['bos']} eos {v['eos']} "
               f"pad {v['pad']} unk {v['unk']} add_bos {v['add_bos']} add_eos {v['add_eos']})")
