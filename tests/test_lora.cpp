@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <unistd.h>
 
@@ -1913,4 +1914,49 @@ TEST(LoraGroup, DeclinesWhereItDoesNotApplyAndMergesAndConverts) {
   separate->eval();
   at::NoGradGuard no_grad;
   EXPECT_TRUE(loaded->forward(ids()).equal(separate->forward(ids())));
+}
+
+// A mixture of experts under all-linear: the attention's projections and every expert's, never a
+// router (as PEFT with transformers 5, whose routers are not linear layers); QLoRA stores the experts
+// in NF4 and keeps the routers as they were. A training pass reaches the adapters of the experts
+// that tokens chose.
+TEST(Lora, MixtureOfExpertsAdaptsExpertsNotRouters) {
+  for (const std::string type : {"mixtral", "qwen3_moe"}) {
+    SCOPED_TRACE(type);
+    const io::ModelConfig mc = test::tiny_config(type);
+    config::RunConfig c;
+    c.mode = "qlora";
+    c.lora.targets = {"all-linear"};
+    c.lora.r = 4;
+    const auto mode = adapt::make_mode(c);
+    model::CausalLM m(mc);
+    model::init_weights(m, 3);
+    mode->apply(m);
+    std::set<std::string> adapted;
+    for (const auto& layer : adapt::lora_layers(m)) adapted.insert(layer.module);
+    // mixtral: 2 layers of 4 attention + 4 experts × 3; qwen3_moe: 4 + 5 × 3, then 4 + 3 (dense).
+    EXPECT_EQ(adapted.size(), type == "mixtral" ? 32u : 26u);
+    const std::string expert = type == "mixtral" ? "model.layers.1.block_sparse_moe.experts.3.w2"
+                                                 : "model.layers.0.mlp.experts.4.down_proj";
+    EXPECT_TRUE(adapted.count(expert)) << expert;
+    for (const auto& name : adapted) EXPECT_FALSE(name.ends_with(".gate")) << name;
+    for (const auto& item : m->named_modules()) {
+      auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
+      if (lin == nullptr || item.key() == "lm_head") continue;
+      EXPECT_EQ(lin->nf4() == nullptr, item.key().ends_with(".gate")) << item.key();
+    }
+    randomize_b(m, 4);
+    m->train();
+    at::manual_seed(2);
+    const at::Tensor ids = at::randint(0, mc.vocab_size, {2, 24}, at::kLong);
+    model::causal_lm_loss(m->forward(ids), ids).backward();
+    int64_t with_grad = 0;
+    for (const auto& item : m->named_parameters()) {
+      const at::Tensor& g = item.value().grad();
+      if (item.key().find("experts.") != std::string::npos && item.key().find("lora_B") != std::string::npos) {
+        with_grad += g.defined() && g.abs().sum().item<double>() > 0 ? 1 : 0;
+      }
+    }
+    EXPECT_GT(with_grad, 0);
+  }
 }

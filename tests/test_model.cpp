@@ -517,6 +517,141 @@ TEST(Config, ParsesOlmo3) {
             std::string::npos);
 }
 
+// Mixtral and Qwen3-MoE in the layouts of the Hub's Mixtral-8x7B and Qwen3-30B-A3B config.json,
+// shrunk: the experts, their sizes and routing, the dense layers; written back and read again; bad
+// values named.
+TEST(Config, ParsesMixtureOfExperts) {
+  const std::string mixtral = R"({
+    "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 112,
+    "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 4, "num_experts_per_tok": 2,
+    "num_hidden_layers": 2, "num_key_value_heads": 2, "num_local_experts": 8, "output_router_logits": false,
+    "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.02, "sliding_window": null,
+    "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.36.0.dev0", "use_cache": true,
+    "vocab_size": 300
+  })";
+  auto c = io::parse_model_config(mixtral, "config.json");
+  EXPECT_TRUE(c.mixtral());
+  EXPECT_EQ(c.num_experts, 8);
+  EXPECT_EQ(c.num_experts_per_tok, 2);
+  EXPECT_EQ(c.moe_intermediate_size, 112);
+  EXPECT_TRUE(c.norm_topk_prob);
+  EXPECT_TRUE(c.moe_in_layer(0) && c.moe_in_layer(1));
+  EXPECT_DOUBLE_EQ(c.router_aux_loss_coef, 0.02);
+  {
+    model::CausalLM m(c);
+    auto layer = m->model->layers->ptr<model::DecoderLayerImpl>(0);
+    EXPECT_FALSE(layer->mlp);
+    ASSERT_TRUE(layer->moe);
+    EXPECT_TRUE(layer->moe->float_weights);
+    const auto params = m->named_parameters();
+    EXPECT_TRUE(params.contains("model.layers.1.block_sparse_moe.experts.7.w3.weight"));
+    EXPECT_EQ(params["model.layers.1.block_sparse_moe.gate.weight"].sizes(), (std::vector<int64_t>{8, 64}));
+    EXPECT_NE(model::describe(m).find("experts        8 of 112 units, 2 per token (weights renormalised), in 2 of 2 layers"),
+              std::string::npos);
+  }
+  auto again = io::parse_model_config(io::model_config_to_json(c), "written");
+  EXPECT_TRUE(again.mixtral() && again.num_experts == 8 && again.num_experts_per_tok == 2);
+  EXPECT_DOUBLE_EQ(again.router_aux_loss_coef, 0.02);
+
+  const std::string qwen = R"({
+    "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 24, "hidden_act": "silu",
+    "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 112, "max_position_embeddings": 40960,
+    "max_window_layers": 48, "mlp_only_layers": [2], "model_type": "qwen3_moe", "moe_intermediate_size": 40,
+    "norm_topk_prob": true, "num_attention_heads": 4, "num_experts": 16, "num_experts_per_tok": 8,
+    "num_hidden_layers": 3, "num_key_value_heads": 2, "output_router_logits": false, "rms_norm_eps": 1e-06,
+    "rope_scaling": null, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": null,
+    "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": true,
+    "use_sliding_window": false, "vocab_size": 300
+  })";
+  auto q = io::parse_model_config(qwen, "config.json");
+  EXPECT_EQ(q.num_experts, 16);
+  EXPECT_EQ(q.moe_intermediate_size, 40);
+  EXPECT_TRUE(q.norm_topk_prob && q.qk_norm());
+  EXPECT_TRUE(q.moe_in_layer(0) && q.moe_in_layer(1) && !q.moe_in_layer(2));
+  {
+    model::CausalLM m(q);
+    EXPECT_TRUE(m->model->layers->ptr<model::DecoderLayerImpl>(2)->mlp);
+    const auto params = m->named_parameters();
+    EXPECT_TRUE(params.contains("model.layers.0.mlp.experts.15.down_proj.weight"));
+    EXPECT_TRUE(params.contains("model.layers.0.mlp.gate.weight"));
+    EXPECT_TRUE(params.contains("model.layers.2.mlp.gate_proj.weight"));
+    EXPECT_EQ(params["model.layers.0.mlp.experts.3.up_proj.weight"].sizes(), (std::vector<int64_t>{40, 64}));
+    EXPECT_FALSE(m->model->layers->ptr<model::DecoderLayerImpl>(0)->moe->float_weights);
+  }
+  auto q2 = io::parse_model_config(io::model_config_to_json(q), "written");
+  EXPECT_EQ(q2.num_experts, 16);
+  EXPECT_TRUE(q2.norm_topk_prob && !q2.moe_in_layer(2) && q2.moe_in_layer(1));
+  // transformers 5 saves num_experts as num_local_experts.
+  std::string saved5 = qwen;
+  saved5.replace(saved5.find(R"("num_experts": 16)"), 17, R"("num_local_experts": 16)");
+  EXPECT_EQ(io::parse_model_config(saved5, "c.json").num_experts, 16);
+
+  auto with = [](std::string s, const std::string& from, const std::string& to) {
+    s.replace(s.find(from), from.size(), to);
+    return s;
+  };
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with(mixtral, R"("sliding_window": null)", R"("router_jitter_noise": 0.01)"), "m.json"); })
+                .find("router_jitter_noise 0.01 is not supported"),
+            std::string::npos);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with(mixtral, R"("num_experts_per_tok": 2)", R"("num_experts_per_tok": 9)"), "m.json"); })
+                .find("m.json: num_experts_per_tok must be in [1, 8], got 9"),
+            std::string::npos);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with(qwen, R"("mlp_only_layers": [2])", R"("mlp_only_layers": [3])"), "q.json"); })
+                .find("mlp_only_layers holds 3, not a layer index in [0, 3)"),
+            std::string::npos);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with(qwen, R"("num_experts": 16)", R"("num_experts": 16, "num_local_experts": 8)"), "q.json"); })
+                .find("num_experts (16) and num_local_experts differ"),
+            std::string::npos);
+}
+
+// A mixture of experts' forward pass and gradients against a dense float64 reference (but for the
+// router's softmax, in float32 as in transformers): every expert on every token, each output weighted by the token's renormalised (Mixtral) or plain (Qwen3-MoE)
+// top-k probability, zero for the experts it did not choose.
+TEST(Model, MixtureOfExpertsMatchesADenseReference) {
+  for (const std::string type : {"mixtral", "qwen3_moe"}) {
+    SCOPED_TRACE(type);
+    const io::ModelConfig c = test::tiny_config(type);
+    model::CausalLM m(c);
+    model::init_weights(m, 3);
+    m->to(at::kDouble);
+    auto* moe = m->model->layers->ptr<model::DecoderLayerImpl>(0)->moe.get();
+    ASSERT_NE(moe, nullptr);
+    at::manual_seed(5);
+    const at::Tensor x = at::randn({3, 7, c.hidden_size}, at::kDouble);
+    const at::Tensor y = moe->forward(x);
+
+    const at::Tensor h = x.reshape({-1, c.hidden_size});
+    // (the router's softmax in float32, as transformers takes it whatever the model's dtype)
+    const at::Tensor probs = at::softmax(at::matmul(h, moe->gate->weight.t()), -1, at::kFloat);
+    auto [top, idx] = at::topk(probs, c.num_experts_per_tok, -1);
+    if (c.norm_topk_prob) top = top / top.sum(-1, true);
+    const at::Tensor dense_weights = at::zeros_like(h.narrow(1, 0, c.num_experts)).scatter(1, idx, top.to(at::kDouble));
+    at::Tensor want = at::zeros_like(h);
+    for (int64_t e = 0; e < c.num_experts; ++e) {
+      auto* ex = moe->experts[e]->as<model::MLPImpl>();
+      const at::Tensor a = at::silu(at::matmul(h, ex->gate_proj->weight.t())) * at::matmul(h, ex->up_proj->weight.t());
+      want = want + dense_weights.select(1, e).unsqueeze(1) * at::matmul(a, ex->down_proj->weight.t());
+    }
+    EXPECT_LE(test::max_rel_error(y.reshape({-1, c.hidden_size}), want), 1e-12);
+    // Gradients of one scalar through both: the experts' weights and the router's.
+    const at::Tensor probe = at::randn_like(want);
+    const auto params = moe->parameters();
+    const auto got = torch::autograd::grad({(y.reshape({-1, c.hidden_size}) * probe).sum()}, params, {}, std::nullopt,
+                                           false, /*allow_unused=*/true);
+    const auto ref = torch::autograd::grad({(want * probe).sum()}, params, {}, std::nullopt, false, /*allow_unused=*/true);
+    ASSERT_EQ(got.size(), ref.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      if (!got[i].defined()) {  // an expert no token chose: no gradient, and none in the reference
+        EXPECT_TRUE(!ref[i].defined() || ref[i].abs().max().item<double>() == 0);
+        continue;
+      }
+      EXPECT_LE(test::max_rel_error(got[i], ref[i]), 1e-10) << i;
+    }
+  }
+}
+
 // Gemma 3's image-text checkpoints as the Hub's gemma-3-4b-it config.json has it: the language
 // model's settings in a text_config that names only what differs from Gemma3TextConfig's defaults,
 // the EOS ids and dtype at the top level; the vision tower's settings are read past.

@@ -102,6 +102,18 @@ inline io::ModelConfig tiny_config(const std::string& type = "llama") {
     c.rope.attention_factor = 1.25;
     c.layer_window = {6, 6};
   }
+  if (type == "mixtral") {  // four experts of 24 units, two per token, their weights renormalised
+    c.num_experts = 4;
+    c.num_experts_per_tok = 2;
+    c.moe_intermediate_size = 24;
+    c.norm_topk_prob = true;
+  }
+  if (type == "qwen3_moe") {  // five experts of 16 units, two per token, not renormalised; layer 1 dense
+    c.num_experts = 5;
+    c.num_experts_per_tok = 2;
+    c.moe_intermediate_size = 16;
+    c.layer_moe = {true, false};
+  }
   if (c.gemma3()) {  // Gemma 3's own parts: a local layer with its rotary base, a score scale of its own
     c.query_pre_attn_scalar = 16;
     c.sliding_rope = io::RopeConfig::with_theta(1e4);

@@ -20,7 +20,8 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3F
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, GemmaConfig, GemmaForCausalLM,
                           GraniteConfig, GraniteForCausalLM, LlamaConfig, Phi3Config, Phi3ForCausalLM,
                           Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM,
-                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          LlamaForCausalLM, MistralConfig, MixtralConfig, MixtralForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                           Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig)
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
@@ -130,6 +131,17 @@ FAMILIES = {
                                                           "original_max_position_embeddings": 64,
                                                           "attention_factor": 1.2, "beta_fast": 32,
                                                           "beta_slow": 1})),
+    # Mixtral: Mistral's attention with four experts per layer, two per token (weights renormalised
+    # and kept in float32), saved as block_sparse_moe.experts.N.w1/w2/w3 and block_sparse_moe.gate.
+    "mixtral": (MixtralForCausalLM, MixtralConfig(**COMMON, num_key_value_heads=2, num_local_experts=4,
+                                                  num_experts_per_tok=2)),
+    # Qwen3-MoE: Qwen3's attention (q/k norms, head_dim 24), six experts of 40 units, two per token
+    # with their weights not renormalised (norm_topk_prob false, as Qwen3-MoE's default), and a dense
+    # middle layer (mlp_only_layers) of three.
+    "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 3}, num_key_value_heads=2,
+                                                      head_dim=24, num_experts=6, num_experts_per_tok=2,
+                                                      moe_intermediate_size=40, norm_topk_prob=False,
+                                                      mlp_only_layers=[1])),
 }
 
 
@@ -150,7 +162,8 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
             elif "embed_tokens" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
             else:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+                # (fan-in: the last dimension, also of transformers 5's (experts, out, in) expert weights)
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
 
 
 def build(out_dir: str, family: str, seed: int, shard_bytes=None) -> None:

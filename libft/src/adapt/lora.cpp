@@ -958,6 +958,10 @@ void check_regex(const std::string& what, const std::string& p) {
 /// PEFT's check_target_module_exists for a list of names (or its regex form): a module that
 /// modules_to_save names (or one inside it) is never a target; a listed name matched exactly is;
 /// one matched as a suffix (or by all-linear) only in the layers of layers_to_transform, if given.
+/// A mixture of experts' router (model.layers.N.block_sparse_moe.gate, model.layers.N.mlp.gate):
+/// all-linear leaves it alone, as PEFT does with transformers 5 (whose routers are not linear layers).
+bool is_router(const std::string& name) { return name.ends_with("block_sparse_moe.gate") || name.ends_with("mlp.gate"); }
+
 bool is_target(const std::string& name, const LoraOptions& o, bool is_head) {
   if (!o.exclude_regex.empty() && std::regex_match(name, std::regex(o.exclude_regex))) return false;
   for (const auto& e : o.exclude_modules) {
@@ -970,7 +974,7 @@ bool is_target(const std::string& name, const LoraOptions& o, bool is_head) {
   bool suffix = false;
   for (const auto& t : o.targets) {
     if (t == "all-linear") {
-      suffix |= !is_head;
+      suffix |= !is_head && !is_router(name);
       continue;
     }
     if (name == t) return true;

@@ -75,10 +75,12 @@ class LoraMode final : public Mode {
   std::string name() const override { return qlora_ ? "qlora" : "lora"; }
   void apply(model::CausalLM& model) override {
     if (qlora_) {
-      // QLoRA: every linear layer but the output head is stored in NF4 before the adapters go on.
+      // QLoRA: every linear layer but the output head (and a mixture of experts' routers, whose
+      // few weights decide where each token goes) is stored in NF4 before the adapters go on.
       for (const auto& item : model->named_modules()) {
         auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
-        if (lin != nullptr && item.key() != "lm_head") lin->quantize_nf4(qlora_->block, qlora_->double_quant);
+        const bool router = item.key().ends_with("block_sparse_moe.gate") || item.key().ends_with("mlp.gate");
+        if (lin != nullptr && item.key() != "lm_head" && !router) lin->quantize_nf4(qlora_->block, qlora_->double_quant);
       }
     }
     if (init_from_.empty()) {

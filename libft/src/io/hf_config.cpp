@@ -1,5 +1,6 @@
 #include "ft/io/hf_config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <set>
 
@@ -31,11 +32,11 @@ const std::set<std::string> kHarmlessKeys = {
 bool supported_model_type(const std::string& t) {
   return t == "llama" || t == "mistral" || t == "qwen2" || t == "qwen3" || t == "granite" || t == "gemma" ||
          t == "gemma2" || t == "gemma3_text" || t == "phi3" || t == "smollm3" || t == "olmo2" ||
-         t == "olmo3";
+         t == "olmo3" || t == "mixtral" || t == "qwen3_moe";
 }
 
 constexpr const char* kSupportedTypes =
-    "llama, mistral, qwen2, qwen3, granite, gemma, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3";
+    "llama, mistral, qwen2, qwen3, granite, gemma, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, mixtral, qwen3_moe";
 
 void check_model_type(const std::string& t, const std::string& source) {
   // Gemma 3's larger checkpoints are the multimodal Gemma3ForConditionalGeneration ("gemma3"), whose
@@ -390,6 +391,53 @@ void parse_olmo3(Reader& r, ModelConfig& c) {
   parse_layer_type_ropes(r, c, theta, theta);
 }
 
+// The experts of Mixtral (MixtralConfig: num_local_experts, default 8; each of intermediate_size;
+// the chosen weights always renormalised) and Qwen3-MoE (Qwen3MoeConfig: num_experts, default 128,
+// of moe_intermediate_size; norm_topk_prob; dense layers where mlp_only_layers lists them or
+// decoder_sparse_step skips them).
+void parse_experts(Reader& r, ModelConfig& c) {
+  const std::string& source = r.source;
+  if (c.mixtral()) {
+    c.num_experts = r.integer_or("num_local_experts", 8);
+    c.num_experts_per_tok = r.integer_or("num_experts_per_tok", 2);
+    c.moe_intermediate_size = c.intermediate_size;
+    c.norm_topk_prob = true;
+    const double jitter = r.number_or("router_jitter_noise", 0.0);
+    FT_CHECK(jitter == 0, "[config] ", source, ": router_jitter_noise ", jitter,
+             " is not supported (libft routes each token by its router's probabilities alone; set it to 0)");
+  } else {
+    // (transformers 5 saves Qwen3MoeConfig's num_experts as num_local_experts, its attribute_map's name)
+    c.num_experts = r.integer_or("num_experts", r.integer_or("num_local_experts", 128));
+    FT_CHECK(!r.has("num_experts") || !r.has("num_local_experts") ||
+                 r.j.at("num_experts") == r.j.at("num_local_experts"),
+             "[config] ", source, ": num_experts (", r.j.at("num_experts").dump(), ") and num_local_experts differ");
+    c.num_experts_per_tok = r.integer_or("num_experts_per_tok", 8);
+    c.moe_intermediate_size = r.integer_or("moe_intermediate_size", 768);
+    c.norm_topk_prob = r.boolean_or("norm_topk_prob", false);
+    const int64_t step = r.integer_or("decoder_sparse_step", 1);
+    FT_CHECK(step > 0, "[config] ", source, ": 'decoder_sparse_step' must be > 0, got ", step);
+    std::set<int64_t> dense;
+    r.used.insert("mlp_only_layers");
+    if (r.has("mlp_only_layers")) {
+      const json& v = r.j.at("mlp_only_layers");
+      FT_CHECK(v.is_array(), "[config] ", source, ": 'mlp_only_layers' must be a list of layer indices, got ", v.dump());
+      for (const auto& i : v) {
+        FT_CHECK(i.is_number_integer() && i.get<int64_t>() >= 0 && i.get<int64_t>() < c.num_hidden_layers, "[config] ",
+                 source, ": mlp_only_layers holds ", i.dump(), ", not a layer index in [0, ", c.num_hidden_layers, ")");
+        dense.insert(i.get<int64_t>());
+      }
+    }
+    c.layer_moe.assign(c.num_hidden_layers, true);
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+      c.layer_moe[static_cast<size_t>(i)] = !dense.count(i) && (i + 1) % step == 0;
+    }
+    if (std::find(c.layer_moe.begin(), c.layer_moe.end(), false) == c.layer_moe.end()) c.layer_moe.clear();
+  }
+  FT_CHECK(c.num_experts > 0, "[config] ", source, ": the number of experts must be > 0, got ", c.num_experts);
+  c.output_router_logits = r.boolean_or("output_router_logits", false);
+  c.router_aux_loss_coef = r.number_or("router_aux_loss_coef", 0.001);
+}
+
 // The sizes of a model, each in (0, 2^31) (a tensor dimension that LibTorch's kernels index with
 // 32-bit integers; a negative or huge value would otherwise fail far from the config, as a
 // std::vector length error or an allocation that aborts the process).
@@ -414,7 +462,9 @@ double parameter_estimate(const ModelConfig& c) {
   const double h = static_cast<double>(c.hidden_size);
   const double q = static_cast<double>(c.num_attention_heads) * static_cast<double>(c.head_dim);
   const double kv = static_cast<double>(c.num_key_value_heads) * static_cast<double>(c.head_dim);
-  const double layer = h * q * 2 + h * kv * 2 + 3 * h * static_cast<double>(c.intermediate_size) + 2 * h;
+  const double mlp = c.num_experts > 0 ? static_cast<double>(c.num_experts) * (3 * h * static_cast<double>(c.moe_intermediate_size) + h)
+                                       : 3 * h * static_cast<double>(c.intermediate_size);
+  const double layer = h * q * 2 + h * kv * 2 + mlp + 2 * h;
   return static_cast<double>(c.vocab_size) * h * (c.tie_word_embeddings ? 1 : 2) +
          static_cast<double>(c.num_hidden_layers) * layer + h;
 }
@@ -457,9 +507,23 @@ double ModelConfig::attention_scale() const {
 void ModelConfig::validate(const std::string& source) const {
   check_model_type(model_type, source);
   // Qwen3's and Gemma's one attention_bias covers the four projections.
-  FT_CHECK((model_type != "qwen3" && !gemma() && !olmo()) || qkv_bias == o_bias, "[config] ", source, ": ", model_type,
+  FT_CHECK((model_type != "qwen3" && model_type != "qwen3_moe" && !gemma() && !olmo()) || qkv_bias == o_bias, "[config] ",
+           source, ": ", model_type,
            " has biases on all four attention projections or on none");
-  FT_CHECK((!gemma() && !olmo()) || !mlp_bias, "[config] ", source, ": ", model_type, " has no MLP biases");
+  FT_CHECK((!gemma() && !olmo() && num_experts == 0) || !mlp_bias, "[config] ", source, ": ", model_type,
+           " has no MLP biases");
+  FT_CHECK(!mixtral() || (!qkv_bias && !o_bias), "[config] ", source, ": mixtral has no attention biases");
+  FT_CHECK(num_experts == 0 || mixtral() || model_type == "qwen3_moe", "[config] ", source,
+           ": only mixtral and qwen3_moe have experts");
+  if (num_experts > 0) {
+    FT_CHECK(num_experts_per_tok > 0 && num_experts_per_tok <= num_experts, "[config] ", source,
+             ": num_experts_per_tok must be in [1, ", num_experts, "], got ", num_experts_per_tok);
+    FT_CHECK(moe_intermediate_size > 0 && moe_intermediate_size < (int64_t{1} << 31), "[config] ", source,
+             ": the experts' intermediate size must be in (0, 2^31), got ", moe_intermediate_size);
+    FT_CHECK(std::isfinite(router_aux_loss_coef), "[config] ", source, ": 'router_aux_loss_coef' must be finite");
+  }
+  FT_CHECK(layer_moe.empty() || static_cast<int64_t>(layer_moe.size()) == num_hidden_layers, "[config] ", source,
+           ": one sparse-MLP flag per layer expected");
   if (model_type == "gemma") {
     FT_CHECK(hidden_act == Activation::GeluTanh || hidden_act == Activation::Gelu, "[config] ", source,
              ": gemma uses a GELU activation (gelu_pytorch_tanh or gelu)");
@@ -675,7 +739,7 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
   } else {
     // RoPE: transformers 5 writes "rope_parameters" (with rope_theta inside); 4.x and most Hub
     // checkpoints write "rope_theta" and "rope_scaling".
-    double theta = r.number_or("rope_theta", 10000.0);
+    double theta = r.number_or("rope_theta", c.mixtral() ? 1e6 : 10000.0);  // (MixtralConfig's default_theta)
     r.used.insert("rope_scaling");
     r.used.insert("rope_parameters");
     RopeContext ctx(c.max_position_embeddings);
@@ -719,6 +783,7 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
     r.number_or("embd_pdrop", 0.0);
     FT_CHECK(!c.qkv_bias && !c.mlp_bias, "[config] ", source, ": phi3 has no biases (attention_bias, mlp_bias)");
   }
+  if (c.mixtral() || c.model_type == "qwen3_moe") parse_experts(r, c);
   if (c.model_type == "gemma") {
     FT_CHECK(!r.boolean_or("use_bidirectional_attention", false), "[config] ", source,
              ": use_bidirectional_attention is not supported: libft trains causal language models");
@@ -729,8 +794,11 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
   r.used.insert("layer_types");
   if (own_windows) {
     // parse_gemma2, parse_gemma3 or parse_olmo3 set the windows
-  } else if (c.model_type == "mistral" || c.phi3()) {
+  } else if (c.model_type == "mistral" || c.phi3() || c.mixtral()) {
     if (window) c.layer_window.assign(c.num_hidden_layers, *window);
+  } else if (c.model_type == "qwen3_moe") {
+    // Qwen3MoeConfig: one window for every layer, where use_sliding_window says so.
+    if (r.boolean_or("use_sliding_window", false) && window) c.layer_window.assign(c.num_hidden_layers, *window);
   } else if (c.model_type == "smollm3") {
     // SmolLM3Config: no_rope_layers (1: the layer turns q and k, 0: NoPE), else every
     // no_rope_layer_interval-th layer without; layer_types, else the NoPE layers slide where
@@ -836,6 +904,8 @@ std::string model_config_to_json(const ModelConfig& c) {
                            : c.phi3()                  ? "Phi3ForCausalLM"
                            : c.model_type == "smollm3" ? "SmolLM3ForCausalLM"
                            : c.olmo3()                 ? "Olmo3ForCausalLM"
+                           : c.mixtral()               ? "MixtralForCausalLM"
+                           : c.model_type == "qwen3_moe" ? "Qwen3MoeForCausalLM"
                            : c.olmo()                  ? "Olmo2ForCausalLM"
                                                        : "Qwen3ForCausalLM";
   j["architectures"] = json::array({arch});
@@ -859,7 +929,27 @@ std::string model_config_to_json(const ModelConfig& c) {
   j["initializer_range"] = c.initializer_range;
   j["attention_dropout"] = c.attention_dropout;
   j["tie_word_embeddings"] = c.tie_word_embeddings;
-  if (c.model_type != "qwen2" && !c.phi3()) j["attention_bias"] = c.qkv_bias;
+  if (c.model_type != "qwen2" && !c.phi3() && !c.mixtral()) j["attention_bias"] = c.qkv_bias;
+  if (c.mixtral()) {
+    j["num_local_experts"] = c.num_experts;
+    j["num_experts_per_tok"] = c.num_experts_per_tok;
+    j["router_jitter_noise"] = 0.0;
+  } else if (c.num_experts > 0) {
+    j["num_experts"] = c.num_experts;
+    j["num_experts_per_tok"] = c.num_experts_per_tok;
+    j["moe_intermediate_size"] = c.moe_intermediate_size;
+    j["norm_topk_prob"] = c.norm_topk_prob;
+    json dense = json::array();
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+      if (!c.moe_in_layer(i)) dense.push_back(i);
+    }
+    j["mlp_only_layers"] = dense;
+    j["decoder_sparse_step"] = 1;
+  }
+  if (c.num_experts > 0) {
+    j["output_router_logits"] = c.output_router_logits;
+    j["router_aux_loss_coef"] = c.router_aux_loss_coef;
+  }
   if (c.model_type == "llama" || c.granite() || c.model_type == "smollm3") j["mlp_bias"] = c.mlp_bias;
   if (c.model_type == "smollm3") {
     json flags = json::array();
@@ -900,8 +990,11 @@ std::string model_config_to_json(const ModelConfig& c) {
   if (c.gemma()) j["use_bidirectional_attention"] = false;
   int64_t window = 0;
   for (auto w : c.layer_window) window = std::max(window, w);
-  if (c.model_type == "mistral" || c.phi3()) {
+  if (c.model_type == "mistral" || c.phi3() || c.mixtral()) {
     j["sliding_window"] = window > 0 ? json(window) : json(nullptr);
+  } else if (c.model_type == "qwen3_moe") {
+    j["sliding_window"] = window > 0 ? json(window) : json(nullptr);
+    j["use_sliding_window"] = window > 0;
   } else if (c.model_type == "qwen2" || c.model_type == "qwen3" || c.model_type == "smollm3" ||
              c.model_type == "gemma2" || c.gemma3() || c.olmo3()) {
     // (Gemma's and OLMo 3's configs build both masks whatever the layers are: a window is always

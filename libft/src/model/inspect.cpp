@@ -10,7 +10,7 @@ namespace {
 std::string kind_of(const std::string& name) {
   if (name.find("embed_tokens") != std::string::npos) return "embed_tokens";
   if (name.find("self_attn") != std::string::npos) return "attention";
-  if (name.find(".mlp.") != std::string::npos) return "mlp";
+  if (name.find(".mlp.") != std::string::npos || name.find(".block_sparse_moe.") != std::string::npos) return "mlp";
   if (name.find("norm") != std::string::npos) return "norm";
   if (name.starts_with("lm_head")) return "lm_head";
   return "other";
@@ -80,6 +80,13 @@ std::string describe(CausalLM& m) {
          : c.hidden_act == io::Activation::Gelu   ? "GeGLU (exact GELU gate)"
                                                   : "SwiGLU")
      << (c.mlp_bias ? ", biases" : "") << (c.packed_projections() ? ", gate/up packed in gate_up_proj" : "") << "\n";
+  if (c.num_experts > 0) {
+    int64_t sparse = 0;
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) sparse += c.moe_in_layer(i) ? 1 : 0;
+    os << "experts        " << c.num_experts << " of " << c.moe_intermediate_size << " units, " << c.num_experts_per_tok
+       << " per token" << (c.norm_topk_prob ? " (weights renormalised)" : "") << ", in " << sparse << " of "
+       << c.num_hidden_layers << " layers\n";
+  }
   int64_t window = 0;
   for (auto w : c.layer_window) window = std::max(window, w);
   os << "positions      rope " << rope_name(c.rope) << " (theta " << c.rope.theta;

@@ -715,6 +715,48 @@ MLPImpl::MLPImpl(const ModelConfig& c) : act(c.hidden_act) {
   down_proj = register_module("down_proj", linear(c.intermediate_size, c.hidden_size, c.mlp_bias));
 }
 
+MLPImpl::MLPImpl(const ModelConfig& c, int64_t intermediate) : act(c.hidden_act) {
+  const bool mixtral = c.mixtral();
+  gate_proj = register_module(mixtral ? "w1" : "gate_proj", linear(c.hidden_size, intermediate, false));
+  up_proj = register_module(mixtral ? "w3" : "up_proj", linear(c.hidden_size, intermediate, false));
+  down_proj = register_module(mixtral ? "w2" : "down_proj", linear(intermediate, c.hidden_size, false));
+}
+
+// ------------------------------------------------------------------------------------------------
+SparseMoeImpl::SparseMoeImpl(const ModelConfig& c)
+    : top_k(c.num_experts_per_tok), normalize(c.norm_topk_prob), float_weights(c.mixtral()) {
+  gate = register_module("gate", linear(c.hidden_size, c.num_experts, false));
+  experts = register_module("experts", torch::nn::ModuleList());
+  for (int64_t e = 0; e < c.num_experts; ++e) experts->push_back(MLP(c, c.moe_intermediate_size));
+}
+
+at::Tensor SparseMoeImpl::forward(const at::Tensor& x) {
+  const int64_t E = static_cast<int64_t>(experts->size());
+  const at::Tensor h = x.reshape({-1, x.size(-1)});  // (N, hidden)
+  const at::Tensor logits = gate(h);                 // (N, E)
+  auto [weights, chosen] = at::topk(at::softmax(logits, -1, at::kFloat), top_k, -1);  // (N, k) each
+  if (normalize) weights = weights / weights.sum(-1, /*keepdim=*/true);
+  if (!float_weights) weights = weights.to(logits.scalar_type());
+  // The (token, slot) pairs grouped by expert: a stable sort of the flattened choices keeps each
+  // expert's tokens in order; one copy of the counts to the host sizes the groups.
+  const at::Tensor flat = chosen.reshape({-1});
+  const at::Tensor order = std::get<1>(at::sort(flat, std::optional<bool>(true), /*dim=*/0, /*descending=*/false));
+  const at::Tensor counts = at::bincount(flat, {}, E).to(at::kCPU);
+  const at::Tensor tokens = order.div(top_k, "floor");
+  const at::Tensor routed = h.index_select(0, tokens);
+  const at::Tensor routed_weights = weights.reshape({-1}).index_select(0, order).unsqueeze(1);
+  at::Tensor out = at::zeros_like(h);
+  const int64_t* n = counts.data_ptr<int64_t>();
+  int64_t start = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (n[e] == 0) continue;
+    const at::Tensor y = experts[e]->as<MLPImpl>()->forward(routed.narrow(0, start, n[e]));
+    out.index_add_(0, tokens.narrow(0, start, n[e]), (y * routed_weights.narrow(0, start, n[e])).to(out.scalar_type()));
+    start += n[e];
+  }
+  return out.view(x.sizes());
+}
+
 at::Tensor MLPImpl::forward(const at::Tensor& x) {
   // Phi-3: [gate | up] from one projection, as grouped projections make it.
   if (gate_up_proj) return down_proj(swiglu_packed(gate_up_proj(x), fused_swiglu, act));
@@ -743,7 +785,11 @@ at::Tensor MLPImpl::forward(const at::Tensor& x) {
 DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer)
     : residual_multiplier(c.residual_multiplier), residual_dropout(c.residual_dropout) {
   self_attn = register_module("self_attn", Attention(c, c.layer_window.at(layer), c.rope_in_layer(layer)));
-  mlp = register_module("mlp", MLP(c));
+  if (c.moe_in_layer(layer)) {
+    moe = register_module(c.mixtral() ? "block_sparse_moe" : "mlp", SparseMoe(c));
+  } else {
+    mlp = register_module("mlp", MLP(c));
+  }
   const bool offset = c.norm_unit_offset();
   if (c.olmo()) {  // norms on the sublayers' outputs only
     post_attention_layernorm =
@@ -766,12 +812,12 @@ at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const AttentionInputs&
                                      at::Tensor* cache_v, const at::Tensor& prefix_k, const at::Tensor& prefix_v) {
   if (!input_layernorm) {  // OLMo 2: each sublayer's output normed, then added
     at::Tensor h = x + post_attention_layernorm(self_attn(x, in, cache_k, cache_v, prefix_k, prefix_v));
-    return h + post_feedforward_layernorm(mlp(h));
+    return h + post_feedforward_layernorm(feed_forward(h));
   }
   if (pre_feedforward_layernorm) {  // Gemma 2 and 3: norms around both sublayers' outputs too
     at::Tensor h =
         x + post_attention_layernorm(self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v));
-    return h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)));
+    return h + post_feedforward_layernorm(feed_forward(pre_feedforward_layernorm(h)));
   }
   // A sublayer's output as it joins the residual stream, in transformers' order: times Granite's
   // multiplier, then through Phi-3's resid_pdrop in training mode (each a no-op elsewhere).
@@ -781,7 +827,14 @@ at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const AttentionInputs&
     return y;
   };
   at::Tensor h = x + joining(self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v));
-  return h + joining(mlp(post_attention_layernorm(h)));
+  return h + joining(feed_forward(post_attention_layernorm(h)));
+}
+
+std::vector<MLPImpl*> DecoderLayerImpl::mlps() {
+  if (mlp) return {mlp.get()};
+  std::vector<MLPImpl*> out;
+  for (const auto& e : *moe->experts) out.push_back(e->as<MLPImpl>());
+  return out;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -801,7 +854,9 @@ void check_fits_in_memory(const ModelConfig& c) {
   const double h = static_cast<double>(c.hidden_size);
   const double q = static_cast<double>(c.num_attention_heads) * static_cast<double>(c.head_dim);
   const double kv = static_cast<double>(c.num_key_value_heads) * static_cast<double>(c.head_dim);
-  const double layer = h * q * 2 + h * kv * 2 + 3 * h * static_cast<double>(c.intermediate_size) + 2 * h;
+  const double mlp = c.num_experts > 0 ? static_cast<double>(c.num_experts) * (3 * h * static_cast<double>(c.moe_intermediate_size) + h)
+                                       : 3 * h * static_cast<double>(c.intermediate_size);
+  const double layer = h * q * 2 + h * kv * 2 + mlp + 2 * h;
   const double params = static_cast<double>(c.vocab_size) * h * (c.tie_word_embeddings ? 1 : 2) +
                         static_cast<double>(c.num_hidden_layers) * layer + h;
   const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
@@ -1277,13 +1332,15 @@ void CausalLMImpl::set_shared_input_cast(bool on) {
   for (const auto& layer : *model->layers) {
     auto* l = layer->as<DecoderLayerImpl>();
     l->self_attn->shared_input_cast = on;
-    l->mlp->shared_input_cast = on;
+    for (MLPImpl* m : l->mlps()) m->shared_input_cast = on;
   }
 }
 
 void CausalLMImpl::set_fused_swiglu(bool on) {
   fused_swiglu_ = on;
-  for (const auto& layer : *model->layers) layer->as<DecoderLayerImpl>()->mlp->fused_swiglu = on;
+  for (const auto& layer : *model->layers) {
+    for (MLPImpl* m : layer->as<DecoderLayerImpl>()->mlps()) m->fused_swiglu = on;
+  }
 }
 
 at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {

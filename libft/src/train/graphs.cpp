@@ -59,6 +59,9 @@ GraphedPasses::GraphedPasses(model::CausalLM& model, c10::Device device) : model
   FT_CHECK(model_->config().rope.type != io::RopeType::LongRope, "[train] cuda_graphs is not supported with a "
            "longrope rotary embedding (", model_->config().model_type, "): its frequencies depend on each batch's "
            "largest position");
+  // A mixture of experts sizes each expert's batch by its routing, on the host, pass by pass.
+  FT_CHECK(model_->config().num_experts == 0, "[train] cuda_graphs is not supported with a mixture of experts (",
+           model_->config().model_type, "): each pass routes a different number of tokens to each expert");
   for (const at::Tensor& p : model_->parameters()) {
     if (p.requires_grad()) trainable_.push_back(p);
   }

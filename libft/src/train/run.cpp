@@ -487,6 +487,11 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     model::init_weights(model, c.model.init_seed);
     model->to(device);
   }
+  // transformers adds the routers' load-balancing loss to the training loss where the config says
+  // output_router_logits; libft's objective has no such term, so it would train another model.
+  FT_CHECK(!model->config().output_router_logits, "[train] ", c.model.checkpoint.empty() ? c.model.config : c.model.checkpoint,
+           ": output_router_logits is true (transformers would add router_aux_loss_coef x the routers' load-balancing "
+           "loss to the training loss), which libft does not compute: set it to false to train on the language-model loss alone");
   const std::unique_ptr<adapt::Mode> mode = adapt::make_mode(c);
   mode->apply(model);
   if (bf16 && !mode->exports_base()) {

@@ -3,7 +3,8 @@
 // (llama, mistral, qwen2, qwen3, granite; TinyLlama and SmolLM are "llama") and Gemma's text models
 // (gemma: Gemma 1; gemma2: Gemma 2; gemma3_text: Gemma3ForCausalLM, e.g. gemma-3-270m and gemma-3-1b) and
 // Microsoft's Phi-3 family (phi3: Phi-3, Phi-3.5-mini, Phi-4-mini, Phi-4), SmolLM3 (smollm3) and
-// AI2's OLMo 2 (olmo2) and OLMo 3 (olmo3).
+// AI2's OLMo 2 (olmo2) and OLMo 3 (olmo3), and the mixture-of-experts models Mixtral (mixtral) and
+// Qwen3-MoE (qwen3_moe).
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -54,7 +55,7 @@ struct RopeConfig {
 };
 
 struct ModelConfig {
-  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | granite | gemma | gemma2 | gemma3_text | phi3 | smollm3 | olmo2 | olmo3
+  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | granite | gemma | gemma2 | gemma3_text | phi3 | smollm3 | olmo2 | olmo3 | mixtral | qwen3_moe
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
@@ -101,6 +102,23 @@ struct ModelConfig {
   /// embedding; a layer without one (NoPE) attends by content and causality alone. Empty: every
   /// layer turns them.
   std::vector<bool> layer_rope;
+  /// Mixture of experts (Mixtral, Qwen3-MoE): in a sparse layer the MLP is num_experts SwiGLU
+  /// experts of moe_intermediate_size and a router, a bias-free linear layer (gate) whose softmax
+  /// (in float32) over the experts picks each token's num_experts_per_tok most probable; their
+  /// outputs are summed, each weighted by its probability, renormalised over the chosen where
+  /// norm_topk_prob says (Mixtral: always). Qwen3-MoE rounds the weights to the activations' dtype
+  /// first, Mixtral keeps them in float32. 0 experts: every MLP is dense.
+  int64_t num_experts = 0;
+  int64_t num_experts_per_tok = 0;
+  int64_t moe_intermediate_size = 0;
+  bool norm_topk_prob = false;
+  /// Per layer, whether its MLP is sparse (Qwen3-MoE's mlp_only_layers and decoder_sparse_step
+  /// make some dense, of intermediate_size). Empty: every layer's, where num_experts > 0.
+  std::vector<bool> layer_moe;
+  /// output_router_logits: transformers adds router_aux_loss_coef × the load-balancing loss of the
+  /// routers to the training loss (read; libft's trainer refuses it, see train::check_trainable).
+  bool output_router_logits = false;
+  double router_aux_loss_coef = 0.001;
   std::optional<int64_t> bos_token_id;
   std::vector<int64_t> eos_token_ids;
   std::optional<int64_t> pad_token_id;
@@ -112,6 +130,13 @@ struct ModelConfig {
   std::string image_text_architecture;
   double initializer_range = 0.02;
 
+  /// Whether layer `i`'s MLP is a mixture of experts (see num_experts, layer_moe).
+  bool moe_in_layer(int64_t i) const {
+    return num_experts > 0 && (layer_moe.empty() || layer_moe.at(static_cast<size_t>(i)));
+  }
+  /// Mistral AI's Mixtral (MixtralForCausalLM): Mistral's attention, its experts' projections named
+  /// w1 (gate), w3 (up) and w2 (down) under block_sparse_moe.
+  bool mixtral() const { return model_type == "mixtral"; }
   /// IBM's Granite 3 (GraniteForCausalLM): Llama's block with four multipliers.
   bool granite() const { return model_type == "granite"; }
   /// Whether layer `i` applies the rotary embedding (see layer_rope).
@@ -131,7 +156,7 @@ struct ModelConfig {
   /// Qwen3 and Gemma 3: an RMSNorm over each head's queries and keys (q_norm, k_norm: weights of
   /// head_dim), after the projections and before the rotary embedding; OLMo 2: over all of the
   /// queries and all of the keys (qk_norm_full_width: weights of H·D and G·D).
-  bool qk_norm() const { return model_type == "qwen3" || gemma3() || olmo(); }
+  bool qk_norm() const { return model_type == "qwen3" || model_type == "qwen3_moe" || gemma3() || olmo(); }
   bool qk_norm_full_width() const { return olmo(); }
   /// AI2's OLMo 2 and OLMo 3 (Olmo2ForCausalLM, Olmo3ForCausalLM): norms on the sublayers' outputs
   /// only (post_attention_layernorm, post_feedforward_layernorm; no input_layernorm), each w · x̂

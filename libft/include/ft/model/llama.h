@@ -115,6 +115,10 @@ TORCH_MODULE(Attention);
 class MLPImpl : public torch::nn::Module {
  public:
   explicit MLPImpl(const ModelConfig& c);
+  /// A mixture-of-experts model's expert (bias-free SwiGLU of `intermediate` units), its
+  /// projections registered under Mixtral's names (w1: gate, w3: up, w2: down) where the config is
+  /// Mixtral's, else as gate_proj, up_proj and down_proj.
+  MLPImpl(const ModelConfig& c, int64_t intermediate);
   at::Tensor forward(const at::Tensor& x);  ///< down(act(gate(x)) * up(x)), act silu or a GELU
   /// gate_proj and up_proj; or (ModelConfig::packed_projections, Phi-3) gate_up_proj, whose output
   /// rows are [gate | up], and the two null.
@@ -125,6 +129,24 @@ class MLPImpl : public torch::nn::Module {
   bool shared_input_cast = true;  ///< CausalLMImpl::set_shared_input_cast
 };
 TORCH_MODULE(MLP);
+
+/// A mixture of experts (ModelConfig::num_experts): the router `gate` (num_experts × hidden, no
+/// bias) scores each token; softmax in float32, the top_k most probable experts, their weights
+/// renormalised where `normalize`, and rounded to the router's output dtype unless `float_weights`
+/// (Mixtral keeps them in float32). Each expert runs on its tokens only; a token's output is the
+/// weighted sum of its experts' outputs, added in the input's dtype expert by expert in index order,
+/// as transformers adds them. Experts that no token chose get no gradient in that pass.
+class SparseMoeImpl : public torch::nn::Module {
+ public:
+  explicit SparseMoeImpl(const ModelConfig& c);
+  at::Tensor forward(const at::Tensor& x);
+  Linear gate{nullptr};
+  torch::nn::ModuleList experts{nullptr};  ///< MLP each
+  int64_t top_k = 0;
+  bool normalize = false;
+  bool float_weights = false;
+};
+TORCH_MODULE(SparseMoe);
 
 class DecoderLayerImpl : public torch::nn::Module {
  public:
@@ -138,7 +160,14 @@ class DecoderLayerImpl : public torch::nn::Module {
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   RMSNorm pre_feedforward_layernorm{nullptr}, post_feedforward_layernorm{nullptr};  ///< null but for Gemma 2, 3 (OLMo 2: post)
   Attention self_attn{nullptr};
+  /// The MLP: dense (mlp), or in a mixture-of-experts model's sparse layers (moe, registered as
+  /// "block_sparse_moe" for Mixtral and "mlp" for Qwen3-MoE) its experts and router; the other null.
   MLP mlp{nullptr};
+  SparseMoe moe{nullptr};
+  /// mlp or moe on x.
+  at::Tensor feed_forward(const at::Tensor& x) { return mlp ? mlp(x) : moe(x); }
+  /// The dense MLP and every expert (for the settings they share).
+  std::vector<MLPImpl*> mlps();
   /// Granite (ModelConfig::residual_multiplier): each sublayer's output times this before it joins
   /// the residual stream; 1 for the other families.
   double residual_multiplier = 1;
