@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# A Gemma 3, Gemma 2 or Phi-3 checkpoint from the command line (tests/CMakeLists.txt: cli_gemma3_chat,
-# cli_gemma2_chat, cli_phi3_chat), as a user brings one from the Hub: config.json in transformers 4.x's
-# layout (Gemma 3: rope_local_base_freq, sliding_window_pattern; Gemma 2: both soft-caps, hidden_act
-# beside hidden_activation, alternating windows by default; Phi-3: Phi-4-mini's longrope "su"-style
-# rope_scaling, here with an original context of 24 tokens that conversations and generation cross,
-# a partial rotary embedding and a window), a sentencepiece-style tokenizer.json with the family's
-# turn markers added as special tokens (Gemma: <start_of_turn>/<end_of_turn>; Phi-3:
-# <|system|>/<|user|>/<|assistant|>/<|end|>), and a chat template of the family's kind whose turns end
-# at a marker that the config lists as an EOS (as Gemma 3's [1, 106]). ft prepare renders
+# A Gemma 3, Gemma 2, Phi-3 or Mixtral checkpoint from the command line (tests/CMakeLists.txt:
+# cli_gemma3_chat, cli_gemma2_chat, cli_phi3_chat, cli_mixtral_chat), as a user brings one from the Hub:
+# config.json in transformers 4.x's layout (Gemma 3: rope_local_base_freq, sliding_window_pattern;
+# Gemma 2: both soft-caps, hidden_act beside hidden_activation, alternating windows by default; Phi-3:
+# Phi-4-mini's longrope "su"-style rope_scaling, here with an original context of 24 tokens that
+# conversations and generation cross, a partial rotary embedding and a window; Mixtral: four experts,
+# two per token), a sentencepiece-style tokenizer.json with the family's turn markers added as special
+# tokens (Gemma: <start_of_turn>/<end_of_turn>; Phi-3: <|system|>/<|user|>/<|assistant|>/<|end|>;
+# Mixtral: [INST]/[/INST]), and a chat template of the family's kind whose turns end at a marker that
+# the config lists as an EOS (as Gemma 3's [1, 106]; Mixtral's answers end at </s>). For Mixtral the
+# QLoRA run stores the experts in NF4 and keeps the routers. ft prepare renders
 # conversations with that template, full fine-tuning learns them, a LoRA run on top exports an
 # adapter that ft merge folds back (a QLoRA run keeps what was learned too), and ft generate --chat
 # answers and stops at the end-of-turn marker.
-#   tests/cli/family_chat.sh FT PYTHON SENTENCEPIECE_TOKENIZER_DIR WORK_DIR [gemma3|gemma2|phi3]
+#   tests/cli/family_chat.sh FT PYTHON SENTENCEPIECE_TOKENIZER_DIR WORK_DIR [gemma3|gemma2|phi3|mixtral]
 set -euo pipefail
 ft=$1 python=$2 tok=$3 d=$4 family=${5:-gemma3}
 rm -rf "$d" && mkdir -p "$d/m"
@@ -21,6 +23,9 @@ end_marker="<end_of_turn>"
 if [ "$family" = phi3 ]; then
   markers="<|system|> <|user|> <|assistant|> <|end|>"
   end_marker="<|end|>"
+elif [ "$family" = mixtral ]; then
+  markers="[INST] [/INST]"
+  end_marker="</s>"
 fi
 read -r vocab end_id < <("$python" - "$tok" "$d/m" "$end_marker" $markers <<'PY'
 import sys
@@ -46,6 +51,16 @@ if [ "$family" = phi3 ]; then
 EOF
   shows=("q/k/v packed in qkv_proj" "gate/up packed in gate_up_proj" "long factors past 24 positions"
          "turning 24 of 32 dims" "sliding window 20 in 2 of 2 layers")
+elif [ "$family" = mixtral ]; then
+  cat >"$d/config.json" <<EOF
+{"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": $vocab, "hidden_size": 64,
+ "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+ "num_local_experts": 4, "num_experts_per_tok": 2, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+ "rope_theta": 1000000.0, "sliding_window": null, "max_position_embeddings": 512, "output_router_logits": false,
+ "router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0, "attention_dropout": 0.0, "tie_word_embeddings": false,
+ "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": null, "torch_dtype": "float32"}
+EOF
+  shows=("experts        4 of 96 units, 2 per token (weights renormalised), in 2 of 2 layers")
 elif [ "$family" = gemma2 ]; then
   # (Gemma 2's own caps, 50 and 30: the trained model's scores and logits grow into them.)
   cat >"$d/config.json" <<EOF
@@ -88,6 +103,27 @@ if [ "$family" = phi3 ]; then
 {%- else -%}
     {{ eos_token }}
 {%- endif -%}
+EOF
+elif [ "$family" = mixtral ]; then
+  # Mistral's kind: "[INST] " + the user's words (the system's before the first) + " [/INST]", the
+  # answer, then </s>; nothing opens the answer. (No space before the answer: this tokenizer, Gemma's
+  # layout, would keep it in the decoded text.)
+  cat >"$d/m/chat_template.jinja" <<'EOF'
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set system = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set system = '' -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{{ bos_token }}
+{%- for message in loop_messages -%}
+    {%- if message['role'] == 'user' -%}
+        {{ '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}
+    {%- else -%}
+        {{ message['content'] + eos_token }}
+    {%- endif -%}
+{%- endfor -%}
 EOF
 else
 cat >"$d/m/chat_template.jinja" <<'EOF'
