@@ -745,6 +745,7 @@ std::string base_of(const std::string& name) {
          : name == "gemma2" ? "base_gemma2"
          : name.starts_with("phi3") ? "base_phi3"
          : name == "olmo2"  ? "base_olmo2"
+         : name == "mixtral" ? "base_mixtral"
                             : "base";
 }
 
@@ -756,7 +757,7 @@ TEST(PeftInterop, LibftLoadsPeftAdaptersWithTheSameLogits) {
   auto ref = io::SafetensorsFile::open((fs::path(d) / "peft_logits.safetensors").string());
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
   for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3", "gemma3",
-                           "gemma2", "phi3", "phi3_dora", "olmo2"}) {
+                           "gemma2", "phi3", "phi3_dora", "olmo2", "mixtral"}) {
     SCOPED_TRACE(name);
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());
     m->eval();
@@ -781,7 +782,7 @@ TEST(PeftInterop, LibftSavesAdaptersForPeft) {
   std::vector<at::Tensor> keep{input};
   std::vector<io::TensorWrite> writes{io::tensor_write("input_ids", keep[0])};
   for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3", "gemma3",
-                           "gemma2", "phi3", "phi3_dora", "olmo2"}) {
+                           "gemma2", "phi3", "phi3_dora", "olmo2", "mixtral"}) {
     const adapt::LoraOptions o =
         adapt::read_peft_lora_config((fs::path(d) / (std::string("peft_") + name) / "adapter_config.json").string());
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());
@@ -1917,7 +1918,7 @@ TEST(LoraGroup, DeclinesWhereItDoesNotApplyAndMergesAndConverts) {
 }
 
 // A mixture of experts under all-linear: the attention's projections and every expert's, never a
-// router (as PEFT with transformers 5, whose routers are not linear layers); QLoRA stores the experts
+// router; QLoRA stores the experts
 // in NF4 and keeps the routers as they were. A training pass reaches the adapters of the experts
 // that tokens chose.
 TEST(Lora, MixtureOfExpertsAdaptsExpertsNotRouters) {

@@ -25,7 +25,9 @@ base (DIR/base_phi3: q, k, v packed in qkv_proj and gate, up in gate_up_proj, wh
 one layer each; longrope past 8 positions, which the 11 tokens exceed; 12 of 16 dimensions turning),
 "phi3_dora" is DoRA on its two packed projections, and "prefix_phi3" a plain prefix on it; "olmo2" adapts
 all-linear on an OLMo 2 base (DIR/base_olmo2: norms on the sublayers' outputs only, q and k normed over all
-heads, norm weights moved away from one). Prefixes: "prefix" is a plain
+heads, norm weights moved away from one); "mixtral" adapts the attention's projections on a Mixtral base
+(DIR/base_mixtral: four experts, two per token; PEFT's all-linear would reach transformers 5's experts and
+routers through target_parameters, 3-D parameters that libft does not exchange). Prefixes: "prefix" is a plain
 table of 5 virtual tokens, "prefix_proj" one made through PEFT's projection MLP (PEFT saves the
 table it computes); their logits are also taken for a right-padded batch with an attention mask.
 The C++ side (tests/test_lora.cpp PeftInterop.*, tests/test_prefix.cpp PeftPrefixInterop.*) loads
@@ -39,7 +41,7 @@ import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
-                          LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 ADAPTERS = {
     "lists": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -61,10 +63,12 @@ ADAPTERS = {
     "phi3": dict(r=4, lora_alpha=8, target_modules="all-linear"),
     "phi3_dora": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"], use_dora=True),
     "olmo2": dict(r=4, lora_alpha=8, target_modules="all-linear"),
+    "mixtral": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
 }
 BASES = {"tied": "base_tied", "qwen3": "base_qwen3", "prefix_qwen3": "base_qwen3", "gemma3": "base_gemma3",
          "prefix_gemma3": "base_gemma3", "gemma2": "base_gemma2", "prefix_gemma2": "base_gemma2",
-         "phi3": "base_phi3", "phi3_dora": "base_phi3", "prefix_phi3": "base_phi3", "olmo2": "base_olmo2"}
+         "phi3": "base_phi3", "phi3_dora": "base_phi3", "prefix_phi3": "base_phi3", "olmo2": "base_olmo2",
+         "mixtral": "base_mixtral"}
 # (the others adapt DIR/base)
 
 
@@ -164,6 +168,15 @@ def make(d):
             if pname.endswith("norm.weight"):
                 p.mul_(1 + 0.3 * torch.randn(p.shape))
     olmo2.save_pretrained(os.path.join(d, "base_olmo2"))
+    mixtral = MixtralForCausalLM(MixtralConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                               num_experts_per_tok=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+                                               pad_token_id=None, bos_token_id=None, eos_token_id=None)).eval()
+    with torch.no_grad():  # (larger expert and router weights than the 0.02 init: distinct routes per token)
+        for pname, p in mixtral.named_parameters():
+            if "experts" in pname or pname.endswith("gate.weight"):
+                p.copy_(0.2 * torch.randn(p.shape))
+    mixtral.save_pretrained(os.path.join(d, "base_mixtral"))
     ids = input_ids()
     tensors = {"input_ids": ids}
     for name, kwargs in ADAPTERS.items():

@@ -959,7 +959,9 @@ void check_regex(const std::string& what, const std::string& p) {
 /// modules_to_save names (or one inside it) is never a target; a listed name matched exactly is;
 /// one matched as a suffix (or by all-linear) only in the layers of layers_to_transform, if given.
 /// A mixture of experts' router (model.layers.N.block_sparse_moe.gate, model.layers.N.mlp.gate):
-/// all-linear leaves it alone, as PEFT does with transformers 5 (whose routers are not linear layers).
+/// all-linear leaves it alone (a low-rank change to a router moves tokens between experts). PEFT's
+/// all-linear on transformers 5 adapts routers and experts as 3-D parameters (target_parameters),
+/// a layout libft neither reads nor writes.
 bool is_router(const std::string& name) { return name.ends_with("block_sparse_moe.gate") || name.ends_with("mlp.gate"); }
 
 bool is_target(const std::string& name, const LoraOptions& o, bool is_head) {
