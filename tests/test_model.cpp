@@ -643,11 +643,32 @@ TEST(Model, MixtureOfExpertsMatchesADenseReference) {
     const auto ref = torch::autograd::grad({(want * probe).sum()}, params, {}, std::nullopt, false, /*allow_unused=*/true);
     ASSERT_EQ(got.size(), ref.size());
     for (size_t i = 0; i < got.size(); ++i) {
-      if (!got[i].defined()) {  // an expert no token chose: no gradient, and none in the reference
-        EXPECT_TRUE(!ref[i].defined() || ref[i].abs().max().item<double>() == 0);
+      ASSERT_TRUE(got[i].defined()) << i;  // (training mode: every expert runs, on no rows if none chose it)
+      if (ref[i].abs().max().item<double>() == 0) {
+        EXPECT_EQ(got[i].abs().max().item<double>(), 0) << i;
         continue;
       }
       EXPECT_LE(test::max_rel_error(got[i], ref[i]), 1e-10) << i;
+    }
+    // A router that never picks expert 0: in training mode its weights get a zero gradient (as
+    // transformers 5's fused expert weights do), in eval mode none.
+    {
+      at::NoGradGuard no_grad;
+      moe->gate->weight.copy_(at::arange(c.num_experts, at::kDouble).unsqueeze(1).expand({-1, c.hidden_size}) - 0.5);
+    }
+    const at::Tensor positive = x.abs() + 0.1;
+    auto* unused = moe->experts[0]->as<model::MLPImpl>();
+    for (const bool training : {true, false}) {
+      m->train(training);
+      for (auto& p : moe->parameters()) p.mutable_grad() = at::Tensor();
+      moe->forward(positive).sum().backward();
+      if (training) {
+        ASSERT_TRUE(unused->down_proj->weight.grad().defined());
+        EXPECT_EQ(unused->down_proj->weight.grad().abs().max().item<double>(), 0);
+        EXPECT_GT(moe->experts[3]->as<model::MLPImpl>()->down_proj->weight.grad().abs().max().item<double>(), 0);
+      } else {
+        EXPECT_FALSE(unused->down_proj->weight.grad().defined());
+      }
     }
   }
 }

@@ -105,10 +105,11 @@ def make_adapter(adapter_dir, model_dir):
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
-    # Every projection (Phi-3's are packed: qkv_proj and gate_up_proj); of Mixtral, the attention's,
-    # as transformers 5 keeps its experts in 3-D parameters, not linear layers that PEFT adapts.
+    # Every projection (Phi-3's are packed: qkv_proj and gate_up_proj); of a mixture of experts, the
+    # attention's, as transformers 5 keeps its experts in 3-D parameters, not linear layers that PEFT
+    # adapts by name.
     targets = (["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if model.config.model_type == "phi3" else
-               ["q_proj", "k_proj", "v_proj", "o_proj"] if model.config.model_type == "mixtral" else
+               ["q_proj", "k_proj", "v_proj", "o_proj"] if model.config.model_type in ("mixtral", "qwen3_moe") else
                ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     config = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, rank_pattern={"down_proj": 4},
                         target_modules=targets)

@@ -748,8 +748,12 @@ at::Tensor SparseMoeImpl::forward(const at::Tensor& x) {
   at::Tensor out = at::zeros_like(h);
   const int64_t* n = counts.data_ptr<int64_t>();
   int64_t start = 0;
+  // In a pass that records gradients an expert that no token chose still runs, on no rows: its
+  // weights get a zero gradient, and AdamW moves them by their momentum as it moves transformers 5's
+  // fused 3-D expert weights, whose every slice has a gradient.
+  const bool every_expert = at::GradMode::is_enabled() && is_training();
   for (int64_t e = 0; e < E; ++e) {
-    if (n[e] == 0) continue;
+    if (n[e] == 0 && !every_expert) continue;
     const at::Tensor y = experts[e]->as<MLPImpl>()->forward(routed.narrow(0, start, n[e]));
     out.index_add_(0, tokens.narrow(0, start, n[e]), (y * routed_weights.narrow(0, start, n[e])).to(out.scalar_type()));
     start += n[e];

@@ -135,7 +135,9 @@ TORCH_MODULE(MLP);
 /// renormalised where `normalize`, and rounded to the router's output dtype unless `float_weights`
 /// (Mixtral keeps them in float32). Each expert runs on its tokens only; a token's output is the
 /// weighted sum of its experts' outputs, added in the input's dtype expert by expert in index order,
-/// as transformers adds them. Experts that no token chose get no gradient in that pass.
+/// as transformers adds them. In a training pass that records gradients, an expert that no token
+/// chose runs on no rows, so that its weights get a zero gradient (as every slice of transformers 5's
+/// fused 3-D expert weights does) and AdamW moves them by their momentum.
 class SparseMoeImpl : public torch::nn::Module {
  public:
   explicit SparseMoeImpl(const ModelConfig& c);
