@@ -110,14 +110,20 @@ def special(content, **kw):
     return AddedToken(content, special=True, normalized=False, **kw)
 
 
-def build_llama3(texts):
-    tok = Tokenizer(models.BPE(ignore_merges=True, byte_fallback=False, unk_token=None))
+def split_byte_level(texts, pattern, ignore_merges):
+    """A byte-level BPE trained on `texts` behind a split regex and the byte mapping alone (as Llama 3's
+    and Phi-4's tokenizer.json chain them), with the ByteLevel decoder."""
+    tok = Tokenizer(models.BPE(ignore_merges=ignore_merges, byte_fallback=False, unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    train(tok, texts)
+    return train(tok, texts)
+
+
+def build_llama3(texts):
+    tok = split_byte_level(texts, LLAMA3_PATTERN, ignore_merges=True)
     names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     tok.add_special_tokens([special(n) for n in names])
     bos = tok.token_to_id("<|begin_of_text|>")
@@ -134,13 +140,7 @@ def build_llama3(texts):
 def build_o200k(texts):
     """Phi-4's layout: o200k's split, the byte mapping alone, its chat markers special, no BOS. Its
     own vocabulary (trained on o200k's pieces), so that its merges span what other splits separate."""
-    tok = Tokenizer(models.BPE(ignore_merges=False, byte_fallback=False, unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(O200K_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    train(tok, texts)
+    tok = split_byte_level(texts, O200K_PATTERN, ignore_merges=False)
     tok.add_special_tokens([special(n) for n in ["<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>"]])
     return tok, dict(bos_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
