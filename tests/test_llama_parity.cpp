@@ -61,7 +61,7 @@ std::vector<Case> cases() {
   for (const auto& family : {"llama2", "llama3", "llama3_sharded", "llama_bias", "smollm", "mistral", "qwen2", "qwen3",
                               "granite", "gemma", "gemma2", "gemma3", "gemma3_scaled",
                               "gemma3_image_text", "phi3", "phi3_longrope", "smollm3", "olmo2", "qwen2_yarn",
-                              "llama_yarn", "olmo3", "mixtral", "qwen3_moe"}) {
+                              "llama_yarn", "olmo3", "mixtral", "qwen3_moe", "qwen2_moe"}) {
     // float32: the bound, 1e-4.
     out.push_back({family, c10::kCPU, at::kFloat, 1e-4, 1e-4});
     out.push_back({family, c10::Device(c10::kCUDA, 0), at::kFloat, 1e-4, 1e-4});
@@ -70,7 +70,10 @@ std::vector<Case> cases() {
     // The same on the CPU, and bf16 autocast over float32 weights (the trainer's dtype: bfloat16).
     // Gemma 2's logits are soft-capped at 4 here, so the error is relative to a small maximum:
     // transformers' own bf16 forward is 3.26e-2 from its float32 logits (libft's: the same, 3.26e-2).
-    const double bf16_tol = std::string(family) == "gemma2" ? 4e-2 : 3e-2;
+    // Qwen2-MoE's autocast case: a token's router picks another expert in bf16, and the logits at
+    // that position move; transformers' own autocast forward is 5.4e-2 from its float32 logits
+    // (libft's: 5.6e-2).
+    const double bf16_tol = std::string(family) == "gemma2" ? 4e-2 : std::string(family) == "qwen2_moe" ? 7e-2 : 3e-2;
     for (const c10::Device device : {c10::Device(c10::kCUDA, 0), c10::Device(c10::kCPU)}) {
       out.push_back({family, device, at::kBFloat16, bf16_tol, 2e-2});
       out.push_back({family, device, at::kFloat, bf16_tol, 2e-2, /*autocast=*/true});

@@ -1922,7 +1922,8 @@ TEST(LoraGroup, DeclinesWhereItDoesNotApplyAndMergesAndConverts) {
 // in NF4 and keeps the routers as they were. A training pass reaches the adapters of the experts
 // that tokens chose.
 TEST(Lora, MixtureOfExpertsAdaptsExpertsNotRouters) {
-  for (const std::string type : {"mixtral", "qwen3_moe"}) {
+  auto router = [](const std::string& name) { return name.ends_with(".gate") || name.ends_with(".shared_expert_gate"); };
+  for (const std::string type : {"mixtral", "qwen3_moe", "qwen2_moe"}) {
     SCOPED_TRACE(type);
     const io::ModelConfig mc = test::tiny_config(type);
     config::RunConfig c;
@@ -1935,16 +1936,18 @@ TEST(Lora, MixtureOfExpertsAdaptsExpertsNotRouters) {
     mode->apply(m);
     std::set<std::string> adapted;
     for (const auto& layer : adapt::lora_layers(m)) adapted.insert(layer.module);
-    // mixtral: 2 layers of 4 attention + 4 experts × 3; qwen3_moe: 4 + 5 × 3, then 4 + 3 (dense).
-    EXPECT_EQ(adapted.size(), type == "mixtral" ? 32u : 26u);
-    const std::string expert = type == "mixtral" ? "model.layers.1.block_sparse_moe.experts.3.w2"
-                                                 : "model.layers.0.mlp.experts.4.down_proj";
+    // mixtral: 2 layers of 4 attention + 4 experts × 3; qwen3_moe: 4 + 5 × 3, then 4 + 3 (dense);
+    // qwen2_moe: 2 layers of 4 + 4 experts × 3 + the shared expert's 3.
+    EXPECT_EQ(adapted.size(), type == "mixtral" ? 32u : type == "qwen3_moe" ? 26u : 38u);
+    const std::string expert = type == "mixtral"   ? "model.layers.1.block_sparse_moe.experts.3.w2"
+                               : type == "qwen3_moe" ? "model.layers.0.mlp.experts.4.down_proj"
+                                                     : "model.layers.1.mlp.shared_expert.down_proj";
     EXPECT_TRUE(adapted.count(expert)) << expert;
-    for (const auto& name : adapted) EXPECT_FALSE(name.ends_with(".gate")) << name;
+    for (const auto& name : adapted) EXPECT_FALSE(router(name)) << name;
     for (const auto& item : m->named_modules()) {
       auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
       if (lin == nullptr || item.key() == "lm_head") continue;
-      EXPECT_EQ(lin->nf4() == nullptr, item.key().ends_with(".gate")) << item.key();
+      EXPECT_EQ(lin->nf4() == nullptr, router(item.key())) << item.key();
     }
     randomize_b(m, 4);
     m->train();

@@ -588,6 +588,33 @@ TEST(Config, ParsesMixtureOfExperts) {
   saved5.replace(saved5.find(R"("num_experts": 16)"), 17, R"("num_local_experts": 16)");
   EXPECT_EQ(io::parse_model_config(saved5, "c.json").num_experts, 16);
 
+  // Qwen2-MoE in the layout of Qwen1.5-MoE-A2.7B's config.json (4.x: no qkv_bias key, biases always).
+  const std::string qwen2 = R"({
+    "architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "decoder_sparse_step": 1, "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 64,
+    "initializer_range": 0.02, "intermediate_size": 112, "max_position_embeddings": 8192, "max_window_layers": 21,
+    "model_type": "qwen2_moe", "moe_intermediate_size": 40, "norm_topk_prob": false, "num_attention_heads": 4,
+    "num_experts": 6, "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_key_value_heads": 4,
+    "output_router_logits": false, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+    "shared_expert_intermediate_size": 96, "sliding_window": 32768, "tie_word_embeddings": false,
+    "torch_dtype": "bfloat16", "transformers_version": "4.40.0.dev0", "use_cache": true, "use_sliding_window": false,
+    "vocab_size": 300
+  })";
+  auto q3 = io::parse_model_config(qwen2, "config.json");
+  EXPECT_TRUE(q3.qkv_bias && !q3.o_bias);
+  EXPECT_EQ(q3.shared_expert_intermediate_size, 96);
+  EXPECT_EQ(q3.layer_window, (std::vector<int64_t>{0, 0}));
+  {
+    model::CausalLM m(q3);
+    const auto params = m->named_parameters();
+    EXPECT_EQ(params["model.layers.1.mlp.shared_expert.up_proj.weight"].sizes(), (std::vector<int64_t>{96, 64}));
+    EXPECT_EQ(params["model.layers.1.mlp.shared_expert_gate.weight"].sizes(), (std::vector<int64_t>{1, 64}));
+    EXPECT_TRUE(params.contains("model.layers.0.self_attn.q_proj.bias"));
+    EXPECT_NE(model::describe(m).find("and a gated shared expert of 96 units"), std::string::npos);
+  }
+  auto q4 = io::parse_model_config(io::model_config_to_json(q3), "written");
+  EXPECT_TRUE(q4.qkv_bias && q4.shared_expert_intermediate_size == 96 && q4.num_experts == 6);
+
   auto with = [](std::string s, const std::string& from, const std::string& to) {
     s.replace(s.find(from), from.size(), to);
     return s;
@@ -610,7 +637,7 @@ TEST(Config, ParsesMixtureOfExperts) {
 // router's softmax, in float32 as in transformers): every expert on every token, each output weighted by the token's renormalised (Mixtral) or plain (Qwen3-MoE)
 // top-k probability, zero for the experts it did not choose.
 TEST(Model, MixtureOfExpertsMatchesADenseReference) {
-  for (const std::string type : {"mixtral", "qwen3_moe"}) {
+  for (const std::string type : {"mixtral", "qwen3_moe", "qwen2_moe"}) {
     SCOPED_TRACE(type);
     const io::ModelConfig c = test::tiny_config(type);
     model::CausalLM m(c);
@@ -633,6 +660,11 @@ TEST(Model, MixtureOfExpertsMatchesADenseReference) {
       auto* ex = moe->experts[e]->as<model::MLPImpl>();
       const at::Tensor a = at::silu(at::matmul(h, ex->gate_proj->weight.t())) * at::matmul(h, ex->up_proj->weight.t());
       want = want + dense_weights.select(1, e).unsqueeze(1) * at::matmul(a, ex->down_proj->weight.t());
+    }
+    if (moe->shared_expert) {  // Qwen2-MoE: + sigmoid(h · g) × the shared expert's output
+      auto* sh = moe->shared_expert.get();
+      const at::Tensor a = at::silu(at::matmul(h, sh->gate_proj->weight.t())) * at::matmul(h, sh->up_proj->weight.t());
+      want = want + at::sigmoid(at::matmul(h, moe->shared_expert_gate->weight.t())) * at::matmul(a, sh->down_proj->weight.t());
     }
     EXPECT_LE(test::max_rel_error(y.reshape({-1, c.hidden_size}), want), 1e-12);
     // Gradients of one scalar through both: the experts' weights and the router's.

@@ -114,6 +114,14 @@ inline io::ModelConfig tiny_config(const std::string& type = "llama") {
     c.moe_intermediate_size = 16;
     c.layer_moe = {true, false};
   }
+  if (type == "qwen2_moe") {  // four experts of 16 units, two per token, renormalised; a shared expert of 20
+    c.num_experts = 4;
+    c.num_experts_per_tok = 2;
+    c.moe_intermediate_size = 16;
+    c.norm_topk_prob = true;
+    c.shared_expert_intermediate_size = 20;
+    c.qkv_bias = true;
+  }
   if (c.gemma3()) {  // Gemma 3's own parts: a local layer with its rotary base, a score scale of its own
     c.query_pre_attn_scalar = 16;
     c.sliding_rope = io::RopeConfig::with_theta(1e4);

@@ -21,7 +21,7 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3F
                           GraniteConfig, GraniteForCausalLM, LlamaConfig, Phi3Config, Phi3ForCausalLM,
                           Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM,
                           LlamaForCausalLM, MistralConfig, MixtralConfig, MixtralForCausalLM,
-                          Qwen3MoeConfig, Qwen3MoeForCausalLM, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                           Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig)
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
@@ -142,6 +142,11 @@ FAMILIES = {
                                                       head_dim=24, num_experts=6, num_experts_per_tok=2,
                                                       moe_intermediate_size=40, norm_topk_prob=False,
                                                       mlp_only_layers=[1])),
+    # Qwen2-MoE (Qwen1.5-MoE's layout): q/k/v biases, four experts of 40 units, two per token with
+    # their weights renormalised, and a shared expert of 56 units behind its sigmoid gate.
+    "qwen2_moe": (Qwen2MoeForCausalLM, Qwen2MoeConfig(**COMMON, num_key_value_heads=2, num_experts=4,
+                                                      num_experts_per_tok=2, moe_intermediate_size=40,
+                                                      shared_expert_intermediate_size=56, norm_topk_prob=True)),
 }
 
 

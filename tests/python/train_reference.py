@@ -109,7 +109,7 @@ def make_adapter(adapter_dir, model_dir):
     # attention's, as transformers 5 keeps its experts in 3-D parameters, not linear layers that PEFT
     # adapts by name.
     targets = (["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if model.config.model_type == "phi3" else
-               ["q_proj", "k_proj", "v_proj", "o_proj"] if model.config.model_type in ("mixtral", "qwen3_moe") else
+               ["q_proj", "k_proj", "v_proj", "o_proj"] if model.config.model_type in ("mixtral", "qwen2_moe", "qwen3_moe") else
                ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     config = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, rank_pattern={"down_proj": 4},
                         target_modules=targets)

@@ -958,11 +958,14 @@ void check_regex(const std::string& what, const std::string& p) {
 /// PEFT's check_target_module_exists for a list of names (or its regex form): a module that
 /// modules_to_save names (or one inside it) is never a target; a listed name matched exactly is;
 /// one matched as a suffix (or by all-linear) only in the layers of layers_to_transform, if given.
-/// A mixture of experts' router (model.layers.N.block_sparse_moe.gate, model.layers.N.mlp.gate):
+/// A mixture of experts' router (model.layers.N.block_sparse_moe.gate, model.layers.N.mlp.gate; and
+/// Qwen2-MoE's shared expert's gate, one output):
 /// all-linear leaves it alone (a low-rank change to a router moves tokens between experts). PEFT's
 /// all-linear on transformers 5 adapts routers and experts as 3-D parameters (target_parameters),
 /// a layout libft neither reads nor writes.
-bool is_router(const std::string& name) { return name.ends_with("block_sparse_moe.gate") || name.ends_with("mlp.gate"); }
+bool is_router(const std::string& name) {
+  return name.ends_with("block_sparse_moe.gate") || name.ends_with("mlp.gate") || name.ends_with("mlp.shared_expert_gate");
+}
 
 bool is_target(const std::string& name, const LoraOptions& o, bool is_head) {
   if (!o.exclude_regex.empty() && std::regex_match(name, std::regex(o.exclude_regex))) return false;

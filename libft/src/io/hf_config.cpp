@@ -32,11 +32,11 @@ const std::set<std::string> kHarmlessKeys = {
 bool supported_model_type(const std::string& t) {
   return t == "llama" || t == "mistral" || t == "qwen2" || t == "qwen3" || t == "granite" || t == "gemma" ||
          t == "gemma2" || t == "gemma3_text" || t == "phi3" || t == "smollm3" || t == "olmo2" ||
-         t == "olmo3" || t == "mixtral" || t == "qwen3_moe";
+         t == "olmo3" || t == "mixtral" || t == "qwen2_moe" || t == "qwen3_moe";
 }
 
 constexpr const char* kSupportedTypes =
-    "llama, mistral, qwen2, qwen3, granite, gemma, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, mixtral, qwen3_moe";
+    "llama, mistral, qwen2, qwen3, granite, gemma, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, mixtral, qwen2_moe, qwen3_moe";
 
 void check_model_type(const std::string& t, const std::string& source) {
   // Gemma 3's larger checkpoints are the multimodal Gemma3ForConditionalGeneration ("gemma3"), whose
@@ -407,12 +407,19 @@ void parse_experts(Reader& r, ModelConfig& c) {
              " is not supported (libft routes each token by its router's probabilities alone; set it to 0)");
   } else {
     // (transformers 5 saves Qwen3MoeConfig's num_experts as num_local_experts, its attribute_map's name)
-    c.num_experts = r.integer_or("num_experts", r.integer_or("num_local_experts", 128));
+    const bool qwen2 = c.model_type == "qwen2_moe";  // (Qwen2MoeConfig's defaults: Qwen1.5-MoE-A2.7B's)
+    c.num_experts = r.integer_or("num_experts", r.integer_or("num_local_experts", qwen2 ? 60 : 128));
     FT_CHECK(!r.has("num_experts") || !r.has("num_local_experts") ||
                  r.j.at("num_experts") == r.j.at("num_local_experts"),
              "[config] ", source, ": num_experts (", r.j.at("num_experts").dump(), ") and num_local_experts differ");
-    c.num_experts_per_tok = r.integer_or("num_experts_per_tok", 8);
-    c.moe_intermediate_size = r.integer_or("moe_intermediate_size", 768);
+    c.num_experts_per_tok = r.integer_or("num_experts_per_tok", qwen2 ? 4 : 8);
+    c.moe_intermediate_size = r.integer_or("moe_intermediate_size", qwen2 ? 1408 : 768);
+    if (qwen2) {
+      c.shared_expert_intermediate_size = r.integer_or("shared_expert_intermediate_size", 5632);
+      FT_CHECK(c.shared_expert_intermediate_size > 0 && c.shared_expert_intermediate_size < (int64_t{1} << 31),
+               "[config] ", source, ": 'shared_expert_intermediate_size' must be in (0, 2^31), got ",
+               c.shared_expert_intermediate_size);
+    }
     c.norm_topk_prob = r.boolean_or("norm_topk_prob", false);
     const int64_t step = r.integer_or("decoder_sparse_step", 1);
     FT_CHECK(step > 0, "[config] ", source, ": 'decoder_sparse_step' must be > 0, got ", step);
@@ -462,7 +469,8 @@ double parameter_estimate(const ModelConfig& c) {
   const double h = static_cast<double>(c.hidden_size);
   const double q = static_cast<double>(c.num_attention_heads) * static_cast<double>(c.head_dim);
   const double kv = static_cast<double>(c.num_key_value_heads) * static_cast<double>(c.head_dim);
-  const double mlp = c.num_experts > 0 ? static_cast<double>(c.num_experts) * (3 * h * static_cast<double>(c.moe_intermediate_size) + h)
+  const double mlp = c.num_experts > 0 ? static_cast<double>(c.num_experts) * (3 * h * static_cast<double>(c.moe_intermediate_size) + h) +
+                                             3 * h * static_cast<double>(c.shared_expert_intermediate_size) + h
                                        : 3 * h * static_cast<double>(c.intermediate_size);
   const double layer = h * q * 2 + h * kv * 2 + mlp + 2 * h;
   return static_cast<double>(c.vocab_size) * h * (c.tie_word_embeddings ? 1 : 2) +
@@ -513,8 +521,10 @@ void ModelConfig::validate(const std::string& source) const {
   FT_CHECK((!gemma() && !olmo() && num_experts == 0) || !mlp_bias, "[config] ", source, ": ", model_type,
            " has no MLP biases");
   FT_CHECK(!mixtral() || (!qkv_bias && !o_bias), "[config] ", source, ": mixtral has no attention biases");
-  FT_CHECK(num_experts == 0 || mixtral() || model_type == "qwen3_moe", "[config] ", source,
-           ": only mixtral and qwen3_moe have experts");
+  FT_CHECK(num_experts == 0 || mixtral() || model_type == "qwen2_moe" || model_type == "qwen3_moe", "[config] ",
+           source, ": only mixtral, qwen2_moe and qwen3_moe have experts");
+  FT_CHECK(shared_expert_intermediate_size == 0 || (model_type == "qwen2_moe" && num_experts > 0), "[config] ", source,
+           ": only qwen2_moe has a shared expert");
   if (num_experts > 0) {
     FT_CHECK(num_experts_per_tok > 0 && num_experts_per_tok <= num_experts, "[config] ", source,
              ": num_experts_per_tok must be in [1, ", num_experts, "], got ", num_experts_per_tok);
@@ -706,6 +716,10 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
     // Qwen2 always has q/k/v biases and no o_proj bias, whatever the config says.
     c.qkv_bias = true;
     c.o_bias = false;
+  } else if (c.model_type == "qwen2_moe") {
+    // Qwen2MoeConfig: q/k/v biases where qkv_bias says (transformers 5's key; before it, always).
+    c.qkv_bias = r.boolean_or("qkv_bias", true);
+    c.o_bias = false;
   } else {
     c.qkv_bias = attention_bias;
     c.o_bias = attention_bias;
@@ -783,7 +797,7 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
     r.number_or("embd_pdrop", 0.0);
     FT_CHECK(!c.qkv_bias && !c.mlp_bias, "[config] ", source, ": phi3 has no biases (attention_bias, mlp_bias)");
   }
-  if (c.mixtral() || c.model_type == "qwen3_moe") parse_experts(r, c);
+  if (c.mixtral() || c.model_type == "qwen2_moe" || c.model_type == "qwen3_moe") parse_experts(r, c);
   if (c.model_type == "gemma") {
     FT_CHECK(!r.boolean_or("use_bidirectional_attention", false), "[config] ", source,
              ": use_bidirectional_attention is not supported: libft trains causal language models");
@@ -828,7 +842,7 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
         if (!c.layer_rope[static_cast<size_t>(i)]) c.layer_window[static_cast<size_t>(i)] = *window;
       }
     }
-  } else if (c.model_type == "qwen2" || c.model_type == "qwen3") {
+  } else if (c.model_type == "qwen2" || c.model_type == "qwen3" || c.model_type == "qwen2_moe") {
     if (r.has("layer_types")) {
       read_layer_types(r, c, window);
     } else if (r.boolean_or("use_sliding_window", false)) {
@@ -906,6 +920,7 @@ std::string model_config_to_json(const ModelConfig& c) {
                            : c.olmo3()                 ? "Olmo3ForCausalLM"
                            : c.mixtral()               ? "MixtralForCausalLM"
                            : c.model_type == "qwen3_moe" ? "Qwen3MoeForCausalLM"
+                           : c.model_type == "qwen2_moe" ? "Qwen2MoeForCausalLM"
                            : c.olmo()                  ? "Olmo2ForCausalLM"
                                                        : "Qwen3ForCausalLM";
   j["architectures"] = json::array({arch});
@@ -929,7 +944,11 @@ std::string model_config_to_json(const ModelConfig& c) {
   j["initializer_range"] = c.initializer_range;
   j["attention_dropout"] = c.attention_dropout;
   j["tie_word_embeddings"] = c.tie_word_embeddings;
-  if (c.model_type != "qwen2" && !c.phi3() && !c.mixtral()) j["attention_bias"] = c.qkv_bias;
+  if (c.model_type != "qwen2" && c.model_type != "qwen2_moe" && !c.phi3() && !c.mixtral()) j["attention_bias"] = c.qkv_bias;
+  if (c.model_type == "qwen2_moe") {
+    j["qkv_bias"] = c.qkv_bias;
+    j["shared_expert_intermediate_size"] = c.shared_expert_intermediate_size;
+  }
   if (c.mixtral()) {
     j["num_local_experts"] = c.num_experts;
     j["num_experts_per_tok"] = c.num_experts_per_tok;
@@ -996,7 +1015,7 @@ std::string model_config_to_json(const ModelConfig& c) {
     j["sliding_window"] = window > 0 ? json(window) : json(nullptr);
     j["use_sliding_window"] = window > 0;
   } else if (c.model_type == "qwen2" || c.model_type == "qwen3" || c.model_type == "smollm3" ||
-             c.model_type == "gemma2" || c.gemma3() || c.olmo3()) {
+             c.model_type == "gemma2" || c.gemma3() || c.olmo3() || c.model_type == "qwen2_moe") {
     // (Gemma's and OLMo 3's configs build both masks whatever the layers are: a window is always
     // written.)
     j["sliding_window"] = window > 0 ? json(window) : c.gemma() || c.olmo3() ? json(4096) : json(nullptr);

@@ -85,7 +85,9 @@ std::string describe(CausalLM& m) {
     for (int64_t i = 0; i < c.num_hidden_layers; ++i) sparse += c.moe_in_layer(i) ? 1 : 0;
     os << "experts        " << c.num_experts << " of " << c.moe_intermediate_size << " units, " << c.num_experts_per_tok
        << " per token" << (c.norm_topk_prob ? " (weights renormalised)" : "") << ", in " << sparse << " of "
-       << c.num_hidden_layers << " layers\n";
+       << c.num_hidden_layers << " layers";
+    if (c.shared_expert_intermediate_size > 0) os << ", and a gated shared expert of " << c.shared_expert_intermediate_size << " units";
+    os << "\n";
   }
   int64_t window = 0;
   for (auto w : c.layer_window) window = std::max(window, w);

@@ -728,6 +728,10 @@ SparseMoeImpl::SparseMoeImpl(const ModelConfig& c)
   gate = register_module("gate", linear(c.hidden_size, c.num_experts, false));
   experts = register_module("experts", torch::nn::ModuleList());
   for (int64_t e = 0; e < c.num_experts; ++e) experts->push_back(MLP(c, c.moe_intermediate_size));
+  if (c.shared_expert_intermediate_size > 0) {
+    shared_expert = register_module("shared_expert", MLP(c, c.shared_expert_intermediate_size));
+    shared_expert_gate = register_module("shared_expert_gate", linear(c.hidden_size, 1, false));
+  }
 }
 
 at::Tensor SparseMoeImpl::forward(const at::Tensor& x) {
@@ -758,6 +762,7 @@ at::Tensor SparseMoeImpl::forward(const at::Tensor& x) {
     out.index_add_(0, tokens.narrow(0, start, n[e]), (y * routed_weights.narrow(0, start, n[e])).to(out.scalar_type()));
     start += n[e];
   }
+  if (shared_expert) out = out + at::sigmoid(shared_expert_gate(h)) * shared_expert(h);  // (Qwen2-MoE's order)
   return out.view(x.sizes());
 }
 
@@ -838,6 +843,7 @@ std::vector<MLPImpl*> DecoderLayerImpl::mlps() {
   if (mlp) return {mlp.get()};
   std::vector<MLPImpl*> out;
   for (const auto& e : *moe->experts) out.push_back(e->as<MLPImpl>());
+  if (moe->shared_expert) out.push_back(moe->shared_expert.get());
   return out;
 }
 
@@ -858,7 +864,8 @@ void check_fits_in_memory(const ModelConfig& c) {
   const double h = static_cast<double>(c.hidden_size);
   const double q = static_cast<double>(c.num_attention_heads) * static_cast<double>(c.head_dim);
   const double kv = static_cast<double>(c.num_key_value_heads) * static_cast<double>(c.head_dim);
-  const double mlp = c.num_experts > 0 ? static_cast<double>(c.num_experts) * (3 * h * static_cast<double>(c.moe_intermediate_size) + h)
+  const double mlp = c.num_experts > 0 ? static_cast<double>(c.num_experts) * (3 * h * static_cast<double>(c.moe_intermediate_size) + h) +
+                                             3 * h * static_cast<double>(c.shared_expert_intermediate_size) + h
                                        : 3 * h * static_cast<double>(c.intermediate_size);
   const double layer = h * q * 2 + h * kv * 2 + mlp + 2 * h;
   const double params = static_cast<double>(c.vocab_size) * h * (c.tie_word_embeddings ? 1 : 2) +

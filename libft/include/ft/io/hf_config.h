@@ -3,8 +3,8 @@
 // (llama, mistral, qwen2, qwen3, granite; TinyLlama and SmolLM are "llama") and Gemma's text models
 // (gemma: Gemma 1; gemma2: Gemma 2; gemma3_text: Gemma3ForCausalLM, e.g. gemma-3-270m and gemma-3-1b) and
 // Microsoft's Phi-3 family (phi3: Phi-3, Phi-3.5-mini, Phi-4-mini, Phi-4), SmolLM3 (smollm3) and
-// AI2's OLMo 2 (olmo2) and OLMo 3 (olmo3), and the mixture-of-experts models Mixtral (mixtral) and
-// Qwen3-MoE (qwen3_moe).
+// AI2's OLMo 2 (olmo2) and OLMo 3 (olmo3), and the mixture-of-experts models Mixtral (mixtral),
+// Qwen2-MoE (qwen2_moe) and Qwen3-MoE (qwen3_moe).
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -55,7 +55,7 @@ struct RopeConfig {
 };
 
 struct ModelConfig {
-  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | granite | gemma | gemma2 | gemma3_text | phi3 | smollm3 | olmo2 | olmo3 | mixtral | qwen3_moe
+  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | granite | gemma | gemma2 | gemma3_text | phi3 | smollm3 | olmo2 | olmo3 | mixtral | qwen2_moe | qwen3_moe
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
@@ -112,6 +112,9 @@ struct ModelConfig {
   int64_t num_experts_per_tok = 0;
   int64_t moe_intermediate_size = 0;
   bool norm_topk_prob = false;
+  /// Qwen2-MoE: beside the routed experts, a shared expert (SwiGLU of this many units) that every
+  /// token passes through, its output scaled by sigmoid(shared_expert_gate(x)) and added. 0: none.
+  int64_t shared_expert_intermediate_size = 0;
   /// Per layer, whether its MLP is sparse (Qwen3-MoE's mlp_only_layers and decoder_sparse_step
   /// make some dense, of intermediate_size). Empty: every layer's, where num_experts > 0.
   std::vector<bool> layer_moe;

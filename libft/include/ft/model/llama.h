@@ -144,6 +144,10 @@ class SparseMoeImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x);
   Linear gate{nullptr};
   torch::nn::ModuleList experts{nullptr};  ///< MLP each
+  /// Qwen2-MoE: the shared expert, which every token passes through, and its gate (hidden → 1),
+  /// whose sigmoid scales its output before it joins the routed experts' sum; null elsewhere.
+  MLP shared_expert{nullptr};
+  Linear shared_expert_gate{nullptr};
   int64_t top_k = 0;
   bool normalize = false;
   bool float_weights = false;
