@@ -10,6 +10,8 @@
 # tokens) from the same PEFT-made initial prefix. With MODE=lora LORA_DROPOUT=0.05 both loops use that
 # dropout (libft's fused path and PEFT's chain draw different masks): only the speed is compared.
 # REPEATS=N runs N pairs and prints the median ratio.
+# EXTRA_ARGS="key=value ..." adds run-config overrides (e.g. model.router_aux_loss_coef=0.1, which the
+# reference reads back from the run's config.yaml).
 # (DEFAULT_JOB_DIR: the default job's outputs, e.g. runs/default after scripts/run-default.sh)
 set -euo pipefail
 ft=$1 python=$2 data=$3 work=$4 steps=${5:-20}
@@ -20,6 +22,8 @@ rm -rf "$work" && mkdir -p "$work"
 args=("$root/configs/train-tiny.yaml" "model.checkpoint=$work/model" model.config=null model.init_seed=null
       "tokenizer=$data/tokenizer" "data.train=$data/fortunes.h5" "output_dir=$work/run" "max_steps=$steps"
       schedule.warmup_steps=4 data.batch_size=4 data.grad_accum=2 eval.every=0 checkpoint.every=0)
+read -ra extra <<< "${EXTRA_ARGS:-}"
+args+=("${extra[@]}")
 if [ "${MODE:-full}" = lora ]; then
   "$python" "$root/tests/python/train_reference.py" --make-adapter "$work/adapter0" "$work/model" 2>&1 | grep -v '^Loading weights'
   args+=(mode=lora "lora.init_from=$work/adapter0" optimizer.weight_decay=0.0 "lora.dropout=${LORA_DROPOUT:-0}")

@@ -224,6 +224,26 @@ TEST(RunConfig, MissingAndContradictorySettingsAreErrors) {
   EXPECT_NE(error_of(std::string(kGood) + "fused_loss: maybe\n").find("fused_loss"), std::string::npos);
 }
 
+// model.router_aux_loss_coef: unset by default (the model's config.json decides), a number >= 0,
+// written back when set.
+TEST(RunConfig, RouterAuxLossCoefficient) {
+  const config::RunConfig plain = config::parse_run_config(kGood, "run.yaml");
+  EXPECT_FALSE(plain.model.router_aux_loss_coef.has_value());
+  EXPECT_EQ(config::to_yaml(plain).find("router_aux_loss_coef"), std::string::npos);
+  const config::RunConfig set = config::parse_run_config(kGood, "run.yaml", {"model.router_aux_loss_coef=0.02"});
+  ASSERT_TRUE(set.model.router_aux_loss_coef.has_value());
+  EXPECT_DOUBLE_EQ(*set.model.router_aux_loss_coef, 0.02);
+  const config::RunConfig back = config::parse_run_config(config::to_yaml(set), "resolved");
+  ASSERT_TRUE(back.model.router_aux_loss_coef.has_value());
+  EXPECT_DOUBLE_EQ(*back.model.router_aux_loss_coef, 0.02);
+  const config::RunConfig off = config::parse_run_config(kGood, "run.yaml", {"model.router_aux_loss_coef=0"});
+  EXPECT_EQ(off.model.router_aux_loss_coef, 0.0);
+  const std::string negative = error_of(replace(kGood, "  init_seed: 3", "  init_seed: 3\n  router_aux_loss_coef: -0.1"));
+  EXPECT_NE(negative.find("run.yaml:5:25: 'model.router_aux_loss_coef' must be >= 0"), std::string::npos) << negative;
+  const std::string word = error_of(kGood, {"model.router_aux_loss_coef=lots"});
+  EXPECT_NE(word.find("'model.router_aux_loss_coef' must be a number"), std::string::npos) << word;
+}
+
 TEST(RunConfig, SyntaxErrorsNameTheLine) {
   const std::string e = error_of(replace(kGood, "  batch_size: 4", "  batch_size: [4"));
   EXPECT_NE(e.find("[config] run.yaml:"), std::string::npos) << e;

@@ -745,7 +745,9 @@ std::string base_of(const std::string& name) {
          : name == "gemma2" ? "base_gemma2"
          : name.starts_with("phi3") ? "base_phi3"
          : name == "olmo2"  ? "base_olmo2"
-         : name == "mixtral" ? "base_mixtral"
+         : name.starts_with("mixtral") ? "base_mixtral"
+         : name.starts_with("qwen3_moe") ? "base_qwen3_moe"
+         : name.starts_with("qwen2_moe") ? "base_qwen2_moe"
                             : "base";
 }
 
@@ -757,7 +759,8 @@ TEST(PeftInterop, LibftLoadsPeftAdaptersWithTheSameLogits) {
   auto ref = io::SafetensorsFile::open((fs::path(d) / "peft_logits.safetensors").string());
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
   for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3", "gemma3",
-                           "gemma2", "phi3", "phi3_dora", "olmo2", "mixtral"}) {
+                           "gemma2", "phi3", "phi3_dora", "olmo2", "mixtral", "mixtral_experts", "qwen3_moe_experts",
+                           "qwen3_moe_all_linear", "qwen2_moe_all_linear"}) {
     SCOPED_TRACE(name);
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());
     m->eval();
@@ -767,6 +770,25 @@ TEST(PeftInterop, LibftLoadsPeftAdaptersWithTheSameLogits) {
     const at::Tensor got = m->forward(input);
     EXPECT_LE(test::max_rel_error(got, want), 1e-4);
     EXPECT_GT(test::max_rel_error(base, want), 1e-2);  // the adapter matters
+    if (std::string(name).ends_with("_experts") || std::string(name) == "qwen3_moe_all_linear") {
+      // Saved again: PEFT's own tensors and ranks (gate and up still share each expert's A).
+      const fs::path again = fs::path(d) / (std::string("resaved_") + name);
+      const adapt::LoraOptions o =
+          adapt::read_peft_lora_config((fs::path(d) / (std::string("peft_") + name) / "adapter_config.json").string());
+      adapt::save_peft_adapter(m, o, again.string());
+      auto mine = io::SafetensorsFile::open((again / "adapter_model.safetensors").string());
+      auto theirs = io::SafetensorsFile::open((fs::path(d) / (std::string("peft_") + name) / "adapter_model.safetensors").string());
+      ASSERT_EQ(mine->tensors().size(), theirs->tensors().size());
+      for (const auto& info : theirs->tensors()) {
+        const io::TensorInfo* other = mine->find(info.name);
+        ASSERT_NE(other, nullptr) << info.name;
+        EXPECT_TRUE(at::equal(io::read_tensor(*mine, *other), io::read_tensor(*theirs, info))) << info.name;
+      }
+      const auto back = adapt::read_peft_lora_config((again / "adapter_config.json").string());
+      // (by whole name: mixtral_experts 2 layers × 2; qwen3_moe_experts 1; qwen3_moe_all_linear 1 × 2 and its router)
+      EXPECT_EQ(back.target_parameters.size(), std::string(name) == "mixtral_experts" ? 4u
+                                               : std::string(name) == "qwen3_moe_experts" ? 1u : 3u);
+    }
     adapt::merge_lora(m);
     EXPECT_LE(test::max_rel_error(m->forward(input), want), 1e-4);
   }
@@ -782,13 +804,23 @@ TEST(PeftInterop, LibftSavesAdaptersForPeft) {
   std::vector<at::Tensor> keep{input};
   std::vector<io::TensorWrite> writes{io::tensor_write("input_ids", keep[0])};
   for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3", "gemma3",
-                           "gemma2", "phi3", "phi3_dora", "olmo2", "mixtral"}) {
+                           "gemma2", "phi3", "phi3_dora", "olmo2", "mixtral", "mixtral_experts", "qwen3_moe_experts",
+                           "qwen3_moe_all_linear", "qwen2_moe_all_linear"}) {
     const adapt::LoraOptions o =
         adapt::read_peft_lora_config((fs::path(d) / (std::string("peft_") + name) / "adapter_config.json").string());
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());
     m->eval();
     adapt::apply_lora(m, o);
     randomize_b(m, 9);
+    if (std::string(name) == "mixtral_experts") {
+      // Each expert's gate and up adapters with A of their own, as training leaves them: saved as
+      // gate_up_proj at twice the rank.
+      at::NoGradGuard no_grad;
+      for (const auto& item : m->named_parameters()) {
+        if (item.key().find("experts.") != std::string::npos && item.key().find(".w3.lora_A") != std::string::npos)
+          item.value().add_(at::randn_like(item.value()) * 0.1);
+      }
+    }
     keep.push_back(m->forward(input).detach().contiguous());
     writes.push_back(io::tensor_write(std::string("logits_") + name, keep.back()));
     adapt::save_peft_adapter(m, o, (fs::path(d) / (std::string("libft_") + name)).string(), base_of(name));
@@ -1917,13 +1949,79 @@ TEST(LoraGroup, DeclinesWhereItDoesNotApplyAndMergesAndConverts) {
   EXPECT_TRUE(loaded->forward(ids()).equal(separate->forward(ids())));
 }
 
+// PEFT's target_parameters on transformers 5's 3-D expert weights: each expert's gate and up layers
+// take one adapter of gate_up_proj (the same A, B's rows split), down_proj its own, at the rank that
+// rank_pattern gives the parameter's name; routers and attention stay as they are. Saved and read
+// back, the model computes the same; entries other than the two expert weights, or naming nothing,
+// and adapters on only some experts are errors that say so.
+TEST(Lora, ExpertParametersShareAAcrossGateAndUp) {
+  const io::ModelConfig mc = test::tiny_config("mixtral");
+  adapt::LoraOptions o;
+  o.targets.clear();
+  o.target_parameters = {"mlp.experts.gate_up_proj", "experts.down_proj"};
+  o.r = 3;
+  o.rank_pattern = {{"model.layers.1.mlp.experts.down_proj", 5}};
+  model::CausalLM m(mc);
+  model::init_weights(m, 2);
+  const auto layers = adapt::apply_lora(m, o);
+  EXPECT_EQ(layers.size(), static_cast<size_t>(2 * mc.num_experts * 3));
+  auto params = m->named_parameters();
+  for (int64_t e = 0; e < mc.num_experts; ++e) {
+    const std::string p = "model.layers.0.block_sparse_moe.experts." + std::to_string(e);
+    EXPECT_TRUE(at::equal(params[p + ".w1.lora_A.weight"], params[p + ".w3.lora_A.weight"])) << e;
+    EXPECT_EQ(params["model.layers.1.block_sparse_moe.experts." + std::to_string(e) + ".w2.lora_A.weight"].size(0), 5);
+  }
+  EXPECT_FALSE(params.contains("model.layers.0.block_sparse_moe.gate.lora_A.weight"));
+  EXPECT_FALSE(params.contains("model.layers.0.self_attn.q_proj.lora_A.weight"));
+  randomize_b(m, 5);
+  m->eval();
+  at::manual_seed(1);
+  const at::Tensor ids = at::randint(0, mc.vocab_size, {2, 9}, at::kLong);
+  const at::Tensor want = m->forward(ids);
+  const fs::path dir = scratch("lora_expert_parameters");
+  adapt::save_peft_adapter(m, o, (dir / "a").string());
+  const auto config = nlohmann::json::parse(std::ifstream(dir / "a" / "adapter_config.json"));
+  EXPECT_TRUE(config["target_modules"].is_null());
+  EXPECT_EQ(config["target_parameters"].size(), 4u);
+  EXPECT_EQ(config["rank_pattern"]["model.layers.1.mlp.experts.down_proj"], 5);
+  EXPECT_EQ(config["lora_dropout"], 0.0);
+  auto file = io::SafetensorsFile::open((dir / "a" / "adapter_model.safetensors").string());
+  EXPECT_EQ(file->at("base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight").shape,
+            (std::vector<int64_t>{mc.num_experts * 3, mc.hidden_size}));
+  EXPECT_EQ(file->at("base_model.model.model.layers.1.mlp.experts.lora_B.weight").shape,
+            (std::vector<int64_t>{mc.hidden_size, 5 * mc.num_experts}));
+  model::CausalLM back(mc);
+  model::init_weights(back, 2);
+  EXPECT_TRUE(adapt::check_peft_adapter(back, (dir / "a").string()).empty());
+  adapt::load_peft_adapter(back, (dir / "a").string());
+  back->eval();
+  EXPECT_LE(test::max_rel_error(back->forward(ids), want), 1e-6);
+
+  adapt::LoraOptions bad = o;
+  bad.target_parameters = {"self_attn.q_proj.weight"};
+  model::CausalLM m2(mc);
+  EXPECT_NE(test::error_of([&] { adapt::apply_lora(m2, bad); }).find("target_parameters entry 'self_attn.q_proj.weight' is not supported"),
+            std::string::npos);
+  model::CausalLM dense(test::tiny_config());
+  bad.target_parameters = {"experts.down_proj"};
+  EXPECT_NE(test::error_of([&] { adapt::apply_lora(dense, bad); }).find("it has no mixture of experts"), std::string::npos);
+  // Adapters on some experts only (a module list): PEFT's form has one A and B per parameter.
+  adapt::LoraOptions some;
+  some.targets = {"experts.0.w2", "experts.1.w2"};
+  model::CausalLM m3(mc);
+  adapt::apply_lora(m3, some);
+  EXPECT_NE(test::error_of([&] { adapt::save_peft_adapter(m3, some, (dir / "b").string()); })
+                .find("adapters on 2 of 4 experts' down projections"),
+            std::string::npos);
+}
+
 // A mixture of experts under all-linear: the attention's projections and every expert's, never a
 // router; QLoRA stores the experts
 // in NF4 and keeps the routers as they were. A training pass reaches the adapters of the experts
 // that tokens chose.
 TEST(Lora, MixtureOfExpertsAdaptsExpertsNotRouters) {
   auto router = [](const std::string& name) { return name.ends_with(".gate") || name.ends_with(".shared_expert_gate"); };
-  for (const std::string type : {"mixtral", "qwen3_moe", "qwen2_moe"}) {
+  for (const std::string type : {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe"}) {
     SCOPED_TRACE(type);
     const io::ModelConfig mc = test::tiny_config(type);
     config::RunConfig c;
@@ -1937,10 +2035,11 @@ TEST(Lora, MixtureOfExpertsAdaptsExpertsNotRouters) {
     std::set<std::string> adapted;
     for (const auto& layer : adapt::lora_layers(m)) adapted.insert(layer.module);
     // mixtral: 2 layers of 4 attention + 4 experts × 3; qwen3_moe: 4 + 5 × 3, then 4 + 3 (dense);
-    // qwen2_moe: 2 layers of 4 + 4 experts × 3 + the shared expert's 3.
-    EXPECT_EQ(adapted.size(), type == "mixtral" ? 32u : type == "qwen3_moe" ? 26u : 38u);
+    // qwen2_moe: 2 layers of 4 + 4 experts × 3 + the shared expert's 3; olmoe: as mixtral.
+    EXPECT_EQ(adapted.size(), type == "mixtral" || type == "olmoe" ? 32u : type == "qwen3_moe" ? 26u : 38u);
     const std::string expert = type == "mixtral"   ? "model.layers.1.block_sparse_moe.experts.3.w2"
                                : type == "qwen3_moe" ? "model.layers.0.mlp.experts.4.down_proj"
+                               : type == "olmoe"     ? "model.layers.1.mlp.experts.3.up_proj"
                                                      : "model.layers.1.mlp.shared_expert.down_proj";
     EXPECT_TRUE(adapted.count(expert)) << expert;
     for (const auto& name : adapted) EXPECT_FALSE(router(name)) << name;

@@ -633,11 +633,77 @@ TEST(Config, ParsesMixtureOfExperts) {
             std::string::npos);
 }
 
+// OLMoE in the layout of the Hub's OLMoE-1B-7B-0924 config.json, shrunk: experts of intermediate_size
+// in every layer, q and k normed over all heads (as OLMo 2's, but with Llama's pre-norm block),
+// clip_qkv; the defaults where keys are absent (OlmoeConfig's); written back and read again.
+TEST(Config, ParsesOlmoe) {
+  const std::string olmoe = R"({
+    "architectures": ["OlmoeForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "clip_qkv": null,
+    "eos_token_id": 50279, "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02,
+    "intermediate_size": 32, "max_position_embeddings": 4096, "model_type": "olmoe", "norm_topk_prob": false,
+    "num_attention_heads": 4, "num_experts": 16, "num_experts_per_tok": 8, "num_hidden_layers": 2,
+    "num_key_value_heads": 4, "output_router_logits": false, "pad_token_id": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": null, "rope_theta": 10000.0, "router_aux_loss_coef": 0.01, "tie_word_embeddings": false,
+    "torch_dtype": "bfloat16", "transformers_version": "4.43.0.dev0", "use_cache": true, "vocab_size": 300
+  })";
+  auto c = io::parse_model_config(olmoe, "config.json");
+  EXPECT_TRUE(c.olmoe() && !c.olmo());
+  EXPECT_EQ(c.num_experts, 16);
+  EXPECT_EQ(c.num_experts_per_tok, 8);
+  EXPECT_EQ(c.moe_intermediate_size, 32);
+  EXPECT_FALSE(c.norm_topk_prob);
+  EXPECT_TRUE(c.qk_norm() && c.qk_norm_full_width());
+  EXPECT_EQ(c.clip_qkv, 0.0);
+  EXPECT_DOUBLE_EQ(c.router_aux_loss_coef, 0.01);
+  {
+    model::CausalLM m(c);
+    auto layer = m->model->layers->ptr<model::DecoderLayerImpl>(1);
+    ASSERT_TRUE(layer->moe);
+    EXPECT_TRUE(layer->input_layernorm);  // (Llama's pre-norm block, not OLMo 2's)
+    const auto params = m->named_parameters();
+    EXPECT_EQ(params["model.layers.0.self_attn.q_norm.weight"].sizes(), (std::vector<int64_t>{64}));
+    EXPECT_TRUE(params.contains("model.layers.1.mlp.experts.15.gate_proj.weight"));
+    EXPECT_EQ(params["model.layers.1.mlp.gate.weight"].sizes(), (std::vector<int64_t>{16, 64}));
+    EXPECT_NE(model::describe(m).find("q/k norms over all heads"), std::string::npos);
+  }
+  auto with = [](std::string s, const std::string& from, const std::string& to) {
+    s.replace(s.find(from), from.size(), to);
+    return s;
+  };
+  const auto clipped = io::parse_model_config(with(olmoe, R"("clip_qkv": null)", R"("clip_qkv": 8.5)"), "c.json");
+  EXPECT_EQ(clipped.clip_qkv, 8.5);
+  {
+    model::CausalLM m(clipped);
+    EXPECT_NE(model::describe(m).find("q/k/v clamped to +-8.5"), std::string::npos);
+  }
+  auto again = io::parse_model_config(io::model_config_to_json(clipped), "written");
+  EXPECT_TRUE(again.olmoe() && again.num_experts == 16 && again.num_experts_per_tok == 8 && !again.norm_topk_prob);
+  EXPECT_EQ(again.clip_qkv, 8.5);
+  EXPECT_EQ(again.moe_intermediate_size, 32);
+  // transformers 5 saves num_experts as num_local_experts; absent keys take OlmoeConfig's defaults.
+  const auto v5 = io::parse_model_config(with(olmoe, R"("num_experts": 16)", R"("num_local_experts": 16)"), "c.json");
+  EXPECT_EQ(v5.num_experts, 16);
+  const auto bare = io::parse_model_config(
+      with(with(with(olmoe, R"("num_experts": 16, "num_experts_per_tok": 8,)", ""), R"("rms_norm_eps": 1e-05,)", ""),
+           R"("router_aux_loss_coef": 0.01,)", ""),
+      "c.json");
+  EXPECT_EQ(bare.num_experts, 64);
+  EXPECT_EQ(bare.num_experts_per_tok, 8);
+  EXPECT_DOUBLE_EQ(bare.rms_norm_eps, 1e-5);
+  EXPECT_DOUBLE_EQ(bare.router_aux_loss_coef, 0.01);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with(olmoe, R"("clip_qkv": null)", R"("clip_qkv": -1)"), "o.json"); })
+                .find("'clip_qkv' must be null or a number > 0, got -1"),
+            std::string::npos);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with(olmoe, R"("clip_qkv": null)", R"("sliding_window": 64)"), "o.json"); })
+                .find("sliding_window is not supported for model_type 'olmoe'"),
+            std::string::npos);
+}
+
 // A mixture of experts' forward pass and gradients against a dense float64 reference (but for the
 // router's softmax, in float32 as in transformers): every expert on every token, each output weighted by the token's renormalised (Mixtral) or plain (Qwen3-MoE)
 // top-k probability, zero for the experts it did not choose.
 TEST(Model, MixtureOfExpertsMatchesADenseReference) {
-  for (const std::string type : {"mixtral", "qwen3_moe", "qwen2_moe"}) {
+  for (const std::string type : {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe"}) {
     SCOPED_TRACE(type);
     const io::ModelConfig c = test::tiny_config(type);
     model::CausalLM m(c);
@@ -702,6 +768,141 @@ TEST(Model, MixtureOfExpertsMatchesADenseReference) {
         EXPECT_FALSE(unused->down_proj->weight.grad().defined());
       }
     }
+  }
+}
+
+// transformers builds every family's embedding with padding_idx = pad_token_id: the padding token's
+// row gets no gradient even where the token occurs as input (Phi-3's pad is its <|endoftext|>),
+// the other rows do; a negative id counts from the end, and one outside the vocabulary (a real
+// config shrunk for a test) leaves every row trainable.
+TEST(Model, PaddingTokenRowGetsNoGradient) {
+  io::ModelConfig c = test::tiny_config();
+  c.tie_word_embeddings = false;
+  for (const int64_t pad : {int64_t{3}, int64_t{-1}}) {
+    c.pad_token_id = pad;
+    const int64_t row = pad < 0 ? c.vocab_size + pad : pad;
+    model::CausalLM m(c);
+    model::init_weights(m, 1);
+    const at::Tensor ids = at::tensor(std::vector<int64_t>{5, row, 7, row, 9, 11}, at::kLong).view({1, 6});
+    model::causal_lm_loss(m->forward(ids), ids).backward();
+    const at::Tensor g = m->model->embed_tokens->weight.grad();
+    EXPECT_EQ(g[row].abs().max().item<float>(), 0.0f) << pad;
+    EXPECT_GT(g[7].abs().max().item<float>(), 0.0f) << pad;
+    // (the row still moves the forward pass: it is not zeroed)
+    EXPECT_GT(m->model->embed_tokens->weight[row].abs().max().item<float>(), 0.0f) << pad;
+  }
+  c.pad_token_id = c.vocab_size;
+  model::CausalLM m(c);
+  EXPECT_FALSE(m->model->embed_tokens->options.padding_idx().has_value());
+}
+
+// The routers' load-balancing loss against a float64 reference written from Switch Transformer's
+// formula: per layer and token, the top-k choices counted one by one on the host, the softmax in
+// float64; padding rows left out of both means. Its gradient too (the counts are constants), and
+// the padding rule: a masked batch gives what its unpadded rows alone give.
+TEST(Model, LoadBalancingLossMatchesTheFloat64Formula) {
+  const int64_t E = 6, k = 2, B = 2, T = 5;
+  at::manual_seed(11);
+  std::vector<at::Tensor> logits;
+  for (int l = 0; l < 3; ++l) logits.push_back((at::randn({B * T, E}) * 2).requires_grad_());
+  at::Tensor mask = at::ones({B, T}, at::kLong);
+  mask.index_put_({1, at::indexing::Slice(3, T)}, 0);  // the second row's last two tokens are padding
+  const at::Tensor got = model::load_balancing_loss(logits, E, k, mask);
+  ASSERT_EQ(got.scalar_type(), at::kFloat);
+
+  std::vector<double> counts(E, 0.0);
+  at::Tensor prob_sum = at::zeros({E}, at::kDouble);
+  double rows = 0;
+  std::vector<at::Tensor> ref_logits;
+  const auto m = mask.reshape({-1});
+  for (const auto& l : logits) {
+    ref_logits.push_back(l.detach().to(at::kDouble).requires_grad_());
+    const at::Tensor p = at::softmax(ref_logits.back(), -1);
+    for (int64_t i = 0; i < B * T; ++i) {
+      if (m[i].item<int64_t>() == 0) continue;
+      rows += 1;
+      prob_sum = prob_sum + p[i];
+      std::vector<std::pair<double, int64_t>> row;
+      for (int64_t e = 0; e < E; ++e) row.emplace_back(p[i][e].item<double>(), e);
+      std::sort(row.begin(), row.end(), [](auto& a, auto& b) { return a.first > b.first; });
+      for (int64_t j = 0; j < k; ++j) counts[row[j].second] += 1;
+    }
+  }
+  at::Tensor want = at::zeros({}, at::kDouble);
+  for (int64_t e = 0; e < E; ++e) want = want + counts[e] / rows * prob_sum[e] / rows;
+  want = want * static_cast<double>(E);
+  EXPECT_NEAR(got.item<double>(), want.item<double>(), 1e-6 * want.item<double>());
+  EXPECT_GT(want.item<double>(), 0.5);  // (k = 2 when perfectly balanced)
+
+  const auto g = torch::autograd::grad({got}, logits);
+  const auto g_ref = torch::autograd::grad({want}, ref_logits);
+  for (size_t l = 0; l < logits.size(); ++l) {
+    EXPECT_LE(test::max_rel_error(g[l], g_ref[l]), 1e-5) << l;
+    // padding rows get no gradient
+    EXPECT_EQ(g[l].view({B, T, E}).index({1, at::indexing::Slice(3, T)}).abs().max().item<float>(), 0.0f) << l;
+  }
+  // The same loss from the unpadded rows alone, without a mask.
+  std::vector<at::Tensor> kept;
+  const at::Tensor keep = m.nonzero().squeeze(1);
+  for (const auto& l : logits) kept.push_back(l.detach().index_select(0, keep));
+  EXPECT_NEAR(model::load_balancing_loss(kept, E, k).item<double>(), got.item<double>(), 1e-6);
+  EXPECT_THROW(model::load_balancing_loss({at::randn({4, E + 1})}, E, k), Error);
+  EXPECT_THROW(model::load_balancing_loss({}, E, k), Error);
+}
+
+// The router logits a forward pass records, with and without activation checkpointing: the same
+// values, one per mixture-of-experts layer (none for Qwen3-MoE's dense layer), and a loss that adds
+// the load-balancing term gives the same gradients either way: through the recomputation, the
+// term's gradient reaches the routers and the layers below.
+TEST(Model, RouterLogitsTrainThroughActivationCheckpointing) {
+  for (const std::string type : {"mixtral", "qwen3_moe"}) {
+    SCOPED_TRACE(type);
+    const io::ModelConfig c = test::tiny_config(type);
+    model::CausalLM m(c);
+    model::init_weights(m, 4);
+    m->train();
+    at::manual_seed(2);
+    const at::Tensor ids = at::randint(0, c.vocab_size, {2, 9}, at::kLong);
+    int64_t moe_layers = 0;
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) moe_layers += c.moe_in_layer(i) ? 1 : 0;
+    std::vector<std::vector<at::Tensor>> grads;
+    std::vector<double> aux_values;
+    for (const bool checkpointing : {false, true}) {
+      m->set_gradient_checkpointing(checkpointing);
+      m->zero_grad();
+      std::vector<at::Tensor> router_logits;
+      model::ForwardOptions fo;
+      fo.router_logits = &router_logits;
+      const at::Tensor logits = m->forward(ids, fo);
+      ASSERT_EQ(static_cast<int64_t>(router_logits.size()), moe_layers);
+      const at::Tensor aux = model::load_balancing_loss(router_logits, c.num_experts, c.num_experts_per_tok);
+      aux_values.push_back(aux.item<double>());
+      (model::causal_lm_loss(logits, ids) + aux * 0.5).backward();
+      std::vector<at::Tensor> g;
+      for (const auto& p : m->parameters()) g.push_back(p.grad().defined() ? p.grad().clone() : at::Tensor());
+      grads.push_back(g);
+    }
+    EXPECT_EQ(aux_values[0], aux_values[1]);
+    size_t compared = 0;
+    for (size_t i = 0; i < grads[0].size(); ++i) {
+      ASSERT_EQ(grads[0][i].defined(), grads[1][i].defined()) << i;
+      if (!grads[0][i].defined()) continue;
+      EXPECT_LE(test::max_rel_error(grads[1][i], grads[0][i]), 1e-5) << i;
+      ++compared;
+    }
+    EXPECT_GT(compared, 0u);
+    // The aux term alone moves the first router (checked against its gradient without the term).
+    m->set_gradient_checkpointing(true);
+    m->zero_grad();
+    std::vector<at::Tensor> router_logits;
+    model::ForwardOptions fo;
+    fo.router_logits = &router_logits;
+    m->forward(ids, fo);  // (its logits unused: the backward pass starts from the routers alone)
+    model::load_balancing_loss(router_logits, c.num_experts, c.num_experts_per_tok).backward();
+    auto* first = m->model->layers->ptr<model::DecoderLayerImpl>(0)->moe.get();
+    ASSERT_NE(first, nullptr);
+    ASSERT_TRUE(first->gate->weight.grad().defined());
+    EXPECT_GT(first->gate->weight.grad().abs().max().item<double>(), 0);
   }
 }
 

@@ -446,6 +446,61 @@ TEST(TrainAccumulation, OneBatchOfEightEqualsFourMicroBatchesOfTwo) {
   }
 }
 
+// The routers' load-balancing loss in an accumulated step (ft/train/step.h): each micro-batch adds
+// coef × its aux loss × its targets / N, with the padding of a padded micro-batch left out. Against
+// that objective written out in float64 from model::load_balancing_loss over each micro-batch's
+// unpadded rows; and the reported router_aux_loss is the targets-weighted mean of the micro-batches'.
+TEST(TrainAccumulation, RouterAuxLossWeighsEachMicroBatchByItsTargets) {
+  const io::ModelConfig c = test::tiny_config("mixtral");
+  model::CausalLM m(c);
+  init_weights(m, 6);
+  m->to(at::kDouble);
+  train::BatchTensors whole = train::to_tensors(uneven_batch());
+  // The last row's final four tokens become padding (their labels were targets: now ignored).
+  whole.attention_mask.index_put_({7, at::indexing::Slice(12, 16)}, 0);
+  whole.segment_ids.index_put_({7, at::indexing::Slice(12, 16)}, -1);
+  whole.labels.index_put_({7, at::indexing::Slice(12, 16)}, data::kIgnoreIndex);
+  whole.n_targets = train::count_targets(whole.labels);
+  whole.n_tokens = -1;
+  const std::vector<train::BatchTensors> four = split(whole, 2);
+  const double coef = 0.3;
+  train::AccumulateHooks hooks;
+  hooks.router_aux_loss_coef = coef;
+  m->zero_grad();
+  const train::AccumulateResult r = train::accumulate_gradients(m, four, hooks);
+  const std::vector<at::Tensor> got = grads(m);
+  ASSERT_TRUE(std::isfinite(r.router_aux_loss));
+
+  // The objective by hand: each micro-batch's unpadded tokens routed alone.
+  m->zero_grad();
+  double aux_weighted = 0, ce = 0;
+  at::Tensor objective = at::zeros({}, at::kDouble);
+  for (const auto& mb : four) {
+    std::vector<at::Tensor> router_logits;
+    const at::Tensor ce_sum = train::micro_batch_loss_sum(m, mb, &router_logits);
+    ASSERT_EQ(router_logits.size(), static_cast<size_t>(c.num_hidden_layers));
+    const at::Tensor keep = mb.attention_mask.reshape({-1}).nonzero().squeeze(1);
+    for (auto& l : router_logits) l = l.index_select(0, keep);
+    const at::Tensor aux = model::load_balancing_loss(router_logits, c.num_experts, c.num_experts_per_tok);
+    aux_weighted += aux.item<double>() * static_cast<double>(mb.n_targets);
+    ce += ce_sum.item<double>();
+    objective = objective + ce_sum + coef * aux.to(at::kDouble) * static_cast<double>(mb.n_targets);
+  }
+  (objective / static_cast<double>(r.n_targets)).backward();
+  EXPECT_EQ(r.n_targets, 48);
+  EXPECT_NEAR(r.loss, ce / 48.0, 1e-9 * r.loss);
+  EXPECT_NEAR(r.router_aux_loss, aux_weighted / 48.0, 1e-6 * r.router_aux_loss);
+  EXPECT_LE(max_rel_error(got, grads(m)), 1e-6);
+  // Not vacuous: without the term the gradients are elsewhere.
+  m->zero_grad();
+  const train::AccumulateResult plain = train::accumulate_gradients(m, four);
+  EXPECT_TRUE(std::isnan(plain.router_aux_loss));
+  EXPECT_GT(max_rel_error(got, grads(m)), 1e-3);
+  // A dense model has no routers to balance.
+  model::CausalLM dense = tiny_model();
+  EXPECT_THROW(train::accumulate_gradients(dense, four, hooks), Error);
+}
+
 TEST(TrainOptimizer, NoDecayForNormsBiasesAndEmbeddings) {
   model::CausalLM m = tiny_model(0, /*qkv_bias=*/true);
   train::OptimizerOptions oo;

@@ -122,6 +122,12 @@ inline io::ModelConfig tiny_config(const std::string& type = "llama") {
     c.shared_expert_intermediate_size = 20;
     c.qkv_bias = true;
   }
+  if (type == "olmoe") {  // four experts of the MLP's width, two per token, not renormalised; q, k, v clamped
+    c.num_experts = 4;
+    c.num_experts_per_tok = 2;
+    c.moe_intermediate_size = c.intermediate_size;
+    c.clip_qkv = 2.0;
+  }
   if (c.gemma3()) {  // Gemma 3's own parts: a local layer with its rotary base, a score scale of its own
     c.query_pre_attn_scalar = 16;
     c.sliding_rope = io::RopeConfig::with_theta(1e4);

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, GemmaConfig, GemmaForCausalLM,
                           GraniteConfig, GraniteForCausalLM, LlamaConfig, Phi3Config, Phi3ForCausalLM,
-                          Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM,
+                          Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, OlmoeConfig, OlmoeForCausalLM,
+                          SmolLM3Config, SmolLM3ForCausalLM,
                           LlamaForCausalLM, MistralConfig, MixtralConfig, MixtralForCausalLM,
                           Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                           Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig)
@@ -147,6 +148,11 @@ FAMILIES = {
     "qwen2_moe": (Qwen2MoeForCausalLM, Qwen2MoeConfig(**COMMON, num_key_value_heads=2, num_experts=4,
                                                       num_experts_per_tok=2, moe_intermediate_size=40,
                                                       shared_expert_intermediate_size=56, norm_topk_prob=True)),
+    # OLMoE: Llama's block with q and k normed over all heads, q, k and v clamped to ±1.5 (clip_qkv,
+    # which the randomised weights' O(1) activations reach), attention biases, and four experts of
+    # the MLP's width, two per token, their weights not renormalised.
+    "olmoe": (OlmoeForCausalLM, OlmoeConfig(**COMMON, num_key_value_heads=2, attention_bias=True, clip_qkv=1.5,
+                                            num_experts=4, num_experts_per_tok=2, norm_topk_prob=False)),
 }
 
 

@@ -27,7 +27,18 @@ one layer each; longrope past 8 positions, which the 11 tokens exceed; 12 of 16 
 all-linear on an OLMo 2 base (DIR/base_olmo2: norms on the sublayers' outputs only, q and k normed over all
 heads, norm weights moved away from one); "mixtral" adapts the attention's projections on a Mixtral base
 (DIR/base_mixtral: four experts, two per token; PEFT's all-linear would reach transformers 5's experts and
-routers through target_parameters, 3-D parameters that libft does not exchange). Prefixes: "prefix" is a plain
+routers through target_parameters); "mixtral_experts" adds PEFT's target_parameters on both of its
+3-D expert weights (mlp.experts.gate_up_proj and down_proj: nested ParamWrappers, each expert's slice of
+an (E·r)-row A); "qwen3_moe_experts" adapts only experts.down_proj (by suffix, rank 6 by rank_pattern) on a
+Qwen3-MoE base (DIR/base_qwen3_moe, its second layer dense) beside q_proj and o_proj (PEFT 0.21 turns a
+gate_proj, up_proj or down_proj target on such a model into its experts' parameters). libft saves its own "mixtral_experts" with each expert's gate and up A apart (trained
+separately), which it writes as gate_up_proj at twice the rank, A stacked and B block-diagonal.
+"qwen3_moe_all_linear" is PEFT's all-linear on Qwen3-MoE, which PEFT 0.21 turns into the attention's
+modules and the parameters gate_up_proj (at twice the rank), down_proj and the routers' gate.weight (and
+the dense layer's MLP is left out), and saves so; "qwen2_moe_all_linear" is PEFT's all-linear on a
+Qwen2-MoE base (DIR/base_qwen2_moe, a shared expert behind its gate), which PEFT leaves as it is: every
+nn.Linear, the shared expert's MLP and shared_expert_gate included, the experts and routers not.
+Prefixes: "prefix" is a plain
 table of 5 virtual tokens, "prefix_proj" one made through PEFT's projection MLP (PEFT saves the
 table it computes); their logits are also taken for a right-padded batch with an attention mask.
 The C++ side (tests/test_lora.cpp PeftInterop.*, tests/test_prefix.cpp PeftPrefixInterop.*) loads
@@ -41,7 +52,8 @@ import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
-                          LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                          Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 ADAPTERS = {
     "lists": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -64,11 +76,19 @@ ADAPTERS = {
     "phi3_dora": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"], use_dora=True),
     "olmo2": dict(r=4, lora_alpha=8, target_modules="all-linear"),
     "mixtral": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "mixtral_experts": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+    "qwen3_moe_experts": dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+                              target_parameters=["experts.down_proj"], rank_pattern={"down_proj": 6},
+                              alpha_pattern={"o_proj": 3}),
+    "qwen3_moe_all_linear": dict(r=4, lora_alpha=8, target_modules="all-linear"),
+    "qwen2_moe_all_linear": dict(r=4, lora_alpha=8, target_modules="all-linear"),
 }
 BASES = {"tied": "base_tied", "qwen3": "base_qwen3", "prefix_qwen3": "base_qwen3", "gemma3": "base_gemma3",
          "prefix_gemma3": "base_gemma3", "gemma2": "base_gemma2", "prefix_gemma2": "base_gemma2",
          "phi3": "base_phi3", "phi3_dora": "base_phi3", "prefix_phi3": "base_phi3", "olmo2": "base_olmo2",
-         "mixtral": "base_mixtral"}
+         "mixtral": "base_mixtral", "mixtral_experts": "base_mixtral", "qwen3_moe_experts": "base_qwen3_moe",
+         "qwen3_moe_all_linear": "base_qwen3_moe", "qwen2_moe_all_linear": "base_qwen2_moe"}
 # (the others adapt DIR/base)
 
 
@@ -177,6 +197,27 @@ def make(d):
             if "experts" in pname or pname.endswith("gate.weight"):
                 p.copy_(0.2 * torch.randn(p.shape))
     mixtral.save_pretrained(os.path.join(d, "base_mixtral"))
+    qwen3_moe = Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=97, hidden_size=32, intermediate_size=48,
+                                                   moe_intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                                                   num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                                   mlp_only_layers=[1], max_position_embeddings=64, rms_norm_eps=1e-5,
+                                                   pad_token_id=None, bos_token_id=None, eos_token_id=None)).eval()
+    with torch.no_grad():
+        for pname, p in qwen3_moe.named_parameters():
+            if "experts" in pname or pname.endswith("gate.weight"):
+                p.copy_(0.2 * torch.randn(p.shape))
+    qwen3_moe.save_pretrained(os.path.join(d, "base_qwen3_moe"))
+    qwen2_moe = Qwen2MoeForCausalLM(Qwen2MoeConfig(vocab_size=97, hidden_size=32, intermediate_size=48,
+                                                   moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                   num_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                                                   rms_norm_eps=1e-5, pad_token_id=None, bos_token_id=None,
+                                                   eos_token_id=None)).eval()
+    with torch.no_grad():
+        for pname, p in qwen2_moe.named_parameters():
+            if "experts" in pname or "gate.weight" in pname:
+                p.copy_(0.2 * torch.randn(p.shape))
+    qwen2_moe.save_pretrained(os.path.join(d, "base_qwen2_moe"))
     ids = input_ids()
     tensors = {"input_ids": ids}
     for name, kwargs in ADAPTERS.items():

@@ -22,6 +22,11 @@ BATCHES the `ft batches` export of the same config. The reference:
     packed document and a 4-D boolean mask that keeps attention inside each document;
   - sums token cross-entropies (labels shifted as Hugging Face does) over the step's micro-batches and
     divides by the step's total number of targets, then backward;
+  - for a mixture of experts trained with the routers' load-balancing loss (the run's
+    model.router_aux_loss_coef, else the config's output_router_logits and router_aux_loss_coef), adds
+    coef × transformers' load_balancing_loss_func of each micro-batch (the routers' logits taken by
+    forward hooks, the padding left out through a 2-D mask) × its targets before that division, and
+    compares the step's target-weighted aux loss with libft's router_aux_loss too;
   - clips by global norm (torch.nn.utils.clip_grad_norm_), AdamW (torch.optim, foreach=False) with
     weight decay on matrices only (not on 1-D parameters or embed_tokens), and the lr of
     transformers' get_{constant,linear,cosine}_schedule_with_warmup.
@@ -84,6 +89,23 @@ def attention_masks(model, segment_ids):
     return block_causal_mask(segment_ids, uniform_window(model))
 
 
+def router_hooks(model, logits):
+    """Forward hooks that append each router's logits (the first output of transformers'
+    *TopKRouter modules) to `logits`: the decoder's own output_router_logits would also have
+    transformers compute the aux loss with the 4-D mask, which its load_balancing_loss_func cannot take."""
+    routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    assert routers, "no router modules found"
+    return [m.register_forward_hook(lambda _m, _inp, out: logits.append(out[0])) for m in routers]
+
+
+def aux_loss(model, logits, segment_ids):
+    config = model.config
+    base = model.get_base_model() if getattr(model, "peft_config", None) else model
+    lb = sys.modules[type(base).__module__].load_balancing_loss_func
+    experts = getattr(config, "num_local_experts", None) or config.num_experts
+    return lb(tuple(logits), experts, config.num_experts_per_tok, (segment_ids >= 0).long())
+
+
 def loss_sum(model, input_ids, labels, position_ids, segment_ids):
     mask = attention_masks(model, segment_ids)
     if getattr(model, "peft_config", None) and model.active_peft_config.peft_type == "PREFIX_TUNING":
@@ -109,7 +131,7 @@ def make_adapter(adapter_dir, model_dir):
     # attention's, as transformers 5 keeps its experts in 3-D parameters, not linear layers that PEFT
     # adapts by name.
     targets = (["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if model.config.model_type == "phi3" else
-               ["q_proj", "k_proj", "v_proj", "o_proj"] if model.config.model_type in ("mixtral", "qwen2_moe", "qwen3_moe") else
+               ["q_proj", "k_proj", "v_proj", "o_proj"] if model.config.model_type in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe") else
                ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     config = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, rank_pattern={"down_proj": 4},
                         target_modules=targets)
@@ -217,17 +239,33 @@ def main():
     scheduler = make(optimizer, sched_cfg["warmup_steps"], sched_cfg["total_steps"])
     clip = float(cfg["clip_grad_norm"])
 
-    losses, tokens, seconds = [], 0, 0.0
+    aux_coef = cfg["model"].get("router_aux_loss_coef")
+    if aux_coef is None:
+        aux_coef = model.config.router_aux_loss_coef if getattr(model.config, "output_router_logits", False) else 0.0
+    aux_coef = float(aux_coef)
+    router_logits = []
+    if aux_coef > 0:
+        router_hooks(model, router_logits)
+        print(f"routers' load-balancing loss x {aux_coef:g} (transformers' load_balancing_loss_func)")
+
+    losses, aux_losses, tokens, seconds = [], [], 0, 0.0
     for s in range(steps):
         start = time.perf_counter()
         micro = [{k: batches[k][s, m] for k in ("input_ids", "labels", "position_ids", "segment_ids")}
                  for m in range(accum)]
         n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        total = 0.0
+        total, aux_total = 0.0, 0.0
         for b in micro:
+            router_logits.clear()
             loss = loss_sum(model, **b)
             total += loss.item()
-            (loss / n_targets).backward()
+            objective = loss
+            if aux_coef > 0:
+                n_b = int((b["labels"][:, 1:] != -100).sum())
+                aux = aux_loss(model, router_logits, b["segment_ids"]) * n_b
+                aux_total += aux.item()
+                objective = loss + aux_coef * aux
+            (objective / n_targets).backward()
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
@@ -236,6 +274,7 @@ def main():
         seconds += time.perf_counter() - start
         tokens += sum(int((b["segment_ids"] >= 0).sum()) for b in micro)
         losses.append(total / n_targets)
+        aux_losses.append(aux_total / n_targets)
 
     worst = 0.0
     print(f"{'step':>4} {'libft':>12} {'reference':>12} {'rel diff':>10}")
@@ -243,6 +282,17 @@ def main():
         rel = abs(mine - ref) / abs(ref)
         worst = max(worst, rel)
         print(f"{s:4d} {mine:12.6f} {ref:12.6f} {rel:10.2e}")
+    if aux_coef > 0:
+        print(f"{'step':>4} {'libft aux':>12} {'reference':>12} {'rel diff':>10}")
+        for s, (r, ref) in enumerate(zip(libft_train, aux_losses), 1):
+            mine = r.get("router_aux_loss")
+            if mine is None:
+                print(f"train reference: libft's step {s} has no router_aux_loss", file=sys.stderr)
+                worst = math.inf
+                continue
+            rel = abs(mine - ref) / abs(ref)
+            worst = max(worst, rel)
+            print(f"{s:4d} {mine:12.6f} {ref:12.6f} {rel:10.2e}")
     libft_tps = sum(r["tokens"] for r in libft_train) / sum(r["step_time_s"] for r in libft_train)
     ref_tps = tokens / seconds
     print(f"largest relative loss difference over {steps} steps: {worst:.2e} (tolerance {a.tolerance:g})")

@@ -10,8 +10,10 @@
 #include <torch/nn/modules/linear.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <numeric>
@@ -958,13 +960,11 @@ void check_regex(const std::string& what, const std::string& p) {
 /// PEFT's check_target_module_exists for a list of names (or its regex form): a module that
 /// modules_to_save names (or one inside it) is never a target; a listed name matched exactly is;
 /// one matched as a suffix (or by all-linear) only in the layers of layers_to_transform, if given.
-/// A mixture of experts' router (model.layers.N.block_sparse_moe.gate, model.layers.N.mlp.gate; and
-/// Qwen2-MoE's shared expert's gate, one output):
-/// all-linear leaves it alone (a low-rank change to a router moves tokens between experts). PEFT's
-/// all-linear on transformers 5 adapts routers and experts as 3-D parameters (target_parameters),
-/// a layout libft neither reads nor writes.
-bool is_router(const std::string& name) {
-  return name.ends_with("block_sparse_moe.gate") || name.ends_with("mlp.gate") || name.ends_with("mlp.shared_expert_gate");
+// Whether `name` is one expert's projection in a mixture of experts: its own linear layer here, a
+// slice of a 3-D parameter in transformers 5.
+bool is_expert_projection(const std::string& name) {
+  static const std::regex re(R"(.*\.experts\.\d+\.(w1|w2|w3|gate_proj|up_proj|down_proj))");
+  return std::regex_match(name, re);
 }
 
 bool is_target(const std::string& name, const LoraOptions& o, bool is_head) {
@@ -979,7 +979,12 @@ bool is_target(const std::string& name, const LoraOptions& o, bool is_head) {
   bool suffix = false;
   for (const auto& t : o.targets) {
     if (t == "all-linear") {
-      suffix |= !is_head && !is_router(name);
+      // libft's all-linear: every expert, no router. PEFT's on transformers 5's modules: every
+      // nn.Linear, which the experts (3-D parameters) and the routers (TopKRouter modules) are not,
+      // but Qwen2-MoE's shared_expert_gate is.
+      suffix |= !is_head && (o.all_linear_as_peft ? !is_expert_projection(name) &&
+                                                        (!is_router(name) || name.ends_with("shared_expert_gate"))
+                                                  : !is_router(name));
       continue;
     }
     if (name == t) return true;
@@ -1005,6 +1010,80 @@ const T* pattern_value(const std::vector<std::pair<std::string, T>>& patterns, c
   return nullptr;
 }
 
+// EXPERT PARAMETERS. transformers 5 keeps a sparse layer's experts as two 3-D parameters,
+// model.layers.N.mlp.experts.gate_up_proj (E, 2I, H: each expert's gate rows, then its up rows) and
+// .down_proj (E, H, I), registered in that order; PEFT's target_parameters adapts each with one
+// ParamWrapper: lora_A (E·r, in) whose rows e·r + j are expert e's A, lora_B (out, r·E) whose
+// columns j·E + e are its B, and the two wrappers on one module nest (the first-registered
+// parameter's inside, under ".base_layer"). libft keeps each expert's projections as linear layers
+// (Mixtral's block_sparse_moe.experts.e.w1/w3/w2, the others' mlp.experts.e.gate/up/down_proj): an
+// adapted gate_up_proj is an adapter on each expert's gate and up layers, sharing A and splitting B's
+// rows, so the same ΔW exactly. A router's model.layers.N.mlp.gate.weight (E, H), a 2-D parameter
+// of a TopKRouter module there (PEFT's all-linear on Mixtral, Qwen3-MoE and OLMoE ends up adapting it
+// so), is an ordinary LoRA on libft's router layer.
+struct ExpertProjection {
+  std::string module;  ///< PEFT's module: model.layers.N.mlp.experts (or .mlp.gate, a router)
+  std::string key;     ///< PEFT's parameter: module + ".gate_up_proj", ".down_proj" (or ".weight")
+  int64_t expert = 0;
+  int part = 0;  ///< 0 gate, 1 up (the gate_up_proj rows [0, I) and [I, 2I)), 2 down, 3 the router
+};
+
+std::optional<ExpertProjection> expert_projection(const std::string& name) {
+  static const std::regex re(R"(model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj))");
+  static const std::regex router(R"(model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate)");
+  std::smatch m;
+  if (std::regex_match(name, m, router)) {
+    ExpertProjection p;
+    p.module = "model.layers." + m[1].str() + ".mlp.gate";
+    p.key = p.module + ".weight";
+    p.part = 3;
+    return p;
+  }
+  if (!std::regex_match(name, m, re)) return std::nullopt;
+  ExpertProjection p;
+  p.module = "model.layers." + m[1].str() + ".mlp.experts";
+  p.expert = std::stoll(m[2].str());
+  const std::string proj = m[3].str();
+  p.part = proj == "w1" || proj == "gate_proj" ? 0 : proj == "w3" || proj == "up_proj" ? 1 : 2;
+  p.key = p.module + (p.part == 2 ? ".down_proj" : ".gate_up_proj");
+  return p;
+}
+
+// PEFT's matching of target_parameters: the whole name, or a suffix after a dot.
+bool parameter_targeted(const LoraOptions& o, const std::string& key) {
+  for (const auto& t : o.target_parameters) {
+    if (key == t || key.ends_with("." + t)) return true;
+  }
+  return false;
+}
+
+// The expert projection `name` is, where target_parameters adapts its parameter.
+std::optional<ExpertProjection> targeted_expert(const LoraOptions& o, const std::string& name) {
+  if (o.target_parameters.empty()) return std::nullopt;
+  auto p = expert_projection(name);
+  if (!p || !parameter_targeted(o, p->key)) return std::nullopt;
+  return p;
+}
+
+// PEFT's key of a parameter adapter's tensor ("lora_A" or "lora_B"): nested under one ".base_layer"
+// when the module's down_proj is adapted too (gate_up_proj, registered first, is then the inner one).
+std::string parameter_tensor_key(const ExpertProjection& p, bool down_adapted_too, const char* which) {
+  return std::string(kPeftPrefix) + p.module + (p.part < 2 && down_adapted_too ? ".base_layer" : "") + "." + which +
+         ".weight";
+}
+
+void check_target_parameters(const std::vector<std::string>& entries, const std::string& where) {
+  for (const auto& t : entries) {
+    // (as PEFT matches them: the whole name or a suffix after a dot; PEFT's own conversion writes the
+    // bare "gate_up_proj", "down_proj" and "gate.weight")
+    auto names = [&](const std::string& tail) { return t == tail || t.ends_with("." + tail); };
+    FT_CHECK(names("gate_up_proj") || names("down_proj") || names("gate.weight"),
+             "[lora] ", where, ": target_parameters entry '", t,
+             "' is not supported: libft adapts transformers 5's expert weights (mlp.experts.gate_up_proj, "
+             "mlp.experts.down_proj) and routers (mlp.gate.weight), no other parameter");
+  }
+}
+
 std::vector<std::pair<std::string, LoraAdapter*>> adapters(model::CausalLM& model) {
   std::vector<std::pair<std::string, LoraAdapter*>> v;
   for (const auto& item : model->named_modules()) {
@@ -1016,6 +1095,10 @@ std::vector<std::pair<std::string, LoraAdapter*>> adapters(model::CausalLM& mode
 }
 
 }  // namespace
+
+bool is_router(const std::string& name) {
+  return name.ends_with("block_sparse_moe.gate") || name.ends_with("mlp.gate") || name.ends_with("mlp.shared_expert_gate");
+}
 
 std::vector<std::pair<std::string, at::Tensor>> modules_to_save_parameters(model::CausalLM& model,
                                                                          const std::vector<std::string>& entries) {
@@ -1107,7 +1190,8 @@ std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) 
   FT_CHECK(std::isfinite(o.alpha) && o.alpha > 0, "[lora] alpha must be > 0, got ", o.alpha);
   FT_CHECK(o.dropout >= 0 && o.dropout < 1, "[lora] dropout must be in [0, 1), got ", o.dropout);
   FT_CHECK(o.init == "kaiming" || o.init == "gaussian", "[lora] init must be kaiming or gaussian, got '", o.init, "'");
-  FT_CHECK(!o.targets.empty() || !o.target_regex.empty(), "[lora] no target modules");
+  FT_CHECK(!o.targets.empty() || !o.target_regex.empty() || !o.target_parameters.empty(), "[lora] no target modules");
+  check_target_parameters(o.target_parameters, "options");
   FT_CHECK(adapters(model).empty(), "[lora] the model already has LoRA adapters");
   for (const auto& p : o.layers_pattern) check_regex("layers_pattern", p);
   if (!o.exclude_regex.empty()) check_regex("exclude_modules", o.exclude_regex);
@@ -1120,14 +1204,22 @@ std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) 
   auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
   std::vector<LoraLayer> layers;
   std::set<std::string> used_targets;
+  std::set<std::string> hit_parameters;
+  std::map<std::pair<std::string, int64_t>, at::Tensor> shared_a;  // (gate_up key, expert) → the gate's A
   for (const auto& item : model->named_modules()) {
     auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
     const std::string& name = item.key();
-    if (lin == nullptr || !is_target(name, o, name == "lm_head")) continue;
+    if (lin == nullptr) continue;
+    // An expert projection whose 3-D parameter target_parameters names: rank and alpha by that
+    // parameter's name, as PEFT looks them up.
+    const std::optional<ExpertProjection> expert = targeted_expert(o, name);
+    if (!expert && !is_target(name, o, name == "lm_head")) continue;
+    if (expert) hit_parameters.insert(expert->key);
     LoraLayer info;
     info.module = name;
-    const int64_t* r = pattern_value(o.rank_pattern, name);
-    const double* alpha = pattern_value(o.alpha_pattern, name);
+    const std::string& pattern_name = expert ? expert->key : name;
+    const int64_t* r = pattern_value(o.rank_pattern, pattern_name);
+    const double* alpha = pattern_value(o.alpha_pattern, pattern_name);
     info.r = r ? *r : o.r;
     info.alpha = alpha ? *alpha : o.alpha;
     FT_CHECK(info.r > 0, "[lora] rank_pattern gives ", name, " rank ", info.r);
@@ -1147,6 +1239,11 @@ std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) 
       }
       a->weight.copy_(wa);
       b->weight.zero_();
+      // gate_up_proj's one A serves an expert's gate and up layers alike.
+      if (expert && expert->part < 2) {
+        auto [it, fresh] = shared_a.try_emplace({expert->key, expert->expert}, a->weight);
+        if (!fresh && it->second.sizes() == a->weight.sizes()) a->weight.copy_(it->second);
+      }
     }
     // Adapters stay float32 on a 16-bit base (as PEFT keeps them), float64 on a float64 base.
     const auto adapter_type = lin->weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -1166,6 +1263,14 @@ std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) 
     }
     lin->set_adapter(adapter);
     layers.push_back(info);
+  }
+  for (const auto& t : o.target_parameters) {
+    bool hit = false;
+    for (const auto& key : hit_parameters) hit |= key == t || key.ends_with("." + t);
+    FT_CHECK(hit, "[lora] target_parameters entry '", t, "' names no expert weights of the model (",
+             model->config().num_experts > 0 ? "model.layers.N.mlp.experts.gate_up_proj or .down_proj"
+                                             : "it has no mixture of experts",
+             ")");
   }
   FT_CHECK(!layers.empty(), "[lora] no linear layer matches the targets (",
            o.target_regex.empty() ? "" : "regex " + o.target_regex,
@@ -1371,7 +1476,24 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::
   FT_CHECK(!all.empty(), "[lora] the model has no LoRA adapter to save");
   std::vector<at::Tensor> keep;
   std::vector<io::TensorWrite> writes;
+  // Expert projections go out as PEFT's target_parameters (EXPERT PARAMETERS): by PEFT module, part
+  // (gate, up, down) and expert.
+  std::map<std::string, std::array<std::map<int64_t, LoraAdapter*>, 3>> expert_adapters;
+  std::set<std::string> module_targets;  // the other adapted layers' last name components
+  std::vector<std::pair<ExpertProjection, LoraAdapter*>> routers;  // routers, as their weight parameters
   for (const auto& [name, a] : all) {
+    if (const auto e = expert_projection(name)) {
+      FT_CHECK(!a->magnitude.defined(), "[lora] ", name,
+               ": DoRA on an expert cannot be saved in PEFT's form for transformers 5's expert weights "
+               "(target_parameters), which has no DoRA");
+      if (e->part == 3) {
+        routers.emplace_back(*e, a);
+      } else {
+        expert_adapters[e->module][static_cast<size_t>(e->part)][e->expert] = a;
+      }
+      continue;
+    }
+    module_targets.insert(name.substr(name.rfind('.') + 1));
     keep.push_back(a->A->weight.detach().to(at::kCPU).contiguous());
     writes.push_back(io::tensor_write(kPeftPrefix + name + ".lora_A.weight", keep.back()));
     keep.push_back(a->B->weight.detach().to(at::kCPU).contiguous());
@@ -1386,19 +1508,125 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::
     writes.push_back(io::tensor_write(kPeftPrefix + name, keep.back()));
   }
   nlohmann::ordered_json rank = nlohmann::ordered_json::object(), alpha = nlohmann::ordered_json::object();
-  for (const auto& [p, v] : o.rank_pattern) rank[p] = v;
-  for (const auto& [p, v] : o.alpha_pattern) alpha[p] = v;
+  // Each expert parameter's rank and alpha by its whole name, first: PEFT takes the first pattern
+  // that matches, and a pattern such as "down_proj" would match the experts' too.
+  const int64_t n_experts = model->config().num_experts;
+  std::vector<std::string> target_parameters;
+  for (const auto& item : expert_adapters) {
+    // (named references, not structured bindings: the lambdas below capture them)
+    const std::string& module = item.first;
+    const auto& parts = item.second;
+    const bool down_too = !parts[2].empty();
+    // One part's adapters: every expert's, at one rank and scale (PEFT's A and B are per parameter).
+    auto uniform = [&](size_t part) {
+      if (parts[part].empty()) return;
+      FT_CHECK(static_cast<int64_t>(parts[part].size()) == n_experts, "[lora] ", module, ": adapters on ",
+               parts[part].size(), " of ", n_experts, " experts' ", part == 0 ? "gate" : part == 1 ? "up" : "down",
+               " projections; PEFT's target_parameters adapts every expert of a parameter");
+      const LoraAdapter* first = parts[part].begin()->second;
+      for (const auto& [e, a] : parts[part]) {
+        FT_CHECK(a->info.r == first->info.r && a->info.scale == first->info.scale, "[lora] ", module,
+                 ": the experts' adapters differ in rank or scale; PEFT's target_parameters gives them one");
+      }
+    };
+    for (size_t part = 0; part < 3; ++part) uniform(part);
+    // Writes one parameter's stacked A (E·r, in) and B (out, r·E) from each expert's A_e and B_e, at
+    // scale s: PEFT's rank_pattern and alpha_pattern give it r and alpha = s·r (rsLoRA: s·√r).
+    auto write = [&](const std::string& param, const std::vector<at::Tensor>& a_e, const std::vector<at::Tensor>& b_e,
+                     double scale) {
+      const int64_t r = a_e.front().size(0);
+      const std::string key = module + "." + param;
+      ExpertProjection p;
+      p.module = module;
+      p.part = param == "down_proj" ? 2 : 0;
+      keep.push_back(at::cat(a_e, 0).contiguous());
+      writes.push_back(io::tensor_write(parameter_tensor_key(p, down_too, "lora_A"), keep.back()));
+      keep.push_back(at::stack(b_e, 2).reshape({b_e.front().size(0), r * n_experts}).contiguous());
+      writes.push_back(io::tensor_write(parameter_tensor_key(p, down_too, "lora_B"), keep.back()));
+      target_parameters.push_back(key);
+      rank[key] = r;
+      alpha[key] = o.rslora ? scale * std::sqrt(static_cast<double>(r)) : scale * static_cast<double>(r);
+    };
+    auto a_of = [](const LoraAdapter* a) { return a->A->weight.detach().to(at::kCPU); };
+    auto b_of = [](const LoraAdapter* a) { return a->B->weight.detach().to(at::kCPU); };
+    if (!parts[0].empty() || !parts[1].empty()) {
+      const LoraAdapter* g0 = parts[0].empty() ? nullptr : parts[0].begin()->second;
+      const LoraAdapter* u0 = parts[1].empty() ? nullptr : parts[1].begin()->second;
+      // gate and up with one A per expert (as PEFT made them, or loaded): gate_up_proj at their rank;
+      // otherwise at the sum of their ranks, A stacked and B block-diagonal (the same ΔW).
+      bool shared = g0 && u0 && g0->info.r == u0->info.r && g0->info.scale == u0->info.scale;
+      for (int64_t e = 0; shared && e < n_experts; ++e) shared = at::equal(a_of(parts[0].at(e)), a_of(parts[1].at(e)));
+      const double scale = g0 ? g0->info.scale : u0->info.scale;
+      std::vector<at::Tensor> a_e, b_e;
+      for (int64_t e = 0; e < n_experts; ++e) {
+        const LoraAdapter* g = g0 ? parts[0].at(e) : nullptr;
+        const LoraAdapter* u = u0 ? parts[1].at(e) : nullptr;
+        if (shared) {
+          a_e.push_back(a_of(g));
+          b_e.push_back(at::cat({b_of(g), b_of(u)}, 0));
+          continue;
+        }
+        const int64_t rows = (g ? g : u)->owner_->out_features, in = (g ? g : u)->owner_->in_features;
+        const int64_t rg = g ? g->info.r : 0, ru = u ? u->info.r : 0;
+        const auto dtype = a_of(g ? g : u).scalar_type();
+        at::Tensor a = at::zeros({rg + ru, in}, dtype), b = at::zeros({2 * rows, rg + ru}, dtype);
+        if (g) {
+          a.narrow(0, 0, rg).copy_(a_of(g));
+          b.narrow(0, 0, rows).narrow(1, 0, rg).copy_(b_of(g) * (g->info.scale / scale));
+        }
+        if (u) {
+          a.narrow(0, rg, ru).copy_(a_of(u));
+          b.narrow(0, rows, rows).narrow(1, rg, ru).copy_(b_of(u) * (u->info.scale / scale));
+        }
+        a_e.push_back(a);
+        b_e.push_back(b);
+      }
+      write("gate_up_proj", a_e, b_e, scale);
+    }
+    if (down_too) {
+      std::vector<at::Tensor> a_e, b_e;
+      for (int64_t e = 0; e < n_experts; ++e) {
+        a_e.push_back(a_of(parts[2].at(e)));
+        b_e.push_back(b_of(parts[2].at(e)));
+      }
+      write("down_proj", a_e, b_e, parts[2].begin()->second->info.scale);
+    }
+  }
+  for (const auto& [e, a] : routers) {
+    keep.push_back(a->A->weight.detach().to(at::kCPU).contiguous());
+    writes.push_back(io::tensor_write(parameter_tensor_key(e, false, "lora_A"), keep.back()));
+    keep.push_back(a->B->weight.detach().to(at::kCPU).contiguous());
+    writes.push_back(io::tensor_write(parameter_tensor_key(e, false, "lora_B"), keep.back()));
+    target_parameters.push_back(e.key);
+    rank[e.key] = a->info.r;
+    alpha[e.key] = a->info.alpha;
+  }
+  for (const auto& [p, v] : o.rank_pattern) {
+    if (!rank.contains(p)) rank[p] = v;
+  }
+  for (const auto& [p, v] : o.alpha_pattern) {
+    if (!alpha.contains(p)) alpha[p] = v;
+  }
   nlohmann::ordered_json targets = o.target_regex.empty() ? nlohmann::ordered_json(o.targets)
                                                           : nlohmann::ordered_json(o.target_regex);
   if (o.target_regex.empty() && o.targets.size() == 1 && o.targets[0] == "all-linear") targets = "all-linear";
+  if (n_experts > 0 && o.target_regex.empty()) {
+    // The experts went into target_parameters; the other adapted layers by name (libft's
+    // all-linear leaves routers out, PEFT's would take Qwen2-MoE's shared_expert_gate).
+    targets = module_targets.empty() ? nlohmann::ordered_json(nullptr)
+                                     : nlohmann::ordered_json(std::vector<std::string>(module_targets.begin(), module_targets.end()));
+  }
   const nlohmann::ordered_json config = {
       {"peft_type", "LORA"},
       {"task_type", "CAUSAL_LM"},
       {"base_model_name_or_path", base_model.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(base_model)},
       {"r", o.r},
       {"lora_alpha", o.alpha},
-      {"lora_dropout", o.dropout},
+      // (PEFT's parameter adapters refuse dropout, a training setting: 0 where experts are adapted)
+      {"lora_dropout", expert_adapters.empty() && routers.empty() ? o.dropout : 0.0},
       {"target_modules", targets},
+      {"target_parameters", target_parameters.empty() ? nlohmann::ordered_json(nullptr)
+                                                      : nlohmann::ordered_json(target_parameters)},
       {"rank_pattern", rank},
       {"alpha_pattern", alpha},
       {"use_rslora", o.rslora},
@@ -1440,10 +1668,18 @@ LoraOptions read_peft_lora_config(const std::string& path) {
     o.r = j.at("r").get<int64_t>();
     o.alpha = j.at("lora_alpha").get<double>();
     if (j.contains("lora_dropout") && !j["lora_dropout"].is_null()) o.dropout = j["lora_dropout"].get<double>();
+    if (j.contains("target_parameters") && !j["target_parameters"].is_null()) {
+      o.target_parameters = j["target_parameters"].get<std::vector<std::string>>();
+      check_target_parameters(o.target_parameters, path);
+    }
+    FT_CHECK(o.target_parameters.empty() || !j.value("use_dora", false), "[lora] ", path,
+             ": use_dora with target_parameters (PEFT refuses it too)");
     const auto& t = j.at("target_modules");
-    if (t.is_string()) {
+    if (t.is_null() && !o.target_parameters.empty()) {
+      o.targets.clear();  // the expert parameters alone
+    } else if (t.is_string()) {
       const std::string s = t.get<std::string>();
-      if (s == "all-linear") o.targets = {s};
+      if (s == "all-linear") o.targets = {s}, o.all_linear_as_peft = true;
       else o.target_regex = s, o.targets.clear();
     } else {
       o.targets = t.get<std::vector<std::string>>();
@@ -1485,7 +1721,7 @@ LoraOptions read_peft_lora_config(const std::string& path) {
     const std::set<std::string> understood = {
         "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "rank_pattern",
         "alpha_pattern", "bias", "fan_in_fan_out", "use_dora", "lora_bias", "init_lora_weights", "inference_mode",
-        "modules_to_save", "layers_to_transform", "layers_pattern", "exclude_modules",
+        "modules_to_save", "layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters",
         "base_model_name_or_path", "revision", "peft_version", "auto_mapping", "megatron_core", "qalora_group_size"};
     for (const auto& [key, value] : j.items()) {
       if (understood.count(key)) continue;
@@ -1532,6 +1768,21 @@ std::vector<std::string> check_peft_adapter(model::CausalLM& model, const std::s
     for (const auto& t : o.targets) {
       if (is_target(name, single_target(t), name == "lm_head")) hit_targets.insert(t);
     }
+    if (const auto expert = targeted_expert(o, name)) {
+      // (E·r, in) and (out, r·E) for the whole 3-D parameter; gate_up_proj's rows are 2I.
+      const int64_t* r = pattern_value(o.rank_pattern, expert->key);
+      if (expert->part == 3) {  // a router: one (r, H) A and (E, r) B
+        expected[parameter_tensor_key(*expert, false, "lora_A")] = {r ? *r : o.r, lin->in_features};
+        expected[parameter_tensor_key(*expert, false, "lora_B")] = {lin->out_features, r ? *r : o.r};
+        continue;
+      }
+      const int64_t rank = (r ? *r : o.r) * model->config().num_experts;
+      const bool down_too = parameter_targeted(o, expert->module + ".down_proj");
+      const int64_t out = expert->part == 2 ? lin->out_features : 2 * lin->out_features;
+      expected[parameter_tensor_key(*expert, down_too, "lora_A")] = {rank, lin->in_features};
+      expected[parameter_tensor_key(*expert, down_too, "lora_B")] = {out, rank};
+      continue;
+    }
     if (!is_target(name, o, name == "lm_head")) continue;
     const int64_t* r = pattern_value(o.rank_pattern, name);
     const int64_t rank = r ? *r : o.r;
@@ -1552,6 +1803,13 @@ std::vector<std::string> check_peft_adapter(model::CausalLM& model, const std::s
     }
   } catch (const Error& e) {
     problems.push_back(e.what());
+  }
+  for (const auto& t : o.target_parameters) {
+    bool hit = false;
+    for (const auto& item : model->named_modules()) {
+      if (auto e = expert_projection(item.key())) hit |= e->key == t || e->key.ends_with("." + t);
+    }
+    if (!hit) problems.push_back("target_parameters entry '" + t + "' names no expert weights of the model");
   }
   if (o.target_regex.empty()) {
     for (const auto& t : o.targets) {
@@ -1592,7 +1850,43 @@ LoraOptions load_peft_adapter(model::CausalLM& model, const std::string& dir) {
   apply_lora(model, o);
   std::set<std::string> expected;
   at::NoGradGuard no_grad;
+  // An expert parameter's (E·r, in) A and (out, r·E) B, read once for its experts' layers.
+  std::map<std::string, std::pair<at::Tensor, at::Tensor>> stacks;
+  const int64_t experts = model->config().num_experts;
+  auto read_checked = [&](const std::string& key, std::vector<int64_t> shape, const std::string& what) {
+    expected.insert(key);
+    const io::TensorInfo* info = file->find(key);
+    FT_CHECK(info != nullptr, "[lora] ", path, ": tensor '", key, "' is missing (the config targets ", what, ")");
+    at::Tensor t = io::read_tensor(*file, *info);
+    FT_CHECK(t.sizes() == at::IntArrayRef(shape), "[lora] ", path, ": tensor '", key, "' has shape ", t.sizes(),
+             ", the model needs ", at::IntArrayRef(shape), " (", what, ")");
+    return t;
+  };
   for (const auto& [name, a] : adapters(model)) {
+    if (const auto expert = targeted_expert(o, name); expert && expert->part == 3) {
+      const std::string what = expert->key + ", a router";
+      a->A->weight.copy_(read_checked(parameter_tensor_key(*expert, false, "lora_A"), a->A->weight.sizes().vec(), what)
+                             .to(a->A->weight.dtype()));
+      a->B->weight.copy_(read_checked(parameter_tensor_key(*expert, false, "lora_B"), a->B->weight.sizes().vec(), what)
+                             .to(a->B->weight.dtype()));
+      continue;
+    }
+    if (const auto expert = targeted_expert(o, name)) {
+      const int64_t r = a->info.r, in = a->owner_->in_features, rows = a->owner_->out_features;
+      const int64_t out = expert->part == 2 ? rows : 2 * rows;
+      auto it = stacks.find(expert->key);
+      if (it == stacks.end()) {
+        const bool down_too = parameter_targeted(o, expert->module + ".down_proj");
+        const std::string what = detail::concat(expert->key, ", rank ", r, " for each of ", experts, " experts");
+        at::Tensor sa = read_checked(parameter_tensor_key(*expert, down_too, "lora_A"), {experts * r, in}, what);
+        at::Tensor sb = read_checked(parameter_tensor_key(*expert, down_too, "lora_B"), {out, r * experts}, what);
+        it = stacks.emplace(expert->key, std::make_pair(sa.view({experts, r, in}), sb.view({out, r, experts}))).first;
+      }
+      const at::Tensor b = it->second.second.select(2, expert->expert);  // (out, r)
+      a->A->weight.copy_(it->second.first[expert->expert].to(a->A->weight.dtype()));
+      a->B->weight.copy_((expert->part == 2 ? b : b.narrow(0, expert->part * rows, rows)).to(a->B->weight.dtype()));
+      continue;
+    }
     for (const auto& [suffix, w] : {std::pair<const char*, at::Tensor>{".lora_A.weight", a->A->weight},
                                     std::pair<const char*, at::Tensor>{".lora_B.weight", a->B->weight}}) {
       const std::string key = kPeftPrefix + name + suffix;

@@ -79,9 +79,9 @@ class LoraMode final : public Mode {
       // few weights decide where each token goes) is stored in NF4 before the adapters go on.
       for (const auto& item : model->named_modules()) {
         auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
-        const bool router = item.key().ends_with("block_sparse_moe.gate") || item.key().ends_with("mlp.gate") ||
-                            item.key().ends_with("mlp.shared_expert_gate");
-        if (lin != nullptr && item.key() != "lm_head" && !router) lin->quantize_nf4(qlora_->block, qlora_->double_quant);
+        if (lin != nullptr && item.key() != "lm_head" && !adapt::is_router(item.key())) {
+          lin->quantize_nf4(qlora_->block, qlora_->double_quant);
+        }
       }
     }
     if (init_from_.empty()) {

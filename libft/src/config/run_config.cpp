@@ -187,10 +187,16 @@ class Reader {
 };
 
 void parse_model(Reader& r, const YAML::Node& n, ModelSection& m) {
-  if (!r.check_map(n, "model", {"checkpoint", "config", "init_seed"})) return;
+  if (!r.check_map(n, "model", {"checkpoint", "config", "init_seed", "router_aux_loss_coef"})) return;
   r.get(n, "model", "checkpoint", m.checkpoint);
   r.get(n, "model", "config", m.config);
   r.get(n, "model", "init_seed", m.init_seed);
+  if (n["router_aux_loss_coef"]) {
+    double coef = 0;
+    r.get(n, "model", "router_aux_loss_coef", coef);
+    r.positive(n, "model", "router_aux_loss_coef", coef, true);
+    m.router_aux_loss_coef = coef;
+  }
   if (m.checkpoint.empty() == m.config.empty()) {
     r.error(n, "'model' needs exactly one of 'checkpoint' (a Hugging Face checkpoint directory) or 'config' (a "
                "config.json for a freshly initialised model)");
@@ -671,6 +677,9 @@ std::string to_yaml(const RunConfig& c) {
   if (!c.model.config.empty()) {
     out << YAML::Key << "config" << YAML::Value << c.model.config;
     out << YAML::Key << "init_seed" << YAML::Value << c.model.init_seed;
+  }
+  if (c.model.router_aux_loss_coef) {
+    out << YAML::Key << "router_aux_loss_coef" << YAML::Value << shortest(*c.model.router_aux_loss_coef);
   }
   out << YAML::EndMap;
   if (!c.tokenizer.empty()) out << YAML::Key << "tokenizer" << YAML::Value << c.tokenizer;

@@ -32,11 +32,11 @@ const std::set<std::string> kHarmlessKeys = {
 bool supported_model_type(const std::string& t) {
   return t == "llama" || t == "mistral" || t == "qwen2" || t == "qwen3" || t == "granite" || t == "gemma" ||
          t == "gemma2" || t == "gemma3_text" || t == "phi3" || t == "smollm3" || t == "olmo2" ||
-         t == "olmo3" || t == "mixtral" || t == "qwen2_moe" || t == "qwen3_moe";
+         t == "olmo3" || t == "mixtral" || t == "qwen2_moe" || t == "qwen3_moe" || t == "olmoe";
 }
 
 constexpr const char* kSupportedTypes =
-    "llama, mistral, qwen2, qwen3, granite, gemma, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, mixtral, qwen2_moe, qwen3_moe";
+    "llama, mistral, qwen2, qwen3, granite, gemma, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, mixtral, qwen2_moe, qwen3_moe, olmoe";
 
 void check_model_type(const std::string& t, const std::string& source) {
   // Gemma 3's larger checkpoints are the multimodal Gemma3ForConditionalGeneration ("gemma3"), whose
@@ -405,6 +405,16 @@ void parse_experts(Reader& r, ModelConfig& c) {
     const double jitter = r.number_or("router_jitter_noise", 0.0);
     FT_CHECK(jitter == 0, "[config] ", source, ": router_jitter_noise ", jitter,
              " is not supported (libft routes each token by its router's probabilities alone; set it to 0)");
+  } else if (c.olmoe()) {
+    // OlmoeConfig: num_experts (saved as num_local_experts by transformers 5) of intermediate_size
+    // each, in every layer; top 8 of 64, not renormalised, by default (OLMoE-1B-7B's).
+    c.num_experts = r.integer_or("num_experts", r.integer_or("num_local_experts", 64));
+    FT_CHECK(!r.has("num_experts") || !r.has("num_local_experts") ||
+                 r.j.at("num_experts") == r.j.at("num_local_experts"),
+             "[config] ", source, ": num_experts (", r.j.at("num_experts").dump(), ") and num_local_experts differ");
+    c.num_experts_per_tok = r.integer_or("num_experts_per_tok", 8);
+    c.moe_intermediate_size = c.intermediate_size;
+    c.norm_topk_prob = r.boolean_or("norm_topk_prob", false);
   } else {
     // (transformers 5 saves Qwen3MoeConfig's num_experts as num_local_experts, its attribute_map's name)
     const bool qwen2 = c.model_type == "qwen2_moe";  // (Qwen2MoeConfig's defaults: Qwen1.5-MoE-A2.7B's)
@@ -442,7 +452,7 @@ void parse_experts(Reader& r, ModelConfig& c) {
   }
   FT_CHECK(c.num_experts > 0, "[config] ", source, ": the number of experts must be > 0, got ", c.num_experts);
   c.output_router_logits = r.boolean_or("output_router_logits", false);
-  c.router_aux_loss_coef = r.number_or("router_aux_loss_coef", 0.001);
+  c.router_aux_loss_coef = r.number_or("router_aux_loss_coef", c.olmoe() ? 0.01 : 0.001);
 }
 
 // The sizes of a model, each in (0, 2^31) (a tensor dimension that LibTorch's kernels index with
@@ -463,19 +473,24 @@ void check_sizes(const ModelConfig& c, const std::string& source) {
   }
 }
 
-// About how many parameters the sizes make (biases left out), in double: the sizes' products may
-// overflow int64. model/llama.cpp's memory check counts the same way.
-double parameter_estimate(const ModelConfig& c) {
-  const double h = static_cast<double>(c.hidden_size);
-  const double q = static_cast<double>(c.num_attention_heads) * static_cast<double>(c.head_dim);
-  const double kv = static_cast<double>(c.num_key_value_heads) * static_cast<double>(c.head_dim);
-  const double mlp = c.num_experts > 0 ? static_cast<double>(c.num_experts) * (3 * h * static_cast<double>(c.moe_intermediate_size) + h) +
-                                             3 * h * static_cast<double>(c.shared_expert_intermediate_size) + h
-                                       : 3 * h * static_cast<double>(c.intermediate_size);
-  const double layer = h * q * 2 + h * kv * 2 + mlp + 2 * h;
-  return static_cast<double>(c.vocab_size) * h * (c.tie_word_embeddings ? 1 : 2) +
-         static_cast<double>(c.num_hidden_layers) * layer + h;
+}  // namespace
+
+double ModelConfig::parameter_estimate() const {
+  const double h = static_cast<double>(hidden_size);
+  const double q = static_cast<double>(num_attention_heads) * static_cast<double>(head_dim);
+  const double kv = static_cast<double>(num_key_value_heads) * static_cast<double>(head_dim);
+  const double dense = 3 * h * static_cast<double>(intermediate_size);
+  // A sparse layer: its experts, their router, and Qwen2-MoE's shared expert with its gate.
+  const double sparse = static_cast<double>(num_experts) * (3 * h * static_cast<double>(moe_intermediate_size) + h) +
+                        (shared_expert_intermediate_size > 0 ? 3 * h * static_cast<double>(shared_expert_intermediate_size) + h : 0);
+  double layers = 0;
+  for (int64_t i = 0; i < num_hidden_layers; ++i) {
+    layers += h * q * 2 + h * kv * 2 + 2 * h + (moe_in_layer(i) ? sparse : dense);
+  }
+  return static_cast<double>(vocab_size) * h * (tie_word_embeddings ? 1 : 2) + layers + h;
 }
+
+namespace {
 
 // `which` names the rotary embedding in messages ("" for the model's, or the sliding-window layers').
 void check_rope(const RopeConfig& r, const std::string& source, const std::string& which) {
@@ -515,14 +530,17 @@ double ModelConfig::attention_scale() const {
 void ModelConfig::validate(const std::string& source) const {
   check_model_type(model_type, source);
   // Qwen3's and Gemma's one attention_bias covers the four projections.
-  FT_CHECK((model_type != "qwen3" && model_type != "qwen3_moe" && !gemma() && !olmo()) || qkv_bias == o_bias, "[config] ",
+  FT_CHECK((model_type != "qwen3" && model_type != "qwen3_moe" && !gemma() && !olmo() && !olmoe()) || qkv_bias == o_bias, "[config] ",
            source, ": ", model_type,
            " has biases on all four attention projections or on none");
   FT_CHECK((!gemma() && !olmo() && num_experts == 0) || !mlp_bias, "[config] ", source, ": ", model_type,
            " has no MLP biases");
   FT_CHECK(!mixtral() || (!qkv_bias && !o_bias), "[config] ", source, ": mixtral has no attention biases");
-  FT_CHECK(num_experts == 0 || mixtral() || model_type == "qwen2_moe" || model_type == "qwen3_moe", "[config] ",
-           source, ": only mixtral, qwen2_moe and qwen3_moe have experts");
+  FT_CHECK(num_experts == 0 || mixtral() || model_type == "qwen2_moe" || model_type == "qwen3_moe" || olmoe(), "[config] ",
+           source, ": only mixtral, qwen2_moe, qwen3_moe and olmoe have experts");
+  FT_CHECK(!olmoe() || num_experts > 0, "[config] ", source, ": olmoe needs experts");
+  FT_CHECK(clip_qkv == 0 || olmoe(), "[config] ", source, ": only olmoe clamps q, k and v (clip_qkv)");
+  FT_CHECK(std::isfinite(clip_qkv) && clip_qkv >= 0, "[config] ", source, ": clip_qkv must be >= 0, got ", clip_qkv);
   FT_CHECK(shared_expert_intermediate_size == 0 || (model_type == "qwen2_moe" && num_experts > 0), "[config] ", source,
            ": only qwen2_moe has a shared expert");
   if (num_experts > 0) {
@@ -593,7 +611,7 @@ void ModelConfig::validate(const std::string& source) const {
            ": 'rms_norm_eps' must be a finite number > 0, got ", rms_norm_eps);
   check_rope(rope, source, "");
   if (sliding_rope) check_rope(*sliding_rope, source, "the sliding-window layers' ");
-  const double params = parameter_estimate(*this);
+  const double params = parameter_estimate();
   FT_CHECK(params <= 0x1p40, "[config] ", source, ": the sizes make a model of about ", params,
            " parameters, more than libft builds (2^40, about 1.1e12): check vocab_size (", vocab_size,
            "), hidden_size (", hidden_size, "), intermediate_size (", intermediate_size, ") and num_hidden_layers (",
@@ -706,7 +724,8 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
   c.head_dim = r.integer_or("head_dim", gemma ? 256 : c.hidden_size / c.num_attention_heads);
   c.max_position_embeddings = r.integer_or("max_position_embeddings", c.gemma3() ? 131072 : gemma ? 8192 : 2048);
   check_sizes(c, source);  // before any of them sizes a vector below (layer_window)
-  c.rms_norm_eps = r.number_or("rms_norm_eps", 1e-6);
+  // (the config classes' defaults: 1e-5 for Mixtral, Phi-3 and AI2's models, 1e-6 elsewhere)
+  c.rms_norm_eps = r.number_or("rms_norm_eps", c.mixtral() || c.phi3() || c.olmo() || c.olmoe() ? 1e-5 : 1e-6);
   c.initializer_range = r.number_or("initializer_range", 0.02);
   c.attention_dropout = r.number_or("attention_dropout", 0.0);
   c.tie_word_embeddings = r.boolean_or("tie_word_embeddings", gemma);
@@ -797,7 +816,12 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
     r.number_or("embd_pdrop", 0.0);
     FT_CHECK(!c.qkv_bias && !c.mlp_bias, "[config] ", source, ": phi3 has no biases (attention_bias, mlp_bias)");
   }
-  if (c.mixtral() || c.model_type == "qwen2_moe" || c.model_type == "qwen3_moe") parse_experts(r, c);
+  if (c.mixtral() || c.model_type == "qwen2_moe" || c.model_type == "qwen3_moe" || c.olmoe()) parse_experts(r, c);
+  if (c.olmoe()) {
+    c.clip_qkv = r.number_or("clip_qkv", 0.0);  // (null: none)
+    FT_CHECK(std::isfinite(c.clip_qkv) && c.clip_qkv >= 0, "[config] ", source, ": 'clip_qkv' must be null or a number > 0, got ",
+             c.clip_qkv);
+  }
   if (c.model_type == "gemma") {
     FT_CHECK(!r.boolean_or("use_bidirectional_attention", false), "[config] ", source,
              ": use_bidirectional_attention is not supported: libft trains causal language models");
@@ -921,6 +945,7 @@ std::string model_config_to_json(const ModelConfig& c) {
                            : c.mixtral()               ? "MixtralForCausalLM"
                            : c.model_type == "qwen3_moe" ? "Qwen3MoeForCausalLM"
                            : c.model_type == "qwen2_moe" ? "Qwen2MoeForCausalLM"
+                           : c.olmoe()                 ? "OlmoeForCausalLM"
                            : c.olmo()                  ? "Olmo2ForCausalLM"
                                                        : "Qwen3ForCausalLM";
   j["architectures"] = json::array({arch});
@@ -953,6 +978,11 @@ std::string model_config_to_json(const ModelConfig& c) {
     j["num_local_experts"] = c.num_experts;
     j["num_experts_per_tok"] = c.num_experts_per_tok;
     j["router_jitter_noise"] = 0.0;
+  } else if (c.olmoe()) {
+    j["num_experts"] = c.num_experts;
+    j["num_experts_per_tok"] = c.num_experts_per_tok;
+    j["norm_topk_prob"] = c.norm_topk_prob;
+    j["clip_qkv"] = c.clip_qkv > 0 ? json(c.clip_qkv) : json(nullptr);
   } else if (c.num_experts > 0) {
     j["num_experts"] = c.num_experts;
     j["num_experts_per_tok"] = c.num_experts_per_tok;

@@ -71,7 +71,9 @@ std::string describe(CausalLM& m) {
   }
   os << "attention      " << c.num_attention_heads << " query heads, " << c.num_key_value_heads << " key/value heads"
      << ", head_dim " << c.head_dim << (c.qkv_bias ? ", q/k/v bias" : "") << (c.o_bias ? ", o bias" : "")
-     << (c.qk_norm() ? ", q/k norms" : "") << (c.packed_projections() ? ", q/k/v packed in qkv_proj" : "");
+     << (c.qk_norm() ? c.qk_norm_full_width() ? ", q/k norms over all heads" : ", q/k norms" : "")
+     << (c.packed_projections() ? ", q/k/v packed in qkv_proj" : "");
+  if (c.clip_qkv > 0) os << ", q/k/v clamped to +-" << c.clip_qkv;
   if (c.query_pre_attn_scalar > 0) os << ", scores scaled by 1/sqrt(" << c.query_pre_attn_scalar << ")";
   if (c.attn_logit_softcapping > 0) os << ", scores soft-capped at " << c.attn_logit_softcapping;
   os << "\n";

@@ -199,8 +199,10 @@ Linear linear(int64_t in, int64_t out, bool bias) { return Linear(in, out, bias)
 // would otherwise be off. So are the random generators' states: the recomputation replays the
 // forward pass's draws (dropout), as PyTorch's checkpoint does with preserve_rng_state. (CUDA graph
 // capture and checkpointing exclude each other, see the run config: a captured generator's
-// offsets live on the device.)
-using BlockFn = std::function<at::Tensor(const at::Tensor&, const std::vector<at::Tensor>&)>;
+// offsets live on the device.) The block returns its hidden states, and after them any other
+// outputs whose gradients count (a mixture-of-experts layer's router logits, for the load-balancing
+// loss), each an output of the backward node.
+using BlockFn = std::function<std::vector<at::Tensor>(const at::Tensor&, const std::vector<at::Tensor>&)>;
 
 
 class CheckpointBackward final : public torch::autograd::Node {
@@ -235,7 +237,7 @@ class CheckpointBackward final : public torch::autograd::Node {
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
     torch::autograd::variable_list out(inputs.size() + params.size());
-    if (!grads[0].defined()) return out;
+    if (std::none_of(grads.begin(), grads.end(), [](const at::Tensor& g) { return g.defined(); })) return out;
     at::AutoGradMode enable(true);
     const c10::Device device = inputs[0].device();
     struct Restore {
@@ -256,9 +258,18 @@ class CheckpointBackward final : public torch::autograd::Node {
       fresh.push_back(inputs[i].defined() ? inputs[i].detach().requires_grad_(input_requires_grad[i]) : at::Tensor());
       if (input_requires_grad[i]) wrt.push_back(fresh.back());
     }
-    const at::Tensor y = fn(fresh[0], std::vector<at::Tensor>(fresh.begin() + 1, fresh.end()));
+    const std::vector<at::Tensor> ys = fn(fresh[0], std::vector<at::Tensor>(fresh.begin() + 1, fresh.end()));
+    FT_CHECK(ys.size() == grads.size(), "[checkpointing] the recomputed block returned ", ys.size(),
+             " outputs, its first pass ", grads.size());
+    std::vector<at::Tensor> outputs, output_grads;  // those that an incoming gradient reaches
+    for (size_t i = 0; i < ys.size(); ++i) {
+      if (!grads[i].defined() || !ys[i].requires_grad()) continue;
+      outputs.push_back(ys[i]);
+      output_grads.push_back(grads[i]);
+    }
+    if (outputs.empty()) return out;
     for (const auto& p : params) wrt.push_back(p);
-    const auto g = torch::autograd::grad({y}, wrt, {grads[0]}, /*retain_graph=*/false, /*create_graph=*/false,
+    const auto g = torch::autograd::grad(outputs, wrt, output_grads, /*retain_graph=*/false, /*create_graph=*/false,
                                          /*allow_unused=*/true);
     size_t k = 0;
     for (size_t i = 0; i < inputs.size(); ++i) {
@@ -274,8 +285,8 @@ class CheckpointBackward final : public torch::autograd::Node {
   }
 };
 
-at::Tensor checkpointed(const BlockFn& fn, const at::Tensor& x, const std::vector<at::Tensor>& extras,
-                        torch::nn::Module& block) {
+std::vector<at::Tensor> checkpointed(const BlockFn& fn, const at::Tensor& x, const std::vector<at::Tensor>& extras,
+                                     torch::nn::Module& block) {
   std::vector<at::Tensor> params;
   for (const auto& p : block.parameters()) {
     if (p.requires_grad()) params.push_back(p);
@@ -284,10 +295,10 @@ at::Tensor checkpointed(const BlockFn& fn, const at::Tensor& x, const std::vecto
   for (const auto& e : extras) any_input_grad = any_input_grad || (e.defined() && e.requires_grad());
   if (!at::GradMode::is_enabled() || (!any_input_grad && params.empty())) return fn(x, extras);
   at::Tensor rng = util::generator_states(x.device());
-  at::Tensor y;
+  std::vector<at::Tensor> ys;
   {
     at::NoGradGuard no_grad;
-    y = fn(x, extras);
+    ys = fn(x, extras);
   }
   auto node = std::shared_ptr<CheckpointBackward>(new CheckpointBackward(), torch::autograd::deleteNode);
   node->rng = std::move(rng);
@@ -301,8 +312,8 @@ at::Tensor checkpointed(const BlockFn& fn, const at::Tensor& x, const std::vecto
   }
   node->params = std::move(params);
   node->autocast = CheckpointBackward::Autocast::current();
-  torch::autograd::create_gradient_edge(y, std::move(node));
-  return y;
+  for (auto& y : ys) torch::autograd::create_gradient_edge(y, node);  // outputs 0, 1, ... in order
+  return ys;
 }
 
 }  // namespace
@@ -433,7 +444,8 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, int64_t window_, bool rope)
       default_scale(c.attention_multiplier <= 0 &&
                     (c.query_pre_attn_scalar <= 0 || c.query_pre_attn_scalar == static_cast<double>(c.head_dim))),
       softcap(c.attn_logit_softcapping),
-      dropout(c.attention_dropout) {
+      dropout(c.attention_dropout),
+      clip_qkv(c.clip_qkv) {
   if (c.packed_projections()) {
     qkv_proj = register_module("qkv_proj", linear(c.hidden_size, (heads + 2 * kv_heads) * head_dim, c.qkv_bias));
   } else {
@@ -442,10 +454,11 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, int64_t window_, bool rope)
     v_proj = register_module("v_proj", linear(c.hidden_size, kv_heads * head_dim, c.qkv_bias));
   }
   o_proj = register_module("o_proj", linear(heads * head_dim, c.hidden_size, c.o_bias));
-  if (c.qk_norm_full_width()) {  // OLMo 2: over all the queries, all the keys
+  if (c.qk_norm_full_width()) {  // OLMo 2 and OLMoE: over all the queries, all the keys
     qk_norm_full_width = true;
-    q_norm = register_module("q_norm", RMSNorm(heads * head_dim, c.rms_norm_eps, false, true));
-    k_norm = register_module("k_norm", RMSNorm(kv_heads * head_dim, c.rms_norm_eps, false, true));
+    // (OLMo 2's norms take the weight's product in float32, OLMoE's in the input's dtype, as Llama's)
+    q_norm = register_module("q_norm", RMSNorm(heads * head_dim, c.rms_norm_eps, false, c.olmo()));
+    k_norm = register_module("k_norm", RMSNorm(kv_heads * head_dim, c.rms_norm_eps, false, c.olmo()));
   } else if (c.qk_norm()) {
     q_norm = register_module("q_norm", RMSNorm(head_dim, c.rms_norm_eps, c.norm_unit_offset()));
     k_norm = register_module("k_norm", RMSNorm(head_dim, c.rms_norm_eps, c.norm_unit_offset()));
@@ -605,9 +618,12 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
     const auto xs = projection_inputs(x, {q_proj.get(), k_proj.get(), v_proj.get()}, shared_input_cast);
     qkv = {q_proj(xs[0]), k_proj(xs[1]), v_proj(xs[2])};
   }
-  if (q_norm && qk_norm_full_width) {  // OLMo 2: before the split into heads
+  if (q_norm && qk_norm_full_width) {  // OLMo 2 and OLMoE: before the split into heads
     qkv[0] = q_norm(qkv[0]);
     qkv[1] = k_norm(qkv[1]);
+  }
+  if (clip_qkv > 0) {  // OLMoE's clip_qkv, after the norms
+    for (auto& t : qkv) t = t.clamp(-clip_qkv, clip_qkv);
   }
   at::Tensor q = qkv[0].view({B, T, heads, head_dim});
   at::Tensor k = qkv[1].view({B, T, kv_heads, head_dim});
@@ -734,10 +750,11 @@ SparseMoeImpl::SparseMoeImpl(const ModelConfig& c)
   }
 }
 
-at::Tensor SparseMoeImpl::forward(const at::Tensor& x) {
+at::Tensor SparseMoeImpl::forward(const at::Tensor& x, at::Tensor* router_logits) {
   const int64_t E = static_cast<int64_t>(experts->size());
   const at::Tensor h = x.reshape({-1, x.size(-1)});  // (N, hidden)
   const at::Tensor logits = gate(h);                 // (N, E)
+  if (router_logits) *router_logits = logits;
   auto [weights, chosen] = at::topk(at::softmax(logits, -1, at::kFloat), top_k, -1);  // (N, k) each
   if (normalize) weights = weights / weights.sum(-1, /*keepdim=*/true);
   if (!float_weights) weights = weights.to(logits.scalar_type());
@@ -818,15 +835,16 @@ DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer)
 }
 
 at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k,
-                                     at::Tensor* cache_v, const at::Tensor& prefix_k, const at::Tensor& prefix_v) {
+                                     at::Tensor* cache_v, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                     at::Tensor* router_logits) {
   if (!input_layernorm) {  // OLMo 2: each sublayer's output normed, then added
     at::Tensor h = x + post_attention_layernorm(self_attn(x, in, cache_k, cache_v, prefix_k, prefix_v));
-    return h + post_feedforward_layernorm(feed_forward(h));
+    return h + post_feedforward_layernorm(feed_forward(h, router_logits));
   }
   if (pre_feedforward_layernorm) {  // Gemma 2 and 3: norms around both sublayers' outputs too
     at::Tensor h =
         x + post_attention_layernorm(self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v));
-    return h + post_feedforward_layernorm(feed_forward(pre_feedforward_layernorm(h)));
+    return h + post_feedforward_layernorm(feed_forward(pre_feedforward_layernorm(h), router_logits));
   }
   // A sublayer's output as it joins the residual stream, in transformers' order: times Granite's
   // multiplier, then through Phi-3's resid_pdrop in training mode (each a no-op elsewhere).
@@ -836,7 +854,7 @@ at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const AttentionInputs&
     return y;
   };
   at::Tensor h = x + joining(self_attn(input_layernorm(x), in, cache_k, cache_v, prefix_k, prefix_v));
-  return h + joining(feed_forward(post_attention_layernorm(h)));
+  return h + joining(feed_forward(post_attention_layernorm(h), router_logits));
 }
 
 std::vector<MLPImpl*> DecoderLayerImpl::mlps() {
@@ -849,7 +867,16 @@ std::vector<MLPImpl*> DecoderLayerImpl::mlps() {
 
 // ------------------------------------------------------------------------------------------------
 DecoderImpl::DecoderImpl(const ModelConfig& c) {
-  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
+  // transformers builds every family's embedding as nn.Embedding(vocab, hidden, padding_idx =
+  // pad_token_id): the padding token's row gets no gradient, so full fine-tuning leaves it as it is
+  // (Phi-3's pad is its <|endoftext|>, which documents end with; OLMoE's its <|padding|>). A
+  // negative id counts from the end, as in PyTorch. An id outside the vocabulary (a real config
+  // shrunk for a test; transformers' nn.Embedding would refuse it) leaves every row trainable.
+  torch::nn::EmbeddingOptions embedding(c.vocab_size, c.hidden_size);
+  if (c.pad_token_id && *c.pad_token_id >= -c.vocab_size && *c.pad_token_id < c.vocab_size) {
+    embedding.padding_idx(*c.pad_token_id);
+  }
+  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(embedding));
   layers = register_module("layers", torch::nn::ModuleList());
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(DecoderLayer(c, i));
   norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_unit_offset(), c.olmo()));
@@ -859,17 +886,9 @@ namespace {
 
 // The model's parameters are created in float32 on the CPU (then initialised or loaded, and moved):
 // more bytes than the machine has would end the process inside LibTorch's allocator (a fatal log,
-// not an exception), so that case is an error here. Counted as io/hf_config.cpp's bound counts.
+// not an exception), so that case is an error here.
 void check_fits_in_memory(const ModelConfig& c) {
-  const double h = static_cast<double>(c.hidden_size);
-  const double q = static_cast<double>(c.num_attention_heads) * static_cast<double>(c.head_dim);
-  const double kv = static_cast<double>(c.num_key_value_heads) * static_cast<double>(c.head_dim);
-  const double mlp = c.num_experts > 0 ? static_cast<double>(c.num_experts) * (3 * h * static_cast<double>(c.moe_intermediate_size) + h) +
-                                             3 * h * static_cast<double>(c.shared_expert_intermediate_size) + h
-                                       : 3 * h * static_cast<double>(c.intermediate_size);
-  const double layer = h * q * 2 + h * kv * 2 + mlp + 2 * h;
-  const double params = static_cast<double>(c.vocab_size) * h * (c.tie_word_embeddings ? 1 : 2) +
-                        static_cast<double>(c.num_hidden_layers) * layer + h;
+  const double params = c.parameter_estimate();
   const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
   if (pages <= 0 || page <= 0) return;
   const double memory = static_cast<double>(pages) * static_cast<double>(page);
@@ -1095,20 +1114,31 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
       // the prefix through the recomputation.
       std::vector<at::Tensor> extras;
       if (!prefix_kv.empty()) extras = {prefix_kv[2 * i], prefix_kv[2 * i + 1]};
-      x = checkpointed(
-          [layer, in](const at::Tensor& h, const std::vector<at::Tensor>& e) {
-            return e.empty() ? layer->forward(h, in, nullptr, nullptr) : layer->forward(h, in, nullptr, nullptr, e[0], e[1]);
+      // A router's logits are the block's second output, so that the load-balancing loss's
+      // gradient reaches the router and the block's input through the recomputation.
+      const bool route = opt.router_logits && layer->moe;
+      std::vector<at::Tensor> ys = checkpointed(
+          [layer, in, route](const at::Tensor& h, const std::vector<at::Tensor>& e) {
+            at::Tensor logits;
+            at::Tensor y = layer->forward(h, in, nullptr, nullptr, e.empty() ? at::Tensor() : e[0],
+                                          e.empty() ? at::Tensor() : e[1], route ? &logits : nullptr);
+            return route ? std::vector<at::Tensor>{y, logits} : std::vector<at::Tensor>{y};
           },
           x, extras, *layer);
+      x = ys[0];
+      if (route) opt.router_logits->push_back(ys[1]);
       continue;
     }
+    at::Tensor logits;
+    at::Tensor* route = opt.router_logits && layer->moe ? &logits : nullptr;
     if (cache) {
-      x = layer->forward(x, in, &cache->keys[i], &cache->values[i]);
+      x = layer->forward(x, in, &cache->keys[i], &cache->values[i], {}, {}, route);
     } else if (!prefix_kv.empty()) {
-      x = layer->forward(x, in, nullptr, nullptr, prefix_kv[2 * i], prefix_kv[2 * i + 1]);
+      x = layer->forward(x, in, nullptr, nullptr, prefix_kv[2 * i], prefix_kv[2 * i + 1], route);
     } else {
-      x = layer->forward(x, in, nullptr, nullptr);
+      x = layer->forward(x, in, nullptr, nullptr, {}, {}, route);
     }
+    if (route) opt.router_logits->push_back(logits);
   }
   return model->norm(x);
 }
@@ -1360,6 +1390,35 @@ at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, in
 
 at::Tensor causal_lm_loss_sum(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, bool fused) {
   return shifted_cross_entropy(logits, labels, ignore_index, at::Reduction::Sum, fused);
+}
+
+at::Tensor load_balancing_loss(const std::vector<at::Tensor>& router_logits, int64_t num_experts, int64_t top_k,
+                               const at::Tensor& token_mask) {
+  FT_CHECK(!router_logits.empty(), "[model] the load-balancing loss needs the router logits of at least one layer");
+  FT_CHECK(top_k >= 1 && top_k <= num_experts, "[model] load-balancing loss: top_k ", top_k, " with ", num_experts,
+           " experts");
+  const c10::Device device = router_logits.front().device();
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
+  at::Tensor mask;  // (N, 1) float32, where given
+  if (token_mask.defined()) mask = token_mask.reshape({-1, 1}).to(f32);
+  // Choice counts and probability sums per expert, over every layer's rows (transformers sums them
+  // layer by layer and divides once).
+  at::Tensor choices = at::zeros({num_experts}, f32), probability = at::zeros({num_experts}, f32);
+  at::Tensor rows = at::zeros({}, f32);
+  for (size_t l = 0; l < router_logits.size(); ++l) {
+    const at::Tensor& logits = router_logits[l];
+    FT_CHECK(logits.dim() == 2 && logits.size(1) == num_experts, "[model] load-balancing loss: layer ", l,
+             "'s router logits are ", logits.sizes(), ", expected (tokens, ", num_experts, ")");
+    FT_CHECK(!mask.defined() || mask.size(0) == logits.size(0), "[model] load-balancing loss: ", logits.size(0),
+             " router rows against a token mask of ", mask.size(0));
+    const at::Tensor p = at::softmax(logits, -1, at::kFloat);  // (N, E)
+    const at::Tensor chosen = std::get<1>(at::topk(p, top_k, -1)).reshape({-1});
+    at::Tensor weight = mask.defined() ? mask.expand({mask.size(0), top_k}).reshape({-1}) : at::ones({chosen.size(0)}, f32);
+    choices = choices + at::zeros({num_experts}, f32).scatter_add_(0, chosen, weight);
+    probability = probability + (mask.defined() ? p * mask : p).sum(0);
+    rows = rows + (mask.defined() ? mask.sum() : at::full({}, static_cast<double>(logits.size(0)), f32));
+  }
+  return (choices / rows * (probability / rows)).sum() * static_cast<double>(num_experts);
 }
 
 }  // namespace ft::model

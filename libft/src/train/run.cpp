@@ -487,11 +487,14 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
     model::init_weights(model, c.model.init_seed);
     model->to(device);
   }
-  // transformers adds the routers' load-balancing loss to the training loss where the config says
-  // output_router_logits; libft's objective has no such term, so it would train another model.
-  FT_CHECK(!model->config().output_router_logits, "[train] ", c.model.checkpoint.empty() ? c.model.config : c.model.checkpoint,
-           ": output_router_logits is true (transformers would add router_aux_loss_coef x the routers' load-balancing "
-           "loss to the training loss), which libft does not compute: set it to false to train on the language-model loss alone");
+  // The routers' load-balancing loss, as transformers adds it where the config says
+  // output_router_logits, or with the run's own weight.
+  const model::ModelConfig& model_config = model->config();
+  const double router_aux_loss_coef = c.model.router_aux_loss_coef.value_or(
+      model_config.output_router_logits ? model_config.router_aux_loss_coef : 0.0);
+  FT_CHECK(!c.model.router_aux_loss_coef || *c.model.router_aux_loss_coef == 0 || model_config.num_experts > 0,
+           "[train] ", c.source, ": model.router_aux_loss_coef weighs the routers' load-balancing loss, but ",
+           c.model.checkpoint.empty() ? c.model.config : c.model.checkpoint, " has no mixture-of-experts layers");
   const std::unique_ptr<adapt::Mode> mode = adapt::make_mode(c);
   mode->apply(model);
   if (bf16 && !mode->exports_base()) {
@@ -678,6 +681,12 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
                groups.no_decay.size(), device.str().c_str(), c.dtype.c_str());
   std::fprintf(log, "[train] %s\n", mode->describe(model).c_str());
   if (ewc) std::fprintf(log, "[train] %s, from %s\n", ewc->describe().c_str(), c.ewc.state.c_str());
+  if (router_aux_loss_coef > 0) {
+    std::fprintf(log, "[train] routers' load-balancing loss x %g in the objective (%s; top %lld of %lld experts)\n",
+                 router_aux_loss_coef,
+                 c.model.router_aux_loss_coef ? "model.router_aux_loss_coef" : "the config's output_router_logits and router_aux_loss_coef",
+                 static_cast<long long>(model_config.num_experts_per_tok), static_cast<long long>(model_config.num_experts));
+  }
   if (!c.replay.stores.empty()) {
     std::string names;
     for (const auto& p : c.replay.stores) names += (names.empty() ? "" : ", ") + p;
@@ -824,6 +833,7 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   };
   AccumulateHooks hooks;
   hooks.before_forward = ro.before_forward;
+  hooks.router_aux_loss_coef = router_aux_loss_coef;
   if (group) {
     hooks.total_targets = [&](int64_t n) { return static_cast<int64_t>(group->sum({static_cast<double>(n)})[0]); };
     hooks.before_backward = [&](bool last) { reducer->begin_pass(last); };
@@ -859,9 +869,11 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
         r = graphs ? graphs->accumulate(passes) : accumulate_gradients(model, passes, hooks);
         if (reducer) {
           reducer->finish();
-          const std::vector<double> sums = group->sum({r.loss, static_cast<double>(r.n_tokens)});
+          const std::vector<double> sums = group->sum(
+              {r.loss, static_cast<double>(r.n_tokens), std::isnan(r.router_aux_loss) ? 0.0 : r.router_aux_loss});
           r.loss = sums[0];
           r.n_tokens = static_cast<int64_t>(sums[1]);
+          if (router_aux_loss_coef > 0) r.router_aux_loss = sums[2];
         }
         break;
       } catch (const c10::OutOfMemoryError& e) {
@@ -924,8 +936,10 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
                                {"data", hash()}, {"peak_rss_mib", std::round(peak_rss_mib())}};
         if (device.is_cuda()) line["peak_device_mib"] = std::round(peak_device_mib(device));
         if (ewc) line["ewc_penalty"] = ewc_penalty;
+        if (router_aux_loss_coef > 0) line["router_aux_loss"] = number(r.router_aux_loss);
         metrics.write(line);
         if (ewc) event("train/ewc_penalty", ewc_penalty, counters.step);
+        if (router_aux_loss_coef > 0) event("train/router_aux_loss", r.router_aux_loss, counters.step);
         event("train/loss", r.loss, counters.step);
         event("train/lr", lr, counters.step);
         event("train/grad_norm", out.grad_norm, counters.step);

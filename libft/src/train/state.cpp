@@ -103,6 +103,7 @@ std::string run_identity(const config::RunConfig& c) {
     j["prefix"] = {{"num_virtual_tokens", c.prefix.num_virtual_tokens}, {"projection", c.prefix.projection},
                    {"encoder_hidden_size", c.prefix.encoder_hidden_size}, {"init_from", c.prefix.init_from}};
   }
+  if (c.model.router_aux_loss_coef) j["model"]["router_aux_loss_coef"] = *c.model.router_aux_loss_coef;
   // Likewise only when used: the regularisers change what a resumed run must compute.
   if ((c.mode == "lora" || c.mode == "qlora") && !c.lora.modules_to_save.empty())
     j["lora"]["modules_to_save"] = c.lora.modules_to_save;

@@ -8,8 +8,9 @@
 
 namespace ft::train {
 
-at::Tensor micro_batch_loss_sum(model::CausalLM& model, const BatchTensors& b) {
+at::Tensor micro_batch_loss_sum(model::CausalLM& model, const BatchTensors& b, std::vector<at::Tensor>* router_logits) {
   model::ForwardOptions fo;
+  fo.router_logits = router_logits;
   fo.position_ids = b.position_ids;
   fo.segment_ids = b.segment_ids;
   fo.attention_mask = b.attention_mask;
@@ -53,21 +54,36 @@ AccumulateResult accumulate_gradients(model::CausalLM& model, const std::vector<
   r.n_targets = hooks.total_targets ? hooks.total_targets(local_targets) : local_targets;
   if (r.n_targets == 0 || local_targets == 0) return r;
   const double inv_n = 1.0 / static_cast<double>(r.n_targets);
+  const double coef = hooks.router_aux_loss_coef;
+  const model::ModelConfig& config = model->config();
+  FT_CHECK(coef == 0 || config.num_experts > 0, "[train] the routers' load-balancing loss needs a mixture of experts");
   // The losses are summed in float64 on the loss's device and read once, after the last backward
   // pass: reading each micro-batch's loss would make the host wait for the device between every
   // forward and backward pass (the same sums, in the same order, so the same figure).
-  at::Tensor loss_sum;
+  at::Tensor loss_sum, aux_sum;
   for (size_t i = 0; i < micro_batches.size(); ++i) {
     const BatchTensors& b = micro_batches[i];
     if (b.n_targets == 0) continue;  // contributes nothing to the loss or the gradient
     if (hooks.before_forward) hooks.before_forward(b);
-    at::Tensor sum = micro_batch_loss_sum(model, b);
+    std::vector<at::Tensor> router_logits;
+    at::Tensor sum = micro_batch_loss_sum(model, b, coef > 0 ? &router_logits : nullptr);
     const at::Tensor s64 = sum.detach().to(at::kDouble);
     loss_sum = loss_sum.defined() ? loss_sum + s64 : s64;
+    at::Tensor objective = sum;
+    if (coef > 0) {
+      // Padding is not routed: transformers leaves it out through the attention mask.
+      const at::Tensor mask = b.padding().value_or(true) && b.attention_mask.defined() ? b.attention_mask : at::Tensor();
+      const at::Tensor aux = model::load_balancing_loss(router_logits, config.num_experts, config.num_experts_per_tok, mask) *
+                             static_cast<double>(b.n_targets);
+      const at::Tensor a64 = aux.detach().to(at::kDouble);
+      aux_sum = aux_sum.defined() ? aux_sum + a64 : a64;
+      objective = sum + aux.to(sum.scalar_type()) * coef;
+    }
     if (hooks.before_backward) hooks.before_backward(i == last);
-    (sum * inv_n).backward();
+    (objective * inv_n).backward();
   }
   r.loss = loss_sum.item<double>() * inv_n;
+  if (aux_sum.defined()) r.router_aux_loss = aux_sum.item<double>() * inv_n;
   return r;
 }
 

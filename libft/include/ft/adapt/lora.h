@@ -70,6 +70,15 @@ struct LoraOptions {
   std::vector<std::string> exclude_modules;
   /// PEFT's exclude_modules string form: a regular expression over the whole name, if not empty.
   std::string exclude_regex;
+  /// PEFT's target_parameters: transformers 5's 3-D expert weights of a mixture of experts, by name
+  /// or suffix ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", or a whole
+  /// "model.layers.N.mlp.experts.down_proj"); see EXPERT PARAMETERS. Only those two.
+  std::vector<std::string> target_parameters;
+  /// "all-linear" as PEFT takes it on transformers 5's modules (read_peft_lora_config sets it): a
+  /// mixture of experts' experts are 3-D parameters there, not linear layers (target_parameters
+  /// adapts them), and of its routers only Qwen2-MoE's shared_expert_gate is an nn.Linear. libft's
+  /// own all-linear adapts every expert and no router.
+  bool all_linear_as_peft = false;
 };
 
 /// The parameters that `modules_to_save` trains in full, by model name ("lm_head.weight"), in model
@@ -89,6 +98,12 @@ struct LoraLayer {
 /// parameter, and returns the adapted layers in model order. Throws ft::Error when a target matches
 /// no layer or an option is out of range.
 std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& options);
+
+/// Whether the module named `name` is a mixture of experts' router: model.layers.N.block_sparse_moe.gate
+/// (Mixtral), model.layers.N.mlp.gate (Qwen2/3-MoE), or Qwen2-MoE's mlp.shared_expert_gate. all-linear
+/// leaves routers alone (a low-rank change to a router moves tokens between experts), and QLoRA keeps
+/// their few weights unquantized.
+bool is_router(const std::string& name);
 
 /// The adapted layers of `model` (empty when it has no LoRA).
 std::vector<LoraLayer> lora_layers(model::CausalLM& model);

@@ -23,6 +23,10 @@ struct ModelSection {
   std::string config;
   /// ... initialised with this seed (init_weights).
   uint64_t init_seed = 0;
+  /// A mixture of experts: the weight of the routers' load-balancing loss in the training objective
+  /// (ft/train/step.h); 0 trains without it. Unset: as the model's config.json says (transformers'
+  /// output_router_logits, then router_aux_loss_coef), which for most released checkpoints is off.
+  std::optional<double> router_aux_loss_coef;
 };
 
 struct DataSection {

@@ -4,7 +4,7 @@
 // (gemma: Gemma 1; gemma2: Gemma 2; gemma3_text: Gemma3ForCausalLM, e.g. gemma-3-270m and gemma-3-1b) and
 // Microsoft's Phi-3 family (phi3: Phi-3, Phi-3.5-mini, Phi-4-mini, Phi-4), SmolLM3 (smollm3) and
 // AI2's OLMo 2 (olmo2) and OLMo 3 (olmo3), and the mixture-of-experts models Mixtral (mixtral),
-// Qwen2-MoE (qwen2_moe) and Qwen3-MoE (qwen3_moe).
+// Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe) and OLMoE (olmoe).
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -55,7 +55,7 @@ struct RopeConfig {
 };
 
 struct ModelConfig {
-  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | granite | gemma | gemma2 | gemma3_text | phi3 | smollm3 | olmo2 | olmo3 | mixtral | qwen2_moe | qwen3_moe
+  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | granite | gemma | gemma2 | gemma3_text | phi3 | smollm3 | olmo2 | olmo3 | mixtral | qwen2_moe | qwen3_moe | olmoe
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
@@ -120,10 +120,14 @@ struct ModelConfig {
   std::vector<bool> layer_moe;
   /// output_router_logits: transformers adds router_aux_loss_coef × the load-balancing loss of the
   /// routers to the training loss (read; libft's trainer refuses it, see train::check_trainable).
+  /// OLMoE: q, k and v clamped to [-clip_qkv, clip_qkv] after the projections (and q/k norms); 0:
+  /// no clamp (the config's null).
+  double clip_qkv = 0;
   bool output_router_logits = false;
   double router_aux_loss_coef = 0.001;
   std::optional<int64_t> bos_token_id;
   std::vector<int64_t> eos_token_ids;
+  /// Also the embedding's padding_idx, as transformers builds it: that row gets no gradient.
   std::optional<int64_t> pad_token_id;
   std::string torch_dtype = "float32";  ///< the checkpoint's declared dtype
   /// Read from an image-text checkpoint's text_config (Gemma 3's 4B and larger models, model_type
@@ -140,6 +144,8 @@ struct ModelConfig {
   /// Mistral AI's Mixtral (MixtralForCausalLM): Mistral's attention, its experts' projections named
   /// w1 (gate), w3 (up) and w2 (down) under block_sparse_moe.
   bool mixtral() const { return model_type == "mixtral"; }
+  /// AI2's OLMoE: Llama's block with q and k normed over all heads (as OLMo 2's) and a mixture of experts.
+  bool olmoe() const { return model_type == "olmoe"; }
   /// IBM's Granite 3 (GraniteForCausalLM): Llama's block with four multipliers.
   bool granite() const { return model_type == "granite"; }
   /// Whether layer `i` applies the rotary embedding (see layer_rope).
@@ -159,8 +165,8 @@ struct ModelConfig {
   /// Qwen3 and Gemma 3: an RMSNorm over each head's queries and keys (q_norm, k_norm: weights of
   /// head_dim), after the projections and before the rotary embedding; OLMo 2: over all of the
   /// queries and all of the keys (qk_norm_full_width: weights of H·D and G·D).
-  bool qk_norm() const { return model_type == "qwen3" || model_type == "qwen3_moe" || gemma3() || olmo(); }
-  bool qk_norm_full_width() const { return olmo(); }
+  bool qk_norm() const { return model_type == "qwen3" || model_type == "qwen3_moe" || gemma3() || olmo() || olmoe(); }
+  bool qk_norm_full_width() const { return olmo() || olmoe(); }
   /// AI2's OLMo 2 and OLMo 3 (Olmo2ForCausalLM, Olmo3ForCausalLM): norms on the sublayers' outputs
   /// only (post_attention_layernorm, post_feedforward_layernorm; no input_layernorm), each w · x̂
   /// taken in float32 before the cast, and full-width q/k norms. OLMo 3 adds sliding-window
@@ -182,6 +188,10 @@ struct ModelConfig {
 
   /// Throws ft::Error when values are inconsistent (heads not dividing, non-positive sizes...).
   void validate(const std::string& source) const;
+  /// About how many parameters the sizes make (biases and norms' few left out), in double: the
+  /// sizes' products may overflow int64. validate() bounds it, and the model's constructor checks
+  /// it against the machine's memory.
+  double parameter_estimate() const;
 };
 
 /// Parses config.json text. `source` names the file in error messages. Unknown model types, unknown

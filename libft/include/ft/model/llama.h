@@ -108,6 +108,8 @@ class AttentionImpl : public torch::nn::Module {
   double softcap = 0;
   /// ModelConfig::attention_dropout: dropout on the attention probabilities in training mode.
   double dropout = 0;
+  /// OLMoE (ModelConfig::clip_qkv): q, k and v clamped to ±clip_qkv after the norms; 0: none.
+  double clip_qkv = 0;
   bool shared_input_cast = true;  ///< CausalLMImpl::set_shared_input_cast
 };
 TORCH_MODULE(Attention);
@@ -141,7 +143,9 @@ TORCH_MODULE(MLP);
 class SparseMoeImpl : public torch::nn::Module {
  public:
   explicit SparseMoeImpl(const ModelConfig& c);
-  at::Tensor forward(const at::Tensor& x);
+  /// `router_logits`: where given, set to the router's logits (B·T, num_experts), in the router's
+  /// output dtype, for load_balancing_loss.
+  at::Tensor forward(const at::Tensor& x, at::Tensor* router_logits = nullptr);
   Linear gate{nullptr};
   torch::nn::ModuleList experts{nullptr};  ///< MLP each
   /// Qwen2-MoE: the shared expert, which every token passes through, and its gate (hidden → 1),
@@ -157,8 +161,11 @@ TORCH_MODULE(SparseMoe);
 class DecoderLayerImpl : public torch::nn::Module {
  public:
   DecoderLayerImpl(const ModelConfig& c, int64_t layer);
+  /// `router_logits`: where given and the layer has experts, set to its router's logits
+  /// (SparseMoeImpl::forward); left as it is in a dense layer.
   at::Tensor forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k, at::Tensor* cache_v,
-                     const at::Tensor& prefix_k = {}, const at::Tensor& prefix_v = {});
+                     const at::Tensor& prefix_k = {}, const at::Tensor& prefix_v = {},
+                     at::Tensor* router_logits = nullptr);
   /// post_attention_layernorm norms the MLP's input, or with ModelConfig::sandwich_norms (Gemma 2 and 3)
   /// the attention's output, and pre/post_feedforward_layernorm the MLP's input and output. OLMo 2:
   /// no input_layernorm (null) nor pre_feedforward_layernorm; post_attention_layernorm and
@@ -170,8 +177,10 @@ class DecoderLayerImpl : public torch::nn::Module {
   /// "block_sparse_moe" for Mixtral and "mlp" for Qwen3-MoE) its experts and router; the other null.
   MLP mlp{nullptr};
   SparseMoe moe{nullptr};
-  /// mlp or moe on x.
-  at::Tensor feed_forward(const at::Tensor& x) { return mlp ? mlp(x) : moe(x); }
+  /// mlp or moe on x (moe's router logits into `router_logits` where given).
+  at::Tensor feed_forward(const at::Tensor& x, at::Tensor* router_logits = nullptr) {
+    return mlp ? mlp(x) : moe->forward(x, router_logits);
+  }
   /// The dense MLP and every expert (for the settings they share).
   std::vector<MLPImpl*> mlps();
   /// Granite (ModelConfig::residual_multiplier): each sublayer's output times this before it joins
@@ -244,6 +253,10 @@ struct ForwardOptions {
   /// position_ids, which on CUDA makes the host wait for the device.
   std::optional<int64_t> max_position;
   KVCache* cache = nullptr;   ///< when set, attends to and extends the cache
+  /// When set, every mixture-of-experts layer appends its router's logits (B·T, num_experts) here,
+  /// in layer order (dense layers append nothing), for load_balancing_loss. With activation
+  /// checkpointing they carry their gradient through the block's recomputation.
+  std::vector<at::Tensor>* router_logits = nullptr;
 };
 
 class CausalLMImpl : public torch::nn::Module {
@@ -400,5 +413,15 @@ at::Tensor cross_entropy_sum(const at::Tensor& logits, const at::Tensor& targets
 /// the order of the float32 sum; the same gradients up to rounding.
 at::Tensor chunked_lm_loss_sum(CausalLMImpl& model, const at::Tensor& hidden, const at::Tensor& labels, int64_t chunk,
                                int64_t ignore_index = -100);
+
+/// The routers' load-balancing loss of a mixture of experts (Switch Transformer's, as transformers'
+/// load_balancing_loss_func computes it for Mixtral, Qwen2-MoE and Qwen3-MoE): over every layer's
+/// router logits (ForwardOptions::router_logits) together, with f_e the share of (token, top-k slot)
+/// choices that went to expert e and P_e its mean softmax probability, both per token-layer row,
+/// num_experts × Σ_e f_e·P_e (top_k when perfectly balanced). `token_mask` (B, T), 1 = token,
+/// 0 = padding, where given, keeps the padding out of both means. A float32 scalar whose gradient
+/// reaches the routers through P (the choices f are counts).
+at::Tensor load_balancing_loss(const std::vector<at::Tensor>& router_logits, int64_t num_experts, int64_t top_k,
+                               const at::Tensor& token_mask = {});
 
 }  // namespace ft::model
