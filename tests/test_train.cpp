@@ -698,6 +698,65 @@ TEST(TrainOptimizer, NonFiniteStepIsSkippedAndLeavesEverythingUntouched) {
 // The whole recipe on a synthetic store whose documents follow a learnable rule (next = 3·t + 1 mod
 // 97): the loss must fall well below chance in a few steps, every metrics line parses, evaluation
 // runs every eval.every steps and at the end, and the saved checkpoint loads.
+// A mixture of experts with model.router_aux_loss_coef: the run says so, every train line of
+// metrics.jsonl carries the step's router_aux_loss (near top_k = 2 for balanced routers) beside the
+// language-model loss, and the setting is part of the run's identity (in config.yaml). On a dense
+// model the setting is an error naming it; 0 turns the loss off.
+TEST(TrainRun, MixtureOfExpertsLogsTheRoutersAuxLoss) {
+  const std::filesystem::path dir = test::scratch_dir("train_run_aux");
+  std::ofstream(dir / "moe.json") << io::model_config_to_json(test::tiny_config("mixtral"));
+  std::ofstream(dir / "dense.json") << io::model_config_to_json(tiny_config());
+  test::write_rule_store((dir / "store.h5").string(), 40, 3, 20);
+  config::RunConfig c;
+  c.source = "test";
+  c.model.config = (dir / "moe.json").string();
+  c.model.router_aux_loss_coef = 0.05;
+  c.data.train = {(dir / "store.h5").string()};
+  c.data.seq_len = 32;
+  c.data.batch_size = 2;
+  c.data.grad_accum = 2;
+  c.max_steps = 3;
+  c.schedule.total_steps = 3;
+  c.eval.held_out_docs = 0;
+  c.output_dir = (dir / "run").string();
+  std::FILE* log = std::tmpfile();
+  train::run_training(c, log);
+  std::rewind(log);
+  std::string text(1 << 16, '\0');
+  text.resize(std::fread(text.data(), 1, text.size(), log));
+  std::fclose(log);
+  EXPECT_NE(text.find("routers' load-balancing loss x 0.05 in the objective (model.router_aux_loss_coef; top 2 of 4"),
+            std::string::npos)
+      << text;
+  std::ifstream metrics(dir / "run" / "metrics.jsonl");
+  std::string line;
+  int train_lines = 0;
+  while (std::getline(metrics, line)) {
+    const nlohmann::json j = nlohmann::json::parse(line);
+    if (j.at("type") != "train") continue;
+    ++train_lines;
+    const double aux = j.at("router_aux_loss").get<double>();
+    EXPECT_GT(aux, 1.5);  // (top_k when perfectly balanced; 4 when every token picks the same two)
+    EXPECT_LT(aux, 4.0);
+  }
+  EXPECT_EQ(train_lines, 3);
+  std::ifstream yaml(dir / "run" / "config.yaml");
+  EXPECT_NE(std::string(std::istreambuf_iterator<char>(yaml), {}).find("router_aux_loss_coef: 0.05"), std::string::npos);
+
+  c.model.config = (dir / "dense.json").string();
+  c.output_dir = (dir / "dense").string();
+  std::FILE* quiet = std::tmpfile();
+  EXPECT_NE(test::error_of([&] { train::run_training(c, quiet); })
+                .find("model.router_aux_loss_coef weighs the routers' load-balancing loss, but " +
+                      (dir / "dense.json").string() + " has no mixture-of-experts layers"),
+            std::string::npos);
+  c.model.router_aux_loss_coef = 0.0;  // off: fine on a dense model
+  c.output_dir = (dir / "dense0").string();
+  EXPECT_EQ(train::run_training(c, quiet).steps, 3);
+  std::fclose(quiet);
+  std::filesystem::remove_all(dir);
+}
+
 TEST(TrainRun, EndToEndOnASyntheticStore) {
   const std::filesystem::path dir = test::scratch_dir("train_run");
   std::ofstream(dir / "config.json") << io::model_config_to_json(tiny_config());
