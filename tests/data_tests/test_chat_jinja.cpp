@@ -141,6 +141,10 @@ TEST(Jinja, ErrorsNameTheTemplateLineAndColumn) {
             "[chat template] t:2:1: unexpected '{% endif %}' (the open block ends with '{% endfor %}')");
   EXPECT_EQ(error_of([] { render("a\n  {{ raise_exception('Roles must alternate') }}"); }),
             "[chat template] t:2:21: the template raised an error: Roles must alternate");
+  // (a message that looks like libft's own errors still gets its place: found by fuzz_jinja, where it
+  // escaped as a std::runtime_error)
+  EXPECT_EQ(error_of([] { render("{{ raise_exception('[chat template] no') }}"); }),
+            "[chat template] t:1:19: the template raised an error: [chat template] no");
   EXPECT_EQ(error_of([] { render("{{ messages[0].content }}"); }), "[chat template] t:1:12: 'messages' is undefined");
   EXPECT_EQ(error_of([] { render("{% set x = [] %}{{ x.append(1) }}"); }),
             "[chat template] t:1:28: list.append() is not allowed: the template sandbox is immutable (as transformers')");

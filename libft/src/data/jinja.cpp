@@ -1108,14 +1108,21 @@ Value call_function(Ctx& ctx, Pos p, const Value& f, const EvalArgs& a) {
   if (f.is_undefined()) fail_undefined(ctx, p, f);
   if (f.type() != Value::Type::function) ctx.fail(p, std::string("'") + type_name(f) + "' object is not callable");
   Args args{a.positional, a.named};
+  auto fail = [&](const char* what) {
+    if (f.name() == "raise_exception") ctx.fail(p, std::string("the template raised an error: ") + what);
+    ctx.fail(p, f.name() + "(): " + what);
+  };
   try {
     return f.as_function()(args);
-  } catch (const std::exception& e) {
+  } catch (const Error& e) {
     // Errors from inside a macro already name their place; the globals' do not.
     if (starts_with(e.what(), "[chat template]")) throw;
-    if (f.name() == "raise_exception") ctx.fail(p, std::string("the template raised an error: ") + e.what());
-    ctx.fail(p, f.name() + "(): " + e.what());
+    fail(e.what());
+  } catch (const std::exception& e) {
+    // (raise_exception's own: its text is the template's, whatever it starts with)
+    fail(e.what());
   }
+  return Value();  // (not reached: ctx.fail throws)
 }
 
 // ---------------------------------------------------------------------------------------------
