@@ -960,11 +960,50 @@ void check_regex(const std::string& what, const std::string& p) {
 /// PEFT's check_target_module_exists for a list of names (or its regex form): a module that
 /// modules_to_save names (or one inside it) is never a target; a listed name matched exactly is;
 /// one matched as a suffix (or by all-linear) only in the layers of layers_to_transform, if given.
+// EXPERT PARAMETERS. transformers 5 keeps a sparse layer's experts as two 3-D parameters,
+// model.layers.N.mlp.experts.gate_up_proj (E, 2I, H: each expert's gate rows, then its up rows) and
+// .down_proj (E, H, I), registered in that order; PEFT's target_parameters adapts each with one
+// ParamWrapper: lora_A (E·r, in) whose rows e·r + j are expert e's A, lora_B (out, r·E) whose
+// columns j·E + e are its B, and the two wrappers on one module nest (the first-registered
+// parameter's inside, under ".base_layer"). libft keeps each expert's projections as linear layers
+// (Mixtral's block_sparse_moe.experts.e.w1/w3/w2, the others' mlp.experts.e.gate/up/down_proj): an
+// adapted gate_up_proj is an adapter on each expert's gate and up layers, sharing A and splitting B's
+// rows, so the same ΔW exactly. A router's model.layers.N.mlp.gate.weight (E, H), a 2-D parameter
+// of a TopKRouter module there (PEFT's all-linear on Mixtral, Qwen3-MoE and OLMoE ends up adapting it
+// so), is an ordinary LoRA on libft's router layer.
+struct ExpertProjection {
+  std::string module;  ///< PEFT's module: model.layers.N.mlp.experts (or .mlp.gate, a router)
+  std::string key;     ///< PEFT's parameter: module + ".gate_up_proj", ".down_proj" (or ".weight")
+  int64_t expert = 0;
+  int part = 0;  ///< 0 gate, 1 up (the gate_up_proj rows [0, I) and [I, 2I)), 2 down, 3 the router
+};
+
+std::optional<ExpertProjection> expert_projection(const std::string& name) {
+  static const std::regex re(R"(model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj))");
+  static const std::regex router(R"(model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate)");
+  std::smatch m;
+  if (std::regex_match(name, m, router)) {
+    ExpertProjection p;
+    p.module = "model.layers." + m[1].str() + ".mlp.gate";
+    p.key = p.module + ".weight";
+    p.part = 3;
+    return p;
+  }
+  if (!std::regex_match(name, m, re)) return std::nullopt;
+  ExpertProjection p;
+  p.module = "model.layers." + m[1].str() + ".mlp.experts";
+  p.expert = std::stoll(m[2].str());
+  const std::string proj = m[3].str();
+  p.part = proj == "w1" || proj == "gate_proj" ? 0 : proj == "w3" || proj == "up_proj" ? 1 : 2;
+  p.key = p.module + (p.part == 2 ? ".down_proj" : ".gate_up_proj");
+  return p;
+}
+
 // Whether `name` is one expert's projection in a mixture of experts: its own linear layer here, a
 // slice of a 3-D parameter in transformers 5.
 bool is_expert_projection(const std::string& name) {
-  static const std::regex re(R"(.*\.experts\.\d+\.(w1|w2|w3|gate_proj|up_proj|down_proj))");
-  return std::regex_match(name, re);
+  const auto p = expert_projection(name);
+  return p && p->part < 3;
 }
 
 bool is_target(const std::string& name, const LoraOptions& o, bool is_head) {
@@ -1008,45 +1047,6 @@ const T* pattern_value(const std::vector<std::pair<std::string, T>>& patterns, c
     if (std::regex_match(name, std::regex("(.*\\.)?(" + p + ")"))) return &v;
   }
   return nullptr;
-}
-
-// EXPERT PARAMETERS. transformers 5 keeps a sparse layer's experts as two 3-D parameters,
-// model.layers.N.mlp.experts.gate_up_proj (E, 2I, H: each expert's gate rows, then its up rows) and
-// .down_proj (E, H, I), registered in that order; PEFT's target_parameters adapts each with one
-// ParamWrapper: lora_A (E·r, in) whose rows e·r + j are expert e's A, lora_B (out, r·E) whose
-// columns j·E + e are its B, and the two wrappers on one module nest (the first-registered
-// parameter's inside, under ".base_layer"). libft keeps each expert's projections as linear layers
-// (Mixtral's block_sparse_moe.experts.e.w1/w3/w2, the others' mlp.experts.e.gate/up/down_proj): an
-// adapted gate_up_proj is an adapter on each expert's gate and up layers, sharing A and splitting B's
-// rows, so the same ΔW exactly. A router's model.layers.N.mlp.gate.weight (E, H), a 2-D parameter
-// of a TopKRouter module there (PEFT's all-linear on Mixtral, Qwen3-MoE and OLMoE ends up adapting it
-// so), is an ordinary LoRA on libft's router layer.
-struct ExpertProjection {
-  std::string module;  ///< PEFT's module: model.layers.N.mlp.experts (or .mlp.gate, a router)
-  std::string key;     ///< PEFT's parameter: module + ".gate_up_proj", ".down_proj" (or ".weight")
-  int64_t expert = 0;
-  int part = 0;  ///< 0 gate, 1 up (the gate_up_proj rows [0, I) and [I, 2I)), 2 down, 3 the router
-};
-
-std::optional<ExpertProjection> expert_projection(const std::string& name) {
-  static const std::regex re(R"(model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj))");
-  static const std::regex router(R"(model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate)");
-  std::smatch m;
-  if (std::regex_match(name, m, router)) {
-    ExpertProjection p;
-    p.module = "model.layers." + m[1].str() + ".mlp.gate";
-    p.key = p.module + ".weight";
-    p.part = 3;
-    return p;
-  }
-  if (!std::regex_match(name, m, re)) return std::nullopt;
-  ExpertProjection p;
-  p.module = "model.layers." + m[1].str() + ".mlp.experts";
-  p.expert = std::stoll(m[2].str());
-  const std::string proj = m[3].str();
-  p.part = proj == "w1" || proj == "gate_proj" ? 0 : proj == "w3" || proj == "up_proj" ? 1 : 2;
-  p.key = p.module + (p.part == 2 ? ".down_proj" : ".gate_up_proj");
-  return p;
 }
 
 // PEFT's matching of target_parameters: the whole name, or a suffix after a dot.
@@ -1481,6 +1481,13 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::
   std::map<std::string, std::array<std::map<int64_t, LoraAdapter*>, 3>> expert_adapters;
   std::set<std::string> module_targets;  // the other adapted layers' last name components
   std::vector<std::pair<ExpertProjection, LoraAdapter*>> routers;  // routers, as their weight parameters
+  // A layer's A and B under PEFT's keys <module>.lora_A.weight and .lora_B.weight.
+  auto write_pair = [&](const std::string& module, const LoraAdapter* a) {
+    keep.push_back(a->A->weight.detach().to(at::kCPU).contiguous());
+    writes.push_back(io::tensor_write(kPeftPrefix + module + ".lora_A.weight", keep.back()));
+    keep.push_back(a->B->weight.detach().to(at::kCPU).contiguous());
+    writes.push_back(io::tensor_write(kPeftPrefix + module + ".lora_B.weight", keep.back()));
+  };
   for (const auto& [name, a] : all) {
     if (const auto e = expert_projection(name)) {
       FT_CHECK(!a->magnitude.defined(), "[lora] ", name,
@@ -1494,10 +1501,7 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::
       continue;
     }
     module_targets.insert(name.substr(name.rfind('.') + 1));
-    keep.push_back(a->A->weight.detach().to(at::kCPU).contiguous());
-    writes.push_back(io::tensor_write(kPeftPrefix + name + ".lora_A.weight", keep.back()));
-    keep.push_back(a->B->weight.detach().to(at::kCPU).contiguous());
-    writes.push_back(io::tensor_write(kPeftPrefix + name + ".lora_B.weight", keep.back()));
+    write_pair(name, a);
     if (a->magnitude.defined()) {
       keep.push_back(a->magnitude.detach().to(at::kCPU).contiguous());
       writes.push_back(io::tensor_write(kPeftPrefix + name + ".lora_magnitude_vector", keep.back()));
@@ -1568,7 +1572,7 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::
         }
         const int64_t rows = (g ? g : u)->owner_->out_features, in = (g ? g : u)->owner_->in_features;
         const int64_t rg = g ? g->info.r : 0, ru = u ? u->info.r : 0;
-        const auto dtype = a_of(g ? g : u).scalar_type();
+        const auto dtype = (g ? g : u)->A->weight.scalar_type();
         at::Tensor a = at::zeros({rg + ru, in}, dtype), b = at::zeros({2 * rows, rg + ru}, dtype);
         if (g) {
           a.narrow(0, 0, rg).copy_(a_of(g));
@@ -1593,10 +1597,7 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::
     }
   }
   for (const auto& [e, a] : routers) {
-    keep.push_back(a->A->weight.detach().to(at::kCPU).contiguous());
-    writes.push_back(io::tensor_write(parameter_tensor_key(e, false, "lora_A"), keep.back()));
-    keep.push_back(a->B->weight.detach().to(at::kCPU).contiguous());
-    writes.push_back(io::tensor_write(parameter_tensor_key(e, false, "lora_B"), keep.back()));
+    write_pair(e.module, a);
     target_parameters.push_back(e.key);
     rank[e.key] = a->info.r;
     alpha[e.key] = a->info.alpha;

@@ -395,6 +395,15 @@ void parse_olmo3(Reader& r, ModelConfig& c) {
 // the chosen weights always renormalised) and Qwen3-MoE (Qwen3MoeConfig: num_experts, default 128,
 // of moe_intermediate_size; norm_topk_prob; dense layers where mlp_only_layers lists them or
 // decoder_sparse_step skips them).
+// num_experts, or num_local_experts (the attribute_map's name, which transformers 5 saves for
+// Qwen3-MoE and OLMoE); both given must agree.
+int64_t read_num_experts(Reader& r, int64_t fallback) {
+  const int64_t n = r.integer_or("num_experts", r.integer_or("num_local_experts", fallback));
+  FT_CHECK(!r.has("num_experts") || !r.has("num_local_experts") || r.j.at("num_experts") == r.j.at("num_local_experts"),
+           "[config] ", r.source, ": num_experts (", r.j.at("num_experts").dump(), ") and num_local_experts differ");
+  return n;
+}
+
 void parse_experts(Reader& r, ModelConfig& c) {
   const std::string& source = r.source;
   if (c.mixtral()) {
@@ -406,22 +415,15 @@ void parse_experts(Reader& r, ModelConfig& c) {
     FT_CHECK(jitter == 0, "[config] ", source, ": router_jitter_noise ", jitter,
              " is not supported (libft routes each token by its router's probabilities alone; set it to 0)");
   } else if (c.olmoe()) {
-    // OlmoeConfig: num_experts (saved as num_local_experts by transformers 5) of intermediate_size
-    // each, in every layer; top 8 of 64, not renormalised, by default (OLMoE-1B-7B's).
-    c.num_experts = r.integer_or("num_experts", r.integer_or("num_local_experts", 64));
-    FT_CHECK(!r.has("num_experts") || !r.has("num_local_experts") ||
-                 r.j.at("num_experts") == r.j.at("num_local_experts"),
-             "[config] ", source, ": num_experts (", r.j.at("num_experts").dump(), ") and num_local_experts differ");
+    // OlmoeConfig: experts of intermediate_size each, in every layer; top 8 of 64, not
+    // renormalised, by default (OLMoE-1B-7B's).
+    c.num_experts = read_num_experts(r, 64);
     c.num_experts_per_tok = r.integer_or("num_experts_per_tok", 8);
     c.moe_intermediate_size = c.intermediate_size;
     c.norm_topk_prob = r.boolean_or("norm_topk_prob", false);
   } else {
-    // (transformers 5 saves Qwen3MoeConfig's num_experts as num_local_experts, its attribute_map's name)
     const bool qwen2 = c.model_type == "qwen2_moe";  // (Qwen2MoeConfig's defaults: Qwen1.5-MoE-A2.7B's)
-    c.num_experts = r.integer_or("num_experts", r.integer_or("num_local_experts", qwen2 ? 60 : 128));
-    FT_CHECK(!r.has("num_experts") || !r.has("num_local_experts") ||
-                 r.j.at("num_experts") == r.j.at("num_local_experts"),
-             "[config] ", source, ": num_experts (", r.j.at("num_experts").dump(), ") and num_local_experts differ");
+    c.num_experts = read_num_experts(r, qwen2 ? 60 : 128);
     c.num_experts_per_tok = r.integer_or("num_experts_per_tok", qwen2 ? 4 : 8);
     c.moe_intermediate_size = r.integer_or("moe_intermediate_size", qwen2 ? 1408 : 768);
     if (qwen2) {
