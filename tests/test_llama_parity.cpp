@@ -61,7 +61,8 @@ std::vector<Case> cases() {
   for (const auto& family : {"llama2", "llama3", "llama3_sharded", "llama_bias", "smollm", "mistral", "qwen2", "qwen3",
                               "granite", "gemma", "gemma2", "gemma3", "gemma3_scaled",
                               "gemma3_image_text", "phi3", "phi3_longrope", "smollm3", "olmo2", "qwen2_yarn",
-                              "llama_yarn", "olmo3", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe"}) {
+                              "llama_yarn", "olmo3", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss",
+                              "gpt_oss_mxfp4"}) {
     // float32: the bound, 1e-4.
     out.push_back({family, c10::kCPU, at::kFloat, 1e-4, 1e-4});
     out.push_back({family, c10::Device(c10::kCUDA, 0), at::kFloat, 1e-4, 1e-4});

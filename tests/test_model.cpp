@@ -8,6 +8,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include "ft/adapt/lora.h"
 #include "ft/io/hf_checkpoint.h"
 #include "ft/util/error.h"
 #include "ft/io/hf_config.h"
@@ -697,6 +698,144 @@ TEST(Config, ParsesOlmoe) {
   EXPECT_NE(expect_error([&] { io::parse_model_config(with(olmoe, R"("clip_qkv": null)", R"("sliding_window": 64)"), "o.json"); })
                 .find("sliding_window is not supported for model_type 'olmoe'"),
             std::string::npos);
+}
+
+// gpt-oss in the layout of OpenAI's gpt-oss-20b config.json (transformers 4.55), shrunk: MXFP4
+// experts (quantization_config), OpenAI's own keys (experts_per_token, initial_context_length,
+// swiglu_limit), YaRN in rope_scaling; written back (without the quantization, as saved models hold
+// dense weights) and read again; GptOssConfig's defaults where keys are absent; bad values named.
+TEST(Config, ParsesGptOss) {
+  const std::string gpt_oss = R"({
+    "architectures": ["GptOssForCausalLM"], "attention_bias": true, "attention_dropout": 0.0,
+    "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 16, "hidden_act": "silu", "hidden_size": 64,
+    "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 64,
+    "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    "max_position_embeddings": 131072, "model_type": "gpt_oss", "num_attention_heads": 8,
+    "num_experts_per_tok": 4, "num_hidden_layers": 4, "num_key_value_heads": 2, "num_local_experts": 8,
+    "output_router_logits": false, "pad_token_id": 199999,
+    "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                            "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"},
+    "rms_norm_eps": 1e-05, "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+    "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": false}, "rope_theta": 150000,
+    "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0, "tie_word_embeddings": false,
+    "transformers_version": "4.55.0.dev0", "use_cache": true, "vocab_size": 300
+  })";
+  auto c = io::parse_model_config(gpt_oss, "config.json");
+  EXPECT_TRUE(c.gpt_oss() && c.attention_sinks() && c.mxfp4_experts);
+  EXPECT_EQ(c.num_experts, 8);
+  EXPECT_EQ(c.num_experts_per_tok, 4);
+  EXPECT_EQ(c.moe_intermediate_size, 64);
+  EXPECT_EQ(c.swiglu_limit, 7.0);
+  EXPECT_TRUE(c.qkv_bias && c.o_bias);
+  EXPECT_EQ(c.layer_window, (std::vector<int64_t>{128, 0, 128, 0}));
+  EXPECT_EQ(c.rope.type, io::RopeType::Yarn);
+  EXPECT_EQ(c.rope.factor, 32.0);
+  EXPECT_FALSE(c.rope.truncate);
+  EXPECT_EQ(c.rope.theta, 150000.0);
+  EXPECT_EQ(c.pad_token_id, 199999);
+  EXPECT_DOUBLE_EQ(c.router_aux_loss_coef, 0.9);
+  {
+    model::CausalLM m(c);
+    auto layer = m->model->layers->ptr<model::DecoderLayerImpl>(1);
+    ASSERT_TRUE(layer->moe);
+    EXPECT_TRUE(layer->moe->softmax_top_k);
+    const auto params = m->named_parameters();
+    EXPECT_EQ(params["model.layers.0.self_attn.sinks"].sizes(), (std::vector<int64_t>{8}));
+    EXPECT_EQ(params["model.layers.1.mlp.router.bias"].sizes(), (std::vector<int64_t>{8}));
+    EXPECT_EQ(params["model.layers.1.mlp.experts.7.down_proj.bias"].sizes(), (std::vector<int64_t>{64}));
+    EXPECT_TRUE(adapt::is_router("model.layers.1.mlp.router"));
+    const std::string d = model::describe(m);
+    EXPECT_NE(d.find("attention sinks"), std::string::npos) << d;
+    EXPECT_NE(d.find("clamped at 7"), std::string::npos) << d;
+  }
+  auto with = [](std::string s, const std::string& from, const std::string& to) {
+    const auto at = s.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    s.replace(at, from.size(), to);
+    return s;
+  };
+  const std::string written = io::model_config_to_json(c);
+  EXPECT_EQ(written.find("quantization_config"), std::string::npos);
+  auto again = io::parse_model_config(written, "written");
+  EXPECT_TRUE(again.gpt_oss() && !again.mxfp4_experts && again.num_experts == 8 && again.num_experts_per_tok == 4);
+  EXPECT_EQ(again.layer_window, c.layer_window);
+  EXPECT_EQ(again.swiglu_limit, 7.0);
+  EXPECT_EQ(again.rope.factor, 32.0);
+  // GptOssConfig's defaults: sliding layers of 128 alternating with global ones, YaRN ×32 over 4096,
+  // theta 150000, top 4 of 128, attention biases, head_dim 64.
+  const auto bare = io::parse_model_config(R"({"model_type": "gpt_oss", "vocab_size": 300, "hidden_size": 64,
+    "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2})", "c.json");
+  EXPECT_EQ(bare.layer_window, (std::vector<int64_t>{128, 0, 128}));
+  EXPECT_EQ(bare.rope.type, io::RopeType::Yarn);
+  EXPECT_EQ(bare.rope.factor, 32.0);
+  EXPECT_EQ(bare.rope.original_max_position_embeddings, 4096);
+  EXPECT_EQ(bare.rope.theta, 150000.0);
+  EXPECT_EQ(bare.num_experts, 128);
+  EXPECT_EQ(bare.num_experts_per_tok, 4);
+  EXPECT_EQ(bare.head_dim, 64);
+  EXPECT_TRUE(bare.qkv_bias && bare.o_bias && !bare.mxfp4_experts);
+  EXPECT_DOUBLE_EQ(bare.rms_norm_eps, 1e-5);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with(gpt_oss, R"("experts_per_token": 4)", R"("experts_per_token": 2)"), "g.json"); })
+                .find("num_experts_per_tok (4) and experts_per_token differ"),
+            std::string::npos);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with(gpt_oss, R"("quant_method": "mxfp4")", R"("quant_method": "bitsandbytes")"), "g.json"); })
+                .find("gpt_oss's quantization_config must be quant_method 'mxfp4'"),
+            std::string::npos);
+  EXPECT_NE(expect_error([&] { io::parse_model_config(with(gpt_oss, R"("swiglu_limit": 7.0)", R"("swiglu_limit": -1)"), "g.json"); })
+                .find("'swiglu_limit' must be a finite number > 0, got -1"),
+            std::string::npos);
+}
+
+// gpt-oss's attention sinks: a learned logit per head that joins each row's softmax and is dropped
+// after it. materialized_attention's output and its gradients for q, k, v and the sinks against
+// autograd through transformers' eager chain (cat, softmax, drop the column), in float64 and in
+// float32 under bf16 autocast, in one block of query rows and in several, with a soft cap too.
+TEST(Model, AttentionSinksMatchTheEagerChainAndTheirGradients) {
+  auto eager = [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& sinks,
+                  const at::Tensor& allowed, double scale, double cap) {
+    const int64_t rep = q.size(1) / k.size(1);
+    at::Tensor s = at::matmul(q, k.repeat_interleave(rep, 1).transpose(2, 3)) * scale;
+    if (cap > 0) s = at::tanh(s / cap) * cap;
+    s = s.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
+    const at::Tensor sink = sinks.to(s.scalar_type()).view({1, -1, 1, 1}).expand({s.size(0), -1, s.size(2), 1});
+    const at::ScalarType wide = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::Tensor p = at::softmax(at::cat({s, sink}, -1), -1, wide).narrow(-1, 0, s.size(3));
+    return at::matmul(p.to(q.scalar_type()), v.repeat_interleave(rep, 1));
+  };
+  for (const double cap : {0.0, 2.0}) {
+    for (const bool autocast : {false, true}) {
+      for (const int64_t max_scores : {int64_t{1} << 26, int64_t{2 * 4 * 7 * 3}}) {  // 1 and 3 blocks
+        SCOPED_TRACE(std::string(autocast ? "autocast" : "float64") + " cap " + std::to_string(cap) + " max_scores " +
+                     std::to_string(max_scores));
+        at::manual_seed(5);
+        const at::ScalarType dt = autocast ? at::kFloat : at::kDouble;
+        at::Tensor q = (2 * at::randn({2, 4, 7, 8}, dt)).requires_grad_();
+        at::Tensor k = (2 * at::randn({2, 2, 7, 8}, dt)).requires_grad_();
+        at::Tensor v = at::randn({2, 2, 7, 8}, dt).requires_grad_();
+        at::Tensor sinks = (2 * at::randn({4}, dt)).requires_grad_();
+        const at::Tensor dout = at::randn({2, 4, 7, 8}, dt);
+        // A window of 3 (gpt-oss's sliding layers), as a mask.
+        const at::Tensor qi = at::arange(7).view({7, 1}), ki = at::arange(7).view({1, 7});
+        const at::Tensor allowed = ki.le(qi).logical_and(qi - ki < 3).view({1, 1, 7, 7});
+        util::AutocastScope scope(autocast, at::kCPU);
+        const at::Tensor got = model::materialized_attention(q, k, v, allowed.expand({2, 1, 7, 7}).contiguous(),
+                                                             false, 0.3, cap, sinks, max_scores);
+        const auto g = torch::autograd::grad({got}, {q, k, v, sinks}, {dout.to(got.scalar_type())});
+        const at::Tensor want = eager(q, k, v, sinks, allowed, 0.3, cap);
+        const auto w = torch::autograd::grad({want}, {q, k, v, sinks}, {dout.to(want.scalar_type())});
+        const double tol = autocast ? 2e-2 : 1e-12;
+        EXPECT_LE(test::max_rel_error(got, want), autocast ? 0.0 : tol) << "output";
+        for (int i = 0; i < 4; ++i) {
+          EXPECT_EQ(g[i].scalar_type(), w[i].scalar_type());
+          EXPECT_LE(test::max_rel_error(g[i], w[i]), tol) << "gradient of " << (i == 3 ? "the sinks" : std::string(1, "qkv"[i]));
+        }
+        // The sinks take probability away: without them the output differs.
+        const at::Tensor plain = model::materialized_attention(q, k, v, allowed.expand({2, 1, 7, 7}).contiguous(), false,
+                                                               0.3, cap, at::Tensor(), max_scores);
+        EXPECT_GT(test::max_rel_error(plain, got), 1e-2);
+      }
+    }
+  }
 }
 
 // A mixture of experts' forward pass and gradients against a dense float64 reference (but for the

@@ -23,7 +23,8 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3F
                           SmolLM3Config, SmolLM3ForCausalLM,
                           LlamaForCausalLM, MistralConfig, MixtralConfig, MixtralForCausalLM,
                           Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig)
+                          Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig, GptOssConfig, GptOssForCausalLM)
+from transformers.integrations.mxfp4 import FP4_VALUES, convert_moe_packed_tensors
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
               rms_norm_eps=1e-5, max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
@@ -153,7 +154,23 @@ FAMILIES = {
     # the MLP's width, two per token, their weights not renormalised.
     "olmoe": (OlmoeForCausalLM, OlmoeConfig(**COMMON, num_key_value_heads=2, attention_bias=True, clip_qkv=1.5,
                                             num_experts=4, num_experts_per_tok=2, norm_topk_prob=False)),
+    # gpt-oss: attention sinks, biases on every projection, the router's and the experts', a sliding
+    # layer (6 < 16 tokens) before a global one, YaRN ×4 over 16 positions, four experts of 96 units,
+    # two per token, their weights the softmax of the top two logits. The experts' gate_up weights
+    # are scaled up (randomize) so that the activation's clamp at swiglu_limit 7 bites (transformers
+    # 5.17's GptOssExperts clamps at 7 whatever the config says). Built with transformers' eager
+    # attention: the sinks' own.
+    # (Experts of 96 units: MXFP4's blocks of 32 must divide both of an expert's widths.)
+    "gpt_oss": (GptOssForCausalLM, GptOssConfig(**{**COMMON, "intermediate_size": 96}, num_key_value_heads=2, head_dim=24, num_local_experts=4,
+                                                num_experts_per_tok=2, sliding_window=6, swiglu_limit=7.0,
+                                                rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                                                                 "beta_slow": 1.0, "truncate": False,
+                                                                 "original_max_position_embeddings": 16,
+                                                                 "rope_theta": 150000.0})),
 }
+
+# Variants saved from another family's model with their experts rewritten (see build_mxfp4).
+MXFP4 = {"gpt_oss_mxfp4": "gpt_oss"}
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -172,21 +189,70 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
+            elif model.config.model_type == "gpt_oss" and p.dim() == 3:
+                # (gpt-oss's fused experts multiply from the left, x · W: (experts, in, out); gate and
+                # up ×4, so that about one in twelve of them passes the clamp at 7)
+                scale = 4.0 if name.endswith("gate_up_proj") else 1.0
+                p.copy_(scale * torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
             else:
                 # (fan-in: the last dimension, also of transformers 5's (experts, out, in) expert weights)
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
 
 
-def build(out_dir: str, family: str, seed: int, shard_bytes=None) -> None:
+def mxfp4_quantize(w: torch.Tensor):
+    """MXFP4 blocks and scales of `w` (..., out, in) in Linear's layout, as gpt-oss's checkpoints
+    store them: per 32 values of a row, one power-of-two scale (the smallest that brings the block's
+    largest magnitude within FP4's 6) and each value rounded to the nearest of FP4's 16."""
+    *lead, rows, cols = w.shape
+    x = w.reshape(*lead, rows, cols // 32, 32).float()
+    amax = x.abs().amax(-1).clamp_min(2.0 ** -100)
+    e = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    scaled = x / torch.exp2(e)[..., None]
+    values = torch.tensor(FP4_VALUES[:8])
+    idx = (scaled.abs()[..., None] - values).abs().argmin(-1)
+    code = idx | ((scaled < 0).long() << 3)
+    blocks = (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8)  # (..., G, 16): low nibble even
+    return blocks.contiguous(), (e + 127).to(torch.uint8).contiguous()
+
+
+def quantize_experts(model):
+    """Rounds each gpt-oss expert weight to MXFP4, puts transformers' own dequantization of it
+    (convert_moe_packed_tensors) into the model, and returns {checkpoint name: blocks or scales}."""
+    out = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+                blocks, scales = mxfp4_quantize(p.transpose(1, 2))  # (experts, out, in)
+                p.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+                out[name + "_blocks"], out[name + "_scales"] = blocks, scales
+    return out
+
+
+def build(out_dir: str, family: str, seed: int, shard_bytes=None, mxfp4=False) -> None:
     cls, config = FAMILIES[family]
     torch.manual_seed(seed)
     model = cls(config).eval()
-    if config.model_type == "gemma2":
+    if config.model_type in ("gemma2", "gpt_oss"):
         model.set_attn_implementation("eager")
     randomize(model, seed)
-    path = os.path.join(out_dir, family if shard_bytes is None else family + "_sharded")
+    if mxfp4:
+        quantized = quantize_experts(model)
+    path = os.path.join(out_dir, family + "_mxfp4" if mxfp4 else family if shard_bytes is None else family + "_sharded")
     kwargs = {"max_shard_size": shard_bytes} if shard_bytes else {}
     model.save_pretrained(path, safe_serialization=True, **kwargs)
+    if mxfp4:
+        # The experts' weights as MXFP4 blocks and scales in place of the dense tensors, and the
+        # config's quantization_config, as OpenAI's checkpoints have them.
+        from safetensors.torch import load_file
+        weights_path = os.path.join(path, "model.safetensors")
+        weights = {k: v for k, v in load_file(weights_path).items() if k + "_blocks" not in quantized}
+        save_file({**weights, **quantized}, weights_path, metadata={"format": "pt"})
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
 
     g = torch.Generator().manual_seed(1000 + seed)
     input_ids = torch.randint(0, config.get_text_config().vocab_size, (2, 16), generator=g)
@@ -223,6 +289,8 @@ def main() -> int:
     for seed, family in enumerate(FAMILIES):
         build(out_dir, family, seed)
     build(out_dir, "llama3", 1, shard_bytes="100KB")  # several shards + model.safetensors.index.json
+    for variant, family in MXFP4.items():
+        build(out_dir, family, list(FAMILIES).index(family), mxfp4=True)
     with open(os.path.join(out_dir, "families.json"), "w") as f:
         json.dump(sorted(d for d in os.listdir(out_dir) if os.path.isdir(os.path.join(out_dir, d))), f)
     print(f"reference models written to {out_dir}")

@@ -83,7 +83,7 @@ def attention_masks(model, segment_ids):
     """The 4-D mask, or for OLMo 3, whose sliding-window layers sit beside global ones, one per layer
     type (Olmo3Model takes such a dict as it is, and again applies no window of its own)."""
     config = model.config
-    if config.model_type == "olmo3" and "sliding_attention" in config.layer_types:
+    if config.model_type in ("olmo3", "gpt_oss") and "sliding_attention" in config.layer_types:
         return {"full_attention": block_causal_mask(segment_ids),
                 "sliding_attention": block_causal_mask(segment_ids, config.sliding_window)}
     return block_causal_mask(segment_ids, uniform_window(model))
@@ -131,7 +131,7 @@ def make_adapter(adapter_dir, model_dir):
     # attention's, as transformers 5 keeps its experts in 3-D parameters, not linear layers that PEFT
     # adapts by name.
     targets = (["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if model.config.model_type == "phi3" else
-               ["q_proj", "k_proj", "v_proj", "o_proj"] if model.config.model_type in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe") else
+               ["q_proj", "k_proj", "v_proj", "o_proj"] if model.config.model_type in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss") else
                ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     config = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, rank_pattern={"down_proj": 4},
                         target_modules=targets)
@@ -193,7 +193,7 @@ def main():
 
     # (Gemma 2: transformers' eager attention, the one that soft-caps the scores; SDPA leaves them uncapped.)
     with open(os.path.join(a.model_dir, "config.json"), encoding="utf-8") as f:
-        attn = "eager" if json.load(f)["model_type"] == "gemma2" else "sdpa"
+        attn = "eager" if json.load(f)["model_type"] in ("gemma2", "gpt_oss") else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, torch_dtype=torch.float32, attn_implementation=attn)
     if mode == "lora":
         from peft import PeftModel

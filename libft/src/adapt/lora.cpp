@@ -1097,7 +1097,8 @@ std::vector<std::pair<std::string, LoraAdapter*>> adapters(model::CausalLM& mode
 }  // namespace
 
 bool is_router(const std::string& name) {
-  return name.ends_with("block_sparse_moe.gate") || name.ends_with("mlp.gate") || name.ends_with("mlp.shared_expert_gate");
+  return name.ends_with("block_sparse_moe.gate") || name.ends_with("mlp.gate") || name.ends_with("mlp.shared_expert_gate") ||
+         name.ends_with("mlp.router");
 }
 
 std::vector<std::pair<std::string, at::Tensor>> modules_to_save_parameters(model::CausalLM& model,

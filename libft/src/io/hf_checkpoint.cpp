@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <filesystem>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -50,7 +51,168 @@ bool is_image_part(const std::string& name) {
   return false;
 }
 
+// gpt-oss's checkpoints keep each layer's experts as fused 3-D tensors, as GptOssExperts holds
+// them: gate_up_proj (E, hidden, 2I) multiplied from the left (x · W), its columns gate and up
+// interleaved (gate 2j, up 2j + 1), gate_up_proj_bias (E, 2I), down_proj (E, I, hidden) and
+// down_proj_bias (E, hidden); OpenAI's releases store the two weights as MXFP4 (_blocks and
+// _scales, each weight row (E, out, in/32 blocks) of 32 four-bit values and one exponent).
+// libft's experts are linear layers of their own (model.layers.N.mlp.experts.e.gate_proj ...).
+std::string gpt_oss_experts(int64_t layer) { return "model.layers." + std::to_string(layer) + ".mlp.experts."; }
+std::string gpt_oss_expert(int64_t layer, int64_t e, const char* proj, const char* what) {
+  return gpt_oss_experts(layer) + std::to_string(e) + "." + proj + "_proj." + what;
+}
+
+struct Problems {
+  std::vector<std::string> missing, mismatched;
+};
+
+// A fused weight in Linear's layout, (E, out, in) float32: the bf16/float tensor `name` (stored
+// (E, in, out)) or its MXFP4 blocks and scales; undefined (and reported) where absent or mis-shaped.
+at::Tensor read_fused_weight(const SafetensorsCheckpoint& ckpt, const std::string& name, int64_t E, int64_t out,
+                             int64_t in, std::set<std::string>& wanted, Problems& problems) {
+  const auto& t = ckpt.tensors();
+  wanted.insert(name);
+  wanted.insert(name + "_blocks");
+  wanted.insert(name + "_scales");
+  if (auto it = t.find(name); it != t.end()) {
+    const TensorInfo& info = *it->second.info;
+    const std::vector<int64_t> want{E, in, out};
+    if (info.shape != want) {
+      std::ostringstream os;
+      os << name << " (checkpoint " << c10::IntArrayRef(info.shape) << ", model " << c10::IntArrayRef(want) << ")";
+      problems.mismatched.push_back(os.str());
+      return {};
+    }
+    FT_CHECK(info.dtype == DType::F32 || info.dtype == DType::BF16 || info.dtype == DType::F16 || info.dtype == DType::F64,
+             "[checkpoint] ", it->second.file->path(), ": tensor '", name, "' has dtype ", dtype_name(info.dtype),
+             ", expected a floating-point type");
+    return read_tensor(*it->second.file, info).to(at::kFloat).transpose(1, 2);
+  }
+  const auto blocks = t.find(name + "_blocks"), scales = t.find(name + "_scales");
+  if (blocks == t.end() || scales == t.end()) {
+    problems.missing.push_back(name + " (or its MXFP4 " + name + "_blocks and " + name + "_scales)");
+    return {};
+  }
+  const TensorInfo &bi = *blocks->second.info, &si = *scales->second.info;
+  const std::vector<int64_t> want_blocks{E, out, in / 32, 16}, want_scales{E, out, in / 32};
+  if (in % 32 != 0 || bi.shape != want_blocks || si.shape != want_scales || bi.dtype != DType::U8 ||
+      si.dtype != DType::U8) {
+    std::ostringstream os;
+    os << name << "_blocks and _scales (checkpoint " << dtype_name(bi.dtype) << " " << c10::IntArrayRef(bi.shape)
+       << " and " << dtype_name(si.dtype) << " " << c10::IntArrayRef(si.shape) << ", model U8 "
+       << c10::IntArrayRef(want_blocks) << " and U8 " << c10::IntArrayRef(want_scales) << ")";
+    problems.mismatched.push_back(os.str());
+    return {};
+  }
+  return mxfp4_dequantize(read_tensor(*blocks->second.file, bi), read_tensor(*scales->second.file, si));
+}
+
+// A fused bias (E, out) float32, or undefined (and reported).
+at::Tensor read_fused_bias(const SafetensorsCheckpoint& ckpt, const std::string& name, int64_t E, int64_t out,
+                           std::set<std::string>& wanted, Problems& problems) {
+  wanted.insert(name);
+  const auto it = ckpt.tensors().find(name);
+  if (it == ckpt.tensors().end()) {
+    problems.missing.push_back(name);
+    return {};
+  }
+  const TensorInfo& info = *it->second.info;
+  if (info.shape != std::vector<int64_t>{E, out}) {
+    std::ostringstream os;
+    os << name << " (checkpoint " << c10::IntArrayRef(info.shape) << ", model [" << E << ", " << out << "])";
+    problems.mismatched.push_back(os.str());
+    return {};
+  }
+  FT_CHECK(info.dtype == DType::F32 || info.dtype == DType::BF16 || info.dtype == DType::F16 || info.dtype == DType::F64,
+           "[checkpoint] ", it->second.file->path(), ": tensor '", name, "' has dtype ", dtype_name(info.dtype),
+           ", expected a floating-point type");
+  return read_tensor(*it->second.file, info).to(at::kFloat);
+}
+
+// Loads gpt-oss's fused experts into the per-expert parameters of `params`, which it returns the
+// names of (the caller loads the others one to one).
+std::set<std::string> load_gpt_oss_experts(const model::ModelConfig& c,
+                                           const std::map<std::string, at::Tensor>& params,
+                                           const SafetensorsCheckpoint& ckpt, std::set<std::string>& wanted,
+                                           Problems& problems) {
+  std::set<std::string> done;
+  const int64_t E = c.num_experts, I = c.moe_intermediate_size, H = c.hidden_size;
+  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
+    if (!c.moe_in_layer(layer)) continue;
+    const std::string prefix = gpt_oss_experts(layer);
+    const at::Tensor gate_up = read_fused_weight(ckpt, prefix + "gate_up_proj", E, 2 * I, H, wanted, problems);
+    const at::Tensor gate_up_bias = read_fused_bias(ckpt, prefix + "gate_up_proj_bias", E, 2 * I, wanted, problems);
+    const at::Tensor down = read_fused_weight(ckpt, prefix + "down_proj", E, H, I, wanted, problems);
+    const at::Tensor down_bias = read_fused_bias(ckpt, prefix + "down_proj_bias", E, H, wanted, problems);
+    for (int64_t e = 0; e < E; ++e) {
+      // (rows 2j of gate_up are gate's, 2j + 1 up's)
+      const std::pair<std::string, at::Tensor> parts[] = {
+          {gpt_oss_expert(layer, e, "gate", "weight"), gate_up.defined() ? gate_up[e].slice(0, 0, 2 * I, 2) : at::Tensor()},
+          {gpt_oss_expert(layer, e, "up", "weight"), gate_up.defined() ? gate_up[e].slice(0, 1, 2 * I, 2) : at::Tensor()},
+          {gpt_oss_expert(layer, e, "gate", "bias"), gate_up_bias.defined() ? gate_up_bias[e].slice(0, 0, 2 * I, 2) : at::Tensor()},
+          {gpt_oss_expert(layer, e, "up", "bias"), gate_up_bias.defined() ? gate_up_bias[e].slice(0, 1, 2 * I, 2) : at::Tensor()},
+          {gpt_oss_expert(layer, e, "down", "weight"), down.defined() ? down[e] : at::Tensor()},
+          {gpt_oss_expert(layer, e, "down", "bias"), down_bias.defined() ? down_bias[e] : at::Tensor()}};
+      for (const auto& [name, value] : parts) {
+        const auto it = params.find(name);
+        FT_CHECK(it != params.end(), "[checkpoint] internal: the model has no parameter ", name);
+        done.insert(name);
+        if (value.defined()) it->second.copy_(value);
+      }
+    }
+  }
+  return done;
+}
+
+// save_pretrained's side: the layer's per-expert parameters fused as gpt-oss's checkpoints hold
+// them (bf16 or float; never MXFP4).
+void fuse_gpt_oss_experts(const model::ModelConfig& c, const std::map<std::string, at::Tensor>& params,
+                          std::vector<std::pair<std::string, at::Tensor>>& out, std::set<std::string>& done) {
+  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
+    if (!c.moe_in_layer(layer)) continue;
+    std::vector<at::Tensor> gate_up, gate_up_bias, down, down_bias;
+    auto get = [&](int64_t e, const char* proj, const char* what) {
+      const std::string name = gpt_oss_expert(layer, e, proj, what);
+      const auto it = params.find(name);
+      FT_CHECK(it != params.end() && it->second.defined() && it->second.numel() > 0, "[checkpoint] ", name,
+               " is not a dense parameter (a quantized base is saved through ft merge, which dequantizes it)");
+      done.insert(name);
+      return it->second;
+    };
+    for (int64_t e = 0; e < c.num_experts; ++e) {
+      // (I, H) each → (2I, H) with gate's rows at 2j and up's at 2j + 1, then (H, 2I)
+      gate_up.push_back(at::stack({get(e, "gate", "weight"), get(e, "up", "weight")}, 1).flatten(0, 1).t());
+      gate_up_bias.push_back(at::stack({get(e, "gate", "bias"), get(e, "up", "bias")}, 1).flatten());
+      down.push_back(get(e, "down", "weight").t());
+      down_bias.push_back(get(e, "down", "bias"));
+    }
+    const std::string prefix = gpt_oss_experts(layer);
+    out.emplace_back(prefix + "gate_up_proj", at::stack(gate_up));
+    out.emplace_back(prefix + "gate_up_proj_bias", at::stack(gate_up_bias));
+    out.emplace_back(prefix + "down_proj", at::stack(down));
+    out.emplace_back(prefix + "down_proj_bias", at::stack(down_bias));
+  }
+}
+
 }  // namespace
+
+at::Tensor mxfp4_dequantize(const at::Tensor& blocks, const at::Tensor& scales) {
+  FT_CHECK(blocks.scalar_type() == at::kByte && scales.scalar_type() == at::kByte && blocks.dim() >= 2 &&
+               blocks.size(-1) == 16 && scales.sizes() == blocks.sizes().slice(0, blocks.dim() - 1),
+           "[checkpoint] MXFP4: blocks (…, G, 16) and scales (…, G) of uint8 expected, got ", blocks.scalar_type(), " ",
+           blocks.sizes(), " and ", scales.scalar_type(), " ", scales.sizes());
+  // FP4 (E2M1): sign, two exponent bits, one mantissa bit; the low nibble is the even element.
+  static const float kValues[16] = {+0.0f, +0.5f, +1.0f, +1.5f, +2.0f, +3.0f, +4.0f, +6.0f,
+                                    -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+  const at::Tensor lut = at::from_blob(const_cast<float*>(kValues), {16}, at::kFloat).to(blocks.device());
+  const at::Tensor b = blocks.to(at::kLong);
+  const at::Tensor lo = lut.index_select(0, b.bitwise_and(15).flatten()).view(b.sizes());
+  const at::Tensor hi = lut.index_select(0, b.bitwise_right_shift(4).flatten()).view(b.sizes());
+  at::Tensor values = at::stack({lo, hi}, -1).flatten(-2);  // (…, G, 32)
+  // Each block's E8M0 scale: 2^(s − 127), as transformers' ldexp applies it.
+  values = at::ldexp(values, (scales.to(at::kInt) - 127).unsqueeze(-1));
+  return values.flatten(-2);  // (…, G·32)
+}
 
 void load_weights(model::CausalLM& m, const std::string& dir) {
   const std::string where = dir;
@@ -59,8 +221,18 @@ void load_weights(model::CausalLM& m, const std::string& dir) {
   std::vector<std::string> missing, mismatched, unexpected;
   std::set<std::string> wanted;
   const bool image_text = !m->config().image_text_architecture.empty();
+  std::set<std::string> fused;  // parameters loaded from fused tensors (gpt-oss's experts)
+  if (m->config().gpt_oss()) {
+    std::map<std::string, at::Tensor> params;
+    for (auto& item : m->named_parameters()) params.emplace(item.key(), item.value());
+    Problems problems;
+    fused = load_gpt_oss_experts(m->config(), params, ckpt, wanted, problems);
+    missing = problems.missing;
+    mismatched = problems.mismatched;
+  }
   for (auto& item : m->named_parameters()) {
     const std::string& name = item.key();
+    if (fused.count(name)) continue;
     auto found = ckpt.tensors().end();
     for (const std::string& stored : image_text ? image_text_names(name) : std::vector<std::string>{name}) {
       wanted.insert(stored);
@@ -129,13 +301,23 @@ void save_pretrained(model::CausalLM& m, const std::string& dir, const SaveOptio
   std::vector<at::Tensor> keep_alive;
   std::vector<TensorWrite> writes;
   c10::ScalarType saved_dtype = c10::kFloat;
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  std::set<std::string> fused;
+  if (m->config().gpt_oss()) {
+    std::map<std::string, at::Tensor> params;
+    for (const auto& item : m->named_parameters()) params.emplace(item.key(), item.value().detach());
+    fuse_gpt_oss_experts(m->config(), params, tensors, fused);
+  }
   for (const auto& item : m->named_parameters()) {
-    at::Tensor t = item.value().detach();
+    if (!fused.count(item.key())) tensors.emplace_back(item.key(), item.value().detach());
+  }
+  for (const auto& [name, value] : tensors) {
+    at::Tensor t = value;
     if (options.dtype) t = t.to(*options.dtype);
     saved_dtype = t.scalar_type();
     t = t.to(c10::kCPU).contiguous();
     keep_alive.push_back(t);
-    writes.push_back(tensor_write(item.key(), t));
+    writes.push_back(tensor_write(name, t));
   }
   ModelConfig config = m->config();
   config.torch_dtype = dtype_config_name(saved_dtype);

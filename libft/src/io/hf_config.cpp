@@ -32,11 +32,11 @@ const std::set<std::string> kHarmlessKeys = {
 bool supported_model_type(const std::string& t) {
   return t == "llama" || t == "mistral" || t == "qwen2" || t == "qwen3" || t == "granite" || t == "gemma" ||
          t == "gemma2" || t == "gemma3_text" || t == "phi3" || t == "smollm3" || t == "olmo2" ||
-         t == "olmo3" || t == "mixtral" || t == "qwen2_moe" || t == "qwen3_moe" || t == "olmoe";
+         t == "olmo3" || t == "mixtral" || t == "qwen2_moe" || t == "qwen3_moe" || t == "olmoe" || t == "gpt_oss";
 }
 
 constexpr const char* kSupportedTypes =
-    "llama, mistral, qwen2, qwen3, granite, gemma, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, mixtral, qwen2_moe, qwen3_moe, olmoe";
+    "llama, mistral, qwen2, qwen3, granite, gemma, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss";
 
 void check_model_type(const std::string& t, const std::string& source) {
   // Gemma 3's larger checkpoints are the multimodal Gemma3ForConditionalGeneration ("gemma3"), whose
@@ -414,6 +414,20 @@ void parse_experts(Reader& r, ModelConfig& c) {
     const double jitter = r.number_or("router_jitter_noise", 0.0);
     FT_CHECK(jitter == 0, "[config] ", source, ": router_jitter_noise ", jitter,
              " is not supported (libft routes each token by its router's probabilities alone; set it to 0)");
+  } else if (c.gpt_oss()) {
+    // GptOssConfig: experts of intermediate_size in every layer, top 4 of 128 (num_local_experts;
+    // OpenAI's configs also say experts_per_token, which must agree), each token's top-k router
+    // logits softmaxed; every expert's activation clamped at swiglu_limit.
+    c.num_experts = read_num_experts(r, 128);
+    c.num_experts_per_tok = r.integer_or("num_experts_per_tok", r.integer_or("experts_per_token", 4));
+    FT_CHECK(!r.has("num_experts_per_tok") || !r.has("experts_per_token") ||
+                 r.j.at("num_experts_per_tok") == r.j.at("experts_per_token"),
+             "[config] ", source, ": num_experts_per_tok (", r.j.at("num_experts_per_tok").dump(),
+             ") and experts_per_token differ");
+    c.moe_intermediate_size = c.intermediate_size;
+    c.swiglu_limit = r.number_or("swiglu_limit", 7.0);
+    FT_CHECK(std::isfinite(c.swiglu_limit) && c.swiglu_limit > 0, "[config] ", source,
+             ": 'swiglu_limit' must be a finite number > 0, got ", c.swiglu_limit);
   } else if (c.olmoe()) {
     // OlmoeConfig: experts of intermediate_size each, in every layer; top 8 of 64, not
     // renormalised, by default (OLMoE-1B-7B's).
@@ -532,15 +546,21 @@ double ModelConfig::attention_scale() const {
 void ModelConfig::validate(const std::string& source) const {
   check_model_type(model_type, source);
   // Qwen3's and Gemma's one attention_bias covers the four projections.
-  FT_CHECK((model_type != "qwen3" && model_type != "qwen3_moe" && !gemma() && !olmo() && !olmoe()) || qkv_bias == o_bias, "[config] ",
+  FT_CHECK((model_type != "qwen3" && model_type != "qwen3_moe" && !gemma() && !olmo() && !olmoe() && !gpt_oss()) ||
+               qkv_bias == o_bias, "[config] ",
            source, ": ", model_type,
            " has biases on all four attention projections or on none");
   FT_CHECK((!gemma() && !olmo() && num_experts == 0) || !mlp_bias, "[config] ", source, ": ", model_type,
            " has no MLP biases");
   FT_CHECK(!mixtral() || (!qkv_bias && !o_bias), "[config] ", source, ": mixtral has no attention biases");
-  FT_CHECK(num_experts == 0 || mixtral() || model_type == "qwen2_moe" || model_type == "qwen3_moe" || olmoe(), "[config] ",
-           source, ": only mixtral, qwen2_moe, qwen3_moe and olmoe have experts");
-  FT_CHECK(!olmoe() || num_experts > 0, "[config] ", source, ": olmoe needs experts");
+  FT_CHECK(num_experts == 0 || mixtral() || model_type == "qwen2_moe" || model_type == "qwen3_moe" || olmoe() || gpt_oss(),
+           "[config] ", source, ": only mixtral, qwen2_moe, qwen3_moe, olmoe and gpt_oss have experts");
+  FT_CHECK((!olmoe() && !gpt_oss()) || num_experts > 0, "[config] ", source, ": ", model_type, " needs experts");
+  FT_CHECK(swiglu_limit == 0 || gpt_oss(), "[config] ", source, ": only gpt_oss clamps its experts' activations (swiglu_limit)");
+  FT_CHECK(std::isfinite(swiglu_limit) && swiglu_limit >= 0, "[config] ", source, ": swiglu_limit must be >= 0, got ",
+           swiglu_limit);
+  FT_CHECK(!mxfp4_experts || gpt_oss(), "[config] ", source, ": only gpt_oss's experts come in MXFP4");
+  FT_CHECK(!gpt_oss() || !layer_moe.empty() || num_experts > 0, "[config] ", source, ": gpt_oss needs experts");
   FT_CHECK(clip_qkv == 0 || olmoe(), "[config] ", source, ": only olmoe clamps q, k and v (clip_qkv)");
   FT_CHECK(std::isfinite(clip_qkv) && clip_qkv >= 0, "[config] ", source, ": clip_qkv must be >= 0, got ", clip_qkv);
   FT_CHECK(shared_expert_intermediate_size == 0 || (model_type == "qwen2_moe" && num_experts > 0), "[config] ", source,
@@ -723,16 +743,16 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
   FT_CHECK(c.num_attention_heads > 0, "[config] ", source, ": 'num_attention_heads' must be > 0, got ", c.num_attention_heads);
   // Gemma's config classes' defaults differ from Llama's: head_dim 256, 8192 positions (Gemma 3:
   // 131072), a tied head.
-  c.head_dim = r.integer_or("head_dim", gemma ? 256 : c.hidden_size / c.num_attention_heads);
+  c.head_dim = r.integer_or("head_dim", gemma ? 256 : c.gpt_oss() ? 64 : c.hidden_size / c.num_attention_heads);
   c.max_position_embeddings = r.integer_or("max_position_embeddings", c.gemma3() ? 131072 : gemma ? 8192 : 2048);
   check_sizes(c, source);  // before any of them sizes a vector below (layer_window)
   // (the config classes' defaults: 1e-5 for Mixtral, Phi-3 and AI2's models, 1e-6 elsewhere)
-  c.rms_norm_eps = r.number_or("rms_norm_eps", c.mixtral() || c.phi3() || c.olmo() || c.olmoe() ? 1e-5 : 1e-6);
+  c.rms_norm_eps = r.number_or("rms_norm_eps", c.mixtral() || c.phi3() || c.olmo() || c.olmoe() || c.gpt_oss() ? 1e-5 : 1e-6);
   c.initializer_range = r.number_or("initializer_range", 0.02);
   c.attention_dropout = r.number_or("attention_dropout", 0.0);
   c.tie_word_embeddings = r.boolean_or("tie_word_embeddings", gemma);
   c.mlp_bias = r.boolean_or("mlp_bias", false);
-  bool attention_bias = r.boolean_or("attention_bias", false);
+  bool attention_bias = r.boolean_or("attention_bias", c.gpt_oss());  // (GptOssConfig's default: true)
   if (c.model_type == "qwen2") {
     // Qwen2 always has q/k/v biases and no o_proj bias, whatever the config says.
     c.qkv_bias = true;
@@ -774,7 +794,8 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
   } else {
     // RoPE: transformers 5 writes "rope_parameters" (with rope_theta inside); 4.x and most Hub
     // checkpoints write "rope_theta" and "rope_scaling".
-    double theta = r.number_or("rope_theta", c.mixtral() ? 1e6 : 10000.0);  // (MixtralConfig's default_theta)
+    // (MixtralConfig's and GptOssConfig's default_theta)
+    double theta = r.number_or("rope_theta", c.mixtral() ? 1e6 : c.gpt_oss() ? 150000.0 : 10000.0);
     r.used.insert("rope_scaling");
     r.used.insert("rope_parameters");
     RopeContext ctx(c.max_position_embeddings);
@@ -792,6 +813,11 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
       c.rope = parse_rope(j.at("rope_parameters"), theta, ctx, source + ": rope_parameters");
     } else if (r.has("rope_scaling")) {
       c.rope = parse_rope(j.at("rope_scaling"), theta, ctx, source + ": rope_scaling");
+    } else if (c.gpt_oss()) {
+      // GptOssConfig's default: YaRN ×32 over 4096 positions (gpt-oss's own).
+      const json yarn = {{"rope_type", "yarn"}, {"factor", 32.0}, {"beta_fast", 32.0}, {"beta_slow", 1.0},
+                         {"truncate", false}, {"original_max_position_embeddings", 4096}};
+      c.rope = parse_rope(yarn, theta, ctx, source + ": gpt_oss's default rope");
     } else {
       c.rope.theta = theta;
     }
@@ -818,7 +844,14 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
     r.number_or("embd_pdrop", 0.0);
     FT_CHECK(!c.qkv_bias && !c.mlp_bias, "[config] ", source, ": phi3 has no biases (attention_bias, mlp_bias)");
   }
-  if (c.mixtral() || c.model_type == "qwen2_moe" || c.model_type == "qwen3_moe" || c.olmoe()) parse_experts(r, c);
+  if (c.mixtral() || c.model_type == "qwen2_moe" || c.model_type == "qwen3_moe" || c.olmoe() || c.gpt_oss()) {
+    parse_experts(r, c);
+  }
+  if (c.gpt_oss()) {
+    // OpenAI's configs name the context the rotary embedding was trained at; the YaRN parameters'
+    // original_max_position_embeddings is what transformers uses.
+    r.integer_or("initial_context_length", c.rope.original_max_position_embeddings);
+  }
   if (c.olmoe()) {
     c.clip_qkv = r.number_or("clip_qkv", 0.0);  // (null: none)
     FT_CHECK(std::isfinite(c.clip_qkv) && c.clip_qkv >= 0, "[config] ", source, ": 'clip_qkv' must be null or a number > 0, got ",
@@ -836,6 +869,16 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
     // parse_gemma2, parse_gemma3 or parse_olmo3 set the windows
   } else if (c.model_type == "mistral" || c.phi3() || c.mixtral()) {
     if (window) c.layer_window.assign(c.num_hidden_layers, *window);
+  } else if (c.gpt_oss()) {
+    // GptOssConfig: layer_types, else sliding-window layers (128) alternating with global ones,
+    // the first sliding.
+    const int64_t w = window.value_or(128);
+    FT_CHECK(w > 0, "[config] ", source, ": 'sliding_window' must be > 0, got ", w);
+    if (r.has("layer_types")) {
+      read_layer_types(r, c, w);
+    } else {
+      for (int64_t i = 0; i < c.num_hidden_layers; ++i) c.layer_window[static_cast<size_t>(i)] = i % 2 == 0 ? w : 0;
+    }
   } else if (c.model_type == "qwen3_moe") {
     // Qwen3MoeConfig: one window for every layer, where use_sliding_window says so.
     if (r.boolean_or("use_sliding_window", false) && window) c.layer_window.assign(c.num_hidden_layers, *window);
@@ -880,8 +923,21 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
     FT_FAIL("[config] ", source, ": sliding_window is not supported for model_type '", c.model_type, "'");
   }
 
-  FT_CHECK(!j.contains("quantization_config"), "[config] ", source,
-           ": quantized checkpoints (quantization_config) are not supported");
+  if (c.gpt_oss() && j.contains("quantization_config")) {
+    // gpt-oss as OpenAI released it: the experts in MXFP4 (the rest, modules_to_not_convert, as
+    // they are), which io::load_weights dequantizes.
+    r.used.insert("quantization_config");
+    const json& q = j.at("quantization_config");
+    FT_CHECK(q.is_object() && q.value("quant_method", "") == "mxfp4", "[config] ", source,
+             ": gpt_oss's quantization_config must be quant_method 'mxfp4', got ", q.dump());
+    for (const auto& [key, value] : q.items()) {
+      FT_CHECK(key == "quant_method" || key == "modules_to_not_convert" || key == "dequantize", "[config] ", source,
+               ": quantization_config: unknown key '", key, "'");
+    }
+    c.mxfp4_experts = true;
+  }
+  FT_CHECK(!j.contains("quantization_config") || c.mxfp4_experts, "[config] ", source,
+           ": quantized checkpoints (quantization_config) are not supported (but gpt_oss's mxfp4 experts)");
   for (const auto& [key, value] : j.items()) {
     FT_CHECK(r.used.count(key) || kHarmlessKeys.count(key), "[config] ", source, ": unknown key '", key,
              "' (libft does not know whether it changes the model; remove it if it does not)");
@@ -948,6 +1004,7 @@ std::string model_config_to_json(const ModelConfig& c) {
                            : c.model_type == "qwen3_moe" ? "Qwen3MoeForCausalLM"
                            : c.model_type == "qwen2_moe" ? "Qwen2MoeForCausalLM"
                            : c.olmoe()                 ? "OlmoeForCausalLM"
+                           : c.gpt_oss()               ? "GptOssForCausalLM"
                            : c.olmo()                  ? "Olmo2ForCausalLM"
                                                        : "Qwen3ForCausalLM";
   j["architectures"] = json::array({arch});
@@ -980,6 +1037,10 @@ std::string model_config_to_json(const ModelConfig& c) {
     j["num_local_experts"] = c.num_experts;
     j["num_experts_per_tok"] = c.num_experts_per_tok;
     j["router_jitter_noise"] = 0.0;
+  } else if (c.gpt_oss()) {
+    j["num_local_experts"] = c.num_experts;
+    j["num_experts_per_tok"] = c.num_experts_per_tok;
+    j["swiglu_limit"] = c.swiglu_limit;
   } else if (c.olmoe()) {
     j["num_experts"] = c.num_experts;
     j["num_experts_per_tok"] = c.num_experts_per_tok;
@@ -1047,11 +1108,11 @@ std::string model_config_to_json(const ModelConfig& c) {
     j["sliding_window"] = window > 0 ? json(window) : json(nullptr);
     j["use_sliding_window"] = window > 0;
   } else if (c.model_type == "qwen2" || c.model_type == "qwen3" || c.model_type == "smollm3" ||
-             c.model_type == "gemma2" || c.gemma3() || c.olmo3() || c.model_type == "qwen2_moe") {
+             c.model_type == "gemma2" || c.gemma3() || c.olmo3() || c.model_type == "qwen2_moe" || c.gpt_oss()) {
     // (Gemma's and OLMo 3's configs build both masks whatever the layers are: a window is always
     // written.)
     j["sliding_window"] = window > 0 ? json(window) : c.gemma() || c.olmo3() ? json(4096) : json(nullptr);
-    if (!c.gemma() && !c.olmo3()) j["use_sliding_window"] = window > 0;
+    if (!c.gemma() && !c.olmo3() && !c.gpt_oss()) j["use_sliding_window"] = window > 0;
     json types = json::array();
     for (auto w : c.layer_window) types.push_back(w > 0 ? "sliding_attention" : "full_attention");
     j["layer_types"] = types;

@@ -76,19 +76,24 @@ std::string describe(CausalLM& m) {
   if (c.clip_qkv > 0) os << ", q/k/v clamped to +-" << c.clip_qkv;
   if (c.query_pre_attn_scalar > 0) os << ", scores scaled by 1/sqrt(" << c.query_pre_attn_scalar << ")";
   if (c.attn_logit_softcapping > 0) os << ", scores soft-capped at " << c.attn_logit_softcapping;
+  if (c.attention_sinks()) os << ", attention sinks (a learned logit per head)";
   os << "\n";
   os << "mlp            "
      << (c.hidden_act == io::Activation::GeluTanh ? "GeGLU (tanh-GELU gate)"
          : c.hidden_act == io::Activation::Gelu   ? "GeGLU (exact GELU gate)"
                                                   : "SwiGLU")
-     << (c.mlp_bias ? ", biases" : "") << (c.packed_projections() ? ", gate/up packed in gate_up_proj" : "") << "\n";
+     << (c.mlp_bias || c.gpt_oss() ? ", biases" : "") << (c.packed_projections() ? ", gate/up packed in gate_up_proj" : "");
+  if (c.swiglu_limit > 0) os << ", gate · sigmoid(1.702 · gate) · (up + 1), clamped at " << c.swiglu_limit;
+  os << "\n";
   if (c.num_experts > 0) {
     int64_t sparse = 0;
     for (int64_t i = 0; i < c.num_hidden_layers; ++i) sparse += c.moe_in_layer(i) ? 1 : 0;
     os << "experts        " << c.num_experts << " of " << c.moe_intermediate_size << " units, " << c.num_experts_per_tok
-       << " per token" << (c.norm_topk_prob ? " (weights renormalised)" : "") << ", in " << sparse << " of "
+       << " per token" << (c.norm_topk_prob ? " (weights renormalised)" : "")
+       << (c.gpt_oss() ? " (weights: the softmax of the top logits; router biases)" : "") << ", in " << sparse << " of "
        << c.num_hidden_layers << " layers";
     if (c.shared_expert_intermediate_size > 0) os << ", and a gated shared expert of " << c.shared_expert_intermediate_size << " units";
+    if (c.mxfp4_experts) os << "; stored in MXFP4 (dequantized on load)";
     os << "\n";
   }
   int64_t window = 0;

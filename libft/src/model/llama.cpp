@@ -463,19 +463,22 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, int64_t window_, bool rope)
     q_norm = register_module("q_norm", RMSNorm(head_dim, c.rms_norm_eps, c.norm_unit_offset()));
     k_norm = register_module("k_norm", RMSNorm(head_dim, c.rms_norm_eps, c.norm_unit_offset()));
   }
+  if (c.attention_sinks()) sinks = register_parameter("sinks", at::zeros({heads}));
 }
 
 namespace {
-// Gemma 2's soft-capped attention (softcapped_attention below) as an autograd function that keeps
-// only q, k, v and the mask: the (B, H, T, S) scores, probabilities and their casts, which autograd
-// would keep for every layer (transformers' eager attention does: about 0.25 GiB per layer of
-// gemma-2-2b at 2048 tokens), are recomputed in the backward pass, a block of query rows at a time.
-struct SoftcappedAttention : public torch::autograd::Function<SoftcappedAttention> {
-  // (The mask travels here, not as an input: autograd's functions take no undefined inputs.)
+// Attention whose scores are materialised (materialized_attention below: Gemma 2's soft-capped
+// scores, gpt-oss's attention sinks) as an autograd function that keeps only q, k, v, the sinks
+// and the mask: the (B, H, T, S) scores, probabilities and their casts, which autograd would keep
+// for every layer (transformers' eager attention does: about 0.25 GiB per layer of gemma-2-2b at
+// 2048 tokens), are recomputed in the backward pass, a block of query rows at a time.
+struct MaterializedAttention : public torch::autograd::Function<MaterializedAttention> {
+  // (The mask travels here, not as an input: autograd's functions take no undefined inputs. The
+  // sinks are an input, for their gradient: an empty tensor where there are none.)
   struct Args {
     at::Tensor mask;
     bool causal;
-    double scale, cap;
+    double scale, cap;  // cap 0: none
     int64_t rows;  // query rows per block
   };
 
@@ -488,19 +491,38 @@ struct SoftcappedAttention : public torch::autograd::Function<SoftcappedAttentio
     return at::arange(0, S, idx).view({1, S}) > at::arange(t0, t1, idx).view({t1 - t0, 1});
   }
 
-  // One block's soft-capped scores' tanh (t) and probabilities (float32; float64 for float64
-  // models, as RMSNorm's statistics), as the forward pass made them.
-  static std::pair<at::Tensor, at::Tensor> probabilities(const at::Tensor& qb, const at::Tensor& keys,
-                                                         const at::Tensor& hide, const Args& a) {
+  struct Probabilities {
+    at::Tensor t;       // the soft-capped scores' tanh (undefined without a cap)
+    at::Tensor p;       // (B, H, rows, S), float32 (float64 for float64 models)
+    at::Tensor p_sink;  // (B, H, rows): the sinks' share (undefined without sinks)
+  };
+
+  // One block's probabilities, as the forward pass made them.
+  static Probabilities probabilities(const at::Tensor& qb, const at::Tensor& keys, const at::Tensor& sinks,
+                                     const at::Tensor& hide, const Args& a) {
     // (in transformers' order: each step rounds to the scores' dtype as it does there)
-    at::Tensor t = at::tanh(at::matmul(qb, keys.transpose(2, 3)) * a.scale / a.cap);
-    at::Tensor capped = t * a.cap;
-    if (hide.defined()) capped.masked_fill_(hide, -std::numeric_limits<double>::infinity());
-    return {t, at::softmax(capped, -1, qb.scalar_type() == at::kDouble ? at::kDouble : at::kFloat)};
+    Probabilities out;
+    at::Tensor scores = at::matmul(qb, keys.transpose(2, 3)) * a.scale;
+    if (a.cap > 0) {
+      out.t = at::tanh(scores / a.cap);
+      scores = out.t * a.cap;
+    }
+    if (hide.defined()) scores.masked_fill_(hide, -std::numeric_limits<double>::infinity());
+    const at::ScalarType wide = qb.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    if (sinks.numel() == 0) {
+      out.p = at::softmax(scores, -1, wide);
+      return out;
+    }
+    const int64_t B = qb.size(0), H = qb.size(1), rows = qb.size(2), S = keys.size(2);
+    const at::Tensor sink = sinks.to(scores.scalar_type()).view({1, H, 1, 1}).expand({B, H, rows, 1});
+    const at::Tensor p = at::softmax(at::cat({scores, sink}, -1), -1, wide);
+    out.p = p.narrow(-1, 0, S);
+    out.p_sink = p.select(-1, S);
+    return out;
   }
 
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, const Args& a) {
+                            const at::Tensor& v, const at::Tensor& sinks, const Args& a) {
     // In autocast's dtype where it is on (the matmuls' dtype in transformers), with autocast off
     // inside: every op below runs in the dtype written.
     const at::ScalarType ct = util::compute_dtype(q);
@@ -513,10 +535,10 @@ struct SoftcappedAttention : public torch::autograd::Function<SoftcappedAttentio
     for (int64_t t0 = 0; t0 < T; t0 += a.rows) {
       const int64_t t1 = std::min(T, t0 + a.rows);
       const at::Tensor hide = hidden(a.mask, a.causal, t0, t1, S, q.options());
-      const at::Tensor p = probabilities(qc.slice(2, t0, t1), keys, hide, a).second;
+      const at::Tensor p = probabilities(qc.slice(2, t0, t1), keys, sinks, hide, a).p;
       out.push_back(at::matmul(p.to(ct), values));
     }
-    ctx->save_for_backward({qc, kc, vc});
+    ctx->save_for_backward({qc, kc, vc, sinks});
     ctx->saved_data["mask"] = a.mask;
     ctx->saved_data["causal"] = a.causal;
     ctx->saved_data["scale"] = a.scale;
@@ -531,7 +553,7 @@ struct SoftcappedAttention : public torch::autograd::Function<SoftcappedAttentio
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2];
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &sinks = saved[3];
     const at::IValue& saved_mask = ctx->saved_data["mask"];
     const at::Tensor mask = saved_mask.isTensor() ? saved_mask.toTensor() : at::Tensor();
     const Args a{mask, ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble(),
@@ -544,25 +566,35 @@ struct SoftcappedAttention : public torch::autograd::Function<SoftcappedAttentio
     const at::Tensor values = rep == 1 ? v : v.repeat_interleave(rep, 1);
     const at::Tensor dout = grads[0].to(ct);
     at::Tensor dq = at::empty_like(q), dkeys = at::zeros_like(keys), dvalues = at::zeros_like(values);
+    at::Tensor dsinks;
     for (int64_t t0 = 0; t0 < T; t0 += a.rows) {
       const int64_t t1 = std::min(T, t0 + a.rows);
       const at::Tensor qb = q.slice(2, t0, t1), dob = dout.slice(2, t0, t1);
       const at::Tensor hide = hidden(mask, a.causal, t0, t1, S, q.options());
-      auto [t, p] = probabilities(qb, keys, hide, a);
+      const Probabilities pr = probabilities(qb, keys, sinks, hide, a);
+      const at::Tensor& p = pr.p;
       const at::Tensor pc = p.to(ct);
       dvalues.add_(at::matmul(pc.transpose(2, 3), dob));
-      // Back through the cast to ct, the float32 softmax (to the scores' dtype; zero where masked,
-      // as p is), the cap (cap · tanh(s / cap): the two factors of cap cancel) and the scale.
+      // Back through the cast to ct and the wide softmax, to the scores' dtype (zero where masked,
+      // as p is). With sinks, the dropped sink column has no gradient of its own: each score's is
+      // still p · (dp − Σ p·dp) over the kept columns (what _softmax_backward_data computes, the
+      // kept p summing to less than one), and the sink's −p_sink · Σ p·dp.
       const at::Tensor dp = at::matmul(dob, values.transpose(2, 3)).to(p.scalar_type());
-      const at::Tensor dcapped = at::_softmax_backward_data(dp, p, -1, p.scalar_type()).to(ct);
-      const at::Tensor dscores = at::tanh_backward(dcapped, t).mul_(a.scale);
+      if (pr.p_sink.defined()) {
+        const at::Tensor dsink = -(pr.p_sink * (p * dp).sum(-1)).sum(at::IntArrayRef{0, 2});  // (H)
+        dsinks = dsinks.defined() ? dsinks + dsink : dsink;
+      }
+      const at::Tensor dscores_capped = at::_softmax_backward_data(dp, p, -1, p.scalar_type()).to(ct);
+      // The cap (cap · tanh(s / cap): the two factors of cap cancel) and the scale.
+      const at::Tensor dscores = (a.cap > 0 ? at::tanh_backward(dscores_capped, pr.t) : dscores_capped).mul_(a.scale);
       dq.slice(2, t0, t1).copy_(at::matmul(dscores, keys));
       dkeys.add_(at::matmul(dscores.transpose(2, 3), qb));
     }
     at::Tensor dk = rep == 1 ? dkeys : dkeys.view({B, G, rep, S, D}).sum(2);
     at::Tensor dv = rep == 1 ? dvalues : dvalues.view({B, G, rep, S, D}).sum(2);
     auto as = [&](const at::Tensor& g, int i) { return g.to(static_cast<at::ScalarType>(dtypes[i])); };
-    return {as(dq, 0), as(dk, 1), as(dv, 2), at::Tensor()};
+    return {as(dq, 0), as(dk, 1), as(dv, 2), dsinks.defined() ? dsinks.to(sinks.scalar_type()) : at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -587,20 +619,29 @@ at::Tensor swiglu_packed(const at::Tensor& gate_up, bool fused_kernel, io::Activ
   return SwigluPacked::apply(gate_up, fused_kernel && gelu.empty() && gate_up.is_cuda(), gelu);
 }
 
-at::Tensor softcapped_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                                bool causal, double scale, double cap, int64_t max_scores) {
+at::Tensor materialized_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                                  bool causal, double scale, double cap, const at::Tensor& sinks, int64_t max_scores) {
   FT_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) && q.size(3) == k.size(3) &&
                k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-           "[model] softcapped_attention: q (B, H, T, D) and k, v (B, G, S, D) with G dividing H, got ", q.sizes(), ", ",
+           "[model] attention: q (B, H, T, D) and k, v (B, G, S, D) with G dividing H, got ", q.sizes(), ", ",
            k.sizes(), ", ", v.sizes());
   FT_CHECK(!mask.defined() || (mask.dim() == 4 && mask.scalar_type() == at::kBool && mask.size(2) == q.size(2) &&
                                mask.size(3) == k.size(2)),
-           "[model] softcapped_attention: the mask must be (B or 1, 1, T, S) bool, got ", mask.sizes());
-  FT_CHECK(!causal || mask.defined() || q.size(2) == k.size(2), "[model] softcapped_attention: causal needs T = S");
-  FT_CHECK(cap > 0 && max_scores > 0, "[model] softcapped_attention: cap and max_scores must be > 0");
+           "[model] attention: the mask must be (B or 1, 1, T, S) bool, got ", mask.sizes());
+  FT_CHECK(!causal || mask.defined() || q.size(2) == k.size(2), "[model] attention: causal needs T = S");
+  FT_CHECK(cap >= 0 && max_scores > 0, "[model] attention: cap must be >= 0 and max_scores > 0");
+  FT_CHECK(!sinks.defined() || (sinks.dim() == 1 && sinks.size(0) == q.size(1)), "[model] attention: the sinks must be (H) = (",
+           q.size(1), "), got ", sinks.sizes());
   const int64_t per_row = std::max<int64_t>(1, q.size(0) * q.size(1) * k.size(2));
   const int64_t rows = std::clamp<int64_t>(max_scores / per_row, 1, std::max<int64_t>(1, q.size(2)));
-  return SoftcappedAttention::apply(q, k, v, SoftcappedAttention::Args{mask, causal, scale, cap, rows});
+  const at::Tensor sink_input = sinks.defined() ? sinks : at::empty({0}, q.options());
+  return MaterializedAttention::apply(q, k, v, sink_input, MaterializedAttention::Args{mask, causal, scale, cap, rows});
+}
+
+at::Tensor softcapped_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                                bool causal, double scale, double cap, int64_t max_scores) {
+  FT_CHECK(cap > 0, "[model] softcapped_attention: cap must be > 0");
+  return materialized_attention(q, k, v, mask, causal, scale, cap, at::Tensor(), max_scores);
 }
 
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in, at::Tensor* cache_k,
@@ -643,7 +684,7 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
   const at::Tensor& mask = in.masks.at(window);
   // Dropout on the attention probabilities in training mode (SDPA's and flash attention's own).
   const double dropout_p = is_training() ? dropout : 0.0;
-  const bool grouped = softcap == 0 && dropout_p == 0 && cache_k == nullptr && !prefix_k.defined() && grouped_attention_fits(q, k, v, mask);
+  const bool grouped = softcap == 0 && !sinks.defined() && dropout_p == 0 && cache_k == nullptr && !prefix_k.defined() && grouped_attention_fits(q, k, v, mask);
   bool q_scaled = false;
   if (!use_rope) {
     // SmolLM3's NoPE layers: positions reach attention through causality alone.
@@ -683,7 +724,8 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
   }
   at::Tensor out;
   // (CausalLMImpl::hidden_states sets no variable-length runs for a soft-capping model: it has masks.)
-  FT_CHECK(softcap == 0 || !in.cu_seqlens.defined(), "[model] soft-capped attention has no variable-length form");
+  FT_CHECK((softcap == 0 && !sinks.defined()) || !in.cu_seqlens.defined(),
+           "[model] soft-capped attention and attention sinks have no variable-length form");
   if (in.cu_seqlens.defined() && cache_k == nullptr && !prefix_k.defined()) {
     // Packed rows on CUDA: flash attention over each run of the flattened (B·T, heads, D) tokens,
     // causal within it (and windowed: a key within `window` positions, as the masks below say). In
@@ -702,9 +744,9 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
                                                    /*is_causal=*/true, /*return_debug_mask=*/false, scale, left, right));
     return o_proj(out.view({B, T, heads * head_dim}));
   }
-  if (softcap > 0) {
-    FT_CHECK(dropout_p == 0, "[model] attention dropout with soft-capped attention scores is not supported");
-    out = softcapped_attention(q, k, v, mask, !mask.defined() && in.causal, scale, softcap);
+  if (softcap > 0 || sinks.defined()) {
+    FT_CHECK(dropout_p == 0, "[model] attention dropout with soft-capped attention scores or attention sinks is not supported");
+    out = materialized_attention(q, k, v, mask, !mask.defined() && in.causal, scale, softcap, sinks);
   } else if (grouped) {
     at::Tensor& bias = in.grouped_bias[window];
     if (!bias.defined()) bias = grouped_attention_bias(mask, kv_heads, heads / kv_heads, q.scalar_type());
@@ -733,15 +775,17 @@ MLPImpl::MLPImpl(const ModelConfig& c) : act(c.hidden_act) {
 
 MLPImpl::MLPImpl(const ModelConfig& c, int64_t intermediate) : act(c.hidden_act) {
   const bool mixtral = c.mixtral();
-  gate_proj = register_module(mixtral ? "w1" : "gate_proj", linear(c.hidden_size, intermediate, false));
-  up_proj = register_module(mixtral ? "w3" : "up_proj", linear(c.hidden_size, intermediate, false));
-  down_proj = register_module(mixtral ? "w2" : "down_proj", linear(intermediate, c.hidden_size, false));
+  const bool bias = c.gpt_oss();  // (gpt-oss's experts have biases)
+  gate_proj = register_module(mixtral ? "w1" : "gate_proj", linear(c.hidden_size, intermediate, bias));
+  up_proj = register_module(mixtral ? "w3" : "up_proj", linear(c.hidden_size, intermediate, bias));
+  down_proj = register_module(mixtral ? "w2" : "down_proj", linear(intermediate, c.hidden_size, bias));
+  glu_limit = c.swiglu_limit;
 }
 
 // ------------------------------------------------------------------------------------------------
 SparseMoeImpl::SparseMoeImpl(const ModelConfig& c)
-    : top_k(c.num_experts_per_tok), normalize(c.norm_topk_prob), float_weights(c.mixtral()) {
-  gate = register_module("gate", linear(c.hidden_size, c.num_experts, false));
+    : top_k(c.num_experts_per_tok), normalize(c.norm_topk_prob), float_weights(c.mixtral()), softmax_top_k(c.gpt_oss()) {
+  gate = register_module(c.gpt_oss() ? "router" : "gate", linear(c.hidden_size, c.num_experts, c.gpt_oss()));
   experts = register_module("experts", torch::nn::ModuleList());
   for (int64_t e = 0; e < c.num_experts; ++e) experts->push_back(MLP(c, c.moe_intermediate_size));
   if (c.shared_expert_intermediate_size > 0) {
@@ -755,9 +799,15 @@ at::Tensor SparseMoeImpl::forward(const at::Tensor& x, at::Tensor* router_logits
   const at::Tensor h = x.reshape({-1, x.size(-1)});  // (N, hidden)
   const at::Tensor logits = gate(h);                 // (N, E)
   if (router_logits) *router_logits = logits;
-  auto [weights, chosen] = at::topk(at::softmax(logits, -1, at::kFloat), top_k, -1);  // (N, k) each
-  if (normalize) weights = weights / weights.sum(-1, /*keepdim=*/true);
-  if (!float_weights) weights = weights.to(logits.scalar_type());
+  at::Tensor weights, chosen;  // (N, k) each
+  if (softmax_top_k) {  // gpt-oss: the top k logits, then their softmax, in the logits' dtype
+    std::tie(weights, chosen) = at::topk(logits, top_k, -1);
+    weights = at::softmax(weights, -1, weights.scalar_type());
+  } else {
+    std::tie(weights, chosen) = at::topk(at::softmax(logits, -1, at::kFloat), top_k, -1);
+    if (normalize) weights = weights / weights.sum(-1, /*keepdim=*/true);
+    if (!float_weights) weights = weights.to(logits.scalar_type());
+  }
   // The (token, slot) pairs grouped by expert: a stable sort of the flattened choices keeps each
   // expert's tokens in order; one copy of the counts to the host sizes the groups.
   const at::Tensor flat = chosen.reshape({-1});
@@ -784,6 +834,18 @@ at::Tensor SparseMoeImpl::forward(const at::Tensor& x, at::Tensor* router_logits
 }
 
 at::Tensor MLPImpl::forward(const at::Tensor& x) {
+  if (glu_limit > 0) {
+    // gpt-oss's clamped activation (GptOssExperts._apply_gate), gate and up from one node where
+    // LoRA groups the two projections.
+    std::vector<at::Tensor> gate_up = forward_group({gate_proj.get(), up_proj.get()}, x, /*split=*/true);
+    if (gate_up.empty()) {
+      const auto xs = projection_inputs(x, {gate_proj.get(), up_proj.get()}, shared_input_cast);
+      gate_up = {gate_proj(xs[0]), up_proj(xs[1])};
+    }
+    const at::Tensor gate = gate_up[0].clamp_max(glu_limit);
+    const at::Tensor up = gate_up[1].clamp(-glu_limit, glu_limit);
+    return down_proj((up + 1) * (gate * at::sigmoid(gate * 1.702)));
+  }
   // Phi-3: [gate | up] from one projection, as grouped projections make it.
   if (gate_up_proj) return down_proj(swiglu_packed(gate_up_proj(x), fused_swiglu, act));
   // One node for both (LoRA's grouped projections: [gate | up] as one output, whose halves the CUDA
@@ -824,8 +886,11 @@ DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer)
         register_module("post_feedforward_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, false, true));
     return;
   }
-  input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, offset));
-  post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, offset));
+  // (gpt-oss's norms take the weight's product in float32, as OLMo's)
+  const bool float_product = c.norm_float_product();
+  input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, offset, float_product));
+  post_attention_layernorm =
+      register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, offset, float_product));
   if (c.sandwich_norms()) {
     pre_feedforward_layernorm =
         register_module("pre_feedforward_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, offset));
@@ -879,7 +944,7 @@ DecoderImpl::DecoderImpl(const ModelConfig& c) {
   embed_tokens = register_module("embed_tokens", torch::nn::Embedding(embedding));
   layers = register_module("layers", torch::nn::ModuleList());
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(DecoderLayer(c, i));
-  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_unit_offset(), c.olmo()));
+  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_unit_offset(), c.norm_float_product()));
 }
 
 namespace {
@@ -1041,7 +1106,7 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
   // Packed rows on CUDA in a flash dtype: variable-length attention (ForwardOptions::cu_seqlens).
   // (Not for soft-capped attention scores, Gemma 2's, which flash attention does not compute.)
   if (opt.cu_seqlens.defined() && opt.segment_ids.defined() && device.is_cuda() && !cache && P == 0 &&
-      config_.attn_logit_softcapping == 0) {
+      config_.attn_logit_softcapping == 0 && !config_.attention_sinks()) {
     const at::ScalarType qt = util::compute_dtype(x);  // the projections' (x is on the CUDA device)
     const int64_t D = config_.head_dim;
     if ((qt == at::kBFloat16 || qt == at::kHalf) && D % 8 == 0 && D <= 256) {

@@ -100,8 +100,8 @@ struct LoraLayer {
 std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& options);
 
 /// Whether the module named `name` is a mixture of experts' router: model.layers.N.block_sparse_moe.gate
-/// (Mixtral), model.layers.N.mlp.gate (Qwen2/3-MoE), or Qwen2-MoE's mlp.shared_expert_gate. all-linear
-/// leaves routers alone (a low-rank change to a router moves tokens between experts), and QLoRA keeps
+/// (Mixtral), model.layers.N.mlp.gate (Qwen2/3-MoE, OLMoE), mlp.router (gpt-oss), or Qwen2-MoE's
+/// mlp.shared_expert_gate. all-linear leaves routers alone (a low-rank change to a router moves tokens between experts), and QLoRA keeps
 /// their few weights unquantized.
 bool is_router(const std::string& name);
 

@@ -21,8 +21,16 @@ struct LoadOptions {
 /// reported (all of them, in one error naming the checkpoint), never silently skipped.
 model::CausalLM load_pretrained(const std::string& dir, const LoadOptions& options = {});
 
-/// Copies weights from a checkpoint into an existing model, with the same strictness.
+/// Copies weights from a checkpoint into an existing model, with the same strictness. gpt-oss's
+/// fused experts (gate_up_proj with gate and up interleaved, down_proj, their biases; or the
+/// weights as MXFP4 _blocks and _scales, as OpenAI released them) load into libft's per-expert
+/// projections.
 void load_weights(model::CausalLM& model, const std::string& dir);
+
+/// MXFP4 (OCP microscaling, as gpt-oss's checkpoints store their experts) to float32: `blocks`
+/// (…, G, 16) uint8, two four-bit E2M1 values a byte (the low nibble first), `scales` (…, G)
+/// uint8, each block's exponent biased by 127. Returns (…, G·32): each value · 2^(scale − 127).
+at::Tensor mxfp4_dequantize(const at::Tensor& blocks, const at::Tensor& scales);
 
 struct SaveOptions {
   /// dtype written; default: the model's parameter dtype.

@@ -55,7 +55,7 @@ struct RopeConfig {
 };
 
 struct ModelConfig {
-  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | granite | gemma | gemma2 | gemma3_text | phi3 | smollm3 | olmo2 | olmo3 | mixtral | qwen2_moe | qwen3_moe | olmoe
+  std::string model_type = "llama";  ///< llama | mistral | qwen2 | qwen3 | granite | gemma | gemma2 | gemma3_text | phi3 | smollm3 | olmo2 | olmo3 | mixtral | qwen2_moe | qwen3_moe | olmoe | gpt_oss
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
@@ -123,6 +123,13 @@ struct ModelConfig {
   /// OLMoE: q, k and v clamped to [-clip_qkv, clip_qkv] after the projections (and q/k norms); 0:
   /// no clamp (the config's null).
   double clip_qkv = 0;
+  /// gpt-oss (swiglu_limit): each expert's gate clamped to at most this and its up to ±this, its
+  /// activation gate · sigmoid(1.702 · gate) · (up + 1). 0 for the other families.
+  double swiglu_limit = 0;
+  /// gpt-oss's checkpoints (quantization_config quant_method "mxfp4"): the experts' weights are
+  /// stored as MXFP4 blocks and scales, which io::load_weights dequantizes. Never written back: a
+  /// saved model holds the weights it trains.
+  bool mxfp4_experts = false;
   bool output_router_logits = false;
   double router_aux_loss_coef = 0.001;
   std::optional<int64_t> bos_token_id;
@@ -146,6 +153,17 @@ struct ModelConfig {
   bool mixtral() const { return model_type == "mixtral"; }
   /// AI2's OLMoE: Llama's block with q and k normed over all heads (as OLMo 2's) and a mixture of experts.
   bool olmoe() const { return model_type == "olmoe"; }
+  /// OpenAI's gpt-oss (GptOssForCausalLM): a mixture of experts with biases everywhere (the
+  /// router's, each expert's, the attention's), a learned attention sink per head, sliding-window
+  /// layers between global ones, and a router that takes each token's top k logits and softmaxes
+  /// those. Its checkpoints keep a layer's experts as fused 3-D tensors, gate and up interleaved
+  /// (io::load_weights splits them into libft's per-expert projections, save_pretrained fuses them).
+  bool gpt_oss() const { return model_type == "gpt_oss"; }
+  /// gpt-oss: each head's learned sink logit joins the softmax over the scores and takes its share
+  /// of the probability, attending to nothing.
+  bool attention_sinks() const { return gpt_oss(); }
+  /// OLMo 2/3 and gpt-oss: RMSNorm's weight product taken in float32 before the cast back.
+  bool norm_float_product() const { return olmo() || gpt_oss(); }
   /// IBM's Granite 3 (GraniteForCausalLM): Llama's block with four multipliers.
   bool granite() const { return model_type == "granite"; }
   /// Whether layer `i` applies the rotary embedding (see layer_rope).

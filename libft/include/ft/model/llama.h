@@ -110,6 +110,10 @@ class AttentionImpl : public torch::nn::Module {
   double dropout = 0;
   /// OLMoE (ModelConfig::clip_qkv): q, k and v clamped to ±clip_qkv after the norms; 0: none.
   double clip_qkv = 0;
+  /// gpt-oss (ModelConfig::attention_sinks): one learned logit per query head (H), a key that every
+  /// query sees and that carries no value; the scores are then materialised (materialized_attention).
+  /// Undefined for the other families.
+  at::Tensor sinks;
   bool shared_input_cast = true;  ///< CausalLMImpl::set_shared_input_cast
 };
 TORCH_MODULE(Attention);
@@ -127,6 +131,9 @@ class MLPImpl : public torch::nn::Module {
   Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
   Linear gate_up_proj{nullptr};
   io::Activation act = io::Activation::Silu;
+  /// gpt-oss's experts (ModelConfig::swiglu_limit): gate clamped to ≤ limit, up to ±limit, and
+  /// down(gate · sigmoid(1.702 · gate) · (up + 1)); 0: the plain gated activation.
+  double glu_limit = 0;
   bool fused_swiglu = false;  ///< CausalLMImpl::set_fused_swiglu (silu only)
   bool shared_input_cast = true;  ///< CausalLMImpl::set_shared_input_cast
 };
@@ -155,6 +162,9 @@ class SparseMoeImpl : public torch::nn::Module {
   int64_t top_k = 0;
   bool normalize = false;
   bool float_weights = false;
+  /// gpt-oss: the router (registered as "router", with a bias) picks each token's top_k logits and
+  /// the weights are their softmax, in the logits' dtype.
+  bool softmax_top_k = false;
 };
 TORCH_MODULE(SparseMoe);
 
@@ -383,6 +393,13 @@ at::Tensor swiglu_packed(const at::Tensor& gate_up, bool fused_kernel = false, i
 /// query rows whose scores hold at most `max_scores` elements (at least one row).
 at::Tensor softcapped_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                                 bool causal, double scale, double cap, int64_t max_scores = int64_t{1} << 26);
+/// softcapped_attention's computation with each part optional: `cap` 0 leaves the scores uncapped;
+/// `sinks` (H), where defined, are gpt-oss's attention sinks, one logit per query head joined to
+/// each row's scores in the softmax and dropped after it (transformers' eager_attention_forward),
+/// so that a row's probabilities sum to less than one. The sinks get their gradient.
+at::Tensor materialized_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                                  bool causal, double scale, double cap, const at::Tensor& sinks,
+                                  int64_t max_scores = int64_t{1} << 26);
 
 /// Initialises weights as HF does for a fresh model (normal(0, initializer_range) for linears and
 /// embeddings, ones for norms (zeros for Gemma's offsets from one), zeros for biases), from `seed`.
