@@ -12,6 +12,8 @@
 #include "ft/io/hf_checkpoint.h"
 #include "ft/util/error.h"
 #include "ft/io/hf_config.h"
+#include "ft/io/safetensors.h"
+#include "ft/io/tensor_io.h"
 #include "ft/model/generate.h"
 #include "ft/model/inspect.h"
 #include "ft/util/autocast.h"
@@ -1603,6 +1605,79 @@ TEST(Sampling, TopPKeepsOnlyTheNucleus) {
   EXPECT_EQ(seen.size(), 2u);
   EXPECT_GT(seen[1], seen[3]);
   EXPECT_EQ(seen.count(0) + seen.count(2), 0u);
+}
+
+// gpt-oss's checkpoints hold each layer's experts fused (gate and up interleaved): saved so, loaded
+// back bit for bit; MXFP4 blocks and scales decode as the format says; a mis-shaped or missing
+// fused tensor is named.
+TEST(Checkpoint, GptOssFusedAndMxfp4ExpertsLoadAndSave) {
+  // MXFP4: byte 0x2F holds 0xF (−6) in its low nibble (the even element) and 0x2 (1.0) in its
+  // high one; scale 129 is 2^2, 125 is 2^−2.
+  at::Tensor blocks = at::zeros({2, 16}, at::kByte), scales = at::tensor(std::vector<uint8_t>{129, 125}).to(at::kByte);
+  blocks.index_put_({0, 0}, 0x2F);
+  blocks.index_put_({1, 15}, 0x97);  // 0x7 (6.0) low, 0x9 (−0.5) high
+  // (two rows of one block each)
+  const at::Tensor v = io::mxfp4_dequantize(blocks.view({2, 1, 16}), scales.view({2, 1}));
+  ASSERT_EQ(v.sizes(), (std::vector<int64_t>{2, 32}));
+  EXPECT_EQ(v[0][0].item<float>(), -24.0f);
+  EXPECT_EQ(v[0][1].item<float>(), 4.0f);
+  EXPECT_EQ(v[1][30].item<float>(), 1.5f);
+  EXPECT_EQ(v[1][31].item<float>(), -0.125f);
+  EXPECT_EQ(v.abs().sum().item<float>(), 24.0f + 4.0f + 1.5f + 0.125f);
+  EXPECT_NE(expect_error([&] { io::mxfp4_dequantize(blocks.slice(1, 0, 8), scales); }).find("blocks (…, G, 16)"),
+            std::string::npos);
+  EXPECT_EQ(io::mxfp4_dequantize(blocks, scales).sizes(), (std::vector<int64_t>{64}));  // (one row of two blocks)
+  EXPECT_NE(expect_error([&] { io::mxfp4_dequantize(blocks.to(at::kInt), scales); }).find("of uint8 expected"),
+            std::string::npos);
+
+  const auto c = tiny_config("gpt_oss");
+  model::CausalLM m(c);
+  model::init_weights(m, 4);
+  const fs::path dir = fs::temp_directory_path() / "libft_gpt_oss_ckpt";
+  fs::remove_all(dir);
+  io::save_pretrained(m, dir.string());
+  auto f = io::SafetensorsFile::open((dir / "model.safetensors").string());
+  const auto& gate_up = f->at("model.layers.1.mlp.experts.gate_up_proj");
+  EXPECT_EQ(gate_up.shape, (std::vector<int64_t>{4, 32, 128}));
+  EXPECT_EQ(f->at("model.layers.1.mlp.experts.down_proj").shape, (std::vector<int64_t>{4, 64, 32}));
+  for (const auto& t : f->tensors()) EXPECT_EQ(t.name.find("experts.2."), std::string::npos) << t.name;
+  // Column 2j of expert 3's gate_up is its gate's row j, column 2j + 1 its up's.
+  const auto params = m->named_parameters();
+  const at::Tensor fused = io::read_tensor(*f, gate_up)[3];
+  EXPECT_TRUE(at::equal(fused.select(1, 10), params["model.layers.1.mlp.experts.3.gate_proj.weight"][5]));
+  EXPECT_TRUE(at::equal(fused.select(1, 11), params["model.layers.1.mlp.experts.3.up_proj.weight"][5]));
+  model::CausalLM back = io::load_pretrained(dir.string());
+  const auto loaded = back->named_parameters();
+  for (const auto& item : params) EXPECT_TRUE(at::equal(item.value(), loaded[item.key()])) << item.key();
+
+  // The experts of layer 0 as MXFP4 (one block per 32 inputs), the rest as saved: loads, and the
+  // weights are the blocks' values; a wrong blocks shape is named.
+  std::vector<at::Tensor> keep;
+  auto rewrite = [&](int64_t blocks_per_row) {
+    std::vector<io::TensorWrite> writes;
+    for (const auto& t : f->tensors()) {
+      if (t.name == "model.layers.0.mlp.experts.gate_up_proj") continue;
+      keep.push_back(io::read_tensor(*f, t));
+      writes.push_back(io::tensor_write(t.name, keep.back()));
+    }
+    keep.push_back(at::full({4, 128, blocks_per_row, 16}, 0x21, at::kByte));  // values 0.5 and 1.0
+    writes.push_back(io::tensor_write("model.layers.0.mlp.experts.gate_up_proj_blocks", keep.back()));
+    keep.push_back(at::full({4, 128, blocks_per_row}, 127, at::kByte));
+    writes.push_back(io::tensor_write("model.layers.0.mlp.experts.gate_up_proj_scales", keep.back()));
+    io::write_safetensors((dir / "model.safetensors").string(), writes);
+  };
+  rewrite(1);
+  model::CausalLM quantized = io::load_pretrained(dir.string());
+  const auto qp = quantized->named_parameters();
+  EXPECT_TRUE(at::equal(qp["model.layers.0.mlp.experts.2.gate_proj.weight"][7].slice(0, 0, 2),
+                        at::tensor(std::vector<float>{0.5f, 1.0f})));
+  EXPECT_TRUE(at::equal(qp["model.layers.1.mlp.experts.2.gate_proj.weight"], params["model.layers.1.mlp.experts.2.gate_proj.weight"]));
+  rewrite(2);
+  const std::string err = expect_error([&] { io::load_pretrained(dir.string()); });
+  EXPECT_NE(err.find("model.layers.0.mlp.experts.gate_up_proj_blocks and _scales (checkpoint U8 [4, 128, 2, 16]"),
+            std::string::npos)
+      << err;
+  fs::remove_all(dir);
 }
 
 TEST(Checkpoint, SaveLoadRoundTripAndStrictErrors) {

@@ -122,6 +122,14 @@ inline io::ModelConfig tiny_config(const std::string& type = "llama") {
     c.shared_expert_intermediate_size = 20;
     c.qkv_bias = true;
   }
+  if (type == "gpt_oss") {  // four experts of 64 units (MXFP4's blocks of 32 divide both widths), two per token
+    c.num_experts = 4;
+    c.num_experts_per_tok = 2;
+    c.intermediate_size = c.moe_intermediate_size = 64;
+    c.swiglu_limit = 7;
+    c.qkv_bias = c.o_bias = true;
+    c.layer_window = {4, 0};
+  }
   if (type == "olmoe") {  // four experts of the MLP's width, two per token, not renormalised; q, k, v clamped
     c.num_experts = 4;
     c.num_experts_per_tok = 2;

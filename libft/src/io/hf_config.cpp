@@ -560,6 +560,8 @@ void ModelConfig::validate(const std::string& source) const {
   FT_CHECK(std::isfinite(swiglu_limit) && swiglu_limit >= 0, "[config] ", source, ": swiglu_limit must be >= 0, got ",
            swiglu_limit);
   FT_CHECK(!mxfp4_experts || gpt_oss(), "[config] ", source, ": only gpt_oss's experts come in MXFP4");
+  FT_CHECK(!gpt_oss() || moe_intermediate_size == intermediate_size, "[config] ", source,
+           ": gpt_oss's experts are intermediate_size wide (", intermediate_size, "), not ", moe_intermediate_size);
   FT_CHECK(!gpt_oss() || !layer_moe.empty() || num_experts > 0, "[config] ", source, ": gpt_oss needs experts");
   FT_CHECK(clip_qkv == 0 || olmoe(), "[config] ", source, ": only olmoe clamps q, k and v (clip_qkv)");
   FT_CHECK(std::isfinite(clip_qkv) && clip_qkv >= 0, "[config] ", source, ": clip_qkv must be >= 0, got ", clip_qkv);
@@ -595,6 +597,8 @@ void ModelConfig::validate(const std::string& source) const {
            ": 'attention_dropout' must be in [0, 1), got ", attention_dropout);
   FT_CHECK(attention_dropout == 0 || attn_logit_softcapping == 0, "[config] ", source,
            ": attention_dropout with soft-capped attention scores is not supported");
+  FT_CHECK(attention_dropout == 0 || !attention_sinks(), "[config] ", source,
+           ": attention_dropout with attention sinks is not supported");
   FT_CHECK(std::isfinite(attention_multiplier) && attention_multiplier >= 0, "[config] ", source,
            ": 'attention_multiplier' must be a finite number > 0, got ", attention_multiplier);
   FT_CHECK(attention_multiplier == 0 || granite(), "[config] ", source, ": only granite has 'attention_multiplier'");
