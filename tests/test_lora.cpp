@@ -748,6 +748,7 @@ std::string base_of(const std::string& name) {
          : name.starts_with("mixtral") ? "base_mixtral"
          : name.starts_with("qwen3_moe") ? "base_qwen3_moe"
          : name.starts_with("qwen2_moe") ? "base_qwen2_moe"
+         : name.starts_with("gpt_oss")   ? "base_gpt_oss"
                             : "base";
 }
 
@@ -760,7 +761,7 @@ TEST(PeftInterop, LibftLoadsPeftAdaptersWithTheSameLogits) {
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
   for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3", "gemma3",
                            "gemma2", "phi3", "phi3_dora", "olmo2", "mixtral", "mixtral_experts", "qwen3_moe_experts",
-                           "qwen3_moe_all_linear", "qwen2_moe_all_linear"}) {
+                           "qwen3_moe_all_linear", "qwen2_moe_all_linear", "gpt_oss_experts"}) {
     SCOPED_TRACE(name);
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());
     m->eval();
@@ -786,7 +787,7 @@ TEST(PeftInterop, LibftLoadsPeftAdaptersWithTheSameLogits) {
       }
       const auto back = adapt::read_peft_lora_config((again / "adapter_config.json").string());
       // (by whole name: mixtral_experts 2 layers × 2; qwen3_moe_experts 1; qwen3_moe_all_linear 1 × 2 and its router)
-      EXPECT_EQ(back.target_parameters.size(), std::string(name) == "mixtral_experts" ? 4u
+      EXPECT_EQ(back.target_parameters.size(), std::string(name) == "mixtral_experts" || std::string(name) == "gpt_oss_experts" ? 4u
                                                : std::string(name) == "qwen3_moe_experts" ? 1u : 3u);
     }
     adapt::merge_lora(m);
@@ -805,19 +806,20 @@ TEST(PeftInterop, LibftSavesAdaptersForPeft) {
   std::vector<io::TensorWrite> writes{io::tensor_write("input_ids", keep[0])};
   for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3", "gemma3",
                            "gemma2", "phi3", "phi3_dora", "olmo2", "mixtral", "mixtral_experts", "qwen3_moe_experts",
-                           "qwen3_moe_all_linear", "qwen2_moe_all_linear"}) {
+                           "qwen3_moe_all_linear", "qwen2_moe_all_linear", "gpt_oss_experts"}) {
     const adapt::LoraOptions o =
         adapt::read_peft_lora_config((fs::path(d) / (std::string("peft_") + name) / "adapter_config.json").string());
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());
     m->eval();
     adapt::apply_lora(m, o);
     randomize_b(m, 9);
-    if (std::string(name) == "mixtral_experts") {
+    if (std::string(name) == "mixtral_experts" || std::string(name) == "gpt_oss_experts") {
       // Each expert's gate and up adapters with A of their own, as training leaves them: saved as
-      // gate_up_proj at twice the rank.
+      // gate_up_proj at twice the rank (gpt-oss's B rows interleaved).
       at::NoGradGuard no_grad;
       for (const auto& item : m->named_parameters()) {
-        if (item.key().find("experts.") != std::string::npos && item.key().find(".w3.lora_A") != std::string::npos)
+        if (item.key().find("experts.") != std::string::npos && (item.key().find(".w3.lora_A") != std::string::npos ||
+                                                                 item.key().find(".up_proj.lora_A") != std::string::npos))
           item.value().add_(at::randn_like(item.value()) * 0.1);
       }
     }

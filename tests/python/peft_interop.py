@@ -35,7 +35,10 @@ gate_proj, up_proj or down_proj target on such a model into its experts' paramet
 separately), which it writes as gate_up_proj at twice the rank, A stacked and B block-diagonal.
 "qwen3_moe_all_linear" is PEFT's all-linear on Qwen3-MoE, which PEFT 0.21 turns into the attention's
 modules and the parameters gate_up_proj (at twice the rank), down_proj and the routers' gate.weight (and
-the dense layer's MLP is left out), and saves so; "qwen2_moe_all_linear" is PEFT's all-linear on a
+the dense layer's MLP is left out), and saves so; "gpt_oss_experts" is the OpenAI cookbook's kind of
+adapter on a gpt-oss base (DIR/base_gpt_oss: attention sinks, biases, experts whose gate_up_proj
+(E, H, 2I) is multiplied from the left and interleaves gate and up): all-linear (the attention) and
+target_parameters on both expert weights; "qwen2_moe_all_linear" is PEFT's all-linear on a
 Qwen2-MoE base (DIR/base_qwen2_moe, a shared expert behind its gate), which PEFT leaves as it is: every
 nn.Linear, the shared expert's MLP and shared_expert_gate included, the experts and routers not.
 Prefixes: "prefix" is a plain
@@ -53,7 +56,8 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
                           LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
-                          Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+                          Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, GptOssConfig,
+                          GptOssForCausalLM)
 
 ADAPTERS = {
     "lists": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -83,12 +87,15 @@ ADAPTERS = {
                               alpha_pattern={"o_proj": 3}),
     "qwen3_moe_all_linear": dict(r=4, lora_alpha=8, target_modules="all-linear"),
     "qwen2_moe_all_linear": dict(r=4, lora_alpha=8, target_modules="all-linear"),
+    "gpt_oss_experts": dict(r=4, lora_alpha=8, target_modules="all-linear",
+                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
 }
 BASES = {"tied": "base_tied", "qwen3": "base_qwen3", "prefix_qwen3": "base_qwen3", "gemma3": "base_gemma3",
          "prefix_gemma3": "base_gemma3", "gemma2": "base_gemma2", "prefix_gemma2": "base_gemma2",
          "phi3": "base_phi3", "phi3_dora": "base_phi3", "prefix_phi3": "base_phi3", "olmo2": "base_olmo2",
          "mixtral": "base_mixtral", "mixtral_experts": "base_mixtral", "qwen3_moe_experts": "base_qwen3_moe",
-         "qwen3_moe_all_linear": "base_qwen3_moe", "qwen2_moe_all_linear": "base_qwen2_moe"}
+         "qwen3_moe_all_linear": "base_qwen3_moe", "qwen2_moe_all_linear": "base_qwen2_moe",
+         "gpt_oss_experts": "base_gpt_oss"}
 # (the others adapt DIR/base)
 
 
@@ -218,6 +225,16 @@ def make(d):
             if "experts" in pname or "gate.weight" in pname:
                 p.copy_(0.2 * torch.randn(p.shape))
     qwen2_moe.save_pretrained(os.path.join(d, "base_qwen2_moe"))
+    gpt_oss = GptOssForCausalLM(GptOssConfig(vocab_size=97, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                             num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                                             max_position_embeddings=64, rms_norm_eps=1e-5, pad_token_id=None,
+                                             bos_token_id=None, eos_token_id=None)).eval()
+    with torch.no_grad():  # (experts, router and sinks away from the 0.02 init: distinct routes per token)
+        for pname, p in gpt_oss.named_parameters():
+            if "experts" in pname or "router" in pname or pname.endswith("sinks"):
+                p.copy_(0.2 * torch.randn(p.shape))
+    gpt_oss.save_pretrained(os.path.join(d, "base_gpt_oss"))
     ids = input_ids()
     tensors = {"input_ids": ids}
     for name, kwargs in ADAPTERS.items():

@@ -968,7 +968,10 @@ void check_regex(const std::string& what, const std::string& p) {
 // parameter's inside, under ".base_layer"). libft keeps each expert's projections as linear layers
 // (Mixtral's block_sparse_moe.experts.e.w1/w3/w2, the others' mlp.experts.e.gate/up/down_proj): an
 // adapted gate_up_proj is an adapter on each expert's gate and up layers, sharing A and splitting B's
-// rows, so the same ΔW exactly. A router's model.layers.N.mlp.gate.weight (E, H), a 2-D parameter
+// rows, so the same ΔW exactly. gpt-oss's gate_up_proj (E, H, 2I, multiplied from the left, which
+// PEFT reads through the module's is_transposed: A (E·r, H) and B (2I, r·E) all the same)
+// interleaves gate and up, so B's gate rows are 2j and its up rows 2j + 1 (gate_up_rows).
+// A router's model.layers.N.mlp.gate.weight (E, H), a 2-D parameter
 // of a TopKRouter module there (PEFT's all-linear on Mixtral, Qwen3-MoE and OLMoE ends up adapting it
 // so), is an ordinary LoRA on libft's router layer.
 struct ExpertProjection {
@@ -997,6 +1000,13 @@ std::optional<ExpertProjection> expert_projection(const std::string& name) {
   p.part = proj == "w1" || proj == "gate_proj" ? 0 : proj == "w3" || proj == "up_proj" ? 1 : 2;
   p.key = p.module + (p.part == 2 ? ".down_proj" : ".gate_up_proj");
   return p;
+}
+
+// The rows of a gate_up_proj adapter's B (2I, r) that belong to gate (part 0) or up (part 1): the
+// first or second half, or (gpt-oss, `interleaved`) the even or odd rows.
+at::Tensor gate_up_rows(const at::Tensor& b, int part, bool interleaved) {
+  const int64_t rows = b.size(0) / 2;
+  return interleaved ? b.slice(0, part, 2 * rows, 2) : b.narrow(0, part * rows, rows);
 }
 
 // Whether `name` is one expert's projection in a mixture of experts: its own linear layer here, a
@@ -1475,6 +1485,7 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::
                        const std::string& base_model) {
   const auto all = adapters(model);
   FT_CHECK(!all.empty(), "[lora] the model has no LoRA adapter to save");
+  const bool interleaved = model->config().gpt_oss();  // (gpt-oss's gate_up_proj: gate_up_rows)
   std::vector<at::Tensor> keep;
   std::vector<io::TensorWrite> writes;
   // Expert projections go out as PEFT's target_parameters (EXPERT PARAMETERS): by PEFT module, part
@@ -1568,7 +1579,10 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::
         const LoraAdapter* u = u0 ? parts[1].at(e) : nullptr;
         if (shared) {
           a_e.push_back(a_of(g));
-          b_e.push_back(at::cat({b_of(g), b_of(u)}, 0));
+          at::Tensor b = at::empty({2 * b_of(g).size(0), b_of(g).size(1)}, b_of(g).options());
+          gate_up_rows(b, 0, interleaved).copy_(b_of(g));
+          gate_up_rows(b, 1, interleaved).copy_(b_of(u));
+          b_e.push_back(b);
           continue;
         }
         const int64_t rows = (g ? g : u)->owner_->out_features, in = (g ? g : u)->owner_->in_features;
@@ -1577,11 +1591,11 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::
         at::Tensor a = at::zeros({rg + ru, in}, dtype), b = at::zeros({2 * rows, rg + ru}, dtype);
         if (g) {
           a.narrow(0, 0, rg).copy_(a_of(g));
-          b.narrow(0, 0, rows).narrow(1, 0, rg).copy_(b_of(g) * (g->info.scale / scale));
+          gate_up_rows(b, 0, interleaved).narrow(1, 0, rg).copy_(b_of(g) * (g->info.scale / scale));
         }
         if (u) {
           a.narrow(0, rg, ru).copy_(a_of(u));
-          b.narrow(0, rows, rows).narrow(1, rg, ru).copy_(b_of(u) * (u->info.scale / scale));
+          gate_up_rows(b, 1, interleaved).narrow(1, rg, ru).copy_(b_of(u) * (u->info.scale / scale));
         }
         a_e.push_back(a);
         b_e.push_back(b);
@@ -1886,7 +1900,8 @@ LoraOptions load_peft_adapter(model::CausalLM& model, const std::string& dir) {
       }
       const at::Tensor b = it->second.second.select(2, expert->expert);  // (out, r)
       a->A->weight.copy_(it->second.first[expert->expert].to(a->A->weight.dtype()));
-      a->B->weight.copy_((expert->part == 2 ? b : b.narrow(0, expert->part * rows, rows)).to(a->B->weight.dtype()));
+      a->B->weight.copy_((expert->part == 2 ? b : gate_up_rows(b, expert->part, model->config().gpt_oss()))
+                             .to(a->B->weight.dtype()));
       continue;
     }
     for (const auto& [suffix, w] : {std::pair<const char*, at::Tensor>{".lora_A.weight", a->A->weight},
