@@ -9,6 +9,8 @@
 # from the same initial adapter, which PEFT writes; with MODE=prefix both train a prefix (8 virtual
 # tokens) from the same PEFT-made initial prefix. With MODE=lora LORA_DROPOUT=0.05 both loops use that
 # dropout (libft's fused path and PEFT's chain draw different masks): only the speed is compared.
+# With MODE=lora LORA_BIAS=all or lora_only, the initial adapter says PEFT's bias option: the base's
+# biases (all of them, or the adapted layers') train in both loops too.
 # REPEATS=N runs N pairs and prints the median ratio.
 # EXTRA_ARGS="key=value ..." adds run-config overrides (e.g. model.router_aux_loss_coef=0.1, which the
 # reference reads back from the run's config.yaml).

@@ -349,9 +349,10 @@ TEST(RunConfig, LoraSection) {
        "  init: gaussian\n  rank_pattern: {down_proj: 2, \"mlp\\\\..*\": 3}\n  alpha_pattern: {o_proj: 1.5}\n"
        "  extended_gemm: true\n  row_kernels: true\n  grad_splits: 4\n  group_projections: true\n"
        "  modules_to_save: [lm_head, embed_tokens]\n  layers_to_transform: [0, 2]\n  layers_pattern: [layers]\n"
-       "  exclude_modules: [o_proj, model.layers.1.mlp.up_proj]\n";
+       "  exclude_modules: [o_proj, model.layers.1.mlp.up_proj]\n  bias: lora_only\n";
   const config::RunConfig c = config::parse_run_config(y, "run.yaml");
   EXPECT_EQ(c.lora.r, 4);
+  EXPECT_EQ(c.lora.bias, "lora_only");
   EXPECT_EQ(c.lora.exclude_modules, (std::vector<std::string>{"o_proj", "model.layers.1.mlp.up_proj"}));
   EXPECT_EQ(c.lora.modules_to_save, (std::vector<std::string>{"lm_head", "embed_tokens"}));
   EXPECT_EQ(c.lora.layers_to_transform, (std::vector<int64_t>{0, 2}));
@@ -373,8 +374,9 @@ TEST(RunConfig, LoraSection) {
 
   std::string bad = kGood;
   bad += "mode: lora\nlora:\n  r: 0\n  dropout: 1.5\n  init: xavier\n  rank_pattern: [1, 2]\n  alphaa: 3\n  grad_splits: 0\n"
-         "  modules_to_save: [lm_head, \"\"]\n  layers_pattern: [\"(\"]\n";
+         "  modules_to_save: [lm_head, \"\"]\n  layers_pattern: [\"(\"]\n  bias: some\n";
   const std::string e = error_of(bad);
+  EXPECT_NE(e.find("'lora.bias' must be one of none, all, lora_only, got 'some'"), std::string::npos) << e;
   EXPECT_NE(e.find("'lora.r' must be > 0"), std::string::npos) << e;
   EXPECT_NE(e.find("'lora.dropout' must be in [0, 1)"), std::string::npos) << e;
   EXPECT_NE(e.find("'lora.init' must be one of kaiming, gaussian"), std::string::npos) << e;

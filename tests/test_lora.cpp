@@ -749,6 +749,7 @@ std::string base_of(const std::string& name) {
          : name.starts_with("qwen3_moe") ? "base_qwen3_moe"
          : name.starts_with("qwen2_moe") ? "base_qwen2_moe"
          : name.starts_with("gpt_oss")   ? "base_gpt_oss"
+         : name.starts_with("bias_")     ? "base_bias"
                             : "base";
 }
 
@@ -761,7 +762,8 @@ TEST(PeftInterop, LibftLoadsPeftAdaptersWithTheSameLogits) {
   const at::Tensor input = io::read_tensor(*ref, ref->at("input_ids"));
   for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3", "gemma3",
                            "gemma2", "phi3", "phi3_dora", "olmo2", "mixtral", "mixtral_experts", "qwen3_moe_experts",
-                           "qwen3_moe_all_linear", "qwen2_moe_all_linear", "gpt_oss_experts"}) {
+                           "qwen3_moe_all_linear", "qwen2_moe_all_linear", "gpt_oss_experts", "bias_all",
+                           "bias_lora_only"}) {
     SCOPED_TRACE(name);
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());
     m->eval();
@@ -806,13 +808,25 @@ TEST(PeftInterop, LibftSavesAdaptersForPeft) {
   std::vector<io::TensorWrite> writes{io::tensor_write("input_ids", keep[0])};
   for (const char* name : {"lists", "rslora", "dora", "saved", "tied", "layers", "exclude", "exclude_re", "qwen3", "gemma3",
                            "gemma2", "phi3", "phi3_dora", "olmo2", "mixtral", "mixtral_experts", "qwen3_moe_experts",
-                           "qwen3_moe_all_linear", "qwen2_moe_all_linear", "gpt_oss_experts"}) {
+                           "qwen3_moe_all_linear", "qwen2_moe_all_linear", "gpt_oss_experts", "bias_all",
+                           "bias_lora_only"}) {
     const adapt::LoraOptions o =
         adapt::read_peft_lora_config((fs::path(d) / (std::string("peft_") + name) / "adapter_config.json").string());
     model::CausalLM m = io::load_pretrained((fs::path(d) / base_of(name)).string());
     m->eval();
     adapt::apply_lora(m, o);
     randomize_b(m, 9);
+    if (o.bias != "none") {  // the biases that bias = all/lora_only trains, away from the base's
+      at::NoGradGuard no_grad;
+      int64_t trained = 0;
+      for (const auto& item : m->named_parameters()) {
+        if (!item.key().ends_with(".bias") || !item.value().requires_grad()) continue;
+        item.value().add_(at::randn_like(item.value()) * 0.5);
+        ++trained;
+      }
+      // (bias_all: q, k, v, o, gate, up, down in each of 2 layers; bias_lora_only: q and up)
+      EXPECT_EQ(trained, o.bias == "all" ? 14 : 4) << name;
+    }
     if (std::string(name) == "mixtral_experts" || std::string(name) == "gpt_oss_experts") {
       // Each expert's gate and up adapters with A of their own, as training leaves them: saved as
       // gate_up_proj at twice the rank (gpt-oss's B rows interleaved).
@@ -898,6 +912,47 @@ TEST(Lora, CheckAdapterReportsEveryProblem) {
 
 // DoRA in float64: the adapted layer computes x (m ⊙ (W + ΔW) / ||W + ΔW||_row)ᵀ + b, merging gives
 // that weight, unmerging restores W, and a fresh DoRA adapter leaves the base unchanged.
+// PEFT's bias option: lora_only trains the adapted layers' biases, all every linear layer's; the
+// fused node (which takes the base's bias as frozen) steps aside for a layer whose bias trains, so
+// that the bias gets its gradient, the same as on the unfused chain.
+TEST(Lora, BiasOptionTrainsTheBasesBiases) {
+  io::ModelConfig c = test::tiny_config();
+  c.qkv_bias = c.o_bias = c.mlp_bias = true;
+  for (const std::string bias : {"lora_only", "all"}) {
+    SCOPED_TRACE(bias);
+    model::CausalLM m(c);
+    model::init_weights(m, 3);
+    adapt::LoraOptions o;
+    o.targets = {"q_proj", "up_proj"};
+    o.bias = bias;
+    adapt::apply_lora(m, o);
+    auto params = m->named_parameters();
+    EXPECT_TRUE(params["model.layers.0.self_attn.q_proj.bias"].requires_grad());
+    EXPECT_TRUE(params["model.layers.1.mlp.up_proj.bias"].requires_grad());
+    EXPECT_EQ(params["model.layers.0.self_attn.k_proj.bias"].requires_grad(), bias == "all");
+    EXPECT_EQ(params["model.layers.1.mlp.down_proj.bias"].requires_grad(), bias == "all");
+    EXPECT_FALSE(params["model.layers.0.self_attn.q_proj.weight"].requires_grad());
+    m->train();
+    const at::Tensor ids = at::randint(0, c.vocab_size, {2, 6}, at::kLong);
+    auto grads = [&](bool fused) {
+      adapt::set_lora_fused(m, fused);
+      m->zero_grad();
+      model::causal_lm_loss(m->forward(ids), ids).backward();
+      return std::make_pair(params["model.layers.0.self_attn.q_proj.bias"].grad().clone(),
+                            params["model.layers.0.self_attn.q_proj.lora_A.weight"].grad().clone());
+    };
+    const auto fused = grads(true), chain = grads(false);
+    ASSERT_TRUE(fused.first.defined());
+    EXPECT_GT(fused.first.abs().max().item<double>(), 0.0);
+    EXPECT_LE(test::max_rel_error(fused.first, chain.first), 1e-6);
+    EXPECT_LE(test::max_rel_error(fused.second, chain.second), 1e-6);
+  }
+  model::CausalLM m(c);
+  adapt::LoraOptions o;
+  o.bias = "some";
+  EXPECT_NE(test::error_of([&] { adapt::apply_lora(m, o); }).find("bias must be none, all or lora_only"), std::string::npos);
+}
+
 TEST(Lora, DoraFollowsItsFormula) {
   io::ModelConfig mc = test::tiny_config();
   mc.mlp_bias = true;  // DoRA rescales x Wᵀ, not the bias

@@ -35,7 +35,9 @@ gate_proj, up_proj or down_proj target on such a model into its experts' paramet
 separately), which it writes as gate_up_proj at twice the rank, A stacked and B block-diagonal.
 "qwen3_moe_all_linear" is PEFT's all-linear on Qwen3-MoE, which PEFT 0.21 turns into the attention's
 modules and the parameters gate_up_proj (at twice the rank), down_proj and the routers' gate.weight (and
-the dense layer's MLP is left out), and saves so; "gpt_oss_experts" is the OpenAI cookbook's kind of
+the dense layer's MLP is left out), and saves so; "bias_all" and "bias_lora_only" train PEFT's bias option
+(every linear layer's bias, or the adapted layers') on a Llama base with every bias (DIR/base_bias);
+"gpt_oss_experts" is the OpenAI cookbook's kind of
 adapter on a gpt-oss base (DIR/base_gpt_oss: attention sinks, biases, experts whose gate_up_proj
 (E, H, 2I) is multiplied from the left and interleaves gate and up): all-linear (the attention) and
 target_parameters on both expert weights; "qwen2_moe_all_linear" is PEFT's all-linear on a
@@ -87,6 +89,8 @@ ADAPTERS = {
                               alpha_pattern={"o_proj": 3}),
     "qwen3_moe_all_linear": dict(r=4, lora_alpha=8, target_modules="all-linear"),
     "qwen2_moe_all_linear": dict(r=4, lora_alpha=8, target_modules="all-linear"),
+    "bias_all": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias="all"),
+    "bias_lora_only": dict(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], bias="lora_only"),
     "gpt_oss_experts": dict(r=4, lora_alpha=8, target_modules="all-linear",
                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
 }
@@ -95,7 +99,7 @@ BASES = {"tied": "base_tied", "qwen3": "base_qwen3", "prefix_qwen3": "base_qwen3
          "phi3": "base_phi3", "phi3_dora": "base_phi3", "prefix_phi3": "base_phi3", "olmo2": "base_olmo2",
          "mixtral": "base_mixtral", "mixtral_experts": "base_mixtral", "qwen3_moe_experts": "base_qwen3_moe",
          "qwen3_moe_all_linear": "base_qwen3_moe", "qwen2_moe_all_linear": "base_qwen2_moe",
-         "gpt_oss_experts": "base_gpt_oss"}
+         "gpt_oss_experts": "base_gpt_oss", "bias_all": "base_bias", "bias_lora_only": "base_bias"}
 # (the others adapt DIR/base)
 
 
@@ -235,6 +239,11 @@ def make(d):
             if "experts" in pname or "router" in pname or pname.endswith("sinks"):
                 p.copy_(0.2 * torch.randn(p.shape))
     gpt_oss.save_pretrained(os.path.join(d, "base_gpt_oss"))
+    # Llama with every bias (attention and MLP), for PEFT's bias = all and lora_only.
+    bias_cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                           tie_word_embeddings=False, rms_norm_eps=1e-5, attention_bias=True, mlp_bias=True)
+    LlamaForCausalLM(bias_cfg).eval().save_pretrained(os.path.join(d, "base_bias"))
     ids = input_ids()
     tensors = {"input_ids": ids}
     for name, kwargs in ADAPTERS.items():
@@ -249,6 +258,8 @@ def make(d):
                     p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
                 if ".modules_to_save." in pname:  # and the modules trained in full away from the base's
                     p.add_(0.1 * torch.randn(p.shape, generator=g))
+                if pname.endswith("bias") and p.requires_grad:  # and the biases that bias = all/lora_only trains
+                    p.add_(0.5 * torch.randn(p.shape, generator=g))
         peft_model.save_pretrained(os.path.join(d, f"peft_{name}"))
         with torch.no_grad():
             tensors[f"logits_{name}"] = peft_model(input_ids=ids).logits.contiguous()

@@ -133,8 +133,9 @@ def make_adapter(adapter_dir, model_dir):
     targets = (["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if model.config.model_type == "phi3" else
                ["q_proj", "k_proj", "v_proj", "o_proj"] if model.config.model_type in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss") else
                ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    # (LORA_BIAS=all or lora_only in the environment: PEFT's bias option, the base's biases trained too)
     config = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, rank_pattern={"down_proj": 4},
-                        target_modules=targets)
+                        target_modules=targets, bias=os.environ.get("LORA_BIAS", "none"))
     peft_model = get_peft_model(model, config)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -715,6 +715,9 @@ class LoraAdapter final : public model::LinearAdapter {
   // dropout masks.
   at::Tensor forward(const at::Tensor& x) override {
     if (!fused || merged || !owner_->is_training()) return {};
+    // (The fused node treats the base's bias as frozen: a trained one (LoraOptions::bias) takes the
+    // chain, whose linear layer gives it its gradient.)
+    if (owner_->bias.defined() && owner_->bias.requires_grad()) return {};
     // Autocast aside, the unfused path computes in A's dtype; the fused one needs x to match it.
     if (!at::autocast::is_autocast_enabled(x.device().type()) && x.scalar_type() != A->weight.scalar_type()) return {};
     if (magnitude.defined()) {
@@ -1104,6 +1107,40 @@ std::vector<std::pair<std::string, LoraAdapter*>> adapters(model::CausalLM& mode
   return v;
 }
 
+// BIASES. The base's biases that LoraOptions::bias trains, under PEFT's keys (an adapted layer's
+// bias sits in its base_layer there): every linear layer's for "all" (PEFT's
+// mark_only_lora_as_trainable: each parameter named *bias*), but those of the modules that
+// modules_to_save trains in full (saved with their module); the layers in `adapted` for
+// "lora_only".
+std::vector<std::pair<std::string, at::Tensor>> trained_biases(model::CausalLM& model, const LoraOptions& o,
+                                                               const std::set<std::string>& adapted) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  if (o.bias == "none") return out;
+  FT_CHECK(o.bias == "all" || o.bias == "lora_only", "[lora] bias must be none, all or lora_only, got '", o.bias, "'");
+  FT_CHECK(o.target_parameters.empty(), "[lora] bias = ", o.bias,
+           " with target_parameters (PEFT's expert adapters) is not supported");
+  // (PEFT's all would train gpt-oss's fused expert biases, gate_up_proj_bias and down_proj_bias,
+  // under keys of its 3-D parameters)
+  FT_CHECK(o.bias != "all" || !model->config().gpt_oss(), "[lora] bias = all on gpt_oss (whose experts' biases "
+           "PEFT keeps as 3-D parameters) is not supported; lora_only is");
+  std::set<std::string> full;
+  for (const auto& [name, p] : modules_to_save_parameters(model, o.modules_to_save)) full.insert(name);
+  for (const auto& item : model->named_modules()) {
+    auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
+    if (lin == nullptr || !lin->bias.defined() || full.count(item.key() + ".bias")) continue;
+    const bool is_adapted = adapted.count(item.key()) > 0;
+    if (o.bias == "lora_only" && !is_adapted) continue;
+    out.emplace_back(kPeftPrefix + item.key() + (is_adapted ? ".base_layer.bias" : ".bias"), lin->bias);
+  }
+  return out;
+}
+
+std::set<std::string> adapted_names(model::CausalLM& model) {
+  std::set<std::string> names;
+  for (const auto& [name, a] : adapters(model)) names.insert(name);
+  return names;
+}
+
 }  // namespace
 
 bool is_router(const std::string& name) {
@@ -1321,6 +1358,7 @@ std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) 
     }
     p.set_requires_grad(true);
   }
+  for (auto& [key, b] : trained_biases(model, o, adapted_names(model))) b.set_requires_grad(true);
   return layers;
 }
 
@@ -1523,6 +1561,10 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::
     keep.push_back(p.detach().to(at::kCPU).contiguous());
     writes.push_back(io::tensor_write(kPeftPrefix + name, keep.back()));
   }
+  for (const auto& [key, b] : trained_biases(model, o, adapted_names(model))) {
+    keep.push_back(b.detach().to(at::kCPU).contiguous());
+    writes.push_back(io::tensor_write(key, keep.back()));
+  }
   nlohmann::ordered_json rank = nlohmann::ordered_json::object(), alpha = nlohmann::ordered_json::object();
   // Each expert parameter's rank and alpha by its whole name, first: PEFT takes the first pattern
   // that matches, and a pattern such as "down_proj" would match the experts' too.
@@ -1647,7 +1689,7 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::
       {"alpha_pattern", alpha},
       {"use_rslora", o.rslora},
       {"use_dora", o.dora},
-      {"bias", "none"},
+      {"bias", o.bias},
       {"fan_in_fan_out", false},
       {"init_lora_weights", o.init == "gaussian" ? nlohmann::ordered_json("gaussian") : nlohmann::ordered_json(true)},
       {"modules_to_save", o.modules_to_save.empty() ? nlohmann::ordered_json(nullptr)
@@ -1690,6 +1732,13 @@ LoraOptions read_peft_lora_config(const std::string& path) {
     }
     FT_CHECK(o.target_parameters.empty() || !j.value("use_dora", false), "[lora] ", path,
              ": use_dora with target_parameters (PEFT refuses it too)");
+    if (j.contains("bias") && !j["bias"].is_null()) {
+      o.bias = j["bias"].get<std::string>();
+      FT_CHECK(o.bias == "none" || o.bias == "all" || o.bias == "lora_only", "[lora] ", path, ": bias = \"", o.bias,
+               "\" is not one of none, all, lora_only");
+      FT_CHECK(o.bias == "none" || o.target_parameters.empty(), "[lora] ", path, ": bias = \"", o.bias,
+               "\" with target_parameters is not supported");
+    }
     const auto& t = j.at("target_modules");
     if (t.is_null() && !o.target_parameters.empty()) {
       o.targets.clear();  // the expert parameters alone
@@ -1729,7 +1778,7 @@ LoraOptions read_peft_lora_config(const std::string& path) {
     // Options that change what the adapter computes must be at their defaults: refusing beats
     // computing something else.
     const std::map<std::string, nlohmann::ordered_json> required = {
-        {"bias", "none"}, {"fan_in_fan_out", false}, {"lora_bias", false}};
+        {"fan_in_fan_out", false}, {"lora_bias", false}};
     for (const auto& [key, want] : required) {
       if (j.contains(key) && !j[key].is_null() && j[key] != want)
         FT_FAIL("[lora] ", path, ": ", key, " = ", j[key].dump(), " is not supported (only ", want.dump(), ")");
@@ -1777,6 +1826,7 @@ std::vector<std::string> check_peft_adapter(model::CausalLM& model, const std::s
   // Expected tensors, from the model's linear layers and the config.
   std::map<std::string, std::vector<int64_t>> expected;
   std::set<std::string> hit_targets;
+  std::set<std::string> targeted;  // the layers the config adapts (for bias = lora_only)
   for (const auto& item : model->named_modules()) {
     auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
     const std::string& name = item.key();
@@ -1800,6 +1850,7 @@ std::vector<std::string> check_peft_adapter(model::CausalLM& model, const std::s
       continue;
     }
     if (!is_target(name, o, name == "lm_head")) continue;
+    targeted.insert(name);
     const int64_t* r = pattern_value(o.rank_pattern, name);
     const int64_t rank = r ? *r : o.r;
     expected[kPeftPrefix + name + ".lora_A.weight"] = {rank, lin->in_features};
@@ -1817,6 +1868,7 @@ std::vector<std::string> check_peft_adapter(model::CausalLM& model, const std::s
       }
       expected[kPeftPrefix + name] = p.sizes().vec();
     }
+    for (const auto& [key, b] : trained_biases(model, o, targeted)) expected[key] = b.sizes().vec();
   } catch (const Error& e) {
     problems.push_back(e.what());
   }
@@ -1937,6 +1989,18 @@ LoraOptions load_peft_adapter(model::CausalLM& model, const std::string& dir) {
              p.sizes());
     FT_CHECK(t.isfinite().all().item<bool>(), "[lora] ", path, ": tensor '", key, "' holds NaN or Inf");
     p.copy_(t.to(p.dtype()));
+  }
+  for (auto& [key, b] : trained_biases(model, o, adapted_names(model))) {
+    expected.insert(key);
+    const io::TensorInfo* info = file->find(key);
+    FT_CHECK(info != nullptr, "[lora] ", path, ": tensor '", key, "' is missing (the config's bias = ", o.bias,
+             " trains it)");
+    at::Tensor t = io::read_tensor(*file, *info);
+    FT_CHECK(t.sizes() == b.sizes(), "[lora] ", path, ": tensor '", key, "' has shape ", t.sizes(), ", the model needs ",
+             b.sizes());
+    FT_CHECK(t.isfinite().all().item<bool>(), "[lora] ", path, ": tensor '", key, "' holds NaN or Inf");
+    at::NoGradGuard no_grad;
+    b.copy_(t.to(b.dtype()));
   }
   for (const auto& info : file->tensors()) {
     FT_CHECK(expected.count(info.name), "[lora] ", path, ": tensor '", info.name,

@@ -57,6 +57,7 @@ class LoraMode final : public Mode {
     options_.targets = l.targets;
     options_.rslora = l.rslora;
     options_.dora = l.dora;
+    options_.bias = l.bias;
     options_.init = l.init;
     options_.seed = l.seed;
     options_.rank_pattern = l.rank_pattern;

@@ -338,7 +338,7 @@ void parse_prefix(Reader& r, const YAML::Node& n, PrefixSection& p) {
 }
 
 void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
-  if (!r.check_map(n, "lora", {"r", "alpha", "dropout", "targets", "rslora", "dora", "init", "seed", "rank_pattern",
+  if (!r.check_map(n, "lora", {"r", "alpha", "dropout", "targets", "rslora", "dora", "bias", "init", "seed", "rank_pattern",
                                "alpha_pattern", "init_from", "fused", "extended_gemm", "row_kernels", "grad_splits",
                                "group_projections", "modules_to_save", "layers_to_transform", "layers_pattern",
                                "exclude_modules"}))
@@ -358,7 +358,7 @@ void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
   }
   r.get(n, "lora", "init_from", l.init_from);
   if (!l.init_from.empty()) {
-    for (const char* key : {"r", "alpha", "targets", "rslora", "dora", "init", "seed", "rank_pattern", "alpha_pattern",
+    for (const char* key : {"r", "alpha", "targets", "rslora", "dora", "bias", "init", "seed", "rank_pattern", "alpha_pattern",
                             "modules_to_save", "layers_to_transform", "layers_pattern", "exclude_modules"}) {
       if (n[key]) r.error(n[key], std::string("'lora.") + key + "' comes from the adapter of 'lora.init_from'; leave it out");
     }
@@ -393,6 +393,8 @@ void parse_lora(Reader& r, const YAML::Node& n, LoraSection& l) {
     r.error(n["layers_pattern"], "'lora.layers_pattern' only applies with 'lora.layers_to_transform'");
   r.get(n, "lora", "rslora", l.rslora);
   r.get(n, "lora", "dora", l.dora);
+  r.get(n, "lora", "bias", l.bias);
+  r.one_of(n, "lora", "bias", l.bias, {"none", "all", "lora_only"});
   r.get(n, "lora", "init", l.init);
   r.get(n, "lora", "seed", l.seed);
   r.positive(n, "lora", "r", static_cast<double>(l.r), false);
@@ -785,6 +787,7 @@ std::string to_yaml(const RunConfig& c) {
     out << YAML::Key << "layers_pattern" << YAML::Value << YAML::Flow << c.lora.layers_pattern;
     out << YAML::Key << "rslora" << YAML::Value << c.lora.rslora;
     out << YAML::Key << "dora" << YAML::Value << c.lora.dora;
+    out << YAML::Key << "bias" << YAML::Value << c.lora.bias;
     out << YAML::Key << "init" << YAML::Value << c.lora.init;
     out << YAML::Key << "seed" << YAML::Value << c.lora.seed;
     if (!c.lora.init_from.empty()) out << YAML::Key << "init_from" << YAML::Value << c.lora.init_from;

@@ -93,7 +93,8 @@ std::string run_identity(const config::RunConfig& c) {
       {"qlora", c.mode == "qlora" ? nlohmann::json{{"block", c.qlora.block}, {"double_quant", c.qlora.double_quant}}
                                   : nlohmann::json(nullptr)},
       {"lora", c.mode == "lora" || c.mode == "qlora" ? nlohmann::json{{"r", c.lora.r}, {"alpha", c.lora.alpha}, {"targets", c.lora.targets},
-                                                 {"rslora", c.lora.rslora}, {"dora", c.lora.dora}, {"rank_pattern", c.lora.rank_pattern},
+                                                 {"rslora", c.lora.rslora}, {"dora", c.lora.dora}, {"bias", c.lora.bias},
+                                                 {"rank_pattern", c.lora.rank_pattern},
                                                  {"init_from", c.lora.init_from}}
                                 : nlohmann::json(nullptr)},
       {"optimizer", c.optimizer.name},

@@ -55,6 +55,11 @@ struct LoraOptions {
   /// DoRA (Liu et al. 2024, PEFT's use_dora): a trained magnitude m per output row rescales the
   /// adapted weight, W' = m ⊙ (W + ΔW) / ||W + ΔW||_row, the norms treated as constants in backward.
   bool dora = false;
+  /// PEFT's bias: which of the base's biases train beside the adapters and travel in the adapter
+  /// file, under PEFT's keys (an adapted layer's as <layer>.base_layer.bias, the others' as
+  /// <layer>.bias): "none", "all" (every linear layer's but those modules_to_save trains in full) or
+  /// "lora_only" (the adapted layers'). Not with target_parameters (PEFT's expert adapters).
+  std::string bias = "none";
   std::string init = "kaiming"; ///< kaiming (PEFT's default) | gaussian
   uint64_t seed = 0;            ///< for A's initialisation
   /// Ordered (pattern, value) overrides; see TARGETS.

@@ -99,6 +99,9 @@ struct LoraSection {
   std::vector<std::string> targets = {"q_proj", "v_proj"};
   bool rslora = false;           ///< scale alpha/√r instead of alpha/r
   bool dora = false;             ///< DoRA: a trained magnitude per output row (PEFT's use_dora)
+  /// Which of the base's biases train beside the adapters, saved in the adapter file (PEFT's
+  /// bias): none | all (every linear layer's) | lora_only (the adapted layers').
+  std::string bias = "none";
   std::string init = "kaiming";  ///< kaiming (PEFT's default) | gaussian
   uint64_t seed = 0;             ///< of A's initialisation
   /// Per-module overrides, regular expression → rank / alpha, first match wins (PEFT's patterns).
