@@ -10,7 +10,8 @@
 # tokens) from the same PEFT-made initial prefix. With MODE=lora LORA_DROPOUT=0.05 both loops use that
 # dropout (libft's fused path and PEFT's chain draw different masks): only the speed is compared.
 # With MODE=lora LORA_BIAS=all or lora_only, the initial adapter says PEFT's bias option: the base's
-# biases (all of them, or the adapted layers') train in both loops too.
+# biases (all of them, or the adapted layers') train in both loops too; LORA_EXPERTS=1 adds PEFT's
+# target_parameters on a mixture of experts' mlp.experts.gate_up_proj and down_proj.
 # REPEATS=N runs N pairs and prints the median ratio.
 # EXTRA_ARGS="key=value ..." adds run-config overrides (e.g. model.router_aux_loss_coef=0.1, which the
 # reference reads back from the run's config.yaml).

@@ -134,8 +134,12 @@ def make_adapter(adapter_dir, model_dir):
                ["q_proj", "k_proj", "v_proj", "o_proj"] if model.config.model_type in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss") else
                ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     # (LORA_BIAS=all or lora_only in the environment: PEFT's bias option, the base's biases trained too)
+    # (LORA_EXPERTS=1: a mixture of experts' expert weights too, through PEFT's target_parameters)
+    parameters = (["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if os.environ.get("LORA_EXPERTS") == "1"
+                  else None)
     config = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, rank_pattern={"down_proj": 4},
-                        target_modules=targets, bias=os.environ.get("LORA_BIAS", "none"))
+                        target_modules=targets, bias=os.environ.get("LORA_BIAS", "none"),
+                        target_parameters=parameters)
     peft_model = get_peft_model(model, config)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

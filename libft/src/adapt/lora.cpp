@@ -1253,7 +1253,8 @@ std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) 
   std::vector<LoraLayer> layers;
   std::set<std::string> used_targets;
   std::set<std::string> hit_parameters;
-  std::map<std::pair<std::string, int64_t>, at::Tensor> shared_a;  // (gate_up key, expert) → the gate's A
+  // (gate_up key, expert) → the gate's layer and its A module, which the up layer's adapter shares
+  std::map<std::pair<std::string, int64_t>, std::pair<std::string, torch::nn::Linear>> shared_a;
   for (const auto& item : model->named_modules()) {
     auto* lin = dynamic_cast<model::LinearImpl*>(item.value().get());
     const std::string& name = item.key();
@@ -1287,17 +1288,25 @@ std::vector<LoraLayer> apply_lora(model::CausalLM& model, const LoraOptions& o) 
       }
       a->weight.copy_(wa);
       b->weight.zero_();
-      // gate_up_proj's one A serves an expert's gate and up layers alike.
-      if (expert && expert->part < 2) {
-        auto [it, fresh] = shared_a.try_emplace({expert->key, expert->expert}, a->weight);
-        if (!fresh && it->second.sizes() == a->weight.sizes()) a->weight.copy_(it->second);
+    }
+    // gate_up_proj's one A serves an expert's gate and up layers alike: the up layer's adapter
+    // computes with the gate layer's A module (registered there only), so that one parameter gets
+    // both layers' gradients, as PEFT's one A does.
+    info.a_owner = name;
+    bool tied = false;
+    if (expert && expert->part < 2) {
+      auto [it, fresh] = shared_a.try_emplace({expert->key, expert->expert}, name, a);
+      if (!fresh && it->second.second->weight.size(0) == info.r) {
+        a = it->second.second;
+        info.a_owner = it->second.first;
+        tied = true;
       }
     }
     // Adapters stay float32 on a 16-bit base (as PEFT keeps them), float64 on a float64 base.
     const auto adapter_type = lin->weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    a->to(device, adapter_type);
+    if (!tied) a->to(device, adapter_type);
     b->to(device, adapter_type);
-    lin->register_module("lora_A", a);
+    if (!tied) lin->register_module("lora_A", a);
     lin->register_module("lora_B", b);
     auto adapter = std::make_shared<LoraAdapter>(lin, a, b, info, o.dropout);
     if (o.dora) {
@@ -1512,7 +1521,7 @@ void merge_and_unload_lora(model::CausalLM& model) {
   if (!lora_merged(model)) merge_lora(model);
   for (const auto& [name, a] : adapters(model)) {
     model::LinearImpl* lin = a->owner_;
-    lin->unregister_module("lora_A");
+    if (lin->named_children().contains("lora_A")) lin->unregister_module("lora_A");  // (a tied up projection's is its gate's)
     lin->unregister_module("lora_B");
     if (a->magnitude.defined()) lin->unregister_module("lora_magnitude_vector");
     lin->set_adapter(nullptr);  // destroys `a`

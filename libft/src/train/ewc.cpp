@@ -148,7 +148,7 @@ EwcPenalty::EwcPenalty(model::CausalLM& model, const EwcState& s, double lambda)
     FT_CHECK(!params.contains(l.module + ".lora_magnitude_vector.weight") &&
                  !params.contains(l.module + ".lora_magnitude_vector"),
              "[ewc] DoRA is not supported with EWC (its change of the weights is not scale · B A)");
-    const std::string a_name = l.module + ".lora_A.weight", b_name = l.module + ".lora_B.weight";
+    const std::string a_name = l.a_owner + ".lora_A.weight", b_name = l.module + ".lora_B.weight";
     adapter_params.insert(a_name);
     adapter_params.insert(b_name);
     const std::string w_name = l.module + ".weight";

@@ -97,6 +97,10 @@ struct LoraLayer {
   std::string module;  ///< "model.layers.0.self_attn.q_proj"
   int64_t r = 0;
   double alpha = 0.0, scale = 0.0;
+  /// The layer whose lora_A parameter holds this layer's A: `module`, but for an expert's up
+  /// projection adapted through PEFT's gate_up_proj (target_parameters), whose A is its gate
+  /// projection's, one parameter trained by both as PEFT's one A is.
+  std::string a_owner;
 };
 
 /// Adds LoRA to the targeted layers of `model` (which must have none yet), freezes every other
