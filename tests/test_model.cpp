@@ -1627,6 +1627,20 @@ TEST(Checkpoint, GptOssFusedAndMxfp4ExpertsLoadAndSave) {
   EXPECT_NE(expect_error([&] { io::mxfp4_dequantize(blocks.slice(1, 0, 8), scales); }).find("blocks (…, G, 16)"),
             std::string::npos);
   EXPECT_EQ(io::mxfp4_dequantize(blocks, scales).sizes(), (std::vector<int64_t>{64}));  // (one row of two blocks)
+  {
+    // Random bytes over several of the decoder's chunks (2^18 blocks each) against the formula in
+    // one piece: value = ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}[nibble] · 2^(scale − 127), low nibble first.
+    at::manual_seed(4);
+    const at::Tensor big = at::randint(0, 256, {3, 65543, 4, 16}, at::kByte);
+    const at::Tensor exps = at::randint(110, 140, {3, 65543, 4}, at::kByte);
+    const at::Tensor lut = at::tensor(std::vector<float>{0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0f, -0.5, -1, -1.5, -2, -3, -4, -6});
+    const at::Tensor lo = lut.index({big.to(at::kLong).bitwise_and(15)}), hi = lut.index({big.to(at::kLong).bitwise_right_shift(4)});
+    const at::Tensor want = (at::stack({lo, hi}, -1).flatten(-2) *
+                             at::pow(2.0, exps.to(at::kDouble) - 127).to(at::kFloat).unsqueeze(-1)).flatten(-2);
+    const at::Tensor got = io::mxfp4_dequantize(big, exps);
+    ASSERT_EQ(got.sizes(), (std::vector<int64_t>{3, 65543, 128}));
+    EXPECT_TRUE(at::equal(got, want));
+  }
   EXPECT_NE(expect_error([&] { io::mxfp4_dequantize(blocks.to(at::kInt), scales); }).find("of uint8 expected"),
             std::string::npos);
 

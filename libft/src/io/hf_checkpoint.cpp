@@ -205,13 +205,26 @@ at::Tensor mxfp4_dequantize(const at::Tensor& blocks, const at::Tensor& scales) 
   static const float kValues[16] = {+0.0f, +0.5f, +1.0f, +1.5f, +2.0f, +3.0f, +4.0f, +6.0f,
                                     -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
   const at::Tensor lut = at::from_blob(const_cast<float*>(kValues), {16}, at::kFloat).to(blocks.device());
-  const at::Tensor b = blocks.to(at::kLong);
-  const at::Tensor lo = lut.index_select(0, b.bitwise_and(15).flatten()).view(b.sizes());
-  const at::Tensor hi = lut.index_select(0, b.bitwise_right_shift(4).flatten()).view(b.sizes());
-  at::Tensor values = at::stack({lo, hi}, -1).flatten(-2);  // (…, G, 32)
-  // Each block's E8M0 scale: 2^(s − 127), as transformers' ldexp applies it.
-  values = at::ldexp(values, (scales.to(at::kInt) - 127).unsqueeze(-1));
-  return values.flatten(-2);  // (…, G·32)
+  // Row blocks of at most 2^22 bytes at a time, written into the result, so that the index and
+  // product temporaries stay small (a gpt-oss-20b layer's gate_up_proj is 265 MB of blocks).
+  std::vector<int64_t> out_shape = blocks.sizes().vec();
+  out_shape.pop_back();
+  out_shape.back() *= 32;
+  at::Tensor out = at::empty(out_shape, blocks.options().dtype(at::kFloat));
+  const at::Tensor b_rows = blocks.reshape({-1, 16}), s_rows = scales.reshape({-1});
+  at::Tensor out_rows = out.view({-1, 32});
+  const int64_t n = b_rows.size(0), chunk = int64_t{1} << 18;
+  for (int64_t i = 0; i < n; i += chunk) {
+    const int64_t len = std::min(chunk, n - i);
+    const at::Tensor b = b_rows.narrow(0, i, len).to(at::kInt);
+    const at::Tensor lo = lut.index_select(0, b.bitwise_and(15).flatten()).view({len, 16});
+    const at::Tensor hi = lut.index_select(0, b.bitwise_right_shift(4).flatten()).view({len, 16});
+    // (the low nibble the even element) times each block's E8M0 scale, 2^(s − 127), as
+    // transformers' ldexp applies it
+    out_rows.narrow(0, i, len)
+        .copy_(at::ldexp(at::stack({lo, hi}, -1).view({len, 32}), (s_rows.narrow(0, i, len).to(at::kInt) - 127).unsqueeze(-1)));
+  }
+  return out;
 }
 
 void load_weights(model::CausalLM& m, const std::string& dir) {
