@@ -1630,8 +1630,9 @@ void save_peft_adapter(model::CausalLM& model, const LoraOptions& o, const std::
         const LoraAdapter* u = u0 ? parts[1].at(e) : nullptr;
         if (shared) {
           a_e.push_back(a_of(g));
-          at::Tensor b = at::empty({2 * b_of(g).size(0), b_of(g).size(1)}, b_of(g).options());
-          gate_up_rows(b, 0, interleaved).copy_(b_of(g));
+          const at::Tensor bg = b_of(g);
+          at::Tensor b = at::empty({2 * bg.size(0), bg.size(1)}, bg.options());
+          gate_up_rows(b, 0, interleaved).copy_(bg);
           gate_up_rows(b, 1, interleaved).copy_(b_of(u));
           b_e.push_back(b);
           continue;
@@ -1988,28 +1989,22 @@ LoraOptions load_peft_adapter(model::CausalLM& model, const std::string& dir) {
       a->magnitude.copy_(t.to(a->magnitude.dtype()));
     }
   }
-  for (const auto& [name, p] : modules_to_save_parameters(model, o.modules_to_save)) {
-    const std::string key = kPeftPrefix + name;
+  // A parameter trained in full (modules_to_save) or a trained bias: its tensor, checked, into `p`.
+  auto load_into = [&](const std::string& key, at::Tensor& p, const std::string& why) {
     expected.insert(key);
     const io::TensorInfo* info = file->find(key);
-    FT_CHECK(info != nullptr, "[lora] ", path, ": tensor '", key, "' is missing (modules_to_save names its module)");
+    FT_CHECK(info != nullptr, "[lora] ", path, ": tensor '", key, "' is missing (", why, ")");
     at::Tensor t = io::read_tensor(*file, *info);
     FT_CHECK(t.sizes() == p.sizes(), "[lora] ", path, ": tensor '", key, "' has shape ", t.sizes(), ", the model needs ",
              p.sizes());
     FT_CHECK(t.isfinite().all().item<bool>(), "[lora] ", path, ": tensor '", key, "' holds NaN or Inf");
     p.copy_(t.to(p.dtype()));
+  };
+  for (auto& [name, p] : modules_to_save_parameters(model, o.modules_to_save)) {
+    load_into(kPeftPrefix + name, p, "modules_to_save names its module");
   }
   for (auto& [key, b] : trained_biases(model, o, adapted_names(model))) {
-    expected.insert(key);
-    const io::TensorInfo* info = file->find(key);
-    FT_CHECK(info != nullptr, "[lora] ", path, ": tensor '", key, "' is missing (the config's bias = ", o.bias,
-             " trains it)");
-    at::Tensor t = io::read_tensor(*file, *info);
-    FT_CHECK(t.sizes() == b.sizes(), "[lora] ", path, ": tensor '", key, "' has shape ", t.sizes(), ", the model needs ",
-             b.sizes());
-    FT_CHECK(t.isfinite().all().item<bool>(), "[lora] ", path, ": tensor '", key, "' holds NaN or Inf");
-    at::NoGradGuard no_grad;
-    b.copy_(t.to(b.dtype()));
+    load_into(key, b, "the config's bias = " + o.bias + " trains it");
   }
   for (const auto& info : file->tensors()) {
     FT_CHECK(expected.count(info.name), "[lora] ", path, ": tensor '", info.name,

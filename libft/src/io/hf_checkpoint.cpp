@@ -66,6 +66,23 @@ struct Problems {
   std::vector<std::string> missing, mismatched;
 };
 
+// A floating-point checkpoint tensor of shape `want`, or undefined (and reported) where its shape
+// differs; another dtype is an error naming the file.
+at::Tensor read_float(const SafetensorsCheckpoint::Entry& entry, const std::string& name,
+                      const std::vector<int64_t>& want, std::vector<std::string>& mismatched) {
+  const TensorInfo& info = *entry.info;
+  if (info.shape != want) {
+    std::ostringstream os;
+    os << name << " (checkpoint " << c10::IntArrayRef(info.shape) << ", model " << c10::IntArrayRef(want) << ")";
+    mismatched.push_back(os.str());
+    return {};
+  }
+  FT_CHECK(info.dtype == DType::F32 || info.dtype == DType::BF16 || info.dtype == DType::F16 || info.dtype == DType::F64,
+           "[checkpoint] ", entry.file->path(), ": tensor '", name, "' has dtype ", dtype_name(info.dtype),
+           ", expected a floating-point type");
+  return read_tensor(*entry.file, info);
+}
+
 // A fused weight in Linear's layout, (E, out, in) float32: the bf16/float tensor `name` (stored
 // (E, in, out)) or its MXFP4 blocks and scales; undefined (and reported) where absent or mis-shaped.
 at::Tensor read_fused_weight(const SafetensorsCheckpoint& ckpt, const std::string& name, int64_t E, int64_t out,
@@ -75,18 +92,8 @@ at::Tensor read_fused_weight(const SafetensorsCheckpoint& ckpt, const std::strin
   wanted.insert(name + "_blocks");
   wanted.insert(name + "_scales");
   if (auto it = t.find(name); it != t.end()) {
-    const TensorInfo& info = *it->second.info;
-    const std::vector<int64_t> want{E, in, out};
-    if (info.shape != want) {
-      std::ostringstream os;
-      os << name << " (checkpoint " << c10::IntArrayRef(info.shape) << ", model " << c10::IntArrayRef(want) << ")";
-      problems.mismatched.push_back(os.str());
-      return {};
-    }
-    FT_CHECK(info.dtype == DType::F32 || info.dtype == DType::BF16 || info.dtype == DType::F16 || info.dtype == DType::F64,
-             "[checkpoint] ", it->second.file->path(), ": tensor '", name, "' has dtype ", dtype_name(info.dtype),
-             ", expected a floating-point type");
-    return read_tensor(*it->second.file, info).to(at::kFloat).transpose(1, 2);
+    const at::Tensor w = read_float(it->second, name, {E, in, out}, problems.mismatched);
+    return w.defined() ? w.to(at::kFloat).transpose(1, 2) : w;
   }
   const auto blocks = t.find(name + "_blocks"), scales = t.find(name + "_scales");
   if (blocks == t.end() || scales == t.end()) {
@@ -116,17 +123,8 @@ at::Tensor read_fused_bias(const SafetensorsCheckpoint& ckpt, const std::string&
     problems.missing.push_back(name);
     return {};
   }
-  const TensorInfo& info = *it->second.info;
-  if (info.shape != std::vector<int64_t>{E, out}) {
-    std::ostringstream os;
-    os << name << " (checkpoint " << c10::IntArrayRef(info.shape) << ", model [" << E << ", " << out << "])";
-    problems.mismatched.push_back(os.str());
-    return {};
-  }
-  FT_CHECK(info.dtype == DType::F32 || info.dtype == DType::BF16 || info.dtype == DType::F16 || info.dtype == DType::F64,
-           "[checkpoint] ", it->second.file->path(), ": tensor '", name, "' has dtype ", dtype_name(info.dtype),
-           ", expected a floating-point type");
-  return read_tensor(*it->second.file, info).to(at::kFloat);
+  const at::Tensor b = read_float(it->second, name, {E, out}, problems.mismatched);
+  return b.defined() ? b.to(at::kFloat) : b;
 }
 
 // Loads gpt-oss's fused experts into the per-expert parameters of `params`, which it returns the
@@ -231,17 +229,15 @@ void load_weights(model::CausalLM& m, const std::string& dir) {
   const std::string where = dir;
   auto ckpt = SafetensorsCheckpoint::open(dir);
   at::NoGradGuard no_grad;
-  std::vector<std::string> missing, mismatched, unexpected;
+  Problems problems;
+  std::vector<std::string> unexpected;
   std::set<std::string> wanted;
   const bool image_text = !m->config().image_text_architecture.empty();
   std::set<std::string> fused;  // parameters loaded from fused tensors (gpt-oss's experts)
   if (m->config().gpt_oss()) {
     std::map<std::string, at::Tensor> params;
     for (auto& item : m->named_parameters()) params.emplace(item.key(), item.value());
-    Problems problems;
     fused = load_gpt_oss_experts(m->config(), params, ckpt, wanted, problems);
-    missing = problems.missing;
-    mismatched = problems.mismatched;
   }
   for (auto& item : m->named_parameters()) {
     const std::string& name = item.key();
@@ -252,29 +248,19 @@ void load_weights(model::CausalLM& m, const std::string& dir) {
       if (found == ckpt.tensors().end()) found = ckpt.tensors().find(stored);
     }
     if (found == ckpt.tensors().end()) {
-      missing.push_back(name);
+      problems.missing.push_back(name);
       continue;
     }
-    const TensorInfo& info = *found->second.info;
     at::Tensor& p = item.value();
-    if (info.shape != p.sizes().vec()) {
-      std::ostringstream os;
-      os << name << " (checkpoint " << c10::IntArrayRef(info.shape) << ", model " << p.sizes() << ")";
-      mismatched.push_back(os.str());
-      continue;
-    }
-    FT_CHECK(info.dtype == DType::F32 || info.dtype == DType::BF16 || info.dtype == DType::F16 ||
-                 info.dtype == DType::F64,
-             "[checkpoint] ", found->second.file->path(), ": tensor '", name, "' has dtype ", dtype_name(info.dtype),
-             ", expected a floating-point type");
-    p.copy_(read_tensor(*found->second.file, info));
+    const at::Tensor t = read_float(found->second, name, p.sizes().vec(), problems.mismatched);
+    if (t.defined()) p.copy_(t);
   }
   for (const auto& [name, entry] : ckpt.tensors()) {
     if (!wanted.count(name) && !is_derived_buffer(name) && !(image_text && is_image_part(name))) {
       unexpected.push_back(name);
     }
   }
-  if (missing.empty() && mismatched.empty() && unexpected.empty()) return;
+  if (problems.missing.empty() && problems.mismatched.empty() && unexpected.empty()) return;
   std::ostringstream os;
   os << "[checkpoint] " << where << " does not match the model:";
   auto list = [&](const char* what, const std::vector<std::string>& names) {
@@ -283,8 +269,8 @@ void load_weights(model::CausalLM& m, const std::string& dir) {
     for (size_t i = 0; i < names.size() && i < 20; ++i) os << "\n    " << names[i];
     if (names.size() > 20) os << "\n    ... and " << names.size() - 20 << " more";
   };
-  list("missing tensors", missing);
-  list("shape mismatches", mismatched);
+  list("missing tensors", problems.missing);
+  list("shape mismatches", problems.mismatched);
   list("unexpected tensors", unexpected);
   FT_FAIL(os.str());
 }

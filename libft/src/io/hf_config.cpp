@@ -562,7 +562,6 @@ void ModelConfig::validate(const std::string& source) const {
   FT_CHECK(!mxfp4_experts || gpt_oss(), "[config] ", source, ": only gpt_oss's experts come in MXFP4");
   FT_CHECK(!gpt_oss() || moe_intermediate_size == intermediate_size, "[config] ", source,
            ": gpt_oss's experts are intermediate_size wide (", intermediate_size, "), not ", moe_intermediate_size);
-  FT_CHECK(!gpt_oss() || !layer_moe.empty() || num_experts > 0, "[config] ", source, ": gpt_oss needs experts");
   FT_CHECK(clip_qkv == 0 || olmoe(), "[config] ", source, ": only olmoe clamps q, k and v (clip_qkv)");
   FT_CHECK(std::isfinite(clip_qkv) && clip_qkv >= 0, "[config] ", source, ": clip_qkv must be >= 0, got ", clip_qkv);
   FT_CHECK(shared_expert_intermediate_size == 0 || (model_type == "qwen2_moe" && num_experts > 0), "[config] ", source,

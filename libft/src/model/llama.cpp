@@ -684,7 +684,7 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
   const at::Tensor& mask = in.masks.at(window);
   // Dropout on the attention probabilities in training mode (SDPA's and flash attention's own).
   const double dropout_p = is_training() ? dropout : 0.0;
-  const bool grouped = softcap == 0 && !sinks.defined() && dropout_p == 0 && cache_k == nullptr && !prefix_k.defined() && grouped_attention_fits(q, k, v, mask);
+  const bool grouped = !materialized() && dropout_p == 0 && cache_k == nullptr && !prefix_k.defined() && grouped_attention_fits(q, k, v, mask);
   bool q_scaled = false;
   if (!use_rope) {
     // SmolLM3's NoPE layers: positions reach attention through causality alone.
@@ -724,7 +724,7 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
   }
   at::Tensor out;
   // (CausalLMImpl::hidden_states sets no variable-length runs for a soft-capping model: it has masks.)
-  FT_CHECK((softcap == 0 && !sinks.defined()) || !in.cu_seqlens.defined(),
+  FT_CHECK(!materialized() || !in.cu_seqlens.defined(),
            "[model] soft-capped attention and attention sinks have no variable-length form");
   if (in.cu_seqlens.defined() && cache_k == nullptr && !prefix_k.defined()) {
     // Packed rows on CUDA: flash attention over each run of the flattened (B·T, heads, D) tokens,
@@ -744,7 +744,7 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
                                                    /*is_causal=*/true, /*return_debug_mask=*/false, scale, left, right));
     return o_proj(out.view({B, T, heads * head_dim}));
   }
-  if (softcap > 0 || sinks.defined()) {
+  if (materialized()) {
     FT_CHECK(dropout_p == 0, "[model] attention dropout with soft-capped attention scores or attention sinks is not supported");
     out = materialized_attention(q, k, v, mask, !mask.defined() && in.causal, scale, softcap, sinks);
   } else if (grouped) {

@@ -114,6 +114,9 @@ class AttentionImpl : public torch::nn::Module {
   /// query sees and that carries no value; the scores are then materialised (materialized_attention).
   /// Undefined for the other families.
   at::Tensor sinks;
+  /// Whether the scores are materialised (soft-capped or with sinks: materialized_attention), which
+  /// no fused or variable-length attention computes.
+  bool materialized() const { return softcap > 0 || sinks.defined(); }
   bool shared_input_cast = true;  ///< CausalLMImpl::set_shared_input_cast
 };
 TORCH_MODULE(Attention);
