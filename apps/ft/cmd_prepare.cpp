@@ -15,7 +15,7 @@ void add_prepare(CLI::App& app) {
     std::vector<std::string> inputs, extensions;
     std::string output, tokenizer, format = "text", split = "file", separator = "%", chat_template, on_error = "fail";
     std::vector<std::string> template_vars;
-    std::string too_long = "error";
+    std::string too_long = "error", train_turns = "all";
     int64_t max_tokens = 0;
     double max_bad_fraction = 0.0;
     int threads = 0;
@@ -38,6 +38,11 @@ void add_prepare(CLI::App& app) {
                   "NAME=VALUE for --template model, as apply_chat_template's keyword arguments (e.g. enable_thinking=false); "
                   "VALUE is JSON, or else a string")
       ->needs(chat_template);
+  auto* train_turns =
+      cmd->add_option("--train-turns", a->train_turns,
+                      "Chat data: all | last: train every assistant turn, or the final one only (the others are "
+                      "context; for templates such as gpt-oss's that render a turn differently once others follow)")
+          ->capture_default_str();
   cmd->add_option("--max-tokens", a->max_tokens, "Longest document in tokens (0 = no limit)")->capture_default_str();
   auto* too_long =
       cmd->add_option("--too-long", a->too_long, "error | truncate documents above --max-tokens")->capture_default_str();
@@ -53,6 +58,8 @@ void add_prepare(CLI::App& app) {
     FT_CHECK(separator->count() == 0 || a->split == "separator", "--separator applies with --split separator only");
     FT_CHECK(chat_template->count() == 0 || a->format == "chat" || a->format == "instruction",
              "--template applies to --format chat or instruction only, not to --format ", a->format);
+    FT_CHECK(train_turns->count() == 0 || a->format == "chat", "--train-turns applies to --format chat only, not to --format ",
+             a->format);
     FT_CHECK(too_long->count() == 0 || a->max_tokens > 0, "--too-long applies with --max-tokens N (N > 0) only");
     FT_CHECK(max_bad->count() == 0 || a->on_error == "skip", "--max-bad-fraction applies with --on-error skip only");
     data::PrepareOptions o;
@@ -64,6 +71,7 @@ void add_prepare(CLI::App& app) {
     o.records.extensions = a->extensions;
     o.tokenize.chat_template = a->chat_template;
     for (const auto& v : a->template_vars) o.tokenize.template_vars.push_back(data::parse_template_var(v));
+    o.tokenize.train_turns = data::parse_train_turns(a->train_turns);
     o.tokenize.max_tokens = a->max_tokens;
     o.tokenize.threads = a->threads;
     FT_CHECK(a->too_long == "error" || a->too_long == "truncate", "--too-long: '", a->too_long,

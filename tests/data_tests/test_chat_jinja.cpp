@@ -34,11 +34,13 @@ namespace {
 
 // Every example the record reader makes of `file` with the chat template `tmpl`.
 std::vector<ft::data::Example> read_examples(const std::filesystem::path& file, ft::data::RecordFormat format,
-                                             const std::string& tmpl, const ft::data::TokenEncoder& enc) {
+                                             const std::string& tmpl, const ft::data::TokenEncoder& enc,
+                                             ft::data::TrainTurns turns = ft::data::TrainTurns::all) {
   ft::data::RecordOptions ro;
   ro.format = format;
   ft::data::TokenizeOptions to;
   to.chat_template = tmpl;
+  to.train_turns = turns;
   ft::data::ExampleReader reader({file.string()}, ro, to, {}, enc);
   std::vector<ft::data::Example> out;
   ft::data::Example ex;
@@ -305,7 +307,7 @@ TEST(ModelChatTemplate, ReasoningContentIsTrainedWithItsTurn) {
             "[[<think>\nTwo and two make four.\n</think>\n\n4<|im_end|>\n]]");
   // libft's own templates have no place for it: the record is bad, not trained without its reasoning.
   EXPECT_NE(error_of([&] { read_examples(dir + "/r.jsonl", ft::data::RecordFormat::chat, "chatml", enc); })
-                .find("the chatml template has no place for reasoning_content"),
+                .find("the chatml template has no place for an assistant's reasoning (reasoning_content, thinking)"),
             std::string::npos);
 }
 
@@ -340,8 +342,8 @@ TEST(ModelChatTemplate, RefusesTemplatesWhoseTurnsDoNotExtendEachOther) {
   const ModelChatTemplate tmpl(enc);
   EXPECT_EQ(error_of([&] { tmpl.render(kTwoTurns); }),
             "[records] chat template test.jinja: messages[2] (an assistant turn) renders differently once later "
-            "messages follow, so its text cannot be told apart; use a template with {% generation %} blocks, or one "
-            "conversation per assistant turn");
+            "messages follow, so its text cannot be told apart; train the last assistant turn only (--train-turns "
+            "last), use a template with {% generation %} blocks, or give one conversation per assistant turn");
   // One assistant turn is fine.
   EXPECT_NO_THROW(tmpl.render(std::span<const Message>(kTwoTurns).first(3)));
 
@@ -350,6 +352,106 @@ TEST(ModelChatTemplate, RefusesTemplatesWhoseTurnsDoNotExtendEachOther) {
   const TemplateEncoder broken("{% for m in messages %}", {});
   EXPECT_EQ(error_of([&] { ModelChatTemplate t(broken); }),
             "[chat template] test.jinja:1:24: unexpected end of template: expected '{% endfor %}'");
+}
+
+TEST(ModelChatTemplate, TrainsTheLastTurnAloneWhereAskedTo) {
+  using ft::data::TrainTurns;
+  // The Qwen3-like template of the test above: with TrainTurns::last the earlier turn is context,
+  // rendered as the whole conversation renders it, and only the final turn is labelled.
+  const TemplateEncoder qwen3(
+      "{% for m in messages %}{% if m.role == 'assistant' and loop.last %}<think></think>{% endif %}"
+      "{{ m.role }}: {{ m.content }}\n{% endfor %}",
+      {});
+  const ModelChatTemplate q(qwen3);
+  EXPECT_EQ(labelled(ft::data::tokenize_segments(q.render(kTwoTurns, "", TrainTurns::last), qwen3), qwen3),
+            " system: Be brief.\nuser: Hi\nassistant: Hello!\nuser: Bye\n[[<think></think>assistant: See you.\n]]");
+  // ChatML, whose turns extend each other: the last turn's labels are those of TrainTurns::all.
+  const TemplateEncoder enc(kChatml, {"<|im_start|>", "<|im_end|>"});
+  const ModelChatTemplate chatml(enc);
+  EXPECT_EQ(labelled(ft::data::tokenize_segments(chatml.render(kTwoTurns, "", TrainTurns::last), enc), enc),
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+            "Hello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n[[See you.<|im_end|>\n]]");
+  // {% generation %} blocks: those of the last turn.
+  const TemplateEncoder gen(
+      "{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+      "{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>"
+      "{% endif %}",
+      {});
+  const ModelChatTemplate g(gen);
+  EXPECT_EQ(labelled(ft::data::tokenize_segments(g.render(kTwoTurns, "", TrainTurns::last), gen), gen),
+            " <system>Be brief.<user>Hi<assistant>Hello!<user>Bye<assistant>[[See you.]]");
+  // A template whose context changes once the last turn follows cannot place that turn.
+  const TemplateEncoder moving("{% for m in messages %}{% if not loop.last %}{{ m.content }};{% endif %}{% endfor %}"
+                               "{% if add_generation_prompt %}>{% endif %}",
+                               {});
+  EXPECT_EQ(error_of([&] { ModelChatTemplate(moving).render(kTwoTurns, "", TrainTurns::last); }),
+            "[records] chat template test.jinja: the rendering does not start with the rendering before its last "
+            "assistant turn (messages[4]) plus the generation prompt, so that turn cannot be told apart");
+
+  // libft's own templates.
+  const auto chatml_last = ft::data::render_chat(ft::data::ChatTemplate::chatml, kTwoTurns, false, TrainTurns::last);
+  EXPECT_EQ(labelled(ft::data::tokenize_segments(chatml_last, enc), enc),
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+            "Hello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n[[See you.<|im_end|>]]\n");
+  const auto llama2_last = ft::data::render_chat(ft::data::ChatTemplate::llama2, kTwoTurns, false, TrainTurns::last);
+  EXPECT_EQ(labelled(ft::data::tokenize_segments(llama2_last, enc), enc),
+            "<s> [INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello!</s><s> [INST] Bye [/INST][[ See you.</s>]]");
+
+  // Through the records reader; train_turns is for chat records only.
+  const std::string dir = ft::test::scratch_dir("chat_train_turns");
+  ft::test::write_file(dir + "/c.jsonl",
+                       R"({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, )"
+                       R"({"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you."}]})"
+                       "\n");
+  const auto examples = read_examples(dir + "/c.jsonl", ft::data::RecordFormat::chat, "model", qwen3, TrainTurns::last);
+  ASSERT_EQ(examples.size(), 1u);
+  EXPECT_EQ(labelled(examples[0], qwen3), " user: Hi\nassistant: Hello!\nuser: Bye\n[[<think></think>assistant: See you.\n]]");
+  EXPECT_NE(error_of([&] { read_examples(dir + "/c.jsonl", ft::data::RecordFormat::chat, "model", qwen3); })
+                .find("(--train-turns last)"),
+            std::string::npos);
+  ft::test::write_file(dir + "/i.jsonl", R"({"prompt": "Q", "completion": "A"})" "\n");
+  EXPECT_EQ(error_of([&] {
+              read_examples(dir + "/i.jsonl", ft::data::RecordFormat::instruction, "chatml", enc, TrainTurns::last);
+            }),
+            "[records] train_turns applies to chat records only, not to instruction");
+  EXPECT_EQ(ft::data::parse_train_turns("last"), TrainTurns::last);
+  EXPECT_EQ(error_of([] { ft::data::parse_train_turns("first"); }), "[records] train_turns 'first' is not all or last");
+}
+
+TEST(ModelChatTemplate, ThinkingAndTheDeveloperRoleReachTheTemplate) {
+  // gpt-oss's names: an assistant's "thinking" (its analysis channel) and a first "developer"
+  // message. libft's own templates have a place for neither.
+  const TemplateEncoder enc(
+      "{% for m in messages %}<|start|>{{ m.role }}{% if m.thinking is defined %}<|channel|>analysis<|message|>"
+      "{{ m.thinking }}<|end|><|start|>{{ m.role }}{% endif %}<|message|>{{ m.content }}<|end|>{% endfor %}"
+      "{% if add_generation_prompt %}<|start|>assistant{% endif %}",
+      {"<|start|>", "<|channel|>", "<|message|>", "<|end|>"});
+  const std::string dir = ft::test::scratch_dir("chat_thinking");
+  ft::test::write_file(dir + "/t.jsonl",
+                       R"({"messages": [{"role": "developer", "content": "Be exact."}, {"role": "user", "content": "2+2?"}, )"
+                       R"({"role": "assistant", "content": "4", "thinking": "Two and two."}]})"
+                       "\n");
+  const auto examples = read_examples(dir + "/t.jsonl", ft::data::RecordFormat::chat, "model", enc);
+  ASSERT_EQ(examples.size(), 1u);
+  EXPECT_EQ(labelled(examples[0], enc),
+            "<|start|>developer<|message|>Be exact.<|end|><|start|>user<|message|>2+2?<|end|><|start|>assistant"
+            "[[<|channel|>analysis<|message|>Two and two.<|end|><|start|>assistant<|message|>4<|end|>]]");
+  EXPECT_NE(error_of([&] { read_examples(dir + "/t.jsonl", ft::data::RecordFormat::chat, "chatml", enc); })
+                .find("the chatml template has no developer role"),
+            std::string::npos);
+  ft::test::write_file(dir + "/both.jsonl",
+                       R"({"messages": [{"role": "user", "content": "2+2?"}, )"
+                       R"({"role": "assistant", "content": "4", "thinking": "a", "reasoning_content": "b"}]})"
+                       "\n");
+  EXPECT_NE(error_of([&] { read_examples(dir + "/both.jsonl", ft::data::RecordFormat::chat, "model", enc); })
+                .find("messages[1] has both reasoning_content and thinking; give one"),
+            std::string::npos);
+  ft::test::write_file(dir + "/late.jsonl",
+                       R"({"messages": [{"role": "user", "content": "2+2?"}, {"role": "developer", "content": "x"}]})"
+                       "\n");
+  EXPECT_NE(error_of([&] { read_examples(dir + "/late.jsonl", ft::data::RecordFormat::chat, "model", enc); })
+                .find("messages[1]: a developer message may only come first"),
+            std::string::npos);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -367,10 +469,11 @@ std::vector<Message> messages_of(const nlohmann::ordered_json& j) {
   std::vector<Message> out;
   for (const auto& m : j) {
     const std::string role = m.at("role");
-    Message msg{role == "system" ? Role::system
-                : role == "user" ? Role::user
-                : role == "tool" ? Role::tool
-                                 : Role::assistant,
+    Message msg{role == "system"      ? Role::system
+                : role == "developer" ? Role::developer
+                : role == "user"      ? Role::user
+                : role == "tool"      ? Role::tool
+                                      : Role::assistant,
                 m.contains("content") && m["content"].is_string() ? m["content"].get<std::string>() : ""};
     nlohmann::ordered_json fields = nlohmann::ordered_json::object();
     for (const auto& [k, v] : m.items()) {
@@ -423,18 +526,28 @@ TEST(ChatTemplateParity, RendersAsJinja2) {
 TEST(ChatTemplateParity, TokenizesAsApplyChatTemplate) {
   REQUIRE_CHAT_REFERENCE();
   std::map<std::string, ft::data::Tokenizer> tokenizers;
-  int cases = 0, straddling = 0;
+  int cases = 0, straddling = 0, refused = 0;
   for (const auto& c : ref.at("tokenize")) {
     const std::string name = c.at("name"), tok_name = c.at("tokenizer");
     SCOPED_TRACE(name);
     if (!tokenizers.count(tok_name)) tokenizers.emplace(tok_name, ft::data::Tokenizer::load((ref_dir / tok_name).string()));
     const ft::data::TokenizerEncoder enc(tokenizers.at(tok_name));
-    const ModelChatTemplate tmpl(enc);
+    std::vector<std::pair<std::string, std::string>> vars;  // apply_chat_template's keyword arguments
+    if (c.contains("template_vars")) {
+      for (const auto& [k, v] : c["template_vars"].items()) vars.emplace_back(k, v.dump());
+    }
+    const ModelChatTemplate tmpl(enc, vars);
     const auto messages = messages_of(c.at("messages"));
     if (!c.contains("tools")) {
       EXPECT_EQ(tmpl.render_text(messages, false), c.at("rendered").get<std::string>());
     }
-    const auto ex = ft::data::tokenize_segments(tmpl.render(messages, tools_of(c)), enc);
+    const auto turns = ft::data::parse_train_turns(c.at("train_turns").get<std::string>());
+    const auto ex = ft::data::tokenize_segments(tmpl.render(messages, tools_of(c), turns), enc);
+    // Where the turns do not extend each other, labelling every turn is refused, not guessed.
+    if (c.at("all_fails").get<bool>()) {
+      EXPECT_NE(error_of([&] { tmpl.render(messages, tools_of(c)); }).find("(--train-turns last)"), std::string::npos);
+      ++refused;
+    }
     const bool straddles = c.at("straddles");
     // Where one of transformers' tokens crosses a label boundary, libft cuts the text there (as the
     // generation prompt is tokenized alone at inference): the pieces, tokenized one by one.
@@ -448,6 +561,7 @@ TEST(ChatTemplateParity, TokenizesAsApplyChatTemplate) {
   }
   EXPECT_GE(cases, 20);
   EXPECT_LE(straddling, 2);
+  EXPECT_GE(refused, 1);
 }
 
 TEST(ChatTemplateParity, ToolUseRecordsPrepareAsApplyChatTemplate) {
@@ -460,7 +574,7 @@ TEST(ChatTemplateParity, ToolUseRecordsPrepareAsApplyChatTemplate) {
   const fs::path dir = ft::test::scratch_dir("chat_template_tools");
   int found = 0;
   for (const auto& c : ref.at("tokenize")) {
-    if (!c.contains("tools")) continue;
+    if (!c.contains("tools") || c.at("tokenizer") != "tok_qwen2") continue;
     ++found;
     std::ofstream(dir / "tools.jsonl") << nlohmann::ordered_json{{"messages", c.at("messages")}, {"tools", c.at("tools")}}.dump()
                                        << "\n";

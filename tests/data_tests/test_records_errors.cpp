@@ -170,7 +170,7 @@ TEST(RecordsBadInput, UnknownFieldsAreErrorsUnlessAllowed) {
       "\n");
   EXPECT_EQ(issue_strings(read_records(chat, jsonl(RecordFormat::chat)).issues),
             (std::vector<std::string>{chat + ":1:49: messages[0]: unknown field \"weight\" (expected: role, content, "
-                                             "tool_calls, tool_call_id, name, reasoning_content)"}));
+                                             "tool_calls, tool_call_id, name, reasoning_content, thinking)"}));
 }
 
 TEST(RecordsBadInput, DuplicateKeys) {
@@ -473,7 +473,7 @@ TEST(RecordsBadInput, ChatMessageOrder) {
                 path + ":2:24: messages[0].role is \"assistant\" but \"user\" must come first",
                 path + ":3:58: messages[1].role is \"user\" but \"assistant\" must come after \"user\"",
                 path + ":4:51: the conversation must end with an assistant message, not user",
-                path + ":5:58: messages[1].role must be \"system\", \"user\", \"assistant\" or \"tool\", not \"bot\""}));
+                path + ":5:58: messages[1].role must be \"system\", \"developer\", \"user\", \"assistant\" or \"tool\", not \"bot\""}));
 }
 
 TEST(RecordsBadInput, ToolUse) {

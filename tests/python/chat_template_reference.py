@@ -11,7 +11,8 @@ TokenizerParity.TrainModel writes.
 
 Every template here was written for this file, in the format of a model family's published chat format
 (Llama 3, Llama 3.1 with tools, ChatML/Qwen2.5 with tools, Llama 2/Mistral [INST], Gemma, Zephyr, Phi-3,
-and a ChatML variant with {% generation %}); none is copied from a model repository.
+Harmony (gpt-oss) with tools and reasoning, and a ChatML variant with {% generation %}); none is copied
+from a model repository.
 
 Outputs, all inside OUT_DIR:
 
@@ -22,6 +23,8 @@ Outputs, all inside OUT_DIR:
   tok_sp/      tokenizer.model (a copy of SP_MODEL) + tokenizer_config.json + chat_template.jinja
                (Llama 2 [INST]); no tokenizer.json. save_pretrained leaves add_bos_token out of
                tokenizer_config.json (tokenizer.json's post-processor held it), so it is put back
+  tok_harmony/ tokenizer.json (BPE_DIR/qwen2 with Harmony's <|start|>, <|message|>, <|channel|>, ...
+               added as special tokens) + chat_template.jinja (Harmony)
   tok_spjson/  the same tokenizer as transformers 5 saves it: tokenizer.json (Metaspace, byte fallback) and
                no tokenizer.model, + tokenizer_config.json + chat_template.jinja (Llama 2 [INST])
   chat_reference.json  (ASCII JSON)
@@ -29,14 +32,18 @@ Outputs, all inside OUT_DIR:
                   transformers compiles it, or
                   [{"name", "template", "context", "error"}]     rendering (or compiling) must fail;
                   "error" is a substring a good message contains ("" for syntax errors)
-      "tokenize": [{"name", "tokenizer", "messages", "rendered", "ids", "spans", "labels", "straddles"
-                    [, "piece_ids", "piece_labels"]}]
+      "tokenize": [{"name", "tokenizer", "messages", "rendered", "ids", "spans", "labels", "straddles",
+                    "train_turns", "all_fails" [, "tools", "template_vars", "piece_ids", "piece_labels"]}]
                   tokenizer is "tok_llama3" | "tok_qwen2" | "tok_sp" (a directory above);
                   rendered = apply_chat_template(messages, tokenize=False);
                   ids = its input_ids (== tok(rendered, add_special_tokens=False).input_ids);
                   spans = [[start, end), ...] UTF-8 byte offsets into rendered, one per assistant
                   message i: start = len(render(messages[:i], add_generation_prompt=True)),
-                  end = len(render(messages[:i+1])), both in UTF-8 bytes;
+                  end = len(render(messages[:i+1])), both in UTF-8 bytes (train_turns "last": one
+                  span, from len(render(messages[:-1], add_generation_prompt=True)) to the end;
+                  all_fails: whether some turn's renders do not extend each other, so that
+                  labelling every turn must be refused); template_vars: apply_chat_template's
+                  keyword arguments;
                   labels[k] = 1 iff token k's start offset (the fast tokenizer's offset mapping,
                   converted from characters to UTF-8 bytes) lies in some span. A token can straddle a
                   span start: in whitespace_edges_qwen2 the "\n\n" token begins on the "\n" that ends
@@ -315,6 +322,187 @@ GENERATION = """{%- for message in messages %}
 {%- endif %}
 """
 
+# Harmony, gpt-oss's chat format: a system block (identity, dates, reasoning effort, built-in tools),
+# the instructions and function namespaces as a developer message, assistant turns on the analysis
+# (reasoning, from "thinking"), commentary (tool calls) and final channels. As gpt-oss's template
+# does, only the last assistant turn keeps its reasoning and ends with <|return|> (earlier ones end
+# with <|end|>), and a tool call's analysis is dropped once a final answer follows: its turns do not
+# extend each other (TrainTurns::last). The constructs are the ones that template leans on:
+# recursive macros with defaults whose output is assigned with set, iterable/string/mapping tests,
+# dict items, `not in (x or [])`, namespaces written inside loops, slices by loop.index.
+HARMONY = """{%- macro ts_type(schema, required=[], depth=0) -%}
+    {%- if schema.type is defined and schema.type is iterable and schema.type is not string
+           and schema.type is not mapping and schema.type[0] is defined -%}
+        {{- schema.type | join(" | ") -}}
+    {%- elif schema.oneOf -%}
+        {%- set seen = namespace(objects=0) -%}
+        {%- for option in schema.oneOf -%}
+            {%- if option.type == "object" %}{% set seen.objects = seen.objects + 1 %}{% endif -%}
+        {%- endfor -%}
+        {%- if seen.objects > 0 and schema.oneOf | length > 1 -%}
+            {{- "any" -}}
+        {%- else -%}
+            {%- for option in schema.oneOf -%}
+                {{- ts_type(option, required, depth + 1) -}}
+                {%- if option.description %} {{ "// " + option.description }}{% endif -%}
+                {%- if not loop.last %}
+                    {{- " | " }}
+                {% endif -%}
+            {%- endfor -%}
+        {%- endif -%}
+    {%- elif schema.type == "array" -%}
+        {%- if schema['items'] -%}
+            {%- set inner = ts_type(schema['items'], required, depth + 1) -%}
+            {%- if inner | length > 40 or inner == "object" -%}
+                {{- "any[]" -}}
+            {%- else -%}
+                {{- inner + "[]" -}}
+            {%- endif -%}
+        {%- else -%}
+            {{- "any[]" -}}
+        {%- endif -%}
+        {%- if schema.nullable %}{{ " | null" }}{% endif -%}
+    {%- elif schema.type == "string" -%}
+        {%- if schema.enum -%}
+            {{- '"' + schema.enum | join('" | "') + '"' -}}
+        {%- else -%}
+            {{- "string" -}}
+            {%- if schema.nullable %}{{ " | null" }}{% endif -%}
+        {%- endif -%}
+    {%- elif schema.type in ["number", "integer"] -%}
+        {{- "number" -}}
+    {%- elif schema.type == "boolean" -%}
+        {{- "boolean" -}}
+    {%- elif schema.type == "object" and schema.properties -%}
+        {{- "{\\n" -}}
+        {%- for key, value in schema.properties.items() -%}
+            {{- "  " * (depth + 1) + key -}}
+            {%- if key not in (schema.required or []) %}?{% endif -%}
+            {{- ": " + ts_type(value, schema.required or [], depth + 1) -}}
+            {%- if not loop.last %},{% endif %}{{ "\\n" }}
+        {%- endfor -%}
+        {{- "  " * depth + "}" -}}
+    {%- elif schema.type == "object" -%}
+        {{- "object" -}}
+    {%- else -%}
+        {{- "any" -}}
+    {%- endif -%}
+{%- endmacro -%}
+
+{%- macro tool_namespace(name, tools) -%}
+    {{- "## " + name + "\\n\\nnamespace " + name + " {\\n\\n" -}}
+    {%- for entry in tools -%}
+        {%- set fn = entry.function if entry.function is defined else entry -%}
+        {%- if fn.description %}{{ "// " + fn.description + "\\n" }}{% endif -%}
+        {{- "type " + fn.name + " = " -}}
+        {%- set params = fn.parameters or {} -%}
+        {%- if params.properties -%}
+            {{- "(_: {\\n" -}}
+            {%- for pname, pspec in params.properties | items -%}
+                {%- if pspec.description %}{{ "// " + pspec.description + "\\n" }}{% endif -%}
+                {{- pname -}}{{- "?" if pname not in (params.required or []) else "" -}}
+                {{- ": " + ts_type(pspec, params.required or []) -}}
+                {%- if pspec.default is defined -%}
+                    {{- ", // default: " + (pspec.default if pspec.default is string else pspec.default | tojson) -}}
+                {%- else -%}
+                    {{- "," -}}
+                {%- endif -%}
+                {{- "\\n" -}}
+            {%- endfor -%}
+            {{- "}) => any;\\n\\n" -}}
+        {%- else -%}
+            {{- "() => any;\\n\\n" -}}
+        {%- endif -%}
+    {%- endfor -%}
+    {{- "} // namespace " + name -}}
+{%- endmacro -%}
+
+{%- macro system_block() -%}
+    {{- (model_identity if model_identity is defined else "You are a helpful model, fine-tuned with libft.") + "\\n" -}}
+    {{- "Knowledge cutoff: 2024-06\\n" -}}
+    {{- "Current date: " + (date_string if date_string is defined else strftime_now("%Y-%m-%d")) + "\\n\\n" -}}
+    {{- "Reasoning: " + (reasoning_effort | default("medium")) + "\\n\\n" -}}
+    {%- if builtin_tools -%}
+        {{- "# Tools\\n\\n" -}}
+        {%- set builtin = namespace(browser=false, python=false) -%}
+        {%- for tool in builtin_tools -%}
+            {%- if tool == "browser" %}{% set builtin.browser = true %}
+            {%- elif tool == "python" %}{% set builtin.python = true %}{% endif -%}
+        {%- endfor -%}
+        {%- if builtin.browser -%}
+            {{- "## browser\\n\\n// Tool for browsing.\\nnamespace browser {\\n\\ntype search = (_: {\\nquery: string,\\n}) => any;\\n\\n} // namespace browser\\n\\n" -}}
+        {%- endif -%}
+        {%- if builtin.python %}{{ "## python\\n\\nUse this tool to run Python code.\\n\\n" }}{% endif -%}
+    {%- endif -%}
+    {{- "# Valid channels: analysis, commentary, final. Channel must be included for every message." -}}
+    {%- if tools %}{{ "\\nCalls to these tools must go to the commentary channel: 'functions'." }}{% endif -%}
+{%- endmacro -%}
+
+{{- "<|start|>system<|message|>" + system_block() + "<|end|>" -}}
+{%- if messages[0].role in ["system", "developer"] -%}
+    {%- set instructions = messages[0].content -%}
+    {%- set turns = messages[1:] -%}
+{%- else -%}
+    {%- set instructions = "" -%}
+    {%- set turns = messages -%}
+{%- endif -%}
+{%- if instructions or tools -%}
+    {{- "<|start|>developer<|message|>" -}}
+    {%- if instructions %}{{ "# Instructions\\n\\n" + instructions }}{% endif -%}
+    {%- if tools %}{{ "\\n\\n# Tools\\n\\n" + tool_namespace("functions", tools) }}{% endif -%}
+    {{- "<|end|>" -}}
+{%- endif -%}
+{%- set state = namespace(last_call=none) -%}
+{%- for message in turns -%}
+    {%- if message.role == "assistant" -%}
+        {%- for field in ["content", "thinking"] -%}
+            {%- if field in message and message[field] is string and "<|channel|>" in message[field] -%}
+                {{- raise_exception("Pass the analysis in 'thinking' and the answer in 'content', without <|channel|> tags (found in '" + field + "')") -}}
+            {%- endif -%}
+        {%- endfor -%}
+        {%- if "tool_calls" in message -%}
+            {%- set later = namespace(final=false) -%}
+            {%- for after in turns[loop.index:] -%}
+                {%- if after.role == "assistant" and "tool_calls" not in after %}{% set later.final = true %}{% endif -%}
+            {%- endfor -%}
+            {%- set call = message.tool_calls[0] -%}
+            {%- if call.function %}{% set call = call.function %}{% endif -%}
+            {%- if message.content and message.thinking -%}
+                {{- raise_exception("Cannot pass both content and thinking in an assistant message with tool calls") -}}
+            {%- endif -%}
+            {%- set analysis = message.thinking or message.content -%}
+            {%- if analysis and not later.final -%}
+                {{- "<|start|>assistant<|channel|>analysis<|message|>" + analysis + "<|end|>" -}}
+            {%- endif -%}
+            {{- "<|start|>assistant to=functions." + call.name + "<|channel|>commentary " -}}
+            {{- (call.content_type if call.content_type is defined else "json") + "<|message|>" -}}
+            {{- call.arguments | tojson if call.arguments is mapping else call.arguments -}}
+            {{- "<|call|>" -}}
+            {%- set state.last_call = call.name -%}
+        {%- elif loop.last and not add_generation_prompt -%}
+            {%- if message.thinking is defined and message.thinking -%}
+                {{- "<|start|>assistant<|channel|>analysis<|message|>" + message.thinking + "<|end|>" -}}
+            {%- endif -%}
+            {{- "<|start|>assistant<|channel|>final<|message|>" + message.content + "<|return|>" -}}
+        {%- else -%}
+            {{- "<|start|>assistant<|channel|>final<|message|>" + message.content + "<|end|>" -}}
+            {%- set state.last_call = none -%}
+        {%- endif -%}
+    {%- elif message.role == "tool" -%}
+        {%- if state.last_call is none -%}
+            {{- raise_exception("A tool message needs an assistant tool call before it") -}}
+        {%- endif -%}
+        {{- "<|start|>functions." + state.last_call + " to=assistant<|channel|>commentary<|message|>" -}}
+        {{- (message.content if message.content is string else message.content | tojson) + "<|end|>" -}}
+    {%- elif message.role == "user" -%}
+        {{- "<|start|>user<|message|>" + message.content + "<|end|>" -}}
+    {%- else -%}
+        {{- raise_exception("Unexpected role '" + message.role + "' after the first message") -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt %}<|start|>assistant{% endif -%}
+"""
+
 # ---------------------------------------------------------------------------------------------------
 # Conversations shared by the family render cases
 # ---------------------------------------------------------------------------------------------------
@@ -375,6 +563,96 @@ QWEN_TOOL_CHAT = [
 def chat_context(messages, add_generation_prompt, bos="<s>", eos="</s>", **extra):
     return {"messages": messages, "add_generation_prompt": add_generation_prompt, "bos_token": bos,
             "eos_token": eos, **extra}
+
+
+# Harmony (gpt-oss): tool schemas that reach each branch of ts_type, built-in tools, reasoning.
+HARMONY_TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather at a place.",
+        "parameters": {"type": "object", "properties": {
+            "location": {"type": "string", "description": "City and country, e.g. Z\u00fcrich, CH"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"], "default": "celsius"},
+            "days": {"type": "integer", "default": 1},
+            "hourly": {"type": "boolean"},
+            "fields": {"type": "array", "items": {"type": "string"}, "nullable": True},
+            "stations": {"type": "array", "items": {"type": "object", "properties": {
+                "id": {"type": "string"}, "elevation": {"type": "number"}}, "required": ["id"]}},
+            "window": {"type": "object", "properties": {"from": {"type": "string"}, "to": {
+                "type": ["string", "null"]}}, "required": ["from"]},
+            "when": {"oneOf": [{"type": "string", "description": "an ISO date"},
+                               {"type": "integer", "description": "days from now"}]},
+            "filter": {"oneOf": [{"type": "object"}, {"type": "string"}]},
+            "note": {"type": "string", "nullable": True},
+            "extra": {},
+        }, "required": ["location"]}}},
+    {"type": "function", "function": {"name": "get_time", "description": "Local time in a city.",
+                                      "parameters": {"type": "object", "properties": {}}}},
+    {"type": "function", "function": {"name": "ping", "description": "Is the service up?"}},
+]
+HARMONY_CALL = {"type": "function", "function": {"name": "get_weather",
+                                                 "arguments": {"location": "Z\u00fcrich, CH", "days": 2}}}
+HARMONY_THINKING = [
+    {"role": "user", "content": "Is 91 prime?"},
+    {"role": "assistant", "thinking": "91 = 7 \u00d7 13, so no.", "content": "No: 91 = 7 \u00d7 13."},
+]
+HARMONY_MULTI = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "Is 91 prime?"},
+    {"role": "assistant", "thinking": "7 times 13.", "content": "No."},
+    {"role": "user", "content": "And 97?"},
+    {"role": "assistant", "thinking": "Not divisible by 2, 3, 5 or 7.", "content": "Yes, 97 is prime."},
+]
+HARMONY_TOOL_CHAT = [
+    {"role": "developer", "content": "Use the tools."},
+    {"role": "user", "content": "Weather in Z\u00fcrich for two days?"},
+    {"role": "assistant", "content": "", "thinking": "I should call get_weather.", "tool_calls": [HARMONY_CALL]},
+    {"role": "tool", "content": {"temp_c": [21.5, 19.0], "sky": "clear"}},
+    {"role": "assistant", "content": "21.5 \u00b0C today and 19 \u00b0C tomorrow, clear."},
+]
+
+
+HARMONY_SPECIALS = ["<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>", "<|call|>",
+                    "<|constrain|>"]
+
+
+def harmony_context(messages, add_generation_prompt, **extra):
+    return chat_context(messages, add_generation_prompt, bos="<|startoftext|>", eos="<|return|>",
+                        date_string="2025-08-05", **extra)
+
+
+def harmony_cases():
+    pending = HARMONY_TOOL_CHAT[:4]
+    pending_content = [dict(m) for m in pending]
+    pending_content[2] = {"role": "assistant", "content": "Calling the weather tool.",
+                          "tool_calls": [{"type": "function", "function": {
+                              "name": "get_time", "arguments": "{\"city\": \"Z\u00fcrich\"}",
+                              "content_type": "<|constrain|>json"}}]}
+    cases = [
+        ("harmony_tools_genprompt", HARMONY, harmony_context(HARMONY_TOOL_CHAT[:2], True, tools=HARMONY_TOOLS,
+                                                             reasoning_effort="high", builtin_tools=["browser", "python"],
+                                                             model_identity="You are a test model.")),
+        ("harmony_thinking_last_turn", HARMONY, harmony_context(HARMONY_THINKING, False, tools=None)),
+        ("harmony_thinking_genprompt", HARMONY, harmony_context(HARMONY_THINKING + [
+            {"role": "user", "content": "Why?"}], True, tools=None)),
+        ("harmony_multi_turn", HARMONY, harmony_context(HARMONY_MULTI, False, tools=None, builtin_tools=["python"])),
+        ("harmony_tool_call_then_final", HARMONY, harmony_context(HARMONY_TOOL_CHAT, False, tools=HARMONY_TOOLS[:2])),
+        ("harmony_tool_call_pending", HARMONY, harmony_context(pending, True, tools=HARMONY_TOOLS[:2])),
+        ("harmony_tool_call_string_arguments", HARMONY, harmony_context(pending_content, True, tools=HARMONY_TOOLS)),
+    ]
+    errors = [
+        ("harmony_channel_tags_in_content", HARMONY, harmony_context(
+            [{"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "<|channel|>final<|message|>Hello"}], False, tools=None),
+         "without <|channel|> tags (found in 'content')"),
+        ("harmony_tool_without_call", HARMONY, harmony_context(
+            [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "42"}], True, tools=None),
+         "A tool message needs an assistant tool call before it"),
+        ("harmony_call_with_content_and_thinking", HARMONY, harmony_context(
+            [{"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "a", "thinking": "b", "tool_calls": [HARMONY_CALL]}], False, tools=None),
+         "Cannot pass both content and thinking"),
+    ]
+    return cases, errors
 
 
 def family_cases():
@@ -716,6 +994,16 @@ def micro_cases():
                                "{% for m in messages %}\n{{ turn(m) }}\n{% endfor %}", {"messages": MSGS[:2]})
     ok("stmt_macro_calls_macro", "{% macro inner(x) %}({{ x }}){% endmacro %}{% macro outer(a, b=2) %}"
                                  "{{ inner(a) }}{{ inner(b) }}{% endmacro %}{{ outer(1) }}{{ outer('p', b='q') }}")
+    # A macro sees the scopes it is defined in as they are when it is called (jinja2's closures):
+    # itself, macros and variables set after it; not its caller's loop variables.
+    ok("stmt_macro_recursive", "{% macro down(n, sep='') %}{% if n > 0 %}{{ sep }}{{ n }}{{ down(n - 1, ',') }}"
+                               "{% endif %}{% endmacro %}{{ down(4) }}|{% set s = down(2) %}{{ s | length }}")
+    ok("stmt_macro_calls_later_macro", "{% macro a() %}A{{ b() }}{% endmacro %}{% macro b() %}B{% endmacro %}{{ a() }}")
+    ok("stmt_macro_sees_later_sets", "{% set x = 1 %}{% macro a() %}[{{ x }}{{ y }}]{% endmacro %}{{ a() }}"
+                                     "{% set x = 2 %}{% set y = 3 %}{{ a() }}")
+    ok("stmt_macro_not_callers_loop", "{% macro a() %}[{{ m }}]{% endmacro %}{% for m in [1, 2] %}{{ a() }}{% endfor %}")
+    ok("stmt_macro_in_loop_body", "{% for i in [1, 2] %}{% set z = i * 10 %}{% macro a() %}{{ z }}{% endmacro %}"
+                                  "{{ a() }}{% endfor %}")
     ok("stmt_range", "{{ range(3)|list }} {{ range(2, 5)|list }} {{ range(10, 0, -3)|list }} {{ range(0)|list }} "
                      "{% for i in range(1, 4) %}{{ i }}{% endfor %}")
     ok("stmt_range_len", "{% for i in range(messages|length - 1, -1, -1) %}{{ messages[i].role[0] }}{% endfor %}",
@@ -779,8 +1067,9 @@ def render(template, context):
 
 def build_render_cases():
     fam_ok, fam_err = family_cases()
-    ok_cases = fam_ok + micro_cases()
-    err_cases = fam_err + micro_errors()
+    harmony_ok, harmony_err = harmony_cases()
+    ok_cases = fam_ok + harmony_ok + micro_cases()
+    err_cases = fam_err + harmony_err + micro_errors()
     out, names = [], set()
     for name, template, context in ok_cases:
         if name in names:
@@ -882,10 +1171,17 @@ def make_tokenizers(out_dir, bpe_dir, sp_model):
             json.dump(config, f, indent=2, sort_keys=True, ensure_ascii=False)
             f.write("\n")
 
+    # tok_harmony: the Qwen2-layout BPE with Harmony's markers added as special tokens, and the
+    # Harmony template (gpt-oss's format).
+    harmony = AutoTokenizer.from_pretrained(os.path.join(bpe_dir, "qwen2"))
+    harmony.add_tokens([transformers.AddedToken(t, special=True, normalized=False) for t in HARMONY_SPECIALS],
+                       special_tokens=True)
+    save_tokenizer(harmony, HARMONY, os.path.join(out_dir, "tok_harmony"), jinja_file=True)
+
     # Load every directory back as a user would: what is on disk is what the cases below use.
     toks = {}
     for name, template in (("tok_llama3", LLAMA3), ("tok_qwen2", CHATML), ("tok_sp", LLAMA2),
-                           ("tok_spjson", LLAMA2)):
+                           ("tok_spjson", LLAMA2), ("tok_harmony", HARMONY)):
         tok = AutoTokenizer.from_pretrained(os.path.join(out_dir, name))
         if tok.chat_template != template:
             fail(f"{name}: the reloaded chat_template differs from the one saved")
@@ -977,6 +1273,23 @@ CONVERSATIONS += [
 ]
 TOOLS_FOR = {"tool_use": WEATHER_TOOLS}
 
+# Harmony conversations (tok_harmony): reasoning in "thinking", a developer message, a tool call on
+# the commentary channel. Earlier turns render differently once later ones follow (their reasoning
+# dropped, <|end|> for <|return|>), so the multi-turn case trains the last turn alone.
+HARMONY_CONVERSATIONS = [
+    ("harmony_thinking", [{"role": "developer", "content": "Answer in one line."}] + HARMONY_THINKING, None, "all"),
+    ("harmony_tool_call", [
+        {"role": "developer", "content": "Use the tools."},
+        {"role": "user", "content": "Weather in Z\u00fcrich for two days?"},
+        {"role": "assistant", "content": "", "tool_calls": [HARMONY_CALL]},
+        {"role": "tool", "content": "{\"temp_c\": [21.5, 19.0], \"sky\": \"clear\"}"},
+        {"role": "assistant", "thinking": "Two temperatures, both clear.",
+         "content": "21.5 \u00b0C today and 19 \u00b0C tomorrow, clear."},
+    ], "harmony_tools", "all"),
+    ("harmony_multi_turn", HARMONY_MULTI, None, "last"),
+]
+HARMONY_VARS = {"date_string": "2025-08-05", "reasoning_effort": "low"}
+
 TOKENIZERS_FOR = {
     "single_turn": ("tok_llama3", "tok_qwen2", "tok_sp", "tok_spjson"),
     "system_multi_turn": ("tok_llama3", "tok_qwen2", "tok_sp", "tok_spjson"),
@@ -1001,10 +1314,11 @@ def flat_input_ids(result, where):
     return result
 
 
-def tokenize_case(name, tok_name, tok, messages, tools=None):
+def tokenize_case(name, tok_name, tok, messages, tools=None, train_turns="all", template_vars=None):
     where = f"{name}/{tok_name}"
-    rendered = tok.apply_chat_template(messages, tools=tools, tokenize=False)
-    ids = flat_input_ids(tok.apply_chat_template(messages, tools=tools, tokenize=True), where)
+    kwargs = template_vars or {}
+    rendered = tok.apply_chat_template(messages, tools=tools, tokenize=False, **kwargs)
+    ids = flat_input_ids(tok.apply_chat_template(messages, tools=tools, tokenize=True, **kwargs), where)
     enc = tok(rendered, add_special_tokens=False, return_offsets_mapping=True)
     if enc.input_ids != ids:
         fail(f"{where}: apply_chat_template ids differ from tok(rendered, add_special_tokens=False)")
@@ -1012,18 +1326,29 @@ def tokenize_case(name, tok_name, tok, messages, tools=None):
     if offsets is None or len(offsets) != len(ids):
         fail(f"{where}: {type(tok).__name__} gave no offset mapping for the rendered text")
 
-    spans = []
+    # Every assistant turn i: from the end of render(messages[:i]) + generation prompt to the end of
+    # render(messages[:i + 1]), where each is a prefix of the next. Where that fails, train_turns
+    # "all" cannot label the conversation (all_fails), and "last" labels the final turn: from the end
+    # of render(messages[:-1]) + generation prompt to the end.
+    spans, all_fails = [], False
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        p = tok.apply_chat_template(messages[:i], tools=tools, tokenize=False, add_generation_prompt=True)
-        q = tok.apply_chat_template(messages[:i + 1], tools=tools, tokenize=False, add_generation_prompt=False)
-        if not q.startswith(p):
-            fail(f"{where}: turn {i}: the render without the assistant message plus a generation prompt is "
-                 f"not a prefix of the render with it:\n{p!r}\n{q!r}")
-        if not rendered.startswith(q):
-            fail(f"{where}: turn {i}: the render up to this message is not a prefix of the whole render")
+        p = tok.apply_chat_template(messages[:i], tools=tools, tokenize=False, add_generation_prompt=True, **kwargs)
+        q = tok.apply_chat_template(messages[:i + 1], tools=tools, tokenize=False, add_generation_prompt=False,
+                                    **kwargs)
+        if not q.startswith(p) or not rendered.startswith(q):
+            all_fails = True
         spans.append([len(p.encode("utf-8")), len(q.encode("utf-8"))])
+    if train_turns == "last":
+        if messages[-1]["role"] != "assistant":
+            fail(f"{where}: train_turns last needs a conversation that ends with an assistant turn")
+        p = tok.apply_chat_template(messages[:-1], tools=tools, tokenize=False, add_generation_prompt=True, **kwargs)
+        if not rendered.startswith(p):
+            fail(f"{where}: the render before the last turn plus a generation prompt is not a prefix of the whole")
+        spans = [[len(p.encode("utf-8")), len(rendered.encode("utf-8"))]]
+    elif all_fails:
+        fail(f"{where}: the turns' renders do not extend each other; this case needs train_turns last")
 
     byte_at = [0]  # byte offset of each character of rendered, and of its end
     for ch in rendered:
@@ -1041,9 +1366,12 @@ def tokenize_case(name, tok_name, tok, messages, tools=None):
     cuts = sorted({b for span in spans for b in span} | {0, byte_at[-1]})
     straddles = any(byte_at[start] < c < byte_at[end] for start, end in offsets for c in cuts)
     case = {"name": f"{name}_{tok_name[4:]}", "tokenizer": tok_name, "messages": messages, "rendered": rendered,
-            "ids": ids, "spans": spans, "labels": labels, "straddles": straddles}
+            "ids": ids, "spans": spans, "labels": labels, "straddles": straddles, "train_turns": train_turns,
+            "all_fails": all_fails}
     if tools is not None:
         case["tools"] = tools
+    if template_vars:
+        case["template_vars"] = template_vars
     if tok_name not in ("tok_sp", "tok_spjson"):
         raw = rendered.encode("utf-8")
         piece_ids, piece_labels = [], []
@@ -1073,6 +1401,11 @@ def main():
         for tok_name in TOKENIZERS_FOR[name]:
             tokenize_cases.append(tokenize_case(name, tok_name, toks[tok_name], messages,
                                                 TOOLS_FOR.get(name)))
+    for name, messages, tools, train_turns in HARMONY_CONVERSATIONS:
+        tokenize_cases.append(tokenize_case(name, "tok_harmony", toks["tok_harmony"], messages,
+                                            HARMONY_TOOLS[:2] if tools else None, train_turns, HARMONY_VARS))
+    if not any(c["all_fails"] for c in tokenize_cases):
+        fail("no tokenize case has turns that do not extend each other")
 
     reference = {"render": render_cases, "tokenize": tokenize_cases}
     path = os.path.join(out_dir, "chat_reference.json")

@@ -167,15 +167,31 @@ std::string ModelChatTemplate::render_text(std::span<const Message> messages, bo
   return impl_->render(Impl::message_values(messages), messages.size(), add_generation_prompt, nullptr);
 }
 
-std::vector<TemplateSegment> ModelChatTemplate::render(std::span<const Message> messages,
-                                                      const std::string& tools_json) const {
+std::vector<TemplateSegment> ModelChatTemplate::render(std::span<const Message> messages, const std::string& tools_json,
+                                                      TrainTurns turns) const {
   check_chat_order(messages);
   const jinja::Value tools = tools_json.empty() ? jinja::Value::none() : jinja::Value::parse_json(tools_json, "tools");
   const jinja::Value* t = tools_json.empty() ? nullptr : &tools;
   jinja::Spans spans;
   const jinja::List values = Impl::message_values(messages);
   const std::string full = impl_->render(values, messages.size(), false, &spans, t);
-  if (!impl_->tmpl.has_generation()) {
+  // Where the final assistant turn starts: the rendering before it plus the generation prompt.
+  auto last_turn_start = [&] {
+    const size_t i = messages.size() - 1;  // an assistant message (check_chat_order)
+    const std::string before = impl_->render(values, i, true, nullptr, t);
+    FT_CHECK(full.compare(0, before.size(), before) == 0, "[records] chat template ", impl_->file,
+             ": the rendering does not start with the rendering before its last assistant turn (messages[", i,
+             "]) plus the generation prompt, so that turn cannot be told apart");
+    return before.size();
+  };
+  if (impl_->tmpl.has_generation()) {
+    if (turns == TrainTurns::last) {
+      const size_t start = last_turn_start();
+      std::erase_if(spans, [&](const auto& s) { return s.first < start; });
+    }
+  } else if (turns == TrainTurns::last) {
+    spans = {{last_turn_start(), full.size()}};
+  } else {
     spans.clear();
     for (size_t i = 0; i < messages.size(); ++i) {
       if (messages[i].role != Role::assistant) continue;
@@ -187,7 +203,8 @@ std::vector<TemplateSegment> ModelChatTemplate::render(std::span<const Message> 
                "text cannot be told apart; use a template with {% generation %} blocks");
       FT_CHECK(full.compare(0, with.size(), with) == 0, "[records] chat template ", impl_->file, ": messages[", i,
                "] (an assistant turn) renders differently once later messages follow, so its text cannot be told "
-               "apart; use a template with {% generation %} blocks, or one conversation per assistant turn");
+               "apart; train the last assistant turn only (--train-turns last), use a template with {% generation %} "
+               "blocks, or give one conversation per assistant turn");
       spans.emplace_back(before.size(), with.size());
     }
   }

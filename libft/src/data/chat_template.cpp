@@ -16,14 +16,26 @@ const char* role_name(Role role) {
       return "assistant";
     case Role::tool:
       return "tool";
+    case Role::developer:
+      return "developer";
   }
   return "?";
 }
 
+bool is_instructions(Role role) { return role == Role::system || role == Role::developer; }
+
+TrainTurns parse_train_turns(std::string_view name) {
+  if (name == "all") return TrainTurns::all;
+  if (name == "last") return TrainTurns::last;
+  FT_FAIL("[records] train_turns '", name, "' is not all or last");
+}
+
+const char* train_turns_name(TrainTurns turns) { return turns == TrainTurns::all ? "all" : "last"; }
+
 bool calls_tools(const Message& m) {
   // fields_json is the reader's own serialisation of the message's other fields (tool_calls,
-  // reasoning_content, tool_call_id, name). In an assistant's, only the tool_calls key can match:
-  // inside reasoning_content's JSON string a quote is escaped, and tool_calls' own values come
+  // reasoning_content or thinking, tool_call_id, name). In an assistant's, only the tool_calls key
+  // can match: inside the reasoning's JSON string a quote is escaped, and tool_calls' own values come
   // after that key.
   return m.role == Role::assistant && m.fields_json.find("\"tool_calls\"") != std::string::npos;
 }
@@ -59,7 +71,7 @@ const char* chat_template_name(ChatTemplate tmpl) {
 
 void check_chat_order(std::span<const Message> messages) {
   FT_CHECK(!messages.empty(), "[records] a conversation needs at least one message");
-  const size_t first = messages[0].role == Role::system ? 1 : 0;
+  const size_t first = is_instructions(messages[0].role) ? 1 : 0;
   for (size_t i = first; i < messages.size(); ++i) {
     const Role role = messages[i].role;
     bool ok = false;
@@ -84,7 +96,7 @@ void check_chat_order(std::span<const Message> messages) {
       }
     }
     FT_CHECK(ok, "[records] messages[", i, "] is ", role_name(role), " but ", expected,
-             " (an optional system message, then user and assistant alternating)");
+             " (an optional system or developer message, then user and assistant alternating)");
   }
   FT_CHECK(messages.back().role == Role::assistant, "[records] the conversation must end with an assistant message");
 }
@@ -117,16 +129,24 @@ std::vector<TemplateSegment> render_instruction(std::string_view prompt, std::st
   return out;
 }
 
-std::vector<TemplateSegment> render_chat(ChatTemplate tmpl, std::span<const Message> messages, bool add_bos) {
+std::vector<TemplateSegment> render_chat(ChatTemplate tmpl, std::span<const Message> messages, bool add_bos,
+                                         TrainTurns turns) {
   check_chat_order(messages);
+  FT_CHECK(messages[0].role != Role::developer, "[records] the ", chat_template_name(tmpl),
+           " template has no developer role; use the checkpoint's own (--template model), e.g. gpt-oss's");
   FT_CHECK(!has_tool_use(messages), "[records] the ", chat_template_name(tmpl),
            " template has no tool calls or tool messages; use the checkpoint's own (--template model)");
   for (const Message& m : messages) {
-    FT_CHECK(m.fields_json.find("\"reasoning_content\"") == std::string::npos, "[records] the ",
-             chat_template_name(tmpl),
-             " template has no place for reasoning_content; use the checkpoint's own (--template model), e.g. "
-             "Qwen3's, which writes it between <think> and </think>");
+    const bool reasoning = m.fields_json.find("\"reasoning_content\"") != std::string::npos ||
+                           m.fields_json.find("\"thinking\"") != std::string::npos;
+    FT_CHECK(!reasoning, "[records] the ", chat_template_name(tmpl),
+             " template has no place for an assistant's reasoning (reasoning_content, thinking); use the checkpoint's "
+             "own (--template model), e.g. Qwen3's, which writes it between <think> and </think>");
   }
+  // The conversation ends with an assistant message (check_chat_order): under TrainTurns::last only
+  // that one is trained.
+  const size_t last = messages.size() - 1;
+  auto trained = [&](size_t i) { return messages[i].role == Role::assistant && (turns == TrainTurns::all || i == last); };
   std::vector<TemplateSegment> out;
   switch (tmpl) {
     case ChatTemplate::llama2: {
@@ -140,15 +160,17 @@ std::vector<TemplateSegment> render_chat(ChatTemplate tmpl, std::span<const Mess
         out.push_back(bos());
         out.push_back(text("[INST] " + system_block + messages[i].content + " [/INST]", false));
         system_block.clear();
-        out.push_back(text(" " + messages[i + 1].content, true));
-        out.push_back(eos());
+        const bool label = trained(i + 1);
+        out.push_back(text(" " + messages[i + 1].content, label));
+        out.push_back({TemplateSegment::Kind::eos, {}, label});
       }
       break;
     }
     case ChatTemplate::chatml: {
       if (add_bos) out.push_back(bos());
-      for (const Message& m : messages) {
-        const bool label = m.role == Role::assistant;
+      for (size_t i = 0; i < messages.size(); ++i) {
+        const Message& m = messages[i];
+        const bool label = trained(i);
         out.push_back(special("<|im_start|>", false));
         out.push_back(text(std::string(role_name(m.role)) + "\n", false));
         out.push_back(text(m.content, label));

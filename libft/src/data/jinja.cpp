@@ -769,23 +769,34 @@ struct Ctx {
   const std::string* tmpl_name = nullptr;
   std::string* out = nullptr;
   Spans* generation = nullptr;
-  std::vector<std::unordered_map<std::string, Value>> frames;
+  // Scopes, innermost last: the globals, the template's top level, then a frame per loop iteration
+  // and per macro call. Shared, because a macro sees the scopes it was defined in as they are when
+  // it is called (jinja2's closures): itself (recursion), macros and variables set after it.
+  struct Frame {
+    std::unordered_map<std::string, Value> vars;
+    bool closed_over = false;  // listed in Budget::closed_over
+  };
+  std::vector<std::shared_ptr<Frame>> frames;
   // What a render counts, shared with the macros it defines (which may outlive the frame that
   // defined them, e.g. stored in a namespace).
   struct Budget {
     int64_t iterations = 0;
     int macro_depth = 0;
+    // The frames macros hold. A macro is a value in a frame it holds, a reference cycle; emptying
+    // them after the render breaks every one.
+    std::vector<std::weak_ptr<Frame>> closed_over;
   };
   std::shared_ptr<Budget> budget;
 
   Value lookup(const std::string& name) const {
     for (auto it = frames.rbegin(); it != frames.rend(); ++it) {
-      auto f = it->find(name);
-      if (f != it->end()) return f->second;
+      auto f = (*it)->vars.find(name);
+      if (f != (*it)->vars.end()) return f->second;
     }
     return Value::undefined(name);
   }
-  void set(const std::string& name, Value v) { frames.back()[name] = std::move(v); }
+  void set(const std::string& name, Value v) { frames.back()->vars[name] = std::move(v); }
+  void push_frame() { frames.push_back(std::make_shared<Frame>()); }
   [[noreturn]] void fail(Pos p, const std::string& msg) const { fail_at(*tmpl_name, p, msg); }
   void write(std::string_view s, Pos p) {
     if (out->size() + s.size() > (64u << 20)) fail(p, "output exceeds 64 MiB");
@@ -1914,7 +1925,7 @@ struct ForNode final : Node {
   Flow exec(Ctx& ctx) const override {
     const Value seq = iter->eval(ctx);
     List items = iterate(ctx, pos, seq);
-    ctx.frames.emplace_back();
+    ctx.push_frame();
     if (filter) {
       List kept;
       for (const Value& item : items) {
@@ -1927,7 +1938,9 @@ struct ForNode final : Node {
     Flow flow = Flow::normal;
     for (int64_t i = 0; i < n; ++i) {
       if (++ctx.budget->iterations > kMaxIterations) ctx.fail(pos, "the template runs more than a million loop iterations");
-      ctx.frames.back().clear();  // each iteration starts from the enclosing scope
+      // Each iteration starts from the enclosing scope, in a frame of its own (a macro defined in
+      // the loop body keeps its iteration's).
+      if (i > 0) ctx.frames.back() = std::make_shared<Ctx::Frame>();
       assign(ctx, pos, targets, items[static_cast<size_t>(i)]);
       Dict loop{{"index", Value(i + 1)},
                 {"index0", Value(i)},
@@ -1997,17 +2010,21 @@ struct SetNode final : Node {
 struct MacroNode final : Node {
   std::shared_ptr<MacroDef> def;
   Flow exec(Ctx& ctx) const override {
-    // The macro runs in its own frames over the globals and the template's top level.
+    // The macro runs in a frame of its own over the scopes it is defined in (shared, so it sees
+    // them as they are when it is called), not over its caller's.
     std::shared_ptr<MacroDef> d = def;
     std::shared_ptr<Ctx::Budget> budget = ctx.budget;
     const Pos at = pos;
-    auto top = std::make_shared<std::vector<std::unordered_map<std::string, Value>>>(
-        ctx.frames.begin(), ctx.frames.begin() + std::min<size_t>(2, ctx.frames.size()));
+    auto scopes = std::make_shared<std::vector<std::shared_ptr<Ctx::Frame>>>(ctx.frames);
+    for (const auto& frame : ctx.frames) {
+      if (!frame->closed_over) budget->closed_over.push_back(frame);
+      frame->closed_over = true;
+    }
     const std::string* tmpl_name = ctx.tmpl_name;
-    ctx.set(d->name, Value::function(d->name, [d, top, tmpl_name, budget, at](const Args& args) -> Value {
+    ctx.set(d->name, Value::function(d->name, [d, scopes, tmpl_name, budget, at](const Args& args) -> Value {
       Ctx m;
       m.tmpl_name = tmpl_name;
-      m.frames = *top;
+      m.frames = *scopes;
       m.budget = budget;
       if (budget->macro_depth >= 64) m.fail(at, "macros nest more than 64 deep");
       struct Nest {
@@ -2017,7 +2034,7 @@ struct MacroNode final : Node {
       } nest(*budget);
       std::string buf;
       m.out = &buf;
-      m.frames.emplace_back();
+      m.push_frame();
       if (args.positional.size() > d->params.size()) {
         m.fail(at, "macro '" + d->name + "' takes " + std::to_string(d->params.size()) + " arguments");
       }
@@ -2720,7 +2737,8 @@ std::string Template::render(const Dict& variables, Spans* generation) const {
   ctx.generation = generation;
   ctx.budget = std::make_shared<Ctx::Budget>();
   if (generation) generation->clear();
-  auto& globals = ctx.frames.emplace_back();
+  ctx.push_frame();
+  auto& globals = ctx.frames.back()->vars;
   globals["range"] = Value::function("range", make_range);
   // Namespaces are the one mutable value, so the one way to make a reference cycle (a macro stored
   // in a namespace that its frames hold). Emptying them after the render breaks every such cycle.
@@ -2759,7 +2777,15 @@ std::string Template::render(const Dict& variables, Spans* generation) const {
     return Value(strftime_now(a.positional[0].as_string()));
   });
   for (const auto& [k, v] : variables) globals[k] = v;
-  ctx.frames.emplace_back();  // the template's top level
+  ctx.push_frame();  // the template's top level
+  struct EmptyClosedOver {
+    ~EmptyClosedOver() {
+      for (const auto& weak : budget->closed_over) {
+        if (auto frame = weak.lock()) frame->vars.clear();
+      }
+    }
+    std::shared_ptr<Ctx::Budget> budget;
+  } empty_closed_over{ctx.budget};
   Flow f = Flow::normal;
   exec_body(ctx, impl_->body, f);
   return out;

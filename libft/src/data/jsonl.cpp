@@ -572,7 +572,7 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
           return Schema::at(m, name + " must be an object, not " + type_name(m.type));
         }
         if (auto p = schema.check_fields(m, {"role"}, name + ": ",
-                                         {"content", "tool_calls", "tool_call_id", "name", "reasoning_content"})) {
+                                         {"content", "tool_calls", "tool_call_id", "name", "reasoning_content", "thinking"})) {
           return p;
         }
         const Value& role = *m.find("role");
@@ -588,11 +588,14 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
           msg.role = Role::assistant;
         else if (role.text == "tool")
           msg.role = Role::tool;
+        else if (role.text == "developer")
+          msg.role = Role::developer;
         else
-          return Schema::at(role, name + ".role must be \"system\", \"user\", \"assistant\" or \"tool\", not \"" +
+          return Schema::at(role, name + ".role must be \"system\", \"developer\", \"user\", \"assistant\" or \"tool\", not \"" +
                                       role.text + "\"");
         // Tool use: an assistant's tool_calls, a tool message's tool_call_id and name; an assistant's
-        // reasoning_content (the thinking that templates such as Qwen3's put in <think>...</think>).
+        // reasoning: reasoning_content (which templates such as Qwen3's put in <think>...</think>) or
+        // thinking (gpt-oss's template: its analysis channel). A message has at most one of the two.
         std::string fields;
         auto add_field = [&](const std::string& key, const Value& value) {
           fields += (fields.empty() ? "{" : ",") + to_json(Value{Value::Type::string, 0, false, key, {}, {}}) + ":" +
@@ -607,13 +610,16 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
                                              [](const Value& c) { return c.type == Value::Type::object; });
             if (!objects) return Schema::at(member.value, name + ".tool_calls must be a non-empty array of objects");
             add_field(member.key, member.value);
-          } else if (member.key == "reasoning_content") {
+          } else if (member.key == "reasoning_content" || member.key == "thinking") {
             if (msg.role != Role::assistant) {
-              return Schema::at(member.value, name + ".reasoning_content: only assistant messages have one");
+              return Schema::at(member.value, name + "." + member.key + ": only assistant messages have one");
             }
             if (member.value.type != Value::Type::string) {
-              return Schema::at(member.value, name + ".reasoning_content must be a string, not " +
+              return Schema::at(member.value, name + "." + member.key + " must be a string, not " +
                                                   type_name(member.value.type));
+            }
+            if (m.find("reasoning_content") && m.find("thinking")) {
+              return Schema::at(member.value, name + " has both reasoning_content and thinking; give one");
             }
             add_field(member.key, member.value);
           } else if (member.key == "tool_call_id" || member.key == "name") {
@@ -628,9 +634,9 @@ std::optional<LineProblem> parse_jsonl_record(std::string_view line, const Recor
         }
         // The order of roles is checked here rather than in the template, so that it is reported
         // at the message that breaks it.
-        const size_t first = !out.messages.empty() && out.messages[0].role == Role::system ? 1 : 0;
-        if (msg.role == Role::system) {
-          if (i != 0) return Schema::at(role, name + ": a system message may only come first");
+        const size_t first = !out.messages.empty() && is_instructions(out.messages[0].role) ? 1 : 0;
+        if (is_instructions(msg.role)) {
+          if (i != 0) return Schema::at(role, name + ": a " + role.text + " message may only come first");
         } else {
           const Message* prev = i > first ? &out.messages.back() : nullptr;
           std::string expected;  // empty: in order

@@ -468,6 +468,8 @@ struct ExampleReader::Impl {
     }
     FT_CHECK(tok.template_vars.empty() || tmpl == ChatTemplate::model,
              "[records] template variables apply to the 'model' chat template only");
+    FT_CHECK(tok.train_turns == TrainTurns::all || format == RecordFormat::chat,
+             "[records] train_turns applies to chat records only, not to ", record_format_name(format));
     FT_CHECK(format != RecordFormat::chat || tmpl,
              "[records] chat records need a chat template (llama2, chatml, or model: the checkpoint's own)");
     if ((format == RecordFormat::instruction || format == RecordFormat::chat) && tmpl != ChatTemplate::model) {
@@ -493,10 +495,10 @@ struct ExampleReader::Impl {
         return render_chat(*tmpl, pair, add_bos);
       }
       case RecordFormat::chat:
-        if (model_tmpl) return model_tmpl->render(r.messages, r.tools_json);
+        if (model_tmpl) return model_tmpl->render(r.messages, r.tools_json, tok.train_turns);
         FT_CHECK(r.tools_json.empty(), "[records] the ", chat_template_name(*tmpl),
                  " template has no tool definitions (\"tools\"); use the checkpoint's own (--template model)");
-        return render_chat(*tmpl, r.messages, add_bos);
+        return render_chat(*tmpl, r.messages, add_bos, tok.train_turns);
     }
     return {};
   }

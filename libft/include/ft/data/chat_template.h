@@ -103,14 +103,19 @@ struct TemplateSegment {
   bool trainable = false;
 };
 
-enum class Role : uint8_t { system, user, assistant, tool };
+/// developer: OpenAI's name for the instructions that come first (gpt-oss's Harmony template and
+/// OpenAI's chat format); only a checkpoint's own template renders it.
+enum class Role : uint8_t { system, user, assistant, tool, developer };
 const char* role_name(Role role);
+/// Whether `role` may only come first (system, developer).
+bool is_instructions(Role role);
 
 struct Message {
   Role role = Role::user;
   std::string content;
   /// The message's other fields as a JSON object, "" for none: an assistant's "tool_calls" (then
-  /// "content" may be null) and "reasoning_content", a tool message's "tool_call_id" and "name".
+  /// "content" may be null) and its reasoning ("reasoning_content", or "thinking" as gpt-oss's
+  /// template reads it), a tool message's "tool_call_id" and "name".
   /// Only a checkpoint's own template (ModelChatTemplate) renders them; they override `role` and
   /// `content` there.
   std::string fields_json{};
@@ -121,8 +126,18 @@ bool calls_tools(const Message& message);
 /// Whether a conversation has tool messages or tool calls.
 bool has_tool_use(std::span<const Message> messages);
 
-/// Chat templates, chosen by name ("llama2", "chatml"). Messages must be: an optional system message
-/// first, then user and assistant alternating, starting with user and ending with assistant (the
+/// Which assistant turns of a conversation are trained.
+///   all:  every one (the default).
+///   last: the final one only; the earlier turns are context, rendered as the template renders them
+///         before a later turn. For templates that render a turn differently once others follow, as
+///         gpt-oss's does (it drops earlier turns' reasoning and ends them with <|end|> instead of
+///         <|return|>), this is the only labelling that matches what the model sees.
+enum class TrainTurns : uint8_t { all, last };
+TrainTurns parse_train_turns(std::string_view name);  ///< throws ft::Error for unknown names
+const char* train_turns_name(TrainTurns turns);
+
+/// Chat templates, chosen by name ("llama2", "chatml"). Messages must be: an optional system (or
+/// developer) message first, then user and assistant alternating, starting with user and ending with assistant (the
 /// JSONL reader checks this; render_chat checks it again). Contents are used as given: no strip().
 ///
 /// llama2 (Meta's Llama-2-chat format), one block per user/assistant pair i:
@@ -166,7 +181,8 @@ std::vector<TemplateSegment> render_text(std::string_view text, bool add_bos, bo
 /// "### Response:\n" belongs in the data). Labels: completion and EOS.
 std::vector<TemplateSegment> render_instruction(std::string_view prompt, std::string_view completion, bool add_bos);
 /// A conversation in `tmpl` (llama2 or chatml; see ChatTemplate). `add_bos` matters only for chatml.
-std::vector<TemplateSegment> render_chat(ChatTemplate tmpl, std::span<const Message> messages, bool add_bos);
+std::vector<TemplateSegment> render_chat(ChatTemplate tmpl, std::span<const Message> messages, bool add_bos,
+                                         TrainTurns turns = TrainTurns::all);
 
 /// The checkpoint's own chat template, rendered as transformers' apply_chat_template(messages) renders
 /// it (jinja.h), with the context transformers gives it: messages ([{role, content}]),
@@ -205,9 +221,11 @@ class ModelChatTemplate {
                     const std::vector<std::pair<std::string, std::string>>& vars);
   ModelChatTemplate(ModelChatTemplate&&) noexcept;
   ~ModelChatTemplate();
-  /// Checks the message order (check_chat_order), renders and labels the conversation. `tools_json`:
-  /// the record's tool definitions (a JSON array) for the template's `tools`, "" for none.
-  std::vector<TemplateSegment> render(std::span<const Message> messages, const std::string& tools_json = "") const;
+  /// Checks the message order (check_chat_order), renders and labels the conversation (the turns
+  /// `turns` names). `tools_json`: the record's tool definitions (a JSON array) for the template's
+  /// `tools`, "" for none.
+  std::vector<TemplateSegment> render(std::span<const Message> messages, const std::string& tools_json = "",
+                                      TrainTurns turns = TrainTurns::all) const;
   /// A prompt for generation: `messages` (ending with a user message) and the generation prompt,
   /// nothing trainable.
   std::vector<TemplateSegment> render_prompt(std::span<const Message> messages) const;

@@ -148,6 +148,8 @@ struct TokenizeOptions {
   /// With chat_template "model": variables for the template, (name, JSON value) pairs
   /// (ModelChatTemplate's `vars`, parse_template_var).
   std::vector<std::pair<std::string, std::string>> template_vars;
+  /// Chat records: which assistant turns are trained (TrainTurns in chat_template.h).
+  TrainTurns train_turns = TrainTurns::all;
   int64_t max_tokens = 0;  ///< 0 = no limit
   /// Threads that tokenize. Records are still read, and examples returned, in order on the calling
   /// thread, with the same skips and reports for any value: only the tokenization of a look-ahead
