@@ -702,6 +702,29 @@ TEST(Config, ParsesOlmoe) {
             std::string::npos);
 }
 
+// generation_config.json's eos_token_id, which transformers' generate() stops at in place of
+// config.json's (gpt-oss's lists <|return|>, <|endoftext|> and <|call|>).
+TEST(Config, ReadsGenerationConfigsEndOfSequenceIds) {
+  const fs::path dir = temp_dir("generation_config");
+  EXPECT_TRUE(io::load_generation_eos(dir.string()).empty());  // no file
+  auto write = [&](const std::string& text) { std::ofstream(dir / "generation_config.json") << text; };
+  write(R"({"bos_token_id": 199998, "do_sample": true, "eos_token_id": [200002, 199999, 200012], "pad_token_id": 199999})");
+  EXPECT_EQ(io::load_generation_eos(dir.string()), (std::vector<int64_t>{200002, 199999, 200012}));
+  write(R"({"eos_token_id": 2, "transformers_version": "4.55.0"})");
+  EXPECT_EQ(io::load_generation_eos(dir.string()), (std::vector<int64_t>{2}));
+  write(R"({"eos_token_id": null})");
+  EXPECT_TRUE(io::load_generation_eos(dir.string()).empty());
+  write(R"({"temperature": 0.6})");
+  EXPECT_TRUE(io::load_generation_eos(dir.string()).empty());
+  const std::string path = (dir / "generation_config.json").string();
+  write(R"({"eos_token_id": ["</s>"]})");
+  EXPECT_EQ(expect_error([&] { io::load_generation_eos(dir.string()); }),
+            "[config] " + path + ": eos_token_id must be a token id or a list of them, not [\"</s>\"]");
+  write(R"({"eos_token_id": [2,)");
+  EXPECT_NE(expect_error([&] { io::load_generation_eos(dir.string()); }).find(path), std::string::npos);
+  fs::remove_all(dir);
+}
+
 // gpt-oss in the layout of OpenAI's gpt-oss-20b config.json (transformers 4.55), shrunk: MXFP4
 // experts (quantization_config), OpenAI's own keys (experts_per_token, initial_context_length,
 // swiglu_limit), YaRN in rope_scaling; written back (without the quantization, as saved models hold

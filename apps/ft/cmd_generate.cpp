@@ -15,6 +15,7 @@
 #include "ft/data/chat_template.h"
 #include "ft/data/tokenizer.h"
 #include "ft/io/hf_checkpoint.h"
+#include "ft/io/hf_config.h"
 #include "ft/model/generate.h"
 #include "ft/util/error.h"
 
@@ -111,7 +112,10 @@ void add_generate(CLI::App& app) {
     g.temperature = a->temperature;
     g.top_p = a->top_p;
     g.seed = a->seed;
-    g.stop_tokens = m->config().eos_token_ids;
+    // As transformers' generate(): generation_config.json's eos_token_id where the checkpoint has
+    // one (gpt-oss stops at <|call|> too), else config.json's.
+    g.stop_tokens = io::load_generation_eos(a->dir);
+    if (g.stop_tokens.empty()) g.stop_tokens = m->config().eos_token_ids;
     // A tokenizer, when one is given or sits in the checkpoint: text prompts in, text out.
     std::optional<data::Tokenizer> tok;
     std::string tok_path = a->tokenizer;

@@ -37,4 +37,13 @@ grep -q -- "--system requires --chat" "$d/err" || { cat "$d/err"; exit 1; }
 "$ft" generate "$d/m" --prompt-ids 1,2 -n 4 --sample --top-p 1 --temperature 0.7 --seed 5 | grep "^generated" >"$d/a"
 "$ft" generate "$d/m" --prompt-ids 1,2 -n 4 --sample --top-p 1 --temperature 0.7 --seed 5 | grep "^generated" >"$d/b"
 cmp "$d/a" "$d/b"
+# generation_config.json's eos_token_id stops generation, as in transformers' generate(), in place of
+# config.json's: with the first greedy token listed there, one token comes out.
+first=$("$ft" generate "$d/m" --prompt-ids 1,2 -n 4 | sed -n 's/^generated: \([0-9]*\) .*/\1/p')
+test -n "$first" || { echo "FAIL: no first token"; exit 1; }
+printf '{"eos_token_id": [96, %s]}\n' "$first" >"$d/m/generation_config.json"
+"$ft" generate "$d/m" --prompt-ids 1,2 -n 4 | grep -q "^1 tokens in" || { echo "FAIL: did not stop at $first"; exit 1; }
+printf '{"eos_token_id": "x"}\n' >"$d/m/generation_config.json"
+if "$ft" generate "$d/m" --prompt-ids 1,2 -n 4 >"$d/out" 2>"$d/err"; then echo "FAIL: bad generation_config.json"; exit 1; fi
+grep -q "generation_config.json: eos_token_id must be a token id" "$d/err" || { cat "$d/err"; exit 1; }
 echo "generate options OK"

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <set>
 
 #include "ft/util/error.h"
@@ -955,6 +956,24 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
 }
 
 ModelConfig load_model_config(const std::string& path) { return parse_model_config(read_text_file(path), path); }
+
+std::vector<int64_t> load_generation_eos(const std::string& dir) {
+  const std::string path = dir + "/generation_config.json";
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) return {};
+  const json j = load_json_file(path);
+  FT_CHECK(j.is_object(), "[config] ", path, ": expected a JSON object");
+  std::vector<int64_t> ids;
+  const auto it = j.find("eos_token_id");
+  if (it == j.end() || it->is_null()) return ids;
+  const bool list = it->is_array();
+  for (const json& v : list ? *it : json::array({*it})) {
+    FT_CHECK(v.is_number_integer() && v.get<int64_t>() >= 0, "[config] ", path,
+             ": eos_token_id must be a token id or a list of them, not ", it->dump());
+    ids.push_back(v.get<int64_t>());
+  }
+  return ids;
+}
 
 namespace {
 // rope_scaling / rope_parameters for `r` (without rope_theta).

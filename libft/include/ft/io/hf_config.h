@@ -217,6 +217,11 @@ struct ModelConfig {
 ModelConfig parse_model_config(const std::string& json_text, const std::string& source);
 /// Reads and parses a config.json file.
 ModelConfig load_model_config(const std::string& path);
+/// The end-of-sequence ids of a checkpoint directory's generation_config.json (eos_token_id, an
+/// integer or a list), which transformers' generate() stops at in place of config.json's: gpt-oss
+/// lists <|return|>, <|endoftext|> and <|call|>, its config.json <|return|> alone. Empty when the file
+/// or the key is absent (or null). Throws ft::Error naming the file for bad JSON or a bad value.
+std::vector<int64_t> load_generation_eos(const std::string& dir);
 /// HF-style config.json text for `config` (rope_theta + rope_scaling, as transformers 4.x and 5.x read).
 std::string model_config_to_json(const ModelConfig& config);
 
