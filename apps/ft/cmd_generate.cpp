@@ -170,8 +170,16 @@ void add_generate(CLI::App& app) {
       ids.insert(ids.end(), out.begin(), out.end());
       std::cout << "text: " << tok->decode(ids) << "\n";
       if (!a->chat.empty()) {
+        // The answer with its special tokens as their pieces (gpt-oss's channels:
+        // <|channel|>analysis<|message|>...), without the stop token that ended it.
         std::vector<int32_t> answer(out.begin(), out.end());
-        std::cout << "answer: " << tok->decode(answer) << "\n";
+        if (!answer.empty() &&
+            std::find(g.stop_tokens.begin(), g.stop_tokens.end(), answer.back()) != g.stop_tokens.end()) {
+          answer.pop_back();
+        }
+        std::string text;
+        for (const auto& span : tok->decode_spans(answer, std::vector<uint8_t>(answer.size(), 0))) text += span.text;
+        std::cout << "answer: " << text << "\n";
       }
     }
   });

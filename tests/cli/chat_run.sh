@@ -9,7 +9,7 @@ model:
 tokenizer: $d/m
 data:
   train: [$d/chat.h5]
-  seq_len: 64
+  seq_len: ${SEQ_LEN:-64}
   batch_size: 8
 optimizer:
   name: adamw

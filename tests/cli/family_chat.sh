@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A Gemma 3, Gemma 2, Phi-3 or Mixtral checkpoint from the command line (tests/CMakeLists.txt:
-# cli_gemma3_chat, cli_gemma2_chat, cli_phi3_chat, cli_mixtral_chat), as a user brings one from the Hub:
+# A Gemma 3, Gemma 2, Phi-3, Mixtral or gpt-oss checkpoint from the command line (tests/CMakeLists.txt:
+# cli_gemma3_chat, cli_gemma2_chat, cli_phi3_chat, cli_mixtral_chat, cli_gpt_oss_chat), as a user brings one from the Hub:
 # config.json in transformers 4.x's layout (Gemma 3: rope_local_base_freq, sliding_window_pattern;
 # Gemma 2: both soft-caps, hidden_act beside hidden_activation, alternating windows by default; Phi-3:
 # Phi-4-mini's longrope "su"-style rope_scaling, here with an original context of 24 tokens that
@@ -9,11 +9,14 @@
 # tokens (Gemma: <start_of_turn>/<end_of_turn>; Phi-3: <|system|>/<|user|>/<|assistant|>/<|end|>;
 # Mixtral: [INST]/[/INST]), and a chat template of the family's kind whose turns end at a marker that
 # the config lists as an EOS (as Gemma 3's [1, 106]; Mixtral's answers end at </s>). For Mixtral the
-# QLoRA run stores the experts in NF4 and keeps the routers. ft prepare renders
+# QLoRA run stores the experts in NF4 and keeps the routers. gpt-oss: Harmony's markers, a template of
+# its kind (reasoning on the analysis channel, earlier turns rendered differently from the last, so
+# prepare refuses to label every turn and trains the last with --train-turns last), a
+# generation_config.json that stops at <|call|> beside config.json's <|return|>. ft prepare renders
 # conversations with that template, full fine-tuning learns them, a LoRA run on top exports an
 # adapter that ft merge folds back (a QLoRA run keeps what was learned too), and ft generate --chat
 # answers and stops at the end-of-turn marker.
-#   tests/cli/family_chat.sh FT PYTHON SENTENCEPIECE_TOKENIZER_DIR WORK_DIR [gemma3|gemma2|phi3|mixtral]
+#   tests/cli/family_chat.sh FT PYTHON SENTENCEPIECE_TOKENIZER_DIR WORK_DIR [gemma3|gemma2|phi3|mixtral|gpt_oss]
 set -euo pipefail
 ft=$1 python=$2 tok=$3 d=$4 family=${5:-gemma3}
 rm -rf "$d" && mkdir -p "$d/m"
@@ -26,6 +29,9 @@ if [ "$family" = phi3 ]; then
 elif [ "$family" = mixtral ]; then
   markers="[INST] [/INST]"
   end_marker="</s>"
+elif [ "$family" = gpt_oss ]; then
+  markers="<|start|> <|message|> <|channel|> <|end|> <|return|> <|call|>"
+  end_marker="<|return|>"
 fi
 read -r vocab end_id < <("$python" - "$tok" "$d/m" "$end_marker" $markers <<'PY'
 import sys
@@ -61,6 +67,23 @@ elif [ "$family" = mixtral ]; then
  "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": null, "torch_dtype": "float32"}
 EOF
   shows=("experts        4 of 96 units, 2 per token (weights renormalised), in 2 of 2 layers")
+elif [ "$family" = gpt_oss ]; then
+  # (gpt-oss-20b's layout, shrunk: a sliding layer shorter than a conversation, then a global one;
+  # its config.json stops at <|return|>, its generation_config.json at <|call|> too.)
+  call_id=$("$python" -c 'import sys; from transformers import AutoTokenizer; print(AutoTokenizer.from_pretrained(sys.argv[1]).convert_tokens_to_ids("<|call|>"))' "$d/m")
+  cat >"$d/config.json" <<EOF
+{"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "vocab_size": $vocab, "hidden_size": 64,
+ "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+ "head_dim": 16, "num_local_experts": 4, "experts_per_token": 2, "swiglu_limit": 7.0, "sliding_window": 16,
+ "layer_types": ["sliding_attention", "full_attention"], "hidden_act": "silu", "max_position_embeddings": 1024,
+ "rms_norm_eps": 1e-05, "rope_theta": 150000, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+ "beta_fast": 32.0, "beta_slow": 1.0, "truncate": false, "original_max_position_embeddings": 256},
+ "attention_bias": true, "attention_dropout": 0.0, "initial_context_length": 256, "output_router_logits": false,
+ "router_aux_loss_coef": 0.9, "tie_word_embeddings": false, "eos_token_id": $end_id, "pad_token_id": 0,
+ "torch_dtype": "float32"}
+EOF
+  printf '{"eos_token_id": [%s, %s], "pad_token_id": 0}\n' "$end_id" "$call_id" >"$d/generation_config.json"
+  shows=("experts        4 of 64 units, 2 per token" "sliding window 16 in 1 of 2 layers")
 elif [ "$family" = gemma2 ]; then
   # (Gemma 2's own caps, 50 and 30: the trained model's scores and logits grow into them.)
   cat >"$d/config.json" <<EOF
@@ -87,6 +110,7 @@ EOF
 fi
 "$ft" init "$d/config.json" "$d/init" --seed 5 >/dev/null
 cp "$d/init/"* "$d/m/"
+if [ -f "$d/generation_config.json" ]; then cp "$d/generation_config.json" "$d/m/"; fi
 "$ft" inspect "$d/m" >"$d/inspect.txt"
 for want in "${shows[@]}"; do
   grep -qF "$want" "$d/inspect.txt" || { echo "FAIL: inspect does not show '$want'"; cat "$d/inspect.txt"; exit 1; }
@@ -103,6 +127,33 @@ if [ "$family" = phi3 ]; then
 {%- else -%}
     {{ eos_token }}
 {%- endif -%}
+EOF
+elif [ "$family" = gpt_oss ]; then
+  # Harmony's kind: the system block, instructions as a developer message, the answer on the final
+  # channel after its reasoning on the analysis channel. Only the last turn keeps its reasoning and
+  # ends with <|return|>; earlier ones end with <|end|>, so its turns do not extend each other and
+  # prepare trains each conversation's last turn (--train-turns last).
+  cat >"$d/m/chat_template.jinja" <<'EOF'
+{{- "<|start|>system<|message|>Reasoning: " + (reasoning_effort | default("low")) + "<|end|>" -}}
+{%- if messages[0].role in ["system", "developer"] -%}
+    {{- "<|start|>developer<|message|>" + messages[0].content + "<|end|>" -}}
+    {%- set turns = messages[1:] -%}
+{%- else -%}
+    {%- set turns = messages -%}
+{%- endif -%}
+{%- for m in turns -%}
+    {%- if m.role == "user" -%}
+        {{- "<|start|>user<|message|>" + m.content + "<|end|>" -}}
+    {%- elif loop.last and not add_generation_prompt -%}
+        {%- if m.thinking is defined -%}
+            {{- "<|start|>assistant<|channel|>analysis<|message|>" + m.thinking + "<|end|>" -}}
+        {%- endif -%}
+        {{- "<|start|>assistant<|channel|>final<|message|>" + m.content + "<|return|>" -}}
+    {%- else -%}
+        {{- "<|start|>assistant<|channel|>final<|message|>" + m.content + "<|end|>" -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}
 EOF
 elif [ "$family" = mixtral ]; then
   # Mistral's kind: "[INST] " + the user's words (the system's before the first) + " [/INST]", the
@@ -144,12 +195,28 @@ cat >"$d/m/chat_template.jinja" <<'EOF'
 {%- endif -%}
 EOF
 fi
-for i in $(seq 40); do
-  echo '{"messages": [{"role": "user", "content": "What is a hacker?"}, {"role": "assistant", "content": "A person who enjoys exploring the details of programmable systems."}]}'
-  echo '{"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who wrote the Jargon File?"}, {"role": "assistant", "content": "Many hands, over decades."}]}'
-done >"$d/chat.jsonl"
-"$ft" prepare "$d/chat.jsonl" -o "$d/chat.h5" -t "$d/m" --format chat --template model >"$d/prepare.log" 2>&1 ||
-  { cat "$d/prepare.log"; exit 1; }
+prepare_args=()
+if [ "$family" = gpt_oss ]; then
+  # Reasoning in "thinking"; the second conversation has two turns, of which the last is trained.
+  for i in $(seq 40); do
+    echo '{"messages": [{"role": "user", "content": "What is a hacker?"}, {"role": "assistant", "thinking": "Define it.", "content": "A person who enjoys exploring the details of programmable systems."}]}'
+    echo '{"messages": [{"role": "developer", "content": "Answer briefly."}, {"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Who wrote the Jargon File?"}, {"role": "assistant", "content": "Many hands, over decades."}]}'
+  done >"$d/chat.jsonl"
+  # Labelling every turn is refused, with the advice.
+  if "$ft" prepare "$d/chat.jsonl" -o "$d/chat.h5" -t "$d/m" --format chat --template model >"$d/prepare.log" 2>&1; then
+    echo "FAIL: prepare labelled turns that do not extend each other"; exit 1
+  fi
+  grep -q -- "--train-turns last" "$d/prepare.log" || { cat "$d/prepare.log"; exit 1; }
+  prepare_args=(--train-turns last)
+  export SEQ_LEN=128
+else
+  for i in $(seq 40); do
+    echo '{"messages": [{"role": "user", "content": "What is a hacker?"}, {"role": "assistant", "content": "A person who enjoys exploring the details of programmable systems."}]}'
+    echo '{"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who wrote the Jargon File?"}, {"role": "assistant", "content": "Many hands, over decades."}]}'
+  done >"$d/chat.jsonl"
+fi
+"$ft" prepare "$d/chat.jsonl" -o "$d/chat.h5" -t "$d/m" --format chat --template model "${prepare_args[@]}" \
+  >"$d/prepare.log" 2>&1 || { cat "$d/prepare.log"; exit 1; }
 grep -q "80 examples" "$d/prepare.log" || { echo "FAIL: prepare"; cat "$d/prepare.log"; exit 1; }
 # shellcheck source=chat_run.sh
 source "$(dirname "${BASH_SOURCE[0]}")/chat_run.sh"
@@ -158,10 +225,17 @@ chat_fine_tune
 read -r qfirst qlast < <(chat_run qlora qlora "$d/full/final" 10 1.0e-3 $'lora:\n  r: 8\n  alpha: 16\n  targets: [all-linear]')
 awk -v b="$qlast" 'BEGIN { exit !(b < 0.5) }' || { echo "FAIL: QLoRA loss $qfirst -> $qlast"; exit 1; }
 "$ft" merge "$d/full/final" "$d/lora/final" -o "$d/merged" >/dev/null
-out=$("$ft" generate "$d/merged" --chat "What is a hacker?" -n 40)
-echo "$out" | grep -q "^answer: A person who enjoys exploring the details of programmable systems.$" ||
+answer1="A person who enjoys exploring the details of programmable systems." n=40
+if [ "$family" = gpt_oss ]; then
+  # (the analysis channel, then the final one; the answer shows special tokens as their pieces)
+  answer1="<|channel|>analysis<|message|>Define it.<|end|><|start|>assistant<|channel|>final<|message|>$answer1" n=60
+fi
+out=$("$ft" generate "$d/merged" --chat "What is a hacker?" -n $n)
+echo "$out" | grep -qxF "answer: $answer1" ||
   { echo "FAIL: generate --chat did not answer:"; echo "$out"; exit 1; }
-out=$("$ft" generate "$d/merged" --chat "Who wrote the Jargon File?" --system "Answer briefly." -n 40)
-echo "$out" | grep -q "^answer: Many hands, over decades.$" ||
+answer2="Many hands, over decades."
+if [ "$family" = gpt_oss ]; then answer2="<|channel|>final<|message|>$answer2"; fi
+out=$("$ft" generate "$d/merged" --chat "Who wrote the Jargon File?" --system "Answer briefly." -n $n)
+echo "$out" | grep -qxF "answer: $answer2" ||
   { echo "FAIL: generate --chat --system did not answer:"; echo "$out"; exit 1; }
 echo "$family chat OK: full fine-tuning loss $first -> $last, LoRA $lfirst -> $llast, QLoRA $qfirst -> $qlast"
