@@ -863,6 +863,57 @@ TEST(Model, AttentionSinksMatchTheEagerChainAndTheirGradients) {
   }
 }
 
+// Attention sinks through flash attention's log-sum-exp (CPU kernel) against materialized_attention:
+// float64 to rounding, with a window and padding in the mask (a padded row that sees no key: 0, as
+// the materialised path gives), causal without a mask, grouped heads; under bf16 autocast within
+// bf16's rounding. The sinks' gradient is derived, not autograd's: a wrong sign or a missing g(1 − g)
+// fails it.
+TEST(Model, SinkFlashAttentionMatchesTheMaterializedPath) {
+  for (const bool autocast : {false, true}) {
+    for (const int mask_kind : {0, 1, 2}) {  // causal, no mask; window + padding mask; a row with no key
+      SCOPED_TRACE(std::string(autocast ? "autocast" : "float64") + " mask " + std::to_string(mask_kind));
+      at::manual_seed(7);
+      const at::ScalarType dt = autocast ? at::kFloat : at::kDouble;
+      at::Tensor q = (2 * at::randn({2, 4, 9, 8}, dt)).requires_grad_();
+      at::Tensor k = (2 * at::randn({2, 2, 9, 8}, dt)).requires_grad_();
+      at::Tensor v = at::randn({2, 2, 9, 8}, dt).requires_grad_();
+      at::Tensor sinks = (2 * at::randn({4}, dt)).requires_grad_();
+      const at::Tensor dout = at::randn({2, 4, 9, 8}, dt);
+      at::Tensor mask;
+      if (mask_kind > 0) {
+        const at::Tensor qi = at::arange(9).view({9, 1}), ki = at::arange(9).view({1, 9});
+        const at::Tensor window = ki.le(qi).logical_and(qi - ki < 4).view({1, 1, 9, 9});
+        // Row 1 of the batch: its first two keys are padding.
+        at::Tensor keep = at::ones({2, 1, 1, 9}, at::kBool);
+        keep.index_put_({1, 0, 0, at::indexing::Slice(0, 2)}, false);
+        mask = window.logical_and(keep).contiguous();
+        if (mask_kind == 2) mask.index_put_({0, 0, 3}, false);  // a query that sees nothing
+      }
+      util::AutocastScope scope(autocast, at::kCPU);
+      const at::Tensor got = model::sink_flash_attention(q, k, v, mask, mask_kind == 0, 0.3, sinks);
+      const auto g = torch::autograd::grad({got}, {q, k, v, sinks}, {dout.to(got.scalar_type())});
+      const at::Tensor want = model::materialized_attention(q, k, v, mask, mask_kind == 0, 0.3, 0.0, sinks);
+      const auto w = torch::autograd::grad({want}, {q, k, v, sinks}, {dout.to(want.scalar_type())});
+      EXPECT_EQ(got.scalar_type(), want.scalar_type());
+      const double tol = autocast ? 3e-2 : 1e-12;
+      EXPECT_LE(test::max_rel_error(got, want), tol) << "output";
+      for (int i = 0; i < 4; ++i) {
+        EXPECT_EQ(g[i].scalar_type(), w[i].scalar_type());
+        EXPECT_LE(test::max_rel_error(g[i], w[i]), tol) << "gradient of " << (i == 3 ? "the sinks" : std::string(1, "qkv"[i]));
+      }
+      if (mask_kind == 2) EXPECT_EQ(got[0].select(1, 3).abs().max().item<double>(), 0.0);
+    }
+  }
+  // Where the sinks are not (H) or the mask is not bool, an error.
+  const at::Tensor q = at::randn({1, 4, 3, 8}), kv = at::randn({1, 2, 3, 8});
+  EXPECT_NE(expect_error([&] { model::sink_flash_attention(q, kv, kv, {}, true, 0.3, at::zeros({2})); })
+                .find("the sinks must be (H) = (4)"),
+            std::string::npos);
+  EXPECT_NE(expect_error([&] { model::sink_flash_attention(q, kv, kv, at::ones({1, 1, 3, 3}), false, 0.3, at::zeros({4})); })
+                .find("the mask must be (B or 1, 1, T, S) bool"),
+            std::string::npos);
+}
+
 // A mixture of experts' forward pass and gradients against a dense float64 reference (but for the
 // router's softmax, in float32 as in transformers): every expert on every token, each output weighted by the token's renormalised (Mixtral) or plain (Qwen3-MoE)
 // top-k probability, zero for the experts it did not choose.

@@ -336,6 +336,62 @@ TEST(VarlenCuda, PackedRowsTrainAsWithTheBlockDiagonalMask) {
   }
 }
 
+// gpt-oss's attention sinks through flash attention (kernels.flash_sinks) on CUDA: packed rows as
+// variable-length runs, windowed and global layers, against the materialised path over the
+// block-diagonal mask, under bf16 autocast; the sinks' own gradients too. (CPU:
+// Model.SinkFlashAttentionMatchesTheMaterializedPath and ctest train_gpt_oss_flash_sinks_full_reference.)
+TEST(VarlenCuda, AttentionSinksTrainThroughFlashAsMaterialized) {
+  FT_REQUIRE_CUDA();
+  data::Batch b = uneven_batch();
+  const at::Device device(at::kCUDA);
+  const train::BatchTensors packed = train::to_tensors(b, device);
+  train::BatchTensors masked = packed;
+  masked.row_runs.clear();  // no offsets: the mask path
+  io::ModelConfig mc = test::tiny_config("gpt_oss");
+  mc.layer_window.assign(mc.num_hidden_layers, 0);
+  mc.layer_window[0] = 5;
+  auto run = [&](const train::BatchTensors& batch, bool flash) {
+    model::CausalLM m(mc);
+    init_weights(m, 3);
+    {
+      at::NoGradGuard no_grad;  // sinks that matter: init_weights leaves them at 0
+      for (auto& p : m->named_parameters()) {
+        if (p.key().find("sinks") != std::string::npos) p.value().copy_(at::linspace(-2, 2, p.value().numel()));
+      }
+    }
+    m->to(device);
+    m->set_flash_sinks(flash);
+    util::AutocastScope autocast(true, at::kCUDA);
+    const at::Tensor loss = train::micro_batch_loss_sum(m, batch);
+    loss.backward();
+    std::vector<at::Tensor> sink_grads;
+    for (auto& p : m->named_parameters()) {
+      if (p.key().find("sinks") != std::string::npos) sink_grads.push_back(p.value().grad().clone());
+    }
+    return std::make_tuple(loss.item<double>(), grads(m), sink_grads);
+  };
+  const auto [loss_mask, g_mask, s_mask] = run(masked, false);
+  const auto [loss_flash, g_flash, s_flash] = run(packed, true);
+  EXPECT_NEAR(loss_flash, loss_mask, 1e-2 * std::abs(loss_mask));
+  EXPECT_LE(max_rel_error(g_flash, g_mask), 5e-2);
+  ASSERT_EQ(s_flash.size(), s_mask.size());
+  for (size_t i = 0; i < s_flash.size(); ++i) EXPECT_LE(test::max_rel_error(s_flash[i], s_mask[i]), 5e-2) << "sinks " << i;
+  // Rows of one document each, unpacked: the global layer's flash attention in the dense (B, T, H, D)
+  // layout (the windowed layer has a mask, so it stays materialised).
+  data::Batch whole = uneven_batch();
+  for (size_t i = 0; i < whole.segment_ids.size(); ++i) {
+    whole.segment_ids[i] = 0;
+    whole.position_ids[i] = static_cast<int64_t>(i) % whole.cols;
+  }
+  train::BatchTensors rows = train::to_tensors(whole, device);
+  rows.row_runs.clear();
+  const auto [loss_rows, g_rows, s_rows] = run(rows, false);
+  const auto [loss_dense, g_dense, s_dense] = run(rows, true);
+  EXPECT_NEAR(loss_dense, loss_rows, 1e-2 * std::abs(loss_rows));
+  EXPECT_LE(max_rel_error(g_dense, g_rows), 5e-2);
+  for (size_t i = 0; i < s_dense.size(); ++i) EXPECT_LE(test::max_rel_error(s_dense[i], s_rows[i]), 5e-2) << "sinks " << i;
+}
+
 // model::chunked_lm_loss_sum against the whole logits' causal_lm_loss_sum, in float64: the loss and
 // every gradient, for chunk sizes of 1 row, a ragged 7, exactly B·T and more; for a frozen head
 // under LoRA (gradients reach the adapters through hidden), a trainable untied head, and a trainable

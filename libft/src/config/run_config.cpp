@@ -575,10 +575,11 @@ RunConfig parse_run_config(std::string_view yaml, const std::string& source, con
     if (c.cuda_graphs && c.device == "cpu") r.error(root["cuda_graphs"], "'cuda_graphs' needs a CUDA device (device is cpu)");
     r.get(root, "", "loss_chunk", c.loss_chunk);
     if (c.loss_chunk < 0) r.error(root["loss_chunk"], "'loss_chunk' must be >= 0 token rows (0: the whole logits at once), got " + std::to_string(c.loss_chunk));
-    if (const YAML::Node k = root["kernels"]; k && r.check_map(k, "kernels", {"loss", "rope", "swiglu"})) {
+    if (const YAML::Node k = root["kernels"]; k && r.check_map(k, "kernels", {"loss", "rope", "swiglu", "flash_sinks"})) {
       r.get(k, "kernels", "loss", c.kernels.loss);
       r.get(k, "kernels", "rope", c.kernels.rope);
       r.get(k, "kernels", "swiglu", c.kernels.swiglu);
+      r.get(k, "kernels", "flash_sinks", c.kernels.flash_sinks);
     }
     section("eval", parse_eval, c.eval);
     r.get(root, "", "mode", c.mode);
@@ -722,6 +723,7 @@ std::string to_yaml(const RunConfig& c) {
   out << YAML::Key << "loss" << YAML::Value << c.kernels.loss;
   out << YAML::Key << "rope" << YAML::Value << c.kernels.rope;
   out << YAML::Key << "swiglu" << YAML::Value << c.kernels.swiglu;
+  out << YAML::Key << "flash_sinks" << YAML::Value << c.kernels.flash_sinks;
   out << YAML::EndMap;
   if (!c.eval.stores.empty() || c.eval.held_out_docs > 0) {
     out << YAML::Key << "eval" << YAML::Value << YAML::BeginMap;

@@ -598,6 +598,118 @@ struct MaterializedAttention : public torch::autograd::Function<MaterializedAtte
   }
 };
 
+// gpt-oss's sinks on flash attention's log-sum-exp (sink_flash_attention in llama.h). The heads are
+// dim 1 of the CPU kernel's (B, H, T) lse and (B, H, T, D) output; on CUDA they are dim −2 of the
+// output ((B, T, H, D) or (N, H, D)) and of the lse ((B, H, T) or (H, N)).
+struct SinkFlashAttention : public torch::autograd::Function<SinkFlashAttention> {
+  struct Args {
+    at::Tensor mask;        // CPU: additive (B or 1, 1, T, S) in the compute dtype, or undefined
+    at::Tensor cu_seqlens;  // CUDA: packed runs, or undefined
+    int64_t max_seqlen;
+    bool causal;
+    double scale;
+    int64_t window;  // CUDA: keys within `window` positions; 0: all
+  };
+
+  // g = sigmoid(lse − sink), laid out as the output's rows (without its last dimension).
+  static at::Tensor gate(const at::Tensor& lse, const at::Tensor& sinks, bool cuda) {
+    const int64_t H = sinks.size(0);
+    const at::ScalarType wide = lse.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const bool packed = lse.dim() == 2;  // CUDA's (H, N)
+    const at::Tensor s = sinks.to(wide).view(packed ? std::vector<int64_t>{H, 1} : std::vector<int64_t>{1, H, 1});
+    const at::Tensor g = at::sigmoid(lse.to(wide) - s);
+    return cuda ? g.transpose(-1, -2) : g;
+  }
+
+  static std::optional<int64_t> left(const Args& a) { return a.window > 0 ? std::optional<int64_t>(a.window - 1) : std::nullopt; }
+  static std::optional<int64_t> right(const Args& a) { return a.window > 0 ? std::optional<int64_t>(0) : std::nullopt; }
+
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& sinks, const Args& a) {
+    const bool cuda = q.is_cuda();
+    const at::ScalarType ct = util::compute_dtype(q);
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const at::Tensor qc = q.to(ct), kc = k.to(ct), vc = v.to(ct);
+    at::Tensor out, lse, rng, unused;
+    if (cuda) {
+      const std::optional<at::Tensor> cu = a.cu_seqlens.defined() ? std::optional<at::Tensor>(a.cu_seqlens) : std::nullopt;
+      const int64_t max_q = a.cu_seqlens.defined() ? a.max_seqlen : q.size(1), max_k = a.cu_seqlens.defined() ? a.max_seqlen : k.size(1);
+      std::tie(out, lse, rng, unused, std::ignore) = at::_flash_attention_forward(
+          qc, kc, vc, cu, cu, max_q, max_k, 0.0, a.causal, /*return_debug_mask=*/false, a.scale, left(a), right(a));
+      FT_CHECK(lse.dim() == (a.cu_seqlens.defined() ? 2 : 3) && lse.size(a.cu_seqlens.defined() ? 0 : 1) == q.size(-2),
+               "[model] sink_flash_attention: flash attention's log-sum-exp has an unexpected shape ", lse.sizes());
+    } else {
+      const int64_t rep = q.size(1) / k.size(1);
+      const at::Tensor keys = rep == 1 ? kc : kc.repeat_interleave(rep, 1);
+      const at::Tensor values = rep == 1 ? vc : vc.repeat_interleave(rep, 1);
+      std::optional<at::Tensor> mask;
+      if (a.mask.defined()) mask = a.mask;
+      std::tie(out, lse) = at::_scaled_dot_product_flash_attention_for_cpu(qc, keys, values, 0.0, a.causal, mask, a.scale);
+    }
+    const at::Tensor g = gate(lse, sinks, cuda);
+    ctx->save_for_backward({qc, kc, vc, sinks, out, lse, rng, unused});
+    ctx->saved_data["mask"] = a.mask;
+    ctx->saved_data["cu_seqlens"] = a.cu_seqlens;
+    ctx->saved_data["max_seqlen"] = a.max_seqlen;
+    ctx->saved_data["causal"] = a.causal;
+    ctx->saved_data["scale"] = a.scale;
+    ctx->saved_data["window"] = a.window;
+    ctx->saved_data["dtypes"] = std::vector<int64_t>{static_cast<int64_t>(q.scalar_type()),
+                                                     static_cast<int64_t>(k.scalar_type()),
+                                                     static_cast<int64_t>(v.scalar_type())};
+    return (out.to(g.scalar_type()) * g.unsqueeze(-1)).to(ct);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &sinks = saved[3], &out = saved[4], &lse = saved[5];
+    auto tensor_of = [&](const char* key) {
+      const at::IValue& x = ctx->saved_data[key];
+      return x.isTensor() ? x.toTensor() : at::Tensor();
+    };
+    const Args a{tensor_of("mask"),
+                 tensor_of("cu_seqlens"),
+                 ctx->saved_data["max_seqlen"].toInt(),
+                 ctx->saved_data["causal"].toBool(),
+                 ctx->saved_data["scale"].toDouble(),
+                 ctx->saved_data["window"].toInt()};
+    const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
+    const bool cuda = q.is_cuda();
+    const at::ScalarType ct = q.scalar_type();
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const at::Tensor g = gate(lse, sinks, cuda);  // the rows' layout
+    const at::Tensor dy = grads[0].to(g.scalar_type());
+    const at::Tensor o = out.to(g.scalar_type());
+    const at::Tensor gy = (dy * g.unsqueeze(-1)).to(ct), go = (o * g.unsqueeze(-1)).to(ct);
+    at::Tensor dq, dk, dv;
+    if (cuda) {
+      const int64_t max_q = a.cu_seqlens.defined() ? a.max_seqlen : q.size(1), max_k = a.cu_seqlens.defined() ? a.max_seqlen : k.size(1);
+      std::tie(dq, dk, dv) = at::_flash_attention_backward(gy, q, k, v, go, lse, a.cu_seqlens, a.cu_seqlens, max_q, max_k, 0.0,
+                                                           a.causal, saved[6], saved[7], a.scale, left(a), right(a));
+    } else {
+      const int64_t B = q.size(0), G = k.size(1), rep = q.size(1) / G, S = k.size(2), D = q.size(3);
+      const at::Tensor keys = rep == 1 ? k : k.repeat_interleave(rep, 1);
+      const at::Tensor values = rep == 1 ? v : v.repeat_interleave(rep, 1);
+      std::optional<at::Tensor> mask;
+      if (a.mask.defined()) mask = a.mask;
+      std::tie(dq, dk, dv) = at::_scaled_dot_product_flash_attention_for_cpu_backward(gy, q, keys, values, go, lse, 0.0,
+                                                                                   a.causal, mask, a.scale);
+      if (rep > 1) {
+        dk = dk.view({B, G, rep, S, D}).sum(2);
+        dv = dv.view({B, G, rep, S, D}).sum(2);
+      }
+    }
+    // dsink: −Σ (Σ dy·o) · g(1 − g) over every row of its head.
+    const int64_t H = sinks.size(0);
+    at::Tensor term = (dy * o).sum(-1) * g * (1 - g);  // the rows' layout
+    if (!cuda) term = term.transpose(1, 2);           // heads last
+    const at::Tensor dsinks = -term.reshape({-1, H}).sum(0);
+    auto as = [&](const at::Tensor& t, int i) { return t.to(static_cast<at::ScalarType>(dtypes[i])); };
+    return {as(dq, 0), as(dk, 1), as(dv, 2), dsinks.to(sinks.scalar_type()), at::Tensor()};
+  }
+};
+
 // Whether this layer's rotary embedding takes the fused CUDA kernel: asked for, float32 tables (so
 // the kernel's float32 arithmetic is the formula's), and no KV cache (whose keys keep the formula's
 // dtype).
@@ -636,6 +748,45 @@ at::Tensor materialized_attention(const at::Tensor& q, const at::Tensor& k, cons
   const int64_t rows = std::clamp<int64_t>(max_scores / per_row, 1, std::max<int64_t>(1, q.size(2)));
   const at::Tensor sink_input = sinks.defined() ? sinks : at::empty({0}, q.options());
   return MaterializedAttention::apply(q, k, v, sink_input, MaterializedAttention::Args{mask, causal, scale, cap, rows});
+}
+
+at::Tensor sink_flash_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                                bool causal, double scale, const at::Tensor& sinks, int64_t window,
+                                const at::Tensor& cu_seqlens, int64_t max_seqlen) {
+  const bool cuda = q.is_cuda();
+  const int64_t dims = cuda && cu_seqlens.defined() ? 3 : 4;
+  FT_CHECK(q.dim() == dims && k.dim() == dims && v.sizes() == k.sizes() && q.size(-1) == k.size(-1),
+           "[model] sink_flash_attention: q, k, v of ", dims, " dimensions with k's shape v's, got ", q.sizes(), ", ",
+           k.sizes(), ", ", v.sizes());
+  const int64_t head_dim = cuda ? q.dim() - 2 : 1;  // where the heads are
+  const int64_t H = q.size(head_dim), G = k.size(head_dim);
+  FT_CHECK(G > 0 && H % G == 0, "[model] sink_flash_attention: ", G, " key/value heads do not divide ", H, " query heads");
+  FT_CHECK(sinks.defined() && sinks.dim() == 1 && sinks.size(0) == H, "[model] sink_flash_attention: the sinks must be (H) = (",
+           H, "), got ", sinks.defined() ? sinks.sizes() : at::IntArrayRef{});
+  SinkFlashAttention::Args a{at::Tensor(), cu_seqlens, max_seqlen, causal, scale, window};
+  if (cuda) {
+    FT_CHECK(!mask.defined(), "[model] sink_flash_attention: CUDA's flash attention takes no mask (pack the rows)");
+    const at::ScalarType ct = util::compute_dtype(q);
+    FT_CHECK(ct == at::kBFloat16 || ct == at::kHalf, "[model] sink_flash_attention: CUDA needs bf16 or fp16, got ", ct);
+    FT_CHECK(!cu_seqlens.defined() || (max_seqlen > 0 && causal),
+             "[model] sink_flash_attention: packed runs are causal and need their longest length");
+  } else {
+    FT_CHECK(window == 0 && !cu_seqlens.defined(),
+             "[model] sink_flash_attention: on the CPU windows and padding come in the mask");
+    FT_CHECK(!mask.defined() || (mask.dim() == 4 && mask.scalar_type() == at::kBool && mask.size(2) == q.size(2) &&
+                                 mask.size(3) == k.size(2)),
+             "[model] sink_flash_attention: the mask must be (B or 1, 1, T, S) bool, got ", mask.sizes());
+    FT_CHECK(!causal || mask.defined() || q.size(2) == k.size(2), "[model] sink_flash_attention: causal needs T = S");
+    if (mask.defined()) {
+      // The kernel takes an additive mask. A row that sees no key comes out 0 with a log-sum-exp of
+      // 0, as materialized_attention's does (only its sink left, which carries no value), and its
+      // gradients are 0.
+      a.mask = at::zeros(mask.sizes(), q.options().dtype(util::compute_dtype(q)))
+                   .masked_fill_(mask.logical_not(), -std::numeric_limits<double>::infinity());
+      a.causal = false;
+    }
+  }
+  return SinkFlashAttention::apply(q, k, v, sinks, a);
 }
 
 at::Tensor softcapped_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
@@ -724,8 +875,10 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
   }
   at::Tensor out;
   // (CausalLMImpl::hidden_states sets no variable-length runs for a soft-capping model: it has masks.)
-  FT_CHECK(!materialized() || !in.cu_seqlens.defined(),
-           "[model] soft-capped attention and attention sinks have no variable-length form");
+  const bool sink_flash = sinks.defined() && softcap == 0 && flash_sinks && dropout_p == 0 && cache_k == nullptr &&
+                          !prefix_k.defined();
+  FT_CHECK(!materialized() || sink_flash || !in.cu_seqlens.defined(),
+           "[model] soft-capped attention and materialised attention sinks have no variable-length form");
   if (in.cu_seqlens.defined() && cache_k == nullptr && !prefix_k.defined()) {
     // Packed rows on CUDA: flash attention over each run of the flattened (B·T, heads, D) tokens,
     // causal within it (and windowed: a key within `window` positions, as the masks below say). In
@@ -734,6 +887,11 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
     auto flat = [&](const at::Tensor& t, int64_t h) {
       return t.transpose(1, 2).reshape({B * T, h, head_dim}).to(v.scalar_type());
     };
+    if (sink_flash) {
+      out = sink_flash_attention(flat(q, heads), flat(k, kv_heads), flat(v, kv_heads), {}, true, scale, sinks, window,
+                                 in.cu_seqlens, in.max_seqlen);
+      return o_proj(out.view({B, T, heads * head_dim}));
+    }
     std::optional<int64_t> left, right;
     if (window > 0) {
       left = window - 1;
@@ -744,7 +902,15 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
                                                    /*is_causal=*/true, /*return_debug_mask=*/false, scale, left, right));
     return o_proj(out.view({B, T, heads * head_dim}));
   }
-  if (materialized()) {
+  const at::ScalarType ct = util::compute_dtype(q);
+  if (sink_flash && !q.is_cuda()) {
+    out = sink_flash_attention(q, k, v, mask, !mask.defined() && in.causal, scale, sinks);
+  } else if (sink_flash && !mask.defined() && in.causal && q.size(2) == k.size(2) &&
+             (ct == at::kBFloat16 || ct == at::kHalf)) {
+    // CUDA, rows without padding: flash attention's (B, T, H, D) layout, windowed in the kernel.
+    out = sink_flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, true, scale, sinks, window)
+              .transpose(1, 2);
+  } else if (materialized()) {
     FT_CHECK(dropout_p == 0, "[model] attention dropout with soft-capped attention scores or attention sinks is not supported");
     out = materialized_attention(q, k, v, mask, !mask.defined() && in.causal, scale, softcap, sinks);
   } else if (grouped) {
@@ -1104,9 +1270,10 @@ at::Tensor CausalLMImpl::hidden_states(const at::Tensor& input_ids, const Forwar
   FT_CHECK(!opt.segment_ids.defined() || opt.segment_ids.sizes() == input_ids.sizes(), "[model] segment_ids ",
            opt.segment_ids.sizes(), " must match input_ids ", input_ids.sizes());
   // Packed rows on CUDA in a flash dtype: variable-length attention (ForwardOptions::cu_seqlens).
-  // (Not for soft-capped attention scores, Gemma 2's, which flash attention does not compute.)
+  // (Not for soft-capped attention scores, Gemma 2's, which flash attention does not compute, nor
+  // for attention sinks unless they go through flash attention's log-sum-exp.)
   if (opt.cu_seqlens.defined() && opt.segment_ids.defined() && device.is_cuda() && !cache && P == 0 &&
-      config_.attn_logit_softcapping == 0 && !config_.attention_sinks()) {
+      config_.attn_logit_softcapping == 0 && (!config_.attention_sinks() || flash_sinks_)) {
     const at::ScalarType qt = util::compute_dtype(x);  // the projections' (x is on the CUDA device)
     const int64_t D = config_.head_dim;
     if ((qt == at::kBFloat16 || qt == at::kHalf) && D % 8 == 0 && D <= 256) {
@@ -1440,6 +1607,11 @@ void CausalLMImpl::set_shared_input_cast(bool on) {
     l->self_attn->shared_input_cast = on;
     for (MLPImpl* m : l->mlps()) m->shared_input_cast = on;
   }
+}
+
+void CausalLMImpl::set_flash_sinks(bool on) {
+  flash_sinks_ = on;
+  for (const auto& layer : *model->layers) layer->as<DecoderLayerImpl>()->self_attn->flash_sinks = on;
 }
 
 void CausalLMImpl::set_fused_swiglu(bool on) {

@@ -509,6 +509,7 @@ RunSummary run_training(const config::RunConfig& c, const RunOptions& ro) {
   model->set_fused_loss(c.kernels.loss);
   model->set_fused_rope(c.kernels.rope);
   model->set_fused_swiglu(c.kernels.swiglu);
+  model->set_flash_sinks(c.kernels.flash_sinks);
   model->train();
   const Stores stores = open_stores(c);
   FT_CHECK(stores.vocab_size <= model->config().vocab_size, "[train] the token stores' vocabulary (",

@@ -181,6 +181,9 @@ struct KernelsSection {
   bool loss = false;    ///< the cross-entropy straight from the logits (kernels/cross_entropy.cu)
   bool rope = false;    ///< rotary embeddings, one pass each way, the same values (kernels/rope.cu)
   bool swiglu = false;  ///< silu(gate) ⊙ up, one pass each way (kernels/swiglu.cu)
+  /// gpt-oss's attention sinks through flash attention's log-sum-exp instead of materialised scores
+  /// (model::sink_flash_attention), on the CPU and on CUDA (CausalLMImpl::set_flash_sinks).
+  bool flash_sinks = false;
 };
 
 struct RunConfig {

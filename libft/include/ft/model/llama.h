@@ -117,6 +117,8 @@ class AttentionImpl : public torch::nn::Module {
   /// Whether the scores are materialised (soft-capped or with sinks: materialized_attention), which
   /// no fused or variable-length attention computes.
   bool materialized() const { return softcap > 0 || sinks.defined(); }
+  /// CausalLMImpl::set_flash_sinks: the sinks through sink_flash_attention where it applies.
+  bool flash_sinks = false;
   bool shared_input_cast = true;  ///< CausalLMImpl::set_shared_input_cast
 };
 TORCH_MODULE(Attention);
@@ -313,6 +315,12 @@ class CausalLMImpl : public torch::nn::Module {
   /// until the GPU check has measured it; no effect on the CPU.
   void set_fused_swiglu(bool on);
   bool fused_swiglu() const { return fused_swiglu_; }
+  /// gpt-oss's attention sinks through flash attention (sink_flash_attention) instead of
+  /// materialised scores: on the CPU with the layers' masks; on CUDA in bf16/fp16 over packed rows
+  /// (variable-length, windows included) or unpadded ones, else materialised. Off by default until
+  /// the GPU check has measured it.
+  void set_flash_sinks(bool on);
+  bool flash_sinks() const { return flash_sinks_; }
   /// Under autocast, the normed hidden state is cast to the compute dtype once for the projections
   /// that read it (q, k, v; gate, up) instead of once by each, and their input gradients, which
   /// come back in the compute dtype, are summed in float32 in one place instead of each being
@@ -365,6 +373,7 @@ class CausalLMImpl : public torch::nn::Module {
   bool fused_loss_ = false;
   bool fused_rope_ = false;
   bool fused_swiglu_ = false;
+  bool flash_sinks_ = false;
   bool shared_input_cast_ = true;
 };
 TORCH_MODULE(CausalLM);
@@ -403,6 +412,22 @@ at::Tensor softcapped_attention(const at::Tensor& q, const at::Tensor& k, const 
 at::Tensor materialized_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                                   bool causal, double scale, double cap, const at::Tensor& sinks,
                                   int64_t max_scores = int64_t{1} << 26);
+
+/// Attention with gpt-oss's sinks (`sinks` (H), as materialized_attention takes them) through flash
+/// attention, which never materialises the scores: a row's softmax over its keys and its sink is the
+/// softmax over its keys times g = sigmoid(lse − sink), lse the row's log-sum-exp that flash attention
+/// returns. The backward pass is flash attention's own, given g·dy as the output gradient and g·o as
+/// the output: then its D = Σ dy·o term is the one the sink's column needs (g² · Σ dy'·o), and
+/// dsink = −Σ (Σ dy'·o) · g(1 − g) over the rows.
+///   CPU: q (B, H, T, D), k and v (B, G, S, D), `mask` (B or 1, 1, T, S) bool or undefined (causal or
+///   none), through ATen's CPU flash kernel, in the compute dtype (autocast's where it is on);
+///   returns (B, H, T, D). `window` must be 0 (windows come in the mask).
+///   CUDA (bf16 or fp16): q (B, T, H, D), k and v (B, T, G, D), or with `cu_seqlens` (packed runs,
+///   causal within each) (N, H, D) and (N, G, D); no mask; `window` > 0 keeps the keys within that
+///   many positions; returns q's layout.
+at::Tensor sink_flash_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                                bool causal, double scale, const at::Tensor& sinks, int64_t window = 0,
+                                const at::Tensor& cu_seqlens = {}, int64_t max_seqlen = 0);
 
 /// Initialises weights as HF does for a fresh model (normal(0, initializer_range) for linears and
 /// embeddings, ones for norms (zeros for Gemma's offsets from one), zeros for biases), from `seed`.
