@@ -40,8 +40,9 @@ void add_prepare(CLI::App& app) {
       ->needs(chat_template);
   auto* train_turns =
       cmd->add_option("--train-turns", a->train_turns,
-                      "Chat data: all | last: train every assistant turn, or the final one only (the others are "
-                      "context; for templates such as gpt-oss's that render a turn differently once others follow)")
+                      "Chat data: all | last | each: train every assistant turn, the final one only (the others "
+                      "are context; for templates such as gpt-oss's that render a turn differently once others "
+                      "follow), or each one in an example of its own (the conversation up to it)")
           ->capture_default_str();
   cmd->add_option("--max-tokens", a->max_tokens, "Longest document in tokens (0 = no limit)")->capture_default_str();
   auto* too_long =

@@ -25,7 +25,7 @@ fails "template-var requires --template" "${prep[@]}" "$d/c.jsonl" --format chat
 fails "template variables apply to the 'model' chat template only" "${prep[@]}" "$d/c.jsonl" --format chat --template chatml --template-var x=1
 fails "the tokenizer has none" "${prep[@]}" "$d/c.jsonl" --format chat --template model
 fails "--train-turns applies to --format chat only, not to --format jsonl" "${prep[@]}" "$d/a.jsonl" --format jsonl --train-turns last
-fails "train_turns 'first' is not all or last" "${prep[@]}" "$d/c.jsonl" --format chat --template chatml --train-turns first
+fails "train_turns 'first' is not all, last or each" "${prep[@]}" "$d/c.jsonl" --format chat --template chatml --train-turns first
 fails "--max-bad-fraction applies with --on-error skip only" "${prep[@]}" "$d/a.txt" --max-bad-fraction 0.1
 fails "gamma requires --previous" "$ft" fisher "$data/train/final" "$data/fortunes.h5" -o "$d/s.h5" --gamma 0.5
 fails "the name 'f' is taken by an earlier set" "$ft" eval "$data/train/final" -s "f=$data/fortunes.h5" -s "f=$data/fortunes.h5@10"
@@ -35,4 +35,6 @@ fails "the name 'f' is taken by an earlier set" "$ft" eval "$data/train/final" -
 rm -f "$d/s.h5"
 printf '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"}, {"role": "assistant", "content": "bye"}]}\n' >"$d/c2.jsonl"
 "${prep[@]}" "$d/c2.jsonl" --format chat --template chatml --train-turns last | grep -q "1 documents"
+rm -f "$d/s.h5"
+"${prep[@]}" "$d/c2.jsonl" --format chat --template chatml --train-turns each | grep -q "2 documents"
 echo "prepare options OK"

@@ -415,7 +415,26 @@ TEST(ModelChatTemplate, TrainsTheLastTurnAloneWhereAskedTo) {
             }),
             "[records] train_turns applies to chat records only, not to instruction");
   EXPECT_EQ(ft::data::parse_train_turns("last"), TrainTurns::last);
-  EXPECT_EQ(error_of([] { ft::data::parse_train_turns("first"); }), "[records] train_turns 'first' is not all or last");
+  EXPECT_EQ(error_of([] { ft::data::parse_train_turns("first"); }),
+            "[records] train_turns 'first' is not all, last or each");
+
+  // TrainTurns::each: one example per assistant turn, the conversation up to it, trained on it.
+  const auto each = read_examples(dir + "/c.jsonl", ft::data::RecordFormat::chat, "model", qwen3, TrainTurns::each);
+  ASSERT_EQ(each.size(), 2u);
+  EXPECT_EQ(labelled(each[0], qwen3), " user: Hi\n[[<think></think>assistant: Hello!\n]]");
+  EXPECT_EQ(labelled(each[1], qwen3), " user: Hi\nassistant: Hello!\nuser: Bye\n[[<think></think>assistant: See you.\n]]");
+  const auto each_chatml = read_examples(dir + "/c.jsonl", ft::data::RecordFormat::chat, "chatml", enc, TrainTurns::each);
+  ASSERT_EQ(each_chatml.size(), 2u);
+  EXPECT_EQ(labelled(each_chatml[0], enc),
+            "<s><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n[[Hello!<|im_end|>]]\n");
+  // A record whose later turn the template refuses is bad as a whole, the turn named.
+  const TemplateEncoder picky("{% for m in messages %}{% if m.content == 'See you.' %}{{ raise_exception('no') }}"
+                              "{% endif %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}"
+                              "assistant: {% endif %}",
+                              {});
+  EXPECT_NE(error_of([&] { read_examples(dir + "/c.jsonl", ft::data::RecordFormat::chat, "model", picky, TrainTurns::each); })
+                .find("the template raised an error: no"),
+            std::string::npos);
 }
 
 TEST(ModelChatTemplate, ThinkingAndTheDeveloperRoleReachTheTemplate) {
@@ -589,6 +608,41 @@ TEST(ChatTemplateParity, ToolUseRecordsPrepareAsApplyChatTemplate) {
               std::string::npos);
   }
   EXPECT_EQ(found, 1);
+}
+
+TEST(ChatTemplateParity, EachTurnPreparesAsItsOwnConversation) {
+  REQUIRE_CHAT_REFERENCE();
+  // Harmony's two-turn conversation as a JSONL record (reasoning in "thinking") with train_turns
+  // each: one example per assistant turn, each the conversation up to it trained on it alone, as
+  // apply_chat_template renders those prefixes.
+  const auto tok = ft::data::Tokenizer::load((ref_dir / "tok_harmony").string());
+  const ft::data::TokenizerEncoder enc(tok);
+  const nlohmann::ordered_json* first = nullptr;
+  const nlohmann::ordered_json* both = nullptr;
+  for (const auto& c : ref.at("tokenize")) {
+    if (c.at("name") == "harmony_multi_turn_first_harmony") first = &c;
+    if (c.at("name") == "harmony_multi_turn_harmony") both = &c;
+  }
+  ASSERT_TRUE(first && both);
+  const fs::path dir = ft::test::scratch_dir("chat_template_each");
+  std::ofstream(dir / "each.jsonl") << nlohmann::ordered_json{{"messages", both->at("messages")}}.dump() << "\n";
+  ft::data::RecordOptions ro;
+  ro.format = ft::data::RecordFormat::chat;
+  ft::data::TokenizeOptions to;
+  to.chat_template = "model";
+  to.train_turns = ft::data::TrainTurns::each;
+  for (const auto& [k, v] : both->at("template_vars").items()) to.template_vars.emplace_back(k, v.dump());
+  ft::data::ReadReport report;
+  const auto examples = ft::data::read_examples({(dir / "each.jsonl").string()}, ro, to, {}, enc, &report);
+  ASSERT_EQ(examples.size(), 2u);
+  EXPECT_EQ(report.records, 1);
+  EXPECT_EQ(report.examples, 2);
+  const nlohmann::ordered_json* want[2] = {first, both};
+  for (size_t n = 0; n < 2; ++n) {
+    EXPECT_EQ(examples[n].tokens, want[n]->at("ids").get<std::vector<int32_t>>()) << "turn " << n;
+    const auto& labels = want[n]->at("labels");
+    EXPECT_EQ(examples[n].trainable, std::vector<uint8_t>(labels.begin(), labels.end())) << "turn " << n;
+  }
 }
 
 TEST(ChatTemplateParity, ReadsTheCheckpointsTemplate) {

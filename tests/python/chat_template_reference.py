@@ -1287,6 +1287,8 @@ HARMONY_CONVERSATIONS = [
          "content": "21.5 \u00b0C today and 19 \u00b0C tomorrow, clear."},
     ], "harmony_tools", "all"),
     ("harmony_multi_turn", HARMONY_MULTI, None, "last"),
+    # (with the one above: what train_turns "each" makes of HARMONY_MULTI, one example per turn)
+    ("harmony_multi_turn_first", HARMONY_MULTI[:3], None, "last"),
 ]
 HARMONY_VARS = {"date_string": "2025-08-05", "reasoning_effort": "low"}
 

@@ -170,6 +170,7 @@ std::string ModelChatTemplate::render_text(std::span<const Message> messages, bo
 std::vector<TemplateSegment> ModelChatTemplate::render(std::span<const Message> messages, const std::string& tools_json,
                                                       TrainTurns turns) const {
   check_chat_order(messages);
+  FT_CHECK(turns != TrainTurns::each, "[records] ModelChatTemplate::render: TrainTurns::each renders each turn's prefix with last");
   const jinja::Value tools = tools_json.empty() ? jinja::Value::none() : jinja::Value::parse_json(tools_json, "tools");
   const jinja::Value* t = tools_json.empty() ? nullptr : &tools;
   jinja::Spans spans;

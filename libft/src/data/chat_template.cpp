@@ -27,10 +27,21 @@ bool is_instructions(Role role) { return role == Role::system || role == Role::d
 TrainTurns parse_train_turns(std::string_view name) {
   if (name == "all") return TrainTurns::all;
   if (name == "last") return TrainTurns::last;
-  FT_FAIL("[records] train_turns '", name, "' is not all or last");
+  if (name == "each") return TrainTurns::each;
+  FT_FAIL("[records] train_turns '", name, "' is not all, last or each");
 }
 
-const char* train_turns_name(TrainTurns turns) { return turns == TrainTurns::all ? "all" : "last"; }
+const char* train_turns_name(TrainTurns turns) {
+  switch (turns) {
+    case TrainTurns::all:
+      return "all";
+    case TrainTurns::last:
+      return "last";
+    case TrainTurns::each:
+      return "each";
+  }
+  return "?";
+}
 
 bool calls_tools(const Message& m) {
   // fields_json is the reader's own serialisation of the message's other fields (tool_calls,
@@ -132,6 +143,7 @@ std::vector<TemplateSegment> render_instruction(std::string_view prompt, std::st
 std::vector<TemplateSegment> render_chat(ChatTemplate tmpl, std::span<const Message> messages, bool add_bos,
                                          TrainTurns turns) {
   check_chat_order(messages);
+  FT_CHECK(turns != TrainTurns::each, "[records] render_chat: TrainTurns::each renders each turn's prefix with last");
   FT_CHECK(messages[0].role != Role::developer, "[records] the ", chat_template_name(tmpl),
            " template has no developer role; use the checkpoint's own (--template model), e.g. gpt-oss's");
   FT_CHECK(!has_tool_use(messages), "[records] the ", chat_template_name(tmpl),

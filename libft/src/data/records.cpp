@@ -425,9 +425,10 @@ struct ExampleReader::Impl {
     RecordReader::Next kind = RecordReader::Next::end;
     Record record;
     RecordIssue issue;
-    Example example;
-    std::optional<std::string> reason;  // why the record is bad, from build()
-    int64_t truncated_from = 0;
+    std::vector<Example> examples;        // one, or one per assistant turn (TrainTurns::each)
+    std::vector<int64_t> truncated_from;  // per example: > 0 where it was cut
+    size_t taken = 0;                     // examples handed out
+    std::optional<std::string> reason;    // why the record is bad, from build()
     std::exception_ptr error;           // a read or tokenizer failure, rethrown when reached
   };
   using Window = std::vector<Slot>;
@@ -483,6 +484,25 @@ struct ExampleReader::Impl {
     FT_CHECK(!add_eos || sp.eos >= 0, "[records] add_eos is set but the tokenizer has no EOS token");
   }
 
+  // The record's renderings: one, or one per assistant turn (TrainTurns::each: each prefix of the
+  // conversation that ends with an assistant turn, trained on that turn).
+  std::vector<std::vector<TemplateSegment>> renderings(const Record& r) const {
+    if (records.options().format != RecordFormat::chat || tok.train_turns != TrainTurns::each) return {render(r)};
+    std::vector<std::vector<TemplateSegment>> out;
+    for (size_t i = 0; i < r.messages.size(); ++i) {
+      if (r.messages[i].role != Role::assistant) continue;
+      const std::span<const Message> upto(r.messages.data(), i + 1);
+      if (model_tmpl) {
+        out.push_back(model_tmpl->render(upto, r.tools_json, TrainTurns::last));
+      } else {
+        FT_CHECK(r.tools_json.empty(), "[records] the ", chat_template_name(*tmpl),
+                 " template has no tool definitions (\"tools\"); use the checkpoint's own (--template model)");
+        out.push_back(render_chat(*tmpl, upto, add_bos, TrainTurns::last));
+      }
+    }
+    return out;
+  }
+
   std::vector<TemplateSegment> render(const Record& r) const {
     switch (records.options().format) {
       case RecordFormat::text:
@@ -503,17 +523,34 @@ struct ExampleReader::Impl {
     return {};
   }
 
-  // The example for `r`, or the reason it is bad. `truncated_from` > 0 when it was cut.
-  std::optional<std::string> build(const Record& r, Example& ex, int64_t& truncated_from) const {
-    truncated_from = 0;
-    std::vector<TemplateSegment> segments;
+  // The examples for `r` (one, or one per assistant turn), or the reason it is bad.
+  // `truncated_from[k]` > 0 where example k was cut.
+  std::optional<std::string> build(const Record& r, std::vector<Example>& examples,
+                                   std::vector<int64_t>& truncated_from) const {
+    examples.clear();
+    truncated_from.clear();
+    std::vector<std::vector<TemplateSegment>> all;
     try {
-      segments = render(r);
+      all = renderings(r);
     } catch (const ft::Error& e) {
       // A conversation the template refuses (its raise_exception, tool use it cannot render) is a
       // bad record, under the error policy like any other.
       return std::string(e.what());
     }
+    if (all.empty()) return std::string("the conversation has no assistant turn");
+    for (const auto& segments : all) {
+      Example& ex = examples.emplace_back();
+      int64_t& cut = truncated_from.emplace_back(0);
+      if (auto reason = build_one(r, segments, ex, cut)) {
+        if (all.size() > 1) return "turn " + std::to_string(examples.size()) + " of " + std::to_string(all.size()) + ": " + *reason;
+        return reason;
+      }
+    }
+    return std::nullopt;
+  }
+
+  std::optional<std::string> build_one(const Record& r, const std::vector<TemplateSegment>& segments, Example& ex,
+                                       int64_t& truncated_from) const {
     ex = tokenize_segments(segments, *encoder);
     const auto n = static_cast<int64_t>(ex.tokens.size());
     if (tok.max_tokens > 0 && n > tok.max_tokens) {
@@ -574,7 +611,7 @@ struct ExampleReader::Impl {
         Slot& slot = w[i];
         if (slot.kind != RecordReader::Next::record || slot.error) continue;
         try {
-          slot.reason = build(slot.record, slot.example, slot.truncated_from);
+          slot.reason = build(slot.record, slot.examples, slot.truncated_from);
         } catch (...) {
           slot.error = std::current_exception();
         }
@@ -628,6 +665,26 @@ struct ExampleReader::Impl {
     changed.notify_all();
   }
 
+  // Hands out the slot's next example, counting it (and its truncation) in the report; moves past
+  // the slot after its last.
+  void take(Slot& slot, Example& example, RecordOrigin& origin) {
+    const size_t k = slot.taken++;
+    if (slot.truncated_from[k] > 0) {
+      ++report.truncated;
+      if (static_cast<int64_t>(report.truncated_records.size()) < policy.max_listed) {
+        report.truncated_records.push_back(RecordIssue{slot.record.origin, 0,
+                                                       "truncated from " + std::to_string(slot.truncated_from[k]) +
+                                                           " to " + std::to_string(tok.max_tokens) + " tokens"});
+      }
+    }
+    example = std::move(slot.examples[k]);
+    ++report.examples;
+    report.tokens += static_cast<int64_t>(example.tokens.size());
+    report.labels += std::count(example.trainable.begin(), example.trainable.end(), uint8_t{1});
+    origin = slot.record.origin;
+    if (slot.taken == slot.examples.size()) ++window_pos;
+  }
+
   void on_bad(const RecordIssue& bad) {
     FT_CHECK(policy.on_error == ErrorPolicy::OnError::skip, "[records] ", bad.to_string());
     ++report.skipped;
@@ -678,13 +735,27 @@ bool ExampleReader::next(Example& example, RecordOrigin& origin) {
       m.refill();
       continue;
     }
-    Impl::Slot& slot = m.window[m.window_pos++];
-    if (slot.error) std::rethrow_exception(slot.error);
+    Impl::Slot& slot = m.window[m.window_pos];
+    if (slot.kind == RecordReader::Next::record && !slot.error && !slot.reason && slot.taken > 0) {
+      // The rest of a record's examples (TrainTurns::each).
+      if (slot.taken == slot.examples.size()) {
+        ++m.window_pos;
+        continue;
+      }
+      m.take(slot, example, origin);
+      return true;
+    }
+    if (slot.error) {
+      ++m.window_pos;
+      std::rethrow_exception(slot.error);
+    }
     switch (slot.kind) {
       case RecordReader::Next::end:
+        ++m.window_pos;
         m.finish();
         return false;
       case RecordReader::Next::bad:
+        ++m.window_pos;
         ++m.report.records;
         m.on_bad(slot.issue);
         continue;
@@ -693,34 +764,23 @@ bool ExampleReader::next(Example& example, RecordOrigin& origin) {
     }
     ++m.report.records;
     if (slot.reason) {
+      ++m.window_pos;
       m.on_bad(RecordIssue{slot.record.origin, 0, std::move(*slot.reason)});
       continue;
     }
-    if (slot.truncated_from > 0) {
-      ++m.report.truncated;
-      if (static_cast<int64_t>(m.report.truncated_records.size()) < m.policy.max_listed) {
-        m.report.truncated_records.push_back(RecordIssue{slot.record.origin, 0,
-                                                         "truncated from " + std::to_string(slot.truncated_from) +
-                                                             " to " + std::to_string(m.tok.max_tokens) + " tokens"});
-      }
-    }
-    example = std::move(slot.example);
-    ++m.report.examples;
-    m.report.tokens += static_cast<int64_t>(example.tokens.size());
-    m.report.labels += std::count(example.trainable.begin(), example.trainable.end(), uint8_t{1});
-    origin = slot.record.origin;
+    m.take(slot, example, origin);
     return true;
   }
 }
 
 const ReadReport& ExampleReader::report() const { return impl_->report; }
 
-Example ExampleReader::build(const Record& record) const {
-  Example ex;
-  int64_t truncated_from = 0;
-  if (auto reason = impl_->build(record, ex, truncated_from))
+std::vector<Example> ExampleReader::build(const Record& record) const {
+  std::vector<Example> examples;
+  std::vector<int64_t> truncated_from;
+  if (auto reason = impl_->build(record, examples, truncated_from))
     FT_FAIL("[records] ", RecordIssue{record.origin, 0, *reason}.to_string());
-  return ex;
+  return examples;
 }
 
 std::vector<Example> read_examples(const std::vector<std::string>& sources, const RecordOptions& options,

@@ -131,8 +131,11 @@ bool has_tool_use(std::span<const Message> messages);
 ///   last: the final one only; the earlier turns are context, rendered as the template renders them
 ///         before a later turn. For templates that render a turn differently once others follow, as
 ///         gpt-oss's does (it drops earlier turns' reasoning and ends them with <|end|> instead of
-///         <|return|>), this is the only labelling that matches what the model sees.
-enum class TrainTurns : uint8_t { all, last };
+///         <|return|>), this is the only labelling of one example that matches what the model sees.
+///   each: one example per assistant turn: the conversation up to that turn, trained on it alone
+///         (`last` on each prefix). Every turn is trained with its own reasoning, as the model
+///         generates it, at the cost of the context tokens repeated.
+enum class TrainTurns : uint8_t { all, last, each };
 TrainTurns parse_train_turns(std::string_view name);  ///< throws ft::Error for unknown names
 const char* train_turns_name(TrainTurns turns);
 

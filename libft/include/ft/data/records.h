@@ -207,9 +207,9 @@ class ExampleReader {
   bool next(Example& example, RecordOrigin& origin);
   const ReadReport& report() const;
 
-  /// The Example for one record; throws ft::Error (RecordIssue text) for a bad one. Useful for
-  /// rendering a single record without a file.
-  Example build(const Record& record) const;
+  /// The examples for one record (one; one per assistant turn under TrainTurns::each); throws
+  /// ft::Error (RecordIssue text) for a bad one. Useful for rendering a single record without a file.
+  std::vector<Example> build(const Record& record) const;
 
  private:
   struct Impl;
