@@ -488,16 +488,22 @@ struct ExampleReader::Impl {
   // conversation that ends with an assistant turn, trained on that turn).
   std::vector<std::vector<TemplateSegment>> renderings(const Record& r) const {
     if (records.options().format != RecordFormat::chat || tok.train_turns != TrainTurns::each) return {render(r)};
+    const auto turns = std::count_if(r.messages.begin(), r.messages.end(),
+                                     [](const Message& m) { return m.role == Role::assistant; });
     std::vector<std::vector<TemplateSegment>> out;
     for (size_t i = 0; i < r.messages.size(); ++i) {
       if (r.messages[i].role != Role::assistant) continue;
       const std::span<const Message> upto(r.messages.data(), i + 1);
-      if (model_tmpl) {
-        out.push_back(model_tmpl->render(upto, r.tools_json, TrainTurns::last));
-      } else {
-        FT_CHECK(r.tools_json.empty(), "[records] the ", chat_template_name(*tmpl),
-                 " template has no tool definitions (\"tools\"); use the checkpoint's own (--template model)");
-        out.push_back(render_chat(*tmpl, upto, add_bos, TrainTurns::last));
+      try {
+        if (model_tmpl) {
+          out.push_back(model_tmpl->render(upto, r.tools_json, TrainTurns::last));
+        } else {
+          FT_CHECK(r.tools_json.empty(), "[records] the ", chat_template_name(*tmpl),
+                   " template has no tool definitions (\"tools\"); use the checkpoint's own (--template model)");
+          out.push_back(render_chat(*tmpl, upto, add_bos, TrainTurns::last));
+        }
+      } catch (const ft::Error& e) {
+        FT_FAIL("turn ", out.size() + 1, " of ", turns, " (messages[", i, "]): ", e.what());
       }
     }
     return out;
