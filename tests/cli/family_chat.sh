@@ -207,6 +207,10 @@ if [ "$family" = gpt_oss ]; then
     echo "FAIL: prepare labelled turns that do not extend each other"; exit 1
   fi
   grep -q -- "--train-turns last" "$d/prepare.log" || { cat "$d/prepare.log"; exit 1; }
+  # One example per assistant turn: 40 one-turn and 40 two-turn conversations make 120.
+  "$ft" prepare "$d/chat.jsonl" -o "$d/each.h5" -t "$d/m" --format chat --template model --train-turns each \
+    >"$d/prepare-each.log" 2>&1 || { cat "$d/prepare-each.log"; exit 1; }
+  grep -q "80 records from 1 file: 120 examples" "$d/prepare-each.log" || { cat "$d/prepare-each.log"; exit 1; }
   prepare_args=(--train-turns last)
   export SEQ_LEN=128
 else
