@@ -742,12 +742,8 @@ bool ExampleReader::next(Example& example, RecordOrigin& origin) {
       continue;
     }
     Impl::Slot& slot = m.window[m.window_pos];
-    if (slot.kind == RecordReader::Next::record && !slot.error && !slot.reason && slot.taken > 0) {
-      // The rest of a record's examples (TrainTurns::each).
-      if (slot.taken == slot.examples.size()) {
-        ++m.window_pos;
-        continue;
-      }
+    if (slot.taken > 0) {
+      // The rest of a record's examples (TrainTurns::each; take() moves past the slot after its last).
       m.take(slot, example, origin);
       return true;
     }
